@@ -1,0 +1,1 @@
+//! GenOS stream client library and genos-view.

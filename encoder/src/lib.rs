@@ -1,0 +1,1 @@
+//! Framebuffer to H.264 encoding and decoding.

@@ -1,0 +1,1 @@
+//! GenOS host daemon and operator CLI.

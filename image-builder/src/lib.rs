@@ -1,0 +1,1 @@
+//! Guest kernel, initramfs and root filesystem builder.

@@ -1,0 +1,7 @@
+//! Wire formats shared by genos-hostd, its clients and the guest agent.
+//!
+//! Plain data and codecs only: no I/O, no async runtime. `spec` is the environment spec
+//! (composer, orchestrator, image builder); `stream` is the client↔hostd streaming protocol.
+
+pub mod spec;
+pub mod stream;

@@ -1,0 +1,1 @@
+//! Environment spec: the validated description of one GenOS environment.

@@ -1,0 +1,1 @@
+//! Client↔hostd streaming protocol: framing, messages and their codecs (sans-IO).

@@ -1,0 +1,75 @@
+//! Virtio device interface shared by the virtio-mmio transport and the device models.
+//!
+//! A device model (block, rng, gpu, input, ...) implements [`VirtioDevice`]: it states its
+//! type, queues, features and config space, and is activated by the transport once the
+//! driver has set DRIVER_OK. Queue processing lives in the device's `device.rs`; its
+//! `event_handler.rs` only wires the queue eventfds (registered with KVM as ioeventfds on
+//! QUEUE_NOTIFY) into the VMM's event loop. Interrupts go out through
+//! [`InterruptTrigger`], which the transport backs with an irqfd.
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as device models see it.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Why the device raises its interrupt (the bits of the virtio-mmio InterruptStatus register).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptKind {
+    /// A used buffer was added to a queue.
+    Queue,
+    /// The configuration space changed.
+    Config,
+}
+
+/// What a device needs to signal the guest.
+pub trait InterruptTrigger: Send + Sync {
+    /// Records `kind` in the interrupt status and raises the device's interrupt line.
+    fn trigger(&self, kind: InterruptKind) -> std::io::Result<()>;
+}
+
+/// Errors a device can return when the driver activates it.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up a queue configuration the device cannot use.
+    #[error("invalid queue configuration: {0}")]
+    BadQueue(String),
+    /// Activating the device's backend failed.
+    #[error("device backend failed to activate: {0}")]
+    Backend(#[source] std::io::Error),
+}
+
+/// A virtio device model behind the virtio-mmio transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (2 block, 4 entropy, 16 gpu, 18 input, ...).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (must include `VIRTIO_F_VERSION_1`).
+    fn avail_features(&self) -> u64;
+    /// Feature bits the driver accepted.
+    fn acked_features(&self) -> u64;
+    /// Records the features the driver accepted (already masked by `avail_features`).
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads from the device-specific configuration space. Out-of-range reads leave `data` untouched.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to the device-specific configuration space. Out-of-range writes are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// One eventfd per queue, signalled when the driver notifies that queue.
+    fn queue_events(&self) -> &[EventFd];
+    /// Starts the device with the queues the driver configured.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn InterruptTrigger>,
+        queues: Vec<virtio_queue::Queue>,
+    ) -> Result<(), ActivateError>;
+    /// Whether [`VirtioDevice::activate`] has succeeded since the last reset.
+    fn is_activated(&self) -> bool;
+    /// Returns the device to its pre-activation state. Returns false when the device
+    /// cannot be reset, in which case the transport marks it as needing reset.
+    fn reset(&mut self) -> bool {
+        false
+    }
+}

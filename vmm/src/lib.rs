@@ -1,0 +1,6 @@
+//! genos-vmm: a microVM monitor for GenOS built on the rust-vmm crates.
+//!
+//! One process runs one VM. The crate is a library (VM set-up, devices, control API)
+//! with the `genos-vmm` binary as a thin front end.
+
+pub mod devices;
