@@ -1,1 +1,20 @@
 //! Framebuffer to H.264 encoding and decoding.
+//!
+//! The streaming server pulls frames from a [`FrameSource`] (the VM's shared framebuffer or
+//! [`synthetic::SyntheticSource`]), hands them with their damage to an [`Encoder`] and ships the
+//! Annex-B output. Clients and tests turn it back into pixels with [`Decoder`].
+//!
+//! Colour: BT.601 limited range everywhere (encoder conversion, VUI signalling, decoder).
+
+mod convert;
+mod decode;
+mod encode;
+mod frame;
+mod quality;
+pub mod synthetic;
+
+pub use convert::{ConvertError, I420Buffer};
+pub use decode::{DecodeError, DecodedFrame, Decoder};
+pub use encode::{EncodeError, EncodedFrame, Encoder, EncoderConfig};
+pub use frame::{FrameError, FrameRef, FrameSource, PixelFormat, Rect, SourceError, SourceFrame};
+pub use quality::psnr_bgrx;

@@ -6,4 +6,12 @@
 //! [`virtio::InterruptTrigger`].
 
 pub mod bus;
+pub mod legacy;
 pub mod virtio;
+
+/// Counters a device exposes on the VMM's metrics endpoint. Devices keep them in
+/// atomics so that a snapshot never waits on the device's lock.
+pub trait DeviceMetrics: Send + Sync {
+    /// The counters as a JSON object.
+    fn snapshot(&self) -> serde_json::Value;
+}

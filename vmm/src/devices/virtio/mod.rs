@@ -7,6 +7,14 @@
 //! QUEUE_NOTIFY) into the VMM's event loop. Interrupts go out through
 //! [`InterruptTrigger`], which the transport backs with an irqfd.
 
+pub mod block;
+pub mod gpu;
+pub mod input;
+pub mod mmio;
+pub mod rng;
+#[cfg(test)]
+pub(crate) mod test_utils;
+
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;

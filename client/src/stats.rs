@@ -1,0 +1,114 @@
+//! Per-session statistics as `genos-view --headless --json` prints them.
+
+use std::time::{Duration, Instant};
+
+use crate::session::Frame;
+
+/// Collects per-frame timings.
+#[derive(Debug, Default)]
+pub struct StatsCollector {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    latencies_us: Vec<u64>,
+    decode_us: Vec<u64>,
+    bytes: u64,
+    keyframes: u64,
+    /// Longest time between two consecutive decoded frames.
+    longest_gap: Duration,
+}
+
+/// Summary of a session, serialised as one JSON object.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionReport {
+    pub frames: u64,
+    pub keyframes: u64,
+    pub fps: f64,
+    pub bitrate_kbps: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
+    pub decode_ms_p50: f64,
+    pub decode_ms_p99: f64,
+    pub longest_gap_ms: f64,
+    pub frames_dropped: u64,
+    pub rtt_ms: f64,
+    pub clock_offset_ms: f64,
+}
+
+/// The `q`-quantile (0..=1) of `v` by nearest rank, 0 for an empty slice.
+pub fn percentile(v: &[u64], q: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+impl StatsCollector {
+    pub fn record(&mut self, f: &Frame) {
+        let now = Instant::now();
+        if let Some(last) = self.last {
+            self.longest_gap = self.longest_gap.max(now - last);
+        }
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+        self.latencies_us.push(f.latency.as_micros() as u64);
+        self.decode_us.push(f.decode_time.as_micros() as u64);
+        self.bytes += f.encoded_bytes as u64;
+        self.keyframes += u64::from(f.keyframe);
+    }
+
+    pub fn frames(&self) -> u64 {
+        self.latencies_us.len() as u64
+    }
+
+    pub fn report(&self, frames_dropped: u64, rtt: Duration, clock_offset_us: i64) -> SessionReport {
+        let frames = self.frames();
+        let span = match (self.first, self.last) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64(),
+            _ => 0.0,
+        };
+        // n frames span n-1 intervals.
+        let fps = if span > 0.0 {
+            (frames.saturating_sub(1)) as f64 / span
+        } else {
+            0.0
+        };
+        let bitrate_kbps = if span > 0.0 {
+            self.bytes as f64 * 8.0 / span / 1000.0
+        } else {
+            0.0
+        };
+        let ms = |us: u64| us as f64 / 1000.0;
+        SessionReport {
+            frames,
+            keyframes: self.keyframes,
+            fps,
+            bitrate_kbps,
+            latency_ms_p50: ms(percentile(&self.latencies_us, 0.5)),
+            latency_ms_p99: ms(percentile(&self.latencies_us, 0.99)),
+            decode_ms_p50: ms(percentile(&self.decode_us, 0.5)),
+            decode_ms_p99: ms(percentile(&self.decode_us, 0.99)),
+            longest_gap_ms: self.longest_gap.as_secs_f64() * 1000.0,
+            frames_dropped,
+            rtt_ms: rtt.as_secs_f64() * 1000.0,
+            clock_offset_ms: clock_offset_us as f64 / 1000.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_uses_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), 50);
+        assert_eq!(percentile(&v, 0.99), 99);
+        assert_eq!(percentile(&v, 1.0), 100);
+        assert_eq!(percentile(&[], 0.5), 0);
+        assert_eq!(percentile(&[7], 0.99), 7);
+    }
+}

@@ -1,0 +1,243 @@
+//! BGRX/BGRA to I420 conversion (BT.601, limited range) into a persistent picture.
+//!
+//! The encoder keeps one [`I420Buffer`] for the whole stream and converts only the damaged
+//! rectangles of each new frame into it, so conversion cost follows the damage, not the screen.
+//! The SIMD work is done by the `yuv` crate (yuvutils-rs).
+
+use yuv::{
+    BufferStoreMut, YuvConversionMode, YuvError, YuvPlanarImage, YuvPlanarImageMut, YuvRange,
+    YuvStandardMatrix,
+};
+
+use crate::frame::{FrameError, FrameRef, Rect};
+
+/// Range and matrix used on both ends of the stream (signalled in the H.264 VUI).
+pub(crate) const RANGE: YuvRange = YuvRange::Limited;
+pub(crate) const MATRIX: YuvStandardMatrix = YuvStandardMatrix::Bt601;
+
+/// When damage covers more than this share of the picture, convert it all in one pass: one big
+/// call is faster than many overlapping small ones.
+const FULL_CONVERT_NUM: u64 = 1;
+const FULL_CONVERT_DEN: u64 = 2;
+
+/// Why a conversion failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("picture size {width}x{height} must be non-zero and even")]
+    BadPictureSize { width: u32, height: u32 },
+    #[error("frame is {got_width}x{got_height}, picture is {width}x{height}")]
+    SizeMismatch { width: u32, height: u32, got_width: u32, got_height: u32 },
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("colour conversion failed: {0}")]
+    Yuv(YuvError),
+}
+
+/// An I420 picture: full-resolution Y plane, U and V planes at half resolution each way.
+#[derive(Clone)]
+pub struct I420Buffer {
+    width: u32,
+    height: u32,
+    y: Vec<u8>,
+    u: Vec<u8>,
+    v: Vec<u8>,
+}
+
+impl std::fmt::Debug for I420Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("I420Buffer").field("width", &self.width).field("height", &self.height).finish()
+    }
+}
+
+/// Grows `r` outward to even coordinates (one chroma sample covers 2x2 pixels) and clips it.
+fn align_to_chroma(r: &Rect, width: u32, height: u32) -> Rect {
+    let r = r.clamp_to(width, height);
+    if r.is_empty() {
+        return r;
+    }
+    let x0 = r.x & !1;
+    let y0 = r.y & !1;
+    let x1 = (r.right() + 1).min(width) & !1;
+    let y1 = (r.bottom() + 1).min(height) & !1;
+    Rect::new(x0, y0, x1 - x0, y1 - y0)
+}
+
+impl I420Buffer {
+    /// A black picture of `width` x `height` (both even, non-zero).
+    pub fn new(width: u32, height: u32) -> Result<Self, ConvertError> {
+        if width == 0 || height == 0 || width % 2 != 0 || height % 2 != 0 {
+            return Err(ConvertError::BadPictureSize { width, height });
+        }
+        let luma = width as usize * height as usize;
+        Ok(Self {
+            width,
+            height,
+            y: vec![16; luma],
+            u: vec![128; luma / 4],
+            v: vec![128; luma / 4],
+        })
+    }
+
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+
+    /// Y plane, stride = width.
+    pub fn y(&self) -> &[u8] {
+        &self.y
+    }
+
+    /// U (Cb) plane, stride = width / 2.
+    pub fn u(&self) -> &[u8] {
+        &self.u
+    }
+
+    /// V (Cr) plane, stride = width / 2.
+    pub fn v(&self) -> &[u8] {
+        &self.v
+    }
+
+    /// Converts the whole of `frame`.
+    pub fn convert_full(&mut self, frame: &FrameRef) -> Result<(), ConvertError> {
+        self.check_frame(frame)?;
+        self.convert_rect(frame, Rect::new(0, 0, self.width, self.height))
+    }
+
+    /// Converts the parts of `frame` inside `damage` (clipped to the picture, grown to even
+    /// coordinates); returns the number of pixels converted.
+    pub fn convert_damage(&mut self, frame: &FrameRef, damage: &[Rect]) -> Result<u64, ConvertError> {
+        self.check_frame(frame)?;
+        let total = u64::from(self.width) * u64::from(self.height);
+        let rects: Vec<Rect> = damage
+            .iter()
+            .map(|r| align_to_chroma(r, self.width, self.height))
+            .filter(|r| !r.is_empty())
+            .collect();
+        let area: u64 = rects.iter().map(|r| u64::from(r.width) * u64::from(r.height)).sum();
+        if area * FULL_CONVERT_DEN >= total * FULL_CONVERT_NUM {
+            self.convert_rect(frame, Rect::new(0, 0, self.width, self.height))?;
+            return Ok(total);
+        }
+        for r in &rects {
+            self.convert_rect(frame, *r)?;
+        }
+        Ok(area)
+    }
+
+    fn check_frame(&self, frame: &FrameRef) -> Result<(), ConvertError> {
+        frame.validate()?;
+        if frame.width != self.width || frame.height != self.height {
+            return Err(ConvertError::SizeMismatch {
+                width: self.width,
+                height: self.height,
+                got_width: frame.width,
+                got_height: frame.height,
+            });
+        }
+        Ok(())
+    }
+
+    /// Converts one chroma-aligned, in-bounds, non-empty rectangle.
+    fn convert_rect(&mut self, frame: &FrameRef, r: Rect) -> Result<(), ConvertError> {
+        let y_stride = self.width as usize;
+        let c_stride = y_stride / 2;
+        let (x, y) = (r.x as usize, r.y as usize);
+        let src_start = y * frame.stride + x * 4;
+        let src_end = (y + r.height as usize - 1) * frame.stride + (x + r.width as usize) * 4;
+        let y_start = y * y_stride + x;
+        let y_end = (y + r.height as usize - 1) * y_stride + x + r.width as usize;
+        let c_start = (y / 2) * c_stride + x / 2;
+        let c_end = (y / 2 + r.height as usize / 2 - 1) * c_stride + (x + r.width as usize) / 2;
+        let mut planar = YuvPlanarImageMut {
+            y_plane: BufferStoreMut::Borrowed(&mut self.y[y_start..y_end]),
+            y_stride: y_stride as u32,
+            u_plane: BufferStoreMut::Borrowed(&mut self.u[c_start..c_end]),
+            u_stride: c_stride as u32,
+            v_plane: BufferStoreMut::Borrowed(&mut self.v[c_start..c_end]),
+            v_stride: c_stride as u32,
+            width: r.width,
+            height: r.height,
+        };
+        // BGRX and BGRA share the byte layout; alpha is ignored by the conversion.
+        yuv::bgra_to_yuv420(
+            &mut planar,
+            &frame.data[src_start..src_end],
+            frame.stride as u32,
+            RANGE,
+            MATRIX,
+            YuvConversionMode::Balanced,
+        )
+        .map_err(ConvertError::Yuv)
+    }
+
+    /// Converts the whole picture back to packed BGRX (stride = width * 4) into `out`.
+    pub fn to_bgrx(&self, out: &mut [u8]) -> Result<(), ConvertError> {
+        i420_to_bgrx(
+            (&self.y, &self.u, &self.v),
+            (self.width as usize, self.width as usize / 2, self.width as usize / 2),
+            self.width,
+            self.height,
+            out,
+        )
+    }
+}
+
+/// Converts I420 planes with the given strides to packed BGRX (stride = width * 4), alpha/X = 255.
+pub(crate) fn i420_to_bgrx(
+    planes: (&[u8], &[u8], &[u8]),
+    strides: (usize, usize, usize),
+    width: u32,
+    height: u32,
+    out: &mut [u8],
+) -> Result<(), ConvertError> {
+    let image = YuvPlanarImage {
+        y_plane: planes.0,
+        y_stride: strides.0 as u32,
+        u_plane: planes.1,
+        u_stride: strides.1 as u32,
+        v_plane: planes.2,
+        v_stride: strides.2 as u32,
+        width,
+        height,
+    };
+    yuv::yuv420_to_bgra(&image, out, width * 4, RANGE, MATRIX).map_err(ConvertError::Yuv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::PixelFormat;
+
+    fn pattern(width: u32, height: u32, seed: u32) -> Vec<u8> {
+        (0..width * height * 4).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8).collect()
+    }
+
+    #[test]
+    fn damage_conversion_matches_full_conversion() {
+        let (w, h) = (96, 64);
+        let a = pattern(w, h, 1);
+        let mut b = a.clone();
+        let rects = [Rect::new(5, 7, 20, 11), Rect::new(40, 30, 33, 21)];
+        let fresh = pattern(w, h, 99);
+        for r in &rects {
+            for y in r.y..r.bottom() {
+                let s = (y * w * 4 + r.x * 4) as usize;
+                let e = s + r.width as usize * 4;
+                b[s..e].copy_from_slice(&fresh[s..e]);
+            }
+        }
+        let mut incremental = I420Buffer::new(w, h).unwrap();
+        incremental.convert_full(&FrameRef::packed(w, h, PixelFormat::Bgrx, &a)).unwrap();
+        incremental.convert_damage(&FrameRef::packed(w, h, PixelFormat::Bgrx, &b), &rects).unwrap();
+        let mut full = I420Buffer::new(w, h).unwrap();
+        full.convert_full(&FrameRef::packed(w, h, PixelFormat::Bgrx, &b)).unwrap();
+        for (name, got, want) in [("Y", incremental.y(), full.y()), ("U", incremental.u(), full.u()), ("V", incremental.v(), full.v())] {
+            let worst = got.iter().zip(want).map(|(g, w)| g.abs_diff(*w)).max().unwrap();
+            assert!(worst <= 1, "{name} plane differs by up to {worst}");
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! Low-latency H.264 encoding of damaged framebuffers with openh264.
+//!
+//! One call in, at most one access unit out: the encoder never queues frames, so the caller
+//! (the streaming server) bounds frames in flight simply by not calling [`Encoder::encode`] while
+//! the network is still draining the previous output. Colour conversion only touches the damaged
+//! rows of a persistent I420 picture, and nothing is encoded when nothing changed.
+
+use std::time::{Duration, Instant};
+
+use openh264::encoder::{
+    BitRate, Complexity, EncoderConfig as H264Config, FrameRate, FrameType, IntraFramePeriod,
+    Profile, RateControlMode, SpsPpsStrategy, UsageType, VuiConfig,
+};
+use openh264::formats::YUVSlices;
+use openh264::{OpenH264API, Timestamp};
+use openh264_sys2::{
+    SBitrateInfo, ENCODER_OPTION_BITRATE, ENCODER_OPTION_FRAME_RATE, ENCODER_OPTION_MAX_BITRATE,
+    SPATIAL_LAYER_0, SPATIAL_LAYER_ALL,
+};
+
+use crate::convert::{ConvertError, I420Buffer};
+use crate::frame::{FrameRef, Rect};
+
+/// Largest picture openh264 encodes (level 5.2).
+const MAX_LONG_SIDE: u32 = 3840;
+const MAX_SHORT_SIDE: u32 = 2160;
+/// Bounds for run-time rate changes; openh264 misbehaves outside them.
+const MIN_BITRATE_BPS: u32 = 10_000;
+const MAX_BITRATE_BPS: u32 = 200_000_000;
+const MIN_FPS: f32 = 1.0;
+const MAX_FPS: f32 = 240.0;
+
+/// Stream parameters fixed at creation (bitrate and frame rate can change later).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EncoderConfig {
+    pub width: u32,
+    pub height: u32,
+    pub fps: f32,
+    pub bitrate_bps: u32,
+}
+
+/// One encoded access unit.
+#[derive(Debug, Clone)]
+pub struct EncodedFrame {
+    /// Annex-B byte stream (start codes included); keyframes carry SPS and PPS.
+    pub data: Vec<u8>,
+    /// True for an IDR picture: a decoder can start here.
+    pub keyframe: bool,
+    /// Wall time spent in colour conversion and encoding.
+    pub encode_time: Duration,
+}
+
+/// Why encoding failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("frame size {width}x{height} is odd; H.264 4:2:0 needs even width and height")]
+    OddDimensions { width: u32, height: u32 },
+    #[error("frame size {width}x{height} is outside 2x2..3840x2160 (or 2160x3840)")]
+    UnsupportedSize { width: u32, height: u32 },
+    #[error("frame rate {0} is outside {MIN_FPS}..={MAX_FPS}")]
+    InvalidFps(f32),
+    #[error("bitrate {0} bit/s is outside {MIN_BITRATE_BPS}..={MAX_BITRATE_BPS}")]
+    InvalidBitrate(u32),
+    #[error("frame is {got_width}x{got_height} but the encoder was created for {width}x{height}")]
+    SizeMismatch { width: u32, height: u32, got_width: u32, got_height: u32 },
+    #[error("invalid frame")]
+    Frame(#[from] ConvertError),
+    #[error("openh264 failed")]
+    Codec(#[source] openh264::Error),
+    #[error("openh264 rejected the {option} setting (code {code})")]
+    SetOption { option: &'static str, code: i32 },
+}
+
+/// A low-latency H.264 encoder for one fixed-size stream.
+pub struct Encoder {
+    cfg: EncoderConfig,
+    h264: openh264::encoder::Encoder,
+    picture: I420Buffer,
+    /// Nothing has been encoded yet: the next frame must be converted in full and be an IDR.
+    fresh: bool,
+    /// Picture content changed but openh264 produced nothing for it (rate control skip); encode
+    /// it with the next call even if that call brings no damage.
+    pending_changes: bool,
+    frames_encoded: u64,
+    /// Origin of the timestamps handed to openh264.
+    epoch: Instant,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("cfg", &self.cfg)
+            .field("frames_encoded", &self.frames_encoded)
+            .finish_non_exhaustive()
+    }
+}
+
+fn validate_size(width: u32, height: u32) -> Result<(), EncodeError> {
+    let (long, short) = (width.max(height), width.min(height));
+    if width < 2 || height < 2 || long > MAX_LONG_SIDE || short > MAX_SHORT_SIDE {
+        return Err(EncodeError::UnsupportedSize { width, height });
+    }
+    if width % 2 != 0 || height % 2 != 0 {
+        return Err(EncodeError::OddDimensions { width, height });
+    }
+    Ok(())
+}
+
+fn validate_fps(fps: f32) -> Result<(), EncodeError> {
+    if (MIN_FPS..=MAX_FPS).contains(&fps) {
+        Ok(())
+    } else {
+        Err(EncodeError::InvalidFps(fps))
+    }
+}
+
+fn validate_bitrate(bps: u32) -> Result<(), EncodeError> {
+    if (MIN_BITRATE_BPS..=MAX_BITRATE_BPS).contains(&bps) {
+        Ok(())
+    } else {
+        Err(EncodeError::InvalidBitrate(bps))
+    }
+}
+
+fn h264_config(cfg: &EncoderConfig) -> H264Config {
+    H264Config::new()
+        // Screen content tools (palette-like intra, static-background detection) suit desktops.
+        .usage_type(UsageType::ScreenContentRealTime)
+        .rate_control_mode(RateControlMode::Bitrate)
+        .bitrate(BitRate::from_bps(cfg.bitrate_bps))
+        .max_frame_rate(FrameRate::from_hz(cfg.fps))
+        // A skipped frame would leave the viewer on stale content until the next damage; let
+        // rate control raise QP instead.
+        .skip_frames(false)
+        // One thread and one slice: lowest latency per frame, and the server runs one encoder
+        // per environment on a shared machine.
+        .num_threads(1)
+        .complexity(Complexity::Low)
+        // Keyframes only on demand (viewer join or loss): periodic IDRs are bitrate spikes.
+        .intra_frame_period(IntraFramePeriod::from_num_frames(0))
+        .sps_pps_strategy(SpsPpsStrategy::ConstantId)
+        // Constrained baseline: no B-frames, decodable by every hardware and browser decoder.
+        .profile(Profile::Baseline)
+        .vui(VuiConfig::bt601())
+        .adaptive_quantization(false)
+        .background_detection(false)
+        .pipe_experiment()
+}
+
+trait Experiment {
+    fn pipe_experiment(self) -> Self;
+}
+impl Experiment for H264Config {
+    fn pipe_experiment(self) -> Self {
+        let mut c = self;
+        if let Ok(v) = std::env::var("XU") {
+            c = c.usage_type(if v == "cam" { UsageType::CameraVideoRealTime } else { UsageType::ScreenContentRealTime });
+        }
+        if let Ok(v) = std::env::var("XC") {
+            c = c.complexity(match v.as_str() { "low" => Complexity::Low, "med" => Complexity::Medium, _ => Complexity::High });
+        }
+        if let Ok(v) = std::env::var("XQ") {
+            let (a, b) = v.split_once('-').unwrap();
+            c = c.qp(openh264::encoder::QpRange::new(a.parse().unwrap(), b.parse().unwrap()));
+        }
+        if let Ok(v) = std::env::var("XRC") {
+            c = c.rate_control_mode(match v.as_str() { "ts" => RateControlMode::Timestamp, "q" => RateControlMode::Quality, "buf" => RateControlMode::Bufferbased, _ => RateControlMode::Bitrate });
+        }
+        if let Ok(v) = std::env::var("XS") {
+            c = c.skip_frames(v == "1");
+        }
+        if let Ok(v) = std::env::var("XSC") {
+            c = c.scene_change_detect(v == "1");
+        }
+        c
+    }
+}
+
+impl Encoder {
+    /// Creates an encoder for `cfg.width` x `cfg.height` frames (both even).
+    pub fn new(cfg: EncoderConfig) -> Result<Self, EncodeError> {
+        validate_size(cfg.width, cfg.height)?;
+        validate_fps(cfg.fps)?;
+        validate_bitrate(cfg.bitrate_bps)?;
+        let h264 = Self::make_codec(&cfg)?;
+        Ok(Self {
+            cfg,
+            h264,
+            picture: I420Buffer::new(cfg.width, cfg.height)?,
+            fresh: true,
+            pending_changes: false,
+            frames_encoded: 0,
+            epoch: Instant::now(),
+        })
+    }
+
+    fn make_codec(cfg: &EncoderConfig) -> Result<openh264::encoder::Encoder, EncodeError> {
+        openh264::encoder::Encoder::with_api_config(OpenH264API::from_source(), h264_config(cfg))
+            .map_err(EncodeError::Codec)
+    }
+
+    /// Current configuration (reflects run-time bitrate and frame rate changes).
+    pub fn config(&self) -> EncoderConfig {
+        self.cfg
+    }
+
+    /// Number of frames that produced output so far.
+    pub fn frames_encoded(&self) -> u64 {
+        self.frames_encoded
+    }
+
+    /// Encodes `frame`, of which only the pixels in `damage` changed since the previous call.
+    ///
+    /// Returns `None` when `damage` is empty and no keyframe is due or forced (nothing changed, so
+    /// nothing is sent). `force_keyframe` makes the output an IDR picture (viewer joined or lost
+    /// data). The first frame is always converted in full and encoded as an IDR.
+    pub fn encode(
+        &mut self,
+        frame: &FrameRef,
+        damage: &[Rect],
+        force_keyframe: bool,
+    ) -> Result<Option<EncodedFrame>, EncodeError> {
+        if frame.width != self.cfg.width || frame.height != self.cfg.height {
+            return Err(EncodeError::SizeMismatch {
+                width: self.cfg.width,
+                height: self.cfg.height,
+                got_width: frame.width,
+                got_height: frame.height,
+            });
+        }
+        let damaged = damage.iter().any(|r| !r.clamp_to(frame.width, frame.height).is_empty());
+        if !damaged && !force_keyframe && !self.fresh && !self.pending_changes {
+            // Validate anyway so a broken source is reported even on an idle screen.
+            frame.validate().map_err(ConvertError::from)?;
+            return Ok(None);
+        }
+        let started = Instant::now();
+        if self.fresh {
+            self.picture.convert_full(frame)?;
+        } else if damaged {
+            self.picture.convert_damage(frame, damage)?;
+        } else {
+            frame.validate().map_err(ConvertError::from)?;
+        }
+        if force_keyframe || self.fresh {
+            // The wrapper only initialises openh264 on the first encode; forcing before that is
+            // unnecessary (the first picture is an IDR) and must not touch the codec.
+            if !self.fresh {
+                self.h264.force_intra_frame();
+            }
+        }
+        let yuv = YUVSlices::new(
+            (self.picture.y(), self.picture.u(), self.picture.v()),
+            (self.cfg.width as usize, self.cfg.height as usize),
+            (self.cfg.width as usize, self.cfg.width as usize / 2, self.cfg.width as usize / 2),
+        );
+        let timestamp = Timestamp::from_millis(self.epoch.elapsed().as_millis() as u64);
+        let bitstream = self.h264.encode_at(&yuv, timestamp).map_err(EncodeError::Codec)?;
+        let frame_type = bitstream.frame_type();
+        let mut data = Vec::new();
+        bitstream.write_vec(&mut data);
+        if self.fresh {
+            self.fresh = false;
+            self.apply_rates()?;
+        }
+        if data.is_empty() || frame_type == FrameType::Skip {
+            // Rate control dropped it: the picture still holds the change, so send it next time.
+            self.pending_changes = true;
+            return Ok(None);
+        }
+        self.pending_changes = false;
+        self.frames_encoded += 1;
+        Ok(Some(EncodedFrame {
+            data,
+            keyframe: frame_type == FrameType::IDR,
+            encode_time: started.elapsed(),
+        }))
+    }
+
+    /// Changes the target bitrate from the next frame on. Out-of-range values are clamped to
+    /// 10 kbit/s..=200 Mbit/s.
+    pub fn set_bitrate(&mut self, bps: u32) {
+        let bps = bps.clamp(MIN_BITRATE_BPS, MAX_BITRATE_BPS);
+        if bps == self.cfg.bitrate_bps {
+            return;
+        }
+        self.cfg.bitrate_bps = bps;
+        self.update_codec();
+    }
+
+    /// Changes the nominal frame rate (used by rate control to budget bits per frame). Values are
+    /// clamped to 1..=240.
+    pub fn set_fps(&mut self, fps: f32) {
+        let fps = if fps.is_nan() { MIN_FPS } else { fps.clamp(MIN_FPS, MAX_FPS) };
+        if fps == self.cfg.fps {
+            return;
+        }
+        self.cfg.fps = fps;
+        self.update_codec();
+    }
+
+    fn update_codec(&mut self) {
+        let result = if self.fresh {
+            // openh264 is initialised lazily by the first encode: just start over with the new
+            // parameters.
+            Self::make_codec(&self.cfg).map(|codec| self.h264 = codec)
+        } else {
+            self.apply_rates()
+        };
+        if let Err(err) = result {
+            tracing::warn!(error = %err, cfg = ?self.cfg, "openh264 rejected a rate change; keeping the previous one");
+        }
+    }
+
+    /// Pushes `self.cfg`'s bitrate and frame rate into the running codec.
+    fn apply_rates(&mut self) -> Result<(), EncodeError> {
+        let bps = i32::try_from(self.cfg.bitrate_bps).unwrap_or(i32::MAX);
+        let mut max = SBitrateInfo { iLayer: SPATIAL_LAYER_0, iBitrate: bps };
+        let mut target = SBitrateInfo { iLayer: SPATIAL_LAYER_ALL, iBitrate: bps };
+        let mut fps: f32 = self.cfg.fps;
+        // SAFETY: openh264 has been initialised by a first encode (callers check `fresh`), each
+        // option id is paired with the type openh264 reads for it (SBitrateInfo for the bitrate
+        // options, f32 for the frame rate), and the pointers are valid for the duration of the
+        // call. None of these options changes parameters the wrapper relies on (picture size,
+        // data format).
+        let rcs = unsafe {
+            let api = self.h264.raw_api();
+            [
+                api.set_option(ENCODER_OPTION_MAX_BITRATE, std::ptr::addr_of_mut!(max).cast()),
+                api.set_option(ENCODER_OPTION_BITRATE, std::ptr::addr_of_mut!(target).cast()),
+                api.set_option(ENCODER_OPTION_FRAME_RATE, std::ptr::addr_of_mut!(fps).cast()),
+            ]
+        };
+        let names = ["max bitrate", "bitrate", "frame rate"];
+        match names.into_iter().zip(rcs).find(|&(_, rc)| rc != 0) {
+            None => Ok(()),
+            Some((option, code)) => Err(EncodeError::SetOption { option, code }),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Frame and damage types shared by frame sources, the encoder and the streaming server.
+
+use std::time::Instant;
+
+/// An axis-aligned rectangle of pixels (damage or a region of a frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Rect {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Rect {
+    pub const fn new(x: u32, y: u32, width: u32, height: u32) -> Self {
+        Self { x, y, width, height }
+    }
+
+    /// True when the rectangle covers no pixel.
+    pub const fn is_empty(&self) -> bool {
+        self.width == 0 || self.height == 0
+    }
+
+    /// Exclusive right edge.
+    pub const fn right(&self) -> u32 {
+        self.x.saturating_add(self.width)
+    }
+
+    /// Exclusive bottom edge.
+    pub const fn bottom(&self) -> u32 {
+        self.y.saturating_add(self.height)
+    }
+
+    /// The part of `self` inside a `width` x `height` frame (possibly empty).
+    pub fn clamp_to(&self, width: u32, height: u32) -> Rect {
+        let x0 = self.x.min(width);
+        let y0 = self.y.min(height);
+        let x1 = self.right().min(width);
+        let y1 = self.bottom().min(height);
+        Rect::new(x0, y0, x1 - x0, y1 - y0)
+    }
+
+    /// Smallest rectangle containing both (an empty rectangle contributes nothing).
+    pub fn union(&self, other: &Rect) -> Rect {
+        if self.is_empty() {
+            return *other;
+        }
+        if other.is_empty() {
+            return *self;
+        }
+        let x0 = self.x.min(other.x);
+        let y0 = self.y.min(other.y);
+        let x1 = self.right().max(other.right());
+        let y1 = self.bottom().max(other.bottom());
+        Rect::new(x0, y0, x1 - x0, y1 - y0)
+    }
+
+    /// True when the pixel (`px`, `py`) lies inside.
+    pub const fn contains(&self, px: u32, py: u32) -> bool {
+        px >= self.x && px < self.right() && py >= self.y && py < self.bottom()
+    }
+}
+
+/// Memory byte order of a 32-bit pixel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PixelFormat {
+    /// Bytes B, G, R, unused.
+    Bgrx,
+    /// Bytes B, G, R, alpha (alpha is ignored: the stream is opaque).
+    Bgra,
+}
+
+/// A borrowed 32-bit-per-pixel frame.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameRef<'a> {
+    pub width: u32,
+    pub height: u32,
+    /// Bytes from the start of one row to the next (at least `width * 4`).
+    pub stride: usize,
+    pub format: PixelFormat,
+    pub data: &'a [u8],
+}
+
+/// Why a [`FrameRef`] cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame is {width}x{height}; width and height must be non-zero")]
+    Empty { width: u32, height: u32 },
+    #[error("stride {stride} is smaller than width {width} x 4 bytes")]
+    StrideTooSmall { stride: usize, width: u32 },
+    #[error("frame data is {len} bytes; {needed} needed for {width}x{height} at stride {stride}")]
+    DataTooShort { len: usize, needed: usize, width: u32, height: u32, stride: usize },
+}
+
+impl<'a> FrameRef<'a> {
+    /// A tightly packed frame (stride = width * 4).
+    pub fn packed(width: u32, height: u32, format: PixelFormat, data: &'a [u8]) -> Self {
+        Self { width, height, stride: width as usize * 4, format, data }
+    }
+
+    /// Checks that dimensions, stride and data length agree.
+    pub fn validate(&self) -> Result<(), FrameError> {
+        if self.width == 0 || self.height == 0 {
+            return Err(FrameError::Empty { width: self.width, height: self.height });
+        }
+        let row = self.width as usize * 4;
+        if self.stride < row {
+            return Err(FrameError::StrideTooSmall { stride: self.stride, width: self.width });
+        }
+        let needed = self.stride * (self.height as usize - 1) + row;
+        if self.data.len() < needed {
+            return Err(FrameError::DataTooShort {
+                len: self.data.len(),
+                needed,
+                width: self.width,
+                height: self.height,
+                stride: self.stride,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One frame from a [`FrameSource`] with what changed since the previous frame it returned.
+#[derive(Debug, Clone)]
+pub struct SourceFrame<'a> {
+    pub frame: FrameRef<'a>,
+    /// Rectangles covering every pixel that changed since the previous frame (the first frame
+    /// reports the whole screen).
+    pub damage: Vec<Rect>,
+    /// Increases by one per frame returned.
+    pub sequence: u64,
+    pub captured_at: Instant,
+}
+
+/// Why a frame source failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("frame source closed")]
+    Closed,
+    #[error("frame source I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("frame source failed: {0}")]
+    Other(String),
+}
+
+/// Anything that produces frames: the VM framebuffer, a synthetic scene.
+pub trait FrameSource: Send {
+    /// Current frame size in pixels.
+    fn size(&self) -> (u32, u32);
+    /// Blocks until a frame newer than the last one returned is ready, or `deadline` passes (`Ok(None)`).
+    fn next_frame(&mut self, deadline: Instant) -> Result<Option<SourceFrame<'_>>, SourceError>;
+}

@@ -1,0 +1,147 @@
+//! `genos-hostd serve-demo`: stream a synthetic scene so a person can try streaming before any
+//! VM exists. Prints the connect URL (fresh token, certificate fingerprint) as the first line
+//! of standard output and serves until interrupted.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use encoder::synthetic::Scene;
+use proto::stream::Rights;
+
+use super::identity::{Identity, IdentityError};
+use super::server::{ServerConfig, StreamError, StreamServer};
+use super::source;
+use super::token::{TokenKey, TokenKeyError};
+
+/// Why the demo server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("invalid --size {0:?}: expected WIDTHxHEIGHT, each 16..=4096")]
+    Size(String),
+    #[error("invalid --fps {0}: expected 1..=240")]
+    Fps(f32),
+    #[error("loading the server identity failed")]
+    Identity(#[from] IdentityError),
+    #[error("token key")]
+    Token(#[from] TokenKeyError),
+    #[error("stream server")]
+    Server(#[from] StreamError),
+    #[error("I/O")]
+    Io(#[from] std::io::Error),
+}
+
+/// Arguments of `serve-demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Synthetic scene: windows, typing, scrolling or still.
+    #[arg(long, default_value = "windows")]
+    pub scene: Scene,
+    /// Frame size, WIDTHxHEIGHT.
+    #[arg(long, default_value = "1280x720")]
+    pub size: String,
+    /// Frames per second.
+    #[arg(long, default_value_t = 30.0)]
+    pub fps: f32,
+    /// UDP address to listen on.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    pub listen: SocketAddr,
+    /// Environment id in the URL.
+    #[arg(long, default_value = "demo")]
+    pub env_id: String,
+    /// Rights of the printed token (comma-separated: view,input,clipboard,admin).
+    #[arg(long, default_value = "view,input,clipboard")]
+    pub rights: Rights,
+    /// Token lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl_secs: u64,
+    /// Directory holding the certificate and token key (created if missing);
+    /// default `$GENOS_STATE_DIR` or `$HOME/.local/state/genos`, plus `/stream`.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), DemoError> {
+    let err = || DemoError::Size(s.to_owned());
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(err)?;
+    let w: u32 = w.parse().map_err(|_| err())?;
+    let h: u32 = h.parse().map_err(|_| err())?;
+    if !(16..=4096).contains(&w) || !(16..=4096).contains(&h) {
+        return Err(err());
+    }
+    Ok((w, h))
+}
+
+/// The directory holding the stream server's certificate and token key.
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os("GENOS_STATE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/genos")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/genos"))
+}
+
+/// Runs the demo server on the current tokio runtime until Ctrl-C or SIGTERM.
+pub async fn serve(args: DemoArgs) -> Result<(), DemoError> {
+    let (width, height) = parse_size(&args.size)?;
+    if !(1.0..=240.0).contains(&args.fps) {
+        return Err(DemoError::Fps(args.fps));
+    }
+    let dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(default_state_dir)
+        .join("stream");
+    let identity = Identity::load_or_create(&dir)?;
+    let tokens = Arc::new(TokenKey::load_or_create(&dir.join("token.key"))?);
+    let cfg = ServerConfig {
+        listen: args.listen,
+        ..ServerConfig::default()
+    };
+    let server = StreamServer::bind(cfg, &identity, tokens.clone())?;
+    let (src, _input) = source::synthetic(args.scene, width, height, args.fps);
+    server.add_environment(&args.env_id, src, args.fps)?;
+    let token = tokens.issue(&args.env_id, args.rights, Duration::from_secs(args.ttl_secs))?;
+    let url = server.connect_url(&args.env_id, &token)?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{url}")?;
+        out.flush()?;
+    }
+    eprintln!(
+        "serving scene {} at {width}x{height} {} fps on {}; view with: genos-view '{url}'",
+        args.scene,
+        args.fps,
+        server.local_addr()?
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    server.shutdown();
+    Ok(())
+}
+
+/// Builds a tokio runtime and runs [`serve`] on it (for a synchronous `main`).
+pub fn run(args: DemoArgs) -> Result<(), DemoError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(serve(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_parses_and_rejects_nonsense() {
+        assert_eq!(parse_size("1920x1080").unwrap(), (1920, 1080));
+        for bad in ["", "1920", "0x10", "1920x", "axb", "99999x10"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+}

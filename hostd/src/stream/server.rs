@@ -1,0 +1,1149 @@
+//! The QUIC stream server: accepts viewers, authenticates them with capability tokens and
+//! fans one shared encoder per environment out to every viewer of it.
+//!
+//! Threads and tasks: each environment's source and encoder run on a dedicated OS thread
+//! (blocking `next_frame` + CPU-bound encode) publishing into a broadcast channel. Each viewer
+//! has a control task (input, keyframe requests, pings), a video task (newest-wins delivery
+//! on per-frame unidirectional streams, bounded frames in flight) and an ABR tick.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use encoder::{Encoder, EncoderConfig};
+use proto::stream::{
+    self as wire, Button, ClientMessage, Codec, ErrorCode, FrameHeader, InputEvent, Message,
+    MessageReader, Rights, ServerMessage, ServerStats, StreamConfig,
+};
+use quinn::VarInt;
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::abr::{self, BitrateLimits, Controller, PathSample};
+use super::identity::Identity;
+use super::source::{EnvironmentSource, InputSink};
+use super::token::TokenKey;
+
+/// Why the server could not start or an environment could not be added.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("TLS configuration failed")]
+    Tls(#[from] rustls::Error),
+    #[error("QUIC TLS configuration failed: {0}")]
+    QuicTls(String),
+    #[error("binding UDP {addr} failed")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("environment {0:?} is already being streamed")]
+    DuplicateEnvironment(String),
+    #[error("creating the encoder failed")]
+    Encoder(#[from] encoder::EncodeError),
+    #[error("spawning the encoder thread failed")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Tunables of the stream server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Connections served at once, over all addresses.
+    pub max_connections: usize,
+    /// Connections served at once from one source IP.
+    pub max_connections_per_ip: usize,
+    /// Above this many open connections, new clients must prove their address (QUIC Retry).
+    pub retry_threshold: usize,
+    /// Close connections silent for this long (the client sends keep-alives).
+    pub idle_timeout: Duration,
+    /// Time a client has to open the control stream and send Hello.
+    pub hello_timeout: Duration,
+    /// How long a dropped session can be resumed.
+    pub resume_grace: Duration,
+    /// Frames sent to one viewer and not yet acknowledged before new ones are dropped.
+    pub max_frames_in_flight: usize,
+    /// Minimum time between forced keyframes of one environment (coalesces requests).
+    pub keyframe_min_interval: Duration,
+    pub bitrate: BitrateLimits,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_connections: 64,
+            max_connections_per_ip: 8,
+            retry_threshold: 16,
+            idle_timeout: Duration::from_secs(30),
+            hello_timeout: Duration::from_secs(5),
+            resume_grace: Duration::from_secs(15),
+            max_frames_in_flight: 4,
+            keyframe_min_interval: Duration::from_millis(250),
+            bitrate: BitrateLimits::default(),
+        }
+    }
+}
+
+/// Converts `Instant`s to the wire's microseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    instant: Instant,
+    unix_us: u64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Self {
+            instant: Instant::now(),
+            unix_us: unix_now_us(),
+        }
+    }
+    fn unix_us(&self, at: Instant) -> u64 {
+        match at.checked_duration_since(self.instant) {
+            Some(d) => self.unix_us + d.as_micros() as u64,
+            None => self
+                .unix_us
+                .saturating_sub(self.instant.duration_since(at).as_micros() as u64),
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch by the system clock.
+pub fn unix_now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// One encoded frame as published to viewers.
+#[derive(Debug)]
+struct Packet {
+    sequence: u64,
+    capture_time_us: u64,
+    keyframe: bool,
+    width: u16,
+    height: u16,
+    data: Vec<u8>,
+}
+
+/// Counters of one environment, for tests, benchmarks and the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EnvStats {
+    pub viewers: usize,
+    pub frames_encoded: u64,
+    pub keyframes: u64,
+    pub bitrate_bps: u32,
+    pub input_refused: u64,
+}
+
+struct Environment {
+    id: String,
+    frames: broadcast::Sender<Arc<Packet>>,
+    input: Arc<dyn InputSink>,
+    force_keyframe: AtomicBool,
+    stop: AtomicBool,
+    viewers: AtomicUsize,
+    /// Per-viewer ABR targets; the encoder runs at the smallest.
+    targets: Mutex<HashMap<u64, u32>>,
+    bitrate_bps: AtomicU32,
+    config: Mutex<StreamConfig>,
+    frames_encoded: AtomicU64,
+    keyframes: AtomicU64,
+    input_refused: AtomicU64,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Environment {
+    fn request_keyframe(&self) {
+        self.force_keyframe.store(true, Ordering::Release);
+    }
+    fn config(&self) -> StreamConfig {
+        let mut c = *self.config.lock().expect("poisoned");
+        c.bitrate_bps = self.bitrate_bps.load(Ordering::Relaxed);
+        c
+    }
+    fn stats(&self) -> EnvStats {
+        EnvStats {
+            viewers: self.viewers.load(Ordering::Relaxed),
+            frames_encoded: self.frames_encoded.load(Ordering::Relaxed),
+            keyframes: self.keyframes.load(Ordering::Relaxed),
+            bitrate_bps: self.bitrate_bps.load(Ordering::Relaxed),
+            input_refused: self.input_refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A session whose connection dropped, kept for resumption.
+struct ParkedSession {
+    env_id: String,
+    held: HeldInput,
+    generation: u64,
+}
+
+/// Keys and buttons a session holds down, released when the session ends for good.
+#[derive(Debug, Default, Clone)]
+struct HeldInput {
+    keys: HashSet<u16>,
+    buttons: HashSet<u8>,
+}
+
+impl HeldInput {
+    fn track(&mut self, ev: &InputEvent) {
+        match *ev {
+            InputEvent::Key { code, pressed } => {
+                if pressed {
+                    self.keys.insert(code);
+                } else {
+                    self.keys.remove(&code);
+                }
+            }
+            InputEvent::PointerButton { button, pressed } => {
+                if pressed {
+                    self.buttons.insert(button as u8);
+                } else {
+                    self.buttons.remove(&(button as u8));
+                }
+            }
+            _ => {}
+        }
+    }
+    fn releases(&self) -> Vec<InputEvent> {
+        let mut evs: Vec<InputEvent> = self
+            .keys
+            .iter()
+            .map(|&code| InputEvent::Key {
+                code,
+                pressed: false,
+            })
+            .collect();
+        for b in &self.buttons {
+            let button = match b {
+                1 => Button::Left,
+                2 => Button::Middle,
+                3 => Button::Right,
+                4 => Button::Back,
+                _ => Button::Forward,
+            };
+            evs.push(InputEvent::PointerButton {
+                button,
+                pressed: false,
+            });
+        }
+        evs
+    }
+}
+
+struct Shared {
+    cfg: ServerConfig,
+    tokens: Arc<TokenKey>,
+    clock: Clock,
+    envs: Mutex<HashMap<String, Arc<Environment>>>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    open: AtomicUsize,
+    parked: Mutex<HashMap<[u8; 16], ParkedSession>>,
+    next_viewer: AtomicU64,
+}
+
+/// Releases a connection slot when the connection's task ends.
+struct SlotGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.shared.open.fetch_sub(1, Ordering::AcqRel);
+        let mut per_ip = self.shared.per_ip.lock().expect("poisoned");
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The streaming server. Dropping it stops accepting, closes connections and stops encoders.
+pub struct StreamServer {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    fingerprint: String,
+}
+
+fn transport_config(cfg: &ServerConfig) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(cfg.idle_timeout).unwrap_or(VarInt::from_u32(30_000).into()),
+    ));
+    // Clients open exactly one bidirectional control stream and no unidirectional ones.
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.datagram_receive_buffer_size(None);
+    t
+}
+
+impl StreamServer {
+    /// Binds the UDP socket and starts accepting. Must be called within a tokio runtime.
+    pub fn bind(
+        cfg: ServerConfig,
+        identity: &Identity,
+        tokens: Arc<TokenKey>,
+    ) -> Result<Self, StreamError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(vec![identity.cert.clone()], identity.private_key())?;
+        tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+        tls.max_early_data_size = 0;
+        let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| StreamError::QuicTls(e.to_string()))?;
+        let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
+        server_cfg.transport_config(Arc::new(transport_config(&cfg)));
+        let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen).map_err(|source| {
+            StreamError::Bind {
+                addr: cfg.listen,
+                source,
+            }
+        })?;
+        let shared = Arc::new(Shared {
+            cfg,
+            tokens,
+            clock: Clock::new(),
+            envs: Mutex::new(HashMap::new()),
+            per_ip: Mutex::new(HashMap::new()),
+            open: AtomicUsize::new(0),
+            parked: Mutex::new(HashMap::new()),
+            next_viewer: AtomicU64::new(1),
+        });
+        tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        Ok(Self {
+            endpoint,
+            shared,
+            fingerprint: identity.fingerprint.clone(),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// SHA-256 of the server certificate, lowercase hex.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub fn tokens(&self) -> &TokenKey {
+        &self.shared.tokens
+    }
+
+    /// The URL a client uses to view `env_id` with `token`.
+    pub fn connect_url(&self, env_id: &str, token: &str) -> std::io::Result<String> {
+        Ok(super::connect_url(
+            self.local_addr()?,
+            env_id,
+            token,
+            &self.fingerprint,
+        ))
+    }
+
+    /// Starts streaming `source` as environment `env_id` at `fps` frames per second.
+    pub fn add_environment(
+        &self,
+        env_id: &str,
+        source: EnvironmentSource,
+        fps: f32,
+    ) -> Result<(), StreamError> {
+        let mut envs = self.shared.envs.lock().expect("poisoned");
+        if envs.contains_key(env_id) {
+            return Err(StreamError::DuplicateEnvironment(env_id.to_owned()));
+        }
+        let (width, height) = source.frames.size();
+        let start = self.shared.cfg.bitrate.start_bps;
+        let encoder = Encoder::new(EncoderConfig {
+            width,
+            height,
+            fps,
+            bitrate_bps: start,
+        })?;
+        let (tx, _) = broadcast::channel(16);
+        let env = Arc::new(Environment {
+            id: env_id.to_owned(),
+            frames: tx,
+            input: source.input,
+            force_keyframe: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+            viewers: AtomicUsize::new(0),
+            targets: Mutex::new(HashMap::new()),
+            bitrate_bps: AtomicU32::new(start),
+            config: Mutex::new(StreamConfig {
+                width: width as u16,
+                height: height as u16,
+                fps_milli: (fps * 1000.0) as u32,
+                codec: Codec::H264AnnexB,
+                bitrate_bps: start,
+            }),
+            frames_encoded: AtomicU64::new(0),
+            keyframes: AtomicU64::new(0),
+            input_refused: AtomicU64::new(0),
+            thread: Mutex::new(None),
+        });
+        let thread_env = env.clone();
+        let clock = self.shared.clock;
+        let cfg = self.shared.cfg.clone();
+        let frames = source.frames;
+        let handle = std::thread::Builder::new()
+            .name(format!("encode-{env_id}"))
+            .spawn(move || encode_loop(thread_env, frames, encoder, fps, clock, cfg))
+            .map_err(StreamError::Thread)?;
+        *env.thread.lock().expect("poisoned") = Some(handle);
+        envs.insert(env_id.to_owned(), env);
+        info!(env = env_id, width, height, fps, "streaming environment");
+        Ok(())
+    }
+
+    /// Stops streaming `env_id`; its viewers are disconnected.
+    pub fn remove_environment(&self, env_id: &str) {
+        let env = self.shared.envs.lock().expect("poisoned").remove(env_id);
+        if let Some(env) = env {
+            stop_environment(&env);
+        }
+    }
+
+    pub fn env_stats(&self, env_id: &str) -> Option<EnvStats> {
+        let envs = self.shared.envs.lock().expect("poisoned");
+        envs.get(env_id).map(|e| e.stats())
+    }
+
+    /// Connections currently open.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::Acquire)
+    }
+
+    /// Stops accepting and closes every connection.
+    pub fn shutdown(&self) {
+        self.endpoint.close(
+            VarInt::from_u32(ErrorCode::ServerShutdown as u32),
+            b"server shutting down",
+        );
+        let envs: Vec<_> = self
+            .shared
+            .envs
+            .lock()
+            .expect("poisoned")
+            .drain()
+            .map(|(_, e)| e)
+            .collect();
+        for env in envs {
+            stop_environment(&env);
+        }
+    }
+
+    /// Waits until the endpoint is closed and idle.
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
+}
+
+impl Drop for StreamServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn stop_environment(env: &Environment) {
+    env.stop.store(true, Ordering::Release);
+    if let Some(h) = env.thread.lock().expect("poisoned").take() {
+        // The loop checks `stop` at least every 100 ms.
+        let _ = h.join();
+    }
+}
+
+/// The environment's encoder thread.
+fn encode_loop(
+    env: Arc<Environment>,
+    mut frames: Box<dyn encoder::FrameSource>,
+    mut encoder: Encoder,
+    fps: f32,
+    clock: Clock,
+    cfg: ServerConfig,
+) {
+    let mut sequence = 0u64;
+    let mut last_forced: Option<Instant> = None;
+    let mut current_bitrate = cfg.bitrate.start_bps;
+    let (mut width, mut height) = frames.size();
+    while !env.stop.load(Ordering::Acquire) {
+        if env.viewers.load(Ordering::Acquire) == 0 {
+            // Nobody watches: don't burn CPU; the first viewer gets a keyframe anyway.
+            env.force_keyframe.store(true, Ordering::Release);
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let frame = match frames.next_frame(Instant::now() + Duration::from_millis(100)) {
+            Ok(Some(f)) => f,
+            Ok(None) => continue,
+            Err(e) => {
+                warn!(env = %env.id, error = %e, "frame source failed; stopping stream");
+                break;
+            }
+        };
+        if (frame.frame.width, frame.frame.height) != (width, height) {
+            (width, height) = (frame.frame.width, frame.frame.height);
+            match Encoder::new(EncoderConfig {
+                width,
+                height,
+                fps,
+                bitrate_bps: current_bitrate,
+            }) {
+                Ok(e) => encoder = e,
+                Err(e) => {
+                    warn!(env = %env.id, error = %e, "re-creating encoder after resize failed");
+                    break;
+                }
+            }
+            let mut c = env.config.lock().expect("poisoned");
+            c.width = width as u16;
+            c.height = height as u16;
+            env.force_keyframe.store(true, Ordering::Release);
+        }
+        let target = {
+            let t = env.targets.lock().expect("poisoned");
+            t.values().copied().min().unwrap_or(cfg.bitrate.start_bps)
+        };
+        if target.abs_diff(current_bitrate) > current_bitrate / 20 {
+            encoder.set_bitrate(target);
+            current_bitrate = target;
+            env.bitrate_bps.store(target, Ordering::Relaxed);
+        }
+        let force = env.force_keyframe.load(Ordering::Acquire)
+            && last_forced.is_none_or(|t| t.elapsed() >= cfg.keyframe_min_interval);
+        if force {
+            env.force_keyframe.store(false, Ordering::Release);
+            last_forced = Some(Instant::now());
+        }
+        let encoded = match encoder.encode(&frame.frame, &frame.damage, force) {
+            Ok(Some(e)) => e,
+            Ok(None) => continue,
+            Err(e) => {
+                warn!(env = %env.id, error = %e, "encoding failed; requesting a keyframe");
+                env.force_keyframe.store(true, Ordering::Release);
+                continue;
+            }
+        };
+        sequence += 1;
+        env.frames_encoded.fetch_add(1, Ordering::Relaxed);
+        if encoded.keyframe {
+            env.keyframes.fetch_add(1, Ordering::Relaxed);
+        }
+        let packet = Packet {
+            sequence,
+            capture_time_us: clock.unix_us(frame.captured_at),
+            keyframe: encoded.keyframe,
+            width: width as u16,
+            height: height as u16,
+            data: encoded.data,
+        };
+        // No receivers is fine: the last viewer may have just left.
+        let _ = env.frames.send(Arc::new(packet));
+    }
+    debug!(env = %env.id, "encoder thread ends");
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let ip = incoming.remote_address().ip();
+        let open = shared.open.load(Ordering::Acquire);
+        let from_ip = shared
+            .per_ip
+            .lock()
+            .expect("poisoned")
+            .get(&ip)
+            .copied()
+            .unwrap_or(0);
+        if open >= shared.cfg.max_connections || from_ip >= shared.cfg.max_connections_per_ip {
+            warn!(%ip, open, from_ip, "connection refused: limit reached");
+            incoming.refuse();
+            continue;
+        }
+        if open >= shared.cfg.retry_threshold && !incoming.remote_address_validated() {
+            if incoming.may_retry() {
+                // Under load, make the client prove it owns its address before we do any
+                // crypto work for it.
+                if let Err(e) = incoming.retry() {
+                    debug!(error = %e, "retry failed");
+                }
+                continue;
+            }
+        }
+        shared.open.fetch_add(1, Ordering::AcqRel);
+        *shared
+            .per_ip
+            .lock()
+            .expect("poisoned")
+            .entry(ip)
+            .or_default() += 1;
+        let guard = SlotGuard {
+            shared: shared.clone(),
+            ip,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            match incoming.accept() {
+                Ok(connecting) => match connecting.await {
+                    Ok(conn) => serve_connection(shared, conn).await,
+                    Err(e) => debug!(%ip, error = %e, "handshake failed"),
+                },
+                Err(e) => debug!(%ip, error = %e, "accept failed"),
+            }
+        });
+    }
+}
+
+/// Reads control messages until one is complete.
+async fn read_message(
+    recv: &mut quinn::RecvStream,
+    reader: &mut MessageReader,
+) -> Result<Option<ClientMessage>, Refusal> {
+    loop {
+        match reader.next::<ClientMessage>() {
+            Ok(Some(m)) => return Ok(Some(m)),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(Refusal::new(
+                    ErrorCode::ProtocolViolation,
+                    format!("malformed control message: {e}"),
+                ))
+            }
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => reader.push(&chunk.bytes),
+            Ok(None) => return Ok(None),
+            Err(_) => return Ok(None),
+        }
+    }
+}
+
+/// A reason to end a session, sent to the client before closing.
+#[derive(Debug)]
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+async fn refuse(conn: &quinn::Connection, send: Option<&mut quinn::SendStream>, r: Refusal) {
+    if let Some(send) = send {
+        let msg = ServerMessage::Error {
+            code: r.code,
+            message: r.message.clone(),
+        };
+        let _ = send.write_all(&msg.to_bytes()).await;
+        let _ = send.finish();
+    }
+    // The close frame repeats the code and message: clients see them even if the stream data
+    // is lost with the connection.
+    conn.close(VarInt::from_u32(r.code as u32), r.message.as_bytes());
+}
+
+async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let hello_timeout = shared.cfg.hello_timeout;
+    let (mut send, mut recv) = match tokio::time::timeout(hello_timeout, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(%remote, error = %e, "connection ended before the control stream");
+            return;
+        }
+        Err(_) => {
+            refuse(
+                &conn,
+                None,
+                Refusal::new(ErrorCode::ProtocolViolation, "no control stream opened in time"),
+            )
+            .await;
+            return;
+        }
+    };
+    let mut reader = MessageReader::new();
+    let hello = match tokio::time::timeout(hello_timeout, read_message(&mut recv, &mut reader)).await
+    {
+        Ok(Ok(Some(m))) => m,
+        Ok(Ok(None)) => return,
+        Ok(Err(r)) => return refuse(&conn, Some(&mut send), r).await,
+        Err(_) => {
+            let r = Refusal::new(ErrorCode::ProtocolViolation, "no Hello received in time");
+            return refuse(&conn, Some(&mut send), r).await;
+        }
+    };
+    let session = match admit(&shared, hello) {
+        Ok(s) => s,
+        Err(r) => {
+            warn!(%remote, code = ?r.code, reason = %r.message, "viewer refused");
+            return refuse(&conn, Some(&mut send), r).await;
+        }
+    };
+    let viewer_id = shared.next_viewer.fetch_add(1, Ordering::Relaxed);
+    info!(%remote, env = %session.env.id, rights = %session.rights, resumed = session.resumed,
+          viewer = viewer_id, "viewer joined");
+    let welcome = ServerMessage::Welcome {
+        version: session.version,
+        session_id: session.id,
+        rights: session.rights,
+        resumed: session.resumed,
+        resume_grace_ms: shared.cfg.resume_grace.as_millis() as u32,
+        config: session.env.config(),
+    };
+    if send.write_all(&welcome.to_bytes()).await.is_err() {
+        return;
+    }
+    run_session(shared, conn, send, recv, reader, session, viewer_id).await;
+}
+
+/// An admitted viewer session.
+struct Session {
+    id: [u8; 16],
+    version: u16,
+    env: Arc<Environment>,
+    rights: Rights,
+    resumed: bool,
+    held: HeldInput,
+}
+
+fn admit(shared: &Shared, hello: ClientMessage) -> Result<Session, Refusal> {
+    let ClientMessage::Hello {
+        min_version,
+        max_version,
+        env_id,
+        token,
+        resume,
+        ..
+    } = hello
+    else {
+        return Err(Refusal::new(
+            ErrorCode::ProtocolViolation,
+            "first message must be Hello",
+        ));
+    };
+    let version = wire::negotiate_version(min_version, max_version).ok_or_else(|| {
+        Refusal::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "client speaks versions {min_version}..={max_version}, server {}..={}",
+                wire::MIN_VERSION,
+                wire::VERSION
+            ),
+        )
+    })?;
+    let claims = shared
+        .tokens
+        .verify(&token, &env_id)
+        .map_err(|e| Refusal::new(e.code(), e.to_string()))?;
+    if !claims.rights.contains(Rights::VIEW) {
+        return Err(Refusal::new(
+            ErrorCode::PermissionDenied,
+            "token lacks the view right",
+        ));
+    }
+    let env = shared
+        .envs
+        .lock()
+        .expect("poisoned")
+        .get(&env_id)
+        .cloned()
+        .ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::NoSuchEnvironment,
+                format!("environment {env_id:?} is not streaming"),
+            )
+        })?;
+    let mut resumed = false;
+    let mut held = HeldInput::default();
+    let mut id = [0u8; 16];
+    if resume != [0; 16] {
+        let mut parked = shared.parked.lock().expect("poisoned");
+        match parked.remove(&resume) {
+            Some(p) if p.env_id == env_id => {
+                resumed = true;
+                held = p.held;
+                id = resume;
+            }
+            Some(p) => {
+                parked.insert(resume, p);
+                return Err(Refusal::new(
+                    ErrorCode::ResumeRejected,
+                    "session belongs to another environment",
+                ));
+            }
+            // Unknown or expired: start afresh rather than fail; Welcome says resumed=false.
+            None => {}
+        }
+    }
+    if !resumed {
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+            .map_err(|_| Refusal::new(ErrorCode::Internal, "random generator failed"))?;
+    }
+    Ok(Session {
+        id,
+        version,
+        env,
+        rights: claims.rights,
+        resumed,
+        held,
+    })
+}
+
+/// Per-viewer delivery counters shared between its tasks.
+#[derive(Default)]
+struct ViewerCounters {
+    sent: AtomicU64,
+    dropped: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+async fn run_session(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut reader: MessageReader,
+    session: Session,
+    viewer_id: u64,
+) {
+    let env = session.env.clone();
+    let counters = Arc::new(ViewerCounters::default());
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<ServerMessage>(64);
+    let mut frames_rx = env.frames.subscribe();
+    env.viewers.fetch_add(1, Ordering::AcqRel);
+    env.request_keyframe();
+
+    let writer = async {
+        while let Some(m) = ctl_rx.recv().await {
+            if send.write_all(&m.to_bytes()).await.is_err() {
+                break;
+            }
+        }
+    };
+
+    let video = video_loop(
+        &conn,
+        &env,
+        &mut frames_rx,
+        &counters,
+        shared.cfg.max_frames_in_flight,
+        ctl_tx.clone(),
+    );
+
+    let mut held = session.held.clone();
+    let control = control_loop(
+        &shared,
+        &env,
+        session.rights,
+        &mut recv,
+        &mut reader,
+        &ctl_tx,
+        &mut held,
+    );
+
+    let abr_loop = async {
+        let mut ctl = Controller::new(shared.cfg.bitrate);
+        let mut ticks = 0u32;
+        let mut interval = tokio::time::interval(abr::TICK);
+        loop {
+            interval.tick().await;
+            let st = conn.stats();
+            let target = ctl.update(PathSample {
+                rtt: st.path.rtt,
+                cwnd_bytes: st.path.cwnd,
+                sent_packets: st.path.sent_packets,
+                lost_packets: st.path.lost_packets,
+                dropped_frames: counters.dropped.load(Ordering::Relaxed),
+            });
+            env.targets
+                .lock()
+                .expect("poisoned")
+                .insert(viewer_id, target);
+            ticks += 1;
+            if ticks % 5 == 0 {
+                let stats = ServerStats {
+                    bitrate_bps: env.bitrate_bps.load(Ordering::Relaxed),
+                    rtt_us: st.path.rtt.as_micros().min(u32::MAX as u128) as u32,
+                    loss_permille: (ctl.last_loss * 1000.0) as u16,
+                    cwnd_bytes: st.path.cwnd.min(u64::from(u32::MAX)) as u32,
+                    frames_sent: counters.sent.load(Ordering::Relaxed),
+                    frames_dropped: counters.dropped.load(Ordering::Relaxed),
+                };
+                if ctl_tx.try_send(ServerMessage::Stats(stats)).is_err() {
+                    debug!(viewer = viewer_id, "control queue full; stats skipped");
+                }
+            }
+        }
+    };
+
+    let end = tokio::select! {
+        _ = writer => None,
+        _ = video => None,
+        r = control => r,
+        _ = abr_loop => None,
+        e = conn.closed() => { debug!(viewer = viewer_id, error = %e, "connection closed"); None }
+    };
+    if let Some(r) = end {
+        warn!(viewer = viewer_id, code = ?r.code, reason = %r.message, "closing viewer");
+        let msg = ServerMessage::Error {
+            code: r.code,
+            message: r.message.clone(),
+        };
+        let _ = send.write_all(&msg.to_bytes()).await;
+        conn.close(VarInt::from_u32(r.code as u32), r.message.as_bytes());
+    }
+    env.viewers.fetch_sub(1, Ordering::AcqRel);
+    env.targets.lock().expect("poisoned").remove(&viewer_id);
+    park_session(&shared, session.id, &env, held);
+    info!(viewer = viewer_id, env = %env.id, "viewer left");
+}
+
+/// Keeps a dropped session for `resume_grace`; afterwards releases whatever it held down.
+fn park_session(shared: &Arc<Shared>, id: [u8; 16], env: &Arc<Environment>, held: HeldInput) {
+    let generation = shared.next_viewer.fetch_add(1, Ordering::Relaxed);
+    shared.parked.lock().expect("poisoned").insert(
+        id,
+        ParkedSession {
+            env_id: env.id.clone(),
+            held,
+            generation,
+        },
+    );
+    let shared = shared.clone();
+    let env = env.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(shared.cfg.resume_grace).await;
+        let expired = {
+            let mut parked = shared.parked.lock().expect("poisoned");
+            match parked.get(&id) {
+                Some(p) if p.generation == generation => parked.remove(&id),
+                _ => None,
+            }
+        };
+        if let Some(p) = expired {
+            let releases = p.held.releases();
+            if !releases.is_empty() {
+                if let Err(e) = env.input.inject(&releases) {
+                    warn!(env = %env.id, error = %e, "releasing held input failed");
+                }
+            }
+        }
+    });
+}
+
+async fn control_loop(
+    shared: &Shared,
+    env: &Environment,
+    rights: Rights,
+    recv: &mut quinn::RecvStream,
+    reader: &mut MessageReader,
+    ctl_tx: &mpsc::Sender<ServerMessage>,
+    held: &mut HeldInput,
+) -> Option<Refusal> {
+    let mut refused_logged = false;
+    loop {
+        let msg = match read_message(recv, reader).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return None,
+            Err(r) => return Some(r),
+        };
+        let denied = |what: &str, right: &str| ServerMessage::Error {
+            code: ErrorCode::PermissionDenied,
+            message: format!("{what} refused: token lacks the {right} right"),
+        };
+        match msg {
+            ClientMessage::Input(ev) => {
+                if !rights.contains(Rights::INPUT) {
+                    env.input_refused.fetch_add(1, Ordering::Relaxed);
+                    if !refused_logged {
+                        warn!(env = %env.id, "input refused: token lacks the input right");
+                        refused_logged = true;
+                        let _ = ctl_tx.try_send(denied("input", "input"));
+                    }
+                    continue;
+                }
+                let ev = clamp_event(ev, &env.config());
+                held.track(&ev);
+                if let Err(e) = env.input.inject(&[ev]) {
+                    warn!(env = %env.id, error = %e, "input delivery failed");
+                }
+            }
+            ClientMessage::KeyframeRequest => env.request_keyframe(),
+            ClientMessage::Ping { client_time_us } => {
+                let _ = ctl_tx.try_send(ServerMessage::Pong {
+                    client_time_us,
+                    server_time_us: unix_now_us(),
+                });
+            }
+            ClientMessage::Clipboard(text) => {
+                if !rights.contains(Rights::CLIPBOARD) {
+                    warn!(env = %env.id, "clipboard refused: token lacks the clipboard right");
+                    let _ = ctl_tx.try_send(denied("clipboard", "clipboard"));
+                    continue;
+                }
+                if let Err(e) = env.input.set_clipboard(&text) {
+                    warn!(env = %env.id, error = %e, "clipboard delivery failed");
+                }
+            }
+            ClientMessage::Resize { width, height } => {
+                if !rights.contains(Rights::INPUT) {
+                    let _ = ctl_tx.try_send(denied("resize", "input"));
+                    continue;
+                }
+                if let Err(e) = env.input.request_resize(width.into(), height.into()) {
+                    warn!(env = %env.id, error = %e, "resize request failed");
+                }
+            }
+            ClientMessage::Stats(s) => {
+                debug!(env = %env.id, ?s, "client stats");
+            }
+            ClientMessage::Hello { .. } => {
+                return Some(Refusal::new(
+                    ErrorCode::ProtocolViolation,
+                    "Hello sent twice",
+                ))
+            }
+        }
+        let _ = shared;
+    }
+}
+
+/// Keeps pointer coordinates inside the current frame.
+fn clamp_event(ev: InputEvent, cfg: &StreamConfig) -> InputEvent {
+    let (mx, my) = (cfg.width.saturating_sub(1), cfg.height.saturating_sub(1));
+    match ev {
+        InputEvent::PointerMove { x, y } => InputEvent::PointerMove {
+            x: x.min(mx),
+            y: y.min(my),
+        },
+        InputEvent::Touch { id, phase, x, y } => InputEvent::Touch {
+            id,
+            phase,
+            x: x.min(mx),
+            y: y.min(my),
+        },
+        other => other,
+    }
+}
+
+async fn video_loop(
+    conn: &quinn::Connection,
+    env: &Environment,
+    rx: &mut broadcast::Receiver<Arc<Packet>>,
+    counters: &Arc<ViewerCounters>,
+    max_in_flight: usize,
+    ctl_tx: mpsc::Sender<ServerMessage>,
+) {
+    // Streams carrying frames older than this value are reset (newest-wins after a keyframe).
+    let (cancel_tx, cancel_rx) = watch::channel(0u64);
+    let mut needs_keyframe = true;
+    let mut size = {
+        let c = env.config();
+        (c.width, c.height)
+    };
+    loop {
+        let packet = match rx.recv().await {
+            Ok(p) => p,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                counters.dropped.fetch_add(n, Ordering::Relaxed);
+                needs_keyframe = true;
+                env.request_keyframe();
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if (packet.width, packet.height) != size {
+            size = (packet.width, packet.height);
+            let _ = ctl_tx.send(ServerMessage::Config(env.config())).await;
+        }
+        if packet.keyframe {
+            // Everything older is useless once the keyframe is there: stop spending bandwidth.
+            cancel_tx.send_replace(packet.sequence);
+            needs_keyframe = false;
+        } else if needs_keyframe {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        } else if counters.in_flight.load(Ordering::Acquire) >= max_in_flight {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            needs_keyframe = true;
+            env.request_keyframe();
+            continue;
+        }
+        counters.in_flight.fetch_add(1, Ordering::AcqRel);
+        counters.sent.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(send_frame(
+            conn.clone(),
+            packet,
+            cancel_rx.clone(),
+            counters.clone(),
+        ));
+    }
+}
+
+/// Resolves once a keyframe newer than `sequence` has been published to this viewer.
+async fn superseded(cancel: &mut watch::Receiver<u64>, sequence: u64) {
+    loop {
+        if *cancel.borrow_and_update() > sequence {
+            return;
+        }
+        if cancel.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn send_frame(
+    conn: quinn::Connection,
+    packet: Arc<Packet>,
+    mut cancel: watch::Receiver<u64>,
+    counters: Arc<ViewerCounters>,
+) {
+    let header = FrameHeader {
+        sequence: packet.sequence,
+        capture_time_us: packet.capture_time_us,
+        keyframe: packet.keyframe,
+        codec: Codec::H264AnnexB,
+        width: packet.width,
+        height: packet.height,
+        payload_len: packet.data.len() as u32,
+    };
+    let opened = tokio::select! {
+        s = conn.open_uni() => s.ok(),
+        _ = superseded(&mut cancel, packet.sequence) => None,
+    };
+    if let Some(mut stream) = opened {
+        // Older frames go first: the decoder needs them in order.
+        let _ = stream.set_priority(-(packet.sequence as i32 & 0x3fff_ffff));
+        let cancelled = tokio::select! {
+            _ = async {
+                stream.write_all(&header.encode()).await?;
+                stream.write_all(&packet.data).await?;
+                stream.finish()?;
+                // Counts as in flight until the peer acknowledged every byte.
+                let _ = stream.stopped().await;
+                Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+            } => false,
+            _ = superseded(&mut cancel, packet.sequence) => true,
+        };
+        if cancelled {
+            let _ = stream.reset(VarInt::from_u32(0));
+        }
+    }
+    counters.in_flight.fetch_sub(1, Ordering::AcqRel);
+}

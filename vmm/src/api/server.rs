@@ -1,0 +1,406 @@
+//! The control API server: one thread serving HTTP/1.1 on a Unix socket.
+//!
+//! The thread multiplexes up to [`MAX_CONNECTIONS`] non-blocking connections with
+//! `poll(2)` and serves requests one at a time: parse ([`super::http`]), route
+//! ([`super::router`]), forward the action to the VMM's main thread
+//! ([`crate::rpc::ApiSender::call`]), write the response. Each connection answers its
+//! requests in order (pipelining works); a parse error is answered and the connection
+//! closed. No input ends the thread: every error is confined to its connection.
+//!
+//! `GET /framebuffer` answers with two descriptors in an `SCM_RIGHTS` control message
+//! attached to the first bytes of the response: `[memfd, flush_eventfd]`. A client reads
+//! the response with `recvmsg(2)` (room for two fds) and keeps reading plain bytes until
+//! the body is complete.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::http::{
+    parse_request, Limits, ParseError, Parsed, Request, Response, CONTINUE_RESPONSE,
+};
+use super::router::route;
+use crate::rpc::{ApiSender, FramebufferFds, VmmResponse};
+
+/// Most connections served at once; further clients wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Errors setting up the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The socket path exists and is not a socket.
+    #[error("api socket {0}: exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// Another process is listening on the socket path.
+    #[error("api socket {0}: another process is listening on it")]
+    InUse(PathBuf),
+    /// Removing a stale socket, binding or configuring the listener failed.
+    #[error("api socket {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Spawning the server thread failed.
+    #[error("cannot start the api thread: {0}")]
+    Spawn(#[source] io::Error),
+}
+
+/// Binds the API socket at `path`. A stale socket left by a dead VMM is replaced; a live
+/// one (something accepts connections) or a non-socket file is an error.
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    let bind_error = |source| ServerError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ServerError::NotASocket(path.to_owned()))
+        }
+        Ok(_) => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ServerError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(bind_error)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_error(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    listener.set_nonblocking(true).map_err(bind_error)?;
+    Ok(listener)
+}
+
+/// Spawns the server thread (named `api`) on an already bound listener.
+pub fn spawn(listener: UnixListener, sender: ApiSender) -> Result<JoinHandle<()>, ServerError> {
+    listener.set_nonblocking(true).map_err(ServerError::Spawn)?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || Server::new(listener, sender).run())
+        .map_err(ServerError::Spawn)
+}
+
+/// [`bind`] then [`spawn`]: what the VMM calls for `--api-sock PATH`.
+pub fn start(path: &Path, sender: ApiSender) -> Result<JoinHandle<()>, ServerError> {
+    spawn(bind(path)?, sender)
+}
+
+/// One client connection.
+struct Connection {
+    stream: UnixStream,
+    /// Bytes received and not yet parsed.
+    input: Vec<u8>,
+    /// Encoded response not yet written, from `written`.
+    output: Vec<u8>,
+    written: usize,
+    /// Descriptors to attach to the first bytes of `output`.
+    fds: Option<FramebufferFds>,
+    /// Whether `100 Continue` was sent for the request in progress.
+    continue_sent: bool,
+    /// Close once `output` is written.
+    close_after_write: bool,
+    /// `output` answers an action the VMM handled (see [`ApiSender::response_sent`]).
+    answers_call: bool,
+    /// The peer finished sending (EOF): answer what is buffered, then close.
+    peer_closed: bool,
+    /// A fatal error occurred, or the connection is finished: drop it.
+    dead: bool,
+}
+
+impl Connection {
+    fn new(stream: UnixStream) -> Self {
+        Self {
+            stream,
+            input: Vec::new(),
+            output: Vec::new(),
+            written: 0,
+            fds: None,
+            continue_sent: false,
+            close_after_write: false,
+            answers_call: false,
+            peer_closed: false,
+            dead: false,
+        }
+    }
+
+    fn wants_write(&self) -> bool {
+        self.written < self.output.len()
+    }
+
+    fn wants_read(&self) -> bool {
+        !self.wants_write() && !self.close_after_write && !self.peer_closed && !self.dead
+    }
+}
+
+struct Server {
+    listener: UnixListener,
+    sender: ApiSender,
+    limits: Limits,
+    connections: Vec<Connection>,
+}
+
+impl Server {
+    fn new(listener: UnixListener, sender: ApiSender) -> Self {
+        Self {
+            listener,
+            sender,
+            limits: Limits::default(),
+            connections: Vec::new(),
+        }
+    }
+
+    fn run(mut self) {
+        let mut pollfds: Vec<libc::pollfd> = Vec::with_capacity(MAX_CONNECTIONS + 1);
+        loop {
+            pollfds.clear();
+            let accepting = self.connections.len() < MAX_CONNECTIONS;
+            pollfds.push(libc::pollfd {
+                fd: self.listener.as_raw_fd(),
+                events: if accepting { libc::POLLIN } else { 0 },
+                revents: 0,
+            });
+            for conn in &self.connections {
+                let mut events = 0;
+                if conn.wants_read() {
+                    events |= libc::POLLIN;
+                }
+                if conn.wants_write() {
+                    events |= libc::POLLOUT;
+                }
+                pollfds.push(libc::pollfd {
+                    fd: conn.stream.as_raw_fd(),
+                    events,
+                    revents: 0,
+                });
+            }
+            // SAFETY: `pollfds` is a valid, initialised array of `pollfds.len()` entries
+            // that outlives the call; poll only writes the `revents` fields.
+            let ret =
+                unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, -1) };
+            if ret < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!("api: poll failed: {err}");
+                return;
+            }
+            let Server {
+                sender,
+                limits,
+                connections,
+                ..
+            } = &mut self;
+            for (conn, pfd) in connections.iter_mut().zip(&pollfds[1..]) {
+                let revents = pfd.revents;
+                if revents & libc::POLLOUT != 0 {
+                    flush(sender, conn);
+                }
+                if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+                    && conn.wants_read()
+                {
+                    receive(conn);
+                }
+                serve(sender, limits, conn);
+                if conn.peer_closed && !conn.wants_write() {
+                    conn.dead = true;
+                }
+            }
+            self.close_finished();
+            if pollfds[0].revents & libc::POLLIN != 0 {
+                self.accept();
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        while self.connections.len() < MAX_CONNECTIONS {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_ok() {
+                        self.connections.push(Connection::new(stream));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // E.g. EMFILE: keep serving existing connections.
+                    tracing::warn!("api: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn close_finished(&mut self) {
+        let sender = &self.sender;
+        self.connections.retain_mut(|conn| {
+            if conn.dead && conn.answers_call {
+                // The answer cannot be delivered; do not keep the VMM waiting for it.
+                conn.answers_call = false;
+                sender.response_sent();
+            }
+            !conn.dead
+        });
+    }
+}
+
+/// Reads what is available into the connection's input buffer.
+fn receive(conn: &mut Connection) {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match conn.stream.read(&mut chunk) {
+            Ok(0) => {
+                conn.dead = true;
+                return;
+            }
+            Ok(n) => {
+                conn.input.extend_from_slice(&chunk[..n]);
+                // Bounded: parse_request rejects a head or body over the limits, so
+                // stop reading once one request's worth is buffered.
+                if n < chunk.len() || conn.input.len() > 2 * 1024 * 1024 {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                conn.dead = true;
+                return;
+            }
+        }
+    }
+}
+
+/// Answers buffered requests until one needs more bytes or a response is pending.
+fn serve(sender: &ApiSender, limits: &Limits, conn: &mut Connection) {
+    while !conn.wants_write() && !conn.close_after_write && !conn.dead && !conn.input.is_empty() {
+        match parse_request(&conn.input, limits) {
+            Ok(Parsed::Partial { expect_continue }) => {
+                if expect_continue && !conn.continue_sent {
+                    conn.continue_sent = true;
+                    conn.output = CONTINUE_RESPONSE.to_vec();
+                    conn.written = 0;
+                    flush(sender, conn);
+                }
+                return;
+            }
+            Ok(Parsed::Complete { request, consumed }) => {
+                conn.input.drain(..consumed);
+                conn.continue_sent = false;
+                let (mut response, fds, answered) = respond(sender, &request);
+                response.close |= !request.keep_alive;
+                queue(conn, response, fds, answered);
+            }
+            Err(e) => {
+                conn.input.clear();
+                queue(conn, parse_error_response(&e), None, false);
+            }
+        }
+        flush(sender, conn);
+    }
+}
+
+/// Routes and runs one request; returns the response, any fds to pass, and whether
+/// the VMM handled an action for it.
+fn respond(sender: &ApiSender, request: &Request) -> (Response, Option<FramebufferFds>, bool) {
+    let action = match route(request) {
+        Ok(action) => action,
+        Err(e) => {
+            let mut response = Response::error(e.status, &e.reason);
+            response.allow = e.allow;
+            return (response, None, false);
+        }
+    };
+    let (response, fds) = match sender.call(action) {
+        Ok(VmmResponse::Empty) => (Response::no_content(), None),
+        Ok(VmmResponse::Description(d)) => (Response::json(200, &d), None),
+        Ok(VmmResponse::Metrics(m)) => (Response::json(200, &m), None),
+        Ok(VmmResponse::Framebuffer(fds)) => framebuffer_response(fds),
+        Err(e) => (Response::error(e.status(), &e.to_string()), None),
+    };
+    (response, fds, true)
+}
+
+fn queue(
+    conn: &mut Connection,
+    response: Response,
+    fds: Option<FramebufferFds>,
+    answers_call: bool,
+) {
+    conn.close_after_write = response.close;
+    conn.output = response.encode();
+    conn.written = 0;
+    conn.fds = fds;
+    conn.answers_call = answers_call;
+}
+
+/// Writes as much pending output as the socket takes.
+fn flush(sender: &ApiSender, conn: &mut Connection) {
+    while conn.wants_write() && !conn.dead {
+        let pending = &conn.output[conn.written..];
+        let result = match &conn.fds {
+            Some(fds) => {
+                let raw: [RawFd; 2] = [fds.memfd.as_raw_fd(), fds.flush_eventfd.as_raw_fd()];
+                conn.stream
+                    .send_with_fds(&[pending], &raw)
+                    .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+            }
+            None => conn.stream.write(pending),
+        };
+        match result {
+            Ok(0) => conn.dead = true,
+            Ok(n) => {
+                conn.written += n;
+                // The descriptors went with these bytes; close our copies.
+                conn.fds = None;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => conn.dead = true,
+        }
+    }
+    if !conn.wants_write() && conn.answers_call {
+        conn.answers_call = false;
+        sender.response_sent();
+    }
+    if !conn.wants_write() && conn.close_after_write {
+        conn.dead = true;
+    }
+}
+
+fn parse_error_response(e: &ParseError) -> Response {
+    let mut response = Response::error(e.status(), &e.to_string());
+    response.close = true;
+    response
+}
+
+/// Body of a `GET /framebuffer` answer: the memfd's size and the order of the fds.
+fn framebuffer_response(fds: FramebufferFds) -> (Response, Option<FramebufferFds>) {
+    let size = fds
+        .memfd
+        .try_clone()
+        .map(std::fs::File::from)
+        .and_then(|file| file.metadata())
+        .map(|meta| meta.len());
+    match size {
+        Ok(size) => (
+            Response::json(
+                200,
+                &serde_json::json!({ "memfd_size": size, "fds": ["memfd", "flush_eventfd"] }),
+            ),
+            Some(fds),
+        ),
+        Err(e) => (
+            Response::error(500, &format!("cannot stat the framebuffer memfd: {e}")),
+            None,
+        ),
+    }
+}

@@ -1,0 +1,334 @@
+//! CPUID for the guest: KVM's supported set, normalised for the VM's topology, then
+//! filtered by a CPU template.
+//!
+//! Normalisation sets each vCPU's APIC ID and the package topology (leaves 0x1, 0x4, 0xb,
+//! 0x1f, 0x8000_0008) to "one socket, one thread per core, `vcpu_count` cores", and makes
+//! sure the hypervisor bit and KVM signature leaf are present. A template then hides
+//! features. `baseline` hides what the nested KVM of our development machines cannot
+//! emulate; because that KVM ignores `KVM_SET_CPUID2`, the template also carries the
+//! equivalent `clearcpuid=` kernel arguments, which work everywhere.
+
+use kvm_bindings::kvm_cpuid_entry2;
+
+pub use crate::config::CpuTemplate;
+
+/// Kernel feature names (as `clearcpuid=` spells them) the baseline template hides.
+pub const BASELINE_CLEARCPUID: &str = "xsave,smap,smep,umip,pku,popcnt,avx,avx2,avx512f,bmi1,\
+bmi2,movbe,erms,fsrm,rdrand,rdseed,f16c,fma,aes,pclmulqdq,sha_ni,adx,abm,sse4_2,sse4_1,ssse3,\
+rdpid,clwb,clflushopt,fsgsbase,invpcid,pcid";
+
+/// Kernel command-line arguments that make the guest kernel itself avoid the features
+/// `template` hides (needed where KVM ignores the CPUID table).
+pub fn template_kernel_args(template: CpuTemplate) -> Option<String> {
+    match template {
+        CpuTemplate::Host => None,
+        CpuTemplate::Baseline => Some(format!(
+            "clearcpuid={BASELINE_CLEARCPUID} mitigations=off nopti"
+        )),
+    }
+}
+
+/// Which register of a CPUID leaf a feature bit is in.
+#[derive(Clone, Copy, Debug)]
+enum Reg {
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+/// (leaf, subleaf, register, bit) of every feature the baseline template hides.
+const BASELINE_HIDDEN: &[(u32, u32, Reg, u32)] = &[
+    // Leaf 1 ECX.
+    (1, 0, Reg::Ecx, 1),  // pclmulqdq
+    (1, 0, Reg::Ecx, 9),  // ssse3
+    (1, 0, Reg::Ecx, 12), // fma
+    (1, 0, Reg::Ecx, 17), // pcid
+    (1, 0, Reg::Ecx, 19), // sse4_1
+    (1, 0, Reg::Ecx, 20), // sse4_2
+    (1, 0, Reg::Ecx, 22), // movbe
+    (1, 0, Reg::Ecx, 23), // popcnt
+    (1, 0, Reg::Ecx, 25), // aes
+    (1, 0, Reg::Ecx, 26), // xsave
+    (1, 0, Reg::Ecx, 27), // osxsave
+    (1, 0, Reg::Ecx, 28), // avx
+    (1, 0, Reg::Ecx, 29), // f16c
+    (1, 0, Reg::Ecx, 30), // rdrand
+    // Leaf 7.0 EBX.
+    (7, 0, Reg::Ebx, 0),  // fsgsbase
+    (7, 0, Reg::Ebx, 3),  // bmi1
+    (7, 0, Reg::Ebx, 5),  // avx2
+    (7, 0, Reg::Ebx, 7),  // smep
+    (7, 0, Reg::Ebx, 8),  // bmi2
+    (7, 0, Reg::Ebx, 9),  // erms
+    (7, 0, Reg::Ebx, 10), // invpcid
+    (7, 0, Reg::Ebx, 16), // avx512f
+    (7, 0, Reg::Ebx, 17), // avx512dq
+    (7, 0, Reg::Ebx, 18), // rdseed
+    (7, 0, Reg::Ebx, 19), // adx
+    (7, 0, Reg::Ebx, 20), // smap
+    (7, 0, Reg::Ebx, 21), // avx512ifma
+    (7, 0, Reg::Ebx, 23), // clflushopt
+    (7, 0, Reg::Ebx, 24), // clwb
+    (7, 0, Reg::Ebx, 26), // avx512pf
+    (7, 0, Reg::Ebx, 27), // avx512er
+    (7, 0, Reg::Ebx, 28), // avx512cd
+    (7, 0, Reg::Ebx, 29), // sha_ni
+    (7, 0, Reg::Ebx, 30), // avx512bw
+    (7, 0, Reg::Ebx, 31), // avx512vl
+    // Leaf 7.0 ECX.
+    (7, 0, Reg::Ecx, 1),  // avx512vbmi
+    (7, 0, Reg::Ecx, 2),  // umip
+    (7, 0, Reg::Ecx, 3),  // pku
+    (7, 0, Reg::Ecx, 4),  // ospke
+    (7, 0, Reg::Ecx, 6),  // avx512vbmi2
+    (7, 0, Reg::Ecx, 11), // avx512vnni
+    (7, 0, Reg::Ecx, 12), // avx512bitalg
+    (7, 0, Reg::Ecx, 14), // avx512vpopcntdq
+    (7, 0, Reg::Ecx, 22), // rdpid
+    // Leaf 7.0 EDX.
+    (7, 0, Reg::Edx, 4), // fsrm
+    // Extended leaf 0x8000_0001 ECX.
+    (0x8000_0001, 0, Reg::Ecx, 5), // abm (lzcnt)
+];
+
+/// KVM's hypervisor signature, as EBX, ECX, EDX of leaf 0x4000_0000.
+const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
+const HYPERVISOR_LEAF: u32 = 0x4000_0000;
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+
+/// Turns KVM's supported CPUID entries into vCPU `vcpu_id`'s table for a VM of
+/// `vcpu_count` vCPUs under `template`. Pure: the caller does the ioctls.
+pub fn build_cpuid(
+    supported: &[kvm_cpuid_entry2],
+    vcpu_id: u8,
+    vcpu_count: u8,
+    template: CpuTemplate,
+) -> Vec<kvm_cpuid_entry2> {
+    let mut entries = supported.to_vec();
+    normalise_topology(&mut entries, vcpu_id, vcpu_count);
+    ensure_hypervisor_leaf(&mut entries);
+    if template == CpuTemplate::Baseline {
+        apply_baseline(&mut entries);
+    }
+    entries
+}
+
+/// Bits needed to hold numbers below `count` (the APIC-ID shift for `count` cores).
+fn id_bits(count: u32) -> u32 {
+    if count <= 1 {
+        0
+    } else {
+        32 - (count - 1).leading_zeros()
+    }
+}
+
+fn normalise_topology(entries: &mut [kvm_cpuid_entry2], vcpu_id: u8, vcpu_count: u8) {
+    let apic_id = u32::from(vcpu_id);
+    let count = u32::from(vcpu_count.max(1));
+    let core_shift = id_bits(count);
+    for e in entries.iter_mut() {
+        match e.function {
+            1 => {
+                // EBX: [31:24] initial APIC ID, [23:16] logical processors per package.
+                e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | ((count & 0xff) << 16);
+                e.ecx |= LEAF1_ECX_HYPERVISOR;
+                if count > 1 {
+                    e.edx |= LEAF1_EDX_HTT;
+                } else {
+                    e.edx &= !LEAF1_EDX_HTT;
+                }
+            }
+            4 => {
+                // Deterministic cache parameters: [31:26] cores per package - 1,
+                // [25:14] logical processors sharing this cache - 1.
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { count - 1 } else { 0 };
+                e.eax = (e.eax & 0x3fff) | (((count - 1) & 0x3f) << 26) | ((sharing & 0xfff) << 14);
+            }
+            0xb | 0x1f => {
+                // Extended topology: level 0 = SMT (one thread per core), level 1 = core.
+                e.edx = apic_id;
+                match e.index {
+                    0 => {
+                        e.eax = 0;
+                        e.ebx = 1;
+                        e.ecx = (1 << 8) | e.index;
+                    }
+                    1 => {
+                        e.eax = core_shift;
+                        e.ebx = count;
+                        e.ecx = (2 << 8) | e.index;
+                    }
+                    _ => {
+                        e.eax = 0;
+                        e.ebx = 0;
+                        e.ecx = e.index;
+                    }
+                }
+            }
+            0x8000_0008 => {
+                // AMD: [7:0] cores - 1, [15:12] APIC-ID core bits.
+                e.ecx = (e.ecx & !0xf0ff) | (core_shift << 12) | ((count - 1) & 0xff);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn ensure_hypervisor_leaf(entries: &mut Vec<kvm_cpuid_entry2>) {
+    let max_hv_leaf = entries
+        .iter()
+        .filter(|e| (HYPERVISOR_LEAF..HYPERVISOR_LEAF + 0x100).contains(&e.function))
+        .map(|e| e.function)
+        .max()
+        .unwrap_or(HYPERVISOR_LEAF);
+    match entries.iter_mut().find(|e| e.function == HYPERVISOR_LEAF) {
+        Some(e) => {
+            e.eax = max_hv_leaf;
+            [e.ebx, e.ecx, e.edx] = KVM_SIGNATURE;
+        }
+        None => entries.push(kvm_cpuid_entry2 {
+            function: HYPERVISOR_LEAF,
+            eax: max_hv_leaf,
+            ebx: KVM_SIGNATURE[0],
+            ecx: KVM_SIGNATURE[1],
+            edx: KVM_SIGNATURE[2],
+            ..Default::default()
+        }),
+    }
+}
+
+fn apply_baseline(entries: &mut [kvm_cpuid_entry2]) {
+    for &(leaf, subleaf, reg, bit) in BASELINE_HIDDEN {
+        for e in entries
+            .iter_mut()
+            .filter(|e| e.function == leaf && e.index == subleaf)
+        {
+            let r = match reg {
+                Reg::Ebx => &mut e.ebx,
+                Reg::Ecx => &mut e.ecx,
+                Reg::Edx => &mut e.edx,
+            };
+            *r &= !(1u32 << bit);
+        }
+    }
+    // Without XSAVE the XSAVE state-components leaf must not advertise anything.
+    for e in entries.iter_mut().filter(|e| e.function == 0xd) {
+        (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        }
+    }
+
+    fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .expect("leaf present")
+    }
+
+    fn host_like() -> Vec<kvm_cpuid_entry2> {
+        vec![
+            entry(0, 0, [0xd, 0, 0, 0]),
+            entry(1, 0, [0x806f8, 0x0840_0800, 0xffff_ffff, 0xffff_ffff]),
+            entry(4, 0, [0x121, 0, 0, 0]),
+            entry(4, 3, [0x163, 0, 0, 0]),
+            entry(7, 0, [0, 0xffff_ffff, 0xffff_ffff, 0xffff_ffff]),
+            entry(0xb, 0, [1, 2, 0x100, 9]),
+            entry(0xb, 1, [4, 16, 0x201, 9]),
+            entry(0xd, 0, [7, 0x340, 0x340, 0]),
+            entry(0x8000_0001, 0, [0, 0, 0xffff_ffff, 0xffff_ffff]),
+        ]
+    }
+
+    #[test]
+    fn leaf_1_carries_the_vcpu_apic_id_count_and_hypervisor_bit() {
+        let out = build_cpuid(&host_like(), 3, 4, CpuTemplate::Host);
+        let l1 = find(&out, 1, 0);
+        assert_eq!(l1.ebx >> 24, 3);
+        assert_eq!((l1.ebx >> 16) & 0xff, 4);
+        assert_eq!(l1.ebx & 0xffff, 0x0800, "clflush size and brand index kept");
+        assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+    }
+
+    #[test]
+    fn extended_topology_describes_one_thread_per_core() {
+        let out = build_cpuid(&host_like(), 2, 5, CpuTemplate::Host);
+        let smt = find(&out, 0xb, 0);
+        let core = find(&out, 0xb, 1);
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 2));
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (3, 5, 0x201, 2));
+    }
+
+    #[test]
+    fn cache_leaf_reports_cores_and_llc_sharing() {
+        let out = build_cpuid(&host_like(), 0, 8, CpuTemplate::Host);
+        let l1d = find(&out, 4, 0);
+        let l3 = find(&out, 4, 3);
+        assert_eq!(l1d.eax >> 26, 7);
+        assert_eq!((l1d.eax >> 14) & 0xfff, 0);
+        assert_eq!((l3.eax >> 14) & 0xfff, 7);
+        assert_eq!(l3.eax & 0x3fff, 0x163);
+    }
+
+    #[test]
+    fn hypervisor_signature_leaf_is_added_when_missing() {
+        let out = build_cpuid(&host_like(), 0, 1, CpuTemplate::Host);
+        let hv = find(&out, HYPERVISOR_LEAF, 0);
+        let sig: Vec<u8> = [hv.ebx, hv.ecx, hv.edx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        assert_eq!(&sig[..9], b"KVMKVMKVM");
+    }
+
+    #[test]
+    fn baseline_hides_the_listed_features_and_xsave_state() {
+        let out = build_cpuid(&host_like(), 0, 1, CpuTemplate::Baseline);
+        let l1 = find(&out, 1, 0);
+        let l7 = find(&out, 7, 0);
+        assert_eq!(l1.ecx & (1 << 26), 0, "xsave");
+        assert_eq!(l1.ecx & (1 << 23), 0, "popcnt");
+        assert_ne!(l1.ecx & 1, 0, "sse3 is kept");
+        assert_eq!(l7.ebx & (1 << 20), 0, "smap");
+        assert_eq!(l7.ebx & (1 << 7), 0, "smep");
+        assert_eq!(l7.ecx & (1 << 2), 0, "umip");
+        assert_eq!(find(&out, 0x8000_0001, 0).ecx & (1 << 5), 0, "abm");
+        assert_eq!(find(&out, 0xd, 0).eax, 0);
+    }
+
+    #[test]
+    fn host_template_keeps_features() {
+        let out = build_cpuid(&host_like(), 0, 1, CpuTemplate::Host);
+        assert_ne!(find(&out, 1, 0).ecx & (1 << 26), 0);
+        assert_ne!(find(&out, 7, 0).ebx & (1 << 20), 0);
+    }
+
+    #[test]
+    fn every_clearcpuid_name_has_a_hidden_bit() {
+        // Guards against the cmdline and the CPUID filter drifting apart.
+        let names = BASELINE_CLEARCPUID.split(',').count();
+        assert_eq!(names, 32);
+        assert!(BASELINE_HIDDEN.len() >= names);
+        assert_eq!(
+            template_kernel_args(CpuTemplate::Baseline).unwrap(),
+            format!("clearcpuid={BASELINE_CLEARCPUID} mitigations=off nopti")
+        );
+        assert_eq!(template_kernel_args(CpuTemplate::Host), None);
+    }
+}

@@ -1,0 +1,460 @@
+//! Turns a [`VmConfig`] into a running VM: guest memory, the KVM VM, the kernel (ELF
+//! `vmlinux` or bzImage) and initrd, the command line, the zero page and MP table,
+//! devices, and one started thread per vCPU.
+//!
+//! The legacy devices (COM1, i8042, boot timer) are built here rather than by
+//! [`DeviceManager::attach_legacy_devices`] because the console output goes through a
+//! [`ConsoleTap`] that recognises kernel panics and poweroffs; virtio devices come from
+//! the device manager and share its buses.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use event_manager::SubscriberOps;
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::boot::{write_boot_params, BootConfig, BootError};
+use crate::arch::x86_64::cpuid::template_kernel_args;
+use crate::arch::x86_64::layout::{
+    BOOT_TIMER_SIZE, BOOT_TIMER_START, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START,
+    MMIO_GAP_START,
+};
+use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
+use crate::arch::x86_64::regs::{write_boot_tables, RegsError};
+use crate::config::{SerialConfig, VmConfig};
+use crate::device_manager::{DeviceManager, DeviceManagerError, EventManager};
+use crate::devices::legacy::{stdin_input, BootTimer, Serial, SerialOutput, I8042};
+use crate::devices::DeviceMetrics;
+use crate::vstate::lifecycle::{ConsoleTap, ExitCounters, ExitSignal, ExitStatus};
+use crate::vstate::memory::{create_guest_ram, GuestRam, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuShared, Vcpus};
+use crate::vstate::vm::{Vm, VmError};
+
+/// COM1 ports and IRQ, and the i8042 ports (LAYOUT.md).
+const SERIAL_PORT: u64 = 0x3f8;
+const SERIAL_PORT_LEN: u64 = 8;
+const SERIAL_IRQ: u32 = 4;
+const I8042_PORT: u64 = 0x60;
+const I8042_PORT_LEN: u64 = 5;
+/// Offset of the 64-bit entry point from the start of a bzImage's protected-mode kernel.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+
+/// Errors building the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Creating or configuring the KVM VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A file named in the configuration could not be opened.
+    #[error("cannot open {what} {path}")]
+    Open {
+        /// Kernel, initrd.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel is neither a loadable ELF nor a bzImage.
+    #[error("cannot load kernel {path}: not a loadable ELF vmlinux ({elf}) nor bzImage ({bzimage})")]
+    Kernel {
+        /// The kernel file.
+        path: PathBuf,
+        /// Why ELF loading failed.
+        elf: loader::Error,
+        /// Why bzImage loading failed.
+        bzimage: loader::Error,
+    },
+    /// The initrd does not fit between the kernel and the end of low memory.
+    #[error("initrd {path} ({size} bytes) does not fit in guest memory above the kernel")]
+    InitrdTooLarge {
+        /// The initrd.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// Copying the initrd into guest memory failed.
+    #[error("cannot read initrd {path} into guest memory")]
+    InitrdRead {
+        /// The initrd.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The kernel command line is invalid or too long.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+    /// Writing the zero page failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+    /// Writing the boot page tables failed.
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    /// A device could not be set up.
+    #[error(transparent)]
+    Devices(#[from] DeviceManagerError),
+    /// A legacy device could not be set up.
+    #[error("cannot set up {device}")]
+    Legacy {
+        /// The device.
+        device: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vCPU could not be created, configured or started.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The configuration asks for a device this VMM cannot provide.
+    #[error("{0} is not available in this VMM")]
+    Unsupported(&'static str),
+}
+
+impl BuildError {
+    /// The process exit status when this error ends the VMM: files and configuration the
+    /// user gave are status 2, the rest 1.
+    pub fn exit_status(&self) -> ExitStatus {
+        match self {
+            Self::Open { .. }
+            | Self::Kernel { .. }
+            | Self::InitrdTooLarge { .. }
+            | Self::Cmdline(_)
+            | Self::Unsupported(_)
+            | Self::Devices(DeviceManagerError::Block(_))
+            | Self::Devices(DeviceManagerError::SerialOutput(_)) => ExitStatus::BadConfig,
+            _ => ExitStatus::InternalError,
+        }
+    }
+}
+
+/// A running VM and what the VMM needs to control and observe it. Field order is drop
+/// order: vCPUs and devices go before the VM, the VM before guest memory.
+pub struct BuiltVm {
+    /// The vCPU threads.
+    pub vcpus: Vcpus,
+    /// Virtio devices and their metrics.
+    pub devices: DeviceManager,
+    /// Counters of the legacy devices, by name.
+    pub legacy_metrics: Vec<(&'static str, Arc<dyn DeviceMetrics>)>,
+    /// Written when the guest resets through the i8042.
+    pub reset_evt: EventFd,
+    /// Set when the guest signals the boot timer.
+    pub boot_time: Arc<OnceLock<Duration>>,
+    /// vCPU exit counters.
+    pub counters: Arc<ExitCounters>,
+    /// The command line the kernel got.
+    pub cmdline: String,
+    /// The KVM VM.
+    pub vm: Vm,
+    /// Guest RAM.
+    pub ram: GuestRam,
+}
+
+struct LoadedKernel {
+    entry: u64,
+    end: u64,
+    setup_header: Option<setup_header>,
+}
+
+fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, BuildError> {
+    let open = || {
+        File::open(path).map_err(|source| BuildError::Open {
+            what: "kernel",
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let himem = Some(GuestAddress(HIMEM_START));
+    let elf = match Elf::load(&ram.memory, None, &mut open()?, himem) {
+        Ok(r) => {
+            return Ok(LoadedKernel {
+                entry: r.kernel_load.0,
+                end: r.kernel_end,
+                setup_header: None,
+            })
+        }
+        Err(e) => e,
+    };
+    match BzImage::load(&ram.memory, None, &mut open()?, himem) {
+        Ok(r) => Ok(LoadedKernel {
+            entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+            end: r.kernel_end,
+            setup_header: r.setup_header,
+        }),
+        Err(bzimage) => Err(BuildError::Kernel {
+            path: path.to_owned(),
+            elf,
+            bzimage,
+        }),
+    }
+}
+
+/// Places the initrd page-aligned at the top of low RAM. Returns (address, size).
+fn load_initrd(
+    ram: &GuestRam,
+    path: &Path,
+    mem_bytes: u64,
+    kernel_end: u64,
+) -> Result<(u64, u64), BuildError> {
+    let mut file = File::open(path).map_err(|source| BuildError::Open {
+        what: "initrd",
+        path: path.to_owned(),
+        source,
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|source| BuildError::Open {
+            what: "initrd",
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    let low_end = mem_bytes.min(MMIO_GAP_START);
+    let addr = low_end
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a >= kernel_end.max(HIMEM_START))
+        .ok_or_else(|| BuildError::InitrdTooLarge {
+            path: path.to_owned(),
+            size,
+        })?;
+    ram.memory
+        .read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|source| BuildError::InitrdRead {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok((addr, size))
+}
+
+/// The full kernel command line: the configured one, the CPU template's arguments and the
+/// virtio-mmio device announcements.
+pub fn kernel_cmdline(config: &VmConfig, devices_fragment: &str) -> Result<Cmdline, BuildError> {
+    let mut cmdline = Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE)
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    if let Some(args) = template_kernel_args(config.cpu_template) {
+        cmdline
+            .insert_str(args)
+            .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    }
+    let fragment = devices_fragment.trim();
+    if !fragment.is_empty() {
+        cmdline
+            .insert_str(fragment)
+            .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    }
+    Ok(cmdline)
+}
+
+/// The legacy devices and what the VMM keeps of them.
+struct Legacy {
+    reset_evt: EventFd,
+    boot_time: Arc<OnceLock<Duration>>,
+    metrics: Vec<(&'static str, Arc<dyn DeviceMetrics>)>,
+}
+
+fn attach_legacy(
+    vm: &Vm,
+    em: &mut EventManager,
+    serial_config: &SerialConfig,
+    exit: &Arc<ExitSignal>,
+    vmm_start: Instant,
+    pio: &mut crate::devices::bus::Bus,
+    mmio: &mut crate::devices::bus::Bus,
+) -> Result<Legacy, BuildError> {
+    let legacy_err = |device| move |source| BuildError::Legacy { device, source };
+    let bus_err = |device: &'static str| {
+        move |e: crate::devices::bus::BusError| BuildError::Legacy {
+            device,
+            source: std::io::Error::other(e),
+        }
+    };
+
+    let output = match serial_config {
+        SerialConfig::Stdout => SerialOutput::Stdout,
+        SerialConfig::File(path) => SerialOutput::File(path.clone()),
+        SerialConfig::None => SerialOutput::Sink,
+    };
+    let out: Box<dyn Write + Send> = Box::new(ConsoleTap::new(
+        output.open().map_err(DeviceManagerError::from)?,
+        exit.clone(),
+    ));
+    let input = match serial_config {
+        SerialConfig::Stdout => stdin_input().ok(),
+        _ => None,
+    };
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(legacy_err("serial"))?;
+    vm.fd()
+        .register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(|e| legacy_err("serial")(std::io::Error::from_raw_os_error(e.errno())))?;
+    let serial = Serial::new(serial_irq, out, input).map_err(legacy_err("serial"))?;
+    let serial_metrics = serial.metrics();
+    let serial = Arc::new(Mutex::new(serial));
+    pio.insert(serial.clone(), SERIAL_PORT, SERIAL_PORT_LEN)
+        .map_err(bus_err("serial"))?;
+    em.add_subscriber(serial);
+
+    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(legacy_err("i8042"))?;
+    let i8042 = I8042::new(reset_evt.try_clone().map_err(legacy_err("i8042"))?);
+    let i8042_metrics = i8042.metrics();
+    pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT, I8042_PORT_LEN)
+        .map_err(bus_err("i8042"))?;
+
+    let timer = BootTimer::new(vmm_start);
+    let boot_time = timer.boot_time_handle();
+    mmio.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_START, BOOT_TIMER_SIZE)
+        .map_err(bus_err("boot timer"))?;
+
+    Ok(Legacy {
+        reset_evt,
+        boot_time,
+        metrics: vec![("serial", serial_metrics), ("i8042", i8042_metrics)],
+    })
+}
+
+/// Builds the VM described by `config` and starts its vCPUs. Device event handlers join
+/// `em`; the VM's end is reported through `exit`.
+pub fn build_and_start(
+    config: &VmConfig,
+    vmm_start: Instant,
+    em: &mut EventManager,
+    exit: Arc<ExitSignal>,
+) -> Result<BuiltVm, BuildError> {
+    if config.gpu.is_some() {
+        return Err(BuildError::Unsupported("virtio-gpu"));
+    }
+    if config.input {
+        return Err(BuildError::Unsupported("virtio-input"));
+    }
+    let mem_bytes = u64::from(config.mem_mib) << 20;
+    let vm = Vm::new()?;
+    let ram = create_guest_ram(mem_bytes)?;
+    vm.register_memory(&ram.memory)?;
+
+    let kernel = load_kernel(&ram, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(&ram, path, mem_bytes, kernel.end)?),
+        None => None,
+    };
+
+    let mut devices = DeviceManager::new(ram.memory.clone(), vmm_start);
+    for disk in &config.disks {
+        devices.attach_block(vm.fd(), em, &disk.path, disk.read_only)?;
+    }
+    if config.rng {
+        devices.attach_rng(vm.fd(), em)?;
+    }
+    let mut pio = devices.pio_bus().clone();
+    let mut mmio = devices.mmio_bus().clone();
+    let legacy = attach_legacy(&vm, em, &config.serial, &exit, vmm_start, &mut pio, &mut mmio)?;
+
+    let cmdline = kernel_cmdline(config, &devices.kernel_cmdline())?;
+    let cmdline_str = cmdline
+        .as_cstring()
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    let cmdline_size = cmdline_str.as_bytes_with_nul().len() as u32;
+    loader::load_cmdline(&ram.memory, GuestAddress(CMDLINE_START), &cmdline)
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    write_boot_params(
+        &ram.memory,
+        &BootConfig {
+            mem_bytes,
+            cmdline_size,
+            initrd,
+            setup_header: kernel.setup_header,
+        },
+    )?;
+    setup_mptable(&ram.memory, config.vcpus)?;
+    write_boot_tables(&ram.memory)?;
+
+    let supported = vm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| VmError::Kvm {
+            what: "get supported CPUID",
+            source,
+        })?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        let vcpu = Vcpu::new(&vm, id)?;
+        let entry = (id == 0).then_some(kernel.entry);
+        vcpu.configure(&supported, config.vcpus, config.cpu_template, entry)?;
+        vcpus.push(vcpu);
+    }
+    let counters = Arc::new(ExitCounters::default());
+    let vcpus = Vcpus::start(
+        vcpus,
+        VcpuShared {
+            io_bus: Arc::new(pio),
+            mmio_bus: Arc::new(mmio),
+            memory: ram.memory.clone(),
+            counters: counters.clone(),
+            exit,
+            vmm_start,
+        },
+    )?;
+    Ok(BuiltVm {
+        vcpus,
+        devices,
+        legacy_metrics: legacy.metrics,
+        reset_evt: legacy.reset_evt,
+        boot_time: legacy.boot_time,
+        counters,
+        cmdline: cmdline_str.to_string_lossy().into_owned(),
+        vm,
+        ram,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CpuTemplate;
+
+    #[test]
+    fn cmdline_gets_template_args_and_device_fragment() {
+        let mut config = VmConfig::new("/k");
+        config.cmdline = "console=ttyS0 reboot=k panic=-1".into();
+        config.cpu_template = CpuTemplate::Baseline;
+        let cmdline = kernel_cmdline(&config, " virtio_mmio.device=4K@0xd0001000:5").unwrap();
+        let s = cmdline.as_cstring().unwrap().into_string().unwrap();
+        assert!(s.starts_with("console=ttyS0 reboot=k panic=-1 clearcpuid=xsave,"));
+        assert!(s.contains(" mitigations=off nopti "));
+        assert!(s.ends_with(" virtio_mmio.device=4K@0xd0001000:5"));
+    }
+
+    #[test]
+    fn host_template_leaves_the_cmdline_alone() {
+        let mut config = VmConfig::new("/k");
+        config.cmdline = "console=ttyS0".into();
+        let s = kernel_cmdline(&config, "").unwrap().as_cstring().unwrap();
+        assert_eq!(s.to_str().unwrap(), "console=ttyS0");
+    }
+
+    #[test]
+    fn missing_kernel_is_a_configuration_error() {
+        let err = BuildError::Open {
+            what: "kernel",
+            path: "/nonexistent".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert_eq!(err.exit_status(), ExitStatus::BadConfig);
+        assert_eq!(err.to_string(), "cannot open kernel /nonexistent");
+    }
+}

@@ -1,0 +1,403 @@
+//! Command-line parsing: `genos-vmm` arguments (and an optional `--config` JSON file) into
+//! a validated [`VmConfig`] plus the API socket path.
+//!
+//! The `--config` file is a [`ConfigPatch`]; flags given on the command line override its
+//! fields (`--disk` flags replace the file's disk list). With a kernel the VM boots at
+//! once; with only `--api-sock` the VMM waits to be configured over the API. Every error
+//! is one line on stderr and exit status 2 ([`parse_or_exit`]).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{
+    ConfigError, ConfigPatch, CpuTemplate, DiskConfig, DisplaySize, SerialConfig, VmConfig,
+};
+
+/// Exit status for bad arguments, configuration or files.
+pub const EXIT_USAGE: i32 = 2;
+
+/// `genos-vmm` command-line arguments.
+#[derive(Debug, Parser)]
+#[command(
+    name = "genos-vmm",
+    version,
+    about = "GenOS microVM monitor: boots one Linux VM on KVM",
+    color = clap::ColorChoice::Never
+)]
+pub struct Args {
+    /// Guest kernel (ELF vmlinux or bzImage); the VM boots at once.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs (1..=32).
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u64>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "N")]
+    pub mem_mib: Option<u64>,
+    /// virtio-blk disk backed by a raw image; `:ro` makes it read-only. Repeatable.
+    #[arg(long, value_name = "PATH[:ro]")]
+    pub disk: Vec<DiskConfig>,
+    /// Adds a virtio-rng device.
+    #[arg(long)]
+    pub rng: bool,
+    /// CPUID template.
+    #[arg(long, value_name = "host|baseline")]
+    pub cpu_template: Option<CpuTemplate>,
+    /// Where the guest console (COM1) goes.
+    #[arg(long, value_name = "stdout|file:PATH|none")]
+    pub serial: Option<SerialConfig>,
+    /// Serve the control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// JSON configuration file (see docs/vmm-api.md); flags override its fields.
+    #[arg(long, value_name = "FILE.json")]
+    pub config: Option<PathBuf>,
+    /// Adds a virtio-gpu display of this size.
+    #[arg(long, value_name = "WIDTHxHEIGHT")]
+    pub gpu: Option<DisplaySize>,
+    /// Adds the virtio-input keyboard, tablet and touch screen.
+    #[arg(long)]
+    pub input: bool,
+}
+
+impl Args {
+    /// The fields the flags set, as a patch to lay over the `--config` file.
+    fn to_patch(&self) -> ConfigPatch {
+        ConfigPatch {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            vcpus: self.vcpus,
+            mem_mib: self.mem_mib,
+            disks: (!self.disk.is_empty()).then(|| self.disk.clone()),
+            rng: self.rng.then_some(true),
+            cpu_template: self.cpu_template,
+            serial: self.serial.clone(),
+            gpu: self.gpu,
+            input: self.input.then_some(true),
+        }
+    }
+}
+
+/// What the VMM is asked to do.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Launch {
+    /// The VM to boot at once; `None` waits for `PUT /vm/config` on the API socket.
+    pub config: Option<VmConfig>,
+    /// Where to serve the control API.
+    pub api_sock: Option<PathBuf>,
+}
+
+/// Errors in the command line or the files it names.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// clap's own error (unknown flag, bad value, `--help`, `--version`).
+    #[error("{}", first_line(.0))]
+    Args(#[from] clap::Error),
+    /// The configuration (file, values or the files it names) is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Neither a kernel nor an API socket was given.
+    #[error("nothing to run: give --kernel PATH (or a --config with a kernel) or --api-sock PATH")]
+    NothingToRun,
+    /// VM options were given without a kernel.
+    #[error("VM options need a kernel (--kernel PATH); without one, configure the VM through --api-sock")]
+    OptionsWithoutKernel,
+    /// The API socket's directory does not exist.
+    #[error("api socket {0}: directory does not exist")]
+    ApiSockDir(PathBuf),
+}
+
+/// clap's message without the `error: ` prefix, usage and tips.
+fn first_line(e: &clap::Error) -> String {
+    let rendered = e.to_string();
+    let line = rendered.lines().next().unwrap_or("invalid arguments");
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
+}
+
+/// Parses `args` (program name first) into a [`Launch`], reading and validating every file.
+pub fn parse<I, T>(args: I) -> Result<Launch, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args = Args::try_parse_from(args)?;
+    let file = match &args.config {
+        Some(path) => ConfigPatch::from_file(path)?,
+        None => ConfigPatch::default(),
+    };
+    let merged = file.merge(args.to_patch());
+
+    if let Some(sock) = &args.api_sock {
+        let dir = match sock.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(CliError::ApiSockDir(sock.clone()));
+        }
+    }
+
+    let config = if merged.kernel.is_some() {
+        let config = merged.apply(None)?;
+        config.validate()?;
+        Some(config)
+    } else if args.api_sock.is_none() {
+        return Err(CliError::NothingToRun);
+    } else if !merged.is_empty() {
+        return Err(CliError::OptionsWithoutKernel);
+    } else {
+        None
+    };
+    Ok(Launch {
+        config,
+        api_sock: args.api_sock,
+    })
+}
+
+/// Parses the process's arguments. `--help` and `--version` print and exit 0; any error
+/// prints `genos-vmm: <reason>` (one line) to stderr and exits with status 2.
+pub fn parse_or_exit() -> Launch {
+    match parse(std::env::args_os()) {
+        Ok(launch) => launch,
+        Err(CliError::Args(e)) if !e.use_stderr() => {
+            // --help / --version: clap prints to stdout.
+            let _ = e.print();
+            std::process::exit(0);
+        }
+        Err(e) => {
+            eprintln!("genos-vmm: {e}");
+            std::process::exit(EXIT_USAGE);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::tempfile::TempFile;
+
+    fn parse_args(args: &[&str]) -> Result<Launch, CliError> {
+        parse(std::iter::once("genos-vmm").chain(args.iter().copied()))
+    }
+
+    fn path_str(file: &TempFile) -> &str {
+        file.as_path().to_str().unwrap()
+    }
+
+    #[test]
+    fn kernel_alone_boots_with_defaults() {
+        let kernel = TempFile::new().unwrap();
+        let launch = parse_args(&["--kernel", path_str(&kernel)]).unwrap();
+        assert_eq!(launch.config, Some(VmConfig::new(kernel.as_path())));
+        assert_eq!(launch.api_sock, None);
+    }
+
+    #[test]
+    fn every_flag_lands_in_the_config() {
+        let kernel = TempFile::new().unwrap();
+        let initrd = TempFile::new().unwrap();
+        let disk_a = TempFile::new().unwrap();
+        let disk_b = TempFile::new().unwrap();
+        let ro = format!("{}:ro", path_str(&disk_b));
+        let launch = parse_args(&[
+            "--kernel",
+            path_str(&kernel),
+            "--initrd",
+            path_str(&initrd),
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--vcpus",
+            "4",
+            "--mem-mib",
+            "512",
+            "--disk",
+            path_str(&disk_a),
+            "--disk",
+            &ro,
+            "--rng",
+            "--cpu-template",
+            "baseline",
+            "--serial",
+            "none",
+            "--api-sock",
+            "/tmp/genos-test.sock",
+            "--gpu",
+            "1280x800",
+            "--input",
+        ])
+        .unwrap();
+        let config = launch.config.unwrap();
+        assert_eq!(config.initrd.as_deref(), Some(initrd.as_path()));
+        assert_eq!(config.cmdline, "console=ttyS0 quiet");
+        assert_eq!(config.vcpus, 4);
+        assert_eq!(config.mem_mib, 512);
+        assert_eq!(
+            config.disks,
+            vec![
+                DiskConfig {
+                    path: disk_a.as_path().into(),
+                    read_only: false
+                },
+                DiskConfig {
+                    path: disk_b.as_path().into(),
+                    read_only: true
+                },
+            ]
+        );
+        assert!(config.rng && config.input);
+        assert_eq!(config.cpu_template, CpuTemplate::Baseline);
+        assert_eq!(config.serial, SerialConfig::None);
+        assert_eq!(
+            config.gpu,
+            Some(DisplaySize {
+                width: 1280,
+                height: 800
+            })
+        );
+        assert_eq!(
+            launch.api_sock.as_deref(),
+            Some(std::path::Path::new("/tmp/genos-test.sock"))
+        );
+    }
+
+    #[test]
+    fn api_sock_alone_waits_for_configuration() {
+        let launch = parse_args(&["--api-sock", "/tmp/x.sock"]).unwrap();
+        assert_eq!(launch.config, None);
+    }
+
+    #[test]
+    fn config_file_is_merged_under_flags() {
+        let kernel = TempFile::new().unwrap();
+        let file = TempFile::new().unwrap();
+        let json = format!(
+            r#"{{"kernel":"{}","vcpus":2,"mem_mib":256,"rng":true,"serial":"none"}}"#,
+            path_str(&kernel)
+        );
+        std::fs::write(file.as_path(), json).unwrap();
+        let cfg_path = path_str(&file);
+        let launch = parse_args(&["--config", cfg_path, "--vcpus", "8"]).unwrap();
+        let config = launch.config.unwrap();
+        assert_eq!(config.vcpus, 8, "flag wins");
+        assert_eq!(config.mem_mib, 256, "file value kept");
+        assert!(config.rng);
+        assert_eq!(config.serial, SerialConfig::None);
+    }
+
+    #[test]
+    fn config_file_errors_name_the_file() {
+        let err = parse_args(&["--config", "/nonexistent/vm.json"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config file /nonexistent/vm.json: No such file or directory (os error 2)"
+        );
+        let bad = TempFile::new().unwrap();
+        std::fs::write(bad.as_path(), b"{\"kernel\": 5}").unwrap();
+        let err = parse_args(&["--config", path_str(&bad)]).unwrap_err();
+        assert!(
+            err.to_string().contains("invalid type: integer `5`"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("line 1 column"), "{err}");
+    }
+
+    #[test]
+    fn errors_are_one_line() {
+        let kernel = TempFile::new().unwrap();
+        let k = path_str(&kernel);
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--kernel", k, "--bogus"],
+                "unexpected argument '--bogus' found",
+            ),
+            (
+                &["--kernel", k, "--vcpus", "x"],
+                "invalid value 'x' for '--vcpus <N>'",
+            ),
+            (
+                &["--kernel", k, "--vcpus", "0"],
+                "vcpus must be between 1 and 32, got 0",
+            ),
+            (
+                &["--kernel", k, "--vcpus", "300"],
+                "vcpus must be between 1 and 32, got 300",
+            ),
+            (
+                &["--kernel", k, "--mem-mib", "1"],
+                "mem_mib must be between",
+            ),
+            (
+                &["--kernel", k, "--cpu-template", "fast"],
+                "cpu_template must be host or baseline",
+            ),
+            (
+                &["--kernel", k, "--serial", "tty"],
+                "serial must be stdout, none or file:PATH",
+            ),
+            (
+                &["--kernel", k, "--gpu", "big"],
+                "display size must look like WIDTHxHEIGHT",
+            ),
+            (
+                &["--kernel", k, "--gpu", "10x10"],
+                "display size must be between",
+            ),
+            (
+                &["--kernel", k, "--disk", ":ro"],
+                "disk must look like PATH or PATH:ro",
+            ),
+            (
+                &["--kernel", k, "--disk", "/nonexistent.img"],
+                "disk 0 /nonexistent.img: No such file",
+            ),
+            (
+                &["--kernel", "/nonexistent/vmlinux"],
+                "kernel /nonexistent/vmlinux: No such file",
+            ),
+            (
+                &["--kernel", k, "--initrd", "/"],
+                "initrd /: not a regular file",
+            ),
+            (&["--kernel"], "a value is required for '--kernel <PATH>'"),
+            (&[], "nothing to run"),
+            (&["--vcpus", "2"], "nothing to run"),
+            (
+                &["--api-sock", "/tmp/a.sock", "--vcpus", "2"],
+                "VM options need a kernel",
+            ),
+            (
+                &["--api-sock", "/nonexistent/dir/a.sock"],
+                "api socket /nonexistent/dir/a.sock: directory",
+            ),
+        ];
+        for (args, expected) in cases {
+            let message = parse_args(args).unwrap_err().to_string();
+            assert!(
+                message.contains(expected),
+                "{args:?}: {message:?} lacks {expected:?}"
+            );
+            assert!(
+                !message.contains('\n'),
+                "{args:?}: {message:?} is not one line"
+            );
+        }
+    }
+
+    #[test]
+    fn help_is_not_reported_on_stderr() {
+        let Err(CliError::Args(e)) = parse_args(&["--help"]) else {
+            panic!("expected clap's help");
+        };
+        assert!(!e.use_stderr());
+        assert!(e.to_string().contains("--cpu-template <host|baseline>"));
+    }
+}

@@ -1,0 +1,427 @@
+//! The virtio-blk device: disk file, configuration space and queue processing.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::Bytes;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::request::{
+    parse_request, DiskProperties, RejectedRequest, Request, RequestError, RequestType, ID_LEN,
+    SECTOR_SIZE,
+};
+use crate::devices::virtio::{
+    ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger, VirtioDevice,
+};
+use crate::devices::DeviceMetrics;
+
+/// Size of the device's single request queue.
+pub const BLOCK_QUEUE_SIZE: u16 = 256;
+
+/// Errors opening a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image file could not be opened.
+    #[error("cannot open disk image {path}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The image's size could not be determined.
+    #[error("cannot determine the size of disk image {path}")]
+    Size {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The queue eventfd could not be created.
+    #[error("cannot create the virtio-blk queue eventfd")]
+    EventFd(#[source] io::Error),
+}
+
+/// Counters of one virtio-blk device.
+#[derive(Debug, Default)]
+pub struct BlockMetrics {
+    /// Completed reads.
+    pub reads: AtomicU64,
+    /// Completed writes.
+    pub writes: AtomicU64,
+    /// Completed flushes.
+    pub flushes: AtomicU64,
+    /// Answered GET_ID requests.
+    pub get_ids: AtomicU64,
+    /// Bytes read from the disk into the guest.
+    pub bytes_read: AtomicU64,
+    /// Bytes written from the guest to the disk.
+    pub bytes_written: AtomicU64,
+    /// Requests refused as malformed or out of range (answered IOERR).
+    pub invalid_requests: AtomicU64,
+    /// Requests of types the device does not implement (answered UNSUPP).
+    pub unsupported_requests: AtomicU64,
+    /// Chains that could not be answered at all (no status byte).
+    pub unanswerable_requests: AtomicU64,
+    /// Host I/O errors (answered IOERR).
+    pub io_errors: AtomicU64,
+    /// Errors reading or updating the queue itself.
+    pub queue_errors: AtomicU64,
+    /// Queue notifications handled.
+    pub queue_events: AtomicU64,
+}
+
+impl DeviceMetrics for BlockMetrics {
+    fn snapshot(&self) -> serde_json::Value {
+        #[derive(Serialize)]
+        struct Snapshot {
+            reads: u64,
+            writes: u64,
+            flushes: u64,
+            get_ids: u64,
+            bytes_read: u64,
+            bytes_written: u64,
+            invalid_requests: u64,
+            unsupported_requests: u64,
+            unanswerable_requests: u64,
+            io_errors: u64,
+            queue_errors: u64,
+            queue_events: u64,
+        }
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::to_value(Snapshot {
+            reads: l(&self.reads),
+            writes: l(&self.writes),
+            flushes: l(&self.flushes),
+            get_ids: l(&self.get_ids),
+            bytes_read: l(&self.bytes_read),
+            bytes_written: l(&self.bytes_written),
+            invalid_requests: l(&self.invalid_requests),
+            unsupported_requests: l(&self.unsupported_requests),
+            unanswerable_requests: l(&self.unanswerable_requests),
+            io_errors: l(&self.io_errors),
+            queue_errors: l(&self.queue_errors),
+            queue_events: l(&self.queue_events),
+        })
+        .unwrap_or_default()
+    }
+}
+
+/// State that exists only while the driver has the device running.
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn InterruptTrigger>,
+    queue: Queue,
+}
+
+/// A virtio-blk device over a raw disk image.
+pub struct Block {
+    disk: File,
+    disk_props: DiskProperties,
+    /// `struct virtio_blk_config` up to and including `capacity` (little endian).
+    config: [u8; 8],
+    id: [u8; ID_LEN],
+    avail_features: u64,
+    acked_features: u64,
+    queue_evts: [EventFd; 1],
+    active: Option<Active>,
+    metrics: Arc<BlockMetrics>,
+}
+
+impl Block {
+    /// Opens the raw image at `path`. Its size, rounded down to whole sectors, is the
+    /// disk's capacity. `name` is only used in messages.
+    pub fn new(path: &Path, read_only: bool, name: &str) -> Result<Self, BlockError> {
+        let open_err = |source| BlockError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let mut disk = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(open_err)?;
+        let size_err = |source| BlockError::Size {
+            path: path.to_owned(),
+            source,
+        };
+        // Seek rather than metadata: block devices report a length of 0 in metadata.
+        let size = disk.seek(SeekFrom::End(0)).map_err(size_err)?;
+        let meta = disk.metadata().map_err(size_err)?;
+        // Stable per backing file and distinct between files: device and inode numbers.
+        let id_string = format!("{:x}-{:x}", meta.dev(), meta.ino());
+        tracing::debug!("{name}: {} ({size} bytes, id {id_string})", path.display());
+        Self::from_file(disk, size / SECTOR_SIZE, read_only, id_string.as_bytes())
+    }
+
+    fn from_file(
+        disk: File,
+        capacity: u64,
+        read_only: bool,
+        id_string: &[u8],
+    ) -> Result<Self, BlockError> {
+        let mut id = [0u8; ID_LEN];
+        let n = id_string.len().min(ID_LEN);
+        id[..n].copy_from_slice(&id_string[..n]);
+        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_BLK_F_FLUSH);
+        if read_only {
+            avail_features |= 1u64 << VIRTIO_BLK_F_RO;
+        }
+        Ok(Self {
+            disk,
+            disk_props: DiskProperties {
+                capacity,
+                read_only,
+            },
+            config: capacity.to_le_bytes(),
+            id,
+            avail_features,
+            acked_features: 0,
+            queue_evts: [EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?],
+            active: None,
+            metrics: Arc::new(BlockMetrics::default()),
+        })
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Disk size in sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk_props.capacity
+    }
+
+    /// The 20-byte ID answered to GET_ID.
+    pub fn id(&self) -> &[u8; ID_LEN] {
+        &self.id
+    }
+
+    pub(super) fn queue_evt(&self) -> &EventFd {
+        &self.queue_evts[0]
+    }
+
+    /// Serves every available request and interrupts the guest if it asked for it.
+    /// Does nothing before activation.
+    pub fn process_queue(&mut self) {
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        let mut used_any = false;
+        loop {
+            if let Err(e) = active.queue.disable_notification(&active.mem) {
+                self.queue_error("disable notifications", e);
+                break;
+            }
+            while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+                let head = chain.head_index();
+                let used_len = self.serve(&active.mem, chain);
+                if let Err(e) = active.queue.add_used(&active.mem, head, used_len) {
+                    self.queue_error("add a used entry", e);
+                }
+                used_any = true;
+            }
+            match active.queue.enable_notification(&active.mem) {
+                // New buffers arrived while notifications were off: go round again.
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    self.queue_error("enable notifications", e);
+                    break;
+                }
+            }
+        }
+        if used_any {
+            match active.queue.needs_notification(&active.mem) {
+                Ok(true) => {
+                    if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
+                        tracing::warn!("virtio-blk: cannot interrupt the guest: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => self.queue_error("read the used event", e),
+            }
+        }
+        self.active = Some(active);
+    }
+
+    fn queue_error(&self, what: &str, e: virtio_queue::Error) {
+        self.metrics.queue_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("virtio-blk: cannot {what}: {e}");
+    }
+
+    /// Serves one chain; returns the number of bytes written to guest buffers.
+    fn serve<M>(&mut self, mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>) -> u32
+    where
+        M: std::ops::Deref<Target = GuestMemoryMmap>,
+    {
+        match parse_request(mem, chain, self.disk_props) {
+            Ok(request) => {
+                let (status, written) = match self.execute(mem, &request) {
+                    Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+                    Err(e) => {
+                        self.metrics.io_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("virtio-blk: {:?} request failed: {e}", request.request_type);
+                        (VIRTIO_BLK_S_IOERR as u8, 0)
+                    }
+                };
+                match mem.write_obj(status, request.status) {
+                    Ok(()) => written.saturating_add(1),
+                    Err(_) => written,
+                }
+            }
+            Err(RejectedRequest { error, status }) => {
+                let counter = match error {
+                    RequestError::Unsupported(_) => &self.metrics.unsupported_requests,
+                    _ if status.is_none() => &self.metrics.unanswerable_requests,
+                    _ => &self.metrics.invalid_requests,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("virtio-blk: request refused: {error}");
+                match status.map(|addr| mem.write_obj(error.status_code(), addr)) {
+                    Some(Ok(())) => 1,
+                    _ => 0,
+                }
+            }
+        }
+    }
+
+    /// Executes a parsed request; returns the number of data bytes written to the guest.
+    fn execute(&mut self, mem: &GuestMemoryMmap, request: &Request) -> io::Result<u32> {
+        let io_err = |e: vm_memory::GuestMemoryError| io::Error::other(e);
+        match request.request_type {
+            RequestType::In => {
+                self.disk.seek(SeekFrom::Start(request.sector * SECTOR_SIZE))?;
+                for s in &request.data {
+                    mem.read_exact_volatile_from(s.addr, &mut self.disk, s.len as usize)
+                        .map_err(io_err)?;
+                }
+                self.metrics.reads.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .bytes_read
+                    .fetch_add(request.data_len, Ordering::Relaxed);
+                // Bounded by the parser: data_len <= capacity and <= queue size * u32::MAX,
+                // but the used-ring length is a u32.
+                Ok(u32::try_from(request.data_len).unwrap_or(u32::MAX))
+            }
+            RequestType::Out => {
+                self.disk.seek(SeekFrom::Start(request.sector * SECTOR_SIZE))?;
+                for s in &request.data {
+                    mem.write_all_volatile_to(s.addr, &mut self.disk, s.len as usize)
+                        .map_err(io_err)?;
+                }
+                self.metrics.writes.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .bytes_written
+                    .fetch_add(request.data_len, Ordering::Relaxed);
+                Ok(0)
+            }
+            RequestType::Flush => {
+                if !self.disk_props.read_only {
+                    self.disk.sync_data()?;
+                }
+                self.metrics.flushes.fetch_add(1, Ordering::Relaxed);
+                Ok(0)
+            }
+            RequestType::GetId => {
+                let mut written = 0usize;
+                for s in &request.data {
+                    if written == ID_LEN {
+                        break;
+                    }
+                    let n = (s.len as usize).min(ID_LEN - written);
+                    mem.write_slice(&self.id[written..written + n], s.addr)
+                        .map_err(io_err)?;
+                    written += n;
+                }
+                self.metrics.get_ids.fetch_add(1, Ordering::Relaxed);
+                Ok(written as u32)
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[BLOCK_QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let Some(end) = offset.checked_add(data.len() as u64) else {
+            return;
+        };
+        if end <= self.config.len() as u64 {
+            data.copy_from_slice(&self.config[offset as usize..end as usize]);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // capacity is read-only; no writable fields are offered (no CONFIG_WCE).
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn InterruptTrigger>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        let [queue]: [Queue; 1] = queues
+            .try_into()
+            .map_err(|q: Vec<Queue>| ActivateError::BadQueue(format!("{} queues, 1 expected", q.len())))?;
+        if !queue.is_valid(&mem) {
+            return Err(ActivateError::BadQueue("queue is not valid".into()));
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queue,
+        });
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) -> bool {
+        self.active = None;
+        self.acked_features = 0;
+        // Drop any notification that arrived for the old queue.
+        let _ = self.queue_evts[0].read();
+        true
+    }
+}

@@ -1,0 +1,373 @@
+//! The virtio-rng device: one request queue of device-writable buffers.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::virtio::{
+    ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger, VirtioDevice,
+};
+use crate::devices::DeviceMetrics;
+
+/// Size of the device's request queue.
+pub const RNG_QUEUE_SIZE: u16 = 64;
+/// Most bytes given per request: the guest asks again if it wants more, and a guest
+/// cannot make the VMM generate unbounded amounts of randomness in one go.
+const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
+const CHUNK: usize = 4096;
+
+/// Counters of the entropy device.
+#[derive(Debug, Default)]
+pub struct RngMetrics {
+    /// Requests served.
+    pub requests: AtomicU64,
+    /// Random bytes given to the guest.
+    pub bytes: AtomicU64,
+    /// Requests that could not be filled (bad buffers or getrandom failure).
+    pub failures: AtomicU64,
+    /// Errors reading or updating the queue.
+    pub queue_errors: AtomicU64,
+}
+
+impl DeviceMetrics for RngMetrics {
+    fn snapshot(&self) -> serde_json::Value {
+        #[derive(Serialize)]
+        struct Snapshot {
+            requests: u64,
+            bytes: u64,
+            failures: u64,
+            queue_errors: u64,
+        }
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::to_value(Snapshot {
+            requests: l(&self.requests),
+            bytes: l(&self.bytes),
+            failures: l(&self.failures),
+            queue_errors: l(&self.queue_errors),
+        })
+        .unwrap_or_default()
+    }
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn InterruptTrigger>,
+    queue: Queue,
+}
+
+/// The entropy device.
+pub struct Rng {
+    acked_features: u64,
+    queue_evts: [EventFd; 1],
+    active: Option<Active>,
+    metrics: Arc<RngMetrics>,
+}
+
+impl Rng {
+    /// A new entropy device.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            acked_features: 0,
+            queue_evts: [EventFd::new(libc::EFD_NONBLOCK)?],
+            active: None,
+            metrics: Arc::new(RngMetrics::default()),
+        })
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<RngMetrics> {
+        self.metrics.clone()
+    }
+
+    pub(super) fn queue_evt(&self) -> &EventFd {
+        &self.queue_evts[0]
+    }
+
+    /// Fills every available buffer and interrupts the guest if it asked for it.
+    pub fn process_queue(&mut self) {
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        let mut used_any = false;
+        loop {
+            if let Err(e) = active.queue.disable_notification(&active.mem) {
+                self.queue_error("disable notifications", e);
+                break;
+            }
+            while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+                let head = chain.head_index();
+                let written = self.fill(&active.mem, chain);
+                if let Err(e) = active.queue.add_used(&active.mem, head, written) {
+                    self.queue_error("add a used entry", e);
+                }
+                used_any = true;
+            }
+            match active.queue.enable_notification(&active.mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    self.queue_error("enable notifications", e);
+                    break;
+                }
+            }
+        }
+        if used_any {
+            match active.queue.needs_notification(&active.mem) {
+                Ok(true) => {
+                    if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
+                        tracing::warn!("virtio-rng: cannot interrupt the guest: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => self.queue_error("read the used event", e),
+            }
+        }
+        self.active = Some(active);
+    }
+
+    fn queue_error(&self, what: &str, e: virtio_queue::Error) {
+        self.metrics.queue_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("virtio-rng: cannot {what}: {e}");
+    }
+
+    /// Fills the chain's device-writable buffers; returns the bytes written. Readable
+    /// descriptors (which a driver should not send) are skipped.
+    fn fill<M>(&self, mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>) -> u32
+    where
+        M: std::ops::Deref<Target = GuestMemoryMmap>,
+    {
+        let mut buf = [0u8; CHUNK];
+        let mut written = 0usize;
+        for desc in chain.filter(|d| d.is_write_only()) {
+            let mut offset = 0usize;
+            while offset < desc.len() as usize && written < MAX_BYTES_PER_REQUEST {
+                let n = (desc.len() as usize - offset)
+                    .min(CHUNK)
+                    .min(MAX_BYTES_PER_REQUEST - written);
+                let result = getrandom(&mut buf[..n]).map_err(|e| e.to_string()).and_then(|()| {
+                    let addr = desc
+                        .addr()
+                        .checked_add(offset as u64)
+                        .ok_or_else(|| "buffer address overflows".to_string())?;
+                    mem.write_slice(&buf[..n], addr).map_err(|e| e.to_string())
+                });
+                if let Err(e) = result {
+                    self.metrics.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("virtio-rng: request not filled: {e}");
+                    return self.count(written);
+                }
+                offset += n;
+                written += n;
+            }
+        }
+        self.count(written)
+    }
+
+    fn count(&self, written: usize) -> u32 {
+        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .bytes
+            .fetch_add(written as u64, Ordering::Relaxed);
+        // At most MAX_BYTES_PER_REQUEST.
+        written as u32
+    }
+}
+
+/// Fills `buf` from the kernel's CSPRNG (getrandom(2): no file descriptor needed, works
+/// inside a jail without /dev).
+fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes for the
+        // duration of the call; getrandom writes at most that many bytes into it.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[RNG_QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, _offset: u64, _data: &mut [u8]) {
+        // virtio-rng has no configuration space.
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn InterruptTrigger>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        let [queue]: [Queue; 1] = queues.try_into().map_err(|q: Vec<Queue>| {
+            ActivateError::BadQueue(format!("{} queues, 1 expected", q.len()))
+        })?;
+        if !queue.is_valid(&mem) {
+            return Err(ActivateError::BadQueue("queue is not valid".into()));
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queue,
+        });
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) -> bool {
+        self.active = None;
+        self.acked_features = 0;
+        let _ = self.queue_evts[0].read();
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::devices::virtio::test_utils::{guest_memory, r, w, Driver, DATA_START};
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    #[test]
+    fn fills_writable_buffers_with_random_bytes() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut rng = Rng::new().unwrap();
+        let irq = Driver::interrupt();
+        rng.activate(mem.clone(), irq.clone(), vec![driver.queue()]).unwrap();
+        let head = driver.add_chain(&[w(DATA_START, 256), w(DATA_START + 0x1000, 5000)]);
+
+        rng.process_queue();
+
+        assert_eq!(driver.used_count(), 1);
+        assert_eq!(driver.used(0), (u32::from(head), 5256));
+        assert_eq!(irq.queue.load(Ordering::SeqCst), 1);
+        // 256 zero bytes from a CSPRNG: probability 2^-2048.
+        assert_ne!(read(&mem, DATA_START, 256), vec![0u8; 256]);
+        assert_ne!(read(&mem, DATA_START + 0x1000 + 4744, 256), vec![0u8; 256]);
+        assert_ne!(read(&mem, DATA_START, 256), read(&mem, DATA_START + 0x1000, 256));
+        assert_eq!(rng.metrics().snapshot()["bytes"], 5256);
+    }
+
+    #[test]
+    fn readable_buffers_are_left_alone() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut rng = Rng::new().unwrap();
+        rng.activate(mem.clone(), Driver::interrupt(), vec![driver.queue()]).unwrap();
+        driver.add_chain(&[r(DATA_START, 64), w(DATA_START + 0x100, 16)]);
+
+        rng.process_queue();
+
+        assert_eq!(driver.used(0).1, 16);
+        assert_eq!(read(&mem, DATA_START, 64), vec![0u8; 64]);
+    }
+
+    #[test]
+    fn huge_requests_are_capped() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut rng = Rng::new().unwrap();
+        rng.activate(mem.clone(), Driver::interrupt(), vec![driver.queue()]).unwrap();
+        driver.add_chain(&[w(DATA_START, 0x20_0000)]);
+
+        rng.process_queue();
+
+        assert_eq!(driver.used(0).1 as usize, MAX_BYTES_PER_REQUEST);
+    }
+
+    #[test]
+    fn buffers_outside_guest_memory_fill_only_what_is_inside() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut rng = Rng::new().unwrap();
+        rng.activate(mem.clone(), Driver::interrupt(), vec![driver.queue()]).unwrap();
+        let end = crate::devices::virtio::test_utils::MEM_SIZE as u64;
+        driver.add_chain(&[w(DATA_START, 32), w(end - 8, 64)]);
+
+        rng.process_queue();
+
+        assert_eq!(driver.used_count(), 1);
+        assert_eq!(driver.used(0).1, 32);
+        assert_eq!(rng.metrics().snapshot()["failures"], 1);
+    }
+
+    #[test]
+    fn notification_through_the_event_loop_serves_requests() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut rng = Rng::new().unwrap();
+        rng.activate(mem.clone(), Driver::interrupt(), vec![driver.queue()]).unwrap();
+        driver.add_chain(&[w(DATA_START, 16)]);
+        let notify = rng.queue_events()[0].try_clone().unwrap();
+        let rng = Arc::new(Mutex::new(rng));
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new().unwrap();
+        em.add_subscriber(rng);
+
+        notify.write(1).unwrap();
+        em.run_with_timeout(1000).unwrap();
+
+        assert_eq!(driver.used_count(), 1);
+        assert_eq!(em.run_with_timeout(0).unwrap(), 0);
+    }
+
+    #[test]
+    fn identifies_as_an_entropy_device_with_one_queue() {
+        let rng = Rng::new().unwrap();
+        assert_eq!(rng.device_type(), 4);
+        assert_eq!(rng.queue_max_sizes(), &[RNG_QUEUE_SIZE]);
+        assert_ne!(rng.avail_features() & (1 << VIRTIO_F_VERSION_1), 0);
+    }
+}

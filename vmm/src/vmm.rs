@@ -1,0 +1,348 @@
+//! The VMM's main thread: an epoll event loop (event-manager) that runs device work,
+//! control-API requests, SIGTERM/SIGINT and VM-exit notifications, the lifecycle state
+//! machine, and the [`VmmController`] the API server talks to.
+//!
+//! Every way a VM can end funnels into one [`ExitSignal`]; the loop returns the first
+//! [`VmExit`] recorded, after which the caller stops the vCPUs and exits the process with
+//! the exit's status.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+
+use crate::builder::{build_and_start, BuildError, BuiltVm};
+use crate::config::VmConfig;
+use crate::device_manager::EventManager;
+use crate::rpc::{
+    ActionError, ApiReceiver, VmDescription, VmState, VmmAction, VmmController, VmmResponse,
+};
+use crate::vstate::lifecycle::{ExitSignal, ExitStatus, VmExit};
+
+/// How long pause waits for every vCPU to leave `KVM_RUN`.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the VMM waits for vCPU threads to end before exiting anyway.
+const STOP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the VMM waits for the API thread to write the last answers before exiting.
+const REPLY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Errors setting up the VMM's event loop.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The event manager could not be created or run.
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    /// Blocking the termination signals or creating their signalfd failed.
+    #[error("cannot set up the termination signal handling")]
+    Signals(#[source] std::io::Error),
+    /// The exit eventfd could not be created.
+    #[error("cannot create the exit eventfd")]
+    ExitEvent(#[source] std::io::Error),
+}
+
+/// What woke the main thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wake {
+    /// SIGTERM or SIGINT arrived.
+    Terminate,
+    /// The API thread queued a request.
+    Api,
+    /// The guest asked for a reset through the i8042.
+    Reset,
+    /// An exit was recorded in the [`ExitSignal`].
+    Exit,
+}
+
+/// An event-loop subscriber for one file descriptor that only records that it fired.
+struct Waker {
+    fd: RawFd,
+    /// Keeps the descriptor open while it is registered.
+    _owner: OwnedFd,
+    wake: Wake,
+    fired: Arc<Mutex<Vec<Wake>>>,
+}
+
+impl MutEventSubscriber for Waker {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new_raw(self.fd, EventSet::IN)) {
+            tracing::error!("cannot watch {:?} events: {e:?}", self.wake);
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Drain the eventfd counter or one signalfd record (128 bytes); both are
+        // non-blocking, and a failed read just means another wake-up consumed it.
+        let mut buf = [0u8; 128];
+        // SAFETY: buf is a valid writable buffer of buf.len() bytes; fd is open (owned).
+        let _ = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
+        self.fired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.wake);
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and every thread it spawns later) and
+/// returns a non-blocking signalfd that receives them.
+fn termination_signalfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: `set` is initialised; -1 asks for a new signalfd.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by signalfd and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn dup_fd(fd: RawFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on an open descriptor has no memory-safety requirements.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// The VMM: lifecycle state, the configuration, the running VM and the event loop.
+pub struct Vmm {
+    vmm_start: Instant,
+    state: VmState,
+    config: Option<VmConfig>,
+    vm: Option<BuiltVm>,
+    exit: Arc<ExitSignal>,
+    fired: Arc<Mutex<Vec<Wake>>>,
+    api: Option<ApiReceiver>,
+    event_manager: EventManager,
+}
+
+impl Vmm {
+    /// A VMM with no VM yet. Blocks SIGTERM/SIGINT for the whole process (call it before
+    /// spawning threads) and watches them through a signalfd.
+    pub fn new(vmm_start: Instant) -> Result<Self, VmmError> {
+        let sigfd = termination_signalfd().map_err(VmmError::Signals)?;
+        let event_manager =
+            EventManager::new().map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
+        let exit = Arc::new(ExitSignal::new().map_err(VmmError::ExitEvent)?);
+        let mut vmm = Self {
+            vmm_start,
+            state: VmState::NotConfigured,
+            config: None,
+            vm: None,
+            exit,
+            fired: Arc::new(Mutex::new(Vec::new())),
+            api: None,
+            event_manager,
+        };
+        vmm.watch(sigfd, Wake::Terminate);
+        let exit_fd = dup_fd(vmm.exit.event_fd().as_raw_fd()).map_err(VmmError::ExitEvent)?;
+        vmm.watch(exit_fd, Wake::Exit);
+        Ok(vmm)
+    }
+
+    fn watch(&mut self, fd: OwnedFd, wake: Wake) {
+        let waker = Waker {
+            fd: fd.as_raw_fd(),
+            _owner: fd,
+            wake,
+            fired: self.fired.clone(),
+        };
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(waker)));
+    }
+
+    /// Serves the control API: requests arriving on `receiver` are handled on this thread.
+    pub fn attach_api(&mut self, receiver: ApiReceiver) -> std::io::Result<()> {
+        let fd = dup_fd(receiver.as_raw_fd())?;
+        self.watch(fd, Wake::Api);
+        self.api = Some(receiver);
+        Ok(())
+    }
+
+    /// Sets the configuration (from the command line) before start.
+    pub fn configure(&mut self, config: VmConfig) {
+        self.config = Some(config);
+        self.state = VmState::Configured;
+    }
+
+    /// Builds and starts the configured VM.
+    pub fn start_vm(&mut self) -> Result<(), BuildError> {
+        let Some(config) = &self.config else {
+            return Err(BuildError::Unsupported("starting without a configuration"));
+        };
+        let vm = build_and_start(
+            config,
+            self.vmm_start,
+            &mut self.event_manager,
+            self.exit.clone(),
+        )?;
+        tracing::info!("kernel command line: {}", vm.cmdline);
+        match dup_fd(vm.reset_evt.as_raw_fd()) {
+            Ok(fd) => self.watch(fd, Wake::Reset),
+            Err(e) => tracing::error!("cannot watch the i8042 reset: {e}"),
+        }
+        self.vm = Some(vm);
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Runs the event loop until the VM ends (guest exit, API stop, SIGTERM), then stops
+    /// the vCPUs and returns why it ended.
+    pub fn run(&mut self) -> VmExit {
+        let exit = loop {
+            if let Some(exit) = self.exit.exit() {
+                break exit;
+            }
+            if let Err(e) = self.event_manager.run() {
+                // EINTR-like hiccups aside, a broken epoll cannot recover.
+                break VmExit::new(ExitStatus::InternalError, format!("event loop failed: {e:?}"));
+            }
+            let fired: Vec<Wake> =
+                std::mem::take(&mut *self.fired.lock().unwrap_or_else(|e| e.into_inner()));
+            for wake in fired {
+                match wake {
+                    Wake::Terminate => self
+                        .exit
+                        .report(VmExit::new(ExitStatus::Ok, "stopped by signal")),
+                    Wake::Reset => self.exit.report(VmExit::new(
+                        ExitStatus::Reboot,
+                        "guest reset through the i8042",
+                    )),
+                    Wake::Api => {
+                        if let Some(api) = self.api.take() {
+                            api.drain_into(self);
+                            self.api = Some(api);
+                        }
+                    }
+                    Wake::Exit => {}
+                }
+            }
+        };
+        self.state = VmState::Stopped;
+        if let Some(vm) = &mut self.vm {
+            vm.vcpus.stop(STOP_TIMEOUT);
+        }
+        if let Some(api) = self.api.take() {
+            // Answer what is already queued (e.g. requests racing the guest's exit)...
+            api.drain_into(self);
+            // ...and let the API thread write the answers (the reply to `stop` above all).
+            if !api.wait_responses_sent(REPLY_TIMEOUT) {
+                tracing::warn!("exiting before the last API response was written");
+            }
+            self.api = Some(api);
+        }
+        exit
+    }
+
+    fn boot_time_us(&self) -> Option<u64> {
+        self.vm
+            .as_ref()
+            .and_then(|vm| vm.boot_time.get())
+            .map(|d| d.as_micros() as u64)
+    }
+
+    fn metrics(&self) -> serde_json::Value {
+        let Some(vm) = &self.vm else {
+            return serde_json::json!({
+                "state": self.state,
+                "vcpu_exits": null,
+                "devices": {},
+            });
+        };
+        let mut devices = match vm.devices.device_metrics() {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        for (name, m) in &vm.legacy_metrics {
+            devices.insert((*name).to_owned(), m.snapshot());
+        }
+        serde_json::json!({
+            "state": self.state,
+            "boot_time_us": self.boot_time_us(),
+            "uptime_us": self.vmm_start.elapsed().as_micros() as u64,
+            "vcpu_exits": vm.counters.snapshot(),
+            "devices": devices,
+        })
+    }
+}
+
+impl VmmController for Vmm {
+    fn handle(&mut self, action: VmmAction) -> Result<VmmResponse, ActionError> {
+        self.state.check(&action)?;
+        let response = match &action {
+            VmmAction::Configure(config) => {
+                self.config = Some(config.clone());
+                VmmResponse::Empty
+            }
+            VmmAction::UpdateConfig(update) => {
+                self.config = Some(update.clone().apply(self.config.as_ref())?);
+                VmmResponse::Empty
+            }
+            VmmAction::Start => {
+                self.start_vm().map_err(|e| match e.exit_status() {
+                    ExitStatus::BadConfig => ActionError::InvalidRequest(error_chain(&e)),
+                    _ => ActionError::Internal(error_chain(&e)),
+                })?;
+                VmmResponse::Empty
+            }
+            VmmAction::Pause => {
+                let vm = self.vm.as_ref().ok_or(ActionError::Unavailable)?;
+                vm.vcpus
+                    .pause(PAUSE_TIMEOUT)
+                    .map_err(|e| ActionError::Internal(e.to_string()))?;
+                VmmResponse::Empty
+            }
+            VmmAction::Resume => {
+                let vm = self.vm.as_ref().ok_or(ActionError::Unavailable)?;
+                vm.vcpus.resume();
+                VmmResponse::Empty
+            }
+            VmmAction::Stop => {
+                self.exit
+                    .report(VmExit::new(ExitStatus::Ok, "stopped through the API"));
+                VmmResponse::Empty
+            }
+            VmmAction::Describe => VmmResponse::Description(VmDescription {
+                state: self.state,
+                config: self.config.clone(),
+                boot_time_us: self.boot_time_us(),
+                uptime_us: self.vmm_start.elapsed().as_micros() as u64,
+            }),
+            VmmAction::Metrics => VmmResponse::Metrics(self.metrics()),
+            VmmAction::InjectInput { .. } => {
+                return Err(ActionError::NoSuchDevice("the VM has no input device".into()))
+            }
+            VmmAction::SetDisplaySize { .. } | VmmAction::GetFramebuffer => {
+                return Err(ActionError::NoSuchDevice("the VM has no display".into()))
+            }
+        };
+        self.state = self.state.after(&action);
+        Ok(response)
+    }
+}
+
+/// `e` and its sources on one line: "a: b: c".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,7 @@
+//! VM state: guest memory, the KVM VM, vCPU threads and their run loop, and the lifecycle
+//! events (guest poweroff, reboot, triple fault, panic, errors) that end the VM.
+
+pub mod lifecycle;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,100 @@
+//! The KVM VM: guest memory slots, the in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
+use crate::devices::virtio::GuestMemoryMmap;
+
+/// Errors creating or configuring the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM lacks something the VMM needs.
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCap(&'static str),
+    /// A KVM ioctl on the VM failed.
+    #[error("KVM {what} failed")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// An x86_64 KVM VM with its irqchip and PIT.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Opens `/dev/kvm`, checks the capabilities the VMM relies on and creates the VM with
+    /// its TSS, in-kernel irqchip and PIT.
+    pub fn new() -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "irqchip"),
+            (Cap::Ioeventfd, "ioeventfd"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::Pit2, "PIT2"),
+            (Cap::UserMemory, "user memory"),
+            (Cap::SetTssAddr, "TSS address"),
+            (Cap::ImmediateExit, "immediate exit"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("set TSS address"))?;
+        fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+        Ok(Self { kvm, fd })
+    }
+
+    /// The `/dev/kvm` handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM file descriptor (for irqfds, ioeventfds and vCPUs).
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Registers every region of `mem` as a KVM memory slot.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|_| VmError::MissingCap("host mapping of guest memory"))?;
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping of `memory_size` bytes owned by `mem`,
+            // which the VMM keeps alive for as long as the VM exists.
+            unsafe { self.fd.set_user_memory_region(region_desc) }
+                .map_err(kvm_err("set user memory region"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,120 @@
+//! Helpers shared by the integration tests: building tiny guests with the C toolchain,
+//! running `genos-vmm` with a deadline, skipping when `/dev/kvm` is missing.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether `/dev/kvm` can be opened; prints why a test is skipped when not.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipping {test}: /dev/kvm is not usable ({e})");
+            false
+        }
+    }
+}
+
+/// Assembles and links `tests/guests/<name>.S` with `defines` (`-D` values) into a
+/// freestanding ELF at 1 MiB; returns its path (under the target's test temp dir).
+pub fn build_guest(name: &str, defines: &[&str]) -> PathBuf {
+    let src_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tiny-guests");
+    std::fs::create_dir_all(&out_dir).expect("create guest output dir");
+    let suffix: String = defines.iter().map(|d| format!("-{d}")).collect();
+    let out = out_dir.join(format!("{name}{suffix}.elf"));
+    let mut cmd = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
+    cmd.args(["-nostdlib", "-static", "-no-pie", "-ffreestanding", "-Wl,--build-id=none"])
+        .arg(format!("-Wl,-T,{}", src_dir.join("guest.ld").display()))
+        .arg(format!("-I{}", src_dir.display()))
+        .args(defines.iter().map(|d| format!("-D{d}")))
+        .arg("-o")
+        .arg(&out)
+        .arg(src_dir.join(format!("{name}.S")));
+    let output = cmd.output().expect("run the C compiler (cc)");
+    assert!(
+        output.status.success(),
+        "building guest {name} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out
+}
+
+/// What a finished VMM run left behind.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit status (None when killed at the deadline).
+    pub status: Option<i32>,
+    /// Guest console (the VMM's stdout with `--serial stdout`).
+    pub stdout: String,
+    /// The VMM's log.
+    pub stderr: String,
+    /// Wall time from spawn to exit.
+    pub elapsed: Duration,
+}
+
+/// The `genos-vmm` binary built for these tests.
+pub fn vmm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_genos-vmm")
+}
+
+/// Spawns `genos-vmm args...` with piped output.
+pub fn spawn_vmm(args: &[&str]) -> Child {
+    Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn genos-vmm")
+}
+
+/// Waits for `child` until `deadline`, killing it then; collects its output.
+pub fn finish(mut child: Child, started: Instant, timeout: Duration) -> Run {
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = started + timeout;
+    let status: Option<ExitStatus> = loop {
+        if let Some(status) = child.try_wait().expect("wait for genos-vmm") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let elapsed = started.elapsed();
+    Run {
+        status: status.and_then(|s| s.code()),
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+        elapsed,
+    }
+}
+
+/// Runs `genos-vmm args...` to completion (killed after `timeout`).
+pub fn run_vmm(args: &[&str], timeout: Duration) -> Run {
+    let started = Instant::now();
+    let child = spawn_vmm(args);
+    finish(child, started, timeout)
+}
