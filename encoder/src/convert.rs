@@ -142,36 +142,68 @@ impl I420Buffer {
     }
 
     /// Converts one chroma-aligned, in-bounds, non-empty rectangle.
+    ///
+    /// The `yuv` crate walks every plane with `chunks_exact(2 * stride)` (and the chroma planes
+    /// with `chunks_exact(stride)`), silently dropping a final row pair whose slice is shorter than
+    /// a full stride. Sub-rectangle slices are therefore extended to whole strides; where that
+    /// would run past the end of a buffer (a rectangle on the last rows), the last row pair goes
+    /// through small tightly packed staging buffers instead.
     fn convert_rect(&mut self, frame: &FrameRef, r: Rect) -> Result<(), ConvertError> {
         let y_stride = self.width as usize;
         let c_stride = y_stride / 2;
-        let (x, y) = (r.x as usize, r.y as usize);
+        let (x, y, w, h) = (r.x as usize, r.y as usize, r.width as usize, r.height as usize);
+        let fits = |start: usize, stride: usize, rows: usize, len: usize| start + rows * stride <= len;
         let src_start = y * frame.stride + x * 4;
-        let src_end = (y + r.height as usize - 1) * frame.stride + (x + r.width as usize) * 4;
-        let y_start = y * y_stride + x;
-        let y_end = (y + r.height as usize - 1) * y_stride + x + r.width as usize;
-        let c_start = (y / 2) * c_stride + x / 2;
-        let c_end = (y / 2 + r.height as usize / 2 - 1) * c_stride + (x + r.width as usize) / 2;
+        let direct = fits(src_start, frame.stride, h, frame.data.len())
+            && fits(y * y_stride + x, y_stride, h, self.y.len())
+            && fits((y / 2) * c_stride + x / 2, c_stride, h / 2, self.u.len());
+        let direct_rows = if direct { h } else { h - 2 };
+        if direct_rows > 0 {
+            let y_start = y * y_stride + x;
+            let c_start = (y / 2) * c_stride + x / 2;
+            let mut planar = YuvPlanarImageMut {
+                y_plane: BufferStoreMut::Borrowed(&mut self.y[y_start..y_start + direct_rows * y_stride]),
+                y_stride: y_stride as u32,
+                u_plane: BufferStoreMut::Borrowed(&mut self.u[c_start..c_start + direct_rows / 2 * c_stride]),
+                u_stride: c_stride as u32,
+                v_plane: BufferStoreMut::Borrowed(&mut self.v[c_start..c_start + direct_rows / 2 * c_stride]),
+                v_stride: c_stride as u32,
+                width: r.width,
+                height: direct_rows as u32,
+            };
+            let src = &frame.data[src_start..src_start + direct_rows * frame.stride];
+            bgrx_to_i420(&mut planar, src, frame.stride)?;
+        }
+        if direct {
+            return Ok(());
+        }
+        // The last row pair, through packed staging buffers.
+        let last = y + h - 2;
+        let mut src = Vec::with_capacity(2 * w * 4);
+        for row in [last, last + 1] {
+            let start = row * frame.stride + x * 4;
+            src.extend_from_slice(&frame.data[start..start + w * 4]);
+        }
+        let (mut ys, mut us, mut vs) = (vec![0u8; 2 * w], vec![0u8; w / 2], vec![0u8; w / 2]);
         let mut planar = YuvPlanarImageMut {
-            y_plane: BufferStoreMut::Borrowed(&mut self.y[y_start..y_end]),
-            y_stride: y_stride as u32,
-            u_plane: BufferStoreMut::Borrowed(&mut self.u[c_start..c_end]),
-            u_stride: c_stride as u32,
-            v_plane: BufferStoreMut::Borrowed(&mut self.v[c_start..c_end]),
-            v_stride: c_stride as u32,
+            y_plane: BufferStoreMut::Borrowed(&mut ys),
+            y_stride: r.width,
+            u_plane: BufferStoreMut::Borrowed(&mut us),
+            u_stride: r.width / 2,
+            v_plane: BufferStoreMut::Borrowed(&mut vs),
+            v_stride: r.width / 2,
             width: r.width,
-            height: r.height,
+            height: 2,
         };
-        // BGRX and BGRA share the byte layout; alpha is ignored by the conversion.
-        yuv::bgra_to_yuv420(
-            &mut planar,
-            &frame.data[src_start..src_end],
-            frame.stride as u32,
-            RANGE,
-            MATRIX,
-            YuvConversionMode::Balanced,
-        )
-        .map_err(ConvertError::Yuv)
+        bgrx_to_i420(&mut planar, &src, w * 4)?;
+        for (i, row) in [last, last + 1].into_iter().enumerate() {
+            let start = row * y_stride + x;
+            self.y[start..start + w].copy_from_slice(&ys[i * w..(i + 1) * w]);
+        }
+        let c_start = (last / 2) * c_stride + x / 2;
+        self.u[c_start..c_start + w / 2].copy_from_slice(&us);
+        self.v[c_start..c_start + w / 2].copy_from_slice(&vs);
+        Ok(())
     }
 
     /// Converts the whole picture back to packed BGRX (stride = width * 4) into `out`.
@@ -184,6 +216,12 @@ impl I420Buffer {
             out,
         )
     }
+}
+
+/// BGRX/BGRA (same layout; alpha ignored) to I420 with the stream's matrix and range.
+fn bgrx_to_i420(planar: &mut YuvPlanarImageMut<u8>, src: &[u8], src_stride: usize) -> Result<(), ConvertError> {
+    yuv::bgra_to_yuv420(planar, src, src_stride as u32, RANGE, MATRIX, YuvConversionMode::Balanced)
+        .map_err(ConvertError::Yuv)
 }
 
 /// Converts I420 planes with the given strides to packed BGRX (stride = width * 4), alpha/X = 255.
@@ -222,7 +260,7 @@ mod tests {
         let a = pattern(w, h, 1);
         let mut b = a.clone();
         let rects = [Rect::new(5, 7, 20, 11), Rect::new(40, 30, 33, 21)];
-        let fresh = pattern(w, h, 99);
+        let fresh: Vec<u8> = a.iter().map(|v| 255 - v).collect();
         for r in &rects {
             for y in r.y..r.bottom() {
                 let s = (y * w * 4 + r.x * 4) as usize;

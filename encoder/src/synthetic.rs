@@ -976,27 +976,3 @@ mod tests {
         }
     }
 }
-#[cfg(test)]
-mod conv_probe {
-    use super::*;
-    use crate::I420Buffer;
-    #[test]
-    fn probe() {
-        let (w, h) = (1280, 720);
-        let mut src = SyntheticSource::new(Scene::Windows, w, h, 60.0);
-        let mut inc = I420Buffer::new(w, h).unwrap();
-        for i in 0..60 {
-            let f = src.advance();
-            inc.convert_damage(&f.frame, &f.damage).unwrap();
-            let mut full = I420Buffer::new(w, h).unwrap();
-            full.convert_full(&f.frame).unwrap();
-            for (name, got, want) in [("Y", inc.y(), full.y()), ("U", inc.u(), full.u()), ("V", inc.v(), full.v())] {
-                let worst = got.iter().zip(want).map(|(g, w)| g.abs_diff(*w)).max().unwrap();
-                let n = got.iter().zip(want).filter(|(g, w)| g.abs_diff(**w) > 1).count();
-                let stride = if name == "Y" { w as usize } else { w as usize / 2 };
-                let pos: Vec<(usize, usize)> = got.iter().zip(want).enumerate().filter(|(_, (g, w))| g.abs_diff(**w) > 1).map(|(i, _)| (i % stride, i / stride)).collect();
-                if worst > 1 && i < 3 { println!("frame {i} {name} worst {worst} count {n} damage {:?} first {:?} last {:?}", f.damage, pos.first(), pos.last()); }
-            }
-        }
-    }
-}

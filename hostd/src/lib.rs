@@ -5,5 +5,10 @@
 //! `orchestrator` builds, boots and supervises environments; `client` is the CLI's side of
 //! the admin socket.
 
+pub mod admin;
 pub mod composer;
+pub mod config;
+pub mod orchestrator;
+pub mod store;
+pub mod uds;
 pub mod stream;

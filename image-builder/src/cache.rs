@@ -8,6 +8,7 @@
 
 use std::fs::{self, File};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -43,7 +44,11 @@ pub enum CacheError {
 
 impl CacheError {
     fn io(action: &'static str, path: &Path, source: io::Error) -> Self {
-        CacheError::Io { action, path: path.to_path_buf(), source }
+        CacheError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -58,8 +63,12 @@ pub enum ArtifactKind {
 }
 
 impl ArtifactKind {
-    pub const ALL: [ArtifactKind; 4] =
-        [ArtifactKind::Kernel, ArtifactKind::Initramfs, ArtifactKind::Base, ArtifactKind::Rootfs];
+    pub const ALL: [ArtifactKind; 4] = [
+        ArtifactKind::Kernel,
+        ArtifactKind::Initramfs,
+        ArtifactKind::Base,
+        ArtifactKind::Rootfs,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -194,8 +203,11 @@ impl Cache {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(CacheError::io("reading", &manifest_path, e)),
         };
-        let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|source| CacheError::Manifest { path: manifest_path, source })?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|source| CacheError::Manifest {
+                path: manifest_path,
+                source,
+            })?;
         if !dir.join(&manifest.artifact).is_file() {
             return Ok(None);
         }
@@ -207,7 +219,10 @@ impl Cache {
     pub fn lock(&self, kind: ArtifactKind, name: &str) -> Result<BuildLock, CacheError> {
         let path = self.root.join("locks").join(format!("{kind}-{name}.lock"));
         let file = File::create(&path).map_err(|e| CacheError::io("creating", &path, e))?;
-        file.lock().map_err(|e| CacheError::io("locking", &path, e))?;
+        // SAFETY: `file` owns a valid open descriptor for the duration of the call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(CacheError::io("locking", &path, io::Error::last_os_error()));
+        }
         Ok(BuildLock { _file: file })
     }
 
@@ -216,7 +231,10 @@ impl Cache {
     pub fn stage(&self, kind: ArtifactKind, hash: &str) -> Result<Staging, CacheError> {
         let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
         let short = &hash[..hash.len().min(16)];
-        let dir = self.root.join("tmp").join(format!("{kind}-{short}.{}.{n}", std::process::id()));
+        let dir = self
+            .root
+            .join("tmp")
+            .join(format!("{kind}-{short}.{}.{n}", std::process::id()));
         if dir.exists() {
             remove_tree(&dir)?;
         }
@@ -245,12 +263,15 @@ impl Cache {
             artifact: artifact.to_string(),
             size_bytes,
             build_seconds: (build_time.as_secs_f64() * 1000.0).round() / 1000.0,
-            created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             inputs,
         };
         let manifest_path = dir.join(MANIFEST_FILE);
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-        fs::write(&manifest_path, json).map_err(|e| CacheError::io("writing", &manifest_path, e))?;
+        fs::write(&manifest_path, json)
+            .map_err(|e| CacheError::io("writing", &manifest_path, e))?;
 
         let final_dir = self.artifact_dir(kind, hash);
         let parent = final_dir.parent().expect("artifact dir has a parent");
@@ -261,7 +282,10 @@ impl Cache {
         }
         fs::rename(&dir, &final_dir).map_err(|e| CacheError::io("renaming into", &final_dir, e))?;
         staging.disarm();
-        Ok(Artifact { dir: final_dir, manifest })
+        Ok(Artifact {
+            dir: final_dir,
+            manifest,
+        })
     }
 
     /// Every complete artifact in the cache, newest first within each kind.
@@ -282,7 +306,7 @@ impl Cache {
                     of_kind.push(artifact);
                 }
             }
-            of_kind.sort_by(|a, b| b.manifest.created_unix.cmp(&a.manifest.created_unix));
+            of_kind.sort_by_key(|a| std::cmp::Reverse(a.manifest.created_unix));
             all.extend(of_kind);
         }
         Ok(all)
@@ -304,7 +328,9 @@ impl Cache {
         }
         for kind in ArtifactKind::ALL {
             let kind_dir = self.root.join(kind.as_str());
-            let Ok(entries) = fs::read_dir(&kind_dir) else { continue };
+            let Ok(entries) = fs::read_dir(&kind_dir) else {
+                continue;
+            };
             let mut complete = Vec::new();
             for entry in entries {
                 let entry = entry.map_err(|e| CacheError::io("listing", &kind_dir, e))?;
@@ -317,7 +343,7 @@ impl Cache {
                     }
                 }
             }
-            complete.sort_by(|a, b| b.manifest.created_unix.cmp(&a.manifest.created_unix));
+            complete.sort_by_key(|a| std::cmp::Reverse(a.manifest.created_unix));
             for artifact in complete.into_iter().skip(keep) {
                 remove_tree(&artifact.dir)?;
                 removed.push(artifact.dir);
@@ -360,7 +386,9 @@ pub struct Staging {
 
 impl Staging {
     pub fn path(&self) -> &Path {
-        self.dir.as_deref().expect("staging dir present until published")
+        self.dir
+            .as_deref()
+            .expect("staging dir present until published")
     }
 
     fn disarm(mut self) {
@@ -381,7 +409,8 @@ mod tests {
     use super::*;
 
     fn temp_cache(name: &str) -> Cache {
-        let root = std::env::temp_dir().join(format!("genos-cache-test-{name}-{}", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("genos-cache-test-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         Cache::at(root).unwrap()
     }
@@ -402,10 +431,20 @@ mod tests {
         fs::write(staging.path().join("blob"), b"12345").unwrap();
         let inputs = serde_json::json!({"k": "v"});
         cache
-            .publish(staging, ArtifactKind::Initramfs, "abc", "blob", Duration::from_millis(1500), inputs)
+            .publish(
+                staging,
+                ArtifactKind::Initramfs,
+                "abc",
+                "blob",
+                Duration::from_millis(1500),
+                inputs,
+            )
             .unwrap();
 
-        let found = cache.lookup(ArtifactKind::Initramfs, "abc").unwrap().unwrap();
+        let found = cache
+            .lookup(ArtifactKind::Initramfs, "abc")
+            .unwrap()
+            .unwrap();
 
         assert_eq!(found.manifest.size_bytes, 5);
         assert_eq!(found.manifest.build_seconds, 1.5);
@@ -435,11 +474,22 @@ mod tests {
             let staging = cache.stage(ArtifactKind::Kernel, hash).unwrap();
             fs::write(staging.path().join("vmlinux"), b"k").unwrap();
             let artifact = cache
-                .publish(staging, ArtifactKind::Kernel, hash, "vmlinux", Duration::ZERO, serde_json::Value::Null)
+                .publish(
+                    staging,
+                    ArtifactKind::Kernel,
+                    hash,
+                    "vmlinux",
+                    Duration::ZERO,
+                    serde_json::Value::Null,
+                )
                 .unwrap();
             let mut manifest = artifact.manifest.clone();
             manifest.created_unix = created;
-            fs::write(artifact.dir.join(MANIFEST_FILE), serde_json::to_vec(&manifest).unwrap()).unwrap();
+            fs::write(
+                artifact.dir.join(MANIFEST_FILE),
+                serde_json::to_vec(&manifest).unwrap(),
+            )
+            .unwrap();
         }
         fs::create_dir_all(cache.root().join("kernel/incomplete")).unwrap();
         // A staging dir whose owner is gone (the pid exceeds any pid_max).

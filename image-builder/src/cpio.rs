@@ -25,10 +25,25 @@ const S_IFCHR: u32 = 0o020_000;
 /// One archive member; paths are relative to the archive root (no leading `/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    Dir { path: String, mode: u32 },
-    File { path: String, mode: u32, data: Vec<u8> },
-    Symlink { path: String, target: String },
-    CharDevice { path: String, mode: u32, major: u32, minor: u32 },
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    File {
+        path: String,
+        mode: u32,
+        data: Vec<u8>,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
+    CharDevice {
+        path: String,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    },
 }
 
 impl Entry {
@@ -55,7 +70,9 @@ pub fn write_archive<W: Write>(out: &mut W, entries: &[Entry]) -> Result<(), Cpi
             Entry::Dir { mode, .. } => (S_IFDIR | (mode & 0o7777), 2, &[], (0, 0)),
             Entry::File { mode, data, .. } => (S_IFREG | (mode & 0o7777), 1, data, (0, 0)),
             Entry::Symlink { target, .. } => (S_IFLNK | 0o777, 1, target.as_bytes(), (0, 0)),
-            Entry::CharDevice { mode, major, minor, .. } => (S_IFCHR | (mode & 0o7777), 1, &[], (*major, *minor)),
+            Entry::CharDevice {
+                mode, major, minor, ..
+            } => (S_IFCHR | (mode & 0o7777), 1, &[], (*major, *minor)),
         };
         let size = u32::try_from(data.len()).map_err(|_| CpioError::TooLarge(name.to_string()))?;
         write_member(out, &mut offset, ino, mode, nlink, rdev, name, data, size)?;
@@ -129,27 +146,41 @@ pub fn parse_archive(bytes: &[u8]) -> Result<Vec<ParsedMember>, ParseError> {
     let mut members = Vec::new();
     let mut pos = 0usize;
     loop {
-        let header = bytes.get(pos..pos + 110).ok_or(ParseError::Truncated(pos))?;
+        let header = bytes
+            .get(pos..pos + 110)
+            .ok_or(ParseError::Truncated(pos))?;
         if &header[..6] != b"070701" {
             return Err(ParseError::BadHeader(pos));
         }
         let field = |i: usize| -> Result<u32, ParseError> {
-            let text = std::str::from_utf8(&header[6 + i * 8..14 + i * 8]).map_err(|_| ParseError::BadHeader(pos))?;
+            let text = std::str::from_utf8(&header[6 + i * 8..14 + i * 8])
+                .map_err(|_| ParseError::BadHeader(pos))?;
             u32::from_str_radix(text, 16).map_err(|_| ParseError::BadHeader(pos))
         };
-        let (mode, size, rmaj, rmin, name_size) = (field(1)?, field(6)?, field(9)?, field(10)?, field(11)?);
+        let (mode, size, rmaj, rmin, name_size) =
+            (field(1)?, field(6)?, field(9)?, field(10)?, field(11)?);
         let name_start = pos + 110;
         let name_end = name_start + name_size as usize;
-        let name_bytes = bytes.get(name_start..name_end.saturating_sub(1)).ok_or(ParseError::Truncated(name_start))?;
+        let name_bytes = bytes
+            .get(name_start..name_end.saturating_sub(1))
+            .ok_or(ParseError::Truncated(name_start))?;
         let name = String::from_utf8_lossy(name_bytes).into_owned();
         let data_start = name_end.div_ceil(4) * 4;
         let data_end = data_start + size as usize;
-        let data = bytes.get(data_start..data_end).ok_or(ParseError::Truncated(data_start))?.to_vec();
+        let data = bytes
+            .get(data_start..data_end)
+            .ok_or(ParseError::Truncated(data_start))?
+            .to_vec();
         pos = data_end.div_ceil(4) * 4;
         if name == "TRAILER!!!" {
             return Ok(members);
         }
-        members.push(ParsedMember { name, mode, rdev: (rmaj, rmin), data });
+        members.push(ParsedMember {
+            name,
+            mode,
+            rdev: (rmaj, rmin),
+            data,
+        });
     }
 }
 
@@ -159,10 +190,25 @@ mod tests {
 
     fn sample() -> Vec<Entry> {
         vec![
-            Entry::Dir { path: "bin".into(), mode: 0o755 },
-            Entry::File { path: "bin/hello".into(), mode: 0o755, data: b"hello world".to_vec() },
-            Entry::Symlink { path: "bin/sh".into(), target: "hello".into() },
-            Entry::CharDevice { path: "console".into(), mode: 0o600, major: 5, minor: 1 },
+            Entry::Dir {
+                path: "bin".into(),
+                mode: 0o755,
+            },
+            Entry::File {
+                path: "bin/hello".into(),
+                mode: 0o755,
+                data: b"hello world".to_vec(),
+            },
+            Entry::Symlink {
+                path: "bin/sh".into(),
+                target: "hello".into(),
+            },
+            Entry::CharDevice {
+                path: "console".into(),
+                mode: 0o600,
+                major: 5,
+                minor: 1,
+            },
         ]
     }
 
@@ -193,7 +239,14 @@ mod tests {
 
     #[test]
     fn absolute_names_are_refused() {
-        let err = write_archive(&mut Vec::new(), &[Entry::Dir { path: "/bin".into(), mode: 0o755 }]).unwrap_err();
+        let err = write_archive(
+            &mut Vec::new(),
+            &[Entry::Dir {
+                path: "/bin".into(),
+                mode: 0o755,
+            }],
+        )
+        .unwrap_err();
         assert!(matches!(err, CpioError::BadName(_)));
     }
 
@@ -214,6 +267,9 @@ mod tests {
         child.stdin.take().unwrap().write_all(&bytes).unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success());
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "bin\nbin/hello\nbin/sh\nconsole\n");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "bin\nbin/hello\nbin/sh\nconsole\n"
+        );
     }
 }

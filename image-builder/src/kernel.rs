@@ -43,8 +43,15 @@ pub enum KernelError {
     ConfigDropped(Vec<String>),
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> KernelError + 'a {
-    move |source| KernelError::Io { action, path: path.to_path_buf(), source }
+fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> KernelError + 'a {
+    move |source| KernelError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// What to build.
@@ -81,12 +88,16 @@ pub fn parse_fragment(fragment: &str) -> Vec<ConfigRequirement> {
         .filter_map(|line| {
             if let Some(rest) = line.strip_prefix("# ") {
                 let symbol = rest.strip_suffix(" is not set")?;
-                symbol.starts_with("CONFIG_").then(|| ConfigRequirement { symbol: symbol.to_string(), value: None })
+                symbol.starts_with("CONFIG_").then(|| ConfigRequirement {
+                    symbol: symbol.to_string(),
+                    value: None,
+                })
             } else {
                 let (symbol, value) = line.split_once('=')?;
-                symbol
-                    .starts_with("CONFIG_")
-                    .then(|| ConfigRequirement { symbol: symbol.to_string(), value: Some(value.to_string()) })
+                symbol.starts_with("CONFIG_").then(|| ConfigRequirement {
+                    symbol: symbol.to_string(),
+                    value: Some(value.to_string()),
+                })
             }
         })
         .collect()
@@ -95,16 +106,21 @@ pub fn parse_fragment(fragment: &str) -> Vec<ConfigRequirement> {
 /// Requirements of `fragment` that the resolved `.config` text does not meet,
 /// rendered as the fragment line that was lost.
 pub fn missing_options(fragment: &str, dot_config: &str) -> Vec<String> {
-    let resolved: std::collections::HashMap<&str, &str> =
-        dot_config.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split_once('=')).collect();
+    let resolved: std::collections::HashMap<&str, &str> = dot_config
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .collect();
     parse_fragment(fragment)
         .into_iter()
-        .filter(|req| match (&req.value, resolved.get(req.symbol.as_str())) {
-            (None, None) => false,
-            (None, Some(_)) => true,
-            (Some(want), Some(got)) => want != got,
-            (Some(_), None) => true,
-        })
+        .filter(
+            |req| match (&req.value, resolved.get(req.symbol.as_str())) {
+                (None, None) => false,
+                (None, Some(_)) => true,
+                (Some(want), Some(got)) => want != got,
+                (Some(_), None) => true,
+            },
+        )
         .map(|req| match req.value {
             Some(v) => format!("{}={v}", req.symbol),
             None => format!("# {} is not set", req.symbol),
@@ -120,16 +136,25 @@ pub fn source_version() -> Result<String, KernelError> {
             return Err(KernelError::SourceNotInstalled);
         }
         eprintln!("genos-image: installing {SOURCE_PACKAGE}");
-        tools::run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends", SOURCE_PACKAGE]))?;
+        tools::run(Command::new("apt-get").args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            SOURCE_PACKAGE,
+        ]))?;
     }
-    let version = tools::output(Command::new("dpkg-query").args(["-W", "-f=${Version}", SOURCE_PACKAGE]))?;
+    let version =
+        tools::output(Command::new("dpkg-query").args(["-W", "-f=${Version}", SOURCE_PACKAGE]))?;
     Ok(version.trim().to_string())
 }
 
 /// The cache key of the kernel for `options` with source `version`.
 pub fn input_hash(version: &str, options: &KernelOptions) -> String {
     let mut hasher = InputHasher::new(RECIPE);
-    hasher.add("source-version", version.as_bytes()).add("config", options.config_fragment.as_bytes());
+    hasher
+        .add("source-version", version.as_bytes())
+        .add("config", options.config_fragment.as_bytes());
     hasher.finish()
 }
 
@@ -166,7 +191,10 @@ pub fn build(cache: &Cache, options: &KernelOptions) -> Result<Artifact, KernelE
     }
     let make = |dir: &Path, args: &[&str]| -> Result<(), KernelError> {
         let mut cmd = Command::new("make");
-        cmd.arg("-C").arg(&source).arg(format!("O={}", dir.display())).args(args);
+        cmd.arg("-C")
+            .arg(&source)
+            .arg(format!("O={}", dir.display()))
+            .args(args);
         tools::run(&mut cmd)?;
         Ok(())
     };
@@ -174,7 +202,8 @@ pub fn build(cache: &Cache, options: &KernelOptions) -> Result<Artifact, KernelE
     eprintln!("genos-image: configuring kernel {version}");
     make(&confdir, &["-s", "tinyconfig"])?;
     let fragment_path = confdir.join("genos.fragment");
-    fs::write(&fragment_path, &options.config_fragment).map_err(io_err("writing", &fragment_path))?;
+    fs::write(&fragment_path, &options.config_fragment)
+        .map_err(io_err("writing", &fragment_path))?;
     let conf_config = confdir.join(".config");
     tools::run(
         Command::new(source.join("scripts/kconfig/merge_config.sh"))
@@ -196,11 +225,21 @@ pub fn build(cache: &Cache, options: &KernelOptions) -> Result<Artifact, KernelE
         fs::write(&dot_config, &resolved).map_err(io_err("writing", &dot_config))?;
     }
 
-    eprintln!("genos-image: building vmlinux with {} jobs (about 5 minutes on 2 cores)", options.jobs);
-    make(&objdir, &[&format!("-j{}", options.jobs), "vmlinux", "bzImage"])?;
+    eprintln!(
+        "genos-image: building vmlinux with {} jobs (about 5 minutes on 2 cores)",
+        options.jobs
+    );
+    make(
+        &objdir,
+        &[&format!("-j{}", options.jobs), "vmlinux", "bzImage"],
+    )?;
 
     let staging = cache.stage(ArtifactKind::Kernel, &hash)?;
-    for (from, to) in [("vmlinux", "vmlinux"), ("arch/x86/boot/bzImage", "bzImage"), (".config", "config")] {
+    for (from, to) in [
+        ("vmlinux", "vmlinux"),
+        ("arch/x86/boot/bzImage", "bzImage"),
+        (".config", "config"),
+    ] {
         let src = objdir.join(from);
         fs::copy(&src, staging.path().join(to)).map_err(io_err("copying", &src))?;
     }
@@ -209,7 +248,14 @@ pub fn build(cache: &Cache, options: &KernelOptions) -> Result<Artifact, KernelE
         "source_version": version,
         "config_fragment_sha256": crate::cache::sha256_hex(options.config_fragment.as_bytes()),
     });
-    Ok(cache.publish(staging, ArtifactKind::Kernel, &hash, "vmlinux", started.elapsed(), inputs)?)
+    Ok(cache.publish(
+        staging,
+        ArtifactKind::Kernel,
+        &hash,
+        "vmlinux",
+        started.elapsed(),
+        inputs,
+    )?)
 }
 
 /// Extracts the source tarball once per package version.
@@ -225,7 +271,13 @@ fn prepare_source(cache: &Cache, version: &str) -> Result<PathBuf, KernelError> 
     let partial = cache.work_dir().join("kernel-src.partial");
     crate::cache::remove_tree(&partial)?;
     fs::create_dir_all(&partial).map_err(io_err("creating", &partial))?;
-    tools::run(Command::new("tar").arg("-xf").arg(SOURCE_TARBALL).arg("-C").arg(&partial))?;
+    tools::run(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(SOURCE_TARBALL)
+            .arg("-C")
+            .arg(&partial),
+    )?;
     fs::write(partial.join(".version"), version).map_err(io_err("writing", &partial))?;
     fs::rename(&partial, &base).map_err(io_err("renaming into", &base))?;
     // The object tree belongs to the old source; start afresh.
@@ -239,22 +291,37 @@ mod tests {
 
     #[test]
     fn fragment_parser_reads_set_and_unset_options() {
-        let reqs = parse_fragment("# comment\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_N=32\nnoise=1\n");
+        let reqs =
+            parse_fragment("# comment\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_N=32\nnoise=1\n");
         assert_eq!(
             reqs,
             vec![
-                ConfigRequirement { symbol: "CONFIG_A".into(), value: Some("y".into()) },
-                ConfigRequirement { symbol: "CONFIG_B".into(), value: None },
-                ConfigRequirement { symbol: "CONFIG_N".into(), value: Some("32".into()) },
+                ConfigRequirement {
+                    symbol: "CONFIG_A".into(),
+                    value: Some("y".into())
+                },
+                ConfigRequirement {
+                    symbol: "CONFIG_B".into(),
+                    value: None
+                },
+                ConfigRequirement {
+                    symbol: "CONFIG_N".into(),
+                    value: Some("32".into())
+                },
             ]
         );
     }
 
     #[test]
     fn missing_options_reports_dropped_and_unwanted_symbols() {
-        let fragment = "CONFIG_A=y\nCONFIG_B=y\n# CONFIG_MODULES is not set\n# CONFIG_C is not set\n";
-        let dot_config = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_MODULES=y\n# CONFIG_C is not set\n";
-        assert_eq!(missing_options(fragment, dot_config), vec!["CONFIG_B=y", "# CONFIG_MODULES is not set"]);
+        let fragment =
+            "CONFIG_A=y\nCONFIG_B=y\n# CONFIG_MODULES is not set\n# CONFIG_C is not set\n";
+        let dot_config =
+            "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_MODULES=y\n# CONFIG_C is not set\n";
+        assert_eq!(
+            missing_options(fragment, dot_config),
+            vec!["CONFIG_B=y", "# CONFIG_MODULES is not set"]
+        );
     }
 
     #[test]
@@ -268,18 +335,33 @@ mod tests {
             "CONFIG_PVH",
             "CONFIG_DEVMEM",
         ] {
-            assert!(reqs.iter().any(|r| r.symbol == symbol && r.value.as_deref() == Some("y")), "{symbol}");
+            assert!(
+                reqs.iter()
+                    .any(|r| r.symbol == symbol && r.value.as_deref() == Some("y")),
+                "{symbol}"
+            );
         }
-        assert!(reqs.iter().any(|r| r.symbol == "CONFIG_MODULES" && r.value.is_none()));
+        assert!(reqs
+            .iter()
+            .any(|r| r.symbol == "CONFIG_MODULES" && r.value.is_none()));
     }
 
     #[test]
     fn input_hash_changes_with_config_and_version() {
-        let options = KernelOptions { config_fragment: "CONFIG_A=y\n".into(), jobs: 1 };
-        let other = KernelOptions { config_fragment: "CONFIG_A=n\n".into(), jobs: 1 };
+        let options = KernelOptions {
+            config_fragment: "CONFIG_A=y\n".into(),
+            jobs: 1,
+        };
+        let other = KernelOptions {
+            config_fragment: "CONFIG_A=n\n".into(),
+            jobs: 1,
+        };
         assert_ne!(input_hash("1", &options), input_hash("2", &options));
         assert_ne!(input_hash("1", &options), input_hash("1", &other));
-        let more_jobs = KernelOptions { jobs: 8, ..options.clone() };
+        let more_jobs = KernelOptions {
+            jobs: 8,
+            ..options.clone()
+        };
         assert_eq!(input_hash("1", &options), input_hash("1", &more_jobs));
     }
 }

@@ -101,32 +101,55 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let cache = Cache::open(cli.cache_dir.as_deref())?;
     match cli.command {
-        Cmd::Kernel { config, jobs, bzimage } => {
+        Cmd::Kernel {
+            config,
+            jobs,
+            bzimage,
+        } => {
             let mut options = kernel::KernelOptions::default();
             if let Some(path) = config {
-                options.config_fragment =
-                    std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+                options.config_fragment = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("reading {}: {e}", path.display()))?;
             }
             if let Some(jobs) = jobs {
                 options.jobs = jobs.max(1);
             }
             let artifact = kernel::build(&cache, &options)?;
-            let path = if bzimage { artifact.dir.join("bzImage") } else { artifact.path() };
+            let path = if bzimage {
+                artifact.dir.join("bzImage")
+            } else {
+                artifact.path()
+            };
             println!("{}", path.display());
         }
         Cmd::Initramfs { busybox, agent } => {
-            let artifact = initramfs::build(&cache, &initramfs::InitramfsOptions { busybox, agent })?;
-            eprintln!("genos-image: initramfs is {} bytes", artifact.manifest.size_bytes);
+            let artifact =
+                initramfs::build(&cache, &initramfs::InitramfsOptions { busybox, agent })?;
+            eprintln!(
+                "genos-image: initramfs is {} bytes",
+                artifact.manifest.size_bytes
+            );
             println!("{}", artifact.path().display());
         }
-        Cmd::Rootfs { spec, out, catalog, mirror, agent } => {
-            let text = std::fs::read_to_string(&spec).map_err(|e| format!("reading {}: {e}", spec.display()))?;
+        Cmd::Rootfs {
+            spec,
+            out,
+            catalog,
+            mirror,
+            agent,
+        } => {
+            let text = std::fs::read_to_string(&spec)
+                .map_err(|e| format!("reading {}: {e}", spec.display()))?;
             let spec = Spec::from_json(&text).map_err(|e| format!("{}: {e}", spec.display()))?;
-            let mut options = rootfs::RootfsOptions { agent, ..Default::default() };
+            let mut options = rootfs::RootfsOptions {
+                agent,
+                ..Default::default()
+            };
             if let Some(path) = catalog {
-                let text =
-                    std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-                options.catalog = Catalog::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("reading {}: {e}", path.display()))?;
+                options.catalog =
+                    Catalog::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             }
             if let Some(mirror) = mirror {
                 options.mirror = mirror;
@@ -141,7 +164,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 let manifests: Vec<_> = artifacts.iter().map(|a| &a.manifest).collect();
                 println!("{}", serde_json::to_string_pretty(&manifests)?);
             } else {
-                println!("{:<10} {:<16} {:>12} {:>9}  PATH", "KIND", "HASH", "SIZE", "BUILD_S");
+                println!(
+                    "{:<10} {:<16} {:>12} {:>9}  PATH",
+                    "KIND", "HASH", "SIZE", "BUILD_S"
+                );
                 for a in &artifacts {
                     let m = &a.manifest;
                     println!(

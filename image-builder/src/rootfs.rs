@@ -33,10 +33,22 @@ pub const FS_LABEL: &str = "genos-root";
 
 /// Packages every base gets on top of minbase: an init, device manager, networking,
 /// privilege escalation for the user and TLS roots for apps.
-pub const BASE_PACKAGES: &[&str] = &["systemd-sysv", "udev", "dbus", "sudo", "iproute2", "ca-certificates"];
+pub const BASE_PACKAGES: &[&str] = &[
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "sudo",
+    "iproute2",
+    "ca-certificates",
+];
 /// Packages an X11 session needs besides the desktop's own.
-const X11_SESSION_PACKAGES: &[&str] =
-    &["xserver-xorg-core", "xserver-xorg-input-libinput", "xinit", "libpam-systemd", "fonts-dejavu-core"];
+const X11_SESSION_PACKAGES: &[&str] = &[
+    "xserver-xorg-core",
+    "xserver-xorg-input-libinput",
+    "xinit",
+    "libpam-systemd",
+    "fonts-dejavu-core",
+];
 /// Packages a Wayland kiosk (cage) session needs besides cage.
 const KIOSK_SESSION_PACKAGES: &[&str] = &["libpam-systemd", "fonts-dejavu-core"];
 
@@ -56,7 +68,9 @@ pub enum RootfsError {
         error: SpecError,
         suggestions: Vec<String>,
     },
-    #[error("building a root filesystem needs root (debootstrap creates device nodes and runs chroot)")]
+    #[error(
+        "building a root filesystem needs root (debootstrap creates device nodes and runs chroot)"
+    )]
     NotRoot,
     #[error("desktop {0:?} has no session recipe in genos-image")]
     NoSession(String),
@@ -67,7 +81,11 @@ pub enum RootfsError {
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error("not enough disk space in {dir}: {needed_mib} MiB needed, {free_mib} MiB free")]
-    NoSpace { dir: PathBuf, needed_mib: u64, free_mib: u64 },
+    NoSpace {
+        dir: PathBuf,
+        needed_mib: u64,
+        free_mib: u64,
+    },
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -85,13 +103,24 @@ fn suggestion_text(suggestions: &[String]) -> String {
     }
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RootfsError + 'a {
+fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> RootfsError + 'a {
     move |source| {
         if source.raw_os_error() == Some(libc::ENOSPC) {
             let free = tools::free_bytes(path.parent().unwrap_or(path)).unwrap_or(0);
-            RootfsError::NoSpace { dir: path.to_path_buf(), needed_mib: 0, free_mib: free / MIB }
+            RootfsError::NoSpace {
+                dir: path.to_path_buf(),
+                needed_mib: 0,
+                free_mib: free / MIB,
+            }
         } else {
-            RootfsError::Io { action, path: path.to_path_buf(), source }
+            RootfsError::Io {
+                action,
+                path: path.to_path_buf(),
+                source,
+            }
         }
     }
 }
@@ -110,7 +139,10 @@ impl Default for RootfsOptions {
     fn default() -> Self {
         RootfsOptions {
             catalog: Catalog::embedded(),
-            mirror: std::env::var(MIRROR_ENV).ok().filter(|m| !m.is_empty()).unwrap_or(DEFAULT_MIRROR.into()),
+            mirror: std::env::var(MIRROR_ENV)
+                .ok()
+                .filter(|m| !m.is_empty())
+                .unwrap_or(DEFAULT_MIRROR.into()),
             user: DEFAULT_USER.into(),
             agent: None,
         }
@@ -134,7 +166,10 @@ pub fn session_for(spec: &Spec, catalog: &Catalog) -> Result<Session, RootfsErro
         command: Some(format!("startx {program} -- -nolisten tcp vt1")),
     };
     match spec.desktop.as_str() {
-        "none" => Ok(Session { packages: Vec::new(), command: None }),
+        "none" => Ok(Session {
+            packages: Vec::new(),
+            command: None,
+        }),
         "xfce" => Ok(x11("/usr/bin/startxfce4")),
         "lxqt" => Ok(x11("/usr/bin/startlxqt")),
         "kde" => Ok(x11("/usr/bin/startplasma-x11")),
@@ -150,7 +185,10 @@ pub fn session_for(spec: &Spec, catalog: &Catalog) -> Result<Session, RootfsErro
                 .cloned()
                 .unwrap_or_else(|| app.clone());
             Ok(Session {
-                packages: KIOSK_SESSION_PACKAGES.iter().map(|p| p.to_string()).collect(),
+                packages: KIOSK_SESSION_PACKAGES
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect(),
                 command: Some(format!("cage -- {program}")),
             })
         }
@@ -159,7 +197,10 @@ pub fn session_for(spec: &Spec, catalog: &Catalog) -> Result<Session, RootfsErro
 }
 
 /// Catalog names (keys and synonyms) close to `wanted`, best first.
-pub fn suggest<'a>(wanted: &str, names: impl Iterator<Item = (&'a String, &'a [String])>) -> Vec<String> {
+pub fn suggest<'a>(
+    wanted: &str,
+    names: impl Iterator<Item = (&'a String, &'a [String])>,
+) -> Vec<String> {
     let wanted = wanted.to_lowercase();
     let mut scored: Vec<(usize, String)> = Vec::new();
     for (key, synonyms) in names {
@@ -183,13 +224,24 @@ pub fn check_spec(spec: &Spec, catalog: &Catalog) -> Result<(), RootfsError> {
         Err(error) => error,
     };
     let suggestions = match &error {
-        SpecError::UnknownBase(name, _) => {
-            suggest(name, catalog.bases.iter().map(|(k, v)| (k, v.synonyms.as_slice())))
-        }
-        SpecError::UnknownDesktop(name, _) => {
-            suggest(name, catalog.desktops.iter().map(|(k, v)| (k, v.synonyms.as_slice())))
-        }
-        SpecError::UnknownApp(name) => suggest(name, catalog.apps.iter().map(|(k, v)| (k, v.synonyms.as_slice()))),
+        SpecError::UnknownBase(name, _) => suggest(
+            name,
+            catalog
+                .bases
+                .iter()
+                .map(|(k, v)| (k, v.synonyms.as_slice())),
+        ),
+        SpecError::UnknownDesktop(name, _) => suggest(
+            name,
+            catalog
+                .desktops
+                .iter()
+                .map(|(k, v)| (k, v.synonyms.as_slice())),
+        ),
+        SpecError::UnknownApp(name) => suggest(
+            name,
+            catalog.apps.iter().map(|(k, v)| (k, v.synonyms.as_slice())),
+        ),
         _ => Vec::new(),
     };
     Err(RootfsError::Spec { error, suggestions })
@@ -217,7 +269,13 @@ fn plan(spec: &Spec, options: &RootfsOptions) -> Result<Plan, RootfsError> {
         }
     }
     packages.sort();
-    Ok(Plan { suite, packages, session, hostname: spec.name.clone(), disk_gib: u64::from(spec.disk_gib) })
+    Ok(Plan {
+        suite,
+        packages,
+        session,
+        hostname: spec.name.clone(),
+        disk_gib: u64::from(spec.disk_gib),
+    })
 }
 
 fn require_root_and_tools() -> Result<(), RootfsError> {
@@ -239,7 +297,11 @@ fn require_root_and_tools() -> Result<(), RootfsError> {
 fn check_space(dir: &Path, needed: u64) -> Result<(), RootfsError> {
     let free = tools::free_bytes(dir).map_err(io_err("inspecting", dir))?;
     if free < needed {
-        return Err(RootfsError::NoSpace { dir: dir.to_path_buf(), needed_mib: needed / MIB, free_mib: free / MIB });
+        return Err(RootfsError::NoSpace {
+            dir: dir.to_path_buf(),
+            needed_mib: needed / MIB,
+            free_mib: free / MIB,
+        });
     }
     Ok(())
 }
@@ -247,7 +309,9 @@ fn check_space(dir: &Path, needed: u64) -> Result<(), RootfsError> {
 /// Returns the cached base layer for `suite`, debootstrapping it on a miss.
 pub fn build_base(cache: &Cache, suite: &str, mirror: &str) -> Result<Artifact, RootfsError> {
     let mut hasher = InputHasher::new(BASE_RECIPE);
-    hasher.add("suite", suite.as_bytes()).add("mirror", mirror.as_bytes());
+    hasher
+        .add("suite", suite.as_bytes())
+        .add("mirror", mirror.as_bytes());
     hasher.add("packages", BASE_PACKAGES.join(",").as_bytes());
     let hash = hasher.finish();
     if let Some(hit) = cache.lookup(ArtifactKind::Base, &hash)? {
@@ -274,13 +338,18 @@ pub fn build_base(cache: &Cache, suite: &str, mirror: &str) -> Result<Artifact, 
         let log = fs::read_to_string(root.join("debootstrap/debootstrap.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(5).collect();
         return Err(match err {
-            ToolError::Failed { command, status, .. } => ToolError::Failed {
+            ToolError::Failed {
+                command, status, ..
+            } => ToolError::Failed {
                 command,
                 status,
                 hint: if tail.is_empty() {
                     String::new()
                 } else {
-                    format!("; debootstrap.log ends with: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | "))
+                    format!(
+                        "; debootstrap.log ends with: {}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                    )
                 },
             }
             .into(),
@@ -299,7 +368,14 @@ pub fn build_base(cache: &Cache, suite: &str, mirror: &str) -> Result<Artifact, 
     )?;
     crate::cache::remove_tree(&root)?;
     let inputs = serde_json::json!({ "suite": suite, "mirror": mirror, "packages": BASE_PACKAGES });
-    Ok(cache.publish(staging, ArtifactKind::Base, &hash, BASE_ARTIFACT, started.elapsed(), inputs)?)
+    Ok(cache.publish(
+        staging,
+        ArtifactKind::Base,
+        &hash,
+        BASE_ARTIFACT,
+        started.elapsed(),
+        inputs,
+    )?)
 }
 
 /// Returns the cached root filesystem image for `spec`, building it (and its base
@@ -316,8 +392,13 @@ pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Arti
     let mut hasher = InputHasher::new(ROOTFS_RECIPE);
     hasher.add("base", base.manifest.input_hash.as_bytes());
     hasher.add("packages", plan.packages.join(",").as_bytes());
-    hasher.add("session", plan.session.command.as_deref().unwrap_or("").as_bytes());
-    hasher.add("user", options.user.as_bytes()).add("hostname", plan.hostname.as_bytes());
+    hasher.add(
+        "session",
+        plan.session.command.as_deref().unwrap_or("").as_bytes(),
+    );
+    hasher
+        .add("user", options.user.as_bytes())
+        .add("hostname", plan.hostname.as_bytes());
     hasher.add("disk_gib", plan.disk_gib.to_string().as_bytes());
     if let Some(agent) = &agent {
         hasher.add("agent", sha256_hex(agent).as_bytes());
@@ -336,7 +417,10 @@ pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Arti
     let root = staging.path().join("root");
     fs::create_dir_all(&root).map_err(io_err("creating", &root))?;
 
-    eprintln!("genos-image: unpacking base layer {}", &base.manifest.input_hash[..16]);
+    eprintln!(
+        "genos-image: unpacking base layer {}",
+        &base.manifest.input_hash[..16]
+    );
     tools::run(
         Command::new("tar")
             .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"])
@@ -372,16 +456,32 @@ pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Arti
         "disk_gib": plan.disk_gib,
         "content_bytes": content,
     });
-    Ok(cache.publish(staging, ArtifactKind::Rootfs, &hash, ROOTFS_ARTIFACT, started.elapsed(), inputs)?)
+    Ok(cache.publish(
+        staging,
+        ArtifactKind::Rootfs,
+        &hash,
+        ROOTFS_ARTIFACT,
+        started.elapsed(),
+        inputs,
+    )?)
 }
 
 /// Copies a cached image to `out` (sparse), via a temporary file renamed into place.
 pub fn write_out(artifact: &Artifact, out: &Path) -> Result<(), RootfsError> {
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "rootfs".into());
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "rootfs".into());
     let tmp = parent.join(format!(".{name}.partial.{}", std::process::id()));
     let result = tools::run(
-        Command::new("cp").args(["--sparse=always", "--reflink=auto"]).arg(artifact.path()).arg(&tmp),
+        Command::new("cp")
+            .args(["--sparse=always", "--reflink=auto"])
+            .arg(artifact.path())
+            .arg(&tmp),
     )
     .map_err(RootfsError::from)
     .and_then(|()| fs::rename(&tmp, out).map_err(io_err("renaming into", out)));
@@ -394,7 +494,14 @@ pub fn write_out(artifact: &Artifact, out: &Path) -> Result<(), RootfsError> {
 /// A stable UUID derived from the input hash (reproducible images).
 fn uuid_from_hash(hash: &str) -> String {
     let h = &hash[..32];
-    format!("{}-{}-4{}-8{}-{}", &h[..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+    format!(
+        "{}-{}-4{}-8{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
 }
 
 /// Bytes the files under `root` occupy (hard links counted once).
@@ -430,7 +537,13 @@ fn in_chroot(root: &Path, script: &str) -> Result<(), RootfsError> {
             .arg(mount_proc)
             .arg("chroot")
             .arg(root)
-            .args(["/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8"])
+            .args([
+                "/usr/bin/env",
+                "-i",
+                "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                "HOME=/root",
+                "LANG=C.UTF-8",
+            ])
             .args(["DEBIAN_FRONTEND=noninteractive", "/bin/sh", "-euc", script]),
     )?;
     Ok(())
@@ -446,7 +559,12 @@ fn write(root: &Path, rel: &str, contents: &str, mode: u32) -> Result<(), Rootfs
 }
 
 /// Turns an unpacked base into the spec's tree: packages, user, autologin, session.
-fn customise(root: &Path, plan: &Plan, options: &RootfsOptions, agent: Option<&[u8]>) -> Result<(), RootfsError> {
+fn customise(
+    root: &Path,
+    plan: &Plan,
+    options: &RootfsOptions,
+    agent: Option<&[u8]>,
+) -> Result<(), RootfsError> {
     // Keep package maintainer scripts from starting services inside the build chroot.
     write(root, "usr/sbin/policy-rc.d", "#!/bin/sh\nexit 101\n", 0o755)?;
     if let Ok(resolv) = fs::read_to_string("/etc/resolv.conf") {
@@ -454,7 +572,11 @@ fn customise(root: &Path, plan: &Plan, options: &RootfsOptions, agent: Option<&[
         write(root, "etc/resolv.conf", &resolv, 0o644)?;
     }
     if !plan.packages.is_empty() {
-        eprintln!("genos-image: installing {} packages: {}", plan.packages.len(), plan.packages.join(" "));
+        eprintln!(
+            "genos-image: installing {} packages: {}",
+            plan.packages.len(),
+            plan.packages.join(" ")
+        );
         in_chroot(
             root,
             &format!(
@@ -465,14 +587,42 @@ fn customise(root: &Path, plan: &Plan, options: &RootfsOptions, agent: Option<&[
     }
     let user = &options.user;
     write(root, "etc/hostname", &format!("{}\n", plan.hostname), 0o644)?;
-    write(root, "etc/hosts", &format!("127.0.0.1 localhost\n127.0.1.1 {}\n::1 localhost\n", plan.hostname), 0o644)?;
-    write(root, "etc/fstab", "# The root file system is mounted by the GenOS initramfs.\n", 0o644)?;
-    write(root, "etc/systemd/network/20-wired.network", "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n", 0o644)?;
-    write(root, &format!("etc/sudoers.d/{user}"), &format!("{user} ALL=(ALL) NOPASSWD:ALL\n"), 0o440)?;
+    write(
+        root,
+        "etc/hosts",
+        &format!(
+            "127.0.0.1 localhost\n127.0.1.1 {}\n::1 localhost\n",
+            plan.hostname
+        ),
+        0o644,
+    )?;
+    write(
+        root,
+        "etc/fstab",
+        "# The root file system is mounted by the GenOS initramfs.\n",
+        0o644,
+    )?;
+    write(
+        root,
+        "etc/systemd/network/20-wired.network",
+        "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n",
+        0o644,
+    )?;
+    write(
+        root,
+        &format!("etc/sudoers.d/{user}"),
+        &format!("{user} ALL=(ALL) NOPASSWD:ALL\n"),
+        0o440,
+    )?;
     let autologin = |agetty_args: &str| {
         format!("[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin {user} {agetty_args}\n")
     };
-    write(root, "etc/systemd/system/getty@tty1.service.d/autologin.conf", &autologin("--noclear %I $TERM"), 0o644)?;
+    write(
+        root,
+        "etc/systemd/system/getty@tty1.service.d/autologin.conf",
+        &autologin("--noclear %I $TERM"),
+        0o644,
+    )?;
     write(
         root,
         "etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf",
@@ -496,7 +646,8 @@ fn customise(root: &Path, plan: &Plan, options: &RootfsOptions, agent: Option<&[
         let bin = root.join("usr/local/bin/genos-agent");
         fs::create_dir_all(bin.parent().expect("has parent")).map_err(io_err("creating", &bin))?;
         fs::write(&bin, agent).map_err(io_err("writing", &bin))?;
-        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", &bin))?;
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
+            .map_err(io_err("chmod", &bin))?;
         write(
             root,
             "etc/systemd/system/genos-agent.service",
@@ -507,7 +658,10 @@ fn customise(root: &Path, plan: &Plan, options: &RootfsOptions, agent: Option<&[
     }
     in_chroot(root, &script)?;
     write(root, &format!("home/{user}/.bash_profile"), &profile, 0o644)?;
-    in_chroot(root, &format!("chown {user}:{user} /home/{user}/.bash_profile"))?;
+    in_chroot(
+        root,
+        &format!("chown {user}:{user} /home/{user}/.bash_profile"),
+    )?;
     // Leave a clean tree: no build-only policy, no package lists, a fresh machine id.
     for rel in ["usr/sbin/policy-rc.d", "etc/machine-id"] {
         let _ = fs::remove_file(root.join(rel));
@@ -515,7 +669,10 @@ fn customise(root: &Path, plan: &Plan, options: &RootfsOptions, agent: Option<&[
     write(root, "etc/machine-id", "", 0o444)?;
     let lists = root.join("var/lib/apt/lists");
     if lists.is_dir() {
-        for entry in fs::read_dir(&lists).map_err(io_err("listing", &lists))?.flatten() {
+        for entry in fs::read_dir(&lists)
+            .map_err(io_err("listing", &lists))?
+            .flatten()
+        {
             if entry.path().is_file() {
                 let _ = fs::remove_file(entry.path());
             }
@@ -565,7 +722,10 @@ mod tests {
     #[test]
     fn xfce_session_starts_x_with_the_desktop() {
         let session = session_for(&spec("xfce", &[]), &Catalog::embedded()).unwrap();
-        assert!(session.command.unwrap().starts_with("startx /usr/bin/startxfce4"));
+        assert!(session
+            .command
+            .unwrap()
+            .starts_with("startx /usr/bin/startxfce4"));
         assert!(session.packages.iter().any(|p| p == "xserver-xorg-core"));
     }
 

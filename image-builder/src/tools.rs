@@ -22,7 +22,11 @@ pub enum ToolError {
         source: io::Error,
     },
     #[error("`{command}` failed ({status}){hint}")]
-    Failed { command: String, status: String, hint: String },
+    Failed {
+        command: String,
+        status: String,
+        hint: String,
+    },
 }
 
 /// Finds `tool` in PATH.
@@ -44,7 +48,10 @@ pub fn find(tool: &str) -> Option<PathBuf> {
 pub fn require(tools: &[(&str, &str)]) -> Result<(), ToolError> {
     for (tool, package) in tools {
         if find(tool).is_none() {
-            return Err(ToolError::Missing { tool: tool.to_string(), package: package.to_string() });
+            return Err(ToolError::Missing {
+                tool: tool.to_string(),
+                package: package.to_string(),
+            });
         }
     }
     Ok(())
@@ -80,7 +87,11 @@ pub fn run_with_hint(cmd: &mut Command, hint: &str) -> Result<(), ToolError> {
     if status.success() {
         Ok(())
     } else {
-        Err(ToolError::Failed { command: describe(cmd), status: status.to_string(), hint: hint.to_string() })
+        Err(ToolError::Failed {
+            command: describe(cmd),
+            status: status.to_string(),
+            hint: hint.to_string(),
+        })
     }
 }
 
@@ -104,14 +115,24 @@ pub fn output(cmd: &mut Command) -> Result<String, ToolError> {
 
 fn spawn_error(tool: &str, source: io::Error) -> ToolError {
     if source.kind() == io::ErrorKind::NotFound {
-        ToolError::Missing { tool: tool.to_string(), package: package_hint(tool).to_string() }
+        ToolError::Missing {
+            tool: tool.to_string(),
+            package: package_hint(tool).to_string(),
+        }
     } else {
-        ToolError::Spawn { tool: tool.to_string(), source }
+        ToolError::Spawn {
+            tool: tool.to_string(),
+            source,
+        }
     }
 }
 
 fn package_hint(tool: &str) -> &'static str {
-    match Path::new(tool).file_name().and_then(OsStr::to_str).unwrap_or(tool) {
+    match Path::new(tool)
+        .file_name()
+        .and_then(OsStr::to_str)
+        .unwrap_or(tool)
+    {
         "debootstrap" => "debootstrap",
         "mkfs.ext4" | "e2fsck" | "debugfs" => "e2fsprogs",
         "busybox" => "busybox-static",
@@ -140,7 +161,10 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     }
     // SAFETY: statvfs returned 0, so it fully initialised `stat`.
     let stat = unsafe { stat.assume_init() };
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+    // The field types differ between libc targets, hence the conversions.
+    #[allow(clippy::useless_conversion)]
+    let free = u64::from(stat.f_bavail) * u64::from(stat.f_frsize);
+    Ok(free)
 }
 
 #[cfg(test)]

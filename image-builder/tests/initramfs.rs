@@ -8,7 +8,10 @@ use image_builder::cpio::parse_archive;
 use image_builder::initramfs::{self, InitramfsOptions, INIT_SCRIPT, MAX_COMPRESSED_BYTES};
 
 fn temp_cache(name: &str) -> Cache {
-    let root = std::env::temp_dir().join(format!("genos-initramfs-test-{name}-{}", std::process::id()));
+    let root = std::env::temp_dir().join(format!(
+        "genos-initramfs-test-{name}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&root);
     Cache::at(root).unwrap()
 }
@@ -17,7 +20,10 @@ fn busybox_installed() -> bool {
     if PathBuf::from(initramfs::DEFAULT_BUSYBOX).is_file() {
         return true;
     }
-    eprintln!("skipping: {} missing (install busybox-static)", initramfs::DEFAULT_BUSYBOX);
+    eprintln!(
+        "skipping: {} missing (install busybox-static)",
+        initramfs::DEFAULT_BUSYBOX
+    );
     false
 }
 
@@ -31,20 +37,41 @@ fn initramfs_holds_init_busybox_and_console_within_size_limit() {
     let artifact = initramfs::build(&cache, &InitramfsOptions::default()).unwrap();
 
     let compressed = std::fs::read(artifact.path()).unwrap();
-    assert!(compressed.len() as u64 <= MAX_COMPRESSED_BYTES, "{} bytes", compressed.len());
+    assert!(
+        compressed.len() as u64 <= MAX_COMPRESSED_BYTES,
+        "{} bytes",
+        compressed.len()
+    );
     assert_eq!(artifact.manifest.size_bytes, compressed.len() as u64);
     let mut archive = Vec::new();
-    flate2::read::GzDecoder::new(&compressed[..]).read_to_end(&mut archive).unwrap();
+    flate2::read::GzDecoder::new(&compressed[..])
+        .read_to_end(&mut archive)
+        .unwrap();
     let members = parse_archive(&archive).unwrap();
-    let find = |name: &str| members.iter().find(|m| m.name == name).unwrap_or_else(|| panic!("{name} missing"));
+    let find = |name: &str| {
+        members
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
     let init = find("init");
     assert_eq!(init.mode, 0o100_755);
     assert_eq!(init.data, INIT_SCRIPT.as_bytes());
-    assert_eq!(find("bin/busybox").data, std::fs::read(initramfs::DEFAULT_BUSYBOX).unwrap());
+    assert_eq!(
+        find("bin/busybox").data,
+        std::fs::read(initramfs::DEFAULT_BUSYBOX).unwrap()
+    );
     let console = find("dev/console");
-    assert_eq!((console.mode & 0o170_000, console.rdev), (0o020_000, (5, 1)));
+    assert_eq!(
+        (console.mode & 0o170_000, console.rdev),
+        (0o020_000, (5, 1))
+    );
     for dir in ["proc", "sys", "dev", "mnt/root", "tmp"] {
-        assert_eq!(find(dir).mode & 0o170_000, 0o040_000, "{dir} is not a directory");
+        assert_eq!(
+            find(dir).mode & 0o170_000,
+            0o040_000,
+            "{dir} is not a directory"
+        );
     }
     std::fs::remove_dir_all(cache.root()).unwrap();
 }
@@ -62,7 +89,10 @@ fn initramfs_is_reproducible_and_cached() {
 
     assert_eq!(again.dir, first.dir, "second build must hit the cache");
     assert_eq!(again.manifest, first.manifest);
-    assert_eq!(std::fs::read(first.path()).unwrap(), std::fs::read(elsewhere.path()).unwrap());
+    assert_eq!(
+        std::fs::read(first.path()).unwrap(),
+        std::fs::read(elsewhere.path()).unwrap()
+    );
     std::fs::remove_dir_all(first_cache.root()).unwrap();
     std::fs::remove_dir_all(second_cache.root()).unwrap();
 }
@@ -74,12 +104,18 @@ fn dynamic_agent_is_refused_and_nothing_is_cached() {
     }
     let cache = temp_cache("agent");
     // /bin/ls is dynamically linked on Debian; the initramfs has no C library for it.
-    let options = InitramfsOptions { agent: Some(PathBuf::from("/bin/ls")), ..Default::default() };
+    let options = InitramfsOptions {
+        agent: Some(PathBuf::from("/bin/ls")),
+        ..Default::default()
+    };
 
     let err = initramfs::build(&cache, &options).unwrap_err();
 
     assert!(err.to_string().contains("dynamically linked"), "{err}");
     assert!(cache.list().unwrap().is_empty());
-    assert_eq!(std::fs::read_dir(cache.root().join("tmp")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(cache.root().join("tmp")).unwrap().count(),
+        0
+    );
     std::fs::remove_dir_all(cache.root()).unwrap();
 }

@@ -17,7 +17,9 @@ fn cached_kernel() -> Option<image_builder::cache::Artifact> {
 
 #[test]
 fn kernel_config_keeps_every_required_option_after_olddefconfig() {
-    let Some(artifact) = cached_kernel() else { return };
+    let Some(artifact) = cached_kernel() else {
+        return;
+    };
 
     let resolved = std::fs::read_to_string(artifact.dir.join("config")).unwrap();
 
@@ -64,10 +66,16 @@ fn has_pvh_note(elf: &[u8]) -> bool {
 
 #[test]
 fn vmlinux_has_a_pvh_entry_point() {
-    let Some(artifact) = cached_kernel() else { return };
+    let Some(artifact) = cached_kernel() else {
+        return;
+    };
 
     let elf = std::fs::read(artifact.path()).unwrap();
 
     assert_eq!(&elf[..5], b"\x7fELF\x02");
-    assert!(has_pvh_note(&elf), "no XEN_ELFNOTE_PHYS32_ENTRY note in {}", artifact.path().display());
+    assert!(
+        has_pvh_note(&elf),
+        "no XEN_ELFNOTE_PHYS32_ENTRY note in {}",
+        artifact.path().display()
+    );
 }

@@ -13,7 +13,7 @@ use image_builder::cache::Cache;
 use image_builder::initramfs::{self, InitramfsOptions, READY_LINE};
 use image_builder::tools;
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Kills QEMU if the test fails before it exits by itself.
 struct KillOnDrop(Child);
@@ -27,9 +27,26 @@ impl Drop for KillOnDrop {
 
 /// Runs QEMU and returns the console lines up to and including the first one containing
 /// `until`, or every line seen if it never came.
-fn boot(kernel: &PathBuf, initrd: &PathBuf, append: &str, extra: &[&str], until: &str) -> (bool, Vec<String>) {
+fn boot(
+    kernel: &PathBuf,
+    initrd: &PathBuf,
+    append: &str,
+    extra: &[&str],
+    until: &str,
+) -> (bool, Vec<String>) {
     let child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-M", "microvm,acpi=off", "-m", "256", "-smp", "1", "-nographic", "-no-reboot"])
+        .args([
+            "-accel",
+            "tcg",
+            "-M",
+            "microvm,acpi=off",
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+        ])
         .args(["-nodefaults", "-serial", "stdio"])
         .arg("-kernel")
         .arg(kernel)
@@ -83,7 +100,9 @@ fn inputs() -> Option<(PathBuf, PathBuf)> {
         Some(path) => PathBuf::from(path),
         None => {
             let cache = Cache::open(None).unwrap();
-            initramfs::build(&cache, &InitramfsOptions::default()).unwrap().path()
+            initramfs::build(&cache, &InitramfsOptions::default())
+                .unwrap()
+                .path()
         }
     };
     Some((kernel, initrd))
@@ -91,20 +110,90 @@ fn inputs() -> Option<(PathBuf, PathBuf)> {
 
 #[test]
 fn initramfs_init_prints_ready_line_under_qemu_tcg() {
-    let Some((kernel, initrd)) = inputs() else { return };
+    let Some((kernel, initrd)) = inputs() else {
+        return;
+    };
 
-    let (ready, lines) = boot(&kernel, &initrd, "console=ttyS0 panic=-1 genos.exit=reboot", &[], READY_LINE);
+    let (ready, lines) = boot(
+        &kernel,
+        &initrd,
+        "console=ttyS0 panic=-1 genos.exit=reboot",
+        &[],
+        READY_LINE,
+    );
 
-    assert!(ready, "no {READY_LINE:?} within {BOOT_TIMEOUT:?}; console:\n{}", lines.join("\n"));
-    assert!(lines.iter().any(|l| l.contains("Run /init as init process")), "{}", lines.join("\n"));
+    assert!(
+        ready,
+        "no {READY_LINE:?} within {BOOT_TIMEOUT:?}; console:\n{}",
+        lines.join("\n")
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("Run /init as init process")),
+        "{}",
+        lines.join("\n")
+    );
 }
 
 #[test]
 fn initramfs_without_root_disk_stays_with_a_shell() {
-    let Some((kernel, initrd)) = inputs() else { return };
+    let Some((kernel, initrd)) = inputs() else {
+        return;
+    };
 
-    let (stayed, lines) = boot(&kernel, &initrd, "console=ttyS0 panic=-1", &[], "staying in the initramfs");
+    let (stayed, lines) = boot(
+        &kernel,
+        &initrd,
+        "console=ttyS0 panic=-1",
+        &[],
+        "staying in the initramfs",
+    );
 
     assert!(stayed, "console:\n{}", lines.join("\n"));
     assert!(lines.iter().any(|l| l.contains(READY_LINE)));
+}
+
+/// Slow (about two minutes of TCG): the initramfs switches into a minimal root
+/// filesystem from `genos-image rootfs` and systemd logs the user in on the serial
+/// console. Run with `cargo test -p genos-image --test qemu_boot -- --ignored`.
+#[test]
+#[ignore]
+fn minimal_rootfs_boots_to_autologin_under_qemu_tcg() {
+    let Some((kernel, initrd)) = inputs() else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: building the root filesystem needs root");
+        return;
+    }
+    let json = serde_json::json!({
+        "version": 1, "name": "minimal", "base": "debian-12", "desktop": "none", "apps": [],
+        "vcpus": 1, "memory_mib": 512, "disk_gib": 1,
+        "display": {"width": 1280, "height": 720, "fps": 30},
+        "network": {"mode": "none", "allow": []},
+        "lifetime": {"ttl_s": null, "idle_s": null},
+        "persistence": "ephemeral", "assumptions": []
+    });
+    let spec = proto::spec::Spec::from_json(&json.to_string()).unwrap();
+    let cache = Cache::open(None).unwrap();
+    let artifact = image_builder::rootfs::build(&cache, &spec, &Default::default()).unwrap();
+    let disk = std::env::temp_dir().join(format!("genos-boot-test-{}.ext4", std::process::id()));
+    image_builder::rootfs::write_out(&artifact, &disk).unwrap();
+    let drive = format!("id=root,file={},format=raw,if=none", disk.display());
+
+    let (logged_in, lines) = boot(
+        &kernel,
+        &initrd,
+        "console=ttyS0 panic=-1",
+        &["-drive", &drive, "-device", "virtio-blk-device,drive=root"],
+        "(automatic login)",
+    );
+
+    std::fs::remove_file(&disk).unwrap();
+    assert!(logged_in, "console:\n{}", lines.join("\n"));
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("genos-init: switching to /dev/vda")));
 }

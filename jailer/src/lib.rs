@@ -11,6 +11,7 @@
 
 pub mod cgroup;
 pub mod cli;
+pub mod net;
 pub mod plan;
 pub mod run;
 pub mod sys;

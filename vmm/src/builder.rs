@@ -24,8 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::x86_64::boot::{write_boot_params, BootConfig, BootError};
 use crate::arch::x86_64::cpuid::template_kernel_args;
 use crate::arch::x86_64::layout::{
-    BOOT_TIMER_SIZE, BOOT_TIMER_START, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START,
-    MMIO_GAP_START,
+    BOOT_TIMER_SIZE, BOOT_TIMER_START, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_GAP_START,
 };
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::arch::x86_64::regs::{write_boot_tables, RegsError};
@@ -68,7 +67,9 @@ pub enum BuildError {
         source: std::io::Error,
     },
     /// The kernel is neither a loadable ELF nor a bzImage.
-    #[error("cannot load kernel {path}: not a loadable ELF vmlinux ({elf}) nor bzImage ({bzimage})")]
+    #[error(
+        "cannot load kernel {path}: not a loadable ELF vmlinux ({elf}) nor bzImage ({bzimage})"
+    )]
     Kernel {
         /// The kernel file.
         path: PathBuf,
@@ -262,6 +263,19 @@ pub fn kernel_cmdline(config: &VmConfig, devices_fragment: &str) -> Result<Cmdli
     Ok(cmdline)
 }
 
+fn stdin_is_pollable() -> bool {
+    // SAFETY: `st` is plain data that fstat fills; fd 0 may be closed, which fstat reports.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable stat buffer.
+    if unsafe { libc::fstat(libc::STDIN_FILENO, &mut st) } != 0 {
+        return false;
+    }
+    matches!(st.st_mode & libc::S_IFMT, libc::S_IFIFO | libc::S_IFSOCK)
+        || (st.st_mode & libc::S_IFMT == libc::S_IFCHR
+        // SAFETY: isatty only inspects the descriptor.
+        && unsafe { libc::isatty(libc::STDIN_FILENO) } == 1)
+}
+
 /// The legacy devices and what the VMM keeps of them.
 struct Legacy {
     reset_evt: EventFd,
@@ -295,8 +309,10 @@ fn attach_legacy(
         output.open().map_err(DeviceManagerError::from)?,
         exit.clone(),
     ));
+    // Console input only from something epoll can watch (a terminal, pipe or socket);
+    // /dev/null or a regular file as stdin means "no input".
     let input = match serial_config {
-        SerialConfig::Stdout => stdin_input().ok(),
+        SerialConfig::Stdout if stdin_is_pollable() => stdin_input().ok(),
         _ => None,
     };
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(legacy_err("serial"))?;
@@ -318,8 +334,12 @@ fn attach_legacy(
 
     let timer = BootTimer::new(vmm_start);
     let boot_time = timer.boot_time_handle();
-    mmio.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_START, BOOT_TIMER_SIZE)
-        .map_err(bus_err("boot timer"))?;
+    mmio.insert(
+        Arc::new(Mutex::new(timer)),
+        BOOT_TIMER_START,
+        BOOT_TIMER_SIZE,
+    )
+    .map_err(bus_err("boot timer"))?;
 
     Ok(Legacy {
         reset_evt,
@@ -362,7 +382,15 @@ pub fn build_and_start(
     }
     let mut pio = devices.pio_bus().clone();
     let mut mmio = devices.mmio_bus().clone();
-    let legacy = attach_legacy(&vm, em, &config.serial, &exit, vmm_start, &mut pio, &mut mmio)?;
+    let legacy = attach_legacy(
+        &vm,
+        em,
+        &config.serial,
+        &exit,
+        vmm_start,
+        &mut pio,
+        &mut mmio,
+    )?;
 
     let cmdline = kernel_cmdline(config, &devices.kernel_cmdline())?;
     let cmdline_str = cmdline

@@ -213,6 +213,7 @@ pub struct DeviceManager {
     reset_evt: Option<EventFd>,
     boot_time: Option<Arc<OnceLock<Duration>>>,
     slots: Vec<MmioSlot>,
+    block_count: usize,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     metrics: BTreeMap<String, Arc<dyn DeviceMetrics>>,
 }
@@ -235,6 +236,7 @@ impl DeviceManager {
             reset_evt: None,
             boot_time: None,
             slots: Vec::new(),
+            block_count: 0,
             transports: Vec::new(),
             metrics: BTreeMap::new(),
         }
@@ -264,14 +266,19 @@ impl DeviceManager {
         let out = config.serial.open()?;
         let serial = Serial::new(serial_irq, out, config.serial_input)
             .map_err(DeviceManagerError::Serial)?;
-        self.add_metrics("serial", serial.metrics())?;
+        self.register_metrics("serial", serial.metrics())?;
         let serial = Arc::new(Mutex::new(serial));
-        self.insert_pio("serial", serial.clone(), layout.serial_port, SERIAL_PORT_LEN)?;
+        self.insert_pio(
+            "serial",
+            serial.clone(),
+            layout.serial_port,
+            SERIAL_PORT_LEN,
+        )?;
         event_manager.add_subscriber(serial);
 
         let reset_evt = new_eventfd()?;
         let i8042 = I8042::new(reset_evt.try_clone().map_err(DeviceManagerError::EventFd)?);
-        self.add_metrics("i8042", i8042.metrics())?;
+        self.register_metrics("i8042", i8042.metrics())?;
         self.insert_pio(
             "i8042",
             Arc::new(Mutex::new(i8042)),
@@ -307,15 +314,13 @@ impl DeviceManager {
         V: VmIoRegistrar + ?Sized,
         E: SubscriberOps<Subscriber = Arc<Mutex<dyn MutEventSubscriber>>>,
     {
-        let index = self
-            .metrics
-            .keys()
-            .filter(|name| name.starts_with("block"))
-            .count();
-        let name = format!("block{index}");
+        let name = format!("block{}", self.block_count);
         let block = Block::new(path, read_only, &name)?;
         let metrics = block.metrics();
-        self.attach_virtio_device(vm, event_manager, &name, Arc::new(Mutex::new(block)), metrics)
+        let block = Arc::new(Mutex::new(block));
+        let slot = self.attach_virtio_device(vm, event_manager, &name, block, metrics)?;
+        self.block_count += 1;
+        Ok(slot)
     }
 
     /// Adds a virtio-rng device named `rng`.
@@ -384,10 +389,12 @@ impl DeviceManager {
         }
 
         let interrupt = Arc::new(MmioInterrupt::new(irq_evt));
-        let transport = MmioTransport::new(device.clone(), self.mem.clone(), interrupt)
-            .map_err(|source| DeviceManagerError::Transport {
-                device: name.into(),
-                source,
+        let transport =
+            MmioTransport::new(device.clone(), self.mem.clone(), interrupt).map_err(|source| {
+                DeviceManagerError::Transport {
+                    device: name.into(),
+                    source,
+                }
             })?;
         let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
@@ -430,7 +437,9 @@ impl DeviceManager {
             })
     }
 
-    fn add_metrics(&mut self, name: &str, metrics: Arc<dyn DeviceMetrics>) -> Result<()> {
+    /// Adds counters of a device built outside the device manager to
+    /// [`DeviceManager::device_metrics`] under `name`.
+    pub fn register_metrics(&mut self, name: &str, metrics: Arc<dyn DeviceMetrics>) -> Result<()> {
         if self.metrics.contains_key(name) {
             return Err(DeviceManagerError::DuplicateName(name.into()));
         }
@@ -503,4 +512,328 @@ impl DeviceMetrics for VirtioMetrics {
 
 fn new_eventfd() -> Result<EventFd> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::os::fd::AsRawFd;
+
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::*;
+
+    /// Records what would have been registered with KVM, keeping clones of the eventfds.
+    #[derive(Default)]
+    struct Recorder {
+        ioevents: RefCell<Vec<(EventFd, u64, u32)>>,
+        irqfds: RefCell<Vec<(EventFd, u32)>>,
+        fail_irqfd: bool,
+    }
+
+    impl VmIoRegistrar for Recorder {
+        fn register_mmio_ioevent(&self, fd: &EventFd, addr: u64, datamatch: u32) -> io::Result<()> {
+            self.ioevents
+                .borrow_mut()
+                .push((fd.try_clone()?, addr, datamatch));
+            Ok(())
+        }
+        fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()> {
+            if self.fail_irqfd {
+                return Err(io::Error::from_raw_os_error(libc::EBUSY));
+            }
+            self.irqfds.borrow_mut().push((fd.try_clone()?, gsi));
+            Ok(())
+        }
+    }
+
+    impl Recorder {
+        fn irq(&self, gsi: u32) -> EventFd {
+            let irqfds = self.irqfds.borrow();
+            let (fd, _) = irqfds.iter().find(|(_, g)| *g == gsi).unwrap();
+            fd.try_clone().unwrap()
+        }
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+    }
+
+    fn legacy() -> LegacyDevicesConfig {
+        LegacyDevicesConfig {
+            serial: SerialOutput::Sink,
+            serial_input: None,
+        }
+    }
+
+    fn read32(bus: &Bus, addr: u64) -> u32 {
+        let mut b = [0u8; 4];
+        assert!(bus.read(addr, &mut b), "nothing at {addr:#x}");
+        u32::from_le_bytes(b)
+    }
+
+    fn write32(bus: &Bus, addr: u64, value: u32) {
+        assert!(bus.write(addr, &value.to_le_bytes()));
+    }
+
+    fn disk() -> TempFile {
+        let file = TempFile::new().unwrap();
+        file.as_file().set_len(4096).unwrap();
+        file
+    }
+
+    #[test]
+    fn legacy_devices_sit_at_their_layout_addresses() {
+        let vm = Recorder::default();
+        let mut em = EventManager::new().unwrap();
+        let mut dm = DeviceManager::new(mem(), Instant::now());
+
+        dm.attach_legacy_devices(&vm, &mut em, legacy()).unwrap();
+
+        // COM1: LSR says the transmitter is empty.
+        let mut lsr = [0u8];
+        assert!(dm.pio_bus().read(0x3fd, &mut lsr));
+        assert_ne!(lsr[0] & 0x20, 0);
+        assert_eq!(vm.irqfds.borrow()[0].1, 4);
+        // i8042 reset.
+        assert!(dm.pio_bus().write(0x64, &[0xfe]));
+        assert_eq!(dm.reset_evt().unwrap().read().unwrap(), 1);
+        // Boot timer.
+        assert_eq!(dm.boot_time(), None);
+        assert!(dm.mmio_bus().write(0xd000_0000, &[123]));
+        assert!(dm.boot_time().is_some());
+        assert_eq!(dm.kernel_cmdline(), "");
+    }
+
+    #[test]
+    fn virtio_devices_get_consecutive_slots_irqs_and_cmdline_entries() {
+        let vm = Recorder::default();
+        let mut em = EventManager::new().unwrap();
+        let mut dm = DeviceManager::new(mem(), Instant::now());
+        let image = disk();
+
+        let blk = dm
+            .attach_block(&vm, &mut em, image.as_path(), false)
+            .unwrap();
+        let rng = dm.attach_rng(&vm, &mut em).unwrap();
+
+        assert_eq!((blk.base, blk.irq), (0xd000_1000, 5));
+        assert_eq!((rng.base, rng.irq), (0xd000_2000, 6));
+        assert_eq!(
+            dm.kernel_cmdline(),
+            " virtio_mmio.device=4K@0xd0001000:5 virtio_mmio.device=4K@0xd0002000:6"
+        );
+        assert_eq!(read32(dm.mmio_bus(), 0xd000_1000), 0x7472_6976);
+        assert_eq!(read32(dm.mmio_bus(), 0xd000_1008), 2);
+        assert_eq!(read32(dm.mmio_bus(), 0xd000_2008), 4);
+        let gsis: Vec<u32> = vm.irqfds.borrow().iter().map(|(_, g)| *g).collect();
+        assert_eq!(gsis, vec![5, 6]);
+        let ioevents: Vec<(u64, u32)> = vm
+            .ioevents
+            .borrow()
+            .iter()
+            .map(|(_, a, d)| (*a, *d))
+            .collect();
+        assert_eq!(ioevents, vec![(0xd000_1050, 0), (0xd000_2050, 0)]);
+    }
+
+    #[test]
+    fn ioeventfd_is_the_queue_eventfd_of_the_device() {
+        let vm = Recorder::default();
+        let mut em = EventManager::new().unwrap();
+        let mut dm = DeviceManager::new(mem(), Instant::now());
+        let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let metrics = rng.lock().unwrap().metrics();
+        dm.attach_virtio_device(&vm, &mut em, "rng", rng.clone(), metrics)
+            .unwrap();
+
+        // What KVM would do on the guest's QUEUE_NOTIFY write.
+        vm.ioevents.borrow()[0].0.write(1).unwrap();
+
+        assert_eq!(rng.lock().unwrap().queue_events()[0].read().unwrap(), 1);
+    }
+
+    #[test]
+    fn guest_driver_runs_a_block_request_end_to_end() {
+        let vm = Recorder::default();
+        let mut em = EventManager::new().unwrap();
+        let memory = mem();
+        let mut dm = DeviceManager::new(memory.clone(), Instant::now());
+        let image = disk();
+        std::fs::write(image.as_path(), [0x42u8; 4096]).unwrap();
+        let slot = dm
+            .attach_block(&vm, &mut em, image.as_path(), false)
+            .unwrap();
+        let irq = vm.irq(slot.irq);
+        let bus = dm.mmio_bus().clone();
+        let base = slot.base;
+
+        // Driver: reset, negotiate VERSION_1, set up queue 0, DRIVER_OK.
+        let vq = MockSplitQueue::new(&memory, 16);
+        write32(&bus, base + 0x70, 0);
+        write32(&bus, base + 0x70, 1);
+        write32(&bus, base + 0x70, 3);
+        write32(&bus, base + 0x24, 1);
+        write32(&bus, base + 0x20, 1); // VERSION_1 is bit 32
+        write32(&bus, base + 0x70, 11);
+        assert_eq!(read32(&bus, base + 0x70), 11);
+        write32(&bus, base + 0x30, 0);
+        write32(&bus, base + 0x38, 16);
+        write32(&bus, base + 0x80, vq.desc_table_addr().0 as u32);
+        write32(&bus, base + 0x90, vq.avail_addr().0 as u32);
+        write32(&bus, base + 0xa0, vq.used_addr().0 as u32);
+        write32(&bus, base + 0x44, 1);
+        write32(&bus, base + 0x70, 15);
+        assert_eq!(read32(&bus, base + 0x70), 15);
+
+        // A one-sector read.
+        let (hdr, data, status) = (0x10_0000u64, 0x10_1000u64, 0x10_2000u64);
+        memory.write_slice(&[0u8; 16], GuestAddress(hdr)).unwrap();
+        let chain = [
+            (hdr, 16, 0u16),
+            (
+                data,
+                512,
+                virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16,
+            ),
+            (
+                status,
+                1,
+                virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16,
+            ),
+        ];
+        let descs: Vec<_> = chain
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| {
+                let next = if i < 2 {
+                    virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16
+                } else {
+                    0
+                };
+                virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+                    addr,
+                    len,
+                    flags | next,
+                    i as u16 + 1,
+                ))
+            })
+            .collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        write32(&bus, base + 0x50, 0);
+        em.run_with_timeout(1000).unwrap();
+
+        assert_eq!(vq.used().idx().load(), 1);
+        assert_eq!(memory.read_obj::<u8>(GuestAddress(status)).unwrap(), 0);
+        let mut got = [0u8; 512];
+        memory.read_slice(&mut got, GuestAddress(data)).unwrap();
+        assert_eq!(got, [0x42; 512]);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(read32(&bus, base + 0x60), 1);
+        write32(&bus, base + 0x64, 1);
+        assert_eq!(read32(&bus, base + 0x60), 0);
+
+        let metrics = dm.device_metrics();
+        assert_eq!(metrics["block0"]["device"]["reads"], 1);
+        assert_eq!(metrics["block0"]["transport"]["activations"], 1);
+    }
+
+    #[test]
+    fn metrics_are_keyed_by_device_name() {
+        let vm = Recorder::default();
+        let mut em = EventManager::new().unwrap();
+        let mut dm = DeviceManager::new(mem(), Instant::now());
+        let (a, b) = (disk(), disk());
+        dm.attach_legacy_devices(&vm, &mut em, legacy()).unwrap();
+        dm.attach_block(&vm, &mut em, a.as_path(), true).unwrap();
+        dm.attach_block(&vm, &mut em, b.as_path(), false).unwrap();
+        dm.attach_rng(&vm, &mut em).unwrap();
+
+        let metrics = dm.device_metrics();
+
+        let keys: Vec<&String> = metrics.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["block0", "block1", "i8042", "rng", "serial"]);
+        assert_eq!(metrics["serial"]["bytes_out"], 0);
+        assert_eq!(metrics["rng"]["device"]["requests"], 0);
+    }
+
+    #[test]
+    fn slots_run_out_when_irqs_do() {
+        let vm = Recorder::default();
+        let mut em = EventManager::new().unwrap();
+        let mut dm = DeviceManager::new(mem(), Instant::now());
+        for i in 0..19 {
+            let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+            let m = rng.lock().unwrap().metrics();
+            dm.attach_virtio_device(&vm, &mut em, &format!("rng{i}"), rng, m)
+                .unwrap();
+        }
+        let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let m = rng.lock().unwrap().metrics();
+
+        let err = dm
+            .attach_virtio_device(&vm, &mut em, "one-too-many", rng, m)
+            .unwrap_err();
+
+        assert!(matches!(err, DeviceManagerError::NoSlot(_)));
+        assert_eq!(dm.virtio_slots().last().unwrap().irq, 23);
+    }
+
+    #[test]
+    fn device_manager_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<DeviceManager>();
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let vm = Recorder::default();
+        let mut em = EventManager::new().unwrap();
+        let mut dm = DeviceManager::new(mem(), Instant::now());
+        dm.attach_rng(&vm, &mut em).unwrap();
+        let err = dm.attach_rng(&vm, &mut em).unwrap_err();
+        assert!(matches!(err, DeviceManagerError::DuplicateName(_)));
+    }
+
+    #[test]
+    fn kvm_refusals_are_reported_with_the_device() {
+        let vm = Recorder {
+            fail_irqfd: true,
+            ..Recorder::default()
+        };
+        let mut em = EventManager::new().unwrap();
+        let mut dm = DeviceManager::new(mem(), Instant::now());
+        let err = dm.attach_rng(&vm, &mut em).unwrap_err();
+        assert!(err.to_string().contains("rng"), "{err}");
+        assert!(err.to_string().contains("GSI 5"), "{err}");
+    }
+
+    #[test]
+    fn missing_disk_image_is_a_block_error() {
+        let vm = Recorder::default();
+        let mut em = EventManager::new().unwrap();
+        let mut dm = DeviceManager::new(mem(), Instant::now());
+        let err = dm
+            .attach_block(&vm, &mut em, Path::new("/nonexistent.img"), false)
+            .unwrap_err();
+        assert!(matches!(err, DeviceManagerError::Block(_)));
+        assert!(dm.virtio_slots().is_empty());
+    }
+
+    #[test]
+    fn serial_irq_eventfd_is_the_registered_irqfd() {
+        let vm = Recorder::default();
+        let mut em = EventManager::new().unwrap();
+        let mut dm = DeviceManager::new(mem(), Instant::now());
+        dm.attach_legacy_devices(&vm, &mut em, legacy()).unwrap();
+        let irq = vm.irq(4);
+
+        // Enable the THR-empty interrupt: the UART raises its line at once.
+        assert!(dm.pio_bus().write(0x3f9, &[0x02]));
+
+        assert_eq!(irq.read().unwrap(), 1);
+        assert!(irq.as_raw_fd() >= 0);
+    }
 }

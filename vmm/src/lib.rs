@@ -13,3 +13,4 @@ pub mod vstate;
 pub mod builder;
 pub mod device_manager;
 pub mod vmm;
+pub mod sandbox;

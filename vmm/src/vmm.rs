@@ -209,7 +209,10 @@ impl Vmm {
             }
             if let Err(e) = self.event_manager.run() {
                 // EINTR-like hiccups aside, a broken epoll cannot recover.
-                break VmExit::new(ExitStatus::InternalError, format!("event loop failed: {e:?}"));
+                break VmExit::new(
+                    ExitStatus::InternalError,
+                    format!("event loop failed: {e:?}"),
+                );
             }
             let fired: Vec<Wake> =
                 std::mem::take(&mut *self.fired.lock().unwrap_or_else(|e| e.into_inner()));
@@ -324,7 +327,9 @@ impl VmmController for Vmm {
             }),
             VmmAction::Metrics => VmmResponse::Metrics(self.metrics()),
             VmmAction::InjectInput { .. } => {
-                return Err(ActionError::NoSuchDevice("the VM has no input device".into()))
+                return Err(ActionError::NoSuchDevice(
+                    "the VM has no input device".into(),
+                ))
             }
             VmmAction::SetDisplaySize { .. } | VmmAction::GetFramebuffer => {
                 return Err(ActionError::NoSuchDevice("the VM has no display".into()))

@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -585,6 +585,8 @@ fn bind_replaces_stale_sockets_and_refuses_live_ones_and_files() {
     let sock = dir.as_path().join("api.sock");
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap()); // leaves a stale socket file
     let live = server::bind(&sock).unwrap();
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "only the owner may control the VM");
     assert!(matches!(
         server::bind(&sock),
         Err(server::ServerError::InUse(_))

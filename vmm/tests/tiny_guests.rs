@@ -23,7 +23,10 @@ fn guest_prints_over_the_uart_and_resets_through_the_i8042() {
     }
     let run = run_guest("hello", &[], &[]);
     assert_eq!(run.status, Some(3), "{run:?}");
-    assert!(run.stdout.contains("Hello from the tiny guest\n"), "{run:?}");
+    assert!(
+        run.stdout.contains("Hello from the tiny guest\n"),
+        "{run:?}"
+    );
     assert!(run.stderr.contains("reset through the i8042"), "{run:?}");
 }
 
@@ -33,7 +36,10 @@ fn unclaimed_port_reads_return_all_ones() {
         return;
     }
     let run = run_guest("hello", &[], &[]);
-    assert!(run.stdout.contains("unclaimed port reads 000000ff\n"), "{run:?}");
+    assert!(
+        run.stdout.contains("unclaimed port reads 000000ff\n"),
+        "{run:?}"
+    );
 }
 
 #[test]
@@ -126,7 +132,10 @@ fn several_vcpus_start_and_stop_with_the_guest() {
     }
     let run = run_guest("hello", &[], &["--vcpus", "4"]);
     assert_eq!(run.status, Some(3), "{run:?}");
-    assert!(run.stdout.contains("Hello from the tiny guest\n"), "{run:?}");
+    assert!(
+        run.stdout.contains("Hello from the tiny guest\n"),
+        "{run:?}"
+    );
 }
 
 #[test]

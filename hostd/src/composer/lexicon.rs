@@ -26,7 +26,7 @@ pub static CPU_WORD: LazyLock<Regex> =
     LazyLock::new(|| re(r"\b(single|dual|quad|hexa|octa)[- ]?(?:core|cpu)\b"));
 
 /// "1920x1080", "2560 x 1440".
-pub static RESOLUTION: LazyLock<Regex> = LazyLock::new(|| re(r"\b(\d{3,4})\s*[x×]\s*(\d{3,4})\b"));
+pub static RESOLUTION: LazyLock<Regex> = LazyLock::new(|| re(r"\b(\d{2,6})\s*[x×]\s*(\d{2,6})\b"));
 /// "1080p", "4k", "full hd", "qhd".
 pub static RESOLUTION_NAME: LazyLock<Regex> = LazyLock::new(|| {
     re(r"\b(480p|720p|1080p|1440p|2160p|4k|uhd|ultra hd|full ?hd|fhd|qhd|2k|hd ready|hd)\b")
@@ -82,7 +82,7 @@ pub static EPHEMERAL: LazyLock<Regex> = LazyLock::new(|| {
 });
 /// Files kept across stops.
 pub static PERSISTENT: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"\b(persistent|persist|persists|persistence|keep (?:all )?(?:my |the |our )?(?:files|data|work|stuff|changes|documents|home|projects?|state|home directory)|save (?:my |the |our )?(?:files|work|data|changes|state|stuff|progress)|(?:files|data|work|changes|stuff) (?:should |must |to |will |need to )?(?:persist|survive|stick around|be kept|be saved|stay)|(?:don't|do not|never) lose (?:my |any )?(?:files|work|data|stuff|changes)|keep (?:it|everything) between sessions|remember my (?:files|stuff|work)|keeps? my files)\b")
+    re(r"\b(persistent|persist|persists|persistence|keep (?:all )?(?:my |the |our |her |his |their )?(?:files|data|work|stuff|changes|documents|home|projects?|state|home directory|bookmarks|settings|mail|notebooks|drawings|photos|downloads)|save (?:my |the |our |her |his |their )?(?:files|work|data|changes|state|stuff|progress|notebooks|drawings)|(?:files|data|work|changes|stuff) (?:should |must |to |will |need to )?(?:persist|survive|stick around|be kept|be saved|stay)|(?:don't|do not|never) lose (?:my |any )?(?:files|work|data|stuff|changes)|keep (?:it|everything) between sessions|remember my (?:files|stuff|work)|keeps? my files)\b")
 });
 
 /// "call it dev-box", "named scratchpad".
@@ -183,8 +183,16 @@ pub const FILLER: &[&str] = &[
     "lower", "resolution", "hidpi", "retina", "wide", "widescreen", "ultrawide", "hz", "smooth",
     "connected", "connect", "connectivity", "outbound", "inbound", "traffic", "firewall", "firewalled",
     "sites", "domains", "domain", "hosts", "urls", "url", "list", "nothing", "else", "everything",
-    "whole", "entire", "rest", "am", "pm", "o'clock", "am", "hrs", "mins",
+    "whole", "entire", "rest", "am", "pm", "o'clock", "am", "hrs", "mins", "preferably", "ideally",
+    "perhaps", "possibly", "fine", "okay", "alright", "idle", "timeout", "inactivity", "inactive",
 ];
+
+/// Catalog names too common in plain English to be matched on their own; their synonyms
+/// ("golang") still match.
+pub const NOT_ALONE: &[&str] = &["go", "none"];
+
+/// Words asking for every app there is: the composer asks which ones instead.
+pub const EVERYTHING: &[&str] = &["everything", "anything", "all"];
 
 /// Words after which the next word is expected to be an app name.
 pub const APP_SLOT: &[&str] = &[

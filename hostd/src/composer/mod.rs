@@ -157,8 +157,9 @@ impl Composer {
             for s in lx::NO_DESKTOP_PHRASES {
                 phrases.insert((*s).into(), Target::Desktop("none".into()));
             }
-            // "none" alone is too common a word to mean "no desktop".
-            phrases.remove("none");
+        }
+        for w in lx::NOT_ALONE {
+            phrases.remove(*w);
         }
         let longest_phrase = phrases.keys().map(|p| p.split(' ').count()).max().unwrap_or(1);
         let mut fuzzy: Vec<(String, Target)> = phrases
@@ -446,8 +447,8 @@ impl Composer {
             };
             let secs = (value * per_unit).round() as u64;
             let phrase = st.work.text[range.clone()].to_string();
-            let before = st.work.words_before(range.start, 6);
-            let after = st.work.words_after(range.end, 3);
+            let before = st.work.clause_before(range.start, 6);
+            let after = st.work.clause_after(range.end, 3);
             let idle = before.iter().chain(after.iter()).any(|w| lx::IDLE_WORDS.contains(w))
                 || st.work.text[..range.start].ends_with("no one uses it for ")
                 || after.windows(2).any(|p| p == ["without", "use"]);
@@ -678,6 +679,7 @@ impl Composer {
     }
 
     fn read_typos(&self, st: &mut State) -> Result<(), Clarify> {
+        self.read_two_word_typos(st)?;
         let words: Vec<(Range<usize>, String)> =
             st.work.words().into_iter().map(|(r, w)| (r, w.to_string())).collect();
         for (r, w) in words {
@@ -714,17 +716,59 @@ impl Composer {
         Ok(())
     }
 
+    /// "libre offfice": two adjacent unknown words close to a two-word catalog phrase.
+    fn read_two_word_typos(&self, st: &mut State) -> Result<(), Clarify> {
+        let words: Vec<(Range<usize>, String)> =
+            st.work.words().into_iter().map(|(r, w)| (r, w.to_string())).collect();
+        let mut i = 0;
+        while i + 1 < words.len() {
+            let (a, b) = (&words[i], &words[i + 1]);
+            let unknown = |w: &str| !lx::FILLER.contains(&w) && w.chars().all(|c| c.is_ascii_alphabetic());
+            if b.0.start != a.0.end + 1 || !(unknown(&a.1) || unknown(&b.1)) {
+                i += 1;
+                continue;
+            }
+            let pair = format!("{} {}", a.1, b.1);
+            let hit = self
+                .phrases
+                .iter()
+                .filter(|(p, t)| {
+                    p.split(' ').count() == 2 && p.len() >= 8 && matches!(t, Target::App(_) | Target::Desktop(_))
+                })
+                .map(|(p, t)| (strsim::damerau_levenshtein(&pair, p), p, t))
+                .filter(|(d, _, _)| *d == 1)
+                .min_by(|x, y| x.1.cmp(y.1));
+            if let Some((_, p, t)) = hit {
+                st.assumptions.push(format!("read \"{pair}\" as {}", target_name(t)));
+                st.work.consume(a.0.start..b.0.end);
+                self.apply_target(st, t.clone(), p, false)?;
+                i += 2;
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
     fn check_leftovers(&self, st: &mut State) -> Result<(), Clarify> {
         for (r, w) in st.work.words() {
+            let in_slot = |st: &State| {
+                st.work
+                    .words_before(r.start, 3)
+                    .into_iter()
+                    .find(|p| !matches!(*p, "a" | "an" | "the" | "some" | "also"))
+                    .is_some_and(|p| lx::APP_SLOT.contains(&p))
+            };
+            if lx::EVERYTHING.contains(&w) && in_slot(st) && st.apps.is_empty() {
+                return Err(clarify(
+                    "Which apps should it have? Name them (for example firefox, libreoffice, vlc).",
+                    &["firefox", "libreoffice", "vlc", "gimp"],
+                ));
+            }
             if lx::FILLER.contains(&w) || w.len() < 3 || !w.chars().next().is_some_and(|c| c.is_alphabetic()) {
                 continue;
             }
-            let prev = st
-                .work
-                .words_before(r.start, 3)
-                .into_iter()
-                .find(|p| !matches!(*p, "a" | "an" | "the" | "some" | "also" | "my"));
-            if prev.is_some_and(|p| lx::APP_SLOT.contains(&p)) {
+            if in_slot(st) {
                 let mut scored: Vec<(f64, &String)> =
                     self.catalog.apps.keys().map(|a| (strsim::jaro_winkler(w, a), a)).collect();
                 scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
@@ -832,6 +876,11 @@ impl Composer {
                 } else if st.wants_desktop {
                     st.assumptions.push(format!("desktop {} (default desktop)", self.defaults.desktop));
                     self.defaults.desktop.clone()
+                } else if st.apps.is_empty() {
+                    return Err(clarify(
+                        "Should the environment have a graphical desktop, and which apps?",
+                        &["xfce desktop", "headless (no desktop)"],
+                    ));
                 } else {
                     st.assumptions.push("no desktop, since nothing asked for needs one".into());
                     "none".to_string()
@@ -1125,7 +1174,7 @@ mod tests {
 
     #[test]
     fn units_and_words_are_read() {
-        let s = spec("two cores, 4 gigs of ram and a 50 GB disk, 1080p at 60 fps");
+        let s = spec("xfce, two cores, 4 gigs of ram and a 50 GB disk, 1080p at 60 fps");
         assert_eq!((s.vcpus, s.memory_mib, s.disk_gib), (2, 4096, 50));
         assert_eq!((s.display.width, s.display.height, s.display.fps), (1920, 1080, 60));
         assert_eq!(spec("half a gig of memory, headless").memory_mib, 512);

@@ -18,7 +18,7 @@ pub fn normalise(input: &str) -> String {
             }
             // A dot is kept only between two alphanumerics ("node.js", "24.04", "github.com").
             '.' => {
-                if prev.is_some_and(|p| p.is_alphanumeric()) && next.is_some_and(|n| n.is_alphanumeric()) {
+                if prev.is_some_and(|p| p.is_alphanumeric() || p == '*') && next.is_some_and(|n| n.is_alphanumeric()) {
                     spaced.push('.');
                 } else {
                     spaced.push(' ');
@@ -95,6 +95,15 @@ fn rewrite_numbers(words: &[&str]) -> Vec<String> {
                 i += 5;
                 continue;
             }
+        }
+        // "for the week" -> "for 1 week"
+        if w == "for" && next == "the" && matches!(next2, "day" | "week" | "hour" | "night") {
+            out.push("for".into());
+            let (n, unit) = if next2 == "night" { ("12", "hour") } else { ("1", next2) };
+            out.push(n.into());
+            out.push(unit.into());
+            i += 3;
+            continue;
         }
         if (w == "a" || w == "an") && is_unit_word(next) {
             out.push("1".into());
@@ -191,6 +200,16 @@ impl Work {
         self.text[pos.min(self.text.len())..].split_whitespace().take(n).collect()
     }
 
+    /// Like [`Work::words_after`], stopping at a comma.
+    pub fn clause_after(&self, pos: usize, n: usize) -> Vec<&str> {
+        self.words_after(pos, n).into_iter().take_while(|w| *w != ",").collect()
+    }
+
+    /// Like [`Work::words_before`], stopping at a comma.
+    pub fn clause_before(&self, pos: usize, n: usize) -> Vec<&str> {
+        self.words_before(pos, n).into_iter().take_while(|w| *w != ",").collect()
+    }
+
     /// Up to `n` words of the full text before byte `pos`, nearest first.
     pub fn words_before(&self, pos: usize, n: usize) -> Vec<&str> {
         self.text[..pos.min(self.text.len())].split_whitespace().rev().take(n).collect()
@@ -218,6 +237,7 @@ mod tests {
         assert_eq!(normalise("only github.com, pypi.org."), "only github.com , pypi.org");
         assert_eq!(normalise("Ubuntu 24.04!"), "ubuntu 24.04");
         assert_eq!(normalise("node.js + git"), "node.js and git");
+        assert_eq!(normalise("and *.docker.io"), "and *.docker.io");
     }
 
     #[test]

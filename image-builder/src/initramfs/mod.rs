@@ -38,7 +38,9 @@ pub enum InitramfsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0} is dynamically linked; the initramfs needs the static busybox from busybox-static")]
+    #[error(
+        "{0} is dynamically linked; the initramfs needs the static busybox from busybox-static"
+    )]
     BusyboxNotStatic(PathBuf),
     #[error("reading agent {path}: {source}")]
     Agent {
@@ -70,7 +72,10 @@ pub struct InitramfsOptions {
 
 impl Default for InitramfsOptions {
     fn default() -> Self {
-        InitramfsOptions { busybox: PathBuf::from(DEFAULT_BUSYBOX), agent: None }
+        InitramfsOptions {
+            busybox: PathBuf::from(DEFAULT_BUSYBOX),
+            agent: None,
+        }
     }
 }
 
@@ -97,12 +102,25 @@ pub fn elf_is_static(bytes: &[u8]) -> Option<bool> {
 
 /// The archive's entries for the given binaries.
 pub fn entries(busybox: Vec<u8>, agent: Option<Vec<u8>>) -> Vec<Entry> {
-    let dir = |path: &str| Entry::Dir { path: path.to_string(), mode: 0o755 };
+    let dir = |path: &str| Entry::Dir {
+        path: path.to_string(),
+        mode: 0o755,
+    };
     let mut entries = vec![
         dir("bin"),
         dir("dev"),
-        Entry::CharDevice { path: "dev/console".into(), mode: 0o600, major: 5, minor: 1 },
-        Entry::CharDevice { path: "dev/null".into(), mode: 0o666, major: 1, minor: 3 },
+        Entry::CharDevice {
+            path: "dev/console".into(),
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
+        Entry::CharDevice {
+            path: "dev/null".into(),
+            mode: 0o666,
+            major: 1,
+            minor: 3,
+        },
         dir("etc"),
         dir("mnt"),
         dir("mnt/root"),
@@ -111,13 +129,31 @@ pub fn entries(busybox: Vec<u8>, agent: Option<Vec<u8>>) -> Vec<Entry> {
         dir("run"),
         dir("sbin"),
         dir("sys"),
-        Entry::Dir { path: "tmp".into(), mode: 0o1777 },
-        Entry::File { path: "bin/busybox".into(), mode: 0o755, data: busybox },
-        Entry::Symlink { path: "bin/sh".into(), target: "busybox".into() },
-        Entry::File { path: "init".into(), mode: 0o755, data: INIT_SCRIPT.as_bytes().to_vec() },
+        Entry::Dir {
+            path: "tmp".into(),
+            mode: 0o1777,
+        },
+        Entry::File {
+            path: "bin/busybox".into(),
+            mode: 0o755,
+            data: busybox,
+        },
+        Entry::Symlink {
+            path: "bin/sh".into(),
+            target: "busybox".into(),
+        },
+        Entry::File {
+            path: "init".into(),
+            mode: 0o755,
+            data: INIT_SCRIPT.as_bytes().to_vec(),
+        },
     ];
     if let Some(agent) = agent {
-        entries.push(Entry::File { path: "sbin/genos-agent".into(), mode: 0o755, data: agent });
+        entries.push(Entry::File {
+            path: "sbin/genos-agent".into(),
+            mode: 0o755,
+            data: agent,
+        });
     }
     entries
 }
@@ -131,14 +167,19 @@ pub fn pack(entries: &[Entry]) -> Result<Vec<u8>, InitramfsError> {
 
 /// Returns the cached initramfs, building it on a miss.
 pub fn build(cache: &Cache, options: &InitramfsOptions) -> Result<Artifact, InitramfsError> {
-    let busybox = fs::read(&options.busybox)
-        .map_err(|source| InitramfsError::Busybox { path: options.busybox.clone(), source })?;
+    let busybox = fs::read(&options.busybox).map_err(|source| InitramfsError::Busybox {
+        path: options.busybox.clone(),
+        source,
+    })?;
     if elf_is_static(&busybox) != Some(true) {
         return Err(InitramfsError::BusyboxNotStatic(options.busybox.clone()));
     }
     let agent = match &options.agent {
         Some(path) => {
-            let bytes = fs::read(path).map_err(|source| InitramfsError::Agent { path: path.clone(), source })?;
+            let bytes = fs::read(path).map_err(|source| InitramfsError::Agent {
+                path: path.clone(),
+                source,
+            })?;
             if elf_is_static(&bytes) != Some(true) {
                 return Err(InitramfsError::AgentNotStatic(path.clone()));
             }
@@ -147,7 +188,9 @@ pub fn build(cache: &Cache, options: &InitramfsOptions) -> Result<Artifact, Init
         None => None,
     };
     let mut hasher = InputHasher::new(RECIPE);
-    hasher.add("busybox", sha256_hex(&busybox).as_bytes()).add("init", INIT_SCRIPT.as_bytes());
+    hasher
+        .add("busybox", sha256_hex(&busybox).as_bytes())
+        .add("init", INIT_SCRIPT.as_bytes());
     if let Some(agent) = &agent {
         hasher.add("agent", sha256_hex(agent).as_bytes());
     }
@@ -168,12 +211,21 @@ pub fn build(cache: &Cache, options: &InitramfsOptions) -> Result<Artifact, Init
     });
     let packed = pack(&entries(busybox, agent))?;
     if packed.len() as u64 > MAX_COMPRESSED_BYTES {
-        return Err(InitramfsError::TooLarge { size: packed.len() as u64 });
+        return Err(InitramfsError::TooLarge {
+            size: packed.len() as u64,
+        });
     }
     let staging = cache.stage(ArtifactKind::Initramfs, &hash)?;
     let path = staging.path().join(ARTIFACT_NAME);
     write_file(&path, &packed)?;
-    Ok(cache.publish(staging, ArtifactKind::Initramfs, &hash, ARTIFACT_NAME, started.elapsed(), inputs)?)
+    Ok(cache.publish(
+        staging,
+        ArtifactKind::Initramfs,
+        &hash,
+        ARTIFACT_NAME,
+        started.elapsed(),
+        inputs,
+    )?)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), InitramfsError> {
@@ -182,7 +234,10 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), InitramfsError> {
         file.write_all(bytes)?;
         file.sync_all()
     };
-    write().map_err(|source| InitramfsError::Write { path: path.to_path_buf(), source })
+    write().map_err(|source| InitramfsError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]

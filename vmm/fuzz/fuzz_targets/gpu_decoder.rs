@@ -25,8 +25,9 @@ fuzz_target!(|data: &[u8]| {
             let _ = err.response_type();
         }
     }
-    // Feed the same bytes, split into requests of 1..=64 bytes' worth of commands, through a
-    // small device so that accepted commands also reach the resource and transfer code.
+    // Then run the input as a sequence of requests, each prefixed by a little-endian u16
+    // length, through a small device so that accepted commands also reach the resource,
+    // backing and transfer code.
     let mut state = GpuState::new(GpuConfig {
         max_resources: 16,
         max_host_memory: 4 << 20,
@@ -34,9 +35,9 @@ fuzz_target!(|data: &[u8]| {
     })
     .expect("device state");
     let mut rest = data;
-    while !rest.is_empty() {
-        let take = usize::from(rest[0]).clamp(1, rest.len());
-        let (request, tail) = rest.split_at(take);
+    while let [lo, hi, tail @ ..] = rest {
+        let take = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
+        let (request, tail) = tail.split_at(take);
         let out = state.process_request(memory(), request);
         assert!(out.len() >= decoder::HEADER_LEN);
         rest = tail;

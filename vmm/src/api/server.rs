@@ -14,7 +14,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -74,6 +74,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
         Err(e) => return Err(bind_error(e)),
     }
     let listener = UnixListener::bind(path).map_err(bind_error)?;
+    // Whoever can connect controls the VM: owner only.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
     listener.set_nonblocking(true).map_err(bind_error)?;
     Ok(listener)
 }
@@ -200,13 +202,14 @@ impl Server {
             } = &mut self;
             for (conn, pfd) in connections.iter_mut().zip(&pollfds[1..]) {
                 let revents = pfd.revents;
-                if revents & libc::POLLOUT != 0 {
+                // A hang-up or error with output pending: the write fails and drops it.
+                if revents & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0 {
                     flush(sender, conn);
                 }
                 if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
                     && conn.wants_read()
                 {
-                    receive(conn);
+                    receive(conn, limits);
                 }
                 serve(sender, limits, conn);
                 if conn.peer_closed && !conn.wants_write() {
@@ -253,19 +256,20 @@ impl Server {
 }
 
 /// Reads what is available into the connection's input buffer.
-fn receive(conn: &mut Connection) {
+fn receive(conn: &mut Connection, limits: &Limits) {
+    // One request's worth: the parser rejects anything longer, so more is never needed
+    // before the buffered request is answered.
+    let cap = limits.max_head_bytes + limits.max_body_bytes;
     let mut chunk = [0u8; 4096];
     loop {
         match conn.stream.read(&mut chunk) {
             Ok(0) => {
-                conn.dead = true;
+                conn.peer_closed = true;
                 return;
             }
             Ok(n) => {
                 conn.input.extend_from_slice(&chunk[..n]);
-                // Bounded: parse_request rejects a head or body over the limits, so
-                // stop reading once one request's worth is buffered.
-                if n < chunk.len() || conn.input.len() > 2 * 1024 * 1024 {
+                if n < chunk.len() || conn.input.len() >= cap {
                     return;
                 }
             }
@@ -402,5 +406,56 @@ fn framebuffer_response(fds: FramebufferFds) -> (Response, Option<FramebufferFds
             Response::error(500, &format!("cannot stat the framebuffer memfd: {e}")),
             None,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_arriving_with_eof_is_answered_before_closing() {
+        let (mut client, server_end) = UnixStream::pair().unwrap();
+        server_end.set_nonblocking(true).unwrap();
+        let mut conn = Connection::new(server_end);
+        // Exactly one read chunk, so that the same receive() also sees the EOF.
+        let head = "GET /nope HTTP/1.1\r\nX-Pad: ";
+        let pad = "a".repeat(4096 - head.len() - 4);
+        client
+            .write_all(format!("{head}{pad}\r\n\r\n").as_bytes())
+            .unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let (sender, _receiver) = crate::rpc::channel().unwrap();
+
+        receive(&mut conn, &Limits::default());
+        assert!(conn.peer_closed);
+        assert_eq!(conn.input.len(), 4096);
+        serve(&sender, &Limits::default(), &mut conn);
+
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap_or_default();
+        assert!(
+            answer.starts_with("HTTP/1.1 404 Not Found\r\n"),
+            "{answer:?}"
+        );
+    }
+
+    #[test]
+    fn receive_stops_buffering_at_one_request_worth() {
+        let (mut client, server_end) = UnixStream::pair().unwrap();
+        server_end.set_nonblocking(true).unwrap();
+        let mut conn = Connection::new(server_end);
+        let limits = Limits {
+            max_head_bytes: 1024,
+            max_headers: 8,
+            max_body_bytes: 1024,
+        };
+        let writer = std::thread::spawn(move || {
+            let _ = client.write_all(&vec![b'x'; 64 * 1024]);
+        });
+        receive(&mut conn, &limits);
+        assert!(conn.input.len() <= 2048 + 4096, "{}", conn.input.len());
+        drop(conn);
+        writer.join().unwrap();
     }
 }

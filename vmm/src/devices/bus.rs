@@ -55,7 +55,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         let overlaps = self
             .devices
             .keys()
@@ -71,7 +73,12 @@ impl Bus {
     pub fn get(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
         let (range, dev) = self
             .devices
-            .range(..=Range { base: addr, len: u64::MAX })
+            .range(
+                ..=Range {
+                    base: addr,
+                    len: u64::MAX,
+                },
+            )
             .next_back()?;
         (addr - range.base < range.len).then_some((range.base, dev))
     }
@@ -148,9 +155,15 @@ mod tests {
         bus.insert(dev.clone(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(dev.clone(), 0x10f, 1),
-            Err(BusError::Overlap { base: 0x10f, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
         );
-        assert_eq!(bus.insert(dev.clone(), 0xf8, 9), Err(BusError::Overlap { base: 0xf8, len: 9 }));
+        assert_eq!(
+            bus.insert(dev.clone(), 0xf8, 9),
+            Err(BusError::Overlap { base: 0xf8, len: 9 })
+        );
         assert_eq!(bus.insert(dev, 0x200, 0), Err(BusError::ZeroLength(0x200)));
     }
 }

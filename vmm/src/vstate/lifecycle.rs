@@ -249,10 +249,9 @@ impl<W: std::io::Write> std::io::Write for ConsoleTap<W> {
         for ev in self.watcher.feed(buf) {
             match ev {
                 ConsoleEvent::PanicStarted => self.signal.note_panic(),
-                ConsoleEvent::PanicHalted => self.signal.report(VmExit::new(
-                    ExitStatus::GuestPanic,
-                    "guest kernel panic",
-                )),
+                ConsoleEvent::PanicHalted => self
+                    .signal
+                    .report(VmExit::new(ExitStatus::GuestPanic, "guest kernel panic")),
                 ConsoleEvent::PoweredOff => self
                     .signal
                     .report(VmExit::new(ExitStatus::Ok, "guest powered off")),

@@ -201,11 +201,13 @@ impl Vcpu {
         let id = self.id;
         let kvm = |what: &'static str| move |source| VcpuError::Kvm { id, what, source };
         let entries = build_cpuid(supported_cpuid.as_slice(), id, vcpu_count, template);
-        let cpuid = CpuId::from_entries(&entries).map_err(|_| VcpuError::Fam { id, what: "CPUID" })?;
+        let cpuid =
+            CpuId::from_entries(&entries).map_err(|_| VcpuError::Fam { id, what: "CPUID" })?;
         self.fd.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))?;
 
         let msr_entries = msr::boot_msrs();
-        let msrs = Msrs::from_entries(&msr_entries).map_err(|_| VcpuError::Fam { id, what: "MSR" })?;
+        let msrs =
+            Msrs::from_entries(&msr_entries).map_err(|_| VcpuError::Fam { id, what: "MSR" })?;
         let set = self.fd.set_msrs(&msrs).map_err(kvm("set MSRs"))?;
         if set != msr_entries.len() {
             return Err(VcpuError::Msrs {
@@ -448,7 +450,10 @@ impl VcpuRunner {
                 VcpuExit::Hlt => {
                     // Only seen without an in-kernel LAPIC: the CPU stopped for good.
                     ExitCounters::bump(&counters.hlt);
-                    Ok(Some(VmExit::new(ExitStatus::Ok, format!("vCPU {id} halted"))))
+                    Ok(Some(VmExit::new(
+                        ExitStatus::Ok,
+                        format!("vCPU {id} halted"),
+                    )))
                 }
                 VcpuExit::Shutdown => {
                     ExitCounters::bump(&counters.shutdown);
@@ -549,7 +554,10 @@ impl VcpuRunner {
                 ))
             }
         };
-        let bytes = if u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) & failure.flags != 0 {
+        let bytes = if u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+            & failure.flags
+            != 0
+        {
             // SAFETY: the flag says KVM filled the instruction-bytes member of the union.
             let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
             insn.insn_bytes[..usize::from(insn.insn_size).min(insn.insn_bytes.len())].to_vec()
@@ -564,7 +572,10 @@ impl VcpuRunner {
                 Err(e) => {
                     return Some(VmExit::new(
                         ExitStatus::InternalError,
-                        format!("vCPU {id}: cannot complete INT3 at RIP {:#x}: {e}", regs.rip),
+                        format!(
+                            "vCPU {id}: cannot complete INT3 at RIP {:#x}: {e}",
+                            regs.rip
+                        ),
                     ))
                 }
             }
@@ -605,7 +616,11 @@ impl VcpuRunner {
             if tr.valid == 0 {
                 break;
             }
-            match self.shared.memory.read_obj::<u8>(GuestAddress(tr.physical_address)) {
+            match self
+                .shared
+                .memory
+                .read_obj::<u8>(GuestAddress(tr.physical_address))
+            {
                 Ok(b) => out.push(b),
                 Err(_) => break,
             }

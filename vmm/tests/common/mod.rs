@@ -32,13 +32,19 @@ pub fn build_guest(name: &str, defines: &[&str]) -> PathBuf {
     let suffix: String = defines.iter().map(|d| format!("-{d}")).collect();
     let out = out_dir.join(format!("{name}{suffix}.elf"));
     let mut cmd = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
-    cmd.args(["-nostdlib", "-static", "-no-pie", "-ffreestanding", "-Wl,--build-id=none"])
-        .arg(format!("-Wl,-T,{}", src_dir.join("guest.ld").display()))
-        .arg(format!("-I{}", src_dir.display()))
-        .args(defines.iter().map(|d| format!("-D{d}")))
-        .arg("-o")
-        .arg(&out)
-        .arg(src_dir.join(format!("{name}.S")));
+    cmd.args([
+        "-nostdlib",
+        "-static",
+        "-no-pie",
+        "-ffreestanding",
+        "-Wl,--build-id=none",
+    ])
+    .arg(format!("-Wl,-T,{}", src_dir.join("guest.ld").display()))
+    .arg(format!("-I{}", src_dir.display()))
+    .args(defines.iter().map(|d| format!("-D{d}")))
+    .arg("-o")
+    .arg(&out)
+    .arg(src_dir.join(format!("{name}.S")));
     let output = cmd.output().expect("run the C compiler (cc)");
     assert!(
         output.status.success(),
@@ -79,18 +85,9 @@ pub fn spawn_vmm(args: &[&str]) -> Child {
 
 /// Waits for `child` until `deadline`, killing it then; collects its output.
 pub fn finish(mut child: Child, started: Instant, timeout: Duration) -> Run {
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
+    // Either pipe may already have been taken by the caller.
+    let out_reader = read_all(child.stdout.take());
+    let err_reader = read_all(child.stderr.take());
     let deadline = started + timeout;
     let status: Option<ExitStatus> = loop {
         if let Some(status) = child.try_wait().expect("wait for genos-vmm") {
@@ -112,9 +109,59 @@ pub fn finish(mut child: Child, started: Instant, timeout: Duration) -> Run {
     }
 }
 
+fn read_all<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut s);
+        }
+        s
+    })
+}
+
 /// Runs `genos-vmm args...` to completion (killed after `timeout`).
 pub fn run_vmm(args: &[&str], timeout: Duration) -> Run {
     let started = Instant::now();
     let child = spawn_vmm(args);
     finish(child, started, timeout)
+}
+
+/// Waits until something accepts connections on `path` (or `timeout` passes).
+pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    false
+}
+
+/// One HTTP/1.1 request over the Unix socket at `path`; returns (status, body).
+pub fn http(path: &Path, method: &str, uri: &str, body: Option<&str>) -> (u16, String) {
+    use std::io::Write;
+    let mut stream = std::os::unix::net::UnixStream::connect(path).expect("connect to API");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {uri} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }

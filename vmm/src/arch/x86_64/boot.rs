@@ -118,7 +118,10 @@ mod tests {
         let mem = 5u64 << 30;
         let map = e820_map(mem).unwrap();
         let last = map.last().unwrap();
-        assert_eq!((last.addr, last.size), (HIGH_RAM_START, mem - MMIO_GAP_START));
+        assert_eq!(
+            (last.addr, last.size),
+            (HIGH_RAM_START, mem - MMIO_GAP_START)
+        );
         assert_eq!(map[2].addr + map[2].size, MMIO_GAP_START);
     }
 
@@ -134,7 +137,10 @@ mod tests {
         let hdr = p.hdr;
         assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ hdr.cmdline_size }, 12);
-        assert_eq!(({ hdr.ramdisk_image }, { hdr.ramdisk_size }), (0x300_0000, 0x1234));
+        assert_eq!(
+            ({ hdr.ramdisk_image }, { hdr.ramdisk_size }),
+            (0x300_0000, 0x1234)
+        );
         assert_eq!(hdr.type_of_loader, KERNEL_LOADER_OTHER);
         assert_eq!({ hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!(p.e820_entries, 3);

@@ -12,22 +12,6 @@ use kvm_bindings::kvm_cpuid_entry2;
 
 pub use crate::config::CpuTemplate;
 
-/// Kernel feature names (as `clearcpuid=` spells them) the baseline template hides.
-pub const BASELINE_CLEARCPUID: &str = "xsave,smap,smep,umip,pku,popcnt,avx,avx2,avx512f,bmi1,\
-bmi2,movbe,erms,fsrm,rdrand,rdseed,f16c,fma,aes,pclmulqdq,sha_ni,adx,abm,sse4_2,sse4_1,ssse3,\
-rdpid,clwb,clflushopt,fsgsbase,invpcid,pcid";
-
-/// Kernel command-line arguments that make the guest kernel itself avoid the features
-/// `template` hides (needed where KVM ignores the CPUID table).
-pub fn template_kernel_args(template: CpuTemplate) -> Option<String> {
-    match template {
-        CpuTemplate::Host => None,
-        CpuTemplate::Baseline => Some(format!(
-            "clearcpuid={BASELINE_CLEARCPUID} mitigations=off nopti"
-        )),
-    }
-}
-
 /// Which register of a CPUID leaf a feature bit is in.
 #[derive(Clone, Copy, Debug)]
 enum Reg {
@@ -36,60 +20,127 @@ enum Reg {
     Edx,
 }
 
-/// (leaf, subleaf, register, bit) of every feature the baseline template hides.
-const BASELINE_HIDDEN: &[(u32, u32, Reg, u32)] = &[
-    // Leaf 1 ECX.
-    (1, 0, Reg::Ecx, 1),  // pclmulqdq
-    (1, 0, Reg::Ecx, 9),  // ssse3
-    (1, 0, Reg::Ecx, 12), // fma
-    (1, 0, Reg::Ecx, 17), // pcid
-    (1, 0, Reg::Ecx, 19), // sse4_1
-    (1, 0, Reg::Ecx, 20), // sse4_2
-    (1, 0, Reg::Ecx, 22), // movbe
-    (1, 0, Reg::Ecx, 23), // popcnt
-    (1, 0, Reg::Ecx, 25), // aes
-    (1, 0, Reg::Ecx, 26), // xsave
-    (1, 0, Reg::Ecx, 27), // osxsave
-    (1, 0, Reg::Ecx, 28), // avx
-    (1, 0, Reg::Ecx, 29), // f16c
-    (1, 0, Reg::Ecx, 30), // rdrand
-    // Leaf 7.0 EBX.
-    (7, 0, Reg::Ebx, 0),  // fsgsbase
-    (7, 0, Reg::Ebx, 3),  // bmi1
-    (7, 0, Reg::Ebx, 5),  // avx2
-    (7, 0, Reg::Ebx, 7),  // smep
-    (7, 0, Reg::Ebx, 8),  // bmi2
-    (7, 0, Reg::Ebx, 9),  // erms
-    (7, 0, Reg::Ebx, 10), // invpcid
-    (7, 0, Reg::Ebx, 16), // avx512f
-    (7, 0, Reg::Ebx, 17), // avx512dq
-    (7, 0, Reg::Ebx, 18), // rdseed
-    (7, 0, Reg::Ebx, 19), // adx
-    (7, 0, Reg::Ebx, 20), // smap
-    (7, 0, Reg::Ebx, 21), // avx512ifma
-    (7, 0, Reg::Ebx, 23), // clflushopt
-    (7, 0, Reg::Ebx, 24), // clwb
-    (7, 0, Reg::Ebx, 26), // avx512pf
-    (7, 0, Reg::Ebx, 27), // avx512er
-    (7, 0, Reg::Ebx, 28), // avx512cd
-    (7, 0, Reg::Ebx, 29), // sha_ni
-    (7, 0, Reg::Ebx, 30), // avx512bw
-    (7, 0, Reg::Ebx, 31), // avx512vl
-    // Leaf 7.0 ECX.
-    (7, 0, Reg::Ecx, 1),  // avx512vbmi
-    (7, 0, Reg::Ecx, 2),  // umip
-    (7, 0, Reg::Ecx, 3),  // pku
-    (7, 0, Reg::Ecx, 4),  // ospke
-    (7, 0, Reg::Ecx, 6),  // avx512vbmi2
-    (7, 0, Reg::Ecx, 11), // avx512vnni
-    (7, 0, Reg::Ecx, 12), // avx512bitalg
-    (7, 0, Reg::Ecx, 14), // avx512vpopcntdq
-    (7, 0, Reg::Ecx, 22), // rdpid
-    // Leaf 7.0 EDX.
-    (7, 0, Reg::Edx, 4), // fsrm
-    // Extended leaf 0x8000_0001 ECX.
-    (0x8000_0001, 0, Reg::Ecx, 5), // abm (lzcnt)
+/// How the guest kernel is told not to use a hidden feature.
+#[derive(Clone, Copy, Debug)]
+enum KernelOff {
+    /// A boolean kernel parameter (`noxsave`, ...).
+    Param(&'static str),
+    /// A `clearcpuid=` entry: the kernel's X86_FEATURE number (word * 32 + bit). Numbers,
+    /// not names, because Linux copies the `clearcpuid=` value into a 128-byte buffer and
+    /// the names of all these features do not fit.
+    Bit(u16),
+    /// Implied by another entry (the AVX-512 family goes with AVX-512F).
+    Implied,
+}
+
+/// One feature the baseline template hides.
+#[derive(Clone, Copy, Debug)]
+struct Hidden {
+    /// Linux's name for the feature (documentation, checked by the tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    name: &'static str,
+    leaf: u32,
+    reg: Reg,
+    bit: u32,
+    kernel: KernelOff,
+}
+
+const fn hide(name: &'static str, leaf: u32, reg: Reg, bit: u32, kernel: KernelOff) -> Hidden {
+    Hidden {
+        name,
+        leaf,
+        reg,
+        bit,
+        kernel,
+    }
+}
+
+use KernelOff::{Bit, Implied, Param};
+
+/// Features the baseline template hides: those machine-facts lists as unusable under the
+/// nested KVM of our machines, plus `cx16` (CMPXCHG16B, used by SLUB, which that KVM cannot
+/// emulate either). Leaf 7 entries are subleaf 0.
+const BASELINE_HIDDEN: &[Hidden] = &[
+    hide("pclmulqdq", 1, Reg::Ecx, 1, Bit(4 * 32 + 1)),
+    hide("ssse3", 1, Reg::Ecx, 9, Bit(4 * 32 + 9)),
+    hide("fma", 1, Reg::Ecx, 12, Bit(4 * 32 + 12)),
+    hide("cx16", 1, Reg::Ecx, 13, Bit(4 * 32 + 13)),
+    hide("pcid", 1, Reg::Ecx, 17, Param("nopcid")),
+    hide("sse4_1", 1, Reg::Ecx, 19, Bit(4 * 32 + 19)),
+    hide("sse4_2", 1, Reg::Ecx, 20, Bit(4 * 32 + 20)),
+    hide("movbe", 1, Reg::Ecx, 22, Bit(4 * 32 + 22)),
+    hide("popcnt", 1, Reg::Ecx, 23, Bit(4 * 32 + 23)),
+    hide("aes", 1, Reg::Ecx, 25, Bit(4 * 32 + 25)),
+    hide("xsave", 1, Reg::Ecx, 26, Param("noxsave")),
+    hide("osxsave", 1, Reg::Ecx, 27, Implied),
+    hide("avx", 1, Reg::Ecx, 28, Bit(4 * 32 + 28)),
+    hide("f16c", 1, Reg::Ecx, 29, Bit(4 * 32 + 29)),
+    hide("rdrand", 1, Reg::Ecx, 30, Bit(4 * 32 + 30)),
+    hide("fsgsbase", 7, Reg::Ebx, 0, Param("nofsgsbase")),
+    hide("bmi1", 7, Reg::Ebx, 3, Bit(9 * 32 + 3)),
+    hide("avx2", 7, Reg::Ebx, 5, Bit(9 * 32 + 5)),
+    hide("smep", 7, Reg::Ebx, 7, Bit(9 * 32 + 7)),
+    hide("bmi2", 7, Reg::Ebx, 8, Bit(9 * 32 + 8)),
+    hide("erms", 7, Reg::Ebx, 9, Bit(9 * 32 + 9)),
+    hide("invpcid", 7, Reg::Ebx, 10, Param("noinvpcid")),
+    hide("avx512f", 7, Reg::Ebx, 16, Bit(9 * 32 + 16)),
+    hide("avx512dq", 7, Reg::Ebx, 17, Implied),
+    hide("rdseed", 7, Reg::Ebx, 18, Bit(9 * 32 + 18)),
+    hide("adx", 7, Reg::Ebx, 19, Bit(9 * 32 + 19)),
+    hide("smap", 7, Reg::Ebx, 20, Bit(9 * 32 + 20)),
+    hide("avx512ifma", 7, Reg::Ebx, 21, Implied),
+    hide("clflushopt", 7, Reg::Ebx, 23, Bit(9 * 32 + 23)),
+    hide("clwb", 7, Reg::Ebx, 24, Bit(9 * 32 + 24)),
+    hide("avx512pf", 7, Reg::Ebx, 26, Implied),
+    hide("avx512er", 7, Reg::Ebx, 27, Implied),
+    hide("avx512cd", 7, Reg::Ebx, 28, Implied),
+    hide("sha_ni", 7, Reg::Ebx, 29, Bit(9 * 32 + 29)),
+    hide("avx512bw", 7, Reg::Ebx, 30, Implied),
+    hide("avx512vl", 7, Reg::Ebx, 31, Implied),
+    hide("avx512vbmi", 7, Reg::Ecx, 1, Implied),
+    hide("umip", 7, Reg::Ecx, 2, Bit(16 * 32 + 2)),
+    hide("pku", 7, Reg::Ecx, 3, Param("nopku")),
+    hide("ospke", 7, Reg::Ecx, 4, Implied),
+    hide("avx512_vbmi2", 7, Reg::Ecx, 6, Implied),
+    hide("avx512_vnni", 7, Reg::Ecx, 11, Implied),
+    hide("avx512_bitalg", 7, Reg::Ecx, 12, Implied),
+    hide("avx512_vpopcntdq", 7, Reg::Ecx, 14, Implied),
+    hide("rdpid", 7, Reg::Ecx, 22, Bit(16 * 32 + 22)),
+    hide("fsrm", 7, Reg::Edx, 4, Bit(18 * 32 + 4)),
+    hide("abm", 0x8000_0001, Reg::Ecx, 5, Bit(6 * 32 + 5)),
 ];
+
+/// Longest `clearcpuid=` value Linux 6.1 reads (its buffer is 128 bytes with the NUL).
+const CLEARCPUID_MAX: usize = 127;
+
+/// Kernel command-line arguments that make the guest kernel itself avoid the features
+/// `template` hides (needed where KVM ignores the CPUID table).
+pub fn template_kernel_args(template: CpuTemplate) -> Option<String> {
+    match template {
+        CpuTemplate::Host => None,
+        CpuTemplate::Baseline => {
+            let mut args: Vec<String> = BASELINE_HIDDEN
+                .iter()
+                .filter_map(|h| match h.kernel {
+                    Param(p) => Some(p.to_owned()),
+                    _ => None,
+                })
+                .collect();
+            let bits: Vec<String> = BASELINE_HIDDEN
+                .iter()
+                .filter_map(|h| match h.kernel {
+                    Bit(b) => Some(b.to_string()),
+                    _ => None,
+                })
+                .collect();
+            let clear = bits.join(",");
+            debug_assert!(clear.len() <= CLEARCPUID_MAX, "clearcpuid= value too long");
+            args.push(format!("clearcpuid={clear}"));
+            args.push("mitigations=off nopti".to_owned());
+            Some(args.join(" "))
+        }
+    }
+}
 
 /// KVM's hypervisor signature, as EBX, ECX, EDX of leaf 0x4000_0000.
 const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
@@ -200,17 +251,17 @@ fn ensure_hypervisor_leaf(entries: &mut Vec<kvm_cpuid_entry2>) {
 }
 
 fn apply_baseline(entries: &mut [kvm_cpuid_entry2]) {
-    for &(leaf, subleaf, reg, bit) in BASELINE_HIDDEN {
+    for h in BASELINE_HIDDEN {
         for e in entries
             .iter_mut()
-            .filter(|e| e.function == leaf && e.index == subleaf)
+            .filter(|e| e.function == h.leaf && e.index == 0)
         {
-            let r = match reg {
+            let r = match h.reg {
                 Reg::Ebx => &mut e.ebx,
                 Reg::Ecx => &mut e.ecx,
                 Reg::Edx => &mut e.edx,
             };
-            *r &= !(1u32 << bit);
+            *r &= !(1u32 << h.bit);
         }
     }
     // Without XSAVE the XSAVE state-components leaf must not advertise anything.
@@ -320,15 +371,42 @@ mod tests {
     }
 
     #[test]
-    fn every_clearcpuid_name_has_a_hidden_bit() {
-        // Guards against the cmdline and the CPUID filter drifting apart.
-        let names = BASELINE_CLEARCPUID.split(',').count();
-        assert_eq!(names, 32);
-        assert!(BASELINE_HIDDEN.len() >= names);
-        assert_eq!(
-            template_kernel_args(CpuTemplate::Baseline).unwrap(),
-            format!("clearcpuid={BASELINE_CLEARCPUID} mitigations=off nopti")
+    fn baseline_kernel_args_fit_linux_clearcpuid_buffer() {
+        let args = template_kernel_args(CpuTemplate::Baseline).unwrap();
+        let value = args
+            .split(' ')
+            .find_map(|a| a.strip_prefix("clearcpuid="))
+            .unwrap();
+        assert!(value.len() <= CLEARCPUID_MAX, "{} chars", value.len());
+        assert!(
+            value.split(',').any(|b| b == "141"),
+            "cx16 (4*32+13) hidden"
         );
+        for p in [
+            "noxsave",
+            "nopku",
+            "nofsgsbase",
+            "nopcid",
+            "noinvpcid",
+            "mitigations=off",
+            "nopti",
+        ] {
+            assert!(args.split(' ').any(|a| a == p), "{p} missing in {args}");
+        }
         assert_eq!(template_kernel_args(CpuTemplate::Host), None);
+    }
+
+    #[test]
+    fn every_machine_facts_feature_is_hidden() {
+        let facts = "xsave,smap,smep,umip,pku,popcnt,avx,avx2,avx512f,bmi1,bmi2,movbe,erms,\
+fsrm,rdrand,rdseed,f16c,fma,aes,pclmulqdq,sha_ni,adx,abm,sse4_2,sse4_1,ssse3,rdpid,clwb,\
+clflushopt,fsgsbase,invpcid,pcid";
+        for name in facts.split(',') {
+            let h = BASELINE_HIDDEN.iter().find(|h| h.name == name);
+            assert!(
+                matches!(h, Some(h) if !matches!(h.kernel, Implied)),
+                "{name} not hidden from the kernel"
+            );
+        }
     }
 }

@@ -26,9 +26,17 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 /// Returns `state` with LINT0 = ExtINT and LINT1 = NMI.
 pub fn configure_lint(mut state: kvm_lapic_state) -> kvm_lapic_state {
     let lvt0 = get_reg(&state, APIC_LVT0);
-    set_reg(&mut state, APIC_LVT0, with_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    set_reg(
+        &mut state,
+        APIC_LVT0,
+        with_delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = get_reg(&state, APIC_LVT1);
-    set_reg(&mut state, APIC_LVT1, with_delivery_mode(lvt1, APIC_MODE_NMI));
+    set_reg(
+        &mut state,
+        APIC_LVT1,
+        with_delivery_mode(lvt1, APIC_MODE_NMI),
+    );
     state
 }
 

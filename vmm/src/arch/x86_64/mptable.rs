@@ -132,10 +132,7 @@ mod tests {
     fn table_lists_every_cpu_with_one_boot_processor() {
         let bytes = mptable_bytes(EBDA_START, 3).unwrap();
         let table = &bytes[16..];
-        let cpus: Vec<&[u8]> = table[TABLE_HEADER_LEN..]
-            .chunks(20)
-            .take(3)
-            .collect();
+        let cpus: Vec<&[u8]> = table[TABLE_HEADER_LEN..].chunks(20).take(3).collect();
         for (i, cpu) in cpus.iter().enumerate() {
             assert_eq!(cpu[0], MP_PROCESSOR);
             assert_eq!(cpu[1], i as u8);

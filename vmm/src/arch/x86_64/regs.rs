@@ -157,7 +157,10 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_flat_long_mode_segments() {
         let cs = segment_from_gdt(&BOOT_GDT, 1);
-        assert_eq!((cs.selector, cs.l, cs.db, cs.g, cs.present), (8, 1, 0, 1, 1));
+        assert_eq!(
+            (cs.selector, cs.l, cs.db, cs.g, cs.present),
+            (8, 1, 0, 1, 1)
+        );
         assert_eq!((cs.base, cs.limit, cs.type_), (0, 0xffff_ffff, 0xb));
         let ds = segment_from_gdt(&BOOT_GDT, 2);
         assert_eq!((ds.selector, ds.db, ds.type_, ds.s), (16, 1, 3, 1));

@@ -10,8 +10,10 @@ mod i8042;
 mod serial;
 
 pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC};
-pub use i8042::{I8042, I8042Metrics};
-pub use serial::{stdin_input, Serial, SerialInput, SerialMetrics, SerialOutput, SerialOutputError};
+pub use i8042::{I8042Metrics, I8042};
+pub use serial::{
+    stdin_input, Serial, SerialInput, SerialMetrics, SerialOutput, SerialOutputError,
+};
 
 use vmm_sys_util::eventfd::EventFd;
 

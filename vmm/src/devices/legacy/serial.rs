@@ -98,7 +98,6 @@ impl SerialMetrics {
             in_buffer_empty: EventFd::new(libc::EFD_NONBLOCK)?,
         })
     }
-
 }
 
 impl crate::devices::DeviceMetrics for SerialMetrics {
@@ -208,7 +207,12 @@ impl Serial {
                 }
                 true
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
                 true
             }
             Err(e) => {
@@ -300,7 +304,9 @@ impl MutEventSubscriber for Serial {
 /// because `Stdin` buffers internally, which would hide pending bytes from epoll.
 pub fn stdin_input() -> io::Result<Box<dyn SerialInput>> {
     use std::os::fd::AsFd;
-    Ok(Box::new(File::from(io::stdin().as_fd().try_clone_to_owned()?)))
+    Ok(Box::new(File::from(
+        io::stdin().as_fd().try_clone_to_owned()?,
+    )))
 }
 
 #[cfg(test)]
@@ -343,7 +349,10 @@ mod tests {
         }
     }
 
-    fn serial_with(out: Box<dyn Write + Send>, input: Option<Box<dyn SerialInput>>) -> (Serial, EventFd) {
+    fn serial_with(
+        out: Box<dyn Write + Send>,
+        input: Option<Box<dyn SerialInput>>,
+    ) -> (Serial, EventFd) {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let serial = Serial::new(irq.try_clone().unwrap(), out, input).unwrap();
         (serial, irq)

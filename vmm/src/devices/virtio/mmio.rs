@@ -242,13 +242,17 @@ impl MmioTransport {
     /// queue is not live yet.
     fn update_queue(&mut self, f: impl FnOnce(&mut Queue)) {
         if !self.queue_config_allowed() {
-            self.metrics.invalid_accesses.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .invalid_accesses
+                .fetch_add(1, Ordering::Relaxed);
             return;
         }
         match self.selected_queue() {
             Some(q) if !q.ready() => f(q),
             _ => {
-                self.metrics.invalid_accesses.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .invalid_accesses
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -277,7 +281,9 @@ impl MmioTransport {
             // way that needs a generation count (no multi-field atomic updates).
             reg::CONFIG_GENERATION => 0,
             _ => {
-                self.metrics.invalid_accesses.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .invalid_accesses
+                    .fetch_add(1, Ordering::Relaxed);
                 0
             }
         }
@@ -291,7 +297,9 @@ impl MmioTransport {
                 if !self.has_status(VIRTIO_CONFIG_S_DRIVER)
                     || self.has_status(VIRTIO_CONFIG_S_FEATURES_OK)
                 {
-                    self.metrics.invalid_accesses.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .invalid_accesses
+                        .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 let value = u64::from(value);
@@ -309,12 +317,16 @@ impl MmioTransport {
             reg::QUEUE_NUM => match u16::try_from(value) {
                 Ok(size) => self.update_queue(|q| q.set_size(size)),
                 Err(_) => {
-                    self.metrics.invalid_accesses.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .invalid_accesses
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             },
             reg::QUEUE_READY => {
                 if !self.queue_config_allowed() {
-                    self.metrics.invalid_accesses.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .invalid_accesses
+                        .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 if let Some(q) = self.selected_queue() {
@@ -324,15 +336,29 @@ impl MmioTransport {
             reg::QUEUE_NOTIFY => self.notify(value),
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.set_status(value),
-            reg::QUEUE_DESC_LOW => self.update_queue(|q| q.set_desc_table_address(Some(value), None)),
-            reg::QUEUE_DESC_HIGH => self.update_queue(|q| q.set_desc_table_address(None, Some(value))),
-            reg::QUEUE_DRIVER_LOW => self.update_queue(|q| q.set_avail_ring_address(Some(value), None)),
-            reg::QUEUE_DRIVER_HIGH => self.update_queue(|q| q.set_avail_ring_address(None, Some(value))),
-            reg::QUEUE_DEVICE_LOW => self.update_queue(|q| q.set_used_ring_address(Some(value), None)),
-            reg::QUEUE_DEVICE_HIGH => self.update_queue(|q| q.set_used_ring_address(None, Some(value))),
+            reg::QUEUE_DESC_LOW => {
+                self.update_queue(|q| q.set_desc_table_address(Some(value), None))
+            }
+            reg::QUEUE_DESC_HIGH => {
+                self.update_queue(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            reg::QUEUE_DRIVER_LOW => {
+                self.update_queue(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            reg::QUEUE_DRIVER_HIGH => {
+                self.update_queue(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            reg::QUEUE_DEVICE_LOW => {
+                self.update_queue(|q| q.set_used_ring_address(Some(value), None))
+            }
+            reg::QUEUE_DEVICE_HIGH => {
+                self.update_queue(|q| q.set_used_ring_address(None, Some(value)))
+            }
             reg::SHM_SEL => {}
             _ => {
-                self.metrics.invalid_accesses.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .invalid_accesses
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -349,7 +375,9 @@ impl MmioTransport {
                 }
             }
             None => {
-                self.metrics.invalid_accesses.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .invalid_accesses
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -430,7 +458,10 @@ impl MmioTransport {
                 self.metrics
                     .activation_failures
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("virtio-mmio: device type {} not activated: {e}", self.device_type);
+                tracing::warn!(
+                    "virtio-mmio: device type {} not activated: {e}",
+                    self.device_type
+                );
                 self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
                 let _ = self.interrupt.trigger(InterruptKind::Config);
             }
@@ -440,7 +471,9 @@ impl MmioTransport {
     fn try_activate(&mut self) -> Result<(), super::ActivateError> {
         for (i, q) in self.queues.iter().enumerate() {
             if !q.ready() {
-                return Err(super::ActivateError::BadQueue(format!("queue {i} not ready")));
+                return Err(super::ActivateError::BadQueue(format!(
+                    "queue {i} not ready"
+                )));
             }
             if !q.is_valid(&self.mem) {
                 return Err(super::ActivateError::BadQueue(format!(
@@ -534,7 +567,9 @@ impl BusDevice for MmioTransport {
         match <&mut [u8; 4]>::try_from(&mut *data) {
             Ok(word) if offset % 4 == 0 => *word = self.read_register(offset).to_le_bytes(),
             _ => {
-                self.metrics.invalid_accesses.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .invalid_accesses
+                    .fetch_add(1, Ordering::Relaxed);
                 data.fill(0);
             }
         }
@@ -545,14 +580,18 @@ impl BusDevice for MmioTransport {
             if self.has_status(VIRTIO_CONFIG_S_DRIVER) && !self.has_status(VIRTIO_CONFIG_S_FAILED) {
                 lock(&self.device).write_config(offset - CONFIG_SPACE_OFFSET, data);
             } else {
-                self.metrics.invalid_accesses.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .invalid_accesses
+                    .fetch_add(1, Ordering::Relaxed);
             }
             return;
         }
         match <[u8; 4]>::try_from(data) {
             Ok(word) if offset % 4 == 0 => self.write_register(offset, u32::from_le_bytes(word)),
             _ => {
-                self.metrics.invalid_accesses.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .invalid_accesses
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -737,7 +776,10 @@ mod tests {
         f.write(reg::DEVICE_FEATURES_SEL, 0);
         assert_eq!(f.read(reg::DEVICE_FEATURES), FEATURE_LOW as u32);
         f.write(reg::DEVICE_FEATURES_SEL, 1);
-        assert_eq!(f.read(reg::DEVICE_FEATURES), ((VERSION_1 | FEATURE_HIGH) >> 32) as u32);
+        assert_eq!(
+            f.read(reg::DEVICE_FEATURES),
+            ((VERSION_1 | FEATURE_HIGH) >> 32) as u32
+        );
         f.write(reg::DEVICE_FEATURES_SEL, 2);
         assert_eq!(f.read(reg::DEVICE_FEATURES), 0);
     }
@@ -794,7 +836,13 @@ mod tests {
         assert_eq!(f.read(reg::STATUS), ACK);
         f.write(reg::STATUS, ACK | DRIVER_OK);
         assert_eq!(f.read(reg::STATUS), ACK);
-        assert_eq!(f.transport.metrics().invalid_status_writes.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            f.transport
+                .metrics()
+                .invalid_status_writes
+                .load(Ordering::Relaxed),
+            3
+        );
     }
 
     #[test]
@@ -959,7 +1007,13 @@ mod tests {
         let mut word = [0u8; 4];
         f.transport.read(0, 0x0ff, &mut word);
         assert_eq!(word, [0; 4]);
-        assert_eq!(f.transport.metrics().invalid_accesses.load(Ordering::Relaxed), 4);
+        assert_eq!(
+            f.transport
+                .metrics()
+                .invalid_accesses
+                .load(Ordering::Relaxed),
+            4
+        );
     }
 
     #[test]

@@ -94,7 +94,11 @@ impl<'a> Driver<'a> {
             .iter()
             .enumerate()
             .map(|(i, b)| {
-                let mut flags = if b.writable { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let mut flags = if b.writable {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
                 let last = i == bufs.len() - 1;
                 if !last {
                     flags |= VRING_DESC_F_NEXT as u16;

@@ -41,6 +41,15 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+    /// Another process (or device) holds a conflicting lock on the image.
+    #[error("disk image {path} is in use (locked by another user)")]
+    Locked {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The image's size could not be determined.
     #[error("cannot determine the size of disk image {path}")]
     Size {
@@ -154,6 +163,10 @@ impl Block {
             .write(!read_only)
             .open(path)
             .map_err(open_err)?;
+        lock_image(&disk, read_only).map_err(|source| BlockError::Locked {
+            path: path.to_owned(),
+            source,
+        })?;
         let size_err = |source| BlockError::Size {
             path: path.to_owned(),
             source,
@@ -275,7 +288,10 @@ impl Block {
                     Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
                     Err(e) => {
                         self.metrics.io_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!("virtio-blk: {:?} request failed: {e}", request.request_type);
+                        tracing::warn!(
+                            "virtio-blk: {:?} request failed: {e}",
+                            request.request_type
+                        );
                         (VIRTIO_BLK_S_IOERR as u8, 0)
                     }
                 };
@@ -305,7 +321,8 @@ impl Block {
         let io_err = |e: vm_memory::GuestMemoryError| io::Error::other(e);
         match request.request_type {
             RequestType::In => {
-                self.disk.seek(SeekFrom::Start(request.sector * SECTOR_SIZE))?;
+                self.disk
+                    .seek(SeekFrom::Start(request.sector * SECTOR_SIZE))?;
                 for s in &request.data {
                     mem.read_exact_volatile_from(s.addr, &mut self.disk, s.len as usize)
                         .map_err(io_err)?;
@@ -319,7 +336,8 @@ impl Block {
                 Ok(u32::try_from(request.data_len).unwrap_or(u32::MAX))
             }
             RequestType::Out => {
-                self.disk.seek(SeekFrom::Start(request.sector * SECTOR_SIZE))?;
+                self.disk
+                    .seek(SeekFrom::Start(request.sector * SECTOR_SIZE))?;
                 for s in &request.data {
                     mem.write_all_volatile_to(s.addr, &mut self.disk, s.len as usize)
                         .map_err(io_err)?;
@@ -352,6 +370,26 @@ impl Block {
                 Ok(written as u32)
             }
         }
+    }
+}
+
+/// Takes an advisory lock on the image for as long as `disk` stays open: exclusive for a
+/// writable disk, shared for a read-only one, so that two VMs cannot write the same image
+/// (or one write what another reads) and corrupt it.
+fn lock_image(disk: &File, read_only: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mode = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock only reads the flags and acts on the open file description of a
+    // descriptor that `disk` owns and keeps open for the duration of the call.
+    let ret = unsafe { libc::flock(disk.as_raw_fd(), mode | libc::LOCK_NB) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -399,9 +437,9 @@ impl VirtioDevice for Block {
         interrupt: Arc<dyn InterruptTrigger>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let [queue]: [Queue; 1] = queues
-            .try_into()
-            .map_err(|q: Vec<Queue>| ActivateError::BadQueue(format!("{} queues, 1 expected", q.len())))?;
+        let [queue]: [Queue; 1] = queues.try_into().map_err(|q: Vec<Queue>| {
+            ActivateError::BadQueue(format!("{} queues, 1 expected", q.len()))
+        })?;
         if !queue.is_valid(&mem) {
             return Err(ActivateError::BadQueue("queue is not valid".into()));
         }

@@ -13,8 +13,10 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
+
+/// The split-ring descriptor type requests are parsed from (re-exported for fuzzing).
+pub use virtio_queue::desc::split::Descriptor;
 
 /// Bytes per sector in virtio-blk addressing.
 pub const SECTOR_SIZE: u64 = 512;
@@ -371,7 +373,13 @@ mod tests {
 
         assert_eq!(req.request_type, RequestType::In);
         assert_eq!(req.sector, 2);
-        assert_eq!(req.data, vec![Segment { addr: GuestAddress(0x1000), len: 1024 }]);
+        assert_eq!(
+            req.data,
+            vec![Segment {
+                addr: GuestAddress(0x1000),
+                len: 1024
+            }]
+        );
         assert_eq!(req.data_len, 1024);
         assert_eq!(req.status, GuestAddress(0x2000));
     }
@@ -382,15 +390,31 @@ mod tests {
         header(&mem, 0x100, VIRTIO_BLK_T_OUT, 1);
 
         let req = parse_request(&mem, [r(0x100, 16 + 512), w(0x2000, 1)], DISK).unwrap();
-        assert_eq!(req.data, vec![Segment { addr: GuestAddress(0x110), len: 512 }]);
+        assert_eq!(
+            req.data,
+            vec![Segment {
+                addr: GuestAddress(0x110),
+                len: 512
+            }]
+        );
 
         header(&mem, 0x100, VIRTIO_BLK_T_IN, 1);
         let req = parse_request(&mem, [r(0x100, 8), r(0x108, 8), w(0x1000, 513)], DISK).unwrap();
-        assert_eq!(req.data, vec![Segment { addr: GuestAddress(0x1000), len: 512 }]);
+        assert_eq!(
+            req.data,
+            vec![Segment {
+                addr: GuestAddress(0x1000),
+                len: 512
+            }]
+        );
         assert_eq!(req.status, GuestAddress(0x1200));
     }
 
-    fn error(mem: &GuestMemoryMmap, descs: Vec<Descriptor>, disk: DiskProperties) -> RejectedRequest {
+    fn error(
+        mem: &GuestMemoryMmap,
+        descs: Vec<Descriptor>,
+        disk: DiskProperties,
+    ) -> RejectedRequest {
         parse_request(mem, descs, disk).unwrap_err()
     }
 
@@ -408,7 +432,13 @@ mod tests {
         let mem = mem();
         header(&mem, 0x100, VIRTIO_BLK_T_FLUSH, 0);
         let rej = error(&mem, vec![r(0x100, 16), r(0x2000, 1)], DISK);
-        assert_eq!(rej, RejectedRequest { error: RequestError::NoStatus, status: None });
+        assert_eq!(
+            rej,
+            RejectedRequest {
+                error: RequestError::NoStatus,
+                status: None
+            }
+        );
         let rej = error(&mem, vec![], DISK);
         assert_eq!(rej.error, RequestError::EmptyChain);
     }
@@ -417,7 +447,11 @@ mod tests {
     fn readable_after_writable_is_refused() {
         let mem = mem();
         header(&mem, 0x100, VIRTIO_BLK_T_OUT, 0);
-        let rej = error(&mem, vec![r(0x100, 16), w(0x1000, 512), r(0x1200, 512), w(0x2000, 1)], DISK);
+        let rej = error(
+            &mem,
+            vec![r(0x100, 16), w(0x1000, 512), r(0x1200, 512), w(0x2000, 1)],
+            DISK,
+        );
         assert_eq!(rej.error, RequestError::ReadableAfterWritable);
     }
 
@@ -437,8 +471,19 @@ mod tests {
     fn requests_past_the_end_of_the_disk_are_refused() {
         let mem = mem();
         header(&mem, 0x100, VIRTIO_BLK_T_IN, 7);
-        let rej = error(&mem, vec![r(0x100, 16), w(0x1000, 1024), w(0x2000, 1)], DISK);
-        assert_eq!(rej.error, RequestError::OutOfRange { sector: 7, sectors: 2, capacity: 8 });
+        let rej = error(
+            &mem,
+            vec![r(0x100, 16), w(0x1000, 1024), w(0x2000, 1)],
+            DISK,
+        );
+        assert_eq!(
+            rej.error,
+            RequestError::OutOfRange {
+                sector: 7,
+                sectors: 2,
+                capacity: 8
+            }
+        );
 
         header(&mem, 0x100, VIRTIO_BLK_T_IN, u64::MAX);
         let rej = error(&mem, vec![r(0x100, 16), w(0x1000, 512), w(0x2000, 1)], DISK);
@@ -461,7 +506,10 @@ mod tests {
     fn writes_to_read_only_disks_are_refused() {
         let mem = mem();
         header(&mem, 0x100, VIRTIO_BLK_T_OUT, 0);
-        let disk = DiskProperties { read_only: true, ..DISK };
+        let disk = DiskProperties {
+            read_only: true,
+            ..DISK
+        };
         let rej = error(&mem, vec![r(0x100, 16), r(0x1000, 512), w(0x2000, 1)], disk);
         assert_eq!(rej.error, RequestError::ReadOnly);
     }
@@ -479,7 +527,11 @@ mod tests {
     fn descriptors_outside_memory_are_refused() {
         let mem = mem();
         header(&mem, 0x100, VIRTIO_BLK_T_IN, 0);
-        let rej = error(&mem, vec![r(0x100, 16), w(MEM_SIZE as u64 - 256, 512), w(0x2000, 1)], DISK);
+        let rej = error(
+            &mem,
+            vec![r(0x100, 16), w(MEM_SIZE as u64 - 256, 512), w(0x2000, 1)],
+            DISK,
+        );
         assert!(matches!(rej.error, RequestError::OutsideMemory { .. }));
         assert_eq!(rej.status, Some(GuestAddress(0x2000)));
 

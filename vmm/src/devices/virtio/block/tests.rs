@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
@@ -22,7 +22,9 @@ const DATA: u64 = DATA_START + 0x1000;
 const STATUS: u64 = DATA_START + 0x8000;
 
 fn disk_pattern() -> Vec<u8> {
-    (0..SECTORS as usize * 512).map(|i| (i % 251) as u8).collect()
+    (0..SECTORS as usize * 512)
+        .map(|i| (i % 251) as u8)
+        .collect()
 }
 
 struct Fixture {
@@ -55,7 +57,10 @@ fn status(mem: &GuestMemoryMmap) -> u8 {
 
 impl Fixture {
     /// Activates the device on `driver`'s queue; returns the interrupt counter.
-    fn activate(&mut self, driver: &Driver) -> Arc<crate::devices::virtio::test_utils::CountingInterrupt> {
+    fn activate(
+        &mut self,
+        driver: &Driver,
+    ) -> Arc<crate::devices::virtio::test_utils::CountingInterrupt> {
         let irq = Driver::interrupt();
         self.block
             .activate(self.mem.clone(), irq.clone(), vec![driver.queue()])
@@ -87,14 +92,19 @@ fn read_copies_sectors_into_guest_buffers() {
     let mut f = fixture(false);
     header(&f.mem, VIRTIO_BLK_T_IN, 2);
 
-    let (st, len) = run_one(&mut f, &[r(HDR, 16), w(DATA, 512), w(DATA + 0x800, 512), w(STATUS, 1)]);
+    let (st, len) = run_one(
+        &mut f,
+        &[r(HDR, 16), w(DATA, 512), w(DATA + 0x800, 512), w(STATUS, 1)],
+    );
 
     assert_eq!(st, VIRTIO_BLK_S_OK as u8);
     assert_eq!(len, 1024 + 1);
     let mut got = vec![0u8; 512];
     f.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
     assert_eq!(got, disk_pattern()[1024..1536]);
-    f.mem.read_slice(&mut got, GuestAddress(DATA + 0x800)).unwrap();
+    f.mem
+        .read_slice(&mut got, GuestAddress(DATA + 0x800))
+        .unwrap();
     assert_eq!(got, disk_pattern()[1536..2048]);
     assert_eq!(f.metric("reads"), 1);
     assert_eq!(f.metric("bytes_read"), 1024);
@@ -104,7 +114,9 @@ fn read_copies_sectors_into_guest_buffers() {
 fn write_persists_to_the_image_file() {
     let mut f = fixture(false);
     header(&f.mem, VIRTIO_BLK_T_OUT, 3);
-    f.mem.write_slice(&[0xab; 1024], GuestAddress(DATA)).unwrap();
+    f.mem
+        .write_slice(&[0xab; 1024], GuestAddress(DATA))
+        .unwrap();
 
     let (st, len) = run_one(&mut f, &[r(HDR, 16), r(DATA, 1024), w(STATUS, 1)]);
 
@@ -151,7 +163,9 @@ fn ids_differ_between_image_files() {
 fn read_beyond_capacity_is_an_io_error_and_touches_nothing() {
     let mut f = fixture(false);
     header(&f.mem, VIRTIO_BLK_T_IN, SECTORS - 1);
-    f.mem.write_slice(&[0x5a; 1024], GuestAddress(DATA)).unwrap();
+    f.mem
+        .write_slice(&[0x5a; 1024], GuestAddress(DATA))
+        .unwrap();
 
     let (st, len) = run_one(&mut f, &[r(HDR, 16), w(DATA, 1024), w(STATUS, 1)]);
 
@@ -311,7 +325,10 @@ fn reset_deactivates_and_allows_a_new_activation() {
 fn activation_needs_exactly_one_valid_queue() {
     let mut f = fixture(false);
     let irq = Driver::interrupt();
-    assert!(f.block.activate(f.mem.clone(), irq.clone(), vec![]).is_err());
+    assert!(f
+        .block
+        .activate(f.mem.clone(), irq.clone(), vec![])
+        .is_err());
     let mem = f.mem.clone();
     let driver = Driver::new(&mem, 16);
     let mut q = driver.queue();
@@ -340,4 +357,20 @@ fn queue_notification_through_the_event_loop_serves_requests() {
     assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
     // The eventfd was drained: nothing more to do.
     assert_eq!(em.run_with_timeout(0).unwrap(), 0);
+}
+
+#[test]
+fn a_writable_image_cannot_be_opened_twice() {
+    let f = fixture(false);
+    let err = Block::new(f.file.as_path(), false, "second").err().unwrap();
+    assert!(matches!(err, BlockError::Locked { .. }), "{err}");
+    assert!(Block::new(f.file.as_path(), true, "reader").is_err());
+}
+
+#[test]
+fn read_only_images_can_be_shared_but_not_written_meanwhile() {
+    let f = fixture(true);
+    let second = Block::new(f.file.as_path(), true, "second");
+    assert!(second.is_ok());
+    assert!(Block::new(f.file.as_path(), false, "writer").is_err());
 }

@@ -151,13 +151,15 @@ impl Rng {
                 let n = (desc.len() as usize - offset)
                     .min(CHUNK)
                     .min(MAX_BYTES_PER_REQUEST - written);
-                let result = getrandom(&mut buf[..n]).map_err(|e| e.to_string()).and_then(|()| {
-                    let addr = desc
-                        .addr()
-                        .checked_add(offset as u64)
-                        .ok_or_else(|| "buffer address overflows".to_string())?;
-                    mem.write_slice(&buf[..n], addr).map_err(|e| e.to_string())
-                });
+                let result = getrandom(&mut buf[..n])
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        let addr = desc
+                            .addr()
+                            .checked_add(offset as u64)
+                            .ok_or_else(|| "buffer address overflows".to_string())?;
+                        mem.write_slice(&buf[..n], addr).map_err(|e| e.to_string())
+                    });
                 if let Err(e) = result {
                     self.metrics.failures.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!("virtio-rng: request not filled: {e}");
@@ -286,7 +288,8 @@ mod tests {
         let mut driver = Driver::new(&mem, 16);
         let mut rng = Rng::new().unwrap();
         let irq = Driver::interrupt();
-        rng.activate(mem.clone(), irq.clone(), vec![driver.queue()]).unwrap();
+        rng.activate(mem.clone(), irq.clone(), vec![driver.queue()])
+            .unwrap();
         let head = driver.add_chain(&[w(DATA_START, 256), w(DATA_START + 0x1000, 5000)]);
 
         rng.process_queue();
@@ -297,7 +300,10 @@ mod tests {
         // 256 zero bytes from a CSPRNG: probability 2^-2048.
         assert_ne!(read(&mem, DATA_START, 256), vec![0u8; 256]);
         assert_ne!(read(&mem, DATA_START + 0x1000 + 4744, 256), vec![0u8; 256]);
-        assert_ne!(read(&mem, DATA_START, 256), read(&mem, DATA_START + 0x1000, 256));
+        assert_ne!(
+            read(&mem, DATA_START, 256),
+            read(&mem, DATA_START + 0x1000, 256)
+        );
         assert_eq!(rng.metrics().snapshot()["bytes"], 5256);
     }
 
@@ -306,7 +312,8 @@ mod tests {
         let mem = guest_memory();
         let mut driver = Driver::new(&mem, 16);
         let mut rng = Rng::new().unwrap();
-        rng.activate(mem.clone(), Driver::interrupt(), vec![driver.queue()]).unwrap();
+        rng.activate(mem.clone(), Driver::interrupt(), vec![driver.queue()])
+            .unwrap();
         driver.add_chain(&[r(DATA_START, 64), w(DATA_START + 0x100, 16)]);
 
         rng.process_queue();
@@ -320,7 +327,8 @@ mod tests {
         let mem = guest_memory();
         let mut driver = Driver::new(&mem, 16);
         let mut rng = Rng::new().unwrap();
-        rng.activate(mem.clone(), Driver::interrupt(), vec![driver.queue()]).unwrap();
+        rng.activate(mem.clone(), Driver::interrupt(), vec![driver.queue()])
+            .unwrap();
         driver.add_chain(&[w(DATA_START, 0x20_0000)]);
 
         rng.process_queue();
@@ -333,7 +341,8 @@ mod tests {
         let mem = guest_memory();
         let mut driver = Driver::new(&mem, 16);
         let mut rng = Rng::new().unwrap();
-        rng.activate(mem.clone(), Driver::interrupt(), vec![driver.queue()]).unwrap();
+        rng.activate(mem.clone(), Driver::interrupt(), vec![driver.queue()])
+            .unwrap();
         let end = crate::devices::virtio::test_utils::MEM_SIZE as u64;
         driver.add_chain(&[w(DATA_START, 32), w(end - 8, 64)]);
 
@@ -349,7 +358,8 @@ mod tests {
         let mem = guest_memory();
         let mut driver = Driver::new(&mem, 16);
         let mut rng = Rng::new().unwrap();
-        rng.activate(mem.clone(), Driver::interrupt(), vec![driver.queue()]).unwrap();
+        rng.activate(mem.clone(), Driver::interrupt(), vec![driver.queue()])
+            .unwrap();
         driver.add_chain(&[w(DATA_START, 16)]);
         let notify = rng.queue_events()[0].try_clone().unwrap();
         let rng = Arc::new(Mutex::new(rng));

@@ -1,0 +1,367 @@
+//! End to end on loopback: synthetic source → hostd stream server → client library.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use client::{ClientError, ConnectOptions, ConnectUrl, Event, Session, StatsCollector};
+use encoder::synthetic::{Scene, SyntheticSource};
+use hostd::stream::source::{self, RecordingInput};
+use hostd::stream::{Identity, ServerConfig, StreamServer, TokenKey};
+use proto::stream::{Button, ClientMessage, ErrorCode, InputEvent, Message, Rights, TouchPhase};
+
+const ENV: &str = "env-test";
+const HOUR: Duration = Duration::from_secs(3600);
+
+struct Harness {
+    server: StreamServer,
+    input: Arc<RecordingInput>,
+    tokens: Arc<TokenKey>,
+}
+
+fn start(cfg: ServerConfig, scene: Scene, w: u32, h: u32, fps: f32) -> Harness {
+    let identity = Identity::generate(&[]).unwrap();
+    let tokens = Arc::new(TokenKey::generate().unwrap());
+    let server = StreamServer::bind(cfg, &identity, tokens.clone()).unwrap();
+    let (src, input) = source::synthetic(scene, w, h, fps);
+    server.add_environment(ENV, src, fps).unwrap();
+    Harness {
+        server,
+        input,
+        tokens,
+    }
+}
+
+impl Harness {
+    fn url_with_token(&self, token: &str) -> ConnectUrl {
+        self.server.connect_url(ENV, token).unwrap().parse().unwrap()
+    }
+    fn url(&self, rights: Rights) -> ConnectUrl {
+        let token = self.tokens.issue(ENV, rights, HOUR).unwrap();
+        self.url_with_token(&token)
+    }
+}
+
+async fn next_frame(s: &mut Session) -> client::Frame {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.next_event())
+            .await
+            .expect("no event within 10 s")
+            .expect("session ended")
+        {
+            Event::Frame(f) => return f,
+            Event::Closed(r) => panic!("session closed: {r}"),
+            _ => {}
+        }
+    }
+}
+
+async fn wait_for_events(input: &RecordingInput, n: usize) -> Vec<InputEvent> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ev = input.events();
+        if ev.len() >= n || Instant::now() > deadline {
+            return ev;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoded_frames_match_the_source_above_35_db() {
+    let (w, h, fps) = (320, 240, 30.0);
+    let hx = start(ServerConfig::default(), Scene::Windows, w, h, fps);
+    let mut s = Session::connect(&hx.url(Rights::VIEW), ConnectOptions::default())
+        .await
+        .unwrap();
+    let mut replica = SyntheticSource::new(Scene::Windows, w, h, fps);
+    let mut checked = 0;
+    while checked < 20 {
+        let f = next_frame(&mut s).await;
+        assert_eq!((f.width, f.height), (w, h));
+        // Encoded frame k is source frame k: the scene changes every frame and the source
+        // starts when the first viewer joins.
+        let expected = loop {
+            let src = replica.advance();
+            if src.sequence == f.sequence {
+                break src.frame.data.to_vec();
+            }
+            assert!(src.sequence < f.sequence, "replica overtook the stream");
+        };
+        let psnr = encoder::psnr_bgrx(&f.bgrx, &expected, w, h);
+        assert!(psnr >= 35.0, "frame {} PSNR {psnr:.1} dB", f.sequence);
+        checked += 1;
+    }
+    s.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_events_arrive_at_the_source_in_order() {
+    let hx = start(ServerConfig::default(), Scene::Still, 320, 240, 30.0);
+    let s = Session::connect(&hx.url(Rights::VIEW | Rights::INPUT), ConnectOptions::default())
+        .await
+        .unwrap();
+    let mut sent = Vec::new();
+    for i in 0..200u16 {
+        let ev = match i % 5 {
+            0 => InputEvent::Key {
+                code: 30 + i % 20,
+                pressed: i % 2 == 0,
+            },
+            1 => InputEvent::PointerMove {
+                x: i % 320,
+                y: (i * 7) % 240,
+            },
+            2 => InputEvent::PointerButton {
+                button: Button::Left,
+                pressed: i % 2 == 1,
+            },
+            3 => InputEvent::Wheel {
+                dx: 0,
+                dy: i as i16 - 100,
+            },
+            _ => InputEvent::Touch {
+                id: (i % 3) as u8,
+                phase: TouchPhase::Move,
+                x: i % 320,
+                y: i % 240,
+            },
+        };
+        s.send_input(ev);
+        sent.push(ev);
+    }
+    let got = wait_for_events(&hx.input, sent.len()).await;
+    assert_eq!(got, sent);
+    s.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_only_token_cannot_inject_input() {
+    let hx = start(ServerConfig::default(), Scene::Still, 320, 240, 30.0);
+    let mut s = Session::connect(&hx.url(Rights::VIEW), ConnectOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.rights(), Rights::VIEW);
+    s.send_input(InputEvent::Key {
+        code: 30,
+        pressed: true,
+    });
+    s.send(ClientMessage::Clipboard("secret".into()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut refused = false;
+    while !refused && Instant::now() < deadline {
+        if let Ok(Some(Event::Error { code, message })) =
+            tokio::time::timeout(Duration::from_secs(1), s.next_event()).await
+        {
+            assert_eq!(code, ErrorCode::PermissionDenied, "{message}");
+            refused = true;
+        }
+    }
+    assert!(refused, "no PermissionDenied error received");
+    // The session stays usable for viewing.
+    next_frame(&mut s).await;
+    assert!(hx.input.events().is_empty());
+    assert_eq!(hx.input.clipboard(), None);
+    assert!(hx.server.env_stats(ENV).unwrap().input_refused >= 1);
+    s.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_certificate_fingerprint_is_refused() {
+    let hx = start(ServerConfig::default(), Scene::Still, 64, 64, 10.0);
+    let mut url = hx.url(Rights::VIEW);
+    url.cert_sha256[0] ^= 0xff;
+    let err = Session::connect(&url, ConnectOptions::default())
+        .await
+        .err()
+        .expect("connection with a wrong pin must fail");
+    match err {
+        ClientError::CertificateMismatch { expected, actual } => {
+            assert_ne!(expected, actual);
+            assert_eq!(actual, hx.server.fingerprint());
+        }
+        other => panic!("expected CertificateMismatch, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_token_is_refused() {
+    let hx = start(ServerConfig::default(), Scene::Still, 64, 64, 10.0);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let token = hx
+        .tokens
+        .issue_expiring_at(ENV, Rights::VIEW, now - 10)
+        .unwrap();
+    let err = Session::connect(&hx.url_with_token(&token), ConnectOptions::default())
+        .await
+        .err()
+        .expect("expired token must be refused");
+    match err {
+        ClientError::Refused { code, message } => {
+            assert_eq!(code, ErrorCode::TokenExpired);
+            assert!(message.contains("expired"), "{message}");
+        }
+        other => panic!("expected Refused, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_token_is_refused() {
+    let hx = start(ServerConfig::default(), Scene::Still, 64, 64, 10.0);
+    let forged = TokenKey::generate()
+        .unwrap()
+        .issue(ENV, Rights::all(), HOUR)
+        .unwrap();
+    let err = Session::connect(&hx.url_with_token(&forged), ConnectOptions::default())
+        .await
+        .err()
+        .expect("forged token must be refused");
+    match err {
+        ClientError::Refused { code, message } => {
+            assert_eq!(code, ErrorCode::TokenForged);
+            assert!(message.contains("signature"), "{message}");
+        }
+        other => panic!("expected Refused, got {other}"),
+    }
+}
+
+/// A viewer that authenticates and then never reads a frame: the slowest possible link.
+async fn stalled_viewer(url: &ConnectUrl) -> (quinn::Endpoint, quinn::Connection) {
+    let (tls, _) = client::tls::client_config(url.cert_sha256).unwrap();
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_uni_streams(2u32.into());
+    cfg.transport_config(Arc::new(t));
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let addr = format!("{}:{}", url.host, url.port).parse().unwrap();
+    let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let hello = ClientMessage::Hello {
+        min_version: 1,
+        max_version: 1,
+        env_id: url.env_id.clone(),
+        token: url.token.clone(),
+        resume: [0; 16],
+        viewport_width: 0,
+        viewport_height: 0,
+    };
+    send.write_all(&hello.to_bytes()).await.unwrap();
+    // Keep the control stream open but never accept a frame stream.
+    std::mem::forget(send);
+    std::mem::forget(recv);
+    (ep, conn)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_viewer_does_not_slow_down_a_fast_one() {
+    let fps = 30.0;
+    let hx = start(ServerConfig::default(), Scene::Windows, 320, 240, fps);
+    let url = hx.url(Rights::VIEW);
+    let (_ep, _slow) = stalled_viewer(&url).await;
+    let mut fast = Session::connect(&url, ConnectOptions::default())
+        .await
+        .unwrap();
+    // Skip the start-up frames, then measure two seconds.
+    for _ in 0..5 {
+        next_frame(&mut fast).await;
+    }
+    let mut stats = StatsCollector::default();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        let f = next_frame(&mut fast).await;
+        stats.record(&f);
+    }
+    let report = stats.report(0, Duration::ZERO, 0);
+    assert_eq!(hx.server.env_stats(ENV).unwrap().viewers, 2);
+    assert!(
+        report.fps >= 0.9 * f64::from(fps),
+        "fast viewer got {:.1} fps with a stalled viewer present",
+        report.fps
+    );
+    assert!(
+        report.latency_ms_p99 < 200.0,
+        "latency p99 {:.1} ms",
+        report.latency_ms_p99
+    );
+    fast.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_resumes_within_grace_period() {
+    let hx = start(ServerConfig::default(), Scene::Still, 64, 64, 10.0);
+    let url = hx.url(Rights::VIEW | Rights::INPUT);
+    let mut first = Session::connect(&url, ConnectOptions::default()).await.unwrap();
+    next_frame(&mut first).await;
+    let id = first.session_id();
+    assert!(!first.resumed());
+    first.close().await;
+    let opts = ConnectOptions {
+        resume: Some(id),
+        ..ConnectOptions::default()
+    };
+    let mut second = Session::connect(&url, opts).await.unwrap();
+    assert!(second.resumed());
+    assert_eq!(second.session_id(), id);
+    let f = next_frame(&mut second).await;
+    assert!(f.keyframe, "a resumed session starts with a keyframe");
+    second.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_keys_are_released_when_the_grace_period_ends() {
+    let cfg = ServerConfig {
+        resume_grace: Duration::from_millis(200),
+        ..ServerConfig::default()
+    };
+    let hx = start(cfg, Scene::Still, 64, 64, 10.0);
+    let s = Session::connect(&hx.url(Rights::VIEW | Rights::INPUT), ConnectOptions::default())
+        .await
+        .unwrap();
+    let press = InputEvent::Key {
+        code: 42,
+        pressed: true,
+    };
+    s.send_input(press);
+    wait_for_events(&hx.input, 1).await;
+    s.close().await;
+    let got = wait_for_events(&hx.input, 2).await;
+    assert_eq!(
+        got,
+        vec![
+            press,
+            InputEvent::Key {
+                code: 42,
+                pressed: false
+            }
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_per_address_cap_are_refused() {
+    let cfg = ServerConfig {
+        max_connections_per_ip: 2,
+        ..ServerConfig::default()
+    };
+    let hx = start(cfg, Scene::Still, 64, 64, 10.0);
+    let url = hx.url(Rights::VIEW);
+    let a = Session::connect(&url, ConnectOptions::default()).await.unwrap();
+    let b = Session::connect(&url, ConnectOptions::default()).await.unwrap();
+    let err = Session::connect(&url, ConnectOptions::default())
+        .await
+        .err()
+        .expect("third connection from one address must be refused");
+    assert!(
+        matches!(
+            err,
+            ClientError::Refused {
+                code: ErrorCode::TooManyConnections,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    a.close().await;
+    b.close().await;
+}

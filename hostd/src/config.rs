@@ -1,0 +1,177 @@
+//! hostd configuration: `configs/hostd.toml`, with the same file built in as the defaults.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::composer::Defaults;
+
+/// The documented configuration file, also the source of every default.
+pub const EMBEDDED_CONFIG: &str = include_str!("../../configs/hostd.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("no state directory: set --state-dir, state_dir, XDG_STATE_HOME or HOME")]
+    NoStateDir,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub state_dir: String,
+    pub admin: AdminConfig,
+    pub capacity: CapacityConfig,
+    pub images: ImagesConfig,
+    pub vmm: VmmConfig,
+    pub reaper: ReaperConfig,
+    pub composer: Defaults,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub group: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityConfig {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub reserve_memory_mib: u64,
+    pub cpu_overcommit: f64,
+    pub memory_overcommit: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesConfig {
+    pub builder: String,
+    pub kernel: String,
+    pub initramfs: String,
+    pub build_rootfs: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmmConfig {
+    pub binary: String,
+    pub api_timeout_s: u64,
+    pub boot_timeout_s: u64,
+    pub cmdline: String,
+    pub cpu_template: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReaperConfig {
+    pub interval_s: u64,
+}
+
+impl Config {
+    /// The built-in defaults.
+    pub fn embedded() -> Config {
+        toml::from_str(EMBEDDED_CONFIG).expect("embedded hostd.toml is valid (checked by a test)")
+    }
+
+    /// Reads `path`, taking every key it leaves out from the built-in defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    /// Parses a (possibly partial) file over the defaults.
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        let mut base: toml::Table = toml::from_str(EMBEDDED_CONFIG)?;
+        let over: toml::Table = toml::from_str(text)?;
+        merge(&mut base, over);
+        toml::Value::Table(base).try_into()
+    }
+
+    /// The state directory: `--state-dir`, then `state_dir`, then the XDG default.
+    pub fn state_dir(&self, flag: Option<&Path>) -> Result<PathBuf, ConfigError> {
+        if let Some(p) = flag {
+            return Ok(p.into());
+        }
+        if !self.state_dir.is_empty() {
+            return Ok(self.state_dir.clone().into());
+        }
+        default_state_dir().ok_or(ConfigError::NoStateDir)
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// `$XDG_STATE_HOME/genos`, else `~/.local/state/genos`.
+pub fn default_state_dir() -> Option<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return Some(PathBuf::from(x).join("genos"));
+    }
+    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".local/state/genos"))
+}
+
+/// Where the CLI looks for the admin socket: `--socket`, `GENOS_SOCKET`, the default state dir.
+pub fn admin_socket_path(flag: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = flag {
+        return Some(p.into());
+    }
+    if let Some(s) = std::env::var_os("GENOS_SOCKET").filter(|s| !s.is_empty()) {
+        return Some(s.into());
+    }
+    default_state_dir().map(|d| d.join("admin.sock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_config_parses_and_matches_composer_defaults() {
+        let c = Config::embedded();
+        assert_eq!(c.composer, Defaults::default());
+        assert_eq!(c.admin.group, "genos");
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let c = Config::from_toml("[capacity]\ncpu_overcommit = 2.0\n").unwrap();
+        assert_eq!(c.capacity.cpu_overcommit, 2.0);
+        assert_eq!(c.capacity.memory_overcommit, 1.0);
+        assert_eq!(c.vmm.binary, "genos-vmm");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = Config::from_toml("[vmm]\nbinaryy = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("binaryy"), "{err}");
+    }
+
+    #[test]
+    fn state_dir_flag_wins() {
+        let c = Config::embedded();
+        assert_eq!(c.state_dir(Some(Path::new("/x"))).unwrap(), PathBuf::from("/x"));
+    }
+}

@@ -1,0 +1,776 @@
+//! Orchestrator: moves environments through their lifecycle and supervises one genos-vmm
+//! process per environment.
+//!
+//! requested → building (images from genos-image) → booting (genos-vmm spawned, configured
+//! and started over its control socket) → ready (the guest signalled the boot timer) →
+//! stopped → destroyed; any live state may become failed, with the reason. Admission
+//! control runs before anything is stored. Each VMM runs in its own process group with its
+//! output in files, so it outlives a hostd restart; on start hostd re-adopts every VMM whose
+//! control socket still answers and fails the environments whose VMM is gone.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::spec::{Catalog, Spec, SpecError};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::composer::{Clarify, Composer, Composition, Outcome};
+use crate::config::Config;
+use crate::store::{now_s, AuditReport, EnvRecord, EnvState, Store, StoreError};
+use crate::uds;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrchError {
+    #[error("invalid spec: {0}")]
+    Spec(#[from] SpecError),
+    #[error("{0}")]
+    Admission(String),
+    #[error("no environment named {0:?}")]
+    NotFound(String),
+    #[error("cannot {action} {name}: it is {state}")]
+    WrongState { name: String, action: &'static str, state: &'static str },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("viewer tokens: {0}")]
+    Token(String),
+}
+
+/// Host resources available to environments (after the overcommit ratios).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Capacity {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub cpu_overcommit: f64,
+    pub memory_overcommit: f64,
+}
+
+impl Capacity {
+    pub fn from_config(cfg: &Config) -> Capacity {
+        let c = &cfg.capacity;
+        let vcpus = if c.vcpus > 0 {
+            c.vcpus
+        } else {
+            std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+        };
+        let memory_mib = if c.memory_mib > 0 {
+            c.memory_mib
+        } else {
+            host_memory_mib().saturating_sub(c.reserve_memory_mib)
+        };
+        Capacity { vcpus, memory_mib, cpu_overcommit: c.cpu_overcommit, memory_overcommit: c.memory_overcommit }
+    }
+
+    /// Refuses `spec` when it and the live environments would exceed capacity × overcommit.
+    pub fn admit(&self, used_vcpus: u64, used_mib: u64, spec: &Spec) -> Result<(), String> {
+        let cpu_limit = (f64::from(self.vcpus) * self.cpu_overcommit).floor() as u64;
+        let mem_limit = (self.memory_mib as f64 * self.memory_overcommit).floor() as u64;
+        let (want_cpu, want_mib) = (u64::from(spec.vcpus), u64::from(spec.memory_mib));
+        if used_vcpus + want_cpu > cpu_limit {
+            return Err(format!(
+                "not enough CPU: {} asks for {want_cpu} vCPUs, {used_vcpus} of {cpu_limit} are in use ({} host CPUs x overcommit {})",
+                spec.name, self.vcpus, self.cpu_overcommit
+            ));
+        }
+        if used_mib + want_mib > mem_limit {
+            return Err(format!(
+                "not enough memory: {} asks for {want_mib} MiB, {used_mib} of {mem_limit} MiB are in use ({} MiB x overcommit {})",
+                spec.name, self.memory_mib, self.memory_overcommit
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(0)
+}
+
+/// What `create` from text produced.
+#[derive(Debug)]
+pub enum CreateOutcome {
+    Created(Box<EnvRecord>),
+    Clarify(Clarify),
+}
+
+/// A supervised VMM process.
+struct Proc {
+    pid: i32,
+    /// Set before hostd itself stops the VMM, so its exit is not a failure.
+    stopping: std::sync::atomic::AtomicBool,
+    exited: watch::Receiver<bool>,
+}
+
+#[derive(Default)]
+struct Counters {
+    created: AtomicU64,
+    refused: AtomicU64,
+    vmm_failures: AtomicU64,
+    composed: AtomicU64,
+    clarified: AtomicU64,
+    reaped: AtomicU64,
+}
+
+struct Inner {
+    cfg: Config,
+    state_dir: PathBuf,
+    store: Mutex<Store>,
+    composer: Composer,
+    capacity: Capacity,
+    procs: Mutex<HashMap<String, Arc<Proc>>>,
+    counters: Counters,
+}
+
+/// Cheap to clone; every clone drives the same environments.
+#[derive(Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+/// Reads an exit status the way docs/vmm.md defines them.
+pub fn describe_exit(status: Option<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        None => "genos-vmm disappeared".into(),
+        Some(s) => match (s.code(), s.signal()) {
+            (Some(0), _) => "genos-vmm exited: the guest powered off".into(),
+            (Some(1), _) => "genos-vmm exited with status 1 (internal VMM error)".into(),
+            (Some(2), _) => "genos-vmm exited with status 2 (bad arguments, configuration or files)".into(),
+            (Some(3), _) => "genos-vmm exited with status 3 (the guest rebooted)".into(),
+            (Some(4), _) => "genos-vmm exited with status 4 (triple fault)".into(),
+            (Some(5), _) => "genos-vmm exited with status 5 (guest kernel panic)".into(),
+            (Some(6), _) => "genos-vmm exited with status 6 (unhandled emulation failure)".into(),
+            (Some(c), _) => format!("genos-vmm exited with status {c}"),
+            (None, Some(sig)) => format!("genos-vmm was killed by signal {sig}"),
+            (None, None) => "genos-vmm ended".into(),
+        },
+    }
+}
+
+impl Orchestrator {
+    /// Opens the store under `state_dir`. Call [`Orchestrator::start`] inside a tokio
+    /// runtime to re-adopt VMMs and run the reaper.
+    pub fn new(cfg: Config, state_dir: &Path) -> Result<Orchestrator, OrchError> {
+        let store = Store::open(state_dir)?;
+        let composer = Composer::new(load_catalog(), cfg.composer.clone());
+        let capacity = Capacity::from_config(&cfg);
+        Ok(Orchestrator {
+            inner: Arc::new(Inner {
+                cfg,
+                state_dir: state_dir.into(),
+                store: Mutex::new(store),
+                composer,
+                capacity,
+                procs: Mutex::new(HashMap::new()),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        // A panic while holding the lock leaves SQLite consistent (every write is its own
+        // statement or transaction), so a poisoned lock is still usable.
+        self.inner.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.inner.capacity
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        self.inner.composer.catalog()
+    }
+
+    /// Re-adopts running VMMs, resumes interrupted builds, and starts the reaper.
+    pub async fn start(&self) -> Result<(), OrchError> {
+        let envs = self.store().envs(false)?;
+        for env in envs {
+            match env.state {
+                EnvState::Requested | EnvState::Building => {
+                    self.audit("hostd", "resume", &env.name, "build interrupted by a restart")?;
+                    self.spawn_provision(env.name.clone());
+                }
+                EnvState::Booting | EnvState::Ready => self.readopt(&env).await?,
+                _ => {}
+            }
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let every = Duration::from_secs(me.inner.cfg.reaper.interval_s.max(1));
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = me.reap_once().await {
+                    tracing::warn!("reaper: {e}");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn readopt(&self, env: &EnvRecord) -> Result<(), OrchError> {
+        let alive = env.vmm_pid.is_some_and(pid_alive);
+        let answers = match &env.api_socket {
+            Some(sock) if alive => uds::request(Path::new(sock), "GET", "/vm", None, Duration::from_secs(3))
+                .await
+                .map(|r| r.ok() && matches!(r.json()["state"].as_str(), Some("running" | "paused")))
+                .unwrap_or(false),
+            _ => false,
+        };
+        if !answers {
+            let reason = "its genos-vmm was gone when hostd restarted";
+            self.transition(&env.name, EnvState::Failed, Some(reason))?;
+            self.audit("hostd", "fail", &env.name, reason)?;
+            return Ok(());
+        }
+        let pid = env.vmm_pid.expect("alive implies a pid");
+        let (tx, rx) = watch::channel(false);
+        let proc = Arc::new(Proc { pid, stopping: false.into(), exited: rx });
+        self.inner.procs.lock().expect("procs lock").insert(env.name.clone(), proc);
+        self.audit("hostd", "adopt", &env.name, &format!("re-adopted genos-vmm pid {pid}"))?;
+        let me = self.clone();
+        let name = env.name.clone();
+        tokio::spawn(async move {
+            // Not our child: poll for its end.
+            while pid_alive(pid) {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let _ = tx.send(true);
+            me.on_vmm_exit(&name, None);
+        });
+        if env.state == EnvState::Booting {
+            let me = self.clone();
+            let name = env.name.clone();
+            let sock = PathBuf::from(env.api_socket.clone().unwrap_or_default());
+            tokio::spawn(async move { me.wait_ready(&name, &sock).await });
+        }
+        Ok(())
+    }
+
+    // ---- requests ------------------------------------------------------------------------
+
+    pub fn compose(&self, text: &str) -> Composition {
+        let c = self.inner.composer.compose(text);
+        self.inner.counters.composed.fetch_add(1, Ordering::Relaxed);
+        if matches!(c.outcome, Outcome::Clarify(_)) {
+            self.inner.counters.clarified.fetch_add(1, Ordering::Relaxed);
+        }
+        c
+    }
+
+    pub fn create_from_text(&self, text: &str, actor: &str) -> Result<CreateOutcome, OrchError> {
+        match self.compose(text).outcome {
+            Outcome::Spec(spec) => {
+                self.audit(actor, "compose", &spec.name, text)?;
+                Ok(CreateOutcome::Created(Box::new(self.create(*spec, actor)?)))
+            }
+            Outcome::Clarify(q) => Ok(CreateOutcome::Clarify(q)),
+        }
+    }
+
+    /// Validates, admits and stores `spec`, then builds and boots it in the background.
+    pub fn create(&self, mut spec: Spec, actor: &str) -> Result<EnvRecord, OrchError> {
+        spec.validate()?;
+        self.catalog().check_spec(&spec)?;
+        let record = {
+            let mut store = self.store();
+            // Names are unique among environments not destroyed: "firefox", "firefox-2", ...
+            let base = spec.name.clone();
+            let mut n = 1;
+            while store.name_taken(&spec.name)? {
+                n += 1;
+                let suffix = format!("-{n}");
+                spec.name = format!("{}{suffix}", &base[..base.len().min(63 - suffix.len())]);
+            }
+            let live: Vec<EnvRecord> = store.envs(false)?.into_iter().filter(|e| e.state.is_live()).collect();
+            let used_cpu: u64 = live.iter().map(|e| u64::from(e.spec.vcpus)).sum();
+            let used_mib: u64 = live.iter().map(|e| u64::from(e.spec.memory_mib)).sum();
+            if let Err(why) = self.inner.capacity.admit(used_cpu, used_mib, &spec) {
+                drop(store);
+                self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+                self.audit(actor, "refuse", &spec.name, &why)?;
+                return Err(OrchError::Admission(why));
+            }
+            store.insert_env(&spec)?
+        };
+        self.inner.counters.created.fetch_add(1, Ordering::Relaxed);
+        self.audit(actor, "create", &record.name, &serde_json::to_string(&record.spec).expect("spec json"))?;
+        self.spawn_provision(record.name.clone());
+        Ok(record)
+    }
+
+    pub fn list(&self) -> Result<Vec<EnvRecord>, OrchError> {
+        Ok(self.store().envs(false)?)
+    }
+
+    pub fn show(&self, name: &str) -> Result<EnvRecord, OrchError> {
+        self.store().env(name)?.ok_or_else(|| OrchError::NotFound(name.into()))
+    }
+
+    /// Stops the VMM (the environment keeps its record, and its disk when persistent).
+    pub async fn stop(&self, name: &str, actor: &str) -> Result<EnvRecord, OrchError> {
+        let env = self.show(name)?;
+        if !env.state.can_become(EnvState::Stopped) {
+            return Err(OrchError::WrongState { name: name.into(), action: "stop", state: env.state.as_str() });
+        }
+        self.audit(actor, "stop", name, "")?;
+        self.halt_vmm(&env).await;
+        self.transition(name, EnvState::Stopped, None)?;
+        self.store().set_vmm(name, None, None)?;
+        self.show(name)
+    }
+
+    /// Stops the VMM if running, removes the environment's files, marks it destroyed.
+    pub async fn destroy(&self, name: &str, actor: &str) -> Result<EnvRecord, OrchError> {
+        let env = self.show(name)?;
+        if env.state == EnvState::Destroyed {
+            return Err(OrchError::WrongState { name: name.into(), action: "destroy", state: "destroyed" });
+        }
+        self.audit(actor, "destroy", name, "")?;
+        if env.state.is_live() {
+            self.halt_vmm(&env).await;
+            self.transition(name, EnvState::Stopped, Some("destroying"))?;
+        }
+        let _ = std::fs::remove_dir_all(self.env_dir(name));
+        self.transition(name, EnvState::Destroyed, None)?;
+        let record = self.show(name)?;
+        let mut store = self.store();
+        store.set_vmm(name, None, None)?;
+        store.retire_name(name)?;
+        Ok(record)
+    }
+
+    /// Mints a viewer token for a ready environment (token format: `hostd::stream`).
+    pub fn mint_token(&self, name: &str, actor: &str, ttl_s: u64, rights: &str) -> Result<serde_json::Value, OrchError> {
+        let env = self.show(name)?;
+        if env.state != EnvState::Ready {
+            return Err(OrchError::WrongState { name: name.into(), action: "mint a token for", state: env.state.as_str() });
+        }
+        let rights: proto::stream::Rights = rights.parse().map_err(|e| OrchError::Token(format!("{e}")))?;
+        let dir = self.inner.state_dir.join("stream");
+        std::fs::create_dir_all(&dir).map_err(|e| OrchError::Token(e.to_string()))?;
+        let key = crate::stream::TokenKey::load_or_create(&dir.join("token.key"))
+            .map_err(|e| OrchError::Token(e.to_string()))?;
+        let token = key
+            .issue(name, rights, Duration::from_secs(ttl_s))
+            .map_err(|e| OrchError::Token(e.to_string()))?;
+        let fingerprint = crate::stream::Identity::load_or_create(&dir).map(|i| i.fingerprint).ok();
+        self.store().touch(name)?;
+        self.audit(actor, "token", name, &format!("rights={rights:?} ttl_s={ttl_s}"))?;
+        Ok(serde_json::json!({
+            "env": name, "token": token, "expires_at": now_s() + ttl_s as i64, "cert_sha256": fingerprint,
+        }))
+    }
+
+    pub fn verify_audit(&self) -> Result<AuditReport, OrchError> {
+        Ok(self.store().verify_audit()?)
+    }
+
+    pub fn audit_entries(&self, limit: i64) -> Result<Vec<crate::store::AuditEntry>, OrchError> {
+        Ok(self.store().audit_entries(Some(limit))?)
+    }
+
+    /// Records an operator or client action in the audit chain.
+    pub fn audit(&self, actor: &str, action: &str, target: &str, detail: &str) -> Result<(), OrchError> {
+        self.store().audit(actor, action, target, detail)?;
+        Ok(())
+    }
+
+    /// Prometheus text exposition.
+    pub fn metrics_text(&self) -> Result<String, OrchError> {
+        let envs = self.store().envs(true)?;
+        let mut out = String::new();
+        out.push_str("# HELP genos_environments Environments by lifecycle state.\n# TYPE genos_environments gauge\n");
+        for st in EnvState::ALL {
+            let n = envs.iter().filter(|e| e.state == st).count();
+            out.push_str(&format!("genos_environments{{state=\"{}\"}} {n}\n", st.as_str()));
+        }
+        let live: Vec<&EnvRecord> = envs.iter().filter(|e| e.state.is_live()).collect();
+        let c = &self.inner.counters;
+        let cap = self.inner.capacity;
+        let lines: [(&str, &str, &str, f64); 10] = [
+            ("genos_vcpus_allocated", "gauge", "vCPUs promised to live environments.", live.iter().map(|e| f64::from(e.spec.vcpus)).sum()),
+            ("genos_memory_allocated_mib", "gauge", "Memory promised to live environments.", live.iter().map(|e| f64::from(e.spec.memory_mib)).sum()),
+            ("genos_capacity_vcpus", "gauge", "Host vCPUs before overcommit.", f64::from(cap.vcpus)),
+            ("genos_capacity_memory_mib", "gauge", "Host memory for environments before overcommit.", cap.memory_mib as f64),
+            ("genos_environments_created_total", "counter", "Environments admitted.", c.created.load(Ordering::Relaxed) as f64),
+            ("genos_admission_refusals_total", "counter", "Requests refused by admission control.", c.refused.load(Ordering::Relaxed) as f64),
+            ("genos_vmm_failures_total", "counter", "VMMs that ended without being asked to.", c.vmm_failures.load(Ordering::Relaxed) as f64),
+            ("genos_compose_requests_total", "counter", "Requests composed.", c.composed.load(Ordering::Relaxed) as f64),
+            ("genos_compose_clarifications_total", "counter", "Composed requests answered with a question.", c.clarified.load(Ordering::Relaxed) as f64),
+            ("genos_reaped_total", "counter", "Environments stopped or destroyed by TTL/idle reaping.", c.reaped.load(Ordering::Relaxed) as f64),
+        ];
+        for (name, kind, help, v) in lines {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        }
+        Ok(out)
+    }
+
+    // ---- lifecycle -------------------------------------------------------------------------
+
+    fn transition(&self, name: &str, next: EnvState, reason: Option<&str>) -> Result<bool, OrchError> {
+        let mut store = self.store();
+        let Some(env) = store.env(name)? else { return Err(OrchError::NotFound(name.into())) };
+        if env.state == next || !env.state.can_become(next) {
+            return Ok(false);
+        }
+        store.set_state(name, next, reason)?;
+        tracing::info!(env = name, from = env.state.as_str(), to = next.as_str(), reason, "transition");
+        Ok(true)
+    }
+
+    fn fail(&self, name: &str, reason: &str) {
+        if let Ok(true) = self.transition(name, EnvState::Failed, Some(reason)) {
+            let _ = self.audit("hostd", "fail", name, reason);
+        }
+    }
+
+    fn env_dir(&self, name: &str) -> PathBuf {
+        self.inner.state_dir.join("envs").join(name)
+    }
+
+    fn spawn_provision(&self, name: String) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(reason) = me.provision(&name).await {
+                me.fail(&name, &reason);
+            }
+        });
+    }
+
+    async fn provision(&self, name: &str) -> Result<(), String> {
+        let env = self.show(name).map_err(|e| e.to_string())?;
+        self.transition(name, EnvState::Building, None).map_err(|e| e.to_string())?;
+        let dir = self.env_dir(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let images = self.build_images(&env.spec, &dir).await?;
+        if !matches!(self.show(name).map(|e| e.state), Ok(EnvState::Building)) {
+            return Ok(()); // stopped or destroyed meanwhile
+        }
+        self.transition(name, EnvState::Booting, None).map_err(|e| e.to_string())?;
+        let sock = self.boot(name, &env.spec, &dir, &images).await?;
+        self.wait_ready(name, &sock).await;
+        Ok(())
+    }
+
+    async fn build_images(&self, spec: &Spec, dir: &Path) -> Result<Images, String> {
+        let cfg = &self.inner.cfg.images;
+        let kernel = if cfg.kernel.is_empty() {
+            run_image_builder(&cfg.builder, &["kernel"]).await?
+        } else {
+            PathBuf::from(&cfg.kernel)
+        };
+        let initramfs = if !cfg.initramfs.is_empty() {
+            Some(PathBuf::from(&cfg.initramfs))
+        } else if cfg.kernel.is_empty() {
+            Some(run_image_builder(&cfg.builder, &["initramfs"]).await?)
+        } else {
+            None
+        };
+        let rootfs = if cfg.build_rootfs {
+            let spec_path = dir.join("spec.json");
+            std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).expect("spec json"))
+                .map_err(|e| format!("cannot write {}: {e}", spec_path.display()))?;
+            let out = dir.join("rootfs.ext4");
+            let (s, o) = (spec_path.display().to_string(), out.display().to_string());
+            run_image_builder(&cfg.builder, &["rootfs", "--spec", &s, "--out", &o]).await?;
+            Some(out)
+        } else {
+            None
+        };
+        Ok(Images { kernel, initramfs, rootfs })
+    }
+
+    async fn boot(&self, name: &str, spec: &Spec, dir: &Path, images: &Images) -> Result<PathBuf, String> {
+        use std::os::unix::process::CommandExt as _;
+        let vmm = &self.inner.cfg.vmm;
+        let sock = dir.join("api.sock");
+        let _ = std::fs::remove_file(&sock);
+        let log = |n: &str| {
+            std::fs::File::create(dir.join(n)).map_err(|e| format!("cannot create {}: {e}", dir.join(n).display()))
+        };
+        let mut cmd = std::process::Command::new(&vmm.binary);
+        cmd.arg("--api-sock")
+            .arg(&sock)
+            .stdin(std::process::Stdio::null())
+            .stdout(log("vmm.stdout")?)
+            .stderr(log("vmm.log")?)
+            // Own process group: a signal to hostd's group (Ctrl-C) does not reach the VMM,
+            // which must outlive a hostd restart.
+            .process_group(0);
+        let mut child = tokio::process::Command::from(cmd)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", vmm.binary))?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let (tx, rx) = watch::channel(false);
+        let proc = Arc::new(Proc { pid, stopping: false.into(), exited: rx });
+        self.inner.procs.lock().expect("procs lock").insert(name.into(), proc);
+        self.store().set_vmm(name, Some(pid), Some(&sock.display().to_string())).map_err(|e| e.to_string())?;
+        self.audit("hostd", "spawn", name, &format!("genos-vmm pid {pid}")).map_err(|e| e.to_string())?;
+        let me = self.clone();
+        let n = name.to_string();
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            let _ = tx.send(true);
+            me.on_vmm_exit(&n, status);
+        });
+
+        // Wait for the control socket, then configure and start.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(vmm.api_timeout_s);
+        loop {
+            let r = uds::request(&sock, "GET", "/vm", None, Duration::from_secs(1)).await;
+            if r.as_ref().is_ok_and(|r| r.ok()) {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                self.kill_vmm(name);
+                return Err(format!("genos-vmm's control socket did not answer within {} s", vmm.api_timeout_s));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let graphical = self.catalog().desktops.get(&spec.desktop).is_some_and(|d| d.graphical);
+        let mut config = serde_json::json!({
+            "kernel": images.kernel,
+            "cmdline": vmm.cmdline,
+            "vcpus": spec.vcpus,
+            "mem_mib": spec.memory_mib,
+            "rng": true,
+            "cpu_template": vmm.cpu_template,
+            "serial": format!("file:{}", dir.join("console.log").display()),
+            "input": graphical,
+        });
+        if let Some(i) = &images.initramfs {
+            config["initrd"] = serde_json::json!(i);
+        }
+        if let Some(r) = &images.rootfs {
+            config["disks"] = serde_json::json!([{"path": r, "read_only": false}]);
+        }
+        if graphical {
+            config["gpu"] = serde_json::json!({"width": spec.display.width, "height": spec.display.height});
+        }
+        for (method, uri, body) in [
+            ("PUT", "/vm/config", config),
+            ("PUT", "/vm/actions", serde_json::json!({"action": "start"})),
+        ] {
+            let r = uds::request(&sock, method, uri, Some(&body), Duration::from_secs(10))
+                .await
+                .map_err(|e| format!("genos-vmm {uri}: {e}"))?;
+            if !r.ok() {
+                self.kill_vmm(name);
+                let why = r.json()["error"].as_str().map(str::to_string).unwrap_or_else(|| format!("status {}", r.status));
+                return Err(format!("genos-vmm refused {method} {uri}: {why}"));
+            }
+        }
+        Ok(sock)
+    }
+
+    /// Polls the VMM until the guest signals the boot timer (→ ready) or the boot timeout.
+    async fn wait_ready(&self, name: &str, sock: &Path) {
+        let timeout = Duration::from_secs(self.inner.cfg.vmm.boot_timeout_s);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.show(name).map(|e| e.state) {
+                Ok(EnvState::Booting) => {}
+                _ => return, // failed, stopped or destroyed meanwhile
+            }
+            if let Ok(r) = uds::request(sock, "GET", "/vm", None, Duration::from_secs(2)).await {
+                if r.ok() && !r.json()["boot_time_us"].is_null() {
+                    let boot_us = r.json()["boot_time_us"].as_u64().unwrap_or(0);
+                    if let Ok(true) = self.transition(name, EnvState::Ready, None) {
+                        let _ = self.store().touch(name);
+                        let _ = self.audit("hostd", "ready", name, &format!("guest booted in {} ms", boot_us / 1000));
+                    }
+                    return;
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                self.fail(name, &format!("the guest did not finish booting within {} s", timeout.as_secs()));
+                self.kill_vmm(name);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn on_vmm_exit(&self, name: &str, status: Option<std::process::ExitStatus>) {
+        let proc = self.inner.procs.lock().expect("procs lock").remove(name);
+        let asked = proc.as_ref().is_some_and(|p| p.stopping.load(Ordering::SeqCst));
+        if asked {
+            return;
+        }
+        let live = self.show(name).map(|e| e.state.is_live()).unwrap_or(false);
+        if live {
+            self.inner.counters.vmm_failures.fetch_add(1, Ordering::Relaxed);
+            self.fail(name, &describe_exit(status));
+            let _ = self.store().set_vmm(name, None, None);
+        }
+    }
+
+    fn kill_vmm(&self, name: &str) {
+        if let Some(p) = self.inner.procs.lock().expect("procs lock").get(name) {
+            p.stopping.store(true, Ordering::SeqCst);
+            signal(p.pid, libc::SIGKILL);
+        }
+    }
+
+    /// Asks the VMM to stop over its socket; kills it if it has not exited in 5 s.
+    async fn halt_vmm(&self, env: &EnvRecord) {
+        let proc = self.inner.procs.lock().expect("procs lock").get(&env.name).cloned();
+        let Some(proc) = proc else { return };
+        proc.stopping.store(true, Ordering::SeqCst);
+        if let Some(sock) = &env.api_socket {
+            let body = serde_json::json!({"action": "stop"});
+            let _ = uds::request(Path::new(sock), "PUT", "/vm/actions", Some(&body), Duration::from_secs(2)).await;
+        }
+        let mut exited = proc.exited.clone();
+        let waited = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e)).await.is_ok();
+        if !waited {
+            signal(proc.pid, libc::SIGKILL);
+            let _ = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e)).await;
+        }
+    }
+
+    /// One pass of TTL (destroy) and idle (stop) reaping.
+    pub async fn reap_once(&self) -> Result<(), OrchError> {
+        let now = now_s();
+        for env in self.list()? {
+            if !env.state.is_live() && env.state != EnvState::Stopped {
+                continue;
+            }
+            if let Some(ttl) = env.spec.lifetime.ttl_s {
+                if now >= env.created_at + ttl as i64 {
+                    self.inner.counters.reaped.fetch_add(1, Ordering::Relaxed);
+                    self.destroy(&env.name, "reaper:ttl").await?;
+                    continue;
+                }
+            }
+            if let Some(idle) = env.spec.lifetime.idle_s {
+                if env.state == EnvState::Ready && now >= env.last_active_at + idle as i64 {
+                    self.inner.counters.reaped.fetch_add(1, Ordering::Relaxed);
+                    self.stop(&env.name, "reaper:idle").await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks viewer activity (resets the idle clock).
+    pub fn touch(&self, name: &str) -> Result<(), OrchError> {
+        Ok(self.store().touch(name)?)
+    }
+
+    /// Pid of the supervised VMM (tests, `show`).
+    pub fn vmm_pid(&self, name: &str) -> Option<i32> {
+        self.inner.procs.lock().expect("procs lock").get(name).map(|p| p.pid)
+    }
+}
+
+struct Images {
+    kernel: PathBuf,
+    initramfs: Option<PathBuf>,
+    rootfs: Option<PathBuf>,
+}
+
+async fn run_image_builder(binary: &str, args: &[&str]) -> Result<PathBuf, String> {
+    let out = tokio::process::Command::new(binary)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {binary}: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or("").to_string();
+        return Err(format!("{binary} {} failed: {last}", args.join(" ")));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = stdout.lines().last().unwrap_or("").trim();
+    if path.is_empty() {
+        return Err(format!("{binary} {} printed no artifact path", args.join(" ")));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn load_catalog() -> Catalog {
+    // The repo's (operator-editable) copy when run from a checkout, else the built-in one.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/catalog.toml");
+    std::fs::read_to_string(&repo)
+        .ok()
+        .and_then(|t| Catalog::from_toml(&t).map_err(|e| tracing::warn!("{}: {e}; using the built-in catalog", repo.display())).ok())
+        .unwrap_or_else(Catalog::embedded)
+}
+
+/// Whether `pid` is a live (non-zombie) process.
+pub fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // Field 3 (after the parenthesised name) is the state; Z and X are dead.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|s| s != "Z" && s != "X"),
+        Err(_) => false,
+    }
+}
+
+fn signal(pid: i32, sig: i32) {
+    if pid > 0 {
+        // SAFETY: kill(2) has no memory-safety preconditions; a stale pid only yields ESRCH.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(vcpus: u32, memory_mib: u32) -> Spec {
+        let c = Composer::new(Catalog::embedded(), Default::default());
+        match c.compose("python headless").outcome {
+            Outcome::Spec(s) => Spec { vcpus, memory_mib, ..*s },
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn admission_counts_overcommit() {
+        let cap = Capacity { vcpus: 2, memory_mib: 4096, cpu_overcommit: 2.0, memory_overcommit: 1.0 };
+        assert!(cap.admit(0, 0, &spec(4, 4096)).is_ok());
+        let err = cap.admit(2, 0, &spec(4, 1024)).unwrap_err();
+        assert!(err.starts_with("not enough CPU"), "{err}");
+        let err = cap.admit(0, 2048, &spec(1, 4096)).unwrap_err();
+        assert!(err.starts_with("not enough memory"), "{err}");
+    }
+
+    #[test]
+    fn exit_statuses_are_described() {
+        use std::os::unix::process::ExitStatusExt;
+        let s = std::process::ExitStatus::from_raw(5 << 8);
+        assert!(describe_exit(Some(s)).contains("kernel panic"));
+        let s = std::process::ExitStatus::from_raw(9);
+        assert_eq!(describe_exit(Some(s)), "genos-vmm was killed by signal 9");
+    }
+
+    #[test]
+    fn pid_alive_sees_self_and_not_nonsense() {
+        assert!(pid_alive(std::process::id() as i32));
+        assert!(!pid_alive(0));
+        assert!(!pid_alive(i32::MAX));
+    }
+}

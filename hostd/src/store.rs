@@ -1,0 +1,558 @@
+//! Durable state: environments and the audit log, in SQLite (WAL mode) under the state
+//! directory, with numbered migrations.
+//!
+//! The audit log is a hash chain: each entry's hash covers its fields and the previous
+//! entry's hash, and the newest hash and count are also written to `audit.head` beside the
+//! database, so editing, deleting or truncating entries is detected by [`Store::verify_audit`].
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use proto::spec::Spec;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE envs (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        spec TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        last_active_at INTEGER NOT NULL,
+        vmm_pid INTEGER,
+        api_socket TEXT
+    );
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        ts INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );",
+];
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("cannot create state directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("audit head file {path}")]
+    Head {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("stored spec of {name} is unreadable: {source}")]
+    Spec {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("unknown state {0:?} in the database")]
+    State(String),
+    #[error("an environment named {0:?} already exists")]
+    NameTaken(String),
+    #[error("no environment named {0:?}")]
+    NotFound(String),
+}
+
+/// Lifecycle state of an environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnvState {
+    Requested,
+    Building,
+    Booting,
+    Ready,
+    Stopped,
+    Destroyed,
+    Failed,
+}
+
+impl EnvState {
+    pub const ALL: [EnvState; 7] = [
+        EnvState::Requested,
+        EnvState::Building,
+        EnvState::Booting,
+        EnvState::Ready,
+        EnvState::Stopped,
+        EnvState::Destroyed,
+        EnvState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvState::Requested => "requested",
+            EnvState::Building => "building",
+            EnvState::Booting => "booting",
+            EnvState::Ready => "ready",
+            EnvState::Stopped => "stopped",
+            EnvState::Destroyed => "destroyed",
+            EnvState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EnvState> {
+        EnvState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// The lifecycle: requested → building → booting → ready → stopped → destroyed; any live
+    /// state may fail; stopped and failed environments may be destroyed; a stopped one may
+    /// be started again (→ booting).
+    pub fn can_become(self, next: EnvState) -> bool {
+        use EnvState::*;
+        matches!(
+            (self, next),
+            (Requested, Building)
+                | (Building, Booting)
+                | (Booting, Ready)
+                | (Ready, Stopped)
+                | (Booting, Stopped)
+                | (Building, Stopped)
+                | (Requested, Stopped)
+                | (Stopped, Booting)
+                | (Stopped, Destroyed)
+                | (Failed, Destroyed)
+                | (Requested | Building | Booting | Ready, Failed)
+        )
+    }
+
+    /// Holds host resources (counts against admission).
+    pub fn is_live(self) -> bool {
+        matches!(self, EnvState::Requested | EnvState::Building | EnvState::Booting | EnvState::Ready)
+    }
+}
+
+/// One environment as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnvRecord {
+    pub id: i64,
+    pub name: String,
+    pub spec: Spec,
+    pub state: EnvState,
+    pub reason: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub last_active_at: i64,
+    pub vmm_pid: Option<i32>,
+    pub api_socket: Option<String>,
+}
+
+/// One audit entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub ts: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// What `verify_audit` found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditReport {
+    pub ok: bool,
+    pub entries: i64,
+    /// The first problem found, naming the entry.
+    pub problem: Option<String>,
+}
+
+pub fn now_s() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// The SQLite store. Not `Sync`: hostd wraps it in a mutex.
+pub struct Store {
+    conn: Connection,
+    head_path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating and migrating) `state.db` in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.into(), source })?;
+        let conn = Connection::open(dir.join("state.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mut store = Store { conn, head_path: dir.join("audit.head") };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let done: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(done as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// `PRAGMA journal_mode` (for tests and health).
+    pub fn journal_mode(&self) -> Result<String, StoreError> {
+        Ok(self.conn.pragma_query_value(None, "journal_mode", |r| r.get(0))?)
+    }
+
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    // ---- environments ------------------------------------------------------------------
+
+    pub fn insert_env(&mut self, spec: &Spec) -> Result<EnvRecord, StoreError> {
+        let now = now_s();
+        let json = serde_json::to_string(spec).expect("spec serialises");
+        let res = self.conn.execute(
+            "INSERT INTO envs (name, spec, state, created_at, updated_at, last_active_at) VALUES (?1, ?2, ?3, ?4, ?4, ?4)",
+            params![spec.name, json, EnvState::Requested.as_str(), now],
+        );
+        match res {
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                return Err(StoreError::NameTaken(spec.name.clone()))
+            }
+            r => r?,
+        };
+        self.env(&spec.name)?.ok_or_else(|| StoreError::NotFound(spec.name.clone()))
+    }
+
+    pub fn name_taken(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.conn.query_row("SELECT COUNT(*) FROM envs WHERE name = ?1", [name], |r| r.get::<_, i64>(0))? > 0)
+    }
+
+    pub fn env(&self, name: &str) -> Result<Option<EnvRecord>, StoreError> {
+        let row = self
+            .conn
+            .query_row(&format!("SELECT {ENV_COLS} FROM envs WHERE name = ?1"), [name], raw_env)
+            .optional()?;
+        row.map(cook_env).transpose()
+    }
+
+    /// Every environment not yet destroyed, oldest first (`all` includes destroyed ones).
+    pub fn envs(&self, all: bool) -> Result<Vec<EnvRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {ENV_COLS} FROM envs {} ORDER BY id",
+            if all { "" } else { "WHERE state != 'destroyed'" }
+        ))?;
+        let rows = stmt.query_map([], raw_env)?.collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(cook_env).collect()
+    }
+
+    pub fn set_state(&mut self, name: &str, state: EnvState, reason: Option<&str>) -> Result<(), StoreError> {
+        let n = self.conn.execute(
+            "UPDATE envs SET state = ?2, reason = ?3, updated_at = ?4 WHERE name = ?1",
+            params![name, state.as_str(), reason, now_s()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(name.into()));
+        }
+        Ok(())
+    }
+
+    pub fn set_vmm(&mut self, name: &str, pid: Option<i32>, socket: Option<&str>) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE envs SET vmm_pid = ?2, api_socket = ?3, updated_at = ?4 WHERE name = ?1",
+            params![name, pid, socket, now_s()],
+        )?;
+        Ok(())
+    }
+
+    pub fn touch(&mut self, name: &str) -> Result<(), StoreError> {
+        self.conn.execute("UPDATE envs SET last_active_at = ?2 WHERE name = ?1", params![name, now_s()])?;
+        Ok(())
+    }
+
+    /// Frees a destroyed environment's name for reuse by renaming the old row.
+    pub fn retire_name(&mut self, name: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE envs SET name = name || '~' || id WHERE name = ?1 AND state = 'destroyed'",
+            [name],
+        )?;
+        Ok(())
+    }
+
+    // ---- audit -------------------------------------------------------------------------
+
+    /// Appends one audit entry to the chain.
+    pub fn audit(&mut self, actor: &str, action: &str, target: &str, detail: &str) -> Result<AuditEntry, StoreError> {
+        let tx = self.conn.transaction()?;
+        let (last_seq, prev_hash): (i64, String) = tx
+            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?
+            .unwrap_or((0, GENESIS.to_string()));
+        let mut e = AuditEntry {
+            seq: last_seq + 1,
+            ts: now_s(),
+            actor: actor.into(),
+            action: action.into(),
+            target: target.into(),
+            detail: detail.into(),
+            prev_hash,
+            hash: String::new(),
+        };
+        e.hash = entry_hash(&e);
+        tx.execute(
+            "INSERT INTO audit (seq, ts, actor, action, target, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![e.seq, e.ts, e.actor, e.action, e.target, e.detail, e.prev_hash, e.hash],
+        )?;
+        tx.commit()?;
+        self.write_head(e.seq, &e.hash)?;
+        Ok(e)
+    }
+
+    fn write_head(&self, seq: i64, hash: &str) -> Result<(), StoreError> {
+        let tmp = self.head_path.with_extension("head.tmp");
+        let err = |source| StoreError::Head { path: self.head_path.clone(), source };
+        std::fs::write(&tmp, format!("{seq} {hash}\n")).map_err(err)?;
+        std::fs::rename(&tmp, &self.head_path).map_err(err)
+    }
+
+    pub fn audit_entries(&self, limit: Option<i64>) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, ts, actor, action, target, detail, prev_hash, hash FROM audit ORDER BY seq DESC LIMIT ?1",
+        )?;
+        let mut rows = stmt
+            .query_map([limit.unwrap_or(i64::MAX)], |r| {
+                Ok(AuditEntry {
+                    seq: r.get(0)?,
+                    ts: r.get(1)?,
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    target: r.get(4)?,
+                    detail: r.get(5)?,
+                    prev_hash: r.get(6)?,
+                    hash: r.get(7)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.reverse();
+        Ok(rows)
+    }
+
+    /// Walks the chain from the first entry: sequence numbers contiguous from 1, each
+    /// `prev_hash` equal to the previous hash, each hash recomputed, and the newest entry
+    /// equal to `audit.head`.
+    pub fn verify_audit(&self) -> Result<AuditReport, StoreError> {
+        let entries = self.audit_entries(None)?;
+        let n = entries.len() as i64;
+        let bad = |problem: String| Ok(AuditReport { ok: false, entries: n, problem: Some(problem) });
+        let mut prev = GENESIS.to_string();
+        for (i, e) in entries.iter().enumerate() {
+            let want_seq = i as i64 + 1;
+            if e.seq != want_seq {
+                return bad(format!("entry {want_seq} is missing (next entry is {})", e.seq));
+            }
+            if e.prev_hash != prev {
+                return bad(format!("entry {} does not link to entry {}", e.seq, e.seq - 1));
+            }
+            if entry_hash(e) != e.hash {
+                return bad(format!("entry {} was modified (hash mismatch)", e.seq));
+            }
+            prev = e.hash.clone();
+        }
+        let head = match std::fs::read_to_string(&self.head_path) {
+            Ok(s) => Some(s),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(StoreError::Head { path: self.head_path.clone(), source }),
+        };
+        match head {
+            None if n == 0 => {}
+            None => return bad(format!("{} is missing", self.head_path.display())),
+            Some(h) => {
+                let mut parts = h.split_whitespace();
+                let seq: i64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(-1);
+                let hash = parts.next().unwrap_or("");
+                if seq != n || hash != prev {
+                    return bad(format!(
+                        "the log ends at entry {n} but {} records entry {seq}: entries were deleted or added",
+                        self.head_path.display()
+                    ));
+                }
+            }
+        }
+        Ok(AuditReport { ok: true, entries: n, problem: None })
+    }
+
+    /// Direct access for tests that tamper with the database.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// SHA-256 over the length-prefixed fields, so no two different entries encode alike.
+fn entry_hash(e: &AuditEntry) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [
+        e.seq.to_string().as_str(),
+        e.ts.to_string().as_str(),
+        &e.actor,
+        &e.action,
+        &e.target,
+        &e.detail,
+        &e.prev_hash,
+    ] {
+        ctx.update(&(part.len() as u64).to_le_bytes());
+        ctx.update(part.as_bytes());
+    }
+    hex::encode(ctx.finish().as_ref())
+}
+
+const ENV_COLS: &str = "id, name, spec, state, reason, created_at, updated_at, last_active_at, vmm_pid, api_socket";
+
+type RawEnv = (i64, String, String, String, Option<String>, i64, i64, i64, Option<i32>, Option<String>);
+
+fn raw_env(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawEnv> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+}
+
+fn cook_env(raw: RawEnv) -> Result<EnvRecord, StoreError> {
+    let (id, name, spec, state, reason, created_at, updated_at, last_active_at, vmm_pid, api_socket) = raw;
+    let spec = serde_json::from_str(&spec).map_err(|source| StoreError::Spec { name: name.clone(), source })?;
+    let state = EnvState::parse(&state).ok_or(StoreError::State(state))?;
+    Ok(EnvRecord { id, name, spec, state, reason, created_at, updated_at, last_active_at, vmm_pid, api_socket })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> Spec {
+        let composer = crate::composer::Composer::new(proto::spec::Catalog::embedded(), Default::default());
+        match composer.compose("python headless").outcome {
+            crate::composer::Outcome::Spec(s) => Spec { name: name.into(), ..*s },
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn opens_in_wal_mode_with_all_migrations() {
+        let (_d, s) = store();
+        assert_eq!(s.journal_mode().unwrap(), "wal");
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn reopening_keeps_environments() {
+        let dir = tempfile::tempdir().unwrap();
+        Store::open(dir.path()).unwrap().insert_env(&spec("a")).unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.envs(false).unwrap().len(), 1);
+        assert_eq!(s.env("a").unwrap().unwrap().state, EnvState::Requested);
+    }
+
+    #[test]
+    fn duplicate_name_is_refused() {
+        let (_d, mut s) = store();
+        s.insert_env(&spec("a")).unwrap();
+        assert!(matches!(s.insert_env(&spec("a")), Err(StoreError::NameTaken(_))));
+    }
+
+    #[test]
+    fn lifecycle_transitions_follow_the_documented_graph() {
+        use EnvState::*;
+        let allowed = [
+            (Requested, Building),
+            (Building, Booting),
+            (Booting, Ready),
+            (Ready, Stopped),
+            (Stopped, Destroyed),
+            (Ready, Failed),
+            (Building, Failed),
+            (Booting, Failed),
+            (Failed, Destroyed),
+            (Stopped, Booting),
+        ];
+        for (a, b) in allowed {
+            assert!(a.can_become(b), "{a:?} -> {b:?}");
+        }
+        for (a, b) in [(Destroyed, Ready), (Ready, Building), (Failed, Ready), (Ready, Destroyed), (Destroyed, Failed)] {
+            assert!(!a.can_become(b), "{a:?} -> {b:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn intact_audit_chain_verifies() {
+        let (_d, mut s) = store();
+        for i in 0..5 {
+            s.audit("uid:0", "create", &format!("env{i}"), "{}").unwrap();
+        }
+        assert_eq!(s.verify_audit().unwrap(), AuditReport { ok: true, entries: 5, problem: None });
+    }
+
+    #[test]
+    fn edited_audit_entry_is_detected() {
+        let (_d, mut s) = store();
+        for i in 0..5 {
+            s.audit("uid:0", "create", &format!("env{i}"), "{}").unwrap();
+        }
+        s.connection().execute("UPDATE audit SET actor = 'uid:1000' WHERE seq = 3", []).unwrap();
+        let r = s.verify_audit().unwrap();
+        assert!(!r.ok);
+        assert_eq!(r.problem.unwrap(), "entry 3 was modified (hash mismatch)");
+    }
+
+    #[test]
+    fn deleted_audit_entry_is_detected() {
+        let (_d, mut s) = store();
+        for i in 0..5 {
+            s.audit("uid:0", "create", &format!("env{i}"), "{}").unwrap();
+        }
+        s.connection().execute("DELETE FROM audit WHERE seq = 2", []).unwrap();
+        let r = s.verify_audit().unwrap();
+        assert_eq!(r.problem.unwrap(), "entry 2 is missing (next entry is 3)");
+    }
+
+    #[test]
+    fn truncated_audit_tail_is_detected() {
+        let (_d, mut s) = store();
+        for i in 0..5 {
+            s.audit("uid:0", "create", &format!("env{i}"), "{}").unwrap();
+        }
+        s.connection().execute("DELETE FROM audit WHERE seq = 5", []).unwrap();
+        let r = s.verify_audit().unwrap();
+        assert!(!r.ok);
+        assert!(r.problem.unwrap().contains("entries were deleted"));
+    }
+
+    #[test]
+    fn rehashed_edit_is_still_detected_by_the_next_link() {
+        let (_d, mut s) = store();
+        for i in 0..3 {
+            s.audit("uid:0", "create", &format!("env{i}"), "{}").unwrap();
+        }
+        // Edit entry 2 and recompute its own hash: entry 3 no longer links to it.
+        let mut e = s.audit_entries(None).unwrap()[1].clone();
+        e.detail = "{\"forged\":true}".into();
+        e.hash = entry_hash(&e);
+        s.connection()
+            .execute("UPDATE audit SET detail = ?1, hash = ?2 WHERE seq = 2", params![e.detail, e.hash])
+            .unwrap();
+        assert_eq!(s.verify_audit().unwrap().problem.unwrap(), "entry 3 does not link to entry 2");
+    }
+}

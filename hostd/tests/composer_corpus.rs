@@ -1,0 +1,121 @@
+//! Runs the composer over `tests/composer-corpus.toml` and reports the share of requests
+//! whose outcome matches exactly (every spec field except `name` and `assumptions`; for
+//! questions, that a question is asked and, where listed, its options). Fails below 95%.
+
+use hostd::composer::{Composer, Defaults, Outcome};
+use proto::spec::{Catalog, Display, Lifetime, Network, NetworkMode, Persistence, Spec};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Corpus {
+    case: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    text: String,
+    #[serde(default)]
+    clarify: bool,
+    options: Option<Vec<String>>,
+    base: Option<String>,
+    desktop: Option<String>,
+    #[serde(default)]
+    apps: Vec<String>,
+    vcpus: Option<u32>,
+    memory_mib: Option<u32>,
+    disk_gib: Option<u32>,
+    width: Option<u32>,
+    height: Option<u32>,
+    fps: Option<u32>,
+    network: Option<NetworkMode>,
+    #[serde(default)]
+    allow: Vec<String>,
+    ttl_s: Option<u64>,
+    idle_s: Option<u64>,
+    #[serde(default)]
+    forever: bool,
+    persistence: Option<Persistence>,
+}
+
+fn corpus() -> Corpus {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/composer-corpus.toml");
+    toml::from_str(&std::fs::read_to_string(path).expect("corpus file")).expect("corpus parses")
+}
+
+/// The full spec a case expects, with the documented defaults filled in.
+fn expected_spec(c: &Case, actual_name: &str) -> Spec {
+    let desktop = c.desktop.clone().expect("spec cases name their desktop");
+    let graphical = desktop != "none";
+    Spec {
+        version: 1,
+        name: actual_name.to_string(),
+        base: c.base.clone().unwrap_or_else(|| "debian-12".into()),
+        apps: c.apps.clone(),
+        vcpus: c.vcpus.unwrap_or(2),
+        memory_mib: c.memory_mib.unwrap_or(if graphical { 4096 } else { 2048 }),
+        disk_gib: c.disk_gib.unwrap_or(16),
+        display: Display {
+            width: c.width.unwrap_or(1920),
+            height: c.height.unwrap_or(1080),
+            fps: c.fps.unwrap_or(30),
+        },
+        network: Network { mode: c.network.unwrap_or(NetworkMode::Nat), allow: c.allow.clone() },
+        lifetime: if c.forever {
+            Lifetime { ttl_s: None, idle_s: None }
+        } else {
+            Lifetime { ttl_s: c.ttl_s, idle_s: Some(c.idle_s.unwrap_or(3600)) }
+        },
+        persistence: c.persistence.unwrap_or(Persistence::Ephemeral),
+        assumptions: vec![],
+        desktop,
+    }
+}
+
+#[test]
+fn corpus_exact_match_share_is_at_least_95_percent() {
+    let composer = Composer::new(Catalog::embedded(), Defaults::default());
+    let cases = corpus().case;
+    assert!(cases.len() >= 200, "corpus has {} cases; at least 200 are required", cases.len());
+    let mut failures = Vec::new();
+    for c in &cases {
+        let got = composer.compose(&c.text).outcome;
+        let ok = match (&got, c.clarify) {
+            (Outcome::Clarify(q), true) => c.options.as_ref().is_none_or(|o| *o == q.options),
+            (Outcome::Spec(s), false) => {
+                let mut s = (**s).clone();
+                s.assumptions.clear();
+                s == expected_spec(c, &s.name)
+            }
+            _ => false,
+        };
+        if !ok {
+            let got = match got {
+                Outcome::Spec(s) => serde_json::to_string(&*s).unwrap(),
+                Outcome::Clarify(q) => serde_json::to_string(&q).unwrap(),
+            };
+            failures.push(format!("  {:?}\n    got {got}", c.text));
+        }
+    }
+    let share = 100.0 * (cases.len() - failures.len()) as f64 / cases.len() as f64;
+    println!(
+        "composer corpus: {}/{} exact ({share:.1}%)\nmismatches:\n{}",
+        cases.len() - failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    assert!(share >= 95.0, "exact-match share {share:.1}% is below 95%");
+}
+
+#[test]
+fn every_composed_spec_passes_validation_and_catalog_checks() {
+    let catalog = Catalog::embedded();
+    let composer = Composer::new(catalog.clone(), Defaults::default());
+    for c in corpus().case {
+        if let Outcome::Spec(s) = composer.compose(&c.text).outcome {
+            s.validate().unwrap_or_else(|e| panic!("{:?}: {e}", c.text));
+            catalog.check_spec(&s).unwrap_or_else(|e| panic!("{:?}: {e}", c.text));
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Root filesystem images built from specs with debootstrap and `mkfs.ext4 -d`.
+//!
+//! These need root (debootstrap, chroot) and Debian's mirror; they skip with a message
+//! otherwise. They use the default cache (`GENOS_IMAGE_CACHE` or ~/.cache/genos/images)
+//! so the base layer is downloaded once per machine, not per run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use image_builder::cache::{ArtifactKind, Cache};
+use image_builder::rootfs::{self, RootfsError, RootfsOptions};
+use proto::spec::Spec;
+
+fn spec(name: &str, desktop: &str, apps: &[&str]) -> Spec {
+    let json = serde_json::json!({
+        "version": 1, "name": name, "base": "debian-12", "desktop": desktop, "apps": apps,
+        "vcpus": 1, "memory_mib": 512, "disk_gib": 1,
+        "display": {"width": 1280, "height": 720, "fps": 30},
+        "network": {"mode": "none", "allow": []},
+        "lifetime": {"ttl_s": null, "idle_s": null},
+        "persistence": "ephemeral", "assumptions": []
+    });
+    Spec::from_json(&json.to_string()).unwrap()
+}
+
+fn can_build() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: building root filesystems needs root");
+        return false;
+    }
+    for tool in ["debootstrap", "mkfs.ext4", "e2fsck", "debugfs"] {
+        if image_builder::tools::find(tool).is_none() {
+            eprintln!("skipping: {tool} missing (install debootstrap and e2fsprogs)");
+            return false;
+        }
+    }
+    true
+}
+
+fn debugfs(image: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", request])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "debugfs -R {request:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("genos-rootfs-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn minimal_spec_builds_a_clean_ext4_image_and_hits_the_cache_next_time() {
+    if !can_build() {
+        return;
+    }
+    let cache = Cache::open(None).unwrap();
+    let out_dir = temp_dir("minimal");
+    let out = out_dir.join("minimal.ext4");
+    let options = RootfsOptions::default();
+    let minimal = spec("minimal", "none", &[]);
+
+    let artifact = rootfs::build(&cache, &minimal, &options).unwrap();
+    rootfs::write_out(&artifact, &out).unwrap();
+
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let root = debugfs(&out, "ls -l /");
+    for entry in ["etc", "usr", "home", "var"] {
+        assert!(
+            root.contains(&format!(" {entry}\n")) || root.contains(&format!(" {entry} ")),
+            "{entry}: {root}"
+        );
+    }
+    assert_eq!(debugfs(&out, "cat /etc/hostname"), "minimal\n");
+    assert!(debugfs(&out, "cat /etc/passwd").contains("genos:x:1000:1000::/home/genos:/bin/bash"));
+    assert!(debugfs(
+        &out,
+        "cat /etc/systemd/system/getty@tty1.service.d/autologin.conf"
+    )
+    .contains("--autologin genos"));
+    assert!(debugfs(&out, "stat /usr/lib/systemd/systemd").contains("Type: regular"));
+    assert!(std::fs::metadata(&out).unwrap().len() >= u64::from(minimal.disk_gib) << 30);
+
+    let again = rootfs::build(&cache, &minimal, &options).unwrap();
+    assert_eq!(again.dir, artifact.dir, "second build must hit the cache");
+    assert_eq!(again.manifest, artifact.manifest);
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+#[test]
+fn debootstrap_failure_leaves_no_partial_artifact() {
+    if !can_build() {
+        return;
+    }
+    let cache_dir = temp_dir("failure-cache");
+    let cache = Cache::at(cache_dir.clone()).unwrap();
+    // An empty local "mirror": debootstrap fails at once, without network traffic.
+    let mirror_dir = temp_dir("failure-mirror");
+    let options = RootfsOptions {
+        mirror: format!("file://{}", mirror_dir.display()),
+        ..Default::default()
+    };
+    let out = cache_dir.join("never.ext4");
+
+    let err = rootfs::build(&cache, &spec("broken", "none", &[]), &options).unwrap_err();
+
+    assert!(matches!(err, RootfsError::Tool(_)), "{err:?}");
+    assert!(err.to_string().contains("debootstrap"), "{err}");
+    assert!(cache.list().unwrap().is_empty());
+    assert_eq!(
+        std::fs::read_dir(cache_dir.join("tmp")).unwrap().count(),
+        0,
+        "staging left behind"
+    );
+    for kind in [ArtifactKind::Base, ArtifactKind::Rootfs] {
+        let dir = cache_dir.join(kind.as_str());
+        assert!(
+            !dir.exists() || std::fs::read_dir(&dir).unwrap().count() == 0,
+            "{kind} dir not empty"
+        );
+    }
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&cache_dir).unwrap();
+    std::fs::remove_dir_all(&mirror_dir).unwrap();
+}
+
+#[test]
+fn unknown_app_is_refused_before_any_work() {
+    let cache_dir = temp_dir("unknown-app");
+    let cache = Cache::at(cache_dir.clone()).unwrap();
+    let mut bad = spec("bad", "xfce", &[]);
+    bad.apps = vec!["gimpp".into()];
+
+    let err = rootfs::build(&cache, &bad, &RootfsOptions::default()).unwrap_err();
+
+    assert_eq!(
+        err.to_string(),
+        "unknown app \"gimpp\"; see the catalog for known apps (did you mean gimp?)"
+    );
+    assert!(cache.list().unwrap().is_empty());
+    std::fs::remove_dir_all(&cache_dir).unwrap();
+}
+
+/// Slow (downloads and installs Xfce and Xorg, several minutes): run with
+/// `cargo test -p genos-image --test rootfs -- --ignored`.
+#[test]
+#[ignore]
+fn xfce_desktop_spec_builds_with_autologin_into_x() {
+    if !can_build() {
+        return;
+    }
+    let cache = Cache::open(None).unwrap();
+    let out_dir = temp_dir("xfce");
+    let out = out_dir.join("xfce.ext4");
+    let desktop = spec("desktop", "xfce", &["firefox"]);
+
+    let artifact = rootfs::build(&cache, &desktop, &RootfsOptions::default()).unwrap();
+    rootfs::write_out(&artifact, &out).unwrap();
+
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    for binary in [
+        "/usr/bin/startxfce4",
+        "/usr/bin/Xorg",
+        "/usr/bin/startx",
+        "/usr/bin/firefox-esr",
+    ] {
+        assert!(
+            !debugfs(&out, &format!("stat {binary}")).is_empty(),
+            "{binary} missing"
+        );
+    }
+    assert!(
+        debugfs(&out, "cat /home/genos/.bash_profile").contains("exec startx /usr/bin/startxfce4")
+    );
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}

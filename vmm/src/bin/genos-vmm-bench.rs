@@ -1,0 +1,290 @@
+//! `genos-vmm-bench`: start-up, tiny-guest and memory figures of `genos-vmm`, each beside
+//! a baseline measured in the same run (see `docs/vmm.md`, run it with `scripts/bench-vmm`).
+//!
+//! - process start → API socket accepting (median), baseline: spawn and reap `/bin/true`;
+//! - process start → first vCPU entry (median; the VMM logs the CLOCK_MONOTONIC time of
+//!   vCPU 0's first KVM_RUN), same baseline;
+//! - tiny guest whole run: spawn, guest prints a line on COM1, resets through the i8042,
+//!   process exits (median), same baseline;
+//! - resident memory outside guest RAM of a running VMM (1 vCPU, 128 MiB), baseline: a
+//!   running `/bin/sleep`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TARGET_READY_MS: f64 = 5.0;
+const TARGET_TINY_MS: f64 = 6.0;
+const TARGET_OVERHEAD_MIB: f64 = 3.0;
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn die(msg: impl std::fmt::Display) -> ! {
+    eprintln!("genos-vmm-bench: {msg}");
+    std::process::exit(1);
+}
+
+fn vmm_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| die(format!("current exe: {e}")));
+    let bin = exe.with_file_name("genos-vmm");
+    if !bin.exists() {
+        die(format!(
+            "{} not found; build it first (scripts/bench-vmm does)",
+            bin.display()
+        ));
+    }
+    bin
+}
+
+fn build_guest(name: &str, out_dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
+    let out = out_dir.join(format!("{name}.elf"));
+    let status = Command::new("cc")
+        .args([
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-ffreestanding",
+            "-Wl,--build-id=none",
+        ])
+        .arg(format!("-Wl,-T,{}", src.join("guest.ld").display()))
+        .arg(format!("-I{}", src.display()))
+        .arg("-o")
+        .arg(&out)
+        .arg(src.join(format!("{name}.S")))
+        .status()
+        .unwrap_or_else(|e| die(format!("cannot run cc: {e}")));
+    if !status.success() {
+        die(format!("building tiny guest {name} failed"));
+    }
+    out
+}
+
+/// Milliseconds to spawn and reap `/bin/true`.
+fn baseline_true() -> f64 {
+    let t = Instant::now();
+    let status = Command::new("/bin/true")
+        .status()
+        .unwrap_or_else(|e| die(format!("/bin/true: {e}")));
+    assert!(status.success());
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn api_ready_ms(vmm: &Path, sock: &Path) -> f64 {
+    let _ = std::fs::remove_file(sock);
+    let t = Instant::now();
+    let mut child = Command::new(vmm)
+        .arg("--api-sock")
+        .arg(sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| die(format!("spawn genos-vmm: {e}")));
+    let ready = loop {
+        if std::os::unix::net::UnixStream::connect(sock).is_ok() {
+            break t.elapsed();
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            die("API socket never became ready");
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    };
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    ready.as_secs_f64() * 1e3
+}
+
+/// (ms to first vCPU entry, ms for the whole run) of one tiny-guest run.
+fn tiny_guest_run(vmm: &Path, guest: &Path) -> (f64, f64) {
+    let t0 = monotonic_ns();
+    let t = Instant::now();
+    let mut child = Command::new(vmm)
+        .arg("--kernel")
+        .arg(guest)
+        .args(["--mem-mib", "128", "--serial", "stdout"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| die(format!("spawn genos-vmm: {e}")));
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    let _ = child
+        .stdout
+        .take()
+        .map(|mut s| s.read_to_string(&mut stdout));
+    let _ = child
+        .stderr
+        .take()
+        .map(|mut s| s.read_to_string(&mut stderr));
+    let status = child.wait().unwrap_or_else(|e| die(format!("wait: {e}")));
+    let whole = t.elapsed().as_secs_f64() * 1e3;
+    if status.code() != Some(3) || !stdout.contains("Hello from the tiny guest") {
+        die(format!(
+            "tiny guest run failed ({status}): {stdout}{stderr}"
+        ));
+    }
+    let entry_ns: u64 = stderr
+        .split("(monotonic ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| die(format!("no first-entry line in the VMM log: {stderr}")));
+    ((entry_ns.saturating_sub(t0)) as f64 / 1e6, whole)
+}
+
+/// Resident KiB of `pid`, excluding mappings whose name contains `exclude`.
+fn rss_kib_excluding(pid: u32, exclude: Option<&str>) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_else(|e| die(format!("read smaps: {e}")));
+    let mut total = 0;
+    let mut skip = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            skip = exclude.is_some_and(|x| line.contains(x));
+        } else if let Some(rest) = line.strip_prefix("Rss:") {
+            if !skip {
+                total += rest
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+fn memory_overhead(vmm: &Path, guest: &Path) -> (f64, f64) {
+    let mut child = Command::new(vmm)
+        .arg("--kernel")
+        .arg(guest)
+        .args(["--mem-mib", "128", "--vcpus", "1", "--serial", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| die(format!("spawn genos-vmm: {e}")));
+    std::thread::sleep(Duration::from_millis(300));
+    let vmm_kib = rss_kib_excluding(child.id(), Some("genos-guest-ram"));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+
+    let mut sleeper = Command::new("/bin/sleep")
+        .arg("10")
+        .spawn()
+        .unwrap_or_else(|e| die(format!("spawn sleep: {e}")));
+    std::thread::sleep(Duration::from_millis(100));
+    let sleep_kib = rss_kib_excluding(sleeper.id(), None);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    (vmm_kib as f64 / 1024.0, sleep_kib as f64 / 1024.0)
+}
+
+fn main() {
+    let runs: usize = std::env::args()
+        .skip_while(|a| a != "--runs")
+        .nth(1)
+        .map(|n| n.parse().unwrap_or_else(|_| die("--runs needs a number")))
+        .unwrap_or(30);
+    if std::fs::metadata("/dev/kvm").is_err() {
+        die("/dev/kvm is not available");
+    }
+    let vmm = vmm_binary();
+    let work = std::env::temp_dir().join(format!("genos-vmm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap_or_else(|e| die(format!("{}: {e}", work.display())));
+    let hello = build_guest("hello", &work);
+    let spin = build_guest("spin", &work);
+    let sock = work.join("api.sock");
+
+    let (mut ready, mut entry, mut whole, mut base) = (vec![], vec![], vec![], vec![]);
+    // One untimed round warms the page cache.
+    let _ = api_ready_ms(&vmm, &sock);
+    let _ = tiny_guest_run(&vmm, &hello);
+    for _ in 0..runs {
+        base.push(baseline_true());
+        ready.push(api_ready_ms(&vmm, &sock));
+        let (e, w) = tiny_guest_run(&vmm, &hello);
+        entry.push(e);
+        whole.push(w);
+    }
+    let (overhead, sleep_rss) = memory_overhead(&vmm, &spin);
+    let _ = std::fs::remove_dir_all(&work);
+
+    let base = median(base);
+    let ready = median(ready);
+    let entry = median(entry);
+    let whole = median(whole);
+    println!("genos-vmm benchmark ({runs} runs, medians; baseline measured in the same run)");
+    println!(
+        "{:<44} {:>10} {:>24} {:>7} {:>8}",
+        "metric", "genos-vmm", "baseline", "ratio", "target"
+    );
+    let row = |name: &str, v: f64, unit: &str, b: f64, bname: &str, target: f64| {
+        println!(
+            "{:<44} {:>7.2} {:<2} {:>15.2} {:<2} {:<5} {:>7.2} {:>5.1} {:<2} {}",
+            name,
+            v,
+            unit,
+            b,
+            unit,
+            bname,
+            v / b,
+            target,
+            unit,
+            if v <= target { "ok" } else { "MISSED" }
+        );
+    };
+    row(
+        "process start -> API socket ready",
+        ready,
+        "ms",
+        base,
+        "true",
+        TARGET_READY_MS,
+    );
+    row(
+        "process start -> first vCPU entry",
+        entry,
+        "ms",
+        base,
+        "true",
+        TARGET_READY_MS,
+    );
+    row(
+        "tiny guest run (start, print, reset, exit)",
+        whole,
+        "ms",
+        base,
+        "true",
+        TARGET_TINY_MS,
+    );
+    row(
+        "RSS outside guest RAM (1 vCPU, 128 MiB)",
+        overhead,
+        "MiB",
+        sleep_rss,
+        "sleep",
+        TARGET_OVERHEAD_MIB,
+    );
+}

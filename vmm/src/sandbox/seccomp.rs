@@ -1,0 +1,275 @@
+//! Seccomp filters for the VMM's threads.
+//!
+//! Each thread role (main/event loop, vCPU, API) has its own allow-list in
+//! `configs/seccomp/genos-vmm.json` (seccompiler's JSON format), compiled when the VMM
+//! starts. A thread installs its filter itself, once its set-up is done and before it
+//! handles anything a guest or client controls; anything off its list kills the whole
+//! process. `--seccomp log` logs offending calls to the kernel audit log instead, for
+//! developing the lists; `--seccomp off` exists for debugging only.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use seccompiler::{BpfProgram, TargetArch};
+use serde::Serialize;
+
+/// The policy, as shipped in `configs/`.
+const POLICY_JSON: &str = include_str!("../../../configs/seccomp/genos-vmm.json");
+
+/// Errors from compiling or installing filters.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The JSON policy does not compile.
+    #[error("seccomp policy: {0}")]
+    Compile(#[source] seccompiler::Error),
+    /// The JSON policy is not valid JSON.
+    #[error("seccomp policy is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The policy lacks a thread role.
+    #[error("seccomp policy has no filter for the {0} thread")]
+    MissingRole(&'static str),
+    /// The kernel refused the filter.
+    #[error("installing the {role} thread's seccomp filter: {source}")]
+    Apply {
+        role: &'static str,
+        #[source]
+        source: seccompiler::Error,
+    },
+}
+
+/// What a filter does with a system call that is not on its list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompMode {
+    /// Kill the process (production).
+    #[default]
+    Kill,
+    /// Allow the call and log it to the kernel log (developing the lists).
+    Log,
+    /// Install no filter (debugging only).
+    Off,
+}
+
+impl FromStr for SeccompMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "kill" => Ok(Self::Kill),
+            "log" => Ok(Self::Log),
+            "off" => Ok(Self::Off),
+            _ => Err(format!("unknown seccomp mode {s:?}: expected kill, log or off")),
+        }
+    }
+}
+
+/// The VMM's thread roles, each with its own filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ThreadRole {
+    /// The main thread: event loop and device emulation.
+    Main,
+    /// A vCPU thread: KVM_RUN and the port-I/O and MMIO exits it handles.
+    Vcpu,
+    /// The control API thread.
+    Api,
+}
+
+impl ThreadRole {
+    /// Name of the role's filter in the policy file.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadRole::Main => "main",
+            ThreadRole::Vcpu => "vcpu",
+            ThreadRole::Api => "api",
+        }
+    }
+}
+
+/// Compiled filters for every role.
+#[derive(Clone, Debug)]
+pub struct SeccompFilters {
+    mode: SeccompMode,
+    programs: HashMap<ThreadRole, BpfProgram>,
+}
+
+impl SeccompFilters {
+    /// Compiles the shipped policy for `mode`.
+    pub fn compile(mode: SeccompMode) -> Result<Self, SeccompError> {
+        Self::compile_json(POLICY_JSON, mode)
+    }
+
+    /// Compiles a policy in seccompiler's JSON format.
+    pub fn compile_json(json: &str, mode: SeccompMode) -> Result<Self, SeccompError> {
+        let mut programs = HashMap::new();
+        if mode == SeccompMode::Off {
+            return Ok(Self { mode, programs });
+        }
+        let mut policy: serde_json::Value = serde_json::from_str(json)?;
+        if mode == SeccompMode::Log {
+            if let Some(filters) = policy.as_object_mut() {
+                for filter in filters.values_mut() {
+                    filter["mismatch_action"] = serde_json::Value::String("log".into());
+                }
+            }
+        }
+        let bytes = serde_json::to_vec(&policy)?;
+        let mut compiled = seccompiler::compile_from_json(bytes.as_slice(), TargetArch::x86_64)
+            .map_err(SeccompError::Compile)?;
+        for role in [ThreadRole::Main, ThreadRole::Vcpu, ThreadRole::Api] {
+            let program = compiled
+                .remove(role.name())
+                .ok_or(SeccompError::MissingRole(role.name()))?;
+            programs.insert(role, program);
+        }
+        Ok(Self { mode, programs })
+    }
+
+    /// The mode the filters were compiled for.
+    pub fn mode(&self) -> SeccompMode {
+        self.mode
+    }
+
+    /// Installs `role`'s filter on the calling thread (and sets no_new_privs).
+    pub fn apply(&self, role: ThreadRole) -> Result<(), SeccompError> {
+        match self.programs.get(&role) {
+            Some(program) => seccompiler::apply_filter(program).map_err(|source| SeccompError::Apply {
+                role: role.name(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Makes a system call no VMM thread is allowed (opening a TCP socket), for the
+/// `--seccomp-selftest` option: under `kill` the process dies with SIGSYS.
+pub fn make_forbidden_syscall() {
+    // SAFETY: socket(2) with constant arguments; the descriptor, if any, is closed at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd >= 0 {
+        // SAFETY: closing the descriptor just returned by socket(2).
+        unsafe { libc::close(fd) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_child(f: impl FnOnce() -> i32) -> (Option<i32>, Option<i32>) {
+        // SAFETY: the child runs `f` then _exit; it never returns into the test harness.
+        match unsafe { libc::fork() } {
+            0 => {
+                let code = f();
+                // SAFETY: ends the child without running the harness's atexit hooks.
+                unsafe { libc::_exit(code) }
+            }
+            pid => {
+                let mut status = 0;
+                // SAFETY: `status` is a valid out-pointer; pid is our child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                if libc::WIFSIGNALED(status) {
+                    (None, Some(libc::WTERMSIG(status)))
+                } else {
+                    (Some(libc::WEXITSTATUS(status)), None)
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_shipped_policy_compiles_for_every_role() {
+        let filters = SeccompFilters::compile(SeccompMode::Kill).unwrap();
+        assert_eq!(filters.programs.len(), 3);
+    }
+
+    #[test]
+    fn a_call_off_the_list_kills_the_process_with_sigsys() {
+        let filters = SeccompFilters::compile(SeccompMode::Kill).unwrap();
+
+        let (code, signal) = in_child(|| {
+            if filters.apply(ThreadRole::Vcpu).is_err() {
+                return 10;
+            }
+            make_forbidden_syscall();
+            0
+        });
+
+        assert_eq!((code, signal), (None, Some(libc::SIGSYS)));
+    }
+
+    #[test]
+    fn log_mode_lets_the_offending_call_through() {
+        let filters = SeccompFilters::compile(SeccompMode::Log).unwrap();
+
+        let (code, signal) = in_child(|| {
+            if filters.apply(ThreadRole::Api).is_err() {
+                return 10;
+            }
+            make_forbidden_syscall();
+            0
+        });
+
+        assert_eq!((code, signal), (Some(0), None));
+    }
+
+    #[test]
+    fn a_policy_without_every_role_is_refused() {
+        let json = r#"{"main":{"mismatch_action":"kill_process","match_action":"allow","filter":[{"syscall":"read"}]}}"#;
+        let err = SeccompFilters::compile_json(json, SeccompMode::Kill).unwrap_err();
+        assert_eq!(err.to_string(), "seccomp policy has no filter for the vcpu thread");
+    }
+
+    #[test]
+    fn ioctl_numbers_in_the_policy_match_their_names() {
+        use kvm_bindings::*;
+        use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
+        ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+        ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+        ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
+        ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+        ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
+        ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+        ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
+        ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
+        ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
+        ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
+        let expected: HashMap<&str, u64> = [
+            ("KVM_RUN", KVM_RUN() as u64),
+            ("KVM_GET_REGS", KVM_GET_REGS() as u64),
+            ("KVM_SET_REGS", KVM_SET_REGS() as u64),
+            ("KVM_GET_SREGS", KVM_GET_SREGS() as u64),
+            ("KVM_SET_SREGS", KVM_SET_SREGS() as u64),
+            ("KVM_GET_VCPU_EVENTS", KVM_GET_VCPU_EVENTS() as u64),
+            ("KVM_SET_VCPU_EVENTS", KVM_SET_VCPU_EVENTS() as u64),
+            ("KVM_IRQFD", KVM_IRQFD() as u64),
+            ("KVM_IOEVENTFD", KVM_IOEVENTFD() as u64),
+            ("KVM_IRQ_LINE", KVM_IRQ_LINE() as u64),
+            ("TCGETS", libc::TCGETS),
+            ("TIOCGWINSZ", libc::TIOCGWINSZ),
+            ("FIONBIO", libc::FIONBIO),
+        ]
+        .into_iter()
+        .collect();
+        let policy: serde_json::Value = serde_json::from_str(POLICY_JSON).unwrap();
+
+        let mut checked = 0;
+        for filter in policy.as_object().unwrap().values() {
+            for rule in filter["filter"].as_array().unwrap() {
+                for arg in rule["args"].as_array().into_iter().flatten() {
+                    let name = arg["comment"].as_str().unwrap();
+                    let want = expected.get(name).unwrap_or_else(|| panic!("unknown ioctl {name}"));
+                    assert_eq!(arg["val"].as_u64().unwrap(), *want, "{name}");
+                    checked += 1;
+                }
+            }
+        }
+
+        assert!(checked > 10);
+    }
+
+    #[test]
+    fn modes_parse_from_their_names() {
+        assert_eq!("log".parse::<SeccompMode>(), Ok(SeccompMode::Log));
+        assert!("permissive".parse::<SeccompMode>().is_err());
+    }
+}
