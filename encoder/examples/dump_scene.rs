@@ -6,8 +6,15 @@ use std::io::Write;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: dump_scene SCENE WIDTH HEIGHT FPS FRAMES";
-    let [scene, w, h, fps, frames] = args.as_slice() else { return Err(usage.into()) };
-    let mut source = SyntheticSource::new(scene.parse::<Scene>()?, w.parse()?, h.parse()?, fps.parse()?);
+    let [scene, w, h, fps, frames] = args.as_slice() else {
+        return Err(usage.into());
+    };
+    let mut source = SyntheticSource::new(
+        scene.parse::<Scene>()?,
+        w.parse()?,
+        h.parse()?,
+        fps.parse()?,
+    );
     let mut out = std::io::stdout().lock();
     for _ in 0..frames.parse::<u32>()? {
         let frame = source.advance();

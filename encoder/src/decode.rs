@@ -37,7 +37,9 @@ impl std::fmt::Debug for Decoder {
 
 impl Decoder {
     pub fn new() -> Result<Self, DecodeError> {
-        Ok(Self { h264: H264Decoder::new().map_err(DecodeError::Codec)? })
+        Ok(Self {
+            h264: H264Decoder::new().map_err(DecodeError::Codec)?,
+        })
     }
 
     /// Decodes one access unit (as produced by one [`crate::Encoder::encode`] call). Returns
@@ -51,8 +53,18 @@ impl Decoder {
             return Err(DecodeError::BadSize { width, height });
         }
         let mut bgrx = vec![0u8; width * height * 4];
-        i420_to_bgrx((yuv.y(), yuv.u(), yuv.v()), yuv.strides(), width as u32, height as u32, &mut bgrx)
-            .map_err(DecodeError::Convert)?;
-        Ok(Some(DecodedFrame { width: width as u32, height: height as u32, bgrx }))
+        i420_to_bgrx(
+            (yuv.y(), yuv.u(), yuv.v()),
+            yuv.strides(),
+            width as u32,
+            height as u32,
+            &mut bgrx,
+        )
+        .map_err(DecodeError::Convert)?;
+        Ok(Some(DecodedFrame {
+            width: width as u32,
+            height: height as u32,
+            bgrx,
+        }))
     }
 }

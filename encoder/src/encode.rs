@@ -78,7 +78,12 @@ pub enum EncodeError {
     #[error("bitrate {0} bit/s is outside {MIN_BITRATE_BPS}..={MAX_BITRATE_BPS}")]
     InvalidBitrate(u32),
     #[error("frame is {got_width}x{got_height} but the encoder was created for {width}x{height}")]
-    SizeMismatch { width: u32, height: u32, got_width: u32, got_height: u32 },
+    SizeMismatch {
+        width: u32,
+        height: u32,
+        got_width: u32,
+        got_height: u32,
+    },
     #[error("invalid frame")]
     Frame(#[from] ConvertError),
     #[error("openh264 failed")]
@@ -219,20 +224,31 @@ impl Encoder {
         })
     }
 
-    fn make_codec(cfg: &EncoderConfig, usage: Usage) -> Result<openh264::encoder::Encoder, EncodeError> {
-        let mut codec =
-            openh264::encoder::Encoder::with_api_config(OpenH264API::from_source(), h264_config(cfg, usage))
-                .map_err(EncodeError::Codec)?;
+    fn make_codec(
+        cfg: &EncoderConfig,
+        usage: Usage,
+    ) -> Result<openh264::encoder::Encoder, EncodeError> {
+        let mut codec = openh264::encoder::Encoder::with_api_config(
+            OpenH264API::from_source(),
+            h264_config(cfg, usage),
+        )
+        .map_err(EncodeError::Codec)?;
         // openh264 prints its initialisation warnings to stderr; route them to `tracing`.
         let mut callback: WelsTraceCallback = Some(openh264_trace);
         // SAFETY: the trace callback option is accepted before initialisation; openh264 copies
         // the function pointer out of `callback`, which lives for the call. `openh264_trace` has
         // the C signature openh264 expects and never unwinds.
         let rc = unsafe {
-            codec.raw_api().set_option(ENCODER_OPTION_TRACE_CALLBACK, std::ptr::addr_of_mut!(callback).cast())
+            codec.raw_api().set_option(
+                ENCODER_OPTION_TRACE_CALLBACK,
+                std::ptr::addr_of_mut!(callback).cast(),
+            )
         };
         if rc != 0 {
-            return Err(EncodeError::SetOption { option: "trace callback", code: rc });
+            return Err(EncodeError::SetOption {
+                option: "trace callback",
+                code: rc,
+            });
         }
         Ok(codec)
     }
@@ -266,7 +282,9 @@ impl Encoder {
                 got_height: frame.height,
             });
         }
-        let damaged = damage.iter().any(|r| !r.clamp_to(frame.width, frame.height).is_empty());
+        let damaged = damage
+            .iter()
+            .any(|r| !r.clamp_to(frame.width, frame.height).is_empty());
         if !damaged && !force_keyframe && !self.fresh && !self.pending_changes {
             // Validate anyway so a broken source is reported even on an idle screen.
             frame.validate().map_err(ConvertError::from)?;
@@ -309,10 +327,17 @@ impl Encoder {
         let yuv = YUVSlices::new(
             (self.picture.y(), self.picture.u(), self.picture.v()),
             (self.cfg.width as usize, self.cfg.height as usize),
-            (self.cfg.width as usize, self.cfg.width as usize / 2, self.cfg.width as usize / 2),
+            (
+                self.cfg.width as usize,
+                self.cfg.width as usize / 2,
+                self.cfg.width as usize / 2,
+            ),
         );
         let timestamp = Timestamp::from_millis(self.epoch.elapsed().as_millis() as u64);
-        let bitstream = self.h264.encode_at(&yuv, timestamp).map_err(EncodeError::Codec)?;
+        let bitstream = self
+            .h264
+            .encode_at(&yuv, timestamp)
+            .map_err(EncodeError::Codec)?;
         let frame_type = bitstream.frame_type();
         let mut data = Vec::new();
         bitstream.write_vec(&mut data);
@@ -345,7 +370,11 @@ impl Encoder {
     /// Changes the nominal frame rate (used by rate control to budget bits per frame). Values are
     /// clamped to 1..=240.
     pub fn set_fps(&mut self, fps: f32) {
-        let fps = if fps.is_nan() { MIN_FPS } else { fps.clamp(MIN_FPS, MAX_FPS) };
+        let fps = if fps.is_nan() {
+            MIN_FPS
+        } else {
+            fps.clamp(MIN_FPS, MAX_FPS)
+        };
         if fps == self.cfg.fps {
             return;
         }
@@ -369,8 +398,14 @@ impl Encoder {
     /// Pushes `self.cfg`'s bitrate and frame rate into the running codec.
     fn apply_rates(&mut self) -> Result<(), EncodeError> {
         let bps = i32::try_from(self.cfg.bitrate_bps).unwrap_or(i32::MAX);
-        let mut max = SBitrateInfo { iLayer: SPATIAL_LAYER_0, iBitrate: bps };
-        let mut target = SBitrateInfo { iLayer: SPATIAL_LAYER_ALL, iBitrate: bps };
+        let mut max = SBitrateInfo {
+            iLayer: SPATIAL_LAYER_0,
+            iBitrate: bps,
+        };
+        let mut target = SBitrateInfo {
+            iLayer: SPATIAL_LAYER_ALL,
+            iBitrate: bps,
+        };
         let mut fps: f32 = self.cfg.fps;
         // SAFETY: openh264 has been initialised by a first encode (callers check `fresh`), each
         // option id is paired with the type openh264 reads for it (SBitrateInfo for the bitrate
@@ -380,9 +415,18 @@ impl Encoder {
         let rcs = unsafe {
             let api = self.h264.raw_api();
             [
-                api.set_option(ENCODER_OPTION_MAX_BITRATE, std::ptr::addr_of_mut!(max).cast()),
-                api.set_option(ENCODER_OPTION_BITRATE, std::ptr::addr_of_mut!(target).cast()),
-                api.set_option(ENCODER_OPTION_FRAME_RATE, std::ptr::addr_of_mut!(fps).cast()),
+                api.set_option(
+                    ENCODER_OPTION_MAX_BITRATE,
+                    std::ptr::addr_of_mut!(max).cast(),
+                ),
+                api.set_option(
+                    ENCODER_OPTION_BITRATE,
+                    std::ptr::addr_of_mut!(target).cast(),
+                ),
+                api.set_option(
+                    ENCODER_OPTION_FRAME_RATE,
+                    std::ptr::addr_of_mut!(fps).cast(),
+                ),
             ]
         };
         let names = ["max bitrate", "bitrate", "frame rate"];

@@ -13,7 +13,12 @@ pub struct Rect {
 
 impl Rect {
     pub const fn new(x: u32, y: u32, width: u32, height: u32) -> Self {
-        Self { x, y, width, height }
+        Self {
+            x,
+            y,
+            width,
+            height,
+        }
     }
 
     /// True when the rectangle covers no pixel.
@@ -89,23 +94,41 @@ pub enum FrameError {
     #[error("stride {stride} is smaller than width {width} x 4 bytes")]
     StrideTooSmall { stride: usize, width: u32 },
     #[error("frame data is {len} bytes; {needed} needed for {width}x{height} at stride {stride}")]
-    DataTooShort { len: usize, needed: usize, width: u32, height: u32, stride: usize },
+    DataTooShort {
+        len: usize,
+        needed: usize,
+        width: u32,
+        height: u32,
+        stride: usize,
+    },
 }
 
 impl<'a> FrameRef<'a> {
     /// A tightly packed frame (stride = width * 4).
     pub fn packed(width: u32, height: u32, format: PixelFormat, data: &'a [u8]) -> Self {
-        Self { width, height, stride: width as usize * 4, format, data }
+        Self {
+            width,
+            height,
+            stride: width as usize * 4,
+            format,
+            data,
+        }
     }
 
     /// Checks that dimensions, stride and data length agree.
     pub fn validate(&self) -> Result<(), FrameError> {
         if self.width == 0 || self.height == 0 {
-            return Err(FrameError::Empty { width: self.width, height: self.height });
+            return Err(FrameError::Empty {
+                width: self.width,
+                height: self.height,
+            });
         }
         let row = self.width as usize * 4;
         if self.stride < row {
-            return Err(FrameError::StrideTooSmall { stride: self.stride, width: self.width });
+            return Err(FrameError::StrideTooSmall {
+                stride: self.stride,
+                width: self.width,
+            });
         }
         let needed = self.stride * (self.height as usize - 1) + row;
         if self.data.len() < needed {

@@ -7,7 +7,10 @@
 /// If either buffer is shorter than `width * height * 4` bytes.
 pub fn psnr_bgrx(a: &[u8], b: &[u8], width: u32, height: u32) -> f64 {
     let len = width as usize * height as usize * 4;
-    assert!(a.len() >= len && b.len() >= len, "psnr_bgrx: buffers shorter than {width}x{height}x4");
+    assert!(
+        a.len() >= len && b.len() >= len,
+        "psnr_bgrx: buffers shorter than {width}x{height}x4"
+    );
     let mut sse: u64 = 0;
     for (pa, pb) in a[..len].chunks_exact(4).zip(b[..len].chunks_exact(4)) {
         for c in 0..3 {

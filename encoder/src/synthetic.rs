@@ -26,7 +26,12 @@ pub enum Scene {
 }
 
 impl Scene {
-    pub const ALL: [Scene; 4] = [Scene::Windows, Scene::Typing, Scene::Scrolling, Scene::Still];
+    pub const ALL: [Scene; 4] = [
+        Scene::Windows,
+        Scene::Typing,
+        Scene::Scrolling,
+        Scene::Still,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -104,7 +109,8 @@ const fn rgb(r: u8, g: u8, b: u8) -> Color {
 }
 
 fn mix(a: Color, b: Color, alpha: u32) -> Color {
-    let m = |x: u8, y: u8| ((u32::from(x) * (255 - alpha) + u32::from(y) * alpha + 127) / 255) as u8;
+    let m =
+        |x: u8, y: u8| ((u32::from(x) * (255 - alpha) + u32::from(y) * alpha + 127) / 255) as u8;
     [m(a[0], b[0]), m(a[1], b[1]), m(a[2], b[2]), 255]
 }
 
@@ -122,7 +128,11 @@ impl Canvas {
         for _ in 0..width as usize * height as usize {
             data.extend_from_slice(&fill);
         }
-        Self { width, height, data }
+        Self {
+            width,
+            height,
+            data,
+        }
     }
 
     fn stride(&self) -> usize {
@@ -163,7 +173,11 @@ impl Canvas {
     fn gradient_rect(&mut self, r: Rect, top: Color, bottom: Color) {
         let r = r.clamp_to(self.width, self.height);
         for y in r.y..r.bottom() {
-            let alpha = if r.height > 1 { (y - r.y) * 255 / (r.height - 1) } else { 0 };
+            let alpha = if r.height > 1 {
+                (y - r.y) * 255 / (r.height - 1)
+            } else {
+                0
+            };
             self.fill_rect(Rect::new(r.x, y, r.width, 1), mix(top, bottom, alpha));
         }
     }
@@ -249,6 +263,10 @@ impl Font {
     }
 
     /// Draws glyph `code` with its cell's top-left at (`x`, `y`), clipped to `clip`.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "a drawing primitive; every argument is needed"
+    )]
     fn draw(&self, c: &mut Canvas, code: u64, x: u32, y: u32, ink: Color, bg: Color, clip: Rect) {
         let mask = &self.masks[(code % GLYPH_COUNT as u64) as usize];
         let clip = clip.clamp_to(c.width, c.height);
@@ -277,9 +295,20 @@ impl Font {
         for row in 0..rows {
             let y = area.y + row * (self.cell_h() + 2 * self.scale);
             let len = if row % 5 == 4 { cols / 2 } else { cols };
-            for (col, code) in line_text(hash2(seed, u64::from(row)), len).into_iter().enumerate() {
+            for (col, code) in line_text(hash2(seed, u64::from(row)), len)
+                .into_iter()
+                .enumerate()
+            {
                 if let Some(code) = code {
-                    self.draw(c, code, area.x + col as u32 * self.cell_w(), y, ink, bg, area);
+                    self.draw(
+                        c,
+                        code,
+                        area.x + col as u32 * self.cell_w(),
+                        y,
+                        ink,
+                        bg,
+                        area,
+                    );
                 }
             }
         }
@@ -338,21 +367,50 @@ fn make_window(
     let s = font.scale;
     let mut c = Canvas::new(width, height, PAPER);
     let title_h = (24 * s).min(height);
-    c.gradient_rect(Rect::new(0, 0, width, title_h), title_color, mix(title_color, rgb(0, 0, 0), 40));
+    c.gradient_rect(
+        Rect::new(0, 0, width, title_h),
+        title_color,
+        mix(title_color, rgb(0, 0, 0), 40),
+    );
     let title_bg = mix(title_color, rgb(0, 0, 0), 20);
     let title_clip = Rect::new(0, 0, width.saturating_sub(70 * s), title_h);
     for (i, code) in line_text(rng.next_u64(), 14).into_iter().enumerate() {
         if let Some(code) = code {
-            font.draw(&mut c, code, 10 * s + i as u32 * font.cell_w(), 4 * s, rgb(255, 255, 255), title_bg, title_clip);
+            font.draw(
+                &mut c,
+                code,
+                10 * s + i as u32 * font.cell_w(),
+                4 * s,
+                rgb(255, 255, 255),
+                title_bg,
+                title_clip,
+            );
         }
     }
-    for (i, color) in [rgb(0xe8, 0x5c, 0x4a), rgb(0xf2, 0xb8, 0x3b), rgb(0x5c, 0xb8, 0x5c)].into_iter().enumerate() {
+    for (i, color) in [
+        rgb(0xe8, 0x5c, 0x4a),
+        rgb(0xf2, 0xb8, 0x3b),
+        rgb(0x5c, 0xb8, 0x5c),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let bx = width.saturating_sub((22 * (i as u32 + 1)) * s);
         c.fill_rect(Rect::new(bx, 6 * s, 12 * s, 12 * s), color);
     }
     c.frame_rect(c.bounds(), BORDER);
-    let client = Rect::new(1, title_h, width.saturating_sub(2), height.saturating_sub(title_h + 1));
-    Window { x, y, canvas: c, client }
+    let client = Rect::new(
+        1,
+        title_h,
+        width.saturating_sub(2),
+        height.saturating_sub(title_h + 1),
+    );
+    Window {
+        x,
+        y,
+        canvas: c,
+        client,
+    }
 }
 
 struct Desktop {
@@ -372,17 +430,25 @@ impl Desktop {
         let s = font.scale;
         let mut background = Canvas::new(width, height, rgb(0, 0, 0));
         // Wallpaper: a smooth diagonal blend between two seeded colours with soft waves.
-        let c0 = rgb(rng.range(10, 60) as u8, rng.range(40, 100) as u8, rng.range(90, 160) as u8);
-        let c1 = rgb(rng.range(120, 200) as u8, rng.range(60, 140) as u8, rng.range(80, 150) as u8);
+        let c0 = rgb(
+            rng.range(10, 60) as u8,
+            rng.range(40, 100) as u8,
+            rng.range(90, 160) as u8,
+        );
+        let c1 = rgb(
+            rng.range(120, 200) as u8,
+            rng.range(60, 140) as u8,
+            rng.range(80, 150) as u8,
+        );
         let phase = rng.range(0, 628) as f32 / 100.0;
         let span = (width + height).max(1) as f32;
         for y in 0..height {
             let row = background.row_mut(y);
             for (x, px) in row.chunks_exact_mut(4).enumerate() {
                 let t = (x as f32 + y as f32) / span;
-                let wave = ((x as f32 / width.max(1) as f32 * 6.0 + phase).sin()
+                let wave = (x as f32 / width.max(1) as f32 * 6.0 + phase).sin()
                     * (y as f32 / height.max(1) as f32 * 4.0).cos()
-                    * 0.12) as f32;
+                    * 0.12;
                 let a = ((t + wave).clamp(0.0, 1.0) * 255.0) as u32;
                 px.copy_from_slice(&mix(c0, c1, a));
             }
@@ -393,18 +459,39 @@ impl Desktop {
         background.fill_rect(bar, rgb(0x1e, 0x22, 0x28));
         background.fill_rect(Rect::new(0, bar.y, width, 1), rgb(0x44, 0x4a, 0x52));
         for i in 0..8u32 {
-            let color = rgb(rng.range(60, 250) as u8, rng.range(60, 250) as u8, rng.range(60, 250) as u8);
-            background.fill_rect(Rect::new(8 * s + i * 40 * s, bar.y + 8 * s, 24 * s, 24 * s), color);
+            let color = rgb(
+                rng.range(60, 250) as u8,
+                rng.range(60, 250) as u8,
+                rng.range(60, 250) as u8,
+            );
+            background.fill_rect(
+                Rect::new(8 * s + i * 40 * s, bar.y + 8 * s, 24 * s, 24 * s),
+                color,
+            );
         }
         let clock_x = width.saturating_sub(60 * s);
         for (i, code) in line_text(rng.next_u64(), 5).into_iter().enumerate() {
             if let Some(code) = code {
-                font.draw(&mut background, code, clock_x + i as u32 * font.cell_w(), bar.y + 12 * s,
-                    rgb(0xe0, 0xe0, 0xe0), rgb(0x1e, 0x22, 0x28), bar);
+                font.draw(
+                    &mut background,
+                    code,
+                    clock_x + i as u32 * font.cell_w(),
+                    bar.y + 12 * s,
+                    rgb(0xe0, 0xe0, 0xe0),
+                    rgb(0x1e, 0x22, 0x28),
+                    bar,
+                );
             }
         }
         let screen = background.clone();
-        Self { width, height, font, background, windows: Vec::new(), screen }
+        Self {
+            width,
+            height,
+            font,
+            background,
+            windows: Vec::new(),
+            screen,
+        }
     }
 
     /// Height of the area above the taskbar.
@@ -438,7 +525,12 @@ impl Desktop {
             let x1 = r.right().min(wr.right());
             let y1 = r.bottom().min(wr.bottom());
             if x0 < x1 && y0 < y1 {
-                self.screen.blit(&win.canvas, Rect::new(x0 - wr.x, y0 - wr.y, x1 - x0, y1 - y0), x0, y0);
+                self.screen.blit(
+                    &win.canvas,
+                    Rect::new(x0 - wr.x, y0 - wr.y, x1 - x0, y1 - y0),
+                    x0,
+                    y0,
+                );
             }
         }
     }
@@ -454,7 +546,12 @@ impl Desktop {
 fn fill_document(font: &Font, win: &mut Window, seed: u64) {
     let s = font.scale;
     let area = win.client;
-    let inner = Rect::new(area.x + 12 * s, area.y + 10 * s, area.width.saturating_sub(24 * s), area.height.saturating_sub(20 * s));
+    let inner = Rect::new(
+        area.x + 12 * s,
+        area.y + 10 * s,
+        area.width.saturating_sub(24 * s),
+        area.height.saturating_sub(20 * s),
+    );
     font.paragraph(&mut win.canvas, inner, seed, TEXT_INK, PAPER);
 }
 
@@ -466,11 +563,27 @@ fn fill_icons(font: &Font, win: &mut Window, rng: &mut Rng) {
     while y + 56 * s <= area.bottom() {
         let mut x = area.x + 12 * s;
         while x + 48 * s <= area.right() {
-            let color = rgb(rng.range(40, 240) as u8, rng.range(40, 240) as u8, rng.range(40, 240) as u8);
-            win.canvas.gradient_rect(Rect::new(x + 8 * s, y, 32 * s, 32 * s), color, mix(color, rgb(0, 0, 0), 80));
+            let color = rgb(
+                rng.range(40, 240) as u8,
+                rng.range(40, 240) as u8,
+                rng.range(40, 240) as u8,
+            );
+            win.canvas.gradient_rect(
+                Rect::new(x + 8 * s, y, 32 * s, 32 * s),
+                color,
+                mix(color, rgb(0, 0, 0), 80),
+            );
             for (i, code) in line_text(rng.next_u64(), 6).into_iter().enumerate() {
                 if let Some(code) = code {
-                    font.draw(&mut win.canvas, code, x + i as u32 * font.cell_w(), y + 36 * s, TEXT_INK, PAPER, area);
+                    font.draw(
+                        &mut win.canvas,
+                        code,
+                        x + i as u32 * font.cell_w(),
+                        y + 36 * s,
+                        TEXT_INK,
+                        PAPER,
+                        area,
+                    );
                 }
             }
             x += step;
@@ -487,7 +600,11 @@ fn fill_chart(win: &mut Window, rng: &mut Rng) {
     for i in 0..bars {
         let h = rng.range(area.height / 8, area.height * 7 / 8 + 1);
         let color = mix(rgb(0x3a, 0x7b, 0xd5), rgb(0xe0, 0x60, 0x40), i * 255 / bars);
-        win.canvas.gradient_rect(Rect::new(area.x + bw * (2 * i + 1), area.bottom() - h, bw, h), color, mix(color, rgb(255, 255, 255), 90));
+        win.canvas.gradient_rect(
+            Rect::new(area.x + bw * (2 * i + 1), area.bottom() - h, bw, h),
+            color,
+            mix(color, rgb(255, 255, 255), 90),
+        );
     }
 }
 
@@ -495,9 +612,25 @@ fn fill_chart(win: &mut Window, rng: &mut Rng) {
 // Scenes.
 
 enum SceneState {
-    Windows { dragged: usize, origin: (f64, f64), velocity: (f64, f64) },
-    Typing { editor: usize, text: Rng, typed: u64, col: u32, row: u32, caret_on: bool, word_left: u32 },
-    Scrolling { browser: usize, page: Page, offset: u64 },
+    Windows {
+        dragged: usize,
+        origin: (f64, f64),
+        velocity: (f64, f64),
+    },
+    Typing {
+        editor: usize,
+        text: Rng,
+        typed: u64,
+        col: u32,
+        row: u32,
+        caret_on: bool,
+        word_left: u32,
+    },
+    Scrolling {
+        browser: usize,
+        page: Page,
+        offset: u64,
+    },
     Still,
 }
 
@@ -550,12 +683,17 @@ impl SyntheticSource {
     /// A source whose content is fully determined by `seed`, size and rate.
     pub fn with_seed(scene: Scene, width: u32, height: u32, fps: f32, seed: u64) -> Self {
         let (width, height) = (width.clamp(1, 8192), height.clamp(1, 8192));
-        let fps = if fps.is_nan() { 30.0 } else { fps.clamp(0.1, 1000.0) };
+        let fps = if fps.is_nan() {
+            30.0
+        } else {
+            fps.clamp(0.1, 1000.0)
+        };
         let mut rng = Rng::new(seed);
         let mut desktop = Desktop::new(width, height, &mut rng);
         let state = match scene {
             Scene::Windows | Scene::Still => {
-                let a = desktop.add_window(&mut rng, [0.04, 0.05, 0.45, 0.55], rgb(0x3a, 0x6e, 0xa5));
+                let a =
+                    desktop.add_window(&mut rng, [0.04, 0.05, 0.45, 0.55], rgb(0x3a, 0x6e, 0xa5));
                 let b = desktop.add_window(&mut rng, [0.45, 0.12, 0.5, 0.6], rgb(0x5a, 0x7d, 0x3c));
                 let c = desktop.add_window(&mut rng, [0.2, 0.35, 0.42, 0.5], rgb(0x8a, 0x4b, 0x9c));
                 let font = Font::new(desktop.font.scale);
@@ -575,19 +713,41 @@ impl SyntheticSource {
                 }
             }
             Scene::Typing => {
-                let a = desktop.add_window(&mut rng, [0.55, 0.08, 0.42, 0.5], rgb(0x5a, 0x7d, 0x3c));
+                let a =
+                    desktop.add_window(&mut rng, [0.55, 0.08, 0.42, 0.5], rgb(0x5a, 0x7d, 0x3c));
                 let font = Font::new(desktop.font.scale);
                 fill_icons(&font, &mut desktop.windows[a], &mut rng);
-                let editor = desktop.add_window(&mut rng, [0.06, 0.1, 0.6, 0.78], rgb(0x2f, 0x4f, 0x7f));
-                SceneState::Typing { editor, text: Rng::new(rng.next_u64()), typed: 0, col: 0, row: 0, caret_on: false, word_left: 0 }
+                let editor =
+                    desktop.add_window(&mut rng, [0.06, 0.1, 0.6, 0.78], rgb(0x2f, 0x4f, 0x7f));
+                SceneState::Typing {
+                    editor,
+                    text: Rng::new(rng.next_u64()),
+                    typed: 0,
+                    col: 0,
+                    row: 0,
+                    caret_on: false,
+                    word_left: 0,
+                }
             }
             Scene::Scrolling => {
-                let browser = desktop.add_window(&mut rng, [0.0, 0.0, 1.0, 1.0], rgb(0x44, 0x48, 0x50));
+                let browser =
+                    desktop.add_window(&mut rng, [0.0, 0.0, 1.0, 1.0], rgb(0x44, 0x48, 0x50));
                 let page = Page::new(rng.next_u64(), desktop.font.scale);
-                SceneState::Scrolling { browser, page, offset: 0 }
+                SceneState::Scrolling {
+                    browser,
+                    page,
+                    offset: 0,
+                }
             }
         };
-        let mut source = Self { scene, fps, desktop, state, sequence: 0, next_due: None };
+        let mut source = Self {
+            scene,
+            fps,
+            desktop,
+            state,
+            sequence: 0,
+            next_due: None,
+        };
         source.init_scene();
         source
     }
@@ -609,17 +769,41 @@ impl SyntheticSource {
             // Toolbar: back/forward buttons and an address bar.
             let bar = Rect::new(view.x, win.client.y, view.width, view.y - win.client.y);
             win.canvas.fill_rect(bar, rgb(0xe8, 0xea, 0xed));
-            win.canvas.fill_rect(Rect::new(view.x, view.y.saturating_sub(1), view.width, 1), rgb(0xb0, 0xb4, 0xba));
+            win.canvas.fill_rect(
+                Rect::new(view.x, view.y.saturating_sub(1), view.width, 1),
+                rgb(0xb0, 0xb4, 0xba),
+            );
             for i in 0..2 {
-                win.canvas.fill_rect(Rect::new(bar.x + (8 + 28 * i) * scale, bar.y + 8 * scale, 20 * scale, 20 * scale), rgb(0xc4, 0xc8, 0xce));
+                win.canvas.fill_rect(
+                    Rect::new(
+                        bar.x + (8 + 28 * i) * scale,
+                        bar.y + 8 * scale,
+                        20 * scale,
+                        20 * scale,
+                    ),
+                    rgb(0xc4, 0xc8, 0xce),
+                );
             }
-            let address = Rect::new(bar.x + 72 * scale, bar.y + 6 * scale, bar.width.saturating_sub(90 * scale), 24 * scale);
+            let address = Rect::new(
+                bar.x + 72 * scale,
+                bar.y + 6 * scale,
+                bar.width.saturating_sub(90 * scale),
+                24 * scale,
+            );
             win.canvas.fill_rect(address, rgb(0xff, 0xff, 0xff));
             win.canvas.frame_rect(address, rgb(0xb0, 0xb4, 0xba));
             let font = &self.desktop.font;
             for (i, code) in line_text(page.seed, 40).into_iter().enumerate() {
                 if let Some(code) = code {
-                    font.draw(&mut win.canvas, code, address.x + 8 * scale + i as u32 * font.cell_w(), address.y + 4 * scale, rgb(0x50, 0x54, 0x5a), rgb(255, 255, 255), address);
+                    font.draw(
+                        &mut win.canvas,
+                        code,
+                        address.x + 8 * scale + i as u32 * font.cell_w(),
+                        address.y + 4 * scale,
+                        rgb(0x50, 0x54, 0x5a),
+                        rgb(255, 255, 255),
+                        address,
+                    );
                 }
             }
             page.render(&mut win.canvas, view, 0, 0, view.height);
@@ -629,7 +813,8 @@ impl SyntheticSource {
             let area = text_area(win, self.desktop.font.scale);
             win.canvas.fill_rect(area, PAPER);
         }
-        self.desktop.compose(Rect::new(0, 0, self.desktop.width, self.desktop.height));
+        self.desktop
+            .compose(Rect::new(0, 0, self.desktop.width, self.desktop.height));
     }
 
     /// Renders the next frame immediately, without pacing (benchmarks, tests).
@@ -647,7 +832,12 @@ impl SyntheticSource {
             self.desktop.compose(*r);
         }
         SourceFrame {
-            frame: FrameRef::packed(self.desktop.width, self.desktop.height, PixelFormat::Bgrx, &self.desktop.screen.data),
+            frame: FrameRef::packed(
+                self.desktop.width,
+                self.desktop.height,
+                PixelFormat::Bgrx,
+                &self.desktop.screen.data,
+            ),
             damage,
             sequence: self.sequence,
             captured_at: Instant::now(),
@@ -659,13 +849,20 @@ impl SyntheticSource {
         let scale = self.desktop.font.scale;
         match &mut self.state {
             SceneState::Still => Vec::new(),
-            SceneState::Windows { dragged, origin, velocity } => {
+            SceneState::Windows {
+                dragged,
+                origin,
+                velocity,
+            } => {
                 let win = &self.desktop.windows[*dragged];
                 let old = win.screen_rect();
                 let max_x = self.desktop.width - old.width;
                 let max_y = self.desktop.work_height().saturating_sub(old.height);
                 let x = bounce(origin.0 + velocity.0 * t, max_x);
-                let y = bounce(origin.1 + velocity.1 * t, max_y.min(self.desktop.height - old.height));
+                let y = bounce(
+                    origin.1 + velocity.1 * t,
+                    max_y.min(self.desktop.height - old.height),
+                );
                 if (x, y) == (old.x, old.y) {
                     return Vec::new();
                 }
@@ -674,7 +871,15 @@ impl SyntheticSource {
                 win.y = y;
                 vec![old, win.screen_rect()]
             }
-            SceneState::Typing { editor, text, typed, col, row, caret_on, word_left } => {
+            SceneState::Typing {
+                editor,
+                text,
+                typed,
+                col,
+                row,
+                caret_on,
+                word_left,
+            } => {
                 let editor = *editor;
                 let font = &self.desktop.font;
                 let (cw, lh) = (font.cell_w(), font.cell_h() + 2 * scale);
@@ -682,10 +887,18 @@ impl SyntheticSource {
                 let area = text_area(win, scale);
                 let (cols, rows) = (area.width / cw, area.height / lh);
                 let mut damage: Vec<Rect> = Vec::new();
+                let mut scrolled = false;
                 if cols == 0 || rows == 0 {
                     return damage;
                 }
-                let caret_cell = |col: u32, row: u32| Rect::new(area.x + col * cw, area.y + row * lh, (2 * scale).min(cw), lh);
+                let caret_cell = |col: u32, row: u32| {
+                    Rect::new(
+                        area.x + col * cw,
+                        area.y + row * lh,
+                        (2 * scale).min(cw),
+                        lh,
+                    )
+                };
                 let due = (t * TYPING_CPS).floor() as u64;
                 let typing = due > *typed;
                 // The caret stays lit while typing and blinks when idle.
@@ -716,13 +929,29 @@ impl SyntheticSource {
                             let keep = Rect::new(area.x, area.y + lh, area.width, area.height - lh);
                             let copy = win.canvas.clone();
                             win.canvas.blit(&copy, keep, area.x, area.y);
-                            win.canvas.fill_rect(Rect::new(area.x, area.y + (rows - 1) * lh, area.width, area.height - (rows - 1) * lh), PAPER);
+                            win.canvas.fill_rect(
+                                Rect::new(
+                                    area.x,
+                                    area.y + (rows - 1) * lh,
+                                    area.width,
+                                    area.height - (rows - 1) * lh,
+                                ),
+                                PAPER,
+                            );
                             *row = rows - 1;
-                            damage.push(area);
+                            scrolled = true;
                         }
                     }
                     let cell = Rect::new(area.x + *col * cw, area.y + *row * lh, cw, lh);
-                    font.draw(&mut win.canvas, text.next_u64(), cell.x, cell.y + scale, TEXT_INK, PAPER, area);
+                    font.draw(
+                        &mut win.canvas,
+                        text.next_u64(),
+                        cell.x,
+                        cell.y + scale,
+                        TEXT_INK,
+                        PAPER,
+                        area,
+                    );
                     damage.push(cell);
                     *col += 1;
                     *word_left -= 1;
@@ -734,9 +963,20 @@ impl SyntheticSource {
                 } else {
                     *caret_on = false;
                 }
-                damage.into_iter().map(|r| self.desktop.to_screen(editor, r)).collect()
+                if scrolled {
+                    // Everything typed this frame lies in the text area, which moved as a whole.
+                    damage = vec![area];
+                }
+                damage
+                    .into_iter()
+                    .map(|r| self.desktop.to_screen(editor, r))
+                    .collect()
             }
-            SceneState::Scrolling { browser, page, offset } => {
+            SceneState::Scrolling {
+                browser,
+                page,
+                offset,
+            } => {
                 let browser = *browser;
                 let win = &mut self.desktop.windows[browser];
                 let view = viewport(win, scale);
@@ -769,7 +1009,12 @@ impl SyntheticSource {
 /// The editor's text area (window coordinates).
 fn text_area(win: &Window, scale: u32) -> Rect {
     let c = win.client;
-    Rect::new(c.x + 10 * scale, c.y + 8 * scale, c.width.saturating_sub(20 * scale), c.height.saturating_sub(16 * scale))
+    Rect::new(
+        c.x + 10 * scale,
+        c.y + 8 * scale,
+        c.width.saturating_sub(20 * scale),
+        c.height.saturating_sub(16 * scale),
+    )
 }
 
 /// The browser's page viewport (window coordinates): the client area below a toolbar.
@@ -799,7 +1044,13 @@ enum BlockKind {
 
 impl Page {
     fn new(seed: u64, scale: u32) -> Self {
-        Self { seed, scale, font: Font::new(scale), heading_font: Font::new(scale * 2), blocks: Vec::new() }
+        Self {
+            seed,
+            scale,
+            font: Font::new(scale),
+            heading_font: Font::new(scale * 2),
+            blocks: Vec::new(),
+        }
     }
 
     fn line_height(&self) -> u32 {
@@ -852,10 +1103,25 @@ impl Page {
                     }
                     let cw = self.font.cell_w() * zoom;
                     let cols = content.width / cw;
-                    let len = if !heading && line % 4 == 3 { cols * 2 / 3 } else { cols };
-                    let ink = if heading { rgb(0x10, 0x30, 0x60) } else { TEXT_INK };
-                    let font = if heading { &self.heading_font } else { &self.font };
-                    for (col, code) in line_text(hash2(seed, u64::from(line)), len).into_iter().enumerate() {
+                    let len = if !heading && line % 4 == 3 {
+                        cols * 2 / 3
+                    } else {
+                        cols
+                    };
+                    let ink = if heading {
+                        rgb(0x10, 0x30, 0x60)
+                    } else {
+                        TEXT_INK
+                    };
+                    let font = if heading {
+                        &self.heading_font
+                    } else {
+                        &self.font
+                    };
+                    for (col, code) in line_text(hash2(seed, u64::from(line)), len)
+                        .into_iter()
+                        .enumerate()
+                    {
                         if let Some(code) = code {
                             let gx = content.x + col as u32 * cw;
                             font.draw(c, code, gx, screen_y - in_line, ink, PAPER, row_clip);
@@ -865,15 +1131,34 @@ impl Page {
                 BlockKind::Picture => {
                     let mut rng = Rng::new(seed);
                     let w = content.width.min(rng.range(200, 640) * self.scale);
-                    let a = rgb(rng.range(20, 240) as u8, rng.range(20, 240) as u8, rng.range(20, 240) as u8);
-                    let b = rgb(rng.range(20, 240) as u8, rng.range(20, 240) as u8, rng.range(20, 240) as u8);
+                    let a = rgb(
+                        rng.range(20, 240) as u8,
+                        rng.range(20, 240) as u8,
+                        rng.range(20, 240) as u8,
+                    );
+                    let b = rgb(
+                        rng.range(20, 240) as u8,
+                        rng.range(20, 240) as u8,
+                        rng.range(20, 240) as u8,
+                    );
                     let h = height.max(1);
-                    let sun = (rng.range(0, w.max(1)), rng.range(0, h), rng.range(20, 60) * self.scale);
+                    let sun = (
+                        rng.range(0, w.max(1)),
+                        rng.range(0, h),
+                        rng.range(20, 60) * self.scale,
+                    );
                     let row = c.row_mut(screen_y);
                     for x in 0..w {
-                        let (dx, dy) = (i64::from(x) - i64::from(sun.0), i64::from(by) - i64::from(sun.1));
+                        let (dx, dy) = (
+                            i64::from(x) - i64::from(sun.0),
+                            i64::from(by) - i64::from(sun.1),
+                        );
                         let inside = dx * dx + dy * dy < i64::from(sun.2) * i64::from(sun.2);
-                        let color = if inside { rgb(0xff, 0xe0, 0x80) } else { mix(a, b, by * 255 / h) };
+                        let color = if inside {
+                            rgb(0xff, 0xe0, 0x80)
+                        } else {
+                            mix(a, b, by * 255 / h)
+                        };
                         let i = (content.x + x) as usize * 4;
                         row[i..i + 4].copy_from_slice(&color);
                     }
@@ -927,7 +1212,11 @@ mod tests {
     fn assert_damage_exact(scene: Scene, width: u32, height: u32, fps: f32, frames: u32) {
         let mut source = SyntheticSource::new(scene, width, height, fps);
         let first = source.advance();
-        assert_eq!(first.damage, vec![Rect::new(0, 0, width, height)], "{scene}: first frame is fully damaged");
+        assert_eq!(
+            first.damage,
+            vec![Rect::new(0, 0, width, height)],
+            "{scene}: first frame is fully damaged"
+        );
         let mut previous = first.frame.data.to_vec();
         for _ in 1..frames {
             let frame = source.advance();
@@ -941,7 +1230,10 @@ mod tests {
                 );
             }
             for r in &frame.damage {
-                assert!(!r.is_empty() && r.right() <= width && r.bottom() <= height, "{scene}: bad rect {r:?}");
+                assert!(
+                    !r.is_empty() && r.right() <= width && r.bottom() <= height,
+                    "{scene}: bad rect {r:?}"
+                );
                 assert!(
                     changed.iter().any(|&(x, y)| r.contains(x, y)),
                     "{scene} frame {}: damage {r:?} covers no changed pixel",
@@ -955,11 +1247,15 @@ mod tests {
     #[test]
     fn windows_damage_covers_exactly_the_changed_pixels() {
         assert_damage_exact(Scene::Windows, 320, 200, 30.0, 40);
+        // Low frame rate: big jumps and bounces off the screen edges.
+        assert_damage_exact(Scene::Windows, 320, 200, 3.0, 40);
     }
 
     #[test]
     fn typing_damage_covers_exactly_the_changed_pixels() {
         assert_damage_exact(Scene::Typing, 320, 200, 30.0, 120);
+        // Low frame rate: several characters per frame, line wraps and the editor scrolling.
+        assert_damage_exact(Scene::Typing, 240, 160, 4.0, 150);
     }
 
     #[test]
@@ -974,5 +1270,94 @@ mod tests {
         for _ in 0..10 {
             assert!(source.advance().damage.is_empty());
         }
+    }
+
+    #[test]
+    fn same_seed_gives_the_same_frames_and_another_seed_does_not() {
+        for scene in Scene::ALL {
+            let mut a = SyntheticSource::with_seed(scene, 160, 120, 30.0, 7);
+            let mut b = SyntheticSource::with_seed(scene, 160, 120, 30.0, 7);
+            let mut c = SyntheticSource::with_seed(scene, 160, 120, 30.0, 8);
+            let mut differs = false;
+            for _ in 0..20 {
+                let fa = a.advance();
+                let (da, damage_a) = (fa.frame.data.to_vec(), fa.damage.clone());
+                let fb = b.advance();
+                assert_eq!(da, fb.frame.data, "{scene}");
+                assert_eq!(damage_a, fb.damage, "{scene}");
+                differs |= da != c.advance().frame.data;
+            }
+            assert!(differs, "{scene}: seed changes the content");
+        }
+    }
+
+    #[test]
+    fn tiny_and_odd_sizes_render_with_damage_inside_the_frame() {
+        for scene in Scene::ALL {
+            for (w, h) in [(1, 1), (7, 5), (33, 17), (95, 301), (0, 0)] {
+                let mut source = SyntheticSource::new(scene, w, h, 60.0);
+                let (w, h) = source.size();
+                for _ in 0..40 {
+                    let f = source.advance();
+                    assert_eq!(f.frame.data.len(), (w * h * 4) as usize);
+                    assert!(
+                        f.damage
+                            .iter()
+                            .all(|r| !r.is_empty() && r.right() <= w && r.bottom() <= h),
+                        "{scene} {w}x{h}: {:?}",
+                        f.damage
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scenes_parse_from_and_display_as_lowercase_names() {
+        for scene in Scene::ALL {
+            assert_eq!(scene.to_string().parse::<Scene>(), Ok(scene));
+        }
+        assert_eq!("Typing".parse::<Scene>(), Ok(Scene::Typing));
+        let err = "desktop".parse::<Scene>().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("windows, typing, scrolling, still"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sequence_numbers_increase_by_one() {
+        let mut source = SyntheticSource::new(Scene::Typing, 64, 48, 30.0);
+        for expected in 1..=5 {
+            assert_eq!(source.advance().sequence, expected);
+        }
+    }
+
+    #[test]
+    fn next_frame_is_paced_to_the_frame_rate() {
+        let mut source = SyntheticSource::new(Scene::Still, 64, 48, 10.0);
+        let start = Instant::now();
+        assert!(
+            source
+                .next_frame(start + Duration::from_secs(1))
+                .unwrap()
+                .is_some(),
+            "first frame at once"
+        );
+        // The second frame is due 100 ms after the first: a 10 ms deadline passes first.
+        assert!(source
+            .next_frame(Instant::now() + Duration::from_millis(10))
+            .unwrap()
+            .is_none());
+        let frame = source
+            .next_frame(Instant::now() + Duration::from_secs(5))
+            .unwrap()
+            .expect("second frame");
+        assert_eq!(frame.sequence, 2);
+        assert!(
+            start.elapsed() >= Duration::from_millis(95),
+            "waited for the frame interval"
+        );
     }
 }

@@ -2,15 +2,20 @@
 
 use encoder::synthetic::{Scene, SyntheticSource};
 use encoder::{
-    psnr_bgrx, DecodeError, Decoder, EncodeError, EncodedFrame, Encoder, EncoderConfig, FrameRef, PixelFormat, Rect,
-    REFINEMENT_PASSES,
+    psnr_bgrx, DecodeError, Decoder, EncodeError, EncodedFrame, Encoder, EncoderConfig, FrameRef,
+    PixelFormat, Rect, REFINEMENT_PASSES,
 };
 
 const W: u32 = 1280;
 const H: u32 = 720;
 
 fn config(width: u32, height: u32, fps: f32, bitrate_bps: u32) -> EncoderConfig {
-    EncoderConfig { width, height, fps, bitrate_bps }
+    EncoderConfig {
+        width,
+        height,
+        fps,
+        bitrate_bps,
+    }
 }
 
 /// NAL unit types in an Annex-B access unit.
@@ -24,7 +29,11 @@ fn nal_types(annexb: &[u8]) -> Vec<u8> {
 }
 
 /// Encodes `n` frames of `scene` and returns the outputs (None where nothing was produced).
-fn encode_frames(enc: &mut Encoder, source: &mut SyntheticSource, n: usize) -> Vec<Option<EncodedFrame>> {
+fn encode_frames(
+    enc: &mut Encoder,
+    source: &mut SyntheticSource,
+    n: usize,
+) -> Vec<Option<EncodedFrame>> {
     (0..n)
         .map(|_| {
             let f = source.advance();
@@ -43,14 +52,16 @@ fn round_trip_psnr_is_at_least_35_db_for_every_scene_at_720p() {
         for i in 0..10 {
             let f = source.advance();
             if let Some(out) = enc.encode(&f.frame, &f.damage, false).unwrap() {
-                let pic = dec.decode(&out.data).unwrap().expect("one picture per access unit");
+                let pic = dec
+                    .decode(&out.data)
+                    .unwrap()
+                    .expect("one picture per access unit");
                 assert_eq!((pic.width, pic.height), (W, H));
                 shown = Some(pic.bgrx);
             }
             let shown = shown.as_deref().expect("first frame produces a picture");
             let psnr = psnr_bgrx(f.frame.data, shown, W, H);
             assert!(psnr >= 35.0, "{scene} frame {i}: PSNR {psnr:.2} dB < 35 dB");
-            eprintln!("XX {scene} {i} {psnr:.2}");
         }
     }
 }
@@ -60,10 +71,16 @@ fn first_frame_is_an_idr_with_parameter_sets() {
     let mut source = SyntheticSource::new(Scene::Still, 320, 240, 30.0);
     let mut enc = Encoder::new(config(320, 240, 30.0, 500_000)).unwrap();
     let f = source.advance();
-    let out = enc.encode(&f.frame, &f.damage, false).unwrap().expect("first frame encodes");
+    let out = enc
+        .encode(&f.frame, &f.damage, false)
+        .unwrap()
+        .expect("first frame encodes");
     assert!(out.keyframe);
     let types = nal_types(&out.data);
-    assert!(types.contains(&7) && types.contains(&8) && types.contains(&5), "NAL types {types:?}");
+    assert!(
+        types.contains(&7) && types.contains(&8) && types.contains(&5),
+        "NAL types {types:?}"
+    );
 }
 
 #[test]
@@ -86,19 +103,32 @@ fn forced_keyframe_produces_an_idr_a_fresh_decoder_can_start_from() {
     let mut source = SyntheticSource::new(Scene::Scrolling, 320, 240, 30.0);
     let mut enc = Encoder::new(config(320, 240, 30.0, 800_000)).unwrap();
     let outs = encode_frames(&mut enc, &mut source, 5);
-    assert!(outs[1..].iter().flatten().all(|o| !o.keyframe), "no IDR unless asked");
+    assert!(
+        outs[1..].iter().flatten().all(|o| !o.keyframe),
+        "no IDR unless asked"
+    );
 
     let f = source.advance();
-    let out = enc.encode(&f.frame, &f.damage, true).unwrap().expect("forced keyframe encodes");
+    let out = enc
+        .encode(&f.frame, &f.damage, true)
+        .unwrap()
+        .expect("forced keyframe encodes");
     assert!(out.keyframe);
     assert!(nal_types(&out.data).contains(&5), "IDR slice present");
-    let pic = Decoder::new().unwrap().decode(&out.data).unwrap().expect("decodable on its own");
+    let pic = Decoder::new()
+        .unwrap()
+        .decode(&out.data)
+        .unwrap()
+        .expect("decodable on its own");
     assert!(psnr_bgrx(f.frame.data, &pic.bgrx, 320, 240) > 30.0);
 
     // Forcing works on an unchanged picture too (a viewer joins an idle screen).
     let f = source.advance();
     let _ = enc.encode(&f.frame, &f.damage, false).unwrap();
-    let out = enc.encode(&f.frame, &[], true).unwrap().expect("forced keyframe encodes without damage");
+    let out = enc
+        .encode(&f.frame, &[], true)
+        .unwrap()
+        .expect("forced keyframe encodes without damage");
     assert!(out.keyframe);
 }
 
@@ -116,7 +146,10 @@ fn lowering_the_bitrate_lowers_bits_per_frame() {
     assert_eq!(enc.config().bitrate_bps, 300_000);
     let low = encode_frames(&mut enc, &mut source, 30);
     let (high, low) = (mean_bytes(&high[15..]), mean_bytes(&low[15..]));
-    assert!(low * 2.0 < high, "bytes per frame {high:.0} at 4 Mbit/s, {low:.0} at 300 kbit/s");
+    assert!(
+        low * 2.0 < high,
+        "bytes per frame {high:.0} at 4 Mbit/s, {low:.0} at 300 kbit/s"
+    );
 }
 
 #[test]
@@ -127,7 +160,10 @@ fn lowering_the_frame_rate_raises_bits_per_frame() {
     enc.set_fps(10.0);
     let slow = encode_frames(&mut enc, &mut source, 30);
     let (fast, slow) = (mean_bytes(&fast[15..]), mean_bytes(&slow[15..]));
-    assert!(slow > fast * 2.0, "bytes per frame {fast:.0} at 60 fps, {slow:.0} at 10 fps");
+    assert!(
+        slow > fast * 2.0,
+        "bytes per frame {fast:.0} at 60 fps, {slow:.0} at 10 fps"
+    );
 }
 
 #[test]
@@ -145,19 +181,30 @@ fn rate_changes_before_the_first_frame_apply() {
 fn refine_sharpens_an_idle_picture_a_bounded_number_of_times() {
     let mut source = SyntheticSource::new(Scene::Still, 320, 240, 30.0);
     let mut enc = Encoder::new(config(320, 240, 30.0, 300_000)).unwrap();
-    assert!(enc.refine().unwrap().is_none(), "nothing to refine before the first frame");
+    assert!(
+        enc.refine().unwrap().is_none(),
+        "nothing to refine before the first frame"
+    );
     let f = source.advance();
     let first = enc.encode(&f.frame, &f.damage, false).unwrap().unwrap();
     let reference = f.frame.data.to_vec();
     let mut dec = Decoder::new().unwrap();
-    let before = psnr_bgrx(&reference, &dec.decode(&first.data).unwrap().unwrap().bgrx, 320, 240);
+    let before = psnr_bgrx(
+        &reference,
+        &dec.decode(&first.data).unwrap().unwrap().bgrx,
+        320,
+        240,
+    );
     let mut last = Vec::new();
     for _ in 0..REFINEMENT_PASSES {
         let out = enc.refine().unwrap().expect("refinement pass");
         assert!(!out.keyframe);
         last = dec.decode(&out.data).unwrap().unwrap().bgrx;
     }
-    assert!(enc.refine().unwrap().is_none(), "converged after {REFINEMENT_PASSES} passes");
+    assert!(
+        enc.refine().unwrap().is_none(),
+        "converged after {REFINEMENT_PASSES} passes"
+    );
     let after = psnr_bgrx(&reference, &last, 320, 240);
     assert!(after > before + 0.5, "PSNR {before:.2} dB -> {after:.2} dB");
 }
@@ -165,14 +212,35 @@ fn refine_sharpens_an_idle_picture_a_bounded_number_of_times() {
 #[test]
 fn odd_and_out_of_range_sizes_are_rejected() {
     for (w, h) in [(1281, 720), (1280, 719), (3, 3)] {
-        assert!(matches!(Encoder::new(config(w, h, 30.0, 1_000_000)), Err(EncodeError::OddDimensions { .. })), "{w}x{h}");
+        assert!(
+            matches!(
+                Encoder::new(config(w, h, 30.0, 1_000_000)),
+                Err(EncodeError::OddDimensions { .. })
+            ),
+            "{w}x{h}"
+        );
     }
     for (w, h) in [(0, 720), (1280, 0), (4096, 2160), (2160, 3841)] {
-        assert!(matches!(Encoder::new(config(w, h, 30.0, 1_000_000)), Err(EncodeError::UnsupportedSize { .. })), "{w}x{h}");
+        assert!(
+            matches!(
+                Encoder::new(config(w, h, 30.0, 1_000_000)),
+                Err(EncodeError::UnsupportedSize { .. })
+            ),
+            "{w}x{h}"
+        );
     }
-    assert!(Encoder::new(config(2160, 3840, 30.0, 1_000_000)).is_ok(), "portrait 4K is fine");
-    assert!(matches!(Encoder::new(config(64, 64, 0.0, 1_000_000)), Err(EncodeError::InvalidFps(_))));
-    assert!(matches!(Encoder::new(config(64, 64, 30.0, 0)), Err(EncodeError::InvalidBitrate(0))));
+    assert!(
+        Encoder::new(config(2160, 3840, 30.0, 1_000_000)).is_ok(),
+        "portrait 4K is fine"
+    );
+    assert!(matches!(
+        Encoder::new(config(64, 64, 0.0, 1_000_000)),
+        Err(EncodeError::InvalidFps(_))
+    ));
+    assert!(matches!(
+        Encoder::new(config(64, 64, 30.0, 0)),
+        Err(EncodeError::InvalidBitrate(0))
+    ));
 }
 
 #[test]
@@ -180,13 +248,25 @@ fn frames_of_the_wrong_size_or_length_are_rejected() {
     let mut enc = Encoder::new(config(64, 64, 30.0, 300_000)).unwrap();
     let data = vec![0u8; 64 * 64 * 4];
     let wrong = FrameRef::packed(64, 32, PixelFormat::Bgrx, &data);
-    let err = enc.encode(&wrong, &[Rect::new(0, 0, 64, 32)], false).unwrap_err();
+    let err = enc
+        .encode(&wrong, &[Rect::new(0, 0, 64, 32)], false)
+        .unwrap_err();
     assert!(matches!(err, EncodeError::SizeMismatch { .. }), "{err}");
     let short = FrameRef::packed(64, 64, PixelFormat::Bgrx, &data[..100]);
-    let err = enc.encode(&short, &[Rect::new(0, 0, 64, 64)], false).unwrap_err();
+    let err = enc
+        .encode(&short, &[Rect::new(0, 0, 64, 64)], false)
+        .unwrap_err();
     assert!(matches!(err, EncodeError::Frame(_)), "{err}");
-    let narrow = FrameRef { width: 64, height: 64, stride: 100, format: PixelFormat::Bgra, data: &data };
-    assert!(enc.encode(&narrow, &[Rect::new(0, 0, 64, 64)], false).is_err());
+    let narrow = FrameRef {
+        width: 64,
+        height: 64,
+        stride: 100,
+        format: PixelFormat::Bgra,
+        data: &data,
+    };
+    assert!(enc
+        .encode(&narrow, &[Rect::new(0, 0, 64, 64)], false)
+        .is_err());
 }
 
 #[test]
@@ -198,17 +278,32 @@ fn padded_stride_encodes_like_packed_rows() {
     // A framebuffer with padding after each row and none after the last.
     let mut padded = vec![0xAAu8; stride * (h as usize - 1) + w as usize * 4];
     for y in 0..h as usize {
-        padded[y * stride..y * stride + w as usize * 4].copy_from_slice(&packed[y * w as usize * 4..(y + 1) * w as usize * 4]);
+        padded[y * stride..y * stride + w as usize * 4]
+            .copy_from_slice(&packed[y * w as usize * 4..(y + 1) * w as usize * 4]);
     }
     let full = [Rect::new(0, 0, w, h)];
     let a = Encoder::new(config(w, h, 30.0, 500_000))
         .unwrap()
-        .encode(&FrameRef::packed(w, h, PixelFormat::Bgrx, &packed), &full, false)
+        .encode(
+            &FrameRef::packed(w, h, PixelFormat::Bgrx, &packed),
+            &full,
+            false,
+        )
         .unwrap()
         .unwrap();
     let b = Encoder::new(config(w, h, 30.0, 500_000))
         .unwrap()
-        .encode(&FrameRef { width: w, height: h, stride, format: PixelFormat::Bgra, data: &padded }, &full, false)
+        .encode(
+            &FrameRef {
+                width: w,
+                height: h,
+                stride,
+                format: PixelFormat::Bgra,
+                data: &padded,
+            },
+            &full,
+            false,
+        )
         .unwrap()
         .unwrap();
     assert_eq!(a.data, b.data);
@@ -217,7 +312,12 @@ fn padded_stride_encodes_like_packed_rows() {
 #[test]
 fn decoder_survives_garbage() {
     let mut dec = Decoder::new().unwrap();
-    let inputs: [&[u8]; 4] = [&[], &[0, 0, 0, 1, 0x65, 0xff, 0x00, 0x12], &[0xde, 0xad, 0xbe, 0xef], &[0, 0, 1, 0x67, 0x42]];
+    let inputs: [&[u8]; 4] = [
+        &[],
+        &[0, 0, 0, 1, 0x65, 0xff, 0x00, 0x12],
+        &[0xde, 0xad, 0xbe, 0xef],
+        &[0, 0, 1, 0x67, 0x42],
+    ];
     for input in inputs {
         match dec.decode(input) {
             Ok(None) | Err(DecodeError::Codec(_)) => {}

@@ -344,11 +344,8 @@ impl Orchestrator {
         }
         let _ = std::fs::remove_dir_all(self.env_dir(name));
         self.transition(name, EnvState::Destroyed, None)?;
-        let record = self.show(name)?;
-        let mut store = self.store();
-        store.set_vmm(name, None, None)?;
-        store.retire_name(name)?;
-        Ok(record)
+        self.store().set_vmm(name, None, None)?;
+        self.show(name)
     }
 
     /// Mints a viewer token for a ready environment (token format: `hostd::stream`).
@@ -644,7 +641,11 @@ impl Orchestrator {
 
     /// One pass of TTL (destroy) and idle (stop) reaping.
     pub async fn reap_once(&self) -> Result<(), OrchError> {
-        let now = now_s();
+        self.reap_at(now_s()).await
+    }
+
+    /// Reaping as if the time were `now` (unix seconds).
+    pub async fn reap_at(&self, now: i64) -> Result<(), OrchError> {
         for env in self.list()? {
             if !env.state.is_live() && env.state != EnvState::Stopped {
                 continue;

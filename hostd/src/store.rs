@@ -220,7 +220,10 @@ impl Store {
 
     // ---- environments ------------------------------------------------------------------
 
+    /// Stores a new environment in state requested. A destroyed environment of the same
+    /// name is renamed `NAME~ID` to free the name; a live one makes this fail.
     pub fn insert_env(&mut self, spec: &Spec) -> Result<EnvRecord, StoreError> {
+        self.retire_name(&spec.name)?;
         let now = now_s();
         let json = serde_json::to_string(spec).expect("spec serialises");
         let res = self.conn.execute(
@@ -237,7 +240,12 @@ impl Store {
     }
 
     pub fn name_taken(&self, name: &str) -> Result<bool, StoreError> {
-        Ok(self.conn.query_row("SELECT COUNT(*) FROM envs WHERE name = ?1", [name], |r| r.get::<_, i64>(0))? > 0)
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM envs WHERE name = ?1 AND state != 'destroyed'",
+            [name],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
     }
 
     pub fn env(&self, name: &str) -> Result<Option<EnvRecord>, StoreError> {
@@ -283,7 +291,7 @@ impl Store {
     }
 
     /// Frees a destroyed environment's name for reuse by renaming the old row.
-    pub fn retire_name(&mut self, name: &str) -> Result<(), StoreError> {
+    fn retire_name(&mut self, name: &str) -> Result<(), StoreError> {
         self.conn.execute(
             "UPDATE envs SET name = name || '~' || id WHERE name = ?1 AND state = 'destroyed'",
             [name],
@@ -464,6 +472,17 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.envs(false).unwrap().len(), 1);
         assert_eq!(s.env("a").unwrap().unwrap().state, EnvState::Requested);
+    }
+
+    #[test]
+    fn destroyed_name_can_be_reused_and_old_record_is_kept() {
+        let (_d, mut s) = store();
+        s.insert_env(&spec("a")).unwrap();
+        s.set_state("a", EnvState::Destroyed, None).unwrap();
+        assert!(!s.name_taken("a").unwrap());
+        s.insert_env(&spec("a")).unwrap();
+        assert_eq!(s.env("a").unwrap().unwrap().state, EnvState::Requested);
+        assert_eq!(s.envs(true).unwrap().len(), 2);
     }
 
     #[test]

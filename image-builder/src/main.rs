@@ -155,7 +155,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 options.mirror = mirror;
             }
             let artifact = rootfs::build(&cache, &spec, &options)?;
-            rootfs::write_out(&artifact, &out)?;
+            rootfs::write_out(&artifact, &out, u64::from(spec.disk_gib))?;
             println!("{}", out.display());
         }
         Cmd::Ls { json } => {

@@ -28,6 +28,8 @@ pub const DEFAULT_USER: &str = "genos";
 /// File names of the two layers' artifacts.
 pub const BASE_ARTIFACT: &str = "base.tar";
 pub const ROOTFS_ARTIFACT: &str = "rootfs.ext4";
+/// Host name baked into images (environments override it on the kernel command line).
+pub const DEFAULT_HOSTNAME: &str = "genos";
 /// Label of the ext4 file system.
 pub const FS_LABEL: &str = "genos-root";
 
@@ -253,8 +255,6 @@ struct Plan {
     suite: String,
     packages: Vec<String>,
     session: Session,
-    hostname: String,
-    disk_gib: u64,
 }
 
 fn plan(spec: &Spec, options: &RootfsOptions) -> Result<Plan, RootfsError> {
@@ -273,8 +273,6 @@ fn plan(spec: &Spec, options: &RootfsOptions) -> Result<Plan, RootfsError> {
         suite,
         packages,
         session,
-        hostname: spec.name.clone(),
-        disk_gib: u64::from(spec.disk_gib),
     })
 }
 
@@ -396,10 +394,7 @@ pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Arti
         "session",
         plan.session.command.as_deref().unwrap_or("").as_bytes(),
     );
-    hasher
-        .add("user", options.user.as_bytes())
-        .add("hostname", plan.hostname.as_bytes());
-    hasher.add("disk_gib", plan.disk_gib.to_string().as_bytes());
+    hasher.add("user", options.user.as_bytes());
     if let Some(agent) = &agent {
         hasher.add("agent", sha256_hex(agent).as_bytes());
     }
@@ -431,7 +426,9 @@ pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Arti
     customise(&root, &plan, options, agent.as_deref())?;
 
     let content = tree_bytes(&root).map_err(io_err("measuring", &root))?;
-    let size_mib = (content + content / 10 + 256 * MIB + plan.disk_gib * GIB).div_ceil(MIB);
+    // Room for file system metadata and a little slack; `write_out` grows the copy to
+    // the spec's disk size, so one cached image serves every disk size.
+    let size_mib = (content + content / 10 + 256 * MIB).div_ceil(MIB);
     check_space(staging.path(), content + content / 5)?;
     eprintln!(
         "genos-image: writing ext4 image ({} MiB content, {size_mib} MiB file system)",
@@ -452,8 +449,6 @@ pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Arti
         "packages": plan.packages,
         "session": plan.session.command,
         "user": options.user,
-        "hostname": plan.hostname,
-        "disk_gib": plan.disk_gib,
         "content_bytes": content,
     });
     Ok(cache.publish(
@@ -466,8 +461,9 @@ pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Arti
     )?)
 }
 
-/// Copies a cached image to `out` (sparse), via a temporary file renamed into place.
-pub fn write_out(artifact: &Artifact, out: &Path) -> Result<(), RootfsError> {
+/// Copies a cached image to `out` (sparse) and grows its file system by `disk_gib`
+/// GiB of free space (the spec's disk), via a temporary file renamed into place.
+pub fn write_out(artifact: &Artifact, out: &Path, disk_gib: u64) -> Result<(), RootfsError> {
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -477,18 +473,40 @@ pub fn write_out(artifact: &Artifact, out: &Path) -> Result<(), RootfsError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "rootfs".into());
     let tmp = parent.join(format!(".{name}.partial.{}", std::process::id()));
-    let result = tools::run(
-        Command::new("cp")
-            .args(["--sparse=always", "--reflink=auto"])
-            .arg(artifact.path())
-            .arg(&tmp),
-    )
-    .map_err(RootfsError::from)
-    .and_then(|()| fs::rename(&tmp, out).map_err(io_err("renaming into", out)));
+    let result = copy_and_grow(&artifact.path(), &tmp, disk_gib)
+        .and_then(|()| fs::rename(&tmp, out).map_err(io_err("renaming into", out)));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+fn copy_and_grow(image: &Path, dest: &Path, disk_gib: u64) -> Result<(), RootfsError> {
+    tools::run(
+        Command::new("cp")
+            .args(["--sparse=always", "--reflink=auto"])
+            .arg(image)
+            .arg(dest),
+    )?;
+    if disk_gib == 0 {
+        return Ok(());
+    }
+    let current = fs::metadata(dest)
+        .map_err(io_err("inspecting", dest))?
+        .len();
+    let target = current + disk_gib * GIB;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(dest)
+        .map_err(io_err("opening", dest))?;
+    file.set_len(target).map_err(io_err("growing", dest))?;
+    drop(file);
+    tools::require(&[("resize2fs", "e2fsprogs")])?;
+    // resize2fs insists on a freshly checked file system; the copy is clean, so the
+    // forced check only confirms it.
+    tools::run(Command::new("e2fsck").args(["-f", "-p"]).arg(dest))?;
+    tools::run(Command::new("resize2fs").arg("-p").arg(dest))?;
+    Ok(())
 }
 
 /// A stable UUID derived from the input hash (reproducible images).
@@ -586,14 +604,18 @@ fn customise(
         )?;
     }
     let user = &options.user;
-    write(root, "etc/hostname", &format!("{}\n", plan.hostname), 0o644)?;
+    // The image is shared by every environment with the same packages; the VM gets its
+    // own name from `systemd.hostname=` on the kernel command line.
+    write(
+        root,
+        "etc/hostname",
+        &format!("{DEFAULT_HOSTNAME}\n"),
+        0o644,
+    )?;
     write(
         root,
         "etc/hosts",
-        &format!(
-            "127.0.0.1 localhost\n127.0.1.1 {}\n::1 localhost\n",
-            plan.hostname
-        ),
+        "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
         0o644,
     )?;
     write(

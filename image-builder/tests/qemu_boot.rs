@@ -180,15 +180,15 @@ fn minimal_rootfs_boots_to_autologin_under_qemu_tcg() {
     let cache = Cache::open(None).unwrap();
     let artifact = image_builder::rootfs::build(&cache, &spec, &Default::default()).unwrap();
     let disk = std::env::temp_dir().join(format!("genos-boot-test-{}.ext4", std::process::id()));
-    image_builder::rootfs::write_out(&artifact, &disk).unwrap();
+    image_builder::rootfs::write_out(&artifact, &disk, 1).unwrap();
     let drive = format!("id=root,file={},format=raw,if=none", disk.display());
 
     let (logged_in, lines) = boot(
         &kernel,
         &initrd,
-        "console=ttyS0 panic=-1",
+        "console=ttyS0 panic=-1 systemd.hostname=booted",
         &["-drive", &drive, "-device", "virtio-blk-device,drive=root"],
-        "(automatic login)",
+        "booted login: genos (automatic login)",
     );
 
     std::fs::remove_file(&disk).unwrap();

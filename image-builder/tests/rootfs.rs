@@ -67,7 +67,7 @@ fn minimal_spec_builds_a_clean_ext4_image_and_hits_the_cache_next_time() {
     let minimal = spec("minimal", "none", &[]);
 
     let artifact = rootfs::build(&cache, &minimal, &options).unwrap();
-    rootfs::write_out(&artifact, &out).unwrap();
+    rootfs::write_out(&artifact, &out, u64::from(minimal.disk_gib)).unwrap();
 
     let fsck = Command::new("e2fsck")
         .arg("-fn")
@@ -86,7 +86,7 @@ fn minimal_spec_builds_a_clean_ext4_image_and_hits_the_cache_next_time() {
             "{entry}: {root}"
         );
     }
-    assert_eq!(debugfs(&out, "cat /etc/hostname"), "minimal\n");
+    assert_eq!(debugfs(&out, "cat /etc/hostname"), "genos\n");
     assert!(debugfs(&out, "cat /etc/passwd").contains("genos:x:1000:1000::/home/genos:/bin/bash"));
     assert!(debugfs(
         &out,
@@ -94,7 +94,21 @@ fn minimal_spec_builds_a_clean_ext4_image_and_hits_the_cache_next_time() {
     )
     .contains("--autologin genos"));
     assert!(debugfs(&out, "stat /usr/lib/systemd/systemd").contains("Type: regular"));
-    assert!(std::fs::metadata(&out).unwrap().len() >= u64::from(minimal.disk_gib) << 30);
+    let grown = u64::from(minimal.disk_gib) << 30;
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().len(),
+        artifact.manifest.size_bytes + grown
+    );
+    let stats = debugfs(&out, "stats");
+    let blocks: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap();
+    assert!(
+        blocks * 4096 >= artifact.manifest.size_bytes + grown - (64 << 20),
+        "file system not grown: {blocks} blocks"
+    );
 
     let again = rootfs::build(&cache, &minimal, &options).unwrap();
     assert_eq!(again.dir, artifact.dir, "second build must hit the cache");
@@ -170,7 +184,7 @@ fn xfce_desktop_spec_builds_with_autologin_into_x() {
     let desktop = spec("desktop", "xfce", &["firefox"]);
 
     let artifact = rootfs::build(&cache, &desktop, &RootfsOptions::default()).unwrap();
-    rootfs::write_out(&artifact, &out).unwrap();
+    rootfs::write_out(&artifact, &out, u64::from(desktop.disk_gib)).unwrap();
 
     let fsck = Command::new("e2fsck")
         .arg("-fn")

@@ -31,6 +31,8 @@ use crate::arch::x86_64::regs::{write_boot_tables, RegsError};
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError, EventManager};
 use crate::devices::legacy::{stdin_input, BootTimer, Serial, SerialOutput, I8042};
+use crate::devices::virtio::gpu::{Gpu, GpuConfig, GpuError, GpuHandle};
+use crate::devices::virtio::input::{InputDevices, InputError, InputHandles};
 use crate::devices::DeviceMetrics;
 use crate::vstate::lifecycle::{ConsoleTap, ExitCounters, ExitSignal, ExitStatus};
 use crate::vstate::memory::{create_guest_ram, GuestRam, MemoryError};
@@ -125,6 +127,12 @@ pub enum BuildError {
     /// The configuration asks for a device this VMM cannot provide.
     #[error("{0} is not available in this VMM")]
     Unsupported(&'static str),
+    /// The virtio-gpu device could not be created.
+    #[error("cannot create the virtio-gpu device")]
+    Gpu(#[source] GpuError),
+    /// The virtio-input devices could not be created.
+    #[error("cannot create the virtio-input devices")]
+    Input(#[source] InputError),
 }
 
 impl BuildError {
@@ -151,6 +159,10 @@ pub struct BuiltVm {
     pub vcpus: Vcpus,
     /// Virtio devices and their metrics.
     pub devices: DeviceManager,
+    /// The virtio-gpu device's handle (resize, framebuffer descriptors), with `gpu`.
+    pub display: Option<GpuHandle>,
+    /// The virtio-input devices' handles, with `input`.
+    pub input: Option<InputHandles>,
     /// Counters of the legacy devices, by name.
     pub legacy_metrics: Vec<(&'static str, Arc<dyn DeviceMetrics>)>,
     /// Written when the guest resets through the i8042.
@@ -356,12 +368,6 @@ pub fn build_and_start(
     em: &mut EventManager,
     exit: Arc<ExitSignal>,
 ) -> Result<BuiltVm, BuildError> {
-    if config.gpu.is_some() {
-        return Err(BuildError::Unsupported("virtio-gpu"));
-    }
-    if config.input {
-        return Err(BuildError::Unsupported("virtio-input"));
-    }
     let mem_bytes = u64::from(config.mem_mib) << 20;
     let vm = Vm::new()?;
     let ram = create_guest_ram(mem_bytes)?;
@@ -380,6 +386,33 @@ pub fn build_and_start(
     if config.rng {
         devices.attach_rng(vm.fd(), em)?;
     }
+    let display = match config.gpu {
+        Some(size) => {
+            let gpu =
+                Gpu::new(GpuConfig::with_size(size.width, size.height)).map_err(BuildError::Gpu)?;
+            let handle = gpu.handle();
+            devices.attach_virtio_device(
+                vm.fd(),
+                em,
+                "gpu",
+                Arc::new(Mutex::new(gpu)),
+                handle.metrics(),
+            )?;
+            Some(handle)
+        }
+        None => None,
+    };
+    let input = if config.input {
+        let inputs = InputDevices::new().map_err(BuildError::Input)?;
+        let handles = inputs.handles();
+        for (name, dev) in inputs.into_named() {
+            let metrics = dev.handle().metrics();
+            devices.attach_virtio_device(vm.fd(), em, name, Arc::new(Mutex::new(dev)), metrics)?;
+        }
+        Some(handles)
+    } else {
+        None
+    };
     let mut pio = devices.pio_bus().clone();
     let mut mmio = devices.mmio_bus().clone();
     let legacy = attach_legacy(
@@ -440,6 +473,8 @@ pub fn build_and_start(
     Ok(BuiltVm {
         vcpus,
         devices,
+        display,
+        input,
         legacy_metrics: legacy.metrics,
         reset_evt: legacy.reset_evt,
         boot_time: legacy.boot_time,

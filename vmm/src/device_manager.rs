@@ -369,8 +369,17 @@ impl DeviceManager {
             return Err(DeviceManagerError::NoSlot(name.into()));
         };
 
+        // Build (and so validate) the transport before telling KVM about any fd.
         let irq_evt = new_eventfd()?;
-        vm.register_irqfd(&irq_evt, irq)
+        let interrupt = Arc::new(MmioInterrupt::new(irq_evt));
+        let transport =
+            MmioTransport::new(device.clone(), self.mem.clone(), interrupt).map_err(|source| {
+                DeviceManagerError::Transport {
+                    device: name.into(),
+                    source,
+                }
+            })?;
+        vm.register_irqfd(transport.interrupt().irq_evt(), irq)
             .map_err(|source| DeviceManagerError::Irqfd {
                 device: name.into(),
                 gsi: irq,
@@ -388,14 +397,6 @@ impl DeviceManager {
             }
         }
 
-        let interrupt = Arc::new(MmioInterrupt::new(irq_evt));
-        let transport =
-            MmioTransport::new(device.clone(), self.mem.clone(), interrupt).map_err(|source| {
-                DeviceManagerError::Transport {
-                    device: name.into(),
-                    source,
-                }
-            })?;
         let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
             .insert(transport.clone(), base, MMIO_SLOT_SIZE)

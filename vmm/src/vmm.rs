@@ -16,7 +16,8 @@ use crate::builder::{build_and_start, BuildError, BuiltVm};
 use crate::config::VmConfig;
 use crate::device_manager::EventManager;
 use crate::rpc::{
-    ActionError, ApiReceiver, VmDescription, VmState, VmmAction, VmmController, VmmResponse,
+    ActionError, ApiReceiver, FramebufferFds, VmDescription, VmState, VmmAction, VmmController,
+    VmmResponse,
 };
 use crate::vstate::lifecycle::{ExitSignal, ExitStatus, VmExit};
 
@@ -251,6 +252,13 @@ impl Vmm {
         exit
     }
 
+    fn display(&self) -> Result<&crate::devices::virtio::gpu::GpuHandle, ActionError> {
+        self.vm
+            .as_ref()
+            .and_then(|vm| vm.display.as_ref())
+            .ok_or_else(|| ActionError::NoSuchDevice("the VM has no display".into()))
+    }
+
     fn boot_time_us(&self) -> Option<u64> {
         self.vm
             .as_ref()
@@ -326,13 +334,35 @@ impl VmmController for Vmm {
                 uptime_us: self.vmm_start.elapsed().as_micros() as u64,
             }),
             VmmAction::Metrics => VmmResponse::Metrics(self.metrics()),
-            VmmAction::InjectInput { .. } => {
-                return Err(ActionError::NoSuchDevice(
-                    "the VM has no input device".into(),
-                ))
+            VmmAction::InjectInput { device, events } => {
+                let input = self
+                    .vm
+                    .as_ref()
+                    .and_then(|vm| vm.input.as_ref())
+                    .ok_or_else(|| {
+                        ActionError::NoSuchDevice("the VM has no input devices".into())
+                    })?;
+                input
+                    .get(*device)
+                    .inject(events)
+                    .map_err(|e| ActionError::InvalidRequest(error_chain(&e)))?;
+                VmmResponse::Empty
             }
-            VmmAction::SetDisplaySize { .. } | VmmAction::GetFramebuffer => {
-                return Err(ActionError::NoSuchDevice("the VM has no display".into()))
+            VmmAction::SetDisplaySize { width, height } => {
+                self.display()?
+                    .set_display_size(*width, *height)
+                    .map_err(|e| ActionError::InvalidRequest(error_chain(&e)))?;
+                VmmResponse::Empty
+            }
+            VmmAction::GetFramebuffer => {
+                let fds = self
+                    .display()?
+                    .reader_fds()
+                    .map_err(|e| ActionError::Internal(error_chain(&e)))?;
+                VmmResponse::Framebuffer(FramebufferFds {
+                    memfd: fds.memfd,
+                    flush_eventfd: fds.notify,
+                })
             }
         };
         self.state = self.state.after(&action);

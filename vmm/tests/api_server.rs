@@ -403,14 +403,34 @@ fn garbage_gets_400_and_close_and_the_server_keeps_serving() {
 }
 
 #[test]
-fn many_idle_connections_do_not_block_a_new_client_forever() {
+fn idle_and_stalled_clients_cannot_lock_others_out() {
     let fx = start();
-    let idle: Vec<UnixStream> = (0..server::MAX_CONNECTIONS - 1)
+    let mut hogs: Vec<UnixStream> = (0..server::MAX_CONNECTIONS)
         .map(|_| connect(&fx.sock))
         .collect();
-    let mut c = connect(&fx.sock);
-    assert_eq!(send(&mut c, "GET", "/vm", None).status, 200);
-    drop(idle);
+    // Half a request each: slots taken by clients that never finish.
+    for hog in &mut hogs {
+        hog.write_all(b"GET /vm HTTP/1.1\r\n").unwrap();
+    }
+    let mut newcomers = Vec::new();
+    for _ in 0..3 {
+        let mut c = connect(&fx.sock);
+        assert_eq!(send(&mut c, "GET", "/vm", None).status, 200);
+        newcomers.push(c);
+    }
+    // The quietest hogs were closed to make room.
+    let mut closed = 0;
+    for hog in &mut hogs {
+        hog.set_read_timeout(Some(Duration::from_millis(10)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match hog.read(&mut byte) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(closed, 3, "one hog closed per newcomer");
 }
 
 #[test]

@@ -89,7 +89,8 @@ fn framebuffer_console_draws_on_virtio_gpu_and_input_devices_register() {
 
     let mut em = EventManager::new().expect("event manager");
     let exit = Arc::new(ExitSignal::new().unwrap());
-    let mut vm = build_and_start(&config, Instant::now(), &mut em, exit.clone()).expect("VM starts");
+    let mut vm =
+        build_and_start(&config, Instant::now(), &mut em, exit.clone()).expect("VM starts");
     let display = vm.display.clone().expect("gpu attached");
     let mut reader = FramebufferReader::new(display.reader_fds().unwrap()).unwrap();
 

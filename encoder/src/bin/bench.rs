@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use encoder::synthetic::{Scene, SyntheticSource};
-use encoder::{psnr_bgrx, Decoder, Encoder, EncoderConfig, FrameRef, I420Buffer, PixelFormat, Rect, Usage};
+use encoder::{
+    psnr_bgrx, Decoder, Encoder, EncoderConfig, FrameRef, I420Buffer, PixelFormat, Rect, Usage,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark the GenOS encoder against x264 and colour conversion against memcpy")]
@@ -21,7 +23,11 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1280x720,1920x1080")]
     sizes: Vec<String>,
     /// Scenes, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "windows,typing,scrolling,still")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "windows,typing,scrolling,still"
+    )]
     scenes: Vec<Scene>,
     /// Source frame rate (sets motion per frame and the encoders' rate budget).
     #[arg(long, default_value_t = 60.0)]
@@ -38,13 +44,21 @@ struct Args {
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
-    let (w, h) = s.split_once('x').ok_or_else(|| format!("size {s:?} is not WxH"))?;
-    Ok((w.parse().map_err(|e| format!("{s}: {e}"))?, h.parse().map_err(|e| format!("{s}: {e}"))?))
+    let (w, h) = s
+        .split_once('x')
+        .ok_or_else(|| format!("size {s:?} is not WxH"))?;
+    Ok((
+        w.parse().map_err(|e| format!("{s}: {e}"))?,
+        h.parse().map_err(|e| format!("{s}: {e}"))?,
+    ))
 }
 
 /// CPU time of the calling thread.
 fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is always supported on Linux.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
@@ -77,7 +91,11 @@ struct Row {
 impl Row {
     fn print(&self) {
         let fps = f64::from(self.frames) / self.cpu.as_secs_f64().max(1e-9);
-        let ms_per_enc = if self.encoded > 0 { self.cpu.as_secs_f64() * 1e3 / f64::from(self.encoded) } else { 0.0 };
+        let ms_per_enc = if self.encoded > 0 {
+            self.cpu.as_secs_f64() * 1e3 / f64::from(self.encoded)
+        } else {
+            0.0
+        };
         println!(
             "| {:<9} | {:>9} | {:<15} | {:>7}/{:<4} | {:>8.0} | {:>8.2} | {:>10.1} | {:>9.2} | {:>8.2} |",
             self.scene.name(),
@@ -99,16 +117,40 @@ fn psnr(a: &[u8], b: &[u8], w: u32, h: u32) -> f64 {
     psnr_bgrx(a, b, w, h).min(100.0)
 }
 
-fn bench_openh264(scene: Scene, (w, h): (u32, u32), args: &Args, bps: u32, usage: Usage) -> Result<Row, Box<dyn std::error::Error>> {
+fn bench_openh264(
+    scene: Scene,
+    (w, h): (u32, u32),
+    args: &Args,
+    bps: u32,
+    usage: Usage,
+) -> Result<Row, Box<dyn std::error::Error>> {
     let mut source = SyntheticSource::new(scene, w, h, args.fps);
-    let mut enc = Encoder::with_usage(EncoderConfig { width: w, height: h, fps: args.fps, bitrate_bps: bps }, usage)?;
+    let mut enc = Encoder::with_usage(
+        EncoderConfig {
+            width: w,
+            height: h,
+            fps: args.fps,
+            bitrate_bps: bps,
+        },
+        usage,
+    )?;
     let label = match usage {
         Usage::CameraRealTime => "openh264",
         Usage::ScreenContentRealTime => "openh264 screen",
     };
     let mut dec = Decoder::new()?;
     let mut shown: Vec<u8> = Vec::new();
-    let mut row = Row { scene, size: (w, h), encoder: label, frames: args.frames, encoded: 0, cpu: Duration::ZERO, bytes: 0, psnr_sum: 0.0, psnr_min: f64::INFINITY };
+    let mut row = Row {
+        scene,
+        size: (w, h),
+        encoder: label,
+        frames: args.frames,
+        encoded: 0,
+        cpu: Duration::ZERO,
+        bytes: 0,
+        psnr_sum: 0.0,
+        psnr_min: f64::INFINITY,
+    };
     for _ in 0..args.frames {
         let frame = source.advance();
         let t0 = thread_cpu();
@@ -133,13 +175,45 @@ fn bench_openh264(scene: Scene, (w, h): (u32, u32), args: &Args, bps: u32, usage
     Ok(row)
 }
 
-fn run_ffmpeg(scene: Scene, (w, h): (u32, u32), fps: f32, bps: u32, frames: u32, out: &Path) -> Result<Duration, Box<dyn std::error::Error>> {
+fn run_ffmpeg(
+    scene: Scene,
+    (w, h): (u32, u32),
+    fps: f32,
+    bps: u32,
+    frames: u32,
+    out: &Path,
+) -> Result<Duration, Box<dyn std::error::Error>> {
     let before = children_cpu();
     let mut child = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "bgra"])
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "bgra",
+        ])
         .args(["-s", &format!("{w}x{h}"), "-r", &fps.to_string(), "-i", "-"])
-        .args(["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-threads", "1"])
-        .args(["-b:v", &bps.to_string(), "-maxrate", &bps.to_string(), "-bufsize", &bps.to_string()])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+            "-threads",
+            "1",
+        ])
+        .args([
+            "-b:v",
+            &bps.to_string(),
+            "-maxrate",
+            &bps.to_string(),
+            "-bufsize",
+            &bps.to_string(),
+        ])
         .args(["-g", "100000", "-pix_fmt", "yuv420p", "-f", "h264"])
         .arg(out)
         .stdin(Stdio::piped())
@@ -159,8 +233,16 @@ fn run_ffmpeg(scene: Scene, (w, h): (u32, u32), fps: f32, bps: u32, frames: u32,
     Ok(children_cpu() - before)
 }
 
-fn bench_x264(scene: Scene, (w, h): (u32, u32), args: &Args, bps: u32) -> Result<Row, Box<dyn std::error::Error>> {
-    let out = std::env::temp_dir().join(format!("genos-bench-{}-{scene}-{w}x{h}.h264", std::process::id()));
+fn bench_x264(
+    scene: Scene,
+    (w, h): (u32, u32),
+    args: &Args,
+    bps: u32,
+) -> Result<Row, Box<dyn std::error::Error>> {
+    let out = std::env::temp_dir().join(format!(
+        "genos-bench-{}-{scene}-{w}x{h}.h264",
+        std::process::id()
+    ));
     // ffmpeg's own start-up and teardown is not encoding: subtract a one-frame run.
     let startup = run_ffmpeg(scene, (w, h), args.fps, bps, 1, &out)?;
     let cpu = run_ffmpeg(scene, (w, h), args.fps, bps, args.frames, &out)?.saturating_sub(startup);
@@ -174,7 +256,17 @@ fn bench_x264(scene: Scene, (w, h): (u32, u32), args: &Args, bps: u32) -> Result
         }
     }
     let mut source = SyntheticSource::new(scene, w, h, args.fps);
-    let mut row = Row { scene, size: (w, h), encoder: "x264 ultrafast", frames: args.frames, encoded: pictures.len() as u32, cpu, bytes: stream.len() as u64, psnr_sum: 0.0, psnr_min: f64::INFINITY };
+    let mut row = Row {
+        scene,
+        size: (w, h),
+        encoder: "x264 ultrafast",
+        frames: args.frames,
+        encoded: pictures.len() as u32,
+        cpu,
+        bytes: stream.len() as u64,
+        psnr_sum: 0.0,
+        psnr_min: f64::INFINITY,
+    };
     let black = vec![0u8; w as usize * h as usize * 4];
     for i in 0..args.frames as usize {
         let frame = source.advance();
@@ -211,17 +303,24 @@ fn bench_conversion() -> Result<(), Box<dyn std::error::Error>> {
         std::hint::black_box(&dst);
     });
     let mut pic = I420Buffer::new(w, h)?;
-    let full = throughput(bytes, || pic.convert_full(std::hint::black_box(&frame)).expect("convert"));
+    let full = throughput(bytes, || {
+        pic.convert_full(std::hint::black_box(&frame))
+            .expect("convert")
+    });
     // A window-sized damage rectangle (a tenth of the screen): cost should follow the area.
     let rect = Rect::new(400, 300, w / 4, h * 2 / 5);
     let rect_bytes = (rect.width * rect.height * 4) as usize;
     let partial = throughput(rect_bytes, || {
-        pic.convert_damage(std::hint::black_box(&frame), &[rect]).expect("convert");
+        pic.convert_damage(std::hint::black_box(&frame), &[rect])
+            .expect("convert");
     });
     let partial_time_ratio = (rect_bytes as f64 / partial) / (bytes as f64 / full);
     let mut yuv = openh264::formats::YUVBuffer::new(w as usize, h as usize);
     let oh = throughput(bytes, || {
-        yuv.read_bgra8(openh264::formats::BgraSliceU8::new(std::hint::black_box(&data), (w as usize, h as usize)));
+        yuv.read_bgra8(openh264::formats::BgraSliceU8::new(
+            std::hint::black_box(&data),
+            (w as usize, h as usize),
+        ));
     });
     println!();
     println!("Colour conversion, 1920x1080 BGRX -> I420 (GB/s of BGRX input, one core):");
@@ -235,19 +334,27 @@ fn bench_conversion() -> Result<(), Box<dyn std::error::Error>> {
     ] {
         println!("| {name:<43} | {v:>6.2} | {:>9.2} |", v / memcpy);
     }
-    println!("Damage-only conversion of 10% of the frame takes {:.1}% of a full conversion's time.", partial_time_ratio * 100.0);
+    println!(
+        "Damage-only conversion of 10% of the frame takes {:.1}% of a full conversion's time.",
+        partial_time_ratio * 100.0
+    );
     Ok(())
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let sizes = args.sizes.iter().map(|s| parse_size(s)).collect::<Result<Vec<_>, _>>()?;
+    let sizes = args
+        .sizes
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<Result<Vec<_>, _>>()?;
     let started = Instant::now();
     println!("Encode, one core, {} frames per row at {} fps (fps = source frames per CPU-second; openh264 skips frames without damage):", args.frames, args.fps);
     println!("| scene     |      size | encoder         | encoded/frames |  src fps | ms/enc'd | kbit/frame | PSNR mean | PSNR min |");
     println!("|-----------|-----------|-----------------|----------------|---------:|---------:|-----------:|----------:|---------:|");
     for &(w, h) in &sizes {
-        let bps = (u64::from(args.kbps_720p) * 1000 * u64::from(w) * u64::from(h) / (1280 * 720)) as u32;
+        let bps =
+            (u64::from(args.kbps_720p) * 1000 * u64::from(w) * u64::from(h) / (1280 * 720)) as u32;
         for &scene in &args.scenes {
             bench_openh264(scene, (w, h), &args, bps, Usage::CameraRealTime)?.print();
             if !args.no_screen_mode {

@@ -772,10 +772,16 @@ impl Composer {
                 let mut scored: Vec<(f64, &String)> =
                     self.catalog.apps.keys().map(|a| (strsim::jaro_winkler(w, a), a)).collect();
                 scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
-                let mut options: Vec<String> = scored.iter().take(3).map(|(_, a)| (*a).clone()).collect();
+                // Only names that look alike are worth offering.
+                let mut options: Vec<String> =
+                    scored.iter().filter(|(s, _)| *s >= 0.8).take(3).map(|(_, a)| (*a).clone()).collect();
                 options.push(format!("leave out {w}"));
                 return Err(clarify_owned(
-                    format!("\"{w}\" is not in the app catalog. Did you mean one of these, or should it be left out?"),
+                    if options.len() > 1 {
+                        format!("\"{w}\" is not in the app catalog. Did you mean one of these, or should it be left out?")
+                    } else {
+                        format!("\"{w}\" is not in the app catalog. Should it be left out, or which catalog app do you want instead?")
+                    },
                     options,
                 ));
             }

@@ -57,9 +57,10 @@ pub struct DemoArgs {
     /// Token lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
     pub ttl_secs: u64,
-    /// Directory holding the certificate and token key (created if missing);
-    /// default `$GENOS_STATE_DIR` or `$HOME/.local/state/genos`, plus `/stream`.
-    #[arg(long)]
+    /// State directory whose `stream/` holds the certificate and token key (created if
+    /// missing). Not a flag of its own: genos-hostd fills it from its global `--state-dir`;
+    /// `None` means [`default_state_dir`].
+    #[arg(skip)]
     pub state_dir: Option<PathBuf>,
 }
 
@@ -74,10 +75,10 @@ fn parse_size(s: &str) -> Result<(u32, u32), DemoError> {
     Ok((w, h))
 }
 
-/// The directory holding the stream server's certificate and token key.
+/// hostd's default state directory: `$XDG_STATE_HOME/genos`, else `~/.local/state/genos`.
 pub fn default_state_dir() -> PathBuf {
-    std::env::var_os("GENOS_STATE_DIR")
-        .map(PathBuf::from)
+    std::env::var_os("XDG_STATE_HOME")
+        .map(|d| PathBuf::from(d).join("genos"))
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/genos")))
         .unwrap_or_else(|| PathBuf::from("/var/lib/genos"))
 }

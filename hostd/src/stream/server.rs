@@ -138,6 +138,8 @@ pub struct EnvStats {
     pub keyframes: u64,
     pub bitrate_bps: u32,
     pub input_refused: u64,
+    /// Frames not sent to some viewer (in-flight cap reached, lag), summed over viewers.
+    pub frames_dropped: u64,
 }
 
 struct Environment {
@@ -154,6 +156,7 @@ struct Environment {
     frames_encoded: AtomicU64,
     keyframes: AtomicU64,
     input_refused: AtomicU64,
+    frames_dropped: AtomicU64,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -173,6 +176,7 @@ impl Environment {
             keyframes: self.keyframes.load(Ordering::Relaxed),
             bitrate_bps: self.bitrate_bps.load(Ordering::Relaxed),
             input_refused: self.input_refused.load(Ordering::Relaxed),
+            frames_dropped: self.frames_dropped.load(Ordering::Relaxed),
         }
     }
 }
@@ -390,6 +394,7 @@ impl StreamServer {
             frames_encoded: AtomicU64::new(0),
             keyframes: AtomicU64::new(0),
             input_refused: AtomicU64::new(0),
+            frames_dropped: AtomicU64::new(0),
             thread: Mutex::new(None),
         });
         let thread_env = env.clone();
@@ -1062,6 +1067,7 @@ async fn video_loop(
             Ok(p) => p,
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 counters.dropped.fetch_add(n, Ordering::Relaxed);
+                env.frames_dropped.fetch_add(n, Ordering::Relaxed);
                 needs_keyframe = true;
                 env.request_keyframe();
                 continue;
@@ -1078,9 +1084,11 @@ async fn video_loop(
             needs_keyframe = false;
         } else if needs_keyframe {
             counters.dropped.fetch_add(1, Ordering::Relaxed);
+            env.frames_dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         } else if counters.in_flight.load(Ordering::Acquire) >= max_in_flight {
             counters.dropped.fetch_add(1, Ordering::Relaxed);
+            env.frames_dropped.fetch_add(1, Ordering::Relaxed);
             needs_keyframe = true;
             env.request_keyframe();
             continue;

@@ -18,6 +18,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -27,7 +28,8 @@ use super::http::{
 use super::router::route;
 use crate::rpc::{ApiSender, FramebufferFds, VmmResponse};
 
-/// Most connections served at once; further clients wait in the listen backlog.
+/// Most connections kept at once. A new client beyond that replaces the connection that
+/// has been quiet the longest, so idle or stalled clients cannot lock others out.
 pub const MAX_CONNECTIONS: usize = 16;
 
 /// Errors setting up the server.
@@ -114,6 +116,8 @@ struct Connection {
     peer_closed: bool,
     /// A fatal error occurred, or the connection is finished: drop it.
     dead: bool,
+    /// Last time bytes moved in either direction.
+    last_active: Instant,
 }
 
 impl Connection {
@@ -129,6 +133,7 @@ impl Connection {
             answers_call: false,
             peer_closed: false,
             dead: false,
+            last_active: Instant::now(),
         }
     }
 
@@ -162,10 +167,9 @@ impl Server {
         let mut pollfds: Vec<libc::pollfd> = Vec::with_capacity(MAX_CONNECTIONS + 1);
         loop {
             pollfds.clear();
-            let accepting = self.connections.len() < MAX_CONNECTIONS;
             pollfds.push(libc::pollfd {
                 fd: self.listener.as_raw_fd(),
-                events: if accepting { libc::POLLIN } else { 0 },
+                events: libc::POLLIN,
                 revents: 0,
             });
             for conn in &self.connections {
@@ -224,21 +228,44 @@ impl Server {
     }
 
     fn accept(&mut self) {
-        while self.connections.len() < MAX_CONNECTIONS {
+        loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if stream.set_nonblocking(true).is_ok() {
-                        self.connections.push(Connection::new(stream));
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
                     }
+                    if self.connections.len() >= MAX_CONNECTIONS {
+                        self.evict_quietest();
+                    }
+                    self.connections.push(Connection::new(stream));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // E.g. EMFILE: keep serving existing connections.
+                    // E.g. EMFILE. The listener stays readable; pause so that the loop does
+                    // not spin, and keep serving existing connections.
                     tracing::warn!("api: accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
                     return;
                 }
             }
+        }
+    }
+
+    /// Drops the connection that has been quiet the longest.
+    fn evict_quietest(&mut self) {
+        let Some(quietest) = self
+            .connections
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, conn)| conn.last_active)
+            .map(|(i, _)| i)
+        else {
+            return;
+        };
+        let conn = self.connections.swap_remove(quietest);
+        if conn.answers_call {
+            self.sender.response_sent();
         }
     }
 
@@ -269,6 +296,7 @@ fn receive(conn: &mut Connection, limits: &Limits) {
             }
             Ok(n) => {
                 conn.input.extend_from_slice(&chunk[..n]);
+                conn.last_active = Instant::now();
                 if n < chunk.len() || conn.input.len() >= cap {
                     return;
                 }
@@ -363,6 +391,7 @@ fn flush(sender: &ApiSender, conn: &mut Connection) {
             Ok(0) => conn.dead = true,
             Ok(n) => {
                 conn.written += n;
+                conn.last_active = Instant::now();
                 // The descriptors went with these bytes; close our copies.
                 conn.fds = None;
             }
@@ -431,9 +460,11 @@ mod tests {
         assert!(conn.peer_closed);
         assert_eq!(conn.input.len(), 4096);
         serve(&sender, &Limits::default(), &mut conn);
+        assert!(!conn.wants_write(), "the answer is written");
+        drop(conn);
 
         let mut answer = String::new();
-        client.read_to_string(&mut answer).unwrap_or_default();
+        client.read_to_string(&mut answer).unwrap();
         assert!(
             answer.starts_with("HTTP/1.1 404 Not Found\r\n"),
             "{answer:?}"

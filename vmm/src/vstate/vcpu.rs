@@ -101,9 +101,9 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 /// Installs the kick signal handler (once per process).
 pub fn install_kick_handler() -> Result<(), VcpuError> {
     static INSTALLED: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
-    INSTALLED
-        .get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick))
-        .clone()
+    let result = INSTALLED
+        .get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick));
+    (*result)
         .map_err(VcpuError::Signal)
 }
 

@@ -57,6 +57,15 @@ pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 /// KVM needs three pages for the TSS just below the IOAPIC-less top of the gap.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+// The fixed boot structures must not overlap one another (checked at compile time).
+const _: () = {
+    assert!(BOOT_GDT_START + 4 * 8 <= BOOT_IDT_START);
+    assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER);
+    assert!(BOOT_STACK_POINTER < PML4_START);
+    assert!(PDE_START + PDE_COUNT * 0x1000 <= CMDLINE_START);
+    assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+};
+
 /// Guest RAM ranges for `mem_bytes` of memory: below the MMIO gap and, when it does not
 /// fit there, the rest from 4 GiB on.
 pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
@@ -86,15 +95,5 @@ mod tests {
             ram_ranges(mem),
             vec![(0, MMIO_GAP_START), (HIGH_RAM_START, mem - MMIO_GAP_START)]
         );
-    }
-
-    #[test]
-    fn fixed_boot_structures_do_not_overlap() {
-        let pde_end = PDE_START + PDE_COUNT * 0x1000;
-        assert!(BOOT_GDT_START + 4 * 8 <= BOOT_IDT_START);
-        assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER);
-        assert!(BOOT_STACK_POINTER < PML4_START);
-        assert!(pde_end <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     }
 }

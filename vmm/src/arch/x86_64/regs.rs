@@ -57,7 +57,7 @@ pub const BOOT_GDT: [u64; 4] = [
 /// Decodes GDT entry `index` of `table` into the segment register KVM expects.
 pub fn segment_from_gdt(table: &[u64], index: u8) -> kvm_segment {
     let entry = table[usize::from(index)];
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     let limit = if g == 1 {

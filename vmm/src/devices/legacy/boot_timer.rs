@@ -77,6 +77,39 @@ mod tests {
         assert_eq!(timer.boot_time_handle().get().copied(), Some(first));
     }
 
+    #[derive(Clone, Default)]
+    struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogCapture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn boot_time_is_logged_once() {
+        let logs = LogCapture::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let mut timer = BootTimer::new(Instant::now());
+
+        tracing::subscriber::with_default(subscriber, || {
+            timer.write(0, 0, &[BOOT_TIMER_MAGIC]);
+            timer.write(0, 0, &[BOOT_TIMER_MAGIC]);
+            timer.write(0, 0, &[7]);
+        });
+
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches("Guest-boot-time").count(), 1, "{text}");
+    }
+
     #[test]
     fn other_values_and_offsets_are_ignored() {
         let mut timer = BootTimer::new(Instant::now());

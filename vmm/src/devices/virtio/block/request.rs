@@ -198,7 +198,7 @@ pub fn parse_request<M: GuestMemoryBackend + ?Sized>(
         .iter()
         .rev()
         .find(|s| s.len > 0)
-        .map(|s| s.addr.unchecked_add(u64::from(s.len) - 1))
+        .and_then(|s| s.addr.checked_add(u64::from(s.len) - 1))
         .filter(|&addr| mem.check_range(addr, 1));
     let reject = |error| RejectedRequest { error, status };
     let Some(status_addr) = status else {
@@ -288,6 +288,7 @@ fn total_len(segments: &[Segment]) -> u64 {
 }
 
 /// Splits `segments` after `at` bytes (or at their end when shorter), dropping empty pieces.
+/// The segments must lie in guest memory (checked by the caller), so no address wraps.
 fn split_segments(segments: &[Segment], at: u64) -> (Vec<Segment>, Vec<Segment>) {
     let mut head = Vec::new();
     let mut tail = Vec::new();
@@ -537,6 +538,15 @@ mod tests {
 
         let rej = error(&mem, vec![r(0x100, 16), w(MEM_SIZE as u64, 1)], DISK);
         assert_eq!(rej.status, None);
+    }
+
+    #[test]
+    fn descriptors_wrapping_the_address_space_are_refused() {
+        let mem = mem();
+        let rej = error(&mem, vec![r(0x100, 16), w(u64::MAX - 4, 16)], DISK);
+        assert_eq!(rej.status, None);
+        let rej = error(&mem, vec![r(u64::MAX, 16), w(0x2000, 1)], DISK);
+        assert!(matches!(rej.error, RequestError::OutsideMemory { .. }));
     }
 
     #[test]

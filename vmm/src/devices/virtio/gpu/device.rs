@@ -198,18 +198,22 @@ struct Backing {
 
 impl Backing {
     /// Copies `dst.len()` bytes from backing offset `offset` into `dst`.
-    fn read(&self, mem: &GuestMemoryMmap, offset: u64, dst: &mut [u8]) -> Result<(), ()> {
+    fn read(&self, mem: &GuestMemoryMmap, offset: u64, dst: &mut [u8]) -> Result<(), CommandError> {
         let mut idx = self
             .starts
             .partition_point(|&s| s <= offset)
             .saturating_sub(1);
-        let mut within = offset - self.starts[idx];
+        let first_start = self.starts.get(idx).ok_or(CommandError::GuestMemory)?;
+        let mut within = offset - first_start;
         let mut done = 0;
         while done < dst.len() {
-            let entry = self.entries.get(idx).ok_or(())?;
-            let n = ((u64::from(entry.len) - within) as usize).min(dst.len() - done);
+            let entry = self.entries.get(idx).ok_or(CommandError::GuestMemory)?;
+            let left_in_entry = u64::from(entry.len).saturating_sub(within);
+            let n = usize::try_from(left_in_entry)
+                .unwrap_or(usize::MAX)
+                .min(dst.len() - done);
             mem.read_slice(&mut dst[done..done + n], GuestAddress(entry.addr + within))
-                .map_err(|_| ())?;
+                .map_err(|_| CommandError::GuestMemory)?;
             done += n;
             idx += 1;
             within = 0;
@@ -632,17 +636,13 @@ impl GpuState {
             // Whole rows: one contiguous range on both sides.
             let len = stride as usize * rect.height as usize;
             let dst = &mut pixels[dst_start..dst_start + len];
-            backing
-                .read(mem, offset, dst)
-                .map_err(|_| CommandError::GuestMemory)?;
+            backing.read(mem, offset, dst)?;
             convert_to_bgrx(format, dst);
         } else {
             for row in 0..u64::from(rect.height) {
                 let dst = dst_start + (row * stride) as usize;
                 let dst = &mut pixels[dst..dst + row_len as usize];
-                backing
-                    .read(mem, offset + row * stride, dst)
-                    .map_err(|_| CommandError::GuestMemory)?;
+                backing.read(mem, offset + row * stride, dst)?;
                 convert_to_bgrx(format, dst);
             }
         }

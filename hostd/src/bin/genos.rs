@@ -1,0 +1,453 @@
+//! `genos`: the operator CLI. Talks to genos-hostd over its admin socket (found through
+//! `--socket`, `GENOS_SOCKET`, or `$XDG_STATE_HOME/genos/admin.sock`, else
+//! `~/.local/state/genos/admin.sock`); `compose` and `schema` work offline.
+//!
+//! Exit status: 0 success, 1 error, 2 bad usage, 3 the request needs an answer (a question
+//! was printed), 4 the environment failed.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use hostd::composer::{Composer, Defaults};
+use hostd::config::admin_socket_path;
+use hostd::uds;
+use proto::spec::{Catalog, Spec};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "genos", version, about = "Operate GenOS environments")]
+struct Cli {
+    /// Admin socket of genos-hostd.
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Print the raw JSON answers.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Turn a request into a spec (or a question), offline. Prints JSON.
+    Compose {
+        text: String,
+        /// Add the composer's reasoning.
+        #[arg(long)]
+        explain: bool,
+        /// Ask the running hostd instead of composing locally.
+        #[arg(long)]
+        remote: bool,
+    },
+    /// Compose, create, wait until ready, and print how to view it.
+    Up {
+        text: String,
+        /// Seconds to wait for "ready".
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
+    /// Create an environment from a request or a spec file.
+    Create {
+        /// Plain-words request.
+        #[arg(long, conflicts_with = "spec", required_unless_present = "spec")]
+        text: Option<String>,
+        /// Spec JSON file ("-" for stdin).
+        #[arg(long)]
+        spec: Option<PathBuf>,
+    },
+    /// List environments.
+    #[command(alias = "ls")]
+    List,
+    /// Show one environment.
+    Show { name: String },
+    /// Stop an environment's VM.
+    Stop { name: String },
+    /// Stop and delete an environment.
+    #[command(alias = "rm")]
+    Destroy { name: String },
+    /// Mint a viewer token.
+    Token {
+        name: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Comma-separated rights: view,input,clipboard,admin.
+        #[arg(long, default_value = "view,input,clipboard")]
+        rights: String,
+    },
+    /// Daemon health.
+    Health,
+    /// Prometheus metrics.
+    Metrics,
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+    /// Print the spec's JSON Schema.
+    Schema,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the hash chain; exits 1 if it was tampered with.
+    Verify,
+    /// Show the newest entries.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+}
+
+#[derive(Debug)]
+enum CliError {
+    Msg(String),
+    Clarify,
+    Failed(String),
+}
+
+impl From<uds::UdsError> for CliError {
+    fn from(e: uds::UdsError) -> Self {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        if matches!(e, uds::UdsError::Connect { .. }) {
+            msg.push_str(" (is genos-hostd running? set --socket or GENOS_SOCKET)");
+        }
+        CliError::Msg(msg)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("genos: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Msg(m)) => {
+            eprintln!("genos: {m}");
+            ExitCode::FAILURE
+        }
+        Err(CliError::Clarify) => ExitCode::from(3),
+        Err(CliError::Failed(m)) => {
+            eprintln!("genos: {m}");
+            ExitCode::from(4)
+        }
+    }
+}
+
+struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> Result<Value, CliError> {
+        let r = uds::request(&self.socket, method, uri, body.as_ref(), Duration::from_secs(60)).await?;
+        let v = r.json();
+        if !r.ok() {
+            let why = v["error"].as_str().map(str::to_string).unwrap_or_else(|| String::from_utf8_lossy(&r.body).into());
+            return Err(CliError::Msg(why));
+        }
+        Ok(v)
+    }
+
+    async fn text(&self, uri: &str) -> Result<String, CliError> {
+        let r = uds::request(&self.socket, "GET", uri, None, Duration::from_secs(30)).await?;
+        if !r.ok() {
+            return Err(CliError::Msg(r.json()["error"].as_str().unwrap_or("request failed").into()));
+        }
+        Ok(String::from_utf8_lossy(&r.body).into())
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let socket = admin_socket_path(cli.socket.as_deref())
+        .ok_or_else(|| CliError::Msg("no admin socket: set --socket, GENOS_SOCKET or HOME".into()))?;
+    let client = Client { socket };
+    let json_out = cli.json;
+    match cli.cmd {
+        Cmd::Compose { text, explain, remote } => {
+            let out: hostd::composer::ComposeOutput = if remote {
+                let v = client.call("POST", "/v1/compose", Some(json!({"text": text, "explain": explain}))).await?;
+                serde_json::from_value(v).map_err(|e| CliError::Msg(format!("unexpected answer from hostd: {e}")))?
+            } else {
+                let composer = Composer::new(Catalog::embedded(), Defaults::default());
+                composer.compose(&text).to_output(explain)
+            };
+            // Printed from the typed value so fields keep the spec's documented order.
+            println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        }
+        Cmd::Schema => println!("{}", serde_json::to_string_pretty(&Spec::json_schema()).expect("json")),
+        Cmd::Up { text, timeout } => up(&client, &text, timeout, json_out).await?,
+        Cmd::Create { text, spec } => {
+            let body = match (text, spec) {
+                (Some(t), _) => json!({"text": t}),
+                (None, Some(p)) => json!({"spec": read_spec(&p)?}),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let v = client.call("POST", "/v1/envs", Some(body)).await?;
+            if json_out {
+                print_json(&v);
+            }
+            if let Some(q) = v.get("clarify") {
+                if !json_out {
+                    print_question(q);
+                }
+                return Err(CliError::Clarify);
+            }
+            if !json_out {
+                println!("created {} ({})", v["env"]["name"].as_str().unwrap_or("?"), v["env"]["state"].as_str().unwrap_or("?"));
+            }
+        }
+        Cmd::List => {
+            let v = client.call("GET", "/v1/envs", None).await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                print_table(v["envs"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+            }
+        }
+        Cmd::Show { name } => {
+            let v = client.call("GET", &format!("/v1/envs/{}", enc(&name)), None).await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                print_env(&v["env"]);
+            }
+        }
+        Cmd::Stop { name } => {
+            let v = client.call("POST", &format!("/v1/envs/{}/stop", enc(&name)), None).await?;
+            done(&v, json_out, "stopped");
+        }
+        Cmd::Destroy { name } => {
+            let v = client.call("DELETE", &format!("/v1/envs/{}", enc(&name)), None).await?;
+            done(&v, json_out, "destroyed");
+        }
+        Cmd::Token { name, ttl, rights } => {
+            let v = client
+                .call("POST", &format!("/v1/envs/{}/token", enc(&name)), Some(json!({"ttl_s": ttl, "rights": rights})))
+                .await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                print_token(&v);
+            }
+        }
+        Cmd::Health => {
+            let v = client.call("GET", "/v1/health", None).await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "{} (genos-hostd {}), {} environments, capacity {} vCPUs / {} MiB",
+                    v["status"].as_str().unwrap_or("?"),
+                    v["version"].as_str().unwrap_or("?"),
+                    v["environments"],
+                    v["capacity"]["vcpus"],
+                    v["capacity"]["memory_mib"]
+                );
+            }
+        }
+        Cmd::Metrics => print!("{}", client.text("/metrics").await?),
+        Cmd::Audit { cmd: AuditCmd::Verify } => {
+            let v = client.call("GET", "/v1/audit/verify", None).await?;
+            if json_out {
+                print_json(&v);
+            }
+            if v["ok"].as_bool() == Some(true) {
+                if !json_out {
+                    println!("audit log intact: {} entries", v["entries"]);
+                }
+            } else {
+                return Err(CliError::Msg(format!(
+                    "audit log TAMPERED: {}",
+                    v["problem"].as_str().unwrap_or("unknown problem")
+                )));
+            }
+        }
+        Cmd::Audit { cmd: AuditCmd::List { limit } } => {
+            let v = client.call("GET", &format!("/v1/audit?limit={limit}"), None).await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                for e in v["entries"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+                    println!(
+                        "{:>5} {} {:<10} {:<9} {:<16} {}",
+                        e["seq"],
+                        e["ts"],
+                        e["actor"].as_str().unwrap_or(""),
+                        e["action"].as_str().unwrap_or(""),
+                        e["target"].as_str().unwrap_or(""),
+                        truncate(e["detail"].as_str().unwrap_or(""), 60)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn up(client: &Client, text: &str, timeout: u64, json_out: bool) -> Result<(), CliError> {
+    let v = client.call("POST", "/v1/envs", Some(json!({"text": text}))).await?;
+    if let Some(q) = v.get("clarify") {
+        if json_out {
+            print_json(&v);
+        } else {
+            print_question(q);
+        }
+        return Err(CliError::Clarify);
+    }
+    let name = v["env"]["name"].as_str().unwrap_or_default().to_string();
+    if !json_out {
+        eprintln!("creating {name}: {}", summary(&v["env"]["spec"]));
+    }
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let mut last = String::new();
+    loop {
+        let env = client.call("GET", &format!("/v1/envs/{}", enc(&name)), None).await?;
+        let state = env["env"]["state"].as_str().unwrap_or("?").to_string();
+        if state != last && !json_out {
+            eprintln!("  {state}");
+            last = state.clone();
+        }
+        match state.as_str() {
+            "ready" => break,
+            "failed" | "stopped" | "destroyed" => {
+                return Err(CliError::Failed(format!(
+                    "{name} {state}: {}",
+                    env["env"]["reason"].as_str().unwrap_or("no reason recorded")
+                )))
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::Failed(format!("{name} was not ready after {timeout} s (still {state})")));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let tok = client.call("POST", &format!("/v1/envs/{}/token", enc(&name)), Some(json!({}))).await?;
+    if json_out {
+        print_json(&json!({"env": name, "token": tok}));
+    } else {
+        println!("{name} is ready.");
+        print_token(&tok);
+    }
+    Ok(())
+}
+
+fn read_spec(p: &Path) -> Result<Value, CliError> {
+    let text = if p == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| CliError::Msg(format!("stdin: {e}")))?
+    } else {
+        std::fs::read_to_string(p).map_err(|e| CliError::Msg(format!("{}: {e}", p.display())))?
+    };
+    let spec = Spec::from_json(&text).map_err(|e| CliError::Msg(format!("{}: {e}", p.display())))?;
+    Ok(serde_json::to_value(spec).expect("json"))
+}
+
+fn enc(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+fn print_question(q: &Value) {
+    println!("{}", q["question"].as_str().unwrap_or(""));
+    for o in q["options"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        println!("  - {}", o.as_str().unwrap_or(""));
+    }
+}
+
+fn print_token(v: &Value) {
+    println!("viewer token for {} (expires at unix time {}):", v["env"].as_str().unwrap_or("?"), v["expires_at"]);
+    println!("  {}", v["token"].as_str().unwrap_or(""));
+    if let Some(fp) = v["cert_sha256"].as_str() {
+        println!("  host certificate sha256: {fp}");
+    }
+    println!("  view it with genos-view, giving this token and the host's stream address");
+}
+
+fn done(v: &Value, json_out: bool, what: &str) {
+    if json_out {
+        print_json(v);
+    } else {
+        println!("{what} {}", v["env"]["name"].as_str().unwrap_or("?"));
+    }
+}
+
+fn summary(spec: &Value) -> String {
+    let apps: Vec<&str> = spec["apps"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    format!(
+        "{} {}, {} vCPUs, {} MiB, {} GiB disk, network {}{}",
+        spec["base"].as_str().unwrap_or("?"),
+        spec["desktop"].as_str().unwrap_or("?"),
+        spec["vcpus"],
+        spec["memory_mib"],
+        spec["disk_gib"],
+        spec["network"]["mode"].as_str().unwrap_or("?"),
+        if apps.is_empty() { String::new() } else { format!(", apps {}", apps.join(" ")) }
+    )
+}
+
+fn print_table(envs: &[Value]) {
+    println!("{:<20} {:<10} {:>5} {:>8} {:<8} {:<24} REASON", "NAME", "STATE", "VCPUS", "MEM_MIB", "DESKTOP", "APPS");
+    for e in envs {
+        let apps: Vec<&str> =
+            e["spec"]["apps"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        println!(
+            "{:<20} {:<10} {:>5} {:>8} {:<8} {:<24} {}",
+            e["name"].as_str().unwrap_or(""),
+            e["state"].as_str().unwrap_or(""),
+            e["spec"]["vcpus"],
+            e["spec"]["memory_mib"],
+            e["spec"]["desktop"].as_str().unwrap_or(""),
+            truncate(&apps.join(","), 24),
+            e["reason"].as_str().unwrap_or("")
+        );
+    }
+}
+
+fn print_env(e: &Value) {
+    println!("name:     {}", e["name"].as_str().unwrap_or(""));
+    println!("state:    {}", e["state"].as_str().unwrap_or(""));
+    if let Some(r) = e["reason"].as_str() {
+        println!("reason:   {r}");
+    }
+    println!("spec:     {}", summary(&e["spec"]));
+    if let Some(p) = e["vmm_pid"].as_i64() {
+        println!("vmm pid:  {p}");
+    }
+    let assumptions = e["spec"]["assumptions"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if !assumptions.is_empty() {
+        println!("assumed:");
+        for a in assumptions {
+            println!("  - {}", a.as_str().unwrap_or(""));
+        }
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n - 1).collect::<String>() + "…"
+    }
+}

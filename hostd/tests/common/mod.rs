@@ -1,0 +1,80 @@
+//! Shared helpers: tiny guests (assembled like vmm/tests do), the genos-vmm binary, configs.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Whether `/dev/kvm` can be opened; prints why a test is skipped when not.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipping {test}: /dev/kvm is not usable ({e})");
+            false
+        }
+    }
+}
+
+/// `genos-vmm` from the same target directory as this test's binaries (built by
+/// `cargo build -p genos-vmm` or any workspace-wide build), or `GENOS_VMM_BIN`.
+pub fn vmm_bin(test: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GENOS_VMM_BIN") {
+        return Some(p.into());
+    }
+    let ours = Path::new(env!("CARGO_BIN_EXE_genos"));
+    let p = ours.with_file_name("genos-vmm");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skipping {test}: {} not built (run `cargo build -p genos-vmm`)", p.display());
+        None
+    }
+}
+
+/// Assembles `hostd/tests/guests/<name>.S` with the VMM tests' start-up code and linker
+/// script into a freestanding ELF loaded at 1 MiB.
+pub fn build_guest(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let vmm_guests = root.join("../vmm/tests/guests");
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostd-guests");
+    std::fs::create_dir_all(&out_dir).expect("guest output dir");
+    let out = out_dir.join(format!("{name}.elf"));
+    let output = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .args(["-nostdlib", "-static", "-no-pie", "-ffreestanding", "-Wl,--build-id=none"])
+        .arg(format!("-Wl,-T,{}", vmm_guests.join("guest.ld").display()))
+        .arg(format!("-I{}", vmm_guests.display()))
+        .arg("-o")
+        .arg(&out)
+        .arg(root.join(format!("tests/guests/{name}.S")))
+        .output()
+        .expect("run the C compiler (cc)");
+    assert!(output.status.success(), "building guest {name}: {}", String::from_utf8_lossy(&output.stderr));
+    out
+}
+
+/// A hostd config running `kernel` as every environment's guest, no image builds.
+pub fn config_toml(vmm: &Path, kernel: &Path, vcpus: u32, memory_mib: u64) -> String {
+    format!(
+        r#"
+[capacity]
+vcpus = {vcpus}
+memory_mib = {memory_mib}
+cpu_overcommit = 1.0
+memory_overcommit = 1.0
+[images]
+builder = "/nonexistent/genos-image"
+kernel = "{}"
+build_rootfs = false
+[vmm]
+binary = "{}"
+api_timeout_s = 20
+boot_timeout_s = 120
+cpu_template = "host"
+[reaper]
+interval_s = 3600
+"#,
+        kernel.display(),
+        vmm.display()
+    )
+}
