@@ -111,7 +111,10 @@ pub enum Event {
     Clipboard(String),
     ServerStats(ServerStats),
     /// A non-fatal error (e.g. input refused for lack of rights).
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
     /// The session ended; no more events follow.
     Closed(String),
 }
@@ -234,7 +237,8 @@ impl Session {
             let first = read_server_message(&mut recv, &mut reader).await;
             Ok::<_, ClientError>((send, recv, reader, first))
         };
-        let (send, recv, reader, first) = match tokio::time::timeout(opts.timeout, handshake).await {
+        let (send, recv, reader, first) = match tokio::time::timeout(opts.timeout, handshake).await
+        {
             Err(_) => return Err(ClientError::Timeout),
             Ok(Err(e)) => return Err(closed_reason(&conn).unwrap_or(e)),
             Ok(Ok(x)) => x,
@@ -347,7 +351,7 @@ async fn read_server_message(
     reader: &mut MessageReader,
 ) -> Result<ServerMessage, ClientError> {
     loop {
-        match reader.next::<ServerMessage>() {
+        match reader.next_message::<ServerMessage>() {
             Ok(Some(m)) => return Ok(m),
             Ok(None) => {}
             Err(e) => return Err(ClientError::Protocol(e.to_string())),

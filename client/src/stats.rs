@@ -63,7 +63,12 @@ impl StatsCollector {
         self.latencies_us.len() as u64
     }
 
-    pub fn report(&self, frames_dropped: u64, rtt: Duration, clock_offset_us: i64) -> SessionReport {
+    pub fn report(
+        &self,
+        frames_dropped: u64,
+        rtt: Duration,
+        clock_offset_us: i64,
+    ) -> SessionReport {
         let frames = self.frames();
         let span = match (self.first, self.last) {
             (Some(a), Some(b)) => (b - a).as_secs_f64(),

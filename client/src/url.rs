@@ -113,19 +113,30 @@ mod tests {
 
     #[test]
     fn ipv6_host_is_unbracketed() {
-        let u: ConnectUrl = format!("genos://[::1]:1/e?token=t&cert={FP}").parse().unwrap();
+        let u: ConnectUrl = format!("genos://[::1]:1/e?token=t&cert={FP}")
+            .parse()
+            .unwrap();
         assert_eq!(u.host, "::1");
     }
 
     #[test]
     fn missing_parts_are_named() {
         let cases = [
-            (format!("http://h:1/e?token=t&cert={FP}"), UrlError::Scheme("http".into())),
+            (
+                format!("http://h:1/e?token=t&cert={FP}"),
+                UrlError::Scheme("http".into()),
+            ),
             (format!("genos://h/e?token=t&cert={FP}"), UrlError::NoPort),
-            (format!("genos://h:1/?token=t&cert={FP}"), UrlError::NoEnvironment),
+            (
+                format!("genos://h:1/?token=t&cert={FP}"),
+                UrlError::NoEnvironment,
+            ),
             (format!("genos://h:1/e?cert={FP}"), UrlError::NoToken),
             ("genos://h:1/e?token=t".to_owned(), UrlError::NoCert),
-            ("genos://h:1/e?token=t&cert=abc".to_owned(), UrlError::BadCert("abc".into())),
+            (
+                "genos://h:1/e?token=t&cert=abc".to_owned(),
+                UrlError::BadCert("abc".into()),
+            ),
         ];
         for (url, want) in cases {
             assert_eq!(url.parse::<ConnectUrl>(), Err(want), "{url}");

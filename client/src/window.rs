@@ -292,7 +292,10 @@ fn network_thread(url: ConnectUrl, proxy: EventLoopProxy<UserEvent>) {
                 return;
             }
         };
-        if proxy.send_event(UserEvent::Connected(session.sender())).is_err() {
+        if proxy
+            .send_event(UserEvent::Connected(session.sender()))
+            .is_err()
+        {
             return;
         }
         while let Some(ev) = session.next_event().await {

@@ -33,7 +33,11 @@ fn start(cfg: ServerConfig, scene: Scene, w: u32, h: u32, fps: f32) -> Harness {
 
 impl Harness {
     fn url_with_token(&self, token: &str) -> ConnectUrl {
-        self.server.connect_url(ENV, token).unwrap().parse().unwrap()
+        self.server
+            .connect_url(ENV, token)
+            .unwrap()
+            .parse()
+            .unwrap()
     }
     fn url(&self, rights: Rights) -> ConnectUrl {
         let token = self.tokens.issue(ENV, rights, HOUR).unwrap();
@@ -97,9 +101,12 @@ async fn decoded_frames_match_the_source_above_35_db() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_events_arrive_at_the_source_in_order() {
     let hx = start(ServerConfig::default(), Scene::Still, 320, 240, 30.0);
-    let s = Session::connect(&hx.url(Rights::VIEW | Rights::INPUT), ConnectOptions::default())
-        .await
-        .unwrap();
+    let s = Session::connect(
+        &hx.url(Rights::VIEW | Rights::INPUT),
+        ConnectOptions::default(),
+    )
+    .await
+    .unwrap();
     let mut sent = Vec::new();
     for i in 0..200u16 {
         let ev = match i % 5 {
@@ -186,7 +193,10 @@ async fn wrong_certificate_fingerprint_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_token_is_refused() {
     let hx = start(ServerConfig::default(), Scene::Still, 64, 64, 10.0);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let token = hx
         .tokens
         .issue_expiring_at(ENV, Rights::VIEW, now - 10)
@@ -275,7 +285,10 @@ async fn slow_viewer_does_not_slow_down_a_fast_one() {
     let report = stats.report(0, Duration::ZERO, 0);
     let env = hx.server.env_stats(ENV).unwrap();
     assert_eq!(env.viewers, 2);
-    assert!(env.frames_dropped > 0, "the stalled viewer was never throttled");
+    assert!(
+        env.frames_dropped > 0,
+        "the stalled viewer was never throttled"
+    );
     assert!(
         report.fps >= 0.9 * f64::from(fps),
         "fast viewer got {:.1} fps with a stalled viewer present",
@@ -293,7 +306,9 @@ async fn slow_viewer_does_not_slow_down_a_fast_one() {
 async fn session_resumes_within_grace_period() {
     let hx = start(ServerConfig::default(), Scene::Still, 64, 64, 10.0);
     let url = hx.url(Rights::VIEW | Rights::INPUT);
-    let mut first = Session::connect(&url, ConnectOptions::default()).await.unwrap();
+    let mut first = Session::connect(&url, ConnectOptions::default())
+        .await
+        .unwrap();
     next_frame(&mut first).await;
     let id = first.session_id();
     assert!(!first.resumed());
@@ -317,9 +332,12 @@ async fn held_keys_are_released_when_the_grace_period_ends() {
         ..ServerConfig::default()
     };
     let hx = start(cfg, Scene::Still, 64, 64, 10.0);
-    let s = Session::connect(&hx.url(Rights::VIEW | Rights::INPUT), ConnectOptions::default())
-        .await
-        .unwrap();
+    let s = Session::connect(
+        &hx.url(Rights::VIEW | Rights::INPUT),
+        ConnectOptions::default(),
+    )
+    .await
+    .unwrap();
     let press = InputEvent::Key {
         code: 42,
         pressed: true,
@@ -348,8 +366,12 @@ async fn connections_beyond_the_per_address_cap_are_refused() {
     };
     let hx = start(cfg, Scene::Still, 64, 64, 10.0);
     let url = hx.url(Rights::VIEW);
-    let a = Session::connect(&url, ConnectOptions::default()).await.unwrap();
-    let b = Session::connect(&url, ConnectOptions::default()).await.unwrap();
+    let a = Session::connect(&url, ConnectOptions::default())
+        .await
+        .unwrap();
+    let b = Session::connect(&url, ConnectOptions::default())
+        .await
+        .unwrap();
     let err = Session::connect(&url, ConnectOptions::default())
         .await
         .err()

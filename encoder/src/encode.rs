@@ -3,7 +3,7 @@
 //! One call in, at most one access unit out: the encoder never queues frames, so the caller
 //! (the streaming server) bounds frames in flight simply by not calling [`Encoder::encode`] while
 //! the network is still draining the previous output. Colour conversion only touches the damaged
-//! rows of a persistent I420 picture, and nothing is encoded when nothing changed.
+//! rectangles of a persistent I420 picture, and nothing is encoded when nothing changed.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use openh264_sys2::{
 };
 
 use crate::convert::{ConvertError, I420Buffer};
+use crate::frame::{FrameRef, Rect};
 
 /// Receives openh264's log lines (initialisation warnings; the wrapper silences it afterwards).
 unsafe extern "C" fn openh264_trace(_ctx: *mut c_void, level: c_int, message: *const c_char) {
@@ -35,8 +36,9 @@ unsafe extern "C" fn openh264_trace(_ctx: *mut c_void, level: c_int, message: *c
         tracing::debug!(target: "openh264", "{}", message.trim_end());
     }
 }
-use crate::frame::{FrameRef, Rect};
 
+/// Smallest picture openh264 accepts.
+const MIN_SIDE: u32 = 16;
 /// Largest picture openh264 encodes (level 5.2).
 const MAX_LONG_SIDE: u32 = 3840;
 const MAX_SHORT_SIDE: u32 = 2160;
@@ -71,7 +73,7 @@ pub struct EncodedFrame {
 pub enum EncodeError {
     #[error("frame size {width}x{height} is odd; H.264 4:2:0 needs even width and height")]
     OddDimensions { width: u32, height: u32 },
-    #[error("frame size {width}x{height} is outside 2x2..3840x2160 (or 2160x3840)")]
+    #[error("frame size {width}x{height} is outside 16x16..3840x2160 (or 2160x3840)")]
     UnsupportedSize { width: u32, height: u32 },
     #[error("frame rate {0} is outside {MIN_FPS}..={MAX_FPS}")]
     InvalidFps(f32),
@@ -122,7 +124,7 @@ impl std::fmt::Debug for Encoder {
 
 fn validate_size(width: u32, height: u32) -> Result<(), EncodeError> {
     let (long, short) = (width.max(height), width.min(height));
-    if width < 2 || height < 2 || long > MAX_LONG_SIDE || short > MAX_SHORT_SIDE {
+    if width < MIN_SIDE || height < MIN_SIDE || long > MAX_LONG_SIDE || short > MAX_SHORT_SIDE {
         return Err(EncodeError::UnsupportedSize { width, height });
     }
     if width % 2 != 0 || height % 2 != 0 {
@@ -200,7 +202,8 @@ fn h264_config(cfg: &EncoderConfig, usage: Usage) -> H264Config {
 }
 
 impl Encoder {
-    /// Creates an encoder for `cfg.width` x `cfg.height` frames (both even).
+    /// Creates an encoder for `cfg.width` x `cfg.height` frames: both even, 16..=3840 by 16..=2160
+    /// (or portrait), at 1..=240 fps and 10 kbit/s..=200 Mbit/s.
     pub fn new(cfg: EncoderConfig) -> Result<Self, EncodeError> {
         Self::with_usage(cfg, Usage::default())
     }
@@ -267,7 +270,8 @@ impl Encoder {
     ///
     /// Returns `None` when `damage` is empty and no keyframe is due or forced (nothing changed, so
     /// nothing is sent). `force_keyframe` makes the output an IDR picture (viewer joined or lost
-    /// data). The first frame is always converted in full and encoded as an IDR.
+    /// data). The first frame and every forced keyframe are converted in full, so a keyframe always
+    /// shows exactly `frame`.
     pub fn encode(
         &mut self,
         frame: &FrameRef,
@@ -291,7 +295,9 @@ impl Encoder {
             return Ok(None);
         }
         let started = Instant::now();
-        if self.fresh {
+        if self.fresh || force_keyframe {
+            // A keyframe re-reads the whole frame: a viewer starting there sees exactly the
+            // source, even if some damage was lost upstream.
             self.picture.convert_full(frame)?;
         } else if damaged {
             self.picture.convert_damage(frame, damage)?;

@@ -211,7 +211,7 @@ fn refine_sharpens_an_idle_picture_a_bounded_number_of_times() {
 
 #[test]
 fn odd_and_out_of_range_sizes_are_rejected() {
-    for (w, h) in [(1281, 720), (1280, 719), (3, 3)] {
+    for (w, h) in [(1281, 720), (1280, 719), (17, 16)] {
         assert!(
             matches!(
                 Encoder::new(config(w, h, 30.0, 1_000_000)),
@@ -220,7 +220,7 @@ fn odd_and_out_of_range_sizes_are_rejected() {
             "{w}x{h}"
         );
     }
-    for (w, h) in [(0, 720), (1280, 0), (4096, 2160), (2160, 3841)] {
+    for (w, h) in [(0, 720), (1280, 0), (14, 720), (4096, 2160), (2160, 3841)] {
         assert!(
             matches!(
                 Encoder::new(config(w, h, 30.0, 1_000_000)),
@@ -337,4 +337,66 @@ fn psnr_of_identical_pictures_is_infinite_and_of_off_by_one_is_48_db() {
     }
     let psnr = psnr_bgrx(&a, &b, 16, 8);
     assert!((psnr - 48.1308).abs() < 1e-3, "{psnr}");
+}
+
+#[test]
+fn smallest_sizes_encode_and_decode() {
+    for (w, h) in [(16, 16), (18, 34), (34, 18)] {
+        let data: Vec<u8> = (0..w * h * 4).map(|i| (i * 7) as u8).collect();
+        let mut enc = Encoder::new(config(w, h, 30.0, 100_000)).unwrap();
+        let out = enc
+            .encode(
+                &FrameRef::packed(w, h, PixelFormat::Bgrx, &data),
+                &[Rect::new(0, 0, w, h)],
+                false,
+            )
+            .unwrap()
+            .expect("first frame encodes");
+        let pic = Decoder::new()
+            .unwrap()
+            .decode(&out.data)
+            .unwrap()
+            .expect("decodes");
+        assert_eq!((pic.width, pic.height), (w, h));
+    }
+}
+
+/// openh264 silently builds without its assembly when `nasm` is missing (about 3x slower). This
+/// links against a routine that exists only in the x86-64 assembly, so such a build fails here.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn openh264_is_built_with_its_x86_assembly() {
+    extern "C" {
+        fn WelsSampleSad16x16_sse2(a: *const u8, a_stride: i32, b: *const u8, b_stride: i32)
+            -> i32;
+    }
+    #[repr(C, align(16))]
+    struct Block([u8; 16 * 16]);
+    let (a, b) = (Block([7; 256]), Block([4; 256]));
+    // SAFETY: both buffers hold 16 rows of 16 bytes at the given stride and are 16-byte aligned
+    // (the routine uses aligned SSE2 loads); it only reads them.
+    let sad = unsafe { WelsSampleSad16x16_sse2(a.0.as_ptr(), 16, b.0.as_ptr(), 16) };
+    assert_eq!(sad, 3 * 256);
+}
+
+#[test]
+fn forced_keyframe_shows_the_whole_current_frame_even_if_damage_was_lost() {
+    let (w, h) = (320, 240);
+    let mut source = SyntheticSource::new(Scene::Windows, w, h, 30.0);
+    let mut enc = Encoder::new(config(w, h, 30.0, 2_000_000)).unwrap();
+    let f = source.advance();
+    enc.encode(&f.frame, &f.damage, false).unwrap().unwrap();
+    // Frames whose damage never reached the encoder.
+    for _ in 0..5 {
+        source.advance();
+    }
+    let f = source.advance();
+    let out = enc.encode(&f.frame, &[], true).unwrap().unwrap();
+    let pic = Decoder::new().unwrap().decode(&out.data).unwrap().unwrap();
+    let psnr = psnr_bgrx(f.frame.data, &pic.bgrx, w, h);
+    // A stale picture (window 20 px from where it is now) scores far below this.
+    assert!(
+        psnr >= 30.0,
+        "keyframe PSNR {psnr:.2} dB against the current frame"
+    );
 }

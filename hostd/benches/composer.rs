@@ -24,7 +24,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn main() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/composer-corpus.toml");
-    let corpus: Corpus = toml::from_str(&std::fs::read_to_string(path).expect("corpus")).expect("corpus parses");
+    let corpus: Corpus =
+        toml::from_str(&std::fs::read_to_string(path).expect("corpus")).expect("corpus parses");
     let texts: Vec<String> = corpus.case.into_iter().map(|c| c.text).collect();
     let composer = Composer::new(Catalog::embedded(), Defaults::default());
     const ROUNDS: usize = 20;
@@ -44,7 +45,10 @@ fn main() {
     }
     compose.sort();
     baseline.sort();
-    println!("composer latency over {} requests x {ROUNDS} rounds", texts.len());
+    println!(
+        "composer latency over {} requests x {ROUNDS} rounds",
+        texts.len()
+    );
     println!("{:<22} {:>10} {:>10} {:>10}", "", "p50", "p99", "max");
     for (name, v) in [("compose", &compose), ("baseline (split)", &baseline)] {
         println!(
@@ -54,6 +58,14 @@ fn main() {
             v[v.len() - 1]
         );
     }
-    let ratio = percentile(&compose, 0.99).as_secs_f64() / percentile(&baseline, 0.99).as_secs_f64();
-    println!("p99 compose / baseline: {ratio:.0}x; target p99 <= 1 ms: {}", if percentile(&compose, 0.99) <= Duration::from_millis(1) { "met" } else { "NOT met" });
+    let ratio =
+        percentile(&compose, 0.99).as_secs_f64() / percentile(&baseline, 0.99).as_secs_f64();
+    println!(
+        "p99 compose / baseline: {ratio:.0}x; target p99 <= 1 ms: {}",
+        if percentile(&compose, 0.99) <= Duration::from_millis(1) {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
 }

@@ -45,9 +45,17 @@ pub struct Peer {
 impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
         match stream.io().peer_cred() {
-            Ok(c) => Peer { uid: c.uid(), gid: c.gid(), pid: c.pid() },
+            Ok(c) => Peer {
+                uid: c.uid(),
+                gid: c.gid(),
+                pid: c.pid(),
+            },
             // Unknown credentials are never allowed: u32::MAX is no real user.
-            Err(_) => Peer { uid: u32::MAX, gid: u32::MAX, pid: None },
+            Err(_) => Peer {
+                uid: u32::MAX,
+                gid: u32::MAX,
+                pid: None,
+            },
         }
     }
 }
@@ -64,29 +72,46 @@ impl AccessPolicy {
     pub fn new(group_name: &str) -> AccessPolicy {
         // SAFETY: getuid has no preconditions and cannot fail.
         let own_uid = unsafe { libc::getuid() };
-        AccessPolicy { group_name: group_name.into(), group_gid: group_gid(group_name), own_uid }
+        AccessPolicy {
+            group_name: group_name.into(),
+            group_gid: group_gid(group_name),
+            own_uid,
+        }
     }
 
     pub fn allows(&self, peer: &Peer) -> bool {
         if peer.uid == 0 || peer.uid == self.own_uid {
             return true;
         }
-        let Some(gid) = self.group_gid else { return false };
-        peer.gid == gid || peer.pid.is_some_and(|pid| supplementary_groups(pid).contains(&gid))
+        let Some(gid) = self.group_gid else {
+            return false;
+        };
+        peer.gid == gid
+            || peer
+                .pid
+                .is_some_and(|pid| supplementary_groups(pid).contains(&gid))
     }
 }
 
 /// Looks a group up by name (NSS aware).
 pub fn group_gid(name: &str) -> Option<u32> {
     let cname = std::ffi::CString::new(name).ok()?;
-    let mut grp: libc::group = // SAFETY: `group` is a plain C struct; all-zero is a valid value
-        // that getgrnam_r overwrites.
-        unsafe { std::mem::zeroed() };
+    // SAFETY: `group` is a plain C struct of integers and pointers; all-zero is a valid
+    // value, and getgrnam_r overwrites it.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut result: *mut libc::group = std::ptr::null_mut();
     // SAFETY: every pointer is valid for the call: `cname` is NUL-terminated, `grp` and
     // `result` are live locals, and `buf` is writable for `buf.len()` bytes.
-    let rc = unsafe { libc::getgrnam_r(cname.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) };
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
     (rc == 0 && !result.is_null()).then_some(grp.gr_gid)
 }
 
@@ -95,9 +120,12 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Groups:"))
-                .map(|l| l[7..].split_whitespace().filter_map(|g| g.parse().ok()).collect())
+            s.lines().find(|l| l.starts_with("Groups:")).map(|l| {
+                l[7..]
+                    .split_whitespace()
+                    .filter_map(|g| g.parse().ok())
+                    .collect()
+            })
         })
         .unwrap_or_default()
 }
@@ -110,7 +138,11 @@ struct AppState {
 
 /// Binds `path` (replacing a stale socket, refusing a live one) and serves until the
 /// future is dropped.
-pub async fn serve(orch: Orchestrator, path: &Path, policy: AccessPolicy) -> Result<(), AdminError> {
+pub async fn serve(
+    orch: Orchestrator,
+    path: &Path,
+    policy: AccessPolicy,
+) -> Result<(), AdminError> {
     let listener = bind(path, &policy).await?;
     serve_on(orch, listener, policy).await
 }
@@ -124,9 +156,15 @@ pub async fn bind(path: &Path, policy: &AccessPolicy) -> Result<UnixListener, Ad
         let _ = std::fs::remove_file(path);
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| AdminError::Bind { path: path.into(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| AdminError::Bind {
+            path: path.into(),
+            source,
+        })?;
     }
-    let listener = UnixListener::bind(path).map_err(|source| AdminError::Bind { path: path.into(), source })?;
+    let listener = UnixListener::bind(path).map_err(|source| AdminError::Bind {
+        path: path.into(),
+        source,
+    })?;
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
     if let Some(gid) = policy.group_gid {
@@ -135,10 +173,19 @@ pub async fn bind(path: &Path, policy: &AccessPolicy) -> Result<UnixListener, Ad
     Ok(listener)
 }
 
-pub async fn serve_on(orch: Orchestrator, listener: UnixListener, policy: AccessPolicy) -> Result<(), AdminError> {
-    let state = AppState { orch, policy: Arc::new(policy) };
+pub async fn serve_on(
+    orch: Orchestrator,
+    listener: UnixListener,
+    policy: AccessPolicy,
+) -> Result<(), AdminError> {
+    let state = AppState {
+        orch,
+        policy: Arc::new(policy),
+    };
     let app = router(state);
-    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).await.map_err(AdminError::Serve)
+    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .await
+        .map_err(AdminError::Serve)
 }
 
 fn router(state: AppState) -> Router {
@@ -152,22 +199,35 @@ fn router(state: AppState) -> Router {
         .route("/v1/envs/{name}/token", post(token))
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/verify", get(audit_verify))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), check_peer))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            check_peer,
+        ))
         .with_state(state)
 }
 
-async fn check_peer(State(st): State<AppState>, ConnectInfo(peer): ConnectInfo<Peer>, mut req: Request, next: Next) -> Response {
+async fn check_peer(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     if !st.policy.allows(&peer) {
         let msg = format!(
             "permission denied: uid {} is not root and not in group {:?}{}",
             peer.uid,
             st.policy.group_name,
-            if st.policy.group_gid.is_none() { " (which does not exist on this host)" } else { "" }
+            if st.policy.group_gid.is_none() {
+                " (which does not exist on this host)"
+            } else {
+                ""
+            }
         );
         tracing::warn!(uid = peer.uid, pid = peer.pid, "admin socket: refused");
         return (StatusCode::FORBIDDEN, Json(json!({"error": msg}))).into_response();
     }
-    req.extensions_mut().insert(Actor(format!("uid:{}", peer.uid)));
+    req.extensions_mut()
+        .insert(Actor(format!("uid:{}", peer.uid)));
     next.run(req).await
 }
 
@@ -188,7 +248,9 @@ impl From<OrchError> for ApiError {
             OrchError::NotFound(_) => StatusCode::NOT_FOUND,
             OrchError::WrongState { .. } | OrchError::Admission(_) => StatusCode::CONFLICT,
             OrchError::Spec(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            OrchError::Token(_) | OrchError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            OrchError::Token(_) | OrchError::Store(_) | OrchError::Config(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         let mut msg = e.to_string();
         let mut src = std::error::Error::source(&e);
@@ -220,7 +282,14 @@ async fn health(State(st): State<AppState>) -> ApiResult {
 
 async fn metrics(State(st): State<AppState>) -> ApiResult {
     let text = st.orch.metrics_text()?;
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -231,18 +300,28 @@ struct ComposeBody {
     explain: bool,
 }
 
-async fn compose(State(st): State<AppState>, axum::Extension(actor): axum::Extension<Actor>, body: Result<Json<ComposeBody>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+async fn compose(
+    State(st): State<AppState>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    body: Result<Json<ComposeBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
     let Json(body) = body.map_err(|e| bad_request(e.body_text()))?;
     let c = st.orch.compose(&body.text);
     st.orch.audit(&actor.0, "compose", "-", &body.text)?;
     Ok(Json(c.to_output(body.explain)).into_response())
 }
 
-async fn create(State(st): State<AppState>, axum::Extension(actor): axum::Extension<Actor>, body: Result<Json<Value>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+async fn create(
+    State(st): State<AppState>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
     let Json(body) = body.map_err(|e| bad_request(e.body_text()))?;
     match (body.get("text"), body.get("spec")) {
         (Some(Value::String(text)), None) => match st.orch.create_from_text(text, &actor.0)? {
-            CreateOutcome::Created(env) => Ok((StatusCode::CREATED, Json(json!({"env": env}))).into_response()),
+            CreateOutcome::Created(env) => {
+                Ok((StatusCode::CREATED, Json(json!({"env": env}))).into_response())
+            }
             CreateOutcome::Clarify(q) => Ok(Json(json!({"clarify": q})).into_response()),
         },
         (None, Some(spec)) => {
@@ -250,7 +329,9 @@ async fn create(State(st): State<AppState>, axum::Extension(actor): axum::Extens
             let env = st.orch.create(spec, &actor.0)?;
             Ok((StatusCode::CREATED, Json(json!({"env": env}))).into_response())
         }
-        _ => Err(bad_request("body must be {\"text\": \"...\"} or {\"spec\": {...}}")),
+        _ => Err(bad_request(
+            "body must be {\"text\": \"...\"} or {\"spec\": {...}}",
+        )),
     }
 }
 
@@ -262,11 +343,19 @@ async fn show(State(st): State<AppState>, UrlPath(name): UrlPath<String>) -> Api
     Ok(Json(json!({"env": st.orch.show(&name)?})).into_response())
 }
 
-async fn stop(State(st): State<AppState>, axum::Extension(actor): axum::Extension<Actor>, UrlPath(name): UrlPath<String>) -> ApiResult {
+async fn stop(
+    State(st): State<AppState>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult {
     Ok(Json(json!({"env": st.orch.stop(&name, &actor.0).await?})).into_response())
 }
 
-async fn destroy(State(st): State<AppState>, axum::Extension(actor): axum::Extension<Actor>, UrlPath(name): UrlPath<String>) -> ApiResult {
+async fn destroy(
+    State(st): State<AppState>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult {
     Ok(Json(json!({"env": st.orch.destroy(&name, &actor.0).await?})).into_response())
 }
 

@@ -25,6 +25,12 @@ pub enum ConfigError {
     },
     #[error("no state directory: set --state-dir, state_dir, XDG_STATE_HOME or HOME")]
     NoStateDir,
+    #[error("catalog {path}: {source}")]
+    Catalog {
+        path: PathBuf,
+        #[source]
+        source: proto::spec::CatalogError,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -32,6 +38,8 @@ pub enum ConfigError {
 pub struct Config {
     #[serde(default)]
     pub state_dir: String,
+    #[serde(default)]
+    pub catalog: String,
     pub admin: AdminConfig,
     pub capacity: CapacityConfig,
     pub images: ImagesConfig,
@@ -89,9 +97,14 @@ impl Config {
 
     /// Reads `path`, taking every key it leaves out from the built-in defaults.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
     }
 
     /// Parses a (possibly partial) file over the defaults.
@@ -100,6 +113,20 @@ impl Config {
         let over: toml::Table = toml::from_str(text)?;
         merge(&mut base, over);
         toml::Value::Table(base).try_into()
+    }
+
+    /// The catalog named by `catalog`, or the built-in one.
+    pub fn load_catalog(&self) -> Result<proto::spec::Catalog, ConfigError> {
+        if self.catalog.is_empty() {
+            return Ok(proto::spec::Catalog::embedded());
+        }
+        let path = PathBuf::from(&self.catalog);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        proto::spec::Catalog::from_toml(&text)
+            .map_err(|source| ConfigError::Catalog { path, source })
     }
 
     /// The state directory: `--state-dir`, then `state_dir`, then the XDG default.
@@ -130,7 +157,9 @@ pub fn default_state_dir() -> Option<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
         return Some(PathBuf::from(x).join("genos"));
     }
-    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".local/state/genos"))
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".local/state/genos"))
 }
 
 /// Where the CLI looks for the admin socket: `--socket`, `GENOS_SOCKET`, the default state dir.
@@ -172,6 +201,9 @@ mod tests {
     #[test]
     fn state_dir_flag_wins() {
         let c = Config::embedded();
-        assert_eq!(c.state_dir(Some(Path::new("/x"))).unwrap(), PathBuf::from("/x"));
+        assert_eq!(
+            c.state_dir(Some(Path::new("/x"))).unwrap(),
+            PathBuf::from("/x")
+        );
     }
 }

@@ -32,11 +32,17 @@ pub enum OrchError {
     #[error("no environment named {0:?}")]
     NotFound(String),
     #[error("cannot {action} {name}: it is {state}")]
-    WrongState { name: String, action: &'static str, state: &'static str },
+    WrongState {
+        name: String,
+        action: &'static str,
+        state: &'static str,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("viewer tokens: {0}")]
     Token(String),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// Host resources available to environments (after the overcommit ratios).
@@ -54,14 +60,21 @@ impl Capacity {
         let vcpus = if c.vcpus > 0 {
             c.vcpus
         } else {
-            std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
         };
         let memory_mib = if c.memory_mib > 0 {
             c.memory_mib
         } else {
             host_memory_mib().saturating_sub(c.reserve_memory_mib)
         };
-        Capacity { vcpus, memory_mib, cpu_overcommit: c.cpu_overcommit, memory_overcommit: c.memory_overcommit }
+        Capacity {
+            vcpus,
+            memory_mib,
+            cpu_overcommit: c.cpu_overcommit,
+            memory_overcommit: c.memory_overcommit,
+        }
     }
 
     /// Refuses `spec` when it and the live environments would exceed capacity × overcommit.
@@ -147,7 +160,9 @@ pub fn describe_exit(status: Option<std::process::ExitStatus>) -> String {
         Some(s) => match (s.code(), s.signal()) {
             (Some(0), _) => "genos-vmm exited: the guest powered off".into(),
             (Some(1), _) => "genos-vmm exited with status 1 (internal VMM error)".into(),
-            (Some(2), _) => "genos-vmm exited with status 2 (bad arguments, configuration or files)".into(),
+            (Some(2), _) => {
+                "genos-vmm exited with status 2 (bad arguments, configuration or files)".into()
+            }
             (Some(3), _) => "genos-vmm exited with status 3 (the guest rebooted)".into(),
             (Some(4), _) => "genos-vmm exited with status 4 (triple fault)".into(),
             (Some(5), _) => "genos-vmm exited with status 5 (guest kernel panic)".into(),
@@ -163,8 +178,11 @@ impl Orchestrator {
     /// Opens the store under `state_dir`. Call [`Orchestrator::start`] inside a tokio
     /// runtime to re-adopt VMMs and run the reaper.
     pub fn new(cfg: Config, state_dir: &Path) -> Result<Orchestrator, OrchError> {
+        let catalog = cfg
+            .load_catalog()
+            .map_err(|e| OrchError::Config(e.to_string()))?;
         let store = Store::open(state_dir)?;
-        let composer = Composer::new(load_catalog(), cfg.composer.clone());
+        let composer = Composer::new(catalog, cfg.composer.clone());
         let capacity = Capacity::from_config(&cfg);
         Ok(Orchestrator {
             inner: Arc::new(Inner {
@@ -199,7 +217,12 @@ impl Orchestrator {
         for env in envs {
             match env.state {
                 EnvState::Requested | EnvState::Building => {
-                    self.audit("hostd", "resume", &env.name, "build interrupted by a restart")?;
+                    self.audit(
+                        "hostd",
+                        "resume",
+                        &env.name,
+                        "build interrupted by a restart",
+                    )?;
                     self.spawn_provision(env.name.clone());
                 }
                 EnvState::Booting | EnvState::Ready => self.readopt(&env).await?,
@@ -222,10 +245,14 @@ impl Orchestrator {
     async fn readopt(&self, env: &EnvRecord) -> Result<(), OrchError> {
         let alive = env.vmm_pid.is_some_and(pid_alive);
         let answers = match &env.api_socket {
-            Some(sock) if alive => uds::request(Path::new(sock), "GET", "/vm", None, Duration::from_secs(3))
-                .await
-                .map(|r| r.ok() && matches!(r.json()["state"].as_str(), Some("running" | "paused")))
-                .unwrap_or(false),
+            Some(sock) if alive => {
+                uds::request(Path::new(sock), "GET", "/vm", None, Duration::from_secs(3))
+                    .await
+                    .map(|r| {
+                        r.ok() && matches!(r.json()["state"].as_str(), Some("running" | "paused"))
+                    })
+                    .unwrap_or(false)
+            }
             _ => false,
         };
         if !answers {
@@ -236,9 +263,22 @@ impl Orchestrator {
         }
         let pid = env.vmm_pid.expect("alive implies a pid");
         let (tx, rx) = watch::channel(false);
-        let proc = Arc::new(Proc { pid, stopping: false.into(), exited: rx });
-        self.inner.procs.lock().expect("procs lock").insert(env.name.clone(), proc);
-        self.audit("hostd", "adopt", &env.name, &format!("re-adopted genos-vmm pid {pid}"))?;
+        let proc = Arc::new(Proc {
+            pid,
+            stopping: false.into(),
+            exited: rx,
+        });
+        self.inner
+            .procs
+            .lock()
+            .expect("procs lock")
+            .insert(env.name.clone(), proc);
+        self.audit(
+            "hostd",
+            "adopt",
+            &env.name,
+            &format!("re-adopted genos-vmm pid {pid}"),
+        )?;
         let me = self.clone();
         let name = env.name.clone();
         tokio::spawn(async move {
@@ -264,7 +304,10 @@ impl Orchestrator {
         let c = self.inner.composer.compose(text);
         self.inner.counters.composed.fetch_add(1, Ordering::Relaxed);
         if matches!(c.outcome, Outcome::Clarify(_)) {
-            self.inner.counters.clarified.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .clarified
+                .fetch_add(1, Ordering::Relaxed);
         }
         c
     }
@@ -293,7 +336,11 @@ impl Orchestrator {
                 let suffix = format!("-{n}");
                 spec.name = format!("{}{suffix}", &base[..base.len().min(63 - suffix.len())]);
             }
-            let live: Vec<EnvRecord> = store.envs(false)?.into_iter().filter(|e| e.state.is_live()).collect();
+            let live: Vec<EnvRecord> = store
+                .envs(false)?
+                .into_iter()
+                .filter(|e| e.state.is_live())
+                .collect();
             let used_cpu: u64 = live.iter().map(|e| u64::from(e.spec.vcpus)).sum();
             let used_mib: u64 = live.iter().map(|e| u64::from(e.spec.memory_mib)).sum();
             if let Err(why) = self.inner.capacity.admit(used_cpu, used_mib, &spec) {
@@ -305,7 +352,12 @@ impl Orchestrator {
             store.insert_env(&spec)?
         };
         self.inner.counters.created.fetch_add(1, Ordering::Relaxed);
-        self.audit(actor, "create", &record.name, &serde_json::to_string(&record.spec).expect("spec json"))?;
+        self.audit(
+            actor,
+            "create",
+            &record.name,
+            &serde_json::to_string(&record.spec).expect("spec json"),
+        )?;
         self.spawn_provision(record.name.clone());
         Ok(record)
     }
@@ -315,14 +367,20 @@ impl Orchestrator {
     }
 
     pub fn show(&self, name: &str) -> Result<EnvRecord, OrchError> {
-        self.store().env(name)?.ok_or_else(|| OrchError::NotFound(name.into()))
+        self.store()
+            .env(name)?
+            .ok_or_else(|| OrchError::NotFound(name.into()))
     }
 
     /// Stops the VMM (the environment keeps its record, and its disk when persistent).
     pub async fn stop(&self, name: &str, actor: &str) -> Result<EnvRecord, OrchError> {
         let env = self.show(name)?;
         if !env.state.can_become(EnvState::Stopped) {
-            return Err(OrchError::WrongState { name: name.into(), action: "stop", state: env.state.as_str() });
+            return Err(OrchError::WrongState {
+                name: name.into(),
+                action: "stop",
+                state: env.state.as_str(),
+            });
         }
         self.audit(actor, "stop", name, "")?;
         self.halt_vmm(&env).await;
@@ -335,7 +393,11 @@ impl Orchestrator {
     pub async fn destroy(&self, name: &str, actor: &str) -> Result<EnvRecord, OrchError> {
         let env = self.show(name)?;
         if env.state == EnvState::Destroyed {
-            return Err(OrchError::WrongState { name: name.into(), action: "destroy", state: "destroyed" });
+            return Err(OrchError::WrongState {
+                name: name.into(),
+                action: "destroy",
+                state: "destroyed",
+            });
         }
         self.audit(actor, "destroy", name, "")?;
         if env.state.is_live() {
@@ -349,12 +411,22 @@ impl Orchestrator {
     }
 
     /// Mints a viewer token for a ready environment (token format: `hostd::stream`).
-    pub fn mint_token(&self, name: &str, actor: &str, ttl_s: u64, rights: &str) -> Result<serde_json::Value, OrchError> {
+    pub fn mint_token(
+        &self,
+        name: &str,
+        actor: &str,
+        ttl_s: u64,
+        rights: &str,
+    ) -> Result<serde_json::Value, OrchError> {
         let env = self.show(name)?;
         if env.state != EnvState::Ready {
-            return Err(OrchError::WrongState { name: name.into(), action: "mint a token for", state: env.state.as_str() });
+            return Err(OrchError::WrongState {
+                name: name.into(),
+                action: "mint a token for",
+                state: env.state.as_str(),
+            });
         }
-        let rights: proto::stream::Rights = rights.parse().map_err(|e| OrchError::Token(format!("{e}")))?;
+        let rights: proto::stream::Rights = rights.parse().map_err(OrchError::Token)?;
         let dir = self.inner.state_dir.join("stream");
         std::fs::create_dir_all(&dir).map_err(|e| OrchError::Token(e.to_string()))?;
         let key = crate::stream::TokenKey::load_or_create(&dir.join("token.key"))
@@ -362,9 +434,16 @@ impl Orchestrator {
         let token = key
             .issue(name, rights, Duration::from_secs(ttl_s))
             .map_err(|e| OrchError::Token(e.to_string()))?;
-        let fingerprint = crate::stream::Identity::load_or_create(&dir).map(|i| i.fingerprint).ok();
+        let fingerprint = crate::stream::Identity::load_or_create(&dir)
+            .map(|i| i.fingerprint)
+            .ok();
         self.store().touch(name)?;
-        self.audit(actor, "token", name, &format!("rights={rights:?} ttl_s={ttl_s}"))?;
+        self.audit(
+            actor,
+            "token",
+            name,
+            &format!("rights={rights:?} ttl_s={ttl_s}"),
+        )?;
         Ok(serde_json::json!({
             "env": name, "token": token, "expires_at": now_s() + ttl_s as i64, "cert_sha256": fingerprint,
         }))
@@ -379,7 +458,13 @@ impl Orchestrator {
     }
 
     /// Records an operator or client action in the audit chain.
-    pub fn audit(&self, actor: &str, action: &str, target: &str, detail: &str) -> Result<(), OrchError> {
+    pub fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: &str,
+    ) -> Result<(), OrchError> {
         self.store().audit(actor, action, target, detail)?;
         Ok(())
     }
@@ -391,39 +476,107 @@ impl Orchestrator {
         out.push_str("# HELP genos_environments Environments by lifecycle state.\n# TYPE genos_environments gauge\n");
         for st in EnvState::ALL {
             let n = envs.iter().filter(|e| e.state == st).count();
-            out.push_str(&format!("genos_environments{{state=\"{}\"}} {n}\n", st.as_str()));
+            out.push_str(&format!(
+                "genos_environments{{state=\"{}\"}} {n}\n",
+                st.as_str()
+            ));
         }
         let live: Vec<&EnvRecord> = envs.iter().filter(|e| e.state.is_live()).collect();
         let c = &self.inner.counters;
         let cap = self.inner.capacity;
         let lines: [(&str, &str, &str, f64); 10] = [
-            ("genos_vcpus_allocated", "gauge", "vCPUs promised to live environments.", live.iter().map(|e| f64::from(e.spec.vcpus)).sum()),
-            ("genos_memory_allocated_mib", "gauge", "Memory promised to live environments.", live.iter().map(|e| f64::from(e.spec.memory_mib)).sum()),
-            ("genos_capacity_vcpus", "gauge", "Host vCPUs before overcommit.", f64::from(cap.vcpus)),
-            ("genos_capacity_memory_mib", "gauge", "Host memory for environments before overcommit.", cap.memory_mib as f64),
-            ("genos_environments_created_total", "counter", "Environments admitted.", c.created.load(Ordering::Relaxed) as f64),
-            ("genos_admission_refusals_total", "counter", "Requests refused by admission control.", c.refused.load(Ordering::Relaxed) as f64),
-            ("genos_vmm_failures_total", "counter", "VMMs that ended without being asked to.", c.vmm_failures.load(Ordering::Relaxed) as f64),
-            ("genos_compose_requests_total", "counter", "Requests composed.", c.composed.load(Ordering::Relaxed) as f64),
-            ("genos_compose_clarifications_total", "counter", "Composed requests answered with a question.", c.clarified.load(Ordering::Relaxed) as f64),
-            ("genos_reaped_total", "counter", "Environments stopped or destroyed by TTL/idle reaping.", c.reaped.load(Ordering::Relaxed) as f64),
+            (
+                "genos_vcpus_allocated",
+                "gauge",
+                "vCPUs promised to live environments.",
+                live.iter().map(|e| f64::from(e.spec.vcpus)).sum(),
+            ),
+            (
+                "genos_memory_allocated_mib",
+                "gauge",
+                "Memory promised to live environments.",
+                live.iter().map(|e| f64::from(e.spec.memory_mib)).sum(),
+            ),
+            (
+                "genos_capacity_vcpus",
+                "gauge",
+                "Host vCPUs before overcommit.",
+                f64::from(cap.vcpus),
+            ),
+            (
+                "genos_capacity_memory_mib",
+                "gauge",
+                "Host memory for environments before overcommit.",
+                cap.memory_mib as f64,
+            ),
+            (
+                "genos_environments_created_total",
+                "counter",
+                "Environments admitted.",
+                c.created.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "genos_admission_refusals_total",
+                "counter",
+                "Requests refused by admission control.",
+                c.refused.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "genos_vmm_failures_total",
+                "counter",
+                "VMMs that ended without being asked to.",
+                c.vmm_failures.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "genos_compose_requests_total",
+                "counter",
+                "Requests composed.",
+                c.composed.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "genos_compose_clarifications_total",
+                "counter",
+                "Composed requests answered with a question.",
+                c.clarified.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "genos_reaped_total",
+                "counter",
+                "Environments stopped or destroyed by TTL/idle reaping.",
+                c.reaped.load(Ordering::Relaxed) as f64,
+            ),
         ];
         for (name, kind, help, v) in lines {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            ));
         }
         Ok(out)
     }
 
     // ---- lifecycle -------------------------------------------------------------------------
 
-    fn transition(&self, name: &str, next: EnvState, reason: Option<&str>) -> Result<bool, OrchError> {
+    fn transition(
+        &self,
+        name: &str,
+        next: EnvState,
+        reason: Option<&str>,
+    ) -> Result<bool, OrchError> {
         let mut store = self.store();
-        let Some(env) = store.env(name)? else { return Err(OrchError::NotFound(name.into())) };
+        let Some(env) = store.env(name)? else {
+            return Err(OrchError::NotFound(name.into()));
+        };
         if env.state == next || !env.state.can_become(next) {
             return Ok(false);
         }
         store.set_state(name, next, reason)?;
-        tracing::info!(env = name, from = env.state.as_str(), to = next.as_str(), reason, "transition");
+        tracing::info!(
+            env = name,
+            from = env.state.as_str(),
+            to = next.as_str(),
+            reason,
+            "transition"
+        );
         Ok(true)
     }
 
@@ -448,14 +601,17 @@ impl Orchestrator {
 
     async fn provision(&self, name: &str) -> Result<(), String> {
         let env = self.show(name).map_err(|e| e.to_string())?;
-        self.transition(name, EnvState::Building, None).map_err(|e| e.to_string())?;
+        self.transition(name, EnvState::Building, None)
+            .map_err(|e| e.to_string())?;
         let dir = self.env_dir(name);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let images = self.build_images(&env.spec, &dir).await?;
         if !matches!(self.show(name).map(|e| e.state), Ok(EnvState::Building)) {
             return Ok(()); // stopped or destroyed meanwhile
         }
-        self.transition(name, EnvState::Booting, None).map_err(|e| e.to_string())?;
+        self.transition(name, EnvState::Booting, None)
+            .map_err(|e| e.to_string())?;
         let sock = self.boot(name, &env.spec, &dir, &images).await?;
         self.wait_ready(name, &sock).await;
         Ok(())
@@ -477,8 +633,11 @@ impl Orchestrator {
         };
         let rootfs = if cfg.build_rootfs {
             let spec_path = dir.join("spec.json");
-            std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).expect("spec json"))
-                .map_err(|e| format!("cannot write {}: {e}", spec_path.display()))?;
+            std::fs::write(
+                &spec_path,
+                serde_json::to_vec_pretty(spec).expect("spec json"),
+            )
+            .map_err(|e| format!("cannot write {}: {e}", spec_path.display()))?;
             let out = dir.join("rootfs.ext4");
             let (s, o) = (spec_path.display().to_string(), out.display().to_string());
             run_image_builder(&cfg.builder, &["rootfs", "--spec", &s, "--out", &o]).await?;
@@ -486,16 +645,27 @@ impl Orchestrator {
         } else {
             None
         };
-        Ok(Images { kernel, initramfs, rootfs })
+        Ok(Images {
+            kernel,
+            initramfs,
+            rootfs,
+        })
     }
 
-    async fn boot(&self, name: &str, spec: &Spec, dir: &Path, images: &Images) -> Result<PathBuf, String> {
+    async fn boot(
+        &self,
+        name: &str,
+        spec: &Spec,
+        dir: &Path,
+        images: &Images,
+    ) -> Result<PathBuf, String> {
         use std::os::unix::process::CommandExt as _;
         let vmm = &self.inner.cfg.vmm;
         let sock = dir.join("api.sock");
         let _ = std::fs::remove_file(&sock);
         let log = |n: &str| {
-            std::fs::File::create(dir.join(n)).map_err(|e| format!("cannot create {}: {e}", dir.join(n).display()))
+            std::fs::File::create(dir.join(n))
+                .map_err(|e| format!("cannot create {}: {e}", dir.join(n).display()))
         };
         let mut cmd = std::process::Command::new(&vmm.binary);
         cmd.arg("--api-sock")
@@ -512,10 +682,21 @@ impl Orchestrator {
             .map_err(|e| format!("cannot start {}: {e}", vmm.binary))?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         let (tx, rx) = watch::channel(false);
-        let proc = Arc::new(Proc { pid, stopping: false.into(), exited: rx });
-        self.inner.procs.lock().expect("procs lock").insert(name.into(), proc);
-        self.store().set_vmm(name, Some(pid), Some(&sock.display().to_string())).map_err(|e| e.to_string())?;
-        self.audit("hostd", "spawn", name, &format!("genos-vmm pid {pid}")).map_err(|e| e.to_string())?;
+        let proc = Arc::new(Proc {
+            pid,
+            stopping: false.into(),
+            exited: rx,
+        });
+        self.inner
+            .procs
+            .lock()
+            .expect("procs lock")
+            .insert(name.into(), proc);
+        self.store()
+            .set_vmm(name, Some(pid), Some(&sock.display().to_string()))
+            .map_err(|e| e.to_string())?;
+        self.audit("hostd", "spawn", name, &format!("genos-vmm pid {pid}"))
+            .map_err(|e| e.to_string())?;
         let me = self.clone();
         let n = name.to_string();
         tokio::spawn(async move {
@@ -533,11 +714,18 @@ impl Orchestrator {
             }
             if tokio::time::Instant::now() > deadline {
                 self.kill_vmm(name);
-                return Err(format!("genos-vmm's control socket did not answer within {} s", vmm.api_timeout_s));
+                return Err(format!(
+                    "genos-vmm's control socket did not answer within {} s",
+                    vmm.api_timeout_s
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let graphical = self.catalog().desktops.get(&spec.desktop).is_some_and(|d| d.graphical);
+        let graphical = self
+            .catalog()
+            .desktops
+            .get(&spec.desktop)
+            .is_some_and(|d| d.graphical);
         let mut config = serde_json::json!({
             "kernel": images.kernel,
             "cmdline": vmm.cmdline,
@@ -555,7 +743,8 @@ impl Orchestrator {
             config["disks"] = serde_json::json!([{"path": r, "read_only": false}]);
         }
         if graphical {
-            config["gpu"] = serde_json::json!({"width": spec.display.width, "height": spec.display.height});
+            config["gpu"] =
+                serde_json::json!({"width": spec.display.width, "height": spec.display.height});
         }
         for (method, uri, body) in [
             ("PUT", "/vm/config", config),
@@ -566,7 +755,10 @@ impl Orchestrator {
                 .map_err(|e| format!("genos-vmm {uri}: {e}"))?;
             if !r.ok() {
                 self.kill_vmm(name);
-                let why = r.json()["error"].as_str().map(str::to_string).unwrap_or_else(|| format!("status {}", r.status));
+                let why = r.json()["error"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("status {}", r.status));
                 return Err(format!("genos-vmm refused {method} {uri}: {why}"));
             }
         }
@@ -587,13 +779,24 @@ impl Orchestrator {
                     let boot_us = r.json()["boot_time_us"].as_u64().unwrap_or(0);
                     if let Ok(true) = self.transition(name, EnvState::Ready, None) {
                         let _ = self.store().touch(name);
-                        let _ = self.audit("hostd", "ready", name, &format!("guest booted in {} ms", boot_us / 1000));
+                        let _ = self.audit(
+                            "hostd",
+                            "ready",
+                            name,
+                            &format!("guest booted in {} ms", boot_us / 1000),
+                        );
                     }
                     return;
                 }
             }
             if tokio::time::Instant::now() > deadline {
-                self.fail(name, &format!("the guest did not finish booting within {} s", timeout.as_secs()));
+                self.fail(
+                    name,
+                    &format!(
+                        "the guest did not finish booting within {} s",
+                        timeout.as_secs()
+                    ),
+                );
                 self.kill_vmm(name);
                 return;
             }
@@ -603,13 +806,18 @@ impl Orchestrator {
 
     fn on_vmm_exit(&self, name: &str, status: Option<std::process::ExitStatus>) {
         let proc = self.inner.procs.lock().expect("procs lock").remove(name);
-        let asked = proc.as_ref().is_some_and(|p| p.stopping.load(Ordering::SeqCst));
+        let asked = proc
+            .as_ref()
+            .is_some_and(|p| p.stopping.load(Ordering::SeqCst));
         if asked {
             return;
         }
         let live = self.show(name).map(|e| e.state.is_live()).unwrap_or(false);
         if live {
-            self.inner.counters.vmm_failures.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .vmm_failures
+                .fetch_add(1, Ordering::Relaxed);
             self.fail(name, &describe_exit(status));
             let _ = self.store().set_vmm(name, None, None);
         }
@@ -624,15 +832,30 @@ impl Orchestrator {
 
     /// Asks the VMM to stop over its socket; kills it if it has not exited in 5 s.
     async fn halt_vmm(&self, env: &EnvRecord) {
-        let proc = self.inner.procs.lock().expect("procs lock").get(&env.name).cloned();
+        let proc = self
+            .inner
+            .procs
+            .lock()
+            .expect("procs lock")
+            .get(&env.name)
+            .cloned();
         let Some(proc) = proc else { return };
         proc.stopping.store(true, Ordering::SeqCst);
         if let Some(sock) = &env.api_socket {
             let body = serde_json::json!({"action": "stop"});
-            let _ = uds::request(Path::new(sock), "PUT", "/vm/actions", Some(&body), Duration::from_secs(2)).await;
+            let _ = uds::request(
+                Path::new(sock),
+                "PUT",
+                "/vm/actions",
+                Some(&body),
+                Duration::from_secs(2),
+            )
+            .await;
         }
         let mut exited = proc.exited.clone();
-        let waited = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e)).await.is_ok();
+        let waited = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e))
+            .await
+            .is_ok();
         if !waited {
             signal(proc.pid, libc::SIGKILL);
             let _ = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e)).await;
@@ -674,7 +897,12 @@ impl Orchestrator {
 
     /// Pid of the supervised VMM (tests, `show`).
     pub fn vmm_pid(&self, name: &str) -> Option<i32> {
-        self.inner.procs.lock().expect("procs lock").get(name).map(|p| p.pid)
+        self.inner
+            .procs
+            .lock()
+            .expect("procs lock")
+            .get(name)
+            .map(|p| p.pid)
     }
 }
 
@@ -699,18 +927,12 @@ async fn run_image_builder(binary: &str, args: &[&str]) -> Result<PathBuf, Strin
     let stdout = String::from_utf8_lossy(&out.stdout);
     let path = stdout.lines().last().unwrap_or("").trim();
     if path.is_empty() {
-        return Err(format!("{binary} {} printed no artifact path", args.join(" ")));
+        return Err(format!(
+            "{binary} {} printed no artifact path",
+            args.join(" ")
+        ));
     }
     Ok(PathBuf::from(path))
-}
-
-fn load_catalog() -> Catalog {
-    // The repo's (operator-editable) copy when run from a checkout, else the built-in one.
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/catalog.toml");
-    std::fs::read_to_string(&repo)
-        .ok()
-        .and_then(|t| Catalog::from_toml(&t).map_err(|e| tracing::warn!("{}: {e}; using the built-in catalog", repo.display())).ok())
-        .unwrap_or_else(Catalog::embedded)
 }
 
 /// Whether `pid` is a live (non-zombie) process.
@@ -744,14 +966,23 @@ mod tests {
     fn spec(vcpus: u32, memory_mib: u32) -> Spec {
         let c = Composer::new(Catalog::embedded(), Default::default());
         match c.compose("python headless").outcome {
-            Outcome::Spec(s) => Spec { vcpus, memory_mib, ..*s },
+            Outcome::Spec(s) => Spec {
+                vcpus,
+                memory_mib,
+                ..*s
+            },
             o => panic!("{o:?}"),
         }
     }
 
     #[test]
     fn admission_counts_overcommit() {
-        let cap = Capacity { vcpus: 2, memory_mib: 4096, cpu_overcommit: 2.0, memory_overcommit: 1.0 };
+        let cap = Capacity {
+            vcpus: 2,
+            memory_mib: 4096,
+            cpu_overcommit: 2.0,
+            memory_overcommit: 1.0,
+        };
         assert!(cap.admit(0, 0, &spec(4, 4096)).is_ok());
         let err = cap.admit(2, 0, &spec(4, 1024)).unwrap_err();
         assert!(err.starts_with("not enough CPU"), "{err}");

@@ -13,8 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE envs (
+const MIGRATIONS: &[&str] = &["CREATE TABLE envs (
         id INTEGER PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,
         spec TEXT NOT NULL,
@@ -35,8 +34,7 @@ const MIGRATIONS: &[&str] = &[
         detail TEXT NOT NULL,
         prev_hash TEXT NOT NULL,
         hash TEXT NOT NULL
-    );",
-];
+    );"];
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -133,7 +131,10 @@ impl EnvState {
 
     /// Holds host resources (counts against admission).
     pub fn is_live(self) -> bool {
-        matches!(self, EnvState::Requested | EnvState::Building | EnvState::Booting | EnvState::Ready)
+        matches!(
+            self,
+            EnvState::Requested | EnvState::Building | EnvState::Booting | EnvState::Ready
+        )
     }
 }
 
@@ -175,7 +176,10 @@ pub struct AuditReport {
 }
 
 pub fn now_s() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// The SQLite store. Not `Sync`: hostd wraps it in a mutex.
@@ -187,19 +191,27 @@ pub struct Store {
 impl Store {
     /// Opens (creating and migrating) `state.db` in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.into(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.into(),
+            source,
+        })?;
         let conn = Connection::open(dir.join("state.db"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let mut store = Store { conn, head_path: dir.join("audit.head") };
+        let mut store = Store {
+            conn,
+            head_path: dir.join("audit.head"),
+        };
         store.migrate()?;
         Ok(store)
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let done: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let done: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(done as usize) {
             let tx = self.conn.transaction()?;
             tx.execute_batch(m)?;
@@ -211,11 +223,15 @@ impl Store {
 
     /// `PRAGMA journal_mode` (for tests and health).
     pub fn journal_mode(&self) -> Result<String, StoreError> {
-        Ok(self.conn.pragma_query_value(None, "journal_mode", |r| r.get(0))?)
+        Ok(self
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))?)
     }
 
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 
     // ---- environments ------------------------------------------------------------------
@@ -231,12 +247,15 @@ impl Store {
             params![spec.name, json, EnvState::Requested.as_str(), now],
         );
         match res {
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
                 return Err(StoreError::NameTaken(spec.name.clone()))
             }
             r => r?,
         };
-        self.env(&spec.name)?.ok_or_else(|| StoreError::NotFound(spec.name.clone()))
+        self.env(&spec.name)?
+            .ok_or_else(|| StoreError::NotFound(spec.name.clone()))
     }
 
     pub fn name_taken(&self, name: &str) -> Result<bool, StoreError> {
@@ -251,7 +270,11 @@ impl Store {
     pub fn env(&self, name: &str) -> Result<Option<EnvRecord>, StoreError> {
         let row = self
             .conn
-            .query_row(&format!("SELECT {ENV_COLS} FROM envs WHERE name = ?1"), [name], raw_env)
+            .query_row(
+                &format!("SELECT {ENV_COLS} FROM envs WHERE name = ?1"),
+                [name],
+                raw_env,
+            )
             .optional()?;
         row.map(cook_env).transpose()
     }
@@ -260,13 +283,24 @@ impl Store {
     pub fn envs(&self, all: bool) -> Result<Vec<EnvRecord>, StoreError> {
         let mut stmt = self.conn.prepare(&format!(
             "SELECT {ENV_COLS} FROM envs {} ORDER BY id",
-            if all { "" } else { "WHERE state != 'destroyed'" }
+            if all {
+                ""
+            } else {
+                "WHERE state != 'destroyed'"
+            }
         ))?;
-        let rows = stmt.query_map([], raw_env)?.collect::<Result<Vec<_>, _>>()?;
+        let rows = stmt
+            .query_map([], raw_env)?
+            .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(cook_env).collect()
     }
 
-    pub fn set_state(&mut self, name: &str, state: EnvState, reason: Option<&str>) -> Result<(), StoreError> {
+    pub fn set_state(
+        &mut self,
+        name: &str,
+        state: EnvState,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
         let n = self.conn.execute(
             "UPDATE envs SET state = ?2, reason = ?3, updated_at = ?4 WHERE name = ?1",
             params![name, state.as_str(), reason, now_s()],
@@ -277,7 +311,12 @@ impl Store {
         Ok(())
     }
 
-    pub fn set_vmm(&mut self, name: &str, pid: Option<i32>, socket: Option<&str>) -> Result<(), StoreError> {
+    pub fn set_vmm(
+        &mut self,
+        name: &str,
+        pid: Option<i32>,
+        socket: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.conn.execute(
             "UPDATE envs SET vmm_pid = ?2, api_socket = ?3, updated_at = ?4 WHERE name = ?1",
             params![name, pid, socket, now_s()],
@@ -286,7 +325,10 @@ impl Store {
     }
 
     pub fn touch(&mut self, name: &str) -> Result<(), StoreError> {
-        self.conn.execute("UPDATE envs SET last_active_at = ?2 WHERE name = ?1", params![name, now_s()])?;
+        self.conn.execute(
+            "UPDATE envs SET last_active_at = ?2 WHERE name = ?1",
+            params![name, now_s()],
+        )?;
         Ok(())
     }
 
@@ -302,10 +344,20 @@ impl Store {
     // ---- audit -------------------------------------------------------------------------
 
     /// Appends one audit entry to the chain.
-    pub fn audit(&mut self, actor: &str, action: &str, target: &str, detail: &str) -> Result<AuditEntry, StoreError> {
+    pub fn audit(
+        &mut self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: &str,
+    ) -> Result<AuditEntry, StoreError> {
         let tx = self.conn.transaction()?;
         let (last_seq, prev_hash): (i64, String) = tx
-            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?
             .unwrap_or((0, GENESIS.to_string()));
         let mut e = AuditEntry {
@@ -330,7 +382,10 @@ impl Store {
 
     fn write_head(&self, seq: i64, hash: &str) -> Result<(), StoreError> {
         let tmp = self.head_path.with_extension("head.tmp");
-        let err = |source| StoreError::Head { path: self.head_path.clone(), source };
+        let err = |source| StoreError::Head {
+            path: self.head_path.clone(),
+            source,
+        };
         std::fs::write(&tmp, format!("{seq} {hash}\n")).map_err(err)?;
         std::fs::rename(&tmp, &self.head_path).map_err(err)
     }
@@ -363,15 +418,28 @@ impl Store {
     pub fn verify_audit(&self) -> Result<AuditReport, StoreError> {
         let entries = self.audit_entries(None)?;
         let n = entries.len() as i64;
-        let bad = |problem: String| Ok(AuditReport { ok: false, entries: n, problem: Some(problem) });
+        let bad = |problem: String| {
+            Ok(AuditReport {
+                ok: false,
+                entries: n,
+                problem: Some(problem),
+            })
+        };
         let mut prev = GENESIS.to_string();
         for (i, e) in entries.iter().enumerate() {
             let want_seq = i as i64 + 1;
             if e.seq != want_seq {
-                return bad(format!("entry {want_seq} is missing (next entry is {})", e.seq));
+                return bad(format!(
+                    "entry {want_seq} is missing (next entry is {})",
+                    e.seq
+                ));
             }
             if e.prev_hash != prev {
-                return bad(format!("entry {} does not link to entry {}", e.seq, e.seq - 1));
+                return bad(format!(
+                    "entry {} does not link to entry {}",
+                    e.seq,
+                    e.seq - 1
+                ));
             }
             if entry_hash(e) != e.hash {
                 return bad(format!("entry {} was modified (hash mismatch)", e.seq));
@@ -381,7 +449,12 @@ impl Store {
         let head = match std::fs::read_to_string(&self.head_path) {
             Ok(s) => Some(s),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => return Err(StoreError::Head { path: self.head_path.clone(), source }),
+            Err(source) => {
+                return Err(StoreError::Head {
+                    path: self.head_path.clone(),
+                    source,
+                })
+            }
         };
         match head {
             None if n == 0 => {}
@@ -398,7 +471,11 @@ impl Store {
                 }
             }
         }
-        Ok(AuditReport { ok: true, entries: n, problem: None })
+        Ok(AuditReport {
+            ok: true,
+            entries: n,
+            problem: None,
+        })
     }
 
     /// Direct access for tests that tamper with the database.
@@ -425,19 +502,67 @@ fn entry_hash(e: &AuditEntry) -> String {
     hex::encode(ctx.finish().as_ref())
 }
 
-const ENV_COLS: &str = "id, name, spec, state, reason, created_at, updated_at, last_active_at, vmm_pid, api_socket";
+const ENV_COLS: &str =
+    "id, name, spec, state, reason, created_at, updated_at, last_active_at, vmm_pid, api_socket";
 
-type RawEnv = (i64, String, String, String, Option<String>, i64, i64, i64, Option<i32>, Option<String>);
+type RawEnv = (
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    i64,
+    i64,
+    Option<i32>,
+    Option<String>,
+);
 
 fn raw_env(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawEnv> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+    ))
 }
 
 fn cook_env(raw: RawEnv) -> Result<EnvRecord, StoreError> {
-    let (id, name, spec, state, reason, created_at, updated_at, last_active_at, vmm_pid, api_socket) = raw;
-    let spec = serde_json::from_str(&spec).map_err(|source| StoreError::Spec { name: name.clone(), source })?;
+    let (
+        id,
+        name,
+        spec,
+        state,
+        reason,
+        created_at,
+        updated_at,
+        last_active_at,
+        vmm_pid,
+        api_socket,
+    ) = raw;
+    let spec = serde_json::from_str(&spec).map_err(|source| StoreError::Spec {
+        name: name.clone(),
+        source,
+    })?;
     let state = EnvState::parse(&state).ok_or(StoreError::State(state))?;
-    Ok(EnvRecord { id, name, spec, state, reason, created_at, updated_at, last_active_at, vmm_pid, api_socket })
+    Ok(EnvRecord {
+        id,
+        name,
+        spec,
+        state,
+        reason,
+        created_at,
+        updated_at,
+        last_active_at,
+        vmm_pid,
+        api_socket,
+    })
 }
 
 #[cfg(test)]
@@ -445,9 +570,13 @@ mod tests {
     use super::*;
 
     fn spec(name: &str) -> Spec {
-        let composer = crate::composer::Composer::new(proto::spec::Catalog::embedded(), Default::default());
+        let composer =
+            crate::composer::Composer::new(proto::spec::Catalog::embedded(), Default::default());
         match composer.compose("python headless").outcome {
-            crate::composer::Outcome::Spec(s) => Spec { name: name.into(), ..*s },
+            crate::composer::Outcome::Spec(s) => Spec {
+                name: name.into(),
+                ..*s
+            },
             other => panic!("{other:?}"),
         }
     }
@@ -468,7 +597,10 @@ mod tests {
     #[test]
     fn reopening_keeps_environments() {
         let dir = tempfile::tempdir().unwrap();
-        Store::open(dir.path()).unwrap().insert_env(&spec("a")).unwrap();
+        Store::open(dir.path())
+            .unwrap()
+            .insert_env(&spec("a"))
+            .unwrap();
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.envs(false).unwrap().len(), 1);
         assert_eq!(s.env("a").unwrap().unwrap().state, EnvState::Requested);
@@ -489,7 +621,10 @@ mod tests {
     fn duplicate_name_is_refused() {
         let (_d, mut s) = store();
         s.insert_env(&spec("a")).unwrap();
-        assert!(matches!(s.insert_env(&spec("a")), Err(StoreError::NameTaken(_))));
+        assert!(matches!(
+            s.insert_env(&spec("a")),
+            Err(StoreError::NameTaken(_))
+        ));
     }
 
     #[test]
@@ -510,7 +645,13 @@ mod tests {
         for (a, b) in allowed {
             assert!(a.can_become(b), "{a:?} -> {b:?}");
         }
-        for (a, b) in [(Destroyed, Ready), (Ready, Building), (Failed, Ready), (Ready, Destroyed), (Destroyed, Failed)] {
+        for (a, b) in [
+            (Destroyed, Ready),
+            (Ready, Building),
+            (Failed, Ready),
+            (Ready, Destroyed),
+            (Destroyed, Failed),
+        ] {
             assert!(!a.can_become(b), "{a:?} -> {b:?} must be refused");
         }
     }
@@ -519,18 +660,29 @@ mod tests {
     fn intact_audit_chain_verifies() {
         let (_d, mut s) = store();
         for i in 0..5 {
-            s.audit("uid:0", "create", &format!("env{i}"), "{}").unwrap();
+            s.audit("uid:0", "create", &format!("env{i}"), "{}")
+                .unwrap();
         }
-        assert_eq!(s.verify_audit().unwrap(), AuditReport { ok: true, entries: 5, problem: None });
+        assert_eq!(
+            s.verify_audit().unwrap(),
+            AuditReport {
+                ok: true,
+                entries: 5,
+                problem: None
+            }
+        );
     }
 
     #[test]
     fn edited_audit_entry_is_detected() {
         let (_d, mut s) = store();
         for i in 0..5 {
-            s.audit("uid:0", "create", &format!("env{i}"), "{}").unwrap();
+            s.audit("uid:0", "create", &format!("env{i}"), "{}")
+                .unwrap();
         }
-        s.connection().execute("UPDATE audit SET actor = 'uid:1000' WHERE seq = 3", []).unwrap();
+        s.connection()
+            .execute("UPDATE audit SET actor = 'uid:1000' WHERE seq = 3", [])
+            .unwrap();
         let r = s.verify_audit().unwrap();
         assert!(!r.ok);
         assert_eq!(r.problem.unwrap(), "entry 3 was modified (hash mismatch)");
@@ -540,9 +692,12 @@ mod tests {
     fn deleted_audit_entry_is_detected() {
         let (_d, mut s) = store();
         for i in 0..5 {
-            s.audit("uid:0", "create", &format!("env{i}"), "{}").unwrap();
+            s.audit("uid:0", "create", &format!("env{i}"), "{}")
+                .unwrap();
         }
-        s.connection().execute("DELETE FROM audit WHERE seq = 2", []).unwrap();
+        s.connection()
+            .execute("DELETE FROM audit WHERE seq = 2", [])
+            .unwrap();
         let r = s.verify_audit().unwrap();
         assert_eq!(r.problem.unwrap(), "entry 2 is missing (next entry is 3)");
     }
@@ -551,9 +706,12 @@ mod tests {
     fn truncated_audit_tail_is_detected() {
         let (_d, mut s) = store();
         for i in 0..5 {
-            s.audit("uid:0", "create", &format!("env{i}"), "{}").unwrap();
+            s.audit("uid:0", "create", &format!("env{i}"), "{}")
+                .unwrap();
         }
-        s.connection().execute("DELETE FROM audit WHERE seq = 5", []).unwrap();
+        s.connection()
+            .execute("DELETE FROM audit WHERE seq = 5", [])
+            .unwrap();
         let r = s.verify_audit().unwrap();
         assert!(!r.ok);
         assert!(r.problem.unwrap().contains("entries were deleted"));
@@ -563,15 +721,22 @@ mod tests {
     fn rehashed_edit_is_still_detected_by_the_next_link() {
         let (_d, mut s) = store();
         for i in 0..3 {
-            s.audit("uid:0", "create", &format!("env{i}"), "{}").unwrap();
+            s.audit("uid:0", "create", &format!("env{i}"), "{}")
+                .unwrap();
         }
         // Edit entry 2 and recompute its own hash: entry 3 no longer links to it.
         let mut e = s.audit_entries(None).unwrap()[1].clone();
         e.detail = "{\"forged\":true}".into();
         e.hash = entry_hash(&e);
         s.connection()
-            .execute("UPDATE audit SET detail = ?1, hash = ?2 WHERE seq = 2", params![e.detail, e.hash])
+            .execute(
+                "UPDATE audit SET detail = ?1, hash = ?2 WHERE seq = 2",
+                params![e.detail, e.hash],
+            )
             .unwrap();
-        assert_eq!(s.verify_audit().unwrap().problem.unwrap(), "entry 3 does not link to entry 2");
+        assert_eq!(
+            s.verify_audit().unwrap().problem.unwrap(),
+            "entry 3 does not link to entry 2"
+        );
     }
 }

@@ -55,7 +55,10 @@ pub async fn request(
 ) -> Result<Response, UdsError> {
     match tokio::time::timeout(timeout, request_inner(sock, method, uri, body)).await {
         Ok(r) => r,
-        Err(_) => Err(UdsError::Timeout { path: sock.into(), secs: timeout.as_secs() }),
+        Err(_) => Err(UdsError::Timeout {
+            path: sock.into(),
+            secs: timeout.as_secs(),
+        }),
     }
 }
 
@@ -65,16 +68,30 @@ async fn request_inner(
     uri: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<Response, UdsError> {
-    let stream =
-        UnixStream::connect(sock).await.map_err(|source| UdsError::Connect { path: sock.into(), source })?;
-    let http = |source| UdsError::Http { path: sock.into(), source };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
+    let stream = UnixStream::connect(sock)
+        .await
+        .map_err(|source| UdsError::Connect {
+            path: sock.into(),
+            source,
+        })?;
+    let http = |source| UdsError::Http {
+        path: sock.into(),
+        source,
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http)?;
     tokio::spawn(async move {
         // The connection ends when the response is read; its error (if any) surfaces there.
         let _ = conn.await;
     });
-    let bytes = body.map(|b| serde_json::to_vec(b).expect("json serialises")).unwrap_or_default();
-    let mut req = hyper::Request::builder().method(method).uri(uri).header("host", "localhost");
+    let bytes = body
+        .map(|b| serde_json::to_vec(b).expect("json serialises"))
+        .unwrap_or_default();
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", "localhost");
     if body.is_some() {
         req = req.header("content-type", "application/json");
     }
@@ -84,6 +101,12 @@ async fn request_inner(
         .map_err(|e| UdsError::Request(e.to_string()))?;
     let resp = sender.send_request(req).await.map_err(http)?;
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(http)?.to_bytes().to_vec();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(http)?
+        .to_bytes()
+        .to_vec();
     Ok(Response { status, body })
 }

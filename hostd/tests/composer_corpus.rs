@@ -61,11 +61,20 @@ fn expected_spec(c: &Case, actual_name: &str) -> Spec {
             height: c.height.unwrap_or(1080),
             fps: c.fps.unwrap_or(30),
         },
-        network: Network { mode: c.network.unwrap_or(NetworkMode::Nat), allow: c.allow.clone() },
+        network: Network {
+            mode: c.network.unwrap_or(NetworkMode::Nat),
+            allow: c.allow.clone(),
+        },
         lifetime: if c.forever {
-            Lifetime { ttl_s: None, idle_s: None }
+            Lifetime {
+                ttl_s: None,
+                idle_s: None,
+            }
         } else {
-            Lifetime { ttl_s: c.ttl_s, idle_s: Some(c.idle_s.unwrap_or(3600)) }
+            Lifetime {
+                ttl_s: c.ttl_s,
+                idle_s: Some(c.idle_s.unwrap_or(3600)),
+            }
         },
         persistence: c.persistence.unwrap_or(Persistence::Ephemeral),
         assumptions: vec![],
@@ -77,7 +86,11 @@ fn expected_spec(c: &Case, actual_name: &str) -> Spec {
 fn corpus_exact_match_share_is_at_least_95_percent() {
     let composer = Composer::new(Catalog::embedded(), Defaults::default());
     let cases = corpus().case;
-    assert!(cases.len() >= 200, "corpus has {} cases; at least 200 are required", cases.len());
+    assert!(
+        cases.len() >= 200,
+        "corpus has {} cases; at least 200 are required",
+        cases.len()
+    );
     let mut failures = Vec::new();
     for c in &cases {
         let got = composer.compose(&c.text).outcome;
@@ -115,7 +128,9 @@ fn every_composed_spec_passes_validation_and_catalog_checks() {
     for c in corpus().case {
         if let Outcome::Spec(s) = composer.compose(&c.text).outcome {
             s.validate().unwrap_or_else(|e| panic!("{:?}: {e}", c.text));
-            catalog.check_spec(&s).unwrap_or_else(|e| panic!("{:?}: {e}", c.text));
+            catalog
+                .check_spec(&s)
+                .unwrap_or_else(|e| panic!("{:?}: {e}", c.text));
         }
     }
 }

@@ -13,8 +13,14 @@ use proto::spec::{Catalog, Spec};
 
 fn spec(name: &str) -> Spec {
     let c = hostd::composer::Composer::new(Catalog::embedded(), Default::default());
-    match c.compose("headless python, 1 core, 128 MB ram, for 1 hour").outcome {
-        hostd::composer::Outcome::Spec(s) => Spec { name: name.into(), ..*s },
+    match c
+        .compose("headless python, 1 core, 128 MB ram, for 1 hour")
+        .outcome
+    {
+        hostd::composer::Outcome::Spec(s) => Spec {
+            name: name.into(),
+            ..*s
+        },
         o => panic!("{o:?}"),
     }
 }
@@ -30,14 +36,24 @@ fn orchestrator(dir: &Path, guest: &str, vcpus: u32) -> Option<Orchestrator> {
     Some(Orchestrator::new(cfg, dir).unwrap())
 }
 
-async fn wait_state(o: &Orchestrator, name: &str, want: EnvState, secs: u64) -> hostd::store::EnvRecord {
+async fn wait_state(
+    o: &Orchestrator,
+    name: &str,
+    want: EnvState,
+    secs: u64,
+) -> hostd::store::EnvRecord {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let env = o.show(name).unwrap();
         if env.state == want {
             return env;
         }
-        assert!(Instant::now() < deadline, "{name} is {:?} ({:?}), wanted {want:?}", env.state, env.reason);
+        assert!(
+            Instant::now() < deadline,
+            "{name} is {:?} ({:?}), wanted {want:?}",
+            env.state,
+            env.reason
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -45,7 +61,9 @@ async fn wait_state(o: &Orchestrator, name: &str, want: EnvState, secs: u64) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn environment_goes_requested_to_ready_to_stopped_to_destroyed() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(o) = orchestrator(dir.path(), "ready", 4) else { return };
+    let Some(o) = orchestrator(dir.path(), "ready", 4) else {
+        return;
+    };
     o.start().await.unwrap();
     let env = o.create(spec("life"), "test").unwrap();
     assert_eq!(env.state, EnvState::Requested);
@@ -60,9 +78,17 @@ async fn environment_goes_requested_to_ready_to_stopped_to_destroyed() {
     let destroyed = o.destroy("life", "test").await.unwrap();
     assert_eq!(destroyed.state, EnvState::Destroyed);
     assert!(!dir.path().join("envs/life").exists());
-    let actions: Vec<String> = o.audit_entries(100).unwrap().into_iter().map(|e| e.action).collect();
+    let actions: Vec<String> = o
+        .audit_entries(100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
     for a in ["create", "spawn", "ready", "stop", "destroy"] {
-        assert!(actions.contains(&a.to_string()), "audit lacks {a}: {actions:?}");
+        assert!(
+            actions.contains(&a.to_string()),
+            "audit lacks {a}: {actions:?}"
+        );
     }
     assert!(o.verify_audit().unwrap().ok);
 }
@@ -70,7 +96,9 @@ async fn environment_goes_requested_to_ready_to_stopped_to_destroyed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmm_killed_from_outside_fails_only_its_environment() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(o) = orchestrator(dir.path(), "ready", 4) else { return };
+    let Some(o) = orchestrator(dir.path(), "ready", 4) else {
+        return;
+    };
     o.start().await.unwrap();
     o.create(spec("victim"), "test").unwrap();
     o.create(spec("bystander"), "test").unwrap();
@@ -81,7 +109,10 @@ async fn vmm_killed_from_outside_fails_only_its_environment() {
     unsafe { libc::kill(victim.vmm_pid.unwrap(), libc::SIGKILL) };
 
     let failed = wait_state(&o, "victim", EnvState::Failed, 20).await;
-    assert_eq!(failed.reason.as_deref(), Some("genos-vmm was killed by signal 9"));
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some("genos-vmm was killed by signal 9")
+    );
     assert_eq!(o.show("bystander").unwrap().state, EnvState::Ready);
     o.destroy("victim", "test").await.unwrap();
     o.destroy("bystander", "test").await.unwrap();
@@ -90,18 +121,28 @@ async fn vmm_killed_from_outside_fails_only_its_environment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_that_reboots_during_boot_fails_with_the_vmm_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(o) = orchestrator(dir.path(), "reboot", 4) else { return };
+    let Some(o) = orchestrator(dir.path(), "reboot", 4) else {
+        return;
+    };
     o.start().await.unwrap();
     o.create(spec("flaky"), "test").unwrap();
     let failed = wait_state(&o, "flaky", EnvState::Failed, 60).await;
-    assert_eq!(failed.reason.as_deref(), Some("genos-vmm exited with status 3 (the guest rebooted)"));
-    assert_eq!(o.destroy("flaky", "test").await.unwrap().state, EnvState::Destroyed);
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some("genos-vmm exited with status 3 (the guest rebooted)")
+    );
+    assert_eq!(
+        o.destroy("flaky", "test").await.unwrap().state,
+        EnvState::Destroyed
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_refuses_what_exceeds_capacity_while_others_run() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(o) = orchestrator(dir.path(), "ready", 1) else { return };
+    let Some(o) = orchestrator(dir.path(), "ready", 1) else {
+        return;
+    };
     o.start().await.unwrap();
     o.create(spec("first"), "test").unwrap();
     wait_state(&o, "first", EnvState::Ready, 60).await;
@@ -111,7 +152,10 @@ async fn admission_refuses_what_exceeds_capacity_while_others_run() {
         err.to_string(),
         "not enough CPU: second asks for 1 vCPUs, 1 of 1 are in use (1 host CPUs x overcommit 1)"
     );
-    assert!(o.show("second").is_err(), "a refused environment must not be stored");
+    assert!(
+        o.show("second").is_err(),
+        "a refused environment must not be stored"
+    );
     // Once the first is stopped its vCPU is free again.
     o.stop("first", "test").await.unwrap();
     o.create(spec("second"), "test").unwrap();
@@ -122,9 +166,14 @@ async fn admission_refuses_what_exceeds_capacity_while_others_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_environment_is_stopped_and_expired_one_destroyed() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(o) = orchestrator(dir.path(), "ready", 4) else { return };
+    let Some(o) = orchestrator(dir.path(), "ready", 4) else {
+        return;
+    };
     o.start().await.unwrap();
-    o.create(spec("idler"), "test").unwrap();
+    let mut s = spec("idler");
+    s.lifetime.ttl_s = Some(7200);
+    s.lifetime.idle_s = Some(600);
+    o.create(s, "test").unwrap();
     let env = wait_state(&o, "idler", EnvState::Ready, 60).await;
     let idle = env.spec.lifetime.idle_s.unwrap() as i64;
     let ttl = env.spec.lifetime.ttl_s.unwrap() as i64;
@@ -140,12 +189,17 @@ async fn idle_environment_is_stopped_and_expired_one_destroyed() {
 #[test]
 fn restarted_hostd_readopts_a_running_vmm() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(first) = orchestrator(dir.path(), "ready", 4) else { return };
+    let Some(first) = orchestrator(dir.path(), "ready", 4) else {
+        return;
+    };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let pid = rt.block_on(async {
         first.start().await.unwrap();
         first.create(spec("survivor"), "test").unwrap();
-        wait_state(&first, "survivor", EnvState::Ready, 60).await.vmm_pid.unwrap()
+        wait_state(&first, "survivor", EnvState::Ready, 60)
+            .await
+            .vmm_pid
+            .unwrap()
     });
     // hostd goes away: its runtime and every task with it; the VMM keeps running.
     drop(rt);
@@ -159,10 +213,18 @@ fn restarted_hostd_readopts_a_running_vmm() {
         let env = second.show("survivor").unwrap();
         assert_eq!(env.state, EnvState::Ready);
         assert_eq!(second.vmm_pid("survivor"), Some(pid), "not re-adopted");
-        let actions: Vec<String> = second.audit_entries(10).unwrap().into_iter().map(|e| e.action).collect();
+        let actions: Vec<String> = second
+            .audit_entries(10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.action)
+            .collect();
         assert!(actions.contains(&"adopt".to_string()));
         // The adopted VMM is still controlled: stop goes through its API socket.
-        assert_eq!(second.stop("survivor", "test").await.unwrap().state, EnvState::Stopped);
+        assert_eq!(
+            second.stop("survivor", "test").await.unwrap().state,
+            EnvState::Stopped
+        );
         assert!(!pid_alive(pid));
     });
 }
@@ -170,12 +232,17 @@ fn restarted_hostd_readopts_a_running_vmm() {
 #[test]
 fn restarted_hostd_fails_environments_whose_vmm_is_gone() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(first) = orchestrator(dir.path(), "ready", 4) else { return };
+    let Some(first) = orchestrator(dir.path(), "ready", 4) else {
+        return;
+    };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let pid = rt.block_on(async {
         first.start().await.unwrap();
         first.create(spec("gone"), "test").unwrap();
-        wait_state(&first, "gone", EnvState::Ready, 60).await.vmm_pid.unwrap()
+        wait_state(&first, "gone", EnvState::Ready, 60)
+            .await
+            .vmm_pid
+            .unwrap()
     });
     drop(rt);
     drop(first);
@@ -192,7 +259,10 @@ fn restarted_hostd_fails_environments_whose_vmm_is_gone() {
         second.start().await.unwrap();
         let env = second.show("gone").unwrap();
         assert_eq!(env.state, EnvState::Failed);
-        assert_eq!(env.reason.as_deref(), Some("its genos-vmm was gone when hostd restarted"));
+        assert_eq!(
+            env.reason.as_deref(),
+            Some("its genos-vmm was gone when hostd restarted")
+        );
     });
 }
 
@@ -208,7 +278,10 @@ async fn missing_image_builder_fails_the_build_with_its_reason() {
     o.create(spec("nobuild"), "test").unwrap();
     let env = wait_state(&o, "nobuild", EnvState::Failed, 20).await;
     assert!(
-        env.reason.as_deref().unwrap().starts_with("cannot run /nonexistent/genos-image"),
+        env.reason
+            .as_deref()
+            .unwrap()
+            .starts_with("cannot run /nonexistent/genos-image"),
         "{:?}",
         env.reason
     );

@@ -136,13 +136,24 @@ pub fn source_version() -> Result<String, KernelError> {
             return Err(KernelError::SourceNotInstalled);
         }
         eprintln!("genos-image: installing {SOURCE_PACKAGE}");
-        tools::run(Command::new("apt-get").args([
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            SOURCE_PACKAGE,
-        ]))?;
+        let install = || {
+            tools::run(
+                Command::new("apt-get")
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .args([
+                        "install",
+                        "-y",
+                        "-q",
+                        "--no-install-recommends",
+                        SOURCE_PACKAGE,
+                    ]),
+            )
+        };
+        if install().is_err() {
+            // Usually stale or missing package lists on a fresh machine.
+            tools::run(Command::new("apt-get").args(["update", "-q"]))?;
+            install()?;
+        }
     }
     let version =
         tools::output(Command::new("dpkg-query").args(["-W", "-f=${Version}", SOURCE_PACKAGE]))?;

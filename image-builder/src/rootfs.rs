@@ -55,7 +55,8 @@ const X11_SESSION_PACKAGES: &[&str] = &[
 const KIOSK_SESSION_PACKAGES: &[&str] = &["libpam-systemd", "fonts-dejavu-core"];
 
 const BASE_RECIPE: &str = "genos-base-v1";
-const ROOTFS_RECIPE: &str = "genos-rootfs-v1";
+/// Bump when `customise` changes what goes into an image, so cached images are rebuilt.
+const ROOTFS_RECIPE: &str = "genos-rootfs-v2";
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 /// Free space a base build needs in the cache (debootstrap tree plus its tarball).
@@ -662,7 +663,8 @@ fn customise(
          usermod --password '*' {user}\n\
          for g in sudo video input render audio; do getent group $g >/dev/null && usermod -aG $g {user}; done\n\
          systemctl enable systemd-networkd\n\
-         systemctl set-default multi-user.target\n"
+         systemctl set-default multi-user.target\n\
+         systemctl mask e2scrub_reap.service e2scrub_all.timer\n"
     );
     if let Some(agent) = agent {
         let bin = root.join("usr/local/bin/genos-agent");

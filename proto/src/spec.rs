@@ -143,7 +143,9 @@ pub enum SpecError {
     AllowWithoutAllowlist,
     #[error("network.allow has {0} hosts; at most {max} are allowed", max = limits::ALLOW_MAX)]
     AllowTooLong(usize),
-    #[error("network.allow entry {0:?} is not a host name (e.g. \"github.com\" or \"*.pypi.org\")")]
+    #[error(
+        "network.allow entry {0:?} is not a host name (e.g. \"github.com\" or \"*.pypi.org\")"
+    )]
     AllowHost(String),
     #[error("unknown base {0:?}; known bases: {1}")]
     UnknownBase(String, String),
@@ -169,7 +171,8 @@ impl Spec {
                 return Err(SpecError::Version(u32::try_from(v).unwrap_or(u32::MAX)));
             }
         }
-        let spec: Spec = serde_json::from_value(value).map_err(|e| SpecError::Json(e.to_string()))?;
+        let spec: Spec =
+            serde_json::from_value(value).map_err(|e| SpecError::Json(e.to_string()))?;
         spec.validate()?;
         Ok(spec)
     }
@@ -190,14 +193,30 @@ impl Spec {
         check_range("vcpus", self.vcpus.into(), &limits::VCPUS)?;
         check_range("memory_mib", self.memory_mib.into(), &limits::MEMORY_MIB)?;
         check_range("disk_gib", self.disk_gib.into(), &limits::DISK_GIB)?;
-        check_range("display.width", self.display.width.into(), &limits::DISPLAY_SIDE)?;
-        check_range("display.height", self.display.height.into(), &limits::DISPLAY_SIDE)?;
+        check_range(
+            "display.width",
+            self.display.width.into(),
+            &limits::DISPLAY_SIDE,
+        )?;
+        check_range(
+            "display.height",
+            self.display.height.into(),
+            &limits::DISPLAY_SIDE,
+        )?;
         check_range("display.fps", self.display.fps.into(), &limits::FPS)?;
-        for (field, v) in [("lifetime.ttl_s", self.lifetime.ttl_s), ("lifetime.idle_s", self.lifetime.idle_s)] {
+        for (field, v) in [
+            ("lifetime.ttl_s", self.lifetime.ttl_s),
+            ("lifetime.idle_s", self.lifetime.idle_s),
+        ] {
             if let Some(v) = v {
                 let r = limits::LIFETIME_S;
                 if !r.contains(&v) {
-                    return Err(SpecError::Range { field, value: v, min: *r.start(), max: *r.end() });
+                    return Err(SpecError::Range {
+                        field,
+                        value: v,
+                        min: *r.start(),
+                        max: *r.end(),
+                    });
                 }
             }
         }
@@ -235,7 +254,12 @@ fn check_range<T: Into<u64> + Copy>(
 ) -> Result<(), SpecError> {
     let (min, max) = ((*range.start()).into(), (*range.end()).into());
     if value < min || value > max {
-        return Err(SpecError::Range { field, value, min, max });
+        return Err(SpecError::Range {
+            field,
+            value,
+            min,
+            max,
+        });
     }
     Ok(())
 }
@@ -243,7 +267,9 @@ fn check_range<T: Into<u64> + Copy>(
 /// True for a DNS-label-like environment name.
 pub fn is_valid_name(name: &str) -> bool {
     limits::NAME_LEN.contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-')
 }
@@ -257,11 +283,14 @@ pub fn is_valid_allow_host(host: &str) -> bool {
         && labels.iter().all(|l| {
             !l.is_empty()
                 && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         })
-        && labels.last().is_some_and(|tld| tld.bytes().any(|b| b.is_ascii_lowercase()))
+        && labels
+            .last()
+            .is_some_and(|tld| tld.bytes().any(|b| b.is_ascii_lowercase()))
 }
 
 /// The catalog shipped with this build (`configs/catalog.toml`).
@@ -363,23 +392,31 @@ impl Catalog {
                 *families.entry(&b.family).or_default() += 1;
             }
             if !b.buildable && b.reason.is_none() {
-                return Err(CatalogError::Invalid(format!("base {name} is not buildable but gives no reason")));
+                return Err(CatalogError::Invalid(format!(
+                    "base {name} is not buildable but gives no reason"
+                )));
             }
         }
         if let Some((f, _)) = families.iter().find(|(_, n)| **n > 1) {
-            return Err(CatalogError::Invalid(format!("family {f} has more than one newest base")));
+            return Err(CatalogError::Invalid(format!(
+                "family {f} has more than one newest base"
+            )));
         }
         if !self.desktops.contains_key("none") {
             return Err(CatalogError::Invalid("desktop \"none\" is missing".into()));
         }
         for (name, d) in &self.desktops {
             if let Some(p) = d.provides.iter().find(|p| !self.apps.contains_key(*p)) {
-                return Err(CatalogError::Invalid(format!("desktop {name} provides unknown app {p}")));
+                return Err(CatalogError::Invalid(format!(
+                    "desktop {name} provides unknown app {p}"
+                )));
             }
         }
         for (name, a) in &self.apps {
             if a.packages.is_empty() && a.note.is_none() {
-                return Err(CatalogError::Invalid(format!("app {name} has no packages and no note")));
+                return Err(CatalogError::Invalid(format!(
+                    "app {name} has no packages and no note"
+                )));
             }
         }
         Ok(())
@@ -401,7 +438,10 @@ impl Catalog {
             SpecError::UnknownDesktop(spec.desktop.clone(), join_keys(self.desktops.keys()))
         })?;
         for app in &spec.apps {
-            let entry = self.apps.get(app).ok_or_else(|| SpecError::UnknownApp(app.clone()))?;
+            let entry = self
+                .apps
+                .get(app)
+                .ok_or_else(|| SpecError::UnknownApp(app.clone()))?;
             if entry.gui && !desktop.graphical {
                 return Err(SpecError::GuiAppWithoutDesktop { app: app.clone() });
             }
@@ -412,8 +452,16 @@ impl Catalog {
     /// Debian packages to install for `spec` (desktop first, then apps, deduplicated).
     pub fn packages_for(&self, spec: &Spec) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
-        let desktop = self.desktops.get(&spec.desktop).into_iter().flat_map(|d| d.packages.iter());
-        let apps = spec.apps.iter().filter_map(|a| self.apps.get(a)).flat_map(|a| a.packages.iter());
+        let desktop = self
+            .desktops
+            .get(&spec.desktop)
+            .into_iter()
+            .flat_map(|d| d.packages.iter());
+        let apps = spec
+            .apps
+            .iter()
+            .filter_map(|a| self.apps.get(a))
+            .flat_map(|a| a.packages.iter());
         for p in desktop.chain(apps) {
             if !out.contains(p) {
                 out.push(p.clone());
@@ -441,9 +489,19 @@ mod tests {
             vcpus: 2,
             memory_mib: 4096,
             disk_gib: 16,
-            display: Display { width: 1920, height: 1080, fps: 30 },
-            network: Network { mode: NetworkMode::Nat, allow: vec![] },
-            lifetime: Lifetime { ttl_s: Some(7200), idle_s: None },
+            display: Display {
+                width: 1920,
+                height: 1080,
+                fps: 30,
+            },
+            network: Network {
+                mode: NetworkMode::Nat,
+                allow: vec![],
+            },
+            lifetime: Lifetime {
+                ttl_s: Some(7200),
+                idle_s: None,
+            },
             persistence: Persistence::Ephemeral,
             assumptions: vec![],
         }
@@ -454,8 +512,19 @@ mod tests {
         let v = serde_json::to_value(sample()).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         for k in [
-            "version", "name", "base", "desktop", "apps", "vcpus", "memory_mib", "disk_gib", "display",
-            "network", "lifetime", "persistence", "assumptions",
+            "version",
+            "name",
+            "base",
+            "desktop",
+            "apps",
+            "vcpus",
+            "memory_mib",
+            "disk_gib",
+            "display",
+            "network",
+            "lifetime",
+            "persistence",
+            "assumptions",
         ] {
             assert!(keys.contains(&k), "missing {k}");
         }
@@ -491,19 +560,34 @@ mod tests {
         let mut s = sample();
         s.memory_mib = 64;
         let err = s.validate().unwrap_err();
-        assert_eq!(err.to_string(), "memory_mib = 64 is out of range (128..=262144)");
+        assert_eq!(
+            err.to_string(),
+            "memory_mib = 64 is out of range (128..=262144)"
+        );
     }
 
     #[test]
     fn allowlist_rules_are_enforced() {
         let mut s = sample();
-        s.network = Network { mode: NetworkMode::Allowlist, allow: vec![] };
+        s.network = Network {
+            mode: NetworkMode::Allowlist,
+            allow: vec![],
+        };
         assert_eq!(s.validate(), Err(SpecError::EmptyAllowlist));
-        s.network = Network { mode: NetworkMode::Nat, allow: vec!["github.com".into()] };
+        s.network = Network {
+            mode: NetworkMode::Nat,
+            allow: vec!["github.com".into()],
+        };
         assert_eq!(s.validate(), Err(SpecError::AllowWithoutAllowlist));
-        s.network = Network { mode: NetworkMode::Allowlist, allow: vec!["http://x".into()] };
+        s.network = Network {
+            mode: NetworkMode::Allowlist,
+            allow: vec!["http://x".into()],
+        };
         assert_eq!(s.validate(), Err(SpecError::AllowHost("http://x".into())));
-        s.network = Network { mode: NetworkMode::Allowlist, allow: vec!["*.pypi.org".into()] };
+        s.network = Network {
+            mode: NetworkMode::Allowlist,
+            allow: vec!["*.pypi.org".into()],
+        };
         assert_eq!(s.validate(), Ok(()));
     }
 
@@ -541,9 +625,10 @@ mod tests {
             let text = serde_json::to_string_pretty(&Spec::json_schema()).unwrap() + "\n";
             std::fs::write(path, text).unwrap();
         }
-        let on_disk: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).expect("docs/spec.schema.json exists"))
-                .unwrap();
+        let on_disk: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(path).expect("docs/spec.schema.json exists"),
+        )
+        .unwrap();
         assert_eq!(
             on_disk,
             Spec::json_schema(),
@@ -554,7 +639,13 @@ mod tests {
     #[test]
     fn embedded_catalog_loads_and_has_required_entries() {
         let cat = Catalog::embedded();
-        for b in ["debian-12", "ubuntu-22.04", "ubuntu-24.04", "fedora-40", "alpine-3.20"] {
+        for b in [
+            "debian-12",
+            "ubuntu-22.04",
+            "ubuntu-24.04",
+            "fedora-40",
+            "alpine-3.20",
+        ] {
             assert!(cat.bases.contains_key(b), "{b}");
         }
         assert!(cat.bases["debian-12"].buildable);
@@ -562,8 +653,22 @@ mod tests {
             assert!(cat.desktops.contains_key(d), "{d}");
         }
         for a in [
-            "firefox", "chromium", "vscode", "libreoffice", "gimp", "inkscape", "krita", "blender", "vlc",
-            "thunderbird", "terminal", "python", "nodejs", "git", "docker", "audacity",
+            "firefox",
+            "chromium",
+            "vscode",
+            "libreoffice",
+            "gimp",
+            "inkscape",
+            "krita",
+            "blender",
+            "vlc",
+            "thunderbird",
+            "terminal",
+            "python",
+            "nodejs",
+            "git",
+            "docker",
+            "audacity",
         ] {
             assert!(cat.apps.contains_key(a), "{a}");
         }
@@ -586,7 +691,9 @@ mod tests {
         s.desktop = "none".into();
         assert_eq!(
             cat.check_spec(&s),
-            Err(SpecError::GuiAppWithoutDesktop { app: "firefox".into() })
+            Err(SpecError::GuiAppWithoutDesktop {
+                app: "firefox".into()
+            })
         );
     }
 
@@ -595,7 +702,9 @@ mod tests {
         let cat = Catalog::embedded();
         let pkgs = cat.packages_for(&sample());
         assert!(pkgs.contains(&"firefox-esr".to_string()));
-        assert!(pkgs.iter().position(|p| p == "firefox-esr") > pkgs.iter().position(|p| p == "xfce4"));
+        assert!(
+            pkgs.iter().position(|p| p == "firefox-esr") > pkgs.iter().position(|p| p == "xfce4")
+        );
     }
 
     #[test]

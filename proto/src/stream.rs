@@ -232,12 +232,29 @@ pub enum Button {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputEvent {
     /// `code` is a Linux evdev key code (`KEY_*` from `input-event-codes.h`).
-    Key { code: u16, pressed: bool },
-    PointerMove { x: u16, y: u16 },
-    PointerButton { button: Button, pressed: bool },
+    Key {
+        code: u16,
+        pressed: bool,
+    },
+    PointerMove {
+        x: u16,
+        y: u16,
+    },
+    PointerButton {
+        button: Button,
+        pressed: bool,
+    },
     /// Scroll in 1/120 of a notch; positive `dy` scrolls down, positive `dx` right.
-    Wheel { dx: i16, dy: i16 },
-    Touch { id: u8, phase: TouchPhase, x: u16, y: u16 },
+    Wheel {
+        dx: i16,
+        dy: i16,
+    },
+    Touch {
+        id: u8,
+        phase: TouchPhase,
+        x: u16,
+        y: u16,
+    },
 }
 
 /// Messages the client sends on the control stream.
@@ -258,9 +275,14 @@ pub enum ClientMessage {
     KeyframeRequest,
     Input(InputEvent),
     Clipboard(String),
-    Resize { width: u16, height: u16 },
+    Resize {
+        width: u16,
+        height: u16,
+    },
     Stats(ClientStats),
-    Ping { client_time_us: u64 },
+    Ping {
+        client_time_us: u64,
+    },
 }
 
 /// Client-side view of the session, reported to the server now and then.
@@ -316,8 +338,14 @@ pub enum ServerMessage {
     },
     Clipboard(String),
     Stats(ServerStats),
-    Error { code: ErrorCode, message: String },
-    Pong { client_time_us: u64, server_time_us: u64 },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Pong {
+        client_time_us: u64,
+        server_time_us: u64,
+    },
 }
 
 mod ty {
@@ -385,7 +413,12 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
-    fn string(&mut self, len: usize, max: usize, field: &'static str) -> Result<String, DecodeError> {
+    fn string(
+        &mut self,
+        len: usize,
+        max: usize,
+        field: &'static str,
+    ) -> Result<String, DecodeError> {
         if len > max {
             return Err(DecodeError::BadValue {
                 field,
@@ -821,7 +854,7 @@ impl MessageReader {
 
     /// The next complete message, `Ok(None)` if more bytes are needed. After an error the
     /// stream is unusable: the peer violated the protocol.
-    pub fn next<M: Message>(&mut self) -> Result<Option<M>, DecodeError> {
+    pub fn next_message<M: Message>(&mut self) -> Result<Option<M>, DecodeError> {
         let avail = &self.buf[self.start..];
         let Some(len_bytes) = avail.get(..4) else {
             return Ok(None);
@@ -1027,7 +1060,7 @@ mod tests {
             let bytes = m.to_bytes();
             let mut r = MessageReader::new();
             r.push(&bytes);
-            assert_eq!(r.next::<ClientMessage>().unwrap(), Some(m));
+            assert_eq!(r.next_message::<ClientMessage>().unwrap(), Some(m));
             assert_eq!(r.buffered(), 0);
         }
     }
@@ -1038,7 +1071,7 @@ mod tests {
             let bytes = m.to_bytes();
             let mut r = MessageReader::new();
             r.push(&bytes);
-            assert_eq!(r.next::<ServerMessage>().unwrap(), Some(m));
+            assert_eq!(r.next_message::<ServerMessage>().unwrap(), Some(m));
         }
     }
 
@@ -1053,7 +1086,7 @@ mod tests {
         let mut got = Vec::new();
         for b in &stream {
             r.push(std::slice::from_ref(b));
-            while let Some(m) = r.next::<ClientMessage>().unwrap() {
+            while let Some(m) = r.next_message::<ClientMessage>().unwrap() {
                 got.push(m);
             }
         }
@@ -1065,7 +1098,7 @@ mod tests {
         let mut r = MessageReader::new();
         r.push(&((MAX_MESSAGE_LEN as u32) + 1).to_le_bytes());
         assert_eq!(
-            r.next::<ClientMessage>(),
+            r.next_message::<ClientMessage>(),
             Err(DecodeError::TooLong(MAX_MESSAGE_LEN + 1))
         );
     }
@@ -1102,11 +1135,17 @@ mod tests {
         );
         assert!(matches!(
             ClientMessage::decode_body(&[ty::POINTER_BUTTON, 9, 1]),
-            Err(DecodeError::BadValue { field: "button", .. })
+            Err(DecodeError::BadValue {
+                field: "button",
+                ..
+            })
         ));
         assert!(matches!(
             ClientMessage::decode_body(&[ty::KEY, 1, 0, 2]),
-            Err(DecodeError::BadValue { field: "pressed", .. })
+            Err(DecodeError::BadValue {
+                field: "pressed",
+                ..
+            })
         ));
     }
 
@@ -1115,10 +1154,7 @@ mod tests {
         let mut body = vec![ty::CLIPBOARD_C];
         body.extend_from_slice(&2u32.to_le_bytes());
         body.extend_from_slice(&[0xff, 0xfe]);
-        assert_eq!(
-            ClientMessage::decode_body(&body),
-            Err(DecodeError::BadUtf8)
-        );
+        assert_eq!(ClientMessage::decode_body(&body), Err(DecodeError::BadUtf8));
     }
 
     #[test]
@@ -1127,7 +1163,10 @@ mod tests {
         body.extend_from_slice(&((MAX_CLIPBOARD_LEN + 1) as u32).to_le_bytes());
         assert!(matches!(
             ClientMessage::decode_body(&body),
-            Err(DecodeError::BadValue { field: "clipboard", .. })
+            Err(DecodeError::BadValue {
+                field: "clipboard",
+                ..
+            })
         ));
         let big = "é".repeat(MAX_CLIPBOARD_LEN);
         let bytes = ClientMessage::Clipboard(big).to_bytes();

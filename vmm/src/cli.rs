@@ -73,7 +73,7 @@ impl Args {
     fn to_patch(&self) -> ConfigPatch {
         ConfigPatch {
             kernel: self.kernel.clone(),
-            initrd: self.initrd.clone(),
+            initrd: self.initrd.clone().map(Some),
             cmdline: self.cmdline.clone(),
             vcpus: self.vcpus,
             mem_mib: self.mem_mib,
@@ -81,7 +81,7 @@ impl Args {
             rng: self.rng.then_some(true),
             cpu_template: self.cpu_template,
             serial: self.serial.clone(),
-            gpu: self.gpu,
+            gpu: self.gpu.map(Some),
             input: self.input.then_some(true),
         }
     }

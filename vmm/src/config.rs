@@ -461,9 +461,13 @@ pub struct ConfigPatch {
     /// See [`VmConfig::kernel`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
-    /// See [`VmConfig::initrd`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initrd: Option<PathBuf>,
+    /// See [`VmConfig::initrd`]; `Some(None)` (JSON `null`) removes it.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub initrd: Option<Option<PathBuf>>,
     /// See [`VmConfig::cmdline`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
@@ -485,12 +489,26 @@ pub struct ConfigPatch {
     /// See [`VmConfig::serial`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
-    /// See [`VmConfig::gpu`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gpu: Option<DisplaySize>,
+    /// See [`VmConfig::gpu`]; `Some(None)` (JSON `null`) removes the display.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub gpu: Option<Option<DisplaySize>>,
     /// See [`VmConfig::input`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<bool>,
+}
+
+/// Deserialises a field that is present (possibly `null`) as `Some(value)`; an absent
+/// field stays `None` through `#[serde(default)]`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 impl ConfigPatch {
@@ -549,7 +567,7 @@ impl ConfigPatch {
             config.kernel = v;
         }
         if let Some(v) = self.initrd {
-            config.initrd = Some(v);
+            config.initrd = v;
         }
         if let Some(v) = self.cmdline {
             config.cmdline = v;
@@ -573,7 +591,7 @@ impl ConfigPatch {
             config.serial = v;
         }
         if let Some(v) = self.gpu {
-            config.gpu = Some(v);
+            config.gpu = v;
         }
         if let Some(v) = self.input {
             config.input = v;
@@ -806,6 +824,24 @@ mod tests {
         let config = patch.apply(Some(&base)).unwrap();
         assert_eq!(config.mem_mib, 256);
         assert_eq!(config.kernel, base.kernel);
+    }
+
+    #[test]
+    fn patch_null_removes_optional_fields() {
+        let mut base = VmConfig::new("/k");
+        base.initrd = Some("/i".into());
+        base.gpu = Some(DisplaySize {
+            width: 800,
+            height: 600,
+        });
+        let patch = ConfigPatch::from_json(br#"{"initrd":null,"gpu":null}"#, "body").unwrap();
+        assert_eq!(patch.initrd, Some(None));
+        let config = patch.apply(Some(&base)).unwrap();
+        assert_eq!((config.initrd, config.gpu), (None, None));
+
+        let absent = ConfigPatch::from_json(br#"{"vcpus":2}"#, "body").unwrap();
+        let config = absent.apply(Some(&base)).unwrap();
+        assert_eq!(config.initrd.as_deref(), Some(Path::new("/i")));
     }
 
     #[test]

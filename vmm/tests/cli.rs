@@ -1,5 +1,5 @@
-//! The `genos-vmm` binary's argument handling: every error in the arguments or the files
-//! they name is one line on stderr and exit status 2, before any VM is built.
+//! The `genos-vmm` binary's front end: every error in the arguments or the files they
+//! name is one line on stderr and exit status 2; `--api-sock` alone waits to be configured.
 
 use std::process::{Command, Output};
 
@@ -117,4 +117,59 @@ fn help_goes_to_stdout_and_exits_0() {
     ] {
         assert!(help.contains(flag), "help lacks {flag}");
     }
+}
+
+/// Sends one request on a fresh connection and returns (status, body).
+fn http(sock: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
+#[test]
+fn api_sock_alone_waits_for_configuration_and_stop_exits_0() {
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    let sock = dir.as_path().join("api.sock");
+    let kernel = TempFile::new().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_genos-vmm"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "API socket never appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+
+    let (status, body) = http(&sock, "GET", "/vm", "");
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""state":"not-configured""#), "{body}");
+    let config = format!(r#"{{"kernel":"{}","vcpus":2}}"#, kernel.as_path().display());
+    assert_eq!(http(&sock, "PUT", "/vm/config", &config).0, 204);
+    let (status, body) = http(&sock, "GET", "/vm", "");
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""state":"configured""#), "{body}");
+    assert!(body.contains(r#""vcpus":2"#), "{body}");
+    assert_eq!(
+        http(&sock, "PUT", "/vm/actions", r#"{"action":"stop"}"#).0,
+        204
+    );
+
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
 }

@@ -277,10 +277,11 @@ fn bench_x264(
     Ok(row)
 }
 
-/// Throughput in GB/s of `f` processing `bytes` per call, best of a few timed batches.
+/// Throughput in GB/s of `f` processing `bytes` per call, best of several timed batches (the
+/// best batch is the one least disturbed by other processes on a shared machine).
 fn throughput(bytes: usize, mut f: impl FnMut()) -> f64 {
     let mut best = f64::INFINITY;
-    for _ in 0..5 {
+    for _ in 0..15 {
         let start = Instant::now();
         let reps = 20;
         for _ in 0..reps {

@@ -68,7 +68,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let socket = state_dir.join("admin.sock");
     let policy = AccessPolicy::new(&cfg.admin.group);
     let orch = Orchestrator::new(cfg, &state_dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = admin::bind(&socket, &policy).await?;
         orch.start().await?;

@@ -38,8 +38,11 @@ enum Cmd {
         #[arg(long)]
         explain: bool,
         /// Ask the running hostd instead of composing locally.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "config")]
         remote: bool,
+        /// hostd configuration whose catalog and defaults to use (default: the built-in ones).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Compose, create, wait until ready, and print how to view it.
     Up {
@@ -108,15 +111,21 @@ enum CliError {
     Failed(String),
 }
 
+/// An error with its sources, "outer: inner: innermost".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
 impl From<uds::UdsError> for CliError {
     fn from(e: uds::UdsError) -> Self {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
+        let mut msg = chain(&e);
         if matches!(e, uds::UdsError::Connect { .. }) {
             msg.push_str(" (is genos-hostd running? set --socket or GENOS_SOCKET)");
         }
@@ -126,7 +135,10 @@ impl From<uds::UdsError> for CliError {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("genos: {e}");
@@ -153,10 +165,20 @@ struct Client {
 
 impl Client {
     async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> Result<Value, CliError> {
-        let r = uds::request(&self.socket, method, uri, body.as_ref(), Duration::from_secs(60)).await?;
+        let r = uds::request(
+            &self.socket,
+            method,
+            uri,
+            body.as_ref(),
+            Duration::from_secs(60),
+        )
+        .await?;
         let v = r.json();
         if !r.ok() {
-            let why = v["error"].as_str().map(str::to_string).unwrap_or_else(|| String::from_utf8_lossy(&r.body).into());
+            let why = v["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into());
             return Err(CliError::Msg(why));
         }
         Ok(v)
@@ -165,30 +187,58 @@ impl Client {
     async fn text(&self, uri: &str) -> Result<String, CliError> {
         let r = uds::request(&self.socket, "GET", uri, None, Duration::from_secs(30)).await?;
         if !r.ok() {
-            return Err(CliError::Msg(r.json()["error"].as_str().unwrap_or("request failed").into()));
+            return Err(CliError::Msg(
+                r.json()["error"]
+                    .as_str()
+                    .unwrap_or("request failed")
+                    .into(),
+            ));
         }
         Ok(String::from_utf8_lossy(&r.body).into())
     }
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
-    let socket = admin_socket_path(cli.socket.as_deref())
-        .ok_or_else(|| CliError::Msg("no admin socket: set --socket, GENOS_SOCKET or HOME".into()))?;
+    let socket = admin_socket_path(cli.socket.as_deref()).ok_or_else(|| {
+        CliError::Msg("no admin socket: set --socket, GENOS_SOCKET or HOME".into())
+    })?;
     let client = Client { socket };
     let json_out = cli.json;
     match cli.cmd {
-        Cmd::Compose { text, explain, remote } => {
+        Cmd::Compose {
+            text,
+            explain,
+            remote,
+        } => {
             let out: hostd::composer::ComposeOutput = if remote {
-                let v = client.call("POST", "/v1/compose", Some(json!({"text": text, "explain": explain}))).await?;
-                serde_json::from_value(v).map_err(|e| CliError::Msg(format!("unexpected answer from hostd: {e}")))?
+                let v = client
+                    .call(
+                        "POST",
+                        "/v1/compose",
+                        Some(json!({"text": text, "explain": explain})),
+                    )
+                    .await?;
+                serde_json::from_value(v)
+                    .map_err(|e| CliError::Msg(format!("unexpected answer from hostd: {e}")))?
             } else {
-                let composer = Composer::new(Catalog::embedded(), Defaults::default());
+                let composer = match config {
+                    None => Composer::new(Catalog::embedded(), Defaults::default()),
+                    Some(p) => {
+                        let cfg = hostd::config::Config::load(&p)
+                            .map_err(|e| CliError::Msg(chain(&e)))?;
+                        let catalog = cfg.load_catalog().map_err(|e| CliError::Msg(chain(&e)))?;
+                        Composer::new(catalog, cfg.composer)
+                    }
+                };
                 composer.compose(&text).to_output(explain)
             };
             // Printed from the typed value so fields keep the spec's documented order.
             println!("{}", serde_json::to_string_pretty(&out).expect("json"));
         }
-        Cmd::Schema => println!("{}", serde_json::to_string_pretty(&Spec::json_schema()).expect("json")),
+        Cmd::Schema => println!(
+            "{}",
+            serde_json::to_string_pretty(&Spec::json_schema()).expect("json")
+        ),
         Cmd::Up { text, timeout } => up(&client, &text, timeout, json_out).await?,
         Cmd::Create { text, spec } => {
             let body = match (text, spec) {
@@ -207,7 +257,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::Clarify);
             }
             if !json_out {
-                println!("created {} ({})", v["env"]["name"].as_str().unwrap_or("?"), v["env"]["state"].as_str().unwrap_or("?"));
+                println!(
+                    "created {} ({})",
+                    v["env"]["name"].as_str().unwrap_or("?"),
+                    v["env"]["state"].as_str().unwrap_or("?")
+                );
             }
         }
         Cmd::List => {
@@ -219,7 +273,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Cmd::Show { name } => {
-            let v = client.call("GET", &format!("/v1/envs/{}", enc(&name)), None).await?;
+            let v = client
+                .call("GET", &format!("/v1/envs/{}", enc(&name)), None)
+                .await?;
             if json_out {
                 print_json(&v);
             } else {
@@ -227,16 +283,24 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Cmd::Stop { name } => {
-            let v = client.call("POST", &format!("/v1/envs/{}/stop", enc(&name)), None).await?;
+            let v = client
+                .call("POST", &format!("/v1/envs/{}/stop", enc(&name)), None)
+                .await?;
             done(&v, json_out, "stopped");
         }
         Cmd::Destroy { name } => {
-            let v = client.call("DELETE", &format!("/v1/envs/{}", enc(&name)), None).await?;
+            let v = client
+                .call("DELETE", &format!("/v1/envs/{}", enc(&name)), None)
+                .await?;
             done(&v, json_out, "destroyed");
         }
         Cmd::Token { name, ttl, rights } => {
             let v = client
-                .call("POST", &format!("/v1/envs/{}/token", enc(&name)), Some(json!({"ttl_s": ttl, "rights": rights})))
+                .call(
+                    "POST",
+                    &format!("/v1/envs/{}/token", enc(&name)),
+                    Some(json!({"ttl_s": ttl, "rights": rights})),
+                )
                 .await?;
             if json_out {
                 print_json(&v);
@@ -260,7 +324,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Cmd::Metrics => print!("{}", client.text("/metrics").await?),
-        Cmd::Audit { cmd: AuditCmd::Verify } => {
+        Cmd::Audit {
+            cmd: AuditCmd::Verify,
+        } => {
             let v = client.call("GET", "/v1/audit/verify", None).await?;
             if json_out {
                 print_json(&v);
@@ -276,8 +342,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 )));
             }
         }
-        Cmd::Audit { cmd: AuditCmd::List { limit } } => {
-            let v = client.call("GET", &format!("/v1/audit?limit={limit}"), None).await?;
+        Cmd::Audit {
+            cmd: AuditCmd::List { limit },
+        } => {
+            let v = client
+                .call("GET", &format!("/v1/audit?limit={limit}"), None)
+                .await?;
             if json_out {
                 print_json(&v);
             } else {
@@ -299,7 +369,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 async fn up(client: &Client, text: &str, timeout: u64, json_out: bool) -> Result<(), CliError> {
-    let v = client.call("POST", "/v1/envs", Some(json!({"text": text}))).await?;
+    let v = client
+        .call("POST", "/v1/envs", Some(json!({"text": text})))
+        .await?;
     if let Some(q) = v.get("clarify") {
         if json_out {
             print_json(&v);
@@ -315,7 +387,9 @@ async fn up(client: &Client, text: &str, timeout: u64, json_out: bool) -> Result
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let mut last = String::new();
     loop {
-        let env = client.call("GET", &format!("/v1/envs/{}", enc(&name)), None).await?;
+        let env = client
+            .call("GET", &format!("/v1/envs/{}", enc(&name)), None)
+            .await?;
         let state = env["env"]["state"].as_str().unwrap_or("?").to_string();
         if state != last && !json_out {
             eprintln!("  {state}");
@@ -326,17 +400,27 @@ async fn up(client: &Client, text: &str, timeout: u64, json_out: bool) -> Result
             "failed" | "stopped" | "destroyed" => {
                 return Err(CliError::Failed(format!(
                     "{name} {state}: {}",
-                    env["env"]["reason"].as_str().unwrap_or("no reason recorded")
+                    env["env"]["reason"]
+                        .as_str()
+                        .unwrap_or("no reason recorded")
                 )))
             }
             _ => {}
         }
         if Instant::now() > deadline {
-            return Err(CliError::Failed(format!("{name} was not ready after {timeout} s (still {state})")));
+            return Err(CliError::Failed(format!(
+                "{name} was not ready after {timeout} s (still {state})"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let tok = client.call("POST", &format!("/v1/envs/{}/token", enc(&name)), Some(json!({}))).await?;
+    let tok = client
+        .call(
+            "POST",
+            &format!("/v1/envs/{}/token", enc(&name)),
+            Some(json!({})),
+        )
+        .await?;
     if json_out {
         print_json(&json!({"env": name, "token": tok}));
     } else {
@@ -348,11 +432,13 @@ async fn up(client: &Client, text: &str, timeout: u64, json_out: bool) -> Result
 
 fn read_spec(p: &Path) -> Result<Value, CliError> {
     let text = if p == Path::new("-") {
-        std::io::read_to_string(std::io::stdin()).map_err(|e| CliError::Msg(format!("stdin: {e}")))?
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| CliError::Msg(format!("stdin: {e}")))?
     } else {
         std::fs::read_to_string(p).map_err(|e| CliError::Msg(format!("{}: {e}", p.display())))?
     };
-    let spec = Spec::from_json(&text).map_err(|e| CliError::Msg(format!("{}: {e}", p.display())))?;
+    let spec =
+        Spec::from_json(&text).map_err(|e| CliError::Msg(format!("{}: {e}", p.display())))?;
     Ok(serde_json::to_value(spec).expect("json"))
 }
 
@@ -377,7 +463,11 @@ fn print_question(q: &Value) {
 }
 
 fn print_token(v: &Value) {
-    println!("viewer token for {} (expires at unix time {}):", v["env"].as_str().unwrap_or("?"), v["expires_at"]);
+    println!(
+        "viewer token for {} (expires at unix time {}):",
+        v["env"].as_str().unwrap_or("?"),
+        v["expires_at"]
+    );
     println!("  {}", v["token"].as_str().unwrap_or(""));
     if let Some(fp) = v["cert_sha256"].as_str() {
         println!("  host certificate sha256: {fp}");
@@ -394,7 +484,10 @@ fn done(v: &Value, json_out: bool, what: &str) {
 }
 
 fn summary(spec: &Value) -> String {
-    let apps: Vec<&str> = spec["apps"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    let apps: Vec<&str> = spec["apps"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
     format!(
         "{} {}, {} vCPUs, {} MiB, {} GiB disk, network {}{}",
         spec["base"].as_str().unwrap_or("?"),
@@ -403,15 +496,24 @@ fn summary(spec: &Value) -> String {
         spec["memory_mib"],
         spec["disk_gib"],
         spec["network"]["mode"].as_str().unwrap_or("?"),
-        if apps.is_empty() { String::new() } else { format!(", apps {}", apps.join(" ")) }
+        if apps.is_empty() {
+            String::new()
+        } else {
+            format!(", apps {}", apps.join(" "))
+        }
     )
 }
 
 fn print_table(envs: &[Value]) {
-    println!("{:<20} {:<10} {:>5} {:>8} {:<8} {:<24} REASON", "NAME", "STATE", "VCPUS", "MEM_MIB", "DESKTOP", "APPS");
+    println!(
+        "{:<20} {:<10} {:>5} {:>8} {:<8} {:<24} REASON",
+        "NAME", "STATE", "VCPUS", "MEM_MIB", "DESKTOP", "APPS"
+    );
     for e in envs {
-        let apps: Vec<&str> =
-            e["spec"]["apps"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let apps: Vec<&str> = e["spec"]["apps"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
         println!(
             "{:<20} {:<10} {:>5} {:>8} {:<8} {:<24} {}",
             e["name"].as_str().unwrap_or(""),
@@ -435,7 +537,10 @@ fn print_env(e: &Value) {
     if let Some(p) = e["vmm_pid"].as_i64() {
         println!("vmm pid:  {p}");
     }
-    let assumptions = e["spec"]["assumptions"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let assumptions = e["spec"]["assumptions"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
     if !assumptions.is_empty() {
         println!("assumed:");
         for a in assumptions {

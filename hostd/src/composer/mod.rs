@@ -59,7 +59,11 @@ impl Composition {
             Outcome::Spec(s) => (Some((**s).clone()), None),
             Outcome::Clarify(c) => (None, Some(c.clone())),
         };
-        ComposeOutput { spec, clarify, explain: explain.then(|| self.explain.clone()) }
+        ComposeOutput {
+            spec,
+            clarify,
+            explain: explain.then(|| self.explain.clone()),
+        }
     }
 }
 
@@ -161,19 +165,32 @@ impl Composer {
         for w in lx::NOT_ALONE {
             phrases.remove(*w);
         }
-        let longest_phrase = phrases.keys().map(|p| p.split(' ').count()).max().unwrap_or(1);
+        let longest_phrase = phrases
+            .keys()
+            .map(|p| p.split(' ').count())
+            .max()
+            .unwrap_or(1);
         let mut fuzzy: Vec<(String, Target)> = phrases
             .iter()
             .filter(|(p, t)| {
                 p.len() >= 4
                     && p.chars().all(|c| c.is_ascii_alphabetic())
-                    && matches!(t, Target::App(_) | Target::Desktop(_) | Target::Family(_) | Target::Base(_))
+                    && matches!(
+                        t,
+                        Target::App(_) | Target::Desktop(_) | Target::Family(_) | Target::Base(_)
+                    )
                     && !lx::FILLER.contains(&p.as_str())
             })
             .map(|(p, t)| (p.clone(), t.clone()))
             .collect();
         fuzzy.sort_by(|a, b| a.0.cmp(&b.0));
-        Composer { catalog, defaults, phrases, fuzzy, longest_phrase }
+        Composer {
+            catalog,
+            defaults,
+            phrases,
+            fuzzy,
+            longest_phrase,
+        }
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -190,14 +207,21 @@ impl Composer {
                 Outcome::Clarify(q)
             }
         };
-        Composition { outcome, explain: st.explain }
+        Composition {
+            outcome,
+            explain: st.explain,
+        }
     }
 
     fn run(&self, st: &mut State) -> Result<Spec, Clarify> {
         if st.work.text.trim().is_empty() {
             return Err(clarify(
                 "What should the environment have? Name the apps or the kind of machine you want.",
-                &["a desktop with firefox", "a headless machine with python", "a kiosk showing chromium"],
+                &[
+                    "a desktop with firefox",
+                    "a headless machine with python",
+                    "a kiosk showing chromium",
+                ],
             ));
         }
         self.read_name(st);
@@ -214,13 +238,16 @@ impl Composer {
     }
 
     fn read_name(&self, st: &mut State) {
-        let Some(c) = lx::NAME.captures(&st.work.remaining) else { return };
+        let Some(c) = lx::NAME.captures(&st.work.remaining) else {
+            return;
+        };
         let (m, name) = (c.get(0).expect("match"), c.get(1).expect("group"));
         let candidate = name.as_str().trim_end_matches('-').to_string();
         if self.phrases.contains_key(&candidate) || !proto::spec::is_valid_name(&candidate) {
             return;
         }
-        st.explain.push(format!("name {candidate:?} from {:?}", m.as_str()));
+        st.explain
+            .push(format!("name {candidate:?} from {:?}", m.as_str()));
         st.name = Some(candidate);
         let range = m.range();
         st.work.consume(range);
@@ -256,7 +283,8 @@ impl Composer {
                 st.assumptions.push(format!("read \"{phrase}\" as memory"));
                 st.set_memory(mib, &phrase)?;
             } else if st.disk_gib.is_none() {
-                st.assumptions.push(format!("read \"{phrase}\" as disk size"));
+                st.assumptions
+                    .push(format!("read \"{phrase}\" as disk size"));
                 st.set_disk(mib, &phrase)?;
             } else {
                 return Err(clarify(
@@ -271,10 +299,24 @@ impl Composer {
     fn size_kind(&self, work: &Work, range: &Range<usize>) -> Option<SizeKind> {
         const MEM: &[&str] = &["ram", "memory", "mem"];
         const DISK: &[&str] = &[
-            "disk", "storage", "ssd", "hdd", "drive", "space", "root", "volume", "hard", "nvme", "rootfs",
-            "filesystem", "disks", "home",
+            "disk",
+            "storage",
+            "ssd",
+            "hdd",
+            "drive",
+            "space",
+            "root",
+            "volume",
+            "hard",
+            "nvme",
+            "rootfs",
+            "filesystem",
+            "disks",
+            "home",
         ];
-        const SKIP: &[&str] = &["of", "for", "the", "a", "on", "in", "as", "worth", "total", "system", "main"];
+        const SKIP: &[&str] = &[
+            "of", "for", "the", "a", "on", "in", "as", "worth", "total", "system", "main",
+        ];
         let classify = |w: &str| {
             let w = w.trim_end_matches(':');
             if MEM.contains(&w) {
@@ -352,7 +394,11 @@ impl Composer {
         let fps: Vec<(Range<usize>, u32)> = lx::FPS
             .captures_iter(&st.work.remaining)
             .map(|c| {
-                let v = c.get(1).or(c.get(2)).map(|g| g.as_str().parse().unwrap_or(0)).unwrap_or(0);
+                let v = c
+                    .get(1)
+                    .or(c.get(2))
+                    .map(|g| g.as_str().parse().unwrap_or(0))
+                    .unwrap_or(0);
                 (c.get(0).expect("match").range(), v)
             })
             .collect();
@@ -364,7 +410,10 @@ impl Composer {
         for (r, v) in fps {
             if !limits::FPS.contains(&v) {
                 return Err(clarify(
-                    &format!("{v} fps is not possible: the stream runs at 1 to {} fps. Which rate?", limits::FPS.end()),
+                    &format!(
+                        "{v} fps is not possible: the stream runs at 1 to {} fps. Which rate?",
+                        limits::FPS.end()
+                    ),
                     &["30 fps", "60 fps"],
                 ));
             }
@@ -378,7 +427,10 @@ impl Composer {
     fn read_cpus(&self, st: &mut State) -> Result<(), Clarify> {
         let mut found: Vec<(Range<usize>, u32)> = Vec::new();
         for c in lx::CPU_COUNT_FIRST.captures_iter(&st.work.remaining) {
-            found.push((c.get(0).expect("match").range(), c[1].parse().unwrap_or(u32::MAX)));
+            found.push((
+                c.get(0).expect("match").range(),
+                c[1].parse().unwrap_or(u32::MAX),
+            ));
         }
         for c in lx::CPU_WORD.captures_iter(&st.work.remaining) {
             let n = match &c[1] {
@@ -401,12 +453,18 @@ impl Composer {
         let distinct: BTreeSet<u32> = found.iter().map(|f| f.1).collect();
         if distinct.len() > 1 {
             let opts = distinct.iter().map(|n| format!("{n} vCPUs")).collect();
-            return Err(clarify_owned("You gave more than one CPU count. How many vCPUs?".into(), opts));
+            return Err(clarify_owned(
+                "You gave more than one CPU count. How many vCPUs?".into(),
+                opts,
+            ));
         }
         if let Some(n) = distinct.into_iter().next() {
             if !limits::VCPUS.contains(&n) {
                 return Err(clarify(
-                    &format!("{n} vCPUs is not possible: an environment has 1 to {} vCPUs. How many?", limits::VCPUS.end()),
+                    &format!(
+                        "{n} vCPUs is not possible: an environment has 1 to {} vCPUs. How many?",
+                        limits::VCPUS.end()
+                    ),
                     &["2 vCPUs", "4 vCPUs", "8 vCPUs"],
                 ));
             }
@@ -431,8 +489,18 @@ impl Composer {
             if unit == "d" {
                 let after = st.work.words_after(range.end, 1);
                 if after.first().is_some_and(|w| {
-                    ["model", "modelling", "modeling", "printing", "graphics", "art", "rendering", "design", "games"]
-                        .contains(w)
+                    [
+                        "model",
+                        "modelling",
+                        "modeling",
+                        "printing",
+                        "graphics",
+                        "art",
+                        "rendering",
+                        "design",
+                        "games",
+                    ]
+                    .contains(w)
                 }) {
                     continue;
                 }
@@ -449,7 +517,10 @@ impl Composer {
             let phrase = st.work.text[range.clone()].to_string();
             let before = st.work.clause_before(range.start, 6);
             let after = st.work.clause_after(range.end, 3);
-            let idle = before.iter().chain(after.iter()).any(|w| lx::IDLE_WORDS.contains(w))
+            let idle = before
+                .iter()
+                .chain(after.iter())
+                .any(|w| lx::IDLE_WORDS.contains(w))
                 || st.work.text[..range.start].ends_with("no one uses it for ")
                 || after.windows(2).any(|p| p == ["without", "use"]);
             st.work.consume(range);
@@ -486,7 +557,8 @@ impl Composer {
                     &["keep the time limit", "no time limit"],
                 ));
             }
-            st.explain.push(format!("no time limit from {:?}", m.as_str()));
+            st.explain
+                .push(format!("no time limit from {:?}", m.as_str()));
             st.ttl_s = Some(None);
             if st.idle_s.is_none() {
                 st.idle_s = Some(None);
@@ -498,7 +570,10 @@ impl Composer {
     }
 
     fn read_network(&self, st: &mut State) -> Result<(), Clarify> {
-        let none: Vec<Range<usize>> = lx::NET_NONE.find_iter(&st.work.remaining).map(|m| m.range()).collect();
+        let none: Vec<Range<usize>> = lx::NET_NONE
+            .find_iter(&st.work.remaining)
+            .map(|m| m.range())
+            .collect();
         for r in &none {
             st.work.consume(r.clone());
         }
@@ -509,14 +584,18 @@ impl Composer {
             .map(|m| (m.range(), m.as_str().to_string()))
             .collect();
         let allow_context = |work: &Work, r: &Range<usize>| {
-            work.words_before(r.start, 4).iter().any(|w| lx::ALLOW_WORDS.contains(w))
+            work.words_before(r.start, 4)
+                .iter()
+                .any(|w| lx::ALLOW_WORDS.contains(w))
                 || work.words_after(r.end, 1).first() == Some(&"only")
         };
         let mut in_allow_phrase = hosts.iter().any(|(r, _)| allow_context(&st.work, r));
         for (r, w) in st.work.words() {
             if let Some((_, host)) = lx::BARE_SITES.iter().find(|(s, _)| *s == w) {
                 let near_allow = allow_context(&st.work, &r)
-                    || hosts.iter().any(|(hr, _)| hr.start.abs_diff(r.end) < 12 || r.start.abs_diff(hr.end) < 12);
+                    || hosts.iter().any(|(hr, _)| {
+                        hr.start.abs_diff(r.end) < 12 || r.start.abs_diff(hr.end) < 12
+                    });
                 if near_allow {
                     in_allow_phrase |= allow_context(&st.work, &r);
                     hosts.push((r, (*host).to_string()));
@@ -526,7 +605,10 @@ impl Composer {
         for (r, _) in &hosts {
             st.work.consume(r.clone());
         }
-        let full: Vec<Range<usize>> = lx::NET_FULL.find_iter(&st.work.remaining).map(|m| m.range()).collect();
+        let full: Vec<Range<usize>> = lx::NET_FULL
+            .find_iter(&st.work.remaining)
+            .map(|m| m.range())
+            .collect();
         for r in &full {
             st.work.consume(r.clone());
         }
@@ -541,8 +623,12 @@ impl Composer {
                     vec![format!("only {list}"), "full internet access".into()],
                 ));
             }
-            st.explain.push(format!("network limited to {}", allow.join(", ")));
-            st.network = Some(Network { mode: NetworkMode::Allowlist, allow });
+            st.explain
+                .push(format!("network limited to {}", allow.join(", ")));
+            st.network = Some(Network {
+                mode: NetworkMode::Allowlist,
+                allow,
+            });
         } else if !none.is_empty() {
             if !full.is_empty() {
                 return Err(clarify(
@@ -551,20 +637,32 @@ impl Composer {
                 ));
             }
             st.explain.push("no network (asked for offline)".into());
-            st.network = Some(Network { mode: NetworkMode::None, allow: vec![] });
+            st.network = Some(Network {
+                mode: NetworkMode::None,
+                allow: vec![],
+            });
         } else if !full.is_empty() {
             st.explain.push("full internet access (asked for)".into());
-            st.network = Some(Network { mode: NetworkMode::Nat, allow: vec![] });
+            st.network = Some(Network {
+                mode: NetworkMode::Nat,
+                allow: vec![],
+            });
         }
         Ok(())
     }
 
     fn read_persistence(&self, st: &mut State) -> Result<(), Clarify> {
-        let eph: Vec<Range<usize>> = lx::EPHEMERAL.find_iter(&st.work.remaining).map(|m| m.range()).collect();
+        let eph: Vec<Range<usize>> = lx::EPHEMERAL
+            .find_iter(&st.work.remaining)
+            .map(|m| m.range())
+            .collect();
         for r in &eph {
             st.work.consume(r.clone());
         }
-        let pers: Vec<Range<usize>> = lx::PERSISTENT.find_iter(&st.work.remaining).map(|m| m.range()).collect();
+        let pers: Vec<Range<usize>> = lx::PERSISTENT
+            .find_iter(&st.work.remaining)
+            .map(|m| m.range())
+            .collect();
         for r in &pers {
             st.work.consume(r.clone());
         }
@@ -612,16 +710,24 @@ impl Composer {
             }
         }
         for (r, phrase, target) in hits {
-            let version_after = st.work.words_after(r.end, 1).first().is_some_and(|w| {
-                w.chars().next().is_some_and(|c| c.is_ascii_digit())
-            });
+            let version_after = st
+                .work
+                .words_after(r.end, 1)
+                .first()
+                .is_some_and(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()));
             st.work.consume(r.clone());
             self.apply_target(st, target, &phrase, version_after)?;
         }
         Ok(())
     }
 
-    fn apply_target(&self, st: &mut State, target: Target, phrase: &str, version_after: bool) -> Result<(), Clarify> {
+    fn apply_target(
+        &self,
+        st: &mut State,
+        target: Target,
+        phrase: &str,
+        version_after: bool,
+    ) -> Result<(), Clarify> {
         match target {
             Target::App(a) => st.add_app(a, phrase),
             Target::Desktop(d) => {
@@ -634,8 +740,13 @@ impl Composer {
             }
             Target::Family(f) => {
                 if version_after {
-                    let known: Vec<String> =
-                        self.catalog.bases.iter().filter(|(_, b)| b.family == f).map(|(n, _)| n.clone()).collect();
+                    let known: Vec<String> = self
+                        .catalog
+                        .bases
+                        .iter()
+                        .filter(|(_, b)| b.family == f)
+                        .map(|(n, _)| n.clone())
+                        .collect();
                     return Err(clarify_owned(
                         format!("That {f} version is not in the catalog. Which base do you want?"),
                         known,
@@ -648,15 +759,21 @@ impl Composer {
                     .find(|(_, b)| b.family == f && b.newest)
                     .map(|(n, _)| n.clone())
                     .expect("family phrases come from newest bases");
-                st.explain.push(format!("base {newest}: {phrase:?} means its newest version"));
+                st.explain.push(format!(
+                    "base {newest}: {phrase:?} means its newest version"
+                ));
                 st.bases.insert(newest);
             }
             Target::GenericDesktop => {
-                st.explain.push(format!("a graphical desktop from {phrase:?}"));
+                st.explain
+                    .push(format!("a graphical desktop from {phrase:?}"));
                 st.wants_desktop = true;
             }
             Target::Category(options) => {
-                let picked: Vec<&&str> = options.iter().filter(|o| st.apps.iter().any(|a| a == *o)).collect();
+                let picked: Vec<&&str> = options
+                    .iter()
+                    .filter(|o| st.apps.iter().any(|a| a == *o))
+                    .collect();
                 if picked.is_empty() {
                     st.categories.push((phrase.to_string(), options));
                 }
@@ -675,15 +792,27 @@ impl Composer {
     }
 
     fn buildable_bases(&self) -> Vec<String> {
-        self.catalog.bases.iter().filter(|(_, b)| b.buildable).map(|(n, _)| n.clone()).collect()
+        self.catalog
+            .bases
+            .iter()
+            .filter(|(_, b)| b.buildable)
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     fn read_typos(&self, st: &mut State) -> Result<(), Clarify> {
         self.read_two_word_typos(st)?;
-        let words: Vec<(Range<usize>, String)> =
-            st.work.words().into_iter().map(|(r, w)| (r, w.to_string())).collect();
+        let words: Vec<(Range<usize>, String)> = st
+            .work
+            .words()
+            .into_iter()
+            .map(|(r, w)| (r, w.to_string()))
+            .collect();
         for (r, w) in words {
-            if w.len() < 4 || !w.chars().all(|c| c.is_ascii_alphabetic()) || lx::FILLER.contains(&w.as_str()) {
+            if w.len() < 4
+                || !w.chars().all(|c| c.is_ascii_alphabetic())
+                || lx::FILLER.contains(&w.as_str())
+            {
                 continue;
             }
             let max = if w.len() >= 7 { 2 } else { 1 };
@@ -697,7 +826,9 @@ impl Composer {
                     best.entry(d).or_default().push((p.as_str(), t));
                 }
             }
-            let Some((_, cands)) = best.into_iter().next() else { continue };
+            let Some((_, cands)) = best.into_iter().next() else {
+                continue;
+            };
             let mut targets: Vec<&Target> = Vec::new();
             for (_, t) in &cands {
                 if !targets.contains(t) {
@@ -706,10 +837,14 @@ impl Composer {
             }
             if targets.len() > 1 {
                 let opts = cands.iter().map(|(p, _)| p.to_string()).collect();
-                return Err(clarify_owned(format!("Did you mean one of these by \"{w}\"?"), opts));
+                return Err(clarify_owned(
+                    format!("Did you mean one of these by \"{w}\"?"),
+                    opts,
+                ));
             }
             let (p, t) = cands[0];
-            st.assumptions.push(format!("read \"{w}\" as {}", target_name(t)));
+            st.assumptions
+                .push(format!("read \"{w}\" as {}", target_name(t)));
             st.work.consume(r);
             self.apply_target(st, t.clone(), p, false)?;
         }
@@ -718,12 +853,17 @@ impl Composer {
 
     /// "libre offfice": two adjacent unknown words close to a two-word catalog phrase.
     fn read_two_word_typos(&self, st: &mut State) -> Result<(), Clarify> {
-        let words: Vec<(Range<usize>, String)> =
-            st.work.words().into_iter().map(|(r, w)| (r, w.to_string())).collect();
+        let words: Vec<(Range<usize>, String)> = st
+            .work
+            .words()
+            .into_iter()
+            .map(|(r, w)| (r, w.to_string()))
+            .collect();
         let mut i = 0;
         while i + 1 < words.len() {
             let (a, b) = (&words[i], &words[i + 1]);
-            let unknown = |w: &str| !lx::FILLER.contains(&w) && w.chars().all(|c| c.is_ascii_alphabetic());
+            let unknown =
+                |w: &str| !lx::FILLER.contains(&w) && w.chars().all(|c| c.is_ascii_alphabetic());
             if b.0.start != a.0.end + 1 || !(unknown(&a.1) || unknown(&b.1)) {
                 i += 1;
                 continue;
@@ -733,13 +873,16 @@ impl Composer {
                 .phrases
                 .iter()
                 .filter(|(p, t)| {
-                    p.split(' ').count() == 2 && p.len() >= 8 && matches!(t, Target::App(_) | Target::Desktop(_))
+                    p.split(' ').count() == 2
+                        && p.len() >= 8
+                        && matches!(t, Target::App(_) | Target::Desktop(_))
                 })
                 .map(|(p, t)| (strsim::damerau_levenshtein(&pair, p), p, t))
                 .filter(|(d, _, _)| *d == 1)
                 .min_by(|x, y| x.1.cmp(y.1));
             if let Some((_, p, t)) = hit {
-                st.assumptions.push(format!("read \"{pair}\" as {}", target_name(t)));
+                st.assumptions
+                    .push(format!("read \"{pair}\" as {}", target_name(t)));
                 st.work.consume(a.0.start..b.0.end);
                 self.apply_target(st, t.clone(), p, false)?;
                 i += 2;
@@ -765,16 +908,27 @@ impl Composer {
                     &["firefox", "libreoffice", "vlc", "gimp"],
                 ));
             }
-            if lx::FILLER.contains(&w) || w.len() < 3 || !w.chars().next().is_some_and(|c| c.is_alphabetic()) {
+            if lx::FILLER.contains(&w)
+                || w.len() < 3
+                || !w.chars().next().is_some_and(|c| c.is_alphabetic())
+            {
                 continue;
             }
             if in_slot(st) {
-                let mut scored: Vec<(f64, &String)> =
-                    self.catalog.apps.keys().map(|a| (strsim::jaro_winkler(w, a), a)).collect();
+                let mut scored: Vec<(f64, &String)> = self
+                    .catalog
+                    .apps
+                    .keys()
+                    .map(|a| (strsim::jaro_winkler(w, a), a))
+                    .collect();
                 scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
                 // Only names that look alike are worth offering.
-                let mut options: Vec<String> =
-                    scored.iter().filter(|(s, _)| *s >= 0.8).take(3).map(|(_, a)| (*a).clone()).collect();
+                let mut options: Vec<String> = scored
+                    .iter()
+                    .filter(|(s, _)| *s >= 0.8)
+                    .take(3)
+                    .map(|(_, a)| (*a).clone())
+                    .collect();
                 options.push(format!("leave out {w}"));
                 return Err(clarify_owned(
                     if options.len() > 1 {
@@ -794,7 +948,8 @@ impl Composer {
         // Base.
         let base = match st.bases.len() {
             0 => {
-                st.assumptions.push(format!("base {} (default)", self.defaults.base));
+                st.assumptions
+                    .push(format!("base {} (default)", self.defaults.base));
                 self.defaults.base.clone()
             }
             1 => st.bases.iter().next().expect("one").clone(),
@@ -826,12 +981,18 @@ impl Composer {
         }
 
         // Desktop.
-        let none_provides: Vec<String> =
-            self.catalog.desktops.get("none").map(|d| d.provides.clone()).unwrap_or_default();
+        let none_provides: Vec<String> = self
+            .catalog
+            .desktops
+            .get("none")
+            .map(|d| d.provides.clone())
+            .unwrap_or_default();
         let gui_apps: Vec<String> = st
             .apps
             .iter()
-            .filter(|a| self.catalog.apps.get(*a).is_some_and(|e| e.gui) && !none_provides.contains(a))
+            .filter(|a| {
+                self.catalog.apps.get(*a).is_some_and(|e| e.gui) && !none_provides.contains(a)
+            })
             .cloned()
             .collect();
         if st.desktops.len() > 1 {
@@ -877,10 +1038,16 @@ impl Composer {
             Some(d) => d.to_string(),
             None => {
                 if let Some(app) = gui_apps.first() {
-                    st.assumptions.push(format!("desktop {}, because {app} needs a desktop", self.defaults.desktop));
+                    st.assumptions.push(format!(
+                        "desktop {}, because {app} needs a desktop",
+                        self.defaults.desktop
+                    ));
                     self.defaults.desktop.clone()
                 } else if st.wants_desktop {
-                    st.assumptions.push(format!("desktop {} (default desktop)", self.defaults.desktop));
+                    st.assumptions.push(format!(
+                        "desktop {} (default desktop)",
+                        self.defaults.desktop
+                    ));
                     self.defaults.desktop.clone()
                 } else if st.apps.is_empty() {
                     return Err(clarify(
@@ -888,54 +1055,83 @@ impl Composer {
                         &["xfce desktop", "headless (no desktop)"],
                     ));
                 } else {
-                    st.assumptions.push("no desktop, since nothing asked for needs one".into());
+                    st.assumptions
+                        .push("no desktop, since nothing asked for needs one".into());
                     "none".to_string()
                 }
             }
         };
-        let provides = self.catalog.desktops.get(&desktop).map(|d| d.provides.clone()).unwrap_or_default();
+        let provides = self
+            .catalog
+            .desktops
+            .get(&desktop)
+            .map(|d| d.provides.clone())
+            .unwrap_or_default();
         let mut apps = Vec::new();
         for a in &st.apps {
             if provides.contains(a) {
-                st.assumptions.push(format!("{a} comes with the {desktop} desktop"));
+                st.assumptions
+                    .push(format!("{a} comes with the {desktop} desktop"));
             } else {
                 apps.push(a.clone());
             }
         }
 
-        let graphical = self.catalog.desktops.get(&desktop).is_some_and(|d| d.graphical);
+        let graphical = self
+            .catalog
+            .desktops
+            .get(&desktop)
+            .is_some_and(|d| d.graphical);
         let vcpus = st.vcpus.unwrap_or_else(|| {
-            st.assumptions.push(format!("{} vCPUs (default)", self.defaults.vcpus));
+            st.assumptions
+                .push(format!("{} vCPUs (default)", self.defaults.vcpus));
             self.defaults.vcpus
         });
         let memory_mib = st.memory_mib.unwrap_or_else(|| {
-            let m = if graphical { self.defaults.memory_mib_desktop } else { self.defaults.memory_mib_headless };
+            let m = if graphical {
+                self.defaults.memory_mib_desktop
+            } else {
+                self.defaults.memory_mib_headless
+            };
             st.assumptions.push(format!(
                 "{} memory (default {})",
                 human_mib(m),
-                if graphical { "for a desktop" } else { "without a desktop" }
+                if graphical {
+                    "for a desktop"
+                } else {
+                    "without a desktop"
+                }
             ));
             m
         });
         let disk_gib = st.disk_gib.unwrap_or_else(|| {
-            st.assumptions.push(format!("{} GiB disk (default)", self.defaults.disk_gib));
+            st.assumptions
+                .push(format!("{} GiB disk (default)", self.defaults.disk_gib));
             self.defaults.disk_gib
         });
         let (width, height) = st.resolution.unwrap_or_else(|| {
             if graphical {
-                st.assumptions.push(format!("{}x{} screen (default)", self.defaults.width, self.defaults.height));
+                st.assumptions.push(format!(
+                    "{}x{} screen (default)",
+                    self.defaults.width, self.defaults.height
+                ));
             }
             (self.defaults.width, self.defaults.height)
         });
         let fps = st.fps.unwrap_or_else(|| {
             if graphical {
-                st.assumptions.push(format!("{} fps (default)", self.defaults.fps));
+                st.assumptions
+                    .push(format!("{} fps (default)", self.defaults.fps));
             }
             self.defaults.fps
         });
         let network = st.network.clone().unwrap_or_else(|| {
-            st.assumptions.push("full internet access through NAT (default)".into());
-            Network { mode: NetworkMode::Nat, allow: vec![] }
+            st.assumptions
+                .push("full internet access through NAT (default)".into());
+            Network {
+                mode: NetworkMode::Nat,
+                allow: vec![],
+            }
         });
         let ttl_s = st.ttl_s.unwrap_or_else(|| {
             st.assumptions.push(match self.defaults.ttl_s {
@@ -946,12 +1142,16 @@ impl Composer {
         });
         let idle_s = st.idle_s.unwrap_or_else(|| {
             if let Some(s) = self.defaults.idle_s {
-                st.assumptions.push(format!("stopped after {} without a viewer (default)", human_duration(s)));
+                st.assumptions.push(format!(
+                    "stopped after {} without a viewer (default)",
+                    human_duration(s)
+                ));
             }
             self.defaults.idle_s
         });
         let persistence = st.persistence.unwrap_or_else(|| {
-            st.assumptions.push("files are not kept after it stops (default)".into());
+            st.assumptions
+                .push("files are not kept after it stops (default)".into());
             Persistence::Ephemeral
         });
         let name = st.name.clone().unwrap_or_else(|| {
@@ -982,8 +1182,14 @@ impl Composer {
         };
         // The rules above only produce valid specs; a failure here is a composer bug, but it
         // still becomes a question rather than an invalid spec.
-        if let Err(e) = spec.validate().and_then(|()| self.catalog.check_spec(&spec)) {
-            return Err(clarify_owned(format!("That request gives an invalid environment ({e}). Can you rephrase it?"), vec![]));
+        if let Err(e) = spec
+            .validate()
+            .and_then(|()| self.catalog.check_spec(&spec))
+        {
+            return Err(clarify_owned(
+                format!("That request gives an invalid environment ({e}). Can you rephrase it?"),
+                vec![],
+            ));
         }
         Ok(spec)
     }
@@ -1072,7 +1278,8 @@ impl State {
                 vec![human_mib(prev), human_mib(v)],
             ));
         }
-        self.explain.push(format!("memory {} from {phrase:?}", human_mib(v)));
+        self.explain
+            .push(format!("memory {} from {phrase:?}", human_mib(v)));
         self.memory_mib = Some(v);
         Ok(())
     }
@@ -1082,13 +1289,17 @@ impl State {
         let r = limits::DISK_GIB;
         if mib <= 0.0 || gib > f64::from(*r.end()) {
             return Err(clarify_owned(
-                format!("A {phrase} disk is not possible: disks are 1 to {} GiB. How big?", r.end()),
+                format!(
+                    "A {phrase} disk is not possible: disks are 1 to {} GiB. How big?",
+                    r.end()
+                ),
                 vec!["16 GiB".into(), "50 GiB".into(), "100 GiB".into()],
             ));
         }
         let gib = gib as u32;
         if mib < 1024.0 {
-            self.assumptions.push(format!("disk rounded up to {gib} GiB"));
+            self.assumptions
+                .push(format!("disk rounded up to {gib} GiB"));
         }
         if let Some(prev) = self.disk_gib.filter(|p| *p != gib) {
             return Err(clarify_owned(
@@ -1113,7 +1324,10 @@ fn target_name(t: &Target) -> String {
 }
 
 fn clarify(question: &str, options: &[&str]) -> Clarify {
-    Clarify { question: question.into(), options: options.iter().map(|s| s.to_string()).collect() }
+    Clarify {
+        question: question.into(),
+        options: options.iter().map(|s| s.to_string()).collect(),
+    }
 }
 
 fn clarify_owned(question: String, options: Vec<String>) -> Clarify {
@@ -1175,14 +1389,20 @@ mod tests {
         let s = spec("firefox");
         assert_eq!(s.desktop, "xfce");
         assert_eq!(s.apps, ["firefox"]);
-        assert!(s.assumptions.iter().any(|a| a.contains("xfce, because firefox")));
+        assert!(s
+            .assumptions
+            .iter()
+            .any(|a| a.contains("xfce, because firefox")));
     }
 
     #[test]
     fn units_and_words_are_read() {
         let s = spec("xfce, two cores, 4 gigs of ram and a 50 GB disk, 1080p at 60 fps");
         assert_eq!((s.vcpus, s.memory_mib, s.disk_gib), (2, 4096, 50));
-        assert_eq!((s.display.width, s.display.height, s.display.fps), (1920, 1080, 60));
+        assert_eq!(
+            (s.display.width, s.display.height, s.display.fps),
+            (1920, 1080, 60)
+        );
         assert_eq!(spec("half a gig of memory, headless").memory_mib, 512);
         assert_eq!(spec("quad-core python box").vcpus, 4);
     }
@@ -1200,14 +1420,20 @@ mod tests {
         let s = spec("gimp for two hours, keep my files");
         assert_eq!(s.lifetime.ttl_s, Some(7200));
         assert_eq!(s.persistence, Persistence::Persistent);
-        assert_eq!(spec("headless, stop after 30 minutes idle").lifetime.idle_s, Some(1800));
+        assert_eq!(
+            spec("headless, stop after 30 minutes idle").lifetime.idle_s,
+            Some(1800)
+        );
     }
 
     #[test]
     fn typo_is_fuzzy_matched_and_noted() {
         let s = spec("fierfox please");
         assert_eq!(s.apps, ["firefox"]);
-        assert!(s.assumptions.iter().any(|a| a == "read \"fierfox\" as firefox"));
+        assert!(s
+            .assumptions
+            .iter()
+            .any(|a| a == "read \"fierfox\" as firefox"));
     }
 
     #[test]
@@ -1233,7 +1459,10 @@ mod tests {
     #[test]
     fn unbuildable_base_gets_a_question_with_reason() {
         let q = question("ubuntu desktop with firefox");
-        assert!(q.question.starts_with("ubuntu-24.04 cannot be built yet"), "{q:?}");
+        assert!(
+            q.question.starts_with("ubuntu-24.04 cannot be built yet"),
+            "{q:?}"
+        );
         assert_eq!(q.options, ["debian-12"]);
     }
 

@@ -11,14 +11,20 @@ pub fn normalise(input: &str) -> String {
     let chars: Vec<char> = lower.chars().collect();
     for (i, &c) in chars.iter().enumerate() {
         let next = chars.get(i + 1).copied();
-        let prev = if i > 0 { chars.get(i - 1).copied() } else { None };
+        let prev = if i > 0 {
+            chars.get(i - 1).copied()
+        } else {
+            None
+        };
         match c {
             ',' | ';' | '&' | '+' => {
                 spaced.push_str(if c == '&' || c == '+' { " and " } else { " , " });
             }
             // A dot is kept only between two alphanumerics ("node.js", "24.04", "github.com").
             '.' => {
-                if prev.is_some_and(|p| p.is_alphanumeric() || p == '*') && next.is_some_and(|n| n.is_alphanumeric()) {
+                if prev.is_some_and(|p| p.is_alphanumeric() || p == '*')
+                    && next.is_some_and(|n| n.is_alphanumeric())
+                {
                     spaced.push('.');
                 } else {
                     spaced.push(' ');
@@ -36,8 +42,26 @@ pub fn normalise(input: &str) -> String {
 
 fn small_number(w: &str) -> Option<u32> {
     const UNITS: [&str; 20] = [
-        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-        "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "sixteen",
+        "seventeen",
+        "eighteen",
+        "nineteen",
     ];
     UNITS.iter().position(|u| *u == w).map(|p| p as u32)
 }
@@ -60,8 +84,18 @@ fn tens(w: &str) -> Option<u32> {
 fn is_unit_word(w: &str) -> bool {
     matches!(
         w,
-        "hour" | "day" | "week" | "minute" | "gig" | "gigabyte" | "terabyte" | "core" | "cpu" | "vcpu"
-            | "month" | "half"
+        "hour"
+            | "day"
+            | "week"
+            | "minute"
+            | "gig"
+            | "gigabyte"
+            | "terabyte"
+            | "core"
+            | "cpu"
+            | "vcpu"
+            | "month"
+            | "half"
     )
 }
 
@@ -88,18 +122,25 @@ fn rewrite_numbers(words: &[&str]) -> Vec<String> {
             continue;
         }
         // "an hour and a half" -> "1.5 hour"
-        if (w == "a" || w == "an" || w == "one") && is_unit_word(next) && next2 == "and" {
-            if words.get(i + 3) == Some(&"a") && words.get(i + 4) == Some(&"half") {
-                out.push("1.5".into());
-                out.push(next.into());
-                i += 5;
-                continue;
-            }
+        if (w == "a" || w == "an" || w == "one")
+            && is_unit_word(next)
+            && next2 == "and"
+            && words.get(i + 3) == Some(&"a")
+            && words.get(i + 4) == Some(&"half")
+        {
+            out.push("1.5".into());
+            out.push(next.into());
+            i += 5;
+            continue;
         }
         // "for the week" -> "for 1 week"
         if w == "for" && next == "the" && matches!(next2, "day" | "week" | "hour" | "night") {
             out.push("for".into());
-            let (n, unit) = if next2 == "night" { ("12", "hour") } else { ("1", next2) };
+            let (n, unit) = if next2 == "night" {
+                ("12", "hour")
+            } else {
+                ("1", next2)
+            };
             out.push(n.into());
             out.push(unit.into());
             i += 3;
@@ -138,7 +179,10 @@ fn rewrite_numbers(words: &[&str]) -> Vec<String> {
             out.push(n.to_string());
         } else if w == "hundred" {
             // "two hundred" -> multiply the previous number.
-            if let Some(prev) = out.last_mut().and_then(|p| p.parse::<u32>().ok().map(|v| (p, v))) {
+            if let Some(prev) = out
+                .last_mut()
+                .and_then(|p| p.parse::<u32>().ok().map(|v| (p, v)))
+            {
                 *prev.0 = (prev.1 * 100).to_string();
             } else {
                 out.push("100".into());
@@ -163,7 +207,10 @@ pub struct Work {
 impl Work {
     pub fn new(input: &str) -> Work {
         let text = normalise(input);
-        Work { remaining: text.clone(), text }
+        Work {
+            remaining: text.clone(),
+            text,
+        }
     }
 
     /// Blanks `range` of the remaining text so no later rule sees it.
@@ -197,22 +244,35 @@ impl Work {
 
     /// Up to `n` words of the full text after byte `pos`.
     pub fn words_after(&self, pos: usize, n: usize) -> Vec<&str> {
-        self.text[pos.min(self.text.len())..].split_whitespace().take(n).collect()
+        self.text[pos.min(self.text.len())..]
+            .split_whitespace()
+            .take(n)
+            .collect()
     }
 
     /// Like [`Work::words_after`], stopping at a comma.
     pub fn clause_after(&self, pos: usize, n: usize) -> Vec<&str> {
-        self.words_after(pos, n).into_iter().take_while(|w| *w != ",").collect()
+        self.words_after(pos, n)
+            .into_iter()
+            .take_while(|w| *w != ",")
+            .collect()
     }
 
     /// Like [`Work::words_before`], stopping at a comma.
     pub fn clause_before(&self, pos: usize, n: usize) -> Vec<&str> {
-        self.words_before(pos, n).into_iter().take_while(|w| *w != ",").collect()
+        self.words_before(pos, n)
+            .into_iter()
+            .take_while(|w| *w != ",")
+            .collect()
     }
 
     /// Up to `n` words of the full text before byte `pos`, nearest first.
     pub fn words_before(&self, pos: usize, n: usize) -> Vec<&str> {
-        self.text[..pos.min(self.text.len())].split_whitespace().rev().take(n).collect()
+        self.text[..pos.min(self.text.len())]
+            .split_whitespace()
+            .rev()
+            .take(n)
+            .collect()
     }
 }
 
@@ -234,7 +294,10 @@ mod tests {
 
     #[test]
     fn punctuation_keeps_hosts_and_versions() {
-        assert_eq!(normalise("only github.com, pypi.org."), "only github.com , pypi.org");
+        assert_eq!(
+            normalise("only github.com, pypi.org."),
+            "only github.com , pypi.org"
+        );
         assert_eq!(normalise("Ubuntu 24.04!"), "ubuntu 24.04");
         assert_eq!(normalise("node.js + git"), "node.js and git");
         assert_eq!(normalise("and *.docker.io"), "and *.docker.io");

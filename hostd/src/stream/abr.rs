@@ -88,7 +88,10 @@ impl Controller {
         } else {
             self.target *= GROWTH;
         }
-        let (min, max) = (f64::from(self.limits.min_bps), f64::from(self.limits.max_bps));
+        let (min, max) = (
+            f64::from(self.limits.min_bps),
+            f64::from(self.limits.max_bps),
+        );
         self.target = self.target.min(ceiling).clamp(min, max);
         self.target_bps()
     }
@@ -124,7 +127,11 @@ mod tests {
         for t in 1..20 {
             c.update(sample(t, 40, 12_000, 0, 0));
         }
-        assert!((1_800_000..=1_950_000).contains(&c.target_bps()), "{}", c.target_bps());
+        assert!(
+            (1_800_000..=1_950_000).contains(&c.target_bps()),
+            "{}",
+            c.target_bps()
+        );
     }
 
     #[test]

@@ -103,7 +103,11 @@ pub async fn serve(args: DemoArgs) -> Result<(), DemoError> {
     let server = StreamServer::bind(cfg, &identity, tokens.clone())?;
     let (src, _input) = source::synthetic(args.scene, width, height, args.fps);
     server.add_environment(&args.env_id, src, args.fps)?;
-    let token = tokens.issue(&args.env_id, args.rights, Duration::from_secs(args.ttl_secs))?;
+    let token = tokens.issue(
+        &args.env_id,
+        args.rights,
+        Duration::from_secs(args.ttl_secs),
+    )?;
     let url = server.connect_url(&args.env_id, &token)?;
     {
         let mut out = std::io::stdout().lock();

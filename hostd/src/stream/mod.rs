@@ -18,7 +18,12 @@ pub use source::{EnvironmentSource, InputSink, RecordingInput};
 pub use token::{TokenError, TokenKey, TokenKeyError};
 
 /// Builds the connect URL clients take: `genos://HOST:PORT/ENV_ID?token=T&cert=SHA256HEX`.
-pub fn connect_url(addr: std::net::SocketAddr, env_id: &str, token: &str, fingerprint: &str) -> String {
+pub fn connect_url(
+    addr: std::net::SocketAddr,
+    env_id: &str,
+    token: &str,
+    fingerprint: &str,
+) -> String {
     let host = match addr.ip() {
         ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_owned(),
         ip if ip.is_unspecified() => "[::1]".to_owned(),
@@ -30,9 +35,14 @@ pub fn connect_url(addr: std::net::SocketAddr, env_id: &str, token: &str, finger
     let env: String = env_id
         .bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect();
-    format!("genos://{host}:{}/{env}?token={token}&cert={fingerprint}", addr.port())
+    format!(
+        "genos://{host}:{}/{env}?token={token}&cert={fingerprint}",
+        addr.port()
+    )
 }

@@ -574,15 +574,16 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             incoming.refuse();
             continue;
         }
-        if open >= shared.cfg.retry_threshold && !incoming.remote_address_validated() {
-            if incoming.may_retry() {
-                // Under load, make the client prove it owns its address before we do any
-                // crypto work for it.
-                if let Err(e) = incoming.retry() {
-                    debug!(error = %e, "retry failed");
-                }
-                continue;
+        if open >= shared.cfg.retry_threshold
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            // Under load, make the client prove it owns its address before we do any
+            // crypto work for it.
+            if let Err(e) = incoming.retry() {
+                debug!(error = %e, "retry failed");
             }
+            continue;
         }
         shared.open.fetch_add(1, Ordering::AcqRel);
         *shared
@@ -615,7 +616,7 @@ async fn read_message(
     reader: &mut MessageReader,
 ) -> Result<Option<ClientMessage>, Refusal> {
     loop {
-        match reader.next::<ClientMessage>() {
+        match reader.next_message::<ClientMessage>() {
             Ok(Some(m)) => return Ok(Some(m)),
             Ok(None) => {}
             Err(e) => {
@@ -676,23 +677,26 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
             refuse(
                 &conn,
                 None,
-                Refusal::new(ErrorCode::ProtocolViolation, "no control stream opened in time"),
+                Refusal::new(
+                    ErrorCode::ProtocolViolation,
+                    "no control stream opened in time",
+                ),
             )
             .await;
             return;
         }
     };
     let mut reader = MessageReader::new();
-    let hello = match tokio::time::timeout(hello_timeout, read_message(&mut recv, &mut reader)).await
-    {
-        Ok(Ok(Some(m))) => m,
-        Ok(Ok(None)) => return,
-        Ok(Err(r)) => return refuse(&conn, Some(&mut send), r).await,
-        Err(_) => {
-            let r = Refusal::new(ErrorCode::ProtocolViolation, "no Hello received in time");
-            return refuse(&conn, Some(&mut send), r).await;
-        }
-    };
+    let hello =
+        match tokio::time::timeout(hello_timeout, read_message(&mut recv, &mut reader)).await {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => return,
+            Ok(Err(r)) => return refuse(&conn, Some(&mut send), r).await,
+            Err(_) => {
+                let r = Refusal::new(ErrorCode::ProtocolViolation, "no Hello received in time");
+                return refuse(&conn, Some(&mut send), r).await;
+            }
+        };
     let session = match admit(&shared, hello) {
         Ok(s) => s,
         Err(r) => {

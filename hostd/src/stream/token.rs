@@ -28,7 +28,10 @@ pub enum TokenError {
     #[error("token expired {0} s ago")]
     Expired(u64),
     #[error("token is for environment {token_env:?}, not {requested:?}")]
-    WrongEnvironment { token_env: String, requested: String },
+    WrongEnvironment {
+        token_env: String,
+        requested: String,
+    },
 }
 
 /// Why the signing key could not be loaded or a token not issued.
@@ -123,7 +126,12 @@ impl TokenKey {
     }
 
     /// Issues a token for `env_id` with `rights`, valid for `ttl` from now.
-    pub fn issue(&self, env_id: &str, rights: Rights, ttl: Duration) -> Result<String, TokenKeyError> {
+    pub fn issue(
+        &self,
+        env_id: &str,
+        rights: Rights,
+        ttl: Duration,
+    ) -> Result<String, TokenKeyError> {
         self.issue_expiring_at(env_id, rights, now_unix().saturating_add(ttl.as_secs()))
     }
 
@@ -157,10 +165,19 @@ impl TokenKey {
         self.verify_at(token, env_id, now_unix())
     }
 
-    pub fn verify_at(&self, token: &str, env_id: &str, now_unix: u64) -> Result<Claims, TokenError> {
+    pub fn verify_at(
+        &self,
+        token: &str,
+        env_id: &str,
+        now_unix: u64,
+    ) -> Result<Claims, TokenError> {
         let (p, t) = token.split_once('.').ok_or(TokenError::Malformed)?;
-        let payload = URL_SAFE_NO_PAD.decode(p).map_err(|_| TokenError::Malformed)?;
-        let tag = URL_SAFE_NO_PAD.decode(t).map_err(|_| TokenError::Malformed)?;
+        let payload = URL_SAFE_NO_PAD
+            .decode(p)
+            .map_err(|_| TokenError::Malformed)?;
+        let tag = URL_SAFE_NO_PAD
+            .decode(t)
+            .map_err(|_| TokenError::Malformed)?;
         hmac::verify(&self.key, &[DOMAIN, &payload].concat(), &tag)
             .map_err(|_| TokenError::Forged)?;
         if payload.len() < FIXED_LEN || payload[0] != TOKEN_VERSION {
@@ -198,7 +215,9 @@ mod tests {
     #[test]
     fn issued_token_verifies_with_its_claims() {
         let key = TokenKey::generate().unwrap();
-        let t = key.issue("env-a", Rights::VIEW | Rights::INPUT, HOUR).unwrap();
+        let t = key
+            .issue("env-a", Rights::VIEW | Rights::INPUT, HOUR)
+            .unwrap();
         let c = key.verify(&t, "env-a").unwrap();
         assert_eq!(c.env_id, "env-a");
         assert_eq!(c.rights, Rights::VIEW | Rights::INPUT);
@@ -229,7 +248,10 @@ mod tests {
     fn expired_token_is_refused() {
         let key = TokenKey::generate().unwrap();
         let t = key.issue_expiring_at("env-a", Rights::VIEW, 1000).unwrap();
-        assert_eq!(key.verify_at(&t, "env-a", 1010), Err(TokenError::Expired(10)));
+        assert_eq!(
+            key.verify_at(&t, "env-a", 1010),
+            Err(TokenError::Expired(10))
+        );
         assert!(key.verify_at(&t, "env-a", 999).is_ok());
     }
 

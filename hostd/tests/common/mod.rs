@@ -7,7 +7,11 @@ use std::process::Command;
 
 /// Whether `/dev/kvm` can be opened; prints why a test is skipped when not.
 pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(e) => {
             eprintln!("skipping {test}: /dev/kvm is not usable ({e})");
@@ -27,7 +31,10 @@ pub fn vmm_bin(test: &str) -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("skipping {test}: {} not built (run `cargo build -p genos-vmm`)", p.display());
+        eprintln!(
+            "skipping {test}: {} not built (run `cargo build -p genos-vmm`)",
+            p.display()
+        );
         None
     }
 }
@@ -41,7 +48,13 @@ pub fn build_guest(name: &str) -> PathBuf {
     std::fs::create_dir_all(&out_dir).expect("guest output dir");
     let out = out_dir.join(format!("{name}.elf"));
     let output = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-        .args(["-nostdlib", "-static", "-no-pie", "-ffreestanding", "-Wl,--build-id=none"])
+        .args([
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-ffreestanding",
+            "-Wl,--build-id=none",
+        ])
         .arg(format!("-Wl,-T,{}", vmm_guests.join("guest.ld").display()))
         .arg(format!("-I{}", vmm_guests.display()))
         .arg("-o")
@@ -49,7 +62,11 @@ pub fn build_guest(name: &str) -> PathBuf {
         .arg(root.join(format!("tests/guests/{name}.S")))
         .output()
         .expect("run the C compiler (cc)");
-    assert!(output.status.success(), "building guest {name}: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "building guest {name}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     out
 }
 

@@ -9,13 +9,18 @@ fn round_trip<M: Message + PartialEq + std::fmt::Debug>(m: &M) {
     let bytes = m.to_bytes();
     let mut r = MessageReader::new();
     r.push(&bytes);
-    let again = r.next::<M>().expect("re-encoded message decodes").expect("complete");
+    let again = r
+        .next_message::<M>()
+        .expect("re-encoded message decodes")
+        .expect("complete");
     assert_eq!(&again, m);
 }
 
 fuzz_target!(|data: &[u8]| {
     // First byte picks how the rest is chunked, exercising reassembly.
-    let Some((&chunk, rest)) = data.split_first() else { return };
+    let Some((&chunk, rest)) = data.split_first() else {
+        return;
+    };
     let chunk = usize::from(chunk).max(1);
     let mut client = MessageReader::new();
     let mut server = MessageReader::new();
@@ -24,21 +29,22 @@ fuzz_target!(|data: &[u8]| {
         client.push(piece);
         server.push(piece);
         while client_ok {
-            match client.next::<ClientMessage>() {
+            match client.next_message::<ClientMessage>() {
                 Ok(Some(m)) => round_trip(&m),
                 Ok(None) => break,
                 Err(_) => client_ok = false,
             }
         }
         while server_ok {
-            match server.next::<ServerMessage>() {
+            match server.next_message::<ServerMessage>() {
                 Ok(Some(m)) => round_trip(&m),
                 Ok(None) => break,
                 Err(_) => server_ok = false,
             }
         }
     }
-    if let Ok(h) = FrameHeader::decode(rest.get(..proto::stream::FRAME_HEADER_LEN).unwrap_or(rest)) {
+    if let Ok(h) = FrameHeader::decode(rest.get(..proto::stream::FRAME_HEADER_LEN).unwrap_or(rest))
+    {
         assert_eq!(FrameHeader::decode(&h.encode()), Ok(h));
     }
 });

@@ -1,5 +1,10 @@
 //! The virtio-gpu request decoder must never panic, and whatever it accepts must survive the
 //! device's own checks without panicking either.
+//!
+//! Input: first decoded as one request, then as a sequence of requests each prefixed by a
+//! little-endian u16 length. `seeds/gpu_decoder` holds valid sequences to start from:
+//! `mkdir -p corpus/gpu_decoder && cargo +nightly fuzz run gpu_decoder corpus/gpu_decoder
+//! seeds/gpu_decoder -- -max_total_time=300`
 #![no_main]
 
 use std::sync::OnceLock;

@@ -31,7 +31,11 @@ fuzz_target!(|data: &[u8]| {
             let raw_addr = u64::from_le_bytes(d[0..8].try_into().unwrap());
             // Mostly near guest memory so that the interesting (in/at the edge) cases
             // dominate; the top bit keeps wild addresses reachable.
-            let addr = if raw_addr >> 63 == 1 { raw_addr } else { raw_addr % (MEM_SIZE + 0x100) };
+            let addr = if raw_addr >> 63 == 1 {
+                raw_addr
+            } else {
+                raw_addr % (MEM_SIZE + 0x100)
+            };
             let len = u32::from_le_bytes(d[8..12].try_into().unwrap());
             let flags = u16::from_le_bytes(d[12..14].try_into().unwrap());
             Descriptor::new(addr, len, flags, 0)
@@ -40,14 +44,22 @@ fuzz_target!(|data: &[u8]| {
 
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     let n = memory_bytes.len().min(MEM_SIZE as usize);
-    mem.write_slice(&memory_bytes[..n], GuestAddress(0)).unwrap();
+    mem.write_slice(&memory_bytes[..n], GuestAddress(0))
+        .unwrap();
 
     match parse_request(&mem, descriptors, disk) {
         Ok(req) => {
-            assert!(mem.read_obj::<u8>(req.status).is_ok(), "status outside memory");
+            assert!(
+                mem.read_obj::<u8>(req.status).is_ok(),
+                "status outside memory"
+            );
             let mut total = 0u64;
             for s in &req.data {
-                let end = s.addr.0.checked_add(u64::from(s.len)).expect("segment wraps");
+                let end = s
+                    .addr
+                    .0
+                    .checked_add(u64::from(s.len))
+                    .expect("segment wraps");
                 assert!(end <= MEM_SIZE, "segment outside memory");
                 total += u64::from(s.len);
             }

@@ -72,8 +72,8 @@ struct DisplayBody {
     height: u32,
 }
 
-/// Parses a JSON body, turning serde's message into a one-line 400.
-fn json_body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, RouteError> {
+/// The body of a request that must have one (411 without `Content-Length`, 400 if empty).
+fn require_body(req: &Request) -> Result<&[u8], RouteError> {
     if !req.has_content_length {
         return Err(RouteError::new(
             411,
@@ -83,7 +83,12 @@ fn json_body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, RouteError> 
     if req.body.is_empty() {
         return Err(RouteError::bad_request("a JSON body is required"));
     }
-    serde_json::from_slice(&req.body)
+    Ok(&req.body)
+}
+
+/// Parses a JSON body, turning serde's message into a one-line 400.
+fn json_body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, RouteError> {
+    serde_json::from_slice(require_body(req)?)
         .map_err(|e| RouteError::bad_request(format!("invalid JSON body: {e}")))
 }
 
@@ -146,10 +151,7 @@ pub fn route(req: &Request) -> Result<VmmAction, RouteError> {
         (Endpoint::Metrics, Method::Get) => VmmAction::Metrics,
         (Endpoint::Framebuffer, Method::Get) => VmmAction::GetFramebuffer,
         (Endpoint::Config, Method::Put) => {
-            if !req.has_content_length {
-                return Err(json_body::<VmConfig>(req).unwrap_err());
-            }
-            let config = VmConfig::from_json(&req.body, "body")
+            let config = VmConfig::from_json(require_body(req)?, "body")
                 .map_err(|e| RouteError::bad_request(e.to_string()))?;
             config
                 .validate()
@@ -157,10 +159,7 @@ pub fn route(req: &Request) -> Result<VmmAction, RouteError> {
             VmmAction::Configure(config)
         }
         (Endpoint::Config, Method::Patch) => {
-            if !req.has_content_length {
-                return Err(json_body::<ConfigPatch>(req).unwrap_err());
-            }
-            let patch = ConfigPatch::from_json(&req.body, "body")
+            let patch = ConfigPatch::from_json(require_body(req)?, "body")
                 .map_err(|e| RouteError::bad_request(e.to_string()))?;
             if patch.is_empty() {
                 return Err(RouteError::bad_request("the patch changes nothing"));
@@ -303,13 +302,11 @@ mod tests {
             panic!("expected a patch");
         };
         assert_eq!(patch.mem_mib, Some(256));
-        assert_eq!(
-            patch.gpu,
-            Some(DisplaySize {
-                width: 800,
-                height: 600
-            })
-        );
+        let size = DisplaySize {
+            width: 800,
+            height: 600,
+        };
+        assert_eq!(patch.gpu, Some(Some(size)));
         assert_eq!(route_err("PATCH", "/vm/config", Some("{}")).status, 400);
     }
 

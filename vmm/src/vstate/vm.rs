@@ -16,6 +16,9 @@ pub enum VmError {
     /// KVM lacks something the VMM needs.
     #[error("KVM lacks a required capability: {0}")]
     MissingCap(&'static str),
+    /// A thread doing part of the VM set-up panicked.
+    #[error("a VM set-up thread panicked")]
+    SetupThread,
     /// A KVM ioctl on the VM failed.
     #[error("KVM {what} failed")]
     Kvm {
@@ -39,7 +42,7 @@ pub struct Vm {
 
 impl Vm {
     /// Opens `/dev/kvm`, checks the capabilities the VMM relies on and creates the VM with
-    /// its TSS, in-kernel irqchip and PIT.
+    /// its TSS and in-kernel irqchip. The PIT comes separately ([`Vm::create_pit`]).
     pub fn new() -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         for (cap, name) in [
@@ -59,12 +62,18 @@ impl Vm {
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(kvm_err("set TSS address"))?;
         fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        Ok(Self { kvm, fd })
+    }
+
+    /// Creates the in-kernel PIT (speaker port dummy). Separate from [`Vm::new`] because
+    /// it is slow under nested KVM (KVM starts a worker thread): the builder overlaps it
+    /// with other set-up. Must happen before the vCPUs run.
+    pub fn create_pit(&self) -> Result<(), VmError> {
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
-        Ok(Self { kvm, fd })
+        self.fd.create_pit2(pit).map_err(kvm_err("create PIT"))
     }
 
     /// The `/dev/kvm` handle.

@@ -151,6 +151,13 @@ mod tests {
     }
 
     #[test]
+    fn table_for_the_largest_vm_fits_in_the_ebda() {
+        let max = crate::config::MAX_VCPUS;
+        let bytes = mptable_bytes(EBDA_START, max).unwrap();
+        assert!(EBDA_START + bytes.len() as u64 <= 0xa_0000, "{} bytes", bytes.len());
+    }
+
+    #[test]
     fn zero_or_too_many_cpus_are_refused() {
         assert!(mptable_bytes(EBDA_START, 0).is_err());
         assert!(mptable_bytes(EBDA_START, 255).is_err());

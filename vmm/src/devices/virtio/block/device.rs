@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -28,6 +28,20 @@ use crate::devices::DeviceMetrics;
 
 /// Size of the device's single request queue.
 pub const BLOCK_QUEUE_SIZE: u16 = 256;
+/// Most data segments per request announced to the driver (VIRTIO_BLK_F_SEG_MAX): a chain
+/// also needs a header and a status descriptor. Without it Linux sends one segment per
+/// request.
+pub const BLOCK_SEG_MAX: u32 = BLOCK_QUEUE_SIZE as u32 - 2;
+/// Bytes of `struct virtio_blk_config` exposed: capacity (u64), size_max (u32, not
+/// offered: 0), seg_max (u32).
+const CONFIG_LEN: usize = 16;
+
+fn config_space(capacity: u64) -> [u8; CONFIG_LEN] {
+    let mut config = [0u8; CONFIG_LEN];
+    config[..8].copy_from_slice(&capacity.to_le_bytes());
+    config[12..].copy_from_slice(&BLOCK_SEG_MAX.to_le_bytes());
+    config
+}
 
 /// Errors opening a disk.
 #[derive(Debug, thiserror::Error)]
@@ -140,8 +154,8 @@ struct Active {
 pub struct Block {
     disk: File,
     disk_props: DiskProperties,
-    /// `struct virtio_blk_config` up to and including `capacity` (little endian).
-    config: [u8; 8],
+    /// `struct virtio_blk_config` up to and including `seg_max` (little endian).
+    config: [u8; CONFIG_LEN],
     id: [u8; ID_LEN],
     avail_features: u64,
     acked_features: u64,
@@ -189,7 +203,9 @@ impl Block {
         let mut id = [0u8; ID_LEN];
         let n = id_string.len().min(ID_LEN);
         id[..n].copy_from_slice(&id_string[..n]);
-        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_BLK_F_FLUSH);
+        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_BLK_F_FLUSH)
+            | (1u64 << VIRTIO_BLK_F_SEG_MAX);
         if read_only {
             avail_features |= 1u64 << VIRTIO_BLK_F_RO;
         }
@@ -199,7 +215,7 @@ impl Block {
                 capacity,
                 read_only,
             },
-            config: capacity.to_le_bytes(),
+            config: config_space(capacity),
             id,
             avail_features,
             acked_features: 0,

@@ -8,7 +8,7 @@ mod device;
 mod event_handler;
 pub mod request;
 
-pub use device::{Block, BlockError, BlockMetrics, BLOCK_QUEUE_SIZE};
+pub use device::{Block, BlockError, BlockMetrics, BLOCK_QUEUE_SIZE, BLOCK_SEG_MAX};
 
 #[cfg(test)]
 mod tests;

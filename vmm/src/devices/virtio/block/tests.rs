@@ -5,13 +5,14 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
 };
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
-use super::{Block, BlockError, BLOCK_QUEUE_SIZE};
+use super::{Block, BlockError, BLOCK_QUEUE_SIZE, BLOCK_SEG_MAX};
 use crate::devices::virtio::test_utils::{guest_memory, r, w, Driver, DATA_START};
 use crate::devices::virtio::{GuestMemoryMmap, VirtioDevice};
 use crate::devices::DeviceMetrics;
@@ -277,13 +278,17 @@ fn nothing_is_served_before_activation() {
 }
 
 #[test]
-fn config_space_holds_the_capacity() {
+fn config_space_holds_capacity_and_seg_max() {
     let f = fixture(false);
     let mut cap = [0u8; 8];
     f.block.read_config(0, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), SECTORS);
+    let mut seg_max = [0u8; 4];
+    f.block.read_config(12, &mut seg_max);
+    assert_eq!(u32::from_le_bytes(seg_max), BLOCK_SEG_MAX);
+    assert_ne!(f.block.avail_features() & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
     let mut past = [0x77u8; 4];
-    f.block.read_config(6, &mut past);
+    f.block.read_config(14, &mut past);
     assert_eq!(past, [0x77; 4], "out-of-range reads leave data untouched");
     let mut huge = [0x77u8; 1];
     f.block.read_config(u64::MAX, &mut huge);

@@ -1,0 +1,264 @@
+//! The `genos` CLI against a running `genos-hostd` binary over its admin socket: every
+//! command, peer-credential refusal, and audit tampering detected.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Hostd {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Hostd {
+    /// Starts genos-hostd with a config whose image builder is missing (so environments
+    /// fail during their build, without a VM) or, with `vmm`, a tiny guest that gets ready.
+    fn start(vmm: Option<(PathBuf, PathBuf)>) -> Hostd {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = match vmm {
+            Some((vmm, kernel)) => common::config_toml(&vmm, &kernel, 4, 4096),
+            None => "[images]\nbuilder = \"/nonexistent/genos-image\"\n[capacity]\nvcpus = 2\nmemory_mib = 8192\ncpu_overcommit = 1.0\n".into(),
+        };
+        let cfg_path = dir.path().join("hostd.toml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let state = dir.path().join("state");
+        let child = Command::new(env!("CARGO_BIN_EXE_genos-hostd"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .arg("--state-dir")
+            .arg(&state)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let h = Hostd { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !h.socket().exists() {
+            assert!(Instant::now() < deadline, "admin.sock did not appear");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        h
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.state().join("admin.sock")
+    }
+
+    fn genos(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_genos"))
+            .env("GENOS_SOCKET", self.socket())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Hostd {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the hostd we spawned; no memory is involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+}
+
+fn wait_for_state(h: &Hostd, name: &str, want: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = json(&h.genos(&["--json", "show", name]));
+        if v["env"]["state"] == want {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{name} never became {want}: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cli_drives_a_running_hostd() {
+    let h = Hostd::start(None);
+
+    let o = h.genos(&["health"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("ok (genos-hostd "), "{}", stdout(&o));
+
+    let o = h.genos(&["compose", "--remote", "gimp with 8 gigs"]);
+    assert!(o.status.success());
+    assert_eq!(json(&o)["spec"]["memory_mib"], 8192);
+
+    // A question is printed and the exit status says an answer is needed.
+    let o = h.genos(&["create", "--text", "xfce with photoshop"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stdout(&o).contains("photoshop"));
+
+    let o = h.genos(&[
+        "--json",
+        "create",
+        "--text",
+        "python headless, 1 core, 512 mb",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json(&o)["env"]["name"], "python");
+
+    // Admission: 2 vCPUs at overcommit 1, one promised to "python" while it is live.
+    let o = h.genos(&["create", "--text", "python headless, 2 cores"]);
+    let refused = o.status.code() == Some(1) && stderr(&o).contains("not enough CPU");
+    let failed_first = json(&h.genos(&["--json", "show", "python"]))["env"]["state"] == "failed";
+    assert!(
+        refused || failed_first,
+        "neither refused nor explained: {} / {}",
+        stdout(&o),
+        stderr(&o)
+    );
+
+    // The build fails (no image builder) and says why.
+    let v = wait_for_state(&h, "python", "failed");
+    assert!(
+        v["env"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/genos-image"),
+        "{v}"
+    );
+
+    let o = h.genos(&["list"]);
+    assert!(
+        stdout(&o).lines().next().unwrap().starts_with("NAME"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("python"));
+
+    let o = h.genos(&["show", "python"]);
+    assert!(stdout(&o).contains("state:    failed"), "{}", stdout(&o));
+
+    let o = h.genos(&["stop", "python"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("cannot stop python: it is failed"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = h.genos(&["token", "python"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("it is failed"), "{}", stderr(&o));
+
+    let o = h.genos(&["destroy", "python"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "destroyed python");
+
+    let o = h.genos(&["show", "nosuch"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no environment named \"nosuch\""));
+
+    let o = h.genos(&["metrics"]);
+    assert!(
+        stdout(&o).contains("genos_environments{state=\"destroyed\"} 1"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("# TYPE genos_admission_refusals_total counter"));
+
+    let o = h.genos(&["audit", "verify"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("audit log intact"));
+    let o = h.genos(&["audit", "list"]);
+    assert!(stdout(&o).contains("destroy"), "{}", stdout(&o));
+}
+
+#[test]
+fn audit_tampering_is_reported_by_the_cli() {
+    let h = Hostd::start(None);
+    for t in ["gimp", "vlc", "python headless"] {
+        assert!(h.genos(&["compose", "--remote", t]).status.success());
+    }
+    assert!(h.genos(&["audit", "verify"]).status.success());
+
+    let db = rusqlite::Connection::open(h.state().join("state.db")).unwrap();
+    db.execute(
+        "UPDATE audit SET detail = 'something else' WHERE seq = 2",
+        [],
+    )
+    .unwrap();
+    drop(db);
+
+    let o = h.genos(&["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o).trim(),
+        "genos: audit log TAMPERED: entry 2 was modified (hash mismatch)"
+    );
+}
+
+#[test]
+fn non_permitted_user_is_refused_by_peer_credentials() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: needs root to run the client as another user");
+        return;
+    }
+    let h = Hostd::start(None);
+    // Let anyone reach the socket file, so only the SO_PEERCRED check stands in the way.
+    use std::os::unix::fs::PermissionsExt;
+    for p in [h.dir.path(), &h.state(), &h.socket()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let nobody = 65534;
+    let o = Command::new(env!("CARGO_BIN_EXE_genos"))
+        .env("GENOS_SOCKET", h.socket())
+        .arg("list")
+        .uid(nobody)
+        .gid(nobody)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stderr(&o).starts_with(
+            "genos: permission denied: uid 65534 is not root and not in group \"genos\""
+        ),
+        "{}",
+        stderr(&o)
+    );
+    // Root still gets in.
+    assert!(h.genos(&["list"]).status.success());
+}
+
+#[test]
+fn up_waits_until_ready_and_prints_a_viewer_token() {
+    let test = "up_waits_until_ready_and_prints_a_viewer_token";
+    if !common::kvm_available(test) {
+        return;
+    }
+    let Some(vmm) = common::vmm_bin(test) else {
+        return;
+    };
+    let h = Hostd::start(Some((vmm, common::build_guest("ready"))));
+    let o = h.genos(&["up", "headless python, 1 core, 256 MB"]);
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).starts_with("python is ready.\nviewer token for python"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stderr(&o).contains("ready"), "{}", stderr(&o));
+    let o = h.genos(&["destroy", "python"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
