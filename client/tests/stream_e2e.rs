@@ -389,3 +389,48 @@ async fn connections_beyond_the_per_address_cap_are_refused() {
     a.close().await;
     b.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_pass_address_validation_when_retry_is_required() {
+    // Threshold 0: every new connection must first answer a QUIC Retry.
+    let cfg = ServerConfig {
+        retry_threshold: 0,
+        ..ServerConfig::default()
+    };
+    let hx = start(cfg, Scene::Still, 64, 64, 10.0);
+    let mut s = Session::connect(&hx.url(Rights::VIEW), ConnectOptions::default())
+        .await
+        .unwrap();
+    next_frame(&mut s).await;
+    s.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connection_is_closed_after_the_hello_timeout() {
+    let cfg = ServerConfig {
+        hello_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let hx = start(cfg, Scene::Still, 64, 64, 10.0);
+    let url = hx.url(Rights::VIEW);
+    let (tls, _) = client::tls::client_config(url.cert_sha256).unwrap();
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let addr = format!("{}:{}", url.host, url.port).parse().unwrap();
+    let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("server did not close the silent connection");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, (ErrorCode::ProtocolViolation as u32).into());
+        }
+        other => panic!("unexpected close: {other}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while hx.server.open_connections() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(hx.server.open_connections(), 0, "connection slot not released");
+}

@@ -60,9 +60,65 @@ impl Rect {
         Rect::new(x0, y0, x1 - x0, y1 - y0)
     }
 
+    /// True when `other` lies entirely inside `self` (an empty `other` lies inside anything).
+    pub const fn contains_rect(&self, other: &Rect) -> bool {
+        other.is_empty()
+            || (other.x >= self.x
+                && other.y >= self.y
+                && other.right() <= self.right()
+                && other.bottom() <= self.bottom())
+    }
+
     /// True when the pixel (`px`, `py`) lies inside.
     pub const fn contains(&self, px: u32, py: u32) -> bool {
         px >= self.x && px < self.right() && py >= self.y && py < self.bottom()
+    }
+}
+
+/// Damage gathered over frames the server chose not to encode (network still busy), to hand to
+/// the next [`crate::Encoder::encode`] call so nothing is lost. Keeps at most
+/// [`DamageSet::MAX_RECTS`] rectangles; past that it collapses to their bounding box.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DamageSet {
+    rects: Vec<Rect>,
+}
+
+impl DamageSet {
+    pub const MAX_RECTS: usize = 32;
+
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `damage` (empty rectangles are ignored).
+    pub fn add(&mut self, damage: &[Rect]) {
+        for r in damage.iter().filter(|r| !r.is_empty()) {
+            if self.rects.iter().any(|known| known.contains_rect(r)) {
+                continue;
+            }
+            self.rects.retain(|known| !r.contains_rect(known));
+            self.rects.push(*r);
+        }
+        if self.rects.len() > Self::MAX_RECTS {
+            let bounds = self
+                .rects
+                .iter()
+                .fold(Rect::default(), |acc, r| acc.union(r));
+            self.rects = vec![bounds];
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rects.is_empty()
+    }
+
+    pub fn rects(&self) -> &[Rect] {
+        &self.rects
+    }
+
+    /// Returns the gathered damage and starts over.
+    pub fn take(&mut self) -> Vec<Rect> {
+        std::mem::take(&mut self.rects)
     }
 }
 
@@ -130,7 +186,12 @@ impl<'a> FrameRef<'a> {
                 width: self.width,
             });
         }
-        let needed = self.stride * (self.height as usize - 1) + row;
+        // Checked: stride and height may come from a guest-controlled framebuffer description.
+        let needed = self
+            .stride
+            .checked_mul(self.height as usize - 1)
+            .and_then(|n| n.checked_add(row))
+            .unwrap_or(usize::MAX);
         if self.data.len() < needed {
             return Err(FrameError::DataTooShort {
                 len: self.data.len(),
@@ -173,4 +234,78 @@ pub trait FrameSource: Send {
     fn size(&self) -> (u32, u32);
     /// Blocks until a frame newer than the last one returned is ready, or `deadline` passes (`Ok(None)`).
     fn next_frame(&mut self, deadline: Instant) -> Result<Option<SourceFrame<'_>>, SourceError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_reports_empty_narrow_and_short_frames() {
+        let data = [0u8; 64];
+        let ok = FrameRef::packed(4, 4, PixelFormat::Bgrx, &data);
+        assert_eq!(ok.validate(), Ok(()));
+        let empty = FrameRef::packed(0, 4, PixelFormat::Bgrx, &data);
+        assert!(matches!(empty.validate(), Err(FrameError::Empty { .. })));
+        let narrow = FrameRef { stride: 15, ..ok };
+        assert!(matches!(
+            narrow.validate(),
+            Err(FrameError::StrideTooSmall { .. })
+        ));
+        let short = FrameRef { height: 5, ..ok };
+        assert!(matches!(
+            short.validate(),
+            Err(FrameError::DataTooShort { needed: 80, .. })
+        ));
+        let huge = FrameRef {
+            stride: usize::MAX / 2,
+            height: 3,
+            ..ok
+        };
+        assert!(matches!(
+            huge.validate(),
+            Err(FrameError::DataTooShort {
+                needed: usize::MAX,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn damage_set_keeps_every_pixel_and_drops_contained_rects() {
+        let mut set = DamageSet::new();
+        set.add(&[
+            Rect::new(0, 0, 10, 10),
+            Rect::new(2, 2, 3, 3),
+            Rect::new(0, 0, 0, 5),
+        ]);
+        assert_eq!(set.rects(), &[Rect::new(0, 0, 10, 10)]);
+        set.add(&[Rect::new(50, 50, 4, 4), Rect::new(0, 0, 20, 20)]);
+        assert_eq!(
+            set.rects(),
+            &[Rect::new(50, 50, 4, 4), Rect::new(0, 0, 20, 20)]
+        );
+        assert_eq!(set.take().len(), 2);
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn damage_set_collapses_to_the_bounding_box_when_too_many() {
+        let mut set = DamageSet::new();
+        let many: Vec<Rect> = (0..40).map(|i| Rect::new(i * 10, i, 2, 2)).collect();
+        set.add(&many);
+        assert_eq!(set.rects(), &[Rect::new(0, 0, 392, 41)]);
+    }
+
+    #[test]
+    fn rect_clamp_union_and_contains() {
+        let r = Rect::new(10, 10, 20, 5);
+        assert_eq!(r.clamp_to(25, 12), Rect::new(10, 10, 15, 2));
+        assert!(r.clamp_to(5, 5).is_empty());
+        assert_eq!(r.union(&Rect::new(0, 0, 1, 1)), Rect::new(0, 0, 30, 15));
+        assert_eq!(Rect::default().union(&r), r);
+        assert!(r.contains(10, 14) && !r.contains(30, 10) && !r.contains(10, 15));
+        // Edges saturate instead of overflowing.
+        assert_eq!(Rect::new(u32::MAX - 1, 0, 10, 1).right(), u32::MAX);
+    }
 }

@@ -16,5 +16,7 @@ pub mod synthetic;
 pub use convert::{ConvertError, I420Buffer};
 pub use decode::{DecodeError, DecodedFrame, Decoder};
 pub use encode::{EncodeError, EncodedFrame, Encoder, EncoderConfig, Usage, REFINEMENT_PASSES};
-pub use frame::{FrameError, FrameRef, FrameSource, PixelFormat, Rect, SourceError, SourceFrame};
+pub use frame::{
+    DamageSet, FrameError, FrameRef, FrameSource, PixelFormat, Rect, SourceError, SourceFrame,
+};
 pub use quality::psnr_bgrx;

@@ -182,6 +182,19 @@ impl Canvas {
         }
     }
 
+    /// Moves the contents of `r` up by `dy` rows in place (the bottom `dy` rows keep their old
+    /// contents for the caller to redraw).
+    fn scroll_up(&mut self, r: Rect, dy: u32) {
+        let r = r.clamp_to(self.width, self.height);
+        let stride = self.stride();
+        let (x0, x1) = (r.x as usize * 4, r.right() as usize * 4);
+        for y in r.y..r.bottom().saturating_sub(dy) {
+            let src = (y + dy) as usize * stride;
+            self.data
+                .copy_within(src + x0..src + x1, y as usize * stride + x0);
+        }
+    }
+
     /// Copies `src` (a rectangle of `from`) to (`dx`, `dy`) here, clipped on both sides.
     fn blit(&mut self, from: &Canvas, src: Rect, dx: u32, dy: u32) {
         let src = src.clamp_to(from.width, from.height);
@@ -926,9 +939,7 @@ impl SyntheticSource {
                         *word_left = next;
                         if *row >= rows {
                             // Scroll the text up one line.
-                            let keep = Rect::new(area.x, area.y + lh, area.width, area.height - lh);
-                            let copy = win.canvas.clone();
-                            win.canvas.blit(&copy, keep, area.x, area.y);
+                            win.canvas.scroll_up(area, lh);
                             win.canvas.fill_rect(
                                 Rect::new(
                                     area.x,
@@ -988,9 +999,7 @@ impl SyntheticSource {
                 }
                 if dy < u64::from(view.height) {
                     let dy = dy as u32;
-                    let keep = Rect::new(view.x, view.y + dy, view.width, view.height - dy);
-                    let copy = win.canvas.clone();
-                    win.canvas.blit(&copy, keep, view.x, view.y);
+                    win.canvas.scroll_up(view, dy);
                     page.render(&mut win.canvas, view, target, view.height - dy, view.height);
                 } else {
                     page.render(&mut win.canvas, view, target, 0, view.height);

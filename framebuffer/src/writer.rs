@@ -157,14 +157,16 @@ pub struct ReaderFds {
 /// one to answer `GetFramebuffer`.
 #[derive(Clone, Debug)]
 pub struct FramebufferShare {
-    file: Arc<File>,
+    /// Read-only file description of the memfd, opened when the writer was created (through
+    /// `/proc/self/fd`, which a sandboxed VMM may no longer reach); readers get duplicates.
+    read_only: Arc<File>,
     subscribers: Arc<Mutex<VecDeque<OwnedFd>>>,
 }
 
 impl FramebufferShare {
-    /// A new read-only memfd descriptor and a new eventfd subscribed to flushes.
+    /// A read-only memfd descriptor and a new eventfd subscribed to flushes.
     pub fn reader_fds(&self) -> Result<ReaderFds, WriterError> {
-        let memfd = shm::reopen_read_only(&self.file).map_err(WriterError::Share)?;
+        let memfd = self.read_only.try_clone().map_err(WriterError::Share)?;
         let notify = shm::eventfd().map_err(WriterError::Share)?;
         let ours = notify.try_clone().map_err(WriterError::Share)?;
         let mut subs = self
@@ -184,7 +186,8 @@ impl FramebufferShare {
 
 /// The single writer of a shared framebuffer.
 pub struct FramebufferWriter {
-    file: Arc<File>,
+    file: File,
+    read_only: Arc<File>,
     map: Mapping,
     pool: Pool,
     subscribers: Arc<Mutex<VecDeque<OwnedFd>>>,
@@ -215,8 +218,10 @@ impl FramebufferWriter {
         let total = layout::POOL_OFFSET + pool_size;
         let file = shm::sealed_memfd("genos-framebuffer", total).map_err(WriterError::Setup)?;
         let map = Mapping::new(file.as_fd(), total, true).map_err(WriterError::Setup)?;
+        let read_only = shm::reopen_read_only(&file).map_err(WriterError::Setup)?;
         let writer = Self {
-            file: Arc::new(file),
+            file,
+            read_only: Arc::new(read_only),
             map,
             pool: Pool::new(layout::POOL_OFFSET, pool_size),
             subscribers: Arc::default(),
@@ -245,7 +250,7 @@ impl FramebufferWriter {
     /// A handle that hands out reader descriptors.
     pub fn share(&self) -> FramebufferShare {
         FramebufferShare {
-            file: self.file.clone(),
+            read_only: self.read_only.clone(),
             subscribers: self.subscribers.clone(),
         }
     }

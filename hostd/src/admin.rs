@@ -390,3 +390,32 @@ async fn audit_list(State(st): State<AppState>, Query(q): Query<AuditQuery>) -> 
 async fn audit_verify(State(st): State<AppState>) -> ApiResult {
     Ok(Json(st.orch.verify_audit()?).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(gid: Option<u32>) -> AccessPolicy {
+        AccessPolicy { group_name: "genos".into(), group_gid: gid, own_uid: 4242 }
+    }
+
+    #[test]
+    fn root_and_own_user_are_allowed() {
+        let p = policy(None);
+        assert!(p.allows(&Peer { uid: 0, gid: 0, pid: None }));
+        assert!(p.allows(&Peer { uid: 4242, gid: 4242, pid: None }));
+    }
+
+    #[test]
+    fn group_member_is_allowed_and_others_refused() {
+        let p = policy(Some(777));
+        assert!(p.allows(&Peer { uid: 1000, gid: 777, pid: None }));
+        assert!(!p.allows(&Peer { uid: 1000, gid: 1000, pid: None }));
+        assert!(!policy(None).allows(&Peer { uid: 1000, gid: 777, pid: None }));
+    }
+
+    #[test]
+    fn unknown_peer_credentials_are_refused() {
+        assert!(!policy(Some(777)).allows(&Peer { uid: u32::MAX, gid: u32::MAX, pid: None }));
+    }
+}

@@ -372,13 +372,12 @@ impl DeviceManager {
         // Build (and so validate) the transport before telling KVM about any fd.
         let irq_evt = new_eventfd()?;
         let interrupt = Arc::new(MmioInterrupt::new(irq_evt));
-        let transport =
-            MmioTransport::new(device.clone(), self.mem.clone(), interrupt).map_err(|source| {
-                DeviceManagerError::Transport {
-                    device: name.into(),
-                    source,
-                }
+        let mut transport = MmioTransport::new(device.clone(), self.mem.clone(), interrupt)
+            .map_err(|source| DeviceManagerError::Transport {
+                device: name.into(),
+                source,
             })?;
+        transport.set_name(name);
         vm.register_irqfd(transport.interrupt().irq_evt(), irq)
             .map_err(|source| DeviceManagerError::Irqfd {
                 device: name.into(),

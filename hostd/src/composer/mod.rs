@@ -1481,6 +1481,36 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_text_never_panics_and_specs_are_valid() {
+        // Deterministic pseudo-random requests built from pieces that stress the rules:
+        // multi-byte characters next to units, hosts, numbers and catalog words.
+        let pieces = [
+            "é", "ü ", "4", "gb", " ", "ram", "ßß", "firefox", ",", ".", "*.", "github.com", "for", "2",
+            "hours", "idle", "no", "internet", "kiosk", "x", "1080", "p", "ñandú", "日本語", "—", "'", "half",
+            "a", "gig", "headless", "gimp", "3d", "only", "keep my files", "🦀", "0", "99999999999",
+        ];
+        let c = composer();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..3000 {
+            let mut s = String::new();
+            for _ in 0..(seed % 12) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                s.push_str(pieces[(seed % pieces.len() as u64) as usize]);
+                if seed % 3 == 0 {
+                    s.push(' ');
+                }
+            }
+            seed = seed.wrapping_add(1);
+            if let Outcome::Spec(spec) = c.compose(&s).outcome {
+                spec.validate().unwrap_or_else(|e| panic!("{s:?}: {e}"));
+                c.catalog().check_spec(&spec).unwrap_or_else(|e| panic!("{s:?}: {e}"));
+            }
+        }
+    }
+
+    #[test]
     fn empty_request_gets_a_question() {
         let q = question("   ");
         assert!(!q.options.is_empty());

@@ -857,7 +857,6 @@ async fn run_session(
 
     let mut held = session.held.clone();
     let control = control_loop(
-        &shared,
         &env,
         session.rights,
         &mut recv,
@@ -957,7 +956,6 @@ fn park_session(shared: &Arc<Shared>, id: [u8; 16], env: &Arc<Environment>, held
 }
 
 async fn control_loop(
-    shared: &Shared,
     env: &Environment,
     rights: Rights,
     recv: &mut quinn::RecvStream,
@@ -1029,7 +1027,6 @@ async fn control_loop(
                 ))
             }
         }
-        let _ = shared;
     }
 }
 

@@ -12,7 +12,7 @@
 //! the response with `recvmsg(2)` (room for two fds) and keeps reading plain bytes until
 //! the body is complete.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -378,15 +378,15 @@ fn queue(
 fn flush(sender: &ApiSender, conn: &mut Connection) {
     while conn.wants_write() && !conn.dead {
         let pending = &conn.output[conn.written..];
-        let result = match &conn.fds {
-            Some(fds) => {
-                let raw: [RawFd; 2] = [fds.memfd.as_raw_fd(), fds.flush_eventfd.as_raw_fd()];
-                conn.stream
-                    .send_with_fds(&[pending], &raw)
-                    .map_err(|e| io::Error::from_raw_os_error(e.errno()))
-            }
-            None => conn.stream.write(pending),
-        };
+        let fds: Vec<RawFd> = conn.fds.as_ref().map_or_else(Vec::new, |fds| {
+            vec![fds.memfd.as_raw_fd(), fds.flush_eventfd.as_raw_fd()]
+        });
+        // sendmsg with MSG_NOSIGNAL: a client that went away is an EPIPE for its
+        // connection, never a SIGPIPE for the VMM, whatever the signal disposition.
+        let result = conn
+            .stream
+            .send_with_fds(&[pending], &fds)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()));
         match result {
             Ok(0) => conn.dead = true,
             Ok(n) => {
@@ -441,6 +441,7 @@ fn framebuffer_response(fds: FramebufferFds) -> (Response, Option<FramebufferFds
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn request_arriving_with_eof_is_answered_before_closing() {

@@ -150,8 +150,9 @@ fn tiny_guest_run(vmm: &Path, guest: &Path) -> (f64, f64) {
     ((entry_ns.saturating_sub(t0)) as f64 / 1e6, whole)
 }
 
-/// Resident KiB of `pid`, excluding mappings whose name contains `exclude`.
-fn rss_kib_excluding(pid: u32, exclude: Option<&str>) -> u64 {
+/// Resident (`Rss`) or proportional (`Pss`: shared pages divided among their users) KiB
+/// of `pid`, excluding mappings whose name contains `exclude`.
+fn mem_kib_excluding(pid: u32, field: &str, exclude: Option<&str>) -> u64 {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .unwrap_or_else(|e| die(format!("read smaps: {e}")));
     let mut total = 0;
@@ -160,7 +161,7 @@ fn rss_kib_excluding(pid: u32, exclude: Option<&str>) -> u64 {
         let first = line.split_whitespace().next().unwrap_or("");
         if first.contains('-') && !first.ends_with(':') {
             skip = exclude.is_some_and(|x| line.contains(x));
-        } else if let Some(rest) = line.strip_prefix("Rss:") {
+        } else if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
             if !skip {
                 total += rest
                     .trim()
@@ -174,7 +175,8 @@ fn rss_kib_excluding(pid: u32, exclude: Option<&str>) -> u64 {
     total
 }
 
-fn memory_overhead(vmm: &Path, guest: &Path) -> (f64, f64) {
+/// (RSS, PSS) of a running VMM outside guest RAM and (RSS, PSS) of a running `sleep`, MiB.
+fn memory_overhead(vmm: &Path, guest: &Path) -> ((f64, f64), (f64, f64)) {
     let mut child = Command::new(vmm)
         .arg("--kernel")
         .arg(guest)
@@ -185,7 +187,11 @@ fn memory_overhead(vmm: &Path, guest: &Path) -> (f64, f64) {
         .spawn()
         .unwrap_or_else(|e| die(format!("spawn genos-vmm: {e}")));
     std::thread::sleep(Duration::from_millis(300));
-    let vmm_kib = rss_kib_excluding(child.id(), Some("genos-guest-ram"));
+    let ram = Some("genos-guest-ram");
+    let vmm_kib = (
+        mem_kib_excluding(child.id(), "Rss", ram),
+        mem_kib_excluding(child.id(), "Pss", ram),
+    );
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
@@ -195,10 +201,14 @@ fn memory_overhead(vmm: &Path, guest: &Path) -> (f64, f64) {
         .spawn()
         .unwrap_or_else(|e| die(format!("spawn sleep: {e}")));
     std::thread::sleep(Duration::from_millis(100));
-    let sleep_kib = rss_kib_excluding(sleeper.id(), None);
+    let sleep_kib = (
+        mem_kib_excluding(sleeper.id(), "Rss", None),
+        mem_kib_excluding(sleeper.id(), "Pss", None),
+    );
     let _ = sleeper.kill();
     let _ = sleeper.wait();
-    (vmm_kib as f64 / 1024.0, sleep_kib as f64 / 1024.0)
+    let mib = |(rss, pss): (u64, u64)| (rss as f64 / 1024.0, pss as f64 / 1024.0);
+    (mib(vmm_kib), mib(sleep_kib))
 }
 
 fn main() {
@@ -228,7 +238,7 @@ fn main() {
         entry.push(e);
         whole.push(w);
     }
-    let (overhead, sleep_rss) = memory_overhead(&vmm, &spin);
+    let (overhead, sleep_mem) = memory_overhead(&vmm, &spin);
     let _ = std::fs::remove_dir_all(&work);
 
     let base = median(base);
@@ -281,9 +291,17 @@ fn main() {
     );
     row(
         "RSS outside guest RAM (1 vCPU, 128 MiB)",
-        overhead,
+        overhead.0,
         "MiB",
-        sleep_rss,
+        sleep_mem.0,
+        "sleep",
+        TARGET_OVERHEAD_MIB,
+    );
+    row(
+        "PSS outside guest RAM (shared pages split)",
+        overhead.1,
+        "MiB",
+        sleep_mem.1,
         "sleep",
         TARGET_OVERHEAD_MIB,
     );

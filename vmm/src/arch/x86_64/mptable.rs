@@ -154,7 +154,11 @@ mod tests {
     fn table_for_the_largest_vm_fits_in_the_ebda() {
         let max = crate::config::MAX_VCPUS;
         let bytes = mptable_bytes(EBDA_START, max).unwrap();
-        assert!(EBDA_START + bytes.len() as u64 <= 0xa_0000, "{} bytes", bytes.len());
+        assert!(
+            EBDA_START + bytes.len() as u64 <= 0xa_0000,
+            "{} bytes",
+            bytes.len()
+        );
     }
 
     #[test]

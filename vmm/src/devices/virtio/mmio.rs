@@ -142,6 +142,7 @@ pub struct TransportMetrics {
 
 /// The virtio-mmio register block of one device.
 pub struct MmioTransport {
+    name: String,
     device: Arc<Mutex<dyn VirtioDevice>>,
     mem: GuestMemoryMmap,
     interrupt: Arc<MmioInterrupt>,
@@ -188,6 +189,7 @@ impl MmioTransport {
             return Err(MmioError::NotModern);
         }
         Ok(Self {
+            name: format!("virtio-mmio device type {device_type}"),
             device,
             mem,
             interrupt,
@@ -201,6 +203,11 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
         })
+    }
+
+    /// Names the device in log messages (e.g. `block0`).
+    pub fn set_name(&mut self, name: &str) {
+        self.name = name.to_owned();
     }
 
     /// The device behind this transport.
@@ -453,15 +460,17 @@ impl MmioTransport {
             Ok(()) => {
                 self.metrics.activations.fetch_add(1, Ordering::Relaxed);
                 self.status = value;
+                tracing::info!(
+                    "{}: activated by the guest driver (features {:#x})",
+                    self.name,
+                    self.driver_features
+                );
             }
             Err(e) => {
                 self.metrics
                     .activation_failures
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    "virtio-mmio: device type {} not activated: {e}",
-                    self.device_type
-                );
+                tracing::warn!("{}: not activated: {e}", self.name);
                 self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
                 let _ = self.interrupt.trigger(InterruptKind::Config);
             }
@@ -505,7 +514,7 @@ impl MmioTransport {
             if dev.is_activated() && !dev.reset() {
                 // The device keeps running on its old queues: tell the driver it must not
                 // reuse it rather than pretend the reset happened.
-                tracing::warn!("virtio-mmio: device type {} cannot reset", self.device_type);
+                tracing::warn!("{}: cannot reset", self.name);
                 self.status = VIRTIO_CONFIG_S_NEEDS_RESET;
                 return;
             }
