@@ -12,8 +12,11 @@ use crate::shm::{self, Mapping};
 use crate::writer::ReaderFds;
 use crate::{PixelFormat, Rect};
 
-/// Attempts at a consistent seqlock read before reporting a stuck writer.
-const SEQLOCK_RETRIES: u32 = 10_000;
+/// Spins on a busy seqlock before yielding the CPU to the (possibly preempted) writer.
+const SEQLOCK_SPINS: u32 = 100;
+/// How long a writer may hold a seqlock before the reader reports it stuck. Generous: a
+/// preempted writer on a loaded host holds it for a scheduler time slice or more.
+const SEQLOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Errors from the reader.
 #[derive(Debug, thiserror::Error)]
@@ -325,20 +328,28 @@ fn seqlock_read<T>(
     read: impl Fn(&Mapping) -> T,
 ) -> Result<T, ReaderError> {
     let lock = map.u64_at(lock_offset);
-    for _ in 0..SEQLOCK_RETRIES {
+    let mut deadline = None;
+    for attempt in 0u32.. {
         // Relaxed loads plus fences: atomic loads of read-only memory are only sound when
         // relaxed (see core::sync::atomic, "atomic accesses to read-only memory").
         let before = lock.load(Ordering::Relaxed);
         fence(Ordering::Acquire);
-        if before % 2 == 1 {
+        if before % 2 == 0 {
+            let value = read(map);
+            fence(Ordering::Acquire);
+            if lock.load(Ordering::Relaxed) == before {
+                return Ok(value);
+            }
+        }
+        if attempt < SEQLOCK_SPINS {
             std::hint::spin_loop();
             continue;
         }
-        let value = read(map);
-        fence(Ordering::Acquire);
-        if lock.load(Ordering::Relaxed) == before {
-            return Ok(value);
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + SEQLOCK_PATIENCE);
+        if Instant::now() >= deadline {
+            break;
         }
+        std::thread::yield_now();
     }
     Err(ReaderError::Stuck)
 }

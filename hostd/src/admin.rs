@@ -306,7 +306,7 @@ async fn compose(
     body: Result<Json<ComposeBody>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
     let Json(body) = body.map_err(|e| bad_request(e.body_text()))?;
-    let c = st.orch.compose(&body.text);
+    let c = st.orch.compose_text(&body.text).await;
     st.orch.audit(&actor.0, "compose", "-", &body.text)?;
     Ok(Json(c.to_output(body.explain)).into_response())
 }
@@ -318,12 +318,14 @@ async fn create(
 ) -> ApiResult {
     let Json(body) = body.map_err(|e| bad_request(e.body_text()))?;
     match (body.get("text"), body.get("spec")) {
-        (Some(Value::String(text)), None) => match st.orch.create_from_text(text, &actor.0)? {
-            CreateOutcome::Created(env) => {
-                Ok((StatusCode::CREATED, Json(json!({"env": env}))).into_response())
+        (Some(Value::String(text)), None) => {
+            match st.orch.create_from_text(text, &actor.0).await? {
+                CreateOutcome::Created(env) => {
+                    Ok((StatusCode::CREATED, Json(json!({"env": env}))).into_response())
+                }
+                CreateOutcome::Clarify(q) => Ok(Json(json!({"clarify": q})).into_response()),
             }
-            CreateOutcome::Clarify(q) => Ok(Json(json!({"clarify": q})).into_response()),
-        },
+        }
         (None, Some(spec)) => {
             let spec = proto::spec::Spec::from_json(&spec.to_string()).map_err(OrchError::from)?;
             let env = st.orch.create(spec, &actor.0)?;
@@ -396,26 +398,54 @@ mod tests {
     use super::*;
 
     fn policy(gid: Option<u32>) -> AccessPolicy {
-        AccessPolicy { group_name: "genos".into(), group_gid: gid, own_uid: 4242 }
+        AccessPolicy {
+            group_name: "genos".into(),
+            group_gid: gid,
+            own_uid: 4242,
+        }
     }
 
     #[test]
     fn root_and_own_user_are_allowed() {
         let p = policy(None);
-        assert!(p.allows(&Peer { uid: 0, gid: 0, pid: None }));
-        assert!(p.allows(&Peer { uid: 4242, gid: 4242, pid: None }));
+        assert!(p.allows(&Peer {
+            uid: 0,
+            gid: 0,
+            pid: None
+        }));
+        assert!(p.allows(&Peer {
+            uid: 4242,
+            gid: 4242,
+            pid: None
+        }));
     }
 
     #[test]
     fn group_member_is_allowed_and_others_refused() {
         let p = policy(Some(777));
-        assert!(p.allows(&Peer { uid: 1000, gid: 777, pid: None }));
-        assert!(!p.allows(&Peer { uid: 1000, gid: 1000, pid: None }));
-        assert!(!policy(None).allows(&Peer { uid: 1000, gid: 777, pid: None }));
+        assert!(p.allows(&Peer {
+            uid: 1000,
+            gid: 777,
+            pid: None
+        }));
+        assert!(!p.allows(&Peer {
+            uid: 1000,
+            gid: 1000,
+            pid: None
+        }));
+        assert!(!policy(None).allows(&Peer {
+            uid: 1000,
+            gid: 777,
+            pid: None
+        }));
     }
 
     #[test]
     fn unknown_peer_credentials_are_refused() {
-        assert!(!policy(Some(777)).allows(&Peer { uid: u32::MAX, gid: u32::MAX, pid: None }));
+        assert!(!policy(Some(777)).allows(&Peer {
+            uid: u32::MAX,
+            gid: u32::MAX,
+            pid: None
+        }));
     }
 }

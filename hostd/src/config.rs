@@ -46,6 +46,7 @@ pub struct Config {
     pub vmm: VmmConfig,
     pub reaper: ReaperConfig,
     pub composer: Defaults,
+    pub llm: crate::llm::LlmConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

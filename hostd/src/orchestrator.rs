@@ -312,8 +312,56 @@ impl Orchestrator {
         c
     }
 
-    pub fn create_from_text(&self, text: &str, actor: &str) -> Result<CreateOutcome, OrchError> {
-        match self.compose(text).outcome {
+    /// Composes with the LLM backend when it is enabled, falling back to the rules when it
+    /// fails or proposes anything invalid; with the rules alone otherwise.
+    pub async fn compose_text(&self, text: &str) -> Composition {
+        let llm = &self.inner.cfg.llm;
+        if !llm.enabled {
+            return self.compose(text);
+        }
+        match crate::llm::propose(llm, self.catalog(), text).await {
+            Ok(p) => {
+                self.inner.counters.composed.fetch_add(1, Ordering::Relaxed);
+                let explain = vec![format!(
+                    "proposed by the LLM backend ({}), validated against the schema and catalog",
+                    llm.model
+                )];
+                let outcome = match p {
+                    crate::llm::Proposal::Spec(s) => Outcome::Spec(s),
+                    crate::llm::Proposal::Clarify(q) => {
+                        self.inner
+                            .counters
+                            .clarified
+                            .fetch_add(1, Ordering::Relaxed);
+                        Outcome::Clarify(q)
+                    }
+                };
+                Composition { outcome, explain }
+            }
+            Err(e) => {
+                let mut c = self.compose(text);
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg.push_str(": ");
+                    msg.push_str(&s.to_string());
+                    src = s.source();
+                }
+                c.explain.insert(
+                    0,
+                    format!("LLM backend not used ({msg}); composed by the rules"),
+                );
+                c
+            }
+        }
+    }
+
+    pub async fn create_from_text(
+        &self,
+        text: &str,
+        actor: &str,
+    ) -> Result<CreateOutcome, OrchError> {
+        match self.compose_text(text).await.outcome {
             Outcome::Spec(spec) => {
                 self.audit(actor, "compose", &spec.name, text)?;
                 Ok(CreateOutcome::Created(Box::new(self.create(*spec, actor)?)))
@@ -772,7 +820,12 @@ impl Orchestrator {
         loop {
             match self.show(name).map(|e| e.state) {
                 Ok(EnvState::Booting) => {}
-                _ => return, // failed, stopped or destroyed meanwhile
+                // Failed, stopped or destroyed meanwhile. A stop that raced with the spawn
+                // may have found no VMM to halt: make sure none is left running.
+                _ => {
+                    self.kill_vmm(name);
+                    return;
+                }
             }
             if let Ok(r) = uds::request(sock, "GET", "/vm", None, Duration::from_secs(2)).await {
                 if r.ok() && !r.json()["boot_time_us"].is_null() {

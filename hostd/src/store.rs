@@ -109,8 +109,7 @@ impl EnvState {
     }
 
     /// The lifecycle: requested → building → booting → ready → stopped → destroyed; any live
-    /// state may fail; stopped and failed environments may be destroyed; a stopped one may
-    /// be started again (→ booting).
+    /// state may fail or be stopped; stopped and failed environments may be destroyed.
     pub fn can_become(self, next: EnvState) -> bool {
         use EnvState::*;
         matches!(
@@ -122,7 +121,6 @@ impl EnvState {
                 | (Booting, Stopped)
                 | (Building, Stopped)
                 | (Requested, Stopped)
-                | (Stopped, Booting)
                 | (Stopped, Destroyed)
                 | (Failed, Destroyed)
                 | (Requested | Building | Booting | Ready, Failed)
@@ -640,7 +638,6 @@ mod tests {
             (Building, Failed),
             (Booting, Failed),
             (Failed, Destroyed),
-            (Stopped, Booting),
         ];
         for (a, b) in allowed {
             assert!(a.can_become(b), "{a:?} -> {b:?}");

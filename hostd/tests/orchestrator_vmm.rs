@@ -286,3 +286,35 @@ async fn missing_image_builder_fails_the_build_with_its_reason() {
         env.reason
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_that_never_finishes_booting_fails_after_the_boot_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let test = "guest_that_never_finishes_booting_fails_after_the_boot_timeout";
+    if !common::kvm_available(test) {
+        return;
+    }
+    let Some(vmm) = common::vmm_bin(test) else {
+        return;
+    };
+    let toml = common::config_toml(&vmm, &common::build_guest("silent"), 4, 4096)
+        .replace("boot_timeout_s = 120", "boot_timeout_s = 1");
+    let o = Orchestrator::new(Config::from_toml(&toml).unwrap(), dir.path()).unwrap();
+    o.start().await.unwrap();
+    o.create(spec("stuck"), "test").unwrap();
+    let booting = wait_state(&o, "stuck", EnvState::Booting, 20).await;
+    let failed = wait_state(&o, "stuck", EnvState::Failed, 20).await;
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some("the guest did not finish booting within 1 s")
+    );
+    // The VMM of a failed boot is not left running.
+    let pid = booting.vmm_pid.or(failed.vmm_pid);
+    if let Some(pid) = pid {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pid_alive(pid) {
+            assert!(Instant::now() < deadline, "VMM {pid} still running");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

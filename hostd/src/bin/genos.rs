@@ -209,6 +209,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             text,
             explain,
             remote,
+            config,
         } => {
             let out: hostd::composer::ComposeOutput = if remote {
                 let v = client
@@ -354,7 +355,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 for e in v["entries"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
                     println!(
                         "{:>5} {} {:<10} {:<9} {:<16} {}",
-                        e["seq"],
+                        e["seq"].to_string(),
                         e["ts"],
                         e["actor"].as_str().unwrap_or(""),
                         e["action"].as_str().unwrap_or(""),
@@ -518,8 +519,8 @@ fn print_table(envs: &[Value]) {
             "{:<20} {:<10} {:>5} {:>8} {:<8} {:<24} {}",
             e["name"].as_str().unwrap_or(""),
             e["state"].as_str().unwrap_or(""),
-            e["spec"]["vcpus"],
-            e["spec"]["memory_mib"],
+            e["spec"]["vcpus"].to_string(),
+            e["spec"]["memory_mib"].to_string(),
             e["spec"]["desktop"].as_str().unwrap_or(""),
             truncate(&apps.join(","), 24),
             e["reason"].as_str().unwrap_or("")

@@ -103,8 +103,7 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
     static INSTALLED: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
     let result = INSTALLED
         .get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick));
-    (*result)
-        .map_err(VcpuError::Signal)
+    (*result).map_err(VcpuError::Signal)
 }
 
 /// What the controller wants the vCPU threads to do.

@@ -865,6 +865,37 @@ mod tests {
     }
 
     #[test]
+    fn activation_is_logged_with_the_device_name() {
+        #[derive(Clone, Default)]
+        struct Logs(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Logs {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let mut f = fixture();
+        f.transport.set_name("block0");
+
+        tracing::subscriber::with_default(subscriber, || f.bring_up());
+
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains("block0: activated by the guest driver"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn queue_registers_report_sizes_and_readiness() {
         let mut f = fixture();
         f.negotiate(VERSION_1);

@@ -11,6 +11,7 @@ pub mod block;
 pub mod gpu;
 pub mod input;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;

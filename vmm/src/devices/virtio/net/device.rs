@@ -1,0 +1,509 @@
+//! The virtio-net device: MAC and link status in the configuration space, an RX and a TX
+//! queue, and frames moved between those queues and a [`FrameBackend`].
+//!
+//! No offloads are offered, so every frame carries an all-zero virtio-net header in both
+//! directions (the device rewrites it rather than trusting either side's). A frame read
+//! from the backend while the guest has no RX buffers is held until the guest adds some:
+//! the backend is watched edge-triggered, and an RX queue notification resumes reading.
+
+use std::fmt;
+use std::io;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::chain::{gather, rx_segments, scatter, tx_segments, ChainError, MAX_FRAME_LEN};
+use super::tap::{FrameBackend, Tap, TapError, VNET_HDR_LEN};
+use crate::devices::virtio::{
+    ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger, VirtioDevice,
+};
+use crate::devices::DeviceMetrics;
+
+/// Size of each of the two queues.
+pub const NET_QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue.
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue.
+pub const TX_QUEUE: usize = 1;
+/// Bytes of `struct virtio_net_config` exposed: mac (6), status (u16).
+const CONFIG_LEN: usize = 8;
+/// Offset of `num_buffers` in `virtio_net_hdr_v1`.
+const NUM_BUFFERS_OFFSET: usize = 10;
+
+/// An Ethernet MAC address, written `aa:bb:cc:dd:ee:ff`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A locally administered unicast address: the default guest MAC.
+    pub const DEFAULT: MacAddr = MacAddr([0x06, 0x00, 0xac, 0x10, 0x00, 0x02]);
+}
+
+/// A string that is not a MAC address.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a MAC address (six hex byte pairs separated by ':', unicast)")]
+pub struct MacParseError(String);
+
+impl FromStr for MacAddr {
+    type Err = MacParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || MacParseError(s.to_string());
+        let mut bytes = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut bytes {
+            let part = parts.next().ok_or_else(err)?;
+            if part.len() != 2 {
+                return Err(err());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| err())?;
+        }
+        // A multicast source address would make the guest's frames undeliverable.
+        if parts.next().is_some() || bytes[0] & 1 != 0 {
+            return Err(err());
+        }
+        Ok(MacAddr(bytes))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+/// Errors creating a virtio-net device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The TAP device could not be opened.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// A queue eventfd could not be created.
+    #[error("cannot create the virtio-net queue eventfds")]
+    EventFd(#[source] io::Error),
+}
+
+/// Counters of one virtio-net device.
+#[derive(Debug, Default)]
+pub struct NetMetrics {
+    /// Frames delivered to the guest.
+    pub rx_packets: AtomicU64,
+    /// Ethernet bytes delivered to the guest (headers of the virtio-net header excluded).
+    pub rx_bytes: AtomicU64,
+    /// Frames the guest sent out through the backend.
+    pub tx_packets: AtomicU64,
+    /// Ethernet bytes the guest sent out.
+    pub tx_bytes: AtomicU64,
+    /// Received frames dropped: larger than the guest's buffer, or shorter than a header.
+    pub rx_dropped: AtomicU64,
+    /// Frames the backend refused to send.
+    pub tx_dropped: AtomicU64,
+    /// RX chains returned unused as malformed.
+    pub rx_malformed_chains: AtomicU64,
+    /// TX chains dropped as malformed (direction, memory, too short).
+    pub tx_malformed_chains: AtomicU64,
+    /// TX chains dropped as longer than the largest frame.
+    pub tx_oversized_frames: AtomicU64,
+    /// Times a received frame had to wait for the guest to add RX buffers.
+    pub rx_deferred: AtomicU64,
+    /// Errors reading from the backend.
+    pub backend_errors: AtomicU64,
+    /// Errors reading or updating the queues themselves.
+    pub queue_errors: AtomicU64,
+    /// Queue notifications handled.
+    pub queue_events: AtomicU64,
+}
+
+impl DeviceMetrics for NetMetrics {
+    fn snapshot(&self) -> serde_json::Value {
+        #[derive(Serialize)]
+        struct Snapshot {
+            rx_packets: u64,
+            rx_bytes: u64,
+            tx_packets: u64,
+            tx_bytes: u64,
+            rx_dropped: u64,
+            tx_dropped: u64,
+            rx_malformed_chains: u64,
+            tx_malformed_chains: u64,
+            tx_oversized_frames: u64,
+            rx_deferred: u64,
+            backend_errors: u64,
+            queue_errors: u64,
+            queue_events: u64,
+        }
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::to_value(Snapshot {
+            rx_packets: l(&self.rx_packets),
+            rx_bytes: l(&self.rx_bytes),
+            tx_packets: l(&self.tx_packets),
+            tx_bytes: l(&self.tx_bytes),
+            rx_dropped: l(&self.rx_dropped),
+            tx_dropped: l(&self.tx_dropped),
+            rx_malformed_chains: l(&self.rx_malformed_chains),
+            tx_malformed_chains: l(&self.tx_malformed_chains),
+            tx_oversized_frames: l(&self.tx_oversized_frames),
+            rx_deferred: l(&self.rx_deferred),
+            backend_errors: l(&self.backend_errors),
+            queue_errors: l(&self.queue_errors),
+            queue_events: l(&self.queue_events),
+        })
+        .unwrap_or_default()
+    }
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// State that exists only while the driver has the device running.
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn InterruptTrigger>,
+    rx: Queue,
+    tx: Queue,
+}
+
+/// What became of a received frame.
+enum Delivery {
+    /// In a guest buffer, or dropped: either way, done with.
+    Done,
+    /// No guest buffer yet: keep it.
+    NoBuffers,
+}
+
+/// A virtio-net device over a frame backend (a TAP device in the VMM).
+pub struct Net<B: FrameBackend = Tap> {
+    backend: B,
+    mac: MacAddr,
+    /// `struct virtio_net_config` up to and including `status` (little endian).
+    config: [u8; CONFIG_LEN],
+    avail_features: u64,
+    acked_features: u64,
+    queue_evts: [EventFd; 2],
+    active: Option<Active>,
+    /// The frame being received; `rx_pending` bytes of it wait for a guest buffer.
+    rx_buf: Vec<u8>,
+    rx_pending: Option<usize>,
+    tx_buf: Vec<u8>,
+    metrics: Arc<NetMetrics>,
+}
+
+impl Net<Tap> {
+    /// Attaches to the TAP interface `tap_name` (in the calling thread's network
+    /// namespace) and presents it to the guest with address `mac`.
+    pub fn new(tap_name: &str, mac: MacAddr) -> Result<Self, NetError> {
+        Self::with_backend(Tap::open(tap_name)?, mac)
+    }
+}
+
+impl<B: FrameBackend> Net<B> {
+    /// A device moving frames to and from `backend`.
+    pub fn with_backend(backend: B, mac: MacAddr) -> Result<Self, NetError> {
+        let mut config = [0u8; CONFIG_LEN];
+        config[..6].copy_from_slice(&mac.0);
+        config[6..].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
+        Ok(Self {
+            backend,
+            mac,
+            config,
+            avail_features: (1u64 << VIRTIO_F_VERSION_1)
+                | (1u64 << VIRTIO_NET_F_MAC)
+                | (1u64 << VIRTIO_NET_F_STATUS),
+            acked_features: 0,
+            queue_evts: [eventfd()?, eventfd()?],
+            active: None,
+            rx_buf: vec![0; MAX_FRAME_LEN as usize],
+            rx_pending: None,
+            tx_buf: vec![0; MAX_FRAME_LEN as usize],
+            metrics: Arc::new(NetMetrics::default()),
+        })
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// The frame backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub(super) fn queue_evt(&self, index: usize) -> &EventFd {
+        &self.queue_evts[index]
+    }
+
+    /// Sends every frame the guest queued for transmission and interrupts the guest if it
+    /// asked for it. Does nothing before activation.
+    pub fn process_tx(&mut self) {
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        let mut used_any = false;
+        while let Some(chain) = active.tx.pop_descriptor_chain(&active.mem) {
+            let head = chain.head_index();
+            self.transmit(&active.mem, chain);
+            if let Err(e) = active.tx.add_used(&active.mem, head, 0) {
+                queue_error(&self.metrics, "add a used TX entry", e);
+            }
+            used_any = true;
+        }
+        if used_any {
+            self.signal(&mut active.tx, &active.mem, active.interrupt.as_ref());
+        }
+        self.active = Some(active);
+    }
+
+    fn transmit<M>(&mut self, mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>)
+    where
+        M: std::ops::Deref<Target = GuestMemoryMmap>,
+    {
+        let (segments, len) = match tx_segments(mem, chain) {
+            Ok(checked) => checked,
+            Err(e) => {
+                let counter = match e {
+                    ChainError::TooLong(_) => &self.metrics.tx_oversized_frames,
+                    _ => &self.metrics.tx_malformed_chains,
+                };
+                bump(counter, 1);
+                tracing::debug!("virtio-net: TX chain dropped: {e}");
+                return;
+            }
+        };
+        // Bounded by MAX_FRAME_LEN, the buffer's size.
+        let frame = &mut self.tx_buf[..len as usize];
+        if let Err(e) = gather(mem, &segments, frame) {
+            bump(&self.metrics.tx_malformed_chains, 1);
+            tracing::debug!("virtio-net: TX chain unreadable: {e}");
+            return;
+        }
+        // No offloads were negotiated, so the guest's header may ask for nothing: send a
+        // clean one instead of letting the guest drive the host's GSO and checksum code.
+        frame[..VNET_HDR_LEN].fill(0);
+        match self.backend.write_frame(frame) {
+            Ok(()) => {
+                bump(&self.metrics.tx_packets, 1);
+                bump(&self.metrics.tx_bytes, len - VNET_HDR_LEN as u64);
+            }
+            Err(e) => {
+                bump(&self.metrics.tx_dropped, 1);
+                tracing::debug!("virtio-net: backend refused a {len}-byte frame: {e}");
+            }
+        }
+    }
+
+    /// Moves frames from the backend into the guest's RX buffers until the backend has
+    /// none left or the guest has no buffers (the frame in hand then waits). Does nothing
+    /// before activation.
+    pub fn process_rx(&mut self) {
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        let mut used_any = false;
+        loop {
+            let len = match self.rx_pending {
+                Some(len) => len,
+                None => match self.backend.read_frame(&mut self.rx_buf) {
+                    Ok(len) if len >= VNET_HDR_LEN + 14 => len,
+                    Ok(0) => break,
+                    Ok(len) => {
+                        bump(&self.metrics.rx_dropped, 1);
+                        tracing::debug!("virtio-net: dropped a {len}-byte frame from the backend");
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        bump(&self.metrics.backend_errors, 1);
+                        tracing::warn!("virtio-net: cannot read from the backend: {e}");
+                        break;
+                    }
+                },
+            };
+            match self.deliver(&mut active, len, &mut used_any) {
+                Delivery::Done => self.rx_pending = None,
+                Delivery::NoBuffers => {
+                    if self.rx_pending.is_none() {
+                        bump(&self.metrics.rx_deferred, 1);
+                    }
+                    self.rx_pending = Some(len);
+                    break;
+                }
+            }
+        }
+        if used_any {
+            self.signal(&mut active.rx, &active.mem, active.interrupt.as_ref());
+        }
+        self.active = Some(active);
+    }
+
+    /// Puts the `len`-byte frame in `rx_buf` into the guest's next usable RX chain.
+    fn deliver(&mut self, active: &mut Active, len: usize, used_any: &mut bool) -> Delivery {
+        let frame = &mut self.rx_buf[..len];
+        // No offloads were negotiated: the header says nothing but "one buffer".
+        frame[..VNET_HDR_LEN].fill(0);
+        frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
+        loop {
+            let Some(chain) = active.rx.pop_descriptor_chain(&active.mem) else {
+                return Delivery::NoBuffers;
+            };
+            let head = chain.head_index();
+            let (used_len, done) = match rx_segments(&active.mem, chain) {
+                Err(e) => {
+                    // Returned unused so the guest gets its buffer back; try the next.
+                    bump(&self.metrics.rx_malformed_chains, 1);
+                    tracing::debug!("virtio-net: RX chain refused: {e}");
+                    (0, false)
+                }
+                Ok((_, capacity)) if capacity < len as u64 => {
+                    // The guest's buffers are smaller than this frame (and likely every
+                    // frame of its size): drop the frame, keep the chain for the next one.
+                    active
+                        .rx
+                        .set_next_avail(active.rx.next_avail().wrapping_sub(1));
+                    bump(&self.metrics.rx_dropped, 1);
+                    tracing::debug!(
+                        "virtio-net: dropped a {len}-byte frame: RX buffer holds {capacity}"
+                    );
+                    return Delivery::Done;
+                }
+                Ok((segments, _)) => match scatter(&active.mem, &segments, frame) {
+                    Ok(written) => {
+                        bump(&self.metrics.rx_packets, 1);
+                        bump(&self.metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
+                        // At most MAX_FRAME_LEN.
+                        (written as u32, true)
+                    }
+                    Err(e) => {
+                        bump(&self.metrics.rx_dropped, 1);
+                        tracing::debug!("virtio-net: cannot write an RX buffer: {e}");
+                        (0, true)
+                    }
+                },
+            };
+            if let Err(e) = active.rx.add_used(&active.mem, head, used_len) {
+                queue_error(&self.metrics, "add a used RX entry", e);
+            }
+            *used_any = true;
+            if done {
+                return Delivery::Done;
+            }
+        }
+    }
+
+    fn signal(&self, queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn InterruptTrigger) {
+        match queue.needs_notification(mem) {
+            Ok(true) => {
+                if let Err(e) = interrupt.trigger(InterruptKind::Queue) {
+                    tracing::warn!("virtio-net: cannot interrupt the guest: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => queue_error(&self.metrics, "read the used event", e),
+        }
+    }
+
+}
+
+fn queue_error(metrics: &NetMetrics, what: &str, e: virtio_queue::Error) {
+    bump(&metrics.queue_errors, 1);
+    tracing::warn!("virtio-net: cannot {what}: {e}");
+}
+
+impl<B: FrameBackend> VirtioDevice for Net<B> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[NET_QUEUE_SIZE, NET_QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let Some(end) = offset.checked_add(data.len() as u64) else {
+            return;
+        };
+        if end <= self.config.len() as u64 {
+            data.copy_from_slice(&self.config[offset as usize..end as usize]);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The MAC is read-only to a VERSION_1 driver, and so is the status.
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn InterruptTrigger>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        let [rx, tx]: [Queue; 2] = queues.try_into().map_err(|q: Vec<Queue>| {
+            ActivateError::BadQueue(format!("{} queues, 2 expected", q.len()))
+        })?;
+        for (name, queue) in [("RX", &rx), ("TX", &tx)] {
+            if !queue.is_valid(&mem) {
+                return Err(ActivateError::BadQueue(format!("{name} queue is not valid")));
+            }
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            rx,
+            tx,
+        });
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) -> bool {
+        self.active = None;
+        self.acked_features = 0;
+        if self.rx_pending.take().is_some() {
+            bump(&self.metrics.rx_dropped, 1);
+        }
+        // Drop any notification that arrived for the old queues.
+        for evt in &self.queue_evts {
+            let _ = evt.read();
+        }
+        true
+    }
+}
