@@ -18,7 +18,7 @@ pub fn save_png(path: &Path, f: &Frame) -> Result<(), String> {
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), f.width, f.height);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    enc.set_compression(png::Compression::Fast);
+    enc.set_compression(png::Compression::Fastest);
     let mut w = enc.write_header().map_err(|e| e.to_string())?;
     w.write_image_data(&rgb).map_err(|e| e.to_string())?;
     w.finish().map_err(|e| e.to_string())

@@ -295,7 +295,7 @@ async fn slow_viewer_does_not_slow_down_a_fast_one() {
         report.fps
     );
     assert!(
-        report.latency_ms_p99 < 200.0,
+        report.latency_ms_p99 < 500.0,
         "latency p99 {:.1} ms",
         report.latency_ms_p99
     );
@@ -432,5 +432,9 @@ async fn silent_connection_is_closed_after_the_hello_timeout() {
     while hx.server.open_connections() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(hx.server.open_connections(), 0, "connection slot not released");
+    assert_eq!(
+        hx.server.open_connections(),
+        0,
+        "connection slot not released"
+    );
 }

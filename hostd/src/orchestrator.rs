@@ -434,6 +434,10 @@ impl Orchestrator {
         self.halt_vmm(&env).await;
         self.transition(name, EnvState::Stopped, None)?;
         self.store().set_vmm(name, None, None)?;
+        if env.spec.persistence == proto::spec::Persistence::Ephemeral {
+            // Ephemeral files end with the VM; a persistent disk stays until destroy.
+            let _ = std::fs::remove_file(self.env_dir(name).join("rootfs.ext4"));
+        }
         self.show(name)
     }
 

@@ -71,7 +71,11 @@ async fn environment_goes_requested_to_ready_to_stopped_to_destroyed() {
     let pid = ready.vmm_pid.expect("pid recorded");
     assert!(pid_alive(pid));
 
+    // Stand-in for the root disk genos-image would have built: ephemeral, so stop drops it.
+    let disk = dir.path().join("envs/life/rootfs.ext4");
+    std::fs::write(&disk, b"disk").unwrap();
     let stopped = o.stop("life", "test").await.unwrap();
+    assert!(!disk.exists(), "ephemeral disk kept after stop");
     assert_eq!(stopped.state, EnvState::Stopped);
     assert!(!pid_alive(pid), "VMM still running after stop");
 

@@ -3,7 +3,7 @@
 //! `baseline` CPU template, and checks what the kernel itself does: it reaches
 //! `Run /init`, virtio-blk probes `vda`, virtio-rng is driven (DRIVER_OK, entropy read).
 //!
-//! Slow by nature (about 100 s here: the nested KVM emulates most guest code). Skipped
+//! Slow by nature (minutes here: the nested KVM emulates most guest code). Skipped
 //! with a message when the images or `/dev/kvm` are missing; `scripts/test` sets both
 //! variables (`cargo run -q -p genos-image -- kernel|initramfs`).
 
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::{http, kvm_available, spawn_vmm, wait_for_socket};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(1200);
 /// virtio-mmio device status bit set by the driver after a successful probe.
 const DRIVER_OK: u64 = 4;
 

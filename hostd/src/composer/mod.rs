@@ -716,6 +716,7 @@ impl Composer {
                 .first()
                 .is_some_and(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()));
             st.work.consume(r.clone());
+            st.pos = r.start;
             self.apply_target(st, target, &phrase, version_after)?;
         }
         Ok(())
@@ -845,6 +846,7 @@ impl Composer {
             let (p, t) = cands[0];
             st.assumptions
                 .push(format!("read \"{w}\" as {}", target_name(t)));
+            st.pos = r.start;
             st.work.consume(r);
             self.apply_target(st, t.clone(), p, false)?;
         }
@@ -884,6 +886,7 @@ impl Composer {
                 st.assumptions
                     .push(format!("read \"{pair}\" as {}", target_name(t)));
                 st.work.consume(a.0.start..b.0.end);
+                st.pos = a.0.start;
                 self.apply_target(st, t.clone(), p, false)?;
                 i += 2;
             } else {
@@ -1225,6 +1228,10 @@ struct State {
     bases: BTreeSet<String>,
     wants_desktop: bool,
     categories: Vec<(String, &'static [&'static str])>,
+    /// Byte offset of the phrase being applied.
+    pos: usize,
+    /// Offsets of `apps`, parallel to it.
+    app_pos: Vec<usize>,
 }
 
 impl State {
@@ -1248,13 +1255,19 @@ impl State {
             bases: BTreeSet::new(),
             wants_desktop: false,
             categories: Vec::new(),
+            pos: 0,
+            app_pos: Vec::new(),
         }
     }
 
+    /// Adds `app`, keeping `apps` in the order the request names them (typo matching runs
+    /// after exact matching, so arrival order is not text order).
     fn add_app(&mut self, app: String, phrase: &str) {
         if !self.apps.contains(&app) {
             self.explain.push(format!("app {app} from {phrase:?}"));
-            self.apps.push(app);
+            let at = self.app_pos.partition_point(|p| *p <= self.pos);
+            self.apps.insert(at, app);
+            self.app_pos.insert(at, self.pos);
         }
     }
 
@@ -1464,6 +1477,14 @@ mod tests {
             "{q:?}"
         );
         assert_eq!(q.options, ["debian-12"]);
+    }
+
+    #[test]
+    fn apps_keep_the_order_of_the_request_even_when_misspelled() {
+        assert_eq!(
+            spec("inkscpe, gimp and vlc").apps,
+            ["inkscape", "gimp", "vlc"]
+        );
     }
 
     #[test]

@@ -63,7 +63,8 @@ pub struct ServerConfig {
     pub hello_timeout: Duration,
     /// How long a dropped session can be resumed.
     pub resume_grace: Duration,
-    /// Frames sent to one viewer and not yet acknowledged before new ones are dropped.
+    /// Frames sent to one viewer and not yet acknowledged, beyond those one RTT holds at the
+    /// stream's frame rate, before new ones are dropped.
     pub max_frames_in_flight: usize,
     /// Minimum time between forced keyframes of one environment (coalesces requests).
     pub keyframe_min_interval: Duration,
@@ -517,7 +518,7 @@ fn encode_loop(
         }
         let target = {
             let t = env.targets.lock().expect("poisoned");
-            t.values().copied().min().unwrap_or(cfg.bitrate.start_bps)
+            shared_target(t.values().copied()).unwrap_or(cfg.bitrate.start_bps)
         };
         if target.abs_diff(current_bitrate) > current_bitrate / 20 {
             encoder.set_bitrate(target);
@@ -556,6 +557,14 @@ fn encode_loop(
         let _ = env.frames.send(Arc::new(packet));
     }
     debug!(env = %env.id, "encoder thread ends");
+}
+
+/// The shared encoder's bitrate from the viewers' targets: the smallest, except that viewers
+/// far below the best one (less than a quarter of it) do not drag everyone down — they get
+/// what fits (keyframes after drops) instead.
+fn shared_target(targets: impl Iterator<Item = u32> + Clone) -> Option<u32> {
+    let best = targets.clone().max()?;
+    targets.filter(|&t| t >= best / 4).min()
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
@@ -986,6 +995,7 @@ async fn control_loop(
                     continue;
                 }
                 let ev = clamp_event(ev, &env.config());
+                tracing::trace!(env = %env.id, ?ev, "input");
                 held.track(&ev);
                 if let Err(e) = env.input.inject(&[ev]) {
                     warn!(env = %env.id, error = %e, "input delivery failed");
@@ -1087,7 +1097,9 @@ async fn video_loop(
             counters.dropped.fetch_add(1, Ordering::Relaxed);
             env.frames_dropped.fetch_add(1, Ordering::Relaxed);
             continue;
-        } else if counters.in_flight.load(Ordering::Acquire) >= max_in_flight {
+        } else if counters.in_flight.load(Ordering::Acquire)
+            >= in_flight_limit(max_in_flight, conn.rtt(), env.config().fps_milli)
+        {
             counters.dropped.fetch_add(1, Ordering::Relaxed);
             env.frames_dropped.fetch_add(1, Ordering::Relaxed);
             needs_keyframe = true;
@@ -1103,6 +1115,13 @@ async fn video_loop(
             counters.clone(),
         ));
     }
+}
+
+/// Frames a viewer may have unacknowledged: the configured slack plus what one round trip
+/// holds at the stream's frame rate (acknowledgements take an RTT even on an idle path).
+fn in_flight_limit(slack: usize, rtt: Duration, fps_milli: u32) -> usize {
+    let per_rtt = rtt.as_secs_f64() * f64::from(fps_milli) / 1000.0;
+    slack + per_rtt.ceil() as usize
 }
 
 /// Resolves once a keyframe newer than `sequence` has been published to this viewer.
@@ -1155,4 +1174,89 @@ async fn send_frame(
         }
     }
     counters.in_flight.fetch_sub(1, Ordering::AcqRel);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_target_is_the_smallest_healthy_viewer_target() {
+        assert_eq!(
+            shared_target([3_000_000, 2_000_000].into_iter()),
+            Some(2_000_000)
+        );
+        // A stalled viewer at the floor does not drag the healthy one down.
+        assert_eq!(
+            shared_target([3_000_000, 250_000].into_iter()),
+            Some(3_000_000)
+        );
+        assert_eq!(shared_target(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn held_input_is_released_on_expiry() {
+        let mut h = HeldInput::default();
+        h.track(&InputEvent::Key {
+            code: 30,
+            pressed: true,
+        });
+        h.track(&InputEvent::Key {
+            code: 31,
+            pressed: true,
+        });
+        h.track(&InputEvent::Key {
+            code: 31,
+            pressed: false,
+        });
+        h.track(&InputEvent::PointerButton {
+            button: Button::Right,
+            pressed: true,
+        });
+        let mut r = h.releases();
+        r.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(
+            r,
+            vec![
+                InputEvent::Key {
+                    code: 30,
+                    pressed: false
+                },
+                InputEvent::PointerButton {
+                    button: Button::Right,
+                    pressed: false
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn pointer_coordinates_are_clamped_to_the_frame() {
+        let cfg = StreamConfig {
+            width: 100,
+            height: 50,
+            fps_milli: 30_000,
+            codec: Codec::H264AnnexB,
+            bitrate_bps: 1,
+        };
+        assert_eq!(
+            clamp_event(InputEvent::PointerMove { x: 500, y: 20 }, &cfg),
+            InputEvent::PointerMove { x: 99, y: 20 }
+        );
+    }
+
+    #[test]
+    fn in_flight_limit_grows_with_round_trip_time() {
+        assert_eq!(in_flight_limit(4, Duration::from_micros(100), 60_000), 5);
+        assert_eq!(in_flight_limit(4, Duration::from_millis(40), 60_000), 7);
+    }
+
+    #[test]
+    fn clock_maps_instants_to_unix_time() {
+        let c = Clock::new();
+        let later = c.instant + Duration::from_millis(5);
+        assert_eq!(c.unix_us(later), c.unix_us + 5_000);
+        let earlier = c.instant - Duration::from_millis(5);
+        assert_eq!(c.unix_us(earlier), c.unix_us - 5_000);
+    }
 }

@@ -119,6 +119,8 @@ struct ControlState {
     request: Request,
     /// vCPU threads currently parked (paused or finished).
     parked: usize,
+    /// vCPU threads whose loop has ended.
+    exited: usize,
 }
 
 /// Shared between the controller and all vCPU threads.
@@ -253,6 +255,7 @@ impl Vcpus {
             state: Mutex::new(ControlState {
                 request: Request::Run,
                 parked: 0,
+                exited: 0,
             }),
             changed: Condvar::new(),
         });
@@ -331,8 +334,8 @@ impl Vcpus {
         self.set_request(Request::Run);
     }
 
-    /// Stops every vCPU thread and joins those that end within `timeout`. A thread stuck
-    /// in the kernel past the timeout is left behind (the process is about to exit).
+    /// Stops every vCPU thread and joins them if all end within `timeout`. Threads stuck
+    /// in the kernel past the timeout are left behind (the process is about to exit).
     pub fn stop(&mut self, timeout: Duration) {
         {
             let mut st = self.control.lock();
@@ -340,14 +343,29 @@ impl Vcpus {
             self.control.changed.notify_all();
         }
         let deadline = Instant::now() + timeout;
-        while !self.threads.iter().all(|t| t.handle.is_finished()) {
-            if Instant::now() >= deadline {
+        let mut st = self.control.lock();
+        while st.exited < self.threads.len() {
+            let now = Instant::now();
+            if now >= deadline {
                 tracing::warn!("vCPU threads did not stop within {timeout:?}");
                 return;
             }
+            // Kick again on every round: a thread may have been between its request
+            // check and KVM_RUN when the previous kick landed on a parked thread.
+            drop(st);
             self.kick_all();
-            std::thread::sleep(Duration::from_micros(200));
+            st = self.control.lock();
+            if st.exited < self.threads.len() {
+                let wait = (deadline - now).min(Duration::from_millis(1));
+                st = self
+                    .control
+                    .changed
+                    .wait_timeout(st, wait)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
         }
+        drop(st);
         for t in self.threads.drain(..) {
             if t.handle.join().is_err() {
                 tracing::error!("vCPU {} thread panicked", t.id);
@@ -409,6 +427,9 @@ impl VcpuRunner {
             }
         }
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+        let mut st = self.control.lock();
+        st.exited += 1;
+        self.control.changed.notify_all();
     }
 
     fn run_once(&mut self) -> Next {

@@ -4,7 +4,7 @@
 //! Pure over guest memory, so every rule a guest can break is checked in one place:
 //! descriptors inside guest memory, in the right direction, and lengths within bounds.
 
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 /// The split-ring descriptor type chains are made of.
 pub use virtio_queue::desc::split::Descriptor;

@@ -60,7 +60,7 @@ impl FromStr for MacAddr {
         let mut parts = s.split(':');
         for byte in &mut bytes {
             let part = parts.next().ok_or_else(err)?;
-            if part.len() != 2 {
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(err());
             }
             *byte = u8::from_str_radix(part, 16).map_err(|_| err())?;
@@ -421,7 +421,6 @@ impl<B: FrameBackend> Net<B> {
             Err(e) => queue_error(&self.metrics, "read the used event", e),
         }
     }
-
 }
 
 fn queue_error(metrics: &NetMetrics, what: &str, e: virtio_queue::Error) {
@@ -478,7 +477,9 @@ impl<B: FrameBackend> VirtioDevice for Net<B> {
         })?;
         for (name, queue) in [("RX", &rx), ("TX", &tx)] {
             if !queue.is_valid(&mem) {
-                return Err(ActivateError::BadQueue(format!("{name} queue is not valid")));
+                return Err(ActivateError::BadQueue(format!(
+                    "{name} queue is not valid"
+                )));
             }
         }
         self.active = Some(Active {

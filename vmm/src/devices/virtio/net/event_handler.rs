@@ -6,7 +6,6 @@
 //! backend, resumes reading. Level-triggered, a backend holding a frame nobody can take
 //! would wake the loop forever.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};

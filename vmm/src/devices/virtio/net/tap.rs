@@ -10,6 +10,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// The TUN/TAP control device.
+const TUN_DEVICE: &str = "/dev/net/tun";
 
 /// Bytes of `struct virtio_net_hdr_v1` in front of every frame, on both sides.
 pub const VNET_HDR_LEN: usize = 12;
@@ -29,10 +33,19 @@ pub enum TapError {
     /// The name cannot name a network interface.
     #[error("TAP name {0:?} is not a valid interface name (1 to 15 bytes, no NUL)")]
     BadName(String),
-    /// `/dev/net/tun` could not be opened.
-    #[error("cannot open /dev/net/tun")]
-    OpenTun(#[source] io::Error),
-    /// Attaching to the interface failed (missing, not a TAP, or owned by another user).
+    /// The TUN/TAP control device could not be opened.
+    #[error("cannot open {path}")]
+    OpenTun {
+        /// The device node.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// No interface of that name exists in this network namespace.
+    #[error("no network interface named {0} (the TAP device must exist before the VMM starts)")]
+    Missing(String),
+    /// Attaching to the interface failed (not a TAP, or owned by another user).
     #[error("cannot attach to TAP device {name}")]
     Attach {
         /// The interface.
@@ -66,18 +79,33 @@ impl Tap {
     /// namespace: no packet information, a 12-byte virtio-net header on every frame, no
     /// offloads (the device offers none to the guest).
     pub fn open(name: &str) -> Result<Self, TapError> {
+        Self::open_via(Path::new(TUN_DEVICE), name)
+    }
+
+    /// As [`Tap::open`], through the TUN/TAP control device node at `tun_device`.
+    pub(super) fn open_via(tun_device: &Path, name: &str) -> Result<Self, TapError> {
         let bad_name = || TapError::BadName(name.to_string());
         if name.is_empty() || name.len() >= libc::IFNAMSIZ {
             return Err(bad_name());
         }
         let c_name = CString::new(name).map_err(|_| bad_name())?;
 
+        // TUNSETIFF on an unknown name would create a new, unconnected TAP (given
+        // CAP_NET_ADMIN): refuse instead, the device is the jailer's to create.
+        // SAFETY: `c_name` is a NUL-terminated string that outlives the call.
+        if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
+            return Err(TapError::Missing(name.to_string()));
+        }
+
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(TapError::OpenTun)?;
+            .open(tun_device)
+            .map_err(|source| TapError::OpenTun {
+                path: tun_device.to_owned(),
+                source,
+            })?;
 
         // SAFETY: `ifreq` is a C struct of byte arrays and a union of plain data; all
         // zeroes is a valid value.
