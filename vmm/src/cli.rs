@@ -11,6 +11,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::sandbox::seccomp::{SeccompMode, ThreadRole};
+use crate::sandbox::SandboxOptions;
+
 use crate::config::{
     ConfigError, ConfigPatch, CpuTemplate, DiskConfig, DisplaySize, SerialConfig, VmConfig,
 };
@@ -66,6 +69,16 @@ pub struct Args {
     /// Adds the virtio-input keyboard, tablet and touch screen.
     #[arg(long)]
     pub input: bool,
+    /// What the seccomp filters do with a system call off their lists (`log`: allow it
+    /// and log it to the kernel log, for developing the filters; `off`: no filters).
+    #[arg(long, value_name = "kill|log|off", default_value = "kill")]
+    pub seccomp: SeccompMode,
+    /// Test only: once its filter is installed, this thread makes a forbidden call.
+    #[arg(long, value_name = "main|vcpu|api", hide = true)]
+    pub seccomp_selftest: Option<ThreadRole>,
+    /// Runs without Landlock file restrictions.
+    #[arg(long)]
+    pub no_landlock: bool,
 }
 
 impl Args {
@@ -94,6 +107,8 @@ pub struct Launch {
     pub config: Option<VmConfig>,
     /// Where to serve the control API.
     pub api_sock: Option<PathBuf>,
+    /// seccomp and Landlock options.
+    pub sandbox: SandboxOptions,
 }
 
 /// Errors in the command line or the files it names.
@@ -160,6 +175,11 @@ where
     Ok(Launch {
         config,
         api_sock: args.api_sock,
+        sandbox: SandboxOptions {
+            seccomp: args.seccomp,
+            selftest: args.seccomp_selftest,
+            landlock: !args.no_landlock,
+        },
     })
 }
 
@@ -390,6 +410,43 @@ mod tests {
                 "{args:?}: {message:?} is not one line"
             );
         }
+    }
+
+    #[test]
+    fn sandbox_defaults_to_kill_and_landlock() {
+        let launch = parse_args(&["--api-sock", "/tmp/x.sock"]).unwrap();
+        assert_eq!(
+            launch.sandbox,
+            SandboxOptions {
+                seccomp: SeccompMode::Kill,
+                selftest: None,
+                landlock: true
+            }
+        );
+    }
+
+    #[test]
+    fn sandbox_flags_land_in_the_options() {
+        let launch = parse_args(&[
+            "--api-sock",
+            "/tmp/x.sock",
+            "--seccomp",
+            "log",
+            "--seccomp-selftest",
+            "vcpu",
+            "--no-landlock",
+        ])
+        .unwrap();
+        assert_eq!(
+            launch.sandbox,
+            SandboxOptions {
+                seccomp: SeccompMode::Log,
+                selftest: Some(ThreadRole::Vcpu),
+                landlock: false
+            }
+        );
+        let err = parse_args(&["--api-sock", "/tmp/x.sock", "--seccomp", "warn"]).unwrap_err();
+        assert!(err.to_string().contains("expected kill, log or off"), "{err}");
     }
 
     #[test]

@@ -247,6 +247,9 @@ pub struct VmDescription {
     pub boot_time_us: Option<u64>,
     /// Microseconds since the VMM process started.
     pub uptime_us: u64,
+    /// seccomp mode and Landlock status; `None` when the VMM runs unsandboxed (in-process).
+    #[serde(default)]
+    pub sandbox: Option<crate::sandbox::SandboxStatus>,
 }
 
 /// The framebuffer file descriptors `GET /framebuffer` passes to the client.

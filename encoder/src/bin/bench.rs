@@ -38,6 +38,9 @@ struct Args {
     /// Skip the rows for openh264's screen-content mode.
     #[arg(long)]
     no_screen_mode: bool,
+    /// Only measure colour conversion.
+    #[arg(long)]
+    conversion_only: bool,
     /// Skip the ffmpeg/x264 rows.
     #[arg(long)]
     no_x264: bool,
@@ -277,19 +280,25 @@ fn bench_x264(
     Ok(row)
 }
 
-/// Throughput in GB/s of `f` processing `bytes` per call, best of several timed batches (the
-/// best batch is the one least disturbed by other processes on a shared machine).
-fn throughput(bytes: usize, mut f: impl FnMut()) -> f64 {
-    let mut best = f64::INFINITY;
+/// Throughput in GB/s of each operation (bytes processed per call, the call), measured on the
+/// thread's CPU clock in interleaved batches and keeping each one's best batch, so that other
+/// processes on a shared machine disturb all of them alike and as little as possible.
+fn throughputs(ops: &mut [(usize, &mut dyn FnMut())]) -> Vec<f64> {
+    let mut best = vec![f64::INFINITY; ops.len()];
     for _ in 0..15 {
-        let start = Instant::now();
-        let reps = 20;
-        for _ in 0..reps {
-            f();
+        for (i, (_, f)) in ops.iter_mut().enumerate() {
+            let start = thread_cpu();
+            let reps = 20;
+            for _ in 0..reps {
+                f();
+            }
+            best[i] = best[i].min((thread_cpu() - start).as_secs_f64() / f64::from(reps));
         }
-        best = best.min(start.elapsed().as_secs_f64() / f64::from(reps));
     }
-    bytes as f64 / best / 1e9
+    ops.iter()
+        .zip(best)
+        .map(|((bytes, _), t)| *bytes as f64 / t / 1e9)
+        .collect()
 }
 
 fn bench_conversion() -> Result<(), Box<dyn std::error::Error>> {
@@ -299,39 +308,47 @@ fn bench_conversion() -> Result<(), Box<dyn std::error::Error>> {
     let frame = FrameRef::packed(w, h, PixelFormat::Bgrx, &data);
     let bytes = data.len();
     let mut dst = vec![0u8; bytes];
-    let memcpy = throughput(bytes, || {
-        dst.copy_from_slice(std::hint::black_box(&data));
-        std::hint::black_box(&dst);
-    });
     let mut pic = I420Buffer::new(w, h)?;
-    let full = throughput(bytes, || {
-        pic.convert_full(std::hint::black_box(&frame))
-            .expect("convert")
-    });
+    let mut pic2 = I420Buffer::new(w, h)?;
     // A window-sized damage rectangle (a tenth of the screen): cost should follow the area.
     let rect = Rect::new(400, 300, w / 4, h * 2 / 5);
     let rect_bytes = (rect.width * rect.height * 4) as usize;
-    let partial = throughput(rect_bytes, || {
-        pic.convert_damage(std::hint::black_box(&frame), &[rect])
-            .expect("convert");
-    });
-    let partial_time_ratio = (rect_bytes as f64 / partial) / (bytes as f64 / full);
     let mut yuv = openh264::formats::YUVBuffer::new(w as usize, h as usize);
-    let oh = throughput(bytes, || {
+    let mut memcpy = || {
+        dst.copy_from_slice(std::hint::black_box(&data));
+        std::hint::black_box(&dst);
+    };
+    let mut full = || {
+        pic.convert_full(std::hint::black_box(&frame))
+            .expect("convert")
+    };
+    let mut partial = || {
+        pic2.convert_damage(std::hint::black_box(&frame), &[rect])
+            .expect("convert");
+    };
+    let mut oh = || {
         yuv.read_bgra8(openh264::formats::BgraSliceU8::new(
             std::hint::black_box(&data),
             (w as usize, h as usize),
         ));
-    });
+    };
+    let rates = throughputs(&mut [
+        (bytes, &mut memcpy),
+        (bytes, &mut full),
+        (rect_bytes, &mut partial),
+        (bytes, &mut oh),
+    ]);
+    let (memcpy, full, partial, oh) = (rates[0], rates[1], rates[2], rates[3]);
+    let partial_time_ratio = (rect_bytes as f64 / partial) / (bytes as f64 / full);
     println!();
-    println!("Colour conversion, 1920x1080 BGRX -> I420 (GB/s of BGRX input, one core):");
+    println!("Colour conversion, 1920x1080 BGRX -> I420 (GB/s of BGRX input, one core, thread CPU time):");
     println!("| operation                                   |   GB/s | vs memcpy |");
     println!("|---------------------------------------------|-------:|----------:|");
     for (name, v) in [
         ("memcpy (same frame)", memcpy),
         ("yuv crate, full frame (BT.601 limited)", full),
         ("yuv crate, damage 480x432 (10% of frame)", partial),
-        ("openh264 crate's own BGRA->YUV (scalar)", oh),
+        ("openh264 crate's built-in BGRA->YUV", oh),
     ] {
         println!("| {name:<43} | {v:>6.2} | {:>9.2} |", v / memcpy);
     }
@@ -353,7 +370,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("Encode, one core, {} frames per row at {} fps (fps = source frames per CPU-second; openh264 skips frames without damage):", args.frames, args.fps);
     println!("| scene     |      size | encoder         | encoded/frames |  src fps | ms/enc'd | kbit/frame | PSNR mean | PSNR min |");
     println!("|-----------|-----------|-----------------|----------------|---------:|---------:|-----------:|----------:|---------:|");
-    for &(w, h) in &sizes {
+    for &(w, h) in sizes.iter().filter(|_| !args.conversion_only) {
         let bps =
             (u64::from(args.kbps_720p) * 1000 * u64::from(w) * u64::from(h) / (1280 * 720)) as u32;
         for &scene in &args.scenes {

@@ -12,7 +12,7 @@ use landlock::{
     Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
     RulesetStatus, Scope, ABI,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Errors from building or applying the ruleset.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +30,7 @@ pub enum LandlockError {
 }
 
 /// How much of the requested restriction the running kernel enforces.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LandlockStatus {
     /// Every requested restriction is in force.

@@ -4,3 +4,6 @@
 
 pub mod landlock;
 pub mod seccomp;
+pub mod runtime;
+
+pub use runtime::{SandboxError, SandboxOptions, SandboxStatus};

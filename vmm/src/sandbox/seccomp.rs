@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::str::FromStr;
 
 use seccompiler::{BpfProgram, TargetArch};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The policy, as shipped in `configs/`.
 const POLICY_JSON: &str = include_str!("../../../configs/seccomp/genos-vmm.json");
@@ -38,7 +38,7 @@ pub enum SeccompError {
 }
 
 /// What a filter does with a system call that is not on its list.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SeccompMode {
     /// Kill the process (production).
@@ -62,6 +62,16 @@ impl FromStr for SeccompMode {
     }
 }
 
+impl std::fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Kill => "kill",
+            Self::Log => "log",
+            Self::Off => "off",
+        })
+    }
+}
+
 /// The VMM's thread roles, each with its own filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ThreadRole {
@@ -80,6 +90,18 @@ impl ThreadRole {
             ThreadRole::Main => "main",
             ThreadRole::Vcpu => "vcpu",
             ThreadRole::Api => "api",
+        }
+    }
+}
+
+impl FromStr for ThreadRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "main" => Ok(Self::Main),
+            "vcpu" => Ok(Self::Vcpu),
+            "api" => Ok(Self::Api),
+            _ => Err(format!("unknown thread role {s:?}: expected main, vcpu or api")),
         }
     }
 }
