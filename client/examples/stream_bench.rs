@@ -4,17 +4,14 @@
 //! 1. baseline: the same frames encoded and decoded in-process (no network, no server), the
 //!    floor the streamed latency is compared with;
 //! 2. loopback: synthetic source → hostd stream server → QUIC → client decode, 1080p60;
-//! 3. netem (root only): server and client in two network namespaces joined by a veth pair,
-//!    20 ms delay each way (40 ms RTT) and 5 % loss on the server's egress: longest stall
-//!    and time for the bitrate to settle. The namespaces are created and deleted by this run;
-//!    no traffic leaves them.
+//! 3. impaired link: the same through a UDP relay on loopback that delays every datagram
+//!    20 ms each way (40 ms RTT) and drops 5 % in each direction — what `tc netem` would do,
+//!    but this machine's kernel has no `sch_netem` ("Specified qdisc kind is unknown"):
+//!    longest stall between decoded frames and time for the server's bitrate to settle.
 //!
 //! Flags: `--seconds N` (per phase, default 6), `--size WxH` (default 1920x1080), `--fps N`
-//! (default 60), `--skip-netem`. Internal roles `--serve ADDR` / `--view URL` run inside the
-//! namespaces.
+//! (default 60), `--skip-netem` (skip phase 3).
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,10 +24,6 @@ use hostd::stream::{source, Identity, ServerConfig, StreamServer, TokenKey};
 use proto::stream::Rights;
 
 const ENV: &str = "bench";
-const NS_SRV: &str = "genos-bench-srv";
-const NS_CLI: &str = "genos-bench-cli";
-const SRV_IP: &str = "10.231.77.1";
-const CLI_IP: &str = "10.231.77.2";
 
 #[derive(Debug, Clone)]
 struct Opts {
@@ -41,7 +34,7 @@ struct Opts {
     skip_netem: bool,
 }
 
-fn parse_args() -> (Opts, Option<(String, String)>) {
+fn parse_args() -> Opts {
     let mut o = Opts {
         seconds: 6,
         width: 1920,
@@ -49,7 +42,6 @@ fn parse_args() -> (Opts, Option<(String, String)>) {
         fps: 60.0,
         skip_netem: false,
     };
-    let mut role = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
@@ -63,26 +55,20 @@ fn parse_args() -> (Opts, Option<(String, String)>) {
                 o.height = h.parse().expect("height");
             }
             "--skip-netem" => o.skip_netem = true,
-            "--serve" => role = Some(("serve".to_owned(), val())),
-            "--view" => role = Some(("view".to_owned(), val())),
             other => panic!("unknown argument {other}"),
         }
     }
-    (o, role)
+    o
 }
 
 fn main() {
-    let (opts, role) = parse_args();
+    let opts = parse_args();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    match role {
-        Some((r, arg)) if r == "serve" => rt.block_on(serve_role(&opts, &arg)),
-        Some((_, url)) => rt.block_on(view_role(&opts, &url)),
-        None => rt.block_on(run_all(&opts)),
-    }
+    rt.block_on(run_all(&opts));
 }
 
 /// Median and p99 of in-process encode+decode latency per frame: the floor for streaming.
@@ -173,86 +159,78 @@ fn start_server(opts: &Opts, listen: &str) -> (StreamServer, String) {
     (server, url)
 }
 
-/// Runs in the server namespace: prints the URL, then `t_ms bitrate_bps` lines every 50 ms.
-async fn serve_role(opts: &Opts, listen: &str) {
-    let (server, url) = start_server(opts, listen);
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{url}").unwrap();
-    out.flush().unwrap();
-    drop(out);
-    let t0 = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    let limit = Duration::from_secs(opts.seconds + 30);
-    while t0.elapsed() < limit {
-        tick.tick().await;
-        let st = server.env_stats(ENV).expect("env");
-        if st.viewers == 0 {
-            continue;
-        }
-        let mut out = std::io::stdout().lock();
-        if writeln!(out, "{} {}", t0.elapsed().as_millis(), st.bitrate_bps).is_err() {
-            return;
-        }
-        let _ = out.flush();
-    }
-}
-
-/// Runs in the client namespace: prints the session report as JSON.
-async fn view_role(opts: &Opts, url: &str) {
-    let url: ConnectUrl = url.parse().expect("url");
-    match view(&url, opts.seconds).await {
-        Ok(r) => println!("{}", serde_json::to_string(&r.report).unwrap()),
-        Err(e) => {
-            eprintln!("view failed: {e}");
-            std::process::exit(1);
+/// A UDP relay between client and server that delays every datagram by `delay` in each
+/// direction and drops a fraction `loss` of them (both directions), like `tc netem delay 20ms
+/// loss 5%` on both ends of a link. Used because this kernel has no `sch_netem`.
+async fn impairment_relay(
+    server: std::net::SocketAddr,
+    delay: Duration,
+    loss: f64,
+) -> std::net::SocketAddr {
+    use tokio::net::UdpSocket;
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("relay front"));
+    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("relay back"));
+    back.connect(server).await.expect("relay connect");
+    let addr = front.local_addr().expect("relay addr");
+    let client = Arc::new(std::sync::Mutex::new(None::<std::net::SocketAddr>));
+    // Deterministic xorshift so runs are comparable.
+    fn dropper(seed: u64, loss: f64) -> impl FnMut() -> bool {
+        let mut x = seed;
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 10_000) as f64 / 10_000.0 < loss
         }
     }
-}
-
-fn sh(args: &[&str]) -> Result<(), String> {
-    let st = Command::new(args[0])
-        .args(&args[1..])
-        .status()
-        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
-    if st.success() {
-        Ok(())
-    } else {
-        Err(format!("{} failed: {st}", args.join(" ")))
+    // Upstream: client -> server.
+    {
+        let (front, back, client) = (front.clone(), back.clone(), client.clone());
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        tokio::spawn(async move {
+            let mut drop_it = dropper(0x1234_5678, loss);
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                *client.lock().unwrap() = Some(from);
+                if !drop_it() {
+                    let _ = tx.send((tokio::time::Instant::now() + delay, buf[..n].to_vec()));
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some((due, pkt)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                let _ = back.send(&pkt).await;
+            }
+        });
     }
-}
-
-fn teardown_netns() {
-    for ns in [NS_SRV, NS_CLI] {
-        let _ = Command::new("ip")
-            .args(["netns", "del", ns])
-            .stderr(Stdio::null())
-            .status();
+    // Downstream: server -> client.
+    {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let back2 = back.clone();
+        tokio::spawn(async move {
+            let mut drop_it = dropper(0x9abc_def0, loss);
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = back2.recv(&mut buf).await {
+                if !drop_it() {
+                    let _ = tx.send((tokio::time::Instant::now() + delay, buf[..n].to_vec()));
+                }
+            }
+        });
+        let front2 = front.clone();
+        tokio::spawn(async move {
+            while let Some((due, pkt)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                let to = *client.lock().unwrap();
+                if let Some(to) = to {
+                    let _ = front2.send_to(&pkt, to).await;
+                }
+            }
+        });
     }
-}
-
-fn setup_netns() -> Result<(), String> {
-    teardown_netns();
-    sh(&["ip", "netns", "add", NS_SRV])?;
-    sh(&["ip", "netns", "add", NS_CLI])?;
-    sh(&[
-        "ip", "link", "add", "gbench0", "netns", NS_SRV, "type", "veth", "peer", "name",
-        "gbench1", "netns", NS_CLI,
-    ])?;
-    for (ns, dev, ip) in [(NS_SRV, "gbench0", SRV_IP), (NS_CLI, "gbench1", CLI_IP)] {
-        sh(&["ip", "-n", ns, "addr", "add", &format!("{ip}/30"), "dev", dev])?;
-        sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-    }
-    // 40 ms RTT: 20 ms each way; 5 % loss on the video direction.
-    sh(&[
-        "ip", "netns", "exec", NS_SRV, "tc", "qdisc", "add", "dev", "gbench0", "root", "netem",
-        "delay", "20ms", "loss", "5%", "limit", "10000",
-    ])?;
-    sh(&[
-        "ip", "netns", "exec", NS_CLI, "tc", "qdisc", "add", "dev", "gbench1", "root", "netem",
-        "delay", "20ms", "limit", "10000",
-    ])?;
-    Ok(())
+    addr
 }
 
 struct NetemResult {
@@ -282,75 +260,38 @@ fn settle_time(samples: &[(u64, u32)]) -> (f64, f64) {
     ((settled_at - t0) as f64, fin / 1000.0)
 }
 
-fn netem(opts: &Opts) -> Result<NetemResult, String> {
-    setup_netns()?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let exe = exe.to_str().ok_or("exe path")?;
-    let common = [
-        "--seconds".to_owned(),
-        opts.seconds.to_string(),
-        "--fps".to_owned(),
-        opts.fps.to_string(),
-        "--size".to_owned(),
-        format!("{}x{}", opts.width, opts.height),
-    ];
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", NS_SRV, exe, "--serve", &format!("{SRV_IP}:4433")])
-        .args(&common)
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let mut lines = BufReader::new(server.stdout.take().ok_or("stdout")?).lines();
-    let url = lines
-        .next()
-        .ok_or("server printed nothing")?
-        .map_err(|e| e.to_string())?;
-    let sampler = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        for line in lines.map_while(Result::ok) {
-            let mut it = line.split(' ');
-            if let (Some(t), Some(b)) = (it.next(), it.next()) {
-                if let (Ok(t), Ok(b)) = (t.parse::<u64>(), b.parse::<u32>()) {
-                    v.push((t, b));
+async fn impaired(opts: &Opts) -> Result<NetemResult, String> {
+    let (server, url) = start_server(opts, "127.0.0.1:0");
+    let server = Arc::new(server);
+    let server_addr = server.local_addr().map_err(|e| e.to_string())?;
+    let relay = impairment_relay(server_addr, Duration::from_millis(20), 0.05).await;
+    let mut url: ConnectUrl = url.parse().map_err(|e| format!("{e}"))?;
+    url.port = relay.port();
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (server, sampling) = (server.clone(), sampling.clone());
+        tokio::spawn(async move {
+            let mut v = Vec::new();
+            let t0 = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                if let Some(st) = server.env_stats(ENV) {
+                    if st.viewers > 0 {
+                        v.push((t0.elapsed().as_millis() as u64, st.bitrate_bps));
+                    }
                 }
             }
-        }
-        v
-    });
-    let out = Command::new("ip")
-        .args(["netns", "exec", NS_CLI, exe, "--view", &url])
-        .args(&common)
-        .output()
-        .map_err(|e| e.to_string())?;
-    let _ = server.kill();
-    let _ = server.wait();
-    let samples = sampler.join().map_err(|_| "sampler panicked")?;
-    teardown_netns();
-    if !out.status.success() {
-        return Err(format!(
-            "client failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("client output: {e}"))?;
-    let report = client::SessionReport {
-        frames: v["frames"].as_u64().unwrap_or(0),
-        keyframes: v["keyframes"].as_u64().unwrap_or(0),
-        fps: v["fps"].as_f64().unwrap_or(0.0),
-        bitrate_kbps: v["bitrate_kbps"].as_f64().unwrap_or(0.0),
-        latency_ms_p50: v["latency_ms_p50"].as_f64().unwrap_or(0.0),
-        latency_ms_p99: v["latency_ms_p99"].as_f64().unwrap_or(0.0),
-        decode_ms_p50: v["decode_ms_p50"].as_f64().unwrap_or(0.0),
-        decode_ms_p99: v["decode_ms_p99"].as_f64().unwrap_or(0.0),
-        longest_gap_ms: v["longest_gap_ms"].as_f64().unwrap_or(0.0),
-        frames_dropped: v["frames_dropped"].as_u64().unwrap_or(0),
-        rtt_ms: v["rtt_ms"].as_f64().unwrap_or(0.0),
-        clock_offset_ms: v["clock_offset_ms"].as_f64().unwrap_or(0.0),
+            v
+        })
     };
+    let r = view(&url, opts.seconds).await;
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampler.await.map_err(|e| e.to_string())?;
+    let r = r?;
     let (settle_ms, final_kbps) = settle_time(&samples);
     Ok(NetemResult {
-        report,
+        report: r.report,
         settle_ms,
         final_kbps,
     })
@@ -369,7 +310,7 @@ async fn run_all(opts: &Opts) {
     let nm = if opts.skip_netem {
         None
     } else {
-        tokio::task::block_in_place(|| Some(netem(opts)))
+        Some(impaired(opts).await)
     };
 
     let r = &lo.report;
@@ -393,12 +334,12 @@ async fn run_all(opts: &Opts) {
         r.latency_ms_p50 / base_p50.max(0.001),
     );
     match nm {
-        None => println!("| netem 40 ms RTT, 5 % loss | skipped | | | | | | | | |"),
-        Some(Err(e)) => println!("| netem 40 ms RTT, 5 % loss | failed: {e} | | | | | | | | |"),
+        None => println!("| impaired: 40 ms RTT, 5 % loss | skipped | | | | | | | | |"),
+        Some(Err(e)) => println!("| impaired: 40 ms RTT, 5 % loss | failed: {e} | | | | | | | | |"),
         Some(Ok(n)) => {
             let r = &n.report;
             println!(
-                "| netem 40 ms RTT, 5 % loss (settled at {:.0} kbit/s) | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2}x | stall ≤ 200, settle ≤ 1000 |",
+                "| impaired: 40 ms RTT, 5 % loss (settled at {:.0} kbit/s) | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2}x | stall ≤ 200, settle ≤ 1000 |",
                 n.final_kbps,
                 r.fps,
                 r.bitrate_kbps,

@@ -44,6 +44,7 @@ pub struct Config {
     pub capacity: CapacityConfig,
     pub images: ImagesConfig,
     pub vmm: VmmConfig,
+    pub jail: JailConfig,
     pub reaper: ReaperConfig,
     pub composer: Defaults,
     pub llm: crate::llm::LlmConfig,
@@ -82,6 +83,41 @@ pub struct VmmConfig {
     pub boot_timeout_s: u64,
     pub cmdline: String,
     pub cpu_template: String,
+    /// Extra arguments appended to every genos-vmm command line (tests, debugging).
+    pub extra_args: Vec<String>,
+}
+
+/// When to start VMMs through `genos-jailer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JailMode {
+    /// When hostd runs as root and the jailer binary is found.
+    Auto,
+    /// Always; an environment fails when the jail cannot be used.
+    Always,
+    /// Never: genos-vmm runs as hostd's own user, unconfined.
+    Never,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailConfig {
+    pub jailer: JailMode,
+    /// `genos-jailer` binary; empty = beside `vmm.binary`, else on PATH.
+    pub binary: String,
+    /// Jail directories; empty = `STATE_DIR/jail`.
+    pub chroot_base: String,
+    /// Environment slot N runs as uid `uid_base + N`, gid `gid_base + N`.
+    pub uid_base: u32,
+    pub gid_base: u32,
+    /// Number of slots (concurrently jailed environments).
+    pub slots: u32,
+    /// Parent cgroup of every VMM's cgroup.
+    pub parent_cgroup: String,
+    /// Memory limit = guest memory + this much for the VMM itself.
+    pub vmm_overhead_mib: u64,
+    /// Task limit of each VMM (threads included).
+    pub pids_max: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -191,6 +227,16 @@ mod tests {
         assert_eq!(c.capacity.cpu_overcommit, 2.0);
         assert_eq!(c.capacity.memory_overcommit, 1.0);
         assert_eq!(c.vmm.binary, "genos-vmm");
+        assert_eq!(c.jail.jailer, JailMode::Auto);
+    }
+
+    #[test]
+    fn jail_mode_reads_its_three_values_and_refuses_others() {
+        let c = Config::from_toml("[jail]\njailer = \"never\"\n").unwrap();
+        assert_eq!(c.jail.jailer, JailMode::Never);
+        assert_eq!(c.jail.uid_base, 64000);
+        let err = Config::from_toml("[jail]\njailer = \"sometimes\"\n").unwrap_err();
+        assert!(err.to_string().contains("sometimes"), "{err}");
     }
 
     #[test]

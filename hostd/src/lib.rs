@@ -14,3 +14,4 @@ pub mod orchestrator;
 pub mod store;
 pub mod stream;
 pub mod uds;
+pub mod vm_source;

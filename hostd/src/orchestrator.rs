@@ -7,10 +7,15 @@
 //! control runs before anything is stored. Each VMM runs in its own process group with its
 //! output in files, so it outlives a hostd restart; on start hostd re-adopts every VMM whose
 //! control socket still answers and fails the environments whose VMM is gone.
+//!
+//! When jailing is on (`[jail]`, see docs/sandbox.md) each VMM is started through
+//! `genos-jailer` with its own uid/gid slot, cgroup limits derived from the spec and, for
+//! `nat`/`allowlist` networks, a network namespace built with `jailer::net`; what was set
+//! up is recorded in `envs/NAME/jail.json` so it can be torn down after a restart too.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +24,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::composer::{Clarify, Composer, Composition, Outcome};
-use crate::config::Config;
+use crate::config::{Config, JailMode};
 use crate::store::{now_s, AuditReport, EnvRecord, EnvState, Store, StoreError};
 use crate::uds;
 
@@ -120,7 +125,10 @@ pub enum CreateOutcome {
 
 /// A supervised VMM process.
 struct Proc {
-    pid: i32,
+    /// The VMM's pid (under the jailer: read from the jail's pid file; 0 until then).
+    pid: AtomicI32,
+    /// The jailer's pid when the VMM runs jailed (our child), else 0.
+    jailer_pid: i32,
     /// Set before hostd itself stops the VMM, so its exit is not a failure.
     stopping: std::sync::atomic::AtomicBool,
     exited: watch::Receiver<bool>,
@@ -144,6 +152,174 @@ struct Inner {
     capacity: Capacity,
     procs: Mutex<HashMap<String, Arc<Proc>>>,
     counters: Counters,
+    jail: Jail,
+    /// Serialises slot allocation (slots are recorded in `envs/*/jail.json`).
+    slots: Mutex<()>,
+}
+
+/// Whether and how VMMs are jailed, decided once from `[jail]` and the host.
+#[derive(Debug, Clone)]
+enum Jail {
+    Off,
+    On(JailSetup),
+    /// `jailer = "always"` but the jail cannot be used: every boot fails with this.
+    Unusable(String),
+}
+
+#[derive(Debug, Clone)]
+struct JailSetup {
+    binary: PathBuf,
+    chroot_base: PathBuf,
+    cgroup_version: Option<jailer::cgroup::Version>,
+}
+
+/// What was set up for one jailed environment (`envs/NAME/jail.json`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct JailRecord {
+    slot: u32,
+    uid: u32,
+    gid: u32,
+    jail_dir: PathBuf,
+    /// `jailer::net` id and index of the environment's network namespace, if any.
+    net_id: Option<String>,
+}
+
+impl JailRecord {
+    fn addressing(&self) -> Option<jailer::net::Addressing> {
+        let id = self.net_id.as_deref()?;
+        jailer::net::Addressing::new(id, self.slot).ok()
+    }
+}
+
+/// Resolves `[jail]` against this host.
+fn decide_jail(cfg: &Config, state_dir: &Path) -> Jail {
+    let j = &cfg.jail;
+    if j.jailer == JailMode::Never {
+        return Jail::Off;
+    }
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let binary = if j.binary.is_empty() {
+        let beside = Path::new(&cfg.vmm.binary)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(|p| p.join("genos-jailer"));
+        beside
+            .filter(|p| p.is_file())
+            .or_else(|| find_on_path("genos-jailer"))
+    } else {
+        let p = PathBuf::from(&j.binary);
+        if p.components().count() > 1 {
+            Some(p).filter(|p| p.is_file())
+        } else {
+            find_on_path(&j.binary)
+        }
+    };
+    let problem = match (&binary, root) {
+        (None, _) => Some("genos-jailer was not found (set jail.binary)".to_string()),
+        (_, false) => Some("hostd does not run as root, which the jailer needs".to_string()),
+        _ => None,
+    };
+    if let Some(problem) = problem {
+        return match j.jailer {
+            JailMode::Always => Jail::Unusable(format!("cannot jail genos-vmm: {problem}")),
+            _ => Jail::Off,
+        };
+    }
+    let chroot_base = if j.chroot_base.is_empty() {
+        state_dir.join("jail")
+    } else {
+        PathBuf::from(&j.chroot_base)
+    };
+    let cgroup_version = jailer::cgroup::Mounts::of_this_host()
+        .and_then(|m| m.preferred_version())
+        .ok();
+    Jail::On(JailSetup {
+        binary: binary.expect("checked above"),
+        chroot_base,
+        cgroup_version,
+    })
+}
+
+/// The VMM binary as a path (the jailer bind-mounts it): PATH lookup for a bare name.
+fn exec_file(binary: &str) -> PathBuf {
+    let p = PathBuf::from(binary);
+    if p.components().count() > 1 {
+        return p;
+    }
+    find_on_path(binary).unwrap_or(p)
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The jailer's `--cgroup` settings for `spec`: memory = guest memory + the VMM overhead,
+/// CPU quota = one CPU per vCPU, a task limit.
+fn cgroup_settings(
+    version: Option<jailer::cgroup::Version>,
+    spec: &Spec,
+    overhead_mib: u64,
+    pids_max: u32,
+) -> Vec<String> {
+    const PERIOD_US: u64 = 100_000;
+    let mem = (u64::from(spec.memory_mib) + overhead_mib) << 20;
+    let quota = u64::from(spec.vcpus) * PERIOD_US;
+    match version {
+        Some(jailer::cgroup::Version::V1) => vec![
+            format!("memory.limit_in_bytes={mem}"),
+            format!("cpu.cfs_quota_us={quota}"),
+            format!("pids.max={pids_max}"),
+        ],
+        Some(jailer::cgroup::Version::V2) => vec![
+            format!("memory.max={mem}"),
+            format!("cpu.max={quota} {PERIOD_US}"),
+            format!("pids.max={pids_max}"),
+        ],
+        // No cgroup hierarchy mounted: nothing to limit with.
+        None => vec![],
+    }
+}
+
+/// Reads the jailer's exit status (docs/sandbox.md), with the last line it or the VMM wrote
+/// on stderr where that says more.
+pub fn describe_jailed_exit(status: Option<std::process::ExitStatus>, last_stderr: &str) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(code) = status.and_then(|s| s.code()) else {
+        return match status.and_then(|s| s.signal()) {
+            Some(sig) => format!("genos-jailer was killed by signal {sig}"),
+            None => describe_exit(status),
+        };
+    };
+    match code {
+        159 => "genos-vmm was killed by its seccomp filter (a system call outside its allow-list)"
+            .into(),
+        71 => format!("the jail could not be set up: {last_stderr}"),
+        c if c > 128 => format!("genos-vmm was killed by signal {}", c - 128),
+        c @ (1 | 2) if !last_stderr.is_empty() => {
+            format!(
+                "{}: {last_stderr}",
+                describe_exit(Some(std::process::ExitStatus::from_raw(c << 8)))
+            )
+        }
+        c => describe_exit(Some(std::process::ExitStatus::from_raw(c << 8))),
+    }
+}
+
+/// The last non-empty line of `path` (at most 500 bytes of it).
+fn last_line(path: &Path) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let tail = &text[text.len().saturating_sub(4096)..];
+    let line = String::from_utf8_lossy(tail)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    line.chars().take(500).collect()
 }
 
 /// Cheap to clone; every clone drives the same environments.
@@ -184,6 +360,7 @@ impl Orchestrator {
         let store = Store::open(state_dir)?;
         let composer = Composer::new(catalog, cfg.composer.clone());
         let capacity = Capacity::from_config(&cfg);
+        let jail = decide_jail(&cfg, state_dir);
         Ok(Orchestrator {
             inner: Arc::new(Inner {
                 cfg,
@@ -193,6 +370,8 @@ impl Orchestrator {
                 capacity,
                 procs: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
+                jail,
+                slots: Mutex::new(()),
             }),
         })
     }
@@ -256,6 +435,7 @@ impl Orchestrator {
             _ => false,
         };
         if !answers {
+            self.release_jail(&env.name);
             let reason = "its genos-vmm was gone when hostd restarted";
             self.transition(&env.name, EnvState::Failed, Some(reason))?;
             self.audit("hostd", "fail", &env.name, reason)?;
@@ -264,7 +444,8 @@ impl Orchestrator {
         let pid = env.vmm_pid.expect("alive implies a pid");
         let (tx, rx) = watch::channel(false);
         let proc = Arc::new(Proc {
-            pid,
+            pid: pid.into(),
+            jailer_pid: 0,
             stopping: false.into(),
             exited: rx,
         });
@@ -287,7 +468,7 @@ impl Orchestrator {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             let _ = tx.send(true);
-            me.on_vmm_exit(&name, None);
+            me.on_vmm_exit(&name, describe_exit(None));
         });
         if env.state == EnvState::Booting {
             let me = self.clone();
@@ -711,31 +892,44 @@ impl Orchestrator {
         dir: &Path,
         images: &Images,
     ) -> Result<PathBuf, String> {
+        match &self.inner.jail {
+            Jail::Off => self.boot_direct(name, spec, dir, images).await,
+            Jail::On(setup) => {
+                let setup = setup.clone();
+                let r = self.boot_jailed(&setup, name, spec, dir, images).await;
+                if r.is_err() && !self.inner.procs.lock().expect("procs lock").contains_key(name)
+                {
+                    // Nothing supervises the jail (it never started): release it here.
+                    self.release_jail(name);
+                }
+                r
+            }
+            Jail::Unusable(why) => Err(why.clone()),
+        }
+    }
+
+    /// Spawns `cmd` in its own process group (so a signal to hostd's group, e.g. Ctrl-C, does
+    /// not reach the VMM, which must outlive a hostd restart) and supervises it: its exit is
+    /// described by `describe` and fails the environment unless hostd asked for it.
+    fn spawn_supervised(
+        &self,
+        name: &str,
+        mut cmd: std::process::Command,
+        jailed: bool,
+        describe: impl FnOnce(Option<std::process::ExitStatus>) -> String + Send + 'static,
+    ) -> Result<Arc<Proc>, String> {
         use std::os::unix::process::CommandExt as _;
-        let vmm = &self.inner.cfg.vmm;
-        let sock = dir.join("api.sock");
-        let _ = std::fs::remove_file(&sock);
-        let log = |n: &str| {
-            std::fs::File::create(dir.join(n))
-                .map_err(|e| format!("cannot create {}: {e}", dir.join(n).display()))
-        };
-        let mut cmd = std::process::Command::new(&vmm.binary);
-        cmd.arg("--api-sock")
-            .arg(&sock)
-            .stdin(std::process::Stdio::null())
-            .stdout(log("vmm.stdout")?)
-            .stderr(log("vmm.log")?)
-            // Own process group: a signal to hostd's group (Ctrl-C) does not reach the VMM,
-            // which must outlive a hostd restart.
-            .process_group(0);
+        cmd.stdin(std::process::Stdio::null()).process_group(0);
+        let program = cmd.get_program().to_string_lossy().into_owned();
         let mut child = tokio::process::Command::from(cmd)
             .kill_on_drop(false)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", vmm.binary))?;
-        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+            .map_err(|e| format!("cannot start {program}: {e}"))?;
+        let child_pid = child.id().map(|p| p as i32).unwrap_or(0);
         let (tx, rx) = watch::channel(false);
         let proc = Arc::new(Proc {
-            pid,
+            pid: if jailed { 0 } else { child_pid }.into(),
+            jailer_pid: if jailed { child_pid } else { 0 },
             stopping: false.into(),
             exited: rx,
         });
@@ -743,41 +937,82 @@ impl Orchestrator {
             .procs
             .lock()
             .expect("procs lock")
-            .insert(name.into(), proc);
+            .insert(name.into(), proc.clone());
+        let me = self.clone();
+        let n = name.to_string();
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            let reason = describe(status);
+            // Record the failure before anyone waiting on `exited` looks at the state.
+            me.on_vmm_exit(&n, reason);
+            let _ = tx.send(true);
+        });
+        Ok(proc)
+    }
+
+    fn log_file(dir: &Path, n: &str) -> Result<std::fs::File, String> {
+        std::fs::File::create(dir.join(n))
+            .map_err(|e| format!("cannot create {}: {e}", dir.join(n).display()))
+    }
+
+    /// Waits for the control socket to answer `GET /vm`, or the VMM to end.
+    async fn wait_api(&self, name: &str, proc: &Proc, sock: &Path) -> Result<(), String> {
+        let timeout = self.inner.cfg.vmm.api_timeout_s;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+        loop {
+            let r = uds::request(sock, "GET", "/vm", None, Duration::from_secs(1)).await;
+            if r.as_ref().is_ok_and(|r| r.ok()) {
+                return Ok(());
+            }
+            if *proc.exited.borrow() {
+                // The supervisor has failed the environment with the exit's meaning.
+                let reason = self.show(name).ok().and_then(|e| e.reason);
+                return Err(reason.unwrap_or_else(|| "genos-vmm ended during start-up".into()));
+            }
+            if tokio::time::Instant::now() > deadline {
+                self.kill_vmm(name);
+                return Err(format!(
+                    "genos-vmm's control socket did not answer within {timeout} s"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn graphical(&self, spec: &Spec) -> bool {
+        self.catalog()
+            .desktops
+            .get(&spec.desktop)
+            .is_some_and(|d| d.graphical)
+    }
+
+    /// Unjailed: genos-vmm with only its API socket, configured and started over it.
+    async fn boot_direct(
+        &self,
+        name: &str,
+        spec: &Spec,
+        dir: &Path,
+        images: &Images,
+    ) -> Result<PathBuf, String> {
+        let vmm = &self.inner.cfg.vmm;
+        let sock = dir.join("api.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = std::process::Command::new(&vmm.binary);
+        cmd.arg("--api-sock")
+            .arg(&sock)
+            .args(&vmm.extra_args)
+            .stdout(Self::log_file(dir, "vmm.stdout")?)
+            .stderr(Self::log_file(dir, "vmm.log")?);
+        let proc = self.spawn_supervised(name, cmd, false, |s| describe_exit(s))?;
+        let pid = proc.pid.load(Ordering::SeqCst);
         self.store()
             .set_vmm(name, Some(pid), Some(&sock.display().to_string()))
             .map_err(|e| e.to_string())?;
         self.audit("hostd", "spawn", name, &format!("genos-vmm pid {pid}"))
             .map_err(|e| e.to_string())?;
-        let me = self.clone();
-        let n = name.to_string();
-        tokio::spawn(async move {
-            let status = child.wait().await.ok();
-            let _ = tx.send(true);
-            me.on_vmm_exit(&n, status);
-        });
+        self.wait_api(name, &proc, &sock).await?;
 
-        // Wait for the control socket, then configure and start.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(vmm.api_timeout_s);
-        loop {
-            let r = uds::request(&sock, "GET", "/vm", None, Duration::from_secs(1)).await;
-            if r.as_ref().is_ok_and(|r| r.ok()) {
-                break;
-            }
-            if tokio::time::Instant::now() > deadline {
-                self.kill_vmm(name);
-                return Err(format!(
-                    "genos-vmm's control socket did not answer within {} s",
-                    vmm.api_timeout_s
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let graphical = self
-            .catalog()
-            .desktops
-            .get(&spec.desktop)
-            .is_some_and(|d| d.graphical);
+        let graphical = self.graphical(spec);
         let mut config = serde_json::json!({
             "kernel": images.kernel,
             "cmdline": vmm.cmdline,
@@ -815,6 +1050,237 @@ impl Orchestrator {
             }
         }
         Ok(sock)
+    }
+
+    /// Picks a slot no other jailed environment holds and records it in `jail.json`.
+    fn allocate_slot(&self, name: &str, setup: &JailSetup) -> Result<JailRecord, String> {
+        let _guard = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let j = &self.inner.cfg.jail;
+        let mut used = std::collections::HashSet::new();
+        if let Ok(entries) = std::fs::read_dir(self.inner.state_dir.join("envs")) {
+            for e in entries.flatten() {
+                if let Some(r) = read_jail_record(&e.path()) {
+                    used.insert(r.slot);
+                }
+            }
+        }
+        let slot = (0..j.slots)
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| format!("all {} jail slots are in use", j.slots))?;
+        let record = JailRecord {
+            slot,
+            uid: j.uid_base + slot,
+            gid: j.gid_base + slot,
+            jail_dir: setup.chroot_base.join("genos-vmm").join(name),
+            net_id: None,
+        };
+        write_jail_record(&self.env_dir(name), &record)?;
+        Ok(record)
+    }
+
+    /// Jailed: `genos-jailer ... -- genos-vmm` with every VM setting as flags (host paths the
+    /// jailer rewrites), so the VM boots at once; hostd only waits for the API.
+    async fn boot_jailed(
+        &self,
+        setup: &JailSetup,
+        name: &str,
+        spec: &Spec,
+        dir: &Path,
+        images: &Images,
+    ) -> Result<PathBuf, String> {
+        use proto::spec::NetworkMode;
+        let cfg = &self.inner.cfg;
+        let mut record = self.allocate_slot(name, setup)?;
+        let mut cmdline = cfg.vmm.cmdline.clone();
+
+        // Network namespace first: the jailer joins it.
+        let policy = match spec.network.mode {
+            NetworkMode::None => None,
+            NetworkMode::Nat => Some(jailer::net::Policy::Nat),
+            NetworkMode::Allowlist => {
+                Some(jailer::net::Policy::Allowlist(spec.network.allow.clone()))
+            }
+        };
+        if let Some(policy) = policy {
+            let id = format!("e{}", record.slot);
+            let addr = jailer::net::Addressing::new(&id, record.slot)
+                .map_err(|e| format!("network: {e}"))?;
+            record.net_id = Some(id);
+            write_jail_record(dir, &record)?;
+            let (uid, a) = (record.uid, addr.clone());
+            let allowed_names = spec.network.allow.clone();
+            let built = tokio::task::spawn_blocking(move || {
+                let allowed = match &policy {
+                    jailer::net::Policy::Allowlist(_) => jailer::net::resolve_allowlist(
+                        &allowed_names,
+                        jailer::net::system_resolve,
+                    )?,
+                    _ => vec![],
+                };
+                jailer::net::apply(&a, &policy, &jailer::net::Uplink::Host, uid, &allowed)
+                    .map(|()| allowed)
+            })
+            .await
+            .map_err(|e| format!("network set-up task: {e}"))?
+            .map_err(|e| format!("cannot build the network namespace: {e}"))?;
+            cmdline.push(' ');
+            cmdline.push_str(&addr.guest_kernel_ip_arg());
+            let allowed: Vec<String> = built.iter().map(|c| format!("{c:?}")).collect();
+            self.audit(
+                "hostd",
+                "network",
+                name,
+                &format!(
+                    "{:?} namespace {} guest {} gateway {}{}",
+                    spec.network.mode,
+                    addr.netns,
+                    addr.guest,
+                    addr.gateway,
+                    if allowed.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" allowed {}", allowed.join(","))
+                    }
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+
+        // Files the VMM writes must be its uid's.
+        let console = dir.join("console.log");
+        std::fs::File::create(&console)
+            .map_err(|e| format!("cannot create {}: {e}", console.display()))?;
+        let mut owned = vec![console.clone()];
+        owned.extend(images.rootfs.clone());
+        for f in &owned {
+            std::os::unix::fs::chown(f, Some(record.uid), Some(record.gid))
+                .map_err(|e| format!("cannot give {} to uid {}: {e}", f.display(), record.uid))?;
+        }
+
+        let sock = dir.join("api.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = std::process::Command::new(&setup.binary);
+        cmd.arg("--id")
+            .arg(name)
+            .arg("--uid")
+            .arg(record.uid.to_string())
+            .arg("--gid")
+            .arg(record.gid.to_string())
+            .arg("--chroot-base")
+            .arg(&setup.chroot_base)
+            .arg("--exec-file")
+            .arg(exec_file(&cfg.vmm.binary))
+            .arg("--parent-cgroup")
+            .arg(&cfg.jail.parent_cgroup);
+        for c in cgroup_settings(
+            setup.cgroup_version,
+            spec,
+            cfg.jail.vmm_overhead_mib,
+            cfg.jail.pids_max,
+        ) {
+            cmd.arg("--cgroup").arg(c);
+        }
+        match setup.cgroup_version {
+            Some(jailer::cgroup::Version::V1) => cmd.args(["--cgroup-version", "1"]),
+            Some(jailer::cgroup::Version::V2) => cmd.args(["--cgroup-version", "2"]),
+            None => &mut cmd,
+        };
+        if let Some(a) = record.addressing() {
+            cmd.arg("--netns")
+                .arg(Path::new("/var/run/netns").join(&a.netns));
+        }
+        cmd.arg("--")
+            .arg("--api-sock")
+            .arg(&sock)
+            .arg("--kernel")
+            .arg(&images.kernel);
+        if let Some(i) = &images.initramfs {
+            cmd.arg("--initrd").arg(i);
+        }
+        cmd.arg("--cmdline")
+            .arg(&cmdline)
+            .arg("--vcpus")
+            .arg(spec.vcpus.to_string())
+            .arg("--mem-mib")
+            .arg(spec.memory_mib.to_string())
+            .arg("--rng")
+            .arg("--cpu-template")
+            .arg(&cfg.vmm.cpu_template)
+            .arg("--serial")
+            .arg(format!("file:{}", console.display()));
+        if let Some(r) = &images.rootfs {
+            cmd.arg("--disk").arg(r);
+        }
+        if self.graphical(spec) {
+            cmd.arg("--gpu")
+                .arg(format!("{}x{}", spec.display.width, spec.display.height))
+                .arg("--input");
+        }
+        cmd.args(&cfg.vmm.extra_args)
+            .stdout(Self::log_file(dir, "vmm.stdout")?)
+            .stderr(Self::log_file(dir, "vmm.log")?);
+        let log = dir.join("vmm.log");
+        let proc = self.spawn_supervised(name, cmd, true, move |status| {
+            describe_jailed_exit(status, &last_line(&log))
+        })?;
+
+        // The VMM's own pid comes from the jail's pid file.
+        let pid_file = record.jail_dir.join("genos-vmm.pid");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.vmm.api_timeout_s);
+        let pid = loop {
+            let pid = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok());
+            if let Some(pid) = pid {
+                break pid;
+            }
+            if *proc.exited.borrow() {
+                let reason = self.show(name).ok().and_then(|e| e.reason);
+                return Err(reason.unwrap_or_else(|| "genos-jailer ended during start-up".into()));
+            }
+            if tokio::time::Instant::now() > deadline {
+                self.kill_vmm(name);
+                return Err(format!(
+                    "genos-jailer wrote no pid file ({}) within {} s",
+                    pid_file.display(),
+                    cfg.vmm.api_timeout_s
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        proc.pid.store(pid, Ordering::SeqCst);
+        self.store()
+            .set_vmm(name, Some(pid), Some(&sock.display().to_string()))
+            .map_err(|e| e.to_string())?;
+        self.audit(
+            "hostd",
+            "spawn",
+            name,
+            &format!(
+                "genos-vmm pid {pid} jailed by genos-jailer pid {} as uid {} gid {} in {}",
+                proc.jailer_pid,
+                record.uid,
+                record.gid,
+                record.jail_dir.display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        self.wait_api(name, &proc, &sock).await?;
+        Ok(sock)
+    }
+
+    /// Tears down what `boot_jailed` set up outside the jail (the network namespace) and
+    /// frees the slot. The jailer itself removes its directory and cgroup.
+    fn release_jail(&self, name: &str) {
+        let dir = self.env_dir(name);
+        let Some(record) = read_jail_record(&dir) else {
+            return;
+        };
+        if let Some(a) = record.addressing() {
+            jailer::net::teardown(&a, &jailer::net::Uplink::Host);
+            let _ = self.audit("hostd", "network", name, &format!("removed {}", a.netns));
+        }
+        let _ = std::fs::remove_file(dir.join(JAIL_RECORD));
     }
 
     /// Polls the VMM until the guest signals the boot timer (→ ready) or the boot timeout.
@@ -861,8 +1327,9 @@ impl Orchestrator {
         }
     }
 
-    fn on_vmm_exit(&self, name: &str, status: Option<std::process::ExitStatus>) {
+    fn on_vmm_exit(&self, name: &str, reason: String) {
         let proc = self.inner.procs.lock().expect("procs lock").remove(name);
+        self.release_jail(name);
         let asked = proc
             .as_ref()
             .is_some_and(|p| p.stopping.load(Ordering::SeqCst));
@@ -875,7 +1342,7 @@ impl Orchestrator {
                 .counters
                 .vmm_failures
                 .fetch_add(1, Ordering::Relaxed);
-            self.fail(name, &describe_exit(status));
+            self.fail(name, &reason);
             let _ = self.store().set_vmm(name, None, None);
         }
     }
@@ -883,7 +1350,7 @@ impl Orchestrator {
     fn kill_vmm(&self, name: &str) {
         if let Some(p) = self.inner.procs.lock().expect("procs lock").get(name) {
             p.stopping.store(true, Ordering::SeqCst);
-            signal(p.pid, libc::SIGKILL);
+            p.kill();
         }
     }
 
@@ -914,7 +1381,7 @@ impl Orchestrator {
             .await
             .is_ok();
         if !waited {
-            signal(proc.pid, libc::SIGKILL);
+            proc.kill();
             let _ = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e)).await;
         }
     }
@@ -959,8 +1426,33 @@ impl Orchestrator {
             .lock()
             .expect("procs lock")
             .get(name)
-            .map(|p| p.pid)
+            .map(|p| p.pid.load(Ordering::SeqCst))
+            .filter(|p| *p > 0)
     }
+}
+
+impl Proc {
+    /// SIGKILLs the VMM; the jailer then exits with 137. Before the VMM's pid is known the
+    /// jailer itself is killed (it has not started the VM yet).
+    fn kill(&self) {
+        match self.pid.load(Ordering::SeqCst) {
+            0 => signal(self.jailer_pid, libc::SIGKILL),
+            pid => signal(pid, libc::SIGKILL),
+        }
+    }
+}
+
+const JAIL_RECORD: &str = "jail.json";
+
+fn read_jail_record(env_dir: &Path) -> Option<JailRecord> {
+    let text = std::fs::read(env_dir.join(JAIL_RECORD)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+fn write_jail_record(env_dir: &Path, r: &JailRecord) -> Result<(), String> {
+    let path = env_dir.join(JAIL_RECORD);
+    std::fs::write(&path, serde_json::to_vec_pretty(r).expect("jail record json"))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 struct Images {

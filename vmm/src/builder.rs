@@ -133,6 +133,9 @@ pub enum BuildError {
     /// The virtio-input devices could not be created.
     #[error("cannot create the virtio-input devices")]
     Input(#[source] InputError),
+    /// The Landlock restriction could not be applied.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 impl BuildError {
@@ -472,6 +475,8 @@ pub fn build_and_start(
         vcpu.configure(&supported, config.vcpus, config.cpu_template, entry)?;
         vcpus.push(vcpu);
     }
+    // Every file is open; the vCPU threads spawned next inherit the restriction.
+    crate::sandbox::runtime::restrict_files(config)?;
     let counters = Arc::new(ExitCounters::default());
     let vcpus = Vcpus::start(
         vcpus,

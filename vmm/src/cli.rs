@@ -446,7 +446,10 @@ mod tests {
             }
         );
         let err = parse_args(&["--api-sock", "/tmp/x.sock", "--seccomp", "warn"]).unwrap_err();
-        assert!(err.to_string().contains("expected kill, log or off"), "{err}");
+        assert!(
+            err.to_string().contains("expected kill, log or off"),
+            "{err}"
+        );
     }
 
     #[test]

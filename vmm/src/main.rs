@@ -25,6 +25,10 @@ fn init_logging() {
 
 fn run(vmm_start: Instant) -> ExitStatus {
     let launch = cli::parse_or_exit();
+    if let Err(e) = vmm::sandbox::runtime::init(&launch.sandbox, launch.api_sock.as_deref()) {
+        eprintln!("genos-vmm: {}", error_chain(&e));
+        return ExitStatus::InternalError;
+    }
     // Before any thread exists: SIGTERM/SIGINT get blocked and routed to the event loop.
     let mut vmm = match Vmm::new(vmm_start) {
         Ok(vmm) => vmm,

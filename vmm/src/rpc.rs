@@ -113,8 +113,9 @@ impl ConfigUpdate {
 /// What the control API asks the VMM to do.
 #[derive(Debug, PartialEq, Eq)]
 pub enum VmmAction {
-    /// `PUT /vm/config`: set the whole configuration (already validated, files included,
-    /// by the API thread). Allowed before start only.
+    /// `PUT /vm/config`: set the whole configuration (values already validated by the API
+    /// thread; the controller checks the files, as the API thread may open none). Allowed
+    /// before start only.
     Configure(VmConfig),
     /// `PATCH /vm/config`, `PUT /vm/disks/{index}`: change part of the configuration.
     /// The controller calls [`ConfigUpdate::apply`] with its current configuration.

@@ -198,6 +198,8 @@ impl Vmm {
         }
         self.vm = Some(vm);
         self.state = VmState::Running;
+        // The vCPU threads run: from here on this thread handles guest-driven work.
+        crate::sandbox::runtime::enter_or_exit(crate::sandbox::seccomp::ThreadRole::Main);
         Ok(())
     }
 
@@ -296,6 +298,7 @@ impl VmmController for Vmm {
         self.state.check(&action)?;
         let response = match &action {
             VmmAction::Configure(config) => {
+                config.validate()?;
                 self.config = Some(config.clone());
                 VmmResponse::Empty
             }
@@ -332,6 +335,7 @@ impl VmmController for Vmm {
                 config: self.config.clone(),
                 boot_time_us: self.boot_time_us(),
                 uptime_us: self.vmm_start.elapsed().as_micros() as u64,
+                sandbox: crate::sandbox::runtime::status(),
             }),
             VmmAction::Metrics => VmmResponse::Metrics(self.metrics()),
             VmmAction::InjectInput { device, events } => {

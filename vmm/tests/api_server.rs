@@ -78,6 +78,7 @@ impl VmmController for FakeVmm {
                 config: self.config.clone(),
                 boot_time_us: None,
                 uptime_us: 1,
+                sandbox: None,
             }),
             VmmAction::Metrics => VmmResponse::Metrics(serde_json::json!({"exits": {"io": 3}})),
             VmmAction::InjectInput { device, events } => {

@@ -164,6 +164,8 @@ impl Server {
     }
 
     fn run(mut self) {
+        // Before the first connection: the API thread parses what clients send.
+        crate::sandbox::runtime::enter_or_exit(crate::sandbox::seccomp::ThreadRole::Api);
         let mut pollfds: Vec<libc::pollfd> = Vec::with_capacity(MAX_CONNECTIONS + 1);
         loop {
             pollfds.clear();

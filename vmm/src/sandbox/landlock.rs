@@ -9,8 +9,8 @@
 use std::path::PathBuf;
 
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus, Scope, ABI,
+    Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 use serde::{Deserialize, Serialize};
 
@@ -73,8 +73,10 @@ const ABI_TARGET: ABI = ABI::V6;
 /// too (Landlock, like seccomp, applies to the calling thread and its future children).
 pub fn restrict_to(paths: &[PathAccess]) -> Result<LandlockStatus, LandlockError> {
     let file_read = AccessFs::ReadFile;
-    let file_rw: BitFlags<AccessFs> = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate | AccessFs::IoctlDev;
-    let dir_sock: BitFlags<AccessFs> = AccessFs::MakeSock | AccessFs::RemoveFile | AccessFs::ReadDir;
+    let file_rw: BitFlags<AccessFs> =
+        AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate | AccessFs::IoctlDev;
+    let dir_sock: BitFlags<AccessFs> =
+        AccessFs::MakeSock | AccessFs::RemoveFile | AccessFs::ReadDir;
     let mut ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(ABI_TARGET))?
         .handle_access(AccessNet::from_all(ABI_TARGET))?
@@ -146,13 +148,21 @@ mod tests {
             let can_write_allowed = fs::OpenOptions::new().write(true).open(&allowed).is_ok();
             let can_read_denied = fs::read(&denied).is_ok();
             let can_read_etc = fs::read("/etc/hostname").is_ok();
-            match (can_read_allowed, can_write_allowed, can_read_denied, can_read_etc) {
+            match (
+                can_read_allowed,
+                can_write_allowed,
+                can_read_denied,
+                can_read_etc,
+            ) {
                 (true, false, false, false) => 0,
                 _ => 12,
             }
         });
 
         fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(code, 0, "10: ruleset failed, 11: not fully enforced, 12: wrong access");
+        assert_eq!(
+            code, 0,
+            "10: ruleset failed, 11: not fully enforced, 12: wrong access"
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! from `genos-jailer`, which starts the VMM.
 
 pub mod landlock;
-pub mod seccomp;
 pub mod runtime;
+pub mod seccomp;
 
 pub use runtime::{SandboxError, SandboxOptions, SandboxStatus};

@@ -13,7 +13,9 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 
 use super::landlock::{restrict_to, LandlockError, LandlockStatus, PathAccess};
-use super::seccomp::{make_forbidden_syscall, SeccompError, SeccompFilters, SeccompMode, ThreadRole};
+use super::seccomp::{
+    make_forbidden_syscall, SeccompError, SeccompFilters, SeccompMode, ThreadRole,
+};
 use crate::config::{SerialConfig, VmConfig};
 
 /// Device nodes the VMM uses once running, when they exist on this host.
@@ -97,7 +99,10 @@ pub fn enter(role: ThreadRole) -> Result<(), SandboxError> {
     }
     sandbox.filters.apply(role)?;
     if sandbox.selftest == Some(role) {
-        tracing::warn!("seccomp self-test: the {} thread makes a forbidden call", role.name());
+        tracing::warn!(
+            "seccomp self-test: the {} thread makes a forbidden call",
+            role.name()
+        );
         make_forbidden_syscall();
     }
     Ok(())
@@ -128,7 +133,7 @@ fn allowed_paths(config: &VmConfig, api_sock_dir: Option<&Path>) -> Vec<PathAcce
             .iter()
             .map(Path::new)
             .filter(|node| node.exists())
-            .map(|node| match *node == Path::new("/dev/urandom") {
+            .map(|node| match node.ends_with("urandom") {
                 true => PathAccess::ReadFile(node.to_path_buf()),
                 false => PathAccess::ReadWriteFile(node.to_path_buf()),
             }),
@@ -195,7 +200,10 @@ mod tests {
             PathAccess::ReadWriteFile("/run/console.log".into()),
             PathAccess::SocketDir("/run".into()),
         ] {
-            assert!(paths.contains(&expected), "{expected:?} missing from {paths:?}");
+            assert!(
+                paths.contains(&expected),
+                "{expected:?} missing from {paths:?}"
+            );
         }
         assert!(!paths.contains(&PathAccess::ReadWriteFile("/dev/urandom".into())));
     }

@@ -57,7 +57,9 @@ impl FromStr for SeccompMode {
             "kill" => Ok(Self::Kill),
             "log" => Ok(Self::Log),
             "off" => Ok(Self::Off),
-            _ => Err(format!("unknown seccomp mode {s:?}: expected kill, log or off")),
+            _ => Err(format!(
+                "unknown seccomp mode {s:?}: expected kill, log or off"
+            )),
         }
     }
 }
@@ -101,7 +103,9 @@ impl FromStr for ThreadRole {
             "main" => Ok(Self::Main),
             "vcpu" => Ok(Self::Vcpu),
             "api" => Ok(Self::Api),
-            _ => Err(format!("unknown thread role {s:?}: expected main, vcpu or api")),
+            _ => Err(format!(
+                "unknown thread role {s:?}: expected main, vcpu or api"
+            )),
         }
     }
 }
@@ -153,10 +157,12 @@ impl SeccompFilters {
     /// Installs `role`'s filter on the calling thread (and sets no_new_privs).
     pub fn apply(&self, role: ThreadRole) -> Result<(), SeccompError> {
         match self.programs.get(&role) {
-            Some(program) => seccompiler::apply_filter(program).map_err(|source| SeccompError::Apply {
-                role: role.name(),
-                source,
-            }),
+            Some(program) => {
+                seccompiler::apply_filter(program).map_err(|source| SeccompError::Apply {
+                    role: role.name(),
+                    source,
+                })
+            }
             None => Ok(()),
         }
     }
@@ -238,7 +244,10 @@ mod tests {
     fn a_policy_without_every_role_is_refused() {
         let json = r#"{"main":{"mismatch_action":"kill_process","match_action":"allow","filter":[{"syscall":"read"}]}}"#;
         let err = SeccompFilters::compile_json(json, SeccompMode::Kill).unwrap_err();
-        assert_eq!(err.to_string(), "seccomp policy has no filter for the vcpu thread");
+        assert_eq!(
+            err.to_string(),
+            "seccomp policy has no filter for the vcpu thread"
+        );
     }
 
     #[test]
@@ -279,7 +288,9 @@ mod tests {
             for rule in filter["filter"].as_array().unwrap() {
                 for arg in rule["args"].as_array().into_iter().flatten() {
                     let name = arg["comment"].as_str().unwrap();
-                    let want = expected.get(name).unwrap_or_else(|| panic!("unknown ioctl {name}"));
+                    let want = expected
+                        .get(name)
+                        .unwrap_or_else(|| panic!("unknown ioctl {name}"));
                     assert_eq!(arg["val"].as_u64().unwrap(), *want, "{name}");
                     checked += 1;
                 }

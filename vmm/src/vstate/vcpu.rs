@@ -399,6 +399,7 @@ struct VcpuRunner {
 
 impl VcpuRunner {
     fn run(mut self) {
+        crate::sandbox::runtime::enter_or_exit(crate::sandbox::seccomp::ThreadRole::Vcpu);
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
         let mut entered = false;

@@ -110,6 +110,13 @@ const BASELINE_HIDDEN: &[Hidden] = &[
     hide("abm", 0x8000_0001, Reg::Ecx, 5, Bit(6 * 32 + 5)),
 ];
 
+/// KVM paravirtual features (leaf 0x4000_0001 EAX) the baseline template hides: the
+/// kvmclock MSRs (old and new). With kvmclock in use, Linux's ptp_kvm driver issues the
+/// KVM_HC_CLOCK_PAIRING hypercall at boot, on which the nested KVM of our machines hangs
+/// the guest; without kvmclock the driver stops before the hypercall. The kernel is told
+/// with `no-kvmclock` (the CPUID change alone has no effect there).
+const BASELINE_HIDDEN_KVM_FEATURES: u32 = (1 << 0) | (1 << 3);
+
 /// Longest `clearcpuid=` value Linux 6.1 reads (its buffer is 128 bytes with the NUL).
 const CLEARCPUID_MAX: usize = 127;
 
@@ -136,7 +143,7 @@ pub fn template_kernel_args(template: CpuTemplate) -> Option<String> {
             let clear = bits.join(",");
             debug_assert!(clear.len() <= CLEARCPUID_MAX, "clearcpuid= value too long");
             args.push(format!("clearcpuid={clear}"));
-            args.push("mitigations=off nopti".to_owned());
+            args.push("no-kvmclock mitigations=off nopti".to_owned());
             Some(args.join(" "))
         }
     }
@@ -264,6 +271,12 @@ fn apply_baseline(entries: &mut [kvm_cpuid_entry2]) {
             *r &= !(1u32 << h.bit);
         }
     }
+    for e in entries
+        .iter_mut()
+        .filter(|e| e.function == HYPERVISOR_LEAF + 1)
+    {
+        e.eax &= !BASELINE_HIDDEN_KVM_FEATURES;
+    }
     // Without XSAVE the XSAVE state-components leaf must not advertise anything.
     for e in entries.iter_mut().filter(|e| e.function == 0xd) {
         (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
@@ -304,6 +317,7 @@ mod tests {
             entry(0xb, 1, [4, 16, 0x201, 9]),
             entry(0xd, 0, [7, 0x340, 0x340, 0]),
             entry(0x8000_0001, 0, [0, 0, 0xffff_ffff, 0xffff_ffff]),
+            entry(0x4000_0001, 0, [0x0100_00fb, 0, 0, 0]),
         ]
     }
 
@@ -361,6 +375,12 @@ mod tests {
         assert_eq!(l7.ecx & (1 << 2), 0, "umip");
         assert_eq!(find(&out, 0x8000_0001, 0).ecx & (1 << 5), 0, "abm");
         assert_eq!(find(&out, 0xd, 0).eax, 0);
+        assert_eq!(find(&out, 0x4000_0001, 0).eax & 0b1001, 0, "kvmclock");
+        assert_ne!(
+            find(&out, 0x4000_0001, 0).eax & 0b0010,
+            0,
+            "NOP_IO_DELAY kept"
+        );
     }
 
     #[test]

@@ -48,10 +48,9 @@ impl crate::devices::DeviceMetrics for I8042Metrics {
 const COMMAND_OFFSET: u64 = 4;
 /// The "pulse CPU reset line" command.
 const CMD_RESET_CPU: u8 = 0xfe;
-/// Status register: output buffer full (data waiting for the guest).
+/// Status register: output buffer full (data waiting for the guest). Input buffer full
+/// (0x02, controller busy) is never set.
 const STATUS_OUTPUT_FULL: u8 = 0x01;
-/// Status register: input buffer full (controller busy with the last command).
-const STATUS_INPUT_FULL: u8 = 0x02;
 
 /// The i8042 on the port-I/O bus at 0x60..=0x64.
 pub struct I8042 {
@@ -102,6 +101,9 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Status register: input buffer full (controller busy with the last command).
+    const STATUS_INPUT_FULL: u8 = 0x02;
 
     #[test]
     fn reset_command_on_port_0x64_signals_the_reset_eventfd() {

@@ -11,8 +11,12 @@ pub use virtio_queue::desc::split::Descriptor;
 
 use super::tap::VNET_HDR_LEN;
 
-/// Shortest acceptable TX chain: the virtio-net header and an Ethernet header.
-pub const MIN_TX_LEN: u64 = VNET_HDR_LEN as u64 + 14;
+/// Length of an Ethernet header (destination, source, EtherType).
+pub const ETH_HLEN: usize = 14;
+/// Shortest frame accepted in either direction: the virtio-net and Ethernet headers.
+pub const MIN_FRAME_LEN: usize = VNET_HDR_LEN + ETH_HLEN;
+/// Shortest acceptable TX chain.
+pub const MIN_TX_LEN: u64 = MIN_FRAME_LEN as u64;
 /// Longest acceptable TX chain: the header and a 65550-byte frame (64 KiB of payload
 /// plus Ethernet and VLAN headers), as Linux and Firecracker bound it.
 pub const MAX_FRAME_LEN: u64 = 65562;

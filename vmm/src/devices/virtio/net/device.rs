@@ -19,7 +19,9 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{gather, rx_segments, scatter, tx_segments, ChainError, MAX_FRAME_LEN};
+use super::chain::{
+    gather, rx_segments, scatter, tx_segments, ChainError, MAX_FRAME_LEN, MIN_FRAME_LEN,
+};
 use super::tap::{FrameBackend, Tap, TapError, VNET_HDR_LEN};
 use crate::devices::virtio::{
     ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger, VirtioDevice,
@@ -84,6 +86,19 @@ impl fmt::Display for MacAddr {
     }
 }
 
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Errors creating a virtio-net device.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -100,7 +115,7 @@ pub enum NetError {
 pub struct NetMetrics {
     /// Frames delivered to the guest.
     pub rx_packets: AtomicU64,
-    /// Ethernet bytes delivered to the guest (headers of the virtio-net header excluded).
+    /// Ethernet bytes delivered to the guest (virtio-net headers excluded).
     pub rx_bytes: AtomicU64,
     /// Frames the guest sent out through the backend.
     pub tx_packets: AtomicU64,
@@ -323,7 +338,7 @@ impl<B: FrameBackend> Net<B> {
             let len = match self.rx_pending {
                 Some(len) => len,
                 None => match self.backend.read_frame(&mut self.rx_buf) {
-                    Ok(len) if len >= VNET_HDR_LEN + 14 => len,
+                    Ok(len) if len >= MIN_FRAME_LEN => len,
                     Ok(0) => break,
                     Ok(len) => {
                         bump(&self.metrics.rx_dropped, 1);
@@ -488,6 +503,11 @@ impl<B: FrameBackend> VirtioDevice for Net<B> {
             rx,
             tx,
         });
+        // Buffers posted and frames waiting before activation raised no event the
+        // device could act on then (and the backend is watched edge-triggered): serve
+        // them now.
+        self.process_tx();
+        self.process_rx();
         Ok(())
     }
 

@@ -623,6 +623,26 @@ fn nothing_moves_before_activation() {
 }
 
 #[test]
+fn work_queued_before_activation_is_served_at_activation() {
+    let mut f = fixture();
+    let mem = f.mem.clone();
+    let mut rx = QueueDriver::new(&mem, RX_RING);
+    let mut tx = QueueDriver::new(&mem, TX_RING);
+    let frame = ethernet_frame(60, 16);
+    f.wire.send_to_guest(with_header(&frame, 0));
+    rx.add_chain(&[w(RX_DATA, RX_BUF_LEN)]);
+    tx.add_chain(&[r(TX_DATA, 72)]);
+    f.net.process_rx();
+
+    let irq = f.activate(&rx, &tx);
+
+    assert_eq!((rx.used_count(), tx.used_count()), (1, 1));
+    assert_eq!(read_guest(&mem, RX_DATA + 12, 60), frame);
+    assert_eq!(f.wire.sent_by_guest().len(), 1);
+    assert_eq!(irq.queue.load(Ordering::SeqCst), 2);
+}
+
+#[test]
 fn config_space_holds_the_mac_and_link_up() {
     let f = fixture();
     assert_eq!(f.net.device_type(), 1);
@@ -677,6 +697,33 @@ fn mac_addresses_parse_and_print() {
             err.to_string().contains("not a MAC address"),
             "{bad}: {err}"
         );
+    }
+}
+
+#[test]
+fn mac_addresses_round_trip_through_json_as_strings() {
+    let json = serde_json::to_string(&MAC).unwrap();
+    assert_eq!(json, "\"06:11:22:33:44:55\"");
+    assert_eq!(serde_json::from_str::<MacAddr>(&json).unwrap(), MAC);
+    let err = serde_json::from_str::<MacAddr>("\"01:02:03\"").unwrap_err();
+    assert!(err.to_string().contains("not a MAC address"), "{err}");
+}
+
+#[test]
+fn the_tap_backed_device_fits_the_device_manager() {
+    fn attachable<D: VirtioDevice + MutEventSubscriber + 'static>() {}
+    attachable::<Net>();
+    let metrics: Arc<dyn DeviceMetrics> = fixture().net.metrics();
+    let snapshot = metrics.snapshot();
+    for key in [
+        "rx_packets",
+        "tx_packets",
+        "rx_dropped",
+        "tx_dropped",
+        "rx_bytes",
+        "tx_bytes",
+    ] {
+        assert_eq!(snapshot[key], 0, "{key}");
     }
 }
 
@@ -739,6 +786,88 @@ fn an_interface_that_is_not_a_tap_is_refused() {
         "{err}"
     );
     assert!(err.to_string().contains("lo"), "{err}");
+}
+
+mod chains {
+    //! The pure chain checks, on descriptor lists no queue would produce.
+
+    use super::super::chain::{rx_segments, scatter, tx_segments, ChainError, Segment};
+    use super::*;
+
+    fn desc(addr: u64, len: u32, writable: bool) -> Descriptor {
+        let flags = if writable {
+            VRING_DESC_F_WRITE as u16
+        } else {
+            0
+        };
+        Descriptor::new(addr, len, flags, 0)
+    }
+
+    #[test]
+    fn empty_chains_are_refused() {
+        let mem = guest_memory();
+        assert_eq!(tx_segments(&mem, []), Err(ChainError::Empty));
+        assert_eq!(rx_segments(&mem, []), Err(ChainError::Empty));
+    }
+
+    #[test]
+    fn zero_length_descriptors_are_skipped() {
+        let mem = guest_memory();
+        let (segments, len) = tx_segments(
+            &mem,
+            [
+                desc(0x1000, 0, false),
+                desc(0x2000, 60, false),
+                desc(0x3000, 0, false),
+            ],
+        )
+        .unwrap();
+        assert_eq!(len, 60);
+        assert_eq!(
+            segments,
+            vec![Segment {
+                addr: GuestAddress(0x2000),
+                len: 60
+            }]
+        );
+    }
+
+    #[test]
+    fn a_descriptor_ending_exactly_at_the_end_of_memory_is_accepted() {
+        let mem = guest_memory();
+        let end = MEM_SIZE as u64;
+        assert!(rx_segments(&mem, [desc(end - 1526, 1526, true)]).is_ok());
+        assert_eq!(
+            rx_segments(&mem, [desc(end - 1525, 1526, true)]),
+            Err(ChainError::OutsideMemory {
+                addr: end - 1525,
+                len: 1526
+            })
+        );
+    }
+
+    #[test]
+    fn scatter_stops_when_the_data_ends() {
+        let mem = guest_memory();
+        mem.write_slice(&[0xaa; 16], GuestAddress(0x2000)).unwrap();
+        let segments = [
+            Segment {
+                addr: GuestAddress(0x1000),
+                len: 4,
+            },
+            Segment {
+                addr: GuestAddress(0x2000),
+                len: 16,
+            },
+        ];
+
+        assert_eq!(scatter(&mem, &segments, &[1, 2, 3, 4, 5, 6]).unwrap(), 6);
+
+        assert_eq!(read_guest(&mem, 0x1000, 4), [1, 2, 3, 4]);
+        let mut expected = vec![0xaa; 16];
+        expected[..2].copy_from_slice(&[5, 6]);
+        assert_eq!(read_guest(&mem, 0x2000, 16), expected);
+    }
 }
 
 mod real_tap {

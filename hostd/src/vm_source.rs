@@ -1,0 +1,906 @@
+//! A VM as a stream environment: its virtio-gpu scanout as an [`encoder::FrameSource`] and
+//! its virtio-input devices as a [`crate::stream::InputSink`].
+//!
+//! Both talk to the VMM's control API (`docs/vmm-api.md`) over its Unix socket with a small
+//! blocking HTTP/1.1 client: `GET /framebuffer` hands over the shared framebuffer's memfd and
+//! flush eventfd (SCM_RIGHTS), read with [`framebuffer::FramebufferReader`]; viewers' input
+//! is translated by the sans-IO [`InputTranslator`] into evdev batches ending with
+//! `SYN_REPORT` and sent as `PUT /input` from a worker thread, so the stream server's async
+//! tasks never wait on the VMM.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use encoder::{FrameRef, FrameSource, PixelFormat, Rect, SourceError, SourceFrame};
+use framebuffer::{FramebufferReader, ReaderError, ReaderFds};
+use proto::stream::{Button, InputEvent, TouchPhase};
+use serde::Serialize;
+use tracing::{debug, warn};
+
+use crate::stream::source::{EnvironmentSource, InputError, InputSink};
+
+/// How long one API request may take before the VMM is considered stuck.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest response head (status line and headers) accepted from the VMM.
+const MAX_HEAD: usize = 16 * 1024;
+/// Largest response body accepted from the VMM (metrics are the biggest, a few KiB).
+const MAX_BODY: usize = 1024 * 1024;
+/// The VMM refuses input batches longer than this.
+const MAX_BATCH_EVENTS: usize = 4096;
+/// Commands waiting for the input thread; past this, input is refused rather than queued
+/// without bound behind a stalled VMM.
+const INPUT_QUEUE: usize = 256;
+/// Touch contacts the VMM's touchscreen has (`ABS_MT_SLOT` 0..=9).
+const TOUCH_SLOTS: u8 = 10;
+/// Upper end of the tablet's and touchscreen's absolute axes.
+const ABS_MAX: u32 = 32767;
+
+/// Errors talking to a VMM or reading its framebuffer.
+#[derive(Debug, thiserror::Error)]
+pub enum VmSourceError {
+    #[error("cannot connect to the VMM API socket {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VMM API I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("malformed VMM API response: {0}")]
+    Response(String),
+    #[error("VMM answered {request} with {status}: {body}")]
+    Status {
+        request: String,
+        status: u16,
+        body: String,
+    },
+    #[error("VMM passed {0} file descriptors with GET /framebuffer, expected 2")]
+    Fds(usize),
+    #[error("the VM has no display (its config has no gpu)")]
+    NoDisplay,
+    #[error("shared framebuffer")]
+    Reader(#[from] ReaderError),
+    #[error("starting the input thread failed")]
+    Thread(#[source] std::io::Error),
+}
+
+type Result<T, E = VmSourceError> = std::result::Result<T, E>;
+
+/// A VMM response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// Blocking HTTP/1.1 client for one keep-alive connection to a VMM's control API.
+#[derive(Debug)]
+pub struct VmmApi {
+    stream: UnixStream,
+}
+
+impl VmmApi {
+    /// Connects to the API socket at `path`.
+    pub fn connect(path: &Path) -> Result<Self> {
+        let stream = UnixStream::connect(path).map_err(|source| VmSourceError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+        stream.set_read_timeout(Some(API_TIMEOUT))?;
+        stream.set_write_timeout(Some(API_TIMEOUT))?;
+        Ok(Self { stream })
+    }
+
+    /// Sends one request and reads its response (any status).
+    pub fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Response> {
+        self.send_head(method, path, body)?;
+        self.read_response(Vec::new())
+    }
+
+    /// Like [`VmmApi::request`], but a status other than `want` is an error.
+    fn expect(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        want: u16,
+    ) -> Result<Vec<u8>> {
+        let r = self.request(method, path, body)?;
+        check_status(method, path, r, want)
+    }
+
+    /// `GET path` answered `200` with JSON.
+    pub fn get_json(&mut self, path: &str) -> Result<serde_json::Value> {
+        let body = self.expect("GET", path, None, 200)?;
+        serde_json::from_slice(&body)
+            .map_err(|e| VmSourceError::Response(format!("GET {path}: {e}")))
+    }
+
+    /// The display size the VM was configured with (`GET /vm`, `config.gpu`).
+    pub fn configured_display(&mut self) -> Result<(u32, u32)> {
+        let vm = self.get_json("/vm")?;
+        let gpu = &vm["config"]["gpu"];
+        let dim = |k: &str| gpu[k].as_u64().and_then(|v| u32::try_from(v).ok());
+        match (dim("width"), dim("height")) {
+            (Some(w), Some(h)) if w > 0 && h > 0 => Ok((w, h)),
+            _ => Err(VmSourceError::NoDisplay),
+        }
+    }
+
+    /// `GET /framebuffer`: the shared framebuffer's memfd and this client's flush eventfd.
+    pub fn get_framebuffer(&mut self) -> Result<ReaderFds> {
+        self.send_head("GET", "/framebuffer", None)?;
+        let mut first = vec![0u8; 4096];
+        let (n, mut fds) = recv_with_fds(&self.stream, &mut first)?;
+        if n == 0 {
+            return Err(VmSourceError::Response(
+                "connection closed before GET /framebuffer was answered".into(),
+            ));
+        }
+        first.truncate(n);
+        let response = self.read_response(first)?;
+        check_status("GET", "/framebuffer", response, 200)?;
+        if fds.len() != 2 {
+            return Err(VmSourceError::Fds(fds.len()));
+        }
+        let notify = fds.pop().expect("two fds");
+        let memfd = fds.pop().expect("two fds");
+        Ok(ReaderFds { memfd, notify })
+    }
+
+    /// `PUT /input`: one batch for `device`; `events` must end with `SYN_REPORT`.
+    pub fn put_input(&mut self, device: InputDevice, events: &[EvdevEvent]) -> Result<()> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            device: InputDevice,
+            events: &'a [EvdevEvent],
+        }
+        let body = serde_json::to_vec(&Body { device, events }).expect("serialisable");
+        self.expect("PUT", "/input", Some(&body), 204).map(drop)
+    }
+
+    /// `PUT /display`: asks the guest for a new resolution.
+    pub fn put_display(&mut self, width: u32, height: u32) -> Result<()> {
+        let body = serde_json::json!({ "width": width, "height": height }).to_string();
+        self.expect("PUT", "/display", Some(body.as_bytes()), 204)
+            .map(drop)
+    }
+
+    fn send_head(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> Result<()> {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
+        if let Some(body) = body {
+            req.push_str("Content-Type: application/json\r\n");
+            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body.unwrap_or_default());
+        self.stream.write_all(&bytes)?;
+        Ok(())
+    }
+
+    /// Reads one response whose first bytes (possibly none) are already in `buf`.
+    fn read_response(&mut self, mut buf: Vec<u8>) -> Result<Response> {
+        let mut chunk = [0u8; 4096];
+        let (head_len, status, body_len) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut parsed = httparse::Response::new(&mut headers);
+            match parsed.parse(&buf) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    let status = parsed.code.unwrap_or_default();
+                    let body_len = content_length(parsed.headers)?;
+                    break (head_len, status, body_len);
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+                Ok(httparse::Status::Partial) => {
+                    return Err(VmSourceError::Response("response head too long".into()))
+                }
+                Err(e) => return Err(VmSourceError::Response(e.to_string())),
+            }
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(VmSourceError::Response(
+                    "connection closed mid-response".into(),
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        if body_len > MAX_BODY {
+            return Err(VmSourceError::Response(format!(
+                "body of {body_len} bytes is too large"
+            )));
+        }
+        let end = head_len + body_len;
+        while buf.len() < end {
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(VmSourceError::Response(
+                    "connection closed mid-body".into(),
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        // Requests are never pipelined, so nothing may follow the body.
+        if buf.len() > end {
+            return Err(VmSourceError::Response(
+                "unexpected bytes after the response".into(),
+            ));
+        }
+        Ok(Response {
+            status,
+            body: buf.split_off(head_len),
+        })
+    }
+}
+
+fn content_length(headers: &[httparse::Header<'_>]) -> Result<usize> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map_or(Ok(0), |h| {
+            std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| VmSourceError::Response("bad Content-Length".into()))
+        })
+}
+
+fn check_status(method: &str, path: &str, r: Response, want: u16) -> Result<Vec<u8>> {
+    if r.status == want {
+        return Ok(r.body);
+    }
+    let body = serde_json::from_slice::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
+    Err(VmSourceError::Status {
+        request: format!("{method} {path}"),
+        status: r.status,
+        body,
+    })
+}
+
+/// `recvmsg(2)` into `buf`, taking ownership of any descriptors passed with SCM_RIGHTS.
+fn recv_with_fds(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    use std::os::fd::AsRawFd;
+    // Room for a few descriptors more than the two expected, so extras are seen (and
+    // closed) instead of truncating the control message; u64s keep it cmsghdr-aligned.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths); fields set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (into `buf`) and `control`, both live and writable
+        // for the call's duration with the lengths given.
+        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: `msg` was filled in by recvmsg; the CMSG_* macros walk its control buffer
+    // within `msg_controllen`.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: CMSG_FIRSTHDR/NXTHDR return null or a header inside `control`.
+        let hdr = unsafe { &*cmsg };
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN is plain arithmetic.
+            let data_len = hdr.cmsg_len as usize - unsafe { libc::CMSG_LEN(0) } as usize;
+            // SAFETY: the data of this header lies inside `control`.
+            let data = unsafe { libc::CMSG_DATA(cmsg) };
+            for i in 0..data_len / std::mem::size_of::<libc::c_int>() {
+                // SAFETY: `i` indexes within the header's data; it may be unaligned.
+                let fd = unsafe { data.cast::<libc::c_int>().add(i).read_unaligned() };
+                // SAFETY: SCM_RIGHTS installed `fd` in this process for us alone.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(std::io::Error::other(
+            "file descriptors were truncated in transit",
+        ));
+    }
+    Ok((n, fds))
+}
+
+/// The stream's current frame size, shared by the frame source (which learns it) and the
+/// input sink (which scales pointer coordinates with it).
+#[derive(Debug, Default)]
+pub struct SharedSize(AtomicU64);
+
+impl SharedSize {
+    pub fn new(width: u32, height: u32) -> Self {
+        let s = Self::default();
+        s.set(width, height);
+        s
+    }
+    pub fn get(&self) -> (u32, u32) {
+        let v = self.0.load(Ordering::Relaxed);
+        ((v >> 32) as u32, v as u32)
+    }
+    pub fn set(&self, width: u32, height: u32) {
+        self.0
+            .store(u64::from(width) << 32 | u64::from(height), Ordering::Relaxed);
+    }
+}
+
+/// The VM's scanout as a frame source. While the guest has not enabled the scanout (or has
+/// disabled it) the source returns one black frame of the last known size, so viewers get a
+/// picture; afterwards it returns frames only when the guest flushes.
+pub struct VmFramebufferSource {
+    reader: FramebufferReader,
+    size: Arc<SharedSize>,
+    blank: Vec<u8>,
+    blank_sent: bool,
+    sequence: u64,
+}
+
+impl std::fmt::Debug for VmFramebufferSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmFramebufferSource")
+            .field("reader", &self.reader)
+            .field("size", &self.size.get())
+            .field("sequence", &self.sequence)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmFramebufferSource {
+    /// Fetches the framebuffer of the VMM serving its API at `api_sock`.
+    pub fn connect(api_sock: &Path) -> Result<Self> {
+        let mut api = VmmApi::connect(api_sock)?;
+        let display = api.configured_display()?;
+        let fds = api.get_framebuffer()?;
+        Self::new(fds, display)
+    }
+
+    /// Reads the framebuffer in `fds`; `display` is the size reported while the scanout is
+    /// disabled (the VM's configured display size).
+    pub fn new(fds: ReaderFds, display: (u32, u32)) -> Result<Self> {
+        let reader = FramebufferReader::new(fds)?;
+        let info = reader.info()?;
+        let size = if info.enabled() {
+            (info.width, info.height)
+        } else {
+            display
+        };
+        Ok(Self {
+            reader,
+            size: Arc::new(SharedSize::new(size.0, size.1)),
+            blank: Vec::new(),
+            blank_sent: false,
+            sequence: 0,
+        })
+    }
+
+    /// The size handle to give the matching [`VmInput`].
+    pub fn shared_size(&self) -> Arc<SharedSize> {
+        self.size.clone()
+    }
+}
+
+fn source_error(e: ReaderError) -> SourceError {
+    match e {
+        ReaderError::Wait(io) | ReaderError::Map(io) => SourceError::Io(io),
+        other => SourceError::Other(other.to_string()),
+    }
+}
+
+impl FrameSource for VmFramebufferSource {
+    fn size(&self) -> (u32, u32) {
+        match self.reader.info() {
+            Ok(info) if info.enabled() => (info.width, info.height),
+            _ => self.size.get(),
+        }
+    }
+
+    fn next_frame(&mut self, deadline: Instant) -> Result<Option<SourceFrame<'_>>, SourceError> {
+        loop {
+            let info = self.reader.info().map_err(source_error)?;
+            if info.enabled() {
+                self.blank_sent = false;
+                break;
+            }
+            if !self.blank_sent {
+                self.blank_sent = true;
+                let (width, height) = self.size.get();
+                self.blank.clear();
+                self.blank.resize(width as usize * height as usize * 4, 0);
+                self.sequence += 1;
+                return Ok(Some(SourceFrame {
+                    frame: FrameRef::packed(width, height, PixelFormat::Bgrx, &self.blank),
+                    damage: vec![Rect::new(0, 0, width, height)],
+                    sequence: self.sequence,
+                    captured_at: Instant::now(),
+                }));
+            }
+            if !self.reader.wait_change(deadline).map_err(source_error)? {
+                return Ok(None);
+            }
+        }
+        let Some(frame) = self.reader.wait_frame(deadline).map_err(source_error)? else {
+            return Ok(None);
+        };
+        let (width, height) = (frame.info.width, frame.info.height);
+        self.size.set(width, height);
+        let damage = frame
+            .damage
+            .iter()
+            .filter_map(|r| r.clip(width, height))
+            .map(|r| Rect::new(r.x, r.y, r.width, r.height))
+            .collect();
+        self.sequence += 1;
+        Ok(Some(SourceFrame {
+            frame: FrameRef {
+                width,
+                height,
+                stride: frame.info.stride as usize,
+                format: PixelFormat::Bgrx,
+                data: frame.pixels,
+            },
+            damage,
+            sequence: self.sequence,
+            captured_at: Instant::now(),
+        }))
+    }
+}
+
+/// The VMM's virtio-input devices (`PUT /input` `device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputDevice {
+    Keyboard,
+    Tablet,
+    Touch,
+}
+
+/// One Linux evdev event as `PUT /input` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct EvdevEvent {
+    #[serde(rename = "type")]
+    pub ty: u16,
+    pub code: u16,
+    pub value: i32,
+}
+
+/// evdev constants from `linux/input-event-codes.h`.
+pub mod evdev {
+    pub const EV_SYN: u16 = 0x00;
+    pub const EV_KEY: u16 = 0x01;
+    pub const EV_REL: u16 = 0x02;
+    pub const EV_ABS: u16 = 0x03;
+    pub const SYN_REPORT: u16 = 0;
+    pub const BTN_LEFT: u16 = 0x110;
+    pub const BTN_RIGHT: u16 = 0x111;
+    pub const BTN_MIDDLE: u16 = 0x112;
+    pub const BTN_TOUCH: u16 = 0x14a;
+    pub const REL_WHEEL: u16 = 0x08;
+    pub const ABS_X: u16 = 0x00;
+    pub const ABS_Y: u16 = 0x01;
+    pub const ABS_MT_SLOT: u16 = 0x2f;
+    pub const ABS_MT_POSITION_X: u16 = 0x35;
+    pub const ABS_MT_POSITION_Y: u16 = 0x36;
+    pub const ABS_MT_TRACKING_ID: u16 = 0x39;
+}
+
+const fn ev(ty: u16, code: u16, value: i32) -> EvdevEvent {
+    EvdevEvent { ty, code, value }
+}
+
+const SYN: EvdevEvent = ev(evdev::EV_SYN, evdev::SYN_REPORT, 0);
+
+/// Scales a stream pixel coordinate to the VMM's 0..=32767 absolute axes.
+fn scale(v: u16, extent: u32) -> i32 {
+    if extent <= 1 {
+        return 0;
+    }
+    let v = u32::from(v).min(extent - 1);
+    (u64::from(v) * u64::from(ABS_MAX) / u64::from(extent - 1)) as i32
+}
+
+/// Keys the VMM's keyboard accepts (`docs/input.md`): anything else would refuse the batch.
+fn keyboard_accepts(code: u16) -> bool {
+    matches!(code, 1..=255 | 0x160..=0x2bf)
+}
+
+/// Turns the stream protocol's input events into evdev batches for the VMM's devices.
+/// Sans-IO; keeps the state the translation needs (touch contacts, partial wheel notches).
+#[derive(Debug, Default)]
+pub struct InputTranslator {
+    /// Tracking id of each touch slot's contact, if one is down.
+    contacts: [Option<u16>; TOUCH_SLOTS as usize],
+    next_tracking_id: u16,
+    /// Wheel motion in 1/120 notch not yet sent.
+    wheel_rest: i32,
+}
+
+impl InputTranslator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Translates `events` (coordinates in stream pixels of a `size` frame) into batches, one
+    /// per run of consecutive events for the same device, each ending with `SYN_REPORT`.
+    /// Events the VM has no device for (back/forward buttons, horizontal wheel, contacts
+    /// past slot 9, keys outside the keyboard's set) are dropped.
+    pub fn translate(
+        &mut self,
+        events: &[InputEvent],
+        size: (u32, u32),
+    ) -> Vec<(InputDevice, Vec<EvdevEvent>)> {
+        let mut batches: Vec<(InputDevice, Vec<EvdevEvent>)> = Vec::new();
+        for e in events {
+            let Some((device, packet)) = self.packet(e, size) else {
+                debug!(event = ?e, "input event has no VM device; dropped");
+                continue;
+            };
+            match batches.last_mut() {
+                Some((d, batch))
+                    if *d == device && batch.len() + packet.len() <= MAX_BATCH_EVENTS =>
+                {
+                    batch.extend(packet)
+                }
+                _ => batches.push((device, packet)),
+            }
+        }
+        batches
+    }
+
+    /// One event as one evdev packet (ending with `SYN_REPORT`).
+    fn packet(&mut self, e: &InputEvent, (w, h): (u32, u32)) -> Option<(InputDevice, Vec<EvdevEvent>)> {
+        use evdev::*;
+        let (device, mut p) = match *e {
+            InputEvent::Key { code, pressed } => {
+                if !keyboard_accepts(code) {
+                    return None;
+                }
+                (
+                    InputDevice::Keyboard,
+                    vec![ev(EV_KEY, code, pressed.into())],
+                )
+            }
+            InputEvent::PointerMove { x, y } => (
+                InputDevice::Tablet,
+                vec![ev(EV_ABS, ABS_X, scale(x, w)), ev(EV_ABS, ABS_Y, scale(y, h))],
+            ),
+            InputEvent::PointerButton { button, pressed } => {
+                let code = match button {
+                    Button::Left => BTN_LEFT,
+                    Button::Right => BTN_RIGHT,
+                    Button::Middle => BTN_MIDDLE,
+                    Button::Back | Button::Forward => return None,
+                };
+                (InputDevice::Tablet, vec![ev(EV_KEY, code, pressed.into())])
+            }
+            InputEvent::Wheel { dy, .. } => {
+                self.wheel_rest += i32::from(dy);
+                let notches = self.wheel_rest / 120;
+                if notches == 0 {
+                    return None;
+                }
+                self.wheel_rest -= notches * 120;
+                // The protocol's positive dy scrolls down; REL_WHEEL's positive is up.
+                (InputDevice::Tablet, vec![ev(EV_REL, REL_WHEEL, -notches)])
+            }
+            InputEvent::Touch { id, phase, x, y } => {
+                (InputDevice::Touch, self.touch(id, phase, scale(x, w), scale(y, h))?)
+            }
+        };
+        p.push(SYN);
+        Some((device, p))
+    }
+
+    fn touch(&mut self, id: u8, phase: TouchPhase, x: i32, y: i32) -> Option<Vec<EvdevEvent>> {
+        use evdev::*;
+        let slot = self.contacts.get_mut(usize::from(id))?;
+        let mut p = vec![ev(EV_ABS, ABS_MT_SLOT, i32::from(id))];
+        match phase {
+            TouchPhase::Start | TouchPhase::Move => {
+                if slot.is_none() {
+                    if phase == TouchPhase::Move {
+                        // A move without a start (lost or refused start): nothing to move.
+                        return None;
+                    }
+                    let tracking = self.next_tracking_id;
+                    self.next_tracking_id = (tracking + 1) % (u16::MAX);
+                    *slot = Some(tracking);
+                    p.push(ev(EV_ABS, ABS_MT_TRACKING_ID, i32::from(tracking)));
+                    if self.contacts.iter().flatten().count() == 1 {
+                        p.push(ev(EV_KEY, BTN_TOUCH, 1));
+                    }
+                }
+                p.push(ev(EV_ABS, ABS_MT_POSITION_X, x));
+                p.push(ev(EV_ABS, ABS_MT_POSITION_Y, y));
+                // Single-touch emulation follows the lowest active slot.
+                if self.contacts.iter().position(Option::is_some) == Some(usize::from(id)) {
+                    p.push(ev(EV_ABS, ABS_X, x));
+                    p.push(ev(EV_ABS, ABS_Y, y));
+                }
+            }
+            TouchPhase::End | TouchPhase::Cancel => {
+                slot.take()?;
+                p.push(ev(EV_ABS, ABS_MT_TRACKING_ID, -1));
+                if self.contacts.iter().all(Option::is_none) {
+                    p.push(ev(EV_KEY, BTN_TOUCH, 0));
+                }
+            }
+        }
+        Some(p)
+    }
+}
+
+/// Work for the input thread.
+#[derive(Debug)]
+enum VmmCommand {
+    Input(InputDevice, Vec<EvdevEvent>),
+    Display(u32, u32),
+}
+
+/// The VM's input devices as the stream server's input sink. Translation happens in the
+/// caller; the HTTP requests run on a worker thread in arrival order, so a slow VMM delays
+/// input but never the server's tasks. Failures are logged (the caller cannot act on them
+/// later); a full queue is refused at once.
+#[derive(Debug)]
+pub struct VmInput {
+    translator: Mutex<InputTranslator>,
+    size: Arc<SharedSize>,
+    tx: SyncSender<VmmCommand>,
+}
+
+impl VmInput {
+    /// Starts the input thread for the VMM at `api_sock`; `size` is the matching frame
+    /// source's [`VmFramebufferSource::shared_size`]. The thread ends when this is dropped.
+    pub fn start(api_sock: &Path, size: Arc<SharedSize>) -> Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(INPUT_QUEUE);
+        let path = api_sock.to_owned();
+        std::thread::Builder::new()
+            .name("vm-input".into())
+            .spawn(move || input_thread(&path, rx))
+            .map_err(VmSourceError::Thread)?;
+        Ok(Self {
+            translator: Mutex::new(InputTranslator::new()),
+            size,
+            tx,
+        })
+    }
+
+    fn send(&self, cmd: VmmCommand) -> Result<(), InputError> {
+        self.tx.try_send(cmd).map_err(|e| match e {
+            TrySendError::Full(_) => InputError::Other("the VMM is not taking input".into()),
+            TrySendError::Disconnected(_) => InputError::Closed,
+        })
+    }
+}
+
+impl InputSink for VmInput {
+    fn inject(&self, events: &[InputEvent]) -> Result<(), InputError> {
+        // Hold the translator lock while queueing so batches keep the order they were made in.
+        let mut translator = self.translator.lock().expect("poisoned");
+        for (device, batch) in translator.translate(events, self.size.get()) {
+            self.send(VmmCommand::Input(device, batch))?;
+        }
+        Ok(())
+    }
+
+    fn request_resize(&self, width: u32, height: u32) -> Result<(), InputError> {
+        let _order = self.translator.lock().expect("poisoned");
+        self.send(VmmCommand::Display(width, height))
+    }
+}
+
+fn input_thread(path: &Path, rx: Receiver<VmmCommand>) {
+    let mut api: Option<VmmApi> = None;
+    for cmd in rx {
+        if api.is_none() {
+            match VmmApi::connect(path) {
+                Ok(a) => api = Some(a),
+                Err(e) => {
+                    warn!(error = %e, ?cmd, "VMM unreachable; input dropped");
+                    continue;
+                }
+            }
+        }
+        let a = api.as_mut().expect("connected above");
+        let result = match &cmd {
+            VmmCommand::Input(device, events) => a.put_input(*device, events),
+            VmmCommand::Display(w, h) => a.put_display(*w, *h),
+        };
+        match result {
+            Ok(()) => {}
+            // The VMM refused this one request; the connection is still good.
+            Err(e @ VmSourceError::Status { .. }) => warn!(error = %e, ?cmd, "VMM refused input"),
+            Err(e) => {
+                warn!(error = %e, ?cmd, "VMM API failed; reconnecting for the next input");
+                api = None;
+            }
+        }
+    }
+    debug!(path = %path.display(), "vm input thread ends");
+}
+
+/// A running VM as a stream environment: its framebuffer and its input devices, both through
+/// the control API at `api_sock`. Register it with
+/// [`crate::stream::StreamServer::add_environment`].
+pub fn environment(api_sock: &Path) -> Result<EnvironmentSource> {
+    let frames = VmFramebufferSource::connect(api_sock)?;
+    let input = VmInput::start(api_sock, frames.shared_size())?;
+    Ok(EnvironmentSource {
+        frames: Box::new(frames),
+        input: Arc::new(input),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::evdev::*;
+    use super::*;
+
+    fn key(code: u16, value: i32) -> EvdevEvent {
+        ev(EV_KEY, code, value)
+    }
+
+    #[test]
+    fn key_press_and_release_become_one_keyboard_batch_of_two_packets() {
+        let mut t = InputTranslator::new();
+        let out = t.translate(
+            &[
+                InputEvent::Key { code: 30, pressed: true },
+                InputEvent::Key { code: 30, pressed: false },
+            ],
+            (640, 480),
+        );
+        assert_eq!(
+            out,
+            vec![(InputDevice::Keyboard, vec![key(30, 1), SYN, key(30, 0), SYN])]
+        );
+    }
+
+    #[test]
+    fn pointer_position_is_scaled_to_the_full_absolute_axis() {
+        let mut t = InputTranslator::new();
+        let out = t.translate(
+            &[
+                InputEvent::PointerMove { x: 0, y: 0 },
+                InputEvent::PointerMove { x: 639, y: 479 },
+                InputEvent::PointerMove { x: 5000, y: 240 },
+            ],
+            (640, 480),
+        );
+        let abs = |x, y| [ev(EV_ABS, ABS_X, x), ev(EV_ABS, ABS_Y, y), SYN];
+        let want: Vec<_> = [abs(0, 0), abs(32767, 32767), abs(32767, 16417)].concat();
+        assert_eq!(out, vec![(InputDevice::Tablet, want)]);
+    }
+
+    #[test]
+    fn devices_change_split_batches_and_keep_order() {
+        let mut t = InputTranslator::new();
+        let out = t.translate(
+            &[
+                InputEvent::PointerButton { button: Button::Left, pressed: true },
+                InputEvent::Key { code: 28, pressed: true },
+                InputEvent::PointerButton { button: Button::Right, pressed: false },
+            ],
+            (100, 100),
+        );
+        let devices: Vec<_> = out.iter().map(|(d, _)| *d).collect();
+        assert_eq!(
+            devices,
+            [InputDevice::Tablet, InputDevice::Keyboard, InputDevice::Tablet]
+        );
+        assert_eq!(out[0].1, vec![key(BTN_LEFT, 1), SYN]);
+        assert_eq!(out[2].1, vec![key(BTN_RIGHT, 0), SYN]);
+        assert!(out.iter().all(|(_, b)| b.last() == Some(&SYN)));
+    }
+
+    #[test]
+    fn wheel_sends_whole_notches_with_evdev_sign_and_keeps_the_rest() {
+        let mut t = InputTranslator::new();
+        assert!(t.translate(&[InputEvent::Wheel { dx: 0, dy: 60 }], (10, 10)).is_empty());
+        let out = t.translate(&[InputEvent::Wheel { dx: 0, dy: 200 }], (10, 10));
+        // 60 + 200 = 260 = 2 notches down (REL_WHEEL -2) and 20 left over.
+        assert_eq!(out, vec![(InputDevice::Tablet, vec![ev(EV_REL, REL_WHEEL, -2), SYN])]);
+        let out = t.translate(&[InputEvent::Wheel { dx: 0, dy: -140 }], (10, 10));
+        assert_eq!(out, vec![(InputDevice::Tablet, vec![ev(EV_REL, REL_WHEEL, 1), SYN])]);
+    }
+
+    #[test]
+    fn events_without_a_vm_device_are_dropped() {
+        let mut t = InputTranslator::new();
+        let out = t.translate(
+            &[
+                InputEvent::PointerButton { button: Button::Back, pressed: true },
+                InputEvent::Key { code: BTN_LEFT, pressed: true },
+                InputEvent::Touch { id: 10, phase: TouchPhase::Start, x: 1, y: 1 },
+                InputEvent::Touch { id: 3, phase: TouchPhase::Move, x: 1, y: 1 },
+                InputEvent::Touch { id: 3, phase: TouchPhase::End, x: 1, y: 1 },
+            ],
+            (10, 10),
+        );
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn two_finger_touch_follows_multitouch_protocol_b() {
+        let mut t = InputTranslator::new();
+        let touch = |id, phase| InputEvent::Touch { id, phase, x: 0, y: 0 };
+        let out = t.translate(
+            &[
+                touch(0, TouchPhase::Start),
+                touch(1, TouchPhase::Start),
+                touch(0, TouchPhase::End),
+                touch(1, TouchPhase::Cancel),
+            ],
+            (2, 2),
+        );
+        let abs = |c, v| ev(EV_ABS, c, v);
+        assert_eq!(
+            out,
+            vec![(
+                InputDevice::Touch,
+                vec![
+                    abs(ABS_MT_SLOT, 0),
+                    abs(ABS_MT_TRACKING_ID, 0),
+                    key(BTN_TOUCH, 1),
+                    abs(ABS_MT_POSITION_X, 0),
+                    abs(ABS_MT_POSITION_Y, 0),
+                    abs(ABS_X, 0),
+                    abs(ABS_Y, 0),
+                    SYN,
+                    abs(ABS_MT_SLOT, 1),
+                    abs(ABS_MT_TRACKING_ID, 1),
+                    abs(ABS_MT_POSITION_X, 0),
+                    abs(ABS_MT_POSITION_Y, 0),
+                    SYN,
+                    abs(ABS_MT_SLOT, 0),
+                    abs(ABS_MT_TRACKING_ID, -1),
+                    SYN,
+                    abs(ABS_MT_SLOT, 1),
+                    abs(ABS_MT_TRACKING_ID, -1),
+                    key(BTN_TOUCH, 0),
+                    SYN,
+                ]
+            )]
+        );
+    }
+
+    #[test]
+    fn long_runs_are_split_below_the_vmm_batch_limit() {
+        let mut t = InputTranslator::new();
+        let moves = vec![InputEvent::PointerMove { x: 1, y: 1 }; 3000];
+        let out = t.translate(&moves, (10, 10));
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|(_, b)| b.len() <= MAX_BATCH_EVENTS && b.last() == Some(&SYN)));
+        assert_eq!(out.iter().map(|(_, b)| b.len()).sum::<usize>(), 9000);
+    }
+
+    #[test]
+    fn vmm_error_statuses_carry_the_error_text() {
+        let r = Response {
+            status: 400,
+            body: br#"{"error":"event 3: bad key"}"#.to_vec(),
+        };
+        let e = check_status("PUT", "/input", r, 204).unwrap_err();
+        assert_eq!(e.to_string(), "VMM answered PUT /input with 400: event 3: bad key");
+    }
+}

@@ -1,0 +1,264 @@
+//! Orchestrator starting genos-vmm through genos-jailer (root and /dev/kvm): the VMM runs
+//! as its slot's uid in its own namespaces and cgroup, stop leaves nothing behind, a killed
+//! or seccomp-killed VMM fails only its environment with the reason, and `nat` environments
+//! get a network namespace for as long as they run.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hostd::config::Config;
+use hostd::orchestrator::{pid_alive, Orchestrator};
+use hostd::store::{EnvRecord, EnvState};
+use proto::spec::{Catalog, NetworkMode, Spec};
+
+const UID_BASE: u32 = 64000;
+
+fn spec(name: &str) -> Spec {
+    let c = hostd::composer::Composer::new(Catalog::embedded(), Default::default());
+    match c
+        .compose("headless python, 1 core, 128 MB ram, no internet, for 1 hour")
+        .outcome
+    {
+        hostd::composer::Outcome::Spec(s) => Spec {
+            name: name.into(),
+            ..*s
+        },
+        o => panic!("{o:?}"),
+    }
+}
+
+/// An orchestrator that must jail (`jailer = "always"`), or None (with the reason printed)
+/// when this host cannot run the test.
+fn jailed_orchestrator(test: &str, dir: &Path, extra_vmm_args: &[&str]) -> Option<Orchestrator> {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping {test}: the jailer needs root");
+        return None;
+    }
+    if !common::kvm_available(test) {
+        return None;
+    }
+    let vmm = common::vmm_bin(test)?;
+    if !vmm.with_file_name("genos-jailer").exists() {
+        eprintln!("skipping {test}: genos-jailer not built (run `cargo build -p genos-jailer`)");
+        return None;
+    }
+    let kernel = common::build_guest("ready");
+    let mut toml = common::config_toml(&vmm, &kernel, 4, 4096);
+    let extra: Vec<String> = extra_vmm_args.iter().map(|a| format!("{a:?}")).collect();
+    toml = toml.replace(
+        "[vmm]\n",
+        &format!("[vmm]\nextra_args = [{}]\n", extra.join(", ")),
+    );
+    toml.push_str(&format!(
+        "[jail]\njailer = \"always\"\nuid_base = {UID_BASE}\ngid_base = {UID_BASE}\n"
+    ));
+    Some(Orchestrator::new(Config::from_toml(&toml).unwrap(), dir).unwrap())
+}
+
+async fn wait_state(o: &Orchestrator, name: &str, want: EnvState, secs: u64) -> EnvRecord {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let env = o.show(name).unwrap();
+        if env.state == want {
+            return env;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} is {:?} ({:?}), wanted {want:?}",
+            env.state,
+            env.reason
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn status_field(pid: i32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+fn namespace(pid: &str, kind: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
+}
+
+/// The VMM's cgroup directories (one per v1 hierarchy, or the v2 one).
+fn cgroup_dirs(pid: i32) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            if !path.contains("/genos/") {
+                return None;
+            }
+            let mount = if controllers.is_empty() {
+                "/sys/fs/cgroup/unified".to_string()
+            } else {
+                format!("/sys/fs/cgroup/{}", controllers.split(',').next()?)
+            };
+            let root = if Path::new(&mount).exists() {
+                mount
+            } else {
+                "/sys/fs/cgroup".into()
+            };
+            Some(PathBuf::from(root).join(path.trim_start_matches('/')))
+        })
+        .collect()
+}
+
+async fn wait_gone(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(pid) {
+        assert!(Instant::now() < deadline, "VMM {pid} still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jailed_vmm_runs_as_its_slot_uid_in_its_own_namespaces_and_stop_cleans_up() {
+    let test = "jailed_vmm_runs_as_its_slot_uid_in_its_own_namespaces_and_stop_cleans_up";
+    let dir = tempfile::tempdir().unwrap();
+    let Some(o) = jailed_orchestrator(test, dir.path(), &[]) else {
+        return;
+    };
+    o.start().await.unwrap();
+    o.create(spec("jail-life"), "test").unwrap();
+    let env = wait_state(&o, "jail-life", EnvState::Ready, 60).await;
+    let pid = env.vmm_pid.expect("pid recorded");
+
+    assert_eq!(status_field(pid, "Uid").split_whitespace().next(), Some("64000"));
+    assert_eq!(status_field(pid, "Gid").split_whitespace().next(), Some("64000"));
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    for ns in ["mnt", "pid", "net", "ipc", "uts"] {
+        assert_ne!(
+            namespace(&pid.to_string(), ns),
+            namespace("self", ns),
+            "the VMM shares hostd's {ns} namespace"
+        );
+    }
+    let cgroups = cgroup_dirs(pid);
+    assert!(!cgroups.is_empty(), "the VMM is in no genos cgroup");
+    assert!(cgroups.iter().all(|c| c.ends_with("genos/jail-life")), "{cgroups:?}");
+    let jail_dir = dir.path().join("jail/genos-vmm/jail-life");
+    let pid_file = jail_dir.join("genos-vmm.pid");
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), pid.to_string());
+    let console = dir.path().join("envs/jail-life/console.log");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&console).unwrap()),
+        UID_BASE
+    );
+    // The API socket hostd asked for reaches the jailed VMM.
+    assert!(env.api_socket.unwrap().ends_with("envs/jail-life/api.sock"));
+
+    let stopped = o.stop("jail-life", "test").await.unwrap();
+    assert_eq!(stopped.state, EnvState::Stopped);
+    wait_gone(pid).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pid_file.exists() || cgroups.iter().any(|c| c.exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: pid file {} / cgroups {cgroups:?}",
+            pid_file.exists()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!dir.path().join("envs/jail-life/jail.json").exists());
+    o.destroy("jail-life", "test").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jailed_vmm_killed_from_outside_fails_only_its_environment() {
+    let test = "jailed_vmm_killed_from_outside_fails_only_its_environment";
+    let dir = tempfile::tempdir().unwrap();
+    let Some(o) = jailed_orchestrator(test, dir.path(), &[]) else {
+        return;
+    };
+    o.start().await.unwrap();
+    o.create(spec("jail-victim"), "test").unwrap();
+    o.create(spec("jail-bystander"), "test").unwrap();
+    let victim = wait_state(&o, "jail-victim", EnvState::Ready, 60).await;
+    let bystander = wait_state(&o, "jail-bystander", EnvState::Ready, 60).await;
+    // Two environments, two slots, two uids.
+    assert_ne!(
+        status_field(victim.vmm_pid.unwrap(), "Uid"),
+        status_field(bystander.vmm_pid.unwrap(), "Uid")
+    );
+
+    // SAFETY: kill(2) on the VMM pid the orchestrator reported; no memory is involved.
+    unsafe { libc::kill(victim.vmm_pid.unwrap(), libc::SIGKILL) };
+
+    let failed = wait_state(&o, "jail-victim", EnvState::Failed, 20).await;
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some("genos-vmm was killed by signal 9")
+    );
+    assert_eq!(o.show("jail-bystander").unwrap().state, EnvState::Ready);
+    o.destroy("jail-victim", "test").await.unwrap();
+    o.destroy("jail-bystander", "test").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_killed_by_its_seccomp_filter_fails_with_the_seccomp_reason() {
+    let test = "vmm_killed_by_its_seccomp_filter_fails_with_the_seccomp_reason";
+    let dir = tempfile::tempdir().unwrap();
+    let Some(o) = jailed_orchestrator(test, dir.path(), &["--seccomp-selftest", "vcpu"]) else {
+        return;
+    };
+    o.start().await.unwrap();
+    o.create(spec("jail-sigsys"), "test").unwrap();
+    let failed = wait_state(&o, "jail-sigsys", EnvState::Failed, 60).await;
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some("genos-vmm was killed by its seccomp filter (a system call outside its allow-list)")
+    );
+    assert!(!dir.path().join("envs/jail-sigsys/jail.json").exists());
+    o.destroy("jail-sigsys", "test").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nat_environment_has_a_network_namespace_only_while_it_runs() {
+    let test = "nat_environment_has_a_network_namespace_only_while_it_runs";
+    let dir = tempfile::tempdir().unwrap();
+    let Some(o) = jailed_orchestrator(test, dir.path(), &[]) else {
+        return;
+    };
+    o.start().await.unwrap();
+    let mut s = spec("jail-nat");
+    s.network.mode = NetworkMode::Nat;
+    o.create(s, "test").unwrap();
+    let env = wait_state(&o, "jail-nat", EnvState::Ready, 60).await;
+    let pid = env.vmm_pid.unwrap();
+
+    let netns = Path::new("/var/run/netns/genos-e0");
+    assert!(netns.exists(), "no {}", netns.display());
+    let joined = std::fs::metadata(format!("/proc/{pid}/ns/net")).unwrap();
+    let named = std::fs::metadata(netns).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&joined),
+        std::os::unix::fs::MetadataExt::ino(&named),
+        "the VMM is not in its environment's namespace"
+    );
+    let audit: Vec<String> = o
+        .audit_entries(50)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "network")
+        .map(|e| e.detail)
+        .collect();
+    assert!(
+        audit.iter().any(|d| d.contains("genos-e0") && d.contains("guest 10.201.0.2")),
+        "{audit:?}"
+    );
+
+    o.stop("jail-nat", "test").await.unwrap();
+    assert!(!netns.exists(), "{} left after stop", netns.display());
+    o.destroy("jail-nat", "test").await.unwrap();
+}

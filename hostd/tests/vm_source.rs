@@ -1,0 +1,226 @@
+//! `hostd::vm_source` against a real genos-vmm (`--gpu 320x240 --input`) running a tiny guest
+//! that never drives the display: the framebuffer arrives over the control API and reads as
+//! one blank frame of the configured size, input batches reach the VMM's devices, and the
+//! stream server takes the VM as an environment.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use encoder::{FrameSource, PixelFormat, Rect};
+use hostd::vm_source::{self, evdev, EvdevEvent, InputDevice, VmFramebufferSource, VmmApi};
+use proto::stream::{Button, InputEvent};
+
+/// A genos-vmm process, killed when dropped.
+struct Vmm {
+    child: Child,
+    sock: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts genos-vmm with a 320x240 display and input devices on a guest that signals boot
+/// and halts; waits until its API answers with the VM running.
+fn start_vmm() -> Option<Vmm> {
+    let test = std::thread::current().name().unwrap_or("test").to_string();
+    if !common::kvm_available(&test) {
+        return None;
+    }
+    let bin = common::vmm_bin(&test)?;
+    let kernel = common::build_guest("ready");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let child = Command::new(bin)
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--serial", "none", "--gpu", "320x240", "--input", "--api-sock"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn genos-vmm");
+    let mut vmm = Vmm {
+        child,
+        sock,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut api) = VmmApi::connect(&vmm.sock) {
+            if api.get_json("/vm").unwrap()["state"] == "running" {
+                return Some(vmm);
+            }
+        }
+        if let Some(status) = vmm.child.try_wait().unwrap() {
+            panic!("genos-vmm exited early with {status}");
+        }
+        assert!(Instant::now() < deadline, "genos-vmm API never came up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `devices.<device>.device.injected` from the VMM's metrics.
+fn injected(sock: &Path, device: &str) -> u64 {
+    let m = VmmApi::connect(sock)
+        .unwrap()
+        .get_json("/metrics")
+        .unwrap();
+    m["devices"][device]["device"]["injected"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {device}.injected in metrics: {m}"))
+}
+
+fn wait_injected(sock: &Path, device: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = injected(sock, device);
+        if n == want {
+            return;
+        }
+        assert!(n < want, "{device}: {n} events injected, expected {want}");
+        assert!(
+            Instant::now() < deadline,
+            "{device}: {n} events injected, expected {want}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn framebuffer_of_an_undriven_display_is_one_blank_frame_then_waits_for_a_flush() {
+    let Some(vmm) = start_vmm() else { return };
+
+    let mut source = VmFramebufferSource::connect(&vmm.sock).unwrap();
+
+    assert_eq!(source.size(), (320, 240));
+    let first = source
+        .next_frame(Instant::now() + Duration::from_secs(1))
+        .unwrap()
+        .expect("a first frame at once");
+    assert_eq!((first.frame.width, first.frame.height), (320, 240));
+    assert_eq!(first.frame.format, PixelFormat::Bgrx);
+    assert!(first.frame.stride >= 320 * 4);
+    first.frame.validate().unwrap();
+    assert!(first.frame.data.iter().all(|&b| b == 0), "blank frame");
+    assert_eq!(first.damage, vec![Rect::new(0, 0, 320, 240)]);
+    assert_eq!(first.sequence, 1);
+
+    let start = Instant::now();
+    let wait = Duration::from_millis(300);
+    let second = source.next_frame(start + wait).unwrap();
+    assert!(second.is_none(), "no flush, yet a frame arrived");
+    assert!(start.elapsed() >= wait - Duration::from_millis(5));
+}
+
+#[test]
+fn input_sink_delivers_keyboard_and_pointer_batches_to_the_vmm() {
+    let Some(vmm) = start_vmm() else { return };
+    let env = vm_source::environment(&vmm.sock).unwrap();
+
+    env.input
+        .inject(&[
+            InputEvent::Key {
+                code: 30,
+                pressed: true,
+            },
+            InputEvent::Key {
+                code: 30,
+                pressed: false,
+            },
+        ])
+        .unwrap();
+    env.input
+        .inject(&[
+            InputEvent::PointerMove { x: 160, y: 120 },
+            InputEvent::PointerButton {
+                button: Button::Left,
+                pressed: true,
+            },
+            InputEvent::PointerButton {
+                button: Button::Left,
+                pressed: false,
+            },
+        ])
+        .unwrap();
+
+    // Key down + SYN, key up + SYN.
+    wait_injected(&vmm.sock, "keyboard", 4);
+    // ABS_X, ABS_Y, SYN; BTN_LEFT 1, SYN; BTN_LEFT 0, SYN.
+    wait_injected(&vmm.sock, "tablet", 7);
+}
+
+#[test]
+fn vmm_accepts_a_translated_batch_and_refuses_one_without_syn_report() {
+    let Some(vmm) = start_vmm() else { return };
+    let mut api = VmmApi::connect(&vmm.sock).unwrap();
+    let key = |value| EvdevEvent {
+        ty: evdev::EV_KEY,
+        code: 57,
+        value,
+    };
+    let syn = EvdevEvent {
+        ty: evdev::EV_SYN,
+        code: evdev::SYN_REPORT,
+        value: 0,
+    };
+
+    api.put_input(InputDevice::Keyboard, &[key(1), syn, key(0), syn])
+        .unwrap();
+    let err = api
+        .put_input(InputDevice::Keyboard, &[key(1)])
+        .unwrap_err()
+        .to_string();
+
+    assert!(err.starts_with("VMM answered PUT /input with 400"), "{err}");
+    // The refused batch did not count, and the connection is still usable.
+    assert_eq!(injected(&vmm.sock, "keyboard"), 4);
+    api.get_json("/vm").unwrap();
+}
+
+#[test]
+fn stream_server_streams_a_vm_as_an_environment() {
+    let Some(vmm) = start_vmm() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let identity = hostd::stream::Identity::load_or_create(state.path()).unwrap();
+    let tokens = Arc::new(hostd::stream::TokenKey::generate().unwrap());
+    let cfg = hostd::stream::ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    let server = hostd::stream::StreamServer::bind(cfg, &identity, tokens.clone()).unwrap();
+
+    server
+        .add_environment("vm1", vm_source::environment(&vmm.sock).unwrap(), 30.0)
+        .unwrap();
+    let token = tokens
+        .issue(
+            "vm1",
+            "view,input".parse().unwrap(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let url = server.connect_url("vm1", &token).unwrap();
+
+    assert!(url.starts_with("genos://127.0.0.1:"), "{url}");
+    assert!(url.contains("/vm1?token="), "{url}");
+    let stats = server.env_stats("vm1").expect("environment registered");
+    assert_eq!(stats.viewers, 0);
+    server.remove_environment("vm1");
+    assert!(server.env_stats("vm1").is_none());
+    server.shutdown();
+}
