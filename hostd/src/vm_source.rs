@@ -220,9 +220,7 @@ impl VmmApi {
         while buf.len() < end {
             let n = self.stream.read(&mut chunk)?;
             if n == 0 {
-                return Err(VmSourceError::Response(
-                    "connection closed mid-body".into(),
-                ));
+                return Err(VmSourceError::Response("connection closed mid-body".into()));
             }
             buf.extend_from_slice(&chunk[..n]);
         }
@@ -303,7 +301,8 @@ fn recv_with_fds(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize,
         let hdr = unsafe { &*cmsg };
         if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
             // SAFETY: CMSG_LEN is plain arithmetic.
-            let data_len = hdr.cmsg_len as usize - unsafe { libc::CMSG_LEN(0) } as usize;
+            let data_len =
+                (hdr.cmsg_len as usize).saturating_sub(unsafe { libc::CMSG_LEN(0) } as usize);
             // SAFETY: the data of this header lies inside `control`.
             let data = unsafe { libc::CMSG_DATA(cmsg) };
             for i in 0..data_len / std::mem::size_of::<libc::c_int>() {
@@ -340,8 +339,10 @@ impl SharedSize {
         ((v >> 32) as u32, v as u32)
     }
     pub fn set(&self, width: u32, height: u32) {
-        self.0
-            .store(u64::from(width) << 32 | u64::from(height), Ordering::Relaxed);
+        self.0.store(
+            u64::from(width) << 32 | u64::from(height),
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -568,7 +569,11 @@ impl InputTranslator {
     }
 
     /// One event as one evdev packet (ending with `SYN_REPORT`).
-    fn packet(&mut self, e: &InputEvent, (w, h): (u32, u32)) -> Option<(InputDevice, Vec<EvdevEvent>)> {
+    fn packet(
+        &mut self,
+        e: &InputEvent,
+        (w, h): (u32, u32),
+    ) -> Option<(InputDevice, Vec<EvdevEvent>)> {
         use evdev::*;
         let (device, mut p) = match *e {
             InputEvent::Key { code, pressed } => {
@@ -582,7 +587,10 @@ impl InputTranslator {
             }
             InputEvent::PointerMove { x, y } => (
                 InputDevice::Tablet,
-                vec![ev(EV_ABS, ABS_X, scale(x, w)), ev(EV_ABS, ABS_Y, scale(y, h))],
+                vec![
+                    ev(EV_ABS, ABS_X, scale(x, w)),
+                    ev(EV_ABS, ABS_Y, scale(y, h)),
+                ],
             ),
             InputEvent::PointerButton { button, pressed } => {
                 let code = match button {
@@ -603,9 +611,10 @@ impl InputTranslator {
                 // The protocol's positive dy scrolls down; REL_WHEEL's positive is up.
                 (InputDevice::Tablet, vec![ev(EV_REL, REL_WHEEL, -notches)])
             }
-            InputEvent::Touch { id, phase, x, y } => {
-                (InputDevice::Touch, self.touch(id, phase, scale(x, w), scale(y, h))?)
-            }
+            InputEvent::Touch { id, phase, x, y } => (
+                InputDevice::Touch,
+                self.touch(id, phase, scale(x, w), scale(y, h))?,
+            ),
         };
         p.push(SYN);
         Some((device, p))
@@ -765,14 +774,23 @@ mod tests {
         let mut t = InputTranslator::new();
         let out = t.translate(
             &[
-                InputEvent::Key { code: 30, pressed: true },
-                InputEvent::Key { code: 30, pressed: false },
+                InputEvent::Key {
+                    code: 30,
+                    pressed: true,
+                },
+                InputEvent::Key {
+                    code: 30,
+                    pressed: false,
+                },
             ],
             (640, 480),
         );
         assert_eq!(
             out,
-            vec![(InputDevice::Keyboard, vec![key(30, 1), SYN, key(30, 0), SYN])]
+            vec![(
+                InputDevice::Keyboard,
+                vec![key(30, 1), SYN, key(30, 0), SYN]
+            )]
         );
     }
 
@@ -797,16 +815,29 @@ mod tests {
         let mut t = InputTranslator::new();
         let out = t.translate(
             &[
-                InputEvent::PointerButton { button: Button::Left, pressed: true },
-                InputEvent::Key { code: 28, pressed: true },
-                InputEvent::PointerButton { button: Button::Right, pressed: false },
+                InputEvent::PointerButton {
+                    button: Button::Left,
+                    pressed: true,
+                },
+                InputEvent::Key {
+                    code: 28,
+                    pressed: true,
+                },
+                InputEvent::PointerButton {
+                    button: Button::Right,
+                    pressed: false,
+                },
             ],
             (100, 100),
         );
         let devices: Vec<_> = out.iter().map(|(d, _)| *d).collect();
         assert_eq!(
             devices,
-            [InputDevice::Tablet, InputDevice::Keyboard, InputDevice::Tablet]
+            [
+                InputDevice::Tablet,
+                InputDevice::Keyboard,
+                InputDevice::Tablet
+            ]
         );
         assert_eq!(out[0].1, vec![key(BTN_LEFT, 1), SYN]);
         assert_eq!(out[2].1, vec![key(BTN_RIGHT, 0), SYN]);
@@ -816,12 +847,20 @@ mod tests {
     #[test]
     fn wheel_sends_whole_notches_with_evdev_sign_and_keeps_the_rest() {
         let mut t = InputTranslator::new();
-        assert!(t.translate(&[InputEvent::Wheel { dx: 0, dy: 60 }], (10, 10)).is_empty());
+        assert!(t
+            .translate(&[InputEvent::Wheel { dx: 0, dy: 60 }], (10, 10))
+            .is_empty());
         let out = t.translate(&[InputEvent::Wheel { dx: 0, dy: 200 }], (10, 10));
         // 60 + 200 = 260 = 2 notches down (REL_WHEEL -2) and 20 left over.
-        assert_eq!(out, vec![(InputDevice::Tablet, vec![ev(EV_REL, REL_WHEEL, -2), SYN])]);
+        assert_eq!(
+            out,
+            vec![(InputDevice::Tablet, vec![ev(EV_REL, REL_WHEEL, -2), SYN])]
+        );
         let out = t.translate(&[InputEvent::Wheel { dx: 0, dy: -140 }], (10, 10));
-        assert_eq!(out, vec![(InputDevice::Tablet, vec![ev(EV_REL, REL_WHEEL, 1), SYN])]);
+        assert_eq!(
+            out,
+            vec![(InputDevice::Tablet, vec![ev(EV_REL, REL_WHEEL, 1), SYN])]
+        );
     }
 
     #[test]
@@ -829,11 +868,32 @@ mod tests {
         let mut t = InputTranslator::new();
         let out = t.translate(
             &[
-                InputEvent::PointerButton { button: Button::Back, pressed: true },
-                InputEvent::Key { code: BTN_LEFT, pressed: true },
-                InputEvent::Touch { id: 10, phase: TouchPhase::Start, x: 1, y: 1 },
-                InputEvent::Touch { id: 3, phase: TouchPhase::Move, x: 1, y: 1 },
-                InputEvent::Touch { id: 3, phase: TouchPhase::End, x: 1, y: 1 },
+                InputEvent::PointerButton {
+                    button: Button::Back,
+                    pressed: true,
+                },
+                InputEvent::Key {
+                    code: BTN_LEFT,
+                    pressed: true,
+                },
+                InputEvent::Touch {
+                    id: 10,
+                    phase: TouchPhase::Start,
+                    x: 1,
+                    y: 1,
+                },
+                InputEvent::Touch {
+                    id: 3,
+                    phase: TouchPhase::Move,
+                    x: 1,
+                    y: 1,
+                },
+                InputEvent::Touch {
+                    id: 3,
+                    phase: TouchPhase::End,
+                    x: 1,
+                    y: 1,
+                },
             ],
             (10, 10),
         );
@@ -843,7 +903,12 @@ mod tests {
     #[test]
     fn two_finger_touch_follows_multitouch_protocol_b() {
         let mut t = InputTranslator::new();
-        let touch = |id, phase| InputEvent::Touch { id, phase, x: 0, y: 0 };
+        let touch = |id, phase| InputEvent::Touch {
+            id,
+            phase,
+            x: 0,
+            y: 0,
+        };
         let out = t.translate(
             &[
                 touch(0, TouchPhase::Start),
@@ -890,8 +955,75 @@ mod tests {
         let moves = vec![InputEvent::PointerMove { x: 1, y: 1 }; 3000];
         let out = t.translate(&moves, (10, 10));
         assert_eq!(out.len(), 3);
-        assert!(out.iter().all(|(_, b)| b.len() <= MAX_BATCH_EVENTS && b.last() == Some(&SYN)));
+        assert!(out
+            .iter()
+            .all(|(_, b)| b.len() <= MAX_BATCH_EVENTS && b.last() == Some(&SYN)));
         assert_eq!(out.iter().map(|(_, b)| b.len()).sum::<usize>(), 9000);
+    }
+
+    fn scanout(width: u32, height: u32) -> framebuffer::ScanoutConfig {
+        framebuffer::ScanoutConfig {
+            width,
+            height,
+            // Padded rows: the source must pass the stride on, not assume width * 4.
+            stride: width * 4 + 64,
+            offset_in_buffer: 0,
+        }
+    }
+
+    #[test]
+    fn source_follows_flushes_resizes_and_a_disabled_scanout() {
+        use framebuffer::FramebufferWriter;
+        let soon = || Instant::now() + Duration::from_secs(5);
+        let mut writer = FramebufferWriter::new(4 << 20).unwrap();
+        let mut source =
+            VmFramebufferSource::new(writer.share().reader_fds().unwrap(), (64, 48)).unwrap();
+        let size = source.shared_size();
+
+        // Disabled scanout: one blank frame of the configured size, then nothing.
+        assert_eq!(source.size(), (64, 48));
+        let blank = source.next_frame(soon()).unwrap().unwrap();
+        assert_eq!(
+            (blank.frame.width, blank.frame.height, blank.sequence),
+            (64, 48, 1)
+        );
+        let quick = Instant::now() + Duration::from_millis(50);
+        assert!(source.next_frame(quick).unwrap().is_none());
+
+        // The guest sets a 32x16 scanout and flushes a rectangle.
+        let buf = writer.alloc(((32 * 4 + 64) * 16) as usize).unwrap();
+        writer.pixels_mut(&buf).fill(0x22);
+        writer.set_scanout(Some((&buf, scanout(32, 16)))).unwrap();
+        let first = source.next_frame(soon()).unwrap().unwrap();
+        assert_eq!((first.frame.width, first.frame.height), (32, 16));
+        assert_eq!(first.frame.stride, 32 * 4 + 64);
+        assert_eq!(first.damage, vec![Rect::new(0, 0, 32, 16)]);
+        first.frame.validate().unwrap();
+        assert!(first.frame.data[..32 * 4].iter().all(|&b| b == 0x22));
+        assert_eq!(size.get(), (32, 16));
+        let damage = framebuffer::Rect {
+            x: 2,
+            y: 3,
+            width: 4,
+            height: 5,
+        };
+        writer.flush(damage).unwrap();
+        let flushed = source.next_frame(soon()).unwrap().unwrap();
+        assert_eq!(flushed.damage, vec![Rect::new(2, 3, 4, 5)]);
+        assert_eq!(flushed.sequence, 3);
+
+        // Resize: a new buffer, reported in full at its new size.
+        let big = writer.alloc(((40 * 4 + 64) * 20) as usize).unwrap();
+        writer.set_scanout(Some((&big, scanout(40, 20)))).unwrap();
+        let resized = source.next_frame(soon()).unwrap().unwrap();
+        assert_eq!(resized.damage, vec![Rect::new(0, 0, 40, 20)]);
+        assert_eq!(source.size(), (40, 20));
+
+        // Disabled again: one blank frame of the last size.
+        writer.set_scanout(None).unwrap();
+        let blank = source.next_frame(soon()).unwrap().unwrap();
+        assert_eq!((blank.frame.width, blank.frame.height), (40, 20));
+        assert!(blank.frame.data.iter().all(|&b| b == 0));
     }
 
     #[test]
@@ -901,6 +1033,9 @@ mod tests {
             body: br#"{"error":"event 3: bad key"}"#.to_vec(),
         };
         let e = check_status("PUT", "/input", r, 204).unwrap_err();
-        assert_eq!(e.to_string(), "VMM answered PUT /input with 400: event 3: bad key");
+        assert_eq!(
+            e.to_string(),
+            "VMM answered PUT /input with 400: event 3: bad key"
+        );
     }
 }

@@ -42,7 +42,14 @@ fn start_vmm() -> Option<Vmm> {
     let child = Command::new(bin)
         .arg("--kernel")
         .arg(&kernel)
-        .args(["--serial", "none", "--gpu", "320x240", "--input", "--api-sock"])
+        .args([
+            "--serial",
+            "none",
+            "--gpu",
+            "320x240",
+            "--input",
+            "--api-sock",
+        ])
         .arg(&sock)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -70,10 +77,7 @@ fn start_vmm() -> Option<Vmm> {
 
 /// `devices.<device>.device.injected` from the VMM's metrics.
 fn injected(sock: &Path, device: &str) -> u64 {
-    let m = VmmApi::connect(sock)
-        .unwrap()
-        .get_json("/metrics")
-        .unwrap();
+    let m = VmmApi::connect(sock).unwrap().get_json("/metrics").unwrap();
     m["devices"][device]["device"]["injected"]
         .as_u64()
         .unwrap_or_else(|| panic!("no {device}.injected in metrics: {m}"))

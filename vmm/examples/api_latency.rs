@@ -23,6 +23,7 @@ impl VmmController for AnswerAtOnce {
                 config: None,
                 boot_time_us: None,
                 uptime_us: 0,
+                sandbox: None,
             }),
             _ => VmmResponse::Empty,
         })
