@@ -438,3 +438,64 @@ async fn silent_connection_is_closed_after_the_hello_timeout() {
         "connection slot not released"
     );
 }
+
+/// Returns one picture, then nothing ever again (a VM whose screen does not change).
+struct StillOnce {
+    pixels: Vec<u8>,
+    sent: bool,
+}
+
+impl encoder::FrameSource for StillOnce {
+    fn size(&self) -> (u32, u32) {
+        (64, 64)
+    }
+    fn next_frame(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<Option<encoder::SourceFrame<'_>>, encoder::SourceError> {
+        if self.sent {
+            std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+            return Ok(None);
+        }
+        self.sent = true;
+        Ok(Some(encoder::SourceFrame {
+            frame: encoder::FrameRef::packed(64, 64, encoder::PixelFormat::Bgrx, &self.pixels),
+            damage: vec![encoder::Rect::new(0, 0, 64, 64)],
+            sequence: 1,
+            captured_at: Instant::now(),
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewer_joining_a_still_screen_gets_a_keyframe() {
+    let identity = Identity::generate(&[]).unwrap();
+    let tokens = Arc::new(TokenKey::generate().unwrap());
+    let server = StreamServer::bind(ServerConfig::default(), &identity, tokens.clone()).unwrap();
+    let pixels: Vec<u8> = (0..64 * 64)
+        .flat_map(|i| [(i % 64 * 4) as u8, (i / 64 * 4) as u8, 128, 255])
+        .collect();
+    let src = source::EnvironmentSource {
+        frames: Box::new(StillOnce {
+            pixels: pixels.clone(),
+            sent: false,
+        }),
+        input: Arc::new(RecordingInput::default()),
+    };
+    server.add_environment(ENV, src, 30.0).unwrap();
+    let token = tokens.issue(ENV, Rights::VIEW, HOUR).unwrap();
+    let url: ConnectUrl = server.connect_url(ENV, &token).unwrap().parse().unwrap();
+    let mut first = Session::connect(&url, ConnectOptions::default())
+        .await
+        .unwrap();
+    next_frame(&mut first).await;
+    // The source has nothing new; the second viewer still needs a picture.
+    let mut second = Session::connect(&url, ConnectOptions::default())
+        .await
+        .unwrap();
+    let f = next_frame(&mut second).await;
+    assert!(f.keyframe);
+    assert!(encoder::psnr_bgrx(&f.bgrx, &pixels, 64, 64) >= 30.0);
+    first.close().await;
+    second.close().await;
+}

@@ -153,8 +153,6 @@ struct Inner {
     procs: Mutex<HashMap<String, Arc<Proc>>>,
     counters: Counters,
     jail: Jail,
-    /// Serialises slot allocation (slots are recorded in `envs/*/jail.json`).
-    slots: Mutex<()>,
 }
 
 /// Whether and how VMMs are jailed, decided once from `[jail]` and the host.
@@ -371,7 +369,6 @@ impl Orchestrator {
                 procs: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
                 jail,
-                slots: Mutex::new(()),
             }),
         })
     }
@@ -405,7 +402,9 @@ impl Orchestrator {
                     self.spawn_provision(env.name.clone());
                 }
                 EnvState::Booting | EnvState::Ready => self.readopt(&env).await?,
-                _ => {}
+                // A VMM that ended while hostd was down (or as it went down) may have left
+                // its network namespace and slot behind.
+                _ => self.release_jail(&env.name),
             }
         }
         let me = self.clone();
@@ -467,8 +466,8 @@ impl Orchestrator {
             while pid_alive(pid) {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            let _ = tx.send(true);
             me.on_vmm_exit(&name, describe_exit(None));
+            let _ = tx.send(true);
         });
         if env.state == EnvState::Booting {
             let me = self.clone();
@@ -613,6 +612,7 @@ impl Orchestrator {
         }
         self.audit(actor, "stop", name, "")?;
         self.halt_vmm(&env).await;
+        self.release_jail(name);
         self.transition(name, EnvState::Stopped, None)?;
         self.store().set_vmm(name, None, None)?;
         if env.spec.persistence == proto::spec::Persistence::Ephemeral {
@@ -637,6 +637,7 @@ impl Orchestrator {
             self.halt_vmm(&env).await;
             self.transition(name, EnvState::Stopped, Some("destroying"))?;
         }
+        self.release_jail(name);
         let _ = std::fs::remove_dir_all(self.env_dir(name));
         self.transition(name, EnvState::Destroyed, None)?;
         self.store().set_vmm(name, None, None)?;
@@ -1052,30 +1053,60 @@ impl Orchestrator {
         Ok(sock)
     }
 
-    /// Picks a slot no other jailed environment holds and records it in `jail.json`.
-    fn allocate_slot(&self, name: &str, setup: &JailSetup) -> Result<JailRecord, String> {
-        let _guard = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let j = &self.inner.cfg.jail;
+    /// Picks a slot no other jailed environment holds, records it in `jail.json` and, for
+    /// `policy`, builds the environment's network namespace. Blocking (runs `ip`/`nft`).
+    ///
+    /// Network namespace names and addresses are host-wide, so a slot whose namespace or
+    /// uplink veth exists (another hostd, a leftover) is skipped too, and the choice and the
+    /// build happen under one process-wide lock: `net::apply` undoes a failed build by
+    /// deleting the namespace, which must never be someone else's.
+    fn allocate_jail(
+        state_dir: &Path,
+        name: &str,
+        cfg: &crate::config::JailConfig,
+        setup: &JailSetup,
+        net: Option<(jailer::net::Policy, Vec<jailer::net::Cidr>)>,
+    ) -> Result<(JailRecord, Option<jailer::net::Addressing>), String> {
+        static SLOTS: Mutex<()> = Mutex::new(());
+        let _guard = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
         let mut used = std::collections::HashSet::new();
-        if let Ok(entries) = std::fs::read_dir(self.inner.state_dir.join("envs")) {
+        if let Ok(entries) = std::fs::read_dir(state_dir.join("envs")) {
             for e in entries.flatten() {
                 if let Some(r) = read_jail_record(&e.path()) {
                     used.insert(r.slot);
                 }
             }
         }
-        let slot = (0..j.slots)
-            .find(|s| !used.contains(s))
-            .ok_or_else(|| format!("all {} jail slots are in use", j.slots))?;
-        let record = JailRecord {
+        let host_taken = |slot: u32| {
+            Path::new(&format!("/run/netns/genos-e{slot}")).exists()
+                || Path::new(&format!("/sys/class/net/gvh-e{slot}")).exists()
+        };
+        let slot = (0..cfg.slots)
+            .find(|s| !used.contains(s) && !host_taken(*s))
+            .ok_or_else(|| format!("all {} jail slots are in use", cfg.slots))?;
+        let mut record = JailRecord {
             slot,
-            uid: j.uid_base + slot,
-            gid: j.gid_base + slot,
+            uid: cfg.uid_base + slot,
+            gid: cfg.gid_base + slot,
             jail_dir: setup.chroot_base.join("genos-vmm").join(name),
             net_id: None,
         };
-        write_jail_record(&self.env_dir(name), &record)?;
-        Ok(record)
+        let env_dir = state_dir.join("envs").join(name);
+        let Some((policy, allowed)) = net else {
+            write_jail_record(&env_dir, &record)?;
+            return Ok((record, None));
+        };
+        let id = format!("e{slot}");
+        let addr = jailer::net::Addressing::new(&id, slot).map_err(|e| format!("network: {e}"))?;
+        // The slot is recorded before the build, the namespace only once it exists: a failed
+        // build has removed its own pieces, and a later release must not delete a namespace
+        // of the same name that someone else has built since.
+        write_jail_record(&env_dir, &record)?;
+        jailer::net::apply(&addr, &policy, &jailer::net::Uplink::Host, record.uid, &allowed)
+            .map_err(|e| format!("cannot build the network namespace: {e}"))?;
+        record.net_id = Some(id);
+        write_jail_record(&env_dir, &record)?;
+        Ok((record, Some(addr)))
     }
 
     /// Jailed: `genos-jailer ... -- genos-vmm` with every VM setting as flags (host paths the
@@ -1090,7 +1121,6 @@ impl Orchestrator {
     ) -> Result<PathBuf, String> {
         use proto::spec::NetworkMode;
         let cfg = &self.inner.cfg;
-        let mut record = self.allocate_slot(name, setup)?;
         let mut cmdline = cfg.vmm.cmdline.clone();
 
         // Network namespace first: the jailer joins it.
@@ -1101,31 +1131,27 @@ impl Orchestrator {
                 Some(jailer::net::Policy::Allowlist(spec.network.allow.clone()))
             }
         };
-        if let Some(policy) = policy {
-            let id = format!("e{}", record.slot);
-            let addr = jailer::net::Addressing::new(&id, record.slot)
-                .map_err(|e| format!("network: {e}"))?;
-            record.net_id = Some(id);
-            write_jail_record(dir, &record)?;
-            let (uid, a) = (record.uid, addr.clone());
-            let allowed_names = spec.network.allow.clone();
-            let built = tokio::task::spawn_blocking(move || {
-                let allowed = match &policy {
-                    jailer::net::Policy::Allowlist(_) => jailer::net::resolve_allowlist(
-                        &allowed_names,
-                        jailer::net::system_resolve,
-                    )?,
-                    _ => vec![],
-                };
-                jailer::net::apply(&a, &policy, &jailer::net::Uplink::Host, uid, &allowed)
-                    .map(|()| allowed)
-            })
-            .await
-            .map_err(|e| format!("network set-up task: {e}"))?
-            .map_err(|e| format!("cannot build the network namespace: {e}"))?;
+        let (state_dir, env_name) = (self.inner.state_dir.clone(), name.to_string());
+        let (jail_cfg, setup_c) = (cfg.jail.clone(), setup.clone());
+        let allow = spec.network.allow.clone();
+        let (record, addr) = tokio::task::spawn_blocking(move || {
+            let net = match policy {
+                None => None,
+                Some(p @ jailer::net::Policy::Allowlist(_)) => {
+                    let allowed =
+                        jailer::net::resolve_allowlist(&allow, jailer::net::system_resolve)
+                            .map_err(|e| format!("network allowlist: {e}"))?;
+                    Some((p, allowed))
+                }
+                Some(p) => Some((p, vec![])),
+            };
+            Self::allocate_jail(&state_dir, &env_name, &jail_cfg, &setup_c, net)
+        })
+        .await
+        .map_err(|e| format!("jail set-up task: {e}"))??;
+        if let Some(addr) = &addr {
             cmdline.push(' ');
             cmdline.push_str(&addr.guest_kernel_ip_arg());
-            let allowed: Vec<String> = built.iter().map(|c| format!("{c:?}")).collect();
             self.audit(
                 "hostd",
                 "network",
@@ -1136,10 +1162,10 @@ impl Orchestrator {
                     addr.netns,
                     addr.guest,
                     addr.gateway,
-                    if allowed.is_empty() {
+                    if spec.network.allow.is_empty() {
                         String::new()
                     } else {
-                        format!(" allowed {}", allowed.join(","))
+                        format!(" allow {}", spec.network.allow.join(","))
                     }
                 ),
             )

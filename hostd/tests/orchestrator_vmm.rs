@@ -321,4 +321,11 @@ async fn guest_that_never_finishes_booting_fails_after_the_boot_timeout() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // Nor its jail (slot, network namespace) when it ran jailed.
+    let record = dir.path().join("envs/stuck/jail.json");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while record.exists() {
+        assert!(Instant::now() < deadline, "jail of a failed boot not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

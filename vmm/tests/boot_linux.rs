@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{http, kvm_available, spawn_vmm, wait_for_socket};
+use common::{kvm_available, spawn_vmm, try_http, wait_for_socket};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(1200);
 /// virtio-mmio device status bit set by the driver after a successful probe.
@@ -100,19 +100,13 @@ fn linux_boots_to_init_with_virtio_blk_and_rng() {
         }
         // Keep the latest counters: the guest may panic (and the VMM exit) right after
         // init starts, since user space cannot run on this nested KVM.
-        if sock.exists() {
-            let (status, body) = http(&sock, "GET", "/metrics", None);
-            if status == 200 {
-                last_metrics = serde_json::from_str(&body).ok();
-            }
+        if let Some((200, body)) = try_http(&sock, "GET", "/metrics", None) {
+            last_metrics = serde_json::from_str(&body).ok();
         }
         std::thread::sleep(Duration::from_secs(2));
     }
-    if exited.is_none() && sock.exists() {
-        let (status, body) = http(&sock, "GET", "/metrics", None);
-        if status == 200 {
-            last_metrics = serde_json::from_str(&body).ok();
-        }
+    if let Some((200, body)) = try_http(&sock, "GET", "/metrics", None) {
+        last_metrics = serde_json::from_str(&body).ok();
     }
     // SAFETY: kill(2) on our own child; it may already have exited.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

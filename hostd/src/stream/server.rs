@@ -63,7 +63,7 @@ pub struct ServerConfig {
     pub hello_timeout: Duration,
     /// How long a dropped session can be resumed.
     pub resume_grace: Duration,
-    /// Frames sent to one viewer and not yet acknowledged, beyond those one RTT holds at the
+    /// Frames sent to one viewer and not yet acknowledged, beyond those two RTTs hold at the
     /// stream's frame rate, before new ones are dropped.
     pub max_frames_in_flight: usize,
     /// Minimum time between forced keyframes of one environment (coalesces requests).
@@ -288,6 +288,9 @@ fn transport_config(cfg: &ServerConfig) -> quinn::TransportConfig {
     t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.datagram_receive_buffer_size(None);
+    // BBR models bandwidth and RTT instead of reading every loss as congestion: random loss
+    // (Wi-Fi, mobile) would otherwise collapse Cubic's window and with it the video bitrate.
+    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     t
 }
 
@@ -482,6 +485,7 @@ fn encode_loop(
     let mut last_forced: Option<Instant> = None;
     let mut current_bitrate = cfg.bitrate.start_bps;
     let (mut width, mut height) = frames.size();
+    let mut shadow = Shadow::default();
     while !env.stop.load(Ordering::Acquire) {
         if env.viewers.load(Ordering::Acquire) == 0 {
             // Nobody watches: don't burn CPU; the first viewer gets a keyframe anyway.
@@ -491,7 +495,40 @@ fn encode_loop(
         }
         let frame = match frames.next_frame(Instant::now() + Duration::from_millis(100)) {
             Ok(Some(f)) => f,
-            Ok(None) => continue,
+            Ok(None) => {
+                // A still screen produces no frames, but a joining viewer needs a keyframe
+                // now: encode the last picture again from the shadow copy.
+                let due = env.force_keyframe.load(Ordering::Acquire)
+                    && last_forced.is_none_or(|t| t.elapsed() >= cfg.keyframe_min_interval);
+                if due
+                    && shadow.width == width
+                    && shadow.height == height
+                    && !shadow.data.is_empty()
+                {
+                    env.force_keyframe.store(false, Ordering::Release);
+                    last_forced = Some(Instant::now());
+                    let full = [encoder::Rect::new(0, 0, width, height)];
+                    match encoder.encode(&shadow.frame(), &full, true) {
+                        Ok(Some(encoded)) => {
+                            sequence += 1;
+                            publish(
+                                &env,
+                                &clock,
+                                sequence,
+                                Instant::now(),
+                                width,
+                                height,
+                                encoded,
+                            );
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            warn!(env = %env.id, error = %e, "re-encoding the still frame failed")
+                        }
+                    }
+                }
+                continue;
+            }
             Err(e) => {
                 warn!(env = %env.id, error = %e, "frame source failed; stopping stream");
                 break;
@@ -531,6 +568,7 @@ fn encode_loop(
             env.force_keyframe.store(false, Ordering::Release);
             last_forced = Some(Instant::now());
         }
+        shadow.update(&frame.frame, &frame.damage);
         let encoded = match encoder.encode(&frame.frame, &frame.damage, force) {
             Ok(Some(e)) => e,
             Ok(None) => continue,
@@ -541,22 +579,90 @@ fn encode_loop(
             }
         };
         sequence += 1;
-        env.frames_encoded.fetch_add(1, Ordering::Relaxed);
-        if encoded.keyframe {
-            env.keyframes.fetch_add(1, Ordering::Relaxed);
-        }
-        let packet = Packet {
+        publish(
+            &env,
+            &clock,
             sequence,
-            capture_time_us: clock.unix_us(frame.captured_at),
-            keyframe: encoded.keyframe,
-            width: width as u16,
-            height: height as u16,
-            data: encoded.data,
-        };
-        // No receivers is fine: the last viewer may have just left.
-        let _ = env.frames.send(Arc::new(packet));
+            frame.captured_at,
+            width,
+            height,
+            encoded,
+        );
     }
     debug!(env = %env.id, "encoder thread ends");
+}
+
+fn publish(
+    env: &Environment,
+    clock: &Clock,
+    sequence: u64,
+    captured_at: Instant,
+    width: u32,
+    height: u32,
+    encoded: encoder::EncodedFrame,
+) {
+    env.frames_encoded.fetch_add(1, Ordering::Relaxed);
+    if encoded.keyframe {
+        env.keyframes.fetch_add(1, Ordering::Relaxed);
+    }
+    let packet = Packet {
+        sequence,
+        capture_time_us: clock.unix_us(captured_at),
+        keyframe: encoded.keyframe,
+        width: width as u16,
+        height: height as u16,
+        data: encoded.data,
+    };
+    // No receivers is fine: the last viewer may have just left.
+    let _ = env.frames.send(Arc::new(packet));
+}
+
+/// Copy of the source's latest picture, kept up to date by copying only damaged rectangles,
+/// so a keyframe can be produced while the source has nothing new to return.
+#[derive(Default)]
+struct Shadow {
+    width: u32,
+    height: u32,
+    format: Option<encoder::PixelFormat>,
+    data: Vec<u8>,
+}
+
+impl Shadow {
+    fn update(&mut self, f: &encoder::FrameRef<'_>, damage: &[encoder::Rect]) {
+        let row = f.width as usize * 4;
+        let whole = encoder::Rect::new(0, 0, f.width, f.height);
+        let rects: &[encoder::Rect] =
+            if (f.width, f.height) != (self.width, self.height) || self.format != Some(f.format) {
+                self.width = f.width;
+                self.height = f.height;
+                self.format = Some(f.format);
+                self.data = vec![0; row * f.height as usize];
+                std::slice::from_ref(&whole)
+            } else {
+                damage
+            };
+        for r in rects {
+            let r = r.clamp_to(f.width, f.height);
+            let (x0, w) = (r.x as usize * 4, r.width as usize * 4);
+            for y in r.y as usize..(r.y + r.height) as usize {
+                let (src, dst) = (y * f.stride + x0, y * row + x0);
+                if let (Some(s), Some(d)) =
+                    (f.data.get(src..src + w), self.data.get_mut(dst..dst + w))
+                {
+                    d.copy_from_slice(s);
+                }
+            }
+        }
+    }
+
+    fn frame(&self) -> encoder::FrameRef<'_> {
+        encoder::FrameRef::packed(
+            self.width,
+            self.height,
+            self.format.unwrap_or(encoder::PixelFormat::Bgrx),
+            &self.data,
+        )
+    }
 }
 
 /// The shared encoder's bitrate from the viewers' targets: the smallest, except that viewers
@@ -1120,7 +1226,8 @@ async fn video_loop(
 /// Frames a viewer may have unacknowledged: the configured slack plus what one round trip
 /// holds at the stream's frame rate (acknowledgements take an RTT even on an idle path).
 fn in_flight_limit(slack: usize, rtt: Duration, fps_milli: u32) -> usize {
-    let per_rtt = rtt.as_secs_f64() * f64::from(fps_milli) / 1000.0;
+    // Two RTTs: one for the acknowledgement, one for a loss to be detected and repaired.
+    let per_rtt = 2.0 * rtt.as_secs_f64() * f64::from(fps_milli) / 1000.0;
     slack + per_rtt.ceil() as usize
 }
 
@@ -1248,7 +1355,32 @@ mod tests {
     #[test]
     fn in_flight_limit_grows_with_round_trip_time() {
         assert_eq!(in_flight_limit(4, Duration::from_micros(100), 60_000), 5);
-        assert_eq!(in_flight_limit(4, Duration::from_millis(40), 60_000), 7);
+        assert_eq!(in_flight_limit(4, Duration::from_millis(40), 60_000), 9);
+    }
+
+    #[test]
+    fn shadow_tracks_damaged_rectangles_only() {
+        let (w, h) = (8u32, 4u32);
+        let mut px = vec![1u8; (w * h * 4) as usize];
+        let mut sh = Shadow::default();
+        sh.update(
+            &encoder::FrameRef::packed(w, h, encoder::PixelFormat::Bgrx, &px),
+            &[],
+        );
+        assert_eq!(sh.data, px, "first frame is copied whole");
+        px.iter_mut().for_each(|b| *b = 9);
+        let r = encoder::Rect::new(2, 1, 3, 2);
+        sh.update(
+            &encoder::FrameRef::packed(w, h, encoder::PixelFormat::Bgrx, &px),
+            &[r],
+        );
+        for y in 0..h {
+            for x in 0..w {
+                let inside = (2..5).contains(&x) && (1..3).contains(&y);
+                let v = sh.data[((y * w + x) * 4) as usize];
+                assert_eq!(v, if inside { 9 } else { 1 }, "pixel {x},{y}");
+            }
+        }
     }
 
     #[test]

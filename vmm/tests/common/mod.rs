@@ -140,8 +140,13 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
 
 /// One HTTP/1.1 request over the Unix socket at `path`; returns (status, body).
 pub fn http(path: &Path, method: &str, uri: &str, body: Option<&str>) -> (u16, String) {
+    try_http(path, method, uri, body).expect("connect to API")
+}
+
+/// [`http`], or `None` when nothing listens on `path` (e.g. the VMM has exited).
+pub fn try_http(path: &Path, method: &str, uri: &str, body: Option<&str>) -> Option<(u16, String)> {
     use std::io::Write;
-    let mut stream = std::os::unix::net::UnixStream::connect(path).expect("connect to API");
+    let mut stream = std::os::unix::net::UnixStream::connect(path).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
@@ -163,5 +168,5 @@ pub fn http(path: &Path, method: &str, uri: &str, body: Option<&str>) -> (u16, S
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Some((status, body))
 }
