@@ -898,7 +898,13 @@ impl Orchestrator {
             Jail::On(setup) => {
                 let setup = setup.clone();
                 let r = self.boot_jailed(&setup, name, spec, dir, images).await;
-                if r.is_err() && !self.inner.procs.lock().expect("procs lock").contains_key(name)
+                if r.is_err()
+                    && !self
+                        .inner
+                        .procs
+                        .lock()
+                        .expect("procs lock")
+                        .contains_key(name)
                 {
                     // Nothing supervises the jail (it never started): release it here.
                     self.release_jail(name);
@@ -1004,7 +1010,7 @@ impl Orchestrator {
             .args(&vmm.extra_args)
             .stdout(Self::log_file(dir, "vmm.stdout")?)
             .stderr(Self::log_file(dir, "vmm.log")?);
-        let proc = self.spawn_supervised(name, cmd, false, |s| describe_exit(s))?;
+        let proc = self.spawn_supervised(name, cmd, false, describe_exit)?;
         let pid = proc.pid.load(Ordering::SeqCst);
         self.store()
             .set_vmm(name, Some(pid), Some(&sock.display().to_string()))
@@ -1102,8 +1108,14 @@ impl Orchestrator {
         // build has removed its own pieces, and a later release must not delete a namespace
         // of the same name that someone else has built since.
         write_jail_record(&env_dir, &record)?;
-        jailer::net::apply(&addr, &policy, &jailer::net::Uplink::Host, record.uid, &allowed)
-            .map_err(|e| format!("cannot build the network namespace: {e}"))?;
+        jailer::net::apply(
+            &addr,
+            &policy,
+            &jailer::net::Uplink::Host,
+            record.uid,
+            &allowed,
+        )
+        .map_err(|e| format!("cannot build the network namespace: {e}"))?;
         record.net_id = Some(id);
         write_jail_record(&env_dir, &record)?;
         Ok((record, Some(addr)))
@@ -1241,6 +1253,10 @@ impl Orchestrator {
             cmd.arg("--gpu")
                 .arg(format!("{}x{}", spec.display.width, spec.display.height))
                 .arg("--input");
+        }
+        if let Some(a) = record.addressing() {
+            // The jail's network namespace holds the TAP device, owned by the VMM's uid.
+            cmd.arg("--net").arg(&a.tap);
         }
         cmd.args(&cfg.vmm.extra_args)
             .stdout(Self::log_file(dir, "vmm.stdout")?)
@@ -1477,8 +1493,11 @@ fn read_jail_record(env_dir: &Path) -> Option<JailRecord> {
 
 fn write_jail_record(env_dir: &Path, r: &JailRecord) -> Result<(), String> {
     let path = env_dir.join(JAIL_RECORD);
-    std::fs::write(&path, serde_json::to_vec_pretty(r).expect("jail record json"))
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(r).expect("jail record json"),
+    )
+    .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 struct Images {
@@ -1572,6 +1591,61 @@ mod tests {
         assert!(describe_exit(Some(s)).contains("kernel panic"));
         let s = std::process::ExitStatus::from_raw(9);
         assert_eq!(describe_exit(Some(s)), "genos-vmm was killed by signal 9");
+    }
+
+    #[test]
+    fn jailer_statuses_name_seccomp_jail_and_signals() {
+        use std::os::unix::process::ExitStatusExt;
+        let code = |c: i32| Some(std::process::ExitStatus::from_raw(c << 8));
+        assert_eq!(
+            describe_jailed_exit(code(159), ""),
+            "genos-vmm was killed by its seccomp filter (a system call outside its allow-list)"
+        );
+        assert_eq!(
+            describe_jailed_exit(code(71), "genos-jailer: mount /dev/kvm: Permission denied"),
+            "the jail could not be set up: genos-jailer: mount /dev/kvm: Permission denied"
+        );
+        assert_eq!(
+            describe_jailed_exit(code(137), "x"),
+            "genos-vmm was killed by signal 9"
+        );
+        assert_eq!(
+            describe_jailed_exit(code(3), "x"),
+            "genos-vmm exited with status 3 (the guest rebooted)"
+        );
+        assert_eq!(
+            describe_jailed_exit(code(2), "genos-vmm: kernel /images/k: not found"),
+            "genos-vmm exited with status 2 (bad arguments, configuration or files): genos-vmm: kernel /images/k: not found"
+        );
+    }
+
+    #[test]
+    fn cgroup_limits_follow_the_spec_in_either_interface() {
+        use jailer::cgroup::Version;
+        let s = spec(2, 512);
+        assert_eq!(
+            cgroup_settings(Some(Version::V1), &s, 128, 64),
+            [
+                "memory.limit_in_bytes=671088640",
+                "cpu.cfs_quota_us=200000",
+                "pids.max=64"
+            ]
+        );
+        assert_eq!(
+            cgroup_settings(Some(Version::V2), &s, 128, 64),
+            [
+                "memory.max=671088640",
+                "cpu.max=200000 100000",
+                "pids.max=64"
+            ]
+        );
+        assert!(cgroup_settings(None, &s, 128, 64).is_empty());
+        // Every setting is one the jailer accepts.
+        for v in [Version::V1, Version::V2] {
+            for c in cgroup_settings(Some(v), &s, 128, 64) {
+                jailer::cgroup::Setting::parse(&c).unwrap();
+            }
+        }
     }
 
     #[test]

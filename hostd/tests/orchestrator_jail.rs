@@ -32,6 +32,15 @@ fn spec(name: &str) -> Spec {
 /// An orchestrator that must jail (`jailer = "always"`), or None (with the reason printed)
 /// when this host cannot run the test.
 fn jailed_orchestrator(test: &str, dir: &Path, extra_vmm_args: &[&str]) -> Option<Orchestrator> {
+    jailed_orchestrator_with(test, dir, extra_vmm_args, "")
+}
+
+fn jailed_orchestrator_with(
+    test: &str,
+    dir: &Path,
+    extra_vmm_args: &[&str],
+    extra_jail_toml: &str,
+) -> Option<Orchestrator> {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipping {test}: the jailer needs root");
@@ -53,7 +62,7 @@ fn jailed_orchestrator(test: &str, dir: &Path, extra_vmm_args: &[&str]) -> Optio
         &format!("[vmm]\nextra_args = [{}]\n", extra.join(", ")),
     );
     toml.push_str(&format!(
-        "[jail]\njailer = \"always\"\nuid_base = {UID_BASE}\ngid_base = {UID_BASE}\n"
+        "[jail]\njailer = \"always\"\nuid_base = {UID_BASE}\ngid_base = {UID_BASE}\n{extra_jail_toml}"
     ));
     Some(Orchestrator::new(Config::from_toml(&toml).unwrap(), dir).unwrap())
 }
@@ -134,8 +143,14 @@ async fn jailed_vmm_runs_as_its_slot_uid_in_its_own_namespaces_and_stop_cleans_u
     let env = wait_state(&o, "jail-life", EnvState::Ready, 60).await;
     let pid = env.vmm_pid.expect("pid recorded");
 
-    assert_eq!(status_field(pid, "Uid").split_whitespace().next(), Some("64000"));
-    assert_eq!(status_field(pid, "Gid").split_whitespace().next(), Some("64000"));
+    assert_eq!(
+        status_field(pid, "Uid").split_whitespace().next(),
+        Some("64000")
+    );
+    assert_eq!(
+        status_field(pid, "Gid").split_whitespace().next(),
+        Some("64000")
+    );
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     for ns in ["mnt", "pid", "net", "ipc", "uts"] {
         assert_ne!(
@@ -146,10 +161,26 @@ async fn jailed_vmm_runs_as_its_slot_uid_in_its_own_namespaces_and_stop_cleans_u
     }
     let cgroups = cgroup_dirs(pid);
     assert!(!cgroups.is_empty(), "the VMM is in no genos cgroup");
-    assert!(cgroups.iter().all(|c| c.ends_with("genos/jail-life")), "{cgroups:?}");
+    assert!(
+        cgroups.iter().all(|c| c.ends_with("genos/jail-life")),
+        "{cgroups:?}"
+    );
+    // Limits from the spec: 128 MiB guest + 128 MiB VMM overhead, 128 tasks.
+    let limit = |file: &str| {
+        cgroups
+            .iter()
+            .find_map(|c| std::fs::read_to_string(c.join(file)).ok())
+            .map(|v| v.trim().to_string())
+    };
+    let memory = limit("memory.limit_in_bytes").or_else(|| limit("memory.max"));
+    assert_eq!(memory.as_deref(), Some("268435456"));
+    assert_eq!(limit("pids.max").as_deref(), Some("128"));
     let jail_dir = dir.path().join("jail/genos-vmm/jail-life");
     let pid_file = jail_dir.join("genos-vmm.pid");
-    assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), pid.to_string());
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        pid.to_string()
+    );
     let console = dir.path().join("envs/jail-life/console.log");
     assert_eq!(
         std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&console).unwrap()),
@@ -254,11 +285,38 @@ async fn nat_environment_has_a_network_namespace_only_while_it_runs() {
         .map(|e| e.detail)
         .collect();
     assert!(
-        audit.iter().any(|d| d.contains("genos-e0") && d.contains("guest 10.201.0.2")),
+        audit
+            .iter()
+            .any(|d| d.contains("genos-e0") && d.contains("guest 10.201.0.2")),
         "{audit:?}"
     );
 
     o.stop("jail-nat", "test").await.unwrap();
     assert!(!netns.exists(), "{} left after stop", netns.display());
     o.destroy("jail-nat", "test").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jail_that_cannot_be_built_fails_with_the_jailers_reason() {
+    let test = "jail_that_cannot_be_built_fails_with_the_jailers_reason";
+    let dir = tempfile::tempdir().unwrap();
+    // A chroot base below a regular file cannot be created.
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, b"").unwrap();
+    let base = format!(
+        "chroot_base = {:?}\n",
+        blocker.join("jail").display().to_string()
+    );
+    let Some(o) = jailed_orchestrator_with(test, dir.path(), &[], &base) else {
+        return;
+    };
+    o.start().await.unwrap();
+    o.create(spec("jail-broken"), "test").unwrap();
+    let failed = wait_state(&o, "jail-broken", EnvState::Failed, 30).await;
+    let reason = failed.reason.unwrap();
+    assert!(
+        reason.starts_with("the jail could not be set up: ") && reason.contains("not-a-dir"),
+        "{reason}"
+    );
+    o.destroy("jail-broken", "test").await.unwrap();
 }

@@ -325,7 +325,42 @@ async fn guest_that_never_finishes_booting_fails_after_the_boot_timeout() {
     let record = dir.path().join("envs/stuck/jail.json");
     let deadline = Instant::now() + Duration::from_secs(5);
     while record.exists() {
-        assert!(Instant::now() < deadline, "jail of a failed boot not released");
+        assert!(
+            Instant::now() < deadline,
+            "jail of a failed boot not released"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unjailed_environment_is_configured_over_the_api_and_stops() {
+    let test = "unjailed_environment_is_configured_over_the_api_and_stops";
+    if !common::kvm_available(test) {
+        return;
+    }
+    let Some(vmm) = common::vmm_bin(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut toml = common::config_toml(&vmm, &common::build_guest("ready"), 4, 4096);
+    toml.push_str("[jail]\njailer = \"never\"\n");
+    let o = Orchestrator::new(Config::from_toml(&toml).unwrap(), dir.path()).unwrap();
+    o.start().await.unwrap();
+    o.create(spec("plain"), "test").unwrap();
+    let ready = wait_state(&o, "plain", EnvState::Ready, 60).await;
+    let pid = ready.vmm_pid.unwrap();
+    // Unjailed: the VMM is hostd's own child, shares its uid, and no jail is recorded.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ppid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .unwrap();
+    assert_eq!(ppid.trim(), std::process::id().to_string());
+    assert!(!dir.path().join("envs/plain/jail.json").exists());
+    assert_eq!(
+        o.stop("plain", "test").await.unwrap().state,
+        EnvState::Stopped
+    );
+    assert!(!pid_alive(pid));
 }

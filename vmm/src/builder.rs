@@ -33,6 +33,7 @@ use crate::device_manager::{DeviceManager, DeviceManagerError, EventManager};
 use crate::devices::legacy::{stdin_input, BootTimer, Serial, SerialOutput, I8042};
 use crate::devices::virtio::gpu::{Gpu, GpuConfig, GpuError, GpuHandle};
 use crate::devices::virtio::input::{InputDevices, InputError, InputHandles};
+use crate::devices::virtio::net::MacAddr;
 use crate::devices::DeviceMetrics;
 use crate::vstate::lifecycle::{ConsoleTap, ExitCounters, ExitSignal, ExitStatus};
 use crate::vstate::memory::{create_guest_ram, GuestRam, MemoryError};
@@ -406,6 +407,9 @@ pub fn build_and_start(
     let mut devices = DeviceManager::new(ram.memory.clone(), vmm_start);
     for disk in &config.disks {
         devices.attach_block(vm.fd(), em, &disk.path, disk.read_only)?;
+    }
+    if let Some(net) = &config.net {
+        devices.attach_net(vm.fd(), em, &net.tap, net.mac.unwrap_or(MacAddr::DEFAULT))?;
     }
     if config.rng {
         devices.attach_rng(vm.fd(), em)?;

@@ -15,7 +15,8 @@ use crate::sandbox::seccomp::{SeccompMode, ThreadRole};
 use crate::sandbox::SandboxOptions;
 
 use crate::config::{
-    ConfigError, ConfigPatch, CpuTemplate, DiskConfig, DisplaySize, SerialConfig, VmConfig,
+    ConfigError, ConfigPatch, CpuTemplate, DiskConfig, DisplaySize, NetConfig, SerialConfig,
+    VmConfig,
 };
 
 /// Exit status for bad arguments, configuration or files.
@@ -69,6 +70,9 @@ pub struct Args {
     /// Adds the virtio-input keyboard, tablet and touch screen.
     #[arg(long)]
     pub input: bool,
+    /// Adds a virtio-net NIC on this existing TAP device (owned by the VMM's user).
+    #[arg(long, value_name = "TAP[,mac=MAC]")]
+    pub net: Option<NetConfig>,
     /// What the seccomp filters do with a system call off their lists (`log`: allow it
     /// and log it to the kernel log, for developing the filters; `off`: no filters).
     #[arg(long, value_name = "kill|log|off", default_value = "kill")]
@@ -96,6 +100,7 @@ impl Args {
             serial: self.serial.clone(),
             gpu: self.gpu.map(Some),
             input: self.input.then_some(true),
+            net: self.net.clone().map(Some),
         }
     }
 }

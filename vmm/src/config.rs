@@ -31,6 +31,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::virtio::net::MacAddr;
+
 /// Fewest vCPUs a VM can have.
 pub const MIN_VCPUS: u8 = 1;
 /// Most vCPUs a VM can have.
@@ -103,6 +105,9 @@ pub enum ConfigError {
     /// A `WIDTHxHEIGHT` string that does not parse.
     #[error("display size must look like WIDTHxHEIGHT (e.g. 1280x800), got {0:?}")]
     DisplaySyntax(String),
+    /// `--net` is not `TAP[,mac=aa:bb:cc:dd:ee:ff]` with a valid interface name.
+    #[error("bad net device {0:?}: expected TAP[,mac=aa:bb:cc:dd:ee:ff] with a 1-15 character interface name")]
+    NetSyntax(String),
     /// A serial setting that is not `stdout`, `none` or `file:PATH`.
     #[error("serial must be stdout, none or file:PATH, got {0:?}")]
     Serial(String),
@@ -298,6 +303,55 @@ impl fmt::Display for DisplaySize {
     }
 }
 
+/// A virtio-net NIC on an existing TAP device (`--net TAP[,mac=MAC]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Name of the TAP interface in the VMM's network namespace, owned by its user.
+    pub tap: String,
+    /// The guest's MAC address; a fixed locally administered one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+}
+
+impl NetConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ok = (1..=15).contains(&self.tap.len())
+            && self
+                .tap
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if ok {
+            Ok(())
+        } else {
+            Err(ConfigError::NetSyntax(self.tap.clone()))
+        }
+    }
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let tap = parts.next().unwrap_or_default().to_owned();
+        let mut mac = None;
+        for part in parts {
+            match part.split_once('=') {
+                Some(("mac", v)) => {
+                    mac = Some(
+                        v.parse()
+                            .map_err(|_| ConfigError::NetSyntax(s.to_owned()))?,
+                    )
+                }
+                _ => return Err(ConfigError::NetSyntax(s.to_owned())),
+            }
+        }
+        let net = Self { tap, mac };
+        net.validate()?;
+        Ok(net)
+    }
+}
+
 /// The complete description of one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -334,6 +388,9 @@ pub struct VmConfig {
     /// Adds the virtio-input keyboard, tablet and touch screen.
     #[serde(default)]
     pub input: bool,
+    /// Adds a virtio-net NIC on a TAP device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetConfig>,
 }
 
 fn default_cmdline() -> String {
@@ -361,6 +418,7 @@ impl VmConfig {
             serial: SerialConfig::default(),
             gpu: None,
             input: false,
+            net: None,
         }
     }
 
@@ -394,6 +452,9 @@ impl VmConfig {
         }
         if let Some(gpu) = &self.gpu {
             gpu.validate()?;
+        }
+        if let Some(net) = &self.net {
+            net.validate()?;
         }
         Ok(())
     }
@@ -499,6 +560,13 @@ pub struct ConfigPatch {
     /// See [`VmConfig::input`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<bool>,
+    /// See [`VmConfig::net`]; `Some(None)` (JSON `null`) removes the NIC.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub net: Option<Option<NetConfig>>,
 }
 
 /// Deserialises a field that is present (possibly `null`) as `Some(value)`; an absent
@@ -550,7 +618,8 @@ impl ConfigPatch {
             cpu_template,
             serial,
             gpu,
-            input
+            input,
+            net
         );
         self
     }
@@ -595,6 +664,9 @@ impl ConfigPatch {
         }
         if let Some(v) = self.input {
             config.input = v;
+        }
+        if let Some(v) = self.net {
+            config.net = v;
         }
         config.validate_values()?;
         Ok(config)
@@ -880,5 +952,32 @@ mod tests {
             put_disk(&one, 5, disk),
             Err(ConfigError::DiskIndex { index: 5, len: 1 })
         ));
+    }
+
+    #[test]
+    fn net_devices_parse_from_tap_and_optional_mac() {
+        let plain: NetConfig = "tap0".parse().unwrap();
+        let with_mac: NetConfig = "tap0,mac=06:00:ac:10:00:09".parse().unwrap();
+
+        assert_eq!(
+            plain,
+            NetConfig {
+                tap: "tap0".into(),
+                mac: None
+            }
+        );
+        assert_eq!(with_mac.mac.unwrap().to_string(), "06:00:ac:10:00:09");
+        for bad in [
+            "",
+            "tap0,mtu=9000",
+            "tap0,mac=zz",
+            "a-name-longer-than-15",
+            "tap/0",
+        ] {
+            assert!(
+                matches!(bad.parse::<NetConfig>(), Err(ConfigError::NetSyntax(_))),
+                "{bad} accepted"
+            );
+        }
     }
 }

@@ -34,6 +34,7 @@ use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{
     MmioError, MmioInterrupt, MmioTransport, MMIO_SLOT_SIZE, QUEUE_NOTIFY_OFFSET,
 };
+use crate::devices::virtio::net::{MacAddr, Net, NetError};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{GuestMemoryMmap, VirtioDevice};
 use crate::devices::DeviceMetrics;
@@ -165,6 +166,9 @@ pub enum DeviceManagerError {
     /// The entropy device could not be created.
     #[error("cannot create the virtio-rng device")]
     Rng(#[source] io::Error),
+    /// The network device could not be created (TAP missing or not ours).
+    #[error("cannot create the virtio-net device")]
+    Net(#[source] NetError),
     /// The serial device could not be created.
     #[error("cannot create the serial device")]
     Serial(#[source] io::Error),
@@ -332,6 +336,29 @@ impl DeviceManager {
         let rng = Rng::new().map_err(DeviceManagerError::Rng)?;
         let metrics = rng.metrics();
         self.attach_virtio_device(vm, event_manager, "rng", Arc::new(Mutex::new(rng)), metrics)
+    }
+
+    /// Adds a virtio-net NIC on the existing TAP device `tap`, named `net0`.
+    pub fn attach_net<V, E>(
+        &mut self,
+        vm: &V,
+        event_manager: &mut E,
+        tap: &str,
+        mac: MacAddr,
+    ) -> Result<MmioSlot>
+    where
+        V: VmIoRegistrar + ?Sized,
+        E: SubscriberOps<Subscriber = Arc<Mutex<dyn MutEventSubscriber>>>,
+    {
+        let net = Net::new(tap, mac).map_err(DeviceManagerError::Net)?;
+        let metrics = net.metrics();
+        self.attach_virtio_device(
+            vm,
+            event_manager,
+            "net0",
+            Arc::new(Mutex::new(net)),
+            metrics,
+        )
     }
 
     /// Puts any virtio device behind a virtio-mmio transport in the next free slot: its

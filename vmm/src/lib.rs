@@ -3,14 +3,14 @@
 //! One process runs one VM. The crate is a library (VM set-up, devices, control API)
 //! with the `genos-vmm` binary as a thin front end.
 
-pub mod arch;
-pub mod devices;
 pub mod api;
+pub mod arch;
+pub mod builder;
 pub mod cli;
 pub mod config;
-pub mod rpc;
-pub mod vstate;
-pub mod builder;
 pub mod device_manager;
-pub mod vmm;
+pub mod devices;
+pub mod rpc;
 pub mod sandbox;
+pub mod vmm;
+pub mod vstate;
