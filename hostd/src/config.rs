@@ -46,8 +46,32 @@ pub struct Config {
     pub vmm: VmmConfig,
     pub jail: JailConfig,
     pub reaper: ReaperConfig,
+    #[serde(default)]
+    pub stream: StreamConfig,
     pub composer: Defaults,
     pub llm: crate::llm::LlmConfig,
+}
+
+/// Where viewers connect (QUIC) to see environments' screens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Whether hostd streams graphical environments at all.
+    pub enabled: bool,
+    /// UDP address the stream server listens on.
+    pub listen: std::net::SocketAddr,
+    /// Frame rate the shared encoder of each environment aims for.
+    pub fps: f32,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 4433)),
+            fps: 30.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

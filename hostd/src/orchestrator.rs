@@ -153,6 +153,8 @@ struct Inner {
     procs: Mutex<HashMap<String, Arc<Proc>>>,
     counters: Counters,
     jail: Jail,
+    /// The stream server graphical environments are published on, once hostd runs one.
+    stream: std::sync::OnceLock<Arc<crate::stream::StreamServer>>,
 }
 
 /// Whether and how VMMs are jailed, decided once from `[jail]` and the host.
@@ -369,6 +371,7 @@ impl Orchestrator {
                 procs: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
                 jail,
+                stream: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -474,6 +477,9 @@ impl Orchestrator {
             let name = env.name.clone();
             let sock = PathBuf::from(env.api_socket.clone().unwrap_or_default());
             tokio::spawn(async move { me.wait_ready(&name, &sock).await });
+        } else if env.state == EnvState::Ready {
+            let sock = PathBuf::from(env.api_socket.clone().unwrap_or_default());
+            self.stream_environment(&env.name, &sock).await;
         }
         Ok(())
     }
@@ -678,8 +684,14 @@ impl Orchestrator {
             name,
             &format!("rights={rights:?} ttl_s={ttl_s}"),
         )?;
+        let url = self
+            .inner
+            .stream
+            .get()
+            .and_then(|s| s.connect_url(name, &token).ok());
         Ok(serde_json::json!({
             "env": name, "token": token, "expires_at": now_s() + ttl_s as i64, "cert_sha256": fingerprint,
+            "url": url,
         }))
     }
 
@@ -790,6 +802,39 @@ impl Orchestrator {
 
     // ---- lifecycle -------------------------------------------------------------------------
 
+    /// Publishes ready graphical environments on `server` from now on.
+    pub fn set_stream_server(&self, server: Arc<crate::stream::StreamServer>) {
+        let _ = self.inner.stream.set(server);
+    }
+
+    /// Puts a ready graphical environment's screen and input on the stream server. Called
+    /// once per environment: the VMM serves a bounded number of framebuffer readers.
+    async fn stream_environment(&self, name: &str, sock: &Path) {
+        let Some(server) = self.inner.stream.get().cloned() else {
+            return;
+        };
+        let graphical = self
+            .show(name)
+            .map(|e| self.graphical(&e.spec))
+            .unwrap_or(false);
+        if !graphical {
+            return;
+        }
+        let sock = sock.to_owned();
+        let fps = self.inner.cfg.stream.fps;
+        match tokio::task::spawn_blocking(move || crate::vm_source::environment(&sock)).await {
+            Ok(Ok(source)) => {
+                if let Err(e) = server.add_environment(name, source, fps) {
+                    tracing::warn!(env = name, error = %e, "cannot stream environment");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(env = name, error = %e, "cannot read the VM's framebuffer")
+            }
+            Err(e) => tracing::warn!(env = name, error = %e, "framebuffer task failed"),
+        }
+    }
+
     fn transition(
         &self,
         name: &str,
@@ -804,6 +849,12 @@ impl Orchestrator {
             return Ok(false);
         }
         store.set_state(name, next, reason)?;
+        drop(store);
+        if env.state == EnvState::Ready {
+            if let Some(server) = self.inner.stream.get() {
+                server.remove_environment(name);
+            }
+        }
         tracing::info!(
             env = name,
             from = env.state.as_str(),
@@ -1343,6 +1394,7 @@ impl Orchestrator {
                 if r.ok() && !r.json()["boot_time_us"].is_null() {
                     let boot_us = r.json()["boot_time_us"].as_u64().unwrap_or(0);
                     if let Ok(true) = self.transition(name, EnvState::Ready, None) {
+                        self.stream_environment(name, sock).await;
                         let _ = self.store().touch(name);
                         let _ = self.audit(
                             "hostd",

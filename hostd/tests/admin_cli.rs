@@ -20,7 +20,7 @@ impl Hostd {
         let dir = tempfile::tempdir().unwrap();
         let cfg = match vmm {
             Some((vmm, kernel)) => common::config_toml(&vmm, &kernel, 4, 4096),
-            None => "[images]\nbuilder = \"/nonexistent/genos-image\"\n[capacity]\nvcpus = 2\nmemory_mib = 8192\ncpu_overcommit = 1.0\n".into(),
+            None => "[images]\nbuilder = \"/nonexistent/genos-image\"\n[capacity]\nvcpus = 2\nmemory_mib = 8192\ncpu_overcommit = 1.0\n[stream]\nlisten = \"127.0.0.1:0\"\n".into(),
         };
         let cfg_path = dir.path().join("hostd.toml");
         std::fs::write(&cfg_path, cfg).unwrap();

@@ -67,6 +67,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let state_dir = cfg.state_dir(args.state_dir.as_deref())?;
     let socket = state_dir.join("admin.sock");
     let policy = AccessPolicy::new(&cfg.admin.group);
+    let stream_cfg = cfg.stream.clone();
     let orch = Orchestrator::new(cfg, &state_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -74,6 +75,20 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     rt.block_on(async move {
         let listener = admin::bind(&socket, &policy).await?;
+        if stream_cfg.enabled {
+            let stream_dir = state_dir.join("stream");
+            let identity = hostd::stream::Identity::load_or_create(&stream_dir)?;
+            let tokens = std::sync::Arc::new(hostd::stream::TokenKey::load_or_create(
+                &stream_dir.join("token.key"),
+            )?);
+            let server_cfg = hostd::stream::ServerConfig {
+                listen: stream_cfg.listen,
+                ..Default::default()
+            };
+            let server = hostd::stream::StreamServer::bind(server_cfg, &identity, tokens)?;
+            tracing::info!(listen = %stream_cfg.listen, "stream server ready");
+            orch.set_stream_server(std::sync::Arc::new(server));
+        }
         orch.start().await?;
         tracing::info!(socket = %socket.display(), "genos-hostd ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

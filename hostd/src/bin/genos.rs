@@ -480,7 +480,13 @@ fn print_token(v: &Value) {
     if let Some(fp) = v["cert_sha256"].as_str() {
         println!("  host certificate sha256: {fp}");
     }
-    println!("  view it with genos-view, giving this token and the host's stream address");
+    match v["url"].as_str() {
+        Some(url) => {
+            println!("view it with:");
+            println!("  genos-view '{url}'");
+        }
+        None => println!("  (hostd streams no screen for this environment: it has no display, or streaming is off)"),
+    }
 }
 
 fn done(v: &Value, json_out: bool, what: &str) {

@@ -90,6 +90,8 @@ boot_timeout_s = 120
 cpu_template = "host"
 [reaper]
 interval_s = 3600
+[stream]
+listen = "127.0.0.1:0"
 "#,
         kernel.display(),
         vmm.display()
