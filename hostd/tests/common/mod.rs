@@ -26,8 +26,13 @@ pub fn vmm_bin(test: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("GENOS_VMM_BIN") {
         return Some(p.into());
     }
-    let ours = Path::new(env!("CARGO_BIN_EXE_genos"));
-    let p = ours.with_file_name("genos-vmm");
+    // Test binaries live in <target>/<profile>/deps; the workspace's binaries one level up.
+    let exe = std::env::current_exe().expect("test binary path");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory")
+        .join("genos-vmm");
     if p.exists() {
         Some(p)
     } else {
@@ -42,7 +47,8 @@ pub fn vmm_bin(test: &str) -> Option<PathBuf> {
 /// Assembles `hostd/tests/guests/<name>.S` with the VMM tests' start-up code and linker
 /// script into a freestanding ELF loaded at 1 MiB.
 pub fn build_guest(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Also used by other crates' tests (client): resolve hostd's directory from any of them.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hostd");
     let vmm_guests = root.join("../vmm/tests/guests");
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostd-guests");
     std::fs::create_dir_all(&out_dir).expect("guest output dir");

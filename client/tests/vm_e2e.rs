@@ -1,0 +1,128 @@
+//! The product path end to end, with a real genos-vmm: hostd's orchestrator starts a
+//! graphical environment (a tiny guest standing in for the OS, a virtio-gpu display and
+//! the input devices), publishes it on the stream server when it is ready, mints a viewer
+//! URL, and the client library connects to it, decodes the VM's screen and sends a key
+//! that reaches the VM's virtio-input keyboard. Needs /dev/kvm (skips with the reason).
+
+#[path = "../../hostd/tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use client::{ConnectOptions, Event, Session};
+use hostd::config::Config;
+use hostd::orchestrator::Orchestrator;
+use hostd::store::EnvState;
+use hostd::stream::{Identity, ServerConfig, StreamServer, TokenKey};
+use proto::stream::InputEvent;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_sees_a_graphical_environment_and_its_keys_reach_the_vm() {
+    let test = "a_viewer_sees_a_graphical_environment";
+    if !common::kvm_available(test) {
+        return;
+    }
+    let Some(vmm) = common::vmm_bin(test) else {
+        return;
+    };
+    let kernel = common::build_guest("ready");
+    let dir = tempfile::tempdir().unwrap();
+    let mut toml = common::config_toml(&vmm, &kernel, 4, 4096);
+    // This test is about the frame and input paths, not the jail (covered elsewhere).
+    toml.push_str("[jail]\njailer = \"never\"\n");
+    let orch = Orchestrator::new(Config::from_toml(&toml).unwrap(), dir.path()).unwrap();
+    let stream_dir = dir.path().join("stream");
+    let identity = Identity::load_or_create(&stream_dir).unwrap();
+    let tokens = Arc::new(TokenKey::load_or_create(&stream_dir.join("token.key")).unwrap());
+    let server = StreamServer::bind(ServerConfig::default(), &identity, tokens).unwrap();
+    orch.set_stream_server(Arc::new(server));
+    orch.start().await.unwrap();
+
+    let name = match orch
+        .create_from_text("firefox on a 640x480 screen with 256 MB and 1 core", "test")
+        .await
+        .unwrap()
+    {
+        hostd::orchestrator::CreateOutcome::Created(env) => env.name.clone(),
+        hostd::orchestrator::CreateOutcome::Clarify(c) => panic!("composer asked: {c:?}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ready = loop {
+        let e = orch.show(&name).unwrap();
+        if e.state == EnvState::Ready {
+            break e;
+        }
+        assert!(e.state != EnvState::Failed, "failed: {:?}", e.reason);
+        assert!(
+            Instant::now() < deadline,
+            "{name} never became ready: {:?}",
+            e.state
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let token = orch.mint_token(&name, "test", 3600, "view,input").unwrap();
+    let url = token["url"]
+        .as_str()
+        .expect("token carries a genos:// URL")
+        .to_string();
+
+    let mut session = Session::connect(&url.parse().unwrap(), ConnectOptions::default())
+        .await
+        .unwrap();
+    let frame = loop {
+        match tokio::time::timeout(Duration::from_secs(20), session.next_event())
+            .await
+            .expect("no frame within 20 s")
+            .expect("session ended")
+        {
+            Event::Frame(f) => break f,
+            Event::Closed(r) => panic!("session closed: {r}"),
+            _ => {}
+        }
+    };
+    session.send_input(InputEvent::Key {
+        code: 30,
+        pressed: true,
+    });
+    session.send_input(InputEvent::Key {
+        code: 30,
+        pressed: false,
+    });
+
+    let sock = ready.api_socket.clone().expect("api socket");
+    let injected = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let metrics = hostd::uds::request(
+                std::path::Path::new(&sock),
+                "GET",
+                "/metrics",
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap()
+            .json();
+            let n = metrics["devices"]["keyboard"]["device"]["injected"]
+                .as_u64()
+                .unwrap_or(0);
+            if n > 0 || Instant::now() > deadline {
+                break n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    orch.stop(&name, "test").await.unwrap();
+
+    assert_eq!(
+        (frame.width, frame.height),
+        (640, 480),
+        "the VM's display size"
+    );
+    assert!(frame.keyframe, "a viewer's first frame is a keyframe");
+    assert!(
+        injected >= 2,
+        "key press and release reach the VM's keyboard: {injected} events"
+    );
+}
