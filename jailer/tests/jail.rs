@@ -20,19 +20,7 @@ fn is_root() -> bool {
 }
 
 fn probe() -> PathBuf {
-    let deps = std::env::current_exe().unwrap();
-    let path = deps
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/jail_probe");
-    assert!(
-        path.exists(),
-        "{} missing: build with `cargo test -p genos-jailer` (builds examples)",
-        path.display()
-    );
-    path
+    PathBuf::from(env!("CARGO_BIN_EXE_genos-jail-probe"))
 }
 
 struct Jail {

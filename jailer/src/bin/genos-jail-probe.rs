@@ -1,5 +1,7 @@
-//! Test helper run by the jailer's tests in place of the VMM: reports from inside the
-//! jail what it can see and do, as one line of JSON, then waits for SIGTERM.
+//! `genos-jail-probe`: run by `genos-jailer --exec-file` in place of the VMM, it reports
+//! from inside the jail what it can see and do (pid, uid, open descriptors, host files,
+//! writable root, images), as one line of JSON, then waits for SIGTERM. The jailer's tests
+//! use it; an operator can use it to check a host's jail set-up.
 
 use std::fs;
 use std::sync::atomic::{AtomicBool, Ordering};
