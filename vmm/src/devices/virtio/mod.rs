@@ -82,3 +82,60 @@ pub trait VirtioDevice: Send {
         false
     }
 }
+
+/// A pass over one queue that went wrong because the guest corrupted its rings.
+#[derive(Debug)]
+pub struct QueueError {
+    /// What the pass was doing.
+    pub what: &'static str,
+    /// The ring error.
+    pub source: virtio_queue::Error,
+}
+
+/// Serves every available chain of `queue`: `serve` handles one chain and returns how
+/// many bytes it wrote into it. Notifications are re-enabled without losing a chain the
+/// guest adds meanwhile. Returns whether the guest asked to be interrupted for what was
+/// used; ring errors go to `on_error` (the pass ends at the first one that stops it).
+pub fn drain_queue<'m>(
+    queue: &mut virtio_queue::Queue,
+    mem: &'m GuestMemoryMmap,
+    mut serve: impl FnMut(virtio_queue::DescriptorChain<&'m GuestMemoryMmap>) -> u32,
+    mut on_error: impl FnMut(QueueError),
+) -> bool {
+    use virtio_queue::QueueT;
+    let mut error = |what, source| on_error(QueueError { what, source });
+    let mut used_any = false;
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            error("disable notifications", e);
+            break;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let used_len = serve(chain);
+            if let Err(e) = queue.add_used(mem, head, used_len) {
+                error("add a used entry", e);
+            }
+            used_any = true;
+        }
+        match queue.enable_notification(mem) {
+            // New buffers arrived while notifications were off: go round again.
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                error("enable notifications", e);
+                break;
+            }
+        }
+    }
+    if !used_any {
+        return false;
+    }
+    match queue.needs_notification(mem) {
+        Ok(needed) => needed,
+        Err(e) => {
+            error("read the used event", e);
+            false
+        }
+    }
+}

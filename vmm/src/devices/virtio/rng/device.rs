@@ -12,7 +12,8 @@ use vm_memory::{Address, Bytes};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::virtio::{
-    ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger, VirtioDevice,
+    drain_queue, ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger, QueueError,
+    VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -95,46 +96,19 @@ impl Rng {
         let Some(mut active) = self.active.take() else {
             return;
         };
-        let mut used_any = false;
-        loop {
-            if let Err(e) = active.queue.disable_notification(&active.mem) {
-                self.queue_error("disable notifications", e);
-                break;
-            }
-            while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
-                let head = chain.head_index();
-                let written = self.fill(&active.mem, chain);
-                if let Err(e) = active.queue.add_used(&active.mem, head, written) {
-                    self.queue_error("add a used entry", e);
-                }
-                used_any = true;
-            }
-            match active.queue.enable_notification(&active.mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    self.queue_error("enable notifications", e);
-                    break;
-                }
-            }
-        }
-        if used_any {
-            match active.queue.needs_notification(&active.mem) {
-                Ok(true) => {
-                    if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
-                        tracing::warn!("virtio-rng: cannot interrupt the guest: {e}");
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => self.queue_error("read the used event", e),
+        let metrics = self.metrics.clone();
+        let interrupt = drain_queue(
+            &mut active.queue,
+            &active.mem,
+            |chain| self.fill(&active.mem, chain),
+            |e| queue_error(&metrics.queue_errors, e),
+        );
+        if interrupt {
+            if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
+                tracing::warn!("virtio-rng: cannot interrupt the guest: {e}");
             }
         }
         self.active = Some(active);
-    }
-
-    fn queue_error(&self, what: &str, e: virtio_queue::Error) {
-        self.metrics.queue_errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!("virtio-rng: cannot {what}: {e}");
     }
 
     /// Fills the chain's device-writable buffers; returns the bytes written. Readable
@@ -264,6 +238,11 @@ impl VirtioDevice for Rng {
         let _ = self.queue_evts[0].read();
         true
     }
+}
+
+fn queue_error(counter: &std::sync::atomic::AtomicU64, e: QueueError) {
+    counter.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!("virtio-rng: cannot {}: {}", e.what, e.source);
 }
 
 #[cfg(test)]
