@@ -139,3 +139,18 @@ pub fn drain_queue<'m>(
         }
     }
 }
+
+/// Copies `data.len()` bytes of a device's configuration space `config` from `offset`
+/// into `data`; an access that does not fit leaves `data` untouched, as
+/// [`VirtioDevice::read_config`] promises.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = start
+        .checked_add(data.len())
+        .and_then(|end| config.get(start..end))
+    {
+        data.copy_from_slice(src);
+    }
+}

@@ -22,8 +22,8 @@ use super::request::{
     SECTOR_SIZE,
 };
 use crate::devices::virtio::{
-    drain_queue, ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger, QueueError,
-    VirtioDevice,
+    drain_queue, read_config_bytes, ActivateError, GuestMemoryMmap, InterruptKind,
+    InterruptTrigger, QueueError, VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -404,12 +404,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let Some(end) = offset.checked_add(data.len() as u64) else {
-            return;
-        };
-        if end <= self.config.len() as u64 {
-            data.copy_from_slice(&self.config[offset as usize..end as usize]);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

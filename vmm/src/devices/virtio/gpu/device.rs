@@ -20,7 +20,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::decoder::{self, resp, Command, CtrlHeader, Format, MemEntry, Rect, Request, Response};
 use crate::devices::virtio::{
-    ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger, VirtioDevice,
+    read_config_bytes, ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger,
+    VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -838,15 +839,7 @@ impl VirtioDevice for Gpu {
         let mut config = [0u8; 16];
         config[0..4].copy_from_slice(&events_read.to_le_bytes());
         config[8..12].copy_from_slice(&1u32.to_le_bytes());
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = start
-            .checked_add(data.len())
-            .and_then(|end| config.get(start..end))
-        {
-            data.copy_from_slice(src);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -15,7 +15,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::pending::{PendingError, PendingQueue, DEFAULT_CAPACITY};
 use super::profile::{EventError, InputProfile, CONFIG_PAYLOAD_LEN};
 use crate::devices::virtio::{
-    ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger, VirtioDevice,
+    read_config_bytes, ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger,
+    VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 use crate::rpc::InputEvent;
@@ -289,15 +290,7 @@ impl VirtioDevice for Input {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.config_bytes();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = start
-            .checked_add(data.len())
-            .and_then(|end| config.get(start..end))
-        {
-            data.copy_from_slice(src);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -24,7 +24,8 @@ use super::chain::{
 };
 use super::tap::{FrameBackend, Tap, TapError, VNET_HDR_LEN};
 use crate::devices::virtio::{
-    ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger, VirtioDevice,
+    read_config_bytes, ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger,
+    VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -465,12 +466,7 @@ impl<B: FrameBackend> VirtioDevice for Net<B> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let Some(end) = offset.checked_add(data.len() as u64) else {
-            return;
-        };
-        if end <= self.config.len() as u64 {
-            data.copy_from_slice(&self.config[offset as usize..end as usize]);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
