@@ -222,7 +222,12 @@ fn non_permitted_user_is_refused_by_peer_credentials() {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
     }
     let nobody = 65534;
-    let o = Command::new(env!("CARGO_BIN_EXE_genos"))
+    // The build directory may not be traversable by other users (a checkout under a
+    // 0700 directory): run a copy of the client from the shared directory.
+    let genos = h.dir.path().join("genos");
+    std::fs::copy(env!("CARGO_BIN_EXE_genos"), &genos).unwrap();
+    std::fs::set_permissions(&genos, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = Command::new(&genos)
         .env("GENOS_SOCKET", h.socket())
         .arg("list")
         .uid(nobody)
