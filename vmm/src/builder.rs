@@ -364,45 +364,40 @@ fn attach_legacy(
     })
 }
 
-/// Builds the VM described by `config` and starts its vCPUs. Device event handlers join
-/// `em`; the VM's end is reported through `exit`.
-pub fn build_and_start(
+/// Everything the VM needs before its vCPUs run, apart from the PIT and the memory slot:
+/// kernel and initrd in guest memory, devices, legacy ports, boot tables, configured vCPUs.
+struct Assembled {
+    devices: DeviceManager,
+    display: Option<GpuHandle>,
+    input: Option<InputHandles>,
+    legacy: Legacy,
+    pio: crate::devices::bus::Bus,
+    mmio: crate::devices::bus::Bus,
+    cmdline: String,
+    vcpus: Vec<Vcpu>,
+}
+
+fn assemble(
     config: &VmConfig,
     vmm_start: Instant,
     em: &mut EventManager,
-    exit: Arc<ExitSignal>,
-) -> Result<BuiltVm, BuildError> {
-    let mem_bytes = u64::from(config.mem_mib) << 20;
-    let vm = Vm::new()?;
-    let ram = create_guest_ram(mem_bytes)?;
-    // Creating the PIT and the memory slot each take milliseconds under nested KVM; they
-    // run on helper threads while this thread loads the kernel and initrd.
-    let (kernel, initrd, supported) = std::thread::scope(|s| {
-        let pit = s.spawn(|| vm.create_pit());
-        let slots = s.spawn(|| vm.register_memory(&ram.memory));
-        let loaded = load_kernel(&ram, &config.kernel).and_then(|kernel| {
-            let initrd = match &config.initrd {
-                Some(path) => Some(load_initrd(&ram, path, mem_bytes, kernel.end)?),
-                None => None,
-            };
-            Ok((kernel, initrd))
-        });
-        let supported = vm
-            .kvm()
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VmError::Kvm {
-                what: "get supported CPUID",
-                source,
-            });
-        let join = |h: std::thread::ScopedJoinHandle<'_, Result<(), VmError>>| {
-            h.join().unwrap_or(Err(VmError::SetupThread))
-        };
-        let (pit, slots) = (join(pit), join(slots));
-        let (kernel, initrd) = loaded?;
-        pit?;
-        slots?;
-        Ok::<_, BuildError>((kernel, initrd, supported?))
-    })?;
+    exit: &Arc<ExitSignal>,
+    vm: &Vm,
+    ram: &GuestRam,
+    mem_bytes: u64,
+) -> Result<Assembled, BuildError> {
+    let kernel = load_kernel(ram, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(ram, path, mem_bytes, kernel.end)?),
+        None => None,
+    };
+    let supported = vm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| VmError::Kvm {
+            what: "get supported CPUID",
+            source,
+        })?;
 
     let mut devices = DeviceManager::new(ram.memory.clone(), vmm_start);
     for disk in &config.disks {
@@ -443,15 +438,7 @@ pub fn build_and_start(
     };
     let mut pio = devices.pio_bus().clone();
     let mut mmio = devices.mmio_bus().clone();
-    let legacy = attach_legacy(
-        &vm,
-        em,
-        &config.serial,
-        &exit,
-        vmm_start,
-        &mut pio,
-        &mut mmio,
-    )?;
+    let legacy = attach_legacy(vm, em, &config.serial, exit, vmm_start, &mut pio, &mut mmio)?;
 
     let cmdline = kernel_cmdline(config, &devices.kernel_cmdline())?;
     let cmdline_str = cmdline
@@ -474,11 +461,60 @@ pub fn build_and_start(
 
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
-        let vcpu = Vcpu::new(&vm, id)?;
+        let vcpu = Vcpu::new(vm, id)?;
         let entry = (id == 0).then_some(kernel.entry);
         vcpu.configure(&supported, config.vcpus, config.cpu_template, entry)?;
         vcpus.push(vcpu);
     }
+    Ok(Assembled {
+        devices,
+        display,
+        input,
+        legacy,
+        pio,
+        mmio,
+        cmdline: cmdline_str.to_string_lossy().into_owned(),
+        vcpus,
+    })
+}
+
+/// Builds the VM described by `config` and starts its vCPUs. Device event handlers join
+/// `em`; the VM's end is reported through `exit`.
+pub fn build_and_start(
+    config: &VmConfig,
+    vmm_start: Instant,
+    em: &mut EventManager,
+    exit: Arc<ExitSignal>,
+) -> Result<BuiltVm, BuildError> {
+    let mem_bytes = u64::from(config.mem_mib) << 20;
+    let vm = Vm::new()?;
+    let ram = create_guest_ram(mem_bytes)?;
+    // Creating the PIT and the memory slot each take milliseconds under nested KVM (the
+    // slot waits for an SRCU grace period): they run on helper threads while this thread
+    // loads the kernel, attaches the devices and creates the vCPUs, none of which needs
+    // the slot. Only running a vCPU does.
+    let Assembled {
+        devices,
+        display,
+        input,
+        legacy,
+        pio,
+        mmio,
+        cmdline,
+        vcpus,
+    } = std::thread::scope(|s| {
+        let pit = s.spawn(|| vm.create_pit());
+        let slots = s.spawn(|| vm.register_memory(&ram.memory));
+        let assembled = assemble(config, vmm_start, em, &exit, &vm, &ram, mem_bytes);
+        let join = |h: std::thread::ScopedJoinHandle<'_, Result<(), VmError>>| {
+            h.join().unwrap_or(Err(VmError::SetupThread))
+        };
+        let (pit, slots) = (join(pit), join(slots));
+        let assembled = assembled?;
+        pit?;
+        slots?;
+        Ok::<_, BuildError>(assembled)
+    })?;
     // Every file is open; the vCPU threads spawned next inherit the restriction.
     crate::sandbox::runtime::restrict_files(config)?;
     let counters = Arc::new(ExitCounters::default());
@@ -493,6 +529,11 @@ pub fn build_and_start(
             vmm_start,
         },
     )?;
+    // After the vCPUs start, so the guest runs during the grace periods this waits for.
+    // Failing only keeps KVM's default (catch-up on), which is correct, just slower to end.
+    if let Err(e) = vm.disable_pit_reinjection() {
+        tracing::warn!("{}", crate::vmm::error_chain(&e));
+    }
     Ok(BuiltVm {
         vcpus,
         devices,
@@ -502,7 +543,7 @@ pub fn build_and_start(
         reset_evt: legacy.reset_evt,
         boot_time: legacy.boot_time,
         counters,
-        cmdline: cmdline_str.to_string_lossy().into_owned(),
+        cmdline,
         vm,
         ram,
     })
