@@ -15,7 +15,9 @@ pub mod synthetic;
 
 pub use convert::{ConvertError, I420Buffer};
 pub use decode::{DecodeError, DecodedFrame, Decoder};
-pub use encode::{EncodeError, EncodedFrame, Encoder, EncoderConfig, Usage, REFINEMENT_PASSES};
+pub use encode::{
+    EncodeError, EncodedFrame, Encoder, EncoderConfig, Tuning, Usage, REFINEMENT_PASSES,
+};
 pub use frame::{
     DamageSet, FrameError, FrameRef, FrameSource, PixelFormat, Rect, SourceError, SourceFrame,
 };

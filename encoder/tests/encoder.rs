@@ -3,7 +3,7 @@
 use encoder::synthetic::{Scene, SyntheticSource};
 use encoder::{
     psnr_bgrx, DecodeError, Decoder, EncodeError, EncodedFrame, Encoder, EncoderConfig, FrameRef,
-    PixelFormat, Rect, REFINEMENT_PASSES,
+    PixelFormat, Rect, Tuning, Usage, REFINEMENT_PASSES,
 };
 
 const W: u32 = 1280;
@@ -63,6 +63,50 @@ fn round_trip_psnr_is_at_least_35_db_for_every_scene_at_720p() {
             let psnr = psnr_bgrx(f.frame.data, shown, W, H);
             assert!(psnr >= 35.0, "{scene} frame {i}: PSNR {psnr:.2} dB < 35 dB");
         }
+    }
+}
+
+#[test]
+fn two_thread_encoding_decodes_to_the_same_quality_as_one_thread() {
+    let psnr_with = |threads: u16| {
+        let tuning = Tuning {
+            usage: Usage::CameraRealTime,
+            threads,
+        };
+        let mut source = SyntheticSource::new(Scene::Windows, W, H, 30.0);
+        let mut enc = Encoder::with_tuning(config(W, H, 30.0, 3_000_000), tuning).unwrap();
+        let mut dec = Decoder::new().unwrap();
+        let mut worst = f64::INFINITY;
+        for _ in 0..8 {
+            let f = source.advance();
+            let out = enc.encode(&f.frame, &f.damage, false).unwrap().unwrap();
+            let pic = dec.decode(&out.data).unwrap().expect("a picture");
+            worst = worst.min(psnr_bgrx(f.frame.data, &pic.bgrx, W, H));
+        }
+        worst
+    };
+
+    let (one, two) = (psnr_with(1), psnr_with(2));
+
+    assert!(two >= 35.0, "two threads: worst PSNR {two:.2} dB");
+    assert!(
+        (one - two).abs() < 1.0,
+        "one thread {one:.2} dB, two {two:.2} dB"
+    );
+}
+
+#[test]
+fn thread_counts_outside_one_to_four_are_refused() {
+    for threads in [0, 5] {
+        let tuning = Tuning {
+            usage: Usage::CameraRealTime,
+            threads,
+        };
+        let result = Encoder::with_tuning(config(64, 64, 30.0, 300_000), tuning);
+        assert!(
+            matches!(result, Err(EncodeError::InvalidThreads(t)) if t == threads),
+            "{threads}: {result:?}"
+        );
     }
 }
 

@@ -5,6 +5,10 @@
 //! the congestion window can carry per RTT; within it the target grows multiplicatively while
 //! the path is clean and backs off on heavy loss or dropped frames. Random loss below
 //! [`LOSS_BACKOFF`] is not treated as congestion (QUIC recovers it and the cwnd already reacts).
+//!
+//! Like TCP, a session starts in slow start: until the first congestion signal, or until the
+//! congestion window is what limits, the target grows by [`SLOW_START_GROWTH`] per tick, so a
+//! viewer reaches the path's rate within a second; after that it only probes by [`GROWTH`].
 
 use std::time::Duration;
 
@@ -13,6 +17,8 @@ pub const TICK: Duration = Duration::from_millis(200);
 /// Loss ratio per tick above which the target is cut.
 pub const LOSS_BACKOFF: f64 = 0.10;
 const GROWTH: f64 = 1.15;
+/// Growth per tick in slow start.
+const SLOW_START_GROWTH: f64 = 1.5;
 const CUT: f64 = 0.80;
 const CEILING_SHARE: f64 = 0.8;
 
@@ -54,6 +60,8 @@ pub struct Controller {
     last: Option<PathSample>,
     /// Loss ratio of the latest tick.
     pub last_loss: f64,
+    /// No congestion signal seen yet and the window not yet the limit.
+    slow_start: bool,
 }
 
 impl Controller {
@@ -63,6 +71,7 @@ impl Controller {
             target: f64::from(limits.start_bps),
             last: None,
             last_loss: 0.0,
+            slow_start: true,
         }
     }
 
@@ -84,9 +93,15 @@ impl Controller {
         let rtt = s.rtt.as_secs_f64().max(0.001);
         let ceiling = CEILING_SHARE * s.cwnd_bytes as f64 * 8.0 / rtt;
         if dropped > 0 || (sent >= 20 && self.last_loss > LOSS_BACKOFF) {
+            self.slow_start = false;
             self.target *= CUT;
+        } else if self.slow_start {
+            self.target *= SLOW_START_GROWTH;
         } else {
             self.target *= GROWTH;
+        }
+        if self.target >= ceiling {
+            self.slow_start = false;
         }
         let (min, max) = (
             f64::from(self.limits.min_bps),
@@ -118,6 +133,34 @@ mod tests {
             c.update(sample(t, 1, 1 << 20, 0, 0));
         }
         assert_eq!(c.target_bps(), BitrateLimits::default().max_bps);
+    }
+
+    #[test]
+    fn clean_path_reaches_max_within_a_second() {
+        let limits = BitrateLimits::default();
+        let mut c = Controller::new(limits);
+        let ticks = (Duration::from_secs(1).as_millis() / TICK.as_millis()) as u64;
+        for t in 1..=ticks {
+            c.update(sample(t, 40, 1 << 20, 0, 0));
+        }
+        assert_eq!(c.target_bps(), limits.max_bps);
+    }
+
+    #[test]
+    fn growth_slows_after_the_first_backoff() {
+        let mut c = Controller::new(BitrateLimits {
+            min_bps: 100_000,
+            start_bps: 1_000_000,
+            max_bps: 100_000_000,
+        });
+        let before = c.target_bps();
+        let fast = c.update(sample(1, 1, 1 << 30, 0, 0));
+        let cut = c.update(sample(2, 1, 1 << 30, 0, 1));
+        let regrown = c.update(sample(3, 1, 1 << 30, 0, 1));
+        assert!(f64::from(fast) / f64::from(before) >= 1.5);
+        assert!(cut < fast);
+        let growth = f64::from(regrown) / f64::from(cut);
+        assert!(growth > 1.0 && growth < 1.2, "{growth}");
     }
 
     #[test]
