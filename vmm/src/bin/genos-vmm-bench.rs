@@ -296,7 +296,7 @@ fn main() {
     let vmm = vmm_binary();
     let work = std::env::temp_dir().join(format!("genos-vmm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap_or_else(|e| die(format!("{}: {e}", work.display())));
-    let hello = build_guest("hello", &work);
+    let guest = build_guest("console_line", &work);
     let spin = build_guest("spin", &work);
     let sock = work.join("api.sock");
 
@@ -304,11 +304,11 @@ fn main() {
     let (mut floor, mut floor_no_pit) = (vec![], vec![]);
     // One untimed round warms the page cache.
     let _ = api_ready_ms(&vmm, &sock);
-    let _ = tiny_guest_run(&vmm, &hello);
+    let _ = tiny_guest_run(&vmm, &guest);
     for _ in 0..runs {
         base.push(baseline_true());
         ready.push(api_ready_ms(&vmm, &sock));
-        let (e, w) = tiny_guest_run(&vmm, &hello);
+        let (e, w) = tiny_guest_run(&vmm, &guest);
         entry.push(e);
         whole.push(w);
         floor.push(kvm_floor_ms(true));
