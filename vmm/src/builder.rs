@@ -529,11 +529,6 @@ pub fn build_and_start(
             vmm_start,
         },
     )?;
-    // After the vCPUs start, so the guest runs during the grace periods this waits for.
-    // Failing only keeps KVM's default (catch-up on), which is correct, just slower to end.
-    if let Err(e) = vm.disable_pit_reinjection() {
-        tracing::warn!("{}", crate::vmm::error_chain(&e));
-    }
     Ok(BuiltVm {
         vcpus,
         devices,

@@ -264,6 +264,7 @@ mod tests {
         ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
         ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
         ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
+        ioctl_io_nr!(KVM_REINJECT_CONTROL, KVMIO, 0x71);
         let expected: HashMap<&str, u64> = [
             ("KVM_RUN", KVM_RUN() as u64),
             ("KVM_GET_REGS", KVM_GET_REGS() as u64),
@@ -275,6 +276,7 @@ mod tests {
             ("KVM_IRQFD", KVM_IRQFD() as u64),
             ("KVM_IOEVENTFD", KVM_IOEVENTFD() as u64),
             ("KVM_IRQ_LINE", KVM_IRQ_LINE() as u64),
+            ("KVM_REINJECT_CONTROL", KVM_REINJECT_CONTROL() as u64),
             ("TCGETS", libc::TCGETS),
             ("TIOCGWINSZ", libc::TIOCGWINSZ),
             ("FIONBIO", libc::FIONBIO),

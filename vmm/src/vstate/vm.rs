@@ -104,8 +104,8 @@ impl Vm {
     /// calibrating, so catch-up ticks buy nothing. Turning catch-up off unregisters the
     /// PIT's interrupt-acknowledge notifiers, one SRCU grace period each (10–20 ms under
     /// nested KVM); left on, KVM does that while destroying the VM, which made every
-    /// VMM's exit that much slower. The builder calls this once the vCPUs run, so the
-    /// wait overlaps the guest's start instead of delaying it.
+    /// VMM's exit that much slower. The VMM calls this once the vCPUs run, so the wait
+    /// overlaps the guest's start instead of delaying it or the exit.
     pub fn disable_pit_reinjection(&self) -> Result<(), VmError> {
         disable_pit_reinjection(&self.fd)
     }
