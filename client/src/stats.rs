@@ -15,6 +15,7 @@ pub struct StatsCollector {
     keyframes: u64,
     /// Longest time between two consecutive decoded frames.
     longest_gap: Duration,
+    cursor_updates: u64,
 }
 
 /// Summary of a session, serialised as one JSON object.
@@ -32,6 +33,8 @@ pub struct SessionReport {
     pub frames_dropped: u64,
     pub rtt_ms: f64,
     pub clock_offset_ms: f64,
+    /// Cursor messages received (pointer moves and shape changes).
+    pub cursor_updates: u64,
 }
 
 /// The `q`-quantile (0..=1) of `v` by nearest rank, 0 for an empty slice.
@@ -57,6 +60,11 @@ impl StatsCollector {
         self.decode_us.push(f.decode_time.as_micros() as u64);
         self.bytes += f.encoded_bytes as u64;
         self.keyframes += u64::from(f.keyframe);
+    }
+
+    /// Counts one cursor message.
+    pub fn record_cursor(&mut self) {
+        self.cursor_updates += 1;
     }
 
     pub fn frames(&self) -> u64 {
@@ -99,6 +107,7 @@ impl StatsCollector {
             frames_dropped,
             rtt_ms: rtt.as_secs_f64() * 1000.0,
             clock_offset_ms: clock_offset_us as f64 / 1000.0,
+            cursor_updates: self.cursor_updates,
         }
     }
 }
@@ -115,5 +124,18 @@ mod tests {
         assert_eq!(percentile(&v, 1.0), 100);
         assert_eq!(percentile(&[], 0.5), 0);
         assert_eq!(percentile(&[7], 0.99), 7);
+    }
+
+    #[test]
+    fn report_counts_cursor_updates() {
+        let mut stats = StatsCollector::default();
+        stats.record_cursor();
+        stats.record_cursor();
+
+        let report = stats.report(0, Duration::ZERO, 0);
+
+        assert_eq!(report.cursor_updates, 2);
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["cursor_updates"], 2);
     }
 }

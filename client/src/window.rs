@@ -5,13 +5,17 @@
 //! loop as user events, input goes back through the session's sender. Frames are scaled to
 //! the window with aspect-preserving letterboxing (nearest neighbour); pointer positions are
 //! mapped back through the same transform.
+//!
+//! The environment's pointer arrives separately from the video (`Cursor` messages) and is
+//! drawn over the frame at its position, scaled like the frame; while the remote pointer is
+//! visible the local one is hidden over the window, so there is one pointer on screen.
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use proto::stream::{Button, ClientMessage, InputEvent, TouchPhase};
+use proto::stream::{Button, ClientMessage, CursorImage, InputEvent, TouchPhase};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 use winit::application::ApplicationHandler;
@@ -35,7 +39,71 @@ pub enum WindowError {
 enum UserEvent {
     Connected(UnboundedSender<ClientMessage>),
     Frame(Frame),
+    Cursor {
+        x: u16,
+        y: u16,
+        visible: bool,
+        image: Option<CursorImage>,
+    },
     Closed(String),
+}
+
+/// The environment's pointer as last reported: hotspot position in frame pixels and the
+/// latest image (messages without one keep it).
+#[derive(Debug, Clone, Default)]
+pub struct RemoteCursor {
+    pub x: u16,
+    pub y: u16,
+    pub visible: bool,
+    pub image: Option<CursorImage>,
+}
+
+/// Alpha-blends `cursor` over a window buffer of `ww`x`wh` pixels (`0x00RRGGBB`) showing the
+/// frame at `p`, scaled with the frame (nearest neighbour) and clipped to the window.
+pub fn draw_cursor(buf: &mut [u32], ww: usize, wh: usize, p: Placement, cursor: &RemoteCursor) {
+    let Some(img) = cursor.image.as_ref().filter(|_| cursor.visible) else {
+        return;
+    };
+    let (w, h) = (i64::from(img.width), i64::from(img.height));
+    if img.bgra.len() < (w * h * 4) as usize || buf.len() < ww * wh || p.scale <= 0.0 {
+        return;
+    }
+    // The image's top-left in frame pixels, and the window pixels it covers.
+    let fx0 = i64::from(cursor.x) - i64::from(img.hot_x);
+    let fy0 = i64::from(cursor.y) - i64::from(img.hot_y);
+    let to_window = |f: i64, origin: f64, limit: usize| {
+        (origin + f as f64 * p.scale)
+            .floor()
+            .clamp(0.0, limit as f64) as usize
+    };
+    let (x_start, x_end) = (to_window(fx0, p.x0, ww), to_window(fx0 + w, p.x0, ww));
+    let (y_start, y_end) = (to_window(fy0, p.y0, wh), to_window(fy0 + h, p.y0, wh));
+    // Same window-to-frame mapping as the frame itself, so the pointer sits on its pixels.
+    let image_index = |win: usize, origin: f64, first: i64, len: i64| {
+        let i = ((win as f64 - origin) / p.scale).floor() as i64 - first;
+        (0..len).contains(&i).then_some(i as usize)
+    };
+    for wy in y_start..y_end {
+        let Some(iy) = image_index(wy, p.y0, fy0, h) else {
+            continue;
+        };
+        for wx in x_start..x_end {
+            let Some(ix) = image_index(wx, p.x0, fx0, w) else {
+                continue;
+            };
+            let px = &img.bgra[(iy * img.width as usize + ix) * 4..][..4];
+            let a = u32::from(px[3]);
+            if a == 0 {
+                continue;
+            }
+            let dst = &mut buf[wy * ww + wx];
+            let blend = |src: u8, shift: u32| {
+                let d = (*dst >> shift) & 0xff;
+                ((u32::from(src) * a + d * (255 - a) + 127) / 255) << shift
+            };
+            *dst = blend(px[2], 16) | blend(px[1], 8) | blend(px[0], 0);
+        }
+    }
 }
 
 /// Where the frame lands in the window: offset and scale (letterboxed).
@@ -75,6 +143,7 @@ struct App {
     window: Option<Rc<Window>>,
     surface: Option<softbuffer::Surface<Rc<Window>, Rc<Window>>>,
     frame: Option<Frame>,
+    cursor: Option<RemoteCursor>,
     sender: Option<UnboundedSender<ClientMessage>>,
     dump: Option<PathBuf>,
 }
@@ -135,6 +204,9 @@ impl App {
                         *d = u32::from(px[2]) << 16 | u32::from(px[1]) << 8 | u32::from(px[0]);
                     }
                 }
+                if let Some(cursor) = &self.cursor {
+                    draw_cursor(&mut buf, ww, wh, p, cursor);
+                }
             }
         }
         if let Err(e) = buf.present() {
@@ -189,6 +261,22 @@ impl ApplicationHandler<UserEvent> for App {
                     w.request_redraw();
                 }
                 self.frame = Some(f);
+            }
+            UserEvent::Cursor {
+                x,
+                y,
+                visible,
+                image,
+            } => {
+                let cursor = self.cursor.get_or_insert_with(RemoteCursor::default);
+                (cursor.x, cursor.y, cursor.visible) = (x, y, visible);
+                if image.is_some() {
+                    cursor.image = image;
+                }
+                if let Some(w) = &self.window {
+                    w.set_cursor_visible(!(visible && cursor.image.is_some()));
+                    w.request_redraw();
+                }
             }
             UserEvent::Closed(reason) => {
                 self.proxy_closed = Some(reason);
@@ -301,6 +389,17 @@ fn network_thread(url: ConnectUrl, proxy: EventLoopProxy<UserEvent>) {
         while let Some(ev) = session.next_event().await {
             let sent = match ev {
                 Event::Frame(f) => proxy.send_event(UserEvent::Frame(f)),
+                Event::Cursor {
+                    x,
+                    y,
+                    visible,
+                    image,
+                } => proxy.send_event(UserEvent::Cursor {
+                    x,
+                    y,
+                    visible,
+                    image,
+                }),
                 Event::Closed(r) => {
                     let _ = proxy.send_event(UserEvent::Closed(r));
                     return;
@@ -336,6 +435,7 @@ pub fn run(url: ConnectUrl, dump: Option<PathBuf>) -> Result<(), WindowError> {
         window: None,
         surface: None,
         frame: None,
+        cursor: None,
         sender: None,
         dump,
     };
@@ -366,5 +466,64 @@ mod tests {
         // Outside the picture clamps to its edge.
         assert_eq!(window_to_frame(p, 1920, 1080, -5.0, 0.0), (0, 0));
         assert_eq!(window_to_frame(p, 1920, 1080, 2000.0, 2000.0), (1919, 1079));
+    }
+
+    /// A 2x2 cursor: opaque red, transparent, half-transparent white, opaque green.
+    fn cursor_at(x: u16, y: u16) -> RemoteCursor {
+        RemoteCursor {
+            x,
+            y,
+            visible: true,
+            image: Some(CursorImage {
+                hot_x: 1,
+                hot_y: 1,
+                width: 2,
+                height: 2,
+                bgra: vec![
+                    0, 0, 255, 255, 9, 9, 9, 0, 255, 255, 255, 128, 0, 255, 0, 255,
+                ],
+            }),
+        }
+    }
+
+    #[test]
+    fn cursor_is_blended_with_its_hotspot_at_the_position() {
+        let mut buf = vec![0u32; 8 * 8];
+        let p = placement(8, 8, 8, 8);
+
+        draw_cursor(&mut buf, 8, 8, p, &cursor_at(3, 4));
+
+        assert_eq!(buf[3 * 8 + 2], 0xff0000, "red at the top-left");
+        assert_eq!(buf[3 * 8 + 3], 0, "transparent pixels leave the frame");
+        assert_eq!(buf[4 * 8 + 2], 0x808080, "half white over black");
+        assert_eq!(buf[4 * 8 + 3], 0x00ff00);
+        assert_eq!(buf.iter().filter(|&&px| px != 0).count(), 3);
+    }
+
+    #[test]
+    fn cursor_scales_with_the_frame_and_is_clipped_to_the_window() {
+        let p = placement(4, 4, 8, 8); // scale 2
+        let mut scaled = vec![0u32; 8 * 8];
+        let mut clipped = vec![0u32; 8 * 8];
+        let mut hidden = vec![0u32; 8 * 8];
+
+        draw_cursor(&mut scaled, 8, 8, p, &cursor_at(2, 2));
+        draw_cursor(&mut clipped, 8, 8, p, &cursor_at(0, 0));
+        let invisible = RemoteCursor {
+            visible: false,
+            ..cursor_at(2, 2)
+        };
+        draw_cursor(&mut hidden, 8, 8, p, &invisible);
+
+        // Frame pixel (1, 1) is window pixels (2..4, 2..4).
+        for (x, y) in [(2, 2), (3, 2), (2, 3), (3, 3)] {
+            assert_eq!(scaled[y * 8 + x], 0xff0000, "({x}, {y})");
+        }
+        assert_eq!(scaled[5 * 8 + 5], 0x00ff00);
+        assert_eq!(scaled.iter().filter(|&&px| px != 0).count(), 12);
+        // Hotspot at the corner: only the bottom-right (green) pixel is on screen.
+        assert_eq!(clipped.iter().filter(|&&px| px == 0x00ff00).count(), 4);
+        assert_eq!(clipped.iter().filter(|&&px| px != 0).count(), 4);
+        assert!(hidden.iter().all(|&px| px == 0));
     }
 }

@@ -228,12 +228,44 @@ pub enum SourceError {
     Other(String),
 }
 
+/// A pointer image: BGRA with straight (not premultiplied) alpha, stride `width * 4`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorShape {
+    /// Hotspot (the pixel that points) inside the image.
+    pub hot_x: u32,
+    pub hot_y: u32,
+    pub width: u32,
+    pub height: u32,
+    /// `width * height * 4` bytes.
+    pub bgra: Vec<u8>,
+}
+
+/// The pointer as a source shows it apart from its frames, like a desktop's hardware cursor:
+/// it is never drawn into the frames, so moving it costs no encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorUpdate {
+    /// Hotspot position in frame pixels (may lie outside the frame).
+    pub x: i32,
+    pub y: i32,
+    pub visible: bool,
+    /// The shape, present only when it changed since the previous update (and in the first).
+    pub image: Option<CursorShape>,
+}
+
 /// Anything that produces frames: the VM framebuffer, a synthetic scene.
 pub trait FrameSource: Send {
     /// Current frame size in pixels.
     fn size(&self) -> (u32, u32);
-    /// Blocks until a frame newer than the last one returned is ready, or `deadline` passes (`Ok(None)`).
+    /// Blocks until a frame newer than the last one returned is ready, or `deadline` passes
+    /// (`Ok(None)`). A source whose pointer can change without a new frame also returns
+    /// `Ok(None)` early when it does, so that the caller polls [`FrameSource::cursor_update`]
+    /// promptly.
     fn next_frame(&mut self, deadline: Instant) -> Result<Option<SourceFrame<'_>>, SourceError>;
+    /// The pointer's state if it changed since the previous call (`None`: unchanged, or the
+    /// source has no pointer). Callers poll it after every [`FrameSource::next_frame`] return.
+    fn cursor_update(&mut self) -> Option<CursorUpdate> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub use encode::{
     EncodeError, EncodedFrame, Encoder, EncoderConfig, Tuning, Usage, REFINEMENT_PASSES,
 };
 pub use frame::{
-    DamageSet, FrameError, FrameRef, FrameSource, PixelFormat, Rect, SourceError, SourceFrame,
+    CursorShape, CursorUpdate, DamageSet, FrameError, FrameRef, FrameSource, PixelFormat, Rect,
+    SourceError, SourceFrame,
 };
 pub use quality::psnr_bgrx;

@@ -5,12 +5,18 @@
 //! reports is exactly the set of rectangles recomposed, so it covers every changed pixel.
 //! Animation advances by frame index at the nominal frame rate (time t = sequence / fps), so the
 //! same seed, size and rate always give the same frames, whether pulled paced or unpaced.
+//!
+//! Every scene also has a mouse pointer (an arrow) that is reported through
+//! [`FrameSource::cursor_update`] and never drawn into the frames, like a desktop's hardware
+//! cursor: it drags the moving window, rests below the typing caret, or stays still.
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use crate::frame::{FrameRef, FrameSource, PixelFormat, Rect, SourceError, SourceFrame};
+use crate::frame::{
+    CursorShape, CursorUpdate, FrameRef, FrameSource, PixelFormat, Rect, SourceError, SourceFrame,
+};
 
 /// What the synthetic desktop shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -664,6 +670,50 @@ fn bounce(pos: f64, max: u32) -> u32 {
     (if p <= f64::from(max) { p } else { period - p }).round() as u32
 }
 
+/// The pointer image: black outline, white fill, transparent elsewhere; hotspot at its tip.
+const ARROW: [&str; 18] = [
+    "X           ",
+    "XX          ",
+    "X.X         ",
+    "X..X        ",
+    "X...X       ",
+    "X....X      ",
+    "X.....X     ",
+    "X......X    ",
+    "X.......X   ",
+    "X........X  ",
+    "X.........X ",
+    "X......XXXXX",
+    "X...X..X    ",
+    "X..X X..X   ",
+    "X.X  X..X   ",
+    "XX    X..X  ",
+    "X     X..X  ",
+    "       XX   ",
+];
+
+/// The synthetic pointer's shape ([`ARROW`] as BGRA, hotspot at the tip).
+pub fn arrow_cursor() -> CursorShape {
+    let (width, height) = (ARROW[0].len() as u32, ARROW.len() as u32);
+    let mut bgra = Vec::with_capacity((width * height * 4) as usize);
+    for row in ARROW {
+        for c in row.bytes() {
+            bgra.extend_from_slice(match c {
+                b'X' => &[0, 0, 0, 255],
+                b'.' => &[255, 255, 255, 255],
+                _ => &[0, 0, 0, 0],
+            });
+        }
+    }
+    CursorShape {
+        hot_x: 0,
+        hot_y: 0,
+        width,
+        height,
+        bgra,
+    }
+}
+
 /// A synthetic frame source rendering `scene` at `width` x `height`, `fps` frames per second.
 pub struct SyntheticSource {
     scene: Scene,
@@ -672,6 +722,8 @@ pub struct SyntheticSource {
     state: SceneState,
     sequence: u64,
     next_due: Option<Instant>,
+    /// Pointer position last returned by `cursor_update` (`None`: nothing returned yet).
+    cursor_reported: Option<(i32, i32)>,
 }
 
 impl fmt::Debug for SyntheticSource {
@@ -760,9 +812,40 @@ impl SyntheticSource {
             state,
             sequence: 0,
             next_due: None,
+            cursor_reported: None,
         };
         source.init_scene();
         source
+    }
+
+    /// The pointer's hotspot now, in screen pixels: on the dragged window's title bar, just
+    /// below the typing caret, or resting over the page or desktop.
+    pub fn pointer(&self) -> (i32, i32) {
+        let d = &self.desktop;
+        let s = d.font.scale;
+        let (x, y) = match &self.state {
+            SceneState::Windows { dragged, .. } => {
+                let w = d.windows[*dragged].screen_rect();
+                (
+                    w.x + (w.width / 3).min(80 * s),
+                    w.y + (w.height / 2).min(12 * s),
+                )
+            }
+            SceneState::Typing {
+                editor, col, row, ..
+            } => {
+                let area = text_area(&d.windows[*editor], s);
+                let (cw, lh) = (d.font.cell_w(), d.font.cell_h() + 2 * s);
+                let caret = d.to_screen(
+                    *editor,
+                    Rect::new(area.x + col * cw, area.y + row * lh, 1, 1),
+                );
+                (caret.x + 6 * s, caret.y + lh + 4 * s)
+            }
+            SceneState::Scrolling { .. } => (d.width * 2 / 3, d.height / 2),
+            SceneState::Still => (d.width / 2, d.height / 2),
+        };
+        (x.min(d.width - 1) as i32, y.min(d.height - 1) as i32)
     }
 
     pub fn scene(&self) -> Scene {
@@ -1182,6 +1265,23 @@ impl FrameSource for SyntheticSource {
         (self.desktop.width, self.desktop.height)
     }
 
+    /// The first call returns the arrow and its position; later calls the position whenever a
+    /// frame moved it. The pointer only moves with frames, so `next_frame` never returns early.
+    fn cursor_update(&mut self) -> Option<CursorUpdate> {
+        let (x, y) = self.pointer();
+        let first = self.cursor_reported.is_none();
+        if self.cursor_reported == Some((x, y)) {
+            return None;
+        }
+        self.cursor_reported = Some((x, y));
+        Some(CursorUpdate {
+            x,
+            y,
+            visible: true,
+            image: first.then(arrow_cursor),
+        })
+    }
+
     /// Waits until the next frame is due at the source's frame rate (the first frame is due at
     /// once), then renders it. Returns `Ok(None)` if `deadline` comes first.
     fn next_frame(&mut self, deadline: Instant) -> Result<Option<SourceFrame<'_>>, SourceError> {
@@ -1341,6 +1441,94 @@ mod tests {
         for expected in 1..=5 {
             assert_eq!(source.advance().sequence, expected);
         }
+    }
+
+    #[test]
+    fn first_cursor_update_carries_the_arrow_and_later_ones_only_positions() {
+        let mut source = SyntheticSource::new(Scene::Windows, 320, 200, 30.0);
+
+        let first = source.cursor_update().expect("initial pointer");
+        source.advance();
+        let mut later = Vec::new();
+        for _ in 0..10 {
+            source.advance();
+            later.extend(source.cursor_update());
+        }
+
+        let image = first.image.expect("first update has the image");
+        assert_eq!(image, arrow_cursor());
+        assert_eq!(image.bgra.len(), (image.width * image.height * 4) as usize);
+        assert!(image.hot_x < image.width && image.hot_y < image.height);
+        assert!(first.visible);
+        assert_eq!(later.len(), 10, "the dragged window moves every frame");
+        assert!(later.iter().all(|u| u.image.is_none() && u.visible));
+    }
+
+    #[test]
+    fn pointer_drags_the_moving_window() {
+        let mut source = SyntheticSource::new(Scene::Windows, 320, 200, 30.0);
+        let offset = |s: &SyntheticSource| {
+            let SceneState::Windows { dragged, .. } = s.state else {
+                unreachable!("windows scene")
+            };
+            let w = s.desktop.windows[dragged].screen_rect();
+            let (x, y) = s.pointer();
+            (x - w.x as i32, y - w.y as i32)
+        };
+        let grip = offset(&source);
+
+        let mut positions = Vec::new();
+        for _ in 0..30 {
+            source.advance();
+            assert_eq!(
+                offset(&source),
+                grip,
+                "pointer keeps its grip on the title bar"
+            );
+            positions.push(source.pointer());
+        }
+
+        positions.dedup();
+        assert!(positions.len() > 20, "pointer moves: {positions:?}");
+        assert!(positions
+            .iter()
+            .all(|&(x, y)| (0..320).contains(&x) && (0..200).contains(&y)));
+    }
+
+    #[test]
+    fn pointer_follows_the_typing_caret_and_rests_when_nothing_moves() {
+        let mut typing = SyntheticSource::new(Scene::Typing, 320, 200, 30.0);
+        let mut still = SyntheticSource::new(Scene::Still, 320, 200, 30.0);
+        typing.cursor_update();
+        still.cursor_update();
+
+        let mut typing_moves = 0;
+        let mut still_moves = 0;
+        for _ in 0..60 {
+            typing.advance();
+            still.advance();
+            typing_moves += usize::from(typing.cursor_update().is_some());
+            still_moves += usize::from(still.cursor_update().is_some());
+        }
+
+        // 2 s at 15 characters per second: about 30 caret moves, some frames without one.
+        assert!((20..60).contains(&typing_moves), "{typing_moves} moves");
+        assert_eq!(still_moves, 0);
+        assert_eq!(still.pointer(), (160, 100));
+    }
+
+    #[test]
+    fn pointer_path_depends_only_on_seed_size_and_rate() {
+        let path = |seed| {
+            let mut s = SyntheticSource::with_seed(Scene::Windows, 200, 150, 20.0, seed);
+            (0..15)
+                .map(|_| {
+                    s.advance();
+                    s.pointer()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(path(3), path(3));
     }
 
     #[test]

@@ -17,8 +17,10 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use encoder::{FrameRef, FrameSource, PixelFormat, Rect, SourceError, SourceFrame};
-use framebuffer::{FramebufferReader, ReaderError, ReaderFds};
+use encoder::{
+    CursorShape, CursorUpdate, FrameRef, FrameSource, PixelFormat, Rect, SourceError, SourceFrame,
+};
+use framebuffer::{CursorState, FramebufferReader, ReaderError, ReaderFds};
 use proto::stream::{Button, InputEvent, TouchPhase};
 use serde::Serialize;
 use tracing::{debug, warn};
@@ -349,12 +351,22 @@ impl SharedSize {
 /// The VM's scanout as a frame source. While the guest has not enabled the scanout (or has
 /// disabled it) the source returns one black frame of the last known size, so viewers get a
 /// picture; afterwards it returns frames only when the guest flushes.
+///
+/// The virtio-gpu cursor is reported through [`FrameSource::cursor_update`]: `next_frame`
+/// returns early when the cursor's serial changed, and the image goes out only when the
+/// shape or hotspot changed, trimmed of its transparent right and bottom margins.
 pub struct VmFramebufferSource {
     reader: FramebufferReader,
     size: Arc<SharedSize>,
     blank: Vec<u8>,
     blank_sent: bool,
     sequence: u64,
+    /// (generation, sequence) of the last frame returned.
+    last_frame: Option<(u64, u64)>,
+    /// Cursor serial last reported.
+    cursor_serial: Option<u64>,
+    /// Hotspot and 64x64 image last reported.
+    cursor_shape: Option<(u32, u32, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for VmFramebufferSource {
@@ -392,7 +404,15 @@ impl VmFramebufferSource {
             blank: Vec::new(),
             blank_sent: false,
             sequence: 0,
+            last_frame: None,
+            cursor_serial: None,
+            cursor_shape: None,
         })
+    }
+
+    /// Whether the cursor changed since the last [`FrameSource::cursor_update`].
+    fn cursor_changed(&self) -> Result<bool, ReaderError> {
+        Ok(Some(self.reader.cursor()?.serial) != self.cursor_serial)
     }
 
     /// The size handle to give the matching [`VmInput`].
@@ -421,9 +441,10 @@ impl FrameSource for VmFramebufferSource {
             let info = self.reader.info().map_err(source_error)?;
             if info.enabled() {
                 self.blank_sent = false;
-                break;
-            }
-            if !self.blank_sent {
+                if self.last_frame != Some((info.generation, info.sequence)) {
+                    break;
+                }
+            } else if !self.blank_sent {
                 self.blank_sent = true;
                 let (width, height) = self.size.get();
                 self.blank.clear();
@@ -436,6 +457,10 @@ impl FrameSource for VmFramebufferSource {
                     captured_at: Instant::now(),
                 }));
             }
+            // A cursor move flushes nothing: return so the caller picks it up now.
+            if self.cursor_changed().map_err(source_error)? {
+                return Ok(None);
+            }
             if !self.reader.wait_change(deadline).map_err(source_error)? {
                 return Ok(None);
             }
@@ -443,6 +468,7 @@ impl FrameSource for VmFramebufferSource {
         let Some(frame) = self.reader.wait_frame(deadline).map_err(source_error)? else {
             return Ok(None);
         };
+        self.last_frame = Some((frame.info.generation, frame.info.sequence));
         let (width, height) = (frame.info.width, frame.info.height);
         self.size.set(width, height);
         let damage = frame
@@ -464,6 +490,59 @@ impl FrameSource for VmFramebufferSource {
             sequence: self.sequence,
             captured_at: Instant::now(),
         }))
+    }
+
+    fn cursor_update(&mut self) -> Option<CursorUpdate> {
+        let cursor = match self.reader.cursor() {
+            Ok(c) => c,
+            Err(e) => {
+                // A stuck or corrupt writer also fails the next frame read, which ends the stream.
+                debug!(error = %e, "reading the cursor failed");
+                return None;
+            }
+        };
+        if self.cursor_serial == Some(cursor.serial) {
+            return None;
+        }
+        self.cursor_serial = Some(cursor.serial);
+        let same_shape = self.cursor_shape.as_ref().is_some_and(|(hx, hy, image)| {
+            (*hx, *hy) == (cursor.hot_x, cursor.hot_y) && *image == cursor.image
+        });
+        let image = (!same_shape).then(|| trimmed_cursor(&cursor));
+        let update = CursorUpdate {
+            x: cursor.x,
+            y: cursor.y,
+            visible: cursor.visible,
+            image,
+        };
+        if !same_shape {
+            self.cursor_shape = Some((cursor.hot_x, cursor.hot_y, cursor.image));
+        }
+        Some(update)
+    }
+}
+
+/// The cursor's image without its fully transparent right columns and bottom rows (the
+/// top-left stays, so the hotspot keeps its meaning); at least 1x1.
+fn trimmed_cursor(c: &CursorState) -> CursorShape {
+    let side = framebuffer::layout::CURSOR_SIDE as usize;
+    let (mut width, mut height) = (1, 1);
+    for (i, px) in c.image.chunks_exact(4).enumerate() {
+        if px[3] != 0 {
+            width = width.max(i % side + 1);
+            height = height.max(i / side + 1);
+        }
+    }
+    let mut bgra = Vec::with_capacity(width * height * 4);
+    for row in c.image.chunks_exact(side * 4).take(height) {
+        bgra.extend_from_slice(&row[..width * 4]);
+    }
+    CursorShape {
+        hot_x: c.hot_x,
+        hot_y: c.hot_y,
+        width: width as u32,
+        height: height as u32,
+        bgra,
     }
 }
 
@@ -1024,6 +1103,109 @@ mod tests {
         let blank = source.next_frame(soon()).unwrap().unwrap();
         assert_eq!((blank.frame.width, blank.frame.height), (40, 20));
         assert!(blank.frame.data.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn cursor_changes_end_the_frame_wait_and_send_the_image_only_when_it_changes() {
+        use framebuffer::layout::{CURSOR_IMAGE_SIZE, CURSOR_SIDE};
+        use framebuffer::FramebufferWriter;
+        let soon = || Instant::now() + Duration::from_secs(5);
+        let mut writer = FramebufferWriter::new(4 << 20).unwrap();
+        let mut source =
+            VmFramebufferSource::new(writer.share().reader_fds().unwrap(), (32, 16)).unwrap();
+        let buf = writer.alloc(((32 * 4 + 64) * 16) as usize).unwrap();
+        writer.set_scanout(Some((&buf, scanout(32, 16)))).unwrap();
+        source.next_frame(soon()).unwrap().unwrap();
+        let initial = source.cursor_update().expect("initial cursor state");
+        assert!(!initial.visible);
+        // A 5x3 opaque block at (2, 1) of the 64x64 image, hotspot on its corner.
+        let mut image = vec![0u8; CURSOR_IMAGE_SIZE];
+        for y in 1..4 {
+            for x in 2..7 {
+                let i = ((y * CURSOR_SIDE + x) * 4) as usize;
+                image[i..i + 4].copy_from_slice(&[1, 2, 3, 255]);
+            }
+        }
+
+        writer.set_cursor(&image, 2, 1, 10, 20).unwrap();
+        let started = Instant::now();
+        let waited = source
+            .next_frame(started + Duration::from_secs(5))
+            .unwrap()
+            .map(|f| f.sequence);
+        let woke_after = started.elapsed();
+        let shown = source.cursor_update().expect("cursor shown");
+        let unchanged = source.cursor_update();
+        writer.move_cursor(30, 40, true);
+        source.next_frame(soon()).unwrap();
+        let moved = source.cursor_update().expect("cursor moved");
+        // A guest re-sending the same image with a new position: only the position is news.
+        writer.set_cursor(&image, 2, 1, 31, 41).unwrap();
+        let resent = source.cursor_update().expect("cursor re-sent");
+        writer.move_cursor(31, 41, false);
+        let hidden = source.cursor_update().expect("cursor hidden");
+        writer.flush(framebuffer::Rect {
+            x: 0,
+            y: 0,
+            width: 4,
+            height: 4,
+        });
+        let flushed = source.next_frame(soon()).unwrap().map(|f| f.damage);
+
+        assert!(waited.is_none(), "the guest flushed nothing");
+        assert!(
+            woke_after < Duration::from_secs(4),
+            "returned for the cursor, not at the deadline ({woke_after:?})"
+        );
+        assert_eq!((shown.x, shown.y, shown.visible), (10, 20, true));
+        let shape = shown.image.expect("new shape is sent");
+        assert_eq!(
+            (shape.width, shape.height, shape.hot_x, shape.hot_y),
+            (7, 4, 2, 1),
+            "trimmed to the opaque pixels' right and bottom edges"
+        );
+        assert_eq!(shape.bgra.len(), 7 * 4 * 4);
+        assert_eq!(&shape.bgra[..4], &[0, 0, 0, 0]);
+        assert_eq!(&shape.bgra[(7 + 2) * 4..(7 + 3) * 4], &[1, 2, 3, 255]);
+        assert_eq!(unchanged, None);
+        assert_eq!(
+            moved,
+            CursorUpdate {
+                x: 30,
+                y: 40,
+                visible: true,
+                image: None
+            }
+        );
+        assert_eq!((resent.x, resent.y, resent.image), (31, 41, None));
+        assert!(!hidden.visible && hidden.image.is_none());
+        assert_eq!(flushed, Some(vec![Rect::new(0, 0, 4, 4)]));
+    }
+
+    #[test]
+    fn a_new_cursor_shape_is_sent_again() {
+        use framebuffer::layout::CURSOR_IMAGE_SIZE;
+        use framebuffer::FramebufferWriter;
+        let mut writer = FramebufferWriter::new(4 << 20).unwrap();
+        let mut source =
+            VmFramebufferSource::new(writer.share().reader_fds().unwrap(), (32, 16)).unwrap();
+        let arrow = vec![255u8; CURSOR_IMAGE_SIZE];
+        writer.set_cursor(&arrow, 0, 0, 5, 5).unwrap();
+        source.cursor_update().expect("first shape");
+
+        writer.set_cursor(&arrow, 3, 3, 5, 5).unwrap();
+        let new_hotspot = source.cursor_update().expect("hotspot changed");
+        let mut beam = arrow.clone();
+        beam[..4].copy_from_slice(&[9, 9, 9, 255]);
+        writer.set_cursor(&beam, 3, 3, 5, 5).unwrap();
+        let new_pixels = source.cursor_update().expect("pixels changed");
+
+        let shape = new_hotspot.image.expect("sent for a new hotspot");
+        assert_eq!((shape.width, shape.height, shape.hot_x), (64, 64, 3));
+        assert_eq!(
+            &new_pixels.image.expect("sent for new pixels").bgra[..4],
+            &[9, 9, 9, 255]
+        );
     }
 
     #[test]

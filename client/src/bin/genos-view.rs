@@ -1,8 +1,8 @@
 //! `genos-view URL`: show a GenOS stream in a window, or measure it headless.
 //!
 //! `genos-view --headless --frames N --json URL` decodes N frames and prints one JSON object
-//! (frames, fps, bitrate_kbps, latency_ms_p50/p99, decode_ms_p50, ...); `--dump DIR` saves the
-//! decoded frames as PNG.
+//! (frames, fps, bitrate_kbps, latency_ms_p50/p99, decode_ms_p50, cursor_updates, ...);
+//! `--dump DIR` saves the decoded frames as PNG.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -108,6 +108,7 @@ async fn headless(args: &Args, url: &ConnectUrl) -> Result<(), String> {
                     save_png(dir, &f).map_err(|e| format!("saving frame {}: {e}", f.sequence))?;
                 }
             }
+            Some(Event::Cursor { .. }) => stats.record_cursor(),
             Some(Event::Closed(reason)) => return Err(format!("session ended: {reason}")),
             Some(Event::Error { code, message }) if code.is_fatal() => {
                 return Err(format!("server error: {message} ({code:?})"))

@@ -2,9 +2,11 @@
 //! fans one shared encoder per environment out to every viewer of it.
 //!
 //! Threads and tasks: each environment's source and encoder run on a dedicated OS thread
-//! (blocking `next_frame` + CPU-bound encode) publishing into a broadcast channel. Each viewer
-//! has a control task (input, keyframe requests, pings), a video task (newest-wins delivery
-//! on per-frame unidirectional streams, bounded frames in flight) and an ABR tick.
+//! (blocking `next_frame` + CPU-bound encode) publishing into a broadcast channel, and the
+//! source's pointer into a watch channel (latest value only). Each viewer has a control task
+//! (input, keyframe requests, pings), a video task (newest-wins delivery on per-frame
+//! unidirectional streams, bounded frames in flight), a cursor task (the newest pointer state,
+//! at most once per frame interval) and an ABR tick.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -14,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use encoder::{Encoder, EncoderConfig};
 use proto::stream::{
-    self as wire, Button, ClientMessage, Codec, ErrorCode, FrameHeader, InputEvent, Message,
-    MessageReader, Rights, ServerMessage, ServerStats, StreamConfig,
+    self as wire, Button, ClientMessage, Codec, CursorImage, ErrorCode, FrameHeader, InputEvent,
+    Message, MessageReader, Rights, ServerMessage, ServerStats, StreamConfig,
 };
 use quinn::VarInt;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -143,9 +145,73 @@ pub struct EnvStats {
     pub frames_dropped: u64,
 }
 
+/// The pointer as viewers see it; `image_serial` changes whenever the image does, so each
+/// viewer sends the image once per shape.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct CursorSnapshot {
+    x: u16,
+    y: u16,
+    visible: bool,
+    image: Option<Arc<CursorImage>>,
+    image_serial: u64,
+}
+
+impl CursorSnapshot {
+    /// Applies a source update: position and visibility always, the image when one came.
+    fn apply(&mut self, u: encoder::CursorUpdate) {
+        self.x = u.x.clamp(0, i32::from(u16::MAX)) as u16;
+        self.y = u.y.clamp(0, i32::from(u16::MAX)) as u16;
+        self.visible = u.visible;
+        if let Some(shape) = u.image {
+            self.image = Some(Arc::new(wire_cursor_image(shape)));
+            self.image_serial += 1;
+        }
+    }
+
+    /// The Cursor message for a viewer that last got image `sent_serial`; carries the image
+    /// only if that viewer has not had it yet.
+    fn message(&self, sent_serial: Option<u64>) -> ServerMessage {
+        let image = match &self.image {
+            Some(img) if sent_serial != Some(self.image_serial) => Some(CursorImage::clone(img)),
+            _ => None,
+        };
+        ServerMessage::Cursor {
+            x: self.x,
+            y: self.y,
+            visible: self.visible,
+            image,
+        }
+    }
+}
+
+/// A source's cursor shape on the wire: cropped to the protocol's largest edge (sources
+/// have 64x64 at most; cropping keeps the hotspot meaningful), hotspot saturated to `u16`.
+fn wire_cursor_image(shape: encoder::CursorShape) -> CursorImage {
+    let max = u32::from(wire::MAX_CURSOR_EDGE);
+    let (width, height) = (shape.width.min(max), shape.height.min(max));
+    let row = shape.width as usize * 4;
+    let mut bgra = Vec::with_capacity(width as usize * height as usize * 4);
+    for y in 0..height as usize {
+        // Pixels missing from a short image are transparent.
+        let src = shape.bgra.get(y * row..).unwrap_or_default();
+        let px = &src[..src.len().min(width as usize * 4)];
+        bgra.extend_from_slice(px);
+        bgra.resize((y + 1) * width as usize * 4, 0);
+    }
+    CursorImage {
+        hot_x: shape.hot_x.min(u32::from(u16::MAX)) as u16,
+        hot_y: shape.hot_y.min(u32::from(u16::MAX)) as u16,
+        width: width as u16,
+        height: height as u16,
+        bgra,
+    }
+}
+
 struct Environment {
     id: String,
     frames: broadcast::Sender<Arc<Packet>>,
+    /// The source's pointer; `None` until the source reports one.
+    cursor: watch::Sender<Option<CursorSnapshot>>,
     input: Arc<dyn InputSink>,
     force_keyframe: AtomicBool,
     stop: AtomicBool,
@@ -382,6 +448,7 @@ impl StreamServer {
         let env = Arc::new(Environment {
             id: env_id.to_owned(),
             frames: tx,
+            cursor: watch::Sender::new(None),
             input: source.input,
             force_keyframe: AtomicBool::new(true),
             stop: AtomicBool::new(false),
@@ -487,6 +554,12 @@ fn encode_loop(
     let (mut width, mut height) = frames.size();
     let mut shadow = Shadow::default();
     while !env.stop.load(Ordering::Acquire) {
+        // After every return of `next_frame` (sources return early when only the pointer
+        // moved) and while idle, so a joining viewer finds the pointer current.
+        if let Some(update) = frames.cursor_update() {
+            env.cursor
+                .send_modify(|c| c.get_or_insert_with(Default::default).apply(update));
+        }
         if env.viewers.load(Ordering::Acquire) == 0 {
             // Nobody watches: don't burn CPU; the first viewer gets a keyframe anyway.
             env.force_keyframe.store(true, Ordering::Release);
@@ -970,6 +1043,8 @@ async fn run_session(
         ctl_tx.clone(),
     );
 
+    let cursor = cursor_loop(&env, ctl_tx.clone());
+
     let mut held = session.held.clone();
     let control = control_loop(
         &env,
@@ -1018,6 +1093,7 @@ async fn run_session(
     let end = tokio::select! {
         _ = writer => None,
         _ = video => None,
+        _ = cursor => None,
         r = control => r,
         _ = abr_loop => None,
         e = conn.closed() => { debug!(viewer = viewer_id, error = %e, "connection closed"); None }
@@ -1144,6 +1220,35 @@ async fn control_loop(
             }
         }
     }
+}
+
+/// Longest wait between two pointer updates to one viewer, whatever the frame rate.
+const MAX_CURSOR_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Sends the viewer the environment's pointer: the current state at once (with its image),
+/// then the newest state after each change, at most once per frame interval. Waiting for the
+/// control queue instead of queueing means a slow viewer skips to the newest position.
+async fn cursor_loop(env: &Environment, ctl_tx: mpsc::Sender<ServerMessage>) {
+    let mut rx = env.cursor.subscribe();
+    let mut sent_serial = None;
+    loop {
+        let snapshot = rx.borrow_and_update().clone();
+        if let Some(snapshot) = snapshot {
+            if ctl_tx.send(snapshot.message(sent_serial)).await.is_err() {
+                break;
+            }
+            sent_serial = Some(snapshot.image_serial).filter(|_| snapshot.image.is_some());
+        }
+        let fps_milli = env.config().fps_milli.max(1);
+        let frame_interval = Duration::from_micros(1_000_000_000 / u64::from(fps_milli));
+        // Slow streams (a still screen at 1 fps) still get a pointer that feels live.
+        tokio::time::sleep(frame_interval.min(MAX_CURSOR_INTERVAL)).await;
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
+    // The environment or the control writer is gone; other tasks end the session.
+    std::future::pending::<()>().await;
 }
 
 /// Keeps pointer coordinates inside the current frame.
@@ -1381,6 +1486,100 @@ mod tests {
                 assert_eq!(v, if inside { 9 } else { 1 }, "pixel {x},{y}");
             }
         }
+    }
+
+    fn arrow(width: u32, height: u32) -> encoder::CursorShape {
+        encoder::CursorShape {
+            hot_x: 1,
+            hot_y: 2,
+            width,
+            height,
+            bgra: (0..width * height * 4).map(|i| i as u8).collect(),
+        }
+    }
+
+    #[test]
+    fn cursor_image_goes_to_each_viewer_once_per_shape() {
+        let mut cursor = CursorSnapshot::default();
+        cursor.apply(encoder::CursorUpdate {
+            x: 10,
+            y: 20,
+            visible: true,
+            image: Some(arrow(3, 2)),
+        });
+        let first = cursor.message(None);
+        let again = cursor.message(Some(cursor.image_serial));
+        cursor.apply(encoder::CursorUpdate {
+            x: -5,
+            y: 70_000,
+            visible: false,
+            image: None,
+        });
+        let moved = cursor.message(Some(cursor.image_serial));
+        let joined = cursor.message(None);
+        let seen = cursor.image_serial;
+        cursor.apply(encoder::CursorUpdate {
+            x: 1,
+            y: 1,
+            visible: true,
+            image: Some(arrow(2, 2)),
+        });
+        let reshaped = cursor.message(Some(seen));
+
+        let ServerMessage::Cursor {
+            x,
+            y,
+            visible,
+            image: Some(img),
+        } = first
+        else {
+            panic!("first message carries the image: {first:?}")
+        };
+        assert_eq!((x, y, visible), (10, 20, true));
+        assert_eq!((img.hot_x, img.hot_y, img.width, img.height), (1, 2, 3, 2));
+        assert_eq!(img.bgra, arrow(3, 2).bgra);
+        assert!(matches!(again, ServerMessage::Cursor { image: None, .. }));
+        assert_eq!(
+            moved,
+            ServerMessage::Cursor {
+                x: 0,
+                y: u16::MAX,
+                visible: false,
+                image: None
+            },
+            "positions are clamped to the wire's range"
+        );
+        assert!(
+            matches!(joined, ServerMessage::Cursor { image: Some(ref i), .. } if i.width == 3),
+            "a joining viewer gets the current image with the position"
+        );
+        assert!(
+            matches!(reshaped, ServerMessage::Cursor { image: Some(ref i), .. } if i.width == 2)
+        );
+    }
+
+    #[test]
+    fn oversized_cursor_images_are_cropped_to_the_wire_limit() {
+        let edge = u32::from(wire::MAX_CURSOR_EDGE);
+        let mut shape = arrow(edge + 10, 2);
+        shape.hot_x = 300;
+        let img = wire_cursor_image(shape.clone());
+        let short = wire_cursor_image(encoder::CursorShape {
+            bgra: vec![7; 4],
+            ..arrow(2, 2)
+        });
+
+        assert_eq!((img.width, img.height, img.hot_x), (edge as u16, 2, 300));
+        let row = (edge as usize + 10) * 4;
+        assert_eq!(
+            img.bgra[..edge as usize * 4],
+            shape.bgra[..edge as usize * 4]
+        );
+        assert_eq!(
+            img.bgra[edge as usize * 4..],
+            shape.bgra[row..row + edge as usize * 4]
+        );
+        assert_eq!(short.bgra, [vec![7; 4], vec![0; 12]].concat());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What the stream server streams from: a frame source paired with an input sink.
 //!
-//! The frame side is `encoder::FrameSource` (VM framebuffer reader, synthetic scenes); the
+//! The frame side is `encoder::FrameSource` (VM framebuffer reader, synthetic scenes), which
+//! also reports the pointer apart from the frames (`FrameSource::cursor_update`); the
 //! input side receives the events viewers with the `input` right send, in order. The VM
 //! implementation forwards them to the VMM's virtio-input devices; the synthetic one records
 //! them so tests can check what arrived.

@@ -319,7 +319,10 @@ pub struct GpuState {
     /// Resource shown on scanout 0 and the rectangle of it that is shown.
     scanout: Option<(u32, Rect)>,
     cursor_visible: bool,
+    /// Top-left corner of the cursor image, as the guest placed it.
     cursor_pos: (i32, i32),
+    /// Hotspot inside the cursor image, from the last UPDATE_CURSOR with an image.
+    cursor_hot: (u32, u32),
     display: Arc<Mutex<DisplayShared>>,
     metrics: Arc<GpuMetrics>,
 }
@@ -353,6 +356,7 @@ impl GpuState {
             scanout: None,
             cursor_visible: false,
             cursor_pos: (0, 0),
+            cursor_hot: (0, 0),
             display: Arc::new(Mutex::new(DisplayShared {
                 size: (config.width, config.height),
                 events_read: 0,
@@ -442,8 +446,8 @@ impl GpuState {
             } => self.update_cursor(pos.x as i32, pos.y as i32, resource_id, hot_x, hot_y),
             Command::MoveCursor { pos } => {
                 self.cursor_pos = (pos.x as i32, pos.y as i32);
-                self.writer
-                    .move_cursor(self.cursor_pos.0, self.cursor_pos.1, self.cursor_visible);
+                let (x, y) = self.cursor_hotspot_position();
+                self.writer.move_cursor(x, y, self.cursor_visible);
                 Ok(())
             }
         };
@@ -688,6 +692,16 @@ impl GpuState {
         Ok(())
     }
 
+    /// Where the hotspot is on the scanout. The guest places the image's top-left corner
+    /// (Linux's cursor plane position is the plane's corner); readers want the point the
+    /// pointer is at, which is the hotspot.
+    fn cursor_hotspot_position(&self) -> (i32, i32) {
+        (
+            self.cursor_pos.0.saturating_add(self.cursor_hot.0 as i32),
+            self.cursor_pos.1.saturating_add(self.cursor_hot.1 as i32),
+        )
+    }
+
     fn update_cursor(
         &mut self,
         x: i32,
@@ -699,6 +713,7 @@ impl GpuState {
         self.cursor_pos = (x, y);
         if id == 0 {
             self.cursor_visible = false;
+            let (x, y) = self.cursor_hotspot_position();
             self.writer.move_cursor(x, y, false);
             return Ok(());
         }
@@ -711,8 +726,12 @@ impl GpuState {
         }
         let image =
             self.writer.pixels_mut(&res.buffer)[..framebuffer::layout::CURSOR_IMAGE_SIZE].to_vec();
+        // A hotspot outside the image is a guest bug; keep it on the image's edge.
+        let hot = (hot_x.min(CURSOR_SIDE - 1), hot_y.min(CURSOR_SIDE - 1));
+        self.cursor_hot = hot;
+        let (x, y) = self.cursor_hotspot_position();
         // The image has exactly the size the writer expects.
-        let _ = self.writer.set_cursor(&image, hot_x, hot_y, x, y);
+        let _ = self.writer.set_cursor(&image, hot.0, hot.1, x, y);
         self.cursor_visible = true;
         Ok(())
     }
@@ -1293,7 +1312,7 @@ mod tests {
     }
 
     #[test]
-    fn cursor_update_publishes_image_hotspot_and_position() {
+    fn cursor_update_publishes_image_hotspot_and_hotspot_position() {
         let mem = guest_memory(MEM_SIZE);
         let mut s = state();
         let reader = FramebufferReader::new(s.handle().reader_fds().unwrap()).unwrap();
@@ -1326,9 +1345,10 @@ mod tests {
         );
         assert_eq!(r, Response::OkNoData);
         let c = reader.cursor().unwrap();
+        // The guest places the image's corner at (100, 50): the pointer is at its hotspot.
         assert_eq!(
             (c.visible, c.x, c.y, c.hot_x, c.hot_y),
-            (true, 100, 50, 2, 3)
+            (true, 102, 53, 2, 3)
         );
         assert_eq!(c.image, image);
 
@@ -1343,7 +1363,7 @@ mod tests {
             },
         );
         let moved = reader.cursor().unwrap();
-        assert_eq!((moved.visible, moved.x, moved.y), (true, 7, 9));
+        assert_eq!((moved.visible, moved.x, moved.y), (true, 9, 12));
 
         create(&mut s, &mem, 6, Format::B8G8R8A8, 32, 32);
         assert_eq!(
