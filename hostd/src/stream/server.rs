@@ -1006,7 +1006,12 @@ fn admit(shared: &Shared, hello: ClientMessage) -> Result<Session, Refusal> {
 #[derive(Default)]
 struct ViewerCounters {
     sent: AtomicU64,
+    /// Every frame not sent to this viewer.
     dropped: AtomicU64,
+    /// Frames not sent because the path did not drain (in-flight limit, broadcast lag): the
+    /// ABR's congestion signal. Frames skipped while waiting for a keyframe are consequences,
+    /// not new signals, and are only in `dropped`.
+    congested: AtomicU64,
     in_flight: AtomicUsize,
 }
 
@@ -1067,7 +1072,7 @@ async fn run_session(
                 cwnd_bytes: st.path.cwnd,
                 sent_packets: st.path.sent_packets,
                 lost_packets: st.path.lost_packets,
-                dropped_frames: counters.dropped.load(Ordering::Relaxed),
+                dropped_frames: counters.congested.load(Ordering::Relaxed),
             });
             env.targets
                 .lock()
@@ -1289,6 +1294,7 @@ async fn video_loop(
             Ok(p) => p,
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 counters.dropped.fetch_add(n, Ordering::Relaxed);
+                counters.congested.fetch_add(n, Ordering::Relaxed);
                 env.frames_dropped.fetch_add(n, Ordering::Relaxed);
                 needs_keyframe = true;
                 env.request_keyframe();
@@ -1312,6 +1318,7 @@ async fn video_loop(
             >= in_flight_limit(max_in_flight, conn.rtt(), env.config().fps_milli)
         {
             counters.dropped.fetch_add(1, Ordering::Relaxed);
+            counters.congested.fetch_add(1, Ordering::Relaxed);
             env.frames_dropped.fetch_add(1, Ordering::Relaxed);
             needs_keyframe = true;
             env.request_keyframe();
