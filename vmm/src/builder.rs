@@ -489,8 +489,8 @@ pub fn build_and_start(
     let mem_bytes = u64::from(config.mem_mib) << 20;
     let vm = Vm::new()?;
     let ram = create_guest_ram(mem_bytes)?;
-    // Creating the PIT and the memory slot each take milliseconds under nested KVM (the
-    // slot waits for an SRCU grace period): they run on helper threads while this thread
+    // Creating the PIT and the memory slot each take milliseconds under nested KVM (they
+    // wait for SRCU grace periods): they run on helper threads while this thread
     // loads the kernel, attaches the devices and creates the vCPUs, none of which needs
     // the slot. Only running a vCPU does.
     let Assembled {
@@ -503,13 +503,11 @@ pub fn build_and_start(
         cmdline,
         vcpus,
     } = std::thread::scope(|s| {
-        let pit = s.spawn(|| vm.create_pit());
+        let pit = vm.start_pit_setup();
         let slots = s.spawn(|| vm.register_memory(&ram.memory));
         let assembled = assemble(config, vmm_start, em, &exit, &vm, &ram, mem_bytes);
-        let join = |h: std::thread::ScopedJoinHandle<'_, Result<(), VmError>>| {
-            h.join().unwrap_or(Err(VmError::SetupThread))
-        };
-        let (pit, slots) = (join(pit), join(slots));
+        let slots = slots.join().unwrap_or(Err(VmError::SetupThread));
+        let pit = pit.and_then(|setup| setup.wait());
         let assembled = assembled?;
         pit?;
         slots?;

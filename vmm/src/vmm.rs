@@ -198,12 +198,6 @@ impl Vmm {
         }
         // The vCPU threads run: from here on this thread handles guest-driven work.
         crate::sandbox::runtime::enter_or_exit(crate::sandbox::seccomp::ThreadRole::Main);
-        // Now that the guest runs (and this thread is confined), so that the grace periods
-        // this waits for pass during the guest's start rather than at the VM's end. Failing
-        // keeps KVM's default (catch-up on), which is correct, only slower to tear down.
-        if let Err(e) = vm.vm.disable_pit_reinjection() {
-            tracing::warn!("{}", error_chain(&e));
-        }
         self.vm = Some(vm);
         self.state = VmState::Running;
         Ok(())

@@ -108,6 +108,15 @@ pub fn enter(role: ThreadRole) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Confines a short-lived helper thread with `role`'s seccomp filter (no self-test: that
+/// belongs to the role's own thread). A no-op without [`init`].
+pub fn confine_helper(role: ThreadRole) -> Result<(), SandboxError> {
+    match SANDBOX.get() {
+        Some(sandbox) => Ok(sandbox.filters.apply(role)?),
+        None => Ok(()),
+    }
+}
+
 /// [`enter`], for threads with no one to report to: a thread that cannot be confined
 /// must not run guest or client input, so the process exits (status 1).
 pub fn enter_or_exit(role: ThreadRole) {

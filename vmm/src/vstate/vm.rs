@@ -3,13 +3,14 @@
 use kvm_bindings::{
     kvm_pit_config, kvm_reinject_control, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
 };
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
 use crate::devices::virtio::GuestMemoryMmap;
+use crate::sandbox::seccomp::ThreadRole;
 
 /// Errors creating or configuring the VM.
 #[derive(Debug, thiserror::Error)]
@@ -20,9 +21,12 @@ pub enum VmError {
     /// KVM lacks something the VMM needs.
     #[error("KVM lacks a required capability: {0}")]
     MissingCap(&'static str),
-    /// A thread doing part of the VM set-up panicked.
-    #[error("a VM set-up thread panicked")]
+    /// A thread doing part of the VM set-up could not start or panicked.
+    #[error("a VM set-up thread failed to start or panicked")]
     SetupThread,
+    /// The PIT set-up thread could not confine itself.
+    #[error("cannot confine the PIT set-up thread")]
+    Confine(#[source] crate::sandbox::runtime::SandboxError),
     /// A KVM ioctl on the VM failed.
     #[error("KVM {what} failed")]
     Kvm {
@@ -36,6 +40,37 @@ pub enum VmError {
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
+}
+
+/// The PIT set-up thread started by [`Vm::start_pit_setup`].
+pub struct PitSetup {
+    ready: std::sync::mpsc::Receiver<Result<(), VmError>>,
+}
+
+impl PitSetup {
+    /// Waits until the PIT exists (the vCPUs must not run before).
+    pub fn wait(self) -> Result<(), VmError> {
+        self.ready.recv().unwrap_or(Err(VmError::SetupThread))
+    }
+}
+
+/// KVM_CREATE_PIT2 with the speaker port as a dummy, on the VM `vm_fd`.
+fn create_pit(vm_fd: &impl AsRawFd) -> Result<(), VmError> {
+    vmm_sys_util::ioctl_iow_nr!(KVM_CREATE_PIT2, kvm_bindings::KVMIO, 0x77, kvm_pit_config);
+    let config = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    // SAFETY: KVM_CREATE_PIT2 reads one `kvm_pit_config` from the pointer, which refers to a
+    // live value of that type; `vm_fd` is an open KVM VM fd.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm_fd, KVM_CREATE_PIT2(), &config) };
+    if ret < 0 {
+        return Err(VmError::Kvm {
+            what: "create PIT",
+            source: kvm_ioctls::Error::last(),
+        });
+    }
+    Ok(())
 }
 
 /// KVM_REINJECT_CONTROL with `pit_reinject = 0` on the VM `vm_fd`.
@@ -64,7 +99,7 @@ pub struct Vm {
 
 impl Vm {
     /// Opens `/dev/kvm`, checks the capabilities the VMM relies on and creates the VM with
-    /// its TSS and in-kernel irqchip. The PIT comes separately ([`Vm::create_pit`]).
+    /// its TSS and in-kernel irqchip. The PIT comes separately ([`Vm::start_pit_setup`]).
     pub fn new() -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         for (cap, name) in [
@@ -87,27 +122,46 @@ impl Vm {
         Ok(Self { kvm, fd })
     }
 
-    /// Creates the in-kernel PIT (speaker port dummy). Separate from [`Vm::new`] because
-    /// it is slow under nested KVM (KVM starts a worker thread): the builder overlaps it
-    /// with other set-up. Must happen before the vCPUs run.
-    pub fn create_pit(&self) -> Result<(), VmError> {
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        self.fd.create_pit2(pit).map_err(kvm_err("create PIT"))
-    }
-
-    /// Turns off the PIT's catch-up of missed ticks ("lost tick policy: discard").
+    /// Starts a helper thread that creates the in-kernel PIT (speaker port dummy) and then
+    /// turns off its catch-up of missed ticks ("lost tick policy: discard"); the returned
+    /// [`PitSetup`] says when the PIT exists.
     ///
     /// Linux keeps time with the TSC and the LAPIC timer and only reads the PIT while
-    /// calibrating, so catch-up ticks buy nothing. Turning catch-up off unregisters the
-    /// PIT's interrupt-acknowledge notifiers, one SRCU grace period each (10–20 ms under
-    /// nested KVM); left on, KVM does that while destroying the VM, which made every
-    /// VMM's exit that much slower. The VMM calls this once the vCPUs run, so the wait
-    /// overlaps the guest's start instead of delaying it or the exit.
-    pub fn disable_pit_reinjection(&self) -> Result<(), VmError> {
-        disable_pit_reinjection(&self.fd)
+    /// calibrating, so catch-up ticks buy nothing. But turning catch-up off unregisters the
+    /// PIT's interrupt-acknowledge notifiers, two SRCU grace periods (10–20 ms under nested
+    /// KVM), and left on, KVM does that while destroying the VM, which made every VMM's
+    /// exit that much slower. The thread confines itself with the main thread's seccomp
+    /// filter before it reports the PIT, so no unconfined thread is left when the vCPUs
+    /// start, and then waits out the grace periods alongside the VM's set-up and boot.
+    pub fn start_pit_setup(&self) -> Result<PitSetup, VmError> {
+        // SAFETY: the VM fd stays open for `self`'s life, longer than this borrow, which only
+        // lives to duplicate it; the duplicate keeps the VM alive for the thread.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) };
+        let fd = borrowed
+            .try_clone_to_owned()
+            .map_err(|e| VmError::Kvm {
+                what: "duplicate the VM fd",
+                source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)),
+            })?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("pit-setup".into())
+            .spawn(move || {
+                let created = create_pit(&fd).and_then(|()| {
+                    crate::sandbox::runtime::confine_helper(ThreadRole::Main)
+                        .map_err(VmError::Confine)
+                });
+                let ok = created.is_ok();
+                let _ = ready_tx.send(created);
+                if ok {
+                    if let Err(e) = disable_pit_reinjection(&fd) {
+                        // KVM's default (catch-up on) is correct, only slower to tear down.
+                        tracing::warn!("{}", crate::vmm::error_chain(&e));
+                    }
+                }
+            })
+            .map_err(|_| VmError::SetupThread)?;
+        Ok(PitSetup { ready: ready_rx })
     }
 
     /// The `/dev/kvm` handle.
