@@ -10,7 +10,8 @@
 //!    longest stall between decoded frames and time for the server's bitrate to settle.
 //!
 //! Flags: `--seconds N` (per phase, default 6), `--size WxH` (default 1920x1080), `--fps N`
-//! (default 60), `--skip-netem` (skip phase 3).
+//! (default 60), `--impaired-runs N` (phase 3 repeated with fresh sessions, one row each,
+//! default 3: random loss makes single runs differ), `--skip-netem` (skip phase 3).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +32,7 @@ struct Opts {
     width: u32,
     height: u32,
     fps: f32,
+    impaired_runs: usize,
     skip_netem: bool,
 }
 
@@ -40,6 +42,7 @@ fn parse_args() -> Opts {
         width: 1920,
         height: 1080,
         fps: 60.0,
+        impaired_runs: 3,
         skip_netem: false,
     };
     let mut it = std::env::args().skip(1);
@@ -54,6 +57,7 @@ fn parse_args() -> Opts {
                 o.width = w.parse().expect("width");
                 o.height = h.parse().expect("height");
             }
+            "--impaired-runs" => o.impaired_runs = val().parse().expect("--impaired-runs N"),
             "--skip-netem" => o.skip_netem = true,
             other => panic!("unknown argument {other}"),
         }
@@ -101,6 +105,8 @@ fn baseline(opts: &Opts) -> (f64, f64) {
 struct ViewResult {
     report: client::SessionReport,
     duration: Duration,
+    /// When the measured window ended (before the session was closed).
+    ended: Instant,
 }
 
 async fn view(url: &ConnectUrl, seconds: u64) -> Result<ViewResult, String> {
@@ -129,6 +135,7 @@ async fn view(url: &ConnectUrl, seconds: u64) -> Result<ViewResult, String> {
             Err(_) => break,
         }
     }
+    let ended = Instant::now();
     let c = s.counters().clone();
     let report = stats.report(
         c.frames_dropped.load(std::sync::atomic::Ordering::Relaxed),
@@ -138,7 +145,8 @@ async fn view(url: &ConnectUrl, seconds: u64) -> Result<ViewResult, String> {
     s.close().await;
     Ok(ViewResult {
         report,
-        duration: t0.elapsed(),
+        duration: ended - t0,
+        ended,
     })
 }
 
@@ -278,7 +286,7 @@ async fn impaired(opts: &Opts) -> Result<NetemResult, String> {
                 tick.tick().await;
                 if let Some(st) = server.env_stats(ENV) {
                     if st.viewers > 0 {
-                        v.push((t0.elapsed().as_millis() as u64, st.bitrate_bps));
+                        v.push((Instant::now(), t0.elapsed().as_millis() as u64, st.bitrate_bps));
                     }
                 }
             }
@@ -289,6 +297,12 @@ async fn impaired(opts: &Opts) -> Result<NetemResult, String> {
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
     let samples = sampler.await.map_err(|e| e.to_string())?;
     let r = r?;
+    // Only the measured window: closing the session is not part of the link's behaviour.
+    let samples: Vec<(u64, u32)> = samples
+        .into_iter()
+        .filter(|&(at, _, _)| at <= r.ended)
+        .map(|(_, t, b)| (t, b))
+        .collect();
     let (settle_ms, final_kbps) = settle_time(&samples);
     Ok(NetemResult {
         report: r.report,
@@ -307,11 +321,12 @@ async fn run_all(opts: &Opts) {
     let url: ConnectUrl = url.parse().expect("url");
     let lo = view(&url, opts.seconds).await.expect("loopback session");
     drop(server);
-    let nm = if opts.skip_netem {
-        None
-    } else {
-        Some(impaired(opts).await)
-    };
+    let mut impaired_results = Vec::new();
+    if !opts.skip_netem {
+        for _ in 0..opts.impaired_runs {
+            impaired_results.push(impaired(opts).await);
+        }
+    }
 
     let r = &lo.report;
     println!();
@@ -333,23 +348,30 @@ async fn run_all(opts: &Opts) {
         r.longest_gap_ms,
         r.latency_ms_p50 / base_p50.max(0.001),
     );
-    match nm {
-        None => println!("| impaired: 40 ms RTT, 5 % loss | skipped | | | | | | | | |"),
-        Some(Err(e)) => println!("| impaired: 40 ms RTT, 5 % loss | failed: {e} | | | | | | | | |"),
-        Some(Ok(n)) => {
-            let r = &n.report;
-            println!(
-                "| impaired: 40 ms RTT, 5 % loss (settled at {:.0} kbit/s) | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2}x | stall ≤ 200, settle ≤ 1000 |",
-                n.final_kbps,
-                r.fps,
-                r.bitrate_kbps,
-                r.latency_ms_p50,
-                r.latency_ms_p99,
-                r.decode_ms_p50,
-                r.longest_gap_ms,
-                n.settle_ms,
-                r.latency_ms_p50 / base_p50.max(0.001),
-            );
+    if impaired_results.is_empty() {
+        println!("| impaired: 40 ms RTT, 5 % loss | skipped | | | | | | | | |");
+    }
+    for (i, result) in impaired_results.iter().enumerate() {
+        let run = i + 1;
+        match result {
+            Err(e) => println!(
+                "| impaired #{run}: 40 ms RTT, 5 % loss | failed: {e} | | | | | | | | |"
+            ),
+            Ok(n) => {
+                let r = &n.report;
+                println!(
+                    "| impaired #{run}: 40 ms RTT, 5 % loss (settled at {:.0} kbit/s) | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2}x | stall ≤ 200, settle ≤ 1000 |",
+                    n.final_kbps,
+                    r.fps,
+                    r.bitrate_kbps,
+                    r.latency_ms_p50,
+                    r.latency_ms_p99,
+                    r.decode_ms_p50,
+                    r.longest_gap_ms,
+                    n.settle_ms,
+                    r.latency_ms_p50 / base_p50.max(0.001),
+                );
+            }
         }
     }
 }

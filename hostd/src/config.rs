@@ -62,6 +62,50 @@ pub struct StreamConfig {
     pub listen: std::net::SocketAddr,
     /// Frame rate the shared encoder of each environment aims for.
     pub fps: f32,
+    /// openh264 tool set of each environment's encoder.
+    pub encoder: EncoderUsage,
+    /// Threads per encoder.
+    pub encoder_threads: EncoderThreads,
+}
+
+/// `[stream] encoder_threads`: 1..=4, or 0 to let the encoder choose by picture size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "u16")]
+pub struct EncoderThreads(u16);
+
+impl EncoderThreads {
+    /// The configured count, `None` for automatic.
+    pub fn fixed(self) -> Option<u16> {
+        (self.0 != 0).then_some(self.0)
+    }
+}
+
+impl TryFrom<u16> for EncoderThreads {
+    type Error = String;
+    fn try_from(n: u16) -> Result<Self, String> {
+        if n <= 4 {
+            Ok(Self(n))
+        } else {
+            Err(format!("encoder_threads must be 0 (automatic) to 4, not {n}"))
+        }
+    }
+}
+
+/// `[stream] encoder`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderUsage {
+    Camera,
+    Screen,
+}
+
+impl From<EncoderUsage> for encoder::Usage {
+    fn from(u: EncoderUsage) -> Self {
+        match u {
+            EncoderUsage::Camera => encoder::Usage::CameraRealTime,
+            EncoderUsage::Screen => encoder::Usage::ScreenContentRealTime,
+        }
+    }
 }
 
 impl Default for StreamConfig {
@@ -70,6 +114,8 @@ impl Default for StreamConfig {
             enabled: true,
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 4433)),
             fps: 30.0,
+            encoder: EncoderUsage::Camera,
+            encoder_threads: EncoderThreads(0),
         }
     }
 }
@@ -261,6 +307,18 @@ mod tests {
         assert_eq!(c.jail.uid_base, 64000);
         let err = Config::from_toml("[jail]\njailer = \"sometimes\"\n").unwrap_err();
         assert!(err.to_string().contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn stream_encoder_settings_parse_and_out_of_range_threads_are_refused() {
+        let c = Config::from_toml("[stream]\nencoder = \"screen\"\nencoder_threads = 2\n").unwrap();
+        assert_eq!(c.stream.encoder, EncoderUsage::Screen);
+        assert_eq!(c.stream.encoder_threads.fixed(), Some(2));
+        assert_eq!(Config::embedded().stream.encoder_threads.fixed(), None);
+        let err = Config::from_toml("[stream]\nencoder_threads = 9\n").unwrap_err();
+        assert!(err.to_string().contains("0 (automatic) to 4, not 9"), "{err}");
+        let err = Config::from_toml("[stream]\nencoder = \"film\"\n").unwrap_err();
+        assert!(err.to_string().contains("film"), "{err}");
     }
 
     #[test]

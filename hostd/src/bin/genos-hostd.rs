@@ -83,6 +83,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             )?);
             let server_cfg = hostd::stream::ServerConfig {
                 listen: stream_cfg.listen,
+                usage: stream_cfg.encoder.into(),
+                encoder_threads: stream_cfg.encoder_threads.fixed(),
                 ..Default::default()
             };
             let server = hostd::stream::StreamServer::bind(server_cfg, &identity, tokens)?;

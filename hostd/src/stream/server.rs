@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use encoder::{Encoder, EncoderConfig};
+use encoder::{EncodeError, Encoder, EncoderConfig, Tuning};
 use proto::stream::{
     self as wire, Button, ClientMessage, Codec, CursorImage, ErrorCode, FrameHeader, InputEvent,
     Message, MessageReader, Rights, ServerMessage, ServerStats, StreamConfig,
@@ -71,6 +71,10 @@ pub struct ServerConfig {
     /// Minimum time between forced keyframes of one environment (coalesces requests).
     pub keyframe_min_interval: Duration,
     pub bitrate: BitrateLimits,
+    /// openh264 tool set of every environment's encoder.
+    pub usage: encoder::Usage,
+    /// Threads per encoder (1..=4); `None`: [`encoder::Tuning::low_latency`] by picture size.
+    pub encoder_threads: Option<u16>,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +90,8 @@ impl Default for ServerConfig {
             max_frames_in_flight: 4,
             keyframe_min_interval: Duration::from_millis(250),
             bitrate: BitrateLimits::default(),
+            usage: encoder::Usage::default(),
+            encoder_threads: None,
         }
     }
 }
@@ -438,12 +444,15 @@ impl StreamServer {
         }
         let (width, height) = source.frames.size();
         let start = self.shared.cfg.bitrate.start_bps;
-        let encoder = Encoder::new(EncoderConfig {
-            width,
-            height,
-            fps,
-            bitrate_bps: start,
-        })?;
+        let encoder = make_encoder(
+            &self.shared.cfg,
+            EncoderConfig {
+                width,
+                height,
+                fps,
+                bitrate_bps: start,
+            },
+        )?;
         let (tx, _) = broadcast::channel(16);
         let env = Arc::new(Environment {
             id: env_id.to_owned(),
@@ -539,6 +548,18 @@ fn stop_environment(env: &Environment) {
     }
 }
 
+/// An encoder for `config` as the server is configured to tune it.
+fn make_encoder(cfg: &ServerConfig, config: EncoderConfig) -> Result<Encoder, EncodeError> {
+    let auto = Tuning::low_latency(config.width, config.height);
+    Encoder::with_tuning(
+        config,
+        Tuning {
+            usage: cfg.usage,
+            threads: cfg.encoder_threads.unwrap_or(auto.threads),
+        },
+    )
+}
+
 /// The environment's encoder thread.
 fn encode_loop(
     env: Arc<Environment>,
@@ -609,12 +630,15 @@ fn encode_loop(
         };
         if (frame.frame.width, frame.frame.height) != (width, height) {
             (width, height) = (frame.frame.width, frame.frame.height);
-            match Encoder::new(EncoderConfig {
-                width,
-                height,
-                fps,
-                bitrate_bps: current_bitrate,
-            }) {
+            match make_encoder(
+                &cfg,
+                EncoderConfig {
+                    width,
+                    height,
+                    fps,
+                    bitrate_bps: current_bitrate,
+                },
+            ) {
                 Ok(e) => encoder = e,
                 Err(e) => {
                     warn!(env = %env.id, error = %e, "re-creating encoder after resize failed");
