@@ -286,7 +286,11 @@ async fn impaired(opts: &Opts) -> Result<NetemResult, String> {
                 tick.tick().await;
                 if let Some(st) = server.env_stats(ENV) {
                     if st.viewers > 0 {
-                        v.push((Instant::now(), t0.elapsed().as_millis() as u64, st.bitrate_bps));
+                        v.push((
+                            Instant::now(),
+                            t0.elapsed().as_millis() as u64,
+                            st.bitrate_bps,
+                        ));
                     }
                 }
             }
@@ -354,9 +358,9 @@ async fn run_all(opts: &Opts) {
     for (i, result) in impaired_results.iter().enumerate() {
         let run = i + 1;
         match result {
-            Err(e) => println!(
-                "| impaired #{run}: 40 ms RTT, 5 % loss | failed: {e} | | | | | | | | |"
-            ),
+            Err(e) => {
+                println!("| impaired #{run}: 40 ms RTT, 5 % loss | failed: {e} | | | | | | | | |")
+            }
             Ok(n) => {
                 let r = &n.report;
                 println!(

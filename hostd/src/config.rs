@@ -86,7 +86,9 @@ impl TryFrom<u16> for EncoderThreads {
         if n <= 4 {
             Ok(Self(n))
         } else {
-            Err(format!("encoder_threads must be 0 (automatic) to 4, not {n}"))
+            Err(format!(
+                "encoder_threads must be 0 (automatic) to 4, not {n}"
+            ))
         }
     }
 }
@@ -316,7 +318,10 @@ mod tests {
         assert_eq!(c.stream.encoder_threads.fixed(), Some(2));
         assert_eq!(Config::embedded().stream.encoder_threads.fixed(), None);
         let err = Config::from_toml("[stream]\nencoder_threads = 9\n").unwrap_err();
-        assert!(err.to_string().contains("0 (automatic) to 4, not 9"), "{err}");
+        assert!(
+            err.to_string().contains("0 (automatic) to 4, not 9"),
+            "{err}"
+        );
         let err = Config::from_toml("[stream]\nencoder = \"film\"\n").unwrap_err();
         assert!(err.to_string().contains("film"), "{err}");
     }

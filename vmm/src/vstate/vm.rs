@@ -137,12 +137,10 @@ impl Vm {
         // SAFETY: the VM fd stays open for `self`'s life, longer than this borrow, which only
         // lives to duplicate it; the duplicate keeps the VM alive for the thread.
         let borrowed = unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) };
-        let fd = borrowed
-            .try_clone_to_owned()
-            .map_err(|e| VmError::Kvm {
-                what: "duplicate the VM fd",
-                source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)),
-            })?;
+        let fd = borrowed.try_clone_to_owned().map_err(|e| VmError::Kvm {
+            what: "duplicate the VM fd",
+            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)),
+        })?;
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("pit-setup".into())
