@@ -363,8 +363,11 @@ pub struct VmFramebufferSource {
     sequence: u64,
     /// (generation, sequence) of the last frame returned.
     last_frame: Option<(u64, u64)>,
-    /// Cursor serial last reported.
+    /// Cursor serial last reported by [`FrameSource::cursor_update`].
     cursor_serial: Option<u64>,
+    /// Cursor serial for which `next_frame` last returned early: each pointer change ends
+    /// one wait, so a caller that never asks for the cursor is not woken over and over.
+    cursor_woken: u64,
     /// Hotspot and 64x64 image last reported.
     cursor_shape: Option<(u32, u32, Vec<u8>)>,
 }
@@ -393,6 +396,7 @@ impl VmFramebufferSource {
     pub fn new(fds: ReaderFds, display: (u32, u32)) -> Result<Self> {
         let reader = FramebufferReader::new(fds)?;
         let info = reader.info()?;
+        let cursor_woken = reader.cursor()?.serial;
         let size = if info.enabled() {
             (info.width, info.height)
         } else {
@@ -406,13 +410,17 @@ impl VmFramebufferSource {
             sequence: 0,
             last_frame: None,
             cursor_serial: None,
+            cursor_woken,
             cursor_shape: None,
         })
     }
 
-    /// Whether the cursor changed since the last [`FrameSource::cursor_update`].
-    fn cursor_changed(&self) -> Result<bool, ReaderError> {
-        Ok(Some(self.reader.cursor()?.serial) != self.cursor_serial)
+    /// Whether the cursor changed since the last wait it ended.
+    fn cursor_changed(&mut self) -> Result<bool, ReaderError> {
+        let serial = self.reader.cursor()?.serial;
+        let changed = serial != self.cursor_woken;
+        self.cursor_woken = serial;
+        Ok(changed)
     }
 
     /// The size handle to give the matching [`VmInput`].

@@ -69,6 +69,9 @@ pub enum VcpuError {
         #[source]
         source: std::io::Error,
     },
+    /// A vCPU thread did not confine itself in time (a thread that cannot, exits the VMM).
+    #[error("vCPU threads did not install their seccomp filters within {0:?}")]
+    Confine(Duration),
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
@@ -114,6 +117,9 @@ enum Request {
     Stop,
 }
 
+/// How long starting the vCPUs may wait for their threads to confine themselves.
+const CONFINE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 struct ControlState {
     request: Request,
@@ -121,6 +127,8 @@ struct ControlState {
     parked: usize,
     /// vCPU threads whose loop has ended.
     exited: usize,
+    /// vCPU threads that installed their seccomp filter.
+    confined: usize,
 }
 
 /// Shared between the controller and all vCPU threads.
@@ -256,6 +264,7 @@ impl Vcpus {
                 request: Request::Run,
                 parked: 0,
                 exited: 0,
+                confined: 0,
             }),
             changed: Condvar::new(),
         });
@@ -283,6 +292,25 @@ impl Vcpus {
                 }
             }
         }
+        // Once this returns the VM counts as running: every thread of it must be confined
+        // by then (the vCPUs confine themselves before their first KVM_RUN).
+        let all = running.threads.len();
+        let deadline = Instant::now() + CONFINE_TIMEOUT;
+        let mut st = control.lock();
+        while st.confined < all {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(st);
+                running.stop(Duration::from_secs(1));
+                return Err(VcpuError::Confine(CONFINE_TIMEOUT));
+            }
+            st = control
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(st);
         Ok(running)
     }
 
@@ -400,6 +428,11 @@ struct VcpuRunner {
 impl VcpuRunner {
     fn run(mut self) {
         crate::sandbox::runtime::enter_or_exit(crate::sandbox::seccomp::ThreadRole::Vcpu);
+        {
+            let mut st = self.control.lock();
+            st.confined += 1;
+            self.control.changed.notify_all();
+        }
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
         let mut entered = false;
