@@ -493,16 +493,7 @@ pub fn build_and_start(
     // wait for SRCU grace periods): they run on helper threads while this thread
     // loads the kernel, attaches the devices and creates the vCPUs, none of which needs
     // the slot. Only running a vCPU does.
-    let Assembled {
-        devices,
-        display,
-        input,
-        legacy,
-        pio,
-        mmio,
-        cmdline,
-        vcpus,
-    } = std::thread::scope(|s| {
+    let assembled = std::thread::scope(|s| {
         let pit = vm.start_pit_setup();
         let slots = s.spawn(|| vm.register_memory(&ram.memory));
         let assembled = assemble(config, vmm_start, em, &exit, &vm, &ram, mem_bytes);
@@ -517,10 +508,10 @@ pub fn build_and_start(
     crate::sandbox::runtime::restrict_files(config)?;
     let counters = Arc::new(ExitCounters::default());
     let vcpus = Vcpus::start(
-        vcpus,
+        assembled.vcpus,
         VcpuShared {
-            io_bus: Arc::new(pio),
-            mmio_bus: Arc::new(mmio),
+            io_bus: Arc::new(assembled.pio),
+            mmio_bus: Arc::new(assembled.mmio),
             memory: ram.memory.clone(),
             counters: counters.clone(),
             exit,
@@ -529,14 +520,14 @@ pub fn build_and_start(
     )?;
     Ok(BuiltVm {
         vcpus,
-        devices,
-        display,
-        input,
-        legacy_metrics: legacy.metrics,
-        reset_evt: legacy.reset_evt,
-        boot_time: legacy.boot_time,
+        devices: assembled.devices,
+        display: assembled.display,
+        input: assembled.input,
+        legacy_metrics: assembled.legacy.metrics,
+        reset_evt: assembled.legacy.reset_evt,
+        boot_time: assembled.legacy.boot_time,
         counters,
-        cmdline,
+        cmdline: assembled.cmdline,
         vm,
         ram,
     })
