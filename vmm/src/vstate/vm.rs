@@ -141,16 +141,17 @@ impl Vm {
             what: "duplicate the VM fd",
             source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)),
         })?;
+        // Here rather than on the thread: before the memory slot's registration starts, which
+        // holds the lock the PIT's port registration needs for a grace period.
+        create_pit(&self.fd)?;
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("pit-setup".into())
             .spawn(move || {
-                let created = create_pit(&fd).and_then(|()| {
-                    crate::sandbox::runtime::confine_helper(ThreadRole::Main)
-                        .map_err(VmError::Confine)
-                });
-                let ok = created.is_ok();
-                let _ = ready_tx.send(created);
+                let confined = crate::sandbox::runtime::confine_helper(ThreadRole::Main)
+                    .map_err(VmError::Confine);
+                let ok = confined.is_ok();
+                let _ = ready_tx.send(confined);
                 if ok {
                     if let Err(e) = disable_pit_reinjection(&fd) {
                         // KVM's default (catch-up on) is correct, only slower to tear down.
