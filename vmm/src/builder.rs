@@ -489,10 +489,10 @@ pub fn build_and_start(
     let mem_bytes = u64::from(config.mem_mib) << 20;
     let vm = Vm::new()?;
     let ram = create_guest_ram(mem_bytes)?;
-    // Creating the PIT and the memory slot each take milliseconds under nested KVM (they
-    // wait for SRCU grace periods): they run on helper threads while this thread
+    // Finishing the PIT and registering the memory slot each take milliseconds under nested
+    // KVM (they wait for SRCU grace periods): they run on helper threads while this thread
     // loads the kernel, attaches the devices and creates the vCPUs, none of which needs
-    // the slot. Only running a vCPU does.
+    // the slot. Only running a vCPU does. The PIT comes first (see `start_pit_setup`).
     let assembled = std::thread::scope(|s| {
         let pit = vm.start_pit_setup();
         let slots = s.spawn(|| vm.register_memory(&ram.memory));

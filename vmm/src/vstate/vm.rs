@@ -48,7 +48,7 @@ pub struct PitSetup {
 }
 
 impl PitSetup {
-    /// Waits until the PIT exists (the vCPUs must not run before).
+    /// Waits until the set-up thread is confined (the vCPUs must not run before).
     pub fn wait(self) -> Result<(), VmError> {
         self.ready.recv().unwrap_or(Err(VmError::SetupThread))
     }
@@ -122,17 +122,19 @@ impl Vm {
         Ok(Self { kvm, fd })
     }
 
-    /// Starts a helper thread that creates the in-kernel PIT (speaker port dummy) and then
-    /// turns off its catch-up of missed ticks ("lost tick policy: discard"); the returned
-    /// [`PitSetup`] says when the PIT exists.
+    /// Creates the in-kernel PIT (speaker port dummy), then starts a helper thread that turns
+    /// off its catch-up of missed ticks ("lost tick policy: discard"); the returned
+    /// [`PitSetup`] says when that thread is confined.
     ///
     /// Linux keeps time with the TSC and the LAPIC timer and only reads the PIT while
     /// calibrating, so catch-up ticks buy nothing. But turning catch-up off unregisters the
     /// PIT's interrupt-acknowledge notifiers, two SRCU grace periods (10–20 ms under nested
     /// KVM), and left on, KVM does that while destroying the VM, which made every VMM's
     /// exit that much slower. The thread confines itself with the main thread's seccomp
-    /// filter before it reports the PIT, so no unconfined thread is left when the vCPUs
-    /// start, and then waits out the grace periods alongside the VM's set-up and boot.
+    /// filter before it reports, so no unconfined thread is left when the vCPUs start, and
+    /// then waits out the grace periods alongside the VM's set-up and boot. Call it before
+    /// registering memory: the PIT's port registration waits for the lock a slot
+    /// registration holds through its own grace period.
     pub fn start_pit_setup(&self) -> Result<PitSetup, VmError> {
         // SAFETY: the VM fd stays open for `self`'s life, longer than this borrow, which only
         // lives to duplicate it; the duplicate keeps the VM alive for the thread.
