@@ -198,3 +198,46 @@ fn non_kernel_file_is_refused_with_status_2() {
     assert_eq!(run.status, Some(2), "{run:?}");
     assert!(run.stderr.contains("cannot load kernel"), "{run:?}");
 }
+
+/// The VMM as shipped (`scripts/build-vmm`: static, `vmm` profile with abort on panic) runs a
+/// guest like the test build. `scripts/test` builds it and names it in `GENOS_VMM_SHIPPED`;
+/// without it the test says so and passes.
+#[test]
+fn shipped_static_build_runs_a_tiny_guest_without_a_dynamic_loader() {
+    if !kvm_available("shipped_static_build_runs_a_tiny_guest_without_a_dynamic_loader") {
+        return;
+    }
+    let Some(shipped) = std::env::var_os("GENOS_VMM_SHIPPED") else {
+        eprintln!("skipped: GENOS_VMM_SHIPPED is not set (scripts/test sets it)");
+        return;
+    };
+    let guest = build_guest("console_line", &[]);
+    let elf = std::fs::read(&shipped).expect("read the shipped genos-vmm");
+
+    let child = std::process::Command::new(&shipped)
+        .args(["--kernel", guest.to_str().unwrap(), "--mem-mib", "32"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the shipped genos-vmm");
+    let run = common::finish(child, std::time::Instant::now(), TIMEOUT);
+
+    assert_eq!(run.status, Some(3), "{run:?}");
+    assert_eq!(run.stdout, "Hello from the tiny guest\n", "{run:?}");
+    assert!(
+        !has_interpreter(&elf),
+        "the shipped genos-vmm asks for a dynamic loader"
+    );
+}
+
+/// Whether an ELF64 little-endian file has a PT_INTERP program header (needs ld.so).
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
+    assert_eq!(&elf[..4], b"\x7fELF", "not an ELF file");
+    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36) as usize, u16_at(0x38));
+    (0..usize::from(phnum)).any(|i| u32_at(phoff + i * phentsize) == PT_INTERP)
+}
