@@ -250,6 +250,12 @@ impl FramebufferReader {
         shm::wait_readable(&self.notify, deadline).map_err(ReaderError::Wait)
     }
 
+    /// The cursor's change counter alone: one atomic load, for readers that poll for a
+    /// change before paying for [`FramebufferReader::cursor`] (which copies the image).
+    pub fn cursor_serial(&self) -> u64 {
+        self.map.u64_at(off::CURSOR_SERIAL).load(Ordering::Acquire)
+    }
+
     /// The cursor, read consistently.
     pub fn cursor(&self) -> Result<CursorState, ReaderError> {
         seqlock_read(&self.map, off::CURSOR_LOCK, |m| {

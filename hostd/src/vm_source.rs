@@ -396,7 +396,7 @@ impl VmFramebufferSource {
     pub fn new(fds: ReaderFds, display: (u32, u32)) -> Result<Self> {
         let reader = FramebufferReader::new(fds)?;
         let info = reader.info()?;
-        let cursor_woken = reader.cursor()?.serial;
+        let cursor_woken = reader.cursor_serial();
         let size = if info.enabled() {
             (info.width, info.height)
         } else {
@@ -416,11 +416,11 @@ impl VmFramebufferSource {
     }
 
     /// Whether the cursor changed since the last wait it ended.
-    fn cursor_changed(&mut self) -> Result<bool, ReaderError> {
-        let serial = self.reader.cursor()?.serial;
+    fn cursor_changed(&mut self) -> bool {
+        let serial = self.reader.cursor_serial();
         let changed = serial != self.cursor_woken;
         self.cursor_woken = serial;
-        Ok(changed)
+        changed
     }
 
     /// The size handle to give the matching [`VmInput`].
@@ -466,7 +466,7 @@ impl FrameSource for VmFramebufferSource {
                 }));
             }
             // A cursor move flushes nothing: return so the caller picks it up now.
-            if self.cursor_changed().map_err(source_error)? {
+            if self.cursor_changed() {
                 return Ok(None);
             }
             if !self.reader.wait_change(deadline).map_err(source_error)? {
@@ -501,6 +501,10 @@ impl FrameSource for VmFramebufferSource {
     }
 
     fn cursor_update(&mut self) -> Option<CursorUpdate> {
+        // Called after every frame: the image is only read when the serial moved.
+        if self.cursor_serial == Some(self.reader.cursor_serial()) {
+            return None;
+        }
         let cursor = match self.reader.cursor() {
             Ok(c) => c,
             Err(e) => {

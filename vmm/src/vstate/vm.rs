@@ -54,25 +54,6 @@ impl PitSetup {
     }
 }
 
-/// KVM_CREATE_PIT2 with the speaker port as a dummy, on the VM `vm_fd`.
-fn create_pit(vm_fd: &impl AsRawFd) -> Result<(), VmError> {
-    vmm_sys_util::ioctl_iow_nr!(KVM_CREATE_PIT2, kvm_bindings::KVMIO, 0x77, kvm_pit_config);
-    let config = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    // SAFETY: KVM_CREATE_PIT2 reads one `kvm_pit_config` from the pointer, which refers to a
-    // live value of that type; `vm_fd` is an open KVM VM fd.
-    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm_fd, KVM_CREATE_PIT2(), &config) };
-    if ret < 0 {
-        return Err(VmError::Kvm {
-            what: "create PIT",
-            source: kvm_ioctls::Error::last(),
-        });
-    }
-    Ok(())
-}
-
 /// KVM_REINJECT_CONTROL with `pit_reinject = 0` on the VM `vm_fd`.
 fn disable_pit_reinjection(vm_fd: &impl AsRawFd) -> Result<(), VmError> {
     // Linux declares it `_IO`, without a size, even though it takes an argument.
@@ -145,7 +126,11 @@ impl Vm {
         })?;
         // Here rather than on the thread: before the memory slot's registration starts, which
         // holds the lock the PIT's port registration needs for a grace period.
-        create_pit(&self.fd)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("pit-setup".into())
