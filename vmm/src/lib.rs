@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod device_manager;
 pub mod devices;
+pub mod logging;
 pub mod rpc;
 pub mod sandbox;
 pub mod vmm;

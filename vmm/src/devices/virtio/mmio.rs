@@ -6,7 +6,7 @@
 //! and an [`MmioInterrupt`] to the device ([`VirtioDevice::activate`]). Register layout
 //! and the status rules follow the virtio 1.2 spec, section 4.2.2.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -18,6 +18,7 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{GuestMemoryMmap, InterruptKind, InterruptTrigger, VirtioDevice};
@@ -36,7 +37,8 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
 /// Where the device-specific configuration space starts.
 pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
 
-mod reg {
+/// Register offsets (virtio 1.2 §4.2.2).
+pub(crate) mod reg {
     pub const MAGIC_VALUE: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
@@ -67,13 +69,16 @@ mod reg {
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
-/// The device's interrupt: the InterruptStatus bits plus the irqfd that raises its GSI.
+/// The device's interrupt: the InterruptStatus bits plus the irqfd that raises its GSI, and
+/// the device's DEVICE_NEEDS_RESET mark.
 ///
-/// Shared between the transport (which reads and acknowledges the status) and the device
-/// (which triggers it from the event loop).
+/// Shared between the transport (which reads and acknowledges the status, and shows the
+/// mark in the device status register) and the device (which triggers it from the event
+/// loop).
 #[derive(Debug)]
 pub struct MmioInterrupt {
     status: AtomicU32,
+    needs_reset: AtomicBool,
     irq_evt: EventFd,
     raised: AtomicU64,
     failures: AtomicU64,
@@ -84,6 +89,7 @@ impl MmioInterrupt {
     pub fn new(irq_evt: EventFd) -> Self {
         Self {
             status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
             irq_evt,
             raised: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -104,8 +110,14 @@ impl MmioInterrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Whether the device asked for a reset ([`InterruptTrigger::set_needs_reset`]).
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
     }
 }
 
@@ -120,6 +132,13 @@ impl InterruptTrigger for MmioInterrupt {
         self.irq_evt.write(1).inspect_err(|_| {
             self.failures.fetch_add(1, Ordering::Relaxed);
         })
+    }
+
+    fn set_needs_reset(&self) -> std::io::Result<()> {
+        if self.needs_reset.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.trigger(InterruptKind::Config)
     }
 }
 
@@ -225,9 +244,14 @@ impl MmioTransport {
         self.metrics.clone()
     }
 
-    /// The device status register.
+    /// The device status register: what the driver set, plus DEVICE_NEEDS_RESET when the
+    /// device asked for a reset.
     pub fn status(&self) -> u32 {
-        self.status
+        if self.interrupt.needs_reset() {
+            self.status | VIRTIO_CONFIG_S_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     fn has_status(&self, bits: u32) -> bool {
@@ -246,21 +270,22 @@ impl MmioTransport {
     }
 
     /// Applies `f` to the selected queue when queue configuration is allowed and the
-    /// queue is not live yet.
-    fn update_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+    /// queue is not live yet; a value the queue refuses (size, alignment) is ignored.
+    fn update_queue(&mut self, f: impl FnOnce(&mut Queue) -> Result<(), virtio_queue::Error>) {
         if !self.queue_config_allowed() {
             self.metrics
                 .invalid_accesses
                 .fetch_add(1, Ordering::Relaxed);
             return;
         }
-        match self.selected_queue() {
-            Some(q) if !q.ready() => f(q),
-            _ => {
-                self.metrics
-                    .invalid_accesses
-                    .fetch_add(1, Ordering::Relaxed);
-            }
+        let accepted = match self.selected_queue() {
+            Some(q) if !q.ready() => f(q).is_ok(),
+            _ => false,
+        };
+        if !accepted {
+            self.metrics
+                .invalid_accesses
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -279,7 +304,7 @@ impl MmioTransport {
             reg::QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
             reg::QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
-            reg::STATUS => self.status,
+            reg::STATUS => self.status(),
             // No shared memory regions: the spec's "region absent" value.
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
                 u32::MAX
@@ -322,7 +347,7 @@ impl MmioTransport {
             }
             reg::QUEUE_SEL => self.queue_select = value,
             reg::QUEUE_NUM => match u16::try_from(value) {
-                Ok(size) => self.update_queue(|q| q.set_size(size)),
+                Ok(size) => self.update_queue(|q| q.try_set_size(size)),
                 Err(_) => {
                     self.metrics
                         .invalid_accesses
@@ -343,24 +368,24 @@ impl MmioTransport {
             reg::QUEUE_NOTIFY => self.notify(value),
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.set_status(value),
-            reg::QUEUE_DESC_LOW => {
-                self.update_queue(|q| q.set_desc_table_address(Some(value), None))
-            }
-            reg::QUEUE_DESC_HIGH => {
-                self.update_queue(|q| q.set_desc_table_address(None, Some(value)))
-            }
-            reg::QUEUE_DRIVER_LOW => {
-                self.update_queue(|q| q.set_avail_ring_address(Some(value), None))
-            }
-            reg::QUEUE_DRIVER_HIGH => {
-                self.update_queue(|q| q.set_avail_ring_address(None, Some(value)))
-            }
-            reg::QUEUE_DEVICE_LOW => {
-                self.update_queue(|q| q.set_used_ring_address(Some(value), None))
-            }
-            reg::QUEUE_DEVICE_HIGH => {
-                self.update_queue(|q| q.set_used_ring_address(None, Some(value)))
-            }
+            reg::QUEUE_DESC_LOW => self.update_queue(|q| {
+                q.try_set_desc_table_address(GuestAddress(low(q.desc_table(), value)))
+            }),
+            reg::QUEUE_DESC_HIGH => self.update_queue(|q| {
+                q.try_set_desc_table_address(GuestAddress(high(q.desc_table(), value)))
+            }),
+            reg::QUEUE_DRIVER_LOW => self.update_queue(|q| {
+                q.try_set_avail_ring_address(GuestAddress(low(q.avail_ring(), value)))
+            }),
+            reg::QUEUE_DRIVER_HIGH => self.update_queue(|q| {
+                q.try_set_avail_ring_address(GuestAddress(high(q.avail_ring(), value)))
+            }),
+            reg::QUEUE_DEVICE_LOW => self.update_queue(|q| {
+                q.try_set_used_ring_address(GuestAddress(low(q.used_ring(), value)))
+            }),
+            reg::QUEUE_DEVICE_HIGH => self.update_queue(|q| {
+                q.try_set_used_ring_address(GuestAddress(high(q.used_ring(), value)))
+            }),
             reg::SHM_SEL => {}
             _ => {
                 self.metrics
@@ -378,7 +403,7 @@ impl MmioTransport {
         match dev.queue_events().get(queue_index as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    tracing::warn!("virtio-mmio: cannot signal queue {queue_index}: {e}");
+                    crate::guest_warn!("virtio-mmio: cannot signal queue {queue_index}: {e}");
                 }
             }
             None => {
@@ -443,7 +468,7 @@ impl MmioTransport {
         let offered = self.driver_features & !self.avail_features == 0;
         let modern = self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
         if !(offered && modern) {
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: driver features {:#x} refused (offered {:#x})",
                 self.driver_features,
                 self.avail_features
@@ -460,7 +485,7 @@ impl MmioTransport {
             Ok(()) => {
                 self.metrics.activations.fetch_add(1, Ordering::Relaxed);
                 self.status = value;
-                tracing::info!(
+                crate::guest_info!(
                     "{}: activated by the guest driver (features {:#x})",
                     self.name,
                     self.driver_features
@@ -470,7 +495,7 @@ impl MmioTransport {
                 self.metrics
                     .activation_failures
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("{}: not activated: {e}", self.name);
+                crate::guest_warn!("{}: not activated: {e}", self.name);
                 self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
                 let _ = self.interrupt.trigger(InterruptKind::Config);
             }
@@ -484,11 +509,12 @@ impl MmioTransport {
                     "queue {i} not ready"
                 )));
             }
-            if !q.is_valid(&self.mem) {
-                return Err(super::ActivateError::BadQueue(format!(
-                    "queue {i} has a bad size or rings outside guest memory"
-                )));
-            }
+            super::check_rings(q, &self.mem).map_err(|e| match e {
+                super::ActivateError::BadQueue(why) => {
+                    super::ActivateError::BadQueue(format!("queue {i}: {why}"))
+                }
+                other => other,
+            })?;
         }
         let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         // The device gets its own copies; the transport keeps the configuration to
@@ -514,7 +540,7 @@ impl MmioTransport {
             if dev.is_activated() && !dev.reset() {
                 // The device keeps running on its old queues: tell the driver it must not
                 // reuse it rather than pretend the reset happened.
-                tracing::warn!("{}: cannot reset", self.name);
+                crate::guest_warn!("{}: cannot reset", self.name);
                 self.status = VIRTIO_CONFIG_S_NEEDS_RESET;
                 return;
             }
@@ -536,6 +562,7 @@ impl MmioTransport {
         #[derive(Serialize)]
         struct Snapshot {
             status: u32,
+            needs_reset: bool,
             activations: u64,
             activation_failures: u64,
             invalid_status_writes: u64,
@@ -547,7 +574,8 @@ impl MmioTransport {
         }
         let m = &self.metrics;
         serde_json::to_value(Snapshot {
-            status: self.status,
+            status: self.status(),
+            needs_reset: self.status() & VIRTIO_CONFIG_S_NEEDS_RESET != 0,
             activations: m.activations.load(Ordering::Relaxed),
             activation_failures: m.activation_failures.load(Ordering::Relaxed),
             invalid_status_writes: m.invalid_status_writes.load(Ordering::Relaxed),
@@ -559,6 +587,16 @@ impl MmioTransport {
         })
         .unwrap_or_default()
     }
+}
+
+/// `addr` with its low 32 bits replaced by `value` (the *_LOW queue address registers).
+fn low(addr: u64, value: u32) -> u64 {
+    (addr & !0xffff_ffff) | u64::from(value)
+}
+
+/// `addr` with its high 32 bits replaced by `value` (the *_HIGH queue address registers).
+fn high(addr: u64, value: u32) -> u64 {
+    (addr & 0xffff_ffff) | (u64::from(value) << 32)
 }
 
 /// Locks a device, surviving a panic in another holder: a poisoned device keeps serving

@@ -6,6 +6,12 @@
 //! `event_handler.rs` only wires the queue eventfds (registered with KVM as ioeventfds on
 //! QUEUE_NOTIFY) into the VMM's event loop. Interrupts go out through
 //! [`InterruptTrigger`], which the transport backs with an irqfd.
+//!
+//! Devices read and update their rings through [`DeviceQueue`]. A guest that breaks a
+//! ring (an available index further ahead than the queue size, a descriptor index outside
+//! the table, rings that cannot be written) gets the same answer from every device:
+//! [`report_broken_queue`] sets DEVICE_NEEDS_RESET with a configuration interrupt, and the
+//! queue is left alone until the driver resets the device.
 
 pub mod block;
 pub mod gpu;
@@ -16,8 +22,10 @@ pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Guest memory as device models see it.
@@ -36,6 +44,11 @@ pub enum InterruptKind {
 pub trait InterruptTrigger: Send + Sync {
     /// Records `kind` in the interrupt status and raises the device's interrupt line.
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()>;
+    /// Marks the device as needing a reset (DEVICE_NEEDS_RESET in its status, virtio 1.2
+    /// §2.1.2) and raises a configuration interrupt so that the driver looks; the transport
+    /// clears the mark when the driver resets the device. Marking an already marked device
+    /// raises nothing.
+    fn set_needs_reset(&self) -> std::io::Result<()>;
 }
 
 /// Errors a device can return when the driver activates it.
@@ -72,7 +85,7 @@ pub trait VirtioDevice: Send {
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn InterruptTrigger>,
-        queues: Vec<virtio_queue::Queue>,
+        queues: Vec<Queue>,
     ) -> Result<(), ActivateError>;
     /// Whether [`VirtioDevice::activate`] has succeeded since the last reset.
     fn is_activated(&self) -> bool;
@@ -83,61 +96,219 @@ pub trait VirtioDevice: Send {
     }
 }
 
-/// A pass over one queue that went wrong because the guest corrupted its rings.
-#[derive(Debug)]
-pub struct QueueError {
-    /// What the pass was doing.
-    pub what: &'static str,
-    /// The ring error.
-    pub source: virtio_queue::Error,
+/// A queue the guest broke: the device cannot go on with it until the driver resets it.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// virtio-queue refused to read or update the rings (e.g. an available index further
+    /// ahead than the queue size, or a ring write outside guest memory).
+    #[error("queue {queue}: cannot {what}")]
+    Ring {
+        /// Index of the queue in the device.
+        queue: usize,
+        /// What the device was doing.
+        what: &'static str,
+        /// The ring error.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// The available ring names a descriptor outside the descriptor table.
+    #[error("queue {queue}: available ring names descriptor {head} of a {size}-entry table")]
+    HeadOutOfRange {
+        /// Index of the queue in the device.
+        queue: usize,
+        /// The descriptor index the guest wrote.
+        head: u16,
+        /// The queue's size.
+        size: u16,
+    },
 }
 
-/// Serves every available chain of `queue`: `serve` handles one chain and returns how
-/// many bytes it wrote into it. Notifications are re-enabled without losing a chain the
-/// guest adds meanwhile. Returns whether the guest asked to be interrupted for what was
-/// used; ring errors go to `on_error` (the pass ends at the first one that stops it).
-pub fn drain_queue<'m>(
-    queue: &mut virtio_queue::Queue,
-    mem: &'m GuestMemoryMmap,
-    mut serve: impl FnMut(virtio_queue::DescriptorChain<&'m GuestMemoryMmap>) -> u32,
-    mut on_error: impl FnMut(QueueError),
-) -> bool {
-    use virtio_queue::QueueT;
-    let mut error = |what, source| on_error(QueueError { what, source });
-    let mut used_any = false;
-    loop {
-        if let Err(e) = queue.disable_notification(mem) {
-            error("disable notifications", e);
-            break;
+/// One queue of an activated device: virtio-queue's [`Queue`] plus whether the guest broke
+/// it. Every device model reads and updates its rings through this type, so that a broken
+/// ring is handled the same way everywhere: the first operation that fails returns a
+/// [`QueueError`] (which the device hands to [`report_broken_queue`]), and from then on
+/// the queue offers no chains and takes no used entries until the driver resets the
+/// device (which builds new queues).
+#[derive(Debug)]
+pub struct DeviceQueue {
+    queue: Queue,
+    index: usize,
+    broken: bool,
+}
+
+impl DeviceQueue {
+    /// Queue `index` of a device, as the transport configured it.
+    pub fn new(queue: Queue, index: usize) -> Self {
+        Self {
+            queue,
+            index,
+            broken: false,
         }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let used_len = serve(chain);
-            if let Err(e) = queue.add_used(mem, head, used_len) {
-                error("add a used entry", e);
+    }
+
+    /// One device queue per transport queue, in order.
+    pub fn from_queues(queues: Vec<Queue>) -> Vec<Self> {
+        queues
+            .into_iter()
+            .enumerate()
+            .map(|(i, q)| Self::new(q, i))
+            .collect()
+    }
+
+    /// Whether the guest broke this queue.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// The underlying queue.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    fn fail(&mut self, what: &'static str, source: virtio_queue::Error) -> QueueError {
+        self.broken = true;
+        QueueError::Ring {
+            queue: self.index,
+            what,
+            source,
+        }
+    }
+
+    /// The next chain the driver made available; `None` when there is none or the queue
+    /// is broken.
+    pub fn pop<'m>(
+        &mut self,
+        mem: &'m GuestMemoryMmap,
+    ) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, QueueError> {
+        if self.broken {
+            return Ok(None);
+        }
+        // `iter` rather than `pop_descriptor_chain`: the latter logs and hides the error,
+        // and a caller that believes the queue empty while the index says otherwise spins.
+        let chain = match self.queue.iter(mem) {
+            Ok(mut chains) => chains.next(),
+            Err(e) => return Err(self.fail("read the available ring", e)),
+        };
+        let size = self.queue.size();
+        match chain {
+            Some(chain) if chain.head_index() >= size => {
+                self.broken = true;
+                Err(QueueError::HeadOutOfRange {
+                    queue: self.index,
+                    head: chain.head_index(),
+                    size,
+                })
             }
-            used_any = true;
+            chain => Ok(chain),
         }
-        match queue.enable_notification(mem) {
-            // New buffers arrived while notifications were off: go round again.
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(e) => {
-                error("enable notifications", e);
+    }
+
+    /// Gives the last popped chain back: the next [`DeviceQueue::pop`] returns it again.
+    pub fn undo_pop(&mut self) {
+        if !self.broken {
+            self.queue
+                .set_next_avail(self.queue.next_avail().wrapping_sub(1));
+        }
+    }
+
+    /// Returns chain `head` to the driver with `len` bytes written into it.
+    pub fn add_used(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        len: u32,
+    ) -> Result<(), QueueError> {
+        if self.broken {
+            return Ok(());
+        }
+        self.queue
+            .add_used(mem, head, len)
+            .map_err(|e| self.fail("add a used entry", e))
+    }
+
+    /// Whether the driver wants an interrupt for what was used since the last time.
+    pub fn needs_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+        if self.broken {
+            return Ok(false);
+        }
+        self.queue
+            .needs_notification(mem)
+            .map_err(|e| self.fail("read the used event", e))
+    }
+
+    /// Serves every available chain: `serve` handles one chain and returns how many bytes
+    /// it wrote into it. Notifications are re-enabled without losing a chain the guest
+    /// adds meanwhile. Returns whether the guest asked to be interrupted for what was used.
+    pub fn drain<'m>(
+        &mut self,
+        mem: &'m GuestMemoryMmap,
+        mut serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> u32,
+    ) -> Result<bool, QueueError> {
+        let mut used_any = false;
+        while !self.broken {
+            self.queue
+                .disable_notification(mem)
+                .map_err(|e| self.fail("disable notifications", e))?;
+            while let Some(chain) = self.pop(mem)? {
+                let head = chain.head_index();
+                let used_len = serve(chain);
+                self.add_used(mem, head, used_len)?;
+                used_any = true;
+            }
+            // New buffers that arrived while notifications were off: go round again.
+            let more = self
+                .queue
+                .enable_notification(mem)
+                .map_err(|e| self.fail("enable notifications", e))?;
+            if !more {
                 break;
             }
         }
+        if !used_any {
+            return Ok(false);
+        }
+        self.needs_notification(mem)
     }
-    if !used_any {
-        return false;
+}
+
+/// What every device does when the guest broke one of its queues: count it, log it
+/// (rate-limited), and tell the driver that the device needs a reset. `device` names the
+/// device in the message.
+pub fn report_broken_queue(
+    device: &str,
+    error: &QueueError,
+    interrupt: &dyn InterruptTrigger,
+    counter: &AtomicU64,
+) {
+    counter.fetch_add(1, Ordering::Relaxed);
+    crate::guest_warn!(
+        "{device}: {}; the device needs a reset",
+        crate::vmm::error_chain(error)
+    );
+    if let Err(e) = interrupt.set_needs_reset() {
+        crate::guest_warn!("{device}: cannot raise the configuration interrupt: {e}");
     }
-    match queue.needs_notification(mem) {
-        Ok(needed) => needed,
-        Err(e) => {
-            error("read the used event", e);
-            false
+}
+
+/// Checks that the rings of `queue` lie in guest memory (the transport has already
+/// refused sizes and alignments virtio-queue does not accept).
+pub fn check_rings(queue: &Queue, mem: &GuestMemoryMmap) -> Result<(), ActivateError> {
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+    let size = u64::from(queue.size());
+    let rings = [
+        ("descriptor table", queue.desc_table(), 16 * size),
+        ("available ring", queue.avail_ring(), 6 + 2 * size),
+        ("used ring", queue.used_ring(), 6 + 8 * size),
+    ];
+    for (what, addr, len) in rings {
+        // `len` is at most 16 * 32768.
+        if !GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize) {
+            return Err(ActivateError::BadQueue(format!(
+                "{what} at {addr:#x} (+{len:#x}) is outside guest memory"
+            )));
         }
     }
+    Ok(())
 }
 
 /// Copies `data.len()` bytes of a device's configuration space `config` from `offset`

@@ -13,7 +13,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,8 +22,8 @@ use super::request::{
     SECTOR_SIZE,
 };
 use crate::devices::virtio::{
-    drain_queue, read_config_bytes, ActivateError, GuestMemoryMmap, InterruptKind,
-    InterruptTrigger, QueueError, VirtioDevice,
+    check_rings, read_config_bytes, report_broken_queue, ActivateError, DeviceQueue,
+    GuestMemoryMmap, InterruptKind, InterruptTrigger, VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -102,7 +102,7 @@ pub struct BlockMetrics {
     pub unanswerable_requests: AtomicU64,
     /// Host I/O errors (answered IOERR).
     pub io_errors: AtomicU64,
-    /// Errors reading or updating the queue itself.
+    /// Times the guest broke the queue (the device then needs a reset).
     pub queue_errors: AtomicU64,
     /// Queue notifications handled.
     pub queue_events: AtomicU64,
@@ -148,7 +148,7 @@ impl DeviceMetrics for BlockMetrics {
 struct Active {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn InterruptTrigger>,
-    queue: Queue,
+    queue: DeviceQueue,
 }
 
 /// A virtio-blk device over a raw disk image.
@@ -251,17 +251,22 @@ impl Block {
         let Some(mut active) = self.active.take() else {
             return;
         };
-        let metrics = self.metrics.clone();
-        let interrupt = drain_queue(
-            &mut active.queue,
-            &active.mem,
-            |chain| self.serve(&active.mem, chain),
-            |e| queue_error(&metrics.queue_errors, e),
-        );
-        if interrupt {
-            if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
-                tracing::warn!("virtio-blk: cannot interrupt the guest: {e}");
+        match active
+            .queue
+            .drain(&active.mem, |chain| self.serve(&active.mem, chain))
+        {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
+                    crate::guest_warn!("virtio-blk: cannot interrupt the guest: {e}");
+                }
             }
+            Err(e) => report_broken_queue(
+                "virtio-blk",
+                &e,
+                active.interrupt.as_ref(),
+                &self.metrics.queue_errors,
+            ),
         }
         self.active = Some(active);
     }
@@ -277,7 +282,7 @@ impl Block {
                     Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
                     Err(e) => {
                         self.metrics.io_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
+                        crate::guest_warn!(
                             "virtio-blk: {:?} request failed: {e}",
                             request.request_type
                         );
@@ -424,13 +429,11 @@ impl VirtioDevice for Block {
         let [queue]: [Queue; 1] = queues.try_into().map_err(|q: Vec<Queue>| {
             ActivateError::BadQueue(format!("{} queues, 1 expected", q.len()))
         })?;
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::BadQueue("queue is not valid".into()));
-        }
+        check_rings(&queue, &mem)?;
         self.active = Some(Active {
             mem,
             interrupt,
-            queue,
+            queue: DeviceQueue::new(queue, 0),
         });
         Ok(())
     }
@@ -446,9 +449,4 @@ impl VirtioDevice for Block {
         let _ = self.queue_evts[0].read();
         true
     }
-}
-
-fn queue_error(counter: &std::sync::atomic::AtomicU64, e: QueueError) {
-    counter.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!("virtio-blk: cannot {}: {}", e.what, e.source);
 }

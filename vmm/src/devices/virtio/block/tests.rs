@@ -13,7 +13,9 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::{Block, BlockError, BLOCK_QUEUE_SIZE, BLOCK_SEG_MAX};
-use crate::devices::virtio::test_utils::{guest_memory, r, w, Driver, DATA_START};
+use crate::devices::virtio::test_utils::{
+    check_broken_queue_needs_reset, guest_memory, r, w, Driver, DATA_START,
+};
 use crate::devices::virtio::{GuestMemoryMmap, VirtioDevice};
 use crate::devices::DeviceMetrics;
 
@@ -378,4 +380,23 @@ fn read_only_images_can_be_shared_but_not_written_meanwhile() {
     let second = Block::new(f.file.as_path(), true, "second");
     assert!(second.is_ok());
     assert!(Block::new(f.file.as_path(), false, "writer").is_err());
+}
+
+#[test]
+fn broken_avail_index_puts_the_device_in_needs_reset_until_the_driver_resets_it() {
+    let file = TempFile::new().unwrap();
+    std::fs::write(file.as_path(), disk_pattern()).unwrap();
+    let block = Block::new(file.as_path(), false, "test").unwrap();
+    let mem = guest_memory();
+    let mut driver = Driver::new(&mem, 16);
+    header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+    let chain = [r(HDR, 16), w(DATA, 20), w(STATUS, 1)];
+    driver.add_chain(&chain);
+
+    let t = check_broken_queue_needs_reset(block, &mem, &[&driver.vq], 0, Block::process_queue);
+
+    driver.add_chain(&chain);
+    t.returns(Block::process_queue);
+    assert_eq!(driver.used_count(), 1, "served again after the reset");
+    assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
 }

@@ -14,14 +14,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use framebuffer::{FramebufferShare, FramebufferWriter, PoolBuffer, ReaderFds, ScanoutConfig};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::decoder::{self, resp, Command, CtrlHeader, Format, MemEntry, Rect, Request, Response};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger,
-    VirtioDevice,
+    check_rings, read_config_bytes, report_broken_queue, ActivateError, DeviceQueue,
+    GuestMemoryMmap, InterruptKind, InterruptTrigger, QueueError, VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -95,6 +95,8 @@ pub struct GpuMetrics {
     pub flushes: AtomicU64,
     /// Bytes copied by transfers.
     pub transfer_bytes: AtomicU64,
+    /// Times the guest broke a queue (the device then needs a reset).
+    pub queue_errors: AtomicU64,
 }
 
 /// Serialisable snapshot of [`GpuMetrics`].
@@ -104,6 +106,7 @@ pub struct GpuMetricsSnapshot {
     pub errors: u64,
     pub flushes: u64,
     pub transfer_bytes: u64,
+    pub queue_errors: u64,
 }
 
 impl DeviceMetrics for GpuMetrics {
@@ -120,6 +123,7 @@ impl GpuMetrics {
             errors: self.errors.load(Ordering::Relaxed),
             flushes: self.flushes.load(Ordering::Relaxed),
             transfer_bytes: self.transfer_bytes.load(Ordering::Relaxed),
+            queue_errors: self.queue_errors.load(Ordering::Relaxed),
         }
     }
 }
@@ -741,7 +745,7 @@ impl GpuState {
 struct Active {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn InterruptTrigger>,
-    queues: Vec<Queue>,
+    queues: Vec<DeviceQueue>,
 }
 
 /// The virtio-gpu device model behind virtio-mmio.
@@ -791,14 +795,38 @@ impl Gpu {
         };
         let mem = &active.mem;
         let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let result = Self::serve_all(&mut self.state, mem, queue, &mut used_any)
+            .and_then(|()| Ok(used_any && queue.needs_notification(mem)?));
+        match result {
+            Ok(false) => {}
+            // Nothing better to do on failure: the interrupt line is the only way to tell.
+            Ok(true) => {
+                let _ = active.interrupt.trigger(InterruptKind::Queue);
+            }
+            Err(e) => report_broken_queue(
+                "virtio-gpu",
+                &e,
+                active.interrupt.as_ref(),
+                &self.state.metrics.queue_errors,
+            ),
+        }
+    }
+
+    /// Answers every available request of `queue`.
+    fn serve_all(
+        state: &mut GpuState,
+        mem: &GuestMemoryMmap,
+        queue: &mut DeviceQueue,
+        used_any: &mut bool,
+    ) -> Result<(), QueueError> {
+        while let Some(chain) = queue.pop(mem)? {
             let head = chain.head_index();
             let response = match chain.clone().reader(mem) {
                 Ok(mut reader) => {
                     let len = reader.available_bytes().min(MAX_REQUEST_LEN);
                     let mut bytes = vec![0u8; len];
                     match reader.read_exact(&mut bytes) {
-                        Ok(()) => self.state.process_request(mem, &bytes),
+                        Ok(()) => state.process_request(mem, &bytes),
                         Err(_) => error_response(resp::ERR_UNSPEC),
                     }
                 }
@@ -811,14 +839,10 @@ impl Gpu {
                 }
                 Err(_) => 0,
             };
-            // A used-ring write only fails on a broken queue; the guest then sees no progress.
-            let _ = queue.add_used(mem, head, written as u32);
-            used_any = true;
+            queue.add_used(mem, head, written as u32)?;
+            *used_any = true;
         }
-        if used_any && queue.needs_notification(mem).unwrap_or(true) {
-            // Nothing better to do on failure: the interrupt line is the only way to tell.
-            let _ = active.interrupt.trigger(InterruptKind::Queue);
-        }
+        Ok(())
     }
 }
 
@@ -891,6 +915,9 @@ impl VirtioDevice for Gpu {
                 queues.len()
             )));
         }
+        for q in &queues {
+            check_rings(q, &mem)?;
+        }
         self.state
             .display
             .lock()
@@ -899,7 +926,7 @@ impl VirtioDevice for Gpu {
         self.active = Some(Active {
             mem,
             interrupt,
-            queues,
+            queues: DeviceQueue::from_queues(queues),
         });
         Ok(())
     }
@@ -926,6 +953,39 @@ mod tests {
     use super::super::decoder::{cmd, CursorPos, FLAG_FENCE, HEADER_LEN};
     use super::super::test_driver::{guest_memory, DriverQueue, RecordingInterrupt};
     use super::*;
+    use crate::devices::virtio::test_utils::check_broken_queue_needs_reset;
+
+    #[test]
+    fn broken_control_queue_puts_the_device_in_needs_reset() {
+        let mem = guest_memory(MEM_SIZE);
+        let control = DriverQueue::new(&mem, 0);
+        let cursor = DriverQueue::new(&mem, 0x4000);
+        let gpu = Gpu::new(GpuConfig::with_size(64, 64)).unwrap();
+
+        check_broken_queue_needs_reset(
+            gpu,
+            &mem,
+            &[control.mock(), cursor.mock()],
+            CONTROL_QUEUE,
+            |gpu: &mut Gpu| gpu.process_queue(CONTROL_QUEUE),
+        );
+    }
+
+    #[test]
+    fn broken_cursor_queue_puts_the_device_in_needs_reset() {
+        let mem = guest_memory(MEM_SIZE);
+        let control = DriverQueue::new(&mem, 0);
+        let cursor = DriverQueue::new(&mem, 0x4000);
+        let gpu = Gpu::new(GpuConfig::with_size(64, 64)).unwrap();
+
+        check_broken_queue_needs_reset(
+            gpu,
+            &mem,
+            &[control.mock(), cursor.mock()],
+            CURSOR_QUEUE,
+            |gpu: &mut Gpu| gpu.process_queue(CURSOR_QUEUE),
+        );
+    }
 
     const MEM_SIZE: usize = 32 << 20;
 

@@ -1,6 +1,7 @@
 //! Driver side of virtio queues for the gpu and input device tests, on
 //! `virtio_queue::mock::MockSplitQueue`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -15,15 +16,21 @@ const VRING_DESC_F_WRITE: u16 = 2;
 /// Descriptors per mock queue.
 pub const QUEUE_LEN: u16 = 64;
 
-/// Records every interrupt the device raises.
+/// Records every interrupt the device raises and whether it asked for a reset.
 #[derive(Default)]
 pub struct RecordingInterrupt {
     pub kinds: Mutex<Vec<InterruptKind>>,
+    pub needs_reset: AtomicBool,
 }
 
 impl InterruptTrigger for RecordingInterrupt {
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
         self.kinds.lock().unwrap().push(kind);
+        Ok(())
+    }
+
+    fn set_needs_reset(&self) -> std::io::Result<()> {
+        self.needs_reset.store(true, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -93,6 +100,11 @@ impl<'a> DriverQueue<'a> {
             mem,
             next_desc: 0,
         }
+    }
+
+    /// The mock queue (its rings and their addresses).
+    pub fn mock(&self) -> &MockSplitQueue<'a, GuestMemoryMmap> {
+        &self.mock
     }
 
     /// The device-side queue for `activate`.

@@ -9,14 +9,14 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::pending::{PendingError, PendingQueue, DEFAULT_CAPACITY};
 use super::profile::{EventError, InputProfile, CONFIG_PAYLOAD_LEN};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger,
-    VirtioDevice,
+    check_rings, read_config_bytes, report_broken_queue, ActivateError, DeviceQueue,
+    GuestMemoryMmap, InterruptKind, InterruptTrigger, QueueError, VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 use crate::rpc::InputEvent;
@@ -66,6 +66,8 @@ pub struct InputMetrics {
     pub dropped: AtomicU64,
     /// Batches refused (invalid, or keys that did not fit).
     pub refused: AtomicU64,
+    /// Times the guest broke a queue (the device then needs a reset).
+    pub queue_errors: AtomicU64,
 }
 
 impl DeviceMetrics for InputMetrics {
@@ -75,6 +77,7 @@ impl DeviceMetrics for InputMetrics {
             "delivered": self.delivered.load(Ordering::Relaxed),
             "dropped": self.dropped.load(Ordering::Relaxed),
             "refused": self.refused.load(Ordering::Relaxed),
+            "queue_errors": self.queue_errors.load(Ordering::Relaxed),
         })
     }
 }
@@ -139,7 +142,7 @@ impl InputHandle {
 struct Active {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn InterruptTrigger>,
-    queues: Vec<Queue>,
+    queues: Vec<DeviceQueue>,
 }
 
 /// A virtio-input device (keyboard, tablet or touch screen, by profile).
@@ -210,32 +213,33 @@ impl Input {
         let queue = &mut active.queues[EVENT_QUEUE];
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         let mut used_any = false;
-        while let Some(event) = pending.peek() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let mut bytes = [0u8; EVENT_LEN];
-            bytes[0..2].copy_from_slice(&event.ty.to_le_bytes());
-            bytes[2..4].copy_from_slice(&event.code.to_le_bytes());
-            bytes[4..8].copy_from_slice(&event.value.to_le_bytes());
-            let written = match chain.writer(mem) {
-                Ok(mut w) if w.available_bytes() >= EVENT_LEN => {
-                    w.write_all(&bytes).map(|()| EVENT_LEN).unwrap_or(0)
+        let result = (|| {
+            while let Some(event) = pending.peek() {
+                let Some(chain) = queue.pop(mem)? else {
+                    break;
+                };
+                let head = chain.head_index();
+                let mut bytes = [0u8; EVENT_LEN];
+                bytes[0..2].copy_from_slice(&event.ty.to_le_bytes());
+                bytes[2..4].copy_from_slice(&event.code.to_le_bytes());
+                bytes[4..8].copy_from_slice(&event.value.to_le_bytes());
+                let written = match chain.writer(mem) {
+                    Ok(mut w) if w.available_bytes() >= EVENT_LEN => {
+                        w.write_all(&bytes).map(|()| EVENT_LEN).unwrap_or(0)
+                    }
+                    // A buffer too small for an event is returned unused; the event waits.
+                    _ => 0,
+                };
+                if written == EVENT_LEN {
+                    pending.pop();
+                    self.metrics.delivered.fetch_add(1, Ordering::Relaxed);
                 }
-                // A buffer too small for an event is returned unused; the event waits.
-                _ => 0,
-            };
-            if written == EVENT_LEN {
-                pending.pop();
-                self.metrics.delivered.fetch_add(1, Ordering::Relaxed);
+                queue.add_used(mem, head, written as u32)?;
+                used_any = true;
             }
-            let _ = queue.add_used(mem, head, written as u32);
-            used_any = true;
-        }
-        if used_any && queue.needs_notification(mem).unwrap_or(true) {
-            let _ = active.interrupt.trigger(InterruptKind::Queue);
-        }
+            Ok(used_any && queue.needs_notification(mem)?)
+        })();
+        notify(active.interrupt.as_ref(), &self.metrics, result);
     }
 
     /// Returns the driver's status buffers (LED changes); the host has no LEDs to set.
@@ -245,14 +249,15 @@ impl Input {
         };
         let mem = &active.mem;
         let queue = &mut active.queues[STATUS_QUEUE];
-        let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let _ = queue.add_used(mem, chain.head_index(), 0);
-            used_any = true;
-        }
-        if used_any && queue.needs_notification(mem).unwrap_or(true) {
-            let _ = active.interrupt.trigger(InterruptKind::Queue);
-        }
+        let result = (|| {
+            let mut used_any = false;
+            while let Some(chain) = queue.pop(mem)? {
+                queue.add_used(mem, chain.head_index(), 0)?;
+                used_any = true;
+            }
+            Ok(used_any && queue.needs_notification(mem)?)
+        })();
+        notify(active.interrupt.as_ref(), &self.metrics, result);
     }
 
     fn config_bytes(&self) -> [u8; CONFIG_PAYLOAD_OFFSET + CONFIG_PAYLOAD_LEN] {
@@ -264,6 +269,23 @@ impl Input {
         config[CONFIG_PAYLOAD_OFFSET..CONFIG_PAYLOAD_OFFSET + payload.len()]
             .copy_from_slice(&payload);
         config
+    }
+}
+
+/// Ends a pass over a queue: interrupts the guest if it asked for it, or reports the queue
+/// it broke.
+fn notify(
+    interrupt: &dyn InterruptTrigger,
+    metrics: &InputMetrics,
+    pass: Result<bool, QueueError>,
+) {
+    match pass {
+        Ok(false) => {}
+        // Nothing better to do on failure: the interrupt line is the only way to tell.
+        Ok(true) => {
+            let _ = interrupt.trigger(InterruptKind::Queue);
+        }
+        Err(e) => report_broken_queue("virtio-input", &e, interrupt, &metrics.queue_errors),
     }
 }
 
@@ -321,10 +343,13 @@ impl VirtioDevice for Input {
                 queues.len()
             )));
         }
+        for q in &queues {
+            check_rings(q, &mem)?;
+        }
         self.active = Some(Active {
             mem,
             interrupt,
-            queues,
+            queues: DeviceQueue::from_queues(queues),
         });
         Ok(())
     }
@@ -351,6 +376,7 @@ mod tests {
     use crate::devices::virtio::gpu::test_driver::{
         guest_memory, Buf, DriverQueue, RecordingInterrupt,
     };
+    use crate::devices::virtio::test_utils::check_broken_queue_needs_reset;
 
     fn event(ty: u16, code: u16, value: i32) -> InputEvent {
         InputEvent { ty, code, value }
@@ -509,6 +535,41 @@ mod tests {
         let delivered: Vec<_> = (0..6).map(|i| read_event(&mem, 0x10000 + i * 8)).collect();
         assert_eq!(delivered, [click(1), motion(2), click(0)].concat());
         assert_eq!(handle.metrics().dropped.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn broken_event_queue_puts_the_device_in_needs_reset() {
+        let mem = guest_memory(1 << 20);
+        let events = DriverQueue::new(&mem, 0);
+        let status = DriverQueue::new(&mem, 0x4000);
+        let dev = Input::new(InputProfile::keyboard()).unwrap();
+        dev.handle()
+            .inject(&[event(ev::EV_KEY, 30, 1), syn()])
+            .unwrap();
+
+        check_broken_queue_needs_reset(
+            dev,
+            &mem,
+            &[events.mock(), status.mock()],
+            EVENT_QUEUE,
+            Input::process_event_queue,
+        );
+    }
+
+    #[test]
+    fn broken_status_queue_puts_the_device_in_needs_reset() {
+        let mem = guest_memory(1 << 20);
+        let events = DriverQueue::new(&mem, 0);
+        let status = DriverQueue::new(&mem, 0x4000);
+        let dev = Input::new(InputProfile::keyboard()).unwrap();
+
+        check_broken_queue_needs_reset(
+            dev,
+            &mem,
+            &[events.mock(), status.mock()],
+            STATUS_QUEUE,
+            Input::process_status_queue,
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use serde::Serialize;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{
@@ -24,8 +24,8 @@ use super::chain::{
 };
 use super::tap::{FrameBackend, Tap, TapError, VNET_HDR_LEN};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger,
-    VirtioDevice,
+    check_rings, read_config_bytes, report_broken_queue, ActivateError, DeviceQueue,
+    GuestMemoryMmap, InterruptKind, InterruptTrigger, QueueError, VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -136,7 +136,7 @@ pub struct NetMetrics {
     pub rx_deferred: AtomicU64,
     /// Errors reading from the backend.
     pub backend_errors: AtomicU64,
-    /// Errors reading or updating the queues themselves.
+    /// Times the guest broke a queue (the device then needs a reset).
     pub queue_errors: AtomicU64,
     /// Queue notifications handled.
     pub queue_events: AtomicU64,
@@ -188,8 +188,8 @@ fn bump(counter: &AtomicU64, by: u64) {
 struct Active {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn InterruptTrigger>,
-    rx: Queue,
-    tx: Queue,
+    rx: DeviceQueue,
+    tx: DeviceQueue,
 }
 
 /// What became of a received frame.
@@ -275,18 +275,32 @@ impl<B: FrameBackend> Net<B> {
             return;
         };
         let mut used_any = false;
-        while let Some(chain) = active.tx.pop_descriptor_chain(&active.mem) {
-            let head = chain.head_index();
-            self.transmit(&active.mem, chain);
-            if let Err(e) = active.tx.add_used(&active.mem, head, 0) {
-                queue_error(&self.metrics, "add a used TX entry", e);
-            }
-            used_any = true;
-        }
-        if used_any {
-            self.signal(&mut active.tx, &active.mem, active.interrupt.as_ref());
+        let result = self.transmit_all(&mut active, &mut used_any);
+        if let Err(e) = result {
+            self.broken(&active, &e);
+        } else if used_any {
+            self.signal(&mut active, TX_QUEUE);
         }
         self.active = Some(active);
+    }
+
+    fn transmit_all(&mut self, active: &mut Active, used_any: &mut bool) -> Result<(), QueueError> {
+        while let Some(chain) = active.tx.pop(&active.mem)? {
+            let head = chain.head_index();
+            self.transmit(&active.mem, chain);
+            active.tx.add_used(&active.mem, head, 0)?;
+            *used_any = true;
+        }
+        Ok(())
+    }
+
+    fn broken(&self, active: &Active, e: &QueueError) {
+        report_broken_queue(
+            "virtio-net",
+            e,
+            active.interrupt.as_ref(),
+            &self.metrics.queue_errors,
+        );
     }
 
     fn transmit<M>(&mut self, mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>)
@@ -350,14 +364,20 @@ impl<B: FrameBackend> Net<B> {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         bump(&self.metrics.backend_errors, 1);
-                        tracing::warn!("virtio-net: cannot read from the backend: {e}");
+                        crate::guest_warn!("virtio-net: cannot read from the backend: {e}");
                         break;
                     }
                 },
             };
             match self.deliver(&mut active, len, &mut used_any) {
-                Delivery::Done => self.rx_pending = None,
-                Delivery::NoBuffers => {
+                Ok(Delivery::Done) => self.rx_pending = None,
+                Err(e) => {
+                    // The frame stays pending; the reset the driver owes us drops it.
+                    self.rx_pending = Some(len);
+                    self.broken(&active, &e);
+                    break;
+                }
+                Ok(Delivery::NoBuffers) => {
                     if self.rx_pending.is_none() {
                         bump(&self.metrics.rx_deferred, 1);
                     }
@@ -366,21 +386,26 @@ impl<B: FrameBackend> Net<B> {
                 }
             }
         }
-        if used_any {
-            self.signal(&mut active.rx, &active.mem, active.interrupt.as_ref());
+        if used_any && !active.rx.is_broken() {
+            self.signal(&mut active, RX_QUEUE);
         }
         self.active = Some(active);
     }
 
     /// Puts the `len`-byte frame in `rx_buf` into the guest's next usable RX chain.
-    fn deliver(&mut self, active: &mut Active, len: usize, used_any: &mut bool) -> Delivery {
+    fn deliver(
+        &mut self,
+        active: &mut Active,
+        len: usize,
+        used_any: &mut bool,
+    ) -> Result<Delivery, QueueError> {
         let frame = &mut self.rx_buf[..len];
         // No offloads were negotiated: the header says nothing but "one buffer".
         frame[..VNET_HDR_LEN].fill(0);
         frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
         loop {
-            let Some(chain) = active.rx.pop_descriptor_chain(&active.mem) else {
-                return Delivery::NoBuffers;
+            let Some(chain) = active.rx.pop(&active.mem)? else {
+                return Ok(Delivery::NoBuffers);
             };
             let head = chain.head_index();
             let (used_len, done) = match rx_segments(&active.mem, chain) {
@@ -393,14 +418,12 @@ impl<B: FrameBackend> Net<B> {
                 Ok((_, capacity)) if capacity < len as u64 => {
                     // The guest's buffers are smaller than this frame (and likely every
                     // frame of its size): drop the frame, keep the chain for the next one.
-                    active
-                        .rx
-                        .set_next_avail(active.rx.next_avail().wrapping_sub(1));
+                    active.rx.undo_pop();
                     bump(&self.metrics.rx_dropped, 1);
                     tracing::debug!(
                         "virtio-net: dropped a {len}-byte frame: RX buffer holds {capacity}"
                     );
-                    return Delivery::Done;
+                    return Ok(Delivery::Done);
                 }
                 Ok((segments, _)) => match scatter(&active.mem, &segments, frame) {
                     Ok(written) => {
@@ -416,32 +439,31 @@ impl<B: FrameBackend> Net<B> {
                     }
                 },
             };
-            if let Err(e) = active.rx.add_used(&active.mem, head, used_len) {
-                queue_error(&self.metrics, "add a used RX entry", e);
-            }
+            active.rx.add_used(&active.mem, head, used_len)?;
             *used_any = true;
             if done {
-                return Delivery::Done;
+                return Ok(Delivery::Done);
             }
         }
     }
 
-    fn signal(&self, queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn InterruptTrigger) {
-        match queue.needs_notification(mem) {
+    /// Interrupts the guest for what was used on queue `index` if it asked for it.
+    fn signal(&self, active: &mut Active, index: usize) {
+        let queue = if index == RX_QUEUE {
+            &mut active.rx
+        } else {
+            &mut active.tx
+        };
+        match queue.needs_notification(&active.mem) {
             Ok(true) => {
-                if let Err(e) = interrupt.trigger(InterruptKind::Queue) {
-                    tracing::warn!("virtio-net: cannot interrupt the guest: {e}");
+                if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
+                    crate::guest_warn!("virtio-net: cannot interrupt the guest: {e}");
                 }
             }
             Ok(false) => {}
-            Err(e) => queue_error(&self.metrics, "read the used event", e),
+            Err(e) => self.broken(active, &e),
         }
     }
-}
-
-fn queue_error(metrics: &NetMetrics, what: &str, e: virtio_queue::Error) {
-    bump(&metrics.queue_errors, 1);
-    tracing::warn!("virtio-net: cannot {what}: {e}");
 }
 
 impl<B: FrameBackend> VirtioDevice for Net<B> {
@@ -486,18 +508,13 @@ impl<B: FrameBackend> VirtioDevice for Net<B> {
         let [rx, tx]: [Queue; 2] = queues.try_into().map_err(|q: Vec<Queue>| {
             ActivateError::BadQueue(format!("{} queues, 2 expected", q.len()))
         })?;
-        for (name, queue) in [("RX", &rx), ("TX", &tx)] {
-            if !queue.is_valid(&mem) {
-                return Err(ActivateError::BadQueue(format!(
-                    "{name} queue is not valid"
-                )));
-            }
-        }
+        check_rings(&rx, &mem)?;
+        check_rings(&tx, &mem)?;
         self.active = Some(Active {
             mem,
             interrupt,
-            rx,
-            tx,
+            rx: DeviceQueue::new(rx, RX_QUEUE),
+            tx: DeviceQueue::new(tx, TX_QUEUE),
         });
         // Buffers posted and frames waiting before activation raised no event the
         // device could act on then (and the backend is watched edge-triggered): serve

@@ -23,7 +23,8 @@ use super::{
     VNET_HDR_LEN,
 };
 use crate::devices::virtio::test_utils::{
-    guest_memory, r, w, Buf, CountingInterrupt, DATA_START, MEM_SIZE,
+    check_broken_queue_needs_reset, guest_memory, r, w, Buf, CountingInterrupt, DATA_START,
+    MEM_SIZE,
 };
 use crate::devices::virtio::{GuestMemoryMmap, VirtioDevice};
 use crate::devices::DeviceMetrics;
@@ -777,7 +778,7 @@ fn tap_names_that_cannot_name_an_interface_are_refused() {
 #[test]
 fn an_interface_that_is_not_a_tap_is_refused() {
     if !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("skipped: /dev/net/tun is missing");
+        testkit::skip(testkit::Need::Tun, "/dev/net/tun is missing");
         return;
     }
     let err = Net::new("lo", MAC).err().unwrap();
@@ -889,16 +890,20 @@ mod real_tap {
     const HOST_IP: [u8; 4] = [10, 250, 0, 1];
 
     /// Why the real-TAP tests cannot run here, if they cannot.
-    fn unsupported() -> Option<&'static str> {
+    fn unsupported() -> Option<(testkit::Need, &'static str)> {
+        use testkit::Need;
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            return Some("needs root to create a network namespace and TAP devices");
+            return Some((
+                Need::Root,
+                "needs root to create a network namespace and TAP devices",
+            ));
         }
         if !Path::new("/dev/net/tun").exists() {
-            return Some("/dev/net/tun is missing");
+            return Some((Need::Tun, "/dev/net/tun is missing"));
         }
         if Command::new("ip").arg("-V").output().is_err() {
-            return Some("the ip tool (iproute2) is missing");
+            return Some((Need::Tools, "the ip tool (iproute2) is missing"));
         }
         None
     }
@@ -945,8 +950,8 @@ mod real_tap {
 
     #[test]
     fn guest_frames_cross_a_real_tap_and_replies_come_back() {
-        if let Some(why) = unsupported() {
-            eprintln!("skipped: {why}");
+        if let Some((need, why)) = unsupported() {
+            testkit::skip(need, why);
             return;
         }
         std::thread::spawn(|| {
@@ -965,8 +970,8 @@ mod real_tap {
 
     #[test]
     fn an_unprivileged_vmm_opens_its_own_tap_but_not_another_users() {
-        if let Some(why) = unsupported() {
-            eprintln!("skipped: {why}");
+        if let Some((need, why)) = unsupported() {
+            testkit::skip(need, why);
             return;
         }
         const VMM_UID: u32 = 64_999;
@@ -1076,4 +1081,38 @@ mod real_tap {
         assert_eq!(snapshot["rx_packets"], u64::from(seen));
         assert!(irq.queue.load(Ordering::SeqCst) >= 1);
     }
+}
+
+#[test]
+fn broken_tx_avail_index_puts_the_device_in_needs_reset() {
+    let mem = guest_memory();
+    let rx = QueueDriver::new(&mem, RX_RING);
+    let tx = QueueDriver::new(&mem, TX_RING);
+    let net = Net::with_backend(MemBackend(Wire::new()), MAC).unwrap();
+
+    check_broken_queue_needs_reset(
+        net,
+        &mem,
+        &[&rx.vq, &tx.vq],
+        TX_QUEUE,
+        Net::<MemBackend>::process_tx,
+    );
+}
+
+#[test]
+fn broken_rx_avail_index_puts_the_device_in_needs_reset() {
+    let mem = guest_memory();
+    let rx = QueueDriver::new(&mem, RX_RING);
+    let tx = QueueDriver::new(&mem, TX_RING);
+    let wire = Wire::new();
+    let net = Net::with_backend(MemBackend(wire.clone()), MAC).unwrap();
+    wire.send_to_guest(vec![0; VNET_HDR_LEN + 60]);
+
+    check_broken_queue_needs_reset(
+        net,
+        &mem,
+        &[&rx.vq, &tx.vq],
+        RX_QUEUE,
+        Net::<MemBackend>::process_rx,
+    );
 }

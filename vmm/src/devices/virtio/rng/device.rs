@@ -7,13 +7,13 @@ use std::sync::Arc;
 use serde::Serialize;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Address, Bytes};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::virtio::{
-    drain_queue, ActivateError, GuestMemoryMmap, InterruptKind, InterruptTrigger, QueueError,
-    VirtioDevice,
+    check_rings, report_broken_queue, ActivateError, DeviceQueue, GuestMemoryMmap, InterruptKind,
+    InterruptTrigger, VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -33,7 +33,7 @@ pub struct RngMetrics {
     pub bytes: AtomicU64,
     /// Requests that could not be filled (bad buffers or getrandom failure).
     pub failures: AtomicU64,
-    /// Errors reading or updating the queue.
+    /// Times the guest broke the queue (the device then needs a reset).
     pub queue_errors: AtomicU64,
 }
 
@@ -60,7 +60,7 @@ impl DeviceMetrics for RngMetrics {
 struct Active {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn InterruptTrigger>,
-    queue: Queue,
+    queue: DeviceQueue,
 }
 
 /// The entropy device.
@@ -96,17 +96,22 @@ impl Rng {
         let Some(mut active) = self.active.take() else {
             return;
         };
-        let metrics = self.metrics.clone();
-        let interrupt = drain_queue(
-            &mut active.queue,
-            &active.mem,
-            |chain| self.fill(&active.mem, chain),
-            |e| queue_error(&metrics.queue_errors, e),
-        );
-        if interrupt {
-            if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
-                tracing::warn!("virtio-rng: cannot interrupt the guest: {e}");
+        match active
+            .queue
+            .drain(&active.mem, |chain| self.fill(&active.mem, chain))
+        {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
+                    crate::guest_warn!("virtio-rng: cannot interrupt the guest: {e}");
+                }
             }
+            Err(e) => report_broken_queue(
+                "virtio-rng",
+                &e,
+                active.interrupt.as_ref(),
+                &self.metrics.queue_errors,
+            ),
         }
         self.active = Some(active);
     }
@@ -217,13 +222,11 @@ impl VirtioDevice for Rng {
         let [queue]: [Queue; 1] = queues.try_into().map_err(|q: Vec<Queue>| {
             ActivateError::BadQueue(format!("{} queues, 1 expected", q.len()))
         })?;
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::BadQueue("queue is not valid".into()));
-        }
+        check_rings(&queue, &mem)?;
         self.active = Some(Active {
             mem,
             interrupt,
-            queue,
+            queue: DeviceQueue::new(queue, 0),
         });
         Ok(())
     }
@@ -240,11 +243,6 @@ impl VirtioDevice for Rng {
     }
 }
 
-fn queue_error(counter: &std::sync::atomic::AtomicU64, e: QueueError) {
-    counter.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!("virtio-rng: cannot {}: {}", e.what, e.source);
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -253,7 +251,9 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
-    use crate::devices::virtio::test_utils::{guest_memory, r, w, Driver, DATA_START};
+    use crate::devices::virtio::test_utils::{
+        check_broken_queue_needs_reset, guest_memory, r, w, Driver, DATA_START,
+    };
 
     fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0u8; len];
@@ -350,6 +350,29 @@ mod tests {
 
         assert_eq!(driver.used_count(), 1);
         assert_eq!(em.run_with_timeout(0).unwrap(), 0);
+    }
+
+    #[test]
+    fn broken_avail_index_puts_the_device_in_needs_reset_until_the_driver_resets_it() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 16);
+        driver.add_chain(&[w(DATA_START, 16)]);
+
+        let t = check_broken_queue_needs_reset(
+            Rng::new().unwrap(),
+            &mem,
+            &[&driver.vq],
+            0,
+            Rng::process_queue,
+        );
+
+        driver.add_chain(&[w(DATA_START, 16)]);
+        t.returns(Rng::process_queue);
+        assert_eq!(driver.used_count(), 1, "served again after the reset");
+        assert_eq!(
+            t.device.lock().unwrap().metrics().snapshot()["queue_errors"],
+            1
+        );
     }
 
     #[test]
