@@ -93,7 +93,7 @@ impl BusDevice for I8042 {
             self.metrics
                 .reset_signal_failures
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::error!("i8042: cannot signal the guest's reset request: {e}");
+            crate::guest_error!("i8042: cannot signal the guest's reset request: {e}");
         }
     }
 }

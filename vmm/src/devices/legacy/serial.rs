@@ -272,7 +272,7 @@ impl BusDevice for Serial {
                 self.metrics
                     .interrupt_failures
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("serial: {e:?}");
+                crate::guest_warn!("serial: {e:?}");
             }
         }
     }

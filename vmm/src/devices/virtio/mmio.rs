@@ -858,6 +858,36 @@ mod tests {
     }
 
     #[test]
+    fn renegotiating_an_unoffered_feature_logs_a_bounded_number_of_lines() {
+        use crate::logging::tests::Captured;
+        use crate::logging::{BURST, REFILL};
+        let mut f = fixture();
+        f.write(reg::STATUS, ACK);
+        f.write(reg::STATUS, ACK | DRIVER);
+        f.ack_features(VERSION_1 | (1 << 5));
+
+        let ((), flood) = Captured::run(|| {
+            for _ in 0..10_000 {
+                f.write(reg::STATUS, ACK | DRIVER | FEATURES_OK);
+            }
+        });
+        std::thread::sleep(REFILL);
+        let ((), after) = Captured::run(|| f.write(reg::STATUS, ACK | DRIVER | FEATURES_OK));
+
+        let flood = flood.lines();
+        assert_eq!(flood.len(), BURST as usize, "{flood:?}");
+        assert!(flood.iter().all(|l| l.contains("refused")), "{flood:?}");
+        let after = after.lines();
+        assert_eq!(after.len(), 1, "{after:?}");
+        let suppressed = 10_000 - BURST;
+        assert!(
+            after[0].contains(&format!("({suppressed} similar messages suppressed)")),
+            "{after:?}"
+        );
+        assert_eq!(f.read(reg::STATUS), ACK | DRIVER);
+    }
+
+    #[test]
     fn feature_writes_outside_the_negotiation_window_are_ignored() {
         let mut f = fixture();
         // Before DRIVER.
