@@ -41,6 +41,8 @@ const MAX_REQUEST_LEN: usize =
     decoder::HEADER_LEN + 8 + decoder::MAX_MEM_ENTRIES as usize * decoder::MEM_ENTRY_LEN;
 /// Side of the (square) cursor resource.
 const CURSOR_SIDE: u32 = framebuffer::layout::CURSOR_SIDE;
+/// Host memory one backing entry costs: the entry and its running offset ([`Backing`]).
+const BACKING_ENTRY_COST: usize = std::mem::size_of::<MemEntry>() + std::mem::size_of::<u64>();
 
 /// Configuration of the gpu device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,7 +53,8 @@ pub struct GpuConfig {
     pub height: u32,
     /// Most resources the guest may hold at once.
     pub max_resources: usize,
-    /// Most host memory (bytes) all resources together may use.
+    /// Most host memory (bytes) all resources together may use: their pixels and their
+    /// guest-memory backing lists.
     pub max_host_memory: usize,
 }
 
@@ -319,6 +322,10 @@ impl CommandError {
 pub struct GpuState {
     config: GpuConfig,
     writer: FramebufferWriter,
+    /// Size of the writer's pixel pool (page-rounded `max_host_memory`).
+    pool_size: usize,
+    /// Host memory held by backing lists.
+    backing_bytes: usize,
     resources: BTreeMap<u32, Resource>,
     /// Resource shown on scanout 0 and the rectangle of it that is shown.
     scanout: Option<(u32, Rect)>,
@@ -352,10 +359,13 @@ impl GpuState {
                 max,
             });
         }
+        let writer =
+            FramebufferWriter::new(config.max_host_memory).map_err(GpuError::Framebuffer)?;
         Ok(Self {
             config,
-            writer: FramebufferWriter::new(config.max_host_memory)
-                .map_err(GpuError::Framebuffer)?,
+            pool_size: writer.pool_free(),
+            writer,
+            backing_bytes: 0,
             resources: BTreeMap::new(),
             scanout: None,
             cursor_visible: false,
@@ -423,14 +433,10 @@ impl GpuState {
                 resource_id,
                 entries,
             } => self.attach_backing(mem, resource_id, entries),
-            Command::ResourceDetachBacking { resource_id } => {
-                self.resource_mut(resource_id).and_then(|r| {
-                    r.backing
-                        .take()
-                        .map(drop)
-                        .ok_or(CommandError::NoBacking(resource_id))
-                })
-            }
+            Command::ResourceDetachBacking { resource_id } => self
+                .resource_mut(resource_id)
+                .and_then(|r| r.backing.take().ok_or(CommandError::NoBacking(resource_id)))
+                .map(|backing| self.release(&backing)),
             Command::SetScanout {
                 scanout_id,
                 resource_id,
@@ -469,6 +475,7 @@ impl GpuState {
         for (_, res) in std::mem::take(&mut self.resources) {
             self.writer.free(res.buffer);
         }
+        self.backing_bytes = 0;
         let mut d = self.display.lock().unwrap_or_else(PoisonError::into_inner);
         d.events_read = 0;
         d.interrupt = None;
@@ -479,6 +486,16 @@ impl GpuState {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .size
+    }
+
+    /// Host memory the guest's resources hold: pixels (whole pool pages) and backing lists.
+    fn host_memory_used(&self) -> usize {
+        self.pool_size - self.writer.pool_free() + self.backing_bytes
+    }
+
+    /// Gives back what a detached backing list held.
+    fn release(&mut self, backing: &Backing) {
+        self.backing_bytes -= backing.entries.len() * BACKING_ENTRY_COST;
     }
 
     fn resource_mut(&mut self, id: u32) -> Result<&mut Resource, CommandError> {
@@ -502,6 +519,9 @@ impl GpuState {
         }
         // The decoder bounds width and height by MAX_DIMENSION, so this cannot overflow.
         let len = width as usize * height as usize * format.bytes_per_pixel() as usize;
+        if self.host_memory_used() + len > self.config.max_host_memory {
+            return Err(CommandError::OutOfMemory);
+        }
         let buffer = self
             .writer
             .alloc(len)
@@ -529,6 +549,9 @@ impl GpuState {
         if self.scanout.is_some_and(|(r, _)| r == id) {
             self.scanout = None;
         }
+        if let Some(backing) = &res.backing {
+            self.release(backing);
+        }
         // Frees the pool range; disables the shared scanout if it showed this resource.
         self.writer.free(res.buffer);
         Ok(())
@@ -540,9 +563,15 @@ impl GpuState {
         id: u32,
         entries: Vec<MemEntry>,
     ) -> Result<(), CommandError> {
+        let cost = entries.len() * BACKING_ENTRY_COST;
+        let used = self.host_memory_used();
+        let max = self.config.max_host_memory;
         let res = self.resource_mut(id)?;
         if res.backing.is_some() {
             return Err(CommandError::BackingAttached(id));
+        }
+        if used + cost > max {
+            return Err(CommandError::OutOfMemory);
         }
         let mut starts = Vec::with_capacity(entries.len());
         let mut total = 0u64;
@@ -561,6 +590,7 @@ impl GpuState {
             starts,
             total,
         });
+        self.backing_bytes += cost;
         Ok(())
     }
 
@@ -1045,6 +1075,44 @@ mod tests {
 
     fn err(code: u32) -> Response {
         Response::Err(code)
+    }
+
+    #[test]
+    fn backing_lists_count_against_the_host_memory_limit() {
+        let mem = guest_memory(MEM_SIZE);
+        let config = GpuConfig {
+            max_host_memory: 1 << 20,
+            ..GpuConfig::with_size(64, 64)
+        };
+        let mut s = GpuState::new(config).unwrap();
+        let max = decoder::MAX_MEM_ENTRIES as usize;
+        let list = vec![(0x1000, 16); max];
+        // Each full list costs max * BACKING_ENTRY_COST (384 KiB): two fit beside four
+        // 16 KiB resources in 1 MiB, a third does not.
+        for id in 1..=4 {
+            assert_eq!(
+                create(&mut s, &mem, id, Format::B8G8R8X8, 64, 64),
+                Response::OkNoData
+            );
+        }
+        assert_eq!(attach(&mut s, &mem, 1, &list), Response::OkNoData);
+        assert_eq!(attach(&mut s, &mem, 2, &list), Response::OkNoData);
+
+        assert_eq!(attach(&mut s, &mem, 3, &list), err(resp::ERR_OUT_OF_MEMORY));
+        assert_eq!(
+            create(&mut s, &mem, 5, Format::B8G8R8X8, 256, 256),
+            err(resp::ERR_OUT_OF_MEMORY),
+            "the lists' memory is not available for pixels either"
+        );
+
+        // Detaching or destroying gives the memory back.
+        let detach = Command::ResourceDetachBacking { resource_id: 1 };
+        assert_eq!(s.execute(&mem, detach), Response::OkNoData);
+        assert_eq!(attach(&mut s, &mem, 3, &list), Response::OkNoData);
+        assert_eq!(attach(&mut s, &mem, 4, &list), err(resp::ERR_OUT_OF_MEMORY));
+        let unref = Command::ResourceUnref { resource_id: 2 };
+        assert_eq!(s.execute(&mem, unref), Response::OkNoData);
+        assert_eq!(attach(&mut s, &mem, 4, &list), Response::OkNoData);
     }
 
     #[test]
