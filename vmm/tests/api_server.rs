@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm::api::server;
 use vmm::config::VmConfig;
@@ -432,6 +432,67 @@ fn idle_and_stalled_clients_cannot_lock_others_out() {
         }
     }
     assert_eq!(closed, 3, "one hog closed per newcomer");
+}
+
+/// Reads `stream` to its end: the server closed it (EOF or reset) within the read timeout.
+fn closed_by_server(stream: &mut UnixStream) -> Vec<u8> {
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) => rest,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => rest,
+        Err(e) => panic!("connection still open: {e} (read {rest:?})"),
+    }
+}
+
+#[test]
+fn clients_that_never_finish_a_request_get_408_and_are_closed() {
+    let fx = start();
+    let started = Instant::now();
+    let mut silent = connect(&fx.sock);
+    let mut partial = connect(&fx.sock);
+    partial.write_all(b"GET /vm HTTP/1.1\r\nHost: loc").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    // More bytes of the same request do not move its deadline.
+    partial.write_all(b"alhost\r\n").unwrap();
+
+    for client in [&mut silent, &mut partial] {
+        let reply = read_reply(client);
+        assert_eq!(reply.status, 408, "{}", reply.head);
+        assert!(reply.body.contains("not complete"), "{}", reply.body);
+        assert_eq!(closed_by_server(client), b"");
+    }
+    assert!(started.elapsed() >= server::HEADER_TIMEOUT);
+
+    let mut c = connect(&fx.sock);
+    assert_eq!(send(&mut c, "GET", "/vm", None).status, 200);
+}
+
+#[test]
+fn many_silent_connections_neither_block_a_real_request_nor_stay_open() {
+    let fx = start();
+    let mut silent: Vec<UnixStream> = (0..server::MAX_CONNECTIONS * 8)
+        .map(|_| connect(&fx.sock))
+        .collect();
+
+    let mut c = connect(&fx.sock);
+    assert_eq!(send(&mut c, "GET", "/vm", None).status, 200);
+
+    // Replaced by newcomers at once, or answered 408 at their deadline: none stays.
+    for s in &mut silent {
+        closed_by_server(s);
+    }
+    assert_eq!(send(&mut c, "GET", "/vm", None).status, 200);
+}
+
+#[test]
+fn keep_alive_connection_idle_between_requests_stays_open() {
+    let fx = start();
+    let mut c = connect(&fx.sock);
+    assert_eq!(send(&mut c, "GET", "/vm", None).status, 200);
+
+    std::thread::sleep(server::HEADER_TIMEOUT + Duration::from_secs(1));
+
+    assert_eq!(send(&mut c, "GET", "/vm", None).status, 200);
 }
 
 #[test]

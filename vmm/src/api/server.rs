@@ -7,6 +7,12 @@
 //! requests in order (pipelining works); a parse error is answered and the connection
 //! closed. No input ends the thread: every error is confined to its connection.
 //!
+//! Slow or silent clients cannot hold the server: a request must arrive whole within
+//! [`HEADER_TIMEOUT`] of its first byte (a new connection's first request, of the accept),
+//! or the connection is answered `408` and closed; and at most [`MAX_CONNECTIONS`] are
+//! kept, a newcomer replacing the one quiet the longest. A keep-alive connection idle
+//! between requests has no deadline (hostd keeps one per VM for input).
+//!
 //! `GET /framebuffer` answers with two descriptors in an `SCM_RIGHTS` control message
 //! attached to the first bytes of the response: `[memfd, flush_eventfd]`. A client reads
 //! the response with `recvmsg(2)` (room for two fds) and keeps reading plain bytes until
@@ -31,6 +37,10 @@ use crate::rpc::{ApiSender, FramebufferFds, VmmResponse};
 /// Most connections kept at once. A new client beyond that replaces the connection that
 /// has been quiet the longest, so idle or stalled clients cannot lock others out.
 pub const MAX_CONNECTIONS: usize = 16;
+
+/// Time a client has to send a whole request (head and body), counted from its first byte,
+/// or from the accept for a connection's first request.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors setting up the server.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +128,8 @@ struct Connection {
     dead: bool,
     /// Last time bytes moved in either direction.
     last_active: Instant,
+    /// When the request being received started; `None` between requests.
+    request_started: Option<Instant>,
 }
 
 impl Connection {
@@ -134,7 +146,16 @@ impl Connection {
             peer_closed: false,
             dead: false,
             last_active: Instant::now(),
+            request_started: Some(Instant::now()),
         }
+    }
+
+    /// When the request being received must be complete, if one is being received.
+    fn deadline(&self) -> Option<Instant> {
+        if self.dead || self.wants_write() {
+            return None;
+        }
+        self.request_started.map(|t| t + HEADER_TIMEOUT)
     }
 
     fn wants_write(&self) -> bool {
@@ -188,10 +209,20 @@ impl Server {
                     revents: 0,
                 });
             }
+            let timeout = self
+                .connections
+                .iter()
+                .filter_map(Connection::deadline)
+                .min()
+                .map_or(-1, |deadline| {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    // Rounded up: waking a little late is fine, spinning early is not.
+                    i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+                });
             // SAFETY: `pollfds` is a valid, initialised array of `pollfds.len()` entries
             // that outlives the call; poll only writes the `revents` fields.
             let ret =
-                unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, -1) };
+                unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, timeout) };
             if ret < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {
@@ -218,6 +249,7 @@ impl Server {
                     receive(conn, limits);
                 }
                 serve(sender, limits, conn);
+                expire(sender, conn, Instant::now());
                 if conn.peer_closed && !conn.wants_write() {
                     conn.dead = true;
                 }
@@ -299,6 +331,7 @@ fn receive(conn: &mut Connection, limits: &Limits) {
             Ok(n) => {
                 conn.input.extend_from_slice(&chunk[..n]);
                 conn.last_active = Instant::now();
+                conn.request_started.get_or_insert(conn.last_active);
                 if n < chunk.len() || conn.input.len() >= cap {
                     return;
                 }
@@ -329,6 +362,8 @@ fn serve(sender: &ApiSender, limits: &Limits, conn: &mut Connection) {
             Ok(Parsed::Complete { request, consumed }) => {
                 conn.input.drain(..consumed);
                 conn.continue_sent = false;
+                // A pipelined request already started; otherwise none until bytes come.
+                conn.request_started = (!conn.input.is_empty()).then(Instant::now);
                 let (mut response, fds, answered) = respond(sender, &request);
                 response.close |= !request.keep_alive;
                 queue(conn, response, fds, answered);
@@ -340,6 +375,23 @@ fn serve(sender: &ApiSender, limits: &Limits, conn: &mut Connection) {
         }
         flush(sender, conn);
     }
+}
+
+/// Answers `408` and closes a connection whose request did not arrive whole in time. The
+/// answer is best effort: a client that does not read it is dropped all the same.
+fn expire(sender: &ApiSender, conn: &mut Connection, now: Instant) {
+    if !conn.deadline().is_some_and(|deadline| now >= deadline) {
+        return;
+    }
+    conn.input.clear();
+    let mut response = Response::error(
+        408,
+        &format!("request not complete within {HEADER_TIMEOUT:?}"),
+    );
+    response.close = true;
+    queue(conn, response, None, false);
+    flush(sender, conn);
+    conn.dead = true;
 }
 
 /// Routes and runs one request; returns the response, any fds to pass, and whether
