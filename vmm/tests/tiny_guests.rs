@@ -3,7 +3,11 @@
 
 mod common;
 
-use std::time::Duration;
+use std::io::{BufRead, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use common::{build_guest, kvm_available, run_vmm};
 
@@ -176,6 +180,118 @@ fn sigterm_stops_a_running_guest_with_status_0() {
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let run = common::finish(child, started, TIMEOUT);
     assert_eq!(run.status, Some(0), "{run:?}");
+}
+
+/// `GET uri` on the API socket at `sock`, or `None` when no complete answer arrives within
+/// `limit` (a VMM whose main thread is stuck).
+fn api_get(sock: &Path, uri: &str, limit: Duration) -> Option<(u16, String)> {
+    let mut stream = UnixStream::connect(sock).ok()?;
+    stream.set_read_timeout(Some(limit)).unwrap();
+    write!(
+        stream,
+        "GET {uri} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    Some((status, body.to_owned()))
+}
+
+/// Forwards the lines of `pipe` to a channel.
+fn lines_of(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a line containing `want`; returns every line seen until then.
+fn wait_for_line(lines: &mpsc::Receiver<String>, want: &str, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                let found = line.contains(want);
+                seen.push(line);
+                if found {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("no line with {want:?} within {limit:?}; console: {seen:?}"),
+        }
+    }
+}
+
+#[test]
+fn guest_that_breaks_a_virtio_queue_gets_needs_reset_and_the_vmm_keeps_serving() {
+    if !kvm_available("guest_that_breaks_a_virtio_queue_gets_needs_reset_and_the_vmm_keeps_serving")
+    {
+        return;
+    }
+    let guest = build_guest("broken_queue", &[]);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("broken-queue");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let started = Instant::now();
+    let mut child = common::spawn_vmm(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--mem-mib",
+        "32",
+        "--rng",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    let console = lines_of(child.stdout.take().unwrap());
+    wait_for_line(&console, "queue broken and notified", TIMEOUT);
+
+    // The main thread still answers, and reports the device as needing a reset.
+    let deadline = Instant::now() + TIMEOUT;
+    let metrics = loop {
+        let (status, body) = api_get(&sock, "/metrics", Duration::from_secs(5))
+            .expect("the VMM did not answer GET /metrics within 5 s");
+        assert_eq!(status, 200, "{body}");
+        let metrics: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if metrics["devices"]["rng"]["transport"]["needs_reset"] == true {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "never needs reset: {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let rng = &metrics["devices"]["rng"];
+    assert_eq!(rng["device"]["queue_errors"], 1, "{rng}");
+    assert_eq!(rng["device"]["requests"], 0, "{rng}");
+    // The guest read DEVICE_NEEDS_RESET (0x40) over DRIVER_OK and a configuration interrupt.
+    let seen = wait_for_line(&console, "status=", TIMEOUT);
+    assert!(
+        seen.last()
+            .unwrap()
+            .contains("status=0000004f interrupt_status=00000002"),
+        "{seen:?}"
+    );
+
+    // SIGTERM still stops it.
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let run = common::finish(child, started, TIMEOUT);
+    assert_eq!(run.status, Some(0), "{run:?}");
+    // One line about the broken queue, not one per pass.
+    assert_eq!(
+        run.stderr.matches("needs a reset").count(),
+        1,
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
