@@ -253,7 +253,7 @@ mod tests {
     #[test]
     fn ioctl_numbers_in_the_policy_match_their_names() {
         use kvm_bindings::*;
-        use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
+        use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
         ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
         ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
         ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
@@ -261,6 +261,8 @@ mod tests {
         ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
         ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
         ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
+        ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
+        ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_translation);
         ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
         ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
         ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
@@ -273,6 +275,8 @@ mod tests {
             ("KVM_SET_SREGS", KVM_SET_SREGS() as u64),
             ("KVM_GET_VCPU_EVENTS", KVM_GET_VCPU_EVENTS() as u64),
             ("KVM_SET_VCPU_EVENTS", KVM_SET_VCPU_EVENTS() as u64),
+            ("KVM_GET_FPU", KVM_GET_FPU() as u64),
+            ("KVM_TRANSLATE", KVM_TRANSLATE() as u64),
             ("KVM_IRQFD", KVM_IRQFD() as u64),
             ("KVM_IOEVENTFD", KVM_IOEVENTFD() as u64),
             ("KVM_IRQ_LINE", KVM_IRQ_LINE() as u64),

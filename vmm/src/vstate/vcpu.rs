@@ -8,6 +8,7 @@
 //! that `KVM_RUN` return `EINTR` at once instead of being lost.
 
 use std::cell::Cell;
+use std::collections::BTreeSet;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -24,7 +25,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::lifecycle::{ExitCounters, ExitSignal, ExitStatus, VmExit};
 use super::vm::Vm;
 use crate::arch::x86_64::cpuid::{build_cpuid, CpuTemplate};
-use crate::arch::x86_64::{lapic, msr, regs};
+use crate::arch::x86_64::{emulation, lapic, msr, regs};
 use crate::devices::bus::Bus;
 use crate::devices::virtio::GuestMemoryMmap;
 
@@ -279,6 +280,7 @@ impl Vcpus {
                 fd: vcpu.fd,
                 shared: shared.clone(),
                 control: control.clone(),
+                completed: BTreeSet::new(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
@@ -423,6 +425,8 @@ struct VcpuRunner {
     fd: VcpuFd,
     shared: VcpuShared,
     control: Arc<Control>,
+    /// Instructions this vCPU has completed for KVM (each is logged the first time).
+    completed: BTreeSet<&'static str>,
 }
 
 impl VcpuRunner {
@@ -575,7 +579,9 @@ impl VcpuRunner {
         }
     }
 
-    /// Completes an INT3 that KVM could not emulate; anything else ends the VM.
+    /// Completes an instruction KVM could not emulate when the VMM can do what the CPU
+    /// would have done (see [`emulation`]); anything else ends the VM with a message naming
+    /// RIP, the instruction bytes and a guess at the instruction.
     fn handle_internal_error(&mut self) -> Option<VmExit> {
         let id = self.id;
         let run = self.fd.get_kvm_run();
@@ -618,45 +624,87 @@ impl VcpuRunner {
         } else {
             self.guest_bytes_at(regs.rip)
         };
-        if bytes.first() == Some(&0xcc) {
-            // INT3 is a trap: the #BP frame points after the instruction, as hardware does.
-            ExitCounters::bump(&self.shared.counters.emulation_completed);
-            match self.inject_breakpoint(regs) {
-                Ok(()) => return None,
-                Err(e) => {
-                    return Some(VmExit::new(
-                        ExitStatus::InternalError,
-                        format!(
-                            "vCPU {id}: cannot complete INT3 at RIP {:#x}: {e}",
+        let decision = self
+            .emulation_state(&regs)
+            .map_err(|e| format!("cannot read vCPU state: {e}"))
+            .and_then(|cpu| emulation::complete(&bytes, cpu).map_err(|r| r.to_string()));
+        let why = match decision {
+            Ok(completion) => match self.apply(completion, regs) {
+                Ok(()) => {
+                    ExitCounters::bump(&self.shared.counters.emulation_completed);
+                    if self.completed.insert(completion.mnemonic()) {
+                        tracing::info!(
+                            "vCPU {id}: completing {} that KVM cannot emulate (first at RIP \
+                             {:#x}; further ones are counted as emulation_completed)",
+                            completion.mnemonic(),
                             regs.rip
-                        ),
-                    ))
+                        );
+                    }
+                    return None;
                 }
-            }
-        }
+                Err(e) => format!("completing {} failed: {e}", completion.mnemonic()),
+            },
+            Err(why) => why,
+        };
         let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        Some(VmExit::new(
-            ExitStatus::EmulationFailure,
-            format!(
-                "vCPU {id}: KVM cannot emulate the instruction at RIP {:#x} (bytes: {})",
-                regs.rip,
-                if hex.is_empty() {
-                    "unavailable".to_owned()
-                } else {
-                    hex.join(" ")
-                }
-            ),
-        ))
+        let guess = emulation::mnemonic(&bytes).unwrap_or("an instruction not in the VMM's table");
+        let reason = format!(
+            "vCPU {id}: KVM cannot emulate the instruction at RIP {:#x} (bytes: {}; looks like \
+             {guess}; {why})",
+            regs.rip,
+            if hex.is_empty() {
+                "unavailable".to_owned()
+            } else {
+                hex.join(" ")
+            }
+        );
+        tracing::error!("{reason}");
+        Some(VmExit::new(ExitStatus::EmulationFailure, reason))
     }
 
-    fn inject_breakpoint(&self, mut regs: kvm_bindings::kvm_regs) -> Result<(), kvm_ioctls::Error> {
-        regs.rip = regs.rip.wrapping_add(1);
-        self.fd.set_regs(&regs)?;
+    /// The vCPU state the emulation completions depend on.
+    fn emulation_state(
+        &self,
+        regs: &kvm_bindings::kvm_regs,
+    ) -> Result<emulation::CpuState, kvm_ioctls::Error> {
+        let sregs = self.fd.get_sregs()?;
+        let fpu = self.fd.get_fpu()?;
+        Ok(emulation::CpuState {
+            cr0: sregs.cr0,
+            rflags: regs.rflags,
+            fsw: fpu.fsw,
+            fcw: fpu.fcw,
+        })
+    }
+
+    /// Does what the CPU would have done: moves RIP past the instruction when it completed
+    /// or trapped, and delivers the exception if there is one. Either way the instruction
+    /// ends any interrupt shadow it was in, as on hardware.
+    fn apply(
+        &self,
+        completion: emulation::Completion,
+        mut regs: kvm_bindings::kvm_regs,
+    ) -> Result<(), kvm_ioctls::Error> {
+        let (advance, exception) = match completion {
+            emulation::Completion::Skip { len, .. } => (len, None),
+            emulation::Completion::Exception {
+                vector,
+                rip_advance,
+                ..
+            } => (rip_advance, Some(vector)),
+        };
+        if advance != 0 {
+            regs.rip = regs.rip.wrapping_add(u64::from(advance));
+            self.fd.set_regs(&regs)?;
+        }
         let mut events = self.fd.get_vcpu_events()?;
-        events.exception.injected = 1;
-        events.exception.nr = 3;
-        events.exception.has_error_code = 0;
-        events.exception.error_code = 0;
+        events.interrupt.shadow = 0;
+        if let Some(vector) = exception {
+            events.exception.injected = 1;
+            events.exception.nr = vector;
+            events.exception.has_error_code = 0;
+            events.exception.error_code = 0;
+        }
         self.fd.set_vcpu_events(&events)
     }
 
