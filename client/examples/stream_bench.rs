@@ -159,9 +159,10 @@ fn start_server(opts: &Opts, listen: &str) -> (StreamServer, String) {
     };
     let server = StreamServer::bind(cfg, &identity, tokens.clone()).expect("bind");
     let (src, _) = source::synthetic(Scene::Windows, opts.width, opts.height, opts.fps);
-    server.add_environment(ENV, src, opts.fps).expect("env");
+    let env = hostd::stream::EnvRef::new(ENV, 1);
+    server.add_environment(&env, src, opts.fps).expect("env");
     let token = tokens
-        .issue(ENV, Rights::VIEW, Duration::from_secs(600))
+        .issue(&env, Rights::VIEW, Duration::from_secs(600))
         .expect("token");
     let url = server.connect_url(ENV, &token).expect("url");
     (server, url)

@@ -31,9 +31,10 @@ fn serve_source(src: source::EnvironmentSource, fps: f32) -> (StreamServer, Conn
     let identity = Identity::generate(&[]).unwrap();
     let tokens = Arc::new(TokenKey::generate().unwrap());
     let server = StreamServer::bind(ServerConfig::default(), &identity, tokens.clone()).unwrap();
-    server.add_environment(ENV, src, fps).unwrap();
+    let env = hostd::stream::EnvRef::new(ENV, 1);
+    server.add_environment(&env, src, fps).unwrap();
     let token = tokens
-        .issue(ENV, Rights::VIEW, Duration::from_secs(3600))
+        .issue(&env, Rights::VIEW, Duration::from_secs(3600))
         .unwrap();
     let url = server.connect_url(ENV, &token).unwrap().parse().unwrap();
     (server, url)

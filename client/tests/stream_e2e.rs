@@ -6,10 +6,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use client::{ClientError, ConnectOptions, ConnectUrl, Event, Session, StatsCollector};
 use encoder::synthetic::{Scene, SyntheticSource};
 use hostd::stream::source::{self, RecordingInput};
-use hostd::stream::{Identity, ServerConfig, StreamServer, TokenKey};
+use hostd::stream::{EnvRef, Identity, ServerConfig, StreamServer, TokenKey};
 use proto::stream::{Button, ClientMessage, ErrorCode, InputEvent, Message, Rights, TouchPhase};
 
 const ENV: &str = "env-test";
+
+/// The streamed environment: name `ENV`, store id 1.
+fn env() -> EnvRef {
+    EnvRef::new(ENV, 1)
+}
 const HOUR: Duration = Duration::from_secs(3600);
 
 struct Harness {
@@ -23,7 +28,7 @@ fn start(cfg: ServerConfig, scene: Scene, w: u32, h: u32, fps: f32) -> Harness {
     let tokens = Arc::new(TokenKey::generate().unwrap());
     let server = StreamServer::bind(cfg, &identity, tokens.clone()).unwrap();
     let (src, input) = source::synthetic(scene, w, h, fps);
-    server.add_environment(ENV, src, fps).unwrap();
+    server.add_environment(&env(), src, fps).unwrap();
     Harness {
         server,
         input,
@@ -40,7 +45,7 @@ impl Harness {
             .unwrap()
     }
     fn url(&self, rights: Rights) -> ConnectUrl {
-        let token = self.tokens.issue(ENV, rights, HOUR).unwrap();
+        let token = self.tokens.issue(&env(), rights, HOUR).unwrap();
         self.url_with_token(&token)
     }
 }
@@ -199,7 +204,7 @@ async fn expired_token_is_refused() {
         .as_secs();
     let token = hx
         .tokens
-        .issue_expiring_at(ENV, Rights::VIEW, now - 10)
+        .issue_expiring_at(&env(), Rights::VIEW, now - 10)
         .unwrap();
     let err = Session::connect(&hx.url_with_token(&token), ConnectOptions::default())
         .await
@@ -219,7 +224,7 @@ async fn forged_token_is_refused() {
     let hx = start(ServerConfig::default(), Scene::Still, 64, 64, 10.0);
     let forged = TokenKey::generate()
         .unwrap()
-        .issue(ENV, Rights::all(), HOUR)
+        .issue(&env(), Rights::all(), HOUR)
         .unwrap();
     let err = Session::connect(&hx.url_with_token(&forged), ConnectOptions::default())
         .await
@@ -361,7 +366,7 @@ async fn held_keys_are_released_when_the_grace_period_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_per_address_cap_are_refused() {
     let cfg = ServerConfig {
-        max_connections_per_ip: 2,
+        max_sessions_per_prefix: 2,
         ..ServerConfig::default()
     };
     let hx = start(cfg, Scene::Still, 64, 64, 10.0);
@@ -398,10 +403,17 @@ async fn clients_pass_address_validation_when_retry_is_required() {
         ..ServerConfig::default()
     };
     let hx = start(cfg, Scene::Still, 64, 64, 10.0);
+
     let mut s = Session::connect(&hx.url(Rights::VIEW), ConnectOptions::default())
         .await
         .unwrap();
     next_frame(&mut s).await;
+
+    assert_eq!(
+        hx.server.admission_stats().retries,
+        1,
+        "the server must have sent exactly one Retry, which the client answered"
+    );
     s.close().await;
 }
 
@@ -482,8 +494,8 @@ async fn viewer_joining_a_still_screen_gets_a_keyframe() {
         }),
         input: Arc::new(RecordingInput::default()),
     };
-    server.add_environment(ENV, src, 30.0).unwrap();
-    let token = tokens.issue(ENV, Rights::VIEW, HOUR).unwrap();
+    server.add_environment(&env(), src, 30.0).unwrap();
+    let token = tokens.issue(&env(), Rights::VIEW, HOUR).unwrap();
     let url: ConnectUrl = server.connect_url(ENV, &token).unwrap().parse().unwrap();
     let mut first = Session::connect(&url, ConnectOptions::default())
         .await

@@ -36,7 +36,7 @@ async fn a_viewer_sees_a_graphical_environment_and_its_keys_reach_the_vm() {
     let identity = Identity::load_or_create(&stream_dir).unwrap();
     let tokens = Arc::new(TokenKey::load_or_create(&stream_dir.join("token.key")).unwrap());
     let server = StreamServer::bind(ServerConfig::default(), &identity, tokens).unwrap();
-    orch.set_stream_server(Arc::new(server));
+    orch.set_stream_server(Arc::new(server)).unwrap();
     orch.start().await.unwrap();
 
     let name = match orch

@@ -197,6 +197,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/envs/{name}", get(show).delete(destroy))
         .route("/v1/envs/{name}/stop", post(stop))
         .route("/v1/envs/{name}/token", post(token))
+        .route("/v1/tokens/revoke", post(revoke_token))
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/verify", get(audit_verify))
         .layer(axum::middleware::from_fn_with_state(
@@ -247,7 +248,7 @@ impl From<OrchError> for ApiError {
         let status = match &e {
             OrchError::NotFound(_) => StatusCode::NOT_FOUND,
             OrchError::WrongState { .. } | OrchError::Admission(_) => StatusCode::CONFLICT,
-            OrchError::Spec(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            OrchError::Spec(_) | OrchError::Revoke(_) => StatusCode::UNPROCESSABLE_ENTITY,
             OrchError::Token(_) | OrchError::Store(_) | OrchError::Config(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -375,9 +376,28 @@ async fn token(
     body: Option<Json<TokenBody>>,
 ) -> ApiResult {
     let body = body.map(|b| b.0).unwrap_or_default();
-    let ttl = body.ttl_s.unwrap_or(3600).clamp(60, 7 * 24 * 3600);
+    use crate::stream::token::{MAX_TTL, MIN_TTL};
+    let ttl = body
+        .ttl_s
+        .unwrap_or(3600)
+        .clamp(MIN_TTL.as_secs(), MAX_TTL.as_secs());
     let rights = body.rights.unwrap_or_else(|| "view,input,clipboard".into());
     Ok(Json(st.orch.mint_token(&name, &actor.0, ttl, &rights)?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    /// The token itself, or its id (16 hex digits).
+    token: String,
+}
+
+async fn revoke_token(
+    State(st): State<AppState>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    Json(body): Json<RevokeBody>,
+) -> ApiResult {
+    Ok(Json(st.orch.revoke_token(&body.token, &actor.0)?).into_response())
 }
 
 #[derive(Deserialize)]

@@ -46,6 +46,8 @@ pub enum OrchError {
     Store(#[from] StoreError),
     #[error("viewer tokens: {0}")]
     Token(String),
+    #[error("cannot revoke the token")]
+    Revoke(#[source] crate::stream::TokenError),
     #[error("configuration: {0}")]
     Config(String),
 }
@@ -647,6 +649,11 @@ impl Orchestrator {
         let _ = std::fs::remove_dir_all(self.env_dir(name));
         self.transition(name, EnvState::Destroyed, None)?;
         self.store().set_vmm(name, None, None)?;
+        // Every token of this environment is revoked: a destroyed environment's id counts as
+        // revoked in the store (`destroyed_env_ids`), and open sessions end now.
+        if let Some(server) = self.inner.stream.get() {
+            server.revoke_environment(env.id as u64);
+        }
         self.show(name)
     }
 
@@ -671,9 +678,16 @@ impl Orchestrator {
         std::fs::create_dir_all(&dir).map_err(|e| OrchError::Token(e.to_string()))?;
         let key = crate::stream::TokenKey::load_or_create(&dir.join("token.key"))
             .map_err(|e| OrchError::Token(e.to_string()))?;
+        // Signed over the environment's unique id: a later environment of the same name is
+        // not opened by this token.
+        let env_ref = crate::stream::EnvRef::new(name, env.id as u64);
         let token = key
-            .issue(name, rights, Duration::from_secs(ttl_s))
+            .issue(&env_ref, rights, Duration::from_secs(ttl_s))
             .map_err(|e| OrchError::Token(e.to_string()))?;
+        let token_id = key
+            .decode(&token)
+            .map_err(|e| OrchError::Token(e.to_string()))?
+            .id;
         let fingerprint = crate::stream::Identity::load_or_create(&dir)
             .map(|i| i.fingerprint)
             .ok();
@@ -682,7 +696,7 @@ impl Orchestrator {
             actor,
             "token",
             name,
-            &format!("rights={rights:?} ttl_s={ttl_s}"),
+            &format!("rights={rights:?} ttl_s={ttl_s} token_id={token_id}"),
         )?;
         let url = self
             .inner
@@ -690,9 +704,67 @@ impl Orchestrator {
             .get()
             .and_then(|s| s.connect_url(name, &token).ok());
         Ok(serde_json::json!({
-            "env": name, "token": token, "expires_at": now_s() + ttl_s as i64, "cert_sha256": fingerprint,
-            "url": url,
+            "env": name, "token": token, "token_id": token_id.to_string(),
+            "expires_at": now_s() + ttl_s as i64, "cert_sha256": fingerprint, "url": url,
         }))
+    }
+
+    /// Revokes a viewer token, given whole or by its id (16 hex digits, as minting printed
+    /// it): recorded in the store and pushed to the stream server, which ends sessions using
+    /// it at once. A token given whole must be one this host signed.
+    pub fn revoke_token(&self, token: &str, actor: &str) -> Result<serde_json::Value, OrchError> {
+        use crate::stream::token::{TokenId, MAX_TTL};
+        let key = crate::stream::TokenKey::load_or_create(
+            &self.inner.state_dir.join("stream").join("token.key"),
+        )
+        .map_err(|e| OrchError::Token(e.to_string()))?;
+        let token = token.trim();
+        let (id, env_id, expires_at) = match token.parse::<TokenId>() {
+            // Only the id: the token cannot outlive the longest lifetime minting allows.
+            Ok(id) => (id, None, now_s() + MAX_TTL.as_secs() as i64),
+            Err(_) => {
+                let claims = key.decode(token).map_err(OrchError::Revoke)?;
+                (
+                    claims.id,
+                    Some(claims.env.uid as i64),
+                    i64::try_from(claims.expires_unix).unwrap_or(i64::MAX),
+                )
+            }
+        };
+        let id_hex = id.to_string();
+        let newly = self
+            .store()
+            .revoke_token(&id_hex, env_id, expires_at, actor)?;
+        self.audit(
+            actor,
+            "revoke-token",
+            &id_hex,
+            &format!("expires_at={expires_at}"),
+        )?;
+        if let Some(server) = self.inner.stream.get() {
+            server.revoke_token(id, expires_at.max(0) as u64);
+        }
+        Ok(serde_json::json!({
+            "token_id": id_hex, "revoked": true, "already_revoked": !newly, "expires_at": expires_at,
+        }))
+    }
+
+    /// The store's revocation list, as the stream server checks it.
+    fn revocations(&self) -> Result<crate::stream::Revocations, OrchError> {
+        let mut list = crate::stream::Revocations::default();
+        let mut store = self.store();
+        for r in store.token_revocations(now_s())? {
+            match r.token_id.parse() {
+                Ok(id) => list.revoke_token(id, r.expires_at.max(0) as u64),
+                Err(e) => {
+                    tracing::warn!(token_id = %r.token_id, error = %e, "unreadable revocation")
+                }
+            }
+        }
+        for id in store.destroyed_env_ids()? {
+            list.revoke_environment(id as u64);
+        }
+        Ok(list)
     }
 
     pub fn verify_audit(&self) -> Result<AuditReport, OrchError> {
@@ -802,9 +874,15 @@ impl Orchestrator {
 
     // ---- lifecycle -------------------------------------------------------------------------
 
-    /// Publishes ready graphical environments on `server` from now on.
-    pub fn set_stream_server(&self, server: Arc<crate::stream::StreamServer>) {
+    /// Publishes ready graphical environments on `server` from now on, with the store's
+    /// revocation list.
+    pub fn set_stream_server(
+        &self,
+        server: Arc<crate::stream::StreamServer>,
+    ) -> Result<(), OrchError> {
+        server.set_revocations(self.revocations()?);
         let _ = self.inner.stream.set(server);
+        Ok(())
     }
 
     /// Puts a ready graphical environment's screen and input on the stream server. Called
@@ -813,18 +891,19 @@ impl Orchestrator {
         let Some(server) = self.inner.stream.get().cloned() else {
             return;
         };
-        let graphical = self
+        let Some(env_ref) = self
             .show(name)
-            .map(|e| self.graphical(&e.spec))
-            .unwrap_or(false);
-        if !graphical {
+            .ok()
+            .filter(|e| self.graphical(&e.spec))
+            .map(|e| crate::stream::EnvRef::new(name, e.id as u64))
+        else {
             return;
-        }
+        };
         let sock = sock.to_owned();
         let fps = self.inner.cfg.stream.fps;
         match tokio::task::spawn_blocking(move || crate::vm_source::environment(&sock)).await {
             Ok(Ok(source)) => {
-                if let Err(e) = server.add_environment(name, source, fps) {
+                if let Err(e) = server.add_environment(&env_ref, source, fps) {
                     tracing::warn!(env = name, error = %e, "cannot stream environment");
                 }
             }

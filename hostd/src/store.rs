@@ -13,7 +13,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &["CREATE TABLE envs (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE envs (
         id INTEGER PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,
         spec TEXT NOT NULL,
@@ -34,7 +35,17 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE envs (
         detail TEXT NOT NULL,
         prev_hash TEXT NOT NULL,
         hash TEXT NOT NULL
-    );"];
+    );",
+    // Revoked stream tokens (by token id), kept until the token's own expiry. Tokens of a
+    // destroyed environment need no rows: its id is never reused and counts as revoked.
+    "CREATE TABLE token_revocations (
+        token_id TEXT PRIMARY KEY,
+        env_id INTEGER,
+        expires_at INTEGER NOT NULL,
+        revoked_at INTEGER NOT NULL,
+        actor TEXT NOT NULL
+    );",
+];
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -162,6 +173,18 @@ pub struct AuditEntry {
     pub detail: String,
     pub prev_hash: String,
     pub hash: String,
+}
+
+/// A revoked stream token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRevocation {
+    /// The token's id, 16 hex digits.
+    pub token_id: String,
+    /// The environment's id, when the whole token was given.
+    pub env_id: Option<i64>,
+    pub expires_at: i64,
+    pub revoked_at: i64,
+    pub actor: String,
 }
 
 /// What `verify_audit` found.
@@ -476,6 +499,55 @@ impl Store {
         })
     }
 
+    // ---- token revocations ---------------------------------------------------------------
+
+    /// Records that stream token `token_id` (of environment `env_id` if known, expiring at
+    /// `expires_at`) no longer counts. Returns false if it was already revoked.
+    pub fn revoke_token(
+        &mut self,
+        token_id: &str,
+        env_id: Option<i64>,
+        expires_at: i64,
+        actor: &str,
+    ) -> Result<bool, StoreError> {
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO token_revocations (token_id, env_id, expires_at, revoked_at, actor) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![token_id, env_id, expires_at, now_s(), actor],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Revoked tokens not yet expired at `now`; rows of expired tokens are deleted (expiry
+    /// refuses those anyway).
+    pub fn token_revocations(&mut self, now: i64) -> Result<Vec<TokenRevocation>, StoreError> {
+        self.conn.execute(
+            "DELETE FROM token_revocations WHERE expires_at <= ?1",
+            [now],
+        )?;
+        let mut stmt = self.conn.prepare(
+            "SELECT token_id, env_id, expires_at, revoked_at, actor FROM token_revocations ORDER BY revoked_at",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(TokenRevocation {
+                token_id: r.get(0)?,
+                env_id: r.get(1)?,
+                expires_at: r.get(2)?,
+                revoked_at: r.get(3)?,
+                actor: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Ids of destroyed environments: every token issued for one of them is revoked.
+    pub fn destroyed_env_ids(&self) -> Result<Vec<i64>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id FROM envs WHERE state = 'destroyed' ORDER BY id")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Direct access for tests that tamper with the database.
     pub fn connection(&self) -> &Connection {
         &self.conn
@@ -613,6 +685,29 @@ mod tests {
         s.insert_env(&spec("a")).unwrap();
         assert_eq!(s.env("a").unwrap().unwrap().state, EnvState::Requested);
         assert_eq!(s.envs(true).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn revoked_tokens_are_kept_until_they_expire_and_destroyed_envs_are_listed() {
+        let (_d, mut s) = store();
+        let old = s.insert_env(&spec("dev")).unwrap();
+        assert!(s
+            .revoke_token("00000000000000aa", Some(old.id), 100, "op")
+            .unwrap());
+        assert!(!s
+            .revoke_token("00000000000000aa", Some(old.id), 100, "op")
+            .unwrap());
+        s.revoke_token("00000000000000bb", None, 300, "op").unwrap();
+        s.set_state("dev", EnvState::Destroyed, None).unwrap();
+        let new = s.insert_env(&spec("dev")).unwrap();
+
+        let listed = s.token_revocations(200).unwrap();
+
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].token_id, "00000000000000bb");
+        assert_eq!(s.token_revocations(200).unwrap(), listed);
+        assert_ne!(new.id, old.id, "a reused name gets a new id");
+        assert_eq!(s.destroyed_env_ids().unwrap(), vec![old.id]);
     }
 
     #[test]

@@ -208,12 +208,13 @@ fn stream_server_streams_a_vm_as_an_environment() {
     };
     let server = hostd::stream::StreamServer::bind(cfg, &identity, tokens.clone()).unwrap();
 
+    let env = hostd::stream::EnvRef::new("vm1", 1);
     server
-        .add_environment("vm1", vm_source::environment(&vmm.sock).unwrap(), 30.0)
+        .add_environment(&env, vm_source::environment(&vmm.sock).unwrap(), 30.0)
         .unwrap();
     let token = tokens
         .issue(
-            "vm1",
+            &env,
             "view,input".parse().unwrap(),
             Duration::from_secs(60),
         )

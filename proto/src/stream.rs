@@ -17,6 +17,9 @@ pub const MIN_VERSION: u16 = 1;
 pub const ALPN: &[u8] = b"genos-stream/1";
 /// Largest control message (type byte + body) either side accepts.
 pub const MAX_MESSAGE_LEN: usize = 1 << 20;
+/// Largest Hello (type byte + body): what a server buffers before the client has
+/// authenticated. Environment ids and tokens are short; 4 KiB leaves room for both.
+pub const MAX_HELLO_LEN: usize = 4096;
 /// Largest clipboard text, in bytes of UTF-8.
 pub const MAX_CLIPBOARD_LEN: usize = 256 * 1024;
 /// Largest cursor image edge, in pixels.
@@ -37,8 +40,8 @@ pub enum DecodeError {
     TrailingBytes(usize),
     #[error("unknown message type {0:#04x}")]
     UnknownType(u8),
-    #[error("message length {0} exceeds limit {MAX_MESSAGE_LEN}")]
-    TooLong(usize),
+    #[error("message length {len} exceeds limit {limit}")]
+    TooLong { len: usize, limit: usize },
     #[error("empty message")]
     Empty,
     #[error("string is not valid UTF-8")]
@@ -145,6 +148,11 @@ pub enum ErrorCode {
     ResumeRejected = 10,
     Internal = 11,
     ServerShutdown = 12,
+    /// The token was revoked by the host (an operator, or the environment was destroyed).
+    TokenRevoked = 13,
+    /// Non-fatal warning: the token expired during the session; input is no longer accepted
+    /// and the video ends after a grace period (then the close carries `TokenExpired`).
+    SessionExpiring = 14,
     /// A code this implementation does not know (from a newer peer).
     Unknown = 0xffff,
 }
@@ -166,12 +174,17 @@ impl ErrorCode {
             10 => ResumeRejected,
             11 => Internal,
             12 => ServerShutdown,
+            13 => TokenRevoked,
+            14 => SessionExpiring,
             _ => Unknown,
         }
     }
     /// Whether the server closes the connection after sending this error.
     pub fn is_fatal(self) -> bool {
-        !matches!(self, ErrorCode::None | ErrorCode::PermissionDenied)
+        !matches!(
+            self,
+            ErrorCode::None | ErrorCode::PermissionDenied | ErrorCode::SessionExpiring
+        )
     }
 }
 
@@ -831,11 +844,36 @@ pub struct MessageReader {
     buf: Vec<u8>,
     /// Offset of the first unconsumed byte in `buf`; compacted lazily to avoid O(n²) shifts.
     start: usize,
+    /// Largest message accepted; 0 means [`MAX_MESSAGE_LEN`].
+    limit: usize,
 }
 
 impl MessageReader {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A reader that refuses messages longer than `limit` as soon as their length prefix
+    /// arrives (a server reading a Hello uses [`MAX_HELLO_LEN`]).
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            limit: limit.min(MAX_MESSAGE_LEN),
+            ..Self::default()
+        }
+    }
+
+    /// Changes the largest message accepted from now on (at most [`MAX_MESSAGE_LEN`]).
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.min(MAX_MESSAGE_LEN);
+    }
+
+    /// The largest message this reader accepts.
+    pub fn limit(&self) -> usize {
+        if self.limit == 0 {
+            MAX_MESSAGE_LEN
+        } else {
+            self.limit
+        }
     }
 
     /// Appends bytes received from the stream.
@@ -860,8 +898,9 @@ impl MessageReader {
             return Ok(None);
         };
         let len = u32::from_le_bytes(len_bytes.try_into().expect("4 bytes")) as usize;
-        if len > MAX_MESSAGE_LEN {
-            return Err(DecodeError::TooLong(len));
+        let limit = self.limit();
+        if len > limit {
+            return Err(DecodeError::TooLong { len, limit });
         }
         let Some(body) = avail.get(4..4 + len) else {
             return Ok(None);
@@ -1099,7 +1138,31 @@ mod tests {
         r.push(&((MAX_MESSAGE_LEN as u32) + 1).to_le_bytes());
         assert_eq!(
             r.next_message::<ClientMessage>(),
-            Err(DecodeError::TooLong(MAX_MESSAGE_LEN + 1))
+            Err(DecodeError::TooLong {
+                len: MAX_MESSAGE_LEN + 1,
+                limit: MAX_MESSAGE_LEN
+            })
+        );
+    }
+
+    #[test]
+    fn hello_reader_refuses_an_oversized_length_prefix_before_the_body_arrives() {
+        let mut r = MessageReader::with_limit(MAX_HELLO_LEN);
+        r.push(&((MAX_HELLO_LEN as u32) + 1).to_le_bytes());
+        assert_eq!(
+            r.next_message::<ClientMessage>(),
+            Err(DecodeError::TooLong {
+                len: MAX_HELLO_LEN + 1,
+                limit: MAX_HELLO_LEN
+            })
+        );
+        let mut r = MessageReader::with_limit(MAX_HELLO_LEN);
+        r.push(&ClientMessage::KeyframeRequest.to_bytes());
+        r.set_limit(MAX_MESSAGE_LEN);
+        assert_eq!(r.limit(), MAX_MESSAGE_LEN);
+        assert_eq!(
+            r.next_message::<ClientMessage>(),
+            Ok(Some(ClientMessage::KeyframeRequest))
         );
     }
 
@@ -1228,11 +1291,13 @@ mod tests {
 
     #[test]
     fn error_codes_round_trip_and_unknown_codes_map_to_unknown() {
-        for v in 0..=12u16 {
+        for v in 0..=14u16 {
             assert_eq!(ErrorCode::from_u16(v) as u16, v);
         }
         assert_eq!(ErrorCode::from_u16(999), ErrorCode::Unknown);
         assert!(!ErrorCode::PermissionDenied.is_fatal());
         assert!(ErrorCode::TokenForged.is_fatal());
+        assert!(ErrorCode::TokenRevoked.is_fatal());
+        assert!(!ErrorCode::SessionExpiring.is_fatal());
     }
 }

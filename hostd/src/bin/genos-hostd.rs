@@ -89,7 +89,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             };
             let server = hostd::stream::StreamServer::bind(server_cfg, &identity, tokens)?;
             tracing::info!(listen = %stream_cfg.listen, "stream server ready");
-            orch.set_stream_server(std::sync::Arc::new(server));
+            orch.set_stream_server(std::sync::Arc::new(server))?;
         }
         orch.start().await?;
         tracing::info!(socket = %socket.display(), "genos-hostd ready");

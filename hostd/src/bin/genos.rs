@@ -70,9 +70,14 @@ enum Cmd {
     /// Stop and delete an environment.
     #[command(alias = "rm")]
     Destroy { name: String },
-    /// Mint a viewer token.
+    /// Mint a viewer token (`genos token NAME`), or revoke one (`genos token revoke TOKEN`).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Token {
-        name: String,
+        #[command(subcommand)]
+        cmd: Option<TokenCmd>,
+        /// Environment to mint a token for.
+        #[arg(required = true)]
+        name: Option<String>,
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
@@ -91,6 +96,15 @@ enum Cmd {
     },
     /// Print the spec's JSON Schema.
     Schema,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Revoke a viewer token: it opens no new session, and sessions using it end at once.
+    Revoke {
+        /// The token, or its id (16 hex digits, as minting printed it).
+        token: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -302,7 +316,31 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .await?;
             done(&v, json_out, "destroyed");
         }
-        Cmd::Token { name, ttl, rights } => {
+        Cmd::Token {
+            cmd: Some(TokenCmd::Revoke { token }),
+            ..
+        } => {
+            let v = client
+                .call("POST", "/v1/tokens/revoke", Some(json!({ "token": token })))
+                .await?;
+            if json_out {
+                print_json(&v);
+            } else if v["already_revoked"].as_bool() == Some(true) {
+                println!(
+                    "token {} was already revoked",
+                    v["token_id"].as_str().unwrap_or("?")
+                );
+            } else {
+                println!("revoked token {}", v["token_id"].as_str().unwrap_or("?"));
+            }
+        }
+        Cmd::Token {
+            cmd: None,
+            name,
+            ttl,
+            rights,
+        } => {
+            let name = name.expect("clap requires a name without a subcommand");
             let v = client
                 .call(
                     "POST",
@@ -477,6 +515,9 @@ fn print_token(v: &Value) {
         v["expires_at"]
     );
     println!("  {}", v["token"].as_str().unwrap_or(""));
+    if let Some(id) = v["token_id"].as_str() {
+        println!("  token id (to revoke it: genos token revoke {id})");
+    }
     if let Some(fp) = v["cert_sha256"].as_str() {
         println!("  host certificate sha256: {fp}");
     }

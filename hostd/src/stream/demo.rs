@@ -14,7 +14,7 @@ use proto::stream::Rights;
 use super::identity::{Identity, IdentityError};
 use super::server::{ServerConfig, StreamError, StreamServer};
 use super::source;
-use super::token::{TokenKey, TokenKeyError};
+use super::token::{EnvRef, TokenKey, TokenKeyError};
 
 /// Why the demo server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -102,12 +102,13 @@ pub async fn serve(args: DemoArgs) -> Result<(), DemoError> {
     };
     let server = StreamServer::bind(cfg, &identity, tokens.clone())?;
     let (src, _input) = source::synthetic(args.scene, width, height, args.fps);
-    server.add_environment(&args.env_id, src, args.fps)?;
-    let token = tokens.issue(
-        &args.env_id,
-        args.rights,
-        Duration::from_secs(args.ttl_secs),
-    )?;
+    // Each run is a new environment: tokens printed by an earlier run do not open it.
+    let mut uid = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut uid)
+        .map_err(|_| TokenKeyError::Random)?;
+    let env = EnvRef::new(args.env_id.clone(), u64::from_le_bytes(uid));
+    server.add_environment(&env, src, args.fps)?;
+    let token = tokens.issue(&env, args.rights, Duration::from_secs(args.ttl_secs))?;
     let url = server.connect_url(&args.env_id, &token)?;
     {
         let mut out = std::io::stdout().lock();

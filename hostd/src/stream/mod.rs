@@ -6,6 +6,7 @@
 //! feeding the shared encoder. Wire format: `proto::stream`, documented in `docs/protocol.md`.
 
 pub mod abr;
+pub mod admission;
 pub mod demo;
 pub mod identity;
 pub mod server;
@@ -15,7 +16,7 @@ pub mod token;
 pub use identity::Identity;
 pub use server::{ServerConfig, StreamServer};
 pub use source::{EnvironmentSource, InputSink, RecordingInput};
-pub use token::{TokenError, TokenKey, TokenKeyError};
+pub use token::{Claims, EnvRef, Revocations, TokenError, TokenId, TokenKey, TokenKeyError};
 
 /// Builds the connect URL clients take: `genos://HOST:PORT/ENV_ID?token=T&cert=SHA256HEX`.
 pub fn connect_url(

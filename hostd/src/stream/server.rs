@@ -7,9 +7,16 @@
 //! (input, keyframe requests, pings), a video task (newest-wins delivery on per-frame
 //! unidirectional streams, bounded frames in flight), a cursor task (the newest pointer state,
 //! at most once per frame interval) and an ABR tick.
+//!
+//! Admission ([`super::admission`]): unvalidated handshakes are few (then QUIC Retry), every
+//! handshake has a deadline, the Hello has a deadline and a size bound (the connection's
+//! receive window is a few KiB until the token is accepted), and only authenticated sessions
+//! count against the per-prefix and total session caps. Tokens are checked at Hello and for
+//! the whole session: revocation ends it at once; expiry stops its input at once and its
+//! video after `expiry_grace`.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,16 +24,25 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use encoder::{EncodeError, Encoder, EncoderConfig, Tuning};
 use proto::stream::{
     self as wire, Button, ClientMessage, Codec, CursorImage, ErrorCode, FrameHeader, InputEvent,
-    Message, MessageReader, Rights, ServerMessage, ServerStats, StreamConfig,
+    Message, MessageReader, Rights, ServerMessage, ServerStats, StreamConfig, MAX_HELLO_LEN,
+    MAX_MESSAGE_LEN,
 };
 use quinn::VarInt;
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::abr::{self, BitrateLimits, Controller, PathSample};
+use super::admission::{Admission, Decision, Limits, Stage};
 use super::identity::Identity;
 use super::source::{EnvironmentSource, InputSink};
-use super::token::TokenKey;
+use super::token::{Claims, EnvRef, Revocations, TokenId, TokenKey};
+
+/// Connection-level receive window until the client has authenticated: room for one Hello
+/// ([`MAX_HELLO_LEN`]) and its framing, nothing more is buffered for an unknown peer.
+const PRE_AUTH_RECEIVE_WINDOW: u32 = 2 * MAX_HELLO_LEN as u32;
+/// Connection-level receive window of an authenticated session: the largest control message
+/// (a clipboard) twice over.
+const SESSION_RECEIVE_WINDOW: u32 = 2 * MAX_MESSAGE_LEN as u32;
 
 /// Why the server could not start or an environment could not be added.
 #[derive(Debug, thiserror::Error)]
@@ -53,16 +69,25 @@ pub enum StreamError {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
-    /// Connections served at once, over all addresses.
-    pub max_connections: usize,
-    /// Connections served at once from one source IP.
-    pub max_connections_per_ip: usize,
-    /// Above this many open connections, new clients must prove their address (QUIC Retry).
+    /// Authenticated viewer sessions at once, over all sources.
+    pub max_sessions: usize,
+    /// Authenticated viewer sessions at once from one source prefix (IPv4 /32, IPv6 /64).
+    pub max_sessions_per_prefix: usize,
+    /// Handshakes from unproven addresses in progress at once; beyond, new clients must
+    /// first answer a QUIC Retry (stateless), so spoofed Initials hold nothing.
     pub retry_threshold: usize,
+    /// Connections with a proven address that have not authenticated yet, from one prefix.
+    pub max_pending_per_prefix: usize,
+    /// Connections with a proven address that have not authenticated yet, in total.
+    pub max_pending: usize,
+    /// Time a client has to complete the QUIC handshake.
+    pub handshake_timeout: Duration,
     /// Close connections silent for this long (the client sends keep-alives).
     pub idle_timeout: Duration,
-    /// Time a client has to open the control stream and send Hello.
+    /// Time a client has, once connected, to open the control stream and send Hello.
     pub hello_timeout: Duration,
+    /// How long video continues after a session's token expired (input stops at once).
+    pub expiry_grace: Duration,
     /// How long a dropped session can be resumed.
     pub resume_grace: Duration,
     /// Frames sent to one viewer and not yet acknowledged, beyond those two RTTs hold at the
@@ -81,11 +106,15 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            max_connections: 64,
-            max_connections_per_ip: 8,
+            max_sessions: 64,
+            max_sessions_per_prefix: 8,
             retry_threshold: 16,
+            max_pending_per_prefix: 8,
+            max_pending: 64,
+            handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             hello_timeout: Duration::from_secs(5),
+            expiry_grace: Duration::from_secs(30),
             resume_grace: Duration::from_secs(15),
             max_frames_in_flight: 4,
             keyframe_min_interval: Duration::from_millis(250),
@@ -215,6 +244,10 @@ fn wire_cursor_image(shape: encoder::CursorShape) -> CursorImage {
 
 struct Environment {
     id: String,
+    /// The host's unique id of this environment; tokens are signed over it.
+    uid: u64,
+    /// Set when the environment stops streaming: its sessions end.
+    closed: watch::Sender<bool>,
     frames: broadcast::Sender<Arc<Packet>>,
     /// The source's pointer; `None` until the source reports one.
     cursor: watch::Sender<Option<CursorSnapshot>>,
@@ -234,6 +267,9 @@ struct Environment {
 }
 
 impl Environment {
+    fn env_ref(&self) -> EnvRef {
+        EnvRef::new(self.id.clone(), self.uid)
+    }
     fn request_keyframe(&self) {
         self.force_keyframe.store(true, Ordering::Release);
     }
@@ -314,32 +350,88 @@ impl HeldInput {
     }
 }
 
+/// What admission control did, for tests, benchmarks and the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AdmissionStats {
+    /// QUIC Retry packets sent (address validation under load).
+    pub retries: u64,
+    /// Connection attempts refused at a cap.
+    pub refused: u64,
+    /// Handshakes abandoned at `handshake_timeout`.
+    pub handshake_timeouts: u64,
+    /// Connections closed for not sending a Hello within `hello_timeout`.
+    pub hello_timeouts: u64,
+    /// Handshakes from unproven addresses in progress now.
+    pub unvalidated: usize,
+    /// Connections with a proven address, not yet authenticated, now.
+    pub pending: usize,
+    /// Authenticated sessions now.
+    pub sessions: usize,
+}
+
+#[derive(Default)]
+struct AdmissionCounters {
+    retries: AtomicU64,
+    refused: AtomicU64,
+    handshake_timeouts: AtomicU64,
+    hello_timeouts: AtomicU64,
+}
+
 struct Shared {
     cfg: ServerConfig,
     tokens: Arc<TokenKey>,
     clock: Clock,
     envs: Mutex<HashMap<String, Arc<Environment>>>,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    open: AtomicUsize,
+    admission: Mutex<Admission>,
+    admission_counters: AdmissionCounters,
+    revocations: Mutex<Revocations>,
+    /// Bumped on every revocation: open sessions re-check their token.
+    revoked: watch::Sender<u64>,
     parked: Mutex<HashMap<[u8; 16], ParkedSession>>,
     next_viewer: AtomicU64,
 }
 
-/// Releases a connection slot when the connection's task ends.
+impl Shared {
+    /// Whether `claims` were revoked, as a refusal for the client.
+    fn check_revoked(&self, claims: &Claims) -> Result<(), Refusal> {
+        self.revocations
+            .lock()
+            .expect("poisoned")
+            .check(claims)
+            .map_err(|e| Refusal::new(e.code(), e.to_string()))
+    }
+}
+
+/// A connection's admission slot, released when the connection's task ends.
 struct SlotGuard {
     shared: Arc<Shared>,
-    ip: IpAddr,
+    stage: Option<Stage>,
+}
+
+impl SlotGuard {
+    /// Moves the slot on with `step`; a refused step has released the old slot.
+    fn advance(
+        &mut self,
+        step: impl FnOnce(&mut Admission, Stage) -> Result<Stage, super::admission::Full>,
+    ) -> Result<(), super::admission::Full> {
+        let Some(stage) = self.stage.take() else {
+            return Ok(());
+        };
+        let mut admission = self.shared.admission.lock().expect("poisoned");
+        let next = step(&mut admission, stage)?;
+        self.stage = Some(next);
+        Ok(())
+    }
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.shared.open.fetch_sub(1, Ordering::AcqRel);
-        let mut per_ip = self.shared.per_ip.lock().expect("poisoned");
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
+        if let Some(stage) = self.stage.take() {
+            self.shared
+                .admission
+                .lock()
+                .expect("poisoned")
+                .release(stage);
         }
     }
 }
@@ -359,6 +451,9 @@ fn transport_config(cfg: &ServerConfig) -> quinn::TransportConfig {
     // Clients open exactly one bidirectional control stream and no unidirectional ones.
     t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
+    // Until the token is accepted a peer may have only a Hello's worth of data in flight
+    // (raised per connection after admission).
+    t.receive_window(PRE_AUTH_RECEIVE_WINDOW.into());
     t.datagram_receive_buffer_size(None);
     // BBR models bandwidth and RTT instead of reading every loss as congestion: random loss
     // (Wi-Fi, mobile) would otherwise collapse Cubic's window and with it the video bitrate.
@@ -390,13 +485,22 @@ impl StreamServer {
                 source,
             }
         })?;
+        let limits = Limits {
+            retry_threshold: cfg.retry_threshold,
+            max_pending_per_prefix: cfg.max_pending_per_prefix,
+            max_pending: cfg.max_pending,
+            max_sessions_per_prefix: cfg.max_sessions_per_prefix,
+            max_sessions: cfg.max_sessions,
+        };
         let shared = Arc::new(Shared {
             cfg,
             tokens,
             clock: Clock::new(),
             envs: Mutex::new(HashMap::new()),
-            per_ip: Mutex::new(HashMap::new()),
-            open: AtomicUsize::new(0),
+            admission: Mutex::new(Admission::new(limits)),
+            admission_counters: AdmissionCounters::default(),
+            revocations: Mutex::new(Revocations::default()),
+            revoked: watch::Sender::new(0),
             parked: Mutex::new(HashMap::new()),
             next_viewer: AtomicU64::new(1),
         });
@@ -431,13 +535,15 @@ impl StreamServer {
         ))
     }
 
-    /// Starts streaming `source` as environment `env_id` at `fps` frames per second.
+    /// Starts streaming `source` as environment `env` at `fps` frames per second. Viewers
+    /// ask for it by name; only tokens issued for this `env.uid` open it.
     pub fn add_environment(
         &self,
-        env_id: &str,
+        env: &EnvRef,
         source: EnvironmentSource,
         fps: f32,
     ) -> Result<(), StreamError> {
+        let (env_id, uid) = (env.name.as_str(), env.uid);
         let mut envs = self.shared.envs.lock().expect("poisoned");
         if envs.contains_key(env_id) {
             return Err(StreamError::DuplicateEnvironment(env_id.to_owned()));
@@ -456,6 +562,8 @@ impl StreamServer {
         let (tx, _) = broadcast::channel(16);
         let env = Arc::new(Environment {
             id: env_id.to_owned(),
+            uid,
+            closed: watch::Sender::new(false),
             frames: tx,
             cursor: watch::Sender::new(None),
             input: source.input,
@@ -504,9 +612,53 @@ impl StreamServer {
         envs.get(env_id).map(|e| e.stats())
     }
 
-    /// Connections currently open.
+    /// Connections currently holding a slot: handshaking, awaiting Hello, or in a session.
     pub fn open_connections(&self) -> usize {
-        self.shared.open.load(Ordering::Acquire)
+        let (unvalidated, pending, sessions) =
+            self.shared.admission.lock().expect("poisoned").counts();
+        unvalidated + pending + sessions
+    }
+
+    /// What admission control has done so far and holds now.
+    pub fn admission_stats(&self) -> AdmissionStats {
+        let (unvalidated, pending, sessions) =
+            self.shared.admission.lock().expect("poisoned").counts();
+        let c = &self.shared.admission_counters;
+        AdmissionStats {
+            retries: c.retries.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            handshake_timeouts: c.handshake_timeouts.load(Ordering::Relaxed),
+            hello_timeouts: c.hello_timeouts.load(Ordering::Relaxed),
+            unvalidated,
+            pending,
+            sessions,
+        }
+    }
+
+    /// Revokes one token (kept until `expires_unix`); sessions using it end at once.
+    pub fn revoke_token(&self, id: TokenId, expires_unix: u64) {
+        self.shared
+            .revocations
+            .lock()
+            .expect("poisoned")
+            .revoke_token(id, expires_unix);
+        self.shared.revoked.send_modify(|g| *g += 1);
+    }
+
+    /// Revokes every token of environment `uid`; its sessions end at once.
+    pub fn revoke_environment(&self, uid: u64) {
+        self.shared
+            .revocations
+            .lock()
+            .expect("poisoned")
+            .revoke_environment(uid);
+        self.shared.revoked.send_modify(|g| *g += 1);
+    }
+
+    /// Replaces the revocation list (hostd loads it from its store at start).
+    pub fn set_revocations(&self, list: Revocations) {
+        *self.shared.revocations.lock().expect("poisoned") = list;
+        self.shared.revoked.send_modify(|g| *g += 1);
     }
 
     /// Stops accepting and closes every connection.
@@ -542,6 +694,7 @@ impl Drop for StreamServer {
 
 fn stop_environment(env: &Environment) {
     env.stop.store(true, Ordering::Release);
+    env.closed.send_replace(true);
     if let Some(h) = env.thread.lock().expect("poisoned").take() {
         // The loop checks `stop` at least every 100 ms.
         let _ = h.join();
@@ -773,53 +926,80 @@ fn shared_target(targets: impl Iterator<Item = u32> + Clone) -> Option<u32> {
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
         let ip = incoming.remote_address().ip();
-        let open = shared.open.load(Ordering::Acquire);
-        let from_ip = shared
-            .per_ip
-            .lock()
-            .expect("poisoned")
-            .get(&ip)
-            .copied()
-            .unwrap_or(0);
-        if open >= shared.cfg.max_connections || from_ip >= shared.cfg.max_connections_per_ip {
-            warn!(%ip, open, from_ip, "connection refused: limit reached");
-            incoming.refuse();
-            continue;
-        }
-        if open >= shared.cfg.retry_threshold
-            && !incoming.remote_address_validated()
-            && incoming.may_retry()
-        {
-            // Under load, make the client prove it owns its address before we do any
-            // crypto work for it.
-            if let Err(e) = incoming.retry() {
-                debug!(error = %e, "retry failed");
+        let validated = incoming.remote_address_validated();
+        let decision = shared.admission.lock().expect("poisoned").on_incoming(
+            ip,
+            validated,
+            incoming.may_retry(),
+        );
+        let stage = match decision {
+            Decision::Accept(stage) => stage,
+            Decision::Retry => {
+                // Under load, make the client prove it owns its address before we keep any
+                // state or do any crypto work for it.
+                match incoming.retry() {
+                    Ok(()) => {
+                        shared
+                            .admission_counters
+                            .retries
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => debug!(error = %e, "retry failed"),
+                }
+                continue;
             }
-            continue;
-        }
-        shared.open.fetch_add(1, Ordering::AcqRel);
-        *shared
-            .per_ip
-            .lock()
-            .expect("poisoned")
-            .entry(ip)
-            .or_default() += 1;
+            Decision::Refuse(full) => {
+                shared
+                    .admission_counters
+                    .refused
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%ip, reason = %full, "connection refused");
+                incoming.refuse();
+                continue;
+            }
+        };
         let guard = SlotGuard {
             shared: shared.clone(),
-            ip,
+            stage: Some(stage),
         };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            match incoming.accept() {
-                Ok(connecting) => match connecting.await {
-                    Ok(conn) => serve_connection(shared, conn).await,
-                    Err(e) => debug!(%ip, error = %e, "handshake failed"),
-                },
-                Err(e) => debug!(%ip, error = %e, "accept failed"),
-            }
-        });
+        tokio::spawn(handshake(shared.clone(), incoming, guard));
     }
+}
+
+/// Completes one handshake within `handshake_timeout`, then serves the connection.
+async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, mut guard: SlotGuard) {
+    let ip = incoming.remote_address().ip();
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => return debug!(%ip, error = %e, "accept failed"),
+    };
+    // Dropping an unfinished `Connecting` abandons the handshake and its state.
+    let conn = match tokio::time::timeout(shared.cfg.handshake_timeout, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return debug!(%ip, error = %e, "handshake failed"),
+        Err(_) => {
+            shared
+                .admission_counters
+                .handshake_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            return debug!(%ip, "handshake timed out");
+        }
+    };
+    // A completed handshake proves the address: from here on it counts against its prefix.
+    if let Err(full) = guard.advance(|a, stage| a.handshake_done(stage, ip)) {
+        shared
+            .admission_counters
+            .refused
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(%ip, reason = %full, "connection refused after the handshake");
+        let msg = full.to_string();
+        conn.close(
+            VarInt::from_u32(ErrorCode::TooManyConnections as u32),
+            msg.as_bytes(),
+        );
+        return;
+    }
+    serve_connection(shared, conn, guard).await;
 }
 
 /// Reads control messages until one is complete.
@@ -876,37 +1056,41 @@ async fn refuse(conn: &quinn::Connection, send: Option<&mut quinn::SendStream>, 
     conn.close(VarInt::from_u32(r.code as u32), r.message.as_bytes());
 }
 
-async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot: SlotGuard) {
     let remote = conn.remote_address();
-    let hello_timeout = shared.cfg.hello_timeout;
-    let (mut send, mut recv) = match tokio::time::timeout(hello_timeout, conn.accept_bi()).await {
+    // One deadline for the control stream and the Hello on it.
+    let hello_deadline = tokio::time::Instant::now() + shared.cfg.hello_timeout;
+    let hello_late = |shared: &Shared, what: &str| {
+        shared
+            .admission_counters
+            .hello_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+        Refusal::new(ErrorCode::ProtocolViolation, format!("no {what} in time"))
+    };
+    let (mut send, mut recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(%remote, error = %e, "connection ended before the control stream");
             return;
         }
-        Err(_) => {
-            refuse(
-                &conn,
-                None,
-                Refusal::new(
-                    ErrorCode::ProtocolViolation,
-                    "no control stream opened in time",
-                ),
-            )
-            .await;
-            return;
-        }
+        Err(_) => return refuse(&conn, None, hello_late(&shared, "control stream opened")).await,
     };
-    let mut reader = MessageReader::new();
+    // Before authentication only a Hello's worth is accepted (the receive window bounds what
+    // the peer can send; the reader refuses a longer length prefix at once).
+    let mut reader = MessageReader::with_limit(MAX_HELLO_LEN);
     let hello =
-        match tokio::time::timeout(hello_timeout, read_message(&mut recv, &mut reader)).await {
+        match tokio::time::timeout_at(hello_deadline, read_message(&mut recv, &mut reader)).await {
             Ok(Ok(Some(m))) => m,
             Ok(Ok(None)) => return,
             Ok(Err(r)) => return refuse(&conn, Some(&mut send), r).await,
             Err(_) => {
-                let r = Refusal::new(ErrorCode::ProtocolViolation, "no Hello received in time");
-                return refuse(&conn, Some(&mut send), r).await;
+                return refuse(
+                    &conn,
+                    Some(&mut send),
+                    hello_late(&shared, "Hello received"),
+                )
+                .await
             }
         };
     let session = match admit(&shared, hello) {
@@ -916,13 +1100,22 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
             return refuse(&conn, Some(&mut send), r).await;
         }
     };
+    // Authenticated: only now does the connection count as a session of its prefix.
+    if let Err(full) = slot.advance(|a, stage| a.authenticated(stage)) {
+        warn!(%remote, reason = %full, "viewer refused");
+        let r = Refusal::new(ErrorCode::TooManyConnections, full.to_string());
+        return refuse(&conn, Some(&mut send), r).await;
+    }
+    conn.set_receive_window(SESSION_RECEIVE_WINDOW.into());
+    reader.set_limit(MAX_MESSAGE_LEN);
     let viewer_id = shared.next_viewer.fetch_add(1, Ordering::Relaxed);
-    info!(%remote, env = %session.env.id, rights = %session.rights, resumed = session.resumed,
-          viewer = viewer_id, "viewer joined");
+    info!(%remote, env = %session.env.id, rights = %session.claims.rights,
+          token = %session.claims.id, resumed = session.resumed, viewer = viewer_id,
+          "viewer joined");
     let welcome = ServerMessage::Welcome {
         version: session.version,
         session_id: session.id,
-        rights: session.rights,
+        rights: session.claims.rights,
         resumed: session.resumed,
         resume_grace_ms: shared.cfg.resume_grace.as_millis() as u32,
         config: session.env.config(),
@@ -931,6 +1124,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         return;
     }
     run_session(shared, conn, send, recv, reader, session, viewer_id).await;
+    drop(slot);
 }
 
 /// An admitted viewer session.
@@ -938,7 +1132,7 @@ struct Session {
     id: [u8; 16],
     version: u16,
     env: Arc<Environment>,
-    rights: Rights,
+    claims: Claims,
     resumed: bool,
     held: HeldInput,
 }
@@ -968,16 +1162,10 @@ fn admit(shared: &Shared, hello: ClientMessage) -> Result<Session, Refusal> {
             ),
         )
     })?;
-    let claims = shared
-        .tokens
-        .verify(&token, &env_id)
-        .map_err(|e| Refusal::new(e.code(), e.to_string()))?;
-    if !claims.rights.contains(Rights::VIEW) {
-        return Err(Refusal::new(
-            ErrorCode::PermissionDenied,
-            "token lacks the view right",
-        ));
-    }
+    let refusal = |e: super::token::TokenError| Refusal::new(e.code(), e.to_string());
+    // The signature first: a peer without a genuine token learns nothing, not even which
+    // environments stream.
+    shared.tokens.decode(&token).map_err(refusal)?;
     let env = shared
         .envs
         .lock()
@@ -990,6 +1178,17 @@ fn admit(shared: &Shared, hello: ClientMessage) -> Result<Session, Refusal> {
                 format!("environment {env_id:?} is not streaming"),
             )
         })?;
+    let claims = shared
+        .tokens
+        .verify(&token, &env.env_ref())
+        .map_err(refusal)?;
+    shared.check_revoked(&claims)?;
+    if !claims.rights.contains(Rights::VIEW) {
+        return Err(Refusal::new(
+            ErrorCode::PermissionDenied,
+            "token lacks the view right",
+        ));
+    }
     let mut resumed = false;
     let mut held = HeldInput::default();
     let mut id = [0u8; 16];
@@ -1020,7 +1219,7 @@ fn admit(shared: &Shared, hello: ClientMessage) -> Result<Session, Refusal> {
         id,
         version,
         env,
-        rights: claims.rights,
+        claims,
         resumed,
         held,
     })
@@ -1074,15 +1273,49 @@ async fn run_session(
 
     let cursor = cursor_loop(&env, ctl_tx.clone());
 
+    // The token counts for the whole session: at expiry input stops (the control loop
+    // releases what it held and refuses the rest), after the grace period the video too.
+    let expires_at = instant_at_unix(session.claims.expires_unix);
     let mut held = session.held.clone();
     let control = control_loop(
         &env,
-        session.rights,
+        session.claims.rights,
+        expires_at,
+        shared.cfg.expiry_grace,
         &mut recv,
         &mut reader,
         &ctl_tx,
         &mut held,
     );
+    let expired = async {
+        tokio::time::sleep_until(expires_at + shared.cfg.expiry_grace).await;
+        Refusal::new(
+            ErrorCode::TokenExpired,
+            format!(
+                "token expired {} s ago; session ended",
+                shared.cfg.expiry_grace.as_secs()
+            ),
+        )
+    };
+    let revoked = async {
+        let mut rx = shared.revoked.subscribe();
+        loop {
+            if let Err(r) = shared.check_revoked(&session.claims) {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let env_closed = async {
+        let mut rx = env.closed.subscribe();
+        let _ = rx.wait_for(|closed| *closed).await;
+        Refusal::new(
+            ErrorCode::NoSuchEnvironment,
+            format!("environment {:?} stopped streaming", env.id),
+        )
+    };
 
     let abr_loop = async {
         let mut ctl = Controller::new(shared.cfg.bitrate);
@@ -1124,6 +1357,9 @@ async fn run_session(
         _ = video => None,
         _ = cursor => None,
         r = control => r,
+        r = expired => Some(r),
+        r = revoked => Some(r),
+        r = env_closed => Some(r),
         _ = abr_loop => None,
         e = conn.closed() => { debug!(viewer = viewer_id, error = %e, "connection closed"); None }
     };
@@ -1175,33 +1411,80 @@ fn park_session(shared: &Arc<Shared>, id: [u8; 16], env: &Arc<Environment>, held
     });
 }
 
+/// The `Instant` at which the system clock reads `unix_s` seconds since the epoch (now if
+/// that has passed).
+fn instant_at_unix(unix_s: u64) -> tokio::time::Instant {
+    let left_us = unix_s
+        .saturating_mul(1_000_000)
+        .saturating_sub(unix_now_us());
+    tokio::time::Instant::now() + Duration::from_micros(left_us)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn control_loop(
     env: &Environment,
-    rights: Rights,
+    token_rights: Rights,
+    expires_at: tokio::time::Instant,
+    grace: Duration,
     recv: &mut quinn::RecvStream,
     reader: &mut MessageReader,
     ctl_tx: &mpsc::Sender<ServerMessage>,
     held: &mut HeldInput,
 ) -> Option<Refusal> {
     let mut refused_logged = false;
+    let mut rights = token_rights;
+    let mut expired = false;
     loop {
-        let msg = match read_message(recv, reader).await {
+        let read = tokio::select! {
+            r = read_message(recv, reader) => r,
+            _ = tokio::time::sleep_until(expires_at), if !expired => {
+                // Everything but viewing ends now; keys this viewer holds are let go, as
+                // nothing it sends will release them any more.
+                expired = true;
+                // Sessions are only admitted with the view right.
+                rights = Rights::VIEW;
+                refused_logged = false;
+                let releases = std::mem::take(held).releases();
+                if !releases.is_empty() {
+                    if let Err(e) = env.input.inject(&releases) {
+                        warn!(env = %env.id, error = %e, "releasing held input failed");
+                    }
+                }
+                info!(env = %env.id, "token expired: input stopped");
+                let _ = ctl_tx.try_send(ServerMessage::Error {
+                    code: ErrorCode::SessionExpiring,
+                    message: format!(
+                        "token expired: input is no longer accepted; video ends in {} s",
+                        grace.as_secs()
+                    ),
+                });
+                continue;
+            }
+        };
+        let msg = match read {
             Ok(Some(m)) => m,
             Ok(None) => return None,
             Err(r) => return Some(r),
         };
         let denied = |what: &str, right: &str| ServerMessage::Error {
             code: ErrorCode::PermissionDenied,
-            message: format!("{what} refused: token lacks the {right} right"),
+            message: if expired {
+                format!("{what} refused: token expired")
+            } else {
+                format!("{what} refused: token lacks the {right} right")
+            },
         };
         match msg {
             ClientMessage::Input(ev) => {
                 if !rights.contains(Rights::INPUT) {
                     env.input_refused.fetch_add(1, Ordering::Relaxed);
                     if !refused_logged {
-                        warn!(env = %env.id, "input refused: token lacks the input right");
+                        let msg = denied("input", "input");
+                        if let ServerMessage::Error { message, .. } = &msg {
+                            warn!(env = %env.id, "{message}");
+                        }
                         refused_logged = true;
-                        let _ = ctl_tx.try_send(denied("input", "input"));
+                        let _ = ctl_tx.try_send(msg);
                     }
                     continue;
                 }
@@ -1221,7 +1504,7 @@ async fn control_loop(
             }
             ClientMessage::Clipboard(text) => {
                 if !rights.contains(Rights::CLIPBOARD) {
-                    warn!(env = %env.id, "clipboard refused: token lacks the clipboard right");
+                    warn!(env = %env.id, expired, "clipboard refused");
                     let _ = ctl_tx.try_send(denied("clipboard", "clipboard"));
                     continue;
                 }

@@ -1,0 +1,131 @@
+//! Viewer tokens through the orchestrator, against a real genos-vmm running tiny guests:
+//! tokens are bound to one environment (not its name), `revoke_token` is durable, and
+//! destroying an environment revokes its tokens.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hostd::config::Config;
+use hostd::orchestrator::{OrchError, Orchestrator};
+use hostd::store::{EnvState, Store};
+use hostd::stream::{EnvRef, TokenError, TokenKey};
+use proto::spec::{Catalog, Spec};
+
+fn spec(name: &str) -> Spec {
+    let c = hostd::composer::Composer::new(Catalog::embedded(), Default::default());
+    match c
+        .compose("headless python, 1 core, 128 MB ram, for 1 hour")
+        .outcome
+    {
+        hostd::composer::Outcome::Spec(s) => Spec {
+            name: name.into(),
+            ..*s
+        },
+        o => panic!("{o:?}"),
+    }
+}
+
+fn orchestrator(dir: &Path) -> Option<Orchestrator> {
+    let test = std::thread::current().name().unwrap_or("test").to_string();
+    if !common::kvm_available(&test) {
+        return None;
+    }
+    let vmm = common::vmm_bin(&test)?;
+    let kernel = common::build_guest("ready");
+    let cfg = Config::from_toml(&common::config_toml(&vmm, &kernel, 4, 4096)).unwrap();
+    Some(Orchestrator::new(cfg, dir).unwrap())
+}
+
+async fn ready(o: &Orchestrator, name: &str) -> hostd::store::EnvRecord {
+    o.create(spec(name), "test").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let env = o.show(name).unwrap();
+        if env.state == EnvState::Ready {
+            return env;
+        }
+        assert!(Instant::now() < deadline, "{name} is {:?}", env.state);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn key(dir: &Path) -> TokenKey {
+    TokenKey::load_or_create(&dir.join("stream/token.key")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_minted_for_a_destroyed_environment_does_not_open_its_namesake() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(o) = orchestrator(dir.path()) else {
+        return;
+    };
+    o.start().await.unwrap();
+    let first = ready(&o, "dev").await;
+    let old = o.mint_token("dev", "test", 3600, "view").unwrap();
+    o.destroy("dev", "test").await.unwrap();
+
+    let second = ready(&o, "dev").await;
+    let fresh = o.mint_token("dev", "test", 3600, "view").unwrap();
+    let now = EnvRef::new("dev", second.id as u64);
+    let key = key(dir.path());
+
+    assert_ne!(first.id, second.id);
+    assert_eq!(
+        key.verify(old["token"].as_str().unwrap(), &now),
+        Err(TokenError::StaleEnvironment("dev".into()))
+    );
+    assert!(key.verify(fresh["token"].as_str().unwrap(), &now).is_ok());
+    let store = Store::open(dir.path()).unwrap();
+    assert!(
+        store.destroyed_env_ids().unwrap().contains(&first.id),
+        "the destroyed environment's tokens count as revoked"
+    );
+    o.destroy("dev", "test").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_tokens_are_recorded_and_audited_and_garbage_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(o) = orchestrator(dir.path()) else {
+        return;
+    };
+    o.start().await.unwrap();
+    ready(&o, "work").await;
+    let whole = o.mint_token("work", "test", 3600, "view").unwrap();
+    let by_id = o.mint_token("work", "test", 3600, "view").unwrap();
+
+    let a = o
+        .revoke_token(whole["token"].as_str().unwrap(), "uid:0")
+        .unwrap();
+    let b = o
+        .revoke_token(by_id["token_id"].as_str().unwrap(), "uid:0")
+        .unwrap();
+    let again = o
+        .revoke_token(whole["token"].as_str().unwrap(), "uid:0")
+        .unwrap();
+    let garbage = o.revoke_token("not a token", "uid:0");
+
+    assert_eq!(a["token_id"], whole["token_id"]);
+    assert_eq!(b["token_id"], by_id["token_id"]);
+    assert_eq!(again["already_revoked"], true);
+    assert!(matches!(garbage, Err(OrchError::Revoke(_))), "{garbage:?}");
+    let mut store = Store::open(dir.path()).unwrap();
+    let listed: Vec<String> = store
+        .token_revocations(hostd::store::now_s())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.token_id)
+        .collect();
+    assert!(listed.contains(&a["token_id"].as_str().unwrap().to_string()));
+    assert!(listed.contains(&b["token_id"].as_str().unwrap().to_string()));
+    let audited = o
+        .audit_entries(100)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "revoke-token")
+        .count();
+    assert_eq!(audited, 3);
+    o.destroy("work", "test").await.unwrap();
+}
