@@ -71,7 +71,7 @@ pub fn system_prompt(catalog: &Catalog) -> String {
          desktop none. List in assumptions every default you fill in.",
         schema = Spec::json_schema(),
         bases = names(catalog.bases.keys().collect()),
-        buildable = names(catalog.bases.iter().filter(|(_, b)| b.buildable).map(|(n, _)| n).collect()),
+        buildable = names(catalog.bases.iter().filter(|(_, b)| b.buildable()).map(|(n, _)| n).collect()),
         desktops = names(catalog.desktops.keys().collect()),
         apps = names(catalog.apps.keys().collect()),
     )

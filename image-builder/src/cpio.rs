@@ -253,7 +253,7 @@ mod tests {
     #[test]
     fn system_cpio_lists_our_archive() {
         if crate::tools::find("cpio").is_none() {
-            eprintln!("skipping: cpio not installed");
+            testkit::skip(testkit::Need::Tools, "cpio not installed");
             return;
         }
         let mut bytes = Vec::new();

@@ -56,9 +56,13 @@ enum Cmd {
         /// Catalog (default: the copy built in, from configs/catalog.toml).
         #[arg(long)]
         catalog: Option<PathBuf>,
-        /// Debian mirror (default: $GENOS_DEBIAN_MIRROR, else http://deb.debian.org/debian).
+        /// Archive of the spec's base (default: the catalog's `mirror`; for debian-12
+        /// $GENOS_DEBIAN_MIRROR when set).
         #[arg(long)]
         mirror: Option<String>,
+        /// Signing keys of the base's archive (default: the catalog's `keyring`).
+        #[arg(long)]
+        keyring: Option<PathBuf>,
         /// genos-agent binary to install with its systemd service.
         #[arg(long)]
         agent: Option<PathBuf>,
@@ -136,6 +140,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             out,
             catalog,
             mirror,
+            keyring,
             agent,
         } => {
             let text = std::fs::read_to_string(&spec)
@@ -143,6 +148,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let spec = Spec::from_json(&text).map_err(|e| format!("{}: {e}", spec.display()))?;
             let mut options = rootfs::RootfsOptions {
                 agent,
+                mirror,
+                keyring,
                 ..Default::default()
             };
             if let Some(path) = catalog {
@@ -150,9 +157,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     .map_err(|e| format!("reading {}: {e}", path.display()))?;
                 options.catalog =
                     Catalog::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-            }
-            if let Some(mirror) = mirror {
-                options.mirror = mirror;
             }
             let artifact = rootfs::build(&cache, &spec, &options)?;
             rootfs::write_out(&artifact, &out, u64::from(spec.disk_gib))?;

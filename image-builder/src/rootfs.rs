@@ -1,10 +1,13 @@
-//! Root filesystems for environment specs: Debian via debootstrap, the catalog's
-//! packages, a user with autologin into the chosen session, written as an ext4 image
-//! with `mkfs.ext4 -d` (no loop mounts).
+//! Root filesystems for environment specs, built by executing a [`Plan`]: the base layer
+//! from the distribution's own tool (debootstrap for Debian and Ubuntu, dnf for Fedora,
+//! apk for Alpine), the catalog's packages for the spec on top, a user with autologin into
+//! the chosen session, written as an ext4 image with `mkfs.ext4 -d` (no loop mounts).
 //!
-//! Two cached layers: the *base* (a debootstrap tarball per suite and mirror, shared by
+//! Two cached layers: the *base* (a tarball per builder, release and mirror, shared by
 //! every spec with that base) and the *rootfs* image per spec. A spec that only adds an
-//! app therefore skips debootstrap and pays only for its extra packages.
+//! app therefore skips the base build and pays only for its extra packages.
+//! Before anything downloads, every archive the build needs is probed with short timeouts
+//! ([`crate::probe`]), so an unreachable mirror fails the build within seconds, saying so.
 //! Commands inside the tree run under `unshare --mount --pid` + `chroot`, so the
 //! `/proc` they need disappears with them and nothing stays mounted after a failure.
 
@@ -12,54 +15,32 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use proto::spec::{Catalog, Spec, SpecError};
 
 use crate::cache::{sha256_hex, Artifact, ArtifactKind, Cache, CacheError, InputHasher};
+use crate::plan::{self, BasePlan, Plan, PlanError, PlanOptions, Prepared};
+use crate::probe::{self, ProbeError};
 use crate::tools::{self, ToolError};
 
-/// Default Debian mirror; override with `--mirror` or `GENOS_DEBIAN_MIRROR`.
-pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
-/// Environment variable naming the Debian mirror.
+pub use crate::plan::{DEFAULT_HOSTNAME, DEFAULT_USER};
+
+/// Environment variable overriding the mirror of Debian-family bases (`debian-12`) when no
+/// `--mirror` is given.
 pub const MIRROR_ENV: &str = "GENOS_DEBIAN_MIRROR";
-/// The account every environment logs into.
-pub const DEFAULT_USER: &str = "genos";
 /// File names of the two layers' artifacts.
 pub const BASE_ARTIFACT: &str = "base.tar";
 pub const ROOTFS_ARTIFACT: &str = "rootfs.ext4";
-/// Host name baked into images (environments override it on the kernel command line).
-pub const DEFAULT_HOSTNAME: &str = "genos";
 /// Label of the ext4 file system.
 pub const FS_LABEL: &str = "genos-root";
 
-/// Packages every base gets on top of minbase: an init, device manager, networking,
-/// privilege escalation for the user and TLS roots for apps.
-pub const BASE_PACKAGES: &[&str] = &[
-    "systemd-sysv",
-    "udev",
-    "dbus",
-    "sudo",
-    "iproute2",
-    "ca-certificates",
-];
-/// Packages an X11 session needs besides the desktop's own.
-const X11_SESSION_PACKAGES: &[&str] = &[
-    "xserver-xorg-core",
-    "xserver-xorg-input-libinput",
-    "xinit",
-    "libpam-systemd",
-    "fonts-dejavu-core",
-];
-/// Packages a Wayland kiosk (cage) session needs besides cage.
-const KIOSK_SESSION_PACKAGES: &[&str] = &["libpam-systemd", "fonts-dejavu-core"];
-
 const BASE_RECIPE: &str = "genos-base-v1";
-/// Bump when `customise` changes what goes into an image, so cached images are rebuilt.
-const ROOTFS_RECIPE: &str = "genos-rootfs-v2";
+/// Bump when the executor changes what goes into an image beyond what the plan hashes.
+const ROOTFS_RECIPE: &str = "genos-rootfs-v3";
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
-/// Free space a base build needs in the cache (debootstrap tree plus its tarball).
+/// Free space a base build needs in the cache (the tree plus its tarball).
 const BASE_SPACE_NEEDED: u64 = 2 * GIB;
 
 /// Errors from building a root filesystem.
@@ -71,14 +52,26 @@ pub enum RootfsError {
         error: SpecError,
         suggestions: Vec<String>,
     },
+    #[error(transparent)]
+    Plan(PlanError),
     #[error(
-        "building a root filesystem needs root (debootstrap creates device nodes and runs chroot)"
+        "building a root filesystem needs root (the base builders create device nodes and run chroot)"
     )]
     NotRoot,
-    #[error("desktop {0:?} has no session recipe in genos-image")]
-    NoSession(String),
-    #[error("the kiosk desktop needs an app to show full screen; the spec lists none")]
-    KioskWithoutApp,
+    #[error("the archive of {base} is not usable, so nothing was built: {source}")]
+    Unreachable {
+        base: String,
+        #[source]
+        source: ProbeError,
+    },
+    #[error("required tool {names} not found in PATH ({hint})")]
+    MissingTool { names: String, hint: String },
+    #[error("the archive keys of {base} are missing: {path} does not exist (install the Debian package `{package}`, or give the keys with --keyring)")]
+    NoKeyring {
+        base: String,
+        path: PathBuf,
+        package: String,
+    },
     #[error(transparent)]
     Tool(#[from] ToolError),
     #[error(transparent)]
@@ -132,70 +125,27 @@ fn io_err<'a>(
 #[derive(Debug, Clone)]
 pub struct RootfsOptions {
     pub catalog: Catalog,
-    pub mirror: String,
+    /// The spec's base's archive instead of the catalog's (an operator's mirror).
+    pub mirror: Option<String>,
+    /// The base's archive keys instead of the catalog's.
+    pub keyring: Option<PathBuf>,
     pub user: String,
-    /// `genos-agent` binary to install with a systemd service.
+    /// `genos-agent` binary to install with a service.
     pub agent: Option<PathBuf>,
+    /// Time each step of the archive probe may take.
+    pub probe_timeout: Duration,
 }
 
 impl Default for RootfsOptions {
     fn default() -> Self {
         RootfsOptions {
             catalog: Catalog::embedded(),
-            mirror: std::env::var(MIRROR_ENV)
-                .ok()
-                .filter(|m| !m.is_empty())
-                .unwrap_or(DEFAULT_MIRROR.into()),
+            mirror: None,
+            keyring: None,
             user: DEFAULT_USER.into(),
             agent: None,
+            probe_timeout: probe::DEFAULT_TIMEOUT,
         }
-    }
-}
-
-/// What the session recipe does for a desktop.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Session {
-    /// Extra packages besides the catalog's.
-    pub packages: Vec<String>,
-    /// Command the autologin shell on tty1 execs; `None` leaves the user at a shell.
-    pub command: Option<String>,
-}
-
-/// The session for `spec`'s desktop: X11 desktops start through `startx`, the kiosk runs
-/// the spec's first app full screen under cage, `none` is a console login.
-pub fn session_for(spec: &Spec, catalog: &Catalog) -> Result<Session, RootfsError> {
-    let x11 = |program: &str| Session {
-        packages: X11_SESSION_PACKAGES.iter().map(|p| p.to_string()).collect(),
-        command: Some(format!("startx {program} -- -nolisten tcp vt1")),
-    };
-    match spec.desktop.as_str() {
-        "none" => Ok(Session {
-            packages: Vec::new(),
-            command: None,
-        }),
-        "xfce" => Ok(x11("/usr/bin/startxfce4")),
-        "lxqt" => Ok(x11("/usr/bin/startlxqt")),
-        "kde" => Ok(x11("/usr/bin/startplasma-x11")),
-        "gnome" => Ok(x11("/usr/bin/gnome-session")),
-        "kiosk" => {
-            // The app's first package names its executable for every graphical app in
-            // the catalog (firefox-esr, chromium, vlc, ...).
-            let app = spec.apps.first().ok_or(RootfsError::KioskWithoutApp)?;
-            let program = catalog
-                .apps
-                .get(app)
-                .and_then(|entry| entry.packages.first())
-                .cloned()
-                .unwrap_or_else(|| app.clone());
-            Ok(Session {
-                packages: KIOSK_SESSION_PACKAGES
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect(),
-                command: Some(format!("cage -- {program}")),
-            })
-        }
-        other => Err(RootfsError::NoSession(other.to_string())),
     }
 }
 
@@ -226,6 +176,10 @@ pub fn check_spec(spec: &Spec, catalog: &Catalog) -> Result<(), RootfsError> {
         Ok(()) => return Ok(()),
         Err(error) => error,
     };
+    Err(spec_error(error, catalog))
+}
+
+fn spec_error(error: SpecError, catalog: &Catalog) -> RootfsError {
     let suggestions = match &error {
         SpecError::UnknownBase(name, _) => suggest(
             name,
@@ -247,43 +201,43 @@ pub fn check_spec(spec: &Spec, catalog: &Catalog) -> Result<(), RootfsError> {
         ),
         _ => Vec::new(),
     };
-    Err(RootfsError::Spec { error, suggestions })
+    RootfsError::Spec { error, suggestions }
 }
 
-/// Everything that determines a spec's image, resolved from the spec and catalog.
-#[derive(Debug, Clone)]
-struct Plan {
-    suite: String,
-    packages: Vec<String>,
-    session: Session,
-}
-
-fn plan(spec: &Spec, options: &RootfsOptions) -> Result<Plan, RootfsError> {
-    check_spec(spec, &options.catalog)?;
-    let base = &options.catalog.bases[&spec.base];
-    let suite = base.suite.clone().unwrap_or_else(|| "bookworm".into());
-    let session = session_for(spec, &options.catalog)?;
-    let mut packages = options.catalog.packages_for(spec);
-    for p in &session.packages {
-        if !packages.contains(p) {
-            packages.push(p.clone());
-        }
-    }
-    packages.sort();
-    Ok(Plan {
-        suite,
-        packages,
-        session,
+/// The plan `build` executes for `spec`.
+pub fn plan_for(spec: &Spec, options: &RootfsOptions) -> Result<Plan, RootfsError> {
+    let env_mirror = std::env::var(MIRROR_ENV).ok().filter(|m| !m.is_empty());
+    let family = options
+        .catalog
+        .bases
+        .get(&spec.base)
+        .map(|b| b.family.as_str());
+    let mirror = options
+        .mirror
+        .clone()
+        .or(env_mirror.filter(|_| family == Some("debian")));
+    plan::plan(
+        spec,
+        &options.catalog,
+        &PlanOptions {
+            mirror: mirror.as_deref(),
+            keyring: options.keyring.as_deref(),
+            agent: options.agent.is_some(),
+            user: Some(&options.user),
+        },
+    )
+    .map_err(|e| match e {
+        PlanError::Spec(error) => spec_error(error, &options.catalog),
+        other => RootfsError::Plan(other),
     })
 }
 
-fn require_root_and_tools() -> Result<(), RootfsError> {
+fn require_root() -> Result<(), RootfsError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(RootfsError::NotRoot);
     }
     tools::require(&[
-        ("debootstrap", "debootstrap"),
         ("mkfs.ext4", "e2fsprogs"),
         ("tar", "tar"),
         ("chroot", "coreutils"),
@@ -305,14 +259,29 @@ fn check_space(dir: &Path, needed: u64) -> Result<(), RootfsError> {
     Ok(())
 }
 
-/// Returns the cached base layer for `suite`, debootstrapping it on a miss.
-pub fn build_base(cache: &Cache, suite: &str, mirror: &str) -> Result<Artifact, RootfsError> {
+fn probe_all(base: &str, urls: &[String], timeout: Duration) -> Result<(), RootfsError> {
+    for url in urls {
+        eprintln!("genos-image: checking {url}");
+        probe::probe(url, timeout).map_err(|source| RootfsError::Unreachable {
+            base: base.to_string(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn base_hash(base: &BasePlan) -> String {
     let mut hasher = InputHasher::new(BASE_RECIPE);
-    hasher
-        .add("suite", suite.as_bytes())
-        .add("mirror", mirror.as_bytes());
-    hasher.add("packages", BASE_PACKAGES.join(",").as_bytes());
-    let hash = hasher.finish();
+    for (key, value) in base.hash_inputs() {
+        hasher.add(key, value.as_bytes());
+    }
+    hasher.finish()
+}
+
+/// Returns the cached base layer for `plan`, building it on a miss.
+/// The caller has probed the archive.
+fn build_base(cache: &Cache, spec_base: &str, plan: &BasePlan) -> Result<Artifact, RootfsError> {
+    let hash = base_hash(plan);
     if let Some(hit) = cache.lookup(ArtifactKind::Base, &hash)? {
         return Ok(hit);
     }
@@ -320,20 +289,65 @@ pub fn build_base(cache: &Cache, suite: &str, mirror: &str) -> Result<Artifact, 
     if let Some(hit) = cache.lookup(ArtifactKind::Base, &hash)? {
         return Ok(hit);
     }
+    let tools = plan.tools();
+    let mut program = None;
+    for tool in &tools {
+        let found = tool.names.iter().find_map(|n| tools::find(n));
+        match found {
+            Some(path) => {
+                program.get_or_insert(path);
+            }
+            None => {
+                return Err(RootfsError::MissingTool {
+                    names: tool.names.join(" or "),
+                    hint: tool.hint.to_string(),
+                })
+            }
+        }
+    }
+    if let Some(keyring) = &plan.keyring {
+        if !keyring.exists() {
+            return Err(RootfsError::NoKeyring {
+                base: spec_base.to_string(),
+                path: keyring.clone(),
+                package: plan.keyring_package.clone().unwrap_or_default(),
+            });
+        }
+    }
     check_space(cache.root(), BASE_SPACE_NEEDED)?;
     let started = Instant::now();
     let staging = cache.stage(ArtifactKind::Base, &hash)?;
     let root = staging.path().join("root");
-    eprintln!("genos-image: debootstrap {suite} (minbase) from {mirror}; this takes a few minutes");
-    let debootstrap = tools::run(
-        Command::new("debootstrap")
-            .arg("--variant=minbase")
-            .arg(format!("--include={}", BASE_PACKAGES.join(",")))
-            .arg(suite)
-            .arg(&root)
-            .arg(mirror),
+    let work = staging.path().join("work");
+    for dir in [&root, &work] {
+        fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    }
+    for file in plan.host_files() {
+        write(&work, &file.path, &file.contents, file.mode)?;
+    }
+    for prepared in plan.before() {
+        match prepared {
+            Prepared::Dir(rel) => {
+                let dir = root.join(rel);
+                fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+            }
+            Prepared::Symlink { path, target } => {
+                let link = root.join(path);
+                std::os::unix::fs::symlink(&target, &link).map_err(io_err("linking", &link))?;
+            }
+        }
+    }
+    let argv = plan.command(&root, &work);
+    let program = program.unwrap_or_else(|| PathBuf::from(&argv[0]));
+    eprintln!(
+        "genos-image: {} {} from {}; this takes a few minutes",
+        plan.builder.name(),
+        plan.release,
+        plan.mirror
     );
-    if let Err(err) = debootstrap {
+    let result = tools::run(Command::new(&program).args(&argv[1..]));
+    if let Err(err) = result {
+        // debootstrap keeps its own log in the tree; its end says what went wrong.
         let log = fs::read_to_string(root.join("debootstrap/debootstrap.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(5).collect();
         return Err(match err {
@@ -355,6 +369,10 @@ pub fn build_base(cache: &Cache, suite: &str, mirror: &str) -> Result<Artifact, 
             other => other.into(),
         });
     }
+    for file in plan.after() {
+        let _ = fs::remove_file(root.join(&file.path));
+        write(&root, &file.path, &file.contents, file.mode)?;
+    }
     eprintln!("genos-image: packing the base layer");
     let tarball = staging.path().join(BASE_ARTIFACT);
     tools::run(
@@ -366,36 +384,51 @@ pub fn build_base(cache: &Cache, suite: &str, mirror: &str) -> Result<Artifact, 
             .arg("."),
     )?;
     crate::cache::remove_tree(&root)?;
-    let inputs = serde_json::json!({ "suite": suite, "mirror": mirror, "packages": BASE_PACKAGES });
+    crate::cache::remove_tree(&work)?;
+    let inputs: serde_json::Map<String, serde_json::Value> = plan
+        .hash_inputs()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
     Ok(cache.publish(
         staging,
         ArtifactKind::Base,
         &hash,
         BASE_ARTIFACT,
         started.elapsed(),
-        inputs,
+        inputs.into(),
     )?)
 }
 
 /// Returns the cached root filesystem image for `spec`, building it (and its base
 /// layer) on a miss.
 pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Artifact, RootfsError> {
-    let plan = plan(spec, options)?;
+    let plan = plan_for(spec, options)?;
     let agent = match &options.agent {
         Some(path) => Some(fs::read(path).map_err(io_err("reading", path))?),
         None => None,
     };
-    require_root_and_tools()?;
-    let base = build_base(cache, &plan.suite, &options.mirror)?;
-
+    let base_hash = base_hash(&plan.base);
     let mut hasher = InputHasher::new(ROOTFS_RECIPE);
-    hasher.add("base", base.manifest.input_hash.as_bytes());
+    hasher.add("base", base_hash.as_bytes());
     hasher.add("packages", plan.packages.join(",").as_bytes());
     hasher.add(
-        "session",
-        plan.session.command.as_deref().unwrap_or("").as_bytes(),
+        "install",
+        plan.install_script.as_deref().unwrap_or("").as_bytes(),
     );
-    hasher.add("user", options.user.as_bytes());
+    for file in plan
+        .build_files
+        .iter()
+        .chain(&plan.files)
+        .chain(&plan.user_files)
+    {
+        hasher.add(
+            &file.path,
+            format!("{:o}\n{}", file.mode, file.contents).as_bytes(),
+        );
+    }
+    hasher.add("setup", plan.setup_script.as_bytes());
+    hasher.add("chown", plan.chown_script.as_bytes());
     if let Some(agent) = &agent {
         hasher.add("agent", sha256_hex(agent).as_bytes());
     }
@@ -403,6 +436,19 @@ pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Arti
     if let Some(hit) = cache.lookup(ArtifactKind::Rootfs, &hash)? {
         return Ok(hit);
     }
+    // Find out now, in seconds, whether the archives answer; the base is probed by
+    // `build_base` only when it has to be built.
+    if cache.lookup(ArtifactKind::Base, &base_hash)?.is_none() {
+        probe_all(
+            &spec.base,
+            std::slice::from_ref(&plan.base.probe_url),
+            options.probe_timeout,
+        )?;
+    }
+    probe_all(&spec.base, &plan.probe_urls, options.probe_timeout)?;
+    require_root()?;
+    let base = build_base(cache, &spec.base, &plan.base)?;
+
     let _lock = cache.lock(ArtifactKind::Rootfs, &hash)?;
     if let Some(hit) = cache.lookup(ArtifactKind::Rootfs, &hash)? {
         return Ok(hit);
@@ -424,7 +470,7 @@ pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Arti
             .arg("-C")
             .arg(&root),
     )?;
-    customise(&root, &plan, options, agent.as_deref())?;
+    customise(&root, &plan, agent.as_deref())?;
 
     let content = tree_bytes(&root).map_err(io_err("measuring", &root))?;
     // Room for file system metadata and a little slack; `write_out` grows the copy to
@@ -447,7 +493,9 @@ pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Arti
     crate::cache::remove_tree(&root)?;
     let inputs = serde_json::json!({
         "base": base.manifest.input_hash,
+        "base_name": spec.base,
         "packages": plan.packages,
+        "repos": plan.repos.iter().map(|(n, _)| n).collect::<Vec<_>>(),
         "session": plan.session.command,
         "user": options.user,
         "content_bytes": content,
@@ -460,6 +508,61 @@ pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Arti
         started.elapsed(),
         inputs,
     )?)
+}
+
+/// Turns an unpacked base into the spec's tree by executing the plan: build-only files,
+/// the install, the set-up files and script, the user's files, then a clean-up.
+fn customise(root: &Path, plan: &Plan, agent: Option<&[u8]>) -> Result<(), RootfsError> {
+    for file in &plan.build_files {
+        write(root, &file.path, &file.contents, file.mode)?;
+    }
+    if let Ok(resolv) = fs::read_to_string("/etc/resolv.conf") {
+        let _ = fs::remove_file(root.join("etc/resolv.conf"));
+        write(root, "etc/resolv.conf", &resolv, 0o644)?;
+    }
+    if let Some(script) = &plan.install_script {
+        eprintln!(
+            "genos-image: installing {} packages: {}",
+            plan.packages.len(),
+            plan.packages.join(" ")
+        );
+        in_chroot(root, script)?;
+    }
+    for file in &plan.files {
+        write(root, &file.path, &file.contents, file.mode)?;
+    }
+    if let Some(agent) = agent {
+        let bin = root.join(plan::AGENT_PATH);
+        fs::create_dir_all(bin.parent().expect("has parent")).map_err(io_err("creating", &bin))?;
+        fs::write(&bin, agent).map_err(io_err("writing", &bin))?;
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
+            .map_err(io_err("chmod", &bin))?;
+    }
+    in_chroot(root, &plan.setup_script)?;
+    for file in &plan.user_files {
+        write(root, &file.path, &file.contents, file.mode)?;
+    }
+    in_chroot(root, &plan.chown_script)?;
+    // Leave a clean tree: no build-only files, no package lists, a fresh machine id.
+    for file in &plan.build_files {
+        let _ = fs::remove_file(root.join(&file.path));
+    }
+    let _ = fs::remove_file(root.join("etc/machine-id"));
+    write(root, "etc/machine-id", "", 0o444)?;
+    for rel in &plan.clean_dirs {
+        let dir = root.join(rel);
+        if dir.is_dir() {
+            for entry in fs::read_dir(&dir)
+                .map_err(io_err("listing", &dir))?
+                .flatten()
+            {
+                if entry.path().is_file() {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Copies a cached image to `out` (sparse) and grows its file system by `disk_gib`
@@ -577,141 +680,13 @@ fn write(root: &Path, rel: &str, contents: &str, mode: u32) -> Result<(), Rootfs
     fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", &path))
 }
 
-/// Turns an unpacked base into the spec's tree: packages, user, autologin, session.
-fn customise(
-    root: &Path,
-    plan: &Plan,
-    options: &RootfsOptions,
-    agent: Option<&[u8]>,
-) -> Result<(), RootfsError> {
-    // Keep package maintainer scripts from starting services inside the build chroot.
-    write(root, "usr/sbin/policy-rc.d", "#!/bin/sh\nexit 101\n", 0o755)?;
-    if let Ok(resolv) = fs::read_to_string("/etc/resolv.conf") {
-        let _ = fs::remove_file(root.join("etc/resolv.conf"));
-        write(root, "etc/resolv.conf", &resolv, 0o644)?;
-    }
-    if !plan.packages.is_empty() {
-        eprintln!(
-            "genos-image: installing {} packages: {}",
-            plan.packages.len(),
-            plan.packages.join(" ")
-        );
-        in_chroot(
-            root,
-            &format!(
-                "apt-get update -q\napt-get install -y -q --no-install-recommends {}\napt-get clean",
-                plan.packages.join(" ")
-            ),
-        )?;
-    }
-    let user = &options.user;
-    // The image is shared by every environment with the same packages; the VM gets its
-    // own name from `systemd.hostname=` on the kernel command line.
-    write(
-        root,
-        "etc/hostname",
-        &format!("{DEFAULT_HOSTNAME}\n"),
-        0o644,
-    )?;
-    write(
-        root,
-        "etc/hosts",
-        "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
-        0o644,
-    )?;
-    write(
-        root,
-        "etc/fstab",
-        "# The root file system is mounted by the GenOS initramfs.\n",
-        0o644,
-    )?;
-    write(
-        root,
-        "etc/systemd/network/20-wired.network",
-        "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n",
-        0o644,
-    )?;
-    write(
-        root,
-        &format!("etc/sudoers.d/{user}"),
-        &format!("{user} ALL=(ALL) NOPASSWD:ALL\n"),
-        0o440,
-    )?;
-    let autologin = |agetty_args: &str| {
-        format!("[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin {user} {agetty_args}\n")
-    };
-    write(
-        root,
-        "etc/systemd/system/getty@tty1.service.d/autologin.conf",
-        &autologin("--noclear %I $TERM"),
-        0o644,
-    )?;
-    write(
-        root,
-        "etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf",
-        &autologin("--keep-baud 115200,57600,38400,9600 %I $TERM"),
-        0o644,
-    )?;
-    let mut profile = String::from("# Written by genos-image.\n[ -f ~/.bashrc ] && . ~/.bashrc\n");
-    if let Some(command) = &plan.session.command {
-        profile.push_str(&format!(
-            "if [ \"$(tty)\" = /dev/tty1 ] && [ -z \"$DISPLAY\" ] && [ -z \"$WAYLAND_DISPLAY\" ]; then\n    exec {command}\nfi\n"
-        ));
-    }
-    let mut script = format!(
-        "useradd --create-home --shell /bin/bash {user}\n\
-         usermod --password '*' {user}\n\
-         for g in sudo video input render audio; do getent group $g >/dev/null && usermod -aG $g {user}; done\n\
-         systemctl enable systemd-networkd\n\
-         systemctl set-default multi-user.target\n\
-         systemctl mask e2scrub_reap.service e2scrub_all.timer\n"
-    );
-    if let Some(agent) = agent {
-        let bin = root.join("usr/local/bin/genos-agent");
-        fs::create_dir_all(bin.parent().expect("has parent")).map_err(io_err("creating", &bin))?;
-        fs::write(&bin, agent).map_err(io_err("writing", &bin))?;
-        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
-            .map_err(io_err("chmod", &bin))?;
-        write(
-            root,
-            "etc/systemd/system/genos-agent.service",
-            "[Unit]\nDescription=GenOS guest agent\n\n[Service]\nExecStart=/usr/local/bin/genos-agent\nRestart=always\n\n[Install]\nWantedBy=multi-user.target\n",
-            0o644,
-        )?;
-        script.push_str("systemctl enable genos-agent.service\n");
-    }
-    in_chroot(root, &script)?;
-    write(root, &format!("home/{user}/.bash_profile"), &profile, 0o644)?;
-    in_chroot(
-        root,
-        &format!("chown {user}:{user} /home/{user}/.bash_profile"),
-    )?;
-    // Leave a clean tree: no build-only policy, no package lists, a fresh machine id.
-    for rel in ["usr/sbin/policy-rc.d", "etc/machine-id"] {
-        let _ = fs::remove_file(root.join(rel));
-    }
-    write(root, "etc/machine-id", "", 0o444)?;
-    let lists = root.join("var/lib/apt/lists");
-    if lists.is_dir() {
-        for entry in fs::read_dir(&lists)
-            .map_err(io_err("listing", &lists))?
-            .flatten()
-        {
-            if entry.path().is_file() {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn spec(desktop: &str, apps: &[&str]) -> Spec {
+    fn spec(base: &str, desktop: &str, apps: &[&str]) -> Spec {
         let json = serde_json::json!({
-            "version": 1, "name": "t", "base": "debian-12", "desktop": desktop,
+            "version": 1, "name": "t", "base": base, "desktop": desktop,
             "apps": apps, "vcpus": 1, "memory_mib": 512, "disk_gib": 1,
             "display": {"width": 1280, "height": 720, "fps": 30},
             "network": {"mode": "none", "allow": []},
@@ -723,60 +698,44 @@ mod tests {
 
     #[test]
     fn unknown_app_gets_a_suggestion() {
-        let err = check_spec(&spec("xfce", &["fierfox"]), &Catalog::embedded()).unwrap_err();
+        let err = check_spec(
+            &spec("debian-12", "xfce", &["fierfox"]),
+            &Catalog::embedded(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("did you mean firefox?"), "{err}");
     }
 
     #[test]
     fn unknown_base_gets_a_suggestion() {
-        let mut s = spec("none", &[]);
+        let mut s = spec("debian-12", "none", &[]);
         s.base = "debian-13".into();
         let err = check_spec(&s, &Catalog::embedded()).unwrap_err();
         assert!(err.to_string().contains("did you mean debian-12?"), "{err}");
     }
 
     #[test]
-    fn unbuildable_base_is_refused_with_reason() {
-        let mut s = spec("none", &[]);
-        s.base = "fedora-40".into();
-        let err = check_spec(&s, &Catalog::embedded()).unwrap_err();
-        assert!(err.to_string().contains("cannot be built yet"), "{err}");
+    fn a_base_without_a_builder_is_refused_naming_the_builder() {
+        let mut options = RootfsOptions::default();
+        options.catalog.bases.get_mut("fedora-40").unwrap().builder = "rpm-ostree".into();
+        let err = plan_for(&spec("fedora-40", "none", &[]), &options).unwrap_err();
+        assert!(
+            err.to_string().contains("no \"rpm-ostree\" builder"),
+            "{err}"
+        );
     }
 
     #[test]
-    fn xfce_session_starts_x_with_the_desktop() {
-        let session = session_for(&spec("xfce", &[]), &Catalog::embedded()).unwrap();
-        assert!(session
-            .command
-            .unwrap()
-            .starts_with("startx /usr/bin/startxfce4"));
-        assert!(session.packages.iter().any(|p| p == "xserver-xorg-core"));
-    }
-
-    #[test]
-    fn kiosk_session_runs_the_first_app_under_cage() {
-        let catalog = Catalog::embedded();
-        let session = session_for(&spec("kiosk", &["firefox"]), &catalog).unwrap();
-        let program = catalog.apps["firefox"].packages[0].clone();
-        assert_eq!(session.command.unwrap(), format!("cage -- {program}"));
-    }
-
-    #[test]
-    fn kiosk_without_app_is_an_error() {
-        let err = session_for(&spec("kiosk", &[]), &Catalog::embedded()).unwrap_err();
-        assert!(matches!(err, RootfsError::KioskWithoutApp));
-    }
-
-    #[test]
-    fn plan_merges_catalog_and_session_packages_sorted() {
-        let options = RootfsOptions::default();
-        let plan = plan(&spec("xfce", &["git"]), &options).unwrap();
-        let mut sorted = plan.packages.clone();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(plan.packages, sorted);
-        assert!(plan.packages.iter().any(|p| p == "xfce4"));
-        assert!(plan.packages.iter().any(|p| p == "xinit"));
+    fn the_mirror_option_overrides_the_catalogs_for_any_base() {
+        let options = RootfsOptions {
+            mirror: Some("http://mirror.lan/alpine".into()),
+            ..Default::default()
+        };
+        let plan = plan_for(&spec("alpine-3.20", "none", &["git"]), &options).unwrap();
+        assert_eq!(
+            plan.base.probe_url,
+            "http://mirror.lan/alpine/v3.20/main/x86_64/APKINDEX.tar.gz"
+        );
     }
 
     #[test]

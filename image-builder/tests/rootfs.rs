@@ -1,6 +1,7 @@
 //! Root filesystem images built from specs with debootstrap and `mkfs.ext4 -d`.
 //!
-//! These need root (debootstrap, chroot) and Debian's mirror; they skip with a message
+//! These need root (debootstrap, chroot) and Debian's mirror (the Ubuntu one, ignored by
+//! default, Ubuntu's archive and Debian's `ubuntu-keyring`); they skip with a message
 //! otherwise. They use the default cache (`GENOS_IMAGE_CACHE` or ~/.cache/genos/images)
 //! so the base layer is downloaded once per machine, not per run.
 
@@ -12,8 +13,12 @@ use image_builder::rootfs::{self, RootfsError, RootfsOptions};
 use proto::spec::Spec;
 
 fn spec(name: &str, desktop: &str, apps: &[&str]) -> Spec {
+    spec_on("debian-12", name, desktop, apps)
+}
+
+fn spec_on(base: &str, name: &str, desktop: &str, apps: &[&str]) -> Spec {
     let json = serde_json::json!({
-        "version": 1, "name": name, "base": "debian-12", "desktop": desktop, "apps": apps,
+        "version": 1, "name": name, "base": base, "desktop": desktop, "apps": apps,
         "vcpus": 1, "memory_mib": 512, "disk_gib": 1,
         "display": {"width": 1280, "height": 720, "fps": 30},
         "network": {"mode": "none", "allow": []},
@@ -26,12 +31,15 @@ fn spec(name: &str, desktop: &str, apps: &[&str]) -> Spec {
 fn can_build() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: building root filesystems needs root");
+        testkit::skip(testkit::Need::Root, "building root filesystems needs root");
         return false;
     }
     for tool in ["debootstrap", "mkfs.ext4", "e2fsck", "debugfs"] {
         if image_builder::tools::find(tool).is_none() {
-            eprintln!("skipping: {tool} missing (install debootstrap and e2fsprogs)");
+            testkit::skip(
+                testkit::Need::Tools,
+                format!("{tool} missing (install debootstrap and e2fsprogs)"),
+            );
             return false;
         }
     }
@@ -123,10 +131,17 @@ fn debootstrap_failure_leaves_no_partial_artifact() {
     }
     let cache_dir = temp_dir("failure-cache");
     let cache = Cache::at(cache_dir.clone()).unwrap();
-    // An empty local "mirror": debootstrap fails at once, without network traffic.
+    // A local "mirror" with an unsigned Release file and nothing else: the probe finds the
+    // Release file, debootstrap then fails at once, without network traffic.
     let mirror_dir = temp_dir("failure-mirror");
+    std::fs::create_dir_all(mirror_dir.join("dists/bookworm")).unwrap();
+    std::fs::write(
+        mirror_dir.join("dists/bookworm/Release"),
+        "Suite: bookworm\n",
+    )
+    .unwrap();
     let options = RootfsOptions {
-        mirror: format!("file://{}", mirror_dir.display()),
+        mirror: Some(format!("file://{}", mirror_dir.display())),
         ..Default::default()
     };
     let out = cache_dir.join("never.ext4");
@@ -210,5 +225,53 @@ fn xfce_desktop_spec_builds_with_autologin_into_x() {
     assert!(
         debugfs(&out, "cat /home/genos/.bash_profile").contains("exec startx /usr/bin/startxfce4")
     );
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+/// Slow (debootstraps Ubuntu 24.04 from Ubuntu's archive, about 2 minutes, then installs
+/// git): run with `cargo test -p genos-image --test rootfs -- --ignored`. Needs Ubuntu's
+/// archive keyring from Debian's `ubuntu-keyring` package (Debian 13; on Debian 12 the
+/// trixie package installs as it is: it only ships the keyrings).
+#[test]
+#[ignore]
+fn ubuntu_noble_spec_builds_from_ubuntus_archive_with_autologin() {
+    if !can_build() {
+        return;
+    }
+    if !Path::new("/usr/share/keyrings/ubuntu-archive-keyring.gpg").is_file() {
+        eprintln!("skipping: Ubuntu's archive keyring is missing (install ubuntu-keyring)");
+        return;
+    }
+    let cache = Cache::open(None).unwrap();
+    let out_dir = temp_dir("ubuntu");
+    let out = out_dir.join("ubuntu.ext4");
+    let noble = spec_on("ubuntu-24.04", "noble", "none", &["git"]);
+
+    let artifact = rootfs::build(&cache, &noble, &RootfsOptions::default()).unwrap();
+    rootfs::write_out(&artifact, &out, 0).unwrap();
+
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let release = debugfs(&out, "cat /etc/os-release");
+    assert!(release.contains("VERSION_ID=\"24.04\""), "{release}");
+    assert!(debugfs(&out, "cat /etc/apt/sources.list").contains("noble-security main universe"));
+    assert!(
+        !debugfs(&out, "stat /usr/bin/git").is_empty(),
+        "git missing"
+    );
+    assert!(debugfs(&out, "cat /etc/passwd").contains("genos:x:1000:1000::/home/genos:/bin/bash"));
+    assert!(debugfs(
+        &out,
+        "cat /etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf"
+    )
+    .contains("--autologin genos"));
     std::fs::remove_dir_all(&out_dir).unwrap();
 }

@@ -4,8 +4,9 @@
 //! The JSON form of [`Spec`] is a public contract (composer output, admin API, image
 //! builder input); its field names never change within one `version`. [`Spec::validate`]
 //! checks what can be checked without a catalog (ranges, names, network rules);
-//! [`Catalog::check_spec`] checks the names against a catalog and whether the base can be
-//! built today. `Spec::json_schema()` returns the JSON Schema of the current version.
+//! [`Catalog::check_spec`] checks the names against a catalog, that genos-image has a
+//! builder for the base and that the desktop and apps are packaged for it;
+//! [`Catalog::install_for`] says what to install. `Spec::json_schema()` returns the JSON Schema of the current version.
 
 use std::collections::BTreeMap;
 
@@ -149,14 +150,21 @@ pub enum SpecError {
     AllowHost(String),
     #[error("unknown base {0:?}; known bases: {1}")]
     UnknownBase(String, String),
-    #[error("base {0:?} cannot be built yet: {1}")]
-    BaseNotBuildable(String, String),
+    #[error("base {base:?} cannot be built: genos-image has no {builder:?} builder (it has {})", BUILDERS.join(", "))]
+    BaseNotBuildable { base: String, builder: String },
     #[error("unknown desktop {0:?}; known desktops: {1}")]
     UnknownDesktop(String, String),
     #[error("unknown app {0:?}; see the catalog for known apps")]
     UnknownApp(String),
     #[error("app {app:?} needs a graphical desktop, but desktop is \"none\"")]
     GuiAppWithoutDesktop { app: String },
+    #[error("{what} {name:?} is not available on {base}{}", .note.as_deref().map(|n| format!(": {n}")).unwrap_or_default())]
+    NotOnBase {
+        what: &'static str,
+        name: String,
+        base: String,
+        note: Option<String>,
+    },
 }
 
 impl Spec {
@@ -304,28 +312,105 @@ pub struct Catalog {
     pub bases: BTreeMap<String, BaseEntry>,
     pub desktops: BTreeMap<String, DesktopEntry>,
     pub apps: BTreeMap<String, AppEntry>,
+    /// Third-party repositories named by `on` tables.
+    #[serde(default)]
+    pub repos: BTreeMap<String, RepoEntry>,
 }
+
+/// The root filesystem builders genos-image has. A base naming another builder is refused
+/// by [`Catalog::check_spec`]: this is the one fact that makes a base unbuildable, and it
+/// is the same on every machine running this build. Whether the base's archive is
+/// reachable is found out where the build runs, when it runs.
+pub const BUILDERS: &[&str] = &["debootstrap", "dnf", "apk"];
 
 /// One base operating system.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BaseEntry {
     /// Distribution family ("debian", "ubuntu", ...); an unversioned family name means the
-    /// entry with `newest = true`.
+    /// entry with `newest = true`. `on` tables of desktops and apps are keyed by family
+    /// (or by base name, which wins).
     pub family: String,
     #[serde(default)]
     pub newest: bool,
     /// Other names users say for this exact version ("bookworm", "noble").
     #[serde(default)]
     pub synonyms: Vec<String>,
-    /// Whether genos-image can build it today.
-    pub buildable: bool,
-    /// Why not, when `buildable` is false.
+    /// The genos-image builder for it: one of [`BUILDERS`].
+    pub builder: String,
+    /// The release as the builder names it: the suite for debootstrap ("noble"), the
+    /// release version for dnf ("40"), the branch for apk ("v3.20").
+    pub release: String,
+    /// Default archive URL; operators override it per base (`[images.mirrors]` in
+    /// hostd.toml, `--mirror` of genos-image).
+    pub mirror: String,
+    /// Archive components (debootstrap: "main", "universe") or repositories (apk: "main",
+    /// "community"); empty means the builder's default.
     #[serde(default)]
-    pub reason: Option<String>,
-    /// Debian suite for debootstrap (buildable Debian bases).
+    pub components: Vec<String>,
+    /// Further suites of the same archive in the image's package sources ("noble-updates").
     #[serde(default)]
-    pub suite: Option<String>,
+    pub extra_suites: Vec<String>,
+    /// Archive signing keys on the build host: a keyring file (debootstrap), a key file
+    /// (dnf) or a directory of keys (apk). `None` uses the host's default (Debian's own
+    /// keyring for Debian bases).
+    #[serde(default)]
+    pub keyring: Option<String>,
+    /// The Debian package that installs `keyring` on the build host, for error messages.
+    #[serde(default)]
+    pub keyring_package: Option<String>,
+    /// debootstrap script to use (in /usr/share/debootstrap/scripts) when the host's
+    /// debootstrap predates the suite, e.g. "gutsy" for every Ubuntu release.
+    #[serde(default)]
+    pub debootstrap_script: Option<String>,
+}
+
+impl BaseEntry {
+    /// True when this build of genos-image has the base's builder.
+    pub fn buildable(&self) -> bool {
+        BUILDERS.contains(&self.builder.as_str())
+    }
+
+    /// True when the base uses Debian's package names (every debootstrap base), so the
+    /// catalog's default `packages` apply unless an `on` table says otherwise.
+    pub fn uses_debian_names(&self) -> bool {
+        self.builder == "debootstrap"
+    }
+}
+
+/// Packages installing a desktop or an app on one family or base (an `on` table entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageSet {
+    /// Package names in that distribution; empty when it does not package the thing.
+    pub packages: Vec<String>,
+    /// A catalog `[repos]` entry the packages come from instead of the base's archive.
+    #[serde(default)]
+    pub repo: Option<String>,
+    /// The program a kiosk runs when it is not the first package's name.
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Why `packages` is empty, when it is.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// A third-party APT repository some package sets come from (e.g. Mozilla's, for Firefox
+/// on Ubuntu, which ships it only as a snap).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoEntry {
+    pub url: String,
+    pub suite: String,
+    pub components: Vec<String>,
+    /// Where the repository's signing key is downloaded from during the build.
+    pub key_url: String,
+    /// The key's OpenPGP fingerprint (40 hex digits); a downloaded key with another
+    /// fingerprint fails the build.
+    pub key_fingerprint: String,
+    /// `Pin: origin` value giving this repository's packages priority over the base's.
+    #[serde(default)]
+    pub pin_origin: Option<String>,
 }
 
 /// One desktop.
@@ -336,11 +421,14 @@ pub struct DesktopEntry {
     pub synonyms: Vec<String>,
     /// Whether it draws a graphical session (false only for "none").
     pub graphical: bool,
-    /// Debian packages installing it.
+    /// Debian packages installing it (also used by other Debian-named bases).
     pub packages: Vec<String>,
     /// App names this desktop brings anyway (never repeated in `apps`).
     #[serde(default)]
     pub provides: Vec<String>,
+    /// Package names per family or base where they differ from Debian's.
+    #[serde(default)]
+    pub on: BTreeMap<String, PackageSet>,
 }
 
 /// One app.
@@ -356,6 +444,20 @@ pub struct AppEntry {
     /// Why `packages` is empty, when it is.
     #[serde(default)]
     pub note: Option<String>,
+    /// Package names per family or base where they differ from Debian's.
+    #[serde(default)]
+    pub on: BTreeMap<String, PackageSet>,
+}
+
+/// What a spec installs on its base: packages (desktop first, then apps, deduplicated),
+/// the extra repositories they come from, and the program a kiosk shows.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Install {
+    pub packages: Vec<String>,
+    /// `[repos]` names, in first-use order.
+    pub repos: Vec<String>,
+    /// The kiosk's program (the first app's `command`, else its first package).
+    pub first_app_command: Option<String>,
 }
 
 /// Why a catalog could not be loaded.
@@ -386,57 +488,126 @@ impl Catalog {
     }
 
     fn check_consistency(&self) -> Result<(), CatalogError> {
+        let invalid = |m: String| Err(CatalogError::Invalid(m));
         let mut families: BTreeMap<&str, usize> = BTreeMap::new();
-        for (name, b) in &self.bases {
-            if b.newest {
-                *families.entry(&b.family).or_default() += 1;
-            }
-            if !b.buildable && b.reason.is_none() {
-                return Err(CatalogError::Invalid(format!(
-                    "base {name} is not buildable but gives no reason"
-                )));
-            }
+        for b in self.bases.values() {
+            *families.entry(&b.family).or_default() += usize::from(b.newest);
         }
         if let Some((f, _)) = families.iter().find(|(_, n)| **n > 1) {
-            return Err(CatalogError::Invalid(format!(
-                "family {f} has more than one newest base"
-            )));
+            return invalid(format!("family {f} has more than one newest base"));
         }
         if !self.desktops.contains_key("none") {
-            return Err(CatalogError::Invalid("desktop \"none\" is missing".into()));
+            return invalid("desktop \"none\" is missing".into());
         }
         for (name, d) in &self.desktops {
             if let Some(p) = d.provides.iter().find(|p| !self.apps.contains_key(*p)) {
-                return Err(CatalogError::Invalid(format!(
-                    "desktop {name} provides unknown app {p}"
-                )));
+                return invalid(format!("desktop {name} provides unknown app {p}"));
             }
         }
         for (name, a) in &self.apps {
             if a.packages.is_empty() && a.note.is_none() {
-                return Err(CatalogError::Invalid(format!(
-                    "app {name} has no packages and no note"
-                )));
+                return invalid(format!("app {name} has no packages and no note"));
+            }
+        }
+        let tables = self
+            .desktops
+            .iter()
+            .map(|(n, d)| (n, &d.on))
+            .chain(self.apps.iter().map(|(n, a)| (n, &a.on)));
+        for (name, on) in tables {
+            for (key, set) in on {
+                if !self.bases.contains_key(key) && !families.contains_key(key.as_str()) {
+                    return invalid(format!("{name}: `on.{key}` names no base or family"));
+                }
+                if set.packages.is_empty() && set.note.is_none() {
+                    return invalid(format!("{name}: `on.{key}` has no packages and no note"));
+                }
+                if let Some(r) = set.repo.as_ref().filter(|r| !self.repos.contains_key(*r)) {
+                    return invalid(format!("{name}: `on.{key}` names unknown repo {r}"));
+                }
+            }
+        }
+        for (name, r) in &self.repos {
+            if r.key_fingerprint.len() != 40
+                || !r.key_fingerprint.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return invalid(format!("repo {name}: key_fingerprint is not 40 hex digits"));
             }
         }
         Ok(())
     }
 
-    /// Checks that every name in `spec` is known, the base is buildable and GUI apps have
-    /// a desktop. Call after [`Spec::validate`].
+    /// The package set of a desktop or app on `base`: the base's own `on` entry, else its
+    /// family's, else the Debian default for Debian-named bases. `None`: nothing maps it.
+    fn resolve<'a>(
+        &self,
+        base_name: &str,
+        base: &BaseEntry,
+        default: &'a [String],
+        default_note: Option<&'a str>,
+        on: &'a BTreeMap<String, PackageSet>,
+    ) -> Option<Resolved<'a>> {
+        if let Some(set) = on.get(base_name).or_else(|| on.get(&base.family)) {
+            return Some(Resolved {
+                packages: &set.packages,
+                repo: set.repo.as_deref(),
+                command: set.command.as_deref(),
+                note: set.note.as_deref(),
+                explicit: true,
+            });
+        }
+        // Debian-named bases take the default; so does a thing no distribution packages
+        // (an empty default with a note, e.g. VS Code), which is then not installed anywhere.
+        (base.uses_debian_names() || default.is_empty()).then_some(Resolved {
+            packages: default,
+            repo: None,
+            command: None,
+            note: default_note,
+            explicit: false,
+        })
+    }
+
+    /// Checks that every name in `spec` is known, the base has a builder, GUI apps have a
+    /// desktop and the desktop and apps are packaged for the base. Call after
+    /// [`Spec::validate`].
     pub fn check_spec(&self, spec: &Spec) -> Result<(), SpecError> {
+        self.install_for(spec).map(|_| ())
+    }
+
+    /// What `spec` installs on its base, after the checks of [`Catalog::check_spec`].
+    pub fn install_for(&self, spec: &Spec) -> Result<Install, SpecError> {
         let base = self.bases.get(&spec.base).ok_or_else(|| {
             SpecError::UnknownBase(spec.base.clone(), join_keys(self.bases.keys()))
         })?;
-        if !base.buildable {
-            return Err(SpecError::BaseNotBuildable(
-                spec.base.clone(),
-                base.reason.clone().unwrap_or_default(),
-            ));
+        if !base.buildable() {
+            return Err(SpecError::BaseNotBuildable {
+                base: spec.base.clone(),
+                builder: base.builder.clone(),
+            });
         }
         let desktop = self.desktops.get(&spec.desktop).ok_or_else(|| {
             SpecError::UnknownDesktop(spec.desktop.clone(), join_keys(self.desktops.keys()))
         })?;
+        let not_on = |what, name: &str, note: Option<&str>| SpecError::NotOnBase {
+            what,
+            name: name.to_string(),
+            base: spec.base.clone(),
+            note: note.map(str::to_string),
+        };
+        let mut sets = Vec::new();
+        let d = self
+            .resolve(&spec.base, base, &desktop.packages, None, &desktop.on)
+            .filter(|r| !(r.explicit && r.packages.is_empty()))
+            .ok_or_else(|| {
+                let note = desktop.on.get(&spec.base).or(desktop.on.get(&base.family));
+                not_on(
+                    "desktop",
+                    &spec.desktop,
+                    note.and_then(|s| s.note.as_deref()),
+                )
+            })?;
+        sets.push(d);
+        let mut first_app_command = None;
         for app in &spec.apps {
             let entry = self
                 .apps
@@ -445,30 +616,54 @@ impl Catalog {
             if entry.gui && !desktop.graphical {
                 return Err(SpecError::GuiAppWithoutDesktop { app: app.clone() });
             }
+            let r = self
+                .resolve(
+                    &spec.base,
+                    base,
+                    &entry.packages,
+                    entry.note.as_deref(),
+                    &entry.on,
+                )
+                .ok_or_else(|| not_on("app", app, None))?;
+            if r.explicit && r.packages.is_empty() {
+                return Err(not_on("app", app, r.note));
+            }
+            if first_app_command.is_none() {
+                first_app_command = r
+                    .command
+                    .or(r.packages.first().map(String::as_str))
+                    .map(str::to_string);
+            }
+            sets.push(r);
         }
-        Ok(())
-    }
-
-    /// Debian packages to install for `spec` (desktop first, then apps, deduplicated).
-    pub fn packages_for(&self, spec: &Spec) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        let desktop = self
-            .desktops
-            .get(&spec.desktop)
-            .into_iter()
-            .flat_map(|d| d.packages.iter());
-        let apps = spec
-            .apps
-            .iter()
-            .filter_map(|a| self.apps.get(a))
-            .flat_map(|a| a.packages.iter());
-        for p in desktop.chain(apps) {
-            if !out.contains(p) {
-                out.push(p.clone());
+        let mut install = Install {
+            first_app_command,
+            ..Install::default()
+        };
+        for set in sets {
+            for p in set.packages {
+                if !install.packages.contains(p) {
+                    install.packages.push(p.clone());
+                }
+            }
+            if let Some(repo) = set.repo {
+                if !install.repos.iter().any(|r| r == repo) {
+                    install.repos.push(repo.to_string());
+                }
             }
         }
-        out
+        Ok(install)
     }
+}
+
+/// A resolved `on` entry or default.
+struct Resolved<'a> {
+    packages: &'a [String],
+    repo: Option<&'a str>,
+    command: Option<&'a str>,
+    note: Option<&'a str>,
+    /// From an `on` table (an empty list there means "not on this base").
+    explicit: bool,
 }
 
 fn join_keys<'a>(keys: impl Iterator<Item = &'a String>) -> String {
@@ -648,7 +843,7 @@ mod tests {
         ] {
             assert!(cat.bases.contains_key(b), "{b}");
         }
-        assert!(cat.bases["debian-12"].buildable);
+        assert!(cat.bases.values().all(BaseEntry::buildable));
         for d in ["none", "kiosk", "xfce", "gnome", "kde", "lxqt"] {
             assert!(cat.desktops.contains_key(d), "{d}");
         }
@@ -675,13 +870,83 @@ mod tests {
     }
 
     #[test]
-    fn check_spec_refuses_unbuildable_base_with_reason() {
-        let cat = Catalog::embedded();
+    fn check_spec_refuses_a_base_without_a_builder_and_names_the_builders() {
+        let mut cat = Catalog::embedded();
+        cat.bases.get_mut("fedora-40").unwrap().builder = "pacman".into();
         let mut s = sample();
         s.base = "fedora-40".into();
         let err = cat.check_spec(&s).unwrap_err();
-        assert!(matches!(err, SpecError::BaseNotBuildable(..)), "{err}");
-        assert!(err.to_string().contains("cannot be built yet"));
+        assert_eq!(
+            err.to_string(),
+            "base \"fedora-40\" cannot be built: genos-image has no \"pacman\" builder (it has debootstrap, dnf, apk)"
+        );
+    }
+
+    #[test]
+    fn every_catalog_base_is_buildable_with_a_desktop_and_firefox_or_says_why_not() {
+        let cat = Catalog::embedded();
+        for base in cat.bases.keys() {
+            let mut s = sample();
+            s.base = base.clone();
+            match cat.install_for(&s) {
+                Ok(install) => assert!(install.packages.len() >= 2, "{base}: {install:?}"),
+                Err(e) => panic!("{base}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn firefox_on_ubuntu_comes_from_mozillas_repository_as_a_deb() {
+        let cat = Catalog::embedded();
+        let mut s = sample();
+        s.base = "ubuntu-24.04".into();
+        let install = cat.install_for(&s).unwrap();
+        assert!(install.packages.contains(&"firefox".to_string()));
+        assert!(!install.packages.contains(&"firefox-esr".to_string()));
+        assert_eq!(install.repos, ["mozilla"]);
+        assert_eq!(install.first_app_command.as_deref(), Some("firefox"));
+    }
+
+    #[test]
+    fn package_names_follow_the_base_family() {
+        let cat = Catalog::embedded();
+        let mut s = sample();
+        s.apps = vec!["docker".into(), "vim".into()];
+        s.desktop = "none".into();
+        let on = |base: &str| {
+            let mut s = s.clone();
+            s.base = base.into();
+            cat.install_for(&s).unwrap().packages
+        };
+        assert_eq!(on("debian-12"), ["docker.io", "vim"]);
+        assert_eq!(on("ubuntu-22.04"), ["docker.io", "vim"]);
+        assert_eq!(on("fedora-40"), ["moby-engine", "vim-enhanced"]);
+        assert_eq!(on("alpine-3.20"), ["docker", "vim"]);
+    }
+
+    #[test]
+    fn an_app_a_base_does_not_package_is_refused_with_the_note() {
+        let cat = Catalog::embedded();
+        let mut s = sample();
+        s.base = "ubuntu-24.04".into();
+        s.apps = vec!["chromium".into()];
+        let err = cat.check_spec(&s).unwrap_err();
+        assert!(matches!(err, SpecError::NotOnBase { .. }), "{err}");
+        assert!(err.to_string().contains("snap"), "{err}");
+    }
+
+    #[test]
+    fn an_app_without_a_mapping_on_a_non_debian_base_is_refused() {
+        let mut cat = Catalog::embedded();
+        cat.apps.get_mut("htop").unwrap().on.clear();
+        let mut s = sample();
+        s.base = "alpine-3.20".into();
+        s.desktop = "none".into();
+        s.apps = vec!["htop".into()];
+        assert_eq!(
+            cat.check_spec(&s).unwrap_err().to_string(),
+            "app \"htop\" is not available on alpine-3.20"
+        );
     }
 
     #[test]
@@ -698,9 +963,9 @@ mod tests {
     }
 
     #[test]
-    fn packages_for_lists_desktop_then_apps() {
+    fn install_lists_desktop_then_apps() {
         let cat = Catalog::embedded();
-        let pkgs = cat.packages_for(&sample());
+        let pkgs = cat.install_for(&sample()).unwrap().packages;
         assert!(pkgs.contains(&"firefox-esr".to_string()));
         assert!(
             pkgs.iter().position(|p| p == "firefox-esr") > pkgs.iter().position(|p| p == "xfce4")
@@ -708,18 +973,27 @@ mod tests {
     }
 
     #[test]
-    fn catalog_without_reason_for_unbuildable_base_is_rejected() {
+    fn catalog_with_an_on_table_for_an_unknown_family_is_rejected() {
         let text = r#"
 version = 1
 [bases.x-1]
 family = "x"
-buildable = false
+builder = "debootstrap"
+release = "x"
+mirror = "http://example.org/x"
 [desktops.none]
 graphical = false
 packages = []
-[apps]
+[apps.vim]
+gui = false
+packages = ["vim"]
+on.gentoo = { packages = ["app-editors/vim"] }
 "#;
         let err = Catalog::from_toml(text).unwrap_err();
-        assert!(err.to_string().contains("gives no reason"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("`on.gentoo` names no base or family"),
+            "{err}"
+        );
     }
 }

@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 
 use proto::spec::{
-    limits, Catalog, Display, Lifetime, Network, NetworkMode, Persistence, Spec, SPEC_VERSION,
+    limits, Catalog, Display, Lifetime, Network, NetworkMode, Persistence, Spec, SpecError,
+    SPEC_VERSION,
 };
 use serde::{Deserialize, Serialize};
 
@@ -796,7 +797,7 @@ impl Composer {
         self.catalog
             .bases
             .iter()
-            .filter(|(_, b)| b.buildable)
+            .filter(|(_, b)| b.buildable())
             .map(|(n, _)| n.clone())
             .collect()
     }
@@ -964,10 +965,14 @@ impl Composer {
             }
         };
         if let Some(entry) = self.catalog.bases.get(&base) {
-            if !entry.buildable {
-                let reason = entry.reason.clone().unwrap_or_default();
+            // Only a base this genos-image has no builder for is refused here; whether its
+            // archive is reachable is found out where and when the build runs.
+            if !entry.buildable() {
                 return Err(clarify_owned(
-                    format!("{base} cannot be built yet: {reason}. Use one of these instead?"),
+                    format!(
+                        "{base} cannot be built: genos-image has no {} builder. Use one of these instead?",
+                        entry.builder
+                    ),
                     self.buildable_bases(),
                 ));
             }
@@ -1189,12 +1194,34 @@ impl Composer {
             .validate()
             .and_then(|()| self.catalog.check_spec(&spec))
         {
+            if let SpecError::NotOnBase { name, base, .. } = &e {
+                return Err(self.not_on_base(&spec, name, base, &e));
+            }
             return Err(clarify_owned(
                 format!("That request gives an invalid environment ({e}). Can you rephrase it?"),
                 vec![],
             ));
         }
         Ok(spec)
+    }
+
+    /// "chromium on ubuntu": the app (or desktop) is not packaged for the base; offer the
+    /// bases that have it, and leaving it out.
+    fn not_on_base(&self, spec: &Spec, name: &str, base: &str, e: &SpecError) -> Clarify {
+        let mut options: Vec<String> = self
+            .buildable_bases()
+            .into_iter()
+            .filter(|b| {
+                let mut other = spec.clone();
+                other.base = b.clone();
+                self.catalog.check_spec(&other).is_ok()
+            })
+            .map(|b| format!("{name} on {b}"))
+            .collect();
+        if spec.apps.iter().any(|a| a == name) {
+            options.push(format!("{base} without {name}"));
+        }
+        clarify_owned(format!("{e}. Which do you want?"), options)
     }
 
     fn is_gui(&self, app: &str) -> bool {
@@ -1470,13 +1497,49 @@ mod tests {
     }
 
     #[test]
-    fn unbuildable_base_gets_a_question_with_reason() {
-        let q = question("ubuntu desktop with firefox");
+    fn every_catalog_family_gets_a_spec_on_its_newest_base() {
+        for (text, base) in [
+            ("ubuntu desktop with firefox", "ubuntu-24.04"),
+            ("ubuntu 22.04 server", "ubuntu-22.04"),
+            ("fedora with gnome and firefox", "fedora-40"),
+            ("alpine linux headless with git", "alpine-3.20"),
+        ] {
+            assert_eq!(spec(text).base, base, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_base_without_a_builder_gets_a_question_naming_the_builder() {
+        let mut catalog = Catalog::embedded();
+        catalog.bases.get_mut("fedora-40").unwrap().builder = "pacman".into();
+        let c = Composer::new(catalog, Defaults::default());
+        let Outcome::Clarify(q) = c.compose("fedora with firefox").outcome else {
+            panic!("expected a question");
+        };
         assert!(
-            q.question.starts_with("ubuntu-24.04 cannot be built yet"),
+            q.question
+                .starts_with("fedora-40 cannot be built: genos-image has no pacman builder"),
             "{q:?}"
         );
-        assert_eq!(q.options, ["debian-12"]);
+        assert!(!q.options.contains(&"fedora-40".to_string()), "{q:?}");
+    }
+
+    #[test]
+    fn an_app_the_base_does_not_package_gets_a_question_with_the_bases_that_do() {
+        let q = question("ubuntu with chromium");
+        assert!(
+            q.question.contains("not available on ubuntu-24.04"),
+            "{q:?}"
+        );
+        assert!(
+            q.options.contains(&"chromium on debian-12".to_string()),
+            "{q:?}"
+        );
+        assert!(
+            q.options
+                .contains(&"ubuntu-24.04 without chromium".to_string()),
+            "{q:?}"
+        );
     }
 
     #[test]

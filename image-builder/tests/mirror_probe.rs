@@ -1,0 +1,156 @@
+//! An unreachable archive fails a build within seconds, with the reason, before any tool
+//! runs: a port that accepts and never answers, and a port that refuses, for every builder.
+//! Needs neither root nor network (the mirrors are on 127.0.0.1).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use image_builder::cache::Cache;
+use image_builder::probe::ProbeError;
+use image_builder::rootfs::{self, RootfsError, RootfsOptions};
+use proto::spec::Spec;
+
+const BASES: &[&str] = &["debian-12", "ubuntu-24.04", "fedora-40", "alpine-3.20"];
+/// Far above the probe's timeouts, far below a tool's own retries (minutes).
+const GENEROUS: Duration = Duration::from_secs(60);
+
+fn spec(base: &str) -> Spec {
+    let json = serde_json::json!({
+        "version": 1, "name": "probe", "base": base, "desktop": "none", "apps": ["git"],
+        "vcpus": 1, "memory_mib": 512, "disk_gib": 1,
+        "display": {"width": 1280, "height": 720, "fps": 30},
+        "network": {"mode": "none", "allow": []},
+        "lifetime": {"ttl_s": null, "idle_s": null},
+        "persistence": "ephemeral", "assumptions": []
+    });
+    Spec::from_json(&json.to_string()).unwrap()
+}
+
+fn temp_cache(name: &str) -> (PathBuf, Cache) {
+    let dir = std::env::temp_dir().join(format!("genos-probe-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache = Cache::at(dir.clone()).unwrap();
+    (dir, cache)
+}
+
+fn build_against(base: &str, mirror: String, cache: &Cache) -> (RootfsError, Duration) {
+    let options = RootfsOptions {
+        mirror: Some(mirror),
+        probe_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let err = rootfs::build(cache, &spec(base), &options).unwrap_err();
+    (err, started.elapsed())
+}
+
+#[test]
+fn a_mirror_that_accepts_and_never_answers_fails_every_builder_within_seconds() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accept every connection and hold it open without a byte.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let (dir, cache) = temp_cache("silent");
+
+    for base in BASES {
+        let (err, took) = build_against(base, format!("http://127.0.0.1:{port}/{base}"), &cache);
+
+        assert!(
+            matches!(
+                &err,
+                RootfsError::Unreachable {
+                    source: ProbeError::Silent { .. },
+                    ..
+                }
+            ),
+            "{base}: {err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the archive of {base} is not usable, so nothing was built: 127.0.0.1:{port} accepted the connection but sent no answer within 2 s"
+            )
+        );
+        assert!(took < GENEROUS, "{base}: took {took:?}");
+    }
+    assert!(cache.list().unwrap().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_mirror_that_refuses_connections_fails_every_builder_at_once_naming_the_address() {
+    let port = {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let (dir, cache) = temp_cache("refused");
+
+    for base in BASES {
+        let (err, took) = build_against(base, format!("http://127.0.0.1:{port}/{base}"), &cache);
+
+        assert!(
+            matches!(
+                &err,
+                RootfsError::Unreachable {
+                    source: ProbeError::Connect { .. },
+                    ..
+                }
+            ),
+            "{base}: {err:?}"
+        );
+        let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(
+            text.contains(&format!("cannot connect to 127.0.0.1:{port}")),
+            "{base}: {text}"
+        );
+        assert!(took < GENEROUS, "{base}: took {took:?}");
+    }
+    assert!(cache.list().unwrap().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_cli_reports_an_unreachable_mirror_in_one_line() {
+    let port = {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let (dir, _cache) = temp_cache("cli");
+    let spec_path = dir.join("spec.json");
+    std::fs::write(
+        &spec_path,
+        serde_json::to_string(&spec("fedora-40")).unwrap(),
+    )
+    .unwrap();
+    let out = dir.join("out.ext4");
+
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_genos-image"))
+        .arg("--cache-dir")
+        .arg(&dir)
+        .args(["rootfs", "--spec"])
+        .arg(&spec_path)
+        .arg("--out")
+        .arg(&out)
+        .args(["--mirror", &format!("http://127.0.0.1:{port}/fedora")])
+        .output()
+        .unwrap();
+
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let last = stderr.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("genos-image: error: the archive of fedora-40 is not usable")
+            && last.contains(&format!("cannot connect to 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert!(run.stdout.is_empty());
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
