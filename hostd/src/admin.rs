@@ -3,20 +3,34 @@
 //! Every connection's peer credentials (SO_PEERCRED) are checked before any handler runs:
 //! root, the user hostd runs as, and members of the configured group are allowed; everyone
 //! else gets 403. Endpoints are listed in docs/hostd.md.
+//!
+//! Connections are bounded: at most [`MAX_CONNECTIONS`] at once (at the limit the oldest
+//! one that is not in the middle of a request is closed for the newcomer), a request head
+//! must arrive within [`HEADER_TIMEOUT`], and a request body must be at most
+//! [`MAX_REQUEST_BODY`] bytes and arrive within [`BODY_TIMEOUT`], read before any handler
+//! runs.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
 
 use crate::orchestrator::{CreateOutcome, OrchError, Orchestrator};
 
@@ -30,8 +44,6 @@ pub enum AdminError {
     },
     #[error("another hostd is already serving {0}")]
     InUse(PathBuf),
-    #[error("admin server")]
-    Serve(#[source] std::io::Error),
 }
 
 /// Credentials of the process at the other end of a connection.
@@ -42,9 +54,19 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
-impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
-        match stream.io().peer_cred() {
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send a request head: on a new connection, and between requests on
+/// a kept-alive one.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request body (a spec or a request text is a few KiB).
+pub const MAX_REQUEST_BODY: usize = 64 * 1024;
+/// Time a client has to send a request body once its head arrived.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Peer {
+    fn of(stream: &UnixStream) -> Peer {
+        match stream.peer_cred() {
             Ok(c) => Peer {
                 uid: c.uid(),
                 gid: c.gid(),
@@ -147,7 +169,8 @@ pub async fn serve(
     serve_on(orch, listener, policy).await
 }
 
-/// Binds the socket with mode 0660 (group: the configured group, when it exists).
+/// Binds the socket with mode 0660 (group: the configured group, when it exists, which
+/// may then also search the socket's directory: 0710).
 pub async fn bind(path: &Path, policy: &AccessPolicy) -> Result<UnixListener, AdminError> {
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
@@ -169,23 +192,186 @@ pub async fn bind(path: &Path, policy: &AccessPolicy) -> Result<UnixListener, Ad
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
     if let Some(gid) = policy.group_gid {
         let _ = std::os::unix::fs::chown(path, None, Some(gid));
+        // The state directory is 0700 (store::Store::open); the group may pass through it
+        // to reach this socket, but not list or read anything in it.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::os::unix::fs::chown(dir, None, Some(gid));
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710));
+        }
     }
     Ok(listener)
 }
 
+/// Serves `listener` until the future is dropped (a failed accept is logged and retried:
+/// connections already open go on).
 pub async fn serve_on(
     orch: Orchestrator,
     listener: UnixListener,
     policy: AccessPolicy,
 ) -> Result<(), AdminError> {
+    let policy = Arc::new(policy);
     let state = AppState {
         orch,
-        policy: Arc::new(policy),
+        policy: policy.clone(),
     };
-    let app = router(state);
-    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .await
-        .map_err(AdminError::Serve)
+    let app = TowerToHyperService::new(router(state));
+    let table = Arc::new(Connections::default());
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors and the like: connections already open go on.
+                tracing::warn!(error = %e, "admin socket: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // At the limit this closes the oldest idle connection, or waits for one to end
+        // (taking nothing more off the backlog meanwhile).
+        let slot = table.admit(MAX_CONNECTIONS).await;
+        let peer = Peer::of(&stream);
+        let (app, policy) = (app.clone(), policy.clone());
+        tokio::spawn(async move {
+            let busy = slot.state.clone();
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (app, busy) = (app.clone(), busy.clone());
+                    let allowed = policy.allows(&peer);
+                    async move {
+                        let _busy = Busy::new(busy);
+                        let (parts, body) = req.into_parts();
+                        // A refused peer's body is never read: the router answers 403.
+                        let bytes = if allowed {
+                            match read_body(body).await {
+                                Ok(b) => b,
+                                Err(e) => {
+                                    return Ok::<_, std::convert::Infallible>(e.into_response())
+                                }
+                            }
+                        } else {
+                            Bytes::new()
+                        };
+                        let mut req = hyper::Request::from_parts(parts, Full::new(bytes));
+                        req.extensions_mut().insert(ConnectInfo(peer));
+                        hyper::service::Service::call(&app, req).await
+                    }
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = slot.state.evict.notified() => {}
+            }
+        });
+    }
+}
+
+/// The whole request body, within [`MAX_REQUEST_BODY`] and [`BODY_TIMEOUT`].
+async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_REQUEST_BODY).collect()).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_REQUEST_BODY} bytes"),
+        )),
+        Ok(Err(e)) => Err(bad_request(format!("reading the request body: {e}"))),
+        Err(_) => Err(ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body not received within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
+/// The admin socket's open connections, oldest first.
+#[derive(Default)]
+struct Connections {
+    table: Mutex<(u64, BTreeMap<u64, Arc<ConnState>>)>,
+    freed: Notify,
+}
+
+#[derive(Default)]
+struct ConnState {
+    /// Requests being handled.
+    busy: AtomicUsize,
+    /// Closes the connection.
+    evict: Notify,
+}
+
+/// A connection's place in [`Connections`], given back when dropped.
+struct Slot {
+    id: u64,
+    state: Arc<ConnState>,
+    table: Arc<Connections>,
+}
+
+impl Connections {
+    /// A slot for a new connection. At `max` the oldest connection not handling a request
+    /// is closed for it; when every connection is busy this waits until one ends.
+    async fn admit(self: &Arc<Self>, max: usize) -> Slot {
+        loop {
+            let freed = self.freed.notified();
+            {
+                let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+                if t.1.len() >= max {
+                    let idle =
+                        t.1.iter()
+                            .find(|(_, c)| c.busy.load(Ordering::SeqCst) == 0)
+                            .map(|(id, _)| *id);
+                    if let Some(id) = idle {
+                        let c = t.1.remove(&id).expect("found above");
+                        // A stored permit: the connection ends even if it is not waiting yet.
+                        c.evict.notify_one();
+                    }
+                }
+                if t.1.len() < max {
+                    t.0 += 1;
+                    let (id, state) = (t.0, Arc::new(ConnState::default()));
+                    t.1.insert(id, state.clone());
+                    return Slot {
+                        id,
+                        state,
+                        table: self.clone(),
+                    };
+                }
+            }
+            freed.await;
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).1.len()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut t = self.table.table.lock().unwrap_or_else(|e| e.into_inner());
+        t.1.remove(&self.id);
+        drop(t);
+        self.table.freed.notify_one();
+    }
+}
+
+/// Marks a connection busy while one of its requests is handled.
+struct Busy(Arc<ConnState>);
+
+impl Busy {
+    fn new(state: Arc<ConnState>) -> Busy {
+        state.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(state)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn router(state: AppState) -> Router {
@@ -306,9 +492,10 @@ async fn compose(
     axum::Extension(actor): axum::Extension<Actor>,
     body: Result<Json<ComposeBody>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
-    let Json(body) = body.map_err(|e| bad_request(e.body_text()))?;
+    let Json(body) = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
     let c = st.orch.compose_text(&body.text).await;
-    st.orch.audit(&actor.0, "compose", "-", &body.text)?;
+    let text = crate::orchestrator::audit_text(&body.text);
+    st.orch.audit(&actor.0, "compose", "-", &text)?;
     Ok(Json(c.to_output(body.explain)).into_response())
 }
 
@@ -317,7 +504,7 @@ async fn create(
     axum::Extension(actor): axum::Extension<Actor>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
-    let Json(body) = body.map_err(|e| bad_request(e.body_text()))?;
+    let Json(body) = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
     match (body.get("text"), body.get("spec")) {
         (Some(Value::String(text)), None) => {
             match st.orch.create_from_text(text, &actor.0).await? {
@@ -458,6 +645,40 @@ mod tests {
             gid: 777,
             pid: None
         }));
+    }
+
+    #[tokio::test]
+    async fn a_full_table_closes_its_oldest_idle_connection_for_a_newcomer() {
+        let table = Arc::new(Connections::default());
+        let oldest = table.admit(2).await;
+        let busy = table.admit(2).await;
+        let _handling = Busy::new(busy.state.clone());
+        let newest = table.admit(2).await;
+        assert_eq!(table.len(), 2);
+        // The oldest was idle: told to close (a stored permit, so this completes at once).
+        tokio::time::timeout(Duration::from_secs(5), oldest.state.evict.notified())
+            .await
+            .expect("the oldest idle connection is closed");
+        drop(oldest);
+        assert_eq!(table.len(), 2, "the evicted slot was already given up");
+        drop(newest);
+        assert_eq!(table.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_table_of_busy_connections_waits_until_one_ends() {
+        let table = Arc::new(Connections::default());
+        let a = table.admit(1).await;
+        let _handling = Busy::new(a.state.clone());
+        let t = table.clone();
+        let waiter = tokio::spawn(async move { t.admit(1).await.id });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "admitted past the limit");
+        drop(a);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("admitted once a slot was freed")
+            .unwrap();
     }
 
     #[test]

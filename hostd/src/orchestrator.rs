@@ -12,11 +12,16 @@
 //! `genos-jailer` with its own uid/gid slot, cgroup limits derived from the spec and, for
 //! `nat`/`allowlist` networks, a network namespace built with `jailer::net`; what was set
 //! up is recorded in `envs/NAME/jail.json` so it can be torn down after a restart too.
+//!
+//! VMMs are untrusted: processes are held by pidfd ([`crate::pidfd`]), never signalled by
+//! number, and re-adopted only when the recorded process identity (`envs/NAME/vmm.json`:
+//! pid, start time, boot) and the control socket's peer both match; control sockets are
+//! reached through [`uds::VmmSocket`] (no links followed, peer uid checked).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use proto::spec::{Catalog, Spec, SpecError};
@@ -25,8 +30,9 @@ use tokio::sync::watch;
 
 use crate::composer::{Clarify, Composer, Composition, Outcome};
 use crate::config::{Config, JailMode};
+use crate::pidfd::{Pidfd, ProcessId};
 use crate::store::{now_s, AuditReport, EnvRecord, EnvState, Store, StoreError};
-use crate::uds;
+use crate::uds::{self, VmmSocket};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrchError {
@@ -127,13 +133,79 @@ pub enum CreateOutcome {
 
 /// A supervised VMM process.
 struct Proc {
-    /// The VMM's pid (under the jailer: read from the jail's pid file; 0 until then).
-    pid: AtomicI32,
-    /// The jailer's pid when the VMM runs jailed (our child), else 0.
-    jailer_pid: i32,
+    /// The VMM (under the jailer: opened once the jail's pid file names it).
+    vmm: OnceLock<Arc<Pidfd>>,
+    /// The jailer (our child) when the VMM runs jailed.
+    jailer: Option<Pidfd>,
+    /// Its control socket.
+    socket: VmmSocket,
     /// Set before hostd itself stops the VMM, so its exit is not a failure.
-    stopping: std::sync::atomic::AtomicBool,
+    stopping: AtomicBool,
     exited: watch::Receiver<bool>,
+}
+
+/// Which process an environment's VMM is and which uid serves its socket
+/// (`envs/NAME/vmm.json`), for re-adoption after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+struct VmmRecord {
+    process: ProcessId,
+    uid: u32,
+}
+
+const VMM_RECORD: &str = "vmm.json";
+
+/// Longest request text the audit log keeps verbatim; longer texts are cut there and
+/// recorded with their length and SHA-256.
+pub const AUDIT_TEXT_MAX: usize = 1024;
+
+/// What the audit log records of a request's text: all of it up to [`AUDIT_TEXT_MAX`]
+/// bytes, else its first bytes (at a character boundary), its length and its SHA-256.
+pub fn audit_text(text: &str) -> String {
+    if text.len() <= AUDIT_TEXT_MAX {
+        return text.to_string();
+    }
+    let mut end = AUDIT_TEXT_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    format!(
+        "{}... ({} bytes, sha256 {})",
+        &text[..end],
+        text.len(),
+        hex::encode(digest)
+    )
+}
+
+/// The control socket of a jailed VMM: `run/api.sock` inside its jail directory (the
+/// directory is root's, `run/` the VMM's). `envs/NAME/api.sock` is the jailer's symlink
+/// to it, kept for operators; hostd never follows it.
+fn jailed_socket(record: &JailRecord) -> VmmSocket {
+    VmmSocket {
+        base: record.jail_dir.clone(),
+        rel: vec!["run".into(), "api.sock".into()],
+        uid: record.uid,
+    }
+}
+
+/// The control socket of an unjailed VMM running as `uid`: `api.sock` in its environment
+/// directory.
+fn unjailed_socket(env_dir: &Path, uid: u32) -> VmmSocket {
+    VmmSocket {
+        base: env_dir.to_owned(),
+        rel: vec!["api.sock".into()],
+        uid,
+    }
+}
+
+/// Creates `dir` (and missing parents) readable by hostd's user only.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 #[derive(Default)]
@@ -363,6 +435,13 @@ impl Orchestrator {
         let composer = Composer::new(catalog, cfg.composer.clone());
         let capacity = Capacity::from_config(&cfg);
         let jail = decide_jail(&cfg, state_dir);
+        let envs = state_dir.join("envs");
+        if envs.exists() {
+            // Made 0700 by every version since; fix directories left readable earlier.
+            create_private_dir(&envs).map_err(|e| {
+                OrchError::Config(format!("cannot restrict {}: {e}", envs.display()))
+            })?;
+        }
         Ok(Orchestrator {
             inner: Arc::new(Inner {
                 cfg,
@@ -425,31 +504,30 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Re-adopts `env`'s VMM when it is provably the one hostd started: the recorded
+    /// process identity (pid, start time, boot) opens a pidfd, its control socket is served
+    /// by the expected uid from that very pid, and it reports running or paused. Anything
+    /// else fails the environment without signalling anyone.
     async fn readopt(&self, env: &EnvRecord) -> Result<(), OrchError> {
-        let alive = env.vmm_pid.is_some_and(pid_alive);
-        let answers = match &env.api_socket {
-            Some(sock) if alive => {
-                uds::request(Path::new(sock), "GET", "/vm", None, Duration::from_secs(3))
-                    .await
-                    .map(|r| {
-                        r.ok() && matches!(r.json()["state"].as_str(), Some("running" | "paused"))
-                    })
-                    .unwrap_or(false)
+        let (pidfd, socket) = match self.identify_vmm(env).await {
+            Ok(found) => found,
+            Err(why) => {
+                self.release_jail(&env.name);
+                let reason = "its genos-vmm was gone when hostd restarted";
+                tracing::warn!(env = env.name, why, "not re-adopted");
+                self.transition(&env.name, EnvState::Failed, Some(reason))?;
+                self.audit("hostd", "fail", &env.name, &format!("{reason} ({why})"))?;
+                let _ = self.store().set_vmm(&env.name, None, None);
+                return Ok(());
             }
-            _ => false,
         };
-        if !answers {
-            self.release_jail(&env.name);
-            let reason = "its genos-vmm was gone when hostd restarted";
-            self.transition(&env.name, EnvState::Failed, Some(reason))?;
-            self.audit("hostd", "fail", &env.name, reason)?;
-            return Ok(());
-        }
-        let pid = env.vmm_pid.expect("alive implies a pid");
+        let pid = pidfd.pid();
+        let pidfd = Arc::new(pidfd);
         let (tx, rx) = watch::channel(false);
         let proc = Arc::new(Proc {
-            pid: pid.into(),
-            jailer_pid: 0,
+            vmm: OnceLock::from(pidfd.clone()),
+            jailer: None,
+            socket: socket.clone(),
             stopping: false.into(),
             exited: rx,
         });
@@ -467,9 +545,9 @@ impl Orchestrator {
         let me = self.clone();
         let name = env.name.clone();
         tokio::spawn(async move {
-            // Not our child: poll for its end.
-            while pid_alive(pid) {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+            // Not our child: its pidfd polls readable when it ends.
+            if let Err(e) = pidfd.exited().await {
+                tracing::warn!(env = name, error = %e, "cannot wait on the adopted VMM");
             }
             me.on_vmm_exit(&name, describe_exit(None));
             let _ = tx.send(true);
@@ -477,13 +555,54 @@ impl Orchestrator {
         if env.state == EnvState::Booting {
             let me = self.clone();
             let name = env.name.clone();
-            let sock = PathBuf::from(env.api_socket.clone().unwrap_or_default());
-            tokio::spawn(async move { me.wait_ready(&name, &sock).await });
+            tokio::spawn(async move { me.wait_ready(&name, &socket).await });
         } else if env.state == EnvState::Ready {
-            let sock = PathBuf::from(env.api_socket.clone().unwrap_or_default());
-            self.stream_environment(&env.name, &sock).await;
+            self.stream_environment(&env.name, &socket).await;
         }
         Ok(())
+    }
+
+    /// The pidfd and control socket of `env`'s recorded VMM, or why it cannot be adopted.
+    async fn identify_vmm(&self, env: &EnvRecord) -> Result<(Pidfd, VmmSocket), String> {
+        let dir = self.env_dir(&env.name);
+        let record = read_vmm_record(&dir).ok_or("no readable vmm.json")?;
+        let pid = record.process.pid;
+        if env.vmm_pid != Some(pid) {
+            return Err(format!(
+                "vmm.json names pid {pid}, the store {:?}",
+                env.vmm_pid
+            ));
+        }
+        let pidfd = record.process.open().map_err(|e| e.to_string())?;
+        let socket = match read_jail_record(&dir) {
+            Some(jail) if jail.uid == record.uid => jailed_socket(&jail),
+            Some(jail) => {
+                return Err(format!(
+                    "vmm.json names uid {}, jail.json uid {}",
+                    record.uid, jail.uid
+                ))
+            }
+            None => unjailed_socket(&dir, record.uid),
+        };
+        let timeout = Duration::from_secs(3);
+        let peer = tokio::time::timeout(timeout, socket.connect())
+            .await
+            .map_err(|_| "its control socket did not accept".to_string())?
+            .map_err(|e| error_chain(&e))?
+            .1;
+        if peer.pid != pid {
+            return Err(format!(
+                "its control socket is served by pid {}, not {pid}",
+                peer.pid
+            ));
+        }
+        let r = uds::vmm_request(&socket, "GET", "/vm", None, timeout)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        if !(r.ok() && matches!(r.json()["state"].as_str(), Some("running" | "paused"))) {
+            return Err(format!("GET /vm answered {}", r.status));
+        }
+        Ok((pidfd, socket))
     }
 
     // ---- requests ------------------------------------------------------------------------
@@ -551,7 +670,7 @@ impl Orchestrator {
     ) -> Result<CreateOutcome, OrchError> {
         match self.compose_text(text).await.outcome {
             Outcome::Spec(spec) => {
-                self.audit(actor, "compose", &spec.name, text)?;
+                self.audit(actor, "compose", &spec.name, &audit_text(text))?;
                 Ok(CreateOutcome::Created(Box::new(self.create(*spec, actor)?)))
             }
             Outcome::Clarify(q) => Ok(CreateOutcome::Clarify(q)),
@@ -887,7 +1006,7 @@ impl Orchestrator {
 
     /// Puts a ready graphical environment's screen and input on the stream server. Called
     /// once per environment: the VMM serves a bounded number of framebuffer readers.
-    async fn stream_environment(&self, name: &str, sock: &Path) {
+    async fn stream_environment(&self, name: &str, sock: &VmmSocket) {
         let Some(server) = self.inner.stream.get().cloned() else {
             return;
         };
@@ -899,7 +1018,7 @@ impl Orchestrator {
         else {
             return;
         };
-        let sock = sock.to_owned();
+        let sock = sock.clone();
         let fps = self.inner.cfg.stream.fps;
         match tokio::task::spawn_blocking(move || crate::vm_source::environment(&sock)).await {
             Ok(Ok(source)) => {
@@ -968,8 +1087,7 @@ impl Orchestrator {
         self.transition(name, EnvState::Building, None)
             .map_err(|e| e.to_string())?;
         let dir = self.env_dir(name);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        create_private_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let images = self.build_images(&env.spec, &dir).await?;
         if !matches!(self.show(name).map(|e| e.state), Ok(EnvState::Building)) {
             return Ok(()); // stopped or destroyed meanwhile
@@ -1022,7 +1140,7 @@ impl Orchestrator {
         spec: &Spec,
         dir: &Path,
         images: &Images,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<VmmSocket, String> {
         match &self.inner.jail {
             Jail::Off => self.boot_direct(name, spec, dir, images).await,
             Jail::On(setup) => {
@@ -1048,10 +1166,14 @@ impl Orchestrator {
     /// Spawns `cmd` in its own process group (so a signal to hostd's group, e.g. Ctrl-C, does
     /// not reach the VMM, which must outlive a hostd restart) and supervises it: its exit is
     /// described by `describe` and fails the environment unless hostd asked for it.
+    ///
+    /// The child's pidfd is opened before anything waits for it, so it cannot have been
+    /// reaped and its pid reused: it is the process just spawned.
     fn spawn_supervised(
         &self,
         name: &str,
         mut cmd: std::process::Command,
+        socket: VmmSocket,
         jailed: bool,
         describe: impl FnOnce(Option<std::process::ExitStatus>) -> String + Send + 'static,
     ) -> Result<Arc<Proc>, String> {
@@ -1062,11 +1184,29 @@ impl Orchestrator {
             .kill_on_drop(false)
             .spawn()
             .map_err(|e| format!("cannot start {program}: {e}"))?;
-        let child_pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let pidfd = child
+            .id()
+            .ok_or_else(|| "the child has no pid".to_string())
+            .and_then(|pid| Pidfd::open(pid as i32).map_err(|e| error_chain(&e)));
+        let pidfd = match pidfd {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = child.start_kill();
+                return Err(format!("cannot hold {program}: {e}"));
+            }
+        };
         let (tx, rx) = watch::channel(false);
         let proc = Arc::new(Proc {
-            pid: if jailed { 0 } else { child_pid }.into(),
-            jailer_pid: if jailed { child_pid } else { 0 },
+            vmm: if jailed {
+                OnceLock::new()
+            } else {
+                OnceLock::from(Arc::new(Pidfd::open(pidfd.pid()).map_err(|e| {
+                    let _ = child.start_kill();
+                    error_chain(&e)
+                })?))
+            },
+            jailer: jailed.then_some(pidfd),
+            socket,
             stopping: false.into(),
             exited: rx,
         });
@@ -1093,11 +1233,12 @@ impl Orchestrator {
     }
 
     /// Waits for the control socket to answer `GET /vm`, or the VMM to end.
-    async fn wait_api(&self, name: &str, proc: &Proc, sock: &Path) -> Result<(), String> {
+    async fn wait_api(&self, name: &str, proc: &Proc) -> Result<(), String> {
         let timeout = self.inner.cfg.vmm.api_timeout_s;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
         loop {
-            let r = uds::request(sock, "GET", "/vm", None, Duration::from_secs(1)).await;
+            let r =
+                uds::vmm_request(&proc.socket, "GET", "/vm", None, Duration::from_secs(1)).await;
             if r.as_ref().is_ok_and(|r| r.ok()) {
                 return Ok(());
             }
@@ -1130,24 +1271,31 @@ impl Orchestrator {
         spec: &Spec,
         dir: &Path,
         images: &Images,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<VmmSocket, String> {
         let vmm = &self.inner.cfg.vmm;
         let sock = dir.join("api.sock");
         let _ = std::fs::remove_file(&sock);
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let socket = unjailed_socket(dir, unsafe { libc::geteuid() });
         let mut cmd = std::process::Command::new(&vmm.binary);
         cmd.arg("--api-sock")
             .arg(&sock)
             .args(&vmm.extra_args)
             .stdout(Self::log_file(dir, "vmm.stdout")?)
             .stderr(Self::log_file(dir, "vmm.log")?);
-        let proc = self.spawn_supervised(name, cmd, false, describe_exit)?;
-        let pid = proc.pid.load(Ordering::SeqCst);
+        let proc = self.spawn_supervised(name, cmd, socket.clone(), false, describe_exit)?;
+        let vmm_fd = proc
+            .vmm
+            .get()
+            .expect("unjailed: the child is the VMM")
+            .clone();
+        let pid = self.record_vmm(name, &proc, &vmm_fd)?;
         self.store()
             .set_vmm(name, Some(pid), Some(&sock.display().to_string()))
             .map_err(|e| e.to_string())?;
         self.audit("hostd", "spawn", name, &format!("genos-vmm pid {pid}"))
             .map_err(|e| e.to_string())?;
-        self.wait_api(name, &proc, &sock).await?;
+        self.wait_api(name, &proc).await?;
 
         let graphical = self.graphical(spec);
         let mut config = serde_json::json!({
@@ -1174,7 +1322,7 @@ impl Orchestrator {
             ("PUT", "/vm/config", config),
             ("PUT", "/vm/actions", serde_json::json!({"action": "start"})),
         ] {
-            let r = uds::request(&sock, method, uri, Some(&body), Duration::from_secs(10))
+            let r = uds::vmm_request(&socket, method, uri, Some(&body), Duration::from_secs(10))
                 .await
                 .map_err(|e| format!("genos-vmm {uri}: {e}"))?;
             if !r.ok() {
@@ -1186,7 +1334,21 @@ impl Orchestrator {
                 return Err(format!("genos-vmm refused {method} {uri}: {why}"));
             }
         }
-        Ok(sock)
+        Ok(socket)
+    }
+
+    /// Writes `envs/NAME/vmm.json` for the VMM behind `pidfd`; returns its pid.
+    fn record_vmm(&self, name: &str, proc: &Proc, pidfd: &Pidfd) -> Result<i32, String> {
+        let process = ProcessId::of(pidfd).map_err(|e| error_chain(&e))?;
+        let pid = process.pid;
+        let record = VmmRecord {
+            process,
+            uid: proc.socket.uid,
+        };
+        let path = self.env_dir(name).join(VMM_RECORD);
+        std::fs::write(&path, serde_json::to_vec(&record).expect("vmm record json"))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(pid)
     }
 
     /// Picks a slot no other jailed environment holds, records it in `jail.json` and, for
@@ -1260,7 +1422,7 @@ impl Orchestrator {
         spec: &Spec,
         dir: &Path,
         images: &Images,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<VmmSocket, String> {
         use proto::spec::NetworkMode;
         let cfg = &self.inner.cfg;
         let mut cmdline = cfg.vmm.cmdline.clone();
@@ -1392,9 +1554,10 @@ impl Orchestrator {
             .stdout(Self::log_file(dir, "vmm.stdout")?)
             .stderr(Self::log_file(dir, "vmm.log")?);
         let log = dir.join("vmm.log");
-        let proc = self.spawn_supervised(name, cmd, true, move |status| {
-            describe_jailed_exit(status, &last_line(&log))
-        })?;
+        let proc =
+            self.spawn_supervised(name, cmd, jailed_socket(&record), true, move |status| {
+                describe_jailed_exit(status, &last_line(&log))
+            })?;
 
         // The VMM's own pid comes from the jail's pid file.
         let pid_file = record.jail_dir.join("genos-vmm.pid");
@@ -1420,7 +1583,16 @@ impl Orchestrator {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        proc.pid.store(pid, Ordering::SeqCst);
+        let jailer_pid = proc.jailer.as_ref().map_or(0, Pidfd::pid);
+        let vmm_fd = match jailed_vmm_pidfd(pid, jailer_pid) {
+            Ok(fd) => Arc::new(fd),
+            Err(why) => {
+                self.kill_vmm(name);
+                return Err(format!("{}: {why}", pid_file.display()));
+            }
+        };
+        let _ = proc.vmm.set(vmm_fd.clone());
+        self.record_vmm(name, &proc, &vmm_fd)?;
         self.store()
             .set_vmm(name, Some(pid), Some(&sock.display().to_string()))
             .map_err(|e| e.to_string())?;
@@ -1429,16 +1601,15 @@ impl Orchestrator {
             "spawn",
             name,
             &format!(
-                "genos-vmm pid {pid} jailed by genos-jailer pid {} as uid {} gid {} in {}",
-                proc.jailer_pid,
+                "genos-vmm pid {pid} jailed by genos-jailer pid {jailer_pid} as uid {} gid {} in {}",
                 record.uid,
                 record.gid,
                 record.jail_dir.display()
             ),
         )
         .map_err(|e| e.to_string())?;
-        self.wait_api(name, &proc, &sock).await?;
-        Ok(sock)
+        self.wait_api(name, &proc).await?;
+        Ok(proc.socket.clone())
     }
 
     /// Tears down what `boot_jailed` set up outside the jail (the network namespace) and
@@ -1456,7 +1627,7 @@ impl Orchestrator {
     }
 
     /// Polls the VMM until the guest signals the boot timer (→ ready) or the boot timeout.
-    async fn wait_ready(&self, name: &str, sock: &Path) {
+    async fn wait_ready(&self, name: &str, sock: &VmmSocket) {
         let timeout = Duration::from_secs(self.inner.cfg.vmm.boot_timeout_s);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -1469,7 +1640,8 @@ impl Orchestrator {
                     return;
                 }
             }
-            if let Ok(r) = uds::request(sock, "GET", "/vm", None, Duration::from_secs(2)).await {
+            if let Ok(r) = uds::vmm_request(sock, "GET", "/vm", None, Duration::from_secs(2)).await
+            {
                 if r.ok() && !r.json()["boot_time_us"].is_null() {
                     let boot_us = r.json()["boot_time_us"].as_u64().unwrap_or(0);
                     if let Ok(true) = self.transition(name, EnvState::Ready, None) {
@@ -1503,6 +1675,7 @@ impl Orchestrator {
     fn on_vmm_exit(&self, name: &str, reason: String) {
         let proc = self.inner.procs.lock().expect("procs lock").remove(name);
         self.release_jail(name);
+        let _ = std::fs::remove_file(self.env_dir(name).join(VMM_RECORD));
         let asked = proc
             .as_ref()
             .is_some_and(|p| p.stopping.load(Ordering::SeqCst));
@@ -1538,17 +1711,15 @@ impl Orchestrator {
             .cloned();
         let Some(proc) = proc else { return };
         proc.stopping.store(true, Ordering::SeqCst);
-        if let Some(sock) = &env.api_socket {
-            let body = serde_json::json!({"action": "stop"});
-            let _ = uds::request(
-                Path::new(sock),
-                "PUT",
-                "/vm/actions",
-                Some(&body),
-                Duration::from_secs(2),
-            )
-            .await;
-        }
+        let body = serde_json::json!({"action": "stop"});
+        let _ = uds::vmm_request(
+            &proc.socket,
+            "PUT",
+            "/vm/actions",
+            Some(&body),
+            Duration::from_secs(2),
+        )
+        .await;
         let mut exited = proc.exited.clone();
         let waited = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e))
             .await
@@ -1599,20 +1770,52 @@ impl Orchestrator {
             .lock()
             .expect("procs lock")
             .get(name)
-            .map(|p| p.pid.load(Ordering::SeqCst))
-            .filter(|p| *p > 0)
+            .and_then(|p| p.vmm.get().map(|v| v.pid()))
     }
 }
 
 impl Proc {
-    /// SIGKILLs the VMM; the jailer then exits with 137. Before the VMM's pid is known the
-    /// jailer itself is killed (it has not started the VM yet).
+    /// SIGKILLs the VMM through its pidfd; the jailer then exits with 137. Before the VMM
+    /// is known the jailer itself is killed (it has not started the VM yet). A process that
+    /// is already gone is not signalled (ESRCH), whoever has its pid now.
     fn kill(&self) {
-        match self.pid.load(Ordering::SeqCst) {
-            0 => signal(self.jailer_pid, libc::SIGKILL),
-            pid => signal(pid, libc::SIGKILL),
+        let target = self.vmm.get().map(|v| &**v).or(self.jailer.as_ref());
+        if let Some(p) = target {
+            let _ = p.signal(libc::SIGKILL);
         }
     }
+}
+
+/// A pidfd for the VMM pid `pid` named by the jail's pid file, checked to be genos-jailer's
+/// child: the jailer is our unreaped child, so its pid is its own, and a process whose
+/// parent it is (checked after the pidfd is open, confirmed alive through the pidfd after
+/// the check) is the VMM it forked.
+fn jailed_vmm_pidfd(pid: i32, jailer_pid: i32) -> Result<Pidfd, String> {
+    let pidfd = Pidfd::open(pid).map_err(|e| error_chain(&e))?;
+    let parent = crate::pidfd::parent_pid(pid);
+    if parent != Some(jailer_pid) || pidfd.signal(0).is_err() {
+        return Err(format!(
+            "pid {pid} is not genos-jailer's child (parent {parent:?}, jailer {jailer_pid})"
+        ));
+    }
+    Ok(pidfd)
+}
+
+fn read_vmm_record(env_dir: &Path) -> Option<VmmRecord> {
+    let text = std::fs::read(env_dir.join(VMM_RECORD)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// An error and its sources, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
 }
 
 const JAIL_RECORD: &str = "jail.json";
@@ -1672,15 +1875,6 @@ pub fn pid_alive(pid: i32) -> bool {
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .is_some_and(|s| s != "Z" && s != "X"),
         Err(_) => false,
-    }
-}
-
-fn signal(pid: i32, sig: i32) {
-    if pid > 0 {
-        // SAFETY: kill(2) has no memory-safety preconditions; a stale pid only yields ESRCH.
-        unsafe {
-            libc::kill(pid, sig);
-        }
     }
 }
 

@@ -5,6 +5,8 @@
 //! entry's hash, and the newest hash and count are also written to `audit.head` beside the
 //! database, so editing, deleting or truncating entries is detected by [`Store::verify_audit`].
 
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -46,6 +48,26 @@ const MIGRATIONS: &[&str] = &[
         actor TEXT NOT NULL
     );",
 ];
+
+/// Creates `path` (a directory with its parents, or an empty file) if missing and makes it
+/// 0700 (directory) or 0600 (file).
+fn make_private(path: &Path, dir: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)?;
+    } else {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)?;
+    }
+    let mode = if dir { 0o700 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -211,12 +233,27 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating and migrating) `state.db` in `dir`.
+    ///
+    /// The directory is made 0700 and the database, its WAL files and `audit.head` 0600
+    /// (specs and the audit log are for hostd's user alone), fixing the modes of files an
+    /// older hostd left readable.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+        let dir_err = |source| StoreError::Dir {
             path: dir.into(),
             source,
-        })?;
-        let conn = Connection::open(dir.join("state.db"))?;
+        };
+        make_private(dir, true).map_err(dir_err)?;
+        let db = dir.join("state.db");
+        // Created 0600 before SQLite opens it; SQLite gives its -wal and -shm files the
+        // database's mode.
+        make_private(&db, false).map_err(dir_err)?;
+        for f in ["state.db-wal", "state.db-shm", "audit.head"] {
+            let path = dir.join(f);
+            if path.exists() {
+                make_private(&path, false).map_err(dir_err)?;
+            }
+        }
+        let conn = Connection::open(&db)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -407,7 +444,16 @@ impl Store {
             path: self.head_path.clone(),
             source,
         };
-        std::fs::write(&tmp, format!("{seq} {hash}\n")).map_err(err)?;
+        // A temporary file left by a crash keeps whatever mode it had: start afresh.
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(err)?;
+        f.write_all(format!("{seq} {hash}\n").as_bytes())
+            .map_err(err)?;
         std::fs::rename(&tmp, &self.head_path).map_err(err)
     }
 
@@ -662,6 +708,41 @@ mod tests {
         let (_d, s) = store();
         assert_eq!(s.journal_mode().unwrap(), "wal");
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn state_files_are_private_and_modes_left_by_older_versions_are_fixed() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let chmod = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let mut s = Store::open(&dir).unwrap();
+        s.audit("t", "a", "x", "").unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        for f in ["state.db", "state.db-wal", "state.db-shm", "audit.head"] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
+        drop(s);
+
+        // What older versions left: a world-readable directory, database and head file,
+        // and a stale temporary head file.
+        chmod(&dir, 0o755);
+        for f in ["state.db", "audit.head"] {
+            chmod(&dir.join(f), 0o644);
+        }
+        std::fs::write(dir.join("audit.head.tmp"), "stale").unwrap();
+        chmod(&dir.join("audit.head.tmp"), 0o666);
+        let mut s = Store::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        for f in ["state.db", "audit.head"] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
+        s.audit("t", "b", "x", "").unwrap();
+        assert_eq!(mode(&dir.join("audit.head")), 0o600);
+        assert!(s.verify_audit().unwrap().ok);
     }
 
     #[test]

@@ -1,13 +1,26 @@
 //! HTTP/1.1 client over a Unix socket: the CLI's side of admin.sock and hostd's side of each
 //! genos-vmm control socket.
+//!
+//! A VMM is not trusted (a guest may have taken it over), so every connection to one goes
+//! through [`VmmSocket`]: the socket is opened without following any link the VMM could
+//! have planted, the peer's uid is checked against the uid the VMM runs as, and no response
+//! body larger than [`MAX_VMM_BODY`] is read.
 
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
+
+/// Largest response body hostd reads from a VMM (both clients: this one and
+/// `vm_source::VmmApi`). The biggest legitimate answer, `GET /metrics`, is a few KiB.
+pub const MAX_VMM_BODY: usize = 1024 * 1024;
+/// Largest response body the CLI reads from hostd's admin socket (long audit listings).
+pub const MAX_ADMIN_BODY: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UdsError {
@@ -17,12 +30,18 @@ pub enum UdsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is not a socket (a {kind})")]
+    NotSocket { path: PathBuf, kind: &'static str },
+    #[error("{path} is served by uid {uid}, not by the VMM's uid {want}")]
+    PeerUid { path: PathBuf, uid: u32, want: u32 },
     #[error("HTTP exchange with {path} failed")]
     Http {
         path: PathBuf,
         #[source]
         source: hyper::Error,
     },
+    #[error("{path} sent a response body larger than {limit} bytes")]
+    BodyTooLarge { path: PathBuf, limit: usize },
     #[error("bad request for {0}")]
     Request(String),
     #[error("{path} did not answer within {secs} s")]
@@ -45,7 +64,202 @@ impl Response {
     }
 }
 
-/// Sends one request on a fresh connection, with a deadline.
+/// Credentials of the process that listens on a socket (SO_PEERCRED).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// SO_PEERCRED of a connected Unix socket.
+pub fn peer_cred(fd: &impl AsRawFd) -> std::io::Result<PeerCred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are live locals of the sizes passed; the kernel writes at
+    // most `len` bytes into `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(PeerCred {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
+/// Where one VMM's control socket is, and who must be listening on it.
+///
+/// `base` is a directory hostd trusts: created by root or by hostd, never writable by the
+/// VMM (the jail directory `<chroot-base>/genos-vmm/ID`, or unjailed the environment's own
+/// directory). Everything below it (`rel`, e.g. `run/api.sock`) may be under the VMM's
+/// control: its `run/` directory belongs to the VMM's uid, which can replace `api.sock` by a
+/// symlink to any host socket, e.g. `/run/docker.sock`. So the components of `rel` are
+/// opened one by one with `O_PATH | O_NOFOLLOW` relative to the previous one (a symlink
+/// anywhere fails the open of a directory, and is seen as a link, not followed, for the
+/// last component), the last one must be a socket inode, and hostd connects to that very
+/// inode through `/proc/self/fd/N` of its `O_PATH` descriptor: the kernel resolves the magic
+/// link to the inode already opened, so nothing renamed or swapped in between is reached.
+/// After connecting, SO_PEERCRED must name `uid` (a hard link to someone else's socket, or
+/// a socket handed to another process, is refused there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmSocket {
+    pub base: PathBuf,
+    pub rel: Vec<String>,
+    pub uid: u32,
+}
+
+impl VmmSocket {
+    /// The socket at `path` of a VMM running as hostd's own user (unjailed): `path`'s
+    /// directory is the trusted base.
+    pub fn unjailed(path: &Path) -> VmmSocket {
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        VmmSocket {
+            base: base.to_owned(),
+            rel: vec![path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()],
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            uid: unsafe { libc::geteuid() },
+        }
+    }
+
+    /// The socket's path, for messages.
+    pub fn path(&self) -> PathBuf {
+        let mut p = self.base.clone();
+        p.extend(&self.rel);
+        p
+    }
+
+    fn connect_error(&self, source: std::io::Error) -> UdsError {
+        UdsError::Connect {
+            path: self.path(),
+            source,
+        }
+    }
+
+    /// An `O_PATH` descriptor of the socket inode, reached without following links below
+    /// `base`.
+    fn open_inode(&self) -> Result<OwnedFd, UdsError> {
+        let Some((last, dirs)) = self.rel.split_last() else {
+            return Err(self.connect_error(std::io::Error::from(std::io::ErrorKind::InvalidInput)));
+        };
+        let base = CString::new(self.base.as_os_str().as_encoded_bytes())
+            .map_err(|_| self.connect_error(std::io::ErrorKind::InvalidInput.into()))?;
+        // The base is the operator's (it may itself be reached through links they made).
+        let mut dir = openat(
+            libc::AT_FDCWD,
+            &base,
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+        .map_err(|e| self.connect_error(e))?;
+        for c in dirs {
+            let name = component(c).map_err(|e| self.connect_error(e))?;
+            dir = openat(
+                dir.as_raw_fd(),
+                &name,
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+            .map_err(|e| self.connect_error(e))?;
+        }
+        let name = component(last).map_err(|e| self.connect_error(e))?;
+        let sock = openat(
+            dir.as_raw_fd(),
+            &name,
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+        .map_err(|e| self.connect_error(e))?;
+        // SAFETY: an all-zero `stat` is a valid value for fstat to overwrite.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `sock` is an open descriptor and `st` a live, writable stat.
+        if unsafe { libc::fstat(sock.as_raw_fd(), &mut st) } != 0 {
+            return Err(self.connect_error(std::io::Error::last_os_error()));
+        }
+        let kind = match st.st_mode & libc::S_IFMT {
+            libc::S_IFSOCK => return Ok(sock),
+            libc::S_IFLNK => "symbolic link",
+            libc::S_IFREG => "regular file",
+            libc::S_IFDIR => "directory",
+            _ => "special file",
+        };
+        Err(UdsError::NotSocket {
+            path: self.path(),
+            kind,
+        })
+    }
+
+    fn check_peer(&self, fd: &impl AsRawFd) -> Result<PeerCred, UdsError> {
+        let cred = peer_cred(fd).map_err(|e| self.connect_error(e))?;
+        if cred.uid != self.uid {
+            return Err(UdsError::PeerUid {
+                path: self.path(),
+                uid: cred.uid,
+                want: self.uid,
+            });
+        }
+        Ok(cred)
+    }
+
+    /// Connects (async) and checks the peer's uid.
+    pub async fn connect(&self) -> Result<(UnixStream, PeerCred), UdsError> {
+        let inode = self.open_inode()?;
+        let stream = UnixStream::connect(proc_fd_path(&inode))
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        let cred = self.check_peer(&stream)?;
+        Ok((stream, cred))
+    }
+
+    /// Connects (blocking) and checks the peer's uid.
+    pub fn connect_blocking(&self) -> Result<(std::os::unix::net::UnixStream, PeerCred), UdsError> {
+        let inode = self.open_inode()?;
+        let stream = std::os::unix::net::UnixStream::connect(proc_fd_path(&inode))
+            .map_err(|e| self.connect_error(e))?;
+        let cred = self.check_peer(&stream)?;
+        Ok((stream, cred))
+    }
+}
+
+fn proc_fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// One path component: no `/`, not `.` or `..`.
+fn component(c: &str) -> std::io::Result<CString> {
+    if c.is_empty() || c == "." || c == ".." || c.contains('/') {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    CString::new(c).map_err(|_| std::io::ErrorKind::InvalidInput.into())
+}
+
+fn openat(dir: libc::c_int, name: &CString, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+    // SAFETY: `name` is NUL-terminated; `dir` is AT_FDCWD or a descriptor we hold open.
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends one request to hostd's admin socket on a fresh connection, with a deadline.
 pub async fn request(
     sock: &Path,
     method: &str,
@@ -53,27 +267,56 @@ pub async fn request(
     body: Option<&serde_json::Value>,
     timeout: Duration,
 ) -> Result<Response, UdsError> {
-    match tokio::time::timeout(timeout, request_inner(sock, method, uri, body)).await {
+    let exchange = async {
+        let stream = UnixStream::connect(sock)
+            .await
+            .map_err(|source| UdsError::Connect {
+                path: sock.into(),
+                source,
+            })?;
+        exchange(stream, sock, method, uri, body, MAX_ADMIN_BODY).await
+    };
+    with_deadline(sock, timeout, exchange).await
+}
+
+/// Sends one request to a VMM's control socket on a fresh connection, with a deadline.
+pub async fn vmm_request(
+    sock: &VmmSocket,
+    method: &str,
+    uri: &str,
+    body: Option<&serde_json::Value>,
+    timeout: Duration,
+) -> Result<Response, UdsError> {
+    let path = sock.path();
+    let exchange = async {
+        let (stream, _) = sock.connect().await?;
+        exchange(stream, &path, method, uri, body, MAX_VMM_BODY).await
+    };
+    with_deadline(&path, timeout, exchange).await
+}
+
+async fn with_deadline(
+    path: &Path,
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<Response, UdsError>>,
+) -> Result<Response, UdsError> {
+    match tokio::time::timeout(timeout, f).await {
         Ok(r) => r,
         Err(_) => Err(UdsError::Timeout {
-            path: sock.into(),
+            path: path.into(),
             secs: timeout.as_secs(),
         }),
     }
 }
 
-async fn request_inner(
+async fn exchange(
+    stream: UnixStream,
     sock: &Path,
     method: &str,
     uri: &str,
     body: Option<&serde_json::Value>,
+    limit: usize,
 ) -> Result<Response, UdsError> {
-    let stream = UnixStream::connect(sock)
-        .await
-        .map_err(|source| UdsError::Connect {
-            path: sock.into(),
-            source,
-        })?;
     let http = |source| UdsError::Http {
         path: sock.into(),
         source,
@@ -81,8 +324,9 @@ async fn request_inner(
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(http)?;
+    // The connection task ends when the response is read or `sender` is dropped (on any
+    // error or a too-large body), so nothing keeps reading from the peer after this returns.
     tokio::spawn(async move {
-        // The connection ends when the response is read; its error (if any) surfaces there.
         let _ = conn.await;
     });
     let bytes = body
@@ -101,12 +345,200 @@ async fn request_inner(
         .map_err(|e| UdsError::Request(e.to_string()))?;
     let resp = sender.send_request(req).await.map_err(http)?;
     let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(http)?
-        .to_bytes()
-        .to_vec();
+    let body = match Limited::new(resp.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(e) => {
+            return Err(match e.downcast::<hyper::Error>() {
+                Ok(e) => http(*e),
+                // The only other error `Limited` produces is its length limit.
+                Err(_) => UdsError::BodyTooLarge {
+                    path: sock.into(),
+                    limit,
+                },
+            });
+        }
+    };
     Ok(Response { status, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    fn euid() -> u32 {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        unsafe { libc::geteuid() }
+    }
+
+    /// Reads one request head from `s`.
+    fn read_head(s: &mut std::os::unix::net::UnixStream) {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b).unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(b[0]);
+        }
+    }
+
+    /// A fake VMM at `path` answering every connection with `head`, then body bytes for as
+    /// long as the client reads them; counts the body bytes it managed to send.
+    fn flooding_server(path: &Path, head: &'static str, chunked: bool) -> Arc<AtomicU64> {
+        let listener = UnixListener::bind(path).unwrap();
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = sent.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { return };
+                read_head(&mut s);
+                if s.write_all(head.as_bytes()).is_err() {
+                    continue;
+                }
+                let data = vec![b'x'; 64 * 1024];
+                let chunk = format!("{:x}\r\n", data.len());
+                loop {
+                    let ok = if chunked {
+                        s.write_all(chunk.as_bytes()).is_ok()
+                            && s.write_all(&data).is_ok()
+                            && s.write_all(b"\r\n").is_ok()
+                    } else {
+                        s.write_all(&data).is_ok()
+                    };
+                    if !ok {
+                        break;
+                    }
+                    counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+            }
+        });
+        sent
+    }
+
+    #[tokio::test]
+    async fn a_vmm_body_past_the_bound_is_refused_without_reading_it() {
+        for (head, chunked) in [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 2147483648\r\n\r\n",
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                true,
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("api.sock");
+            let sent = flooding_server(&path, head, chunked);
+            let r = vmm_request(
+                &VmmSocket::unjailed(&path),
+                "GET",
+                "/metrics",
+                None,
+                Duration::from_secs(60),
+            )
+            .await;
+            assert!(
+                matches!(r, Err(UdsError::BodyTooLarge { limit, .. }) if limit == MAX_VMM_BODY),
+                "{head:?}: {r:?}"
+            );
+            // Stopped at the bound: the server could not push much more than that (socket
+            // buffers) before hostd hung up.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let n = sent.load(Ordering::Relaxed);
+            assert!(n < 16 * MAX_VMM_BODY as u64, "{head:?}: {n} bytes read");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_symlink_planted_for_the_socket_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        // Some other host socket the VMM would like hostd to talk to.
+        let target = dir.path().join("other.sock");
+        let other = UnixListener::bind(&target).unwrap();
+        other.set_nonblocking(true).unwrap();
+        let run = dir.path().join("jail/run");
+        std::fs::create_dir_all(&run).unwrap();
+        std::os::unix::fs::symlink(&target, run.join("api.sock")).unwrap();
+        // And a jail whose `run` directory itself was swapped for a link.
+        std::fs::create_dir_all(dir.path().join("jail2")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("jail2/run")).unwrap();
+
+        let sock = VmmSocket {
+            base: dir.path().join("jail"),
+            rel: vec!["run".into(), "api.sock".into()],
+            uid: euid(),
+        };
+        let r = vmm_request(&sock, "GET", "/vm", None, Duration::from_secs(5)).await;
+        assert!(
+            matches!(
+                &r,
+                Err(UdsError::NotSocket {
+                    kind: "symbolic link",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        let swapped_dir = VmmSocket {
+            base: dir.path().join("jail2"),
+            rel: vec!["run".into(), "other.sock".into()],
+            uid: euid(),
+        };
+        let r = swapped_dir.connect().await;
+        assert!(
+            matches!(&r, Err(UdsError::Connect { source, .. }) if source.raw_os_error() == Some(libc::ENOTDIR) || source.raw_os_error() == Some(libc::ELOOP)),
+            "{r:?}"
+        );
+        assert_eq!(
+            other.accept().unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock,
+            "the other socket was reached"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_socket_served_by_another_uid_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let _listener = UnixListener::bind(&path).unwrap();
+        let sock = VmmSocket {
+            uid: euid().wrapping_add(1),
+            ..VmmSocket::unjailed(&path)
+        };
+        let r = vmm_request(&sock, "GET", "/vm", None, Duration::from_secs(5)).await;
+        assert!(
+            matches!(r, Err(UdsError::PeerUid { uid, want, .. }) if uid == euid() && want == euid().wrapping_add(1)),
+            "{r:?}"
+        );
+        assert!(sock.connect_blocking().is_err());
+    }
+
+    #[tokio::test]
+    async fn the_real_socket_is_reached_and_its_peer_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { return };
+                read_head(&mut s);
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n{\"state\":\"idle\"}\n",
+                );
+            }
+        });
+        let sock = VmmSocket::unjailed(&path);
+        let r = vmm_request(&sock, "GET", "/vm", None, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!((r.status, r.json()["state"].as_str()), (200, Some("idle")));
+        let (_, peer) = sock.connect_blocking().unwrap();
+        assert_eq!(peer.pid, std::process::id() as i32);
+        assert_eq!(peer.uid, euid());
+    }
 }

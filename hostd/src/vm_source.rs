@@ -7,11 +7,14 @@
 //! is translated by the sans-IO [`InputTranslator`] into evdev batches ending with
 //! `SYN_REPORT` and sent as `PUT /input` from a worker thread, so the stream server's async
 //! tasks never wait on the VMM.
+//!
+//! The VMM is not trusted: connections go through [`VmmSocket`] (no links followed, peer
+//! uid checked) and no response head or body past a fixed bound is read.
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -26,13 +29,12 @@ use serde::Serialize;
 use tracing::{debug, warn};
 
 use crate::stream::source::{EnvironmentSource, InputError, InputSink};
+use crate::uds::{UdsError, VmmSocket, MAX_VMM_BODY};
 
 /// How long one API request may take before the VMM is considered stuck.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest response head (status line and headers) accepted from the VMM.
 const MAX_HEAD: usize = 16 * 1024;
-/// Largest response body accepted from the VMM (metrics are the biggest, a few KiB).
-const MAX_BODY: usize = 1024 * 1024;
 /// The VMM refuses input batches longer than this.
 const MAX_BATCH_EVENTS: usize = 4096;
 /// Commands waiting for the input thread; past this, input is refused rather than queued
@@ -46,12 +48,8 @@ const ABS_MAX: u32 = 32767;
 /// Errors talking to a VMM or reading its framebuffer.
 #[derive(Debug, thiserror::Error)]
 pub enum VmSourceError {
-    #[error("cannot connect to the VMM API socket {path}")]
-    Connect {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot connect to the VMM API socket")]
+    Connect(#[source] UdsError),
     #[error("VMM API I/O failed")]
     Io(#[from] std::io::Error),
     #[error("malformed VMM API response: {0}")]
@@ -88,12 +86,9 @@ pub struct VmmApi {
 }
 
 impl VmmApi {
-    /// Connects to the API socket at `path`.
-    pub fn connect(path: &Path) -> Result<Self> {
-        let stream = UnixStream::connect(path).map_err(|source| VmSourceError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
+    /// Connects to the VMM's API socket (links not followed, peer uid checked).
+    pub fn connect(sock: &VmmSocket) -> Result<Self> {
+        let (stream, _) = sock.connect_blocking().map_err(VmSourceError::Connect)?;
         stream.set_read_timeout(Some(API_TIMEOUT))?;
         stream.set_write_timeout(Some(API_TIMEOUT))?;
         Ok(Self { stream })
@@ -213,7 +208,7 @@ impl VmmApi {
             }
             buf.extend_from_slice(&chunk[..n]);
         };
-        if body_len > MAX_BODY {
+        if body_len > MAX_VMM_BODY {
             return Err(VmSourceError::Response(format!(
                 "body of {body_len} bytes is too large"
             )));
@@ -384,7 +379,7 @@ impl std::fmt::Debug for VmFramebufferSource {
 
 impl VmFramebufferSource {
     /// Fetches the framebuffer of the VMM serving its API at `api_sock`.
-    pub fn connect(api_sock: &Path) -> Result<Self> {
+    pub fn connect(api_sock: &VmmSocket) -> Result<Self> {
         let mut api = VmmApi::connect(api_sock)?;
         let display = api.configured_display()?;
         let fds = api.get_framebuffer()?;
@@ -771,9 +766,9 @@ pub struct VmInput {
 impl VmInput {
     /// Starts the input thread for the VMM at `api_sock`; `size` is the matching frame
     /// source's [`VmFramebufferSource::shared_size`]. The thread ends when this is dropped.
-    pub fn start(api_sock: &Path, size: Arc<SharedSize>) -> Result<Self> {
+    pub fn start(api_sock: &VmmSocket, size: Arc<SharedSize>) -> Result<Self> {
         let (tx, rx) = mpsc::sync_channel(INPUT_QUEUE);
-        let path = api_sock.to_owned();
+        let path = api_sock.clone();
         std::thread::Builder::new()
             .name("vm-input".into())
             .spawn(move || input_thread(&path, rx))
@@ -809,7 +804,7 @@ impl InputSink for VmInput {
     }
 }
 
-fn input_thread(path: &Path, rx: Receiver<VmmCommand>) {
+fn input_thread(path: &VmmSocket, rx: Receiver<VmmCommand>) {
     let mut api: Option<VmmApi> = None;
     for cmd in rx {
         if api.is_none() {
@@ -836,13 +831,13 @@ fn input_thread(path: &Path, rx: Receiver<VmmCommand>) {
             }
         }
     }
-    debug!(path = %path.display(), "vm input thread ends");
+    debug!(path = %path.path().display(), "vm input thread ends");
 }
 
 /// A running VM as a stream environment: its framebuffer and its input devices, both through
 /// the control API at `api_sock`. Register it with
 /// [`crate::stream::StreamServer::add_environment`].
-pub fn environment(api_sock: &Path) -> Result<EnvironmentSource> {
+pub fn environment(api_sock: &VmmSocket) -> Result<EnvironmentSource> {
     let frames = VmFramebufferSource::connect(api_sock)?;
     let input = VmInput::start(api_sock, frames.shared_size())?;
     Ok(EnvironmentSource {
@@ -1230,6 +1225,53 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "VMM answered PUT /input with 400: event 3: bad key"
+        );
+    }
+
+    /// A fake VMM at `path` answering one connection with `head` and then as many body
+    /// bytes as the client reads.
+    fn fake_vmm(path: &std::path::Path, head: &'static str) {
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req);
+            let _ = s.write_all(head.as_bytes());
+            let data = vec![b'x'; 64 * 1024];
+            while s.write_all(&data).is_ok() {}
+        });
+    }
+
+    #[test]
+    fn vmm_api_refuses_a_body_past_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        fake_vmm(
+            &path,
+            "HTTP/1.1 200 OK\r\nContent-Length: 2147483648\r\n\r\n",
+        );
+        let mut api = VmmApi::connect(&VmmSocket::unjailed(&path)).unwrap();
+        let err = api.get_json("/metrics").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "malformed VMM API response: body of 2147483648 bytes is too large"
+        );
+    }
+
+    #[test]
+    fn vmm_api_refuses_a_socket_served_by_another_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        fake_vmm(&path, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
+        let ours = VmmSocket::unjailed(&path);
+        let sock = VmmSocket {
+            uid: ours.uid.wrapping_add(1),
+            ..ours
+        };
+        let err = VmmApi::connect(&sock).unwrap_err();
+        assert!(
+            matches!(err, VmSourceError::Connect(UdsError::PeerUid { .. })),
+            "{err:?}"
         );
     }
 }

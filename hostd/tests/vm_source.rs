@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use encoder::{FrameSource, PixelFormat, Rect};
+use hostd::uds::VmmSocket;
 use hostd::vm_source::{self, evdev, EvdevEvent, InputDevice, VmFramebufferSource, VmmApi};
 use proto::stream::{Button, InputEvent};
 
@@ -62,7 +63,7 @@ fn start_vmm() -> Option<Vmm> {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(mut api) = VmmApi::connect(&vmm.sock) {
+        if let Ok(mut api) = VmmApi::connect(&VmmSocket::unjailed(&vmm.sock)) {
             if api.get_json("/vm").unwrap()["state"] == "running" {
                 return Some(vmm);
             }
@@ -77,7 +78,10 @@ fn start_vmm() -> Option<Vmm> {
 
 /// `devices.<device>.device.injected` from the VMM's metrics.
 fn injected(sock: &Path, device: &str) -> u64 {
-    let m = VmmApi::connect(sock).unwrap().get_json("/metrics").unwrap();
+    let m = VmmApi::connect(&VmmSocket::unjailed(sock))
+        .unwrap()
+        .get_json("/metrics")
+        .unwrap();
     m["devices"][device]["device"]["injected"]
         .as_u64()
         .unwrap_or_else(|| panic!("no {device}.injected in metrics: {m}"))
@@ -103,7 +107,7 @@ fn wait_injected(sock: &Path, device: &str, want: u64) {
 fn framebuffer_of_an_undriven_display_is_one_blank_frame_then_waits_for_a_flush() {
     let Some(vmm) = start_vmm() else { return };
 
-    let mut source = VmFramebufferSource::connect(&vmm.sock).unwrap();
+    let mut source = VmFramebufferSource::connect(&VmmSocket::unjailed(&vmm.sock)).unwrap();
 
     assert_eq!(source.size(), (320, 240));
     let first = source
@@ -128,7 +132,7 @@ fn framebuffer_of_an_undriven_display_is_one_blank_frame_then_waits_for_a_flush(
 #[test]
 fn input_sink_delivers_keyboard_and_pointer_batches_to_the_vmm() {
     let Some(vmm) = start_vmm() else { return };
-    let env = vm_source::environment(&vmm.sock).unwrap();
+    let env = vm_source::environment(&VmmSocket::unjailed(&vmm.sock)).unwrap();
 
     env.input
         .inject(&[
@@ -165,7 +169,7 @@ fn input_sink_delivers_keyboard_and_pointer_batches_to_the_vmm() {
 #[test]
 fn vmm_accepts_a_translated_batch_and_refuses_one_without_syn_report() {
     let Some(vmm) = start_vmm() else { return };
-    let mut api = VmmApi::connect(&vmm.sock).unwrap();
+    let mut api = VmmApi::connect(&VmmSocket::unjailed(&vmm.sock)).unwrap();
     let key = |value| EvdevEvent {
         ty: evdev::EV_KEY,
         code: 57,
@@ -210,14 +214,14 @@ fn stream_server_streams_a_vm_as_an_environment() {
 
     let env = hostd::stream::EnvRef::new("vm1", 1);
     server
-        .add_environment(&env, vm_source::environment(&vmm.sock).unwrap(), 30.0)
+        .add_environment(
+            &env,
+            vm_source::environment(&VmmSocket::unjailed(&vmm.sock)).unwrap(),
+            30.0,
+        )
         .unwrap();
     let token = tokens
-        .issue(
-            &env,
-            "view,input".parse().unwrap(),
-            Duration::from_secs(60),
-        )
+        .issue(&env, "view,input".parse().unwrap(), Duration::from_secs(60))
         .unwrap();
     let url = server.connect_url("vm1", &token).unwrap();
 
