@@ -1411,13 +1411,17 @@ fn park_session(shared: &Arc<Shared>, id: [u8; 16], env: &Arc<Environment>, held
     });
 }
 
+/// Farther than any token lives (hostd issues at most a week): an expiry beyond it is
+/// treated as never reached instead of overflowing the clock.
+const FAR_FUTURE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// The `Instant` at which the system clock reads `unix_s` seconds since the epoch (now if
 /// that has passed).
 fn instant_at_unix(unix_s: u64) -> tokio::time::Instant {
     let left_us = unix_s
         .saturating_mul(1_000_000)
         .saturating_sub(unix_now_us());
-    tokio::time::Instant::now() + Duration::from_micros(left_us)
+    tokio::time::Instant::now() + Duration::from_micros(left_us).min(FAR_FUTURE)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1894,6 +1898,16 @@ mod tests {
             shape.bgra[row..row + edge as usize * 4]
         );
         assert_eq!(short.bgra, [vec![7; 4], vec![0; 12]].concat());
+    }
+
+    #[test]
+    fn expiry_instants_are_bounded_for_tokens_that_never_expire() {
+        let now = tokio::time::Instant::now();
+        let never = instant_at_unix(u64::MAX);
+        let past = instant_at_unix(1);
+
+        assert!(never >= now + FAR_FUTURE - Duration::from_secs(1));
+        assert!(past <= tokio::time::Instant::now());
     }
 
     #[test]
