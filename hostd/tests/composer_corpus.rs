@@ -1,6 +1,10 @@
 //! Runs the composer over `tests/composer-corpus.toml` and reports the share of requests
 //! whose outcome matches exactly (every spec field except `name` and `assumptions`; for
-//! questions, that a question is asked and, where listed, its options). Fails below 95%.
+//! questions, that a question is asked and, where listed, its options). Fails below 95%,
+//! and whenever the set of misses differs from the corpus's pinned `known_misses`: a new
+//! miss is a regression, a pinned miss that passes must be unpinned.
+
+use std::collections::BTreeSet;
 
 use hostd::composer::{Composer, Defaults, Outcome};
 use proto::spec::{Catalog, Display, Lifetime, Network, NetworkMode, Persistence, Spec};
@@ -9,6 +13,9 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Corpus {
+    /// Texts of the cases the composer is known to miss.
+    #[serde(default)]
+    known_misses: Vec<String>,
     case: Vec<Case>,
 }
 
@@ -86,10 +93,12 @@ fn expected_spec(c: &Case, actual_name: &str) -> Spec {
     }
 }
 
-/// Runs `cases`, prints the share and the mismatches, returns the share in percent.
-fn exact_share(name: &str, cases: &[Case]) -> f64 {
+/// Runs `cases`, prints the share and the mismatches, returns the share in percent and
+/// the texts of the cases that missed.
+fn exact_share(name: &str, cases: &[Case]) -> (f64, BTreeSet<String>) {
     let composer = Composer::new(Catalog::embedded(), Defaults::default());
     let mut failures = Vec::new();
+    let mut missed = BTreeSet::new();
     for c in cases {
         let got = composer.compose(&c.text).outcome;
         let ok = match (&got, c.clarify) {
@@ -107,6 +116,7 @@ fn exact_share(name: &str, cases: &[Case]) -> f64 {
                 Outcome::Clarify(q) => serde_json::to_string(&q).unwrap(),
             };
             failures.push(format!("  {:?}\n    got {got}", c.text));
+            missed.insert(c.text.clone());
         }
     }
     let share = 100.0 * (cases.len() - failures.len()) as f64 / cases.len() as f64;
@@ -116,18 +126,36 @@ fn exact_share(name: &str, cases: &[Case]) -> f64 {
         cases.len(),
         failures.join("\n")
     );
-    share
+    (share, missed)
+}
+
+/// The misses must be exactly the pinned ones; the message says which case changed.
+fn assert_misses_are_pinned(file: &str, corpus: &Corpus, missed: &BTreeSet<String>) {
+    let pinned: BTreeSet<String> = corpus.known_misses.iter().cloned().collect();
+    let texts: BTreeSet<&String> = corpus.case.iter().map(|c| &c.text).collect();
+    let stale: Vec<&String> = pinned.iter().filter(|t| !texts.contains(t)).collect();
+    assert!(
+        stale.is_empty(),
+        "{file}: known_misses names texts that are not cases: {stale:?}"
+    );
+    let regressions: Vec<&String> = missed.difference(&pinned).collect();
+    let fixed: Vec<&String> = pinned.difference(missed).collect();
+    assert!(
+        regressions.is_empty() && fixed.is_empty(),
+        "{file}: the misses changed.\n  new misses (regressions, or pin them in known_misses): {regressions:?}\n  pinned misses that now pass (remove them from known_misses): {fixed:?}"
+    );
 }
 
 #[test]
 fn corpus_exact_match_share_is_at_least_95_percent() {
-    let cases = corpus().case;
+    let corpus = corpus();
     assert!(
-        cases.len() >= 200,
+        corpus.case.len() >= 200,
         "corpus has {} cases; at least 200 are required",
-        cases.len()
+        corpus.case.len()
     );
-    let share = exact_share("composer corpus", &cases);
+    let (share, missed) = exact_share("composer corpus", &corpus.case);
+    assert_misses_are_pinned("composer-corpus.toml", &corpus, &missed);
     assert!(share >= 95.0, "exact-match share {share:.1}% is below 95%");
 }
 
@@ -135,8 +163,9 @@ fn corpus_exact_match_share_is_at_least_95_percent() {
 /// estimate, and only a collapse (below 75%) fails the test.
 #[test]
 fn held_out_corpus_share_is_reported() {
-    let cases = load("composer-corpus.heldout.toml").case;
-    let share = exact_share("held-out corpus", &cases);
+    let corpus = load("composer-corpus.heldout.toml");
+    let (share, missed) = exact_share("held-out corpus", &corpus.case);
+    assert_misses_are_pinned("composer-corpus.heldout.toml", &corpus, &missed);
     assert!(
         share >= 75.0,
         "held-out exact-match share {share:.1}% is below 75%"

@@ -16,6 +16,47 @@ pub static SIZE: LazyLock<Regex> = LazyLock::new(|| {
     )
 });
 
+/// Units a quantity can be given in, grouped by what they measure (for the questions
+/// about negative and vague quantities).
+const SIZE_UNITS: &str = r"tb|tib|terabytes?|gigabytes?|gigs?|gb|gib|g|megabytes?|megs?|mb|mib";
+const CPU_UNITS: &str = r"v-?cpus?|cpus?|cores?|vcores?|processors?|procs?|threads?";
+const TIME_UNITS: &str = r"seconds?|secs?|minutes?|mins?|hours?|hrs?|days?|weeks?|wks?|months?";
+
+/// "-4 GB", "minus 2 cores", "negative 3 hours": a quantity below zero. The minus must
+/// touch the digits ("2 - 4 cores" is a range, not a negative).
+pub static NEGATIVE: LazyLock<Regex> = LazyLock::new(|| {
+    re(&format!(
+        r"(?:^|\s)(?:-|minus\s+|negative\s+)(\d+(?:\.\d+)?)\s*(?:({SIZE_UNITS})|({CPU_UNITS})|({TIME_UNITS})|fps)?\b"
+    ))
+});
+
+/// "a few gigs", "several cores", "lots of GB": an amount in a unit but without a number.
+pub static VAGUE_AMOUNT: LazyLock<Regex> = LazyLock::new(|| {
+    re(&format!(
+        r"\b(?:a few|few|several|a bunch of|lots of|a lot of|plenty of|some more|a few more)\s+(?:({SIZE_UNITS})|({CPU_UNITS}))\b"
+    ))
+});
+
+/// Words that join items of a list ("rust and go", "rust, go and java").
+pub const LIST_JOINERS: &[&str] = &["and", ",", "plus", "with", "also"];
+/// Words that may follow the last item of a list of toolchains.
+pub const LIST_ENDERS: &[&str] = &[
+    ",",
+    "and",
+    "plus",
+    "toolchain",
+    "toolchains",
+    "compiler",
+    "compilers",
+    "installed",
+    "dev",
+    "development",
+    "programming",
+    "headless",
+    "on",
+    "in",
+];
+
 /// "4 cores", "2 vcpus", "8-core", "6 threads".
 pub static CPU_COUNT_FIRST: LazyLock<Regex> = LazyLock::new(|| {
     re(r"\b(\d+)\s*-?\s*(?:v-?cpus?|cpus?|cores?|vcores?|processors?|procs?|threads?)\b")
@@ -912,7 +953,8 @@ pub const FILLER: &[&str] = &[
 ];
 
 /// Catalog names too common in plain English to be matched on their own; their synonyms
-/// ("golang") still match.
+/// ("golang") still match, and an app among them is matched as an item of a list ("rust
+/// and go", see [`LIST_JOINERS`]).
 pub const NOT_ALONE: &[&str] = &["go", "none"];
 
 /// Words asking for every app there is: the composer asks which ones instead.

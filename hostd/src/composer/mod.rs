@@ -125,6 +125,8 @@ pub struct Composer {
     phrases: HashMap<String, Target>,
     /// Single-word phrases of at least four letters, for typo matching.
     fuzzy: Vec<(String, Target)>,
+    /// App names too common to match alone ("go"), matched only as list items.
+    list_only: Vec<(String, Target)>,
     longest_phrase: usize,
 }
 
@@ -163,8 +165,11 @@ impl Composer {
                 phrases.insert((*s).into(), Target::Desktop("none".into()));
             }
         }
+        let mut list_only = Vec::new();
         for w in lx::NOT_ALONE {
-            phrases.remove(*w);
+            if let Some(t @ Target::App(_)) = phrases.remove(*w) {
+                list_only.push(((*w).to_string(), t));
+            }
         }
         let longest_phrase = phrases
             .keys()
@@ -190,6 +195,7 @@ impl Composer {
             defaults,
             phrases,
             fuzzy,
+            list_only,
             longest_phrase,
         }
     }
@@ -226,6 +232,7 @@ impl Composer {
             ));
         }
         self.read_name(st);
+        self.read_impossible_amounts(st)?;
         self.read_sizes(st)?;
         self.read_display(st)?;
         self.read_cpus(st)?;
@@ -233,6 +240,7 @@ impl Composer {
         self.read_network(st)?;
         self.read_persistence(st)?;
         self.read_catalog_phrases(st)?;
+        self.read_list_words(st)?;
         self.read_typos(st)?;
         self.check_leftovers(st)?;
         self.assemble(st)
@@ -293,6 +301,70 @@ impl Composer {
                     &[&format!("{phrase} of memory"), &format!("{phrase} disk")],
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Negative quantities ("-4 GB", "minus 2 cores") and amounts without a number ("a few
+    /// gigs", "several cores") get a question: no default is a fair guess for them.
+    fn read_impossible_amounts(&self, st: &mut State) -> Result<(), Clarify> {
+        if let Some(c) = lx::NEGATIVE.captures(&st.work.remaining) {
+            let phrase = c.get(0).expect("match").as_str().trim().to_string();
+            let range = c.get(0).expect("match").range();
+            let (question, options): (String, &[&str]) = if c.get(2).is_some() {
+                let what = match self.size_kind(&st.work, &range) {
+                    Some(SizeKind::Disk) => "disk",
+                    _ => "memory",
+                };
+                (
+                    format!(
+                        "\"{phrase}\" is not possible: a size cannot be negative. How much {what}?"
+                    ),
+                    if what == "disk" {
+                        &["16 GiB disk", "32 GiB disk", "64 GiB disk"]
+                    } else {
+                        &["2 GiB", "4 GiB", "8 GiB"]
+                    },
+                )
+            } else if c.get(3).is_some() {
+                (
+                    format!("\"{phrase}\" is not possible: the number of vCPUs cannot be negative. How many?"),
+                    &["2 vCPUs", "4 vCPUs", "8 vCPUs"],
+                )
+            } else if c.get(4).is_some() {
+                (
+                    format!("\"{phrase}\" is not possible: a lifetime cannot be negative. How long should it last?"),
+                    &["1 hour", "8 hours", "no time limit"],
+                )
+            } else {
+                (
+                    format!(
+                        "\"{phrase}\": negative numbers are not possible here. What did you mean?"
+                    ),
+                    &[],
+                )
+            };
+            return Err(clarify(&question, options));
+        }
+        if let Some(c) = lx::VAGUE_AMOUNT.captures(&st.work.remaining) {
+            let phrase = c.get(0).expect("match").as_str().to_string();
+            let range = c.get(0).expect("match").range();
+            if c.get(2).is_some() {
+                return Err(clarify(
+                    &format!("How many vCPUs do you mean by \"{phrase}\"?"),
+                    &["2 vCPUs", "4 vCPUs", "8 vCPUs"],
+                ));
+            }
+            return Err(match self.size_kind(&st.work, &range) {
+                Some(SizeKind::Disk) => clarify(
+                    &format!("How much disk do you mean by \"{phrase}\"?"),
+                    &["16 GiB disk", "32 GiB disk", "64 GiB disk"],
+                ),
+                _ => clarify(
+                    &format!("How much memory do you mean by \"{phrase}\"?"),
+                    &["2 GiB", "4 GiB", "8 GiB"],
+                ),
+            });
         }
         Ok(())
     }
@@ -719,6 +791,38 @@ impl Composer {
             st.work.consume(r.clone());
             st.pos = r.start;
             self.apply_target(st, target, &phrase, version_after)?;
+        }
+        Ok(())
+    }
+
+    /// "rust and go", "rust, go and java", "a box with go": an app name too common to match
+    /// alone ("go") is the app when it stands as an item of a list.
+    fn read_list_words(&self, st: &mut State) -> Result<(), Clarify> {
+        let words: Vec<(Range<usize>, String)> = st
+            .work
+            .words()
+            .into_iter()
+            .map(|(r, w)| (r, w.to_string()))
+            .collect();
+        for (r, w) in words {
+            let Some((phrase, target)) = self.list_only.iter().find(|(p, _)| *p == w) else {
+                continue;
+            };
+            let prev = st.work.words_before(r.start, 1).first().copied();
+            let next = st.work.words_after(r.end, 1).first().copied();
+            let listed = match prev {
+                None => next.is_some_and(|n| matches!(n, "," | "and" | "plus")),
+                Some(p) => {
+                    lx::LIST_JOINERS.contains(&p)
+                        && next.is_none_or(|n| lx::LIST_ENDERS.contains(&n))
+                }
+            };
+            if listed {
+                st.explain.push(format!("{phrase:?} as an item of a list"));
+                st.work.consume(r.clone());
+                st.pos = r.start;
+                self.apply_target(st, target.clone(), phrase, false)?;
+            }
         }
         Ok(())
     }
@@ -1540,6 +1644,60 @@ mod tests {
                 .contains(&"ubuntu-24.04 without chromium".to_string()),
             "{q:?}"
         );
+    }
+
+    #[test]
+    fn toolchains_listed_together_are_all_installed() {
+        assert_eq!(spec("rust and go").apps, ["rust", "go"]);
+        assert_eq!(
+            spec("python, node and java").apps,
+            ["python", "nodejs", "java"]
+        );
+        assert_eq!(
+            spec("a box with rust, go and gcc").apps,
+            ["rust", "go", "gcc"]
+        );
+        assert_eq!(spec("go and python").apps, ["go", "python"]);
+    }
+
+    #[test]
+    fn go_as_a_verb_is_not_the_toolchain() {
+        assert_eq!(
+            spec("firefox, and it should go away after 1 hour").apps,
+            ["firefox"]
+        );
+    }
+
+    #[test]
+    fn negative_quantities_get_a_question_not_a_default() {
+        for (text, options) in [
+            ("firefox with -4 GB of ram", ["2 GiB", "4 GiB", "8 GiB"]),
+            (
+                "python with minus 2 cores",
+                ["2 vCPUs", "4 vCPUs", "8 vCPUs"],
+            ),
+            (
+                "git with -10 gb disk",
+                ["16 GiB disk", "32 GiB disk", "64 GiB disk"],
+            ),
+            (
+                "git for negative 3 hours",
+                ["1 hour", "8 hours", "no time limit"],
+            ),
+        ] {
+            let q = question(text);
+            assert!(q.question.contains("cannot be negative"), "{text}: {q:?}");
+            assert_eq!(q.options, options, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_couple_of_cores_is_two_and_a_few_gigs_is_a_question() {
+        assert_eq!(spec("gimp with a couple of cores").vcpus, 2);
+        let q = question("python with a few gigs");
+        assert_eq!(q.question, "How much memory do you mean by \"a few gigs\"?");
+        let q = question("git with several cores");
+        assert_eq!(q.options, ["2 vCPUs", "4 vCPUs", "8 vCPUs"]);
     }
 
     #[test]
