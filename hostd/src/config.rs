@@ -1,5 +1,6 @@
 //! hostd configuration: `configs/hostd.toml`, with the same file built in as the defaults.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -31,6 +32,16 @@ pub enum ConfigError {
         #[source]
         source: proto::spec::CatalogError,
     },
+    #[error(
+        "[images.{table}] names base {base:?}, which the catalog does not have (it has {known})"
+    )]
+    ImagesBase {
+        table: &'static str,
+        base: String,
+        known: String,
+    },
+    #[error("[images.mirrors] {base} = {url:?} is not an http://, https:// or file:// URL")]
+    MirrorUrl { base: String, url: String },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +156,13 @@ pub struct ImagesConfig {
     pub kernel: String,
     pub initramfs: String,
     pub build_rootfs: bool,
+    /// Archive per catalog base instead of the catalog's (an operator's local mirror),
+    /// given to `genos-image rootfs --mirror`.
+    #[serde(default)]
+    pub mirrors: BTreeMap<String, String>,
+    /// Archive signing keys per catalog base on this host, given as `--keyring`.
+    #[serde(default)]
+    pub keyrings: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -238,6 +256,53 @@ impl Config {
             .map_err(|source| ConfigError::Catalog { path, source })
     }
 
+    /// Checks `[images.mirrors]` and `[images.keyrings]` against the catalog, so a typo in
+    /// a base name is an error at start, not a mirror silently unused.
+    pub fn check_images(&self, catalog: &proto::spec::Catalog) -> Result<(), ConfigError> {
+        for (table, map) in [
+            ("mirrors", &self.images.mirrors),
+            ("keyrings", &self.images.keyrings),
+        ] {
+            if let Some(base) = map.keys().find(|b| !catalog.bases.contains_key(*b)) {
+                return Err(ConfigError::ImagesBase {
+                    table,
+                    base: base.clone(),
+                    known: catalog.bases.keys().cloned().collect::<Vec<_>>().join(", "),
+                });
+            }
+        }
+        for (base, url) in &self.images.mirrors {
+            if !["http://", "https://", "file://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme))
+            {
+                return Err(ConfigError::MirrorUrl {
+                    base: base.clone(),
+                    url: url.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The `genos-image` arguments building `base`'s root filesystem from `spec` into
+    /// `out`: this host's catalog, and the base's mirror and keys when configured.
+    pub fn rootfs_args(&self, base: &str, spec: &str, out: &str) -> Vec<String> {
+        let mut args: Vec<String> = ["rootfs", "--spec", spec, "--out", out]
+            .map(String::from)
+            .into();
+        if !self.catalog.is_empty() {
+            args.extend(["--catalog".to_string(), self.catalog.clone()]);
+        }
+        if let Some(mirror) = self.images.mirrors.get(base) {
+            args.extend(["--mirror".to_string(), mirror.clone()]);
+        }
+        if let Some(keyring) = self.images.keyrings.get(base) {
+            args.extend(["--keyring".to_string(), keyring.clone()]);
+        }
+        args
+    }
+
     /// The state directory: `--state-dir`, then `state_dir`, then the XDG default.
     pub fn state_dir(&self, flag: Option<&Path>) -> Result<PathBuf, ConfigError> {
         if let Some(p) = flag {
@@ -285,6 +350,56 @@ pub fn admin_socket_path(flag: Option<&Path>) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bases_mirror_and_keys_are_passed_to_genos_image() {
+        let c = Config::from_toml(
+            "[images.mirrors]\n\"ubuntu-24.04\" = \"http://mirror.lan/ubuntu\"\n\
+             [images.keyrings]\n\"ubuntu-24.04\" = \"/srv/keys/ubuntu.gpg\"\n",
+        )
+        .unwrap();
+        c.check_images(&proto::spec::Catalog::embedded()).unwrap();
+
+        let ubuntu = c.rootfs_args("ubuntu-24.04", "S", "O");
+        let debian = c.rootfs_args("debian-12", "S", "O");
+
+        assert_eq!(
+            ubuntu,
+            [
+                "rootfs",
+                "--spec",
+                "S",
+                "--out",
+                "O",
+                "--mirror",
+                "http://mirror.lan/ubuntu",
+                "--keyring",
+                "/srv/keys/ubuntu.gpg"
+            ]
+        );
+        assert_eq!(debian, ["rootfs", "--spec", "S", "--out", "O"]);
+    }
+
+    #[test]
+    fn a_mirror_for_an_unknown_base_or_without_a_scheme_is_refused() {
+        let catalog = proto::spec::Catalog::embedded();
+        let typo =
+            Config::from_toml("[images.mirrors]\n\"ubuntu-24.4\" = \"http://m/u\"\n").unwrap();
+        let bare =
+            Config::from_toml("[images.mirrors]\n\"fedora-40\" = \"mirror.lan/fedora\"\n").unwrap();
+
+        let typo = typo.check_images(&catalog).unwrap_err().to_string();
+        let bare = bare.check_images(&catalog).unwrap_err().to_string();
+
+        assert!(
+            typo.starts_with("[images.mirrors] names base \"ubuntu-24.4\""),
+            "{typo}"
+        );
+        assert!(
+            bare.contains("is not an http://, https:// or file:// URL"),
+            "{bare}"
+        );
+    }
 
     #[test]
     fn embedded_config_parses_and_matches_composer_defaults() {

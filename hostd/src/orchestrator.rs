@@ -431,6 +431,8 @@ impl Orchestrator {
         let catalog = cfg
             .load_catalog()
             .map_err(|e| OrchError::Config(e.to_string()))?;
+        cfg.check_images(&catalog)
+            .map_err(|e| OrchError::Config(e.to_string()))?;
         let store = Store::open(state_dir)?;
         let composer = Composer::new(catalog, cfg.composer.clone());
         let capacity = Capacity::from_config(&cfg);
@@ -1122,7 +1124,9 @@ impl Orchestrator {
             .map_err(|e| format!("cannot write {}: {e}", spec_path.display()))?;
             let out = dir.join("rootfs.ext4");
             let (s, o) = (spec_path.display().to_string(), out.display().to_string());
-            run_image_builder(&cfg.builder, &["rootfs", "--spec", &s, "--out", &o]).await?;
+            let args = self.inner.cfg.rootfs_args(&spec.base, &s, &o);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_image_builder(&cfg.builder, &args).await?;
             Some(out)
         } else {
             None
