@@ -835,6 +835,12 @@ impl Composer {
         version_after: bool,
     ) -> Result<(), Clarify> {
         match target {
+            // "ubuntu xfce without chromium" (an answer this composer offers): left out.
+            Target::App(a) if st.work.words_before(st.pos, 1).first() == Some(&"without") => {
+                st.explain
+                    .push(format!("left out {a} (\"without {phrase}\")"));
+                st.assumptions.push(format!("without {a}, as asked"));
+            }
             Target::App(a) => st.add_app(a, phrase),
             Target::Desktop(d) => {
                 st.explain.push(format!("desktop {d} from {phrase:?}"));
@@ -1323,7 +1329,23 @@ impl Composer {
             .map(|b| format!("{name} on {b}"))
             .collect();
         if spec.apps.iter().any(|a| a == name) {
-            options.push(format!("{base} without {name}"));
+            let desktop = if spec.desktop == "none" {
+                "headless"
+            } else {
+                spec.desktop.as_str()
+            };
+            let others: Vec<&str> = spec
+                .apps
+                .iter()
+                .filter(|a| *a != name)
+                .map(String::as_str)
+                .collect();
+            let with = if others.is_empty() {
+                String::new()
+            } else {
+                format!(" with {}", others.join(" and "))
+            };
+            options.push(format!("{base} {desktop}{with} without {name}"));
         }
         clarify_owned(format!("{e}. Which do you want?"), options)
     }
@@ -1641,9 +1663,26 @@ mod tests {
         );
         assert!(
             q.options
-                .contains(&"ubuntu-24.04 without chromium".to_string()),
+                .contains(&"ubuntu-24.04 xfce without chromium".to_string()),
             "{q:?}"
         );
+    }
+
+    #[test]
+    fn every_option_of_the_not_on_base_question_composes_to_a_spec() {
+        for request in [
+            "ubuntu with chromium",
+            "ubuntu with git and chromium, headless",
+        ] {
+            let q = question(request);
+            for option in &q.options {
+                let s = spec(option);
+                assert!(
+                    s.base != "ubuntu-24.04" || !s.apps.contains(&"chromium".to_string()),
+                    "{option}: {s:?}"
+                );
+            }
+        }
     }
 
     #[test]
