@@ -438,14 +438,16 @@ pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Arti
     }
     // Find out now, in seconds, whether the archives answer; the base is probed by
     // `build_base` only when it has to be built.
+    let mut urls = Vec::new();
     if cache.lookup(ArtifactKind::Base, &base_hash)?.is_none() {
-        probe_all(
-            &spec.base,
-            std::slice::from_ref(&plan.base.probe_url),
-            options.probe_timeout,
-        )?;
+        urls.push(plan.base.probe_url.clone());
     }
-    probe_all(&spec.base, &plan.probe_urls, options.probe_timeout)?;
+    for url in &plan.probe_urls {
+        if !urls.contains(url) {
+            urls.push(url.clone());
+        }
+    }
+    probe_all(&spec.base, &urls, options.probe_timeout)?;
     require_root()?;
     let base = build_base(cache, &spec.base, &plan.base)?;
 
