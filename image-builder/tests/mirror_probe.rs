@@ -154,3 +154,74 @@ fn the_cli_reports_an_unreachable_mirror_in_one_line() {
     assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An archive that answers every request with 200 and an empty body.
+fn answering_mirror() -> u16 {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut buf = [0u8; 2048];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    port
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn a_reachable_archive_with_missing_keys_fails_naming_the_package() {
+    if !is_root() {
+        eprintln!("skipping: the key check comes after the root check");
+        return;
+    }
+    let port = answering_mirror();
+    let (dir, cache) = temp_cache("keys");
+    let options = RootfsOptions {
+        mirror: Some(format!("http://127.0.0.1:{port}/ubuntu")),
+        keyring: Some(dir.join("no-such-keyring.gpg")),
+        ..Default::default()
+    };
+
+    let err = rootfs::build(&cache, &spec("ubuntu-24.04"), &options).unwrap_err();
+
+    assert!(matches!(err, RootfsError::NoKeyring { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("install the Debian package `ubuntu-keyring`"),
+        "{err}"
+    );
+    assert!(cache.list().unwrap().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_reachable_archive_without_the_builders_tool_fails_naming_it() {
+    let apk = ["apk.static", "apk"];
+    if !is_root() || apk.iter().any(|t| image_builder::tools::find(t).is_some()) {
+        eprintln!("skipping: needs root and a host without apk");
+        return;
+    }
+    let port = answering_mirror();
+    let (dir, cache) = temp_cache("tool");
+    let options = RootfsOptions {
+        mirror: Some(format!("http://127.0.0.1:{port}/alpine")),
+        ..Default::default()
+    };
+
+    let err = rootfs::build(&cache, &spec("alpine-3.20"), &options).unwrap_err();
+
+    assert!(
+        err.to_string()
+            .starts_with("required tool apk.static or apk not found in PATH"),
+        "{err}"
+    );
+    assert!(cache.list().unwrap().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
