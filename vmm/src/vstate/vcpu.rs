@@ -658,7 +658,7 @@ impl VcpuRunner {
                 hex.join(" ")
             }
         );
-        tracing::error!("{reason}");
+        // genos-vmm logs the exit's reason when the VM ends.
         Some(VmExit::new(ExitStatus::EmulationFailure, reason))
     }
 
