@@ -212,7 +212,10 @@ fn audit_tampering_is_reported_by_the_cli() {
 fn non_permitted_user_is_refused_by_peer_credentials() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: needs root to run the client as another user");
+        testkit::skip(
+            testkit::Need::Root,
+            "needs root to run the client as another user",
+        );
         return;
     }
     let h = Hostd::start(None);

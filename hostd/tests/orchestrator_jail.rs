@@ -43,7 +43,10 @@ fn jailed_orchestrator_with(
 ) -> Option<Orchestrator> {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping {test}: the jailer needs root");
+        testkit::skip(
+            testkit::Need::Root,
+            format!("{test}: the jailer needs root"),
+        );
         return None;
     }
     if !common::kvm_available(test) {
@@ -51,7 +54,10 @@ fn jailed_orchestrator_with(
     }
     let vmm = common::vmm_bin(test)?;
     if !vmm.with_file_name("genos-jailer").exists() {
-        eprintln!("skipping {test}: genos-jailer not built (run `cargo build -p genos-jailer`)");
+        testkit::skip(
+            testkit::Need::Bins,
+            format!("{test}: genos-jailer not built (run `cargo build -p genos-jailer`)"),
+        );
         return None;
     }
     let kernel = common::build_guest("ready");

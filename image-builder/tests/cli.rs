@@ -23,7 +23,7 @@ fn temp_dir(name: &str) -> PathBuf {
 #[test]
 fn initramfs_prints_only_the_artifact_path_and_ls_lists_it() {
     if !Path::new(image_builder::initramfs::DEFAULT_BUSYBOX).is_file() {
-        eprintln!("skipping: busybox-static not installed");
+        testkit::skip(testkit::Need::Tools, "busybox-static not installed");
         return;
     }
     let cache = temp_dir("initramfs");

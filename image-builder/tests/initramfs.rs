@@ -20,9 +20,12 @@ fn busybox_installed() -> bool {
     if PathBuf::from(initramfs::DEFAULT_BUSYBOX).is_file() {
         return true;
     }
-    eprintln!(
-        "skipping: {} missing (install busybox-static)",
-        initramfs::DEFAULT_BUSYBOX
+    testkit::skip(
+        testkit::Need::Tools,
+        format!(
+            "{} missing (install busybox-static)",
+            initramfs::DEFAULT_BUSYBOX
+        ),
     );
     false
 }

@@ -8,7 +8,10 @@ use image_builder::kernel::{self, KernelOptions, DEFAULT_CONFIG_FRAGMENT};
 
 fn cached_kernel() -> Option<image_builder::cache::Artifact> {
     if std::env::var_os("GENOS_GUEST_KERNEL").is_none() {
-        eprintln!("skipping: GENOS_GUEST_KERNEL is unset (scripts/test sets it after `genos-image kernel`)");
+        testkit::skip(
+            testkit::Need::Kernel,
+            "GENOS_GUEST_KERNEL is unset (scripts/test sets it after `genos-image kernel`)",
+        );
         return None;
     }
     let cache = Cache::open(None).unwrap();

@@ -89,11 +89,17 @@ fn boot(
 
 fn inputs() -> Option<(PathBuf, PathBuf)> {
     if tools::find("qemu-system-x86_64").is_none() {
-        eprintln!("skipping: qemu-system-x86_64 missing (install qemu-system-x86)");
+        testkit::skip(
+            testkit::Need::Tools,
+            "qemu-system-x86_64 missing (install qemu-system-x86)",
+        );
         return None;
     }
     let Some(kernel) = std::env::var_os("GENOS_GUEST_KERNEL").map(PathBuf::from) else {
-        eprintln!("skipping: GENOS_GUEST_KERNEL is unset (scripts/test sets it after `genos-image kernel`)");
+        testkit::skip(
+            testkit::Need::Kernel,
+            "GENOS_GUEST_KERNEL is unset (scripts/test sets it after `genos-image kernel`)",
+        );
         return None;
     };
     let initrd = match std::env::var_os("GENOS_GUEST_INITRAMFS") {
@@ -165,7 +171,10 @@ fn minimal_rootfs_boots_to_autologin_under_qemu_tcg() {
     };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: building the root filesystem needs root");
+        testkit::skip(
+            testkit::Need::Root,
+            "building the root filesystem needs root",
+        );
         return;
     }
     let json = serde_json::json!({

@@ -14,7 +14,7 @@ fn is_root() -> bool {
     // SAFETY: geteuid takes no arguments and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        eprintln!("skipped: the jailer tests need root");
+        testkit::skip(testkit::Need::Root, "the jailer tests need root");
     }
     root
 }

@@ -23,8 +23,10 @@ fn can_run() -> bool {
     let root = unsafe { libc::geteuid() } == 0;
     let tools = Command::new("nft").arg("--version").output().is_ok()
         && Command::new("ip").arg("-V").output().is_ok();
-    if !(root && tools) {
-        eprintln!("skipped: network policy tests need root, ip and nft");
+    if !root {
+        testkit::skip(testkit::Need::Root, "network policy tests need root");
+    } else if !tools {
+        testkit::skip(testkit::Need::Tools, "network policy tests need ip and nft");
     }
     root && tools
 }

@@ -99,10 +99,9 @@ pub enum Verdict {
 pub fn verdict(spec: Option<&str>, need: Need, why: &str) -> Verdict {
     match spec.map(|s| requires(s, need)) {
         None | Some(Ok(false)) => Verdict::Skip(format!("skipping: {why}")),
-        Some(Ok(true)) => Verdict::Fail(format!(
-            "{why} ({REQUIRE_VAR} requires {:?})",
-            need.name()
-        )),
+        Some(Ok(true)) => {
+            Verdict::Fail(format!("{why} ({REQUIRE_VAR} requires {:?})", need.name()))
+        }
         Some(Err(e)) => Verdict::Fail(e.to_string()),
     }
 }
@@ -156,7 +155,9 @@ mod tests {
     fn named_need_fails_and_others_still_skip() {
         let spec = Some("kvm, kernel");
 
-        assert!(matches!(verdict(spec, Need::Kernel, "no kernel"), Verdict::Fail(m) if m.contains("no kernel")));
+        assert!(
+            matches!(verdict(spec, Need::Kernel, "no kernel"), Verdict::Fail(m) if m.contains("no kernel"))
+        );
         assert!(matches!(verdict(spec, Need::Kvm, "x"), Verdict::Fail(_)));
         assert!(matches!(verdict(spec, Need::Root, "x"), Verdict::Skip(_)));
     }

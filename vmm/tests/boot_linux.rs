@@ -24,7 +24,10 @@ fn image(var: &str) -> Option<PathBuf> {
     match std::env::var_os(var) {
         Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
         _ => {
-            eprintln!("skipping linux_boots_to_init_with_virtio_blk_and_rng: {var} is not set");
+            testkit::skip(
+                testkit::Need::Kernel,
+                format!("linux_boots_to_init_with_virtio_blk_and_rng: {var} is not set"),
+            );
             None
         }
     }

@@ -34,11 +34,14 @@ fn read_log(path: &Path) -> String {
 
 fn guest_kernel() -> Option<PathBuf> {
     let Some(kernel) = std::env::var_os("GENOS_GUEST_KERNEL") else {
-        eprintln!("skipped: GENOS_GUEST_KERNEL is not set (scripts/test sets it)");
+        testkit::skip(
+            testkit::Need::Kernel,
+            "GENOS_GUEST_KERNEL is not set (scripts/test sets it)",
+        );
         return None;
     };
     if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is not available");
+        testkit::skip(testkit::Need::Kvm, "/dev/kvm is not available");
         return None;
     }
     Some(kernel.into())

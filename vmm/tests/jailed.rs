@@ -22,7 +22,10 @@ const KILLED_BY_SECCOMP: i32 = 128 + libc::SIGSYS;
 fn can_run(test: &str) -> bool {
     // SAFETY: geteuid takes no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping {test}: the jailer needs root");
+        testkit::skip(
+            testkit::Need::Root,
+            format!("{test}: the jailer needs root"),
+        );
         return false;
     }
     kvm_available(test)

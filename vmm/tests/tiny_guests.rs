@@ -324,7 +324,10 @@ fn shipped_static_build_runs_a_tiny_guest_without_a_dynamic_loader() {
         return;
     }
     let Some(shipped) = std::env::var_os("GENOS_VMM_SHIPPED") else {
-        eprintln!("skipped: GENOS_VMM_SHIPPED is not set (scripts/test sets it)");
+        testkit::skip(
+            testkit::Need::Shipped,
+            "GENOS_VMM_SHIPPED is not set (scripts/test sets it)",
+        );
         return;
     };
     let guest = build_guest("console_line", &[]);

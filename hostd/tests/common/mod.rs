@@ -14,7 +14,10 @@ pub fn kvm_available(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("skipping {test}: /dev/kvm is not usable ({e})");
+            testkit::skip(
+                testkit::Need::Kvm,
+                format!("{test}: /dev/kvm is not usable ({e})"),
+            );
             false
         }
     }
@@ -36,9 +39,12 @@ pub fn vmm_bin(test: &str) -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        eprintln!(
-            "skipping {test}: {} not built (run `cargo build -p genos-vmm`)",
-            p.display()
+        testkit::skip(
+            testkit::Need::Bins,
+            format!(
+                "{test}: {} not built (run `cargo build -p genos-vmm`)",
+                p.display()
+            ),
         );
         None
     }

@@ -17,7 +17,10 @@ pub fn kvm_available(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("skipping {test}: /dev/kvm is not usable ({e})");
+            testkit::skip(
+                testkit::Need::Kvm,
+                format!("{test}: /dev/kvm is not usable ({e})"),
+            );
             false
         }
     }

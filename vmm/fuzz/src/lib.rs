@@ -1,0 +1,9 @@
+//! Fuzz target bodies for genos-vmm. Each module's `run` takes any bytes and must not panic;
+//! it also asserts an oracle (round trips, bounds, agreement with a direct statement of the
+//! rules). The cargo-fuzz binaries in `fuzz_targets/` call them, and `tests/seeds.rs` replays
+//! every committed seed (`seeds/<target>/`) through them in a normal `cargo test`.
+
+pub mod gpu_decoder;
+pub mod http_request;
+pub mod virtio_blk_request;
+pub mod virtio_net_chain;

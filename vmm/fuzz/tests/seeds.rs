@@ -1,0 +1,26 @@
+//! Every committed seed (and every crash ever found, kept as a seed) passes its target's
+//! oracle.
+
+use testkit::replay_seeds;
+
+const DIR: &str = env!("CARGO_MANIFEST_DIR");
+
+#[test]
+fn every_http_request_seed_passes() {
+    replay_seeds(DIR, "http_request", vmm_fuzz::http_request::run);
+}
+
+#[test]
+fn every_gpu_decoder_seed_passes() {
+    replay_seeds(DIR, "gpu_decoder", vmm_fuzz::gpu_decoder::run);
+}
+
+#[test]
+fn every_virtio_blk_request_seed_passes() {
+    replay_seeds(DIR, "virtio_blk_request", vmm_fuzz::virtio_blk_request::run);
+}
+
+#[test]
+fn every_virtio_net_chain_seed_passes() {
+    replay_seeds(DIR, "virtio_net_chain", vmm_fuzz::virtio_net_chain::run);
+}
