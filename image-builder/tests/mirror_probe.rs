@@ -178,7 +178,10 @@ fn is_root() -> bool {
 #[test]
 fn a_reachable_archive_with_missing_keys_fails_naming_the_package() {
     if !is_root() {
-        eprintln!("skipping: the key check comes after the root check");
+        testkit::skip(
+            testkit::Need::Root,
+            "the key check comes after the root check",
+        );
         return;
     }
     let port = answering_mirror();
@@ -204,8 +207,13 @@ fn a_reachable_archive_with_missing_keys_fails_naming_the_package() {
 #[test]
 fn a_reachable_archive_without_the_builders_tool_fails_naming_it() {
     let apk = ["apk.static", "apk"];
-    if !is_root() || apk.iter().any(|t| image_builder::tools::find(t).is_some()) {
-        eprintln!("skipping: needs root and a host without apk");
+    if !is_root() {
+        testkit::skip(testkit::Need::Root, "needs root");
+        return;
+    }
+    if apk.iter().any(|t| image_builder::tools::find(t).is_some()) {
+        // Not a missing prerequisite: this host has the tool the test needs absent.
+        eprintln!("skipping: needs a host without apk");
         return;
     }
     let port = answering_mirror();

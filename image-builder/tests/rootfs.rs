@@ -239,7 +239,10 @@ fn ubuntu_noble_spec_builds_from_ubuntus_archive_with_autologin() {
         return;
     }
     if !Path::new("/usr/share/keyrings/ubuntu-archive-keyring.gpg").is_file() {
-        eprintln!("skipping: Ubuntu's archive keyring is missing (install ubuntu-keyring)");
+        testkit::skip(
+            testkit::Need::Tools,
+            "Ubuntu's archive keyring is missing (install ubuntu-keyring)",
+        );
         return;
     }
     let cache = Cache::open(None).unwrap();
