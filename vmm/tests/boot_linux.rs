@@ -5,44 +5,31 @@
 //!
 //! Slow by nature (minutes here: the nested KVM emulates most guest code). Skipped
 //! with a message when the images or `/dev/kvm` are missing; `scripts/test` sets both
-//! variables (`cargo run -q -p genos-image -- kernel|initramfs`).
+//! variables (`cargo run -q -p genos-image -- kernel|initramfs`). On failure it prints how
+//! the VMM ended and its last log lines (`common::boot`).
 
 mod common;
 
 use std::io::Read;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, spawn_vmm, try_http, wait_for_socket};
+use common::boot::{describe_exit, BootWatch, Images, LogTail, BOOT_LIMIT};
+use common::{spawn_vmm, try_http, wait_for_socket};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(1200);
+const TEST: &str = "linux_boots_to_init_with_virtio_blk_and_rng";
 /// virtio-mmio device status bit set by the driver after a successful probe.
 const DRIVER_OK: u64 = 4;
 
-fn image(var: &str) -> Option<PathBuf> {
-    match std::env::var_os(var) {
-        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => {
-            testkit::skip(
-                testkit::Need::Kernel,
-                format!("linux_boots_to_init_with_virtio_blk_and_rng: {var} is not set"),
-            );
-            None
-        }
-    }
-}
-
 #[test]
 fn linux_boots_to_init_with_virtio_blk_and_rng() {
-    let (Some(kernel), Some(initramfs)) =
-        (image("GENOS_GUEST_KERNEL"), image("GENOS_GUEST_INITRAMFS"))
+    let Some(Images {
+        kernel,
+        initramfs: Some(initramfs),
+    }) = Images::from_env(TEST, true)
     else {
         return;
     };
-    if !kvm_available("linux_boots_to_init_with_virtio_blk_and_rng") {
-        return;
-    }
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("boot-linux");
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join("disk.img");
@@ -69,23 +56,10 @@ fn linux_boots_to_init_with_virtio_blk_and_rng() {
         "--api-sock",
         sock.to_str().unwrap(),
     ]);
+    let log = LogTail::new();
+    let log_reader = log.follow(child.stderr.take().unwrap());
+    let watch = BootWatch::new(TEST, log.clone());
     let console = Arc::new(Mutex::new(String::new()));
-    let log = Arc::new(Mutex::new(String::new()));
-    let mut stderr = child.stderr.take().unwrap();
-    let log_reader = {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                log.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        })
-    };
     let mut stdout = child.stdout.take().unwrap();
     let reader = {
         let console = console.clone();
@@ -106,7 +80,6 @@ fn linux_boots_to_init_with_virtio_blk_and_rng() {
         "API socket"
     );
 
-    let started = Instant::now();
     // Whether any metrics snapshot showed the device's driver ready (DRIVER_OK).
     let mut rng_ready = false;
     let mut blk_ready = false;
@@ -125,11 +98,12 @@ fn linux_boots_to_init_with_virtio_blk_and_rng() {
         blk_ready |= ready("block0");
     };
     let mut exited = None;
-    while started.elapsed() < BOOT_TIMEOUT {
+    while watch.elapsed() < BOOT_LIMIT {
         if console.lock().unwrap().contains("Run /init") {
             break;
         }
         if let Some(status) = child.try_wait().unwrap() {
+            watch.set_outcome(describe_exit(status));
             exited = Some(status);
             break;
         }
@@ -143,26 +117,46 @@ fn linux_boots_to_init_with_virtio_blk_and_rng() {
     if let Some((200, body)) = try_http(&sock, "GET", "/metrics", None) {
         note(&body);
     }
-    // SAFETY: kill(2) on our own child; it may already have exited.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
+    let boot_time = watch.elapsed();
+    let stopped_at = if exited.is_some() {
+        None
+    } else if boot_time >= BOOT_LIMIT {
+        Some("at the time limit")
+    } else {
+        Some("after the kernel reached init")
+    };
+    if stopped_at.is_some() {
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = child.wait();
+    let status = child.wait().unwrap();
+    if let Some(stopped_at) = stopped_at {
+        watch.set_outcome(format!(
+            "stopped by the test {stopped_at}, then {}",
+            describe_exit(status)
+        ));
+    }
     let _ = reader.join();
     let _ = log_reader.join();
     let console = console.lock().unwrap().clone();
-    let log = log.lock().unwrap().clone();
 
     assert!(
         console.contains("Run /init"),
-        "kernel did not reach init (exit {exited:?}) after {:?}",
-        started.elapsed()
+        "kernel did not reach init after {:.1} s (VMM {})",
+        boot_time.as_secs_f64(),
+        exited.map_or("still running".into(), describe_exit)
+    );
+    eprintln!(
+        "{TEST}: kernel reached init after {:.1} s",
+        boot_time.as_secs_f64()
     );
     assert!(
         console.contains("virtio_blk virtio0: [vda]"),
@@ -172,10 +166,10 @@ fn linux_boots_to_init_with_virtio_blk_and_rng() {
     // driver's probe set DRIVER_OK); the metrics snapshots are a second witness.
     assert!(
         rng_ready || log.contains("rng: activated by the guest driver"),
-        "virtio-rng was not driven by the guest:\n{log}"
+        "virtio-rng was not driven by the guest"
     );
     assert!(
         blk_ready || log.contains("block0: activated by the guest driver"),
-        "virtio-blk was not driven by the guest:\n{log}"
+        "virtio-blk was not driven by the guest"
     );
 }

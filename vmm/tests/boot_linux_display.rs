@@ -5,11 +5,17 @@
 //! and touch screen.
 //!
 //! Needs /dev/kvm and `GENOS_GUEST_KERNEL` (vmlinux; `GENOS_GUEST_INITRAMFS` is passed too
-//! when set). Skips with a message otherwise. Slow under nested KVM (a few minutes).
+//! when set). Skips with a message otherwise. Slow under nested KVM (a few minutes). The VMM
+//! runs in this process; its log is captured and, on failure, printed with how the VM
+//! ended (`common::boot`).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use common::boot::{capture_vmm_log, BootWatch, Images, LogTail, BOOT_LIMIT};
 
 use framebuffer::{FrameInfo, FramebufferReader};
 use vmm::builder::build_and_start;
@@ -17,10 +23,9 @@ use vmm::config::{CpuTemplate, DisplaySize, SerialConfig, VmConfig};
 use vmm::device_manager::EventManager;
 use vmm::vstate::lifecycle::ExitSignal;
 
+const TEST: &str = "framebuffer_console_draws_on_virtio_gpu_and_input_devices_register";
 const WIDTH: u32 = 640;
 const HEIGHT: u32 = 480;
-/// Under this machine's nested KVM the kernel reaches DRM init after about 6 minutes.
-const BOOT_LIMIT: Duration = Duration::from_secs(900);
 const INPUT_NAMES: [&str; 3] = [
     "GenOS virtio keyboard",
     "GenOS virtio tablet",
@@ -30,21 +35,6 @@ const INPUT_NAMES: [&str; 3] = [
 /// The serial log so far (lossy: the console may emit bytes that are not UTF-8).
 fn read_log(path: &Path) -> String {
     String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
-}
-
-fn guest_kernel() -> Option<PathBuf> {
-    let Some(kernel) = std::env::var_os("GENOS_GUEST_KERNEL") else {
-        testkit::skip(
-            testkit::Need::Kernel,
-            "GENOS_GUEST_KERNEL is not set (scripts/test sets it)",
-        );
-        return None;
-    };
-    if !Path::new("/dev/kvm").exists() {
-        testkit::skip(testkit::Need::Kvm, "/dev/kvm is not available");
-        return None;
-    }
-    Some(kernel.into())
 }
 
 /// The frame's pixels as tightly packed RGB.
@@ -79,12 +69,14 @@ fn artifacts_dir() -> PathBuf {
 
 #[test]
 fn framebuffer_console_draws_on_virtio_gpu_and_input_devices_register() {
-    let Some(kernel) = guest_kernel() else {
+    let Some(images) = Images::from_env(TEST, false) else {
         return;
     };
+    let log = LogTail::new();
+    capture_vmm_log(&log);
     let serial_log = Path::new(env!("CARGO_TARGET_TMPDIR")).join("boot_linux_display.log");
-    let mut config = VmConfig::new(kernel);
-    config.initrd = std::env::var_os("GENOS_GUEST_INITRAMFS").map(PathBuf::from);
+    let mut config = VmConfig::new(images.kernel);
+    config.initrd = images.initramfs;
     // tty0 as a console makes printk go to the framebuffer console too.
     config.cmdline = "console=ttyS0 console=tty0 reboot=k panic=-1".into();
     config.cpu_template = CpuTemplate::Baseline;
@@ -98,19 +90,35 @@ fn framebuffer_console_draws_on_virtio_gpu_and_input_devices_register() {
 
     let mut em = EventManager::new().expect("event manager");
     let exit = Arc::new(ExitSignal::new().unwrap());
+    let watch = BootWatch::new(TEST, log);
     let mut vm =
         build_and_start(&config, Instant::now(), &mut em, exit.clone()).expect("VM starts");
     let display = vm.display.clone().expect("gpu attached");
     let mut reader = FramebufferReader::new(display.reader_fds().unwrap()).unwrap();
 
-    let start = Instant::now();
+    // Under this machine's nested KVM the kernel reaches DRM init after about 6 minutes.
     let mut first_drawn: Option<(u64, Vec<u8>)> = None;
     let mut changed: Option<(FrameInfo, Vec<u8>)> = None;
     let mut inputs_seen = false;
-    while start.elapsed() < BOOT_LIMIT && !(changed.is_some() && inputs_seen) {
+    while watch.elapsed() < BOOT_LIMIT && !(changed.is_some() && inputs_seen) {
         em.run_with_timeout(50).expect("event loop");
-        if let Some(exit) = exit.exit() {
-            panic!("guest ended early: {exit:?}\n{}", read_log(&serial_log));
+        // The reset line is the VMM binary's event loop's to watch; here it is the test's.
+        // With `reboot=k panic=-1` a reset is a reboot or a kernel panic.
+        let ended = exit
+            .exit()
+            .map(|exit| format!("VM ended: {:?}: {}", exit.status, exit.reason))
+            .or_else(|| {
+                vm.reset_evt
+                    .read()
+                    .ok()
+                    .map(|_| "guest reset through the i8042 (a reboot or a panic)".to_owned())
+            });
+        if let Some(ended) = ended {
+            watch.set_outcome(ended.clone());
+            // The vCPU that ended the VM waits for a stop; without it the panic's unwinding
+            // would hang and the test never report.
+            vm.vcpus.stop(Duration::from_secs(5));
+            panic!("guest ended early: {ended}\n{}", read_log(&serial_log));
         }
         if let Some(frame) = reader.wait_frame(Instant::now()).unwrap() {
             let pixels = rgb(&frame.info, frame.pixels);
@@ -128,6 +136,12 @@ fn framebuffer_console_draws_on_virtio_gpu_and_input_devices_register() {
             .iter()
             .all(|name| log.contains(&format!("input: {name}")));
     }
+    let boot_time = watch.elapsed();
+    watch.set_outcome(if boot_time >= BOOT_LIMIT {
+        "still running at the time limit; stopped by the test"
+    } else {
+        "running; stopped by the test after the checks were met"
+    });
     vm.vcpus.stop(Duration::from_secs(5));
     let log = read_log(&serial_log);
 
@@ -158,4 +172,8 @@ fn framebuffer_console_draws_on_virtio_gpu_and_input_devices_register() {
             "kernel did not register {name}; serial log:\n{log}"
         );
     }
+    eprintln!(
+        "{TEST}: console drawn and input devices registered after {:.1} s",
+        boot_time.as_secs_f64()
+    );
 }

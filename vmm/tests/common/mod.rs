@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod boot;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
