@@ -6,4 +6,5 @@
 pub mod gpu_decoder;
 pub mod http_request;
 pub mod virtio_blk_request;
+pub mod virtio_input;
 pub mod virtio_net_chain;

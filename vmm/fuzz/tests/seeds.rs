@@ -24,3 +24,8 @@ fn every_virtio_blk_request_seed_passes() {
 fn every_virtio_net_chain_seed_passes() {
     replay_seeds(DIR, "virtio_net_chain", vmm_fuzz::virtio_net_chain::run);
 }
+
+#[test]
+fn every_virtio_input_seed_passes() {
+    replay_seeds(DIR, "virtio_input", vmm_fuzz::virtio_input::run);
+}
