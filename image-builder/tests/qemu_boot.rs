@@ -166,6 +166,25 @@ fn initramfs_without_root_disk_stays_with_a_shell() {
 #[test]
 #[ignore]
 fn minimal_rootfs_boots_to_autologin_under_qemu_tcg() {
+    boots_to_autologin("debian-12", &[]);
+}
+
+/// Slow, like the Debian one, and it builds Ubuntu 24.04 from Ubuntu's archive first
+/// (about 3 minutes, cached after): needs Debian's `ubuntu-keyring`.
+#[test]
+#[ignore]
+fn ubuntu_rootfs_boots_to_autologin_under_qemu_tcg() {
+    if !std::path::Path::new("/usr/share/keyrings/ubuntu-archive-keyring.gpg").is_file() {
+        testkit::skip(
+            testkit::Need::Tools,
+            "Ubuntu's archive keyring is missing (install ubuntu-keyring)",
+        );
+        return;
+    }
+    boots_to_autologin("ubuntu-24.04", &["git"]);
+}
+
+fn boots_to_autologin(base: &str, apps: &[&str]) {
     let Some((kernel, initrd)) = inputs() else {
         return;
     };
@@ -178,7 +197,7 @@ fn minimal_rootfs_boots_to_autologin_under_qemu_tcg() {
         return;
     }
     let json = serde_json::json!({
-        "version": 1, "name": "minimal", "base": "debian-12", "desktop": "none", "apps": [],
+        "version": 1, "name": "minimal", "base": base, "desktop": "none", "apps": apps,
         "vcpus": 1, "memory_mib": 512, "disk_gib": 1,
         "display": {"width": 1280, "height": 720, "fps": 30},
         "network": {"mode": "none", "allow": []},
@@ -188,7 +207,10 @@ fn minimal_rootfs_boots_to_autologin_under_qemu_tcg() {
     let spec = proto::spec::Spec::from_json(&json.to_string()).unwrap();
     let cache = Cache::open(None).unwrap();
     let artifact = image_builder::rootfs::build(&cache, &spec, &Default::default()).unwrap();
-    let disk = std::env::temp_dir().join(format!("genos-boot-test-{}.ext4", std::process::id()));
+    let disk = std::env::temp_dir().join(format!(
+        "genos-boot-test-{base}-{}.ext4",
+        std::process::id()
+    ));
     image_builder::rootfs::write_out(&artifact, &disk, 1).unwrap();
     let drive = format!("id=root,file={},format=raw,if=none", disk.display());
 
@@ -201,7 +223,7 @@ fn minimal_rootfs_boots_to_autologin_under_qemu_tcg() {
     );
 
     std::fs::remove_file(&disk).unwrap();
-    assert!(logged_in, "console:\n{}", lines.join("\n"));
+    assert!(logged_in, "{base} console:\n{}", lines.join("\n"));
     assert!(lines
         .iter()
         .any(|l| l.contains("genos-init: switching to /dev/vda")));
