@@ -48,14 +48,29 @@ fn used_idx(mem: &GuestMemoryMmap, queue: usize) -> u16 {
         .unwrap()
 }
 
-/// The used elements added since `before`: (id, len).
-fn used_since(mem: &GuestMemoryMmap, queue: usize, before: u16, size: u16) -> Vec<(u32, u32)> {
+/// The used elements the device added in one run of `queue`: (id, len). `device_idx` is the
+/// used index the device last published (it counts on from there); `before` is what the ring
+/// held just before the run, which differs from it when the guest rewrote the used index
+/// itself. The device publishes its own index whenever it adds elements, so a ring still
+/// holding `before` had nothing added.
+fn used_since(
+    mem: &GuestMemoryMmap,
+    queue: usize,
+    device_idx: &mut u16,
+    before: u16,
+    size: u16,
+) -> Vec<(u32, u32)> {
     let after = used_idx(mem, queue);
-    let added = after.wrapping_sub(before);
+    if after == before {
+        return Vec::new();
+    }
+    let start = *device_idx;
+    *device_idx = after;
+    let added = after.wrapping_sub(start);
     assert!(added <= size, "{added} used buffers in a queue of {size}");
     (0..added)
         .map(|i| {
-            let slot = u64::from(before.wrapping_add(i) % size);
+            let slot = u64::from(start.wrapping_add(i) % size);
             let at = u64::from(RINGS[queue].2) + 4 + slot * 8;
             let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
             let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
@@ -101,6 +116,8 @@ pub fn run(data: &[u8]) {
     dev.activate(mem.clone(), Arc::new(NoInterrupt), queues)
         .expect("activate");
 
+    // The used index each queue's device last published.
+    let mut device_idx = [0u16; 2];
     let mut rest = ops;
     while let [op, tail @ ..] = rest {
         rest = tail;
@@ -164,7 +181,7 @@ pub fn run(data: &[u8]) {
                 let before = used_idx(&mem, 0);
                 let delivered = handle.metrics().delivered.load(Ordering::Relaxed);
                 dev.process_event_queue();
-                let used = used_since(&mem, 0, before, size);
+                let used = used_since(&mem, 0, &mut device_idx[0], before, size);
                 assert!(used
                     .iter()
                     .all(|&(id, len)| id < u32::from(size) && (len == 0 || len == 8)));
@@ -177,7 +194,7 @@ pub fn run(data: &[u8]) {
             _ => {
                 let before = used_idx(&mem, 1);
                 dev.process_status_queue();
-                let used = used_since(&mem, 1, before, size);
+                let used = used_since(&mem, 1, &mut device_idx[1], before, size);
                 assert!(used
                     .iter()
                     .all(|&(id, len)| id < u32::from(size) && len == 0));
