@@ -10,6 +10,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| proto_fuzz::stream_messages::run(data)
 
 #[cfg(not(fuzzing))]
 fn main() {
-    eprintln!("stream_messages: built without cargo-fuzz; run `scripts/fuzz proto/fuzz stream_messages`");
+    eprintln!(
+        "stream_messages: built without cargo-fuzz; run `scripts/fuzz proto/fuzz stream_messages`"
+    );
     std::process::exit(2);
 }

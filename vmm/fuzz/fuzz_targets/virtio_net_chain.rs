@@ -10,6 +10,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| vmm_fuzz::virtio_net_chain::run(data))
 
 #[cfg(not(fuzzing))]
 fn main() {
-    eprintln!("virtio_net_chain: built without cargo-fuzz; run `scripts/fuzz vmm/fuzz virtio_net_chain`");
+    eprintln!(
+        "virtio_net_chain: built without cargo-fuzz; run `scripts/fuzz vmm/fuzz virtio_net_chain`"
+    );
     std::process::exit(2);
 }
