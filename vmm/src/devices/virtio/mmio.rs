@@ -509,12 +509,7 @@ impl MmioTransport {
                     "queue {i} not ready"
                 )));
             }
-            super::check_rings(q, &self.mem).map_err(|e| match e {
-                super::ActivateError::BadQueue(why) => {
-                    super::ActivateError::BadQueue(format!("queue {i}: {why}"))
-                }
-                other => other,
-            })?;
+            super::check_rings(i, q, &self.mem)?;
         }
         let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         // The device gets its own copies; the transport keeps the configuration to

@@ -1,19 +1,23 @@
 //! Virtio device interface shared by the virtio-mmio transport and the device models.
 //!
-//! A device model (block, rng, gpu, input, ...) implements [`VirtioDevice`]: it states its
-//! type, queues, features and config space, and is activated by the transport once the
-//! driver has set DRIVER_OK. Queue processing lives in the device's `device.rs`; its
-//! `event_handler.rs` only wires the queue eventfds (registered with KVM as ioeventfds on
-//! QUEUE_NOTIFY) into the VMM's event loop. Interrupts go out through
+//! A device model (block, rng, gpu, input, ...) implements [`VirtioDevice`] around a
+//! [`VirtioCommon`] (`common.rs`), which holds what every device has: type, queue sizes
+//! and eventfds, offered and acked features, and, once the driver has set DRIVER_OK, the
+//! queues, guest memory and interrupt. Feature negotiation, activation checks, reset, the
+//! interrupt after a queue pass and the answer to a broken queue are written there once;
+//! the trait's default methods delegate to it. Queue processing lives in the device's
+//! `device.rs`; its `event_handler.rs` only wires the queue eventfds (registered with KVM
+//! as ioeventfds on QUEUE_NOTIFY) into the VMM's event loop. Interrupts go out through
 //! [`InterruptTrigger`], which the transport backs with an irqfd.
 //!
 //! Devices read and update their rings through [`DeviceQueue`]. A guest that breaks a
 //! ring (an available index further ahead than the queue size, a descriptor index outside
 //! the table, rings that cannot be written) gets the same answer from every device:
-//! [`report_broken_queue`] sets DEVICE_NEEDS_RESET with a configuration interrupt, and the
-//! queue is left alone until the driver resets the device.
+//! [`VirtioCommon::serve_queue`] sets DEVICE_NEEDS_RESET with a configuration interrupt,
+//! and the queue is left alone until the driver resets the device.
 
 pub mod block;
+mod common;
 pub mod gpu;
 pub mod input;
 pub mod mmio;
@@ -27,6 +31,8 @@ use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
+
+pub use common::{FeatureError, VirtioCommon};
 
 /// Guest memory as device models see it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
@@ -238,7 +244,8 @@ impl DeviceQueue {
 
     /// Serves every available chain: `serve` handles one chain and returns how many bytes
     /// it wrote into it. Notifications are re-enabled without losing a chain the guest
-    /// adds meanwhile. Returns whether the guest asked to be interrupted for what was used.
+    /// adds meanwhile. Returns whether any chain was used (the pass result
+    /// [`VirtioCommon::serve_queue`] wants).
     pub fn drain<'m>(
         &mut self,
         mem: &'m GuestMemoryMmap,
@@ -264,10 +271,7 @@ impl DeviceQueue {
                 break;
             }
         }
-        if !used_any {
-            return Ok(false);
-        }
-        self.needs_notification(mem)
+        Ok(used_any)
     }
 }
 
@@ -290,9 +294,13 @@ pub fn report_broken_queue(
     }
 }
 
-/// Checks that the rings of `queue` lie in guest memory (the transport has already
-/// refused sizes and alignments virtio-queue does not accept).
-pub fn check_rings(queue: &Queue, mem: &GuestMemoryMmap) -> Result<(), ActivateError> {
+/// Checks that the rings of `queue` (queue `index` of its device) lie in guest memory
+/// (the transport has already refused sizes and alignments virtio-queue does not accept).
+pub fn check_rings(
+    index: usize,
+    queue: &Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<(), ActivateError> {
     use vm_memory::{GuestAddress, GuestMemoryBackend};
     let size = u64::from(queue.size());
     let rings = [
@@ -304,7 +312,7 @@ pub fn check_rings(queue: &Queue, mem: &GuestMemoryMmap) -> Result<(), ActivateE
         // `len` is at most 16 * 32768.
         if !GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize) {
             return Err(ActivateError::BadQueue(format!(
-                "{what} at {addr:#x} (+{len:#x}) is outside guest memory"
+                "queue {index}: {what} at {addr:#x} (+{len:#x}) is outside guest memory"
             )));
         }
     }

@@ -254,6 +254,7 @@ impl Block {
         match active
             .queue
             .drain(&active.mem, |chain| self.serve(&active.mem, chain))
+            .and_then(|used_any| Ok(used_any && active.queue.needs_notification(&active.mem)?))
         {
             Ok(false) => {}
             Ok(true) => {
@@ -429,7 +430,7 @@ impl VirtioDevice for Block {
         let [queue]: [Queue; 1] = queues.try_into().map_err(|q: Vec<Queue>| {
             ActivateError::BadQueue(format!("{} queues, 1 expected", q.len()))
         })?;
-        check_rings(&queue, &mem)?;
+        check_rings(0, &queue, &mem)?;
         self.active = Some(Active {
             mem,
             interrupt,

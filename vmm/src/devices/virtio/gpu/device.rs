@@ -945,8 +945,8 @@ impl VirtioDevice for Gpu {
                 queues.len()
             )));
         }
-        for q in &queues {
-            check_rings(q, &mem)?;
+        for (i, q) in queues.iter().enumerate() {
+            check_rings(i, q, &mem)?;
         }
         self.state
             .display

@@ -343,8 +343,8 @@ impl VirtioDevice for Input {
                 queues.len()
             )));
         }
-        for q in &queues {
-            check_rings(q, &mem)?;
+        for (i, q) in queues.iter().enumerate() {
+            check_rings(i, q, &mem)?;
         }
         self.active = Some(Active {
             mem,

@@ -508,8 +508,8 @@ impl<B: FrameBackend> VirtioDevice for Net<B> {
         let [rx, tx]: [Queue; 2] = queues.try_into().map_err(|q: Vec<Queue>| {
             ActivateError::BadQueue(format!("{} queues, 2 expected", q.len()))
         })?;
-        check_rings(&rx, &mem)?;
-        check_rings(&tx, &mem)?;
+        check_rings(RX_QUEUE, &rx, &mem)?;
+        check_rings(TX_QUEUE, &tx, &mem)?;
         self.active = Some(Active {
             mem,
             interrupt,

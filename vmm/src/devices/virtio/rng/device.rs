@@ -12,8 +12,7 @@ use vm_memory::{Address, Bytes};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::virtio::{
-    check_rings, report_broken_queue, ActivateError, DeviceQueue, GuestMemoryMmap, InterruptKind,
-    InterruptTrigger, VirtioDevice,
+    ActivateError, GuestMemoryMmap, InterruptTrigger, VirtioCommon, VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -34,7 +33,7 @@ pub struct RngMetrics {
     /// Requests that could not be filled (bad buffers or getrandom failure).
     pub failures: AtomicU64,
     /// Times the guest broke the queue (the device then needs a reset).
-    pub queue_errors: AtomicU64,
+    pub queue_errors: Arc<AtomicU64>,
 }
 
 impl DeviceMetrics for RngMetrics {
@@ -57,29 +56,26 @@ impl DeviceMetrics for RngMetrics {
     }
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn InterruptTrigger>,
-    queue: DeviceQueue,
-}
-
 /// The entropy device.
 pub struct Rng {
-    acked_features: u64,
-    queue_evts: [EventFd; 1],
-    active: Option<Active>,
+    common: VirtioCommon,
     metrics: Arc<RngMetrics>,
 }
 
 impl Rng {
     /// A new entropy device.
     pub fn new() -> io::Result<Self> {
-        Ok(Self {
-            acked_features: 0,
-            queue_evts: [EventFd::new(libc::EFD_NONBLOCK)?],
-            active: None,
-            metrics: Arc::new(RngMetrics::default()),
-        })
+        let common = VirtioCommon::new(
+            "virtio-rng",
+            VIRTIO_ID_RNG,
+            1 << VIRTIO_F_VERSION_1,
+            &[RNG_QUEUE_SIZE],
+        )?;
+        let metrics = Arc::new(RngMetrics {
+            queue_errors: common.queue_errors(),
+            ..RngMetrics::default()
+        });
+        Ok(Self { common, metrics })
     }
 
     /// The device's counters.
@@ -87,78 +83,59 @@ impl Rng {
         self.metrics.clone()
     }
 
-    pub(super) fn queue_evt(&self) -> &EventFd {
-        &self.queue_evts[0]
-    }
-
     /// Fills every available buffer and interrupts the guest if it asked for it.
     pub fn process_queue(&mut self) {
-        let Some(mut active) = self.active.take() else {
-            return;
-        };
-        match active
-            .queue
-            .drain(&active.mem, |chain| self.fill(&active.mem, chain))
-        {
-            Ok(false) => {}
-            Ok(true) => {
-                if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
-                    crate::guest_warn!("virtio-rng: cannot interrupt the guest: {e}");
-                }
-            }
-            Err(e) => report_broken_queue(
-                "virtio-rng",
-                &e,
-                active.interrupt.as_ref(),
-                &self.metrics.queue_errors,
-            ),
-        }
-        self.active = Some(active);
+        let metrics = &self.metrics;
+        self.common.serve_queue(0, |queue, mem| {
+            queue.drain(mem, |chain| fill(metrics, mem, chain))
+        });
     }
+}
 
-    /// Fills the chain's device-writable buffers; returns the bytes written. Readable
-    /// descriptors (which a driver should not send) are skipped.
-    fn fill<M>(&self, mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>) -> u32
-    where
-        M: std::ops::Deref<Target = GuestMemoryMmap>,
-    {
-        let mut buf = [0u8; CHUNK];
-        let mut written = 0usize;
-        for desc in chain.filter(|d| d.is_write_only()) {
-            let mut offset = 0usize;
-            while offset < desc.len() as usize && written < MAX_BYTES_PER_REQUEST {
-                let n = (desc.len() as usize - offset)
-                    .min(CHUNK)
-                    .min(MAX_BYTES_PER_REQUEST - written);
-                let result = getrandom(&mut buf[..n])
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| {
-                        let addr = desc
-                            .addr()
-                            .checked_add(offset as u64)
-                            .ok_or_else(|| "buffer address overflows".to_string())?;
-                        mem.write_slice(&buf[..n], addr).map_err(|e| e.to_string())
-                    });
-                if let Err(e) = result {
-                    self.metrics.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("virtio-rng: request not filled: {e}");
-                    return self.count(written);
-                }
-                offset += n;
-                written += n;
+/// Fills the chain's device-writable buffers; returns the bytes written. Readable
+/// descriptors (which a driver should not send) are skipped.
+fn fill<M>(
+    metrics: &RngMetrics,
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<M>,
+) -> u32
+where
+    M: std::ops::Deref<Target = GuestMemoryMmap>,
+{
+    let mut buf = [0u8; CHUNK];
+    let mut written = 0usize;
+    for desc in chain.filter(|d| d.is_write_only()) {
+        let mut offset = 0usize;
+        while offset < desc.len() as usize && written < MAX_BYTES_PER_REQUEST {
+            let n = (desc.len() as usize - offset)
+                .min(CHUNK)
+                .min(MAX_BYTES_PER_REQUEST - written);
+            let result = getrandom(&mut buf[..n])
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    let addr = desc
+                        .addr()
+                        .checked_add(offset as u64)
+                        .ok_or_else(|| "buffer address overflows".to_string())?;
+                    mem.write_slice(&buf[..n], addr).map_err(|e| e.to_string())
+                });
+            if let Err(e) = result {
+                metrics.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("virtio-rng: request not filled: {e}");
+                return count(metrics, written);
             }
+            offset += n;
+            written += n;
         }
-        self.count(written)
     }
+    count(metrics, written)
+}
 
-    fn count(&self, written: usize) -> u32 {
-        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .bytes
-            .fetch_add(written as u64, Ordering::Relaxed);
-        // At most MAX_BYTES_PER_REQUEST.
-        written as u32
-    }
+fn count(metrics: &RngMetrics, written: usize) -> u32 {
+    metrics.requests.fetch_add(1, Ordering::Relaxed);
+    metrics.bytes.fetch_add(written as u64, Ordering::Relaxed);
+    // At most MAX_BYTES_PER_REQUEST.
+    written as u32
 }
 
 /// Fills `buf` from the kernel's CSPRNG (getrandom(2): no file descriptor needed, works
@@ -184,23 +161,29 @@ fn getrandom(buf: &mut [u8]) -> io::Result<()> {
 
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
-        VIRTIO_ID_RNG
+        self.common.device_type()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[RNG_QUEUE_SIZE]
+        self.common.queue_sizes()
     }
 
     fn avail_features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
+        self.common.avail_features()
     }
 
     fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.common.acked_features()
     }
 
     fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
+        if features == 0 {
+            // The transport's reset.
+            self.common.reset();
+            return;
+        }
+        // The transport has already refused features that were not offered.
+        let _ = self.common.ack_features(features);
     }
 
     fn read_config(&self, _offset: u64, _data: &mut [u8]) {
@@ -210,7 +193,7 @@ impl VirtioDevice for Rng {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.common.queue_events()
     }
 
     fn activate(
@@ -219,26 +202,15 @@ impl VirtioDevice for Rng {
         interrupt: Arc<dyn InterruptTrigger>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let [queue]: [Queue; 1] = queues.try_into().map_err(|q: Vec<Queue>| {
-            ActivateError::BadQueue(format!("{} queues, 1 expected", q.len()))
-        })?;
-        check_rings(&queue, &mem)?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queue: DeviceQueue::new(queue, 0),
-        });
-        Ok(())
+        self.common.activate(mem, interrupt, queues)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.common.is_activated()
     }
 
     fn reset(&mut self) -> bool {
-        self.active = None;
-        self.acked_features = 0;
-        let _ = self.queue_evts[0].read();
+        self.common.reset();
         true
     }
 }
