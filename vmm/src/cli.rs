@@ -295,6 +295,45 @@ mod tests {
     }
 
     #[test]
+    fn a_config_rendered_as_flags_parses_back_to_itself() {
+        let kernel = TempFile::new().unwrap();
+        let initrd = TempFile::new().unwrap();
+        let disk_a = TempFile::new().unwrap();
+        let disk_b = TempFile::new().unwrap();
+        let mut full = VmConfig::new(kernel.as_path());
+        full.initrd = Some(initrd.as_path().into());
+        full.cmdline = "console=ttyS0 ip=172.16.0.2::172.16.0.1:255.255.255.252::eth0:off".into();
+        full.vcpus = 3;
+        full.mem_mib = 768;
+        full.disks = vec![
+            DiskConfig {
+                path: disk_a.as_path().into(),
+                read_only: false,
+            },
+            DiskConfig {
+                path: disk_b.as_path().into(),
+                read_only: true,
+            },
+        ];
+        full.rng = true;
+        full.cpu_template = CpuTemplate::Baseline;
+        full.serial = SerialConfig::File(std::env::temp_dir().join("console.log"));
+        full.gpu = Some(DisplaySize {
+            width: 1280,
+            height: 800,
+        });
+        full.input = true;
+        full.net = Some("tap0,mac=06:00:ac:10:00:09".parse().unwrap());
+        let minimal = VmConfig::new(kernel.as_path());
+
+        for config in [full, minimal] {
+            let args = config.to_cli_args();
+            let launch = parse(std::iter::once("genos-vmm".into()).chain(args)).unwrap();
+            assert_eq!(launch.config.as_ref(), Some(&config));
+        }
+    }
+
+    #[test]
     fn api_sock_alone_waits_for_configuration() {
         let launch = parse_args(&["--api-sock", "/tmp/x.sock"]).unwrap();
         assert_eq!(launch.config, None);

@@ -6,8 +6,11 @@
 //! event loop; when it fires it calls [`ApiReceiver::drain`] (or
 //! [`ApiReceiver::drain_into`] with its [`VmmController`]), which runs every queued action
 //! and sends each result back. The lifecycle rules (what is allowed in which
-//! [`VmState`]) live in [`VmState::check`] so that every controller enforces the same
+//! [`VmState`]) live in [`Lifecycle::check`] so that every controller enforces the same
 //! state machine: `not-configured → configured → running ⇄ paused → stopped`.
+//!
+//! The wire types (input events and devices, [`VmState`], [`VmDescription`],
+//! [`VmMetrics`]) are the `genos-vmm-api` crate's, re-exported here under their old paths.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,66 +18,16 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{ConfigError, ConfigPatch, DiskConfig, DisplaySize, VmConfig};
 
-/// Most events accepted in one input batch.
-pub const MAX_INPUT_BATCH: usize = 4096;
-
-/// Linux `EV_SYN`.
-pub const EV_SYN: u16 = 0;
-/// Linux `SYN_REPORT`.
-pub const SYN_REPORT: u16 = 0;
-
-/// Which virtio-input device an input batch goes to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InputDevice {
-    /// The keyboard (`EV_KEY` with `KEY_*` codes).
-    Keyboard,
-    /// The absolute pointer: `EV_ABS` X/Y, `BTN_LEFT/RIGHT/MIDDLE`, `REL_WHEEL`.
-    Tablet,
-    /// The multi-touch screen (MT type B slots).
-    Touch,
-}
-
-/// One evdev event as the guest will see it (`struct virtio_input_event`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InputEvent {
-    /// Event type (`EV_KEY` = 1, `EV_ABS` = 3, ...). JSON name `type`.
-    #[serde(rename = "type")]
-    pub ty: u16,
-    /// Event code (`KEY_A`, `ABS_X`, ...).
-    pub code: u16,
-    /// Event value.
-    pub value: i32,
-}
-
-impl InputEvent {
-    /// Whether this is `EV_SYN / SYN_REPORT`, the end of an evdev packet.
-    pub fn is_syn_report(&self) -> bool {
-        self.ty == EV_SYN && self.code == SYN_REPORT
-    }
-}
+pub use vmm_api::input::{EV_SYN, SYN_REPORT};
+pub use vmm_api::{InputDevice, InputEvent, VmDescription, VmMetrics, VmState, MAX_INPUT_BATCH};
 
 /// Checks that an input batch is non-empty, not too long and ends with `SYN_REPORT`.
 pub fn validate_input_batch(events: &[InputEvent]) -> Result<(), ActionError> {
-    match events.last() {
-        None => Err(ActionError::InvalidRequest(
-            "events must not be empty".into(),
-        )),
-        Some(_) if events.len() > MAX_INPUT_BATCH => Err(ActionError::InvalidRequest(format!(
-            "at most {MAX_INPUT_BATCH} events per batch, got {}",
-            events.len()
-        ))),
-        Some(last) if !last.is_syn_report() => Err(ActionError::InvalidRequest(
-            "events must end with SYN_REPORT (type 0, code 0)".into(),
-        )),
-        Some(_) => Ok(()),
-    }
+    vmm_api::input::validate_events(events).map_err(|e| ActionError::InvalidRequest(e.to_string()))
 }
 
 /// A change to the pending configuration, from the API's partial endpoints.
@@ -169,38 +122,18 @@ impl VmmAction {
     }
 }
 
-/// Lifecycle state of the VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum VmState {
-    /// Started with only `--api-sock`: waiting for a configuration.
-    NotConfigured,
-    /// Has a configuration; not started.
-    Configured,
-    /// vCPUs running.
-    Running,
-    /// vCPUs paused.
-    Paused,
-    /// Stopped (the process is about to exit).
-    Stopped,
-}
-
-impl std::fmt::Display for VmState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::NotConfigured => "not configured",
-            Self::Configured => "configured",
-            Self::Running => "running",
-            Self::Paused => "paused",
-            Self::Stopped => "stopped",
-        })
-    }
-}
-
-impl VmState {
+/// The lifecycle rules: which [`VmmAction`] each [`VmState`] allows, and the state after
+/// it. A trait because [`VmState`] is the API crate's; import it to call `state.check(..)`.
+pub trait Lifecycle: Sized {
     /// Checks whether `action` is allowed in this state; controllers call this first.
     /// Errors are [`ActionError::InvalidState`] (HTTP 409).
-    pub fn check(self, action: &VmmAction) -> Result<(), ActionError> {
+    fn check(self, action: &VmmAction) -> Result<(), ActionError>;
+    /// The state after `action` succeeded in this state.
+    fn after(self, action: &VmmAction) -> Self;
+}
+
+impl Lifecycle for VmState {
+    fn check(self, action: &VmmAction) -> Result<(), ActionError> {
         use VmState::*;
         let allowed = match action {
             VmmAction::Describe | VmmAction::Metrics => true,
@@ -225,8 +158,7 @@ impl VmState {
         }
     }
 
-    /// The state after `action` succeeded in this state.
-    pub fn after(self, action: &VmmAction) -> VmState {
+    fn after(self, action: &VmmAction) -> VmState {
         match action {
             VmmAction::Configure(_) | VmmAction::UpdateConfig(_) => VmState::Configured,
             VmmAction::Start | VmmAction::Resume => VmState::Running,
@@ -235,22 +167,6 @@ impl VmState {
             _ => self,
         }
     }
-}
-
-/// What `GET /vm` returns.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmDescription {
-    /// Lifecycle state.
-    pub state: VmState,
-    /// The configuration, once there is one.
-    pub config: Option<VmConfig>,
-    /// Microseconds from VMM process start to the guest's boot-timer write, once it happened.
-    pub boot_time_us: Option<u64>,
-    /// Microseconds since the VMM process started.
-    pub uptime_us: u64,
-    /// seccomp mode and Landlock status; `None` when the VMM runs unsandboxed (in-process).
-    #[serde(default)]
-    pub sandbox: Option<crate::sandbox::SandboxStatus>,
 }
 
 /// The framebuffer file descriptors `GET /framebuffer` passes to the client.
@@ -290,8 +206,8 @@ pub enum VmmResponse {
     Empty,
     /// Answer to [`VmmAction::Describe`].
     Description(VmDescription),
-    /// Answer to [`VmmAction::Metrics`]: exits by kind, device counters (any JSON object).
-    Metrics(serde_json::Value),
+    /// Answer to [`VmmAction::Metrics`]: exits by kind, device counters.
+    Metrics(VmMetrics),
     /// Answer to [`VmmAction::GetFramebuffer`]: descriptors owned by the response (the
     /// controller passes duplicates; the server closes them after sending).
     Framebuffer(FramebufferFds),

@@ -16,8 +16,8 @@ use crate::builder::{build_and_start, BuildError, BuiltVm};
 use crate::config::VmConfig;
 use crate::device_manager::EventManager;
 use crate::rpc::{
-    ActionError, ApiReceiver, FramebufferFds, VmDescription, VmState, VmmAction, VmmController,
-    VmmResponse,
+    ActionError, ApiReceiver, FramebufferFds, Lifecycle, VmDescription, VmMetrics, VmState,
+    VmmAction, VmmController, VmmResponse,
 };
 use crate::vstate::lifecycle::{ExitSignal, ExitStatus, VmExit};
 
@@ -268,13 +268,15 @@ impl Vmm {
             .map(|d| d.as_micros() as u64)
     }
 
-    fn metrics(&self) -> serde_json::Value {
+    fn metrics(&self) -> VmMetrics {
         let Some(vm) = &self.vm else {
-            return serde_json::json!({
-                "state": self.state,
-                "vcpu_exits": null,
-                "devices": {},
-            });
+            return VmMetrics {
+                state: self.state,
+                boot_time_us: None,
+                uptime_us: None,
+                vcpu_exits: None,
+                devices: serde_json::Map::new(),
+            };
         };
         let mut devices = match vm.devices.device_metrics() {
             serde_json::Value::Object(map) => map,
@@ -283,13 +285,13 @@ impl Vmm {
         for (name, m) in &vm.legacy_metrics {
             devices.insert((*name).to_owned(), m.snapshot());
         }
-        serde_json::json!({
-            "state": self.state,
-            "boot_time_us": self.boot_time_us(),
-            "uptime_us": self.vmm_start.elapsed().as_micros() as u64,
-            "vcpu_exits": vm.counters.snapshot(),
-            "devices": devices,
-        })
+        VmMetrics {
+            state: self.state,
+            boot_time_us: self.boot_time_us(),
+            uptime_us: Some(self.vmm_start.elapsed().as_micros() as u64),
+            vcpu_exits: Some(vm.counters.snapshot()),
+            devices,
+        }
     }
 }
 

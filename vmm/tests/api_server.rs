@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use vmm::api::server;
 use vmm::config::VmConfig;
 use vmm::rpc::{
-    self, ActionError, ApiReceiver, FramebufferFds, InputDevice, InputEvent, VmDescription,
-    VmState, VmmAction, VmmController, VmmResponse,
+    self, ActionError, ApiReceiver, FramebufferFds, InputDevice, InputEvent, Lifecycle,
+    VmDescription, VmMetrics, VmState, VmmAction, VmmController, VmmResponse,
 };
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -80,7 +80,13 @@ impl VmmController for FakeVmm {
                 uptime_us: 1,
                 sandbox: None,
             }),
-            VmmAction::Metrics => VmmResponse::Metrics(serde_json::json!({"exits": {"io": 3}})),
+            VmmAction::Metrics => VmmResponse::Metrics(VmMetrics {
+                state: self.state,
+                boot_time_us: None,
+                uptime_us: None,
+                vcpu_exits: Some(serde_json::json!({"io": 3})),
+                devices: serde_json::Map::new(),
+            }),
             VmmAction::InjectInput { device, events } => {
                 if !self.config.as_ref().is_some_and(|c| c.input) {
                     return Err(ActionError::NoSuchDevice(
@@ -298,7 +304,13 @@ fn lifecycle_follows_the_state_machine_over_the_socket() {
         204
     );
     let r = send(&mut c, "GET", "/metrics", None);
-    assert_eq!((r.status, r.body.as_str()), (200, r#"{"exits":{"io":3}}"#));
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (
+            200,
+            r#"{"state":"running","boot_time_us":null,"vcpu_exits":{"io":3},"devices":{}}"#
+        )
+    );
     assert!(r.head.contains("Content-Type: application/json\r\n"));
 
     assert_eq!(

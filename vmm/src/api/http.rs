@@ -333,7 +333,12 @@ impl Response {
 
     /// An error: `{"error": reason}` with `status`.
     pub fn error(status: u16, reason: &str) -> Self {
-        Self::json(status, &serde_json::json!({ "error": reason }))
+        Self::json(
+            status,
+            &vmm_api::ErrorBody {
+                error: reason.to_owned(),
+            },
+        )
     }
 
     /// Encodes status line, headers and body.

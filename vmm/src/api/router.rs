@@ -4,15 +4,15 @@
 //! and a one-line reason: unknown paths (404), wrong methods (405, with `Allow`), missing
 //! `Content-Length` on requests that need a body (411), malformed or mistyped JSON and
 //! invalid values (400). Ordering rules need the VM's state and are enforced by the
-//! controller through [`crate::rpc::VmState::check`] (409).
+//! controller through [`crate::rpc::Lifecycle::check`] (409). Paths and bodies are the
+//! [`vmm_api`] contract's.
 
 use serde::Deserialize;
+use vmm_api::{paths, ActionBody, InputBatch, LifecycleAction};
 
 use super::http::{Method, Request};
-use crate::config::{ConfigPatch, DiskConfig, VmConfig};
-use crate::rpc::{
-    validate_display_size, validate_input_batch, ConfigUpdate, InputDevice, InputEvent, VmmAction,
-};
+use crate::config::{ConfigPatch, DiskConfig, DisplaySize, VmConfig};
+use crate::rpc::{validate_display_size, validate_input_batch, ConfigUpdate, VmmAction};
 
 /// A request the router refuses, with its HTTP status and reason.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -38,38 +38,6 @@ impl RouteError {
     fn bad_request(reason: impl Into<String>) -> Self {
         Self::new(400, reason)
     }
-}
-
-/// `PUT /vm/actions` body.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ActionBody {
-    action: LifecycleAction,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum LifecycleAction {
-    Start,
-    Pause,
-    Resume,
-    Stop,
-}
-
-/// `PUT /input` body.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InputBody {
-    device: InputDevice,
-    events: Vec<InputEvent>,
-}
-
-/// `PUT /display` body.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DisplayBody {
-    width: u32,
-    height: u32,
 }
 
 /// The body of a request that must have one (411 without `Content-Length`, 400 if empty).
@@ -111,14 +79,14 @@ impl Endpoint {
             .filter(|p| !p.is_empty())
             .unwrap_or(path);
         Ok(match trimmed {
-            "/vm" => Self::Vm,
-            "/vm/config" => Self::Config,
-            "/vm/actions" => Self::Actions,
-            "/metrics" => Self::Metrics,
-            "/input" => Self::Input,
-            "/display" => Self::Display,
-            "/framebuffer" => Self::Framebuffer,
-            _ => match trimmed.strip_prefix("/vm/disks/") {
+            paths::VM => Self::Vm,
+            paths::VM_CONFIG => Self::Config,
+            paths::VM_ACTIONS => Self::Actions,
+            paths::METRICS => Self::Metrics,
+            paths::INPUT => Self::Input,
+            paths::DISPLAY => Self::Display,
+            paths::FRAMEBUFFER => Self::Framebuffer,
+            _ => match trimmed.strip_prefix(paths::VM_DISKS) {
                 Some(index) if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) => {
                     Self::Disk(index.parse().map_err(|_| {
                         RouteError::bad_request(format!("disk index {index} is too large"))
@@ -182,7 +150,7 @@ pub fn route(req: &Request) -> Result<VmmAction, RouteError> {
             LifecycleAction::Stop => VmmAction::Stop,
         },
         (Endpoint::Input, Method::Put) => {
-            let body: InputBody = json_body(req)?;
+            let body: InputBatch = json_body(req)?;
             validate_input_batch(&body.events)
                 .map_err(|e| RouteError::bad_request(e.to_string()))?;
             VmmAction::InjectInput {
@@ -191,7 +159,7 @@ pub fn route(req: &Request) -> Result<VmmAction, RouteError> {
             }
         }
         (Endpoint::Display, Method::Put) => {
-            let body: DisplayBody = json_body(req)?;
+            let body: DisplaySize = json_body(req)?;
             validate_display_size(body.width, body.height)
                 .map_err(|e| RouteError::bad_request(e.to_string()))?;
             VmmAction::SetDisplaySize {
@@ -219,7 +187,7 @@ pub fn route(req: &Request) -> Result<VmmAction, RouteError> {
 mod tests {
     use super::*;
     use crate::api::http::{parse_request, Limits, Parsed};
-    use crate::config::DisplaySize;
+    use crate::rpc::{InputDevice, InputEvent};
     use vmm_sys_util::tempfile::TempFile;
 
     fn request(method: &str, path: &str, body: Option<&str>) -> Request {

@@ -479,10 +479,7 @@ fn framebuffer_response(fds: FramebufferFds) -> (Response, Option<FramebufferFds
         .map(|meta| meta.len());
     match size {
         Ok(size) => (
-            Response::json(
-                200,
-                &serde_json::json!({ "memfd_size": size, "fds": ["memfd", "flush_eventfd"] }),
-            ),
+            Response::json(200, &vmm_api::FramebufferHandoff::new(size)),
             Some(fds),
         ),
         Err(e) => (

@@ -12,7 +12,6 @@ use landlock::{
     Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr,
     RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
-use serde::{Deserialize, Serialize};
 
 /// Errors from building or applying the ruleset.
 #[derive(Debug, thiserror::Error)]
@@ -29,30 +28,7 @@ pub enum LandlockError {
     },
 }
 
-/// How much of the requested restriction the running kernel enforces.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LandlockStatus {
-    /// Every requested restriction is in force.
-    Enforced,
-    /// The kernel's Landlock ABI enforces only part of it.
-    Partially,
-    /// Landlock is unavailable (kernel too old or disabled).
-    NotSupported,
-    /// The VMM was started without Landlock.
-    Disabled,
-}
-
-impl std::fmt::Display for LandlockStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            LandlockStatus::Enforced => "enforced",
-            LandlockStatus::Partially => "partially enforced",
-            LandlockStatus::NotSupported => "not supported",
-            LandlockStatus::Disabled => "disabled",
-        })
-    }
-}
+pub use vmm_api::LandlockStatus;
 
 /// What the VMM may do with one path.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,8 +10,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use serde::{Deserialize, Serialize};
-
 use super::landlock::{restrict_to, LandlockError, LandlockStatus, PathAccess};
 use super::seccomp::{
     make_forbidden_syscall, SeccompError, SeccompFilters, SeccompMode, ThreadRole,
@@ -49,14 +47,7 @@ pub struct SandboxOptions {
     pub landlock: bool,
 }
 
-/// What `GET /vm` reports about the sandbox.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SandboxStatus {
-    /// The seccomp filters' mode.
-    pub seccomp: SeccompMode,
-    /// Landlock's status; `None` until the VM is built (it is applied then).
-    pub landlock: Option<LandlockStatus>,
-}
+pub use vmm_api::SandboxStatus;
 
 struct Sandbox {
     filters: SeccompFilters,

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::str::FromStr;
 
 use seccompiler::{BpfProgram, TargetArch};
-use serde::{Deserialize, Serialize};
 
 /// The policy, as shipped in `configs/`.
 const POLICY_JSON: &str = include_str!("../../../configs/seccomp/genos-vmm.json");
@@ -37,42 +36,7 @@ pub enum SeccompError {
     },
 }
 
-/// What a filter does with a system call that is not on its list.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SeccompMode {
-    /// Kill the process (production).
-    #[default]
-    Kill,
-    /// Allow the call and log it to the kernel log (developing the lists).
-    Log,
-    /// Install no filter (debugging only).
-    Off,
-}
-
-impl FromStr for SeccompMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "kill" => Ok(Self::Kill),
-            "log" => Ok(Self::Log),
-            "off" => Ok(Self::Off),
-            _ => Err(format!(
-                "unknown seccomp mode {s:?}: expected kill, log or off"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for SeccompMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Kill => "kill",
-            Self::Log => "log",
-            Self::Off => "off",
-        })
-    }
-}
+pub use vmm_api::{SeccompMode, SeccompModeError};
 
 /// The VMM's thread roles, each with its own filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
