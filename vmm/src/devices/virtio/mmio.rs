@@ -462,21 +462,18 @@ impl MmioTransport {
         );
     }
 
-    /// FEATURES_OK sticks only when the driver accepted VERSION_1 and nothing we did not
-    /// offer; otherwise the driver reads the status back without it and gives up.
+    /// FEATURES_OK sticks only when the device takes the features the driver accepted
+    /// (VERSION_1 and nothing it did not offer: [`VirtioCommon::ack_features`], which logs a
+    /// refusal); otherwise the driver reads the status back without it and gives up.
+    ///
+    /// [`VirtioCommon::ack_features`]: super::VirtioCommon::ack_features
     fn accept_features(&mut self, value: u32) {
-        let offered = self.driver_features & !self.avail_features == 0;
-        let modern = self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
-        if !(offered && modern) {
-            crate::guest_warn!(
-                "virtio-mmio: driver features {:#x} refused (offered {:#x})",
-                self.driver_features,
-                self.avail_features
-            );
-            return;
+        if lock(&self.device)
+            .ack_features(self.driver_features)
+            .is_ok()
+        {
+            self.status = value;
         }
-        lock(&self.device).set_acked_features(self.driver_features);
-        self.status = value;
     }
 
     fn activate(&mut self, value: u32) {
@@ -530,16 +527,12 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         self.metrics.resets.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut dev = lock(&self.device);
-            if dev.is_activated() && !dev.reset() {
-                // The device keeps running on its old queues: tell the driver it must not
-                // reuse it rather than pretend the reset happened.
-                crate::guest_warn!("{}: cannot reset", self.name);
-                self.status = VIRTIO_CONFIG_S_NEEDS_RESET;
-                return;
-            }
-            dev.set_acked_features(0);
+        if !lock(&self.device).reset() {
+            // The device keeps running on its old queues: tell the driver it must not
+            // reuse it rather than pretend the reset happened.
+            crate::guest_warn!("{}: cannot reset", self.name);
+            self.status = VIRTIO_CONFIG_S_NEEDS_RESET;
+            return;
         }
         for q in &mut self.queues {
             q.reset();
@@ -644,7 +637,7 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
-    use crate::devices::virtio::ActivateError;
+    use crate::devices::virtio::{ActivateError, VirtioCommon};
 
     const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
     const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
@@ -656,11 +649,9 @@ mod tests {
 
     /// A device that records what the transport does to it.
     struct TestDevice {
-        acked: u64,
+        common: VirtioCommon,
         config: [u8; 8],
-        queue_evts: Vec<EventFd>,
         activated_with: Option<Vec<(u16, bool)>>,
-        interrupt: Option<Arc<dyn InterruptTrigger>>,
         resettable: bool,
         fail_activation: bool,
     }
@@ -668,35 +659,31 @@ mod tests {
     impl TestDevice {
         fn new() -> Self {
             Self {
-                acked: 0,
+                common: VirtioCommon::new(
+                    "test-device",
+                    42,
+                    VERSION_1 | FEATURE_LOW | FEATURE_HIGH,
+                    &[16, 8],
+                )
+                .unwrap(),
                 config: [1, 2, 3, 4, 5, 6, 7, 8],
-                queue_evts: vec![
-                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-                ],
                 activated_with: None,
-                interrupt: None,
                 resettable: true,
                 fail_activation: false,
             }
         }
+
+        fn interrupt(&self) -> Arc<dyn InterruptTrigger> {
+            self.common.interrupt().unwrap().clone()
+        }
     }
 
     impl VirtioDevice for TestDevice {
-        fn device_type(&self) -> u32 {
-            42
+        fn common(&self) -> &VirtioCommon {
+            &self.common
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 8]
-        }
-        fn avail_features(&self) -> u64 {
-            VERSION_1 | FEATURE_LOW | FEATURE_HIGH
-        }
-        fn acked_features(&self) -> u64 {
-            self.acked
-        }
-        fn set_acked_features(&mut self, features: u64) {
-            self.acked = features;
+        fn common_mut(&mut self) -> &mut VirtioCommon {
+            &mut self.common
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             let end = offset as usize + data.len();
@@ -710,27 +697,17 @@ mod tests {
                 self.config[offset as usize..end].copy_from_slice(data);
             }
         }
-        fn queue_events(&self) -> &[EventFd] {
-            &self.queue_evts
-        }
-        fn activate(
-            &mut self,
-            _mem: GuestMemoryMmap,
-            interrupt: Arc<dyn InterruptTrigger>,
-            queues: Vec<Queue>,
-        ) -> Result<(), ActivateError> {
+        fn on_activate(&mut self) -> Result<(), ActivateError> {
             if self.fail_activation {
                 return Err(ActivateError::BadQueue("refused".into()));
             }
-            self.activated_with = Some(queues.iter().map(|q| (q.size(), q.ready())).collect());
-            self.interrupt = Some(interrupt);
+            let queues = self.common.queues().iter().map(|q| q.queue());
+            self.activated_with = Some(queues.map(|q| (q.size(), q.ready())).collect());
             Ok(())
-        }
-        fn is_activated(&self) -> bool {
-            self.activated_with.is_some()
         }
         fn reset(&mut self) -> bool {
             if self.resettable {
+                self.common.reset();
                 self.activated_with = None;
             }
             self.resettable
@@ -832,7 +809,7 @@ mod tests {
         f.negotiate(VERSION_1 | FEATURE_LOW | FEATURE_HIGH);
         assert_eq!(f.read(reg::STATUS), ACK | DRIVER | FEATURES_OK);
         assert_eq!(
-            f.device.lock().unwrap().acked,
+            f.device.lock().unwrap().acked_features(),
             VERSION_1 | FEATURE_LOW | FEATURE_HIGH
         );
     }
@@ -842,7 +819,7 @@ mod tests {
         let mut f = fixture();
         f.negotiate(FEATURE_LOW);
         assert_eq!(f.read(reg::STATUS), ACK | DRIVER);
-        assert_eq!(f.device.lock().unwrap().acked, 0);
+        assert_eq!(f.device.lock().unwrap().acked_features(), 0);
     }
 
     #[test]
@@ -895,7 +872,7 @@ mod tests {
         f.ack_features(VERSION_1);
         f.write(reg::STATUS, ACK | DRIVER | FEATURES_OK);
         f.ack_features(VERSION_1 | FEATURE_LOW | FEATURE_HIGH);
-        assert_eq!(f.device.lock().unwrap().acked, VERSION_1);
+        assert_eq!(f.device.lock().unwrap().acked_features(), VERSION_1);
     }
 
     #[test]
@@ -1014,9 +991,7 @@ mod tests {
         f.device
             .lock()
             .unwrap()
-            .interrupt
-            .as_ref()
-            .unwrap()
+            .interrupt()
             .trigger(InterruptKind::Queue)
             .unwrap();
 
@@ -1027,7 +1002,7 @@ mod tests {
         assert_eq!(f.read(reg::QUEUE_READY), 0);
         let dev = f.device.lock().unwrap();
         assert!(!dev.is_activated());
-        assert_eq!(dev.acked, 0);
+        assert_eq!(dev.acked_features(), 0);
         drop(dev);
         // The device can be brought up again.
         f.bring_up();
@@ -1076,15 +1051,15 @@ mod tests {
         f.write(reg::QUEUE_NOTIFY, 1);
         f.write(reg::QUEUE_NOTIFY, 9);
         let dev = f.device.lock().unwrap();
-        assert_eq!(dev.queue_evts[1].read().unwrap(), 1);
-        assert!(dev.queue_evts[0].read().is_err());
+        assert_eq!(dev.queue_events()[1].read().unwrap(), 1);
+        assert!(dev.queue_events()[0].read().is_err());
     }
 
     #[test]
     fn interrupt_status_is_set_by_the_device_and_cleared_by_ack() {
         let mut f = fixture();
         f.bring_up();
-        let interrupt = f.device.lock().unwrap().interrupt.clone().unwrap();
+        let interrupt = f.device.lock().unwrap().interrupt();
 
         interrupt.trigger(InterruptKind::Queue).unwrap();
         interrupt.trigger(InterruptKind::Config).unwrap();
@@ -1128,41 +1103,19 @@ mod tests {
 
     #[test]
     fn devices_without_version_1_are_refused() {
-        struct Legacy(TestDevice);
+        struct Legacy(VirtioCommon);
         impl VirtioDevice for Legacy {
-            fn device_type(&self) -> u32 {
-                1
+            fn common(&self) -> &VirtioCommon {
+                &self.0
             }
-            fn queue_max_sizes(&self) -> &[u16] {
-                &[16]
-            }
-            fn avail_features(&self) -> u64 {
-                0
-            }
-            fn acked_features(&self) -> u64 {
-                0
-            }
-            fn set_acked_features(&mut self, _: u64) {}
-            fn read_config(&self, _: u64, _: &mut [u8]) {}
-            fn write_config(&mut self, _: u64, _: &[u8]) {}
-            fn queue_events(&self) -> &[EventFd] {
-                self.0.queue_events()
-            }
-            fn activate(
-                &mut self,
-                _: GuestMemoryMmap,
-                _: Arc<dyn InterruptTrigger>,
-                _: Vec<Queue>,
-            ) -> Result<(), ActivateError> {
-                Ok(())
-            }
-            fn is_activated(&self) -> bool {
-                false
+            fn common_mut(&mut self) -> &mut VirtioCommon {
+                &mut self.0
             }
         }
+        let legacy = Legacy(VirtioCommon::new("legacy", 1, 0, &[16]).unwrap());
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let irq = Arc::new(MmioInterrupt::new(EventFd::new(0).unwrap()));
-        let result = MmioTransport::new(Arc::new(Mutex::new(Legacy(TestDevice::new()))), mem, irq);
+        let result = MmioTransport::new(Arc::new(Mutex::new(legacy)), mem, irq);
         assert!(matches!(result, Err(MmioError::NotModern)));
     }
 }

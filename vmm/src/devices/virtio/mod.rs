@@ -26,7 +26,6 @@ pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -69,37 +68,88 @@ pub enum ActivateError {
 }
 
 /// A virtio device model behind the virtio-mmio transport.
+///
+/// A device implements [`VirtioDevice::common`] and [`VirtioDevice::common_mut`], its
+/// configuration space, and, where its activation or reset does more than the common
+/// part's, [`VirtioDevice::on_activate`] and [`VirtioDevice::on_reset`]; the other methods
+/// have defaults that delegate to its [`VirtioCommon`].
 pub trait VirtioDevice: Send {
+    /// The part every device shares.
+    fn common(&self) -> &VirtioCommon;
+    /// The part every device shares, to change.
+    fn common_mut(&mut self) -> &mut VirtioCommon;
+
     /// Virtio device ID (2 block, 4 entropy, 16 gpu, 18 input, ...).
-    fn device_type(&self) -> u32;
+    fn device_type(&self) -> u32 {
+        self.common().device_type()
+    }
     /// Maximum size of each queue; the length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common().queue_sizes()
+    }
     /// Feature bits the device offers (must include `VIRTIO_F_VERSION_1`).
-    fn avail_features(&self) -> u64;
+    fn avail_features(&self) -> u64 {
+        self.common().avail_features()
+    }
     /// Feature bits the driver accepted.
-    fn acked_features(&self) -> u64;
-    /// Records the features the driver accepted (already masked by `avail_features`).
-    fn set_acked_features(&mut self, features: u64);
-    /// Reads from the device-specific configuration space. Out-of-range reads leave `data` untouched.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes to the device-specific configuration space. Out-of-range writes are ignored.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    fn acked_features(&self) -> u64 {
+        self.common().acked_features()
+    }
+    /// Takes the features the driver accepted at FEATURES_OK, or refuses them all
+    /// ([`VirtioCommon::ack_features`]).
+    fn ack_features(&mut self, features: u64) -> Result<(), FeatureError> {
+        self.common_mut().ack_features(features)
+    }
+    /// Reads from the device-specific configuration space. Out-of-range reads leave `data`
+    /// untouched; the default is a device without a configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let _ = (offset, data);
+    }
+    /// Writes to the device-specific configuration space. Out-of-range writes are ignored;
+    /// the default is a device without writable fields.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
     /// One eventfd per queue, signalled when the driver notifies that queue.
-    fn queue_events(&self) -> &[EventFd];
-    /// Starts the device with the queues the driver configured.
+    fn queue_events(&self) -> &[EventFd] {
+        self.common().queue_events()
+    }
+    /// Starts the device with the queues the driver configured: the common part checks
+    /// and takes them ([`VirtioCommon::activate`]), then [`VirtioDevice::on_activate`]
+    /// runs; if that fails the device is left unactivated.
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn InterruptTrigger>,
         queues: Vec<Queue>,
-    ) -> Result<(), ActivateError>;
-    /// Whether [`VirtioDevice::activate`] has succeeded since the last reset.
-    fn is_activated(&self) -> bool;
-    /// Returns the device to its pre-activation state. Returns false when the device
-    /// cannot be reset, in which case the transport marks it as needing reset.
-    fn reset(&mut self) -> bool {
-        false
+    ) -> Result<(), ActivateError> {
+        self.common_mut().activate(mem, interrupt, queues)?;
+        self.on_activate().inspect_err(|_| {
+            self.common_mut().reset();
+        })
     }
+    /// What the device does once activated, beyond the common part (e.g. serve what was
+    /// queued before).
+    fn on_activate(&mut self) -> Result<(), ActivateError> {
+        Ok(())
+    }
+    /// Whether [`VirtioDevice::activate`] has succeeded since the last reset.
+    fn is_activated(&self) -> bool {
+        self.common().is_activated()
+    }
+    /// Returns the device to its initial state (the driver wrote 0 to the status): the
+    /// common part ([`VirtioCommon::reset`]), then, if the device was activated,
+    /// [`VirtioDevice::on_reset`]. Returns false when the device cannot be reset, in which
+    /// case the transport marks it as needing reset.
+    fn reset(&mut self) -> bool {
+        if self.common_mut().reset() {
+            self.on_reset();
+        }
+        true
+    }
+    /// What a reset of the activated device clears beyond the common part (device state
+    /// the guest built, configuration selectors, ...).
+    fn on_reset(&mut self) {}
 }
 
 /// A queue the guest broke: the device cannot go on with it until the driver resets it.
@@ -132,7 +182,7 @@ pub enum QueueError {
 /// One queue of an activated device: virtio-queue's [`Queue`] plus whether the guest broke
 /// it. Every device model reads and updates its rings through this type, so that a broken
 /// ring is handled the same way everywhere: the first operation that fails returns a
-/// [`QueueError`] (which the device hands to [`report_broken_queue`]), and from then on
+/// [`QueueError`] (which [`VirtioCommon::serve_queue`] answers with DEVICE_NEEDS_RESET), and from then on
 /// the queue offers no chains and takes no used entries until the driver resets the
 /// device (which builds new queues).
 #[derive(Debug)]
@@ -272,25 +322,6 @@ impl DeviceQueue {
             }
         }
         Ok(used_any)
-    }
-}
-
-/// What every device does when the guest broke one of its queues: count it, log it
-/// (rate-limited), and tell the driver that the device needs a reset. `device` names the
-/// device in the message.
-pub fn report_broken_queue(
-    device: &str,
-    error: &QueueError,
-    interrupt: &dyn InterruptTrigger,
-    counter: &AtomicU64,
-) {
-    counter.fetch_add(1, Ordering::Relaxed);
-    crate::guest_warn!(
-        "{device}: {}; the device needs a reset",
-        crate::vmm::error_chain(error)
-    );
-    if let Err(e) = interrupt.set_needs_reset() {
-        crate::guest_warn!("{device}: cannot raise the configuration interrupt: {e}");
     }
 }
 

@@ -13,18 +13,13 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::Queue;
 use vm_memory::Bytes;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{
     parse_request, DiskProperties, RejectedRequest, Request, RequestError, RequestType, ID_LEN,
     SECTOR_SIZE,
 };
-use crate::devices::virtio::{
-    check_rings, read_config_bytes, report_broken_queue, ActivateError, DeviceQueue,
-    GuestMemoryMmap, InterruptKind, InterruptTrigger, VirtioDevice,
-};
+use crate::devices::virtio::{read_config_bytes, GuestMemoryMmap, VirtioCommon, VirtioDevice};
 use crate::devices::DeviceMetrics;
 
 /// Size of the device's single request queue.
@@ -103,7 +98,7 @@ pub struct BlockMetrics {
     /// Host I/O errors (answered IOERR).
     pub io_errors: AtomicU64,
     /// Times the guest broke the queue (the device then needs a reset).
-    pub queue_errors: AtomicU64,
+    pub queue_errors: Arc<AtomicU64>,
     /// Queue notifications handled.
     pub queue_events: AtomicU64,
 }
@@ -144,24 +139,19 @@ impl DeviceMetrics for BlockMetrics {
     }
 }
 
-/// State that exists only while the driver has the device running.
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn InterruptTrigger>,
-    queue: DeviceQueue,
-}
-
 /// A virtio-blk device over a raw disk image.
 pub struct Block {
-    disk: File,
-    disk_props: DiskProperties,
+    common: VirtioCommon,
+    disk: Disk,
     /// `struct virtio_blk_config` up to and including `seg_max` (little endian).
     config: [u8; CONFIG_LEN],
+}
+
+/// The disk image and what requests do to it.
+struct Disk {
+    file: File,
+    props: DiskProperties,
     id: [u8; ID_LEN],
-    avail_features: u64,
-    acked_features: u64,
-    queue_evts: [EventFd; 1],
-    active: Option<Active>,
     metrics: Arc<BlockMetrics>,
 }
 
@@ -196,7 +186,7 @@ impl Block {
     }
 
     fn from_file(
-        disk: File,
+        file: File,
         capacity: u64,
         read_only: bool,
         id_string: &[u8],
@@ -210,74 +200,64 @@ impl Block {
         if read_only {
             avail_features |= 1u64 << VIRTIO_BLK_F_RO;
         }
+        let common = VirtioCommon::new(
+            "virtio-blk",
+            VIRTIO_ID_BLOCK,
+            avail_features,
+            &[BLOCK_QUEUE_SIZE],
+        )
+        .map_err(BlockError::EventFd)?;
+        let metrics = Arc::new(BlockMetrics {
+            queue_errors: common.queue_errors(),
+            ..BlockMetrics::default()
+        });
         Ok(Self {
-            disk,
-            disk_props: DiskProperties {
-                capacity,
-                read_only,
+            common,
+            disk: Disk {
+                file,
+                props: DiskProperties {
+                    capacity,
+                    read_only,
+                },
+                id,
+                metrics,
             },
             config: config_space(capacity),
-            id,
-            avail_features,
-            acked_features: 0,
-            queue_evts: [EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?],
-            active: None,
-            metrics: Arc::new(BlockMetrics::default()),
         })
     }
 
     /// The device's counters.
     pub fn metrics(&self) -> Arc<BlockMetrics> {
-        self.metrics.clone()
+        self.disk.metrics.clone()
     }
 
     /// Disk size in sectors.
     pub fn capacity(&self) -> u64 {
-        self.disk_props.capacity
+        self.disk.props.capacity
     }
 
     /// The 20-byte ID answered to GET_ID.
     pub fn id(&self) -> &[u8; ID_LEN] {
-        &self.id
-    }
-
-    pub(super) fn queue_evt(&self) -> &EventFd {
-        &self.queue_evts[0]
+        &self.disk.id
     }
 
     /// Serves every available request and interrupts the guest if it asked for it.
     /// Does nothing before activation.
     pub fn process_queue(&mut self) {
-        let Some(mut active) = self.active.take() else {
-            return;
-        };
-        match active
-            .queue
-            .drain(&active.mem, |chain| self.serve(&active.mem, chain))
-            .and_then(|used_any| Ok(used_any && active.queue.needs_notification(&active.mem)?))
-        {
-            Ok(false) => {}
-            Ok(true) => {
-                if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
-                    crate::guest_warn!("virtio-blk: cannot interrupt the guest: {e}");
-                }
-            }
-            Err(e) => report_broken_queue(
-                "virtio-blk",
-                &e,
-                active.interrupt.as_ref(),
-                &self.metrics.queue_errors,
-            ),
-        }
-        self.active = Some(active);
+        let disk = &mut self.disk;
+        self.common.serve_queue(0, |queue, mem| {
+            queue.drain(mem, |chain| disk.serve(mem, chain))
+        });
     }
+}
 
+impl Disk {
     /// Serves one chain; returns the number of bytes written to guest buffers.
     fn serve<M>(&mut self, mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>) -> u32
     where
         M: std::ops::Deref<Target = GuestMemoryMmap>,
     {
-        match parse_request(mem, chain, self.disk_props) {
+        match parse_request(mem, chain, self.props) {
             Ok(request) => {
                 let (status, written) = match self.execute(mem, &request) {
                     Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
@@ -316,10 +296,10 @@ impl Block {
         let io_err = |e: vm_memory::GuestMemoryError| io::Error::other(e);
         match request.request_type {
             RequestType::In => {
-                self.disk
+                self.file
                     .seek(SeekFrom::Start(request.sector * SECTOR_SIZE))?;
                 for s in &request.data {
-                    mem.read_exact_volatile_from(s.addr, &mut self.disk, s.len as usize)
+                    mem.read_exact_volatile_from(s.addr, &mut self.file, s.len as usize)
                         .map_err(io_err)?;
                 }
                 self.metrics.reads.fetch_add(1, Ordering::Relaxed);
@@ -331,10 +311,10 @@ impl Block {
                 Ok(u32::try_from(request.data_len).unwrap_or(u32::MAX))
             }
             RequestType::Out => {
-                self.disk
+                self.file
                     .seek(SeekFrom::Start(request.sector * SECTOR_SIZE))?;
                 for s in &request.data {
-                    mem.write_all_volatile_to(s.addr, &mut self.disk, s.len as usize)
+                    mem.write_all_volatile_to(s.addr, &mut self.file, s.len as usize)
                         .map_err(io_err)?;
                 }
                 self.metrics.writes.fetch_add(1, Ordering::Relaxed);
@@ -344,8 +324,8 @@ impl Block {
                 Ok(0)
             }
             RequestType::Flush => {
-                if !self.disk_props.read_only {
-                    self.disk.sync_data()?;
+                if !self.props.read_only {
+                    self.file.sync_data()?;
                 }
                 self.metrics.flushes.fetch_add(1, Ordering::Relaxed);
                 Ok(0)
@@ -389,65 +369,18 @@ fn lock_image(disk: &File, read_only: bool) -> io::Result<()> {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[BLOCK_QUEUE_SIZE]
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // capacity is read-only; no writable fields are offered (no CONFIG_WCE).
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn InterruptTrigger>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        let [queue]: [Queue; 1] = queues.try_into().map_err(|q: Vec<Queue>| {
-            ActivateError::BadQueue(format!("{} queues, 1 expected", q.len()))
-        })?;
-        check_rings(0, &queue, &mem)?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queue: DeviceQueue::new(queue, 0),
-        });
-        Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn reset(&mut self) -> bool {
-        self.active = None;
-        self.acked_features = 0;
-        // Drop any notification that arrived for the old queue.
-        let _ = self.queue_evts[0].read();
-        true
-    }
+    // capacity is read-only; no writable fields are offered (no CONFIG_WCE): the default
+    // write_config ignores writes.
 }

@@ -14,14 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use framebuffer::{FramebufferShare, FramebufferWriter, PoolBuffer, ReaderFds, ScanoutConfig};
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::decoder::{self, resp, Command, CtrlHeader, Format, MemEntry, Rect, Request, Response};
 use crate::devices::virtio::{
-    check_rings, read_config_bytes, report_broken_queue, ActivateError, DeviceQueue,
-    GuestMemoryMmap, InterruptKind, InterruptTrigger, QueueError, VirtioDevice,
+    read_config_bytes, ActivateError, DeviceQueue, GuestMemoryMmap, InterruptKind,
+    InterruptTrigger, QueueError, VirtioCommon, VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -99,7 +97,7 @@ pub struct GpuMetrics {
     /// Bytes copied by transfers.
     pub transfer_bytes: AtomicU64,
     /// Times the guest broke a queue (the device then needs a reset).
-    pub queue_errors: AtomicU64,
+    pub queue_errors: Arc<AtomicU64>,
 }
 
 /// Serialisable snapshot of [`GpuMetrics`].
@@ -771,26 +769,17 @@ impl GpuState {
     }
 }
 
-/// Queues and memory of an activated device.
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn InterruptTrigger>,
-    queues: Vec<DeviceQueue>,
-}
-
 /// The virtio-gpu device model behind virtio-mmio.
 pub struct Gpu {
+    common: VirtioCommon,
     state: GpuState,
-    queue_events: Vec<EventFd>,
-    acked_features: u64,
-    active: Option<Active>,
 }
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gpu")
             .field("state", &self.state)
-            .field("activated", &self.active.is_some())
+            .field("activated", &self.common.is_activated())
             .finish_non_exhaustive()
     }
 }
@@ -798,16 +787,19 @@ impl std::fmt::Debug for Gpu {
 impl Gpu {
     /// A gpu device with its shared framebuffer.
     pub fn new(config: GpuConfig) -> Result<Self, GpuError> {
-        let queue_events = QUEUE_SIZES
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(GpuError::EventFd))
-            .collect::<Result<_, _>>()?;
-        Ok(Self {
-            state: GpuState::new(config)?,
-            queue_events,
-            acked_features: 0,
-            active: None,
-        })
+        let common = VirtioCommon::new(
+            "virtio-gpu",
+            GPU_DEVICE_ID,
+            VIRTIO_F_VERSION_1 | VIRTIO_GPU_F_EDID,
+            &QUEUE_SIZES,
+        )
+        .map_err(GpuError::EventFd)?;
+        let mut state = GpuState::new(config)?;
+        state.metrics = Arc::new(GpuMetrics {
+            queue_errors: common.queue_errors(),
+            ..GpuMetrics::default()
+        });
+        Ok(Self { common, state })
     }
 
     /// The VMM's handle (resize, framebuffer descriptors, metrics).
@@ -817,38 +809,18 @@ impl Gpu {
 
     /// Processes every available request of queue `index` and signals the guest if needed.
     pub fn process_queue(&mut self, index: usize) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let Some(queue) = active.queues.get_mut(index) else {
-            return;
-        };
-        let mem = &active.mem;
-        let mut used_any = false;
-        let result = Self::serve_all(&mut self.state, mem, queue, &mut used_any)
-            .and_then(|()| Ok(used_any && queue.needs_notification(mem)?));
-        match result {
-            Ok(false) => {}
-            // Nothing better to do on failure: the interrupt line is the only way to tell.
-            Ok(true) => {
-                let _ = active.interrupt.trigger(InterruptKind::Queue);
-            }
-            Err(e) => report_broken_queue(
-                "virtio-gpu",
-                &e,
-                active.interrupt.as_ref(),
-                &self.state.metrics.queue_errors,
-            ),
-        }
+        let state = &mut self.state;
+        self.common
+            .serve_queue(index, |queue, mem| Self::serve_all(state, mem, queue));
     }
 
-    /// Answers every available request of `queue`.
+    /// Answers every available request of `queue`; returns whether it used any.
     fn serve_all(
         state: &mut GpuState,
         mem: &GuestMemoryMmap,
         queue: &mut DeviceQueue,
-        used_any: &mut bool,
-    ) -> Result<(), QueueError> {
+    ) -> Result<bool, QueueError> {
+        let mut used_any = false;
         while let Some(chain) = queue.pop(mem)? {
             let head = chain.head_index();
             let response = match chain.clone().reader(mem) {
@@ -870,9 +842,9 @@ impl Gpu {
                 Err(_) => 0,
             };
             queue.add_used(mem, head, written as u32)?;
-            *used_any = true;
+            used_any = true;
         }
-        Ok(())
+        Ok(used_any)
     }
 }
 
@@ -881,24 +853,12 @@ fn error_response(code: u32) -> Vec<u8> {
 }
 
 impl VirtioDevice for Gpu {
-    fn device_type(&self) -> u32 {
-        GPU_DEVICE_ID
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_GPU_F_EDID
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -928,48 +888,18 @@ impl VirtioDevice for Gpu {
         }
     }
 
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn InterruptTrigger>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::BadQueue(format!(
-                "gpu needs {} queues, got {}",
-                QUEUE_SIZES.len(),
-                queues.len()
-            )));
-        }
-        for (i, q) in queues.iter().enumerate() {
-            check_rings(i, q, &mem)?;
-        }
+    fn on_activate(&mut self) -> Result<(), ActivateError> {
+        // Display-size changes from the VMM raise configuration interrupts from now on.
         self.state
             .display
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .interrupt = Some(interrupt.clone());
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues: DeviceQueue::from_queues(queues),
-        });
+            .interrupt = self.common.interrupt().cloned();
         Ok(())
     }
 
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn reset(&mut self) -> bool {
+    fn on_reset(&mut self) {
         self.state.reset();
-        self.active = None;
-        self.acked_features = 0;
-        true
     }
 }
 

@@ -9,15 +9,11 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::pending::{PendingError, PendingQueue, DEFAULT_CAPACITY};
 use super::profile::{EventError, InputProfile, CONFIG_PAYLOAD_LEN};
-use crate::devices::virtio::{
-    check_rings, read_config_bytes, report_broken_queue, ActivateError, DeviceQueue,
-    GuestMemoryMmap, InterruptKind, InterruptTrigger, QueueError, VirtioDevice,
-};
+use crate::devices::virtio::{read_config_bytes, VirtioCommon, VirtioDevice};
 use crate::devices::DeviceMetrics;
 use crate::rpc::InputEvent;
 
@@ -67,7 +63,7 @@ pub struct InputMetrics {
     /// Batches refused (invalid, or keys that did not fit).
     pub refused: AtomicU64,
     /// Times the guest broke a queue (the device then needs a reset).
-    pub queue_errors: AtomicU64,
+    pub queue_errors: Arc<AtomicU64>,
 }
 
 impl DeviceMetrics for InputMetrics {
@@ -139,30 +135,22 @@ impl InputHandle {
     }
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn InterruptTrigger>,
-    queues: Vec<DeviceQueue>,
-}
-
 /// A virtio-input device (keyboard, tablet or touch screen, by profile).
 pub struct Input {
+    common: VirtioCommon,
     profile: Arc<InputProfile>,
     select: u8,
     subsel: u8,
-    queue_events: Vec<EventFd>,
     kick: Arc<EventFd>,
     pending: Arc<Mutex<PendingQueue>>,
     metrics: Arc<InputMetrics>,
-    acked_features: u64,
-    active: Option<Active>,
 }
 
 impl std::fmt::Debug for Input {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Input")
             .field("device", &self.profile.label())
-            .field("activated", &self.active.is_some())
+            .field("activated", &self.common.is_activated())
             .finish_non_exhaustive()
     }
 }
@@ -175,17 +163,25 @@ impl Input {
 
     /// A device whose pending queue holds at most `capacity` events.
     pub fn with_capacity(profile: InputProfile, capacity: usize) -> Result<Self, InputError> {
-        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(InputError::EventFd);
+        let common = VirtioCommon::new(
+            "virtio-input",
+            INPUT_DEVICE_ID,
+            VIRTIO_F_VERSION_1,
+            &QUEUE_SIZES,
+        )
+        .map_err(InputError::EventFd)?;
+        let metrics = Arc::new(InputMetrics {
+            queue_errors: common.queue_errors(),
+            ..InputMetrics::default()
+        });
         Ok(Self {
+            common,
             profile: Arc::new(profile),
             select: 0,
             subsel: 0,
-            queue_events: vec![eventfd()?, eventfd()?],
-            kick: Arc::new(eventfd()?),
+            kick: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(InputError::EventFd)?),
             pending: Arc::new(Mutex::new(PendingQueue::new(capacity))),
-            metrics: Arc::default(),
-            acked_features: 0,
-            active: None,
+            metrics,
         })
     }
 
@@ -206,14 +202,10 @@ impl Input {
 
     /// Moves pending events into the guest's event-queue buffers, as many as it posted.
     pub fn process_event_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let mem = &active.mem;
-        let queue = &mut active.queues[EVENT_QUEUE];
-        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut used_any = false;
-        let result = (|| {
+        let (pending, metrics) = (&self.pending, &self.metrics);
+        self.common.serve_queue(EVENT_QUEUE, |queue, mem| {
+            let mut pending = pending.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut used_any = false;
             while let Some(event) = pending.peek() {
                 let Some(chain) = queue.pop(mem)? else {
                     break;
@@ -232,32 +224,19 @@ impl Input {
                 };
                 if written == EVENT_LEN {
                     pending.pop();
-                    self.metrics.delivered.fetch_add(1, Ordering::Relaxed);
+                    metrics.delivered.fetch_add(1, Ordering::Relaxed);
                 }
                 queue.add_used(mem, head, written as u32)?;
                 used_any = true;
             }
-            Ok(used_any && queue.needs_notification(mem)?)
-        })();
-        notify(active.interrupt.as_ref(), &self.metrics, result);
+            Ok(used_any)
+        });
     }
 
     /// Returns the driver's status buffers (LED changes); the host has no LEDs to set.
     pub fn process_status_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let mem = &active.mem;
-        let queue = &mut active.queues[STATUS_QUEUE];
-        let result = (|| {
-            let mut used_any = false;
-            while let Some(chain) = queue.pop(mem)? {
-                queue.add_used(mem, chain.head_index(), 0)?;
-                used_any = true;
-            }
-            Ok(used_any && queue.needs_notification(mem)?)
-        })();
-        notify(active.interrupt.as_ref(), &self.metrics, result);
+        self.common
+            .serve_queue(STATUS_QUEUE, |queue, mem| queue.drain(mem, |_| 0));
     }
 
     fn config_bytes(&self) -> [u8; CONFIG_PAYLOAD_OFFSET + CONFIG_PAYLOAD_LEN] {
@@ -272,42 +251,13 @@ impl Input {
     }
 }
 
-/// Ends a pass over a queue: interrupts the guest if it asked for it, or reports the queue
-/// it broke.
-fn notify(
-    interrupt: &dyn InterruptTrigger,
-    metrics: &InputMetrics,
-    pass: Result<bool, QueueError>,
-) {
-    match pass {
-        Ok(false) => {}
-        // Nothing better to do on failure: the interrupt line is the only way to tell.
-        Ok(true) => {
-            let _ = interrupt.trigger(InterruptKind::Queue);
-        }
-        Err(e) => report_broken_queue("virtio-input", &e, interrupt, &metrics.queue_errors),
-    }
-}
-
 impl VirtioDevice for Input {
-    fn device_type(&self) -> u32 {
-        INPUT_DEVICE_ID
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -326,44 +276,9 @@ impl VirtioDevice for Input {
         }
     }
 
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn InterruptTrigger>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::BadQueue(format!(
-                "input needs {} queues, got {}",
-                QUEUE_SIZES.len(),
-                queues.len()
-            )));
-        }
-        for (i, q) in queues.iter().enumerate() {
-            check_rings(i, q, &mem)?;
-        }
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues: DeviceQueue::from_queues(queues),
-        });
-        Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn reset(&mut self) -> bool {
-        self.active = None;
-        self.acked_features = 0;
+    fn on_reset(&mut self) {
         self.select = 0;
         self.subsel = 0;
-        true
     }
 }
 
@@ -377,6 +292,7 @@ mod tests {
         guest_memory, Buf, DriverQueue, RecordingInterrupt,
     };
     use crate::devices::virtio::test_utils::check_broken_queue_needs_reset;
+    use crate::devices::virtio::{GuestMemoryMmap, InterruptKind};
 
     fn event(ty: u16, code: u16, value: i32) -> InputEvent {
         InputEvent { ty, code, value }

@@ -16,16 +16,14 @@ use serde::Serialize;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
-use virtio_queue::Queue;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{
     gather, rx_segments, scatter, tx_segments, ChainError, MAX_FRAME_LEN, MIN_FRAME_LEN,
 };
 use super::tap::{FrameBackend, Tap, TapError, VNET_HDR_LEN};
 use crate::devices::virtio::{
-    check_rings, read_config_bytes, report_broken_queue, ActivateError, DeviceQueue,
-    GuestMemoryMmap, InterruptKind, InterruptTrigger, QueueError, VirtioDevice,
+    read_config_bytes, ActivateError, DeviceQueue, GuestMemoryMmap, QueueError, VirtioCommon,
+    VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -137,7 +135,7 @@ pub struct NetMetrics {
     /// Errors reading from the backend.
     pub backend_errors: AtomicU64,
     /// Times the guest broke a queue (the device then needs a reset).
-    pub queue_errors: AtomicU64,
+    pub queue_errors: Arc<AtomicU64>,
     /// Queue notifications handled.
     pub queue_events: AtomicU64,
 }
@@ -184,14 +182,6 @@ fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
-/// State that exists only while the driver has the device running.
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn InterruptTrigger>,
-    rx: DeviceQueue,
-    tx: DeviceQueue,
-}
-
 /// What became of a received frame.
 enum Delivery {
     /// In a guest buffer, or dropped: either way, done with.
@@ -202,14 +192,16 @@ enum Delivery {
 
 /// A virtio-net device over a frame backend (a TAP device in the VMM).
 pub struct Net<B: FrameBackend = Tap> {
-    backend: B,
+    common: VirtioCommon,
     mac: MacAddr,
     /// `struct virtio_net_config` up to and including `status` (little endian).
     config: [u8; CONFIG_LEN],
-    avail_features: u64,
-    acked_features: u64,
-    queue_evts: [EventFd; 2],
-    active: Option<Active>,
+    link: Link<B>,
+}
+
+/// The backend and the frames in flight between it and the guest's queues.
+struct Link<B> {
+    backend: B,
     /// The frame being received; `rx_pending` bytes of it wait for a guest buffer.
     rx_buf: Vec<u8>,
     rx_pending: Option<usize>,
@@ -231,27 +223,36 @@ impl<B: FrameBackend> Net<B> {
         let mut config = [0u8; CONFIG_LEN];
         config[..6].copy_from_slice(&mac.0);
         config[6..].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
-        Ok(Self {
-            backend,
-            mac,
-            config,
-            avail_features: (1u64 << VIRTIO_F_VERSION_1)
+        let common = VirtioCommon::new(
+            "virtio-net",
+            VIRTIO_ID_NET,
+            (1u64 << VIRTIO_F_VERSION_1)
                 | (1u64 << VIRTIO_NET_F_MAC)
                 | (1u64 << VIRTIO_NET_F_STATUS),
-            acked_features: 0,
-            queue_evts: [eventfd()?, eventfd()?],
-            active: None,
-            rx_buf: vec![0; MAX_FRAME_LEN as usize],
-            rx_pending: None,
-            tx_buf: vec![0; MAX_FRAME_LEN as usize],
-            metrics: Arc::new(NetMetrics::default()),
+            &[NET_QUEUE_SIZE, NET_QUEUE_SIZE],
+        )
+        .map_err(NetError::EventFd)?;
+        let metrics = Arc::new(NetMetrics {
+            queue_errors: common.queue_errors(),
+            ..NetMetrics::default()
+        });
+        Ok(Self {
+            common,
+            mac,
+            config,
+            link: Link {
+                backend,
+                rx_buf: vec![0; MAX_FRAME_LEN as usize],
+                rx_pending: None,
+                tx_buf: vec![0; MAX_FRAME_LEN as usize],
+                metrics,
+            },
         })
     }
 
     /// The device's counters.
     pub fn metrics(&self) -> Arc<NetMetrics> {
-        self.metrics.clone()
+        self.link.metrics.clone()
     }
 
     /// The guest's MAC address.
@@ -261,48 +262,36 @@ impl<B: FrameBackend> Net<B> {
 
     /// The frame backend.
     pub fn backend(&self) -> &B {
-        &self.backend
-    }
-
-    pub(super) fn queue_evt(&self, index: usize) -> &EventFd {
-        &self.queue_evts[index]
+        &self.link.backend
     }
 
     /// Sends every frame the guest queued for transmission and interrupts the guest if it
     /// asked for it. Does nothing before activation.
     pub fn process_tx(&mut self) {
-        let Some(mut active) = self.active.take() else {
-            return;
-        };
-        let mut used_any = false;
-        let result = self.transmit_all(&mut active, &mut used_any);
-        if let Err(e) = result {
-            self.broken(&active, &e);
-        } else if used_any {
-            self.signal(&mut active, TX_QUEUE);
-        }
-        self.active = Some(active);
+        let link = &mut self.link;
+        self.common.serve_queue(TX_QUEUE, |tx, mem| {
+            let mut used_any = false;
+            while let Some(chain) = tx.pop(mem)? {
+                let head = chain.head_index();
+                link.transmit(mem, chain);
+                tx.add_used(mem, head, 0)?;
+                used_any = true;
+            }
+            Ok(used_any)
+        });
     }
 
-    fn transmit_all(&mut self, active: &mut Active, used_any: &mut bool) -> Result<(), QueueError> {
-        while let Some(chain) = active.tx.pop(&active.mem)? {
-            let head = chain.head_index();
-            self.transmit(&active.mem, chain);
-            active.tx.add_used(&active.mem, head, 0)?;
-            *used_any = true;
-        }
-        Ok(())
+    /// Moves frames from the backend into the guest's RX buffers until the backend has
+    /// none left or the guest has no buffers (the frame in hand then waits). Does nothing
+    /// before activation.
+    pub fn process_rx(&mut self) {
+        let link = &mut self.link;
+        self.common
+            .serve_queue(RX_QUEUE, |rx, mem| link.receive(rx, mem));
     }
+}
 
-    fn broken(&self, active: &Active, e: &QueueError) {
-        report_broken_queue(
-            "virtio-net",
-            e,
-            active.interrupt.as_ref(),
-            &self.metrics.queue_errors,
-        );
-    }
-
+impl<B: FrameBackend> Link<B> {
     fn transmit<M>(&mut self, mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>)
     where
         M: std::ops::Deref<Target = GuestMemoryMmap>,
@@ -341,13 +330,9 @@ impl<B: FrameBackend> Net<B> {
         }
     }
 
-    /// Moves frames from the backend into the guest's RX buffers until the backend has
-    /// none left or the guest has no buffers (the frame in hand then waits). Does nothing
-    /// before activation.
-    pub fn process_rx(&mut self) {
-        let Some(mut active) = self.active.take() else {
-            return;
-        };
+    /// One RX pass: frames from the backend into the buffers of `rx`; returns whether
+    /// any buffer was used.
+    fn receive(&mut self, rx: &mut DeviceQueue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
         let mut used_any = false;
         loop {
             let len = match self.rx_pending {
@@ -369,13 +354,12 @@ impl<B: FrameBackend> Net<B> {
                     }
                 },
             };
-            match self.deliver(&mut active, len, &mut used_any) {
+            match self.deliver(rx, mem, len, &mut used_any) {
                 Ok(Delivery::Done) => self.rx_pending = None,
                 Err(e) => {
                     // The frame stays pending; the reset the driver owes us drops it.
                     self.rx_pending = Some(len);
-                    self.broken(&active, &e);
-                    break;
+                    return Err(e);
                 }
                 Ok(Delivery::NoBuffers) => {
                     if self.rx_pending.is_none() {
@@ -386,16 +370,14 @@ impl<B: FrameBackend> Net<B> {
                 }
             }
         }
-        if used_any && !active.rx.is_broken() {
-            self.signal(&mut active, RX_QUEUE);
-        }
-        self.active = Some(active);
+        Ok(used_any)
     }
 
     /// Puts the `len`-byte frame in `rx_buf` into the guest's next usable RX chain.
     fn deliver(
         &mut self,
-        active: &mut Active,
+        rx: &mut DeviceQueue,
+        mem: &GuestMemoryMmap,
         len: usize,
         used_any: &mut bool,
     ) -> Result<Delivery, QueueError> {
@@ -404,11 +386,11 @@ impl<B: FrameBackend> Net<B> {
         frame[..VNET_HDR_LEN].fill(0);
         frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
         loop {
-            let Some(chain) = active.rx.pop(&active.mem)? else {
+            let Some(chain) = rx.pop(mem)? else {
                 return Ok(Delivery::NoBuffers);
             };
             let head = chain.head_index();
-            let (used_len, done) = match rx_segments(&active.mem, chain) {
+            let (used_len, done) = match rx_segments(mem, chain) {
                 Err(e) => {
                     // Returned unused so the guest gets its buffer back; try the next.
                     bump(&self.metrics.rx_malformed_chains, 1);
@@ -418,14 +400,14 @@ impl<B: FrameBackend> Net<B> {
                 Ok((_, capacity)) if capacity < len as u64 => {
                     // The guest's buffers are smaller than this frame (and likely every
                     // frame of its size): drop the frame, keep the chain for the next one.
-                    active.rx.undo_pop();
+                    rx.undo_pop();
                     bump(&self.metrics.rx_dropped, 1);
                     tracing::debug!(
                         "virtio-net: dropped a {len}-byte frame: RX buffer holds {capacity}"
                     );
                     return Ok(Delivery::Done);
                 }
-                Ok((segments, _)) => match scatter(&active.mem, &segments, frame) {
+                Ok((segments, _)) => match scatter(mem, &segments, frame) {
                     Ok(written) => {
                         bump(&self.metrics.rx_packets, 1);
                         bump(&self.metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
@@ -439,83 +421,32 @@ impl<B: FrameBackend> Net<B> {
                     }
                 },
             };
-            active.rx.add_used(&active.mem, head, used_len)?;
+            rx.add_used(mem, head, used_len)?;
             *used_any = true;
             if done {
                 return Ok(Delivery::Done);
             }
         }
     }
-
-    /// Interrupts the guest for what was used on queue `index` if it asked for it.
-    fn signal(&self, active: &mut Active, index: usize) {
-        let queue = if index == RX_QUEUE {
-            &mut active.rx
-        } else {
-            &mut active.tx
-        };
-        match queue.needs_notification(&active.mem) {
-            Ok(true) => {
-                if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
-                    crate::guest_warn!("virtio-net: cannot interrupt the guest: {e}");
-                }
-            }
-            Ok(false) => {}
-            Err(e) => self.broken(active, &e),
-        }
-    }
 }
 
 impl<B: FrameBackend> VirtioDevice for Net<B> {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[NET_QUEUE_SIZE, NET_QUEUE_SIZE]
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // The MAC is read-only to a VERSION_1 driver, and so is the status.
-    }
+    // The MAC is read-only to a VERSION_1 driver, and so is the status: the default
+    // write_config ignores writes.
 
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn InterruptTrigger>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        let [rx, tx]: [Queue; 2] = queues.try_into().map_err(|q: Vec<Queue>| {
-            ActivateError::BadQueue(format!("{} queues, 2 expected", q.len()))
-        })?;
-        check_rings(RX_QUEUE, &rx, &mem)?;
-        check_rings(TX_QUEUE, &tx, &mem)?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            rx: DeviceQueue::new(rx, RX_QUEUE),
-            tx: DeviceQueue::new(tx, TX_QUEUE),
-        });
+    fn on_activate(&mut self) -> Result<(), ActivateError> {
         // Buffers posted and frames waiting before activation raised no event the
         // device could act on then (and the backend is watched edge-triggered): serve
         // them now.
@@ -524,20 +455,9 @@ impl<B: FrameBackend> VirtioDevice for Net<B> {
         Ok(())
     }
 
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn reset(&mut self) -> bool {
-        self.active = None;
-        self.acked_features = 0;
-        if self.rx_pending.take().is_some() {
-            bump(&self.metrics.rx_dropped, 1);
+    fn on_reset(&mut self) {
+        if self.link.rx_pending.take().is_some() {
+            bump(&self.link.metrics.rx_dropped, 1);
         }
-        // Drop any notification that arrived for the old queues.
-        for evt in &self.queue_evts {
-            let _ = evt.read();
-        }
-        true
     }
 }

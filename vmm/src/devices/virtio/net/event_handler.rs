@@ -12,6 +12,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::device::{Net, RX_QUEUE, TX_QUEUE};
 use super::tap::FrameBackend;
+use crate::devices::virtio::VirtioDevice;
 
 const RX_QUEUE_EVENT: u32 = 0;
 const TX_QUEUE_EVENT: u32 = 1;
@@ -22,11 +23,11 @@ impl<B: FrameBackend> MutEventSubscriber for Net<B> {
         let sources = [
             (
                 "RX queue eventfd",
-                Events::with_data(self.queue_evt(RX_QUEUE), RX_QUEUE_EVENT, EventSet::IN),
+                Events::with_data(&self.queue_events()[RX_QUEUE], RX_QUEUE_EVENT, EventSet::IN),
             ),
             (
                 "TX queue eventfd",
-                Events::with_data(self.queue_evt(TX_QUEUE), TX_QUEUE_EVENT, EventSet::IN),
+                Events::with_data(&self.queue_events()[TX_QUEUE], TX_QUEUE_EVENT, EventSet::IN),
             ),
             (
                 "backend",
@@ -59,7 +60,7 @@ impl<B: FrameBackend> MutEventSubscriber for Net<B> {
         };
         // Level-triggered: the counter must be drained even before activation, or the
         // loop would spin on it.
-        if self.queue_evt(queue).read().is_ok() {
+        if self.queue_events()[queue].read().is_ok() {
             self.metrics().queue_events.fetch_add(1, Ordering::Relaxed);
         }
         if queue == RX_QUEUE {

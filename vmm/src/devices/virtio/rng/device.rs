@@ -7,13 +7,9 @@ use std::sync::Arc;
 use serde::Serialize;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::Queue;
 use vm_memory::{Address, Bytes};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::virtio::{
-    ActivateError, GuestMemoryMmap, InterruptTrigger, VirtioCommon, VirtioDevice,
-};
+use crate::devices::virtio::{GuestMemoryMmap, VirtioCommon, VirtioDevice};
 use crate::devices::DeviceMetrics;
 
 /// Size of the device's request queue.
@@ -159,59 +155,14 @@ fn getrandom(buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// virtio-rng has no configuration space and nothing to add to activation or reset.
 impl VirtioDevice for Rng {
-    fn device_type(&self) -> u32 {
-        self.common.device_type()
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_sizes()
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.common.avail_features()
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.common.acked_features()
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        if features == 0 {
-            // The transport's reset.
-            self.common.reset();
-            return;
-        }
-        // The transport has already refused features that were not offered.
-        let _ = self.common.ack_features(features);
-    }
-
-    fn read_config(&self, _offset: u64, _data: &mut [u8]) {
-        // virtio-rng has no configuration space.
-    }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
-    fn queue_events(&self) -> &[EventFd] {
-        self.common.queue_events()
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn InterruptTrigger>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        self.common.activate(mem, interrupt, queues)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.common.is_activated()
-    }
-
-    fn reset(&mut self) -> bool {
-        self.common.reset();
-        true
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 }
 
