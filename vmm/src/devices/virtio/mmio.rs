@@ -982,6 +982,12 @@ mod tests {
         f.bring_up();
         assert_ne!(f.read(reg::STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
         assert_eq!(f.read(reg::STATUS) & DRIVER_OK, 0);
+        let dev = f.device.lock().unwrap();
+        assert!(
+            !dev.is_activated(),
+            "the common part's activation is undone"
+        );
+        assert!(dev.common().queues().is_empty());
     }
 
     #[test]

@@ -80,15 +80,19 @@ pub fn w(addr: u64, len: u32) -> Buf {
 pub struct Driver<'a> {
     pub vq: MockSplitQueue<'a, GuestMemoryMmap>,
     next_desc: u16,
-    chains: u16,
 }
 
 impl<'a> Driver<'a> {
+    /// A queue of `size` entries with its rings at the start of guest memory.
     pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
+        Self::at(mem, 0, size)
+    }
+
+    /// A queue of `size` entries with its rings from `base`.
+    pub fn at(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
         Self {
-            vq: MockSplitQueue::new(mem, size),
+            vq: MockSplitQueue::create(mem, GuestAddress(base), size),
             next_desc: 0,
-            chains: 0,
         }
     }
 
@@ -121,7 +125,6 @@ impl<'a> Driver<'a> {
             .collect();
         self.vq.add_desc_chains(&descs, head).unwrap();
         self.next_desc += bufs.len() as u16;
-        self.chains += 1;
         head
     }
 

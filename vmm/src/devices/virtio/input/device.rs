@@ -489,6 +489,23 @@ mod tests {
     }
 
     #[test]
+    fn reset_of_the_activated_device_clears_its_selectors_and_the_common_part() {
+        let mem = guest_memory(1 << 20);
+        let mut dev = Input::new(InputProfile::keyboard()).unwrap();
+        dev.ack_features(VIRTIO_F_VERSION_1).unwrap();
+        let _queues = activated(&mut dev, &mem);
+        dev.write_config(0, &[select::ID_NAME, 1]);
+
+        assert!(dev.reset());
+
+        let mut selectors = [0xffu8; 2];
+        dev.read_config(0, &mut selectors);
+        assert_eq!(selectors, [0, 0]);
+        assert!(!dev.is_activated());
+        assert_eq!(dev.acked_features(), 0);
+    }
+
+    #[test]
     fn status_queue_buffers_are_returned() {
         let mem = guest_memory(1 << 20);
         let mut dev = Input::new(InputProfile::keyboard()).unwrap();

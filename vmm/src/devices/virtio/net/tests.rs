@@ -10,10 +10,6 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -23,7 +19,7 @@ use super::{
     VNET_HDR_LEN,
 };
 use crate::devices::virtio::test_utils::{
-    check_broken_queue_needs_reset, guest_memory, r, w, Buf, CountingInterrupt, DATA_START,
+    check_broken_queue_needs_reset, guest_memory, r, w, CountingInterrupt, Driver, DATA_START,
     MEM_SIZE,
 };
 use crate::devices::virtio::{GuestMemoryMmap, VirtioDevice};
@@ -102,57 +98,8 @@ impl FrameBackend for MemBackend {
 }
 
 /// The driver's side of one queue, its rings at `base`.
-struct QueueDriver<'a> {
-    vq: MockSplitQueue<'a, GuestMemoryMmap>,
-    next_desc: u16,
-}
-
-impl<'a> QueueDriver<'a> {
-    fn new(mem: &'a GuestMemoryMmap, base: u64) -> Self {
-        Self {
-            vq: MockSplitQueue::create(mem, GuestAddress(base), RING_SIZE),
-            next_desc: 0,
-        }
-    }
-
-    fn queue(&self) -> Queue {
-        self.vq.create_queue().unwrap()
-    }
-
-    /// Makes `bufs` available as one chain; returns its head index.
-    fn add_chain(&mut self, bufs: &[Buf]) -> u16 {
-        let head = self.next_desc;
-        let descs: Vec<RawDescriptor> = bufs
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                let last = i == bufs.len() - 1;
-                let mut flags = if b.writable {
-                    VRING_DESC_F_WRITE as u16
-                } else {
-                    0
-                };
-                if !last {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                }
-                let next = if last { 0 } else { head + i as u16 + 1 };
-                RawDescriptor::from(Descriptor::new(b.addr, b.len, flags, next))
-            })
-            .collect();
-        self.vq.add_desc_chains(&descs, head).unwrap();
-        self.next_desc += bufs.len() as u16;
-        head
-    }
-
-    fn used_count(&self) -> u16 {
-        self.vq.used().idx().load()
-    }
-
-    /// The `n`th used element as (head index, length).
-    fn used(&self, n: u16) -> (u32, u32) {
-        let elem = self.vq.used().ring().ref_at(n as usize).unwrap().load();
-        (elem.id(), elem.len())
-    }
+fn queue_driver(mem: &GuestMemoryMmap, base: u64) -> Driver<'_> {
+    Driver::at(mem, base, RING_SIZE)
 }
 
 struct Fixture {
@@ -171,7 +118,7 @@ fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    fn activate(&mut self, rx: &QueueDriver, tx: &QueueDriver) -> Arc<CountingInterrupt> {
+    fn activate(&mut self, rx: &Driver, tx: &Driver) -> Arc<CountingInterrupt> {
         let irq = Arc::new(CountingInterrupt::default());
         self.net
             .activate(self.mem.clone(), irq.clone(), vec![rx.queue(), tx.queue()])
@@ -212,8 +159,8 @@ fn read_guest(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
 fn tx_sends_one_frame_with_a_clean_header() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let rx = QueueDriver::new(&mem, RX_RING);
-    let mut tx = QueueDriver::new(&mem, TX_RING);
+    let rx = queue_driver(&mem, RX_RING);
+    let mut tx = queue_driver(&mem, TX_RING);
     let irq = f.activate(&rx, &tx);
     let frame = ethernet_frame(60, 1);
     // A header asking for checksum and GSO work that was never negotiated.
@@ -235,8 +182,8 @@ fn tx_sends_one_frame_with_a_clean_header() {
 fn tx_gathers_a_frame_split_over_several_descriptors() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let rx = QueueDriver::new(&mem, RX_RING);
-    let mut tx = QueueDriver::new(&mem, TX_RING);
+    let rx = queue_driver(&mem, RX_RING);
+    let mut tx = queue_driver(&mem, TX_RING);
     f.activate(&rx, &tx);
     let frame = ethernet_frame(1514, 2);
     let chain = with_header(&frame, 0);
@@ -271,8 +218,8 @@ fn tx_gathers_a_frame_split_over_several_descriptors() {
 fn tx_chain_too_short_for_the_headers_is_dropped_and_later_frames_still_go() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let rx = QueueDriver::new(&mem, RX_RING);
-    let mut tx = QueueDriver::new(&mem, TX_RING);
+    let rx = queue_driver(&mem, RX_RING);
+    let mut tx = queue_driver(&mem, TX_RING);
     f.activate(&rx, &tx);
     let frame = ethernet_frame(60, 3);
     mem.write_slice(&with_header(&frame, 0), GuestAddress(TX_DATA))
@@ -293,8 +240,8 @@ fn tx_chain_too_short_for_the_headers_is_dropped_and_later_frames_still_go() {
 fn tx_chain_with_a_device_writable_descriptor_is_dropped() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let rx = QueueDriver::new(&mem, RX_RING);
-    let mut tx = QueueDriver::new(&mem, TX_RING);
+    let rx = queue_driver(&mem, RX_RING);
+    let mut tx = queue_driver(&mem, TX_RING);
     f.activate(&rx, &tx);
     mem.write_slice(
         &with_header(&ethernet_frame(60, 4), 0),
@@ -317,8 +264,8 @@ fn tx_chain_with_a_device_writable_descriptor_is_dropped() {
 fn tx_frames_over_the_size_limit_are_dropped_and_the_limit_itself_is_sent() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let rx = QueueDriver::new(&mem, RX_RING);
-    let mut tx = QueueDriver::new(&mem, TX_RING);
+    let rx = queue_driver(&mem, RX_RING);
+    let mut tx = queue_driver(&mem, TX_RING);
     f.activate(&rx, &tx);
     let largest = MAX_FRAME_LEN as u32;
     tx.add_chain(&[
@@ -343,8 +290,8 @@ fn tx_frames_over_the_size_limit_are_dropped_and_the_limit_itself_is_sent() {
 fn tx_buffers_outside_guest_memory_are_dropped() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let rx = QueueDriver::new(&mem, RX_RING);
-    let mut tx = QueueDriver::new(&mem, TX_RING);
+    let rx = queue_driver(&mem, RX_RING);
+    let mut tx = queue_driver(&mem, TX_RING);
     f.activate(&rx, &tx);
 
     tx.add_chain(&[r(MEM_SIZE as u64 - 32, 100)]);
@@ -360,8 +307,8 @@ fn tx_buffers_outside_guest_memory_are_dropped() {
 fn tx_frames_the_backend_refuses_are_counted_as_dropped() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let rx = QueueDriver::new(&mem, RX_RING);
-    let mut tx = QueueDriver::new(&mem, TX_RING);
+    let rx = queue_driver(&mem, RX_RING);
+    let mut tx = queue_driver(&mem, TX_RING);
     f.activate(&rx, &tx);
     f.wire.refuse_writes.store(true, Ordering::SeqCst);
 
@@ -377,8 +324,8 @@ fn tx_frames_the_backend_refuses_are_counted_as_dropped() {
 fn rx_copies_frames_into_guest_buffers_with_a_clean_header() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let mut rx = QueueDriver::new(&mem, RX_RING);
-    let tx = QueueDriver::new(&mem, TX_RING);
+    let mut rx = queue_driver(&mem, RX_RING);
+    let tx = queue_driver(&mem, TX_RING);
     let irq = f.activate(&rx, &tx);
     let first = ethernet_frame(1514, 5);
     let second = ethernet_frame(60, 6);
@@ -417,8 +364,8 @@ fn rx_copies_frames_into_guest_buffers_with_a_clean_header() {
 fn rx_frame_waits_for_guest_buffers_and_is_delivered_when_they_arrive() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let mut rx = QueueDriver::new(&mem, RX_RING);
-    let tx = QueueDriver::new(&mem, TX_RING);
+    let mut rx = queue_driver(&mem, RX_RING);
+    let tx = queue_driver(&mem, TX_RING);
     let irq = f.activate(&rx, &tx);
     let rx_notify = f.net.queue_events()[RX_QUEUE].try_clone().unwrap();
     let backend_ready = f.wire.ready.clone();
@@ -470,8 +417,8 @@ fn rx_frame_waits_for_guest_buffers_and_is_delivered_when_they_arrive() {
 fn rx_chain_with_a_device_readable_descriptor_is_returned_unused() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let mut rx = QueueDriver::new(&mem, RX_RING);
-    let tx = QueueDriver::new(&mem, TX_RING);
+    let mut rx = queue_driver(&mem, RX_RING);
+    let tx = queue_driver(&mem, TX_RING);
     f.activate(&rx, &tx);
     mem.write_slice(&[0x5a; 64], GuestAddress(RX_DATA)).unwrap();
     let frame = ethernet_frame(60, 9);
@@ -497,8 +444,8 @@ fn rx_chain_with_a_device_readable_descriptor_is_returned_unused() {
 fn rx_chains_too_small_for_the_header_or_outside_memory_are_returned_unused() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let mut rx = QueueDriver::new(&mem, RX_RING);
-    let tx = QueueDriver::new(&mem, TX_RING);
+    let mut rx = queue_driver(&mem, RX_RING);
+    let tx = queue_driver(&mem, TX_RING);
     f.activate(&rx, &tx);
     f.wire
         .send_to_guest(with_header(&ethernet_frame(60, 10), 0));
@@ -523,8 +470,8 @@ fn rx_chains_too_small_for_the_header_or_outside_memory_are_returned_unused() {
 fn rx_frame_larger_than_the_guest_buffer_is_dropped_and_the_buffer_reused() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let mut rx = QueueDriver::new(&mem, RX_RING);
-    let tx = QueueDriver::new(&mem, TX_RING);
+    let mut rx = queue_driver(&mem, RX_RING);
+    let tx = queue_driver(&mem, TX_RING);
     f.activate(&rx, &tx);
     let small = ethernet_frame(60, 11);
     f.wire
@@ -545,8 +492,8 @@ fn rx_frame_larger_than_the_guest_buffer_is_dropped_and_the_buffer_reused() {
 fn runt_frames_from_the_backend_are_dropped() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let mut rx = QueueDriver::new(&mem, RX_RING);
-    let tx = QueueDriver::new(&mem, TX_RING);
+    let mut rx = queue_driver(&mem, RX_RING);
+    let tx = queue_driver(&mem, TX_RING);
     f.activate(&rx, &tx);
     f.wire.send_to_guest(vec![0; 5]);
     rx.add_chain(&[w(RX_DATA, RX_BUF_LEN)]);
@@ -561,8 +508,8 @@ fn runt_frames_from_the_backend_are_dropped() {
 fn backend_readiness_through_the_event_loop_delivers_frames() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let mut rx = QueueDriver::new(&mem, RX_RING);
-    let tx = QueueDriver::new(&mem, TX_RING);
+    let mut rx = queue_driver(&mem, RX_RING);
+    let tx = queue_driver(&mem, TX_RING);
     f.activate(&rx, &tx);
     rx.add_chain(&[w(RX_DATA, RX_BUF_LEN)]);
     let wire = f.wire.clone();
@@ -581,8 +528,8 @@ fn backend_readiness_through_the_event_loop_delivers_frames() {
 fn tx_notification_through_the_event_loop_sends_frames() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let rx = QueueDriver::new(&mem, RX_RING);
-    let mut tx = QueueDriver::new(&mem, TX_RING);
+    let rx = queue_driver(&mem, RX_RING);
+    let mut tx = queue_driver(&mem, TX_RING);
     f.activate(&rx, &tx);
     let frame = ethernet_frame(64, 14);
     mem.write_slice(&with_header(&frame, 0), GuestAddress(TX_DATA))
@@ -608,8 +555,8 @@ fn tx_notification_through_the_event_loop_sends_frames() {
 fn nothing_moves_before_activation() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let mut rx = QueueDriver::new(&mem, RX_RING);
-    let mut tx = QueueDriver::new(&mem, TX_RING);
+    let mut rx = queue_driver(&mem, RX_RING);
+    let mut tx = queue_driver(&mem, TX_RING);
     f.wire
         .send_to_guest(with_header(&ethernet_frame(60, 15), 0));
     rx.add_chain(&[w(RX_DATA, RX_BUF_LEN)]);
@@ -627,8 +574,8 @@ fn nothing_moves_before_activation() {
 fn work_queued_before_activation_is_served_at_activation() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let mut rx = QueueDriver::new(&mem, RX_RING);
-    let mut tx = QueueDriver::new(&mem, TX_RING);
+    let mut rx = queue_driver(&mem, RX_RING);
+    let mut tx = queue_driver(&mem, TX_RING);
     let frame = ethernet_frame(60, 16);
     f.wire.send_to_guest(with_header(&frame, 0));
     rx.add_chain(&[w(RX_DATA, RX_BUF_LEN)]);
@@ -732,8 +679,8 @@ fn the_tap_backed_device_fits_the_device_manager() {
 fn activation_needs_two_valid_queues_and_reset_allows_another() {
     let mut f = fixture();
     let mem = f.mem.clone();
-    let rx = QueueDriver::new(&mem, RX_RING);
-    let tx = QueueDriver::new(&mem, TX_RING);
+    let rx = queue_driver(&mem, RX_RING);
+    let tx = queue_driver(&mem, TX_RING);
     let irq = Arc::new(CountingInterrupt::default());
     assert_eq!(f.net.queue_max_sizes(), &[NET_QUEUE_SIZE, NET_QUEUE_SIZE]);
     assert!(f
@@ -791,6 +738,9 @@ fn an_interface_that_is_not_a_tap_is_refused() {
 
 mod chains {
     //! The pure chain checks, on descriptor lists no queue would produce.
+
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::split::Descriptor;
 
     use super::super::chain::{rx_segments, scatter, tx_segments, ChainError, Segment};
     use super::*;
@@ -1029,8 +979,8 @@ mod real_tap {
         let mut net = Net::new("tap0", MAC).unwrap();
         assert_eq!(net.backend().name(), "tap0");
         let mem = guest_memory();
-        let mut rx = QueueDriver::new(&mem, RX_RING);
-        let mut tx = QueueDriver::new(&mem, TX_RING);
+        let mut rx = queue_driver(&mem, RX_RING);
+        let mut tx = queue_driver(&mem, TX_RING);
         let irq = Arc::new(CountingInterrupt::default());
         net.activate(mem.clone(), irq.clone(), vec![rx.queue(), tx.queue()])
             .unwrap();
@@ -1086,8 +1036,8 @@ mod real_tap {
 #[test]
 fn broken_tx_avail_index_puts_the_device_in_needs_reset() {
     let mem = guest_memory();
-    let rx = QueueDriver::new(&mem, RX_RING);
-    let tx = QueueDriver::new(&mem, TX_RING);
+    let rx = queue_driver(&mem, RX_RING);
+    let tx = queue_driver(&mem, TX_RING);
     let net = Net::with_backend(MemBackend(Wire::new()), MAC).unwrap();
 
     check_broken_queue_needs_reset(
@@ -1102,8 +1052,8 @@ fn broken_tx_avail_index_puts_the_device_in_needs_reset() {
 #[test]
 fn broken_rx_avail_index_puts_the_device_in_needs_reset() {
     let mem = guest_memory();
-    let rx = QueueDriver::new(&mem, RX_RING);
-    let tx = QueueDriver::new(&mem, TX_RING);
+    let rx = queue_driver(&mem, RX_RING);
+    let tx = queue_driver(&mem, TX_RING);
     let wire = Wire::new();
     let net = Net::with_backend(MemBackend(wire.clone()), MAC).unwrap();
     wire.send_to_guest(vec![0; VNET_HDR_LEN + 60]);
