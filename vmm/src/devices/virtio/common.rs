@@ -6,11 +6,16 @@
 //! [`VirtioDevice::common`](super::VirtioDevice::common); the trait's default methods
 //! delegate here, so that a device model is only its configuration space, its queue
 //! processing ([`VirtioCommon::serve_queue`]) and what its own activation and reset add.
+//! Its event handler registers the queue eventfds with [`VirtioCommon::watch_queue_events`]
+//! and maps an event back to its queue with [`VirtioCommon::queue_event`]; the queue
+//! counters ([`QueueMetrics`]) are kept here and flattened into each device's metrics.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use event_manager::{EventOps, EventSet, Events};
+use serde::Serialize;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -44,6 +49,32 @@ pub enum FeatureError {
     },
 }
 
+/// Counters of a device's queues, kept by its common part.
+#[derive(Debug, Default)]
+pub struct QueueMetrics {
+    /// Queue notifications handled (eventfd reads that found one).
+    pub queue_events: AtomicU64,
+    /// Times the guest broke a queue (the device then needs a reset).
+    pub queue_errors: AtomicU64,
+}
+
+/// The values of [`QueueMetrics`], for a device's metrics snapshot (`#[serde(flatten)]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct QueueMetricsValues {
+    pub queue_events: u64,
+    pub queue_errors: u64,
+}
+
+impl QueueMetrics {
+    /// Current values.
+    pub fn values(&self) -> QueueMetricsValues {
+        QueueMetricsValues {
+            queue_events: self.queue_events.load(Ordering::Relaxed),
+            queue_errors: self.queue_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// What an activated device works with: guest memory, its interrupt and its queues.
 struct Active {
     mem: GuestMemoryMmap,
@@ -60,7 +91,7 @@ pub struct VirtioCommon {
     queue_sizes: &'static [u16],
     queue_evts: Vec<EventFd>,
     active: Option<Active>,
-    queue_errors: Arc<AtomicU64>,
+    metrics: Arc<QueueMetrics>,
 }
 
 impl std::fmt::Debug for VirtioCommon {
@@ -103,7 +134,7 @@ impl VirtioCommon {
             queue_sizes,
             queue_evts,
             active: None,
-            queue_errors: Arc::default(),
+            metrics: Arc::default(),
         })
     }
 
@@ -137,9 +168,34 @@ impl VirtioCommon {
         &self.queue_evts
     }
 
-    /// The count of queues the guest broke, for the device's metrics to show.
-    pub fn queue_errors(&self) -> Arc<AtomicU64> {
-        self.queue_errors.clone()
+    /// The queue counters, for the device's metrics to show.
+    pub fn metrics(&self) -> Arc<QueueMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Registers every queue eventfd with the event loop, tagged (`Events::data`) with its
+    /// queue index; a device tags its other sources from the queue count up.
+    pub fn watch_queue_events(&self, ops: &mut EventOps) {
+        for (index, evt) in self.queue_evts.iter().enumerate() {
+            // At most u16::MAX queues in virtio.
+            let tag = index as u32;
+            if let Err(e) = ops.add(Events::with_data(evt, tag, EventSet::IN)) {
+                tracing::error!("{}: cannot watch the queue {index} eventfd: {e}", self.name);
+            }
+        }
+    }
+
+    /// The queue an event registered by [`VirtioCommon::watch_queue_events`] is for, or
+    /// `None` for another source. Its eventfd's counter is drained (epoll is
+    /// level-triggered: even before activation, or the loop would spin on it) and the
+    /// notification counted.
+    pub fn queue_event(&self, events: &Events) -> Option<usize> {
+        let index = events.data() as usize;
+        let evt = self.queue_evts.get(index)?;
+        if evt.read().is_ok() {
+            self.metrics.queue_events.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(index)
     }
 
     /// Takes the features the driver accepted at FEATURES_OK: all of them, or none when
@@ -251,7 +307,7 @@ impl VirtioCommon {
                 }
             }
             Err(e) => {
-                self.queue_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.queue_errors.fetch_add(1, Ordering::Relaxed);
                 crate::guest_warn!(
                     "{}: {}; the device needs a reset",
                     self.name,
@@ -460,7 +516,7 @@ mod tests {
         let irq = activate(&mut c, &mem, &[&d0, &d1]);
         d0.add_chain(&[w(DATA_START, 8)]);
         corrupt_avail_idx(&d0.vq);
-        let errors = c.queue_errors();
+        let metrics = c.metrics();
 
         let ((), logs) = Captured::run(|| {
             c.serve_queue(0, return_all);
@@ -469,7 +525,7 @@ mod tests {
 
         assert_eq!(irq.needs_reset.load(Ordering::SeqCst), 1);
         assert_eq!(irq.queue.load(Ordering::SeqCst), 0);
-        assert_eq!(errors.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.values().queue_errors, 1);
         assert!(c.queues()[0].is_broken());
         assert!(!c.queues()[1].is_broken());
         assert_eq!(d0.used_count(), 0, "nothing used");
@@ -480,5 +536,42 @@ mod tests {
             "{lines:?}"
         );
         assert!(lines[0].contains("the device needs a reset"), "{lines:?}");
+    }
+
+    #[test]
+    fn queue_events_reach_the_loop_tagged_with_their_queue_and_are_counted() {
+        use std::sync::Mutex;
+
+        use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+
+        struct Wiring {
+            common: VirtioCommon,
+            seen: Vec<Option<usize>>,
+        }
+        impl MutEventSubscriber for Wiring {
+            fn init(&mut self, ops: &mut EventOps) {
+                self.common.watch_queue_events(ops);
+            }
+            fn process(&mut self, events: Events, _ops: &mut EventOps) {
+                let queue = self.common.queue_event(&events);
+                self.seen.push(queue);
+            }
+        }
+        let common = common();
+        let notify = common.queue_events()[1].try_clone().unwrap();
+        let metrics = common.metrics();
+        let wiring = Arc::new(Mutex::new(Wiring {
+            common,
+            seen: Vec::new(),
+        }));
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new().unwrap();
+        em.add_subscriber(wiring.clone());
+
+        notify.write(1).unwrap();
+        em.run_with_timeout(1000).unwrap();
+
+        assert_eq!(wiring.lock().unwrap().seen, vec![Some(1)]);
+        assert_eq!(metrics.values().queue_events, 1);
+        assert_eq!(em.run_with_timeout(0).unwrap(), 0, "counter drained");
     }
 }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use common::{FeatureError, VirtioCommon};
+pub use common::{FeatureError, QueueMetrics, QueueMetricsValues, VirtioCommon};
 
 /// Guest memory as device models see it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

@@ -19,7 +19,10 @@ use super::request::{
     parse_request, DiskProperties, RejectedRequest, Request, RequestError, RequestType, ID_LEN,
     SECTOR_SIZE,
 };
-use crate::devices::virtio::{read_config_bytes, GuestMemoryMmap, VirtioCommon, VirtioDevice};
+use crate::devices::virtio::{
+    read_config_bytes, GuestMemoryMmap, QueueMetrics, QueueMetricsValues, VirtioCommon,
+    VirtioDevice,
+};
 use crate::devices::DeviceMetrics;
 
 /// Size of the device's single request queue.
@@ -97,10 +100,8 @@ pub struct BlockMetrics {
     pub unanswerable_requests: AtomicU64,
     /// Host I/O errors (answered IOERR).
     pub io_errors: AtomicU64,
-    /// Times the guest broke the queue (the device then needs a reset).
-    pub queue_errors: Arc<AtomicU64>,
-    /// Queue notifications handled.
-    pub queue_events: AtomicU64,
+    /// Queue notifications and broken queues (the common part's counters).
+    pub queues: Arc<QueueMetrics>,
 }
 
 impl DeviceMetrics for BlockMetrics {
@@ -117,8 +118,8 @@ impl DeviceMetrics for BlockMetrics {
             unsupported_requests: u64,
             unanswerable_requests: u64,
             io_errors: u64,
-            queue_errors: u64,
-            queue_events: u64,
+            #[serde(flatten)]
+            queues: QueueMetricsValues,
         }
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         serde_json::to_value(Snapshot {
@@ -132,8 +133,7 @@ impl DeviceMetrics for BlockMetrics {
             unsupported_requests: l(&self.unsupported_requests),
             unanswerable_requests: l(&self.unanswerable_requests),
             io_errors: l(&self.io_errors),
-            queue_errors: l(&self.queue_errors),
-            queue_events: l(&self.queue_events),
+            queues: self.queues.values(),
         })
         .unwrap_or_default()
     }
@@ -208,7 +208,7 @@ impl Block {
         )
         .map_err(BlockError::EventFd)?;
         let metrics = Arc::new(BlockMetrics {
-            queue_errors: common.queue_errors(),
+            queues: common.metrics(),
             ..BlockMetrics::default()
         });
         Ok(Self {

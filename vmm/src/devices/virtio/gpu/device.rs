@@ -19,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::decoder::{self, resp, Command, CtrlHeader, Format, MemEntry, Rect, Request, Response};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, DeviceQueue, GuestMemoryMmap, InterruptKind,
-    InterruptTrigger, QueueError, VirtioCommon, VirtioDevice,
+    InterruptTrigger, QueueError, QueueMetrics, QueueMetricsValues, VirtioCommon, VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -96,8 +96,8 @@ pub struct GpuMetrics {
     pub flushes: AtomicU64,
     /// Bytes copied by transfers.
     pub transfer_bytes: AtomicU64,
-    /// Times the guest broke a queue (the device then needs a reset).
-    pub queue_errors: Arc<AtomicU64>,
+    /// Queue notifications and broken queues (the common part's counters).
+    pub queues: Arc<QueueMetrics>,
 }
 
 /// Serialisable snapshot of [`GpuMetrics`].
@@ -107,7 +107,8 @@ pub struct GpuMetricsSnapshot {
     pub errors: u64,
     pub flushes: u64,
     pub transfer_bytes: u64,
-    pub queue_errors: u64,
+    #[serde(flatten)]
+    pub queues: QueueMetricsValues,
 }
 
 impl DeviceMetrics for GpuMetrics {
@@ -124,7 +125,7 @@ impl GpuMetrics {
             errors: self.errors.load(Ordering::Relaxed),
             flushes: self.flushes.load(Ordering::Relaxed),
             transfer_bytes: self.transfer_bytes.load(Ordering::Relaxed),
-            queue_errors: self.queue_errors.load(Ordering::Relaxed),
+            queues: self.queues.values(),
         }
     }
 }
@@ -796,7 +797,7 @@ impl Gpu {
         .map_err(GpuError::EventFd)?;
         let mut state = GpuState::new(config)?;
         state.metrics = Arc::new(GpuMetrics {
-            queue_errors: common.queue_errors(),
+            queues: common.metrics(),
             ..GpuMetrics::default()
         });
         Ok(Self { common, state })

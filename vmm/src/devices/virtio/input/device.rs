@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::pending::{PendingError, PendingQueue, DEFAULT_CAPACITY};
 use super::profile::{EventError, InputProfile, CONFIG_PAYLOAD_LEN};
-use crate::devices::virtio::{read_config_bytes, VirtioCommon, VirtioDevice};
+use crate::devices::virtio::{read_config_bytes, QueueMetrics, VirtioCommon, VirtioDevice};
 use crate::devices::DeviceMetrics;
 use crate::rpc::InputEvent;
 
@@ -62,18 +62,20 @@ pub struct InputMetrics {
     pub dropped: AtomicU64,
     /// Batches refused (invalid, or keys that did not fit).
     pub refused: AtomicU64,
-    /// Times the guest broke a queue (the device then needs a reset).
-    pub queue_errors: Arc<AtomicU64>,
+    /// Queue notifications and broken queues (the common part's counters).
+    pub queues: Arc<QueueMetrics>,
 }
 
 impl DeviceMetrics for InputMetrics {
     fn snapshot(&self) -> serde_json::Value {
+        let queues = self.queues.values();
         serde_json::json!({
             "injected": self.injected.load(Ordering::Relaxed),
             "delivered": self.delivered.load(Ordering::Relaxed),
             "dropped": self.dropped.load(Ordering::Relaxed),
             "refused": self.refused.load(Ordering::Relaxed),
-            "queue_errors": self.queue_errors.load(Ordering::Relaxed),
+            "queue_errors": queues.queue_errors,
+            "queue_events": queues.queue_events,
         })
     }
 }
@@ -171,7 +173,7 @@ impl Input {
         )
         .map_err(InputError::EventFd)?;
         let metrics = Arc::new(InputMetrics {
-            queue_errors: common.queue_errors(),
+            queues: common.metrics(),
             ..InputMetrics::default()
         });
         Ok(Self {

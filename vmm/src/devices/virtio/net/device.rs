@@ -22,8 +22,8 @@ use super::chain::{
 };
 use super::tap::{FrameBackend, Tap, TapError, VNET_HDR_LEN};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, DeviceQueue, GuestMemoryMmap, QueueError, VirtioCommon,
-    VirtioDevice,
+    read_config_bytes, ActivateError, DeviceQueue, GuestMemoryMmap, QueueError, QueueMetrics,
+    QueueMetricsValues, VirtioCommon, VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -134,10 +134,8 @@ pub struct NetMetrics {
     pub rx_deferred: AtomicU64,
     /// Errors reading from the backend.
     pub backend_errors: AtomicU64,
-    /// Times the guest broke a queue (the device then needs a reset).
-    pub queue_errors: Arc<AtomicU64>,
-    /// Queue notifications handled.
-    pub queue_events: AtomicU64,
+    /// Queue notifications and broken queues (the common part's counters).
+    pub queues: Arc<QueueMetrics>,
 }
 
 impl DeviceMetrics for NetMetrics {
@@ -155,8 +153,8 @@ impl DeviceMetrics for NetMetrics {
             tx_oversized_frames: u64,
             rx_deferred: u64,
             backend_errors: u64,
-            queue_errors: u64,
-            queue_events: u64,
+            #[serde(flatten)]
+            queues: QueueMetricsValues,
         }
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         serde_json::to_value(Snapshot {
@@ -171,8 +169,7 @@ impl DeviceMetrics for NetMetrics {
             tx_oversized_frames: l(&self.tx_oversized_frames),
             rx_deferred: l(&self.rx_deferred),
             backend_errors: l(&self.backend_errors),
-            queue_errors: l(&self.queue_errors),
-            queue_events: l(&self.queue_events),
+            queues: self.queues.values(),
         })
         .unwrap_or_default()
     }
@@ -233,7 +230,7 @@ impl<B: FrameBackend> Net<B> {
         )
         .map_err(NetError::EventFd)?;
         let metrics = Arc::new(NetMetrics {
-            queue_errors: common.queue_errors(),
+            queues: common.metrics(),
             ..NetMetrics::default()
         });
         Ok(Self {

@@ -9,7 +9,9 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use vm_memory::{Address, Bytes};
 
-use crate::devices::virtio::{GuestMemoryMmap, VirtioCommon, VirtioDevice};
+use crate::devices::virtio::{
+    GuestMemoryMmap, QueueMetrics, QueueMetricsValues, VirtioCommon, VirtioDevice,
+};
 use crate::devices::DeviceMetrics;
 
 /// Size of the device's request queue.
@@ -28,8 +30,8 @@ pub struct RngMetrics {
     pub bytes: AtomicU64,
     /// Requests that could not be filled (bad buffers or getrandom failure).
     pub failures: AtomicU64,
-    /// Times the guest broke the queue (the device then needs a reset).
-    pub queue_errors: Arc<AtomicU64>,
+    /// Queue notifications and broken queues (the common part's counters).
+    pub queues: Arc<QueueMetrics>,
 }
 
 impl DeviceMetrics for RngMetrics {
@@ -39,14 +41,15 @@ impl DeviceMetrics for RngMetrics {
             requests: u64,
             bytes: u64,
             failures: u64,
-            queue_errors: u64,
+            #[serde(flatten)]
+            queues: QueueMetricsValues,
         }
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         serde_json::to_value(Snapshot {
             requests: l(&self.requests),
             bytes: l(&self.bytes),
             failures: l(&self.failures),
-            queue_errors: l(&self.queue_errors),
+            queues: self.queues.values(),
         })
         .unwrap_or_default()
     }
@@ -68,7 +71,7 @@ impl Rng {
             &[RNG_QUEUE_SIZE],
         )?;
         let metrics = Arc::new(RngMetrics {
-            queue_errors: common.queue_errors(),
+            queues: common.metrics(),
             ..RngMetrics::default()
         });
         Ok(Self { common, metrics })
@@ -264,6 +267,7 @@ mod tests {
             .unwrap();
         driver.add_chain(&[w(DATA_START, 16)]);
         let notify = rng.queue_events()[0].try_clone().unwrap();
+        let metrics = rng.metrics();
         let rng = Arc::new(Mutex::new(rng));
         let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new().unwrap();
         em.add_subscriber(rng);
@@ -273,6 +277,7 @@ mod tests {
 
         assert_eq!(driver.used_count(), 1);
         assert_eq!(em.run_with_timeout(0).unwrap(), 0);
+        assert_eq!(metrics.snapshot()["queue_events"], 1);
     }
 
     #[test]
