@@ -16,3 +16,4 @@ pub mod store;
 pub mod stream;
 pub mod uds;
 pub mod vm_source;
+pub mod vmm_client;

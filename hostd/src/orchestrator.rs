@@ -27,12 +27,14 @@ use std::time::Duration;
 use proto::spec::{Catalog, Spec, SpecError};
 use serde::Serialize;
 use tokio::sync::watch;
+use vmm_api::{LifecycleAction, Request, VmConfig, VmState};
 
 use crate::composer::{Clarify, Composer, Composition, Outcome};
 use crate::config::{Config, JailMode};
 use crate::pidfd::{Pidfd, ProcessId};
 use crate::store::{now_s, AuditReport, EnvRecord, EnvState, Store, StoreError};
-use crate::uds::{self, VmmSocket};
+use crate::uds::VmmSocket;
+use crate::vmm_client::{self, VmmClientError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrchError {
@@ -586,23 +588,20 @@ impl Orchestrator {
             }
             None => unjailed_socket(&dir, record.uid),
         };
-        let timeout = Duration::from_secs(3);
-        let peer = tokio::time::timeout(timeout, socket.connect())
-            .await
-            .map_err(|_| "its control socket did not accept".to_string())?
-            .map_err(|e| error_chain(&e))?
-            .1;
+        let (peer, vm) = vmm_client::run(&socket, Duration::from_secs(3), |c| {
+            let peer = c.peer();
+            Ok((peer, c.describe()?))
+        })
+        .await
+        .map_err(|e| error_chain(&e))?;
         if peer.pid != pid {
             return Err(format!(
                 "its control socket is served by pid {}, not {pid}",
                 peer.pid
             ));
         }
-        let r = uds::vmm_request(&socket, "GET", "/vm", None, timeout)
-            .await
-            .map_err(|e| error_chain(&e))?;
-        if !(r.ok() && matches!(r.json()["state"].as_str(), Some("running" | "paused"))) {
-            return Err(format!("GET /vm answered {}", r.status));
+        if !matches!(vm.state, VmState::Running | VmState::Paused) {
+            return Err(format!("GET /vm says the VM is {}", vm.state));
         }
         Ok((pidfd, socket))
     }
@@ -1241,9 +1240,8 @@ impl Orchestrator {
         let timeout = self.inner.cfg.vmm.api_timeout_s;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
         loop {
-            let r =
-                uds::vmm_request(&proc.socket, "GET", "/vm", None, Duration::from_secs(1)).await;
-            if r.as_ref().is_ok_and(|r| r.ok()) {
+            let r = vmm_client::run(&proc.socket, Duration::from_secs(1), |c| c.describe()).await;
+            if r.is_ok() {
                 return Ok(());
             }
             if *proc.exited.borrow() {
@@ -1322,23 +1320,22 @@ impl Orchestrator {
             config["gpu"] =
                 serde_json::json!({"width": spec.display.width, "height": spec.display.height});
         }
-        for (method, uri, body) in [
-            ("PUT", "/vm/config", config),
-            ("PUT", "/vm/actions", serde_json::json!({"action": "start"})),
-        ] {
-            let r = uds::vmm_request(&socket, method, uri, Some(&body), Duration::from_secs(10))
-                .await
-                .map_err(|e| format!("genos-vmm {uri}: {e}"))?;
-            if !r.ok() {
-                self.kill_vmm(name);
-                let why = r.json()["error"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("status {}", r.status));
-                return Err(format!("genos-vmm refused {method} {uri}: {why}"));
+        let config: VmConfig =
+            serde_json::from_value(config).map_err(|e| format!("VM configuration: {e}"))?;
+        let started = vmm_client::run(&socket, Duration::from_secs(10), move |c| {
+            c.send(&Request::Configure(config))?;
+            c.send(&Request::Action(LifecycleAction::Start))
+        })
+        .await;
+        match started {
+            Ok(()) => Ok(socket),
+            Err(e) => {
+                if matches!(e, VmmClientError::Answer(_)) {
+                    self.kill_vmm(name);
+                }
+                Err(format!("genos-vmm: {}", error_chain(&e)))
             }
         }
-        Ok(socket)
     }
 
     /// Writes `envs/NAME/vmm.json` for the VMM behind `pidfd`; returns its pid.
@@ -1644,10 +1641,9 @@ impl Orchestrator {
                     return;
                 }
             }
-            if let Ok(r) = uds::vmm_request(sock, "GET", "/vm", None, Duration::from_secs(2)).await
-            {
-                if r.ok() && !r.json()["boot_time_us"].is_null() {
-                    let boot_us = r.json()["boot_time_us"].as_u64().unwrap_or(0);
+            let described = vmm_client::run(sock, Duration::from_secs(2), |c| c.describe()).await;
+            if let Ok(vm) = described {
+                if let Some(boot_us) = vm.boot_time_us {
                     if let Ok(true) = self.transition(name, EnvState::Ready, None) {
                         self.stream_environment(name, sock).await;
                         let _ = self.store().touch(name);
@@ -1715,15 +1711,8 @@ impl Orchestrator {
             .cloned();
         let Some(proc) = proc else { return };
         proc.stopping.store(true, Ordering::SeqCst);
-        let body = serde_json::json!({"action": "stop"});
-        let _ = uds::vmm_request(
-            &proc.socket,
-            "PUT",
-            "/vm/actions",
-            Some(&body),
-            Duration::from_secs(2),
-        )
-        .await;
+        let stop = Request::Action(LifecycleAction::Stop);
+        let _ = vmm_client::run(&proc.socket, Duration::from_secs(2), move |c| c.send(&stop)).await;
         let mut exited = proc.exited.clone();
         let waited = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e))
             .await

@@ -1,10 +1,10 @@
-//! HTTP/1.1 client over a Unix socket: the CLI's side of admin.sock and hostd's side of each
-//! genos-vmm control socket.
+//! Unix sockets: the CLI's HTTP/1.1 client for admin.sock ([`request`]), and the hardened
+//! way to reach a genos-vmm control socket ([`VmmSocket`]), which hostd's one VMM client
+//! (`crate::vmm_client`) connects through.
 //!
 //! A VMM is not trusted (a guest may have taken it over), so every connection to one goes
 //! through [`VmmSocket`]: the socket is opened without following any link the VMM could
-//! have planted, the peer's uid is checked against the uid the VMM runs as, and no response
-//! body larger than [`MAX_VMM_BODY`] is read.
+//! have planted and the peer's uid is checked against the uid the VMM runs as.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -16,9 +16,6 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
-/// Largest response body hostd reads from a VMM (both clients: this one and
-/// `vm_source::VmmApi`). The biggest legitimate answer, `GET /metrics`, is a few KiB.
-pub const MAX_VMM_BODY: usize = 1024 * 1024;
 /// Largest response body the CLI reads from hostd's admin socket (long audit listings).
 pub const MAX_ADMIN_BODY: usize = 64 * 1024 * 1024;
 
@@ -217,18 +214,9 @@ impl VmmSocket {
         Ok(cred)
     }
 
-    /// Connects (async) and checks the peer's uid.
-    pub async fn connect(&self) -> Result<(UnixStream, PeerCred), UdsError> {
-        let inode = self.open_inode()?;
-        let stream = UnixStream::connect(proc_fd_path(&inode))
-            .await
-            .map_err(|e| self.connect_error(e))?;
-        let cred = self.check_peer(&stream)?;
-        Ok((stream, cred))
-    }
-
-    /// Connects (blocking) and checks the peer's uid.
-    pub fn connect_blocking(&self) -> Result<(std::os::unix::net::UnixStream, PeerCred), UdsError> {
+    /// Connects (blocking: a Unix connect does not wait on the peer) and checks the peer's
+    /// uid.
+    pub fn connect(&self) -> Result<(std::os::unix::net::UnixStream, PeerCred), UdsError> {
         let inode = self.open_inode()?;
         let stream = std::os::unix::net::UnixStream::connect(proc_fd_path(&inode))
             .map_err(|e| self.connect_error(e))?;
@@ -274,25 +262,9 @@ pub async fn request(
                 path: sock.into(),
                 source,
             })?;
-        exchange(stream, sock, method, uri, body, MAX_ADMIN_BODY).await
+        exchange(stream, sock, method, uri, body).await
     };
     with_deadline(sock, timeout, exchange).await
-}
-
-/// Sends one request to a VMM's control socket on a fresh connection, with a deadline.
-pub async fn vmm_request(
-    sock: &VmmSocket,
-    method: &str,
-    uri: &str,
-    body: Option<&serde_json::Value>,
-    timeout: Duration,
-) -> Result<Response, UdsError> {
-    let path = sock.path();
-    let exchange = async {
-        let (stream, _) = sock.connect().await?;
-        exchange(stream, &path, method, uri, body, MAX_VMM_BODY).await
-    };
-    with_deadline(&path, timeout, exchange).await
 }
 
 async fn with_deadline(
@@ -315,8 +287,8 @@ async fn exchange(
     method: &str,
     uri: &str,
     body: Option<&serde_json::Value>,
-    limit: usize,
 ) -> Result<Response, UdsError> {
+    let limit = MAX_ADMIN_BODY;
     let http = |source| UdsError::Http {
         path: sock.into(),
         source,
@@ -364,98 +336,15 @@ async fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
 
     fn euid() -> u32 {
         // SAFETY: geteuid has no preconditions and cannot fail.
         unsafe { libc::geteuid() }
     }
 
-    /// Reads one request head from `s`.
-    fn read_head(s: &mut std::os::unix::net::UnixStream) {
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if s.read(&mut b).unwrap_or(0) == 0 {
-                return;
-            }
-            head.push(b[0]);
-        }
-    }
-
-    /// A fake VMM at `path` answering every connection with `head`, then body bytes for as
-    /// long as the client reads them; counts the body bytes it managed to send.
-    fn flooding_server(path: &Path, head: &'static str, chunked: bool) -> Arc<AtomicU64> {
-        let listener = UnixListener::bind(path).unwrap();
-        let sent = Arc::new(AtomicU64::new(0));
-        let counter = sent.clone();
-        std::thread::spawn(move || {
-            for s in listener.incoming() {
-                let Ok(mut s) = s else { return };
-                read_head(&mut s);
-                if s.write_all(head.as_bytes()).is_err() {
-                    continue;
-                }
-                let data = vec![b'x'; 64 * 1024];
-                let chunk = format!("{:x}\r\n", data.len());
-                loop {
-                    let ok = if chunked {
-                        s.write_all(chunk.as_bytes()).is_ok()
-                            && s.write_all(&data).is_ok()
-                            && s.write_all(b"\r\n").is_ok()
-                    } else {
-                        s.write_all(&data).is_ok()
-                    };
-                    if !ok {
-                        break;
-                    }
-                    counter.fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
-            }
-        });
-        sent
-    }
-
-    #[tokio::test]
-    async fn a_vmm_body_past_the_bound_is_refused_without_reading_it() {
-        for (head, chunked) in [
-            (
-                "HTTP/1.1 200 OK\r\nContent-Length: 2147483648\r\n\r\n",
-                false,
-            ),
-            (
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-                true,
-            ),
-        ] {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("api.sock");
-            let sent = flooding_server(&path, head, chunked);
-            let r = vmm_request(
-                &VmmSocket::unjailed(&path),
-                "GET",
-                "/metrics",
-                None,
-                Duration::from_secs(60),
-            )
-            .await;
-            assert!(
-                matches!(r, Err(UdsError::BodyTooLarge { limit, .. }) if limit == MAX_VMM_BODY),
-                "{head:?}: {r:?}"
-            );
-            // Stopped at the bound: the server could not push much more than that (socket
-            // buffers) before hostd hung up.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let n = sent.load(Ordering::Relaxed);
-            assert!(n < 16 * MAX_VMM_BODY as u64, "{head:?}: {n} bytes read");
-        }
-    }
-
-    #[tokio::test]
-    async fn a_symlink_planted_for_the_socket_is_not_followed() {
+    #[test]
+    fn a_symlink_planted_for_the_socket_is_not_followed() {
         let dir = tempfile::tempdir().unwrap();
         // Some other host socket the VMM would like hostd to talk to.
         let target = dir.path().join("other.sock");
@@ -473,7 +362,7 @@ mod tests {
             rel: vec!["run".into(), "api.sock".into()],
             uid: euid(),
         };
-        let r = vmm_request(&sock, "GET", "/vm", None, Duration::from_secs(5)).await;
+        let r = sock.connect();
         assert!(
             matches!(
                 &r,
@@ -489,7 +378,7 @@ mod tests {
             rel: vec!["run".into(), "other.sock".into()],
             uid: euid(),
         };
-        let r = swapped_dir.connect().await;
+        let r = swapped_dir.connect();
         assert!(
             matches!(&r, Err(UdsError::Connect { source, .. }) if source.raw_os_error() == Some(libc::ENOTDIR) || source.raw_os_error() == Some(libc::ELOOP)),
             "{r:?}"
@@ -501,8 +390,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_socket_served_by_another_uid_is_refused() {
+    #[test]
+    fn a_socket_served_by_another_uid_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
         let _listener = UnixListener::bind(&path).unwrap();
@@ -510,34 +399,23 @@ mod tests {
             uid: euid().wrapping_add(1),
             ..VmmSocket::unjailed(&path)
         };
-        let r = vmm_request(&sock, "GET", "/vm", None, Duration::from_secs(5)).await;
+        let r = sock.connect();
         assert!(
             matches!(r, Err(UdsError::PeerUid { uid, want, .. }) if uid == euid() && want == euid().wrapping_add(1)),
             "{r:?}"
         );
-        assert!(sock.connect_blocking().is_err());
     }
 
-    #[tokio::test]
-    async fn the_real_socket_is_reached_and_its_peer_named() {
+    #[test]
+    fn the_real_socket_is_reached_and_its_peer_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        std::thread::spawn(move || {
-            for s in listener.incoming() {
-                let Ok(mut s) = s else { return };
-                read_head(&mut s);
-                let _ = s.write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n{\"state\":\"idle\"}\n",
-                );
-            }
-        });
         let sock = VmmSocket::unjailed(&path);
-        let r = vmm_request(&sock, "GET", "/vm", None, Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!((r.status, r.json()["state"].as_str()), (200, Some("idle")));
-        let (_, peer) = sock.connect_blocking().unwrap();
+
+        let (_, peer) = sock.connect().unwrap();
+
+        assert!(listener.accept().is_ok(), "the listener was reached");
         assert_eq!(peer.pid, std::process::id() as i32);
         assert_eq!(peer.uid, euid());
     }

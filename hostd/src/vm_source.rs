@@ -1,19 +1,12 @@
 //! A VM as a stream environment: its virtio-gpu scanout as an [`encoder::FrameSource`] and
 //! its virtio-input devices as a [`crate::stream::InputSink`].
 //!
-//! Both talk to the VMM's control API (`docs/vmm-api.md`) over its Unix socket with a small
-//! blocking HTTP/1.1 client: `GET /framebuffer` hands over the shared framebuffer's memfd and
-//! flush eventfd (SCM_RIGHTS), read with [`framebuffer::FramebufferReader`]; viewers' input
-//! is translated by the sans-IO [`InputTranslator`] into evdev batches ending with
-//! `SYN_REPORT` and sent as `PUT /input` from a worker thread, so the stream server's async
-//! tasks never wait on the VMM.
-//!
-//! The VMM is not trusted: connections go through [`VmmSocket`] (no links followed, peer
-//! uid checked) and no response head or body past a fixed bound is read.
-
-use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+//! Both talk to the VMM's control API (`docs/vmm-api.md`, types in [`vmm_api`]) through
+//! hostd's one VMM client, [`crate::vmm_client`]: `GET /framebuffer` hands over the shared
+//! framebuffer's memfd and flush eventfd (SCM_RIGHTS), read with
+//! [`framebuffer::FramebufferReader`]; viewers' input is translated by the sans-IO
+//! [`InputTranslator`] into evdev batches ending with `SYN_REPORT` and sent as `PUT /input`
+//! from a worker thread, so the stream server's async tasks never wait on the VMM.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -25,43 +18,27 @@ use encoder::{
 };
 use framebuffer::{CursorState, FramebufferReader, ReaderError, ReaderFds};
 use proto::stream::{Button, InputEvent, TouchPhase};
-use serde::Serialize;
 use tracing::{debug, warn};
+use vmm_api::input::{evdev, keyboard_accepts, ABS_MAX, MAX_INPUT_BATCH, TOUCH_SLOTS};
+use vmm_api::{
+    DisplaySize, InputBatch, InputDevice, InputEvent as EvdevEvent, Request, ResponseError,
+};
 
 use crate::stream::source::{EnvironmentSource, InputError, InputSink};
-use crate::uds::{UdsError, VmmSocket, MAX_VMM_BODY};
+use crate::uds::VmmSocket;
+use crate::vmm_client::{VmmClient, VmmClientError};
 
 /// How long one API request may take before the VMM is considered stuck.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest response head (status line and headers) accepted from the VMM.
-const MAX_HEAD: usize = 16 * 1024;
-/// The VMM refuses input batches longer than this.
-const MAX_BATCH_EVENTS: usize = 4096;
 /// Commands waiting for the input thread; past this, input is refused rather than queued
 /// without bound behind a stalled VMM.
 const INPUT_QUEUE: usize = 256;
-/// Touch contacts the VMM's touchscreen has (`ABS_MT_SLOT` 0..=9).
-const TOUCH_SLOTS: u8 = 10;
-/// Upper end of the tablet's and touchscreen's absolute axes.
-const ABS_MAX: u32 = 32767;
 
 /// Errors talking to a VMM or reading its framebuffer.
 #[derive(Debug, thiserror::Error)]
 pub enum VmSourceError {
-    #[error("cannot connect to the VMM API socket")]
-    Connect(#[source] UdsError),
-    #[error("VMM API I/O failed")]
-    Io(#[from] std::io::Error),
-    #[error("malformed VMM API response: {0}")]
-    Response(String),
-    #[error("VMM answered {request} with {status}: {body}")]
-    Status {
-        request: String,
-        status: u16,
-        body: String,
-    },
-    #[error("VMM passed {0} file descriptors with GET /framebuffer, expected 2")]
-    Fds(usize),
+    #[error(transparent)]
+    Vmm(#[from] VmmClientError),
     #[error("the VM has no display (its config has no gpu)")]
     NoDisplay,
     #[error("shared framebuffer")]
@@ -72,252 +49,11 @@ pub enum VmSourceError {
 
 type Result<T, E = VmSourceError> = std::result::Result<T, E>;
 
-/// A VMM response.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    pub status: u16,
-    pub body: Vec<u8>,
-}
-
-/// Blocking HTTP/1.1 client for one keep-alive connection to a VMM's control API.
-#[derive(Debug)]
-pub struct VmmApi {
-    stream: UnixStream,
-}
-
-impl VmmApi {
-    /// Connects to the VMM's API socket (links not followed, peer uid checked).
-    pub fn connect(sock: &VmmSocket) -> Result<Self> {
-        let (stream, _) = sock.connect_blocking().map_err(VmSourceError::Connect)?;
-        stream.set_read_timeout(Some(API_TIMEOUT))?;
-        stream.set_write_timeout(Some(API_TIMEOUT))?;
-        Ok(Self { stream })
-    }
-
-    /// Sends one request and reads its response (any status).
-    pub fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Response> {
-        self.send_head(method, path, body)?;
-        self.read_response(Vec::new())
-    }
-
-    /// Like [`VmmApi::request`], but a status other than `want` is an error.
-    fn expect(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<&[u8]>,
-        want: u16,
-    ) -> Result<Vec<u8>> {
-        let r = self.request(method, path, body)?;
-        check_status(method, path, r, want)
-    }
-
-    /// `GET path` answered `200` with JSON.
-    pub fn get_json(&mut self, path: &str) -> Result<serde_json::Value> {
-        let body = self.expect("GET", path, None, 200)?;
-        serde_json::from_slice(&body)
-            .map_err(|e| VmSourceError::Response(format!("GET {path}: {e}")))
-    }
-
-    /// The display size the VM was configured with (`GET /vm`, `config.gpu`).
-    pub fn configured_display(&mut self) -> Result<(u32, u32)> {
-        let vm = self.get_json("/vm")?;
-        let gpu = &vm["config"]["gpu"];
-        let dim = |k: &str| gpu[k].as_u64().and_then(|v| u32::try_from(v).ok());
-        match (dim("width"), dim("height")) {
-            (Some(w), Some(h)) if w > 0 && h > 0 => Ok((w, h)),
-            _ => Err(VmSourceError::NoDisplay),
-        }
-    }
-
-    /// `GET /framebuffer`: the shared framebuffer's memfd and this client's flush eventfd.
-    pub fn get_framebuffer(&mut self) -> Result<ReaderFds> {
-        self.send_head("GET", "/framebuffer", None)?;
-        let mut first = vec![0u8; 4096];
-        let (n, mut fds) = recv_with_fds(&self.stream, &mut first)?;
-        if n == 0 {
-            return Err(VmSourceError::Response(
-                "connection closed before GET /framebuffer was answered".into(),
-            ));
-        }
-        first.truncate(n);
-        let response = self.read_response(first)?;
-        check_status("GET", "/framebuffer", response, 200)?;
-        if fds.len() != 2 {
-            return Err(VmSourceError::Fds(fds.len()));
-        }
-        let notify = fds.pop().expect("two fds");
-        let memfd = fds.pop().expect("two fds");
-        Ok(ReaderFds { memfd, notify })
-    }
-
-    /// `PUT /input`: one batch for `device`; `events` must end with `SYN_REPORT`.
-    pub fn put_input(&mut self, device: InputDevice, events: &[EvdevEvent]) -> Result<()> {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            device: InputDevice,
-            events: &'a [EvdevEvent],
-        }
-        let body = serde_json::to_vec(&Body { device, events }).expect("serialisable");
-        self.expect("PUT", "/input", Some(&body), 204).map(drop)
-    }
-
-    /// `PUT /display`: asks the guest for a new resolution.
-    pub fn put_display(&mut self, width: u32, height: u32) -> Result<()> {
-        let body = serde_json::json!({ "width": width, "height": height }).to_string();
-        self.expect("PUT", "/display", Some(body.as_bytes()), 204)
-            .map(drop)
-    }
-
-    fn send_head(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> Result<()> {
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
-        if let Some(body) = body {
-            req.push_str("Content-Type: application/json\r\n");
-            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        req.push_str("\r\n");
-        let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(body.unwrap_or_default());
-        self.stream.write_all(&bytes)?;
-        Ok(())
-    }
-
-    /// Reads one response whose first bytes (possibly none) are already in `buf`.
-    fn read_response(&mut self, mut buf: Vec<u8>) -> Result<Response> {
-        let mut chunk = [0u8; 4096];
-        let (head_len, status, body_len) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut parsed = httparse::Response::new(&mut headers);
-            match parsed.parse(&buf) {
-                Ok(httparse::Status::Complete(head_len)) => {
-                    let status = parsed.code.unwrap_or_default();
-                    let body_len = content_length(parsed.headers)?;
-                    break (head_len, status, body_len);
-                }
-                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
-                Ok(httparse::Status::Partial) => {
-                    return Err(VmSourceError::Response("response head too long".into()))
-                }
-                Err(e) => return Err(VmSourceError::Response(e.to_string())),
-            }
-            let n = self.stream.read(&mut chunk)?;
-            if n == 0 {
-                return Err(VmSourceError::Response(
-                    "connection closed mid-response".into(),
-                ));
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        if body_len > MAX_VMM_BODY {
-            return Err(VmSourceError::Response(format!(
-                "body of {body_len} bytes is too large"
-            )));
-        }
-        let end = head_len + body_len;
-        while buf.len() < end {
-            let n = self.stream.read(&mut chunk)?;
-            if n == 0 {
-                return Err(VmSourceError::Response("connection closed mid-body".into()));
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        // Requests are never pipelined, so nothing may follow the body.
-        if buf.len() > end {
-            return Err(VmSourceError::Response(
-                "unexpected bytes after the response".into(),
-            ));
-        }
-        Ok(Response {
-            status,
-            body: buf.split_off(head_len),
-        })
-    }
-}
-
-fn content_length(headers: &[httparse::Header<'_>]) -> Result<usize> {
-    headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .map_or(Ok(0), |h| {
-            std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .ok_or_else(|| VmSourceError::Response("bad Content-Length".into()))
-        })
-}
-
-fn check_status(method: &str, path: &str, r: Response, want: u16) -> Result<Vec<u8>> {
-    if r.status == want {
-        return Ok(r.body);
-    }
-    let body = serde_json::from_slice::<serde_json::Value>(&r.body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
-    Err(VmSourceError::Status {
-        request: format!("{method} {path}"),
-        status: r.status,
-        body,
-    })
-}
-
-/// `recvmsg(2)` into `buf`, taking ownership of any descriptors passed with SCM_RIGHTS.
-fn recv_with_fds(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-    use std::os::fd::AsRawFd;
-    // Room for a few descriptors more than the two expected, so extras are seen (and
-    // closed) instead of truncating the control message; u64s keep it cmsghdr-aligned.
-    let mut control = [0u64; 8];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths); fields set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
-    let n = loop {
-        // SAFETY: `msg` points at `iov` (into `buf`) and `control`, both live and writable
-        // for the call's duration with the lengths given.
-        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
-    let mut fds = Vec::new();
-    // SAFETY: `msg` was filled in by recvmsg; the CMSG_* macros walk its control buffer
-    // within `msg_controllen`.
-    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    while !cmsg.is_null() {
-        // SAFETY: CMSG_FIRSTHDR/NXTHDR return null or a header inside `control`.
-        let hdr = unsafe { &*cmsg };
-        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
-            // SAFETY: CMSG_LEN is plain arithmetic.
-            let data_len =
-                (hdr.cmsg_len as usize).saturating_sub(unsafe { libc::CMSG_LEN(0) } as usize);
-            // SAFETY: the data of this header lies inside `control`.
-            let data = unsafe { libc::CMSG_DATA(cmsg) };
-            for i in 0..data_len / std::mem::size_of::<libc::c_int>() {
-                // SAFETY: `i` indexes within the header's data; it may be unaligned.
-                let fd = unsafe { data.cast::<libc::c_int>().add(i).read_unaligned() };
-                // SAFETY: SCM_RIGHTS installed `fd` in this process for us alone.
-                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-        }
-        // SAFETY: as for CMSG_FIRSTHDR.
-        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
-    }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(std::io::Error::other(
-            "file descriptors were truncated in transit",
-        ));
-    }
-    Ok((n, fds))
+/// The display size the VM was configured with (`GET /vm`, `config.gpu`).
+fn configured_display(api: &mut VmmClient) -> Result<(u32, u32)> {
+    let gpu = api.describe()?.config.and_then(|c| c.gpu);
+    let size = gpu.ok_or(VmSourceError::NoDisplay)?;
+    Ok((size.width, size.height))
 }
 
 /// The stream's current frame size, shared by the frame source (which learns it) and the
@@ -380,9 +116,9 @@ impl std::fmt::Debug for VmFramebufferSource {
 impl VmFramebufferSource {
     /// Fetches the framebuffer of the VMM serving its API at `api_sock`.
     pub fn connect(api_sock: &VmmSocket) -> Result<Self> {
-        let mut api = VmmApi::connect(api_sock)?;
-        let display = api.configured_display()?;
-        let fds = api.get_framebuffer()?;
+        let mut api = VmmClient::connect(api_sock, API_TIMEOUT)?;
+        let display = configured_display(&mut api)?;
+        let fds = api.framebuffer()?;
         Self::new(fds, display)
     }
 
@@ -553,49 +289,11 @@ fn trimmed_cursor(c: &CursorState) -> CursorShape {
     }
 }
 
-/// The VMM's virtio-input devices (`PUT /input` `device`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InputDevice {
-    Keyboard,
-    Tablet,
-    Touch,
-}
-
-/// One Linux evdev event as `PUT /input` takes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct EvdevEvent {
-    #[serde(rename = "type")]
-    pub ty: u16,
-    pub code: u16,
-    pub value: i32,
-}
-
-/// evdev constants from `linux/input-event-codes.h`.
-pub mod evdev {
-    pub const EV_SYN: u16 = 0x00;
-    pub const EV_KEY: u16 = 0x01;
-    pub const EV_REL: u16 = 0x02;
-    pub const EV_ABS: u16 = 0x03;
-    pub const SYN_REPORT: u16 = 0;
-    pub const BTN_LEFT: u16 = 0x110;
-    pub const BTN_RIGHT: u16 = 0x111;
-    pub const BTN_MIDDLE: u16 = 0x112;
-    pub const BTN_TOUCH: u16 = 0x14a;
-    pub const REL_WHEEL: u16 = 0x08;
-    pub const ABS_X: u16 = 0x00;
-    pub const ABS_Y: u16 = 0x01;
-    pub const ABS_MT_SLOT: u16 = 0x2f;
-    pub const ABS_MT_POSITION_X: u16 = 0x35;
-    pub const ABS_MT_POSITION_Y: u16 = 0x36;
-    pub const ABS_MT_TRACKING_ID: u16 = 0x39;
-}
-
 const fn ev(ty: u16, code: u16, value: i32) -> EvdevEvent {
-    EvdevEvent { ty, code, value }
+    EvdevEvent::new(ty, code, value)
 }
 
-const SYN: EvdevEvent = ev(evdev::EV_SYN, evdev::SYN_REPORT, 0);
+const SYN: EvdevEvent = EvdevEvent::SYN_REPORT;
 
 /// Scales a stream pixel coordinate to the VMM's 0..=32767 absolute axes.
 fn scale(v: u16, extent: u32) -> i32 {
@@ -603,12 +301,7 @@ fn scale(v: u16, extent: u32) -> i32 {
         return 0;
     }
     let v = u32::from(v).min(extent - 1);
-    (u64::from(v) * u64::from(ABS_MAX) / u64::from(extent - 1)) as i32
-}
-
-/// Keys the VMM's keyboard accepts (`docs/input.md`): anything else would refuse the batch.
-fn keyboard_accepts(code: u16) -> bool {
-    matches!(code, 1..=255 | 0x160..=0x2bf)
+    (u64::from(v) * ABS_MAX as u64 / u64::from(extent - 1)) as i32
 }
 
 /// Turns the stream protocol's input events into evdev batches for the VMM's devices.
@@ -644,7 +337,7 @@ impl InputTranslator {
             };
             match batches.last_mut() {
                 Some((d, batch))
-                    if *d == device && batch.len() + packet.len() <= MAX_BATCH_EVENTS =>
+                    if *d == device && batch.len() + packet.len() <= MAX_INPUT_BATCH =>
                 {
                     batch.extend(packet)
                 }
@@ -805,10 +498,10 @@ impl InputSink for VmInput {
 }
 
 fn input_thread(path: &VmmSocket, rx: Receiver<VmmCommand>) {
-    let mut api: Option<VmmApi> = None;
+    let mut api: Option<VmmClient> = None;
     for cmd in rx {
         if api.is_none() {
-            match VmmApi::connect(path) {
+            match VmmClient::connect(path, API_TIMEOUT) {
                 Ok(a) => api = Some(a),
                 Err(e) => {
                     warn!(error = %e, ?cmd, "VMM unreachable; input dropped");
@@ -817,16 +510,18 @@ fn input_thread(path: &VmmSocket, rx: Receiver<VmmCommand>) {
             }
         }
         let a = api.as_mut().expect("connected above");
-        let result = match &cmd {
-            VmmCommand::Input(device, events) => a.put_input(*device, events),
-            VmmCommand::Display(w, h) => a.put_display(*w, *h),
+        let request = match cmd {
+            VmmCommand::Input(device, events) => Request::Input(InputBatch { device, events }),
+            VmmCommand::Display(width, height) => Request::Display(DisplaySize { width, height }),
         };
-        match result {
+        match a.send(&request) {
             Ok(()) => {}
             // The VMM refused this one request; the connection is still good.
-            Err(e @ VmSourceError::Status { .. }) => warn!(error = %e, ?cmd, "VMM refused input"),
+            Err(e @ VmmClientError::Answer(ResponseError::Refused { .. })) => {
+                warn!(error = %e, %request, "VMM refused input")
+            }
             Err(e) => {
-                warn!(error = %e, ?cmd, "VMM API failed; reconnecting for the next input");
+                warn!(error = %e, %request, "VMM API failed; reconnecting for the next input");
                 api = None;
             }
         }
@@ -1043,7 +738,7 @@ mod tests {
         assert_eq!(out.len(), 3);
         assert!(out
             .iter()
-            .all(|(_, b)| b.len() <= MAX_BATCH_EVENTS && b.last() == Some(&SYN)));
+            .all(|(_, b)| b.len() <= MAX_INPUT_BATCH && b.last() == Some(&SYN)));
         assert_eq!(out.iter().map(|(_, b)| b.len()).sum::<usize>(), 9000);
     }
 
@@ -1212,66 +907,6 @@ mod tests {
         assert_eq!(
             &new_pixels.image.expect("sent for new pixels").bgra[..4],
             &[9, 9, 9, 255]
-        );
-    }
-
-    #[test]
-    fn vmm_error_statuses_carry_the_error_text() {
-        let r = Response {
-            status: 400,
-            body: br#"{"error":"event 3: bad key"}"#.to_vec(),
-        };
-        let e = check_status("PUT", "/input", r, 204).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "VMM answered PUT /input with 400: event 3: bad key"
-        );
-    }
-
-    /// A fake VMM at `path` answering one connection with `head` and then as many body
-    /// bytes as the client reads.
-    fn fake_vmm(path: &std::path::Path, head: &'static str) {
-        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
-        std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut req = [0u8; 1024];
-            let _ = s.read(&mut req);
-            let _ = s.write_all(head.as_bytes());
-            let data = vec![b'x'; 64 * 1024];
-            while s.write_all(&data).is_ok() {}
-        });
-    }
-
-    #[test]
-    fn vmm_api_refuses_a_body_past_the_bound() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("api.sock");
-        fake_vmm(
-            &path,
-            "HTTP/1.1 200 OK\r\nContent-Length: 2147483648\r\n\r\n",
-        );
-        let mut api = VmmApi::connect(&VmmSocket::unjailed(&path)).unwrap();
-        let err = api.get_json("/metrics").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "malformed VMM API response: body of 2147483648 bytes is too large"
-        );
-    }
-
-    #[test]
-    fn vmm_api_refuses_a_socket_served_by_another_uid() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("api.sock");
-        fake_vmm(&path, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
-        let ours = VmmSocket::unjailed(&path);
-        let sock = VmmSocket {
-            uid: ours.uid.wrapping_add(1),
-            ..ours
-        };
-        let err = VmmApi::connect(&sock).unwrap_err();
-        assert!(
-            matches!(err, VmSourceError::Connect(UdsError::PeerUid { .. })),
-            "{err:?}"
         );
     }
 }

@@ -12,8 +12,14 @@ use std::time::{Duration, Instant};
 
 use encoder::{FrameSource, PixelFormat, Rect};
 use hostd::uds::VmmSocket;
-use hostd::vm_source::{self, evdev, EvdevEvent, InputDevice, VmFramebufferSource, VmmApi};
+use hostd::vm_source::{self, VmFramebufferSource};
+use hostd::vmm_client::VmmClient;
 use proto::stream::{Button, InputEvent};
+use vmm_api::input::evdev;
+use vmm_api::{InputBatch, InputDevice, InputEvent as EvdevEvent, Request, VmState};
+
+/// Each API request's deadline.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A genos-vmm process, killed when dropped.
 struct Vmm {
@@ -63,8 +69,8 @@ fn start_vmm() -> Option<Vmm> {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(mut api) = VmmApi::connect(&VmmSocket::unjailed(&vmm.sock)) {
-            if api.get_json("/vm").unwrap()["state"] == "running" {
+        if let Ok(mut api) = VmmClient::connect(&VmmSocket::unjailed(&vmm.sock), TIMEOUT) {
+            if api.describe().unwrap().state == VmState::Running {
                 return Some(vmm);
             }
         }
@@ -78,13 +84,13 @@ fn start_vmm() -> Option<Vmm> {
 
 /// `devices.<device>.device.injected` from the VMM's metrics.
 fn injected(sock: &Path, device: &str) -> u64 {
-    let m = VmmApi::connect(&VmmSocket::unjailed(sock))
+    let m = VmmClient::connect(&VmmSocket::unjailed(sock), TIMEOUT)
         .unwrap()
-        .get_json("/metrics")
+        .metrics()
         .unwrap();
-    m["devices"][device]["device"]["injected"]
+    m.devices[device]["device"]["injected"]
         .as_u64()
-        .unwrap_or_else(|| panic!("no {device}.injected in metrics: {m}"))
+        .unwrap_or_else(|| panic!("no {device}.injected in metrics: {m:?}"))
 }
 
 fn wait_injected(sock: &Path, device: &str, want: u64) {
@@ -169,29 +175,23 @@ fn input_sink_delivers_keyboard_and_pointer_batches_to_the_vmm() {
 #[test]
 fn vmm_accepts_a_translated_batch_and_refuses_one_without_syn_report() {
     let Some(vmm) = start_vmm() else { return };
-    let mut api = VmmApi::connect(&VmmSocket::unjailed(&vmm.sock)).unwrap();
-    let key = |value| EvdevEvent {
-        ty: evdev::EV_KEY,
-        code: 57,
-        value,
-    };
-    let syn = EvdevEvent {
-        ty: evdev::EV_SYN,
-        code: evdev::SYN_REPORT,
-        value: 0,
+    let mut api = VmmClient::connect(&VmmSocket::unjailed(&vmm.sock), TIMEOUT).unwrap();
+    let key = |value| EvdevEvent::new(evdev::EV_KEY, 57, value);
+    let syn = EvdevEvent::SYN_REPORT;
+    let keyboard = |events: &[EvdevEvent]| {
+        Request::Input(InputBatch {
+            device: InputDevice::Keyboard,
+            events: events.to_vec(),
+        })
     };
 
-    api.put_input(InputDevice::Keyboard, &[key(1), syn, key(0), syn])
-        .unwrap();
-    let err = api
-        .put_input(InputDevice::Keyboard, &[key(1)])
-        .unwrap_err()
-        .to_string();
+    api.send(&keyboard(&[key(1), syn, key(0), syn])).unwrap();
+    let err = api.send(&keyboard(&[key(1)])).unwrap_err().to_string();
 
     assert!(err.starts_with("VMM answered PUT /input with 400"), "{err}");
     // The refused batch did not count, and the connection is still usable.
     assert_eq!(injected(&vmm.sock, "keyboard"), 4);
-    api.get_json("/vm").unwrap();
+    api.describe().unwrap();
 }
 
 #[test]
