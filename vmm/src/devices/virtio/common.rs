@@ -73,6 +73,18 @@ impl QueueMetrics {
             queue_errors: self.queue_errors.load(Ordering::Relaxed),
         }
     }
+
+    /// A device's metrics snapshot: its own `counters` (a struct serialised field by field,
+    /// the queue counters skipped) with these added.
+    pub fn snapshot_with(&self, counters: &impl Serialize) -> serde_json::Value {
+        let mut snapshot = serde_json::to_value(counters).unwrap_or_default();
+        if let (serde_json::Value::Object(all), Ok(serde_json::Value::Object(queues))) =
+            (&mut snapshot, serde_json::to_value(self.values()))
+        {
+            all.extend(queues);
+        }
+        snapshot
+    }
 }
 
 /// What an activated device works with: guest memory, its interrupt and its queues.
@@ -573,5 +585,27 @@ mod tests {
         assert_eq!(wiring.lock().unwrap().seen, vec![Some(1)]);
         assert_eq!(metrics.values().queue_events, 1);
         assert_eq!(em.run_with_timeout(0).unwrap(), 0, "counter drained");
+    }
+
+    #[test]
+    fn device_snapshots_carry_the_queue_counters_beside_the_devices_own() {
+        #[derive(Serialize)]
+        struct Counters {
+            served: AtomicU64,
+            #[serde(skip)]
+            queues: Arc<QueueMetrics>,
+        }
+        let counters = Counters {
+            served: AtomicU64::new(3),
+            queues: Arc::default(),
+        };
+        counters.queues.queue_errors.fetch_add(1, Ordering::Relaxed);
+
+        let snapshot = counters.queues.snapshot_with(&counters);
+
+        assert_eq!(
+            snapshot,
+            serde_json::json!({"served": 3, "queue_events": 0, "queue_errors": 1})
+        );
     }
 }

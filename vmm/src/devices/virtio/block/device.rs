@@ -20,8 +20,7 @@ use super::request::{
     SECTOR_SIZE,
 };
 use crate::devices::virtio::{
-    read_config_bytes, GuestMemoryMmap, QueueMetrics, QueueMetricsValues, VirtioCommon,
-    VirtioDevice,
+    read_config_bytes, GuestMemoryMmap, QueueMetrics, VirtioCommon, VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -78,7 +77,7 @@ pub enum BlockError {
 }
 
 /// Counters of one virtio-blk device.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize)]
 pub struct BlockMetrics {
     /// Completed reads.
     pub reads: AtomicU64,
@@ -101,41 +100,13 @@ pub struct BlockMetrics {
     /// Host I/O errors (answered IOERR).
     pub io_errors: AtomicU64,
     /// Queue notifications and broken queues (the common part's counters).
+    #[serde(skip)]
     pub queues: Arc<QueueMetrics>,
 }
 
 impl DeviceMetrics for BlockMetrics {
     fn snapshot(&self) -> serde_json::Value {
-        #[derive(Serialize)]
-        struct Snapshot {
-            reads: u64,
-            writes: u64,
-            flushes: u64,
-            get_ids: u64,
-            bytes_read: u64,
-            bytes_written: u64,
-            invalid_requests: u64,
-            unsupported_requests: u64,
-            unanswerable_requests: u64,
-            io_errors: u64,
-            #[serde(flatten)]
-            queues: QueueMetricsValues,
-        }
-        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        serde_json::to_value(Snapshot {
-            reads: l(&self.reads),
-            writes: l(&self.writes),
-            flushes: l(&self.flushes),
-            get_ids: l(&self.get_ids),
-            bytes_read: l(&self.bytes_read),
-            bytes_written: l(&self.bytes_written),
-            invalid_requests: l(&self.invalid_requests),
-            unsupported_requests: l(&self.unsupported_requests),
-            unanswerable_requests: l(&self.unanswerable_requests),
-            io_errors: l(&self.io_errors),
-            queues: self.queues.values(),
-        })
-        .unwrap_or_default()
+        self.queues.snapshot_with(self)
     }
 }
 

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::pending::{PendingError, PendingQueue, DEFAULT_CAPACITY};
@@ -52,7 +53,7 @@ pub enum InputError {
 }
 
 /// Counters of one input device.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize)]
 pub struct InputMetrics {
     /// Events accepted for delivery.
     pub injected: AtomicU64,
@@ -63,20 +64,13 @@ pub struct InputMetrics {
     /// Batches refused (invalid, or keys that did not fit).
     pub refused: AtomicU64,
     /// Queue notifications and broken queues (the common part's counters).
+    #[serde(skip)]
     pub queues: Arc<QueueMetrics>,
 }
 
 impl DeviceMetrics for InputMetrics {
     fn snapshot(&self) -> serde_json::Value {
-        let queues = self.queues.values();
-        serde_json::json!({
-            "injected": self.injected.load(Ordering::Relaxed),
-            "delivered": self.delivered.load(Ordering::Relaxed),
-            "dropped": self.dropped.load(Ordering::Relaxed),
-            "refused": self.refused.load(Ordering::Relaxed),
-            "queue_errors": queues.queue_errors,
-            "queue_events": queues.queue_events,
-        })
+        self.queues.snapshot_with(self)
     }
 }
 

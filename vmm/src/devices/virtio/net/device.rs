@@ -23,7 +23,7 @@ use super::chain::{
 use super::tap::{FrameBackend, Tap, TapError, VNET_HDR_LEN};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, DeviceQueue, GuestMemoryMmap, QueueError, QueueMetrics,
-    QueueMetricsValues, VirtioCommon, VirtioDevice,
+    VirtioCommon, VirtioDevice,
 };
 use crate::devices::DeviceMetrics;
 
@@ -110,7 +110,7 @@ pub enum NetError {
 }
 
 /// Counters of one virtio-net device.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize)]
 pub struct NetMetrics {
     /// Frames delivered to the guest.
     pub rx_packets: AtomicU64,
@@ -135,43 +135,13 @@ pub struct NetMetrics {
     /// Errors reading from the backend.
     pub backend_errors: AtomicU64,
     /// Queue notifications and broken queues (the common part's counters).
+    #[serde(skip)]
     pub queues: Arc<QueueMetrics>,
 }
 
 impl DeviceMetrics for NetMetrics {
     fn snapshot(&self) -> serde_json::Value {
-        #[derive(Serialize)]
-        struct Snapshot {
-            rx_packets: u64,
-            rx_bytes: u64,
-            tx_packets: u64,
-            tx_bytes: u64,
-            rx_dropped: u64,
-            tx_dropped: u64,
-            rx_malformed_chains: u64,
-            tx_malformed_chains: u64,
-            tx_oversized_frames: u64,
-            rx_deferred: u64,
-            backend_errors: u64,
-            #[serde(flatten)]
-            queues: QueueMetricsValues,
-        }
-        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        serde_json::to_value(Snapshot {
-            rx_packets: l(&self.rx_packets),
-            rx_bytes: l(&self.rx_bytes),
-            tx_packets: l(&self.tx_packets),
-            tx_bytes: l(&self.tx_bytes),
-            rx_dropped: l(&self.rx_dropped),
-            tx_dropped: l(&self.tx_dropped),
-            rx_malformed_chains: l(&self.rx_malformed_chains),
-            tx_malformed_chains: l(&self.tx_malformed_chains),
-            tx_oversized_frames: l(&self.tx_oversized_frames),
-            rx_deferred: l(&self.rx_deferred),
-            backend_errors: l(&self.backend_errors),
-            queues: self.queues.values(),
-        })
-        .unwrap_or_default()
+        self.queues.snapshot_with(self)
     }
 }
 

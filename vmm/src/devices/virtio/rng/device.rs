@@ -9,9 +9,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use vm_memory::{Address, Bytes};
 
-use crate::devices::virtio::{
-    GuestMemoryMmap, QueueMetrics, QueueMetricsValues, VirtioCommon, VirtioDevice,
-};
+use crate::devices::virtio::{GuestMemoryMmap, QueueMetrics, VirtioCommon, VirtioDevice};
 use crate::devices::DeviceMetrics;
 
 /// Size of the device's request queue.
@@ -22,7 +20,7 @@ const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
 const CHUNK: usize = 4096;
 
 /// Counters of the entropy device.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize)]
 pub struct RngMetrics {
     /// Requests served.
     pub requests: AtomicU64,
@@ -31,27 +29,13 @@ pub struct RngMetrics {
     /// Requests that could not be filled (bad buffers or getrandom failure).
     pub failures: AtomicU64,
     /// Queue notifications and broken queues (the common part's counters).
+    #[serde(skip)]
     pub queues: Arc<QueueMetrics>,
 }
 
 impl DeviceMetrics for RngMetrics {
     fn snapshot(&self) -> serde_json::Value {
-        #[derive(Serialize)]
-        struct Snapshot {
-            requests: u64,
-            bytes: u64,
-            failures: u64,
-            #[serde(flatten)]
-            queues: QueueMetricsValues,
-        }
-        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        serde_json::to_value(Snapshot {
-            requests: l(&self.requests),
-            bytes: l(&self.bytes),
-            failures: l(&self.failures),
-            queues: self.queues.values(),
-        })
-        .unwrap_or_default()
+        self.queues.snapshot_with(self)
     }
 }
 
