@@ -60,14 +60,17 @@ pub enum ArtifactKind {
     Initramfs,
     Base,
     Rootfs,
+    /// A host tool genos-image fetched and verified itself (apk.static).
+    Tool,
 }
 
 impl ArtifactKind {
-    pub const ALL: [ArtifactKind; 4] = [
+    pub const ALL: [ArtifactKind; 5] = [
         ArtifactKind::Kernel,
         ArtifactKind::Initramfs,
         ArtifactKind::Base,
         ArtifactKind::Rootfs,
+        ArtifactKind::Tool,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -76,6 +79,7 @@ impl ArtifactKind {
             ArtifactKind::Initramfs => "initramfs",
             ArtifactKind::Base => "base",
             ArtifactKind::Rootfs => "rootfs",
+            ArtifactKind::Tool => "tool",
         }
     }
 }

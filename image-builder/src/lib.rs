@@ -5,6 +5,7 @@
 //! The `genos-image` binary is a thin CLI over [`kernel::build`], [`initramfs::build`],
 //! [`rootfs::build`] (which executes a [`plan::Plan`]) and the [`cache::Cache`].
 
+pub mod apk_bootstrap;
 pub mod cache;
 pub mod cpio;
 pub mod initramfs;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use proto::spec::{Catalog, Spec, SpecError};
 
+use crate::apk_bootstrap::{self, ApkBootstrapError};
 use crate::cache::{sha256_hex, Artifact, ArtifactKind, Cache, CacheError, InputHasher};
 use crate::plan::{self, BasePlan, Plan, PlanError, PlanOptions, Prepared};
 use crate::probe::{self, ProbeError};
@@ -66,6 +67,12 @@ pub enum RootfsError {
     },
     #[error("required tool {names} not found in PATH ({hint})")]
     MissingTool { names: String, hint: String },
+    #[error("apk.static is not on PATH and could not be obtained from the Alpine mirror {mirror}: {source} (install apk.static from Alpine's apk-tools-static package, or use a reachable mirror)")]
+    ApkStatic {
+        mirror: String,
+        #[source]
+        source: ApkBootstrapError,
+    },
     #[error("the archive keys of {base} are missing: {path} does not exist (install the Debian package `{package}`, or give the keys with --keyring)")]
     NoKeyring {
         base: String,
@@ -280,7 +287,12 @@ fn base_hash(base: &BasePlan) -> String {
 
 /// Returns the cached base layer for `plan`, building it on a miss.
 /// The caller has probed the archive.
-fn build_base(cache: &Cache, spec_base: &str, plan: &BasePlan) -> Result<Artifact, RootfsError> {
+fn build_base(
+    cache: &Cache,
+    spec_base: &str,
+    plan: &BasePlan,
+    probe_timeout: Duration,
+) -> Result<Artifact, RootfsError> {
     let hash = base_hash(plan);
     if let Some(hit) = cache.lookup(ArtifactKind::Base, &hash)? {
         return Ok(hit);
@@ -288,22 +300,6 @@ fn build_base(cache: &Cache, spec_base: &str, plan: &BasePlan) -> Result<Artifac
     let _lock = cache.lock(ArtifactKind::Base, &hash)?;
     if let Some(hit) = cache.lookup(ArtifactKind::Base, &hash)? {
         return Ok(hit);
-    }
-    let tools = plan.tools();
-    let mut program = None;
-    for tool in &tools {
-        let found = tool.names.iter().find_map(|n| tools::find(n));
-        match found {
-            Some(path) => {
-                program.get_or_insert(path);
-            }
-            None => {
-                return Err(RootfsError::MissingTool {
-                    names: tool.names.join(" or "),
-                    hint: tool.hint.to_string(),
-                })
-            }
-        }
     }
     if let Some(keyring) = &plan.keyring {
         if !keyring.exists() {
@@ -313,6 +309,27 @@ fn build_base(cache: &Cache, spec_base: &str, plan: &BasePlan) -> Result<Artifac
                 package: plan.keyring_package.clone().unwrap_or_default(),
             });
         }
+    }
+    let tools = plan.tools();
+    let mut program = None;
+    for tool in &tools {
+        let found = tool.names.iter().find_map(|n| tools::find(n));
+        let path = match (found, &plan.apk_static) {
+            (Some(path), _) => path,
+            // No apk on this host: fetch Alpine's apk.static and check its signature.
+            (None, Some(apk_static)) => apk_bootstrap::obtain(cache, apk_static, probe_timeout)
+                .map_err(|source| RootfsError::ApkStatic {
+                    mirror: apk_static.mirror.clone(),
+                    source,
+                })?,
+            (None, None) => {
+                return Err(RootfsError::MissingTool {
+                    names: tool.names.join(" or "),
+                    hint: tool.hint.to_string(),
+                })
+            }
+        };
+        program.get_or_insert(path);
     }
     check_space(cache.root(), BASE_SPACE_NEEDED)?;
     let started = Instant::now();
@@ -449,7 +466,7 @@ pub fn build(cache: &Cache, spec: &Spec, options: &RootfsOptions) -> Result<Arti
     }
     probe_all(&spec.base, &urls, options.probe_timeout)?;
     require_root()?;
-    let base = build_base(cache, &spec.base, &plan.base)?;
+    let base = build_base(cache, &spec.base, &plan.base, options.probe_timeout)?;
 
     let _lock = cache.lock(ArtifactKind::Rootfs, &hash)?;
     if let Some(hit) = cache.lookup(ArtifactKind::Rootfs, &hash)? {

@@ -204,32 +204,86 @@ fn a_reachable_archive_with_missing_keys_fails_naming_the_package() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+fn has_apk() -> bool {
+    ["apk.static", "apk"]
+        .iter()
+        .any(|t| image_builder::tools::find(t).is_some())
+}
+
 #[test]
-fn a_reachable_archive_without_the_builders_tool_fails_naming_it() {
-    let apk = ["apk.static", "apk"];
+fn without_apk_or_alpine_keys_to_verify_a_fetched_one_the_build_fails_naming_the_tool() {
     if !is_root() {
         testkit::skip(testkit::Need::Root, "needs root");
         return;
     }
-    if apk.iter().any(|t| image_builder::tools::find(t).is_some()) {
+    if has_apk() {
         // Not a missing prerequisite: this host has the tool the test needs absent.
         eprintln!("skipping: needs a host without apk");
         return;
     }
     let port = answering_mirror();
     let (dir, cache) = temp_cache("tool");
-    let options = RootfsOptions {
+    let mut options = RootfsOptions {
         mirror: Some(format!("http://127.0.0.1:{port}/alpine")),
         ..Default::default()
     };
+    options
+        .catalog
+        .bases
+        .get_mut("alpine-3.20")
+        .unwrap()
+        .keyring = None;
 
     let err = rootfs::build(&cache, &spec("alpine-3.20"), &options).unwrap_err();
 
     assert!(
         err.to_string()
-            .starts_with("required tool apk.static or apk not found in PATH"),
+            .starts_with("required tool apk.static or apk not found in PATH (install apk.static"),
         "{err}"
     );
+    assert!(cache.list().unwrap().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_mirror_that_serves_no_usable_index_fails_fetching_apk_static_naming_the_mirror() {
+    if !is_root() {
+        testkit::skip(testkit::Need::Root, "needs root");
+        return;
+    }
+    if has_apk() {
+        eprintln!("skipping: needs a host without apk");
+        return;
+    }
+    if image_builder::tools::find("curl").is_none()
+        || image_builder::tools::find("openssl").is_none()
+    {
+        testkit::skip(testkit::Need::Tools, "needs curl and openssl");
+        return;
+    }
+    let port = answering_mirror();
+    let (dir, cache) = temp_cache("apk-index");
+    let keys = dir.join("alpine-keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let mirror = format!("http://127.0.0.1:{port}/alpine");
+    let options = RootfsOptions {
+        mirror: Some(mirror.clone()),
+        keyring: Some(keys),
+        ..Default::default()
+    };
+
+    let started = Instant::now();
+    let err = rootfs::build(&cache, &spec("alpine-3.20"), &options).unwrap_err();
+
+    assert!(matches!(err, RootfsError::ApkStatic { .. }), "{err:?}");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "apk.static is not on PATH and could not be obtained from the Alpine mirror {mirror}: \
+             {mirror}/v3.20/main/x86_64/APKINDEX.tar.gz is not usable"
+        )),
+        "{err}"
+    );
+    assert!(started.elapsed() < GENEROUS);
     assert!(cache.list().unwrap().is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -33,10 +33,11 @@ pub const KIOSK_SESSION_PACKAGES: &[&str] = &["font-dejavu", "seatd"];
 
 pub const TOOLS: &[Tool] = &[Tool {
     names: &["apk.static", "apk"],
-    hint: "install apk.static (sbin/apk.static of Alpine's apk-tools-static package); Debian 12 does not package apk",
+    hint: "install apk.static (sbin/apk.static of Alpine's apk-tools-static package; Debian 12 does not package apk), or give the base its Alpine keys so genos-image can fetch and verify it",
 }];
 
-const ARCH: &str = "x86_64";
+/// The architecture of every GenOS guest.
+pub const ARCH: &str = "x86_64";
 
 fn repositories(plan: &BasePlan) -> Vec<String> {
     let components: Vec<&str> = if plan.components.is_empty() {

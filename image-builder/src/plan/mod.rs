@@ -10,6 +10,7 @@
 //! kiosk started from the login shell on tty1, DHCP networking and the optional agent.
 
 pub mod apk;
+pub mod apk_static;
 pub mod apt;
 pub mod dnf;
 
@@ -107,6 +108,9 @@ pub struct BasePlan {
     pub packages: Vec<String>,
     /// What the probe fetches before the builder runs.
     pub probe_url: String,
+    /// How `apk.static` is fetched and verified when the host has no apk (Alpine bases
+    /// with keys only).
+    pub apk_static: Option<apk_static::ApkStaticPlan>,
 }
 
 impl BasePlan {
@@ -137,6 +141,7 @@ impl BasePlan {
             debootstrap_script: base.debootstrap_script.clone(),
             packages: Vec::new(),
             probe_url: String::new(),
+            apk_static: None,
         };
         plan.packages = match builder {
             Builder::Debootstrap => apt::BASE_PACKAGES,
@@ -151,6 +156,11 @@ impl BasePlan {
             Builder::Dnf => dnf::probe_url(&plan),
             Builder::Apk => apk::probe_url(&plan),
         };
+        if builder == Builder::Apk {
+            plan.apk_static = plan.keyring.as_deref().map(|keys| {
+                apk_static::ApkStaticPlan::new(&plan.mirror, &plan.release, apk::ARCH, keys)
+            });
+        }
         Ok(plan)
     }
 

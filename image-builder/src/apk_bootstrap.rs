@@ -1,0 +1,231 @@
+//! Runs an [`ApkStaticPlan`]: fetches the mirror's index and the `apk-tools-static`
+//! package with curl (short timeouts, so an unreachable mirror fails in seconds), extracts
+//! the binary and its signature, accepts it only if `openssl dgst -sha256 -verify` does with
+//! the signing key from the base's key directory, and caches it as a `tool` artifact. A
+//! cached binary is verified again each time it is used, so a changed file or a key
+//! removed from the directory stops it. No unverified byte is ever executed.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cache::{sha256_hex, ArtifactKind, Cache, CacheError, InputHasher};
+use crate::plan::apk_static::{self, ApkStaticError, ApkStaticPlan};
+use crate::tools::{self, ToolError};
+
+/// File names inside the `tool` artifact directory.
+pub const BINARY: &str = "apk.static";
+pub const SIGNATURE: &str = "apk.static.sig";
+
+/// Why apk.static could not be obtained.
+#[derive(Debug, thiserror::Error)]
+pub enum ApkBootstrapError {
+    #[error("fetching {url} failed: {detail}")]
+    Fetch { url: String, detail: String },
+    #[error("{url} is not usable: {source}")]
+    Download {
+        url: String,
+        #[source]
+        source: ApkStaticError,
+    },
+    #[error("apk.static is signed with {key_name}, which is not in {keys_dir}")]
+    UnknownKey { key_name: String, keys_dir: PathBuf },
+    #[error("the signature of apk.static from {url} does not verify with {key}: {detail}")]
+    BadSignature {
+        url: String,
+        key: PathBuf,
+        detail: String,
+    },
+    #[error("the cached apk.static in {dir} does not verify any more ({detail}); remove {dir} to fetch it again")]
+    CachedBadSignature { dir: PathBuf, detail: String },
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ApkBootstrapError {
+    let path = path.to_path_buf();
+    move |source| ApkBootstrapError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// The cache key of the binary `plan` yields.
+pub fn hash(plan: &ApkStaticPlan) -> String {
+    let mut hasher = InputHasher::new(apk_static::RECIPE);
+    for (key, value) in plan.hash_inputs() {
+        hasher.add(key, value.as_bytes());
+    }
+    hasher.finish()
+}
+
+/// The path of a verified apk.static for `plan`, from the cache or fetched from the mirror.
+/// `timeout` bounds connecting and each silence of the mirror (see
+/// [`apk_static::fetch_command`]).
+pub fn obtain(
+    cache: &Cache,
+    plan: &ApkStaticPlan,
+    timeout: Duration,
+) -> Result<PathBuf, ApkBootstrapError> {
+    tools::require(&[("curl", "curl"), ("openssl", "openssl")])?;
+    let hash = hash(plan);
+    if let Some(path) = cached(cache, plan, &hash)? {
+        return Ok(path);
+    }
+    let _lock = cache.lock(ArtifactKind::Tool, &hash)?;
+    if let Some(path) = cached(cache, plan, &hash)? {
+        return Ok(path);
+    }
+    let started = Instant::now();
+    let staging = cache.stage(ArtifactKind::Tool, &hash)?;
+    let dir = staging.path();
+
+    let index_url = plan.index_url();
+    eprintln!("genos-image: apk.static is not on PATH; fetching {index_url}");
+    let index = fetch(&index_url, &dir.join("APKINDEX.tar.gz"), timeout)?;
+    let package = plan
+        .package(&index)
+        .map_err(|source| ApkBootstrapError::Download {
+            url: index_url.clone(),
+            source,
+        })?;
+    eprintln!("genos-image: fetching {}", package.url);
+    let bytes = fetch(&package.url, &dir.join("package.apk"), timeout)?;
+    let extracted = apk_static::extract(&bytes).map_err(|source| ApkBootstrapError::Download {
+        url: package.url.clone(),
+        source,
+    })?;
+    for name in ["APKINDEX.tar.gz", "package.apk"] {
+        let path = dir.join(name);
+        fs::remove_file(&path).map_err(io_err("removing", &path))?;
+    }
+    let binary = dir.join(BINARY);
+    let signature = dir.join(SIGNATURE);
+    fs::write(&binary, &extracted.binary).map_err(io_err("writing", &binary))?;
+    fs::write(&signature, &extracted.signature).map_err(io_err("writing", &signature))?;
+    let key = plan.key_path(&extracted.key_name);
+    if !key.is_file() {
+        return Err(ApkBootstrapError::UnknownKey {
+            key_name: extracted.key_name,
+            keys_dir: plan.keys_dir.clone(),
+        });
+    }
+    verify(&key, &signature, &binary).map_err(|detail| ApkBootstrapError::BadSignature {
+        url: package.url.clone(),
+        key: key.clone(),
+        detail,
+    })?;
+    // Verified: only now may it be made executable and run.
+    fs::set_permissions(&binary, fs::Permissions::from_mode(0o755))
+        .map_err(io_err("chmod", &binary))?;
+    let reports = tools::output(Command::new(&binary).arg("--version"))?;
+    eprintln!(
+        "genos-image: apk.static {} verified with {}: {}",
+        package.version,
+        extracted.key_name,
+        reports.trim()
+    );
+    let inputs = serde_json::json!({
+        "package": apk_static::PACKAGE,
+        "version": package.version,
+        "release": plan.release,
+        "arch": plan.arch,
+        "url": package.url,
+        "key": extracted.key_name,
+        "sha256": sha256_hex(&extracted.binary),
+        "reports": reports.trim(),
+    });
+    let artifact = cache.publish(
+        staging,
+        ArtifactKind::Tool,
+        &hash,
+        BINARY,
+        started.elapsed(),
+        inputs,
+    )?;
+    Ok(artifact.path())
+}
+
+/// The cached binary, verified again; `None` when there is none.
+fn cached(
+    cache: &Cache,
+    plan: &ApkStaticPlan,
+    hash: &str,
+) -> Result<Option<PathBuf>, ApkBootstrapError> {
+    let Some(artifact) = cache.lookup(ArtifactKind::Tool, hash)? else {
+        return Ok(None);
+    };
+    let stale = |detail: String| ApkBootstrapError::CachedBadSignature {
+        dir: artifact.dir.clone(),
+        detail,
+    };
+    let key_name = artifact.manifest.inputs["key"]
+        .as_str()
+        .ok_or_else(|| stale("its manifest names no key".into()))?;
+    let key = plan.key_path(key_name);
+    if !key.is_file() {
+        return Err(stale(format!(
+            "its key {key_name} is not in {}",
+            plan.keys_dir.display()
+        )));
+    }
+    verify(&key, &artifact.dir.join(SIGNATURE), &artifact.path()).map_err(stale)?;
+    Ok(Some(artifact.path()))
+}
+
+/// Downloads `url` to `dest` and returns its bytes.
+fn fetch(url: &str, dest: &Path, timeout: Duration) -> Result<Vec<u8>, ApkBootstrapError> {
+    let argv = apk_static::fetch_command(url, dest, timeout);
+    let out = run_captured(&argv)?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+        return Err(ApkBootstrapError::Fetch {
+            url: url.to_string(),
+            detail: format!(
+                "{} ({})",
+                last.unwrap_or("curl said nothing").trim(),
+                out.status
+            ),
+        });
+    }
+    fs::read(dest).map_err(io_err("reading", dest))
+}
+
+/// Runs the plan's openssl check; the error is what openssl said.
+fn verify(key: &Path, signature: &Path, binary: &Path) -> Result<(), String> {
+    let argv = apk_static::verify_command(key, signature, binary);
+    let out = run_captured(&argv).map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && stdout.trim() == "Verified OK" {
+        return Ok(());
+    }
+    let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let first = said.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    Err(format!("openssl: {} ({})", first.trim(), out.status))
+}
+
+fn run_captured(argv: &[String]) -> Result<Output, ApkBootstrapError> {
+    Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| {
+            ApkBootstrapError::Tool(ToolError::Spawn {
+                tool: argv[0].clone(),
+                source,
+            })
+        })
+}
