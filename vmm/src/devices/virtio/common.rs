@@ -8,7 +8,7 @@
 //! processing ([`VirtioCommon::serve_queue`]) and what its own activation and reset add.
 //! Its event handler registers the queue eventfds with [`VirtioCommon::watch_queue_events`]
 //! and maps an event back to its queue with [`VirtioCommon::queue_event`]; the queue
-//! counters ([`QueueMetrics`]) are kept here and flattened into each device's metrics.
+//! counters ([`QueueMetrics`]) are kept here and added to each device's metrics snapshot.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
