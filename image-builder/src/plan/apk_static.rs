@@ -1,12 +1,12 @@
-//! Getting `apk.static` onto a host that has no apk (Debian packages none), as
-//! alpine-make-rootfs and pmbootstrap do: the release's `main` index (`APKINDEX`) names
-//! the `apk-tools-static` package, that package holds `sbin/apk.static` and
-//! `sbin/apk.static.SIGN.RSA.sha256.<key>`, an RSA signature over the binary's SHA-256 by
-//! an Alpine developer key, and the binary is used only after `openssl dgst -sha256
-//! -verify` accepts that signature with the key of that name from the base's key
-//! directory (Debian's `distribution-gpg-keys`). Everything here is computed without IO:
-//! the URLs, the curl and openssl command lines, the index lookup and the extraction from
-//! the package; [`crate::apk_bootstrap`] runs it and caches the verified binary.
+//! Getting `apk.static` onto a host that has no apk (Debian packages none), as pmbootstrap
+//! does: the release's `main` index (`APKINDEX`) names the `apk-tools-static` package,
+//! that package holds `sbin/apk.static` and `sbin/apk.static.SIGN.RSA.sha256.<key>`, an
+//! RSA signature over the binary's SHA-256 by an Alpine developer key, and the binary is
+//! used only after `openssl dgst -sha256 -verify` accepts that signature with the key of
+//! that name from the base's key directory (Debian's `distribution-gpg-keys`). Everything
+//! here is computed without IO: the URLs, the curl and openssl command lines, the index
+//! lookup and the extraction from the package; [`crate::apk_bootstrap`] runs it and caches
+//! the verified binary.
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
