@@ -27,7 +27,9 @@ use std::time::Duration;
 use proto::spec::{Catalog, Spec, SpecError};
 use serde::Serialize;
 use tokio::sync::watch;
-use vmm_api::{LifecycleAction, Request, VmConfig, VmState};
+use vmm_api::{
+    DiskConfig, DisplaySize, LifecycleAction, NetConfig, Request, SerialConfig, VmConfig, VmState,
+};
 
 use crate::composer::{Clarify, Composer, Composition, Outcome};
 use crate::config::{Config, JailMode};
@@ -1299,29 +1301,22 @@ impl Orchestrator {
             .map_err(|e| e.to_string())?;
         self.wait_api(name, &proc).await?;
 
-        let graphical = self.graphical(spec);
-        let mut config = serde_json::json!({
-            "kernel": images.kernel,
-            "cmdline": vmm.cmdline,
-            "vcpus": spec.vcpus,
-            "mem_mib": spec.memory_mib,
-            "rng": true,
-            "cpu_template": vmm.cpu_template,
-            "serial": format!("file:{}", dir.join("console.log").display()),
-            "input": graphical,
+        let config = vm_config(&VmSettings {
+            spec,
+            images,
+            cpu_template: &vmm.cpu_template,
+            cmdline: vmm.cmdline.clone(),
+            console: dir.join("console.log"),
+            graphical: self.graphical(spec),
+            tap: None,
         });
-        if let Some(i) = &images.initramfs {
-            config["initrd"] = serde_json::json!(i);
-        }
-        if let Some(r) = &images.rootfs {
-            config["disks"] = serde_json::json!([{"path": r, "read_only": false}]);
-        }
-        if graphical {
-            config["gpu"] =
-                serde_json::json!({"width": spec.display.width, "height": spec.display.height});
-        }
-        let config: VmConfig =
-            serde_json::from_value(config).map_err(|e| format!("VM configuration: {e}"))?;
+        let config = match config {
+            Ok(config) => config,
+            Err(e) => {
+                self.kill_vmm(name);
+                return Err(e);
+            }
+        };
         let started = vmm_client::run(&socket, Duration::from_secs(10), move |c| {
             c.send(&Request::Configure(config))?;
             c.send(&Request::Action(LifecycleAction::Start))
@@ -1414,8 +1409,9 @@ impl Orchestrator {
         Ok((record, Some(addr)))
     }
 
-    /// Jailed: `genos-jailer ... -- genos-vmm` with every VM setting as flags (host paths the
-    /// jailer rewrites), so the VM boots at once; hostd only waits for the API.
+    /// Jailed: `genos-jailer ... -- genos-vmm` with the VM's configuration rendered as flags
+    /// ([`VmConfig::to_cli_args`]: host paths the jailer rewrites; it takes no `--config`),
+    /// so the VM boots at once; hostd only waits for the API.
     async fn boot_jailed(
         &self,
         setup: &JailSetup,
@@ -1488,6 +1484,16 @@ impl Orchestrator {
                 .map_err(|e| format!("cannot give {} to uid {}: {e}", f.display(), record.uid))?;
         }
 
+        let config = vm_config(&VmSettings {
+            spec,
+            images,
+            cpu_template: &cfg.vmm.cpu_template,
+            cmdline,
+            console,
+            graphical: self.graphical(spec),
+            // The jail's network namespace holds the TAP device, owned by the VMM's uid.
+            tap: record.addressing().map(|a| a.tap),
+        })?;
         let sock = dir.join("api.sock");
         let _ = std::fs::remove_file(&sock);
         let mut cmd = std::process::Command::new(&setup.binary);
@@ -1523,35 +1529,8 @@ impl Orchestrator {
         cmd.arg("--")
             .arg("--api-sock")
             .arg(&sock)
-            .arg("--kernel")
-            .arg(&images.kernel);
-        if let Some(i) = &images.initramfs {
-            cmd.arg("--initrd").arg(i);
-        }
-        cmd.arg("--cmdline")
-            .arg(&cmdline)
-            .arg("--vcpus")
-            .arg(spec.vcpus.to_string())
-            .arg("--mem-mib")
-            .arg(spec.memory_mib.to_string())
-            .arg("--rng")
-            .arg("--cpu-template")
-            .arg(&cfg.vmm.cpu_template)
-            .arg("--serial")
-            .arg(format!("file:{}", console.display()));
-        if let Some(r) = &images.rootfs {
-            cmd.arg("--disk").arg(r);
-        }
-        if self.graphical(spec) {
-            cmd.arg("--gpu")
-                .arg(format!("{}x{}", spec.display.width, spec.display.height))
-                .arg("--input");
-        }
-        if let Some(a) = record.addressing() {
-            // The jail's network namespace holds the TAP device, owned by the VMM's uid.
-            cmd.arg("--net").arg(&a.tap);
-        }
-        cmd.args(&cfg.vmm.extra_args)
+            .args(config.to_cli_args())
+            .args(&cfg.vmm.extra_args)
             .stdout(Self::log_file(dir, "vmm.stdout")?)
             .stderr(Self::log_file(dir, "vmm.log")?);
         let log = dir.join("vmm.log");
@@ -1833,6 +1812,58 @@ struct Images {
     rootfs: Option<PathBuf>,
 }
 
+/// What one environment's VM is made of, for [`vm_config`].
+struct VmSettings<'a> {
+    spec: &'a Spec,
+    images: &'a Images,
+    /// `[vmm] cpu_template`.
+    cpu_template: &'a str,
+    /// The kernel command line (`[vmm] cmdline`, plus the guest's `ip=` when jailed).
+    cmdline: String,
+    /// The console log (COM1), on the host.
+    console: PathBuf,
+    /// Whether the desktop is graphical: a display of the spec's size and input devices.
+    graphical: bool,
+    /// The TAP device of the jail's network namespace, if it has one.
+    tap: Option<String>,
+}
+
+/// The one VM configuration of an environment, in host paths: sent as `PUT /vm/config`
+/// when unjailed, rendered as genos-vmm flags under the jailer. Every environment gets
+/// virtio-rng and its root filesystem as a writable disk.
+fn vm_config(s: &VmSettings<'_>) -> Result<VmConfig, String> {
+    let bad = |field: &str, value: u32| format!("{field} {value} is out of range for genos-vmm");
+    let config = VmConfig {
+        kernel: s.images.kernel.clone(),
+        initrd: s.images.initramfs.clone(),
+        cmdline: s.cmdline.clone(),
+        vcpus: u8::try_from(s.spec.vcpus).map_err(|_| bad("vcpus", s.spec.vcpus))?,
+        mem_mib: s.spec.memory_mib,
+        disks: s
+            .images
+            .rootfs
+            .iter()
+            .map(|path| DiskConfig {
+                path: path.clone(),
+                read_only: false,
+            })
+            .collect(),
+        rng: true,
+        cpu_template: s.cpu_template.parse().map_err(|e| format!("[vmm] {e}"))?,
+        serial: SerialConfig::File(s.console.clone()),
+        gpu: s.graphical.then_some(DisplaySize {
+            width: s.spec.display.width,
+            height: s.spec.display.height,
+        }),
+        input: s.graphical,
+        net: s.tap.clone().map(|tap| NetConfig { tap, mac: None }),
+    };
+    config
+        .validate_values()
+        .map_err(|e| format!("VM configuration: {e}"))?;
+    Ok(config)
+}
+
 async fn run_image_builder(binary: &str, args: &[&str]) -> Result<PathBuf, String> {
     let out = tokio::process::Command::new(binary)
         .args(args)
@@ -1885,6 +1916,117 @@ mod tests {
             },
             o => panic!("{o:?}"),
         }
+    }
+
+    fn images() -> Images {
+        Images {
+            kernel: "/var/lib/genos/vmlinux".into(),
+            initramfs: Some("/var/lib/genos/initramfs.cpio".into()),
+            rootfs: Some("/var/lib/genos/envs/a/rootfs.ext4".into()),
+        }
+    }
+
+    fn settings<'a>(spec: &'a Spec, images: &'a Images, graphical: bool) -> VmSettings<'a> {
+        VmSettings {
+            spec,
+            images,
+            cpu_template: "baseline",
+            cmdline: "console=ttyS0 ip=172.16.0.2::172.16.0.1:255.255.255.252::eth0:off".into(),
+            console: "/var/lib/genos/envs/a/console.log".into(),
+            graphical,
+            tap: Some("gvt-e3".into()),
+        }
+    }
+
+    #[test]
+    fn a_graphical_spec_becomes_one_typed_vm_config() {
+        let mut spec = spec(2, 1024);
+        (spec.display.width, spec.display.height) = (1280, 800);
+        let images = images();
+
+        let config = vm_config(&settings(&spec, &images, true)).unwrap();
+
+        assert_eq!(config.kernel, images.kernel);
+        assert_eq!(config.initrd, images.initramfs);
+        assert_eq!((config.vcpus, config.mem_mib), (2, 1024));
+        assert_eq!(
+            config.disks,
+            vec![DiskConfig {
+                path: "/var/lib/genos/envs/a/rootfs.ext4".into(),
+                read_only: false
+            }]
+        );
+        assert!(config.rng && config.input);
+        assert_eq!(config.cpu_template, vmm_api::CpuTemplate::Baseline);
+        assert_eq!(
+            config.serial,
+            SerialConfig::File("/var/lib/genos/envs/a/console.log".into())
+        );
+        assert_eq!(
+            config.gpu,
+            Some(DisplaySize {
+                width: 1280,
+                height: 800
+            })
+        );
+        assert_eq!(config.net.map(|n| n.tap).as_deref(), Some("gvt-e3"));
+    }
+
+    #[test]
+    fn a_headless_spec_has_no_display_or_input() {
+        let spec = spec(1, 256);
+        let images = images();
+
+        let config = vm_config(&settings(&spec, &images, false)).unwrap();
+
+        assert_eq!((config.gpu, config.input), (None, false));
+    }
+
+    #[test]
+    fn the_jailed_flags_are_the_config_and_the_jailer_rewrites_its_paths() {
+        let spec = spec(2, 512);
+        let images = images();
+        let config = vm_config(&settings(&spec, &images, true)).unwrap();
+
+        let args: Vec<String> = config
+            .to_cli_args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let jailed = jailer::vmm_args::rewrite(&args).unwrap();
+
+        let mounted: Vec<_> = jailed.binds.iter().map(|b| b.source.clone()).collect();
+        for host in [
+            &images.kernel,
+            images.initramfs.as_ref().unwrap(),
+            images.rootfs.as_ref().unwrap(),
+        ] {
+            assert!(mounted.contains(host), "{} not mounted", host.display());
+        }
+        for flag in ["--rng", "--input", "--gpu", "--net", "--cpu-template"] {
+            assert!(jailed.args.iter().any(|a| a == flag), "{flag} missing");
+        }
+        assert!(!args.iter().any(|a| a == "--config"));
+    }
+
+    #[test]
+    fn an_unknown_cpu_template_or_too_many_vcpus_is_refused() {
+        let spec_ok = spec(2, 512);
+        let spec_wide = spec(300, 512);
+        let images = images();
+        let bad_template = VmSettings {
+            cpu_template: "fast",
+            ..settings(&spec_ok, &images, false)
+        };
+
+        let template = vm_config(&bad_template).unwrap_err();
+        let vcpus = vm_config(&settings(&spec_wide, &images, false)).unwrap_err();
+
+        assert!(
+            template.contains("cpu_template must be host or baseline"),
+            "{template}"
+        );
+        assert!(vcpus.contains("vcpus 300"), "{vcpus}");
     }
 
     #[test]
