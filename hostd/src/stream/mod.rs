@@ -10,6 +10,7 @@ pub mod admission;
 pub mod demo;
 pub mod identity;
 pub mod server;
+pub mod session;
 pub mod source;
 pub mod token;
 

@@ -3,10 +3,14 @@
 //!
 //! Threads and tasks: each environment's source and encoder run on a dedicated OS thread
 //! (blocking `next_frame` + CPU-bound encode) publishing into a broadcast channel, and the
-//! source's pointer into a watch channel (latest value only). Each viewer has a control task
-//! (input, keyframe requests, pings), a video task (newest-wins delivery on per-frame
-//! unidirectional streams, bounded frames in flight), a cursor task (the newest pointer state,
-//! at most once per frame interval) and an ABR tick.
+//! source's pointer into a watch channel (latest value only). Each viewer is one task driving
+//! its [`Session`] (the sans-IO core in [`super::session`] decides everything per viewer:
+//! Hello, rights, held keys, newest-wins delivery and keyframes, resume, ABR, token expiry):
+//! it feeds the session control-stream bytes, frames, stream completions, path statistics,
+//! revocations and timeouts, and executes what it asks (control messages through a writer
+//! task, frames on their own unidirectional streams, input into the environment). Beside it
+//! run a control writer and a cursor task (the newest pointer state, at most once per frame
+//! interval).
 //!
 //! Admission ([`super::admission`]): unvalidated handshakes are few (then QUIC Retry), every
 //! handshake has a deadline, the Hello has a deadline and a size bound (the connection's
@@ -15,7 +19,7 @@
 //! the whole session: revocation ends it at once; expiry stops its input at once and its
 //! video after `expiry_grace`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,19 +27,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use encoder::{EncodeError, Encoder, EncoderConfig, Tuning};
 use proto::stream::{
-    self as wire, Button, ClientMessage, Codec, CursorImage, ErrorCode, FrameHeader, InputEvent,
-    Message, MessageReader, Rights, ServerMessage, ServerStats, StreamConfig, MAX_HELLO_LEN,
-    MAX_MESSAGE_LEN,
+    self as wire, Codec, CursorImage, ErrorCode, Message, ServerMessage, StreamConfig,
+    MAX_HELLO_LEN, MAX_MESSAGE_LEN,
 };
 use quinn::VarInt;
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::abr::{self, BitrateLimits, Controller, PathSample};
+use super::abr::BitrateLimits;
 use super::admission::{Admission, Decision, Limits, Stage};
 use super::identity::Identity;
+use super::session::{
+    self, Action, Clock, Event, Expired, Frame, Grant, HeldInput, HelloRequest, ParkedSessions,
+    PathStats, Refusal, Session, SessionConfig, SessionStats,
+};
 use super::source::{EnvironmentSource, InputSink};
-use super::token::{Claims, EnvRef, Revocations, TokenId, TokenKey};
+use super::token::{EnvRef, Revocations, TokenId, TokenKey};
 
 /// Connection-level receive window until the client has authenticated: room for one Hello
 /// ([`MAX_HELLO_LEN`]) and its framing, nothing more is buffered for an unknown peer.
@@ -125,47 +132,12 @@ impl Default for ServerConfig {
     }
 }
 
-/// Converts `Instant`s to the wire's microseconds since the Unix epoch.
-#[derive(Debug, Clone, Copy)]
-struct Clock {
-    instant: Instant,
-    unix_us: u64,
-}
-
-impl Clock {
-    fn new() -> Self {
-        Self {
-            instant: Instant::now(),
-            unix_us: unix_now_us(),
-        }
-    }
-    fn unix_us(&self, at: Instant) -> u64 {
-        match at.checked_duration_since(self.instant) {
-            Some(d) => self.unix_us + d.as_micros() as u64,
-            None => self
-                .unix_us
-                .saturating_sub(self.instant.duration_since(at).as_micros() as u64),
-        }
-    }
-}
-
 /// Microseconds since the Unix epoch by the system clock.
 pub fn unix_now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_micros() as u64
-}
-
-/// One encoded frame as published to viewers.
-#[derive(Debug)]
-struct Packet {
-    sequence: u64,
-    capture_time_us: u64,
-    keyframe: bool,
-    width: u16,
-    height: u16,
-    data: Vec<u8>,
 }
 
 /// Counters of one environment, for tests, benchmarks and the admin API.
@@ -248,7 +220,7 @@ struct Environment {
     uid: u64,
     /// Set when the environment stops streaming: its sessions end.
     closed: watch::Sender<bool>,
-    frames: broadcast::Sender<Arc<Packet>>,
+    frames: broadcast::Sender<Arc<Frame>>,
     /// The source's pointer; `None` until the source reports one.
     cursor: watch::Sender<Option<CursorSnapshot>>,
     input: Arc<dyn InputSink>,
@@ -290,66 +262,6 @@ impl Environment {
     }
 }
 
-/// A session whose connection dropped, kept for resumption.
-struct ParkedSession {
-    env_id: String,
-    held: HeldInput,
-    generation: u64,
-}
-
-/// Keys and buttons a session holds down, released when the session ends for good.
-#[derive(Debug, Default, Clone)]
-struct HeldInput {
-    keys: HashSet<u16>,
-    buttons: HashSet<u8>,
-}
-
-impl HeldInput {
-    fn track(&mut self, ev: &InputEvent) {
-        match *ev {
-            InputEvent::Key { code, pressed } => {
-                if pressed {
-                    self.keys.insert(code);
-                } else {
-                    self.keys.remove(&code);
-                }
-            }
-            InputEvent::PointerButton { button, pressed } => {
-                if pressed {
-                    self.buttons.insert(button as u8);
-                } else {
-                    self.buttons.remove(&(button as u8));
-                }
-            }
-            _ => {}
-        }
-    }
-    fn releases(&self) -> Vec<InputEvent> {
-        let mut evs: Vec<InputEvent> = self
-            .keys
-            .iter()
-            .map(|&code| InputEvent::Key {
-                code,
-                pressed: false,
-            })
-            .collect();
-        for b in &self.buttons {
-            let button = match b {
-                1 => Button::Left,
-                2 => Button::Middle,
-                3 => Button::Right,
-                4 => Button::Back,
-                _ => Button::Forward,
-            };
-            evs.push(InputEvent::PointerButton {
-                button,
-                pressed: false,
-            });
-        }
-        evs
-    }
-}
-
 /// What admission control did, for tests, benchmarks and the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AdmissionStats {
@@ -387,18 +299,27 @@ struct Shared {
     revocations: Mutex<Revocations>,
     /// Bumped on every revocation: open sessions re-check their token.
     revoked: watch::Sender<u64>,
-    parked: Mutex<HashMap<[u8; 16], ParkedSession>>,
+    parked: Mutex<ParkedSessions<Arc<Environment>>>,
     next_viewer: AtomicU64,
 }
 
 impl Shared {
-    /// Whether `claims` were revoked, as a refusal for the client.
-    fn check_revoked(&self, claims: &Claims) -> Result<(), Refusal> {
-        self.revocations
-            .lock()
-            .expect("poisoned")
-            .check(claims)
-            .map_err(|e| Refusal::new(e.code(), e.to_string()))
+    fn session_config(&self) -> SessionConfig {
+        SessionConfig {
+            hello_timeout: self.cfg.hello_timeout,
+            expiry_grace: self.cfg.expiry_grace,
+            resume_grace: self.cfg.resume_grace,
+            max_frames_in_flight: self.cfg.max_frames_in_flight,
+            bitrate: self.cfg.bitrate,
+        }
+    }
+
+    fn count_hello_timeout(&self, session: &Session) {
+        if session.hello_timed_out() {
+            self.admission_counters
+                .hello_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -492,16 +413,17 @@ impl StreamServer {
             max_sessions_per_prefix: cfg.max_sessions_per_prefix,
             max_sessions: cfg.max_sessions,
         };
+        let resume_grace = cfg.resume_grace;
         let shared = Arc::new(Shared {
             cfg,
             tokens,
-            clock: Clock::new(),
+            clock: Clock::new(Instant::now(), unix_now_us()),
             envs: Mutex::new(HashMap::new()),
             admission: Mutex::new(Admission::new(limits)),
             admission_counters: AdmissionCounters::default(),
             revocations: Mutex::new(Revocations::default()),
             revoked: watch::Sender::new(0),
-            parked: Mutex::new(HashMap::new()),
+            parked: Mutex::new(ParkedSessions::new(resume_grace)),
             next_viewer: AtomicU64::new(1),
         });
         tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
@@ -855,16 +777,19 @@ fn publish(
     if encoded.keyframe {
         env.keyframes.fetch_add(1, Ordering::Relaxed);
     }
-    let packet = Packet {
+    let config = env.config();
+    let frame = Frame {
         sequence,
         capture_time_us: clock.unix_us(captured_at),
         keyframe: encoded.keyframe,
         width: width as u16,
         height: height as u16,
+        fps_milli: config.fps_milli,
+        bitrate_bps: config.bitrate_bps,
         data: encoded.data,
     };
     // No receivers is fine: the last viewer may have just left.
-    let _ = env.frames.send(Arc::new(packet));
+    let _ = env.frames.send(Arc::new(frame));
 }
 
 /// Copy of the source's latest picture, kept up to date by copying only damaged rectangles,
@@ -1002,540 +927,370 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, mut guard: Sl
     serve_connection(shared, conn, guard).await;
 }
 
-/// Reads control messages until one is complete.
-async fn read_message(
-    recv: &mut quinn::RecvStream,
-    reader: &mut MessageReader,
-) -> Result<Option<ClientMessage>, Refusal> {
+/// Checks a Hello against the server's tables: the token (see [`session::check_token`]),
+/// then the admission caps, then resumption; a fresh session gets a random id.
+fn authorize(
+    shared: &Shared,
+    slot: &mut SlotGuard,
+    hello: &HelloRequest,
+    now: Instant,
+) -> Result<(Grant, Arc<Environment>), Refusal> {
+    let (claims, env) = {
+        let revocations = shared.revocations.lock().expect("poisoned");
+        session::check_token(
+            &shared.tokens,
+            &revocations,
+            hello,
+            |name| {
+                let envs = shared.envs.lock().expect("poisoned");
+                envs.get(name).map(|e| (e.env_ref(), e.clone()))
+            },
+            unix_now_us() / 1_000_000,
+        )?
+    };
+    // Authenticated: only now does the connection count as a session of its prefix.
+    slot.advance(|a, stage| a.authenticated(stage))
+        .map_err(|full| Refusal::new(ErrorCode::TooManyConnections, full.to_string()))?;
+    let resumed = match hello.resume {
+        Some(id) => shared
+            .parked
+            .lock()
+            .expect("poisoned")
+            .resume(id, &env.id, now)?
+            .map(|held| (id, held)),
+        None => None,
+    };
+    let (session_id, held) = match &resumed {
+        Some((id, held)) => (*id, held.clone()),
+        None => {
+            let mut id = [0u8; 16];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+                .map_err(|_| Refusal::new(ErrorCode::Internal, "random generator failed"))?;
+            (id, HeldInput::default())
+        }
+    };
+    let grant = Grant {
+        session_id,
+        claims,
+        resumed: resumed.is_some(),
+        held,
+        config: env.config(),
+    };
+    Ok((grant, env))
+}
+
+/// Writes control messages in order until the queue closes or the stream fails, then
+/// finishes the stream.
+async fn write_control(mut send: quinn::SendStream, mut rx: mpsc::Receiver<ServerMessage>) {
+    while let Some(m) = rx.recv().await {
+        if send.write_all(&m.to_bytes()).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// How long a closing session waits for its last control messages to be written.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The path statistics of `conn` as the session core takes them.
+fn path_stats(conn: &quinn::Connection) -> PathStats {
+    let st = conn.stats();
+    PathStats {
+        rtt: st.path.rtt,
+        cwnd_bytes: st.path.cwnd,
+        sent_packets: st.path.sent_packets,
+        lost_packets: st.path.lost_packets,
+    }
+}
+
+/// An authenticated viewer's hold on its environment.
+struct Joined {
+    env: Arc<Environment>,
+    viewer_id: u64,
+    cursor: tokio::task::JoinHandle<()>,
+}
+
+/// What the driver has reported to the environment's counters so far.
+#[derive(Default)]
+struct Reported {
+    input_refused: u64,
+    frames_dropped: u64,
+}
+
+impl Reported {
+    fn sync(&mut self, env: &Environment, stats: SessionStats) {
+        let refused = stats.input_refused - self.input_refused;
+        let dropped = stats.frames_dropped - self.frames_dropped;
+        env.input_refused.fetch_add(refused, Ordering::Relaxed);
+        env.frames_dropped.fetch_add(dropped, Ordering::Relaxed);
+        self.input_refused = stats.input_refused;
+        self.frames_dropped = stats.frames_dropped;
+    }
+}
+
+/// The next frame published to a joined viewer (never, before joining).
+async fn next_frame(
+    frames: Option<&mut broadcast::Receiver<Arc<Frame>>>,
+) -> Result<Arc<Frame>, broadcast::error::RecvError> {
+    match frames {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the joined viewer's environment stops streaming.
+async fn env_closed(closed: Option<&mut watch::Receiver<bool>>) {
+    match closed {
+        Some(rx) => {
+            let _ = rx.wait_for(|closed| *closed).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the revocation list changed (never, before joining).
+async fn revocations_changed(revoked: Option<&mut watch::Receiver<u64>>) {
+    if let Some(rx) = revoked {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Drives one connection's [`Session`]: feeds it the connection's events and executes its
+/// actions until it ends, then parks it for resumption.
+async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot: SlotGuard) {
+    let remote = conn.remote_address();
+    let mut session = Session::new(shared.session_config(), shared.clock, Instant::now());
+    let (send, mut recv) =
+        match tokio::time::timeout_at(sleep_deadline(session.poll_timeout()), conn.accept_bi())
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return debug!(%remote, error = %e, "connection ended before the control stream")
+            }
+            Err(_) => {
+                session.handle_timeout(Instant::now());
+                shared.count_hello_timeout(&session);
+                if let Some(Action::Close(r)) = session.poll_action() {
+                    conn.close(VarInt::from_u32(r.code as u32), r.message.as_bytes());
+                }
+                return;
+            }
+        };
+    session.handle(Event::ControlOpened, Instant::now());
+    let (ctl_tx, ctl_rx) = mpsc::channel::<ServerMessage>(64);
+    let mut writer = tokio::spawn(write_control(send, ctl_rx));
+    let mut writer_done = false;
+    // Streams carrying frames older than this value are reset (newest wins after a keyframe).
+    let (cancel_tx, cancel_rx) = watch::channel(0u64);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
+    let mut joined: Option<Joined> = None;
+    let (mut frames, mut closed, mut revoked) = (None, None, None);
+    let mut reported = Reported::default();
+    let mut closing = None;
     loop {
-        match reader.next_message::<ClientMessage>() {
-            Ok(Some(m)) => return Ok(Some(m)),
-            Ok(None) => {}
-            Err(e) => {
-                return Err(Refusal::new(
-                    ErrorCode::ProtocolViolation,
-                    format!("malformed control message: {e}"),
-                ))
+        while let Some(action) = session.poll_action() {
+            let now = Instant::now();
+            match action {
+                Action::Authorize(hello) => {
+                    let granted = authorize(&shared, &mut slot, &hello, now).map(|(grant, env)| {
+                        conn.set_receive_window(SESSION_RECEIVE_WINDOW.into());
+                        let viewer_id = shared.next_viewer.fetch_add(1, Ordering::Relaxed);
+                        info!(%remote, env = %env.id, viewer = viewer_id, "viewer admitted");
+                        env.viewers.fetch_add(1, Ordering::AcqRel);
+                        frames = Some(env.frames.subscribe());
+                        closed = Some(env.closed.subscribe());
+                        revoked = Some(shared.revoked.subscribe());
+                        joined = Some(Joined {
+                            cursor: tokio::spawn(cursor_loop(env.clone(), ctl_tx.clone())),
+                            viewer_id,
+                            env,
+                        });
+                        grant
+                    });
+                    session.handle(Event::Authorized(granted), now);
+                }
+                Action::Send(m) => {
+                    if ctl_tx.try_send(m).is_err() {
+                        debug!(%remote, "control queue full; message skipped");
+                    }
+                }
+                Action::SendFrame(frame) => {
+                    tokio::spawn(send_frame(
+                        conn.clone(),
+                        frame,
+                        cancel_rx.clone(),
+                        done_tx.clone(),
+                    ));
+                }
+                Action::CancelFramesBefore(sequence) => {
+                    cancel_tx.send_replace(sequence);
+                }
+                Action::Close(r) => closing = Some(r),
+                action => {
+                    if let Some(j) = &joined {
+                        execute_on_environment(&j.env, j.viewer_id, action);
+                    }
+                }
             }
         }
-        match recv.read_chunk(64 * 1024, true).await {
-            Ok(Some(chunk)) => reader.push(&chunk.bytes),
-            Ok(None) => return Ok(None),
-            Err(_) => return Ok(None),
+        if let Some(j) = &joined {
+            reported.sync(&j.env, session.stats());
+        }
+        if session.is_ended() {
+            break;
+        }
+        let timeout = session.poll_timeout();
+        tokio::select! {
+            chunk = recv.read_chunk(64 * 1024, true) => match chunk {
+                Ok(Some(chunk)) => session.handle(Event::ControlData(&chunk.bytes), Instant::now()),
+                Ok(None) | Err(_) => session.handle(Event::ControlFinished, Instant::now()),
+            },
+            frame = next_frame(frames.as_mut()) => {
+                let now = Instant::now();
+                match frame {
+                    Ok(frame) => {
+                        session.handle(Event::Path(path_stats(&conn)), now);
+                        session.handle(Event::Frame(frame), now);
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        session.handle(Event::FramesLagged(n), now)
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        session.handle(Event::EnvironmentClosed, now)
+                    }
+                }
+            }
+            Some(sequence) = done_rx.recv() => {
+                session.handle(Event::FrameDone(sequence), Instant::now());
+            }
+            _ = sleep_until(timeout) => {
+                let now = Instant::now();
+                session.handle(Event::Path(path_stats(&conn)), now);
+                session.handle_timeout(now);
+            }
+            _ = revocations_changed(revoked.as_mut()) => {
+                let list = shared.revocations.lock().expect("poisoned").clone();
+                session.handle(Event::Revocations(&list), Instant::now());
+            }
+            _ = env_closed(closed.as_mut()) => {
+                session.handle(Event::EnvironmentClosed, Instant::now());
+            }
+            _ = &mut writer, if !writer_done => {
+                writer_done = true;
+                session.handle(Event::ConnectionLost, Instant::now());
+            }
+            e = conn.closed() => {
+                debug!(%remote, error = %e, "connection closed");
+                session.handle(Event::ConnectionLost, Instant::now());
+            }
         }
     }
-}
-
-/// A reason to end a session, sent to the client before closing.
-#[derive(Debug)]
-struct Refusal {
-    code: ErrorCode,
-    message: String,
-}
-
-impl Refusal {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
+    shared.count_hello_timeout(&session);
+    if let Some(j) = &joined {
+        j.cursor.abort();
     }
-}
-
-async fn refuse(conn: &quinn::Connection, send: Option<&mut quinn::SendStream>, r: Refusal) {
-    if let Some(send) = send {
-        let msg = ServerMessage::Error {
+    if let Some(r) = closing {
+        warn!(%remote, code = ?r.code, reason = %r.message, "closing viewer");
+        let error = ServerMessage::Error {
             code: r.code,
             message: r.message.clone(),
         };
-        let _ = send.write_all(&msg.to_bytes()).await;
-        let _ = send.finish();
-    }
-    // The close frame repeats the code and message: clients see them even if the stream data
-    // is lost with the connection.
-    conn.close(VarInt::from_u32(r.code as u32), r.message.as_bytes());
-}
-
-async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot: SlotGuard) {
-    let remote = conn.remote_address();
-    // One deadline for the control stream and the Hello on it.
-    let hello_deadline = tokio::time::Instant::now() + shared.cfg.hello_timeout;
-    let hello_late = |shared: &Shared, what: &str| {
-        shared
-            .admission_counters
-            .hello_timeouts
-            .fetch_add(1, Ordering::Relaxed);
-        Refusal::new(ErrorCode::ProtocolViolation, format!("no {what} in time"))
-    };
-    let (mut send, mut recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            debug!(%remote, error = %e, "connection ended before the control stream");
-            return;
-        }
-        Err(_) => return refuse(&conn, None, hello_late(&shared, "control stream opened")).await,
-    };
-    // Before authentication only a Hello's worth is accepted (the receive window bounds what
-    // the peer can send; the reader refuses a longer length prefix at once).
-    let mut reader = MessageReader::with_limit(MAX_HELLO_LEN);
-    let hello =
-        match tokio::time::timeout_at(hello_deadline, read_message(&mut recv, &mut reader)).await {
-            Ok(Ok(Some(m))) => m,
-            Ok(Ok(None)) => return,
-            Ok(Err(r)) => return refuse(&conn, Some(&mut send), r).await,
-            Err(_) => {
-                return refuse(
-                    &conn,
-                    Some(&mut send),
-                    hello_late(&shared, "Hello received"),
-                )
-                .await
+        // The error goes last on the control stream; the close frame repeats the code and
+        // message, so clients see them even if the stream data is lost with the connection.
+        let flushed = async {
+            let _ = ctl_tx.send(error).await;
+            drop(ctl_tx);
+            if let Some(j) = joined.as_mut() {
+                let _ = (&mut j.cursor).await;
+            }
+            if !writer_done {
+                let _ = writer.await;
             }
         };
-    let session = match admit(&shared, hello) {
-        Ok(s) => s,
-        Err(r) => {
-            warn!(%remote, code = ?r.code, reason = %r.message, "viewer refused");
-            return refuse(&conn, Some(&mut send), r).await;
-        }
-    };
-    // Authenticated: only now does the connection count as a session of its prefix.
-    if let Err(full) = slot.advance(|a, stage| a.authenticated(stage)) {
-        warn!(%remote, reason = %full, "viewer refused");
-        let r = Refusal::new(ErrorCode::TooManyConnections, full.to_string());
-        return refuse(&conn, Some(&mut send), r).await;
+        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flushed).await;
+        conn.close(VarInt::from_u32(r.code as u32), r.message.as_bytes());
     }
-    conn.set_receive_window(SESSION_RECEIVE_WINDOW.into());
-    reader.set_limit(MAX_MESSAGE_LEN);
-    let viewer_id = shared.next_viewer.fetch_add(1, Ordering::Relaxed);
-    info!(%remote, env = %session.env.id, rights = %session.claims.rights,
-          token = %session.claims.id, resumed = session.resumed, viewer = viewer_id,
-          "viewer joined");
-    let welcome = ServerMessage::Welcome {
-        version: session.version,
-        session_id: session.id,
-        rights: session.claims.rights,
-        resumed: session.resumed,
-        resume_grace_ms: shared.cfg.resume_grace.as_millis() as u32,
-        config: session.env.config(),
-    };
-    if send.write_all(&welcome.to_bytes()).await.is_err() {
-        return;
+    if let (Some(j), Some(id)) = (joined, session.id()) {
+        j.env.viewers.fetch_sub(1, Ordering::AcqRel);
+        j.env.targets.lock().expect("poisoned").remove(&j.viewer_id);
+        park_session(&shared, id, j.env.clone(), session.held());
+        info!(viewer = j.viewer_id, env = %j.env.id, "viewer left");
     }
-    run_session(shared, conn, send, recv, reader, session, viewer_id).await;
     drop(slot);
 }
 
-/// An admitted viewer session.
-struct Session {
-    id: [u8; 16],
-    version: u16,
-    env: Arc<Environment>,
-    claims: Claims,
-    resumed: bool,
-    held: HeldInput,
+/// Tokio's form of the session's next deadline (far away if it has none).
+fn sleep_deadline(at: Option<Instant>) -> tokio::time::Instant {
+    at.unwrap_or_else(|| Instant::now() + session::FAR_FUTURE)
+        .into()
 }
 
-fn admit(shared: &Shared, hello: ClientMessage) -> Result<Session, Refusal> {
-    let ClientMessage::Hello {
-        min_version,
-        max_version,
-        env_id,
-        token,
-        resume,
-        ..
-    } = hello
-    else {
-        return Err(Refusal::new(
-            ErrorCode::ProtocolViolation,
-            "first message must be Hello",
-        ));
-    };
-    let version = wire::negotiate_version(min_version, max_version).ok_or_else(|| {
-        Refusal::new(
-            ErrorCode::UnsupportedVersion,
-            format!(
-                "client speaks versions {min_version}..={max_version}, server {}..={}",
-                wire::MIN_VERSION,
-                wire::VERSION
-            ),
-        )
-    })?;
-    let refusal = |e: super::token::TokenError| Refusal::new(e.code(), e.to_string());
-    // The signature first: a peer without a genuine token learns nothing, not even which
-    // environments stream.
-    shared.tokens.decode(&token).map_err(refusal)?;
-    let env = shared
-        .envs
-        .lock()
-        .expect("poisoned")
-        .get(&env_id)
-        .cloned()
-        .ok_or_else(|| {
-            Refusal::new(
-                ErrorCode::NoSuchEnvironment,
-                format!("environment {env_id:?} is not streaming"),
-            )
-        })?;
-    let claims = shared
-        .tokens
-        .verify(&token, &env.env_ref())
-        .map_err(refusal)?;
-    shared.check_revoked(&claims)?;
-    if !claims.rights.contains(Rights::VIEW) {
-        return Err(Refusal::new(
-            ErrorCode::PermissionDenied,
-            "token lacks the view right",
-        ));
-    }
-    let mut resumed = false;
-    let mut held = HeldInput::default();
-    let mut id = [0u8; 16];
-    if resume != [0; 16] {
-        let mut parked = shared.parked.lock().expect("poisoned");
-        match parked.remove(&resume) {
-            Some(p) if p.env_id == env_id => {
-                resumed = true;
-                held = p.held;
-                id = resume;
-            }
-            Some(p) => {
-                parked.insert(resume, p);
-                return Err(Refusal::new(
-                    ErrorCode::ResumeRejected,
-                    "session belongs to another environment",
-                ));
-            }
-            // Unknown or expired: start afresh rather than fail; Welcome says resumed=false.
-            None => {}
+/// Executes an action that concerns the viewer's environment.
+fn execute_on_environment(env: &Environment, viewer_id: u64, action: Action) {
+    let failed = match action {
+        Action::Inject(events) => env.input.inject(&events).err(),
+        Action::SetClipboard(text) => env.input.set_clipboard(&text).err(),
+        Action::Resize { width, height } => {
+            env.input.request_resize(width.into(), height.into()).err()
         }
-    }
-    if !resumed {
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-            .map_err(|_| Refusal::new(ErrorCode::Internal, "random generator failed"))?;
-    }
-    Ok(Session {
-        id,
-        version,
-        env,
-        claims,
-        resumed,
-        held,
-    })
-}
-
-/// Per-viewer delivery counters shared between its tasks.
-#[derive(Default)]
-struct ViewerCounters {
-    sent: AtomicU64,
-    /// Every frame not sent to this viewer.
-    dropped: AtomicU64,
-    /// Frames not sent because the path did not drain (in-flight limit, broadcast lag): the
-    /// ABR's congestion signal. Frames skipped while waiting for a keyframe are consequences,
-    /// not new signals, and are only in `dropped`.
-    congested: AtomicU64,
-    in_flight: AtomicUsize,
-}
-
-async fn run_session(
-    shared: Arc<Shared>,
-    conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    mut reader: MessageReader,
-    session: Session,
-    viewer_id: u64,
-) {
-    let env = session.env.clone();
-    let counters = Arc::new(ViewerCounters::default());
-    let (ctl_tx, mut ctl_rx) = mpsc::channel::<ServerMessage>(64);
-    let mut frames_rx = env.frames.subscribe();
-    env.viewers.fetch_add(1, Ordering::AcqRel);
-    env.request_keyframe();
-
-    let writer = async {
-        while let Some(m) = ctl_rx.recv().await {
-            if send.write_all(&m.to_bytes()).await.is_err() {
-                break;
-            }
+        Action::RequestKeyframe => {
+            env.request_keyframe();
+            None
         }
-    };
-
-    let video = video_loop(
-        &conn,
-        &env,
-        &mut frames_rx,
-        &counters,
-        shared.cfg.max_frames_in_flight,
-        ctl_tx.clone(),
-    );
-
-    let cursor = cursor_loop(&env, ctl_tx.clone());
-
-    // The token counts for the whole session: at expiry input stops (the control loop
-    // releases what it held and refuses the rest), after the grace period the video too.
-    let expires_at = instant_at_unix(session.claims.expires_unix);
-    let mut held = session.held.clone();
-    let control = control_loop(
-        &env,
-        session.claims.rights,
-        expires_at,
-        shared.cfg.expiry_grace,
-        &mut recv,
-        &mut reader,
-        &ctl_tx,
-        &mut held,
-    );
-    let expired = async {
-        tokio::time::sleep_until(expires_at + shared.cfg.expiry_grace).await;
-        Refusal::new(
-            ErrorCode::TokenExpired,
-            format!(
-                "token expired {} s ago; session ended",
-                shared.cfg.expiry_grace.as_secs()
-            ),
-        )
-    };
-    let revoked = async {
-        let mut rx = shared.revoked.subscribe();
-        loop {
-            if let Err(r) = shared.check_revoked(&session.claims) {
-                return r;
-            }
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    let env_closed = async {
-        let mut rx = env.closed.subscribe();
-        let _ = rx.wait_for(|closed| *closed).await;
-        Refusal::new(
-            ErrorCode::NoSuchEnvironment,
-            format!("environment {:?} stopped streaming", env.id),
-        )
-    };
-
-    let abr_loop = async {
-        let mut ctl = Controller::new(shared.cfg.bitrate);
-        let mut ticks = 0u32;
-        let mut interval = tokio::time::interval(abr::TICK);
-        loop {
-            interval.tick().await;
-            let st = conn.stats();
-            let target = ctl.update(PathSample {
-                rtt: st.path.rtt,
-                cwnd_bytes: st.path.cwnd,
-                sent_packets: st.path.sent_packets,
-                lost_packets: st.path.lost_packets,
-                dropped_frames: counters.congested.load(Ordering::Relaxed),
-            });
+        Action::SetBitrateTarget(target) => {
             env.targets
                 .lock()
                 .expect("poisoned")
                 .insert(viewer_id, target);
-            ticks += 1;
-            if ticks % 5 == 0 {
-                let stats = ServerStats {
-                    bitrate_bps: env.bitrate_bps.load(Ordering::Relaxed),
-                    rtt_us: st.path.rtt.as_micros().min(u32::MAX as u128) as u32,
-                    loss_permille: (ctl.last_loss * 1000.0) as u16,
-                    cwnd_bytes: st.path.cwnd.min(u64::from(u32::MAX)) as u32,
-                    frames_sent: counters.sent.load(Ordering::Relaxed),
-                    frames_dropped: counters.dropped.load(Ordering::Relaxed),
-                };
-                if ctl_tx.try_send(ServerMessage::Stats(stats)).is_err() {
-                    debug!(viewer = viewer_id, "control queue full; stats skipped");
-                }
-            }
+            None
+        }
+        other => {
+            debug!(?other, "not an environment action");
+            None
         }
     };
-
-    let end = tokio::select! {
-        _ = writer => None,
-        _ = video => None,
-        _ = cursor => None,
-        r = control => r,
-        r = expired => Some(r),
-        r = revoked => Some(r),
-        r = env_closed => Some(r),
-        _ = abr_loop => None,
-        e = conn.closed() => { debug!(viewer = viewer_id, error = %e, "connection closed"); None }
-    };
-    if let Some(r) = end {
-        warn!(viewer = viewer_id, code = ?r.code, reason = %r.message, "closing viewer");
-        let msg = ServerMessage::Error {
-            code: r.code,
-            message: r.message.clone(),
-        };
-        let _ = send.write_all(&msg.to_bytes()).await;
-        conn.close(VarInt::from_u32(r.code as u32), r.message.as_bytes());
+    if let Some(e) = failed {
+        warn!(env = %env.id, error = %e, "input delivery failed");
     }
-    env.viewers.fetch_sub(1, Ordering::AcqRel);
-    env.targets.lock().expect("poisoned").remove(&viewer_id);
-    park_session(&shared, session.id, &env, held);
-    info!(viewer = viewer_id, env = %env.id, "viewer left");
 }
 
 /// Keeps a dropped session for `resume_grace`; afterwards releases whatever it held down.
-fn park_session(shared: &Arc<Shared>, id: [u8; 16], env: &Arc<Environment>, held: HeldInput) {
-    let generation = shared.next_viewer.fetch_add(1, Ordering::Relaxed);
-    shared.parked.lock().expect("poisoned").insert(
-        id,
-        ParkedSession {
-            env_id: env.id.clone(),
-            held,
-            generation,
-        },
-    );
+fn park_session(shared: &Arc<Shared>, id: [u8; 16], env: Arc<Environment>, held: HeldInput) {
+    let env_id = env.id.clone();
+    shared
+        .parked
+        .lock()
+        .expect("poisoned")
+        .park(id, &env_id, env, held, Instant::now());
     let shared = shared.clone();
-    let env = env.clone();
     tokio::spawn(async move {
         tokio::time::sleep(shared.cfg.resume_grace).await;
-        let expired = {
-            let mut parked = shared.parked.lock().expect("poisoned");
-            match parked.get(&id) {
-                Some(p) if p.generation == generation => parked.remove(&id),
-                _ => None,
+        let expired = shared
+            .parked
+            .lock()
+            .expect("poisoned")
+            .expire(Instant::now());
+        for Expired { env, releases } in expired {
+            if releases.is_empty() {
+                continue;
             }
-        };
-        if let Some(p) = expired {
-            let releases = p.held.releases();
-            if !releases.is_empty() {
-                if let Err(e) = env.input.inject(&releases) {
-                    warn!(env = %env.id, error = %e, "releasing held input failed");
-                }
+            if let Err(e) = env.input.inject(&releases) {
+                warn!(env = %env.id, error = %e, "releasing held input failed");
             }
         }
     });
-}
-
-/// Farther than any token lives (hostd issues at most a week): an expiry beyond it is
-/// treated as never reached instead of overflowing the clock.
-const FAR_FUTURE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
-/// The `Instant` at which the system clock reads `unix_s` seconds since the epoch (now if
-/// that has passed).
-fn instant_at_unix(unix_s: u64) -> tokio::time::Instant {
-    let left_us = unix_s
-        .saturating_mul(1_000_000)
-        .saturating_sub(unix_now_us());
-    tokio::time::Instant::now() + Duration::from_micros(left_us).min(FAR_FUTURE)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn control_loop(
-    env: &Environment,
-    token_rights: Rights,
-    expires_at: tokio::time::Instant,
-    grace: Duration,
-    recv: &mut quinn::RecvStream,
-    reader: &mut MessageReader,
-    ctl_tx: &mpsc::Sender<ServerMessage>,
-    held: &mut HeldInput,
-) -> Option<Refusal> {
-    let mut refused_logged = false;
-    let mut rights = token_rights;
-    let mut expired = false;
-    loop {
-        let read = tokio::select! {
-            r = read_message(recv, reader) => r,
-            _ = tokio::time::sleep_until(expires_at), if !expired => {
-                // Everything but viewing ends now; keys this viewer holds are let go, as
-                // nothing it sends will release them any more.
-                expired = true;
-                // Sessions are only admitted with the view right.
-                rights = Rights::VIEW;
-                refused_logged = false;
-                let releases = std::mem::take(held).releases();
-                if !releases.is_empty() {
-                    if let Err(e) = env.input.inject(&releases) {
-                        warn!(env = %env.id, error = %e, "releasing held input failed");
-                    }
-                }
-                info!(env = %env.id, "token expired: input stopped");
-                let _ = ctl_tx.try_send(ServerMessage::Error {
-                    code: ErrorCode::SessionExpiring,
-                    message: format!(
-                        "token expired: input is no longer accepted; video ends in {} s",
-                        grace.as_secs()
-                    ),
-                });
-                continue;
-            }
-        };
-        let msg = match read {
-            Ok(Some(m)) => m,
-            Ok(None) => return None,
-            Err(r) => return Some(r),
-        };
-        let denied = |what: &str, right: &str| ServerMessage::Error {
-            code: ErrorCode::PermissionDenied,
-            message: if expired {
-                format!("{what} refused: token expired")
-            } else {
-                format!("{what} refused: token lacks the {right} right")
-            },
-        };
-        match msg {
-            ClientMessage::Input(ev) => {
-                if !rights.contains(Rights::INPUT) {
-                    env.input_refused.fetch_add(1, Ordering::Relaxed);
-                    if !refused_logged {
-                        let msg = denied("input", "input");
-                        if let ServerMessage::Error { message, .. } = &msg {
-                            warn!(env = %env.id, "{message}");
-                        }
-                        refused_logged = true;
-                        let _ = ctl_tx.try_send(msg);
-                    }
-                    continue;
-                }
-                let ev = clamp_event(ev, &env.config());
-                tracing::trace!(env = %env.id, ?ev, "input");
-                held.track(&ev);
-                if let Err(e) = env.input.inject(&[ev]) {
-                    warn!(env = %env.id, error = %e, "input delivery failed");
-                }
-            }
-            ClientMessage::KeyframeRequest => env.request_keyframe(),
-            ClientMessage::Ping { client_time_us } => {
-                let _ = ctl_tx.try_send(ServerMessage::Pong {
-                    client_time_us,
-                    server_time_us: unix_now_us(),
-                });
-            }
-            ClientMessage::Clipboard(text) => {
-                if !rights.contains(Rights::CLIPBOARD) {
-                    warn!(env = %env.id, expired, "clipboard refused");
-                    let _ = ctl_tx.try_send(denied("clipboard", "clipboard"));
-                    continue;
-                }
-                if let Err(e) = env.input.set_clipboard(&text) {
-                    warn!(env = %env.id, error = %e, "clipboard delivery failed");
-                }
-            }
-            ClientMessage::Resize { width, height } => {
-                if !rights.contains(Rights::INPUT) {
-                    let _ = ctl_tx.try_send(denied("resize", "input"));
-                    continue;
-                }
-                if let Err(e) = env.input.request_resize(width.into(), height.into()) {
-                    warn!(env = %env.id, error = %e, "resize request failed");
-                }
-            }
-            ClientMessage::Stats(s) => {
-                debug!(env = %env.id, ?s, "client stats");
-            }
-            ClientMessage::Hello { .. } => {
-                return Some(Refusal::new(
-                    ErrorCode::ProtocolViolation,
-                    "Hello sent twice",
-                ))
-            }
-        }
-    }
 }
 
 /// Longest wait between two pointer updates to one viewer, whatever the frame rate.
@@ -1544,7 +1299,7 @@ const MAX_CURSOR_INTERVAL: Duration = Duration::from_millis(50);
 /// Sends the viewer the environment's pointer: the current state at once (with its image),
 /// then the newest state after each change, at most once per frame interval. Waiting for the
 /// control queue instead of queueing means a slow viewer skips to the newest position.
-async fn cursor_loop(env: &Environment, ctl_tx: mpsc::Sender<ServerMessage>) {
+async fn cursor_loop(env: Arc<Environment>, ctl_tx: mpsc::Sender<ServerMessage>) {
     let mut rx = env.cursor.subscribe();
     let mut sent_serial = None;
     loop {
@@ -1563,95 +1318,7 @@ async fn cursor_loop(env: &Environment, ctl_tx: mpsc::Sender<ServerMessage>) {
             break;
         }
     }
-    // The environment or the control writer is gone; other tasks end the session.
-    std::future::pending::<()>().await;
-}
-
-/// Keeps pointer coordinates inside the current frame.
-fn clamp_event(ev: InputEvent, cfg: &StreamConfig) -> InputEvent {
-    let (mx, my) = (cfg.width.saturating_sub(1), cfg.height.saturating_sub(1));
-    match ev {
-        InputEvent::PointerMove { x, y } => InputEvent::PointerMove {
-            x: x.min(mx),
-            y: y.min(my),
-        },
-        InputEvent::Touch { id, phase, x, y } => InputEvent::Touch {
-            id,
-            phase,
-            x: x.min(mx),
-            y: y.min(my),
-        },
-        other => other,
-    }
-}
-
-async fn video_loop(
-    conn: &quinn::Connection,
-    env: &Environment,
-    rx: &mut broadcast::Receiver<Arc<Packet>>,
-    counters: &Arc<ViewerCounters>,
-    max_in_flight: usize,
-    ctl_tx: mpsc::Sender<ServerMessage>,
-) {
-    // Streams carrying frames older than this value are reset (newest-wins after a keyframe).
-    let (cancel_tx, cancel_rx) = watch::channel(0u64);
-    let mut needs_keyframe = true;
-    let mut size = {
-        let c = env.config();
-        (c.width, c.height)
-    };
-    loop {
-        let packet = match rx.recv().await {
-            Ok(p) => p,
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                counters.dropped.fetch_add(n, Ordering::Relaxed);
-                counters.congested.fetch_add(n, Ordering::Relaxed);
-                env.frames_dropped.fetch_add(n, Ordering::Relaxed);
-                needs_keyframe = true;
-                env.request_keyframe();
-                continue;
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        if (packet.width, packet.height) != size {
-            size = (packet.width, packet.height);
-            let _ = ctl_tx.send(ServerMessage::Config(env.config())).await;
-        }
-        if packet.keyframe {
-            // Everything older is useless once the keyframe is there: stop spending bandwidth.
-            cancel_tx.send_replace(packet.sequence);
-            needs_keyframe = false;
-        } else if needs_keyframe {
-            counters.dropped.fetch_add(1, Ordering::Relaxed);
-            env.frames_dropped.fetch_add(1, Ordering::Relaxed);
-            continue;
-        } else if counters.in_flight.load(Ordering::Acquire)
-            >= in_flight_limit(max_in_flight, conn.rtt(), env.config().fps_milli)
-        {
-            counters.dropped.fetch_add(1, Ordering::Relaxed);
-            counters.congested.fetch_add(1, Ordering::Relaxed);
-            env.frames_dropped.fetch_add(1, Ordering::Relaxed);
-            needs_keyframe = true;
-            env.request_keyframe();
-            continue;
-        }
-        counters.in_flight.fetch_add(1, Ordering::AcqRel);
-        counters.sent.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(send_frame(
-            conn.clone(),
-            packet,
-            cancel_rx.clone(),
-            counters.clone(),
-        ));
-    }
-}
-
-/// Frames a viewer may have unacknowledged: the configured slack plus what one round trip
-/// holds at the stream's frame rate (acknowledgements take an RTT even on an idle path).
-fn in_flight_limit(slack: usize, rtt: Duration, fps_milli: u32) -> usize {
-    // Two RTTs: one for the acknowledgement, one for a loss to be detected and repaired.
-    let per_rtt = 2.0 * rtt.as_secs_f64() * f64::from(fps_milli) / 1000.0;
-    slack + per_rtt.ceil() as usize
+    // The environment or the control writer is gone; the driver ends the session.
 }
 
 /// Resolves once a keyframe newer than `sequence` has been published to this viewer.
@@ -1666,21 +1333,14 @@ async fn superseded(cancel: &mut watch::Receiver<u64>, sequence: u64) {
     }
 }
 
+/// Sends one frame on its own unidirectional stream, reset if a keyframe supersedes it.
 async fn send_frame(
     conn: quinn::Connection,
-    packet: Arc<Packet>,
+    packet: Arc<Frame>,
     mut cancel: watch::Receiver<u64>,
-    counters: Arc<ViewerCounters>,
+    done: mpsc::UnboundedSender<u64>,
 ) {
-    let header = FrameHeader {
-        sequence: packet.sequence,
-        capture_time_us: packet.capture_time_us,
-        keyframe: packet.keyframe,
-        codec: Codec::H264AnnexB,
-        width: packet.width,
-        height: packet.height,
-        payload_len: packet.data.len() as u32,
-    };
+    let header = packet.header();
     let opened = tokio::select! {
         s = conn.open_uni() => s.ok(),
         _ = superseded(&mut cancel, packet.sequence) => None,
@@ -1703,7 +1363,8 @@ async fn send_frame(
             let _ = stream.reset(VarInt::from_u32(0));
         }
     }
-    counters.in_flight.fetch_sub(1, Ordering::AcqRel);
+    // Counted in flight until here; the session may be gone already.
+    let _ = done.send(packet.sequence);
 }
 
 #[cfg(test)]
@@ -1722,63 +1383,6 @@ mod tests {
             Some(3_000_000)
         );
         assert_eq!(shared_target(std::iter::empty()), None);
-    }
-
-    #[test]
-    fn held_input_is_released_on_expiry() {
-        let mut h = HeldInput::default();
-        h.track(&InputEvent::Key {
-            code: 30,
-            pressed: true,
-        });
-        h.track(&InputEvent::Key {
-            code: 31,
-            pressed: true,
-        });
-        h.track(&InputEvent::Key {
-            code: 31,
-            pressed: false,
-        });
-        h.track(&InputEvent::PointerButton {
-            button: Button::Right,
-            pressed: true,
-        });
-        let mut r = h.releases();
-        r.sort_by_key(|e| format!("{e:?}"));
-        assert_eq!(
-            r,
-            vec![
-                InputEvent::Key {
-                    code: 30,
-                    pressed: false
-                },
-                InputEvent::PointerButton {
-                    button: Button::Right,
-                    pressed: false
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn pointer_coordinates_are_clamped_to_the_frame() {
-        let cfg = StreamConfig {
-            width: 100,
-            height: 50,
-            fps_milli: 30_000,
-            codec: Codec::H264AnnexB,
-            bitrate_bps: 1,
-        };
-        assert_eq!(
-            clamp_event(InputEvent::PointerMove { x: 500, y: 20 }, &cfg),
-            InputEvent::PointerMove { x: 99, y: 20 }
-        );
-    }
-
-    #[test]
-    fn in_flight_limit_grows_with_round_trip_time() {
-        assert_eq!(in_flight_limit(4, Duration::from_micros(100), 60_000), 5);
-        assert_eq!(in_flight_limit(4, Duration::from_millis(40), 60_000), 9);
     }
 
     #[test]
@@ -1898,24 +1502,5 @@ mod tests {
             shape.bgra[row..row + edge as usize * 4]
         );
         assert_eq!(short.bgra, [vec![7; 4], vec![0; 12]].concat());
-    }
-
-    #[test]
-    fn expiry_instants_are_bounded_for_tokens_that_never_expire() {
-        let now = tokio::time::Instant::now();
-        let never = instant_at_unix(u64::MAX);
-        let past = instant_at_unix(1);
-
-        assert!(never >= now + FAR_FUTURE - Duration::from_secs(1));
-        assert!(past <= tokio::time::Instant::now());
-    }
-
-    #[test]
-    fn clock_maps_instants_to_unix_time() {
-        let c = Clock::new();
-        let later = c.instant + Duration::from_millis(5);
-        assert_eq!(c.unix_us(later), c.unix_us + 5_000);
-        let earlier = c.instant - Duration::from_millis(5);
-        assert_eq!(c.unix_us(earlier), c.unix_us - 5_000);
     }
 }
