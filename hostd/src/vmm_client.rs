@@ -459,17 +459,27 @@ mod tests {
         }
     }
 
+    /// A fake VMM at `path` that reads one request, writes `reply` in one write and keeps
+    /// the connection open for `linger`.
+    fn scripted_server(path: &Path, reply: &'static [u8], linger: Duration) {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            read_head(&mut s);
+            let _ = s.write_all(reply);
+            std::thread::sleep(linger);
+        });
+    }
+
     #[test]
     fn a_vmm_that_stalls_mid_answer_times_out_at_the_deadline() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            read_head(&mut s);
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Le");
-            std::thread::sleep(Duration::from_secs(5));
-        });
+        scripted_server(
+            &path,
+            b"HTTP/1.1 200 OK\r\nContent-Le",
+            Duration::from_secs(5),
+        );
         let mut client =
             VmmClient::connect(&VmmSocket::unjailed(&path), Duration::from_millis(300)).unwrap();
         let started = Instant::now();
@@ -526,16 +536,12 @@ mod tests {
     fn bytes_after_the_answer_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            read_head(&mut s);
-            // One write: the answer and a second, unasked-for one behind it.
-            let _ = s.write_all(
-                b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
-            );
-            std::thread::sleep(Duration::from_secs(1));
-        });
+        // The answer and a second, unasked-for one behind it.
+        scripted_server(
+            &path,
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            Duration::from_secs(1),
+        );
         let mut client =
             VmmClient::connect(&VmmSocket::unjailed(&path), Duration::from_secs(5)).unwrap();
 

@@ -34,6 +34,12 @@ pub mod evdev {
     pub const BTN_MIDDLE: u16 = 0x112;
     pub const BTN_TOUCH: u16 = 0x14a;
     pub const KEY_MAX: u16 = 0x2ff;
+    pub const LED_NUML: u16 = 0;
+    pub const LED_CAPSL: u16 = 1;
+    pub const LED_SCROLLL: u16 = 2;
+    pub const INPUT_PROP_POINTER: u16 = 0;
+    pub const INPUT_PROP_DIRECT: u16 = 1;
+    pub const BUS_VIRTUAL: u16 = 0x06;
 }
 
 pub use evdev::{EV_SYN, SYN_REPORT};
