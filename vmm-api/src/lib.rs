@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod input;
+pub mod input_socket;
 pub mod request;
 pub mod vm;
 
