@@ -1070,6 +1070,37 @@ mod tests {
     }
 
     #[test]
+    fn cli_args_leave_out_what_is_off_and_mark_read_only_disks() {
+        let mut config = VmConfig::new("/k");
+        let plain: Vec<String> = config
+            .to_cli_args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        config.disks.push(DiskConfig {
+            path: "/d.img".into(),
+            read_only: true,
+        });
+        config.net = Some("tap0,mac=06:00:ac:10:00:09".parse().unwrap());
+        let with_devices: Vec<String> = config
+            .to_cli_args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+
+        for off in ["--rng", "--input", "--gpu", "--net", "--initrd", "--disk"] {
+            assert!(!plain.iter().any(|a| a == off), "{off} in {plain:?}");
+        }
+        assert!(plain.windows(2).any(|w| w == ["--kernel", "/k"]));
+        assert!(with_devices
+            .windows(2)
+            .any(|w| w == ["--disk", "/d.img:ro"]));
+        assert!(with_devices
+            .windows(2)
+            .any(|w| w == ["--net", "tap0,mac=06:00:ac:10:00:09"]));
+    }
+
+    #[test]
     fn net_devices_parse_from_tap_and_optional_mac() {
         let plain: NetConfig = "tap0".parse().unwrap();
         let with_mac: NetConfig = "tap0,mac=06:00:ac:10:00:09".parse().unwrap();
