@@ -951,43 +951,38 @@ fn authorize(
     // Authenticated: only now does the connection count as a session of its prefix.
     slot.advance(|a, stage| a.authenticated(stage))
         .map_err(|full| Refusal::new(ErrorCode::TooManyConnections, full.to_string()))?;
-    let resumed = match hello.resume {
-        Some(id) => shared
+    let session =
+        shared
             .parked
             .lock()
             .expect("poisoned")
-            .resume(id, &env.id, now)?
-            .map(|held| (id, held)),
-        None => None,
-    };
-    let (session_id, held) = match &resumed {
-        Some((id, held)) => (*id, held.clone()),
-        None => {
-            let mut id = [0u8; 16];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-                .map_err(|_| Refusal::new(ErrorCode::Internal, "random generator failed"))?;
-            (id, HeldInput::default())
-        }
-    };
+            .open(hello.resume, &env.id, now, || {
+                let mut id = [0u8; 16];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+                    .map_err(|_| Refusal::new(ErrorCode::Internal, "random generator failed"))?;
+                Ok(id)
+            })?;
     let grant = Grant {
-        session_id,
         claims,
-        resumed: resumed.is_some(),
-        held,
+        session,
         config: env.config(),
     };
     Ok((grant, env))
 }
 
-/// Writes control messages in order until the queue closes or the stream fails, then
-/// finishes the stream.
-async fn write_control(mut send: quinn::SendStream, mut rx: mpsc::Receiver<ServerMessage>) {
+/// Writes control messages in order until the queue closes or the stream fails. Hands the
+/// stream back unfinished: a closing session closes the connection right behind its last
+/// message, and a finished stream would reach the client first as a protocol violation.
+async fn write_control(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<ServerMessage>,
+) -> quinn::SendStream {
     while let Some(m) = rx.recv().await {
         if send.write_all(&m.to_bytes()).await.is_err() {
-            return;
+            break;
         }
     }
-    let _ = send.finish();
+    send
 }
 
 /// How long a closing session waits for its last control messages to be written.
@@ -1215,13 +1210,18 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot
             if let Some(j) = joined.as_mut() {
                 let _ = (&mut j.cursor).await;
             }
-            if !writer_done {
-                let _ = writer.await;
+            if writer_done {
+                None
+            } else {
+                (&mut writer).await.ok()
             }
         };
-        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flushed).await;
+        // Held until the connection is closed: dropping a send stream finishes it.
+        let send = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flushed).await;
         conn.close(VarInt::from_u32(r.code as u32), r.message.as_bytes());
+        drop(send);
     }
+    writer.abort();
     if let (Some(j), Some(id)) = (joined, session.id()) {
         j.env.viewers.fetch_sub(1, Ordering::AcqRel);
         j.env.targets.lock().expect("poisoned").remove(&j.viewer_id);

@@ -85,6 +85,16 @@ pub struct ParkedSessions<E> {
     parked: HashMap<[u8; 16], Parked<E>>,
 }
 
+/// The session a Hello opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    pub id: [u8; 16],
+    /// Whether `id` is a parked session taken up again.
+    pub resumed: bool,
+    /// What the resumed session held down.
+    pub held: HeldInput,
+}
+
 /// A parked session whose window closed: release `releases` into `env`.
 #[derive(Debug)]
 pub struct Expired<E> {
@@ -133,6 +143,31 @@ impl<E> ParkedSessions<E> {
             Some(_) => Ok(self.parked.remove(&id).map(|p| p.held)),
             None => Ok(None),
         }
+    }
+
+    /// The session a Hello for `env_id` opens: the parked one it names (with what it held),
+    /// else a fresh one under `fresh_id()`.
+    pub fn open(
+        &mut self,
+        resume: Option<[u8; 16]>,
+        env_id: &str,
+        now: Instant,
+        fresh_id: impl FnOnce() -> Result<[u8; 16], Refusal>,
+    ) -> Result<Opened, Refusal> {
+        if let Some(id) = resume {
+            if let Some(held) = self.resume(id, env_id, now)? {
+                return Ok(Opened {
+                    id,
+                    resumed: true,
+                    held,
+                });
+            }
+        }
+        Ok(Opened {
+            id: fresh_id()?,
+            resumed: false,
+            held: HeldInput::default(),
+        })
     }
 
     /// Removes every session whose window closed by `now`, with what to release.

@@ -26,7 +26,7 @@ use proto::stream::{
 };
 use tracing::{debug, info, warn};
 
-pub use held::{Expired, HeldInput, ParkedSessions};
+pub use held::{Expired, HeldInput, Opened, ParkedSessions};
 
 use super::abr::{self, BitrateLimits, Controller, PathSample};
 use super::token::{Claims, EnvRef, Revocations, TokenError, TokenKey};
@@ -151,12 +151,10 @@ pub struct HelloRequest {
 /// What authorization and admission granted a Hello.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grant {
-    pub session_id: [u8; 16],
     pub claims: Claims,
-    /// Whether `session_id` is a parked session taken up again.
-    pub resumed: bool,
-    /// What the resumed session held down (released at expiry like fresh presses).
-    pub held: HeldInput,
+    /// The session opened (or resumed: then what it held is released at expiry like fresh
+    /// presses).
+    pub session: Opened,
     /// The environment's stream configuration now.
     pub config: StreamConfig,
 }
@@ -621,12 +619,12 @@ impl Session {
             }
         };
         info!(env = %grant.claims.env.name, rights = %grant.claims.rights,
-              token = %grant.claims.id, resumed = grant.resumed, "viewer joined");
+              token = %grant.claims.id, resumed = grant.session.resumed, "viewer joined");
         self.actions.push_back(Action::Send(ServerMessage::Welcome {
             version: self.version,
-            session_id: grant.session_id,
+            session_id: grant.session.id,
             rights: grant.claims.rights,
-            resumed: grant.resumed,
+            resumed: grant.session.resumed,
             resume_grace_ms: self.cfg.resume_grace.as_millis().min(u128::from(u32::MAX)) as u32,
             config: grant.config,
         }));
@@ -634,13 +632,13 @@ impl Session {
         self.actions.push_back(Action::RequestKeyframe);
         let expires_at = self.clock.instant_at_unix(grant.claims.expires_unix, now);
         self.open = Some(Open {
-            id: grant.session_id,
+            id: grant.session.id,
             rights: grant.claims.rights,
             claims: grant.claims,
             expires_at,
             expired: false,
             refusal_reported: false,
-            held: grant.held,
+            held: grant.session.held,
             config: grant.config,
             needs_keyframe: true,
             in_flight: BTreeSet::new(),
