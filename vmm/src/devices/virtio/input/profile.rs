@@ -6,34 +6,8 @@ use std::collections::BTreeMap;
 
 use crate::rpc::InputEvent;
 
-/// Linux event types and codes used here (include/uapi/linux/input-event-codes.h).
-pub mod ev {
-    pub const EV_SYN: u16 = 0x00;
-    pub const EV_KEY: u16 = 0x01;
-    pub const EV_REL: u16 = 0x02;
-    pub const EV_ABS: u16 = 0x03;
-    pub const EV_LED: u16 = 0x11;
-    pub const EV_REP: u16 = 0x14;
-    pub const SYN_REPORT: u16 = 0;
-    pub const REL_WHEEL: u16 = 0x08;
-    pub const ABS_X: u16 = 0x00;
-    pub const ABS_Y: u16 = 0x01;
-    pub const ABS_MT_SLOT: u16 = 0x2f;
-    pub const ABS_MT_POSITION_X: u16 = 0x35;
-    pub const ABS_MT_POSITION_Y: u16 = 0x36;
-    pub const ABS_MT_TRACKING_ID: u16 = 0x39;
-    pub const BTN_LEFT: u16 = 0x110;
-    pub const BTN_RIGHT: u16 = 0x111;
-    pub const BTN_MIDDLE: u16 = 0x112;
-    pub const BTN_TOUCH: u16 = 0x14a;
-    pub const KEY_MAX: u16 = 0x2ff;
-    pub const LED_NUML: u16 = 0;
-    pub const LED_CAPSL: u16 = 1;
-    pub const LED_SCROLLL: u16 = 2;
-    pub const INPUT_PROP_POINTER: u16 = 0;
-    pub const INPUT_PROP_DIRECT: u16 = 1;
-    pub const BUS_VIRTUAL: u16 = 0x06;
-}
+/// Linux event types and codes (include/uapi/linux/input-event-codes.h), from the API crate.
+pub use vmm_api::input::evdev as ev;
 
 /// `virtio_input_config_select` values.
 pub mod select {

@@ -6,9 +6,7 @@
 //! from the backend while the guest has no RX buffers is held until the guest adds some:
 //! the backend is watched edge-triggered, and an RX queue notification resumes reading.
 
-use std::fmt;
 use std::io;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -38,65 +36,7 @@ const CONFIG_LEN: usize = 8;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
 
-/// An Ethernet MAC address, written `aa:bb:cc:dd:ee:ff`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl MacAddr {
-    /// A locally administered unicast address: the default guest MAC.
-    pub const DEFAULT: MacAddr = MacAddr([0x06, 0x00, 0xac, 0x10, 0x00, 0x02]);
-}
-
-/// A string that is not a MAC address.
-#[derive(Debug, thiserror::Error)]
-#[error("{0:?} is not a MAC address (six hex byte pairs separated by ':', unicast)")]
-pub struct MacParseError(String);
-
-impl FromStr for MacAddr {
-    type Err = MacParseError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || MacParseError(s.to_string());
-        let mut bytes = [0u8; 6];
-        let mut parts = s.split(':');
-        for byte in &mut bytes {
-            let part = parts.next().ok_or_else(err)?;
-            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(err());
-            }
-            *byte = u8::from_str_radix(part, 16).map_err(|_| err())?;
-        }
-        // A multicast source address would make the guest's frames undeliverable.
-        if parts.next().is_some() || bytes[0] & 1 != 0 {
-            return Err(err());
-        }
-        Ok(MacAddr(bytes))
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
-    }
-}
-
-impl Serialize for MacAddr {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for MacAddr {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(deserializer)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+pub use vmm_api::config::{MacAddr, MacParseError};
 
 /// Errors creating a virtio-net device.
 #[derive(Debug, thiserror::Error)]
