@@ -377,6 +377,24 @@ impl Encoder {
         Ok(out)
     }
 
+    /// Encodes the persistent picture as it stands as an IDR picture, without a new frame: the
+    /// keyframe a viewer joining a still screen needs. The picture holds every pixel the
+    /// previous calls converted (a forced keyframe or the first frame converted the whole
+    /// frame, damage since then), so nobody keeps a second copy of the screen for this.
+    ///
+    /// Returns `None` before the first frame (there is no picture yet) or when rate control
+    /// drops the picture (it is then sent with the next call).
+    pub fn keyframe(&mut self) -> Result<Option<EncodedFrame>, EncodeError> {
+        if self.fresh {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        self.h264.force_intra_frame();
+        let out = self.encode_picture(started)?;
+        self.refinements_left = if out.is_some() { REFINEMENT_PASSES } else { 0 };
+        Ok(out)
+    }
+
     /// Re-encodes the unchanged picture to sharpen it: each pass is a small P-frame that lets
     /// rate control spend the idle budget on detail (about +0.2 dB per pass on a still desktop).
     ///

@@ -2,78 +2,7 @@
 
 use std::time::Instant;
 
-/// An axis-aligned rectangle of pixels (damage or a region of a frame).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Rect {
-    pub x: u32,
-    pub y: u32,
-    pub width: u32,
-    pub height: u32,
-}
-
-impl Rect {
-    pub const fn new(x: u32, y: u32, width: u32, height: u32) -> Self {
-        Self {
-            x,
-            y,
-            width,
-            height,
-        }
-    }
-
-    /// True when the rectangle covers no pixel.
-    pub const fn is_empty(&self) -> bool {
-        self.width == 0 || self.height == 0
-    }
-
-    /// Exclusive right edge.
-    pub const fn right(&self) -> u32 {
-        self.x.saturating_add(self.width)
-    }
-
-    /// Exclusive bottom edge.
-    pub const fn bottom(&self) -> u32 {
-        self.y.saturating_add(self.height)
-    }
-
-    /// The part of `self` inside a `width` x `height` frame (possibly empty).
-    pub fn clamp_to(&self, width: u32, height: u32) -> Rect {
-        let x0 = self.x.min(width);
-        let y0 = self.y.min(height);
-        let x1 = self.right().min(width);
-        let y1 = self.bottom().min(height);
-        Rect::new(x0, y0, x1 - x0, y1 - y0)
-    }
-
-    /// Smallest rectangle containing both (an empty rectangle contributes nothing).
-    pub fn union(&self, other: &Rect) -> Rect {
-        if self.is_empty() {
-            return *other;
-        }
-        if other.is_empty() {
-            return *self;
-        }
-        let x0 = self.x.min(other.x);
-        let y0 = self.y.min(other.y);
-        let x1 = self.right().max(other.right());
-        let y1 = self.bottom().max(other.bottom());
-        Rect::new(x0, y0, x1 - x0, y1 - y0)
-    }
-
-    /// True when `other` lies entirely inside `self` (an empty `other` lies inside anything).
-    pub const fn contains_rect(&self, other: &Rect) -> bool {
-        other.is_empty()
-            || (other.x >= self.x
-                && other.y >= self.y
-                && other.right() <= self.right()
-                && other.bottom() <= self.bottom())
-    }
-
-    /// True when the pixel (`px`, `py`) lies inside.
-    pub const fn contains(&self, px: u32, py: u32) -> bool {
-        px >= self.x && px < self.right() && py >= self.y && py < self.bottom()
-    }
-}
+pub use framebuffer::Rect;
 
 /// Damage gathered over frames the server chose not to encode (network still busy), to hand to
 /// the next [`crate::Encoder::encode`] call so nothing is lost. Keeps at most
@@ -327,17 +256,5 @@ mod tests {
         let many: Vec<Rect> = (0..40).map(|i| Rect::new(i * 10, i, 2, 2)).collect();
         set.add(&many);
         assert_eq!(set.rects(), &[Rect::new(0, 0, 392, 41)]);
-    }
-
-    #[test]
-    fn rect_clamp_union_and_contains() {
-        let r = Rect::new(10, 10, 20, 5);
-        assert_eq!(r.clamp_to(25, 12), Rect::new(10, 10, 15, 2));
-        assert!(r.clamp_to(5, 5).is_empty());
-        assert_eq!(r.union(&Rect::new(0, 0, 1, 1)), Rect::new(0, 0, 30, 15));
-        assert_eq!(Rect::default().union(&r), r);
-        assert!(r.contains(10, 14) && !r.contains(30, 10) && !r.contains(10, 15));
-        // Edges saturate instead of overflowing.
-        assert_eq!(Rect::new(u32::MAX - 1, 0, 10, 1).right(), u32::MAX);
     }
 }

@@ -13,44 +13,16 @@
 
 pub mod layout;
 mod reader;
+mod rect;
 mod shm;
 mod writer;
 
 pub use reader::{CursorState, Frame, FrameInfo, FramebufferReader, ReaderError};
+pub use rect::Rect;
 pub use writer::{
     FramebufferShare, FramebufferWriter, PoolBuffer, ReaderFds, ScanoutConfig, WriterError,
     MAX_SUBSCRIBERS,
 };
-
-/// A rectangle in pixels.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Rect {
-    /// Left edge.
-    pub x: u32,
-    /// Top edge.
-    pub y: u32,
-    /// Width.
-    pub width: u32,
-    /// Height.
-    pub height: u32,
-}
-
-impl Rect {
-    /// The part of `self` inside a `width` x `height` frame, or `None` if empty.
-    pub fn clip(&self, width: u32, height: u32) -> Option<Rect> {
-        let x_end = self.x.saturating_add(self.width).min(width);
-        let y_end = self.y.saturating_add(self.height).min(height);
-        if self.x >= x_end || self.y >= y_end {
-            return None;
-        }
-        Some(Rect {
-            x: self.x,
-            y: self.y,
-            width: x_end - self.x,
-            height: y_end - self.y,
-        })
-    }
-}
 
 /// Pixel formats of the shared buffer. The gpu device always publishes [`PixelFormat::Bgrx`]
 /// (converting other guest formats during the transfer), so readers handle one layout.

@@ -648,7 +648,6 @@ fn encode_loop(
     let mut last_forced: Option<Instant> = None;
     let mut current_bitrate = cfg.bitrate.start_bps;
     let (mut width, mut height) = frames.size();
-    let mut shadow = Shadow::default();
     while !env.stop.load(Ordering::Acquire) {
         // After every return of `next_frame` (sources return early when only the pointer
         // moved) and while idle, so a joining viewer finds the pointer current.
@@ -666,18 +665,13 @@ fn encode_loop(
             Ok(Some(f)) => f,
             Ok(None) => {
                 // A still screen produces no frames, but a joining viewer needs a keyframe
-                // now: encode the last picture again from the shadow copy.
+                // now: the encoder encodes its own picture of the screen again.
                 let due = env.force_keyframe.load(Ordering::Acquire)
                     && last_forced.is_none_or(|t| t.elapsed() >= cfg.keyframe_min_interval);
-                if due
-                    && shadow.width == width
-                    && shadow.height == height
-                    && !shadow.data.is_empty()
-                {
+                if due {
                     env.force_keyframe.store(false, Ordering::Release);
                     last_forced = Some(Instant::now());
-                    let full = [encoder::Rect::new(0, 0, width, height)];
-                    match encoder.encode(&shadow.frame(), &full, true) {
+                    match encoder.keyframe() {
                         Ok(Some(encoded)) => {
                             sequence += 1;
                             publish(
@@ -690,7 +684,9 @@ fn encode_loop(
                                 encoded,
                             );
                         }
-                        Ok(None) => {}
+                        // No picture yet, or rate control dropped it: the viewer still
+                        // waits, so the next frame (or the next still pass) is a keyframe.
+                        Ok(None) => env.force_keyframe.store(true, Ordering::Release),
                         Err(e) => {
                             warn!(env = %env.id, error = %e, "re-encoding the still frame failed")
                         }
@@ -740,7 +736,6 @@ fn encode_loop(
             env.force_keyframe.store(false, Ordering::Release);
             last_forced = Some(Instant::now());
         }
-        shadow.update(&frame.frame, &frame.damage);
         let encoded = match encoder.encode(&frame.frame, &frame.damage, force) {
             Ok(Some(e)) => e,
             Ok(None) => continue,
@@ -790,54 +785,6 @@ fn publish(
     };
     // No receivers is fine: the last viewer may have just left.
     let _ = env.frames.send(Arc::new(frame));
-}
-
-/// Copy of the source's latest picture, kept up to date by copying only damaged rectangles,
-/// so a keyframe can be produced while the source has nothing new to return.
-#[derive(Default)]
-struct Shadow {
-    width: u32,
-    height: u32,
-    format: Option<encoder::PixelFormat>,
-    data: Vec<u8>,
-}
-
-impl Shadow {
-    fn update(&mut self, f: &encoder::FrameRef<'_>, damage: &[encoder::Rect]) {
-        let row = f.width as usize * 4;
-        let whole = encoder::Rect::new(0, 0, f.width, f.height);
-        let rects: &[encoder::Rect] =
-            if (f.width, f.height) != (self.width, self.height) || self.format != Some(f.format) {
-                self.width = f.width;
-                self.height = f.height;
-                self.format = Some(f.format);
-                self.data = vec![0; row * f.height as usize];
-                std::slice::from_ref(&whole)
-            } else {
-                damage
-            };
-        for r in rects {
-            let r = r.clamp_to(f.width, f.height);
-            let (x0, w) = (r.x as usize * 4, r.width as usize * 4);
-            for y in r.y as usize..(r.y + r.height) as usize {
-                let (src, dst) = (y * f.stride + x0, y * row + x0);
-                if let (Some(s), Some(d)) =
-                    (f.data.get(src..src + w), self.data.get_mut(dst..dst + w))
-                {
-                    d.copy_from_slice(s);
-                }
-            }
-        }
-    }
-
-    fn frame(&self) -> encoder::FrameRef<'_> {
-        encoder::FrameRef::packed(
-            self.width,
-            self.height,
-            self.format.unwrap_or(encoder::PixelFormat::Bgrx),
-            &self.data,
-        )
-    }
 }
 
 /// The shared encoder's bitrate from the viewers' targets: the smallest, except that viewers
@@ -1383,31 +1330,6 @@ mod tests {
             Some(3_000_000)
         );
         assert_eq!(shared_target(std::iter::empty()), None);
-    }
-
-    #[test]
-    fn shadow_tracks_damaged_rectangles_only() {
-        let (w, h) = (8u32, 4u32);
-        let mut px = vec![1u8; (w * h * 4) as usize];
-        let mut sh = Shadow::default();
-        sh.update(
-            &encoder::FrameRef::packed(w, h, encoder::PixelFormat::Bgrx, &px),
-            &[],
-        );
-        assert_eq!(sh.data, px, "first frame is copied whole");
-        px.iter_mut().for_each(|b| *b = 9);
-        let r = encoder::Rect::new(2, 1, 3, 2);
-        sh.update(
-            &encoder::FrameRef::packed(w, h, encoder::PixelFormat::Bgrx, &px),
-            &[r],
-        );
-        for y in 0..h {
-            for x in 0..w {
-                let inside = (2..5).contains(&x) && (1..3).contains(&y);
-                let v = sh.data[((y * w + x) * 4) as usize];
-                assert_eq!(v, if inside { 9 } else { 1 }, "pixel {x},{y}");
-            }
-        }
     }
 
     fn arrow(width: u32, height: u32) -> encoder::CursorShape {

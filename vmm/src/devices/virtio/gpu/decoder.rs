@@ -6,8 +6,6 @@
 //! resource exist, is the backing inside guest memory, does a rectangle fit the resource)
 //! are the device's.
 
-use std::fmt;
-
 /// Size of `virtio_gpu_ctrl_hdr`.
 pub const HEADER_LEN: usize = 24;
 /// Size of one `virtio_gpu_mem_entry`.
@@ -130,33 +128,9 @@ impl CtrlHeader {
     }
 }
 
-/// A rectangle as the protocol carries it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Rect {
-    pub x: u32,
-    pub y: u32,
-    pub width: u32,
-    pub height: u32,
-}
-
-impl Rect {
-    /// Whether the rectangle lies within a `width` x `height` area (overflow-checked).
-    pub fn fits_in(&self, width: u32, height: u32) -> bool {
-        self.x.checked_add(self.width).is_some_and(|e| e <= width)
-            && self.y.checked_add(self.height).is_some_and(|e| e <= height)
-    }
-
-    /// Whether the rectangle has no pixels.
-    pub fn is_empty(&self) -> bool {
-        self.width == 0 || self.height == 0
-    }
-}
-
-impl fmt::Display for Rect {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}x{}+{}+{}", self.width, self.height, self.x, self.y)
-    }
-}
+/// A rectangle as the protocol carries it (`struct virtio_gpu_rect`): the frame path's one
+/// rectangle type.
+pub use framebuffer::Rect;
 
 /// The supported 32-bit-per-pixel formats, named by memory byte order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
