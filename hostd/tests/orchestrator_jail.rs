@@ -10,24 +10,10 @@ use std::time::{Duration, Instant};
 
 use hostd::config::Config;
 use hostd::orchestrator::{pid_alive, Orchestrator};
-use hostd::store::{EnvRecord, EnvState};
-use proto::spec::{Catalog, NetworkMode, Spec};
+use hostd::store::EnvState;
+use proto::spec::NetworkMode;
 
 const UID_BASE: u32 = 64000;
-
-fn spec(name: &str) -> Spec {
-    let c = hostd::composer::Composer::new(Catalog::embedded(), Default::default());
-    match c
-        .compose("headless python, 1 core, 128 MB ram, no internet, for 1 hour")
-        .outcome
-    {
-        hostd::composer::Outcome::Spec(s) => Spec {
-            name: name.into(),
-            ..*s
-        },
-        o => panic!("{o:?}"),
-    }
-}
 
 /// An orchestrator that must jail (`jailer = "always"`), or None (with the reason printed)
 /// when this host cannot run the test.
@@ -71,23 +57,6 @@ fn jailed_orchestrator_with(
         "[jail]\njailer = \"always\"\nuid_base = {UID_BASE}\ngid_base = {UID_BASE}\n{extra_jail_toml}"
     ));
     Some(Orchestrator::new(Config::from_toml(&toml).unwrap(), dir).unwrap())
-}
-
-async fn wait_state(o: &Orchestrator, name: &str, want: EnvState, secs: u64) -> EnvRecord {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let env = o.show(name).unwrap();
-        if env.state == want {
-            return env;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} is {:?} ({:?}), wanted {want:?}",
-            env.state,
-            env.reason
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn status_field(pid: i32, field: &str) -> String {
@@ -145,8 +114,9 @@ async fn jailed_vmm_runs_as_its_slot_uid_in_its_own_namespaces_and_stop_cleans_u
         return;
     };
     o.start().await.unwrap();
-    o.create(spec("jail-life"), "test").unwrap();
-    let env = wait_state(&o, "jail-life", EnvState::Ready, 60).await;
+    o.create(common::headless_spec("jail-life", true), "test")
+        .unwrap();
+    let env = common::wait_state(&o, "jail-life", EnvState::Ready, 60).await;
     let pid = env.vmm_pid.expect("pid recorded");
 
     assert_eq!(
@@ -219,10 +189,12 @@ async fn jailed_vmm_killed_from_outside_fails_only_its_environment() {
         return;
     };
     o.start().await.unwrap();
-    o.create(spec("jail-victim"), "test").unwrap();
-    o.create(spec("jail-bystander"), "test").unwrap();
-    let victim = wait_state(&o, "jail-victim", EnvState::Ready, 60).await;
-    let bystander = wait_state(&o, "jail-bystander", EnvState::Ready, 60).await;
+    o.create(common::headless_spec("jail-victim", true), "test")
+        .unwrap();
+    o.create(common::headless_spec("jail-bystander", true), "test")
+        .unwrap();
+    let victim = common::wait_state(&o, "jail-victim", EnvState::Ready, 60).await;
+    let bystander = common::wait_state(&o, "jail-bystander", EnvState::Ready, 60).await;
     // Two environments, two slots, two uids.
     assert_ne!(
         status_field(victim.vmm_pid.unwrap(), "Uid"),
@@ -232,7 +204,7 @@ async fn jailed_vmm_killed_from_outside_fails_only_its_environment() {
     // SAFETY: kill(2) on the VMM pid the orchestrator reported; no memory is involved.
     unsafe { libc::kill(victim.vmm_pid.unwrap(), libc::SIGKILL) };
 
-    let failed = wait_state(&o, "jail-victim", EnvState::Failed, 20).await;
+    let failed = common::wait_state(&o, "jail-victim", EnvState::Failed, 20).await;
     assert_eq!(
         failed.reason.as_deref(),
         Some("genos-vmm was killed by signal 9")
@@ -250,8 +222,9 @@ async fn vmm_killed_by_its_seccomp_filter_fails_with_the_seccomp_reason() {
         return;
     };
     o.start().await.unwrap();
-    o.create(spec("jail-sigsys"), "test").unwrap();
-    let failed = wait_state(&o, "jail-sigsys", EnvState::Failed, 60).await;
+    o.create(common::headless_spec("jail-sigsys", true), "test")
+        .unwrap();
+    let failed = common::wait_state(&o, "jail-sigsys", EnvState::Failed, 60).await;
     assert_eq!(
         failed.reason.as_deref(),
         Some("genos-vmm was killed by its seccomp filter (a system call outside its allow-list)")
@@ -268,10 +241,10 @@ async fn nat_environment_has_a_network_namespace_only_while_it_runs() {
         return;
     };
     o.start().await.unwrap();
-    let mut s = spec("jail-nat");
+    let mut s = common::headless_spec("jail-nat", true);
     s.network.mode = NetworkMode::Nat;
     o.create(s, "test").unwrap();
-    let env = wait_state(&o, "jail-nat", EnvState::Ready, 60).await;
+    let env = common::wait_state(&o, "jail-nat", EnvState::Ready, 60).await;
     let pid = env.vmm_pid.unwrap();
 
     let netns = Path::new("/var/run/netns/genos-e0");
@@ -317,8 +290,9 @@ async fn jail_that_cannot_be_built_fails_with_the_jailers_reason() {
         return;
     };
     o.start().await.unwrap();
-    o.create(spec("jail-broken"), "test").unwrap();
-    let failed = wait_state(&o, "jail-broken", EnvState::Failed, 30).await;
+    o.create(common::headless_spec("jail-broken", true), "test")
+        .unwrap();
+    let failed = common::wait_state(&o, "jail-broken", EnvState::Failed, 30).await;
     let reason = failed.reason.unwrap();
     assert!(
         reason.starts_with("the jail could not be set up: ") && reason.contains("not-a-dir"),

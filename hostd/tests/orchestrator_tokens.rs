@@ -5,27 +5,11 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use hostd::config::Config;
 use hostd::orchestrator::{OrchError, Orchestrator};
 use hostd::store::{EnvState, Store};
 use hostd::stream::{EnvRef, TokenError, TokenKey};
-use proto::spec::{Catalog, Spec};
-
-fn spec(name: &str) -> Spec {
-    let c = hostd::composer::Composer::new(Catalog::embedded(), Default::default());
-    match c
-        .compose("headless python, 1 core, 128 MB ram, for 1 hour")
-        .outcome
-    {
-        hostd::composer::Outcome::Spec(s) => Spec {
-            name: name.into(),
-            ..*s
-        },
-        o => panic!("{o:?}"),
-    }
-}
 
 fn orchestrator(dir: &Path) -> Option<Orchestrator> {
     let test = std::thread::current().name().unwrap_or("test").to_string();
@@ -39,16 +23,9 @@ fn orchestrator(dir: &Path) -> Option<Orchestrator> {
 }
 
 async fn ready(o: &Orchestrator, name: &str) -> hostd::store::EnvRecord {
-    o.create(spec(name), "test").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let env = o.show(name).unwrap();
-        if env.state == EnvState::Ready {
-            return env;
-        }
-        assert!(Instant::now() < deadline, "{name} is {:?}", env.state);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    o.create(common::headless_spec(name, false), "test")
+        .unwrap();
+    common::wait_state(o, name, EnvState::Ready, 60).await
 }
 
 fn key(dir: &Path) -> TokenKey {

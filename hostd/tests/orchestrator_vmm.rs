@@ -9,21 +9,6 @@ use std::time::{Duration, Instant};
 use hostd::config::Config;
 use hostd::orchestrator::{pid_alive, OrchError, Orchestrator};
 use hostd::store::EnvState;
-use proto::spec::{Catalog, Spec};
-
-fn spec(name: &str) -> Spec {
-    let c = hostd::composer::Composer::new(Catalog::embedded(), Default::default());
-    match c
-        .compose("headless python, 1 core, 128 MB ram, for 1 hour")
-        .outcome
-    {
-        hostd::composer::Outcome::Spec(s) => Spec {
-            name: name.into(),
-            ..*s
-        },
-        o => panic!("{o:?}"),
-    }
-}
 
 fn orchestrator(dir: &Path, guest: &str, vcpus: u32) -> Option<Orchestrator> {
     let test = std::thread::current().name().unwrap_or("test").to_string();
@@ -36,28 +21,6 @@ fn orchestrator(dir: &Path, guest: &str, vcpus: u32) -> Option<Orchestrator> {
     Some(Orchestrator::new(cfg, dir).unwrap())
 }
 
-async fn wait_state(
-    o: &Orchestrator,
-    name: &str,
-    want: EnvState,
-    secs: u64,
-) -> hostd::store::EnvRecord {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let env = o.show(name).unwrap();
-        if env.state == want {
-            return env;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} is {:?} ({:?}), wanted {want:?}",
-            env.state,
-            env.reason
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn environment_goes_requested_to_ready_to_stopped_to_destroyed() {
     let dir = tempfile::tempdir().unwrap();
@@ -65,9 +28,11 @@ async fn environment_goes_requested_to_ready_to_stopped_to_destroyed() {
         return;
     };
     o.start().await.unwrap();
-    let env = o.create(spec("life"), "test").unwrap();
+    let env = o
+        .create(common::headless_spec("life", false), "test")
+        .unwrap();
     assert_eq!(env.state, EnvState::Requested);
-    let ready = wait_state(&o, "life", EnvState::Ready, 60).await;
+    let ready = common::wait_state(&o, "life", EnvState::Ready, 60).await;
     let pid = ready.vmm_pid.expect("pid recorded");
     assert!(pid_alive(pid));
 
@@ -104,15 +69,17 @@ async fn vmm_killed_from_outside_fails_only_its_environment() {
         return;
     };
     o.start().await.unwrap();
-    o.create(spec("victim"), "test").unwrap();
-    o.create(spec("bystander"), "test").unwrap();
-    let victim = wait_state(&o, "victim", EnvState::Ready, 60).await;
-    wait_state(&o, "bystander", EnvState::Ready, 60).await;
+    o.create(common::headless_spec("victim", false), "test")
+        .unwrap();
+    o.create(common::headless_spec("bystander", false), "test")
+        .unwrap();
+    let victim = common::wait_state(&o, "victim", EnvState::Ready, 60).await;
+    common::wait_state(&o, "bystander", EnvState::Ready, 60).await;
 
     // SAFETY: kill(2) on a pid we spawned; no memory is involved.
     unsafe { libc::kill(victim.vmm_pid.unwrap(), libc::SIGKILL) };
 
-    let failed = wait_state(&o, "victim", EnvState::Failed, 20).await;
+    let failed = common::wait_state(&o, "victim", EnvState::Failed, 20).await;
     assert_eq!(
         failed.reason.as_deref(),
         Some("genos-vmm was killed by signal 9")
@@ -129,8 +96,9 @@ async fn guest_that_reboots_during_boot_fails_with_the_vmm_reason() {
         return;
     };
     o.start().await.unwrap();
-    o.create(spec("flaky"), "test").unwrap();
-    let failed = wait_state(&o, "flaky", EnvState::Failed, 60).await;
+    o.create(common::headless_spec("flaky", false), "test")
+        .unwrap();
+    let failed = common::wait_state(&o, "flaky", EnvState::Failed, 60).await;
     assert_eq!(
         failed.reason.as_deref(),
         Some("genos-vmm exited with status 3 (the guest rebooted)")
@@ -148,9 +116,12 @@ async fn admission_refuses_what_exceeds_capacity_while_others_run() {
         return;
     };
     o.start().await.unwrap();
-    o.create(spec("first"), "test").unwrap();
-    wait_state(&o, "first", EnvState::Ready, 60).await;
-    let err = o.create(spec("second"), "test").unwrap_err();
+    o.create(common::headless_spec("first", false), "test")
+        .unwrap();
+    common::wait_state(&o, "first", EnvState::Ready, 60).await;
+    let err = o
+        .create(common::headless_spec("second", false), "test")
+        .unwrap_err();
     assert!(matches!(err, OrchError::Admission(_)), "{err}");
     assert_eq!(
         err.to_string(),
@@ -162,8 +133,9 @@ async fn admission_refuses_what_exceeds_capacity_while_others_run() {
     );
     // Once the first is stopped its vCPU is free again.
     o.stop("first", "test").await.unwrap();
-    o.create(spec("second"), "test").unwrap();
-    wait_state(&o, "second", EnvState::Ready, 60).await;
+    o.create(common::headless_spec("second", false), "test")
+        .unwrap();
+    common::wait_state(&o, "second", EnvState::Ready, 60).await;
     o.destroy("second", "test").await.unwrap();
 }
 
@@ -174,11 +146,11 @@ async fn idle_environment_is_stopped_and_expired_one_destroyed() {
         return;
     };
     o.start().await.unwrap();
-    let mut s = spec("idler");
+    let mut s = common::headless_spec("idler", false);
     s.lifetime.ttl_s = Some(7200);
     s.lifetime.idle_s = Some(600);
     o.create(s, "test").unwrap();
-    let env = wait_state(&o, "idler", EnvState::Ready, 60).await;
+    let env = common::wait_state(&o, "idler", EnvState::Ready, 60).await;
     let idle = env.spec.lifetime.idle_s.unwrap() as i64;
     let ttl = env.spec.lifetime.ttl_s.unwrap() as i64;
 
@@ -199,8 +171,10 @@ fn restarted_hostd_readopts_a_running_vmm() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let pid = rt.block_on(async {
         first.start().await.unwrap();
-        first.create(spec("survivor"), "test").unwrap();
-        wait_state(&first, "survivor", EnvState::Ready, 60)
+        first
+            .create(common::headless_spec("survivor", false), "test")
+            .unwrap();
+        common::wait_state(&first, "survivor", EnvState::Ready, 60)
             .await
             .vmm_pid
             .unwrap()
@@ -242,8 +216,10 @@ fn restarted_hostd_fails_environments_whose_vmm_is_gone() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let pid = rt.block_on(async {
         first.start().await.unwrap();
-        first.create(spec("gone"), "test").unwrap();
-        wait_state(&first, "gone", EnvState::Ready, 60)
+        first
+            .create(common::headless_spec("gone", false), "test")
+            .unwrap();
+        common::wait_state(&first, "gone", EnvState::Ready, 60)
             .await
             .vmm_pid
             .unwrap()
@@ -279,8 +255,9 @@ async fn missing_image_builder_fails_the_build_with_its_reason() {
     .unwrap();
     let o = Orchestrator::new(cfg, dir.path()).unwrap();
     o.start().await.unwrap();
-    o.create(spec("nobuild"), "test").unwrap();
-    let env = wait_state(&o, "nobuild", EnvState::Failed, 20).await;
+    o.create(common::headless_spec("nobuild", false), "test")
+        .unwrap();
+    let env = common::wait_state(&o, "nobuild", EnvState::Failed, 20).await;
     assert!(
         env.reason
             .as_deref()
@@ -305,9 +282,10 @@ async fn guest_that_never_finishes_booting_fails_after_the_boot_timeout() {
         .replace("boot_timeout_s = 120", "boot_timeout_s = 1");
     let o = Orchestrator::new(Config::from_toml(&toml).unwrap(), dir.path()).unwrap();
     o.start().await.unwrap();
-    o.create(spec("stuck"), "test").unwrap();
-    let booting = wait_state(&o, "stuck", EnvState::Booting, 20).await;
-    let failed = wait_state(&o, "stuck", EnvState::Failed, 20).await;
+    o.create(common::headless_spec("stuck", false), "test")
+        .unwrap();
+    let booting = common::wait_state(&o, "stuck", EnvState::Booting, 20).await;
+    let failed = common::wait_state(&o, "stuck", EnvState::Failed, 20).await;
     assert_eq!(
         failed.reason.as_deref(),
         Some("the guest did not finish booting within 1 s")
@@ -347,8 +325,9 @@ async fn unjailed_environment_is_configured_over_the_api_and_stops() {
     toml.push_str("[jail]\njailer = \"never\"\n");
     let o = Orchestrator::new(Config::from_toml(&toml).unwrap(), dir.path()).unwrap();
     o.start().await.unwrap();
-    o.create(spec("plain"), "test").unwrap();
-    let ready = wait_state(&o, "plain", EnvState::Ready, 60).await;
+    o.create(common::headless_spec("plain", false), "test")
+        .unwrap();
+    let ready = common::wait_state(&o, "plain", EnvState::Ready, 60).await;
     let pid = ready.vmm_pid.unwrap();
     // Unjailed: the VMM is hostd's own child, shares its uid, and no jail is recorded.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -7,26 +7,10 @@ mod common;
 
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use hostd::config::Config;
 use hostd::orchestrator::{pid_alive, Orchestrator};
 use hostd::store::{EnvState, Store};
-use proto::spec::{Catalog, Spec};
-
-fn spec(name: &str) -> Spec {
-    let c = hostd::composer::Composer::new(Catalog::embedded(), Default::default());
-    match c
-        .compose("headless python, 1 core, 128 MB ram, no internet, for 1 hour")
-        .outcome
-    {
-        hostd::composer::Outcome::Spec(s) => Spec {
-            name: name.into(),
-            ..*s
-        },
-        o => panic!("{o:?}"),
-    }
-}
 
 /// An orchestrator running the `ready` guest; `jail` is the `[jail] jailer` mode.
 fn orchestrator(test: &str, dir: &Path, jail: &str) -> Option<Orchestrator> {
@@ -38,23 +22,6 @@ fn orchestrator(test: &str, dir: &Path, jail: &str) -> Option<Orchestrator> {
     let mut toml = common::config_toml(&vmm, &kernel, 4, 4096);
     toml.push_str(&format!("[jail]\njailer = \"{jail}\"\n"));
     Some(Orchestrator::new(Config::from_toml(&toml).unwrap(), dir).unwrap())
-}
-
-async fn wait_state(o: &Orchestrator, name: &str, want: EnvState, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let env = o.show(name).unwrap();
-        if env.state == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} is {:?} ({:?}), wanted {want:?}",
-            env.state,
-            env.reason
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,8 +40,9 @@ async fn a_jailed_vmm_cannot_point_hostd_at_another_host_socket() {
         return;
     };
     o.start().await.unwrap();
-    o.create(spec("swapper"), "test").unwrap();
-    wait_state(&o, "swapper", EnvState::Ready, 60).await;
+    o.create(common::headless_spec("swapper", true), "test")
+        .unwrap();
+    common::wait_state(&o, "swapper", EnvState::Ready, 60).await;
     let pid = o.vmm_pid("swapper").expect("supervised");
 
     // What the VMM's uid can do in its own run/ directory: move the real socket aside and
@@ -107,8 +75,10 @@ fn a_restarted_hostd_never_adopts_or_signals_a_process_that_took_the_vmm_pid() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (vmm_pid, sock) = rt.block_on(async {
         first.start().await.unwrap();
-        first.create(spec("reused"), "test").unwrap();
-        wait_state(&first, "reused", EnvState::Ready, 60).await;
+        first
+            .create(common::headless_spec("reused", true), "test")
+            .unwrap();
+        common::wait_state(&first, "reused", EnvState::Ready, 60).await;
         let env = first.show("reused").unwrap();
         (env.vmm_pid.unwrap(), env.api_socket.unwrap())
     });

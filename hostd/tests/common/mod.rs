@@ -4,6 +4,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hostd::composer::{Composer, Outcome};
+use hostd::orchestrator::Orchestrator;
+use hostd::store::{EnvRecord, EnvState};
+use proto::spec::{Catalog, Spec};
 
 /// Whether `/dev/kvm` can be opened; prints why a test is skipped when not.
 pub fn kvm_available(test: &str) -> bool {
@@ -108,4 +114,43 @@ listen = "127.0.0.1:0"
         kernel.display(),
         vmm.display()
     )
+}
+
+/// The smallest headless spec, named `name`, as the composer makes it from a sentence (one
+/// core, 128 MB, an hour); `offline` asks for no network.
+pub fn headless_spec(name: &str, offline: bool) -> Spec {
+    let sentence = if offline {
+        "headless python, 1 core, 128 MB ram, no internet, for 1 hour"
+    } else {
+        "headless python, 1 core, 128 MB ram, for 1 hour"
+    };
+    match Composer::new(Catalog::embedded(), Default::default())
+        .compose(sentence)
+        .outcome
+    {
+        Outcome::Spec(s) => Spec {
+            name: name.into(),
+            ..*s
+        },
+        o => panic!("{sentence:?} did not compose: {o:?}"),
+    }
+}
+
+/// Polls until environment `name` is in state `want`; fails the test after `secs`, naming the
+/// state and reason it was left in.
+pub async fn wait_state(o: &Orchestrator, name: &str, want: EnvState, secs: u64) -> EnvRecord {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let env = o.show(name).unwrap();
+        if env.state == want {
+            return env;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} is {:?} ({:?}), wanted {want:?}",
+            env.state,
+            env.reason
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
