@@ -17,23 +17,37 @@ use openh264::{OpenH264API, Timestamp};
 use openh264_sys2::{
     SBitrateInfo, WelsTraceCallback, ENCODER_OPTION_BITRATE, ENCODER_OPTION_FRAME_RATE,
     ENCODER_OPTION_MAX_BITRATE, ENCODER_OPTION_TRACE_CALLBACK, SPATIAL_LAYER_0, SPATIAL_LAYER_ALL,
-    WELS_LOG_ERROR,
+    WELS_LOG_ERROR, WELS_LOG_INFO, WELS_LOG_WARNING,
 };
 
 use crate::convert::{ConvertError, I420Buffer};
 use crate::frame::{FrameRef, Rect};
 
-/// Receives openh264's log lines (initialisation warnings; the wrapper silences it afterwards).
+/// Receives openh264's log lines (initialisation warnings; the wrapper silences it afterwards)
+/// and logs each at openh264's own level: its warnings say which settings it overrode, which an
+/// operator needs to read.
 unsafe extern "C" fn openh264_trace(_ctx: *mut c_void, level: c_int, message: *const c_char) {
     if message.is_null() {
         return;
     }
     // SAFETY: openh264 passes a NUL-terminated string that is valid for the duration of the call.
     let message = unsafe { CStr::from_ptr(message) }.to_string_lossy();
-    if level <= WELS_LOG_ERROR as c_int {
-        tracing::error!(target: "openh264", "{}", message.trim_end());
-    } else {
-        tracing::debug!(target: "openh264", "{}", message.trim_end());
+    let message = message.trim_end();
+    match trace_level(level) {
+        tracing::Level::ERROR => tracing::error!(target: "openh264", "{message}"),
+        tracing::Level::WARN => tracing::warn!(target: "openh264", "{message}"),
+        tracing::Level::INFO => tracing::info!(target: "openh264", "{message}"),
+        _ => tracing::debug!(target: "openh264", "{message}"),
+    }
+}
+
+/// The `tracing` level of an openh264 log level (`WELS_LOG_*`, a bit each; lower is worse).
+fn trace_level(level: c_int) -> tracing::Level {
+    match level {
+        l if l <= WELS_LOG_ERROR as c_int => tracing::Level::ERROR,
+        l if l <= WELS_LOG_WARNING as c_int => tracing::Level::WARN,
+        l if l <= WELS_LOG_INFO as c_int => tracing::Level::INFO,
+        _ => tracing::Level::DEBUG,
     }
 }
 
@@ -521,5 +535,21 @@ impl Encoder {
             None => Ok(()),
             Some((option, code)) => Err(EncodeError::SetOption { option, code }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openh264_levels_map_to_the_same_tracing_levels() {
+        let at = |l| trace_level(l as c_int);
+
+        assert_eq!(at(WELS_LOG_ERROR), tracing::Level::ERROR);
+        assert_eq!(at(WELS_LOG_WARNING), tracing::Level::WARN);
+        assert_eq!(at(WELS_LOG_INFO), tracing::Level::INFO);
+        assert_eq!(at(openh264_sys2::WELS_LOG_DEBUG), tracing::Level::DEBUG);
+        assert_eq!(at(openh264_sys2::WELS_LOG_DETAIL), tracing::Level::DEBUG);
     }
 }
