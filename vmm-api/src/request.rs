@@ -30,6 +30,8 @@ pub mod paths {
     pub const DISPLAY: &str = "/display";
     /// `GET`: [`crate::FramebufferHandoff`] and two descriptors.
     pub const FRAMEBUFFER: &str = "/framebuffer";
+    /// `GET`: [`crate::input_socket::InputSocketHandoff`] and one descriptor.
+    pub const INPUT_SOCKET: &str = crate::input_socket::PATH;
 }
 
 /// HTTP methods the API uses.
@@ -77,13 +79,15 @@ pub enum Request {
     Display(DisplaySize),
     /// `GET /framebuffer`.
     Framebuffer,
+    /// `GET /input/socket`.
+    InputSocket,
 }
 
 impl Request {
     /// The request's method.
     pub fn method(&self) -> Method {
         match self {
-            Self::Describe | Self::Metrics | Self::Framebuffer => Method::Get,
+            Self::Describe | Self::Metrics | Self::Framebuffer | Self::InputSocket => Method::Get,
             Self::PatchConfig(_) => Method::Patch,
             Self::Configure(_)
             | Self::PutDisk { .. }
@@ -104,13 +108,14 @@ impl Request {
             Self::Input(_) => paths::INPUT.into(),
             Self::Display(_) => paths::DISPLAY.into(),
             Self::Framebuffer => paths::FRAMEBUFFER.into(),
+            Self::InputSocket => paths::INPUT_SOCKET.into(),
         }
     }
 
     /// The JSON body, for the requests that have one.
     pub fn body(&self) -> Option<Vec<u8>> {
         let json = match self {
-            Self::Describe | Self::Metrics | Self::Framebuffer => return None,
+            Self::Describe | Self::Metrics | Self::Framebuffer | Self::InputSocket => return None,
             Self::Configure(config) => serde_json::to_vec(config),
             Self::PatchConfig(patch) => serde_json::to_vec(patch),
             Self::PutDisk { disk, .. } => serde_json::to_vec(disk),
@@ -147,7 +152,8 @@ impl Request {
 
     /// [`Request::check`], then the body as `T`: [`crate::VmDescription`] for
     /// [`Request::Describe`], [`crate::VmMetrics`] for [`Request::Metrics`],
-    /// [`crate::FramebufferHandoff`] for [`Request::Framebuffer`].
+    /// [`crate::FramebufferHandoff`] for [`Request::Framebuffer`],
+    /// [`crate::input_socket::InputSocketHandoff`] for [`Request::InputSocket`].
     pub fn decode<T: DeserializeOwned>(
         &self,
         status: u16,
@@ -246,6 +252,7 @@ mod tests {
                 204,
             ),
             (Request::Framebuffer, "GET /framebuffer", 200),
+            (Request::InputSocket, "GET /input/socket", 200),
         ];
         for (request, line, status) in cases {
             assert_eq!(request.to_string(), line);

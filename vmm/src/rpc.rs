@@ -102,6 +102,8 @@ pub enum VmmAction {
     },
     /// `GET /framebuffer`: the shared framebuffer memfd and flush eventfd.
     GetFramebuffer,
+    /// `GET /input/socket`: a new raw input channel (replacing the previous one).
+    GetInputSocket,
 }
 
 impl VmmAction {
@@ -118,6 +120,7 @@ impl VmmAction {
             Self::InjectInput { .. } => "inject input",
             Self::SetDisplaySize { .. } => "resize the display",
             Self::GetFramebuffer => "get the framebuffer",
+            Self::GetInputSocket => "get the input socket",
         }
     }
 }
@@ -146,7 +149,8 @@ impl Lifecycle for VmState {
             VmmAction::Stop => self != Stopped,
             VmmAction::InjectInput { .. }
             | VmmAction::SetDisplaySize { .. }
-            | VmmAction::GetFramebuffer => matches!(self, Running | Paused),
+            | VmmAction::GetFramebuffer
+            | VmmAction::GetInputSocket => matches!(self, Running | Paused),
         };
         if allowed {
             Ok(())
@@ -211,6 +215,8 @@ pub enum VmmResponse {
     /// Answer to [`VmmAction::GetFramebuffer`]: descriptors owned by the response (the
     /// controller passes duplicates; the server closes them after sending).
     Framebuffer(FramebufferFds),
+    /// Answer to [`VmmAction::GetInputSocket`]: the client's end of the new channel.
+    InputSocket(OwnedFd),
 }
 
 /// Why an action failed. Each maps to an HTTP status ([`ActionError::status`]).
@@ -458,6 +464,7 @@ mod tests {
             (VmState::Paused, VmmAction::Pause),
             (VmState::Stopped, VmmAction::Stop),
             (VmState::Configured, VmmAction::GetFramebuffer),
+            (VmState::Stopped, VmmAction::GetInputSocket),
             (
                 VmState::NotConfigured,
                 VmmAction::InjectInput {

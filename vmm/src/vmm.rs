@@ -15,6 +15,8 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOp
 use crate::builder::{build_and_start, BuildError, BuiltVm};
 use crate::config::VmConfig;
 use crate::device_manager::EventManager;
+use crate::devices::virtio::input::InputChannel;
+use crate::devices::DeviceMetrics;
 use crate::rpc::{
     ActionError, ApiReceiver, FramebufferFds, Lifecycle, VmDescription, VmMetrics, VmState,
     VmmAction, VmmController, VmmResponse,
@@ -129,6 +131,8 @@ pub struct Vmm {
     fired: Arc<Mutex<Vec<Wake>>>,
     api: Option<ApiReceiver>,
     event_manager: EventManager,
+    /// The raw input channel (`GET /input/socket`).
+    input_channel: InputChannel,
 }
 
 impl Vmm {
@@ -148,6 +152,7 @@ impl Vmm {
             fired: Arc::new(Mutex::new(Vec::new())),
             api: None,
             event_manager,
+            input_channel: InputChannel::new(),
         };
         vmm.watch(sigfd, Wake::Terminate);
         let exit_fd = dup_fd(vmm.exit.event_fd().as_raw_fd()).map_err(VmmError::ExitEvent)?;
@@ -261,6 +266,13 @@ impl Vmm {
             .ok_or_else(|| ActionError::NoSuchDevice("the VM has no display".into()))
     }
 
+    fn input(&self) -> Result<&crate::devices::virtio::input::InputHandles, ActionError> {
+        self.vm
+            .as_ref()
+            .and_then(|vm| vm.input.as_ref())
+            .ok_or_else(|| ActionError::NoSuchDevice("the VM has no input devices".into()))
+    }
+
     fn boot_time_us(&self) -> Option<u64> {
         self.vm
             .as_ref()
@@ -284,6 +296,10 @@ impl Vmm {
         };
         for (name, m) in &vm.legacy_metrics {
             devices.insert((*name).to_owned(), m.snapshot());
+        }
+        if vm.input.is_some() {
+            let channel = self.input_channel.metrics().snapshot();
+            devices.insert("input_socket".to_owned(), channel);
         }
         VmMetrics {
             state: self.state,
@@ -341,14 +357,7 @@ impl VmmController for Vmm {
             }),
             VmmAction::Metrics => VmmResponse::Metrics(self.metrics()),
             VmmAction::InjectInput { device, events } => {
-                let input = self
-                    .vm
-                    .as_ref()
-                    .and_then(|vm| vm.input.as_ref())
-                    .ok_or_else(|| {
-                        ActionError::NoSuchDevice("the VM has no input devices".into())
-                    })?;
-                input
+                self.input()?
                     .get(*device)
                     .inject(events)
                     .map_err(|e| ActionError::InvalidRequest(error_chain(&e)))?;
@@ -359,6 +368,14 @@ impl VmmController for Vmm {
                     .set_display_size(*width, *height)
                     .map_err(|e| ActionError::InvalidRequest(error_chain(&e)))?;
                 VmmResponse::Empty
+            }
+            VmmAction::GetInputSocket => {
+                let devices = self.input()?.clone();
+                let fd = self
+                    .input_channel
+                    .handoff(&devices, &mut self.event_manager)
+                    .map_err(|e| ActionError::Internal(error_chain(&e)))?;
+                VmmResponse::InputSocket(fd)
             }
             VmmAction::GetFramebuffer => {
                 let fds = self

@@ -104,6 +104,10 @@ impl VmmController for FakeVmm {
                 FramebufferFds::duplicate(&self.framebuffer, &self.flush)
                     .map_err(|e| ActionError::Internal(e.to_string()))?,
             ),
+            // Served for real in tests/input_socket.rs.
+            VmmAction::GetInputSocket => {
+                return Err(ActionError::NoSuchDevice("no input socket here".into()))
+            }
         };
         self.state = next;
         Ok(response)

@@ -70,6 +70,7 @@ enum Endpoint {
     Input,
     Display,
     Framebuffer,
+    InputSocket,
 }
 
 impl Endpoint {
@@ -86,6 +87,7 @@ impl Endpoint {
             paths::INPUT => Self::Input,
             paths::DISPLAY => Self::Display,
             paths::FRAMEBUFFER => Self::Framebuffer,
+            paths::INPUT_SOCKET => Self::InputSocket,
             _ => match trimmed.strip_prefix(paths::VM_DISKS) {
                 Some(index) if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) => {
                     Self::Disk(index.parse().map_err(|_| {
@@ -104,7 +106,7 @@ impl Endpoint {
 
     fn allowed(&self) -> &'static str {
         match self {
-            Self::Vm | Self::Metrics | Self::Framebuffer => "GET",
+            Self::Vm | Self::Metrics | Self::Framebuffer | Self::InputSocket => "GET",
             Self::Config => "PUT, PATCH",
             Self::Disk(_) | Self::Actions | Self::Input | Self::Display => "PUT",
         }
@@ -118,6 +120,7 @@ pub fn route(req: &Request) -> Result<VmmAction, RouteError> {
         (Endpoint::Vm, Method::Get) => VmmAction::Describe,
         (Endpoint::Metrics, Method::Get) => VmmAction::Metrics,
         (Endpoint::Framebuffer, Method::Get) => VmmAction::GetFramebuffer,
+        (Endpoint::InputSocket, Method::Get) => VmmAction::GetInputSocket,
         (Endpoint::Config, Method::Put) => {
             let config = VmConfig::from_json(require_body(req)?, "body")
                 .map_err(|e| RouteError::bad_request(e.to_string()))?;
@@ -219,6 +222,10 @@ mod tests {
         assert_eq!(
             route_ok("GET", "/framebuffer", None),
             VmmAction::GetFramebuffer
+        );
+        assert_eq!(
+            route_ok("GET", "/input/socket", None),
+            VmmAction::GetInputSocket
         );
     }
 
@@ -384,6 +391,7 @@ mod tests {
             ("GET", "/input", "PUT"),
             ("GET", "/display", "PUT"),
             ("PUT", "/framebuffer", "GET"),
+            ("PUT", "/input/socket", "GET"),
         ] {
             let err = route_err(method, path, None);
             assert_eq!(err.status, 405, "{method} {path}");

@@ -16,10 +16,11 @@
 //! `GET /framebuffer` answers with two descriptors in an `SCM_RIGHTS` control message
 //! attached to the first bytes of the response: `[memfd, flush_eventfd]`. A client reads
 //! the response with `recvmsg(2)` (room for two fds) and keeps reading plain bytes until
-//! the body is complete.
+//! the body is complete. `GET /input/socket` passes one descriptor the same way: the
+//! client's end of a new raw input channel.
 
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -115,7 +116,7 @@ struct Connection {
     output: Vec<u8>,
     written: usize,
     /// Descriptors to attach to the first bytes of `output`.
-    fds: Option<FramebufferFds>,
+    fds: Vec<OwnedFd>,
     /// Whether `100 Continue` was sent for the request in progress.
     continue_sent: bool,
     /// Close once `output` is written.
@@ -139,7 +140,7 @@ impl Connection {
             input: Vec::new(),
             output: Vec::new(),
             written: 0,
-            fds: None,
+            fds: Vec::new(),
             continue_sent: false,
             close_after_write: false,
             answers_call: false,
@@ -370,7 +371,7 @@ fn serve(sender: &ApiSender, limits: &Limits, conn: &mut Connection) {
             }
             Err(e) => {
                 conn.input.clear();
-                queue(conn, parse_error_response(&e), None, false);
+                queue(conn, parse_error_response(&e), Vec::new(), false);
             }
         }
         flush(sender, conn);
@@ -389,38 +390,37 @@ fn expire(sender: &ApiSender, conn: &mut Connection, now: Instant) {
         &format!("request not complete within {HEADER_TIMEOUT:?}"),
     );
     response.close = true;
-    queue(conn, response, None, false);
+    queue(conn, response, Vec::new(), false);
     flush(sender, conn);
     conn.dead = true;
 }
 
 /// Routes and runs one request; returns the response, any fds to pass, and whether
 /// the VMM handled an action for it.
-fn respond(sender: &ApiSender, request: &Request) -> (Response, Option<FramebufferFds>, bool) {
+fn respond(sender: &ApiSender, request: &Request) -> (Response, Vec<OwnedFd>, bool) {
     let action = match route(request) {
         Ok(action) => action,
         Err(e) => {
             let mut response = Response::error(e.status, &e.reason);
             response.allow = e.allow;
-            return (response, None, false);
+            return (response, Vec::new(), false);
         }
     };
     let (response, fds) = match sender.call(action) {
-        Ok(VmmResponse::Empty) => (Response::no_content(), None),
-        Ok(VmmResponse::Description(d)) => (Response::json(200, &d), None),
-        Ok(VmmResponse::Metrics(m)) => (Response::json(200, &m), None),
+        Ok(VmmResponse::Empty) => (Response::no_content(), Vec::new()),
+        Ok(VmmResponse::Description(d)) => (Response::json(200, &d), Vec::new()),
+        Ok(VmmResponse::Metrics(m)) => (Response::json(200, &m), Vec::new()),
         Ok(VmmResponse::Framebuffer(fds)) => framebuffer_response(fds),
-        Err(e) => (Response::error(e.status(), &e.to_string()), None),
+        Ok(VmmResponse::InputSocket(fd)) => (
+            Response::json(200, &vmm_api::input_socket::InputSocketHandoff::current()),
+            vec![fd],
+        ),
+        Err(e) => (Response::error(e.status(), &e.to_string()), Vec::new()),
     };
     (response, fds, true)
 }
 
-fn queue(
-    conn: &mut Connection,
-    response: Response,
-    fds: Option<FramebufferFds>,
-    answers_call: bool,
-) {
+fn queue(conn: &mut Connection, response: Response, fds: Vec<OwnedFd>, answers_call: bool) {
     conn.close_after_write = response.close;
     conn.output = response.encode();
     conn.written = 0;
@@ -432,9 +432,7 @@ fn queue(
 fn flush(sender: &ApiSender, conn: &mut Connection) {
     while conn.wants_write() && !conn.dead {
         let pending = &conn.output[conn.written..];
-        let fds: Vec<RawFd> = conn.fds.as_ref().map_or_else(Vec::new, |fds| {
-            vec![fds.memfd.as_raw_fd(), fds.flush_eventfd.as_raw_fd()]
-        });
+        let fds: Vec<RawFd> = conn.fds.iter().map(AsRawFd::as_raw_fd).collect();
         // sendmsg with MSG_NOSIGNAL: a client that went away is an EPIPE for its
         // connection, never a SIGPIPE for the VMM, whatever the signal disposition.
         let result = conn
@@ -447,7 +445,7 @@ fn flush(sender: &ApiSender, conn: &mut Connection) {
                 conn.written += n;
                 conn.last_active = Instant::now();
                 // The descriptors went with these bytes; close our copies.
-                conn.fds = None;
+                conn.fds.clear();
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -470,7 +468,7 @@ fn parse_error_response(e: &ParseError) -> Response {
 }
 
 /// Body of a `GET /framebuffer` answer: the memfd's size and the order of the fds.
-fn framebuffer_response(fds: FramebufferFds) -> (Response, Option<FramebufferFds>) {
+fn framebuffer_response(fds: FramebufferFds) -> (Response, Vec<OwnedFd>) {
     let size = fds
         .memfd
         .try_clone()
@@ -480,11 +478,11 @@ fn framebuffer_response(fds: FramebufferFds) -> (Response, Option<FramebufferFds
     match size {
         Ok(size) => (
             Response::json(200, &vmm_api::FramebufferHandoff::new(size)),
-            Some(fds),
+            vec![fds.memfd, fds.flush_eventfd],
         ),
         Err(e) => (
             Response::error(500, &format!("cannot stat the framebuffer memfd: {e}")),
-            None,
+            Vec::new(),
         ),
     }
 }

@@ -3,15 +3,18 @@
 //!
 //! `profile` answers the driver's config-space queries and validates injected events,
 //! `pending` is the bounded queue of events waiting for guest buffers, `device` the virtio
-//! device, `event_handler` the event-loop wiring. The VMM injects through [`InputHandle`].
+//! device, `event_handler` the event-loop wiring, `socket` the raw input channel's reader
+//! (`GET /input/socket`). The VMM injects through [`InputHandle`].
 
 pub mod device;
 mod event_handler;
 pub mod pending;
 pub mod profile;
+pub mod socket;
 
 pub use device::{Input, InputError, InputHandle, InputMetrics};
 pub use profile::{InputKind, InputProfile};
+pub use socket::{InputChannel, InputSocketMetrics};
 
 use crate::rpc::InputDevice;
 
