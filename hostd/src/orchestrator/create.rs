@@ -1,0 +1,123 @@
+//! Requests: composing text into a spec (rules or the LLM backend) and creating an
+//! environment from it (validation, unique naming, admission), whose build and boot then run
+//! in the background.
+
+use std::sync::atomic::Ordering;
+
+use proto::spec::Spec;
+
+use super::{audit_text, CreateOutcome, OrchError, Orchestrator};
+use crate::composer::{Composition, Outcome};
+use crate::store::EnvRecord;
+
+impl Orchestrator {
+    pub fn compose(&self, text: &str) -> Composition {
+        let c = self.inner.composer.compose(text);
+        self.inner.counters.composed.fetch_add(1, Ordering::Relaxed);
+        if matches!(c.outcome, Outcome::Clarify(_)) {
+            self.inner
+                .counters
+                .clarified
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        c
+    }
+
+    /// Composes with the LLM backend when it is enabled, falling back to the rules when it
+    /// fails or proposes anything invalid; with the rules alone otherwise.
+    pub async fn compose_text(&self, text: &str) -> Composition {
+        let llm = &self.inner.cfg.llm;
+        if !llm.enabled {
+            return self.compose(text);
+        }
+        match crate::llm::propose(llm, self.catalog(), text).await {
+            Ok(p) => {
+                self.inner.counters.composed.fetch_add(1, Ordering::Relaxed);
+                let explain = vec![format!(
+                    "proposed by the LLM backend ({}), validated against the schema and catalog",
+                    llm.model
+                )];
+                let outcome = match p {
+                    crate::llm::Proposal::Spec(s) => Outcome::Spec(s),
+                    crate::llm::Proposal::Clarify(q) => {
+                        self.inner
+                            .counters
+                            .clarified
+                            .fetch_add(1, Ordering::Relaxed);
+                        Outcome::Clarify(q)
+                    }
+                };
+                Composition { outcome, explain }
+            }
+            Err(e) => {
+                let mut c = self.compose(text);
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg.push_str(": ");
+                    msg.push_str(&s.to_string());
+                    src = s.source();
+                }
+                c.explain.insert(
+                    0,
+                    format!("LLM backend not used ({msg}); composed by the rules"),
+                );
+                c
+            }
+        }
+    }
+
+    pub async fn create_from_text(
+        &self,
+        text: &str,
+        actor: &str,
+    ) -> Result<CreateOutcome, OrchError> {
+        match self.compose_text(text).await.outcome {
+            Outcome::Spec(spec) => {
+                self.audit(actor, "compose", &spec.name, &audit_text(text))?;
+                Ok(CreateOutcome::Created(Box::new(self.create(*spec, actor)?)))
+            }
+            Outcome::Clarify(q) => Ok(CreateOutcome::Clarify(q)),
+        }
+    }
+
+    /// Validates, admits and stores `spec`, then builds and boots it in the background.
+    pub fn create(&self, mut spec: Spec, actor: &str) -> Result<EnvRecord, OrchError> {
+        spec.validate()?;
+        self.catalog().check_spec(&spec)?;
+        let record = {
+            let mut store = self.store();
+            // Names are unique among environments not destroyed: "firefox", "firefox-2", ...
+            let base = spec.name.clone();
+            let mut n = 1;
+            while store.name_taken(&spec.name)? {
+                n += 1;
+                let suffix = format!("-{n}");
+                spec.name = format!("{}{suffix}", &base[..base.len().min(63 - suffix.len())]);
+            }
+            let live: Vec<EnvRecord> = store
+                .envs(false)?
+                .into_iter()
+                .filter(|e| e.state.is_live())
+                .collect();
+            let used_cpu: u64 = live.iter().map(|e| u64::from(e.spec.vcpus)).sum();
+            let used_mib: u64 = live.iter().map(|e| u64::from(e.spec.memory_mib)).sum();
+            if let Err(why) = self.inner.capacity.admit(used_cpu, used_mib, &spec) {
+                drop(store);
+                self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+                self.audit(actor, "refuse", &spec.name, &why)?;
+                return Err(OrchError::Admission(why));
+            }
+            store.insert_env(&spec)?
+        };
+        self.inner.counters.created.fetch_add(1, Ordering::Relaxed);
+        self.audit(
+            actor,
+            "create",
+            &record.name,
+            &serde_json::to_string(&record.spec).expect("spec json"),
+        )?;
+        self.spawn_provision(record.name.clone());
+        Ok(record)
+    }
+}
