@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use client::stats::percentile;
 use client::{ConnectOptions, ConnectUrl, Event, Session, StatsCollector};
-use encoder::synthetic::{Scene, SyntheticSource};
 use encoder::{Decoder, Encoder, EncoderConfig};
 use hostd::stream::abr::BitrateLimits;
 use hostd::stream::{source, Identity, ServerConfig, StreamServer, TokenKey};
 use proto::stream::Rights;
+use scenes::{Scene, SyntheticSource};
 
 const ENV: &str = "bench";
 

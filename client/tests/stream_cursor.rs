@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use client::{ConnectOptions, ConnectUrl, Event, Session};
-use encoder::synthetic::{arrow_cursor, Scene, SyntheticSource};
 use encoder::{CursorUpdate, FrameSource, SourceError, SourceFrame};
 use hostd::stream::{source, Identity, RecordingInput, ServerConfig, StreamServer, TokenKey};
 use proto::stream::{CursorImage, Rights};
+use scenes::{arrow_cursor, Scene, SyntheticSource};
 
 const ENV: &str = "env-cursor";
 

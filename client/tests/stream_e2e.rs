@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use client::{ClientError, ConnectOptions, ConnectUrl, Event, Session, StatsCollector};
-use encoder::synthetic::{Scene, SyntheticSource};
 use hostd::stream::source::{self, RecordingInput};
 use hostd::stream::{EnvRef, Identity, ServerConfig, StreamServer, TokenKey};
 use proto::stream::{Button, ClientMessage, ErrorCode, InputEvent, Message, Rights, TouchPhase};
+use scenes::{Scene, SyntheticSource};
 
 const ENV: &str = "env-test";
 

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use client::{ClientError, ConnectOptions, ConnectUrl, Event, Session};
-use encoder::synthetic::Scene;
 use hostd::stream::source::{self, RecordingInput};
 use hostd::stream::{EnvRef, Identity, ServerConfig, StreamServer, TokenKey};
 use proto::stream::{ClientMessage, ErrorCode, InputEvent, Message, Rights, MAX_HELLO_LEN};
+use scenes::Scene;
 
 const HOUR: Duration = Duration::from_secs(3600);
 

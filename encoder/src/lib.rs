@@ -1,8 +1,9 @@
 //! Framebuffer to H.264 encoding and decoding.
 //!
-//! The streaming server pulls frames from a [`FrameSource`] (the VM's shared framebuffer or
-//! [`synthetic::SyntheticSource`]), hands them with their damage to an [`Encoder`] and ships the
-//! Annex-B output. Clients and tests turn it back into pixels with [`Decoder`].
+//! The streaming server pulls frames from a [`FrameSource`] (the VM's shared framebuffer or the
+//! synthetic desktops of the `genos-scenes` crate), hands them with their damage to an
+//! [`Encoder`] and ships the Annex-B output. Clients and tests turn it back into pixels with
+//! [`Decoder`].
 //!
 //! Colour: BT.601 limited range everywhere (encoder conversion, VUI signalling, decoder).
 
@@ -11,7 +12,6 @@ mod decode;
 mod encode;
 mod frame;
 mod quality;
-pub mod synthetic;
 
 pub use convert::{ConvertError, I420Buffer};
 pub use decode::{DecodeError, DecodedFrame, Decoder};

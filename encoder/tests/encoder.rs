@@ -1,10 +1,10 @@
 //! Encoder and decoder behaviour on real openh264, fed by the synthetic desktops.
 
-use encoder::synthetic::{Scene, SyntheticSource};
 use encoder::{
     psnr_bgrx, DecodeError, Decoder, EncodeError, EncodedFrame, Encoder, EncoderConfig, FrameRef,
     PixelFormat, Rect, Tuning, Usage, REFINEMENT_PASSES,
 };
+use scenes::{Scene, SyntheticSource};
 
 const W: u32 = 1280;
 const H: u32 = 720;

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use encoder::synthetic::Scene;
 use proto::stream::Rights;
+use scenes::Scene;
 
 use super::identity::{Identity, IdentityError};
 use super::server::{ServerConfig, StreamError, StreamServer};

@@ -8,9 +8,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use encoder::synthetic::{Scene, SyntheticSource};
 use encoder::FrameSource;
 use proto::stream::InputEvent;
+use scenes::{Scene, SyntheticSource};
 
 /// Why an input event could not be delivered.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,6 @@
 //! Writes raw BGRA frames of a synthetic scene to stdout, for looking at scenes:
-//! `cargo run -p genos-encoder --example dump_scene -- typing 1280 720 30 90 | ffmpeg -f rawvideo -pix_fmt bgra -s 1280x720 -i - out%03d.png`
-use encoder::synthetic::{Scene, SyntheticSource};
+//! `cargo run -p genos-scenes --example dump_scene -- typing 1280 720 30 90 | ffmpeg -f rawvideo -pix_fmt bgra -s 1280x720 -i - out%03d.png`
+use scenes::{Scene, SyntheticSource};
 use std::io::Write;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,6 +1,7 @@
 //! Encoder benchmark: openh264 (this crate) against ffmpeg's libx264 ultrafast/zerolatency on the
-//! same synthetic frames at matched bitrate, plus colour conversion throughput against memcpy.
-//! Prints one table; see docs/encoder.md. Run with `scripts/bench-encoder` (release build).
+//! same synthetic frames (`genos-scenes`) at matched bitrate, plus colour conversion throughput
+//! against memcpy. Prints one table; see docs/encoder.md. Run with `scripts/bench-encoder`
+//! (release build).
 
 use std::io::Write;
 use std::path::Path;
@@ -8,10 +9,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use encoder::synthetic::{Scene, SyntheticSource};
 use encoder::{
     psnr_bgrx, Decoder, Encoder, EncoderConfig, FrameRef, I420Buffer, PixelFormat, Rect, Usage,
 };
+use scenes::{Scene, SyntheticSource};
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark the GenOS encoder against x264 and colour conversion against memcpy")]

@@ -14,7 +14,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use crate::frame::{
+use encoder::{
     CursorShape, CursorUpdate, FrameRef, FrameSource, PixelFormat, Rect, SourceError, SourceFrame,
 };
 
@@ -100,6 +100,14 @@ impl Rng {
 
     fn chance(&mut self, percent: u32) -> bool {
         self.range(0, 100) < percent
+    }
+
+    /// A colour whose red, green and blue are drawn, in that order, from `lo[i]..hi[i]`.
+    fn color(&mut self, lo: [u32; 3], hi: [u32; 3]) -> Color {
+        let r = self.range(lo[0], hi[0]) as u8;
+        let g = self.range(lo[1], hi[1]) as u8;
+        let b = self.range(lo[2], hi[2]) as u8;
+        rgb(r, g, b)
     }
 }
 
@@ -449,16 +457,8 @@ impl Desktop {
         let s = font.scale;
         let mut background = Canvas::new(width, height, rgb(0, 0, 0));
         // Wallpaper: a smooth diagonal blend between two seeded colours with soft waves.
-        let c0 = rgb(
-            rng.range(10, 60) as u8,
-            rng.range(40, 100) as u8,
-            rng.range(90, 160) as u8,
-        );
-        let c1 = rgb(
-            rng.range(120, 200) as u8,
-            rng.range(60, 140) as u8,
-            rng.range(80, 150) as u8,
-        );
+        let c0 = rng.color([10, 40, 90], [60, 100, 160]);
+        let c1 = rng.color([120, 60, 80], [200, 140, 150]);
         let phase = rng.range(0, 628) as f32 / 100.0;
         let span = (width + height).max(1) as f32;
         for y in 0..height {
@@ -478,11 +478,7 @@ impl Desktop {
         background.fill_rect(bar, rgb(0x1e, 0x22, 0x28));
         background.fill_rect(Rect::new(0, bar.y, width, 1), rgb(0x44, 0x4a, 0x52));
         for i in 0..8u32 {
-            let color = rgb(
-                rng.range(60, 250) as u8,
-                rng.range(60, 250) as u8,
-                rng.range(60, 250) as u8,
-            );
+            let color = rng.color([60; 3], [250; 3]);
             background.fill_rect(
                 Rect::new(8 * s + i * 40 * s, bar.y + 8 * s, 24 * s, 24 * s),
                 color,
@@ -582,11 +578,7 @@ fn fill_icons(font: &Font, win: &mut Window, rng: &mut Rng) {
     while y + 56 * s <= area.bottom() {
         let mut x = area.x + 12 * s;
         while x + 48 * s <= area.right() {
-            let color = rgb(
-                rng.range(40, 240) as u8,
-                rng.range(40, 240) as u8,
-                rng.range(40, 240) as u8,
-            );
+            let color = rng.color([40; 3], [240; 3]);
             win.canvas.gradient_rect(
                 Rect::new(x + 8 * s, y, 32 * s, 32 * s),
                 color,
@@ -1223,16 +1215,8 @@ impl Page {
                 BlockKind::Picture => {
                     let mut rng = Rng::new(seed);
                     let w = content.width.min(rng.range(200, 640) * self.scale);
-                    let a = rgb(
-                        rng.range(20, 240) as u8,
-                        rng.range(20, 240) as u8,
-                        rng.range(20, 240) as u8,
-                    );
-                    let b = rgb(
-                        rng.range(20, 240) as u8,
-                        rng.range(20, 240) as u8,
-                        rng.range(20, 240) as u8,
-                    );
+                    let a = rng.color([20; 3], [240; 3]);
+                    let b = rng.color([20; 3], [240; 3]);
                     let h = height.max(1);
                     let sun = (
                         rng.range(0, w.max(1)),
