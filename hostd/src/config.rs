@@ -42,6 +42,8 @@ pub enum ConfigError {
     },
     #[error("[images.mirrors] {base} = {url:?} is not an http://, https:// or file:// URL")]
     MirrorUrl { base: String, url: String },
+    #[error("encoder_threads must be 0 (automatic) to 4, not {0}")]
+    EncoderThreads(u16),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,14 +94,12 @@ impl EncoderThreads {
 }
 
 impl TryFrom<u16> for EncoderThreads {
-    type Error = String;
-    fn try_from(n: u16) -> Result<Self, String> {
+    type Error = ConfigError;
+    fn try_from(n: u16) -> Result<Self, ConfigError> {
         if n <= 4 {
             Ok(Self(n))
         } else {
-            Err(format!(
-                "encoder_threads must be 0 (automatic) to 4, not {n}"
-            ))
+            Err(ConfigError::EncoderThreads(n))
         }
     }
 }

@@ -48,14 +48,7 @@ fn main() -> ExitCode {
 }
 
 fn fail(e: &dyn std::error::Error) -> ExitCode {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    eprintln!("genos-hostd: {msg}");
+    eprintln!("genos-hostd: {}", hostd::error_chain(e));
     ExitCode::FAILURE
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use hostd::composer::{Composer, Defaults};
 use hostd::config::admin_socket_path;
+use hostd::error_chain;
 use hostd::uds;
 use proto::spec::{Catalog, Spec};
 use serde_json::{json, Value};
@@ -125,21 +126,9 @@ enum CliError {
     Failed(String),
 }
 
-/// An error with its sources, "outer: inner: innermost".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
-}
-
 impl From<uds::UdsError> for CliError {
     fn from(e: uds::UdsError) -> Self {
-        let mut msg = chain(&e);
+        let mut msg = error_chain(&e);
         if matches!(e, uds::UdsError::Connect { .. }) {
             msg.push_str(" (is genos-hostd running? set --socket or GENOS_SOCKET)");
         }
@@ -247,8 +236,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     None => Composer::new(Catalog::embedded(), Defaults::default()),
                     Some(p) => {
                         let cfg = hostd::config::Config::load(&p)
-                            .map_err(|e| CliError::Msg(chain(&e)))?;
-                        let catalog = cfg.load_catalog().map_err(|e| CliError::Msg(chain(&e)))?;
+                            .map_err(|e| CliError::Msg(error_chain(&e)))?;
+                        let catalog = cfg
+                            .load_catalog()
+                            .map_err(|e| CliError::Msg(error_chain(&e)))?;
                         Composer::new(catalog, cfg.composer)
                     }
                 };

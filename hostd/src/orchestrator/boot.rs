@@ -2,45 +2,106 @@
 //! VMM, directly (configured over its control socket) or under genos-jailer (configured by
 //! flags), then waiting for its API and for the guest to finish booting.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use proto::spec::Spec;
 use vmm_api::{LifecycleAction, Request};
 
-use super::images::Images;
-use super::jail::{cgroup_settings, exec_file, jailed_socket, unjailed_socket, Jail, JailSetup};
-use super::supervise::{describe_exit, describe_jailed_exit, jailed_vmm_pidfd, last_line, Proc};
-use super::vm_config::{vm_config, VmSettings};
-use super::{create_private_dir, error_chain, Orchestrator};
+use super::images::{ImageError, Images};
+use super::jail::{
+    cgroup_settings, exec_file, jailed_socket, unjailed_socket, Jail, JailError, JailProblem,
+    JailSetup,
+};
+use super::supervise::{
+    describe_exit, describe_jailed_exit, jailed_vmm_pidfd, last_line, Proc, SuperviseError,
+};
+use super::vm_config::{vm_config, VmConfigError, VmSettings};
+use super::{create_private_dir, OrchError, Orchestrator};
+use crate::error_chain;
 use crate::pidfd::Pidfd;
-use crate::store::EnvState;
+use crate::store::{EnvState, StoreError};
 use crate::uds::VmmSocket;
 use crate::vmm_client::{self, VmmClientError};
+
+/// Why an environment could not be built and booted: the reason it fails with.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum BootError {
+    #[error(transparent)]
+    Orch(#[from] OrchError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot create {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot give {} to uid {uid}", path.display())]
+    Chown {
+        path: PathBuf,
+        uid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Images(#[from] ImageError),
+    #[error("cannot jail genos-vmm")]
+    Unusable(#[source] JailProblem),
+    #[error(transparent)]
+    Jail(#[from] JailError),
+    #[error("jail set-up task")]
+    Task(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    VmConfig(#[from] VmConfigError),
+    #[error(transparent)]
+    Supervise(#[from] SuperviseError),
+    #[error("genos-vmm")]
+    Vmm(#[source] VmmClientError),
+    #[error("{}", path.display())]
+    JailedPid {
+        path: PathBuf,
+        #[source]
+        source: SuperviseError,
+    },
+    #[error("genos-jailer wrote no pid file ({}) within {seconds} s", path.display())]
+    NoPidFile { path: PathBuf, seconds: u64 },
+    #[error("genos-vmm's control socket did not answer within {0} s")]
+    ApiTimeout(u64),
+    /// The VMM (or its jailer) ended during start-up: the reason its supervisor recorded.
+    #[error("{0}")]
+    Ended(String),
+}
+
+/// Creates the file `path` for writing.
+fn create_file(path: PathBuf) -> Result<std::fs::File, BootError> {
+    std::fs::File::create(&path).map_err(|source| BootError::Create { path, source })
+}
 
 impl Orchestrator {
     pub(super) fn spawn_provision(&self, name: String) {
         let me = self.clone();
         tokio::spawn(async move {
             if let Err(reason) = me.provision(&name).await {
-                me.fail(&name, &reason);
+                me.fail(&name, &error_chain(&reason));
             }
         });
     }
 
-    async fn provision(&self, name: &str) -> Result<(), String> {
-        let env = self.show(name).map_err(|e| e.to_string())?;
-        self.transition(name, EnvState::Building, None)
-            .map_err(|e| e.to_string())?;
+    async fn provision(&self, name: &str) -> Result<(), BootError> {
+        let env = self.show(name)?;
+        self.transition(name, EnvState::Building, None)?;
         let dir = self.env_dir(name);
-        create_private_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        create_private_dir(&dir).map_err(|source| BootError::Create {
+            path: dir.clone(),
+            source,
+        })?;
         let images = self.build_images(&env.spec, &dir).await?;
         if !matches!(self.show(name).map(|e| e.state), Ok(EnvState::Building)) {
             return Ok(()); // stopped or destroyed meanwhile
         }
-        self.transition(name, EnvState::Booting, None)
-            .map_err(|e| e.to_string())?;
+        self.transition(name, EnvState::Booting, None)?;
         let sock = self.boot(name, &env.spec, &dir, &images).await?;
         self.wait_ready(name, &sock).await;
         Ok(())
@@ -52,7 +113,7 @@ impl Orchestrator {
         spec: &Spec,
         dir: &Path,
         images: &Images,
-    ) -> Result<VmmSocket, String> {
+    ) -> Result<VmmSocket, BootError> {
         match &self.inner.jail {
             Jail::Off => self.boot_direct(name, spec, dir, images).await,
             Jail::On(setup) => {
@@ -71,7 +132,7 @@ impl Orchestrator {
                 }
                 r
             }
-            Jail::Unusable(why) => Err(why.clone()),
+            Jail::Unusable(why) => Err(BootError::Unusable(*why)),
         }
     }
 
@@ -89,7 +150,7 @@ impl Orchestrator {
         spec: &Spec,
         dir: &Path,
         images: &Images,
-    ) -> Result<VmmSocket, String> {
+    ) -> Result<VmmSocket, BootError> {
         let vmm = &self.inner.cfg.vmm;
         let sock = dir.join("api.sock");
         let _ = std::fs::remove_file(&sock);
@@ -99,8 +160,8 @@ impl Orchestrator {
         cmd.arg("--api-sock")
             .arg(&sock)
             .args(&vmm.extra_args)
-            .stdout(Self::log_file(dir, "vmm.stdout")?)
-            .stderr(Self::log_file(dir, "vmm.log")?);
+            .stdout(create_file(dir.join("vmm.stdout"))?)
+            .stderr(create_file(dir.join("vmm.log"))?);
         let proc = self.spawn_supervised(name, cmd, socket.clone(), false, describe_exit)?;
         let vmm_fd = proc
             .vmm
@@ -109,10 +170,8 @@ impl Orchestrator {
             .clone();
         let pid = self.record_vmm(name, &proc, &vmm_fd)?;
         self.store()
-            .set_vmm(name, Some(pid), Some(&sock.display().to_string()))
-            .map_err(|e| e.to_string())?;
-        self.audit("hostd", "spawn", name, &format!("genos-vmm pid {pid}"))
-            .map_err(|e| e.to_string())?;
+            .set_vmm(name, Some(pid), Some(&sock.display().to_string()))?;
+        self.audit("hostd", "spawn", name, &format!("genos-vmm pid {pid}"))?;
         self.wait_api(name, &proc).await?;
 
         let config = vm_config(&VmSettings {
@@ -128,7 +187,7 @@ impl Orchestrator {
             Ok(config) => config,
             Err(e) => {
                 self.kill_vmm(name);
-                return Err(e);
+                return Err(e.into());
             }
         };
         let started = vmm_client::run(&socket, Duration::from_secs(10), move |c| {
@@ -142,7 +201,7 @@ impl Orchestrator {
                 if matches!(e, VmmClientError::Answer(_)) {
                     self.kill_vmm(name);
                 }
-                Err(format!("genos-vmm: {}", error_chain(&e)))
+                Err(BootError::Vmm(e))
             }
         }
     }
@@ -157,7 +216,7 @@ impl Orchestrator {
         spec: &Spec,
         dir: &Path,
         images: &Images,
-    ) -> Result<VmmSocket, String> {
+    ) -> Result<VmmSocket, BootError> {
         use proto::spec::NetworkMode;
         let cfg = &self.inner.cfg;
         let mut cmdline = cfg.vmm.cmdline.clone();
@@ -179,7 +238,7 @@ impl Orchestrator {
                 Some(p @ jailer::net::Policy::Allowlist(_)) => {
                     let allowed =
                         jailer::net::resolve_allowlist(&allow, jailer::net::system_resolve)
-                            .map_err(|e| format!("network allowlist: {e}"))?;
+                            .map_err(JailError::Allowlist)?;
                     Some((p, allowed))
                 }
                 Some(p) => Some((p, vec![])),
@@ -187,7 +246,7 @@ impl Orchestrator {
             Self::allocate_jail(&state_dir, &env_name, &jail_cfg, &setup_c, net)
         })
         .await
-        .map_err(|e| format!("jail set-up task: {e}"))??;
+        .map_err(BootError::Task)??;
         if let Some(addr) = &addr {
             cmdline.push(' ');
             cmdline.push_str(&addr.guest_kernel_ip_arg());
@@ -207,19 +266,22 @@ impl Orchestrator {
                         format!(" allow {}", spec.network.allow.join(","))
                     }
                 ),
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
         }
 
         // Files the VMM writes must be its uid's.
         let console = dir.join("console.log");
-        std::fs::File::create(&console)
-            .map_err(|e| format!("cannot create {}: {e}", console.display()))?;
+        create_file(console.clone())?;
         let mut owned = vec![console.clone()];
         owned.extend(images.rootfs.clone());
         for f in &owned {
-            std::os::unix::fs::chown(f, Some(record.uid), Some(record.gid))
-                .map_err(|e| format!("cannot give {} to uid {}: {e}", f.display(), record.uid))?;
+            std::os::unix::fs::chown(f, Some(record.uid), Some(record.gid)).map_err(|source| {
+                BootError::Chown {
+                    path: f.clone(),
+                    uid: record.uid,
+                    source,
+                }
+            })?;
         }
 
         let config = vm_config(&VmSettings {
@@ -269,8 +331,8 @@ impl Orchestrator {
             .arg(&sock)
             .args(config.to_cli_args())
             .args(&cfg.vmm.extra_args)
-            .stdout(Self::log_file(dir, "vmm.stdout")?)
-            .stderr(Self::log_file(dir, "vmm.log")?);
+            .stdout(create_file(dir.join("vmm.stdout"))?)
+            .stderr(create_file(dir.join("vmm.log"))?);
         let log = dir.join("vmm.log");
         let proc =
             self.spawn_supervised(name, cmd, jailed_socket(&record), true, move |status| {
@@ -289,31 +351,34 @@ impl Orchestrator {
             }
             if *proc.exited.borrow() {
                 let reason = self.show(name).ok().and_then(|e| e.reason);
-                return Err(reason.unwrap_or_else(|| "genos-jailer ended during start-up".into()));
+                return Err(BootError::Ended(
+                    reason.unwrap_or_else(|| "genos-jailer ended during start-up".into()),
+                ));
             }
             if tokio::time::Instant::now() > deadline {
                 self.kill_vmm(name);
-                return Err(format!(
-                    "genos-jailer wrote no pid file ({}) within {} s",
-                    pid_file.display(),
-                    cfg.vmm.api_timeout_s
-                ));
+                return Err(BootError::NoPidFile {
+                    path: pid_file,
+                    seconds: cfg.vmm.api_timeout_s,
+                });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let jailer_pid = proc.jailer.as_ref().map_or(0, Pidfd::pid);
         let vmm_fd = match jailed_vmm_pidfd(pid, jailer_pid) {
             Ok(fd) => Arc::new(fd),
-            Err(why) => {
+            Err(source) => {
                 self.kill_vmm(name);
-                return Err(format!("{}: {why}", pid_file.display()));
+                return Err(BootError::JailedPid {
+                    path: pid_file,
+                    source,
+                });
             }
         };
         let _ = proc.vmm.set(vmm_fd.clone());
         self.record_vmm(name, &proc, &vmm_fd)?;
         self.store()
-            .set_vmm(name, Some(pid), Some(&sock.display().to_string()))
-            .map_err(|e| e.to_string())?;
+            .set_vmm(name, Some(pid), Some(&sock.display().to_string()))?;
         self.audit(
             "hostd",
             "spawn",
@@ -324,19 +389,13 @@ impl Orchestrator {
                 record.gid,
                 record.jail_dir.display()
             ),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         self.wait_api(name, &proc).await?;
         Ok(proc.socket.clone())
     }
 
-    fn log_file(dir: &Path, n: &str) -> Result<std::fs::File, String> {
-        std::fs::File::create(dir.join(n))
-            .map_err(|e| format!("cannot create {}: {e}", dir.join(n).display()))
-    }
-
     /// Waits for the control socket to answer `GET /vm`, or the VMM to end.
-    async fn wait_api(&self, name: &str, proc: &Proc) -> Result<(), String> {
+    async fn wait_api(&self, name: &str, proc: &Proc) -> Result<(), BootError> {
         let timeout = self.inner.cfg.vmm.api_timeout_s;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
         loop {
@@ -347,13 +406,13 @@ impl Orchestrator {
             if *proc.exited.borrow() {
                 // The supervisor has failed the environment with the exit's meaning.
                 let reason = self.show(name).ok().and_then(|e| e.reason);
-                return Err(reason.unwrap_or_else(|| "genos-vmm ended during start-up".into()));
+                return Err(BootError::Ended(
+                    reason.unwrap_or_else(|| "genos-vmm ended during start-up".into()),
+                ));
             }
             if tokio::time::Instant::now() > deadline {
                 self.kill_vmm(name);
-                return Err(format!(
-                    "genos-vmm's control socket did not answer within {timeout} s"
-                ));
+                return Err(BootError::ApiTimeout(timeout));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -402,5 +461,40 @@ impl Orchestrator {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_failures_read_as_one_line_with_their_causes() {
+        let no_jailer = BootError::Unusable(JailProblem::NoJailer);
+        let chown = BootError::Chown {
+            path: "/s/envs/a/console.log".into(),
+            uid: 900_001,
+            source: std::io::Error::from_raw_os_error(libc::EPERM),
+        };
+        let builder = BootError::from(ImageError::Failed {
+            command: "genos-image kernel".into(),
+            last: "no compiler".into(),
+        });
+
+        assert_eq!(
+            error_chain(&no_jailer),
+            "cannot jail genos-vmm: genos-jailer was not found (set jail.binary)"
+        );
+        assert!(
+            error_chain(&chown).starts_with(
+                "cannot give /s/envs/a/console.log to uid 900001: Operation not permitted"
+            ),
+            "{}",
+            error_chain(&chown)
+        );
+        assert_eq!(
+            error_chain(&builder),
+            "genos-image kernel failed: no compiler"
+        );
     }
 }

@@ -39,24 +39,55 @@ impl Capacity {
     }
 
     /// Refuses `spec` when it and the live environments would exceed capacity × overcommit.
-    pub fn admit(&self, used_vcpus: u64, used_mib: u64, spec: &Spec) -> Result<(), String> {
+    pub fn admit(&self, used_vcpus: u64, used_mib: u64, spec: &Spec) -> Result<(), AdmissionError> {
         let cpu_limit = (f64::from(self.vcpus) * self.cpu_overcommit).floor() as u64;
         let mem_limit = (self.memory_mib as f64 * self.memory_overcommit).floor() as u64;
         let (want_cpu, want_mib) = (u64::from(spec.vcpus), u64::from(spec.memory_mib));
         if used_vcpus + want_cpu > cpu_limit {
-            return Err(format!(
-                "not enough CPU: {} asks for {want_cpu} vCPUs, {used_vcpus} of {cpu_limit} are in use ({} host CPUs x overcommit {})",
-                spec.name, self.vcpus, self.cpu_overcommit
-            ));
+            return Err(AdmissionError::Cpu {
+                name: spec.name.clone(),
+                want: want_cpu,
+                used: used_vcpus,
+                limit: cpu_limit,
+                host: self.vcpus,
+                overcommit: self.cpu_overcommit,
+            });
         }
         if used_mib + want_mib > mem_limit {
-            return Err(format!(
-                "not enough memory: {} asks for {want_mib} MiB, {used_mib} of {mem_limit} MiB are in use ({} MiB x overcommit {})",
-                spec.name, self.memory_mib, self.memory_overcommit
-            ));
+            return Err(AdmissionError::Memory {
+                name: spec.name.clone(),
+                want: want_mib,
+                used: used_mib,
+                limit: mem_limit,
+                host: self.memory_mib,
+                overcommit: self.memory_overcommit,
+            });
         }
         Ok(())
     }
+}
+
+/// Why [`Capacity::admit`] refused a spec.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmissionError {
+    #[error("not enough CPU: {name} asks for {want} vCPUs, {used} of {limit} are in use ({host} host CPUs x overcommit {overcommit})")]
+    Cpu {
+        name: String,
+        want: u64,
+        used: u64,
+        limit: u64,
+        host: u32,
+        overcommit: f64,
+    },
+    #[error("not enough memory: {name} asks for {want} MiB, {used} of {limit} MiB are in use ({host} MiB x overcommit {overcommit})")]
+    Memory {
+        name: String,
+        want: u64,
+        used: u64,
+        limit: u64,
+        host: u64,
+        overcommit: f64,
+    },
 }
 
 fn host_memory_mib() -> u64 {
@@ -86,9 +117,9 @@ mod tests {
             memory_overcommit: 1.0,
         };
         assert!(cap.admit(0, 0, &spec(4, 4096)).is_ok());
-        let err = cap.admit(2, 0, &spec(4, 1024)).unwrap_err();
+        let err = cap.admit(2, 0, &spec(4, 1024)).unwrap_err().to_string();
         assert!(err.starts_with("not enough CPU"), "{err}");
-        let err = cap.admit(0, 2048, &spec(1, 4096)).unwrap_err();
+        let err = cap.admit(0, 2048, &spec(1, 4096)).unwrap_err().to_string();
         assert!(err.starts_with("not enough memory"), "{err}");
     }
 }

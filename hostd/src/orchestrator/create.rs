@@ -105,7 +105,7 @@ impl Orchestrator {
             if let Err(why) = self.inner.capacity.admit(used_cpu, used_mib, &spec) {
                 drop(store);
                 self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
-                self.audit(actor, "refuse", &spec.name, &why)?;
+                self.audit(actor, "refuse", &spec.name, &why.to_string())?;
                 return Err(OrchError::Admission(why));
             }
             store.insert_env(&spec)?

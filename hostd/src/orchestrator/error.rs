@@ -2,14 +2,15 @@
 
 use proto::spec::SpecError;
 
+use super::capacity::AdmissionError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrchError {
     #[error("invalid spec: {0}")]
     Spec(#[from] SpecError),
-    #[error("{0}")]
-    Admission(String),
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
     #[error("no environment named {0:?}")]
     NotFound(String),
     #[error("cannot {action} {name}: it is {state}")]

@@ -7,6 +7,27 @@ use proto::spec::Spec;
 
 use super::Orchestrator;
 
+/// Why an environment's images could not be had.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ImageError {
+    #[error("cannot run {binary}")]
+    Run {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {last}")]
+    Failed { command: String, last: String },
+    #[error("{command} printed no artifact path")]
+    NoPath { command: String },
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 pub(super) struct Images {
     pub(super) kernel: PathBuf,
     pub(super) initramfs: Option<PathBuf>,
@@ -14,7 +35,7 @@ pub(super) struct Images {
 }
 
 impl Orchestrator {
-    pub(super) async fn build_images(&self, spec: &Spec, dir: &Path) -> Result<Images, String> {
+    pub(super) async fn build_images(&self, spec: &Spec, dir: &Path) -> Result<Images, ImageError> {
         let cfg = &self.inner.cfg.images;
         let kernel = if cfg.kernel.is_empty() {
             run_image_builder(&cfg.builder, &["kernel"]).await?
@@ -34,7 +55,10 @@ impl Orchestrator {
                 &spec_path,
                 serde_json::to_vec_pretty(spec).expect("spec json"),
             )
-            .map_err(|e| format!("cannot write {}: {e}", spec_path.display()))?;
+            .map_err(|source| ImageError::Write {
+                path: spec_path.clone(),
+                source,
+            })?;
             let out = dir.join("rootfs.ext4");
             let (s, o) = (spec_path.display().to_string(), out.display().to_string());
             let args = self.inner.cfg.rootfs_args(&spec.base, &s, &o);
@@ -52,25 +76,29 @@ impl Orchestrator {
     }
 }
 
-async fn run_image_builder(binary: &str, args: &[&str]) -> Result<PathBuf, String> {
+async fn run_image_builder(binary: &str, args: &[&str]) -> Result<PathBuf, ImageError> {
     let out = tokio::process::Command::new(binary)
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .map_err(|e| format!("cannot run {binary}: {e}"))?;
+        .map_err(|source| ImageError::Run {
+            binary: binary.into(),
+            source,
+        })?;
+    let command = || format!("{binary} {}", args.join(" "));
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let last = err.lines().last().unwrap_or("").to_string();
-        return Err(format!("{binary} {} failed: {last}", args.join(" ")));
+        return Err(ImageError::Failed {
+            command: command(),
+            last,
+        });
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let path = stdout.lines().last().unwrap_or("").trim();
     if path.is_empty() {
-        return Err(format!(
-            "{binary} {} printed no artifact path",
-            args.join(" ")
-        ));
+        return Err(ImageError::NoPath { command: command() });
     }
     Ok(PathBuf::from(path))
 }

@@ -18,7 +18,35 @@ pub(super) enum Jail {
     Off,
     On(JailSetup),
     /// `jailer = "always"` but the jail cannot be used: every boot fails with this.
-    Unusable(String),
+    Unusable(JailProblem),
+}
+
+/// Why this host cannot jail VMMs.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub(super) enum JailProblem {
+    #[error("genos-jailer was not found (set jail.binary)")]
+    NoJailer,
+    #[error("hostd does not run as root, which the jailer needs")]
+    NotRoot,
+}
+
+/// Why an environment's jail could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum JailError {
+    #[error("all {0} jail slots are in use")]
+    NoSlot(u32),
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("network allowlist")]
+    Allowlist(#[source] jailer::net::NetError),
+    #[error("network")]
+    Addressing(#[source] jailer::net::NetError),
+    #[error("cannot build the network namespace")]
+    Netns(#[source] jailer::net::NetError),
 }
 
 #[derive(Debug, Clone)]
@@ -71,13 +99,13 @@ pub(super) fn decide_jail(cfg: &Config, state_dir: &Path) -> Jail {
         }
     };
     let problem = match (&binary, root) {
-        (None, _) => Some("genos-jailer was not found (set jail.binary)".to_string()),
-        (_, false) => Some("hostd does not run as root, which the jailer needs".to_string()),
+        (None, _) => Some(JailProblem::NoJailer),
+        (_, false) => Some(JailProblem::NotRoot),
         _ => None,
     };
     if let Some(problem) = problem {
         return match j.jailer {
-            JailMode::Always => Jail::Unusable(format!("cannot jail genos-vmm: {problem}")),
+            JailMode::Always => Jail::Unusable(problem),
             _ => Jail::Off,
         };
     }
@@ -166,13 +194,13 @@ pub(super) fn read_jail_record(env_dir: &Path) -> Option<JailRecord> {
     serde_json::from_slice(&text).ok()
 }
 
-fn write_jail_record(env_dir: &Path, r: &JailRecord) -> Result<(), String> {
+fn write_jail_record(env_dir: &Path, r: &JailRecord) -> Result<(), JailError> {
     let path = env_dir.join(JAIL_RECORD);
     std::fs::write(
         &path,
         serde_json::to_vec_pretty(r).expect("jail record json"),
     )
-    .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    .map_err(|source| JailError::Write { path, source })
 }
 
 impl Orchestrator {
@@ -189,7 +217,7 @@ impl Orchestrator {
         cfg: &crate::config::JailConfig,
         setup: &JailSetup,
         net: Option<(jailer::net::Policy, Vec<jailer::net::Cidr>)>,
-    ) -> Result<(JailRecord, Option<jailer::net::Addressing>), String> {
+    ) -> Result<(JailRecord, Option<jailer::net::Addressing>), JailError> {
         static SLOTS: Mutex<()> = Mutex::new(());
         let _guard = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
         let mut used = std::collections::HashSet::new();
@@ -206,7 +234,7 @@ impl Orchestrator {
         };
         let slot = (0..cfg.slots)
             .find(|s| !used.contains(s) && !host_taken(*s))
-            .ok_or_else(|| format!("all {} jail slots are in use", cfg.slots))?;
+            .ok_or(JailError::NoSlot(cfg.slots))?;
         let mut record = JailRecord {
             slot,
             uid: cfg.uid_base + slot,
@@ -220,7 +248,7 @@ impl Orchestrator {
             return Ok((record, None));
         };
         let id = format!("e{slot}");
-        let addr = jailer::net::Addressing::new(&id, slot).map_err(|e| format!("network: {e}"))?;
+        let addr = jailer::net::Addressing::new(&id, slot).map_err(JailError::Addressing)?;
         // The slot is recorded before the build, the namespace only once it exists: a failed
         // build has removed its own pieces, and a later release must not delete a namespace
         // of the same name that someone else has built since.
@@ -232,7 +260,7 @@ impl Orchestrator {
             record.uid,
             &allowed,
         )
-        .map_err(|e| format!("cannot build the network namespace: {e}"))?;
+        .map_err(JailError::Netns)?;
         record.net_id = Some(id);
         write_jail_record(&env_dir, &record)?;
         Ok((record, Some(addr)))

@@ -45,7 +45,7 @@ use std::time::Duration;
 use proto::spec::Catalog;
 
 pub use audit::{audit_text, AUDIT_TEXT_MAX};
-pub use capacity::Capacity;
+pub use capacity::{AdmissionError, Capacity};
 pub use error::OrchError;
 pub use supervise::{describe_exit, describe_jailed_exit, pid_alive};
 
@@ -238,18 +238,6 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .mode(0o700)
         .create(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
-/// An error and its sources, one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 #[cfg(test)]

@@ -12,11 +12,57 @@ use tokio::sync::watch;
 use vmm_api::{LifecycleAction, Request, VmState};
 
 use super::jail::{jailed_socket, read_jail_record, unjailed_socket};
-use super::{error_chain, OrchError, Orchestrator};
-use crate::pidfd::{Pidfd, ProcessId};
+use super::{OrchError, Orchestrator};
+use crate::error_chain;
+use crate::pidfd::{Pidfd, PidfdError, ProcessId};
 use crate::store::{EnvRecord, EnvState};
 use crate::uds::VmmSocket;
-use crate::vmm_client;
+use crate::vmm_client::{self, VmmClientError};
+
+/// Why a VMM could not be started, held, recorded or re-adopted.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SuperviseError {
+    #[error("cannot start {program}")]
+    Start {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot hold {program}: the child has no pid")]
+    NoPid { program: String },
+    #[error("cannot hold {program}")]
+    Hold {
+        program: String,
+        #[source]
+        source: PidfdError,
+    },
+    #[error(transparent)]
+    Pidfd(#[from] PidfdError),
+    #[error("pid {pid} is not genos-jailer's child (parent {parent:?}, jailer {jailer})")]
+    NotJailersChild {
+        pid: i32,
+        parent: Option<i32>,
+        jailer: i32,
+    },
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no readable vmm.json")]
+    NoRecord,
+    #[error("vmm.json names pid {pid}, the store {store:?}")]
+    PidMismatch { pid: i32, store: Option<i32> },
+    #[error("vmm.json names uid {vmm}, jail.json uid {jail}")]
+    UidMismatch { vmm: u32, jail: u32 },
+    #[error(transparent)]
+    Socket(#[from] VmmClientError),
+    #[error("its control socket is served by pid {peer}, not {pid}")]
+    PeerMismatch { peer: i32, pid: i32 },
+    #[error("GET /vm says the VM is {0}")]
+    NotRunning(VmState),
+}
 
 /// A supervised VMM process.
 pub(super) struct Proc {
@@ -133,13 +179,15 @@ pub(super) fn last_line(path: &Path) -> String {
 /// child: the jailer is our unreaped child, so its pid is its own, and a process whose
 /// parent it is (checked after the pidfd is open, confirmed alive through the pidfd after
 /// the check) is the VMM it forked.
-pub(super) fn jailed_vmm_pidfd(pid: i32, jailer_pid: i32) -> Result<Pidfd, String> {
-    let pidfd = Pidfd::open(pid).map_err(|e| error_chain(&e))?;
+pub(super) fn jailed_vmm_pidfd(pid: i32, jailer_pid: i32) -> Result<Pidfd, SuperviseError> {
+    let pidfd = Pidfd::open(pid)?;
     let parent = crate::pidfd::parent_pid(pid);
     if parent != Some(jailer_pid) || pidfd.signal(0).is_err() {
-        return Err(format!(
-            "pid {pid} is not genos-jailer's child (parent {parent:?}, jailer {jailer_pid})"
-        ));
+        return Err(SuperviseError::NotJailersChild {
+            pid,
+            parent,
+            jailer: jailer_pid,
+        });
     }
     Ok(pidfd)
 }
@@ -158,6 +206,7 @@ impl Orchestrator {
         let (pidfd, socket) = match self.identify_vmm(env).await {
             Ok(found) => found,
             Err(why) => {
+                let why = error_chain(&why);
                 self.release_jail(&env.name);
                 let reason = "its genos-vmm was gone when hostd restarted";
                 tracing::warn!(env = env.name, why, "not re-adopted");
@@ -209,24 +258,24 @@ impl Orchestrator {
     }
 
     /// The pidfd and control socket of `env`'s recorded VMM, or why it cannot be adopted.
-    async fn identify_vmm(&self, env: &EnvRecord) -> Result<(Pidfd, VmmSocket), String> {
+    async fn identify_vmm(&self, env: &EnvRecord) -> Result<(Pidfd, VmmSocket), SuperviseError> {
         let dir = self.env_dir(&env.name);
-        let record = read_vmm_record(&dir).ok_or("no readable vmm.json")?;
+        let record = read_vmm_record(&dir).ok_or(SuperviseError::NoRecord)?;
         let pid = record.process.pid;
         if env.vmm_pid != Some(pid) {
-            return Err(format!(
-                "vmm.json names pid {pid}, the store {:?}",
-                env.vmm_pid
-            ));
+            return Err(SuperviseError::PidMismatch {
+                pid,
+                store: env.vmm_pid,
+            });
         }
-        let pidfd = record.process.open().map_err(|e| e.to_string())?;
+        let pidfd = record.process.open()?;
         let socket = match read_jail_record(&dir) {
             Some(jail) if jail.uid == record.uid => jailed_socket(&jail),
             Some(jail) => {
-                return Err(format!(
-                    "vmm.json names uid {}, jail.json uid {}",
-                    record.uid, jail.uid
-                ))
+                return Err(SuperviseError::UidMismatch {
+                    vmm: record.uid,
+                    jail: jail.uid,
+                })
             }
             None => unjailed_socket(&dir, record.uid),
         };
@@ -234,16 +283,15 @@ impl Orchestrator {
             let peer = c.peer();
             Ok((peer, c.describe()?))
         })
-        .await
-        .map_err(|e| error_chain(&e))?;
+        .await?;
         if peer.pid != pid {
-            return Err(format!(
-                "its control socket is served by pid {}, not {pid}",
-                peer.pid
-            ));
+            return Err(SuperviseError::PeerMismatch {
+                peer: peer.pid,
+                pid,
+            });
         }
         if !matches!(vm.state, VmState::Running | VmState::Paused) {
-            return Err(format!("GET /vm says the VM is {}", vm.state));
+            return Err(SuperviseError::NotRunning(vm.state));
         }
         Ok((pidfd, socket))
     }
@@ -261,23 +309,28 @@ impl Orchestrator {
         socket: VmmSocket,
         jailed: bool,
         describe: impl FnOnce(Option<std::process::ExitStatus>) -> String + Send + 'static,
-    ) -> Result<Arc<Proc>, String> {
+    ) -> Result<Arc<Proc>, SuperviseError> {
         use std::os::unix::process::CommandExt as _;
         cmd.stdin(std::process::Stdio::null()).process_group(0);
         let program = cmd.get_program().to_string_lossy().into_owned();
         let mut child = tokio::process::Command::from(cmd)
             .kill_on_drop(false)
             .spawn()
-            .map_err(|e| format!("cannot start {program}: {e}"))?;
-        let pidfd = child
-            .id()
-            .ok_or_else(|| "the child has no pid".to_string())
-            .and_then(|pid| Pidfd::open(pid as i32).map_err(|e| error_chain(&e)));
+            .map_err(|source| SuperviseError::Start {
+                program: program.clone(),
+                source,
+            })?;
+        let pidfd = match child.id() {
+            None => Err(SuperviseError::NoPid { program }),
+            Some(pid) => {
+                Pidfd::open(pid as i32).map_err(|source| SuperviseError::Hold { program, source })
+            }
+        };
         let pidfd = match pidfd {
             Ok(p) => p,
             Err(e) => {
                 let _ = child.start_kill();
-                return Err(format!("cannot hold {program}: {e}"));
+                return Err(e);
             }
         };
         let (tx, rx) = watch::channel(false);
@@ -285,9 +338,8 @@ impl Orchestrator {
             vmm: if jailed {
                 OnceLock::new()
             } else {
-                OnceLock::from(Arc::new(Pidfd::open(pidfd.pid()).map_err(|e| {
+                OnceLock::from(Arc::new(Pidfd::open(pidfd.pid()).inspect_err(|_| {
                     let _ = child.start_kill();
-                    error_chain(&e)
                 })?))
             },
             jailer: jailed.then_some(pidfd),
@@ -313,8 +365,13 @@ impl Orchestrator {
     }
 
     /// Writes `envs/NAME/vmm.json` for the VMM behind `pidfd`; returns its pid.
-    pub(super) fn record_vmm(&self, name: &str, proc: &Proc, pidfd: &Pidfd) -> Result<i32, String> {
-        let process = ProcessId::of(pidfd).map_err(|e| error_chain(&e))?;
+    pub(super) fn record_vmm(
+        &self,
+        name: &str,
+        proc: &Proc,
+        pidfd: &Pidfd,
+    ) -> Result<i32, SuperviseError> {
+        let process = ProcessId::of(pidfd)?;
         let pid = process.pid;
         let record = VmmRecord {
             process,
@@ -322,7 +379,7 @@ impl Orchestrator {
         };
         let path = self.env_dir(name).join(VMM_RECORD);
         std::fs::write(&path, serde_json::to_vec(&record).expect("vmm record json"))
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            .map_err(|source| SuperviseError::Write { path, source })?;
         Ok(pid)
     }
 

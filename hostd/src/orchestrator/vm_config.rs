@@ -8,6 +8,17 @@ use vmm_api::{DiskConfig, DisplaySize, NetConfig, SerialConfig, VmConfig};
 
 use super::images::Images;
 
+/// Why an environment's spec and settings make no valid VM configuration.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum VmConfigError {
+    #[error("{field} {value} is out of range for genos-vmm")]
+    OutOfRange { field: &'static str, value: u32 },
+    #[error("[vmm]")]
+    CpuTemplate(#[source] vmm_api::ConfigError),
+    #[error("VM configuration")]
+    Invalid(#[source] vmm_api::ConfigError),
+}
+
 /// What one environment's VM is made of, for [`vm_config`].
 pub(super) struct VmSettings<'a> {
     pub(super) spec: &'a Spec,
@@ -27,8 +38,8 @@ pub(super) struct VmSettings<'a> {
 /// The one VM configuration of an environment, in host paths: sent as `PUT /vm/config`
 /// when unjailed, rendered as genos-vmm flags under the jailer. Every environment gets
 /// virtio-rng and its root filesystem as a writable disk.
-pub(super) fn vm_config(s: &VmSettings<'_>) -> Result<VmConfig, String> {
-    let bad = |field: &str, value: u32| format!("{field} {value} is out of range for genos-vmm");
+pub(super) fn vm_config(s: &VmSettings<'_>) -> Result<VmConfig, VmConfigError> {
+    let bad = |field, value| VmConfigError::OutOfRange { field, value };
     let config = VmConfig {
         kernel: s.images.kernel.clone(),
         initrd: s.images.initramfs.clone(),
@@ -45,7 +56,7 @@ pub(super) fn vm_config(s: &VmSettings<'_>) -> Result<VmConfig, String> {
             })
             .collect(),
         rng: true,
-        cpu_template: s.cpu_template.parse().map_err(|e| format!("[vmm] {e}"))?,
+        cpu_template: s.cpu_template.parse().map_err(VmConfigError::CpuTemplate)?,
         serial: SerialConfig::File(s.console.clone()),
         gpu: s.graphical.then_some(DisplaySize {
             width: s.spec.display.width,
@@ -54,15 +65,14 @@ pub(super) fn vm_config(s: &VmSettings<'_>) -> Result<VmConfig, String> {
         input: s.graphical,
         net: s.tap.clone().map(|tap| NetConfig { tap, mac: None }),
     };
-    config
-        .validate_values()
-        .map_err(|e| format!("VM configuration: {e}"))?;
+    config.validate_values().map_err(VmConfigError::Invalid)?;
     Ok(config)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error_chain;
     use crate::orchestrator::tests::spec;
 
     fn images() -> Images {
@@ -166,8 +176,8 @@ mod tests {
             ..settings(&spec_ok, &images, false)
         };
 
-        let template = vm_config(&bad_template).unwrap_err();
-        let vcpus = vm_config(&settings(&spec_wide, &images, false)).unwrap_err();
+        let template = error_chain(&vm_config(&bad_template).unwrap_err());
+        let vcpus = error_chain(&vm_config(&settings(&spec_wide, &images, false)).unwrap_err());
 
         assert!(
             template.contains("cpu_template must be host or baseline"),
