@@ -439,14 +439,7 @@ impl From<OrchError> for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        ApiError(status, msg)
+        ApiError(status, crate::error_chain(&e))
     }
 }
 

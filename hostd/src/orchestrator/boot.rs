@@ -119,14 +119,7 @@ impl Orchestrator {
             Jail::On(setup) => {
                 let setup = setup.clone();
                 let r = self.boot_jailed(&setup, name, spec, dir, images).await;
-                if r.is_err()
-                    && !self
-                        .inner
-                        .procs
-                        .lock()
-                        .expect("procs lock")
-                        .contains_key(name)
-                {
+                if r.is_err() && !self.procs().contains_key(name) {
                     // Nothing supervises the jail (it never started): release it here.
                     self.release_jail(name);
                 }
@@ -349,19 +342,12 @@ impl Orchestrator {
             if let Some(pid) = pid {
                 break pid;
             }
-            if *proc.exited.borrow() {
-                let reason = self.show(name).ok().and_then(|e| e.reason);
-                return Err(BootError::Ended(
-                    reason.unwrap_or_else(|| "genos-jailer ended during start-up".into()),
-                ));
-            }
-            if tokio::time::Instant::now() > deadline {
-                self.kill_vmm(name);
-                return Err(BootError::NoPidFile {
-                    path: pid_file,
+            self.still_starting(name, &proc, "genos-jailer", deadline, || {
+                BootError::NoPidFile {
+                    path: pid_file.clone(),
                     seconds: cfg.vmm.api_timeout_s,
-                });
-            }
+                }
+            })?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let jailer_pid = proc.jailer.as_ref().map_or(0, Pidfd::pid);
@@ -403,19 +389,36 @@ impl Orchestrator {
             if r.is_ok() {
                 return Ok(());
             }
-            if *proc.exited.borrow() {
-                // The supervisor has failed the environment with the exit's meaning.
-                let reason = self.show(name).ok().and_then(|e| e.reason);
-                return Err(BootError::Ended(
-                    reason.unwrap_or_else(|| "genos-vmm ended during start-up".into()),
-                ));
-            }
-            if tokio::time::Instant::now() > deadline {
-                self.kill_vmm(name);
-                return Err(BootError::ApiTimeout(timeout));
-            }
+            self.still_starting(name, proc, "genos-vmm", deadline, || {
+                BootError::ApiTimeout(timeout)
+            })?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// One check of a start-up wait: fails once `proc` has ended (with the reason its
+    /// supervisor recorded, else that `who` ended) and, once `deadline` has passed, kills
+    /// it and fails with `late`.
+    fn still_starting(
+        &self,
+        name: &str,
+        proc: &Proc,
+        who: &str,
+        deadline: tokio::time::Instant,
+        late: impl FnOnce() -> BootError,
+    ) -> Result<(), BootError> {
+        if *proc.exited.borrow() {
+            // The supervisor has failed the environment with the exit's meaning.
+            let reason = self.show(name).ok().and_then(|e| e.reason);
+            return Err(BootError::Ended(
+                reason.unwrap_or_else(|| format!("{who} ended during start-up")),
+            ));
+        }
+        if tokio::time::Instant::now() > deadline {
+            self.kill_vmm(name);
+            return Err(late());
+        }
+        Ok(())
     }
 
     /// Polls the VMM until the guest signals the boot timer (→ ready) or the boot timeout.

@@ -2,25 +2,27 @@
 //! environment from it (validation, unique naming, admission), whose build and boot then run
 //! in the background.
 
-use std::sync::atomic::Ordering;
-
 use proto::spec::Spec;
 
+use super::metrics::bump;
 use super::{audit_text, CreateOutcome, OrchError, Orchestrator};
 use crate::composer::{Composition, Outcome};
+use crate::error_chain;
 use crate::store::EnvRecord;
 
 impl Orchestrator {
     pub fn compose(&self, text: &str) -> Composition {
         let c = self.inner.composer.compose(text);
-        self.inner.counters.composed.fetch_add(1, Ordering::Relaxed);
-        if matches!(c.outcome, Outcome::Clarify(_)) {
-            self.inner
-                .counters
-                .clarified
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        self.count_composed(&c.outcome);
         c
+    }
+
+    /// Counts a composed request, and whether it was answered with a question.
+    fn count_composed(&self, outcome: &Outcome) {
+        bump(&self.inner.counters.composed);
+        if matches!(outcome, Outcome::Clarify(_)) {
+            bump(&self.inner.counters.clarified);
+        }
     }
 
     /// Composes with the LLM backend when it is enabled, falling back to the rules when it
@@ -32,35 +34,25 @@ impl Orchestrator {
         }
         match crate::llm::propose(llm, self.catalog(), text).await {
             Ok(p) => {
-                self.inner.counters.composed.fetch_add(1, Ordering::Relaxed);
                 let explain = vec![format!(
                     "proposed by the LLM backend ({}), validated against the schema and catalog",
                     llm.model
                 )];
                 let outcome = match p {
                     crate::llm::Proposal::Spec(s) => Outcome::Spec(s),
-                    crate::llm::Proposal::Clarify(q) => {
-                        self.inner
-                            .counters
-                            .clarified
-                            .fetch_add(1, Ordering::Relaxed);
-                        Outcome::Clarify(q)
-                    }
+                    crate::llm::Proposal::Clarify(q) => Outcome::Clarify(q),
                 };
+                self.count_composed(&outcome);
                 Composition { outcome, explain }
             }
             Err(e) => {
                 let mut c = self.compose(text);
-                let mut msg = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg.push_str(": ");
-                    msg.push_str(&s.to_string());
-                    src = s.source();
-                }
                 c.explain.insert(
                     0,
-                    format!("LLM backend not used ({msg}); composed by the rules"),
+                    format!(
+                        "LLM backend not used ({}); composed by the rules",
+                        error_chain(&e)
+                    ),
                 );
                 c
             }
@@ -104,13 +96,13 @@ impl Orchestrator {
             let used_mib: u64 = live.iter().map(|e| u64::from(e.spec.memory_mib)).sum();
             if let Err(why) = self.inner.capacity.admit(used_cpu, used_mib, &spec) {
                 drop(store);
-                self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+                bump(&self.inner.counters.refused);
                 self.audit(actor, "refuse", &spec.name, &why.to_string())?;
                 return Err(OrchError::Admission(why));
             }
             store.insert_env(&spec)?
         };
-        self.inner.counters.created.fetch_add(1, Ordering::Relaxed);
+        bump(&self.inner.counters.created);
         self.audit(
             actor,
             "create",

@@ -123,6 +123,11 @@ impl Orchestrator {
         self.inner.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The supervised VMMs, by environment name.
+    fn procs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Proc>>> {
+        self.inner.procs.lock().expect("procs lock")
+    }
+
     pub fn capacity(&self) -> Capacity {
         self.inner.capacity
     }
@@ -181,10 +186,7 @@ impl Orchestrator {
 
     /// Pid of the supervised VMM (tests, `show`).
     pub fn vmm_pid(&self, name: &str) -> Option<i32> {
-        self.inner
-            .procs
-            .lock()
-            .expect("procs lock")
+        self.procs()
             .get(name)
             .and_then(|p| p.vmm.get().map(|v| v.pid()))
     }

@@ -1,7 +1,6 @@
 //! Stopping and destroying environments, by request or by the TTL/idle reaper.
 
-use std::sync::atomic::Ordering;
-
+use super::metrics::bump;
 use super::{OrchError, Orchestrator};
 use crate::store::{now_s, EnvRecord, EnvState};
 
@@ -68,14 +67,14 @@ impl Orchestrator {
             }
             if let Some(ttl) = env.spec.lifetime.ttl_s {
                 if now >= env.created_at + ttl as i64 {
-                    self.inner.counters.reaped.fetch_add(1, Ordering::Relaxed);
+                    bump(&self.inner.counters.reaped);
                     self.destroy(&env.name, "reaper:ttl").await?;
                     continue;
                 }
             }
             if let Some(idle) = env.spec.lifetime.idle_s {
                 if env.state == EnvState::Ready && now >= env.last_active_at + idle as i64 {
-                    self.inner.counters.reaped.fetch_add(1, Ordering::Relaxed);
+                    bump(&self.inner.counters.reaped);
                     self.stop(&env.name, "reaper:idle").await?;
                 }
             }

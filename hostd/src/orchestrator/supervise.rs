@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use vmm_api::{LifecycleAction, Request, VmState};
 
 use super::jail::{jailed_socket, read_jail_record, unjailed_socket};
+use super::metrics::bump;
 use super::{OrchError, Orchestrator};
 use crate::error_chain;
 use crate::pidfd::{Pidfd, PidfdError, ProcessId};
@@ -226,11 +227,7 @@ impl Orchestrator {
             stopping: false.into(),
             exited: rx,
         });
-        self.inner
-            .procs
-            .lock()
-            .expect("procs lock")
-            .insert(env.name.clone(), proc);
+        self.procs().insert(env.name.clone(), proc);
         self.audit(
             "hostd",
             "adopt",
@@ -347,11 +344,7 @@ impl Orchestrator {
             stopping: false.into(),
             exited: rx,
         });
-        self.inner
-            .procs
-            .lock()
-            .expect("procs lock")
-            .insert(name.into(), proc.clone());
+        self.procs().insert(name.into(), proc.clone());
         let me = self.clone();
         let n = name.to_string();
         tokio::spawn(async move {
@@ -384,7 +377,7 @@ impl Orchestrator {
     }
 
     fn on_vmm_exit(&self, name: &str, reason: String) {
-        let proc = self.inner.procs.lock().expect("procs lock").remove(name);
+        let proc = self.procs().remove(name);
         self.release_jail(name);
         let _ = std::fs::remove_file(self.env_dir(name).join(VMM_RECORD));
         let asked = proc
@@ -395,17 +388,14 @@ impl Orchestrator {
         }
         let live = self.show(name).map(|e| e.state.is_live()).unwrap_or(false);
         if live {
-            self.inner
-                .counters
-                .vmm_failures
-                .fetch_add(1, Ordering::Relaxed);
+            bump(&self.inner.counters.vmm_failures);
             self.fail(name, &reason);
             let _ = self.store().set_vmm(name, None, None);
         }
     }
 
     pub(super) fn kill_vmm(&self, name: &str) {
-        if let Some(p) = self.inner.procs.lock().expect("procs lock").get(name) {
+        if let Some(p) = self.procs().get(name) {
             p.stopping.store(true, Ordering::SeqCst);
             p.kill();
         }
@@ -413,13 +403,7 @@ impl Orchestrator {
 
     /// Asks the VMM to stop over its socket; kills it if it has not exited in 5 s.
     pub(super) async fn halt_vmm(&self, env: &EnvRecord) {
-        let proc = self
-            .inner
-            .procs
-            .lock()
-            .expect("procs lock")
-            .get(&env.name)
-            .cloned();
+        let proc = self.procs().get(&env.name).cloned();
         let Some(proc) = proc else { return };
         proc.stopping.store(true, Ordering::SeqCst);
         let stop = Request::Action(LifecycleAction::Stop);
@@ -452,26 +436,32 @@ mod tests {
     fn jailer_statuses_name_seccomp_jail_and_signals() {
         use std::os::unix::process::ExitStatusExt;
         let code = |c: i32| Some(std::process::ExitStatus::from_raw(c << 8));
-        assert_eq!(
-            describe_jailed_exit(code(159), ""),
-            "genos-vmm was killed by its seccomp filter (a system call outside its allow-list)"
-        );
-        assert_eq!(
-            describe_jailed_exit(code(71), "genos-jailer: mount /dev/kvm: Permission denied"),
-            "the jail could not be set up: genos-jailer: mount /dev/kvm: Permission denied"
-        );
-        assert_eq!(
-            describe_jailed_exit(code(137), "x"),
-            "genos-vmm was killed by signal 9"
-        );
-        assert_eq!(
-            describe_jailed_exit(code(3), "x"),
-            "genos-vmm exited with status 3 (the guest rebooted)"
-        );
-        assert_eq!(
-            describe_jailed_exit(code(2), "genos-vmm: kernel /images/k: not found"),
-            "genos-vmm exited with status 2 (bad arguments, configuration or files): genos-vmm: kernel /images/k: not found"
-        );
+        let cases = [
+            (
+                159,
+                "",
+                "genos-vmm was killed by its seccomp filter (a system call outside its allow-list)",
+            ),
+            (
+                71,
+                "genos-jailer: mount /dev/kvm: Permission denied",
+                "the jail could not be set up: genos-jailer: mount /dev/kvm: Permission denied",
+            ),
+            (137, "x", "genos-vmm was killed by signal 9"),
+            (3, "x", "genos-vmm exited with status 3 (the guest rebooted)"),
+            (
+                2,
+                "genos-vmm: kernel /images/k: not found",
+                "genos-vmm exited with status 2 (bad arguments, configuration or files): genos-vmm: kernel /images/k: not found",
+            ),
+        ];
+        for (status, stderr, want) in cases {
+            assert_eq!(
+                describe_jailed_exit(code(status), stderr),
+                want,
+                "status {status}"
+            );
+        }
     }
 
     #[test]
