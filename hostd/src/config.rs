@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::composer::Defaults;
 
 /// The documented configuration file, also the source of every default.
-pub const EMBEDDED_CONFIG: &str = include_str!("../../configs/hostd.toml");
+pub const EMBEDDED_CONFIG: &str = configs::HOSTD;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

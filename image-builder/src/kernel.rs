@@ -14,7 +14,7 @@ use crate::cache::{Artifact, ArtifactKind, Cache, CacheError, InputHasher};
 use crate::tools::{self, ToolError};
 
 /// The fragment compiled into this binary.
-pub const DEFAULT_CONFIG_FRAGMENT: &str = include_str!("../../configs/guest-kernel.config");
+pub const DEFAULT_CONFIG_FRAGMENT: &str = configs::GUEST_KERNEL_FRAGMENT;
 
 /// Debian package providing the source tarball.
 pub const SOURCE_PACKAGE: &str = "linux-source-6.1";

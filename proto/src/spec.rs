@@ -302,7 +302,7 @@ pub fn is_valid_allow_host(host: &str) -> bool {
 }
 
 /// The catalog shipped with this build (`configs/catalog.toml`).
-pub const EMBEDDED_CATALOG: &str = include_str!("../../configs/catalog.toml");
+pub const EMBEDDED_CATALOG: &str = configs::CATALOG;
 
 /// Bases, desktops and apps a spec may name, with synonyms and Debian package names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use std::str::FromStr;
 use seccompiler::{BpfProgram, TargetArch};
 
 /// The policy, as shipped in `configs/`.
-const POLICY_JSON: &str = include_str!("../../../configs/seccomp/genos-vmm.json");
+const POLICY_JSON: &str = configs::SECCOMP_VMM;
 
 /// Errors from compiling or installing filters.
 #[derive(Debug, thiserror::Error)]
