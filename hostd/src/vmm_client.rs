@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use framebuffer::ReaderFds;
 use serde::de::DeserializeOwned;
+use vmm_api::input_socket::InputSocketHandoff;
 use vmm_api::{FramebufferHandoff, Request, ResponseError, VmDescription, VmMetrics};
 
 use crate::uds::{PeerCred, UdsError, VmmSocket};
@@ -50,6 +51,10 @@ pub enum VmmClientError {
     Answer(#[from] ResponseError),
     #[error("VMM passed {0} file descriptors with GET /framebuffer, expected 2")]
     Fds(usize),
+    #[error("VMM passed {0} file descriptors with GET /input/socket, expected 1")]
+    InputSocketFds(usize),
+    #[error("the VMM's input socket carries another layout ({0:?})")]
+    InputSocketLayout(InputSocketHandoff),
     #[error("the VMM API task failed")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -126,6 +131,22 @@ impl VmmClient {
         let notify = fds.pop().expect("two fds");
         let memfd = fds.pop().expect("two fds");
         Ok(ReaderFds { memfd, notify })
+    }
+
+    /// `GET /input/socket`: this client's end of the VMM's raw input channel (a
+    /// `SOCK_SEQPACKET` socket; [`vmm_api::input_socket`] is its layout), checked to carry
+    /// the layout this hostd speaks.
+    pub fn input_socket(&mut self) -> Result<OwnedFd> {
+        let request = Request::InputSocket;
+        let (answer, mut fds) = self.exchange(&request)?;
+        let handoff: InputSocketHandoff = request.decode(answer.status, &answer.body)?;
+        if fds.len() != 1 {
+            return Err(VmmClientError::InputSocketFds(fds.len()));
+        }
+        if !handoff.is_current() {
+            return Err(VmmClientError::InputSocketLayout(handoff));
+        }
+        Ok(fds.pop().expect("one fd"))
     }
 
     /// One request and its answer, with the descriptors passed along with it.

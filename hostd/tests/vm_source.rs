@@ -1,6 +1,6 @@
 //! `hostd::vm_source` against a real genos-vmm (`--gpu 320x240 --input`) running a tiny guest
 //! that never drives the display: the framebuffer arrives over the control API and reads as
-//! one blank frame of the configured size, input batches reach the VMM's devices, and the
+//! one blank frame of the configured size, input batches reach the VMM's devices through the raw input channel, and the
 //! stream server takes the VM as an environment.
 
 mod common;
@@ -170,6 +170,52 @@ fn input_sink_delivers_keyboard_and_pointer_batches_to_the_vmm() {
     wait_injected(&vmm.sock, "keyboard", 4);
     // ABS_X, ABS_Y, SYN; BTN_LEFT 1, SYN; BTN_LEFT 0, SYN.
     wait_injected(&vmm.sock, "tablet", 7);
+    // Both batches came through the raw channel, not PUT /input.
+    let channel = input_socket_metrics(&vmm.sock);
+    assert_eq!(channel["messages"], 2, "{channel}");
+    assert_eq!(channel["records"], 11, "{channel}");
+}
+
+/// The VMM's `input_socket` counters.
+fn input_socket_metrics(sock: &Path) -> serde_json::Value {
+    let m = VmmClient::connect(&VmmSocket::unjailed(sock), TIMEOUT)
+        .unwrap()
+        .metrics()
+        .unwrap();
+    m.devices["input_socket"].clone()
+}
+
+#[test]
+fn input_sink_fetches_a_new_channel_when_another_client_took_the_vmms() {
+    let Some(vmm) = start_vmm() else { return };
+    let env = vm_source::environment(&VmmSocket::unjailed(&vmm.sock)).unwrap();
+    let press = [InputEvent::Key {
+        code: 30,
+        pressed: true,
+    }];
+    let release = [InputEvent::Key {
+        code: 30,
+        pressed: false,
+    }];
+    env.input.inject(&press).unwrap();
+    wait_injected(&vmm.sock, "keyboard", 2);
+
+    // Another client asks for the channel: the VMM replaces the sink's.
+    let _theirs = VmmClient::connect(&VmmSocket::unjailed(&vmm.sock), TIMEOUT)
+        .unwrap()
+        .input_socket()
+        .unwrap();
+    let refused = env.input.inject(&release).unwrap_err().to_string();
+
+    assert!(refused.contains("input channel"), "{refused}");
+    // The worker fetches a new channel; input flows again without a new environment.
+    let deadline = Instant::now() + TIMEOUT;
+    while env.input.inject(&release).is_err() {
+        assert!(Instant::now() < deadline, "no new input channel");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_injected(&vmm.sock, "keyboard", 4);
+    assert_eq!(input_socket_metrics(&vmm.sock)["handoffs"], 3);
 }
 
 #[test]

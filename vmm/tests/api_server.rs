@@ -5,13 +5,17 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+#[path = "common/scm.rs"]
+mod scm;
+
+use scm::recv_with_fds;
 use vmm::api::server;
 use vmm::config::VmConfig;
 use vmm::rpc::{
@@ -19,7 +23,6 @@ use vmm::rpc::{
     VmDescription, VmMetrics, VmState, VmmAction, VmmController, VmmResponse,
 };
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vmm_sys_util::tempdir::TempDir;
 use vmm_sys_util::tempfile::TempFile;
 
@@ -576,25 +579,6 @@ fn request_sent_before_half_close_is_still_answered() {
     c.write_all(b"GET /vm HTTP/1.1\r\n\r\n").unwrap();
     c.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(read_reply(&mut c).status, 200);
-}
-
-/// Receives the first bytes of a response together with any SCM_RIGHTS descriptors.
-fn recv_with_fds(stream: &UnixStream) -> (Vec<u8>, Vec<OwnedFd>) {
-    let mut buf = vec![0u8; 4096];
-    let mut raw: [RawFd; 4] = [-1; 4];
-    let mut iov = [libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    }];
-    // SAFETY: the iovec points into `buf`, which is live and writable for its length.
-    let (n, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut raw) }.unwrap();
-    buf.truncate(n);
-    let fds = raw[..nfds]
-        .iter()
-        // SAFETY: recvmsg installed these descriptors in this process; we own them now.
-        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
-    (buf, fds)
 }
 
 #[test]

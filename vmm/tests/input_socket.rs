@@ -5,13 +5,17 @@
 //! first channel.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "common/scm.rs"]
+mod scm;
+
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use scm::recv_with_fds;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
@@ -22,7 +26,6 @@ use vmm::rpc::{self, ActionError, ApiReceiver, VmmAction, VmmController, VmmResp
 use vmm_api::input::evdev::EV_KEY;
 use vmm_api::input_socket::{encode_message, InputSocketHandoff};
 use vmm_api::{InputDevice, InputEvent};
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vmm_sys_util::tempdir::TempDir;
 
 const VRING_DESC_F_WRITE: u16 = 2;
@@ -75,20 +78,7 @@ fn get_input_socket(sock: &std::path::Path) -> (InputSocketHandoff, Vec<OwnedFd>
     stream
         .write_all(b"GET /input/socket HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let mut raw: [RawFd; 4] = [-1; 4];
-    let mut iov = [libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    }];
-    // SAFETY: the iovec points into `buf`, which outlives the call.
-    let (n, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut raw) }.unwrap();
-    buf.truncate(n);
-    let fds = raw[..nfds]
-        .iter()
-        // SAFETY: recvmsg installed these descriptors in this process; we own them now.
-        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
+    let (mut buf, fds) = recv_with_fds(&stream);
     // The answer is small: the rest (if any) follows as plain bytes.
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
