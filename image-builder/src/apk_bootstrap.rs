@@ -8,7 +8,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cache::{sha256_hex, ArtifactKind, Cache, CacheError, InputHasher};
@@ -32,11 +32,13 @@ pub enum ApkBootstrapError {
     },
     #[error("apk.static is signed with {key_name}, which is not in {keys_dir}")]
     UnknownKey { key_name: String, keys_dir: PathBuf },
-    #[error("the signature of apk.static from {url} does not verify with {key}: {detail}")]
+    #[error("the signature of apk.static from {url} does not verify with {key}: {source}")]
     BadSignature {
         url: String,
         key: PathBuf,
-        detail: String,
+        /// Boxed: it would make this error (and every error that carries it) too large.
+        #[source]
+        source: Box<VerifyError>,
     },
     #[error("the cached apk.static in {dir} does not verify any more ({detail}); remove {dir} to fetch it again")]
     CachedBadSignature { dir: PathBuf, detail: String },
@@ -51,6 +53,17 @@ pub enum ApkBootstrapError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why `openssl dgst -sha256 -verify` did not accept apk.static's signature.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// openssl could not be run.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    /// openssl ran and refused: its first line of output, and how it exited.
+    #[error("openssl: {said} ({status})")]
+    Refused { said: String, status: ExitStatus },
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ApkBootstrapError {
@@ -122,10 +135,10 @@ pub fn obtain(
             keys_dir: plan.keys_dir.clone(),
         });
     }
-    verify(&key, &signature, &binary).map_err(|detail| ApkBootstrapError::BadSignature {
+    verify(&key, &signature, &binary).map_err(|source| ApkBootstrapError::BadSignature {
         url: package.url.clone(),
         key: key.clone(),
-        detail,
+        source: Box::new(source),
     })?;
     // Verified: only now may it be made executable and run.
     fs::set_permissions(&binary, fs::Permissions::from_mode(0o755))
@@ -181,7 +194,8 @@ fn cached(
             plan.keys_dir.display()
         )));
     }
-    verify(&key, &artifact.dir.join(SIGNATURE), &artifact.path()).map_err(stale)?;
+    verify(&key, &artifact.dir.join(SIGNATURE), &artifact.path())
+        .map_err(|e| stale(e.to_string()))?;
     Ok(Some(artifact.path()))
 }
 
@@ -205,27 +219,28 @@ fn fetch(url: &str, dest: &Path, timeout: Duration) -> Result<Vec<u8>, ApkBootst
 }
 
 /// Runs the plan's openssl check; the error is what openssl said.
-fn verify(key: &Path, signature: &Path, binary: &Path) -> Result<(), String> {
+fn verify(key: &Path, signature: &Path, binary: &Path) -> Result<(), VerifyError> {
     let argv = apk_static::verify_command(key, signature, binary);
-    let out = run_captured(&argv).map_err(|e| e.to_string())?;
+    let out = run_captured(&argv)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if out.status.success() && stdout.trim() == "Verified OK" {
         return Ok(());
     }
     let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let first = said.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    Err(format!("openssl: {} ({})", first.trim(), out.status))
+    Err(VerifyError::Refused {
+        said: first.trim().to_owned(),
+        status: out.status,
+    })
 }
 
-fn run_captured(argv: &[String]) -> Result<Output, ApkBootstrapError> {
+fn run_captured(argv: &[String]) -> Result<Output, ToolError> {
     Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| {
-            ApkBootstrapError::Tool(ToolError::Spawn {
-                tool: argv[0].clone(),
-                source,
-            })
+        .map_err(|source| ToolError::Spawn {
+            tool: argv[0].clone(),
+            source,
         })
 }

@@ -24,6 +24,9 @@ pub enum CliError {
     /// No VMM arguments after `--`.
     #[error("no VMM arguments: put them after --")]
     NoVmmArgs,
+    /// The command line does not parse (clap's message, with usage); only from [`try_parse`].
+    #[error(transparent)]
+    Usage(#[from] clap::Error),
 }
 
 #[derive(Parser, Debug)]
@@ -111,9 +114,8 @@ pub fn parse(argv: impl IntoIterator<Item = String>) -> Result<Options, CliError
 }
 
 /// Parses `argv`, returning clap's errors rather than exiting (for tests).
-pub fn try_parse(argv: &[&str]) -> Result<Options, String> {
-    let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
-    validate(args).map_err(|e| e.to_string())
+pub fn try_parse(argv: &[&str]) -> Result<Options, CliError> {
+    validate(Args::try_parse_from(argv)?)
 }
 
 fn validate(args: Args) -> Result<Options, CliError> {
@@ -211,21 +213,25 @@ mod tests {
             let err = try_parse(&[
                 "j", "--id", id, "--uid", "1", "--gid", "1", "--", "--kernel", "k",
             ])
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
             assert!(err.contains("--id"), "{id}: {err}");
         }
     }
 
     #[test]
     fn running_the_vmm_as_root_is_refused() {
-        let err =
-            try_parse(&["j", "--id", "a", "--uid", "0", "--gid", "1", "--", "x"]).unwrap_err();
+        let err = try_parse(&["j", "--id", "a", "--uid", "0", "--gid", "1", "--", "x"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unprivileged"), "{err}");
     }
 
     #[test]
     fn missing_vmm_arguments_are_reported() {
-        let err = try_parse(&["j", "--id", "a", "--uid", "1", "--gid", "1"]).unwrap_err();
+        let err = try_parse(&["j", "--id", "a", "--uid", "1", "--gid", "1"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("after --"), "{err}");
     }
 }

@@ -140,6 +140,6 @@ async fn headless(args: &Args, url: &ConnectUrl) -> Result<(), String> {
     Ok(())
 }
 
-fn save_png(dir: &Path, f: &client::Frame) -> Result<(), String> {
+fn save_png(dir: &Path, f: &client::Frame) -> Result<(), client::dump::DumpError> {
     client::dump::save_png(&dir.join(format!("frame-{:06}.png", f.sequence)), f)
 }
