@@ -111,10 +111,15 @@ impl std::fmt::Display for Rights {
     }
 }
 
+/// A rights list names a right that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown right {0:?} (rights are view, input, clipboard, admin)")]
+pub struct UnknownRight(pub String);
+
 impl std::str::FromStr for Rights {
-    type Err = String;
+    type Err = UnknownRight;
     /// Parses a comma-separated list such as `view,input`.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, UnknownRight> {
         let mut rights = Rights::empty();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             rights = rights
@@ -123,7 +128,7 @@ impl std::str::FromStr for Rights {
                     "input" => Rights::INPUT,
                     "clipboard" => Rights::CLIPBOARD,
                     "admin" => Rights::ADMIN,
-                    other => return Err(format!("unknown right {other:?}")),
+                    other => return Err(UnknownRight(other.into())),
                 };
         }
         Ok(rights)

@@ -65,7 +65,9 @@ impl Orchestrator {
                 state: env.state.as_str(),
             });
         }
-        let rights: proto::stream::Rights = rights.parse().map_err(OrchError::Token)?;
+        let rights: proto::stream::Rights = rights
+            .parse()
+            .map_err(|e: proto::stream::UnknownRight| OrchError::Token(e.to_string()))?;
         let dir = self.inner.state_dir.join("stream");
         std::fs::create_dir_all(&dir).map_err(|e| OrchError::Token(e.to_string()))?;
         let key = crate::stream::TokenKey::load_or_create(&dir.join("token.key"))
