@@ -19,8 +19,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +29,7 @@ use hostd::uds::VmmSocket;
 use hostd::vm_source::{InputTranslator, SharedSize, VmInput};
 use hostd::vmm_client::VmmClient;
 use proto::stream::InputEvent;
-use vmm_api::{InputBatch, Request, VmState};
+use vmm_api::{InputBatch, Request};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// The idle guest never reads its keyboard, and the VMM keeps at most 1024 pending events
@@ -39,59 +38,6 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 const ROUNDS: usize = 5;
 const SAMPLES_PER_ROUND: usize = 60;
 const BURST_KEYS: usize = 60;
-
-struct Vmm {
-    child: Child,
-    sock: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_vmm(bin: &Path, kernel: &Path) -> Vmm {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
-    let child = Command::new(bin)
-        .arg("--kernel")
-        .arg(kernel)
-        .args([
-            "--serial",
-            "none",
-            "--gpu",
-            "320x240",
-            "--input",
-            "--api-sock",
-        ])
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn genos-vmm");
-    let mut vmm = Vmm {
-        child,
-        sock,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut api) = VmmClient::connect(&VmmSocket::unjailed(&vmm.sock), TIMEOUT) {
-            if api.describe().unwrap().state == VmState::Running {
-                return vmm;
-            }
-        }
-        if let Some(status) = vmm.child.try_wait().unwrap() {
-            panic!("genos-vmm exited early with {status}");
-        }
-        assert!(Instant::now() < deadline, "genos-vmm API never came up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// The path before the raw channel: translate, queue, one `PUT /input` per batch.
 struct HttpInput {
@@ -166,7 +112,7 @@ fn round(
     http_lat: &mut Vec<Duration>,
     bursts: &mut [Vec<Duration>; 2],
 ) {
-    let vmm = start_vmm(bin, kernel);
+    let vmm = common::start_display_vmm(bin, kernel);
     let api = VmmSocket::unjailed(&vmm.sock);
     let raw = VmInput::start(&api, Arc::new(SharedSize::new(320, 240))).unwrap();
     let http = HttpInput::start(&vmm.sock);

@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,70 +15,23 @@ use hostd::vm_source::{self, VmFramebufferSource};
 use hostd::vmm_client::VmmClient;
 use proto::stream::{Button, InputEvent};
 use vmm_api::input::evdev;
-use vmm_api::{InputBatch, InputDevice, InputEvent as EvdevEvent, Request, VmState};
+use vmm_api::{InputBatch, InputDevice, InputEvent as EvdevEvent, Request};
 
 /// Each API request's deadline.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A genos-vmm process, killed when dropped.
-struct Vmm {
-    child: Child,
-    sock: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Starts genos-vmm with a 320x240 display and input devices on a guest that signals boot
-/// and halts; waits until its API answers with the VM running.
-fn start_vmm() -> Option<Vmm> {
+/// and halts, or skips the test, saying why.
+fn start_vmm() -> Option<common::DisplayVmm> {
     let test = std::thread::current().name().unwrap_or("test").to_string();
     if !common::kvm_available(&test) {
         return None;
     }
     let bin = common::vmm_bin(&test)?;
-    let kernel = common::build_guest("ready");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
-    let child = Command::new(bin)
-        .arg("--kernel")
-        .arg(&kernel)
-        .args([
-            "--serial",
-            "none",
-            "--gpu",
-            "320x240",
-            "--input",
-            "--api-sock",
-        ])
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn genos-vmm");
-    let mut vmm = Vmm {
-        child,
-        sock,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut api) = VmmClient::connect(&VmmSocket::unjailed(&vmm.sock), TIMEOUT) {
-            if api.describe().unwrap().state == VmState::Running {
-                return Some(vmm);
-            }
-        }
-        if let Some(status) = vmm.child.try_wait().unwrap() {
-            panic!("genos-vmm exited early with {status}");
-        }
-        assert!(Instant::now() < deadline, "genos-vmm API never came up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Some(common::start_display_vmm(
+        &bin,
+        &common::build_guest("ready"),
+    ))
 }
 
 /// `devices.<device>.device.injected` from the VMM's metrics.

@@ -140,6 +140,21 @@ pub fn replay_seeds(crate_dir: &str, name: &str, target: impl Fn(&[u8])) -> usiz
     seeds.len()
 }
 
+/// Whether `/dev/kvm` can be opened; when not, skips `test` ([`skip`]), saying why.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            skip(Need::Kvm, format!("{test}: /dev/kvm is not usable ({e})"));
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

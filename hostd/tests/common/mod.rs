@@ -11,23 +11,7 @@ use hostd::orchestrator::Orchestrator;
 use hostd::store::{EnvRecord, EnvState};
 use proto::spec::{Catalog, Spec};
 
-/// Whether `/dev/kvm` can be opened; prints why a test is skipped when not.
-pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            testkit::skip(
-                testkit::Need::Kvm,
-                format!("{test}: /dev/kvm is not usable ({e})"),
-            );
-            false
-        }
-    }
-}
+pub use testkit::kvm_available;
 
 /// `genos-vmm` from the same target directory as this test's binaries (built by
 /// `cargo build -p genos-vmm` or any workspace-wide build), or `GENOS_VMM_BIN`.
@@ -152,5 +136,67 @@ pub async fn wait_state(o: &Orchestrator, name: &str, want: EnvState, secs: u64)
             env.reason
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A genos-vmm process with a 320x240 display and input devices, killed when dropped.
+pub struct DisplayVmm {
+    pub child: std::process::Child,
+    /// Its API socket.
+    pub sock: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for DisplayVmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `bin` with a 320x240 display and input devices on `kernel` (a tiny guest that
+/// signals boot and halts); returns once its API answers with the VM running.
+pub fn start_display_vmm(bin: &Path, kernel: &Path) -> DisplayVmm {
+    use hostd::uds::VmmSocket;
+    use hostd::vmm_client::VmmClient;
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let child = Command::new(bin)
+        .arg("--kernel")
+        .arg(kernel)
+        .args([
+            "--serial",
+            "none",
+            "--gpu",
+            "320x240",
+            "--input",
+            "--api-sock",
+        ])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn genos-vmm");
+    let mut vmm = DisplayVmm {
+        child,
+        sock,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let api = VmmClient::connect(&VmmSocket::unjailed(&vmm.sock), Duration::from_secs(10));
+        if let Ok(mut api) = api {
+            if api.describe().unwrap().state == vmm_api::VmState::Running {
+                return vmm;
+            }
+        }
+        if let Some(status) = vmm.child.try_wait().unwrap() {
+            panic!("genos-vmm exited early with {status}");
+        }
+        assert!(Instant::now() < deadline, "genos-vmm API never came up");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -9,23 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// Whether `/dev/kvm` can be opened; prints why a test is skipped when not.
-pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            testkit::skip(
-                testkit::Need::Kvm,
-                format!("{test}: /dev/kvm is not usable ({e})"),
-            );
-            false
-        }
-    }
-}
+pub use testkit::kvm_available;
 
 /// Assembles and links `tests/guests/<name>.S` with `defines` (`-D` values) into a
 /// freestanding ELF at 1 MiB; returns its path (under the target's test temp dir).
