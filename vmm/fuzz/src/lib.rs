@@ -8,3 +8,4 @@ pub mod http_request;
 pub mod virtio_blk_request;
 pub mod virtio_input;
 pub mod virtio_net_chain;
+pub mod vsock_packet;

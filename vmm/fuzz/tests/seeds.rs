@@ -29,3 +29,8 @@ fn every_virtio_net_chain_seed_passes() {
 fn every_virtio_input_seed_passes() {
     replay_seeds(DIR, "virtio_input", vmm_fuzz::virtio_input::run);
 }
+
+#[test]
+fn every_vsock_packet_seed_passes() {
+    replay_seeds(DIR, "vsock_packet", vmm_fuzz::vsock_packet::run);
+}

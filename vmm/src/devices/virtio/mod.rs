@@ -25,6 +25,7 @@ pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
+pub mod vsock;
 
 use std::sync::Arc;
 
