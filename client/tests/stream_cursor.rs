@@ -187,7 +187,6 @@ impl FrameSource for PointerOnly {
             return Ok(Some(SourceFrame {
                 frame: encoder::FrameRef::packed(64, 48, encoder::PixelFormat::Bgrx, &self.pixels),
                 damage: vec![encoder::Rect::new(0, 0, 64, 48)],
-                sequence: 1,
                 captured_at: Instant::now(),
             }));
         }

@@ -141,8 +141,6 @@ pub struct SourceFrame<'a> {
     /// Rectangles covering every pixel that changed since the previous frame (the first frame
     /// reports the whole screen).
     pub damage: Vec<Rect>,
-    /// Increases by one per frame returned.
-    pub sequence: u64,
     pub captured_at: Instant,
 }
 

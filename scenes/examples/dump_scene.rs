@@ -16,9 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         fps.parse()?,
     );
     let mut out = std::io::stdout().lock();
-    for _ in 0..frames.parse::<u32>()? {
+    for index in 1..=frames.parse::<u32>()? {
         let frame = source.advance();
-        eprintln!("frame {} damage {:?}", frame.sequence, frame.damage);
+        eprintln!("frame {index} damage {:?}", frame.damage);
         out.write_all(frame.frame.data)?;
     }
     Ok(())

@@ -712,7 +712,8 @@ pub struct SyntheticSource {
     fps: f32,
     desktop: Desktop,
     state: SceneState,
-    sequence: u64,
+    /// Frames rendered so far; frame n (from 1) shows t = (n - 1) / fps.
+    rendered: u64,
     next_due: Option<Instant>,
     /// Pointer position last returned by `cursor_update` (`None`: nothing returned yet).
     cursor_reported: Option<(i32, i32)>,
@@ -725,7 +726,7 @@ impl fmt::Debug for SyntheticSource {
             .field("width", &self.desktop.width)
             .field("height", &self.desktop.height)
             .field("fps", &self.fps)
-            .field("sequence", &self.sequence)
+            .field("rendered", &self.rendered)
             .finish()
     }
 }
@@ -802,7 +803,7 @@ impl SyntheticSource {
             fps,
             desktop,
             state,
-            sequence: 0,
+            rendered: 0,
             next_due: None,
             cursor_reported: None,
         };
@@ -905,15 +906,21 @@ impl SyntheticSource {
             .compose(Rect::new(0, 0, self.desktop.width, self.desktop.height));
     }
 
+    /// How many frames were rendered: the last one returned is frame `rendered()`, counting
+    /// from 1 (a stream that encodes every frame publishes it with this sequence).
+    pub fn rendered(&self) -> u64 {
+        self.rendered
+    }
+
     /// Renders the next frame immediately, without pacing (benchmarks, tests).
     pub fn advance(&mut self) -> SourceFrame<'_> {
-        self.sequence += 1;
-        let damage = if self.sequence == 1 {
+        self.rendered += 1;
+        let damage = if self.rendered == 1 {
             // The first frame is new in full; it shows t = 0.
             self.update(0.0);
             vec![Rect::new(0, 0, self.desktop.width, self.desktop.height)]
         } else {
-            let t = (self.sequence - 1) as f64 / f64::from(self.fps);
+            let t = (self.rendered - 1) as f64 / f64::from(self.fps);
             self.update(t)
         };
         for r in &damage {
@@ -927,7 +934,6 @@ impl SyntheticSource {
                 &self.desktop.screen.data,
             ),
             damage,
-            sequence: self.sequence,
             captured_at: Instant::now(),
         }
     }
@@ -1311,14 +1317,13 @@ mod tests {
             "{scene}: first frame is fully damaged"
         );
         let mut previous = first.frame.data.to_vec();
-        for _ in 1..frames {
+        for index in 2..=frames {
             let frame = source.advance();
             let changed = changed_pixels(&previous, frame.frame.data, width);
             for &(x, y) in &changed {
                 assert!(
                     frame.damage.iter().any(|r| r.contains(x, y)),
-                    "{scene} frame {}: pixel ({x},{y}) changed outside damage {:?}",
-                    frame.sequence,
+                    "{scene} frame {index}: pixel ({x},{y}) changed outside damage {:?}",
                     frame.damage
                 );
             }
@@ -1329,8 +1334,7 @@ mod tests {
                 );
                 assert!(
                     changed.iter().any(|&(x, y)| r.contains(x, y)),
-                    "{scene} frame {}: damage {r:?} covers no changed pixel",
-                    frame.sequence
+                    "{scene} frame {index}: damage {r:?} covers no changed pixel"
                 );
             }
             previous.copy_from_slice(frame.frame.data);
@@ -1420,10 +1424,12 @@ mod tests {
     }
 
     #[test]
-    fn sequence_numbers_increase_by_one() {
+    fn rendered_frames_are_counted_from_one() {
         let mut source = SyntheticSource::new(Scene::Typing, 64, 48, 30.0);
+        assert_eq!(source.rendered(), 0);
         for expected in 1..=5 {
-            assert_eq!(source.advance().sequence, expected);
+            source.advance();
+            assert_eq!(source.rendered(), expected);
         }
     }
 
@@ -1531,11 +1537,11 @@ mod tests {
             .next_frame(Instant::now() + Duration::from_millis(10))
             .unwrap()
             .is_none());
-        let frame = source
+        let second = source
             .next_frame(Instant::now() + Duration::from_secs(5))
-            .unwrap()
-            .expect("second frame");
-        assert_eq!(frame.sequence, 2);
+            .unwrap();
+        assert!(second.is_some(), "second frame");
+        assert_eq!(source.rendered(), 2);
         assert!(
             start.elapsed() >= Duration::from_millis(95),
             "waited for the frame interval"

@@ -27,7 +27,6 @@ pub struct VmFramebufferSource {
     size: Arc<SharedSize>,
     blank: Vec<u8>,
     blank_sent: bool,
-    sequence: u64,
     /// (generation, sequence) of the last frame returned.
     last_frame: Option<(u64, u64)>,
     /// Cursor serial last reported by [`FrameSource::cursor_update`].
@@ -44,7 +43,7 @@ impl std::fmt::Debug for VmFramebufferSource {
         f.debug_struct("VmFramebufferSource")
             .field("reader", &self.reader)
             .field("size", &self.size.get())
-            .field("sequence", &self.sequence)
+            .field("last_frame", &self.last_frame)
             .finish_non_exhaustive()
     }
 }
@@ -74,7 +73,6 @@ impl VmFramebufferSource {
             size: Arc::new(SharedSize::new(size.0, size.1)),
             blank: Vec::new(),
             blank_sent: false,
-            sequence: 0,
             last_frame: None,
             cursor_serial: None,
             cursor_woken,
@@ -124,11 +122,9 @@ impl FrameSource for VmFramebufferSource {
                 let (width, height) = self.size.get();
                 self.blank.clear();
                 self.blank.resize(width as usize * height as usize * 4, 0);
-                self.sequence += 1;
                 return Ok(Some(SourceFrame {
                     frame: FrameRef::packed(width, height, PixelFormat::Bgrx, &self.blank),
                     damage: vec![Rect::new(0, 0, width, height)],
-                    sequence: self.sequence,
                     captured_at: Instant::now(),
                 }));
             }
@@ -152,7 +148,6 @@ impl FrameSource for VmFramebufferSource {
             .filter_map(|r| r.clip(width, height))
             .map(|r| Rect::new(r.x, r.y, r.width, r.height))
             .collect();
-        self.sequence += 1;
         Ok(Some(SourceFrame {
             frame: FrameRef {
                 width,
@@ -162,7 +157,6 @@ impl FrameSource for VmFramebufferSource {
                 data: frame.pixels,
             },
             damage,
-            sequence: self.sequence,
             captured_at: Instant::now(),
         }))
     }
@@ -252,10 +246,7 @@ mod tests {
         // Disabled scanout: one blank frame of the configured size, then nothing.
         assert_eq!(source.size(), (64, 48));
         let blank = source.next_frame(soon()).unwrap().unwrap();
-        assert_eq!(
-            (blank.frame.width, blank.frame.height, blank.sequence),
-            (64, 48, 1)
-        );
+        assert_eq!((blank.frame.width, blank.frame.height), (64, 48));
         let quick = Instant::now() + Duration::from_millis(50);
         assert!(source.next_frame(quick).unwrap().is_none());
 
@@ -279,7 +270,6 @@ mod tests {
         writer.flush(damage).unwrap();
         let flushed = source.next_frame(soon()).unwrap().unwrap();
         assert_eq!(flushed.damage, vec![Rect::new(2, 3, 4, 5)]);
-        assert_eq!(flushed.sequence, 3);
 
         // Resize: a new buffer, reported in full at its new size.
         let big = writer.alloc(((40 * 4 + 64) * 20) as usize).unwrap();
@@ -322,7 +312,7 @@ mod tests {
         let waited = source
             .next_frame(started + Duration::from_secs(5))
             .unwrap()
-            .map(|f| f.sequence);
+            .map(|f| f.damage);
         let woke_after = started.elapsed();
         let shown = source.cursor_update().expect("cursor shown");
         let unchanged = source.cursor_update();
