@@ -9,12 +9,14 @@
 
 mod convert;
 mod decode;
+mod diff;
 mod encode;
 mod frame;
 mod quality;
 
 pub use convert::{ConvertError, I420Buffer};
 pub use decode::{DecodeError, DecodedFrame, Decoder};
+pub use diff::{changed_rects, DiffError};
 pub use encode::{
     EncodeError, EncodedFrame, Encoder, EncoderConfig, Tuning, Usage, REFINEMENT_PASSES,
 };

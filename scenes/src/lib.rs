@@ -18,6 +18,58 @@ use encoder::{
     CursorShape, CursorUpdate, FrameRef, FrameSource, PixelFormat, Rect, SourceError, SourceFrame,
 };
 
+mod recorded;
+
+pub use recorded::{recordings_dir, Manifest, RecordedSource, Recording, RecordingError, MANIFEST};
+
+/// Paces a source to its frame rate against the real clock: the first frame is due at once,
+/// each next one a frame interval later, and a source that fell behind never catches up with
+/// a burst.
+#[derive(Debug, Clone)]
+struct Pacer {
+    interval: Duration,
+    next_due: Option<Instant>,
+}
+
+impl Pacer {
+    fn new(fps: f32) -> Self {
+        Self {
+            interval: Duration::from_secs_f64(1.0 / f64::from(fps)),
+            next_due: None,
+        }
+    }
+
+    /// Sleeps until the next frame is due and returns true, or sleeps until `deadline` and
+    /// returns false if that comes first.
+    fn wait(&mut self, deadline: Instant) -> bool {
+        let now = Instant::now();
+        let due = self.next_due.unwrap_or(now);
+        if due > deadline {
+            if deadline > now {
+                std::thread::sleep(deadline - now);
+            }
+            return false;
+        }
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        self.next_due = Some((due + self.interval).max(Instant::now()));
+        true
+    }
+}
+
+/// An error and its sources on one line, for [`SourceError::Other`].
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// What the synthetic desktop shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scene {
@@ -714,7 +766,7 @@ pub struct SyntheticSource {
     state: SceneState,
     /// Frames rendered so far; frame n (from 1) shows t = (n - 1) / fps.
     rendered: u64,
-    next_due: Option<Instant>,
+    pacer: Pacer,
     /// Pointer position last returned by `cursor_update` (`None`: nothing returned yet).
     cursor_reported: Option<(i32, i32)>,
 }
@@ -804,7 +856,7 @@ impl SyntheticSource {
             desktop,
             state,
             rendered: 0,
-            next_due: None,
+            pacer: Pacer::new(fps),
             cursor_reported: None,
         };
         source.init_scene();
@@ -1090,10 +1142,6 @@ impl SyntheticSource {
             }
         }
     }
-
-    fn frame_interval(&self) -> Duration {
-        Duration::from_secs_f64(1.0 / f64::from(self.fps))
-    }
 }
 
 /// The editor's text area (window coordinates).
@@ -1275,19 +1323,9 @@ impl FrameSource for SyntheticSource {
     /// Waits until the next frame is due at the source's frame rate (the first frame is due at
     /// once), then renders it. Returns `Ok(None)` if `deadline` comes first.
     fn next_frame(&mut self, deadline: Instant) -> Result<Option<SourceFrame<'_>>, SourceError> {
-        let now = Instant::now();
-        let due = self.next_due.unwrap_or(now);
-        if due > deadline {
-            if deadline > now {
-                std::thread::sleep(deadline - now);
-            }
+        if !self.pacer.wait(deadline) {
             return Ok(None);
         }
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        // Fall behind gracefully: never try to catch up with a burst of frames.
-        self.next_due = Some((due + self.frame_interval()).max(Instant::now()));
         Ok(Some(self.advance()))
     }
 }
