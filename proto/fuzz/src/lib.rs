@@ -3,5 +3,6 @@
 //! and `tests/seeds.rs` replays every committed seed (`seeds/<target>/`) through them in a
 //! normal `cargo test`.
 
+pub mod agent_frames;
 pub mod spec_json;
 pub mod stream_messages;

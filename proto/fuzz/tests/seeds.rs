@@ -14,3 +14,8 @@ fn every_stream_messages_seed_passes() {
 fn every_spec_json_seed_passes() {
     replay_seeds(DIR, "spec_json", proto_fuzz::spec_json::run);
 }
+
+#[test]
+fn every_agent_frames_seed_passes() {
+    replay_seeds(DIR, "agent_frames", proto_fuzz::agent_frames::run);
+}
