@@ -331,10 +331,10 @@ impl Store {
             .query_row(
                 &format!("SELECT {ENV_COLS} FROM envs WHERE name = ?1"),
                 [name],
-                raw_env,
+                env_row,
             )
             .optional()?;
-        row.map(cook_env).transpose()
+        row.transpose()
     }
 
     /// Every environment not yet destroyed, oldest first (`all` includes destroyed ones).
@@ -347,10 +347,8 @@ impl Store {
                 "WHERE state != 'destroyed'"
             }
         ))?;
-        let rows = stmt
-            .query_map([], raw_env)?
-            .collect::<Result<Vec<_>, _>>()?;
-        rows.into_iter().map(cook_env).collect()
+        let rows = stmt.query_map([], env_row)?;
+        rows.map(|row| row?).collect()
     }
 
     pub fn set_state(
@@ -621,64 +619,30 @@ fn entry_hash(e: &AuditEntry) -> String {
 const ENV_COLS: &str =
     "id, name, spec, state, reason, created_at, updated_at, last_active_at, vmm_pid, api_socket";
 
-type RawEnv = (
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    i64,
-    i64,
-    i64,
-    Option<i32>,
-    Option<String>,
-);
-
-fn raw_env(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawEnv> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-        r.get(9)?,
-    ))
-}
-
-fn cook_env(raw: RawEnv) -> Result<EnvRecord, StoreError> {
-    let (
-        id,
+/// One `envs` row (the columns [`ENV_COLS`]) as a record. The outer error is the
+/// database's; the inner one says the row holds what this version cannot read.
+fn env_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<EnvRecord, StoreError>> {
+    let name: String = r.get("name")?;
+    let spec = match serde_json::from_str(&r.get::<_, String>("spec")?) {
+        Ok(spec) => spec,
+        Err(source) => return Ok(Err(StoreError::Spec { name, source })),
+    };
+    let state: String = r.get("state")?;
+    let Some(state) = EnvState::parse(&state) else {
+        return Ok(Err(StoreError::State(state)));
+    };
+    Ok(Ok(EnvRecord {
+        id: r.get("id")?,
         name,
         spec,
         state,
-        reason,
-        created_at,
-        updated_at,
-        last_active_at,
-        vmm_pid,
-        api_socket,
-    ) = raw;
-    let spec = serde_json::from_str(&spec).map_err(|source| StoreError::Spec {
-        name: name.clone(),
-        source,
-    })?;
-    let state = EnvState::parse(&state).ok_or(StoreError::State(state))?;
-    Ok(EnvRecord {
-        id,
-        name,
-        spec,
-        state,
-        reason,
-        created_at,
-        updated_at,
-        last_active_at,
-        vmm_pid,
-        api_socket,
-    })
+        reason: r.get("reason")?,
+        created_at: r.get("created_at")?,
+        updated_at: r.get("updated_at")?,
+        last_active_at: r.get("last_active_at")?,
+        vmm_pid: r.get("vmm_pid")?,
+        api_socket: r.get("api_socket")?,
+    }))
 }
 
 #[cfg(test)]
@@ -792,6 +756,27 @@ mod tests {
     }
 
     #[test]
+    fn rows_this_version_cannot_read_say_what_is_wrong() {
+        let (_d, mut s) = store();
+        s.insert_env(&spec("a")).unwrap();
+        let tamper = |sql: &str| s.connection().execute(sql, []).unwrap();
+
+        tamper("UPDATE envs SET state = 'melted'");
+        let unknown_state = s.env("a");
+        tamper("UPDATE envs SET state = 'ready', spec = '{'");
+        let unreadable_spec = s.envs(false);
+
+        assert!(
+            matches!(&unknown_state, Err(StoreError::State(st)) if st == "melted"),
+            "{unknown_state:?}"
+        );
+        assert!(
+            matches!(&unreadable_spec, Err(StoreError::Spec { name, .. }) if name == "a"),
+            "{unreadable_spec:?}"
+        );
+    }
+
+    #[test]
     fn duplicate_name_is_refused() {
         let (_d, mut s) = store();
         s.insert_env(&spec("a")).unwrap();
@@ -829,74 +814,58 @@ mod tests {
         }
     }
 
-    #[test]
-    fn intact_audit_chain_verifies() {
-        let (_d, mut s) = store();
-        for i in 0..5 {
+    /// A store whose audit chain holds `n` entries.
+    fn store_with_audit(n: usize) -> (tempfile::TempDir, Store) {
+        let (d, mut s) = store();
+        for i in 0..n {
             s.audit("uid:0", "create", &format!("env{i}"), "{}")
                 .unwrap();
         }
-        assert_eq!(
-            s.verify_audit().unwrap(),
-            AuditReport {
-                ok: true,
-                entries: 5,
-                problem: None
-            }
-        );
+        (d, s)
+    }
+
+    /// What verifying says of a chain of five entries after `sql` tampered with it.
+    fn verify_after(sql: &str) -> AuditReport {
+        let (_d, s) = store_with_audit(5);
+        s.connection().execute(sql, []).unwrap();
+        s.verify_audit().unwrap()
+    }
+
+    #[test]
+    fn intact_audit_chain_verifies() {
+        let (_d, s) = store_with_audit(5);
+        let report = s.verify_audit().unwrap();
+        let intact = AuditReport {
+            ok: true,
+            entries: 5,
+            problem: None,
+        };
+        assert_eq!(report, intact);
     }
 
     #[test]
     fn edited_audit_entry_is_detected() {
-        let (_d, mut s) = store();
-        for i in 0..5 {
-            s.audit("uid:0", "create", &format!("env{i}"), "{}")
-                .unwrap();
-        }
-        s.connection()
-            .execute("UPDATE audit SET actor = 'uid:1000' WHERE seq = 3", [])
-            .unwrap();
-        let r = s.verify_audit().unwrap();
+        let r = verify_after("UPDATE audit SET actor = 'uid:1000' WHERE seq = 3");
         assert!(!r.ok);
         assert_eq!(r.problem.unwrap(), "entry 3 was modified (hash mismatch)");
     }
 
     #[test]
     fn deleted_audit_entry_is_detected() {
-        let (_d, mut s) = store();
-        for i in 0..5 {
-            s.audit("uid:0", "create", &format!("env{i}"), "{}")
-                .unwrap();
-        }
-        s.connection()
-            .execute("DELETE FROM audit WHERE seq = 2", [])
-            .unwrap();
-        let r = s.verify_audit().unwrap();
+        let r = verify_after("DELETE FROM audit WHERE seq = 2");
         assert_eq!(r.problem.unwrap(), "entry 2 is missing (next entry is 3)");
     }
 
     #[test]
     fn truncated_audit_tail_is_detected() {
-        let (_d, mut s) = store();
-        for i in 0..5 {
-            s.audit("uid:0", "create", &format!("env{i}"), "{}")
-                .unwrap();
-        }
-        s.connection()
-            .execute("DELETE FROM audit WHERE seq = 5", [])
-            .unwrap();
-        let r = s.verify_audit().unwrap();
+        let r = verify_after("DELETE FROM audit WHERE seq = 5");
         assert!(!r.ok);
         assert!(r.problem.unwrap().contains("entries were deleted"));
     }
 
     #[test]
     fn rehashed_edit_is_still_detected_by_the_next_link() {
-        let (_d, mut s) = store();
-        for i in 0..3 {
-            s.audit("uid:0", "create", &format!("env{i}"), "{}")
-                .unwrap();
-        }
+        let (_d, s) = store_with_audit(3);
         // Edit entry 2 and recompute its own hash: entry 3 no longer links to it.
         let mut e = s.audit_entries(None).unwrap()[1].clone();
         e.detail = "{\"forged\":true}".into();

@@ -2,98 +2,21 @@
 //! command, peer-credential refusal, and audit tampering detected.
 
 mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
 
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-struct Hostd {
-    child: Child,
-    dir: tempfile::TempDir,
-}
+use daemon::{json, stderr, stdout, Hostd};
 
-impl Hostd {
-    /// Starts genos-hostd with a config whose image builder is missing (so environments
-    /// fail during their build, without a VM) or, with `vmm`, a tiny guest that gets ready.
-    fn start(vmm: Option<(PathBuf, PathBuf)>) -> Hostd {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = match vmm {
-            Some((vmm, kernel)) => common::config_toml(&vmm, &kernel, 4, 4096),
-            None => "[images]\nbuilder = \"/nonexistent/genos-image\"\n[capacity]\nvcpus = 2\nmemory_mib = 8192\ncpu_overcommit = 1.0\n[stream]\nlisten = \"127.0.0.1:0\"\n".into(),
-        };
-        let cfg_path = dir.path().join("hostd.toml");
-        std::fs::write(&cfg_path, cfg).unwrap();
-        let state = dir.path().join("state");
-        let child = Command::new(env!("CARGO_BIN_EXE_genos-hostd"))
-            .arg("--config")
-            .arg(&cfg_path)
-            .arg("--state-dir")
-            .arg(&state)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let h = Hostd { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !h.socket().exists() {
-            assert!(Instant::now() < deadline, "admin.sock did not appear");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        h
-    }
-
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.state().join("admin.sock")
-    }
-
-    fn genos(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_genos"))
-            .env("GENOS_SOCKET", self.socket())
-            .args(args)
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Hostd {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the hostd we spawned; no memory is involved.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into()
-}
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into()
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
-}
-
-fn wait_for_state(h: &Hostd, name: &str, want: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = json(&h.genos(&["--json", "show", name]));
-        if v["env"]["state"] == want {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{name} never became {want}: {v}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+/// A hostd whose image builder is missing: environments fail during their build, without a
+/// VM.
+const NO_BUILDER: &str = "[images]\nbuilder = \"/nonexistent/genos-image\"\n[capacity]\nvcpus = 2\nmemory_mib = 8192\ncpu_overcommit = 1.0\n[stream]\nlisten = \"127.0.0.1:0\"\n";
 
 #[test]
 fn cli_drives_a_running_hostd() {
-    let h = Hostd::start(None);
+    let h = Hostd::start(NO_BUILDER);
 
     let o = h.genos(&["health"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -129,7 +52,7 @@ fn cli_drives_a_running_hostd() {
     );
 
     // The build fails (no image builder) and says why.
-    let v = wait_for_state(&h, "python", "failed");
+    let v = h.wait_state("python", "failed", 30);
     assert!(
         v["env"]["reason"]
             .as_str()
@@ -186,7 +109,7 @@ fn cli_drives_a_running_hostd() {
 
 #[test]
 fn audit_tampering_is_reported_by_the_cli() {
-    let h = Hostd::start(None);
+    let h = Hostd::start(NO_BUILDER);
     for t in ["gimp", "vlc", "python headless"] {
         assert!(h.genos(&["compose", "--remote", t]).status.success());
     }
@@ -218,7 +141,7 @@ fn non_permitted_user_is_refused_by_peer_credentials() {
         );
         return;
     }
-    let h = Hostd::start(None);
+    let h = Hostd::start(NO_BUILDER);
     // Let anyone reach the socket file, so only the SO_PEERCRED check stands in the way.
     use std::os::unix::fs::PermissionsExt;
     for p in [h.dir.path(), &h.state(), &h.socket()] {
@@ -252,13 +175,10 @@ fn non_permitted_user_is_refused_by_peer_credentials() {
 #[test]
 fn up_waits_until_ready_and_prints_a_viewer_token() {
     let test = "up_waits_until_ready_and_prints_a_viewer_token";
-    if !common::kvm_available(test) {
-        return;
-    }
-    let Some(vmm) = common::vmm_bin(test) else {
+    let Some((_, config)) = common::tiny_guest_config(test, "ready", 4) else {
         return;
     };
-    let h = Hostd::start(Some((vmm, common::build_guest("ready"))));
+    let h = Hostd::start(&config);
     let o = h.genos(&["up", "headless python, 1 core, 256 MB"]);
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
     assert!(

@@ -6,27 +6,22 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use hostd::config::Config;
 use hostd::orchestrator::{pid_alive, Orchestrator};
 use hostd::store::EnvState;
 use proto::spec::NetworkMode;
 
 const UID_BASE: u32 = 64000;
 
-/// An orchestrator that must jail (`jailer = "always"`), or None (with the reason printed)
+/// A started orchestrator over `dir` that must jail (`jailer = "always"`), the VMM given
+/// `extra_vmm_args` and the jail section `extra_jail_toml`; None (with the reason printed)
 /// when this host cannot run the test.
-fn jailed_orchestrator(test: &str, dir: &Path, extra_vmm_args: &[&str]) -> Option<Orchestrator> {
-    jailed_orchestrator_with(test, dir, extra_vmm_args, "")
-}
-
-fn jailed_orchestrator_with(
-    test: &str,
+async fn jailed(
     dir: &Path,
     extra_vmm_args: &[&str],
     extra_jail_toml: &str,
 ) -> Option<Orchestrator> {
+    let test = common::test_name();
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         testkit::skip(
@@ -35,10 +30,7 @@ fn jailed_orchestrator_with(
         );
         return None;
     }
-    if !common::kvm_available(test) {
-        return None;
-    }
-    let vmm = common::vmm_bin(test)?;
+    let (vmm, toml) = common::tiny_guest_config(&test, "ready", 4)?;
     if !vmm.with_file_name("genos-jailer").exists() {
         testkit::skip(
             testkit::Need::Bins,
@@ -46,17 +38,17 @@ fn jailed_orchestrator_with(
         );
         return None;
     }
-    let kernel = common::build_guest("ready");
-    let mut toml = common::config_toml(&vmm, &kernel, 4, 4096);
     let extra: Vec<String> = extra_vmm_args.iter().map(|a| format!("{a:?}")).collect();
-    toml = toml.replace(
+    let mut toml = toml.replace(
         "[vmm]\n",
         &format!("[vmm]\nextra_args = [{}]\n", extra.join(", ")),
     );
     toml.push_str(&format!(
         "[jail]\njailer = \"always\"\nuid_base = {UID_BASE}\ngid_base = {UID_BASE}\n{extra_jail_toml}"
     ));
-    Some(Orchestrator::new(Config::from_toml(&toml).unwrap(), dir).unwrap())
+    let o = common::orchestrator(dir, &toml);
+    o.start().await.unwrap();
+    Some(o)
 }
 
 fn status_field(pid: i32, field: &str) -> String {
@@ -98,25 +90,13 @@ fn cgroup_dirs(pid: i32) -> Vec<PathBuf> {
         .collect()
 }
 
-async fn wait_gone(pid: i32) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pid_alive(pid) {
-        assert!(Instant::now() < deadline, "VMM {pid} still running");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jailed_vmm_runs_as_its_slot_uid_in_its_own_namespaces_and_stop_cleans_up() {
-    let test = "jailed_vmm_runs_as_its_slot_uid_in_its_own_namespaces_and_stop_cleans_up";
     let dir = tempfile::tempdir().unwrap();
-    let Some(o) = jailed_orchestrator(test, dir.path(), &[]) else {
+    let Some(o) = jailed(dir.path(), &[], "").await else {
         return;
     };
-    o.start().await.unwrap();
-    o.create(common::headless_spec("jail-life", true), "test")
-        .unwrap();
-    let env = common::wait_state(&o, "jail-life", EnvState::Ready, 60).await;
+    let env = common::create_ready(&o, "jail-life", true).await;
     let pid = env.vmm_pid.expect("pid recorded");
 
     assert_eq!(
@@ -167,80 +147,60 @@ async fn jailed_vmm_runs_as_its_slot_uid_in_its_own_namespaces_and_stop_cleans_u
 
     let stopped = o.stop("jail-life", "test").await.unwrap();
     assert_eq!(stopped.state, EnvState::Stopped);
-    wait_gone(pid).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pid_file.exists() || cgroups.iter().any(|c| c.exists()) {
-        assert!(
-            Instant::now() < deadline,
-            "left behind: pid file {} / cgroups {cgroups:?}",
-            pid_file.exists()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        common::wait_until(10, || !pid_alive(pid)).await,
+        "VMM {pid} still running"
+    );
+    let cleaned = common::wait_until(5, || {
+        !pid_file.exists() && !cgroups.iter().any(|c| c.exists())
+    });
+    assert!(
+        cleaned.await,
+        "left behind: pid file {} / cgroups {cgroups:?}",
+        pid_file.exists()
+    );
     assert!(!dir.path().join("envs/jail-life/jail.json").exists());
     o.destroy("jail-life", "test").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jailed_vmm_killed_from_outside_fails_only_its_environment() {
-    let test = "jailed_vmm_killed_from_outside_fails_only_its_environment";
     let dir = tempfile::tempdir().unwrap();
-    let Some(o) = jailed_orchestrator(test, dir.path(), &[]) else {
+    let Some(o) = jailed(dir.path(), &[], "").await else {
         return;
     };
-    o.start().await.unwrap();
-    o.create(common::headless_spec("jail-victim", true), "test")
-        .unwrap();
-    o.create(common::headless_spec("jail-bystander", true), "test")
-        .unwrap();
-    let victim = common::wait_state(&o, "jail-victim", EnvState::Ready, 60).await;
-    let bystander = common::wait_state(&o, "jail-bystander", EnvState::Ready, 60).await;
+    let victim = common::create_ready(&o, "jail-victim", true).await;
+    let bystander = common::create_ready(&o, "jail-bystander", true).await;
     // Two environments, two slots, two uids.
     assert_ne!(
         status_field(victim.vmm_pid.unwrap(), "Uid"),
         status_field(bystander.vmm_pid.unwrap(), "Uid")
     );
 
-    // SAFETY: kill(2) on the VMM pid the orchestrator reported; no memory is involved.
-    unsafe { libc::kill(victim.vmm_pid.unwrap(), libc::SIGKILL) };
-
-    let failed = common::wait_state(&o, "jail-victim", EnvState::Failed, 20).await;
-    assert_eq!(
-        failed.reason.as_deref(),
-        Some("genos-vmm was killed by signal 9")
-    );
-    assert_eq!(o.show("jail-bystander").unwrap().state, EnvState::Ready);
-    o.destroy("jail-victim", "test").await.unwrap();
-    o.destroy("jail-bystander", "test").await.unwrap();
+    common::assert_killed_vmm_fails_only_its_environment(&o, &victim, "jail-bystander").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmm_killed_by_its_seccomp_filter_fails_with_the_seccomp_reason() {
-    let test = "vmm_killed_by_its_seccomp_filter_fails_with_the_seccomp_reason";
     let dir = tempfile::tempdir().unwrap();
-    let Some(o) = jailed_orchestrator(test, dir.path(), &["--seccomp-selftest", "vcpu"]) else {
+    let Some(o) = jailed(dir.path(), &["--seccomp-selftest", "vcpu"], "").await else {
         return;
     };
-    o.start().await.unwrap();
     o.create(common::headless_spec("jail-sigsys", true), "test")
         .unwrap();
-    let failed = common::wait_state(&o, "jail-sigsys", EnvState::Failed, 60).await;
-    assert_eq!(
-        failed.reason.as_deref(),
-        Some("genos-vmm was killed by its seccomp filter (a system call outside its allow-list)")
-    );
+    let reason =
+        "genos-vmm was killed by its seccomp filter (a system call outside its allow-list)";
+    common::assert_fails_with(&o, "jail-sigsys", 60, reason).await;
     assert!(!dir.path().join("envs/jail-sigsys/jail.json").exists());
     o.destroy("jail-sigsys", "test").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nat_environment_has_a_network_namespace_only_while_it_runs() {
-    let test = "nat_environment_has_a_network_namespace_only_while_it_runs";
     let dir = tempfile::tempdir().unwrap();
-    let Some(o) = jailed_orchestrator(test, dir.path(), &[]) else {
+    let Some(o) = jailed(dir.path(), &[], "").await else {
         return;
     };
-    o.start().await.unwrap();
     let mut s = common::headless_spec("jail-nat", true);
     s.network.mode = NetworkMode::Nat;
     o.create(s, "test").unwrap();
@@ -277,7 +237,6 @@ async fn nat_environment_has_a_network_namespace_only_while_it_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jail_that_cannot_be_built_fails_with_the_jailers_reason() {
-    let test = "jail_that_cannot_be_built_fails_with_the_jailers_reason";
     let dir = tempfile::tempdir().unwrap();
     // A chroot base below a regular file cannot be created.
     let blocker = dir.path().join("not-a-dir");
@@ -286,10 +245,9 @@ async fn jail_that_cannot_be_built_fails_with_the_jailers_reason() {
         "chroot_base = {:?}\n",
         blocker.join("jail").display().to_string()
     );
-    let Some(o) = jailed_orchestrator_with(test, dir.path(), &[], &base) else {
+    let Some(o) = jailed(dir.path(), &[], &base).await else {
         return;
     };
-    o.start().await.unwrap();
     o.create(common::headless_spec("jail-broken", true), "test")
         .unwrap();
     let failed = common::wait_state(&o, "jail-broken", EnvState::Failed, 30).await;

@@ -6,27 +6,9 @@ mod common;
 
 use std::path::Path;
 
-use hostd::config::Config;
-use hostd::orchestrator::{OrchError, Orchestrator};
-use hostd::store::{EnvState, Store};
+use hostd::orchestrator::OrchError;
+use hostd::store::Store;
 use hostd::stream::{EnvRef, TokenError, TokenKey};
-
-fn orchestrator(dir: &Path) -> Option<Orchestrator> {
-    let test = std::thread::current().name().unwrap_or("test").to_string();
-    if !common::kvm_available(&test) {
-        return None;
-    }
-    let vmm = common::vmm_bin(&test)?;
-    let kernel = common::build_guest("ready");
-    let cfg = Config::from_toml(&common::config_toml(&vmm, &kernel, 4, 4096)).unwrap();
-    Some(Orchestrator::new(cfg, dir).unwrap())
-}
-
-async fn ready(o: &Orchestrator, name: &str) -> hostd::store::EnvRecord {
-    o.create(common::headless_spec(name, false), "test")
-        .unwrap();
-    common::wait_state(o, name, EnvState::Ready, 60).await
-}
 
 fn key(dir: &Path) -> TokenKey {
     TokenKey::load_or_create(&dir.join("stream/token.key")).unwrap()
@@ -35,15 +17,14 @@ fn key(dir: &Path) -> TokenKey {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_minted_for_a_destroyed_environment_does_not_open_its_namesake() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(o) = orchestrator(dir.path()) else {
+    let Some(o) = common::tiny_guest_orchestrator(dir.path(), "ready", 4, |toml| toml).await else {
         return;
     };
-    o.start().await.unwrap();
-    let first = ready(&o, "dev").await;
+    let first = common::create_ready(&o, "dev", false).await;
     let old = o.mint_token("dev", "test", 3600, "view").unwrap();
     o.destroy("dev", "test").await.unwrap();
 
-    let second = ready(&o, "dev").await;
+    let second = common::create_ready(&o, "dev", false).await;
     let fresh = o.mint_token("dev", "test", 3600, "view").unwrap();
     let now = EnvRef::new("dev", second.id as u64);
     let key = key(dir.path());
@@ -65,11 +46,10 @@ async fn token_minted_for_a_destroyed_environment_does_not_open_its_namesake() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_tokens_are_recorded_and_audited_and_garbage_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(o) = orchestrator(dir.path()) else {
+    let Some(o) = common::tiny_guest_orchestrator(dir.path(), "ready", 4, |toml| toml).await else {
         return;
     };
-    o.start().await.unwrap();
-    ready(&o, "work").await;
+    common::create_ready(&o, "work", false).await;
     let whole = o.mint_token("work", "test", 3600, "view").unwrap();
     let by_id = o.mint_token("work", "test", 3600, "view").unwrap();
 
@@ -97,11 +77,9 @@ async fn revoked_tokens_are_recorded_and_audited_and_garbage_is_refused() {
         .collect();
     assert!(listed.contains(&a["token_id"].as_str().unwrap().to_string()));
     assert!(listed.contains(&b["token_id"].as_str().unwrap().to_string()));
-    let audited = o
-        .audit_entries(100)
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.action == "revoke-token")
+    let audited = common::audit_actions(&o, 100)
+        .iter()
+        .filter(|a| *a == "revoke-token")
         .count();
     assert_eq!(audited, 3);
     o.destroy("work", "test").await.unwrap();

@@ -100,6 +100,95 @@ listen = "127.0.0.1:0"
     )
 }
 
+/// The running test's name (the test harness names each test's thread after it).
+pub fn test_name() -> String {
+    std::thread::current().name().unwrap_or("test").to_string()
+}
+
+/// The genos-vmm binary and a hostd config booting the tiny guest `guest` for every
+/// environment on a host of `vcpus` CPUs and 4 GiB; None (skipped, saying why) without KVM
+/// or the binary.
+pub fn tiny_guest_config(test: &str, guest: &str, vcpus: u32) -> Option<(PathBuf, String)> {
+    if !kvm_available(test) {
+        return None;
+    }
+    let vmm = vmm_bin(test)?;
+    let toml = config_toml(&vmm, &build_guest(guest), vcpus, 4096);
+    Some((vmm, toml))
+}
+
+/// A started orchestrator over `dir` booting the tiny guest `guest` on a host of `vcpus`
+/// CPUs, its config text changed by `edit`; None (skipped, saying why) where the test cannot
+/// run.
+pub async fn tiny_guest_orchestrator(
+    dir: &Path,
+    guest: &str,
+    vcpus: u32,
+    edit: impl FnOnce(String) -> String,
+) -> Option<Orchestrator> {
+    let (_, toml) = tiny_guest_config(&test_name(), guest, vcpus)?;
+    let o = orchestrator(dir, &edit(toml));
+    o.start().await.unwrap();
+    Some(o)
+}
+
+/// An orchestrator over state directory `dir` with the config text `toml`.
+pub fn orchestrator(dir: &Path, toml: &str) -> Orchestrator {
+    Orchestrator::new(hostd::config::Config::from_toml(toml).unwrap(), dir).unwrap()
+}
+
+/// Creates the headless environment `name` (`offline`: without network) and waits until it
+/// is ready.
+pub async fn create_ready(o: &Orchestrator, name: &str, offline: bool) -> EnvRecord {
+    o.create(headless_spec(name, offline), "test").unwrap();
+    wait_state(o, name, EnvState::Ready, 60).await
+}
+
+/// Waits until environment `name` has failed (for up to `secs`) and checks its reason.
+pub async fn assert_fails_with(o: &Orchestrator, name: &str, secs: u64, reason: &str) -> EnvRecord {
+    let failed = wait_state(o, name, EnvState::Failed, secs).await;
+    assert_eq!(failed.reason.as_deref(), Some(reason), "{name}");
+    failed
+}
+
+/// Kills the VMM of the ready environment `victim` from outside and checks that only it
+/// fails, with the signal as its reason, while the ready `bystander` stays ready; destroys
+/// both.
+pub async fn assert_killed_vmm_fails_only_its_environment(
+    o: &Orchestrator,
+    victim: &EnvRecord,
+    bystander: &str,
+) {
+    // SAFETY: kill(2) on the VMM pid the orchestrator reported; no memory is involved.
+    unsafe { libc::kill(victim.vmm_pid.unwrap(), libc::SIGKILL) };
+
+    assert_fails_with(o, &victim.name, 20, "genos-vmm was killed by signal 9").await;
+    assert_eq!(o.show(bystander).unwrap().state, EnvState::Ready);
+    o.destroy(&victim.name, "test").await.unwrap();
+    o.destroy(bystander, "test").await.unwrap();
+}
+
+/// The actions of the newest `limit` audit entries, oldest first.
+pub fn audit_actions(o: &Orchestrator, limit: i64) -> Vec<String> {
+    o.audit_entries(limit)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect()
+}
+
+/// Polls `done` every 20 ms for up to `secs`; whether it became true.
+pub async fn wait_until(secs: u64, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
 /// The smallest headless spec, named `name`, as the composer makes it from a sentence (one
 /// core, 128 MB, an hour); `offline` asks for no network.
 pub fn headless_spec(name: &str, offline: bool) -> Spec {
