@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use framebuffer::{FramebufferShare, FramebufferWriter, PoolBuffer, ReaderFds, ScanoutConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -140,6 +140,12 @@ struct DisplayShared {
     interrupt: Option<Arc<dyn InterruptTrigger>>,
 }
 
+/// Locks the shared display state; a thread that panicked holding it left nothing half
+/// written that matters (three plain fields), so a poisoned lock is taken as it is.
+fn lock_display(display: &Mutex<DisplayShared>) -> MutexGuard<'_, DisplayShared> {
+    display.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// The VMM's handle on a gpu device: resize requests and framebuffer descriptors. Cheap to
 /// clone, usable from any thread.
 #[derive(Clone)]
@@ -164,7 +170,7 @@ impl GpuHandle {
         if width == 0 || height == 0 || width > max || height > max {
             return Err(GpuError::BadDisplaySize { width, height, max });
         }
-        let mut d = self.display.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut d = lock_display(&self.display);
         d.size = (width, height);
         d.events_read |= EVENT_DISPLAY;
         if let Some(interrupt) = &d.interrupt {
@@ -177,10 +183,7 @@ impl GpuHandle {
 
     /// The size currently announced to the guest.
     pub fn display_size(&self) -> (u32, u32) {
-        self.display
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .size
+        lock_display(&self.display).size
     }
 
     /// Descriptors for a new reader of the shared framebuffer (`GetFramebuffer`).
@@ -241,6 +244,23 @@ struct Resource {
 impl Resource {
     fn stride(&self) -> u64 {
         u64::from(self.width) * 4
+    }
+
+    /// Refuses a rectangle that does not fit inside the resource.
+    fn check_rect(&self, rect: Rect) -> Result<(), CommandError> {
+        if rect.fits_in(self.width, self.height) {
+            Ok(())
+        } else {
+            Err(self.rect_outside(rect))
+        }
+    }
+
+    fn rect_outside(&self, rect: Rect) -> CommandError {
+        CommandError::RectOutside {
+            rect,
+            width: self.width,
+            height: self.height,
+        }
     }
 }
 
@@ -475,16 +495,13 @@ impl GpuState {
             self.writer.free(res.buffer);
         }
         self.backing_bytes = 0;
-        let mut d = self.display.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut d = lock_display(&self.display);
         d.events_read = 0;
         d.interrupt = None;
     }
 
     fn display_size(&self) -> (u32, u32) {
-        self.display
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .size
+        lock_display(&self.display).size
     }
 
     /// Host memory the guest's resources hold: pixels (whole pool pages) and backing lists.
@@ -606,13 +623,7 @@ impl GpuState {
             .resources
             .get(&id)
             .ok_or(CommandError::UnknownResource(id))?;
-        if !rect.fits_in(res.width, res.height) {
-            return Err(CommandError::RectOutside {
-                rect,
-                width: res.width,
-                height: res.height,
-            });
-        }
+        res.check_rect(rect)?;
         let config = ScanoutConfig {
             width: rect.width,
             height: rect.height,
@@ -622,11 +633,7 @@ impl GpuState {
         // The rectangle fits the resource, so it fits the resource's buffer.
         self.writer
             .set_scanout(Some((&res.buffer, config)))
-            .map_err(|_| CommandError::RectOutside {
-                rect,
-                width: res.width,
-                height: res.height,
-            })?;
+            .map_err(|_| res.rect_outside(rect))?;
         self.scanout = Some((id, rect));
         Ok(())
     }
@@ -643,13 +650,7 @@ impl GpuState {
             .get(&id)
             .ok_or(CommandError::UnknownResource(id))?;
         let backing = res.backing.as_ref().ok_or(CommandError::NoBacking(id))?;
-        if !rect.fits_in(res.width, res.height) {
-            return Err(CommandError::RectOutside {
-                rect,
-                width: res.width,
-                height: res.height,
-            });
-        }
+        res.check_rect(rect)?;
         if rect.is_empty() {
             return Ok(());
         }
@@ -695,13 +696,7 @@ impl GpuState {
             .resources
             .get(&id)
             .ok_or(CommandError::UnknownResource(id))?;
-        if !rect.fits_in(res.width, res.height) {
-            return Err(CommandError::RectOutside {
-                rect,
-                width: res.width,
-                height: res.height,
-            });
-        }
+        res.check_rect(rect)?;
         let Some((_, shown)) = self.scanout.filter(|(r, _)| *r == id) else {
             // Flushing a resource that is not on screen is valid and shows nothing.
             return Ok(());
@@ -863,12 +858,7 @@ impl VirtioDevice for Gpu {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let events_read = self
-            .state
-            .display
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .events_read;
+        let events_read = lock_display(&self.state.display).events_read;
         // virtio_gpu_config: events_read, events_clear, num_scanouts, num_capsets.
         let mut config = [0u8; 16];
         config[0..4].copy_from_slice(&events_read.to_le_bytes());
@@ -880,22 +870,13 @@ impl VirtioDevice for Gpu {
         // Only events_clear (offset 4) is writable: it clears the bits written.
         if offset == 4 && data.len() == 4 {
             let clear = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-            let mut d = self
-                .state
-                .display
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            d.events_read &= !clear;
+            lock_display(&self.state.display).events_read &= !clear;
         }
     }
 
     fn on_activate(&mut self) -> Result<(), ActivateError> {
         // Display-size changes from the VMM raise configuration interrupts from now on.
-        self.state
-            .display
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .interrupt = self.common.interrupt().cloned();
+        lock_display(&self.state.display).interrupt = self.common.interrupt().cloned();
         Ok(())
     }
 
@@ -916,8 +897,8 @@ mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::check_broken_queue_needs_reset;
 
-    #[test]
-    fn broken_control_queue_puts_the_device_in_needs_reset() {
+    /// Checks that a broken queue `index` puts a fresh device in NEEDS_RESET.
+    fn broken_queue_needs_reset(index: usize) {
         let mem = guest_memory(MEM_SIZE);
         let control = DriverQueue::new(&mem, 0);
         let cursor = DriverQueue::new(&mem, 0x4000);
@@ -927,25 +908,19 @@ mod tests {
             gpu,
             &mem,
             &[control.mock(), cursor.mock()],
-            CONTROL_QUEUE,
-            |gpu: &mut Gpu| gpu.process_queue(CONTROL_QUEUE),
+            index,
+            move |gpu: &mut Gpu| gpu.process_queue(index),
         );
     }
 
     #[test]
-    fn broken_cursor_queue_puts_the_device_in_needs_reset() {
-        let mem = guest_memory(MEM_SIZE);
-        let control = DriverQueue::new(&mem, 0);
-        let cursor = DriverQueue::new(&mem, 0x4000);
-        let gpu = Gpu::new(GpuConfig::with_size(64, 64)).unwrap();
+    fn broken_control_queue_puts_the_device_in_needs_reset() {
+        broken_queue_needs_reset(CONTROL_QUEUE);
+    }
 
-        check_broken_queue_needs_reset(
-            gpu,
-            &mem,
-            &[control.mock(), cursor.mock()],
-            CURSOR_QUEUE,
-            |gpu: &mut Gpu| gpu.process_queue(CURSOR_QUEUE),
-        );
+    #[test]
+    fn broken_cursor_queue_puts_the_device_in_needs_reset() {
+        broken_queue_needs_reset(CURSOR_QUEUE);
     }
 
     const MEM_SIZE: usize = 32 << 20;
@@ -967,7 +942,8 @@ mod tests {
         GpuState::new(GpuConfig::with_size(640, 480)).unwrap()
     }
 
-    fn create(
+    /// RESOURCE_CREATE_2D of a `w` x `h` resource `id` in `format`.
+    fn create_as(
         s: &mut GpuState,
         mem: &GuestMemoryMmap,
         id: u32,
@@ -975,15 +951,66 @@ mod tests {
         w: u32,
         h: u32,
     ) -> Response {
-        s.execute(
-            mem,
-            Command::ResourceCreate2d {
-                resource_id: id,
-                format,
-                width: w,
-                height: h,
-            },
-        )
+        let create = Command::ResourceCreate2d {
+            resource_id: id,
+            format,
+            width: w,
+            height: h,
+        };
+        s.execute(mem, create)
+    }
+
+    /// RESOURCE_CREATE_2D of a `w` x `h` B8G8R8X8 resource `id`.
+    fn create(s: &mut GpuState, mem: &GuestMemoryMmap, id: u32, w: u32, h: u32) -> Response {
+        create_as(s, mem, id, Format::B8G8R8X8, w, h)
+    }
+
+    fn set_scanout(resource_id: u32, rect: Rect) -> Command {
+        Command::SetScanout {
+            scanout_id: 0,
+            resource_id,
+            rect,
+        }
+    }
+
+    fn transfer(resource_id: u32, rect: Rect, offset: u64) -> Command {
+        Command::TransferToHost2d {
+            resource_id,
+            rect,
+            offset,
+        }
+    }
+
+    fn flush(resource_id: u32, rect: Rect) -> Command {
+        Command::ResourceFlush { resource_id, rect }
+    }
+
+    /// A state of a device whose limits are `config`'s.
+    fn limited(config: GpuConfig) -> GpuState {
+        GpuState::new(config).unwrap()
+    }
+
+    /// A 640x480 state and a reader of its shared framebuffer.
+    fn state_and_reader() -> (GpuState, FramebufferReader) {
+        let s = state();
+        let reader = FramebufferReader::new(s.handle().reader_fds().unwrap()).unwrap();
+        (s, reader)
+    }
+
+    /// A `w` x `h` device activated on `mem`, its control queue's driver side (the cursor
+    /// queue is idle) and its interrupt.
+    fn active_gpu(
+        mem: &GuestMemoryMmap,
+        w: u32,
+        h: u32,
+    ) -> (Gpu, DriverQueue<'_>, Arc<RecordingInterrupt>) {
+        let mut gpu = Gpu::new(GpuConfig::with_size(w, h)).unwrap();
+        let ctrl = DriverQueue::new(mem, 0);
+        let cursor = DriverQueue::new(mem, 0x4000);
+        let irq = RecordingInterrupt::new();
+        let queues = vec![ctrl.device_queue(), cursor.device_queue()];
+        gpu.activate(mem.clone(), irq.clone(), queues).unwrap();
+        (gpu, ctrl, irq)
     }
 
     fn attach(
@@ -1008,6 +1035,18 @@ mod tests {
         Response::Err(code)
     }
 
+    /// Checks that each of `commands` is answered with the error `code`.
+    fn assert_each_answers(
+        s: &mut GpuState,
+        mem: &GuestMemoryMmap,
+        commands: impl IntoIterator<Item = Command>,
+        code: u32,
+    ) {
+        for c in commands {
+            assert_eq!(s.execute(mem, c.clone()), err(code), "{c:?}");
+        }
+    }
+
     #[test]
     fn backing_lists_count_against_the_host_memory_limit() {
         let mem = guest_memory(MEM_SIZE);
@@ -1015,23 +1054,20 @@ mod tests {
             max_host_memory: 1 << 20,
             ..GpuConfig::with_size(64, 64)
         };
-        let mut s = GpuState::new(config).unwrap();
+        let mut s = limited(config);
         let max = decoder::MAX_MEM_ENTRIES as usize;
         let list = vec![(0x1000, 16); max];
         // Each full list costs max * BACKING_ENTRY_COST (384 KiB): two fit beside four
         // 16 KiB resources in 1 MiB, a third does not.
         for id in 1..=4 {
-            assert_eq!(
-                create(&mut s, &mem, id, Format::B8G8R8X8, 64, 64),
-                Response::OkNoData
-            );
+            assert_eq!(create(&mut s, &mem, id, 64, 64), Response::OkNoData);
         }
         assert_eq!(attach(&mut s, &mem, 1, &list), Response::OkNoData);
         assert_eq!(attach(&mut s, &mem, 2, &list), Response::OkNoData);
 
         assert_eq!(attach(&mut s, &mem, 3, &list), err(resp::ERR_OUT_OF_MEMORY));
         assert_eq!(
-            create(&mut s, &mem, 5, Format::B8G8R8X8, 256, 256),
+            create(&mut s, &mem, 5, 256, 256),
             err(resp::ERR_OUT_OF_MEMORY),
             "the lists' memory is not available for pixels either"
         );
@@ -1058,20 +1094,9 @@ mod tests {
                 entries: vec![],
             },
             Command::ResourceDetachBacking { resource_id: 9 },
-            Command::SetScanout {
-                scanout_id: 0,
-                resource_id: 9,
-                rect: r,
-            },
-            Command::TransferToHost2d {
-                resource_id: 9,
-                rect: r,
-                offset: 0,
-            },
-            Command::ResourceFlush {
-                resource_id: 9,
-                rect: r,
-            },
+            set_scanout(9, r),
+            transfer(9, r, 0),
+            flush(9, r),
             Command::UpdateCursor {
                 pos: CursorPos::default(),
                 resource_id: 9,
@@ -1079,25 +1104,16 @@ mod tests {
                 hot_y: 0,
             },
         ];
-        for c in commands {
-            assert_eq!(
-                s.execute(&mem, c.clone()),
-                err(resp::ERR_INVALID_RESOURCE_ID),
-                "{c:?}"
-            );
-        }
+        assert_each_answers(&mut s, &mem, commands, resp::ERR_INVALID_RESOURCE_ID);
     }
 
     #[test]
     fn duplicate_resource_id_is_rejected() {
         let mem = guest_memory(MEM_SIZE);
         let mut s = state();
+        assert_eq!(create(&mut s, &mem, 1, 4, 4), Response::OkNoData);
         assert_eq!(
-            create(&mut s, &mem, 1, Format::B8G8R8X8, 4, 4),
-            Response::OkNoData
-        );
-        assert_eq!(
-            create(&mut s, &mem, 1, Format::B8G8R8X8, 4, 4),
+            create(&mut s, &mem, 1, 4, 4),
             err(resp::ERR_INVALID_RESOURCE_ID)
         );
     }
@@ -1106,7 +1122,7 @@ mod tests {
     fn backing_entries_outside_guest_memory_are_an_error_response() {
         let mem = guest_memory(MEM_SIZE);
         let mut s = state();
-        create(&mut s, &mem, 1, Format::B8G8R8X8, 4, 4);
+        create(&mut s, &mem, 1, 4, 4);
         let end = MEM_SIZE as u64;
         for entries in [
             vec![(end, 64)],
@@ -1130,81 +1146,47 @@ mod tests {
     #[test]
     fn resource_count_limit_answers_out_of_memory() {
         let mem = guest_memory(MEM_SIZE);
-        let mut s = GpuState::new(GpuConfig {
+        let mut s = limited(GpuConfig {
             max_resources: 2,
             ..GpuConfig::with_size(64, 64)
-        })
-        .unwrap();
-        create(&mut s, &mem, 1, Format::B8G8R8X8, 4, 4);
-        create(&mut s, &mem, 2, Format::B8G8R8X8, 4, 4);
-        assert_eq!(
-            create(&mut s, &mem, 3, Format::B8G8R8X8, 4, 4),
-            err(resp::ERR_OUT_OF_MEMORY)
-        );
+        });
+        create(&mut s, &mem, 1, 4, 4);
+        create(&mut s, &mem, 2, 4, 4);
+        assert_eq!(create(&mut s, &mem, 3, 4, 4), err(resp::ERR_OUT_OF_MEMORY));
         s.execute(&mem, Command::ResourceUnref { resource_id: 1 });
-        assert_eq!(
-            create(&mut s, &mem, 3, Format::B8G8R8X8, 4, 4),
-            Response::OkNoData
-        );
+        assert_eq!(create(&mut s, &mem, 3, 4, 4), Response::OkNoData);
     }
 
     #[test]
     fn host_memory_limit_answers_out_of_memory_and_unref_gives_it_back() {
         let mem = guest_memory(MEM_SIZE);
-        let mut s = GpuState::new(GpuConfig {
+        let mut s = limited(GpuConfig {
             max_host_memory: 1 << 20,
             ..GpuConfig::with_size(64, 64)
-        })
-        .unwrap();
+        });
         // 512x512x4 = 1 MiB: the whole budget.
+        assert_eq!(create(&mut s, &mem, 1, 512, 512), Response::OkNoData);
         assert_eq!(
-            create(&mut s, &mem, 1, Format::B8G8R8X8, 512, 512),
-            Response::OkNoData
-        );
-        assert_eq!(
-            create(&mut s, &mem, 2, Format::B8G8R8X8, 16, 16),
+            create(&mut s, &mem, 2, 16, 16),
             err(resp::ERR_OUT_OF_MEMORY)
         );
         assert_eq!(
-            create(&mut s, &mem, 3, Format::B8G8R8X8, 16384, 16384),
+            create(&mut s, &mem, 3, 16384, 16384),
             err(resp::ERR_OUT_OF_MEMORY)
         );
         s.execute(&mem, Command::ResourceUnref { resource_id: 1 });
-        assert_eq!(
-            create(&mut s, &mem, 2, Format::B8G8R8X8, 16, 16),
-            Response::OkNoData
-        );
+        assert_eq!(create(&mut s, &mem, 2, 16, 16), Response::OkNoData);
     }
 
     #[test]
     fn out_of_range_rectangles_answer_invalid_parameter() {
         let mem = guest_memory(MEM_SIZE);
         let mut s = state();
-        create(&mut s, &mem, 1, Format::B8G8R8X8, 16, 8);
+        create(&mut s, &mem, 1, 16, 8);
         attach(&mut s, &mem, 1, &[(0x10_0000, 16 * 8 * 4)]);
         for r in [rect(0, 0, 17, 8), rect(0, 1, 16, 8), rect(16, 0, 1, 1)] {
-            for c in [
-                Command::SetScanout {
-                    scanout_id: 0,
-                    resource_id: 1,
-                    rect: r,
-                },
-                Command::TransferToHost2d {
-                    resource_id: 1,
-                    rect: r,
-                    offset: 0,
-                },
-                Command::ResourceFlush {
-                    resource_id: 1,
-                    rect: r,
-                },
-            ] {
-                assert_eq!(
-                    s.execute(&mem, c.clone()),
-                    err(resp::ERR_INVALID_PARAMETER),
-                    "{c:?}"
-                );
-            }
+            let commands = [set_scanout(1, r), transfer(1, r, 0), flush(1, r)];
+            assert_each_answers(&mut s, &mem, commands, resp::ERR_INVALID_PARAMETER);
         }
     }
 
@@ -1212,12 +1194,8 @@ mod tests {
     fn transfer_beyond_the_backing_or_without_backing_is_rejected() {
         let mem = guest_memory(MEM_SIZE);
         let mut s = state();
-        create(&mut s, &mem, 1, Format::B8G8R8X8, 16, 8);
-        let transfer = |offset| Command::TransferToHost2d {
-            resource_id: 1,
-            rect: rect(0, 0, 16, 8),
-            offset,
-        };
+        create(&mut s, &mem, 1, 16, 8);
+        let transfer = |offset| transfer(1, rect(0, 0, 16, 8), offset);
         assert_eq!(s.execute(&mem, transfer(0)), err(resp::ERR_UNSPEC));
         // One byte short of the 16x8x4 the transfer reads.
         attach(&mut s, &mem, 1, &[(0x10_0000, 16 * 8 * 4 - 1)]);
@@ -1238,7 +1216,7 @@ mod tests {
     fn set_scanout_on_a_scanout_other_than_zero_is_rejected() {
         let mem = guest_memory(MEM_SIZE);
         let mut s = state();
-        create(&mut s, &mem, 1, Format::B8G8R8X8, 16, 8);
+        create(&mut s, &mem, 1, 16, 8);
         assert_eq!(
             s.execute(
                 &mem,
@@ -1271,36 +1249,15 @@ mod tests {
             (Format::A8B8G8R8, [0x44, 0x33, 0x22, 0x11]),
         ];
         for (format, bytes) in cases {
-            let mut s = state();
-            let mut reader = FramebufferReader::new(s.handle().reader_fds().unwrap()).unwrap();
+            let (mut s, mut reader) = state_and_reader();
             mem.write_slice(&bytes.repeat(4), GuestAddress(0x10_0000))
                 .unwrap();
-            create(&mut s, &mem, 1, format, 2, 2);
+            create_as(&mut s, &mem, 1, format, 2, 2);
             attach(&mut s, &mem, 1, &[(0x10_0000, 16)]);
             let full = rect(0, 0, 2, 2);
-            s.execute(
-                &mem,
-                Command::SetScanout {
-                    scanout_id: 0,
-                    resource_id: 1,
-                    rect: full,
-                },
-            );
-            s.execute(
-                &mem,
-                Command::TransferToHost2d {
-                    resource_id: 1,
-                    rect: full,
-                    offset: 0,
-                },
-            );
-            s.execute(
-                &mem,
-                Command::ResourceFlush {
-                    resource_id: 1,
-                    rect: full,
-                },
-            );
+            s.execute(&mem, set_scanout(1, full));
+            s.execute(&mem, transfer(1, full, 0));
+            s.execute(&mem, flush(1, full));
             let frame = reader.wait_frame(soon()).unwrap().unwrap();
             assert_eq!(&frame.pixels[..4], &[0x33, 0x22, 0x11, 0x44], "{format:?}");
         }
@@ -1309,30 +1266,16 @@ mod tests {
     #[test]
     fn scanout_of_a_sub_rectangle_publishes_damage_in_scanout_coordinates() {
         let mem = guest_memory(MEM_SIZE);
-        let mut s = state();
-        let mut reader = FramebufferReader::new(s.handle().reader_fds().unwrap()).unwrap();
-        create(&mut s, &mem, 1, Format::B8G8R8X8, 32, 32);
-        s.execute(
-            &mem,
-            Command::SetScanout {
-                scanout_id: 0,
-                resource_id: 1,
-                rect: rect(8, 8, 16, 16),
-            },
-        );
+        let (mut s, mut reader) = state_and_reader();
+        create(&mut s, &mem, 1, 32, 32);
+        s.execute(&mem, set_scanout(1, rect(8, 8, 16, 16)));
         let first = reader.wait_frame(soon()).unwrap().unwrap();
         assert_eq!(
             (first.info.width, first.info.height, first.info.stride),
             (16, 16, 128)
         );
 
-        s.execute(
-            &mem,
-            Command::ResourceFlush {
-                resource_id: 1,
-                rect: rect(0, 0, 10, 10),
-            },
-        );
+        s.execute(&mem, flush(1, rect(0, 0, 10, 10)));
 
         let frame = reader.wait_frame(soon()).unwrap().unwrap();
         assert_eq!(
@@ -1349,17 +1292,9 @@ mod tests {
     #[test]
     fn unref_of_the_scanout_resource_disables_the_published_scanout() {
         let mem = guest_memory(MEM_SIZE);
-        let mut s = state();
-        let reader = FramebufferReader::new(s.handle().reader_fds().unwrap()).unwrap();
-        create(&mut s, &mem, 1, Format::B8G8R8X8, 8, 8);
-        s.execute(
-            &mem,
-            Command::SetScanout {
-                scanout_id: 0,
-                resource_id: 1,
-                rect: rect(0, 0, 8, 8),
-            },
-        );
+        let (mut s, reader) = state_and_reader();
+        create(&mut s, &mem, 1, 8, 8);
+        s.execute(&mem, set_scanout(1, rect(0, 0, 8, 8)));
         assert!(reader.info().unwrap().enabled());
 
         assert_eq!(
@@ -1373,20 +1308,12 @@ mod tests {
     #[test]
     fn cursor_update_publishes_image_hotspot_and_hotspot_position() {
         let mem = guest_memory(MEM_SIZE);
-        let mut s = state();
-        let reader = FramebufferReader::new(s.handle().reader_fds().unwrap()).unwrap();
+        let (mut s, reader) = state_and_reader();
         let image: Vec<u8> = (0..64 * 64 * 4).map(|i| (i % 251) as u8).collect();
         mem.write_slice(&image, GuestAddress(0x10_0000)).unwrap();
-        create(&mut s, &mem, 5, Format::B8G8R8A8, 64, 64);
+        create_as(&mut s, &mem, 5, Format::B8G8R8A8, 64, 64);
         attach(&mut s, &mem, 5, &[(0x10_0000, image.len() as u32)]);
-        s.execute(
-            &mem,
-            Command::TransferToHost2d {
-                resource_id: 5,
-                rect: rect(0, 0, 64, 64),
-                offset: 0,
-            },
-        );
+        s.execute(&mem, transfer(5, rect(0, 0, 64, 64), 0));
 
         let pos = CursorPos {
             scanout_id: 0,
@@ -1424,7 +1351,7 @@ mod tests {
         let moved = reader.cursor().unwrap();
         assert_eq!((moved.visible, moved.x, moved.y), (true, 9, 12));
 
-        create(&mut s, &mem, 6, Format::B8G8R8A8, 32, 32);
+        create_as(&mut s, &mem, 6, Format::B8G8R8A8, 32, 32);
         assert_eq!(
             s.execute(
                 &mem,
@@ -1442,17 +1369,8 @@ mod tests {
     #[test]
     fn display_size_request_raises_a_config_interrupt_and_is_reported() {
         let mem = guest_memory(MEM_SIZE);
-        let mut gpu = Gpu::new(GpuConfig::with_size(640, 480)).unwrap();
+        let (mut gpu, _ctrl, irq) = active_gpu(&mem, 640, 480);
         let handle = gpu.handle();
-        let ctrl = DriverQueue::new(&mem, 0);
-        let cursor = DriverQueue::new(&mem, 0x4000);
-        let irq = RecordingInterrupt::new();
-        gpu.activate(
-            mem.clone(),
-            irq.clone(),
-            vec![ctrl.device_queue(), cursor.device_queue()],
-        )
-        .unwrap();
         let events_read = |gpu: &Gpu| {
             let mut b = [0u8; 4];
             gpu.read_config(0, &mut b);
@@ -1488,6 +1406,20 @@ mod tests {
         b
     }
 
+    /// Guest address of request `i`'s response buffer (0x100 bytes each).
+    fn response_addr(i: usize) -> u64 {
+        0x9_0000 + i as u64 * 0x100
+    }
+
+    /// Posts `requests` as requests number `first`.. (one page each from 0x8_0000), each with
+    /// its response buffer at [`response_addr`].
+    fn post_numbered(ctrl: &mut DriverQueue<'_>, requests: &[Vec<u8>], first: usize) {
+        for (i, r) in requests.iter().enumerate() {
+            let i = first + i;
+            ctrl.post_request(0x8_0000 + i as u64 * 0x1000, r, response_addr(i), 0x100);
+        }
+    }
+
     /// The whole path through real queues: create, attach scatter-gather backing, set
     /// scanout, transfer a sub-rectangle, flush with a fence; then read the frame through a
     /// second, read-only mapping of the memfd.
@@ -1496,17 +1428,8 @@ mod tests {
         const W: u32 = 64;
         const H: u32 = 48;
         let mem = guest_memory(MEM_SIZE);
-        let mut gpu = Gpu::new(GpuConfig::with_size(W, H)).unwrap();
+        let (mut gpu, mut ctrl, irq) = active_gpu(&mem, W, H);
         let mut reader = FramebufferReader::new(gpu.handle().reader_fds().unwrap()).unwrap();
-        let mut ctrl = DriverQueue::new(&mem, 0);
-        let cursor = DriverQueue::new(&mem, 0x4000);
-        let irq = RecordingInterrupt::new();
-        gpu.activate(
-            mem.clone(),
-            irq.clone(),
-            vec![ctrl.device_queue(), cursor.device_queue()],
-        )
-        .unwrap();
 
         // Backing in two pieces, split mid-row, in non-adjacent guest memory.
         let pixel = |x: u32, y: u32| [x as u8, y as u8, (x ^ y) as u8, 0xff];
@@ -1521,7 +1444,6 @@ mod tests {
             .unwrap();
         let rest = image.len() as u32 - split;
 
-        let (req, resp_base) = (0x8_0000u64, 0x9_0000u64);
         let setup = [
             request(cmd::RESOURCE_CREATE_2D, 0, 0, &[1, 2, W, H]),
             request(
@@ -1532,14 +1454,7 @@ mod tests {
             ),
             request(cmd::SET_SCANOUT, 0, 0, &[0, 0, W, H, 0, 1]),
         ];
-        for (i, r) in setup.iter().enumerate() {
-            ctrl.post_request(
-                req + i as u64 * 0x1000,
-                r,
-                resp_base + i as u64 * 0x100,
-                0x100,
-            );
-        }
+        post_numbered(&mut ctrl, &setup, 0);
         gpu.process_queue(CONTROL_QUEUE);
         let initial = reader.wait_frame(soon()).unwrap().expect("scanout set");
         assert!(
@@ -1558,29 +1473,18 @@ mod tests {
             ),
             request(cmd::RESOURCE_FLUSH, FLAG_FENCE, 77, &[rx, ry, rw, rh, 1, 0]),
         ];
-        for (i, r) in draw.iter().enumerate() {
-            let i = i + setup.len();
-            ctrl.post_request(
-                req + i as u64 * 0x1000,
-                r,
-                resp_base + i as u64 * 0x100,
-                0x100,
-            );
-        }
+        post_numbered(&mut ctrl, &draw, setup.len());
         gpu.process_queue(CONTROL_QUEUE);
 
         let used = ctrl.used();
         assert_eq!(used.len(), 5);
         for (i, &(_, len)) in used.iter().enumerate() {
             assert_eq!(len as usize, HEADER_LEN);
-            let out: [u8; HEADER_LEN] = mem
-                .read_obj(GuestAddress(resp_base + i as u64 * 0x100))
-                .unwrap();
+            let out: [u8; HEADER_LEN] = mem.read_obj(GuestAddress(response_addr(i))).unwrap();
             let header = decoder::decode_header(&out).unwrap();
             assert_eq!(header.ty, resp::OK_NODATA, "request {i}");
         }
-        let flush_resp: [u8; HEADER_LEN] =
-            mem.read_obj(GuestAddress(resp_base + 4 * 0x100)).unwrap();
+        let flush_resp: [u8; HEADER_LEN] = mem.read_obj(GuestAddress(response_addr(4))).unwrap();
         let flush_header = decoder::decode_header(&flush_resp).unwrap();
         assert_eq!(
             (flush_header.flags & FLAG_FENCE, flush_header.fence_id),
@@ -1612,15 +1516,7 @@ mod tests {
     #[test]
     fn malformed_request_on_the_queue_gets_an_error_response_with_its_fence() {
         let mem = guest_memory(MEM_SIZE);
-        let mut gpu = Gpu::new(GpuConfig::with_size(64, 64)).unwrap();
-        let mut ctrl = DriverQueue::new(&mem, 0);
-        let cursor = DriverQueue::new(&mem, 0x4000);
-        gpu.activate(
-            mem.clone(),
-            RecordingInterrupt::new(),
-            vec![ctrl.device_queue(), cursor.device_queue()],
-        )
-        .unwrap();
+        let (mut gpu, mut ctrl, _irq) = active_gpu(&mem, 64, 64);
         let mut truncated = request(cmd::RESOURCE_CREATE_2D, FLAG_FENCE, 5, &[1, 2]);
         truncated.truncate(HEADER_LEN + 8);
         ctrl.post_request(0x8_0000, &truncated, 0x9_0000, 0x100);
