@@ -2,7 +2,9 @@
 //! graphical environment (a tiny guest standing in for the OS, a virtio-gpu display and
 //! the input devices), publishes it on the stream server when it is ready, mints a viewer
 //! URL, and the client library connects to it, decodes the VM's screen and sends a key
-//! that reaches the VM's virtio-input keyboard. Needs /dev/kvm (skips with the reason).
+//! that reaches the VM's virtio-input keyboard; a clipboard the VM has no agent for is
+//! refused out loud, a watched environment is never idle, and the session is audited.
+//! Needs /dev/kvm (skips with the reason).
 
 #[path = "../../hostd/tests/common/mod.rs"]
 mod common;
@@ -15,7 +17,7 @@ use hostd::config::Config;
 use hostd::orchestrator::Orchestrator;
 use hostd::store::EnvState;
 use hostd::stream::{Identity, ServerConfig, StreamServer, TokenKey};
-use proto::stream::InputEvent;
+use proto::stream::{ClientMessage, ErrorCode, InputEvent};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewer_sees_a_graphical_environment_and_its_keys_reach_the_vm() {
@@ -61,7 +63,9 @@ async fn a_viewer_sees_a_graphical_environment_and_its_keys_reach_the_vm() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let token = orch.mint_token(&name, "test", 3600, "view,input").unwrap();
+    let token = orch
+        .mint_token(&name, "test", 3600, "view,input,clipboard")
+        .unwrap();
     let url = token["url"]
         .as_str()
         .expect("token carries a genos:// URL")
@@ -90,6 +94,29 @@ async fn a_viewer_sees_a_graphical_environment_and_its_keys_reach_the_vm() {
         pressed: false,
     });
 
+    session.send(ClientMessage::Clipboard("hello".into()));
+    let clipboard_refusal = loop {
+        match tokio::time::timeout(Duration::from_secs(10), session.next_event())
+            .await
+            .expect("no answer to the clipboard within 10 s")
+            .expect("session ended")
+        {
+            Event::Error { code, message } => break (code, message),
+            Event::Closed(r) => panic!("session closed: {r}"),
+            _ => {}
+        }
+    };
+    // Far past the idle limit: a watched environment is not reaped.
+    let idle_s = ready
+        .spec
+        .lifetime
+        .idle_s
+        .expect("the composer sets an idle limit");
+    orch.reap_at(hostd::store::now_s() + idle_s as i64 + 60)
+        .await
+        .unwrap();
+    let watched_state = orch.show(&name).unwrap().state;
+
     let sock = ready.api_socket.clone().expect("api socket");
     let injected = {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -113,8 +140,54 @@ async fn a_viewer_sees_a_graphical_environment_and_its_keys_reach_the_vm() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
+    session.close().await;
+    let token_id = token["token_id"].as_str().unwrap().to_string();
+    let audited = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let entries: Vec<String> = orch
+                .audit_entries(100)
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.actor == format!("viewer:{token_id}") && e.target == name)
+                .map(|e| format!("{} {}", e.action, e.detail))
+                .collect();
+            if entries.iter().any(|e| e.starts_with("viewer-leave")) || Instant::now() > deadline {
+                break entries;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
     orch.stop(&name, "test").await.unwrap();
 
+    assert_eq!(
+        clipboard_refusal,
+        (
+            ErrorCode::Unavailable,
+            "clipboard unavailable: this environment has no guest agent to take the clipboard"
+                .to_owned()
+        )
+    );
+    assert_eq!(
+        watched_state,
+        EnvState::Ready,
+        "a watched environment is not idle"
+    );
+    let actions: Vec<&str> = audited
+        .iter()
+        .map(|e| e.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["viewer-join", "viewer-use", "viewer-use", "viewer-leave"],
+        "{audited:#?}"
+    );
+    assert!(audited[1].contains("right=input") && audited[2].contains("right=clipboard"));
+    assert!(
+        audited[3].contains("input_events=2 clipboard_sets=1"),
+        "{}",
+        audited[3]
+    );
     assert_eq!(
         (frame.width, frame.height),
         (640, 480),

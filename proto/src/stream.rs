@@ -158,6 +158,9 @@ pub enum ErrorCode {
     /// Non-fatal warning: the token expired during the session; input is no longer accepted
     /// and the video ends after a grace period (then the close carries `TokenExpired`).
     SessionExpiring = 14,
+    /// Non-fatal: the environment cannot do what the viewer asked (a clipboard or resize in
+    /// an environment without the means for it); the message says what and why.
+    Unavailable = 15,
     /// A code this implementation does not know (from a newer peer).
     Unknown = 0xffff,
 }
@@ -181,6 +184,7 @@ impl ErrorCode {
             12 => ServerShutdown,
             13 => TokenRevoked,
             14 => SessionExpiring,
+            15 => Unavailable,
             _ => Unknown,
         }
     }
@@ -188,7 +192,10 @@ impl ErrorCode {
     pub fn is_fatal(self) -> bool {
         !matches!(
             self,
-            ErrorCode::None | ErrorCode::PermissionDenied | ErrorCode::SessionExpiring
+            ErrorCode::None
+                | ErrorCode::PermissionDenied
+                | ErrorCode::SessionExpiring
+                | ErrorCode::Unavailable
         )
     }
 }
@@ -1296,7 +1303,7 @@ mod tests {
 
     #[test]
     fn error_codes_round_trip_and_unknown_codes_map_to_unknown() {
-        for v in 0..=14u16 {
+        for v in 0..=15u16 {
             assert_eq!(ErrorCode::from_u16(v) as u16, v);
         }
         assert_eq!(ErrorCode::from_u16(999), ErrorCode::Unknown);
@@ -1304,5 +1311,6 @@ mod tests {
         assert!(ErrorCode::TokenForged.is_fatal());
         assert!(ErrorCode::TokenRevoked.is_fatal());
         assert!(!ErrorCode::SessionExpiring.is_fatal());
+        assert!(!ErrorCode::Unavailable.is_fatal());
     }
 }

@@ -73,7 +73,16 @@ impl Orchestrator {
                 }
             }
             if let Some(idle) = env.spec.lifetime.idle_s {
-                if env.state == EnvState::Ready && now >= env.last_active_at + idle as i64 {
+                let watched = self
+                    .inner
+                    .stream
+                    .get()
+                    .is_some_and(|s| s.is_watched(&env.name));
+                if watched {
+                    // Someone is looking at it: the idle clock starts when the last one leaves
+                    // (their leave touches it again).
+                    self.touch(&env.name)?;
+                } else if env.state == EnvState::Ready && now >= env.last_active_at + idle as i64 {
                     bump(&self.inner.counters.reaped);
                     self.stop(&env.name, "reaper:idle").await?;
                 }

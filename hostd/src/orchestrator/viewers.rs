@@ -10,14 +10,75 @@ use crate::uds::VmmSocket;
 
 impl Orchestrator {
     /// Publishes ready graphical environments on `server` from now on, with the store's
-    /// revocation list.
+    /// revocation list; viewers' sessions go into the audit chain and reset their
+    /// environment's idle clock. Must be called within a tokio runtime.
     pub fn set_stream_server(
         &self,
         server: Arc<crate::stream::StreamServer>,
     ) -> Result<(), OrchError> {
         server.set_revocations(self.revocations()?);
+        let mut records = server.viewer_records();
         let _ = self.inner.stream.set(server);
+        let orch = self.clone();
+        tokio::spawn(async move {
+            while let Some(event) = records.recv().await {
+                let orch = orch.clone();
+                // The store is SQLite behind a mutex: off the async workers.
+                let done = tokio::task::spawn_blocking(move || orch.record_viewer(&event)).await;
+                if let Err(e) = done {
+                    tracing::warn!(error = %e, "recording a viewer failed");
+                }
+            }
+        });
         Ok(())
+    }
+
+    /// Audits a viewer's join, first use of a right or leave, and marks the activity.
+    fn record_viewer(&self, event: &crate::stream::ViewerEvent) {
+        use crate::stream::ViewerRecord;
+        let name = event.env.name.as_str();
+        let remote = event.remote;
+        let (token, action, detail) = match &event.record {
+            ViewerRecord::Joined {
+                token,
+                rights,
+                resumed,
+            } => (
+                token,
+                "viewer-join",
+                format!(
+                    "viewer={} remote={remote} rights={rights} resumed={resumed}",
+                    event.viewer
+                ),
+            ),
+            ViewerRecord::FirstUse { token, right } => (
+                token,
+                "viewer-use",
+                format!("viewer={} remote={remote} right={right}", event.viewer),
+            ),
+            ViewerRecord::Left {
+                token,
+                input_events,
+                clipboard_sets,
+            } => (
+                token,
+                "viewer-leave",
+                format!(
+                    "viewer={} remote={remote} input_events={input_events} clipboard_sets={clipboard_sets}",
+                    event.viewer
+                ),
+            ),
+        };
+        // Only a record of this very environment (not a later one of the same name).
+        let current = self.show(name).is_ok_and(|e| e.id as u64 == event.env.uid);
+        if current {
+            if let Err(e) = self.touch(name) {
+                tracing::warn!(env = name, error = %e, "marking viewer activity failed");
+            }
+        }
+        if let Err(e) = self.audit(&format!("viewer:{token}"), action, name, &detail) {
+            tracing::warn!(env = name, error = %e, action, "auditing a viewer failed");
+        }
     }
 
     /// Puts a ready graphical environment's screen and input on the stream server. Called

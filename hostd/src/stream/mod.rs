@@ -15,7 +15,8 @@ pub mod source;
 pub mod token;
 
 pub use identity::Identity;
-pub use server::{ServerConfig, StreamServer};
+pub use server::{ServerConfig, StreamServer, ViewerEvent};
+pub use session::ViewerRecord;
 pub use source::{EnvironmentSource, InputSink, RecordingInput};
 pub use token::{Claims, EnvRef, Revocations, TokenError, TokenId, TokenKey, TokenKeyError};
 

@@ -38,10 +38,10 @@ use super::abr::BitrateLimits;
 use super::admission::{Admission, Decision, Limits, Stage};
 use super::identity::Identity;
 use super::session::{
-    self, Action, Clock, Event, Expired, Frame, Grant, HeldInput, HelloRequest, ParkedSessions,
-    PathStats, Refusal, Session, SessionConfig, SessionStats,
+    self, Action, Capability, Clock, Event, Expired, Frame, Grant, HeldInput, HelloRequest,
+    ParkedSessions, PathStats, Refusal, Session, SessionConfig, SessionStats, ViewerRecord,
 };
-use super::source::{EnvironmentSource, InputSink};
+use super::source::{EnvironmentSource, InputError, InputSink};
 use super::token::{EnvRef, Revocations, TokenId, TokenKey};
 
 /// Connection-level receive window until the client has authenticated: room for one Hello
@@ -301,9 +301,36 @@ struct Shared {
     revoked: watch::Sender<u64>,
     parked: Mutex<ParkedSessions<Arc<Environment>>>,
     next_viewer: AtomicU64,
+    /// Where viewers' records go ([`StreamServer::viewer_records`]); none until asked.
+    records: Mutex<Option<mpsc::UnboundedSender<ViewerEvent>>>,
+}
+
+/// A viewer's record with who and where: what the host's audit chain keeps of a session.
+/// Unbounded channel, bounded by the sessions: each session sends one `Joined`, at most one
+/// `FirstUse` per right and one `Left`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewerEvent {
+    pub env: EnvRef,
+    /// The server's number for this connection (the `viewer` field of its log lines).
+    pub viewer: u64,
+    pub remote: SocketAddr,
+    pub record: ViewerRecord,
 }
 
 impl Shared {
+    fn record(&self, env: &Environment, viewer: u64, remote: SocketAddr, record: ViewerRecord) {
+        let event = ViewerEvent {
+            env: env.env_ref(),
+            viewer,
+            remote,
+            record,
+        };
+        if let Some(tx) = self.records.lock().expect("poisoned").as_ref() {
+            // A receiver that went away takes nothing more; the log line stays.
+            let _ = tx.send(event);
+        }
+    }
+
     fn session_config(&self) -> SessionConfig {
         SessionConfig {
             hello_timeout: self.cfg.hello_timeout,
@@ -425,6 +452,7 @@ impl StreamServer {
             revoked: watch::Sender::new(0),
             parked: Mutex::new(ParkedSessions::new(resume_grace)),
             next_viewer: AtomicU64::new(1),
+            records: Mutex::new(None),
         });
         tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         Ok(Self {
@@ -436,6 +464,24 @@ impl StreamServer {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// From now on, every viewer's joins, first uses of the input and clipboard rights and
+    /// leaves arrive here (a later call replaces the earlier receiver).
+    pub fn viewer_records(&self) -> mpsc::UnboundedReceiver<ViewerEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.shared.records.lock().expect("poisoned") = Some(tx);
+        rx
+    }
+
+    /// Whether `env_id` has viewers now (watched environments are not idle).
+    pub fn is_watched(&self, env_id: &str) -> bool {
+        self.shared
+            .envs
+            .lock()
+            .expect("poisoned")
+            .get(env_id)
+            .is_some_and(|e| e.viewers.load(Ordering::Acquire) > 0)
     }
 
     /// SHA-256 of the server certificate, lowercase hex.
@@ -1080,9 +1126,18 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot
                     cancel_tx.send_replace(sequence);
                 }
                 Action::Close(r) => closing = Some(r),
+                Action::Record(record) => {
+                    if let Some(j) = &joined {
+                        shared.record(&j.env, j.viewer_id, remote, record);
+                    }
+                }
                 action => {
                     if let Some(j) = &joined {
-                        execute_on_environment(&j.env, j.viewer_id, action);
+                        if let Some((what, reason)) =
+                            execute_on_environment(&j.env, j.viewer_id, action)
+                        {
+                            session.handle(Event::Unavailable { what, reason }, now);
+                        }
                     }
                 }
             }
@@ -1184,32 +1239,43 @@ fn sleep_deadline(at: Option<Instant>) -> tokio::time::Instant {
         .into()
 }
 
-/// Executes an action that concerns the viewer's environment.
-fn execute_on_environment(env: &Environment, viewer_id: u64, action: Action) {
-    let failed = match action {
-        Action::Inject(events) => env.input.inject(&events).err(),
-        Action::SetClipboard(text) => env.input.set_clipboard(&text).err(),
-        Action::Resize { width, height } => {
-            env.input.request_resize(width.into(), height.into()).err()
-        }
+/// Executes an action that concerns the viewer's environment; returns what the
+/// environment could not do, for the session to tell the viewer.
+fn execute_on_environment(
+    env: &Environment,
+    viewer_id: u64,
+    action: Action,
+) -> Option<(Capability, String)> {
+    let (capability, result) = match action {
+        Action::Inject(events) => (None, env.input.inject(&events)),
+        Action::SetClipboard(text) => (Some(Capability::Clipboard), env.input.set_clipboard(&text)),
+        Action::Resize { width, height } => (
+            Some(Capability::Resize),
+            env.input.request_resize(width.into(), height.into()),
+        ),
         Action::RequestKeyframe => {
             env.request_keyframe();
-            None
+            return None;
         }
         Action::SetBitrateTarget(target) => {
             env.targets
                 .lock()
                 .expect("poisoned")
                 .insert(viewer_id, target);
-            None
+            return None;
         }
         other => {
             debug!(?other, "not an environment action");
-            None
+            return None;
         }
     };
-    if let Some(e) = failed {
-        warn!(env = %env.id, error = %e, "input delivery failed");
+    match (capability, result) {
+        (_, Ok(())) => None,
+        (Some(what), Err(InputError::Unavailable(reason))) => Some((what, reason)),
+        (_, Err(e)) => {
+            warn!(env = %env.id, error = %e, "input delivery failed");
+            None
+        }
     }
 }
 

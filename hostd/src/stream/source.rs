@@ -19,19 +19,27 @@ pub enum InputError {
     Closed,
     #[error("input delivery failed: {0}")]
     Other(String),
+    /// The environment has no means for this request; the text says why, for the viewer.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Receives viewers' input for one environment. Called from async tasks: must not block long.
 pub trait InputSink: Send + Sync {
     /// Delivers events in the order given (and in arrival order across calls).
     fn inject(&self, events: &[InputEvent]) -> Result<(), InputError>;
-    /// Puts text on the environment's clipboard.
+    /// Puts text on the environment's clipboard. A sink without a clipboard says so (the
+    /// viewer is told, never silently dropped).
     fn set_clipboard(&self, _text: &str) -> Result<(), InputError> {
-        Ok(())
+        Err(InputError::Unavailable(
+            "this environment has no guest agent to take the clipboard".into(),
+        ))
     }
-    /// Asks the environment to change its display size; sources that cannot just ignore it.
+    /// Asks the environment to change its display size. A sink whose size is fixed says so.
     fn request_resize(&self, _width: u32, _height: u32) -> Result<(), InputError> {
-        Ok(())
+        Err(InputError::Unavailable(
+            "this environment's display size is fixed".into(),
+        ))
     }
 }
 

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 pub use held::{Expired, HeldInput, Opened, ParkedSessions};
 
 use super::abr::{self, BitrateLimits, Controller, PathSample};
-use super::token::{Claims, EnvRef, Revocations, TokenError, TokenKey};
+use super::token::{Claims, EnvRef, Revocations, TokenError, TokenId, TokenKey};
 
 /// Farther than any token lives (hostd issues at most a week): an expiry beyond it is
 /// treated as never reached instead of overflowing the clock.
@@ -238,6 +238,57 @@ pub enum Event<'a> {
     EnvironmentClosed,
     /// The connection is gone (closed, timed out, or the control stream failed).
     ConnectionLost,
+    /// The environment cannot do what an action asked ([`Action::SetClipboard`],
+    /// [`Action::Resize`]): the viewer is told once per kind, later ones are only counted.
+    Unavailable { what: Capability, reason: String },
+}
+
+/// What a viewer can ask of the environment beyond input events, each answered
+/// [`ErrorCode::Unavailable`] once per session when the environment cannot do it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability {
+    Clipboard,
+    Resize,
+}
+
+impl Capability {
+    fn bit(self) -> u8 {
+        match self {
+            Capability::Clipboard => 1,
+            Capability::Resize => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Capability::Clipboard => "clipboard",
+            Capability::Resize => "resize",
+        })
+    }
+}
+
+/// What the audit chain keeps of a viewer's session; the driver adds the environment, the
+/// viewer's address and the time. At most one `FirstUse` per right and session, so a viewer
+/// cannot flood the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewerRecord {
+    /// The session opened (or resumed) with this token.
+    Joined {
+        token: TokenId,
+        rights: Rights,
+        resumed: bool,
+    },
+    /// The viewer used `right` ([`Rights::INPUT`] or [`Rights::CLIPBOARD`]) for the first
+    /// time in this session.
+    FirstUse { token: TokenId, right: Rights },
+    /// The session ended (it may still be resumed): what the viewer did in it.
+    Left {
+        token: TokenId,
+        input_events: u64,
+        clipboard_sets: u64,
+    },
 }
 
 /// Something the driver must do, in the order polled.
@@ -264,6 +315,8 @@ pub enum Action {
     RequestKeyframe,
     /// This viewer's ABR target for the shared encoder.
     SetBitrateTarget(u32),
+    /// Append this to the audit chain.
+    Record(ViewerRecord),
     /// Send `Error` with the refusal on the control stream (if open), then close the
     /// connection with its code. Nothing follows.
     Close(Refusal),
@@ -280,6 +333,10 @@ pub struct SessionStats {
     /// not new signals, and are only in `frames_dropped`.
     pub frames_congested: u64,
     pub input_refused: u64,
+    /// Input events delivered to the environment.
+    pub input_events: u64,
+    /// Clipboard texts handed to the environment.
+    pub clipboard_sets: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,6 +361,10 @@ struct Open {
     expired: bool,
     /// The viewer was told once about refused input since the rights last changed.
     refusal_reported: bool,
+    /// [`Capability::bit`]s the viewer was told are unavailable.
+    unavailable_reported: u8,
+    /// Rights whose first use is in the audit chain.
+    used: Rights,
     held: HeldInput,
     config: StreamConfig,
     needs_keyframe: bool,
@@ -362,7 +423,18 @@ impl Session {
                 self.reader.push(bytes);
                 self.read_messages(now);
             }
-            Event::ControlFinished | Event::ConnectionLost => self.phase = Phase::Ended,
+            Event::ControlFinished | Event::ConnectionLost => self.end(),
+            Event::Unavailable { what, reason } => {
+                if let Some(open) = self.open.as_mut() {
+                    if open.unavailable_reported & what.bit() == 0 {
+                        open.unavailable_reported |= what.bit();
+                        self.actions.push_back(Action::Send(ServerMessage::Error {
+                            code: ErrorCode::Unavailable,
+                            message: format!("{what} unavailable: {reason}"),
+                        }));
+                    }
+                }
+            }
             Event::Authorized(grant) => self.on_authorized(grant, now),
             Event::Frame(frame) => self.on_frame(frame),
             Event::FramesLagged(n) => {
@@ -487,8 +559,37 @@ impl Session {
         if self.phase == Phase::Ended {
             return;
         }
-        self.phase = Phase::Ended;
+        self.end();
         self.actions.push_back(Action::Close(refusal));
+    }
+
+    /// Ends the session; an open one leaves its record for the audit chain.
+    fn end(&mut self) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        self.phase = Phase::Ended;
+        if let Some(open) = &self.open {
+            self.actions.push_back(Action::Record(ViewerRecord::Left {
+                token: open.claims.id,
+                input_events: self.stats.input_events,
+                clipboard_sets: self.stats.clipboard_sets,
+            }));
+        }
+    }
+
+    /// Records the first use of `right` in this session.
+    fn record_first_use(&mut self, right: Rights) {
+        if let Some(open) = self.open.as_mut() {
+            if !open.used.contains(right) {
+                open.used = open.used | right;
+                self.actions
+                    .push_back(Action::Record(ViewerRecord::FirstUse {
+                        token: open.claims.id,
+                        right,
+                    }));
+            }
+        }
     }
 
     fn read_messages(&mut self, now: Instant) {
@@ -539,6 +640,8 @@ impl Session {
                 let ev = clamp_event(ev, &open.config);
                 tracing::trace!(env = %open.claims.env.name, ?ev, "input");
                 open.held.track(&ev);
+                self.stats.input_events += 1;
+                self.record_first_use(Rights::INPUT);
                 self.actions.push_back(Action::Inject(vec![ev]));
             }
             ClientMessage::KeyframeRequest => self.actions.push_back(Action::RequestKeyframe),
@@ -550,9 +653,12 @@ impl Session {
             }
             ClientMessage::Clipboard(text) => {
                 if open.rights.contains(Rights::CLIPBOARD) {
+                    self.stats.clipboard_sets += 1;
+                    self.record_first_use(Rights::CLIPBOARD);
                     self.actions.push_back(Action::SetClipboard(text));
                 } else {
-                    warn!(env = %open.claims.env.name, expired, "clipboard refused");
+                    // Logged at debug: a viewer sends as many as it likes.
+                    debug!(env = %open.claims.env.name, expired, "clipboard refused");
                     let msg = denied("clipboard", "clipboard");
                     self.actions.push_back(Action::Send(msg));
                 }
@@ -620,6 +726,11 @@ impl Session {
         };
         info!(env = %grant.claims.env.name, rights = %grant.claims.rights,
               token = %grant.claims.id, resumed = grant.session.resumed, "viewer joined");
+        self.actions.push_back(Action::Record(ViewerRecord::Joined {
+            token: grant.claims.id,
+            rights: grant.claims.rights,
+            resumed: grant.session.resumed,
+        }));
         self.actions.push_back(Action::Send(ServerMessage::Welcome {
             version: self.version,
             session_id: grant.session.id,
@@ -638,6 +749,8 @@ impl Session {
             expires_at,
             expired: false,
             refusal_reported: false,
+            unavailable_reported: 0,
+            used: Rights::empty(),
             held: grant.session.held,
             config: grant.config,
             needs_keyframe: true,

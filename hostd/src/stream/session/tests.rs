@@ -139,7 +139,11 @@ struct Host {
     full: bool,
     injected: Vec<InputEvent>,
     clipboard: Option<String>,
+    /// The environment has no clipboard: set means refused with this reason.
+    clipboard_unavailable: Option<String>,
     resizes: Vec<(u16, u16)>,
+    /// What the session gave the audit chain, in order.
+    records: Vec<ViewerRecord>,
     targets: Vec<u32>,
     keyframe_requested: bool,
     sequence: u64,
@@ -239,7 +243,9 @@ impl Pair {
                 full: false,
                 injected: Vec::new(),
                 clipboard: None,
+                clipboard_unavailable: None,
                 resizes: Vec::new(),
+                records: Vec::new(),
                 targets: Vec::new(),
                 keyframe_requested: false,
                 sequence: 0,
@@ -370,7 +376,17 @@ impl Pair {
                     });
                 }
                 Action::Inject(events) => self.host.injected.extend(events),
-                Action::SetClipboard(text) => self.host.clipboard = Some(text),
+                Action::SetClipboard(text) => match self.host.clipboard_unavailable.clone() {
+                    None => self.host.clipboard = Some(text),
+                    Some(reason) => self.session.handle(
+                        Event::Unavailable {
+                            what: Capability::Clipboard,
+                            reason,
+                        },
+                        self.now,
+                    ),
+                },
+                Action::Record(r) => self.host.records.push(r),
                 Action::Resize { width, height } => self.host.resizes.push((width, height)),
                 Action::RequestKeyframe => self.host.keyframe_requested = true,
                 Action::SetBitrateTarget(t) => self.host.targets.push(t),
@@ -623,6 +639,70 @@ fn view_only_viewer_input_is_refused_with_code() {
     assert_eq!(p.session.stats().input_refused, 2);
     assert!(p.session.is_open(), "refusals are not fatal");
     assert!(p.viewer.frames.len() > before + 10, "video goes on");
+}
+
+#[test]
+fn a_session_records_its_join_each_rights_first_use_once_and_its_leave_with_counts() {
+    let rights = Rights::VIEW | Rights::INPUT | Rights::CLIPBOARD;
+    let mut p = Pair::new(config(), Link::clean());
+    let issued = p.token(rights, HOUR);
+    let token = p.host.tokens.decode(&issued).unwrap().id;
+    p.connect(&issued, [0; 16]);
+
+    for _ in 0..3 {
+        p.send(&key(30, true));
+        p.send(&key(30, false));
+    }
+    p.send(&ClientMessage::Clipboard("one".into()));
+    p.send(&ClientMessage::Clipboard("two".into()));
+    p.run_for(Duration::from_millis(300));
+    p.session.handle(Event::ControlFinished, p.now);
+    p.execute();
+
+    assert_eq!(
+        p.host.records,
+        vec![
+            ViewerRecord::Joined {
+                token,
+                rights,
+                resumed: false
+            },
+            ViewerRecord::FirstUse {
+                token,
+                right: Rights::INPUT
+            },
+            ViewerRecord::FirstUse {
+                token,
+                right: Rights::CLIPBOARD
+            },
+            ViewerRecord::Left {
+                token,
+                input_events: 6,
+                clipboard_sets: 2
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_clipboard_the_environment_cannot_take_is_reported_to_the_viewer_once() {
+    let rights = Rights::VIEW | Rights::CLIPBOARD;
+    let mut p = watching(rights, HOUR, config(), Link::clean());
+    p.host.clipboard_unavailable = Some("no guest agent".into());
+
+    p.send(&ClientMessage::Clipboard("one".into()));
+    p.send(&ClientMessage::Clipboard("two".into()));
+    p.run_for(Duration::from_millis(300));
+
+    assert_eq!(
+        p.viewer.errors(),
+        vec![(
+            ErrorCode::Unavailable,
+            "clipboard unavailable: no guest agent".to_owned()
+        )]
+    );
+    assert_eq!(p.host.clipboard, None);
+    assert!(p.session.is_open(), "not fatal");
 }
 
 #[test]
