@@ -445,10 +445,9 @@ impl Composer {
             found.push((w, h, name, r));
         }
         let distinct: BTreeSet<(u32, u32)> = found.iter().map(|f| (f.0, f.1)).collect();
-        if distinct.len() > 1 {
-            let opts: Vec<String> = distinct.iter().map(|(w, h)| format!("{w}x{h}")).collect();
-            return Err(clarify_owned("Which screen size do you want?".into(), opts));
-        }
+        ask_if_several(&distinct, "Which screen size do you want?", |(w, h)| {
+            format!("{w}x{h}")
+        })?;
         if let Some((w, h, phrase, _)) = found.into_iter().next() {
             let side = limits::DISPLAY_SIDE;
             if !side.contains(&w) || !side.contains(&h) {
@@ -476,10 +475,9 @@ impl Composer {
             })
             .collect();
         let distinct: BTreeSet<u32> = fps.iter().map(|f| f.1).collect();
-        if distinct.len() > 1 {
-            let opts = distinct.iter().map(|f| format!("{f} fps")).collect();
-            return Err(clarify_owned("Which frame rate do you want?".into(), opts));
-        }
+        ask_if_several(&distinct, "Which frame rate do you want?", |f| {
+            format!("{f} fps")
+        })?;
         for (r, v) in fps {
             if !limits::FPS.contains(&v) {
                 return Err(clarify(
@@ -524,13 +522,8 @@ impl Composer {
             found.push((r, c[1].parse().unwrap_or(u32::MAX)));
         }
         let distinct: BTreeSet<u32> = found.iter().map(|f| f.1).collect();
-        if distinct.len() > 1 {
-            let opts = distinct.iter().map(|n| format!("{n} vCPUs")).collect();
-            return Err(clarify_owned(
-                "You gave more than one CPU count. How many vCPUs?".into(),
-                opts,
-            ));
-        }
+        let question = "You gave more than one CPU count. How many vCPUs?";
+        ask_if_several(&distinct, question, |n| format!("{n} vCPUs"))?;
         if let Some(n) = distinct.into_iter().next() {
             if !limits::VCPUS.contains(&n) {
                 return Err(clarify(
@@ -643,13 +636,7 @@ impl Composer {
     }
 
     fn read_network(&self, st: &mut State) -> Result<(), Clarify> {
-        let none: Vec<Range<usize>> = lx::NET_NONE
-            .find_iter(&st.work.remaining)
-            .map(|m| m.range())
-            .collect();
-        for r in &none {
-            st.work.consume(r.clone());
-        }
+        let none = st.work.consume_all(&lx::NET_NONE);
         // Hosts, minus catalog phrases that look like host names ("node.js", "docker.io").
         let mut hosts: Vec<(Range<usize>, String)> = lx::HOST
             .find_iter(&st.work.remaining)
@@ -678,13 +665,7 @@ impl Composer {
         for (r, _) in &hosts {
             st.work.consume(r.clone());
         }
-        let full: Vec<Range<usize>> = lx::NET_FULL
-            .find_iter(&st.work.remaining)
-            .map(|m| m.range())
-            .collect();
-        for r in &full {
-            st.work.consume(r.clone());
-        }
+        let full = st.work.consume_all(&lx::NET_FULL);
         if !hosts.is_empty() {
             let mut allow: Vec<String> = hosts.into_iter().map(|(_, h)| h).collect();
             allow.sort();
@@ -725,20 +706,8 @@ impl Composer {
     }
 
     fn read_persistence(&self, st: &mut State) -> Result<(), Clarify> {
-        let eph: Vec<Range<usize>> = lx::EPHEMERAL
-            .find_iter(&st.work.remaining)
-            .map(|m| m.range())
-            .collect();
-        for r in &eph {
-            st.work.consume(r.clone());
-        }
-        let pers: Vec<Range<usize>> = lx::PERSISTENT
-            .find_iter(&st.work.remaining)
-            .map(|m| m.range())
-            .collect();
-        for r in &pers {
-            st.work.consume(r.clone());
-        }
+        let eph = st.work.consume_all(&lx::EPHEMERAL);
+        let pers = st.work.consume_all(&lx::PERSISTENT);
         match (eph.is_empty(), pers.is_empty()) {
             (false, false) => Err(clarify(
                 "Should your files be kept after the environment stops, or thrown away?",
@@ -788,9 +757,7 @@ impl Composer {
                 .words_after(r.end, 1)
                 .first()
                 .is_some_and(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()));
-            st.work.consume(r.clone());
-            st.pos = r.start;
-            self.apply_target(st, target, &phrase, version_after)?;
+            self.apply_target(st, r, target, &phrase, version_after)?;
         }
         Ok(())
     }
@@ -798,12 +765,7 @@ impl Composer {
     /// "rust and go", "rust, go and java", "a box with go": an app name too common to match
     /// alone ("go") is the app when it stands as an item of a list.
     fn read_list_words(&self, st: &mut State) -> Result<(), Clarify> {
-        let words: Vec<(Range<usize>, String)> = st
-            .work
-            .words()
-            .into_iter()
-            .map(|(r, w)| (r, w.to_string()))
-            .collect();
+        let words = st.work.owned_words();
         for (r, w) in words {
             let Some((phrase, target)) = self.list_only.iter().find(|(p, _)| *p == w) else {
                 continue;
@@ -819,21 +781,24 @@ impl Composer {
             };
             if listed {
                 st.explain.push(format!("{phrase:?} as an item of a list"));
-                st.work.consume(r.clone());
-                st.pos = r.start;
-                self.apply_target(st, target.clone(), phrase, false)?;
+                self.apply_target(st, r, target.clone(), phrase, false)?;
             }
         }
         Ok(())
     }
 
+    /// Takes the words at `at` (`phrase`) as `target`: they are consumed, and `target` is
+    /// added to the spec being built.
     fn apply_target(
         &self,
         st: &mut State,
+        at: Range<usize>,
         target: Target,
         phrase: &str,
         version_after: bool,
     ) -> Result<(), Clarify> {
+        st.pos = at.start;
+        st.work.consume(at);
         match target {
             // "ubuntu xfce without chromium" (an answer this composer offers): left out.
             Target::App(a) if st.work.words_before(st.pos, 1).first() == Some(&"without") => {
@@ -914,12 +879,7 @@ impl Composer {
 
     fn read_typos(&self, st: &mut State) -> Result<(), Clarify> {
         self.read_two_word_typos(st)?;
-        let words: Vec<(Range<usize>, String)> = st
-            .work
-            .words()
-            .into_iter()
-            .map(|(r, w)| (r, w.to_string()))
-            .collect();
+        let words = st.work.owned_words();
         for (r, w) in words {
             if w.len() < 4
                 || !w.chars().all(|c| c.is_ascii_alphabetic())
@@ -957,21 +917,14 @@ impl Composer {
             let (p, t) = cands[0];
             st.assumptions
                 .push(format!("read \"{w}\" as {}", target_name(t)));
-            st.pos = r.start;
-            st.work.consume(r);
-            self.apply_target(st, t.clone(), p, false)?;
+            self.apply_target(st, r, t.clone(), p, false)?;
         }
         Ok(())
     }
 
     /// "libre offfice": two adjacent unknown words close to a two-word catalog phrase.
     fn read_two_word_typos(&self, st: &mut State) -> Result<(), Clarify> {
-        let words: Vec<(Range<usize>, String)> = st
-            .work
-            .words()
-            .into_iter()
-            .map(|(r, w)| (r, w.to_string()))
-            .collect();
+        let words = st.work.owned_words();
         let mut i = 0;
         while i + 1 < words.len() {
             let (a, b) = (&words[i], &words[i + 1]);
@@ -996,9 +949,7 @@ impl Composer {
             if let Some((_, p, t)) = hit {
                 st.assumptions
                     .push(format!("read \"{pair}\" as {}", target_name(t)));
-                st.work.consume(a.0.start..b.0.end);
-                st.pos = a.0.start;
-                self.apply_target(st, t.clone(), p, false)?;
+                self.apply_target(st, a.0.start..b.0.end, t.clone(), p, false)?;
                 i += 2;
             } else {
                 i += 1;
@@ -1498,6 +1449,19 @@ fn clarify(question: &str, options: &[&str]) -> Clarify {
 
 fn clarify_owned(question: String, options: Vec<String>) -> Clarify {
     Clarify { question, options }
+}
+
+/// Asks `question`, one option per value, when the text gave more than one distinct value.
+fn ask_if_several<T>(
+    distinct: &BTreeSet<T>,
+    question: &str,
+    option: impl Fn(&T) -> String,
+) -> Result<(), Clarify> {
+    if distinct.len() > 1 {
+        let options = distinct.iter().map(option).collect();
+        return Err(clarify_owned(question.into(), options));
+    }
+    Ok(())
 }
 
 /// "4 GiB", "512 MiB", "1.5 GiB".

@@ -222,6 +222,15 @@ impl Work {
         self.remaining.replace_range(range, &blank);
     }
 
+    /// Consumes every match of `re` in the remaining text; their ranges.
+    pub fn consume_all(&mut self, re: &regex::Regex) -> Vec<Range<usize>> {
+        let found: Vec<Range<usize>> = re.find_iter(&self.remaining).map(|m| m.range()).collect();
+        for r in &found {
+            self.consume(r.clone());
+        }
+        found
+    }
+
     /// The words still unconsumed, with their byte ranges.
     pub fn words(&self) -> Vec<(Range<usize>, &str)> {
         let mut out = Vec::new();
@@ -240,6 +249,14 @@ impl Work {
             out.push((s..self.remaining.len(), &self.remaining[s..]));
         }
         out
+    }
+
+    /// [`Work::words`] as owned strings, for rules that consume words while they walk them.
+    pub fn owned_words(&self) -> Vec<(Range<usize>, String)> {
+        self.words()
+            .into_iter()
+            .map(|(r, w)| (r, w.to_string()))
+            .collect()
     }
 
     /// Up to `n` words of the full text after byte `pos`.
