@@ -126,8 +126,8 @@ pub struct Encoder {
     frames_encoded: u64,
     /// [`Encoder::refine`] passes left before the picture counts as converged.
     refinements_left: u32,
-    /// Origin of the timestamps handed to openh264.
-    epoch: Instant,
+    /// Origin of the timestamps handed to openh264: the first picture's time.
+    epoch: Option<Instant>,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -300,7 +300,7 @@ impl Encoder {
             pending_changes: false,
             frames_encoded: 0,
             refinements_left: 0,
-            epoch: Instant::now(),
+            epoch: None,
         })
     }
 
@@ -355,6 +355,19 @@ impl Encoder {
         damage: &[Rect],
         force_keyframe: bool,
     ) -> Result<Option<EncodedFrame>, EncodeError> {
+        self.encode_at(frame, damage, force_keyframe, Instant::now())
+    }
+
+    /// [`Encoder::encode`] for a frame shown at `at` (its capture time) instead of now: rate
+    /// control budgets bits by the time between frames, so a source replayed faster or slower
+    /// than real time (benchmarks, tests) passes its own clock. Times must not go backwards.
+    pub fn encode_at(
+        &mut self,
+        frame: &FrameRef,
+        damage: &[Rect],
+        force_keyframe: bool,
+        at: Instant,
+    ) -> Result<Option<EncodedFrame>, EncodeError> {
         if frame.width != self.cfg.width || frame.height != self.cfg.height {
             return Err(EncodeError::SizeMismatch {
                 width: self.cfg.width,
@@ -386,7 +399,7 @@ impl Encoder {
         if force_keyframe && !self.fresh {
             self.h264.force_intra_frame();
         }
-        let out = self.encode_picture(started)?;
+        let out = self.encode_picture(started, at)?;
         self.refinements_left = if out.is_some() { REFINEMENT_PASSES } else { 0 };
         Ok(out)
     }
@@ -404,7 +417,7 @@ impl Encoder {
         }
         let started = Instant::now();
         self.h264.force_intra_frame();
-        let out = self.encode_picture(started)?;
+        let out = self.encode_picture(started, started)?;
         self.refinements_left = if out.is_some() { REFINEMENT_PASSES } else { 0 };
         Ok(out)
     }
@@ -416,15 +429,24 @@ impl Encoder {
     /// there is nothing to refine: no frame encoded yet, or [`REFINEMENT_PASSES`] passes done
     /// since the last change. Never needed for correctness: a viewer already shows the picture.
     pub fn refine(&mut self) -> Result<Option<EncodedFrame>, EncodeError> {
+        self.refine_at(Instant::now())
+    }
+
+    /// [`Encoder::refine`] at time `at` (see [`Encoder::encode_at`]).
+    pub fn refine_at(&mut self, at: Instant) -> Result<Option<EncodedFrame>, EncodeError> {
         if self.fresh || self.refinements_left == 0 {
             return Ok(None);
         }
         self.refinements_left -= 1;
-        self.encode_picture(Instant::now())
+        self.encode_picture(Instant::now(), at)
     }
 
     /// Encodes the persistent picture as it stands.
-    fn encode_picture(&mut self, started: Instant) -> Result<Option<EncodedFrame>, EncodeError> {
+    fn encode_picture(
+        &mut self,
+        started: Instant,
+        at: Instant,
+    ) -> Result<Option<EncodedFrame>, EncodeError> {
         let yuv = YUVSlices::new(
             (self.picture.y(), self.picture.u(), self.picture.v()),
             (self.cfg.width as usize, self.cfg.height as usize),
@@ -434,7 +456,9 @@ impl Encoder {
                 self.cfg.width as usize / 2,
             ),
         );
-        let timestamp = Timestamp::from_millis(self.epoch.elapsed().as_millis() as u64);
+        let epoch = *self.epoch.get_or_insert(at);
+        let timestamp =
+            Timestamp::from_millis(at.saturating_duration_since(epoch).as_millis() as u64);
         let bitstream = self
             .h264
             .encode_at(&yuv, timestamp)
