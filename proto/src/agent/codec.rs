@@ -341,7 +341,10 @@ impl Message for Frame<HostMessage> {
             }
             ty::EXEC_STDIN => H::ExecStdin(r.bytes32(MAX_CHUNK_LEN, "chunk length")?),
             ty::EXEC_STDIN_EOF => H::ExecStdinEof,
-            ty::EXEC_KILL => H::ExecKill { signal: r.u8()? },
+            ty::EXEC_KILL => match r.u8()? {
+                signal @ 1..=64 => H::ExecKill { signal },
+                v => return Err(bad("signal", v)),
+            },
             ty::FILE_PUT => H::FilePut(FilePutRequest {
                 path: r.str16()?,
                 user: r.str16()?,

@@ -178,7 +178,7 @@ pub struct FilePutRequest {
 pub struct FileGetRequest {
     /// Absolute path.
     pub path: String,
-    /// Whose home bounds `path` and as whom it is opened; empty = root.
+    /// Whose home bounds `path`; empty = root.
     pub user: String,
     /// Allow paths outside the user's home.
     pub as_root: bool,

@@ -1,0 +1,83 @@
+//! `genos-agent`: parses the command line, does PID 1's set-up when it is PID 1, and runs
+//! the server until killed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use guest_agent::files::DEFAULT_MAX_FILE_SIZE;
+use guest_agent::server::{Config, Server};
+use guest_agent::system;
+use guest_agent::users::Accounts;
+use proto::agent::{VIRTIO_SERIAL_NAME, VSOCK_PORT};
+
+/// The GenOS guest agent (protocol: docs/agent.md).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// AF_VSOCK port to listen on [default: 1024, the protocol's port].
+    #[arg(long, conflicts_with = "no_vsock")]
+    vsock_port: Option<u32>,
+    /// Do not listen on AF_VSOCK.
+    #[arg(long)]
+    no_vsock: bool,
+    /// Also listen on this Unix socket (tests).
+    #[arg(long)]
+    unix: Option<PathBuf>,
+    /// virtio-serial port to serve [default: /dev/virtio-ports/org.genos.agent, if present].
+    #[arg(long)]
+    serial: Option<PathBuf>,
+    /// Largest file a put or get may move, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_FILE_SIZE)]
+    max_file_size: u64,
+    /// Running in the initramfs: `system` at once, power through reboot(2) (implied as PID 1).
+    #[arg(long)]
+    initramfs: bool,
+    /// systemctl to ask for readiness and power.
+    #[arg(long, default_value = "systemctl")]
+    systemctl: PathBuf,
+    /// `ip` (iproute2 or busybox) for network configuration.
+    #[arg(long, default_value = "ip")]
+    ip: PathBuf,
+    /// Resolver file written by network configuration.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// Directory holding passwd and group.
+    #[arg(long, default_value = "/etc")]
+    etc: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // SAFETY: getpid has no preconditions.
+    let pid1 = unsafe { libc::getpid() } == 1;
+    if pid1 {
+        if let Err(e) = system::mount_essentials() {
+            eprintln!("genos-agent: {e}");
+        }
+    }
+    let serial = args.serial.or_else(|| {
+        let default = PathBuf::from("/dev/virtio-ports").join(VIRTIO_SERIAL_NAME);
+        default.exists().then_some(default)
+    });
+    let cfg = Config {
+        vsock_port: (!args.no_vsock).then_some(args.vsock_port.unwrap_or(VSOCK_PORT)),
+        vsock_required: args.vsock_port.is_some(),
+        unix: args.unix,
+        serial,
+        max_file_size: args.max_file_size,
+        systemctl: args.systemctl,
+        ip: args.ip,
+        resolv_conf: args.resolv_conf,
+        accounts: Accounts { etc: args.etc },
+        initramfs: pid1 || args.initramfs,
+    };
+    let result = Server::new(cfg).and_then(|mut server| server.run());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("genos-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

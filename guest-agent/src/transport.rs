@@ -1,0 +1,108 @@
+//! The agent's transports: an AF_VSOCK listener (genos-vmm guests), a Unix socket listener
+//! (tests) and a virtio-serial port (QEMU guests). Each yields non-blocking byte streams;
+//! the protocol does not depend on which.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+fn cvt(rc: libc::c_int) -> std::io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// A listening socket.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    pub name: String,
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Listener {
+    /// Listens on AF_VSOCK `port` for any CID.
+    pub fn vsock(port: u32) -> std::io::Result<Listener> {
+        // SAFETY: socket() takes no pointers; the result is checked and owned at once.
+        let fd = unsafe {
+            OwnedFd::from_raw_fd(cvt(libc::socket(
+                libc::AF_VSOCK,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            ))?)
+        };
+        // SAFETY: sockaddr_vm is plain data; all-zero is a valid start.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = port;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        // SAFETY: the address points to a live sockaddr_vm of the length given.
+        cvt(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_vm).cast(),
+                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        })?;
+        // SAFETY: listen on a socket we own.
+        cvt(unsafe { libc::listen(fd.as_raw_fd(), 16) })?;
+        Ok(Listener {
+            fd,
+            name: format!("vsock port {port}"),
+        })
+    }
+
+    /// Listens on a Unix stream socket at `path` (a stale socket file is replaced).
+    pub fn unix(path: &Path) -> std::io::Result<Listener> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        Ok(Listener {
+            fd: listener.into(),
+            name: format!("unix socket {}", path.display()),
+        })
+    }
+
+    /// Accepts one connection, non-blocking; `None` when none is waiting.
+    pub fn accept(&self) -> std::io::Result<Option<File>> {
+        // SAFETY: accept4 with null address pointers; the result is checked and owned.
+        let rc = unsafe {
+            libc::accept4(
+                self.fd.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            )
+        };
+        match cvt(rc) {
+            // SAFETY: a fresh descriptor from accept4, owned from here on.
+            Ok(fd) => Ok(Some(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            // A peer that went away between connect and accept is not the listener's fault.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Opens a virtio-serial port (or any character device), non-blocking.
+pub fn open_serial(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
