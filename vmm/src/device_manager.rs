@@ -36,6 +36,7 @@ use crate::devices::virtio::mmio::{
 };
 use crate::devices::virtio::net::{MacAddr, Net, NetError};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{GuestMemoryMmap, VirtioDevice};
 use crate::devices::DeviceMetrics;
 
@@ -169,6 +170,9 @@ pub enum DeviceManagerError {
     /// The network device could not be created (TAP missing or not ours).
     #[error("cannot create the virtio-net device")]
     Net(#[source] NetError),
+    /// The vsock device could not be created (its Unix socket in use or not creatable).
+    #[error("cannot create the virtio-vsock device")]
+    Vsock(#[source] VsockError),
     /// The serial device could not be created.
     #[error("cannot create the serial device")]
     Serial(#[source] io::Error),
@@ -220,6 +224,7 @@ pub struct DeviceManager {
     block_count: usize,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     metrics: BTreeMap<String, Arc<dyn DeviceMetrics>>,
+    vsock: Option<Arc<Mutex<Vsock>>>,
 }
 
 impl DeviceManager {
@@ -243,6 +248,7 @@ impl DeviceManager {
             block_count: 0,
             transports: Vec::new(),
             metrics: BTreeMap::new(),
+            vsock: None,
         }
     }
 
@@ -359,6 +365,33 @@ impl DeviceManager {
             Arc::new(Mutex::new(net)),
             metrics,
         )
+    }
+
+    /// Adds a virtio-vsock device named `vsock` for guest `guest_cid`, listening on the
+    /// Unix socket `path`; [`DeviceManager::vsock`] hands it out afterwards (for its
+    /// transport reset after a restore).
+    pub fn attach_vsock<V, E>(
+        &mut self,
+        vm: &V,
+        event_manager: &mut E,
+        guest_cid: u64,
+        path: &std::path::Path,
+    ) -> Result<MmioSlot>
+    where
+        V: VmIoRegistrar + ?Sized,
+        E: SubscriberOps<Subscriber = Arc<Mutex<dyn MutEventSubscriber>>>,
+    {
+        let vsock = Vsock::new(guest_cid, path).map_err(DeviceManagerError::Vsock)?;
+        let metrics = vsock.metrics();
+        let vsock = Arc::new(Mutex::new(vsock));
+        let slot = self.attach_virtio_device(vm, event_manager, "vsock", vsock.clone(), metrics)?;
+        self.vsock = Some(vsock);
+        Ok(slot)
+    }
+
+    /// The vsock device, if one is attached.
+    pub fn vsock(&self) -> Option<&Arc<Mutex<Vsock>>> {
+        self.vsock.as_ref()
     }
 
     /// Puts any virtio device behind a virtio-mmio transport in the next free slot: its

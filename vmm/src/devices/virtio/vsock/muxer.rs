@@ -404,12 +404,12 @@ impl Muxer {
     /// The next packet for the guest, its payload (at most `max_payload` bytes) appended
     /// to `payload`. Call it only with an RX buffer in hand: what it returns is sent.
     pub fn pop_rx(&mut self, max_payload: usize, payload: &mut Vec<u8>) -> Option<Header> {
+        payload.clear();
         if let Some(hdr) = self.lone_rsts.pop_front() {
             bump(&self.metrics.rst_sent, 1);
             bump(&self.metrics.rx_packets, 1);
             return Some(hdr);
         }
-        payload.clear();
         while let Some(key) = self.ready.pop_front() {
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
