@@ -16,7 +16,8 @@
 //!   "cpu_template": "host",               // "host" | "baseline"
 //!   "serial": "stdout",                   // "stdout" | "file:PATH" | "none"
 //!   "gpu": {"width": 1280, "height": 800},// optional: adds virtio-gpu
-//!   "input": false                        // adds virtio-input keyboard, tablet, touch
+//!   "input": false,                       // adds virtio-input keyboard, tablet, touch
+//!   "vsock": {"guest_cid": 3, "uds_path": "/run/vm.vsock"} // optional: adds virtio-vsock
 //! }
 //! ```
 //!
@@ -51,6 +52,14 @@ pub const MIN_DISPLAY_DIM: u32 = 64;
 pub const MAX_DISPLAY_WIDTH: u32 = 7680;
 /// Largest display height in pixels (8K UHD).
 pub const MAX_DISPLAY_HEIGHT: u32 = 4320;
+
+/// Smallest guest CID (0, 1 and 2 are the hypervisor, local and host addresses).
+pub const MIN_GUEST_CID: u64 = 3;
+/// Largest guest CID: Linux keeps CIDs in 32 bits and `u32::MAX` is `VMADDR_CID_ANY`.
+pub const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
+/// Longest vsock socket path in bytes: the device also connects to `<path>_<port>`
+/// (up to 11 more bytes), and a Unix socket path holds at most 107.
+pub const MAX_VSOCK_PATH_LEN: usize = 96;
 
 /// Kernel command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
@@ -108,6 +117,20 @@ pub enum ConfigError {
     /// `--net` is not `TAP[,mac=aa:bb:cc:dd:ee:ff]` with a valid interface name.
     #[error("bad net device {0:?}: expected TAP[,mac=aa:bb:cc:dd:ee:ff] with a 1-15 character interface name")]
     NetSyntax(String),
+    /// A `--vsock` value that is not `CID:SOCKET`.
+    #[error("vsock must look like CID:SOCKET (e.g. 3:/run/vm.vsock), got {0:?}")]
+    VsockSyntax(String),
+    /// A guest CID out of range.
+    #[error("vsock guest_cid must be between {MIN_GUEST_CID} and {MAX_GUEST_CID}, got {0}")]
+    VsockCid(u64),
+    /// A vsock socket path that cannot be used.
+    #[error("vsock uds_path {path:?}: {why}")]
+    VsockPath {
+        /// The path as given.
+        path: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A serial setting that is not `stdout`, `none` or `file:PATH`.
     #[error("serial must be stdout, none or file:PATH, got {0:?}")]
     Serial(String),
@@ -423,6 +446,96 @@ impl FromStr for NetConfig {
     }
 }
 
+/// A virtio-vsock device (`--vsock CID:SOCKET`, `PUT /vsock`), in Firecracker's hybrid
+/// design: the VMM listens on `uds_path`, where a host program connects and writes
+/// `CONNECT <guest port>\n` (answered `OK <host port>\n`); a guest connecting to host
+/// (CID 2) port P reaches the Unix socket `<uds_path>_P`. JSON as Firecracker's `/vsock`
+/// body: `{"guest_cid": 3, "uds_path": "/run/vm.vsock"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's CID, [`MIN_GUEST_CID`]..=[`MAX_GUEST_CID`].
+    pub guest_cid: u64,
+    /// The Unix socket the VMM listens on (at most [`MAX_VSOCK_PATH_LEN`] bytes); a stale
+    /// socket there is replaced.
+    pub uds_path: PathBuf,
+}
+
+impl VsockConfig {
+    /// Checks the CID's range and the path's form (no file system access).
+    pub fn validate_values(&self) -> Result<(), ConfigError> {
+        if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&self.guest_cid) {
+            return Err(ConfigError::VsockCid(self.guest_cid));
+        }
+        let path_error = |why| ConfigError::VsockPath {
+            path: self.uds_path.display().to_string(),
+            why,
+        };
+        let len = self.uds_path.as_os_str().len();
+        if len == 0 {
+            return Err(path_error("is empty"));
+        }
+        if len > MAX_VSOCK_PATH_LEN {
+            return Err(path_error("is longer than 96 bytes"));
+        }
+        if self.uds_path.as_os_str().as_encoded_bytes().contains(&0) {
+            return Err(path_error("contains a NUL byte"));
+        }
+        if self.uds_path.file_name().is_none() {
+            return Err(path_error("names no file"));
+        }
+        Ok(())
+    }
+
+    /// Checks, beyond the values, that the socket can be created: its directory exists
+    /// and nothing but a (stale) socket is in its place.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        use std::os::unix::fs::FileTypeExt;
+        self.validate_values()?;
+        let path_error = |why| ConfigError::VsockPath {
+            path: self.uds_path.display().to_string(),
+            why,
+        };
+        let dir = match self.uds_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(path_error("directory does not exist"));
+        }
+        match std::fs::symlink_metadata(&self.uds_path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                Err(path_error("exists and is not a socket"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for VsockConfig {
+    /// The CLI form `CID:SOCKET`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.guest_cid, self.uds_path.display())
+    }
+}
+
+impl FromStr for VsockConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = || ConfigError::VsockSyntax(s.to_owned());
+        let (cid, path) = s.split_once(':').ok_or_else(syntax)?;
+        if cid.is_empty() || !cid.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(syntax());
+        }
+        let vsock = Self {
+            guest_cid: cid.parse().map_err(|_| ConfigError::VsockCid(u64::MAX))?,
+            uds_path: PathBuf::from(path),
+        };
+        vsock.validate_values()?;
+        Ok(vsock)
+    }
+}
+
 /// The complete description of one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -462,6 +575,9 @@ pub struct VmConfig {
     /// Adds a virtio-net NIC on a TAP device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<NetConfig>,
+    /// Adds a virtio-vsock device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 fn default_cmdline() -> String {
@@ -490,6 +606,7 @@ impl VmConfig {
             gpu: None,
             input: false,
             net: None,
+            vsock: None,
         }
     }
 
@@ -527,6 +644,9 @@ impl VmConfig {
         if let Some(net) = &self.net {
             net.validate()?;
         }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate_values()?;
+        }
         Ok(())
     }
 
@@ -557,6 +677,9 @@ impl VmConfig {
                     ),
                 });
             }
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
         }
         Ok(())
     }
@@ -601,6 +724,9 @@ impl VmConfig {
         }
         if let Some(net) = &self.net {
             flag(&mut args, "--net", net.to_string());
+        }
+        if let Some(vsock) = &self.vsock {
+            flag(&mut args, "--vsock", vsock.to_string());
         }
         args
     }
@@ -682,6 +808,13 @@ pub struct ConfigPatch {
         skip_serializing_if = "Option::is_none"
     )]
     pub net: Option<Option<NetConfig>>,
+    /// See [`VmConfig::vsock`]; `Some(None)` (JSON `null`) removes the device.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub vsock: Option<Option<VsockConfig>>,
 }
 
 /// Deserialises a field that is present (possibly `null`) as `Some(value)`; an absent
@@ -734,7 +867,8 @@ impl ConfigPatch {
             serial,
             gpu,
             input,
-            net
+            net,
+            vsock
         );
         self
     }
@@ -783,9 +917,20 @@ impl ConfigPatch {
         if let Some(v) = self.net {
             config.net = v;
         }
+        if let Some(v) = self.vsock {
+            config.vsock = v;
+        }
         config.validate_values()?;
         Ok(config)
     }
+}
+
+/// Sets (or replaces) the vsock device of `base`; `PUT /vsock`.
+pub fn put_vsock(base: &VmConfig, vsock: VsockConfig) -> Result<VmConfig, ConfigError> {
+    let mut config = base.clone();
+    config.vsock = Some(vsock);
+    config.validate_values()?;
+    Ok(config)
 }
 
 /// Sets disk `index` of `base` (replacing it, or appending when `index == len`) and
@@ -1098,6 +1243,116 @@ mod tests {
         assert!(with_devices
             .windows(2)
             .any(|w| w == ["--net", "tap0,mac=06:00:ac:10:00:09"]));
+    }
+
+    #[test]
+    fn vsock_parses_from_cid_and_socket_and_renders_back() {
+        let vsock: VsockConfig = "3:/run/vm.vsock".parse().unwrap();
+
+        assert_eq!(
+            vsock,
+            VsockConfig {
+                guest_cid: 3,
+                uds_path: "/run/vm.vsock".into()
+            }
+        );
+        assert_eq!(vsock.to_string(), "3:/run/vm.vsock");
+        let mut config = VmConfig::new("/k");
+        config.vsock = Some(vsock);
+        let args: Vec<String> = config
+            .to_cli_args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert!(args.windows(2).any(|w| w == ["--vsock", "3:/run/vm.vsock"]));
+    }
+
+    #[test]
+    fn vsock_refuses_reserved_cids_and_unusable_paths() {
+        for (bad, expected) in [
+            (
+                "2:/run/v.sock",
+                "vsock guest_cid must be between 3 and 4294967294, got 2",
+            ),
+            (
+                "4294967295:/v",
+                "vsock guest_cid must be between 3 and 4294967294, got 4294967295",
+            ),
+            ("3:", "vsock uds_path \"\": is empty"),
+            (
+                "x:/v",
+                "vsock must look like CID:SOCKET (e.g. 3:/run/vm.vsock), got \"x:/v\"",
+            ),
+            (
+                "/run/v.sock",
+                "vsock must look like CID:SOCKET (e.g. 3:/run/vm.vsock), got \"/run/v.sock\"",
+            ),
+        ] {
+            let err = bad.parse::<VsockConfig>().unwrap_err();
+            assert_eq!(err.to_string(), expected, "{bad}");
+        }
+        let long = format!("3:/{}", "a".repeat(MAX_VSOCK_PATH_LEN));
+        assert!(matches!(
+            long.parse::<VsockConfig>(),
+            Err(ConfigError::VsockPath {
+                why: "is longer than 96 bytes",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn vsock_validate_checks_the_directory_and_what_is_in_the_way() {
+        let file = temp_file();
+        let in_the_way = VsockConfig {
+            guest_cid: 3,
+            uds_path: file.path().to_owned(),
+        };
+        let no_dir = VsockConfig {
+            guest_cid: 3,
+            uds_path: "/nonexistent-genos-dir/v.sock".into(),
+        };
+        let fine = VsockConfig {
+            guest_cid: 3,
+            uds_path: file.path().with_extension("vsock"),
+        };
+
+        assert!(matches!(
+            in_the_way.validate(),
+            Err(ConfigError::VsockPath {
+                why: "exists and is not a socket",
+                ..
+            })
+        ));
+        assert!(matches!(
+            no_dir.validate(),
+            Err(ConfigError::VsockPath {
+                why: "directory does not exist",
+                ..
+            })
+        ));
+        fine.validate().unwrap();
+    }
+
+    #[test]
+    fn vsock_json_is_firecrackers_body_and_patches_can_remove_it() {
+        let config = VmConfig::from_json(
+            br#"{"kernel":"/k","vsock":{"guest_cid":7,"uds_path":"/run/v.sock"}}"#,
+            "body",
+        )
+        .unwrap();
+        let patch = ConfigPatch::from_json(br#"{"vsock":null}"#, "body").unwrap();
+
+        assert_eq!(config.vsock.as_ref().unwrap().guest_cid, 7);
+        assert_eq!(patch.apply(Some(&config)).unwrap().vsock, None);
+        let put = put_vsock(
+            &VmConfig::new("/k"),
+            VsockConfig {
+                guest_cid: 1,
+                uds_path: "/v".into(),
+            },
+        );
+        assert!(matches!(put, Err(ConfigError::VsockCid(1))));
     }
 
     #[test]

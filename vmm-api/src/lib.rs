@@ -12,7 +12,7 @@ pub mod vm;
 
 pub use config::{
     ConfigError, ConfigPatch, CpuTemplate, DiskConfig, DisplaySize, MacAddr, NetConfig,
-    SerialConfig, VmConfig,
+    SerialConfig, VmConfig, VsockConfig,
 };
 pub use input::{InputBatch, InputBatchError, InputDevice, InputEvent, MAX_INPUT_BATCH};
 pub use request::{paths, Method, Request, ResponseError};

@@ -8,7 +8,7 @@ use std::fmt;
 
 use serde::de::DeserializeOwned;
 
-use crate::config::{ConfigPatch, DiskConfig, DisplaySize, VmConfig};
+use crate::config::{ConfigPatch, DiskConfig, DisplaySize, VmConfig, VsockConfig};
 use crate::input::InputBatch;
 use crate::vm::{ActionBody, ErrorBody, LifecycleAction};
 
@@ -22,6 +22,8 @@ pub mod paths {
     pub const VM_ACTIONS: &str = "/vm/actions";
     /// `PUT /vm/disks/{index}` a [`crate::DiskConfig`]: this prefix and the index.
     pub const VM_DISKS: &str = "/vm/disks/";
+    /// `PUT` a [`crate::VsockConfig`] before start (Firecracker's `/vsock`).
+    pub const VSOCK: &str = "/vsock";
     /// `GET`: [`crate::VmMetrics`].
     pub const METRICS: &str = "/metrics";
     /// `PUT` an [`crate::InputBatch`].
@@ -69,6 +71,8 @@ pub enum Request {
         /// The disk.
         disk: DiskConfig,
     },
+    /// `PUT /vsock`.
+    PutVsock(VsockConfig),
     /// `PUT /vm/actions`.
     Action(LifecycleAction),
     /// `GET /metrics`.
@@ -91,6 +95,7 @@ impl Request {
             Self::PatchConfig(_) => Method::Patch,
             Self::Configure(_)
             | Self::PutDisk { .. }
+            | Self::PutVsock(_)
             | Self::Action(_)
             | Self::Input(_)
             | Self::Display(_) => Method::Put,
@@ -103,6 +108,7 @@ impl Request {
             Self::Describe => paths::VM.into(),
             Self::Configure(_) | Self::PatchConfig(_) => paths::VM_CONFIG.into(),
             Self::PutDisk { index, .. } => format!("{}{index}", paths::VM_DISKS),
+            Self::PutVsock(_) => paths::VSOCK.into(),
             Self::Action(_) => paths::VM_ACTIONS.into(),
             Self::Metrics => paths::METRICS.into(),
             Self::Input(_) => paths::INPUT.into(),
@@ -119,6 +125,7 @@ impl Request {
             Self::Configure(config) => serde_json::to_vec(config),
             Self::PatchConfig(patch) => serde_json::to_vec(patch),
             Self::PutDisk { disk, .. } => serde_json::to_vec(disk),
+            Self::PutVsock(vsock) => serde_json::to_vec(vsock),
             Self::Action(action) => serde_json::to_vec(&ActionBody { action: *action }),
             Self::Input(batch) => serde_json::to_vec(batch),
             Self::Display(size) => serde_json::to_vec(size),
@@ -227,6 +234,14 @@ mod tests {
                     },
                 },
                 "PUT /vm/disks/2",
+                204,
+            ),
+            (
+                Request::PutVsock(VsockConfig {
+                    guest_cid: 3,
+                    uds_path: "/run/v.sock".into(),
+                }),
+                "PUT /vsock",
                 204,
             ),
             (

@@ -414,6 +414,9 @@ fn assemble(
     if config.rng {
         devices.attach_rng(vm.fd(), em)?;
     }
+    if let Some(vsock) = &config.vsock {
+        devices.attach_vsock(vm.fd(), em, vsock.guest_cid, &vsock.uds_path)?;
+    }
     let display = match config.gpu {
         Some(size) => {
             let gpu =

@@ -16,7 +16,7 @@ use crate::sandbox::SandboxOptions;
 
 use crate::config::{
     ConfigError, ConfigPatch, CpuTemplate, DiskConfig, DisplaySize, NetConfig, SerialConfig,
-    VmConfig,
+    VmConfig, VsockConfig,
 };
 
 /// Exit status for bad arguments, configuration or files.
@@ -73,6 +73,10 @@ pub struct Args {
     /// Adds a virtio-net NIC on this existing TAP device (owned by the VMM's user).
     #[arg(long, value_name = "TAP[,mac=MAC]")]
     pub net: Option<NetConfig>,
+    /// Adds a virtio-vsock device for guest CID (≥ 3) listening on the Unix socket SOCKET
+    /// (host programs write `CONNECT <port>`; guest connections to port P reach SOCKET_P).
+    #[arg(long, value_name = "CID:SOCKET")]
+    pub vsock: Option<VsockConfig>,
     /// What the seccomp filters do with a system call off their lists (`log`: allow it
     /// and log it to the kernel log, for developing the filters; `off`: no filters).
     #[arg(long, value_name = "kill|log|off", default_value = "kill")]
@@ -101,6 +105,7 @@ impl Args {
             gpu: self.gpu.map(Some),
             input: self.input.then_some(true),
             net: self.net.clone().map(Some),
+            vsock: self.vsock.clone().map(Some),
         }
     }
 }
@@ -324,6 +329,10 @@ mod tests {
         });
         full.input = true;
         full.net = Some("tap0,mac=06:00:ac:10:00:09".parse().unwrap());
+        full.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: std::env::temp_dir().join("genos-cli-test.vsock"),
+        });
         let minimal = VmConfig::new(kernel.as_path());
 
         for config in [full, minimal] {
@@ -331,6 +340,30 @@ mod tests {
             let launch = parse(std::iter::once("genos-vmm".into()).chain(args)).unwrap();
             assert_eq!(launch.config.as_ref(), Some(&config));
         }
+    }
+
+    #[test]
+    fn vsock_takes_a_cid_of_3_or_more_and_a_socket_in_an_existing_directory() {
+        let kernel = TempFile::new().unwrap();
+        let k = path_str(&kernel);
+        let sock = std::env::temp_dir().join("genos-cli-vsock.sock");
+
+        let ok = parse_args(&["--kernel", k, "--vsock", &format!("3:{}", sock.display())]);
+        let host_cid = parse_args(&["--kernel", k, "--vsock", "2:/tmp/v.sock"]).unwrap_err();
+        let no_dir = parse_args(&["--kernel", k, "--vsock", "3:/nonexistent-dir/v.sock"]);
+
+        let vsock = ok.unwrap().config.unwrap().vsock.unwrap();
+        assert_eq!((vsock.guest_cid, vsock.uds_path), (3, sock));
+        assert!(
+            host_cid
+                .to_string()
+                .contains("vsock guest_cid must be between 3 and 4294967294, got 2"),
+            "{host_cid}"
+        );
+        assert_eq!(
+            no_dir.unwrap_err().to_string(),
+            "vsock uds_path \"/nonexistent-dir/v.sock\": directory does not exist"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{ConfigError, ConfigPatch, DiskConfig, DisplaySize, VmConfig};
+use crate::config::{ConfigError, ConfigPatch, DiskConfig, DisplaySize, VmConfig, VsockConfig};
 
 pub use vmm_api::input::{EV_SYN, SYN_REPORT};
 pub use vmm_api::{InputDevice, InputEvent, VmDescription, VmMetrics, VmState, MAX_INPUT_BATCH};
@@ -42,6 +42,8 @@ pub enum ConfigUpdate {
         /// The disk.
         disk: DiskConfig,
     },
+    /// `PUT /vsock`: set or replace the vsock device.
+    Vsock(VsockConfig),
 }
 
 impl ConfigUpdate {
@@ -56,6 +58,13 @@ impl ConfigUpdate {
                     state: VmState::NotConfigured,
                 })?;
                 crate::config::put_disk(base, index, disk)?
+            }
+            Self::Vsock(vsock) => {
+                let base = current.ok_or(ActionError::InvalidState {
+                    action: "configure vsock",
+                    state: VmState::NotConfigured,
+                })?;
+                crate::config::put_vsock(base, vsock)?
             }
         };
         config.validate()?;

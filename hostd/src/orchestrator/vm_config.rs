@@ -64,6 +64,7 @@ pub(super) fn vm_config(s: &VmSettings<'_>) -> Result<VmConfig, VmConfigError> {
         }),
         input: s.graphical,
         net: s.tap.clone().map(|tap| NetConfig { tap, mac: None }),
+        vsock: None,
     };
     config.validate_values().map_err(VmConfigError::Invalid)?;
     Ok(config)

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use vmm_api::{paths, ActionBody, InputBatch, LifecycleAction};
 
 use super::http::{Method, Request};
-use crate::config::{ConfigPatch, DiskConfig, DisplaySize, VmConfig};
+use crate::config::{ConfigPatch, DiskConfig, DisplaySize, VmConfig, VsockConfig};
 use crate::rpc::{validate_display_size, validate_input_batch, ConfigUpdate, VmmAction};
 
 /// A request the router refuses, with its HTTP status and reason.
@@ -65,6 +65,7 @@ enum Endpoint {
     Vm,
     Config,
     Disk(usize),
+    Vsock,
     Actions,
     Metrics,
     Input,
@@ -88,6 +89,7 @@ impl Endpoint {
             paths::DISPLAY => Self::Display,
             paths::FRAMEBUFFER => Self::Framebuffer,
             paths::INPUT_SOCKET => Self::InputSocket,
+            paths::VSOCK => Self::Vsock,
             _ => match trimmed.strip_prefix(paths::VM_DISKS) {
                 Some(index) if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) => {
                     Self::Disk(index.parse().map_err(|_| {
@@ -108,7 +110,7 @@ impl Endpoint {
         match self {
             Self::Vm | Self::Metrics | Self::Framebuffer | Self::InputSocket => "GET",
             Self::Config => "PUT, PATCH",
-            Self::Disk(_) | Self::Actions | Self::Input | Self::Display => "PUT",
+            Self::Disk(_) | Self::Vsock | Self::Actions | Self::Input | Self::Display => "PUT",
         }
     }
 }
@@ -145,6 +147,13 @@ pub fn route(req: &Request) -> Result<VmmAction, RouteError> {
                 index: *index,
                 disk,
             })
+        }
+        (Endpoint::Vsock, Method::Put) => {
+            let vsock: VsockConfig = json_body(req)?;
+            vsock
+                .validate_values()
+                .map_err(|e| RouteError::bad_request(e.to_string()))?;
+            VmmAction::UpdateConfig(ConfigUpdate::Vsock(vsock))
         }
         (Endpoint::Actions, Method::Put) => match json_body::<ActionBody>(req)?.action {
             LifecycleAction::Start => VmmAction::Start,
@@ -212,6 +221,32 @@ mod tests {
 
     fn route_err(method: &str, path: &str, body: Option<&str>) -> RouteError {
         route(&request(method, path, body)).unwrap_err()
+    }
+
+    #[test]
+    fn put_vsock_maps_to_a_config_update_and_refuses_a_reserved_cid() {
+        let body = r#"{"guest_cid":3,"uds_path":"/run/v.sock"}"#;
+
+        let action = route_ok("PUT", "/vsock", Some(body));
+        let err = route_err("PUT", "/vsock", Some(r#"{"guest_cid":2,"uds_path":"/v"}"#));
+        let unknown = route_err("PUT", "/vsock", Some(r#"{"guest_cid":3,"uds":"/v"}"#));
+
+        assert_eq!(
+            action,
+            VmmAction::UpdateConfig(ConfigUpdate::Vsock(VsockConfig {
+                guest_cid: 3,
+                uds_path: "/run/v.sock".into(),
+            }))
+        );
+        assert_eq!(
+            (err.status, err.reason.as_str()),
+            (
+                400,
+                "vsock guest_cid must be between 3 and 4294967294, got 2"
+            )
+        );
+        assert_eq!(unknown.status, 400);
+        assert_eq!(route_err("GET", "/vsock", None).status, 405);
     }
 
     #[test]

@@ -299,6 +299,30 @@ mod tests {
     }
 
     #[test]
+    fn the_main_thread_may_connect_accept_and_shut_the_vsock_devices_unix_streams() {
+        use crate::devices::virtio::vsock::host::connect_nonblocking;
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/genos-seccomp-").unwrap();
+        let path = dir.as_path().join("v.sock_52");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let filters = SeccompFilters::compile(SeccompMode::Kill).unwrap();
+
+        let outcome = in_child(|| {
+            if filters.apply(ThreadRole::Main).is_err() {
+                return 10;
+            }
+            let Ok(sock) = connect_nonblocking(&path) else {
+                return 11;
+            };
+            if listener.accept().is_err() {
+                return 12;
+            }
+            i32::from(sock.shutdown(std::net::Shutdown::Write).is_err()) * 13
+        });
+
+        assert_eq!(outcome, (Some(0), None));
+    }
+
+    #[test]
     fn modes_parse_from_their_names() {
         assert_eq!("log".parse::<SeccompMode>(), Ok(SeccompMode::Log));
         assert!("permissive".parse::<SeccompMode>().is_err());
