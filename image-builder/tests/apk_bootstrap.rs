@@ -7,7 +7,8 @@
 //! script signed with that key. This checks genos-image's fetch-and-verify steps, not
 //! Alpine's archive. Needs curl, openssl and tar (scripts/install-deps); no root, no network.
 
-use std::net::TcpListener;
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,10 +41,7 @@ fn run(cmd: &mut Command) {
 }
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("genos-apk-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::temp_dir("apk", name)
 }
 
 /// An RSA key pair: the private key's path; the public key is written as `keys/<name>`.
@@ -266,18 +264,7 @@ fn an_unreachable_alpine_mirror_fails_the_fetch_within_seconds_naming_it() {
     if !have_tools() {
         return;
     }
-    let refused_port = {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
-    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
-    let silent_port = silent.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in silent.incoming().flatten() {
-            held.push(stream);
-        }
-    });
+    let (refused_port, silent_port) = (common::refused_port(), common::silent_port());
     let dir = temp_dir("unreachable");
     let keys = dir.join("keys");
     std::fs::create_dir_all(&keys).unwrap();

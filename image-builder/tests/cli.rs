@@ -1,6 +1,8 @@
 //! The `genos-image` command line: stdout carries only the artifact path, errors are one
 //! line on stderr with a failing exit status, and `ls` / `gc` manage the cache.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -14,10 +16,7 @@ fn genos_image(cache: &Path, args: &[&str]) -> Output {
 }
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("genos-cli-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::temp_dir("cli", name)
 }
 
 #[test]

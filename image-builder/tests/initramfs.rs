@@ -1,5 +1,7 @@
 //! The initramfs archive: contents, size limit, reproducibility and cache reuse.
 
+mod common;
+
 use std::io::Read;
 use std::path::PathBuf;
 
@@ -8,12 +10,7 @@ use image_builder::cpio::parse_archive;
 use image_builder::initramfs::{self, InitramfsOptions, INIT_SCRIPT, MAX_COMPRESSED_BYTES};
 
 fn temp_cache(name: &str) -> Cache {
-    let root = std::env::temp_dir().join(format!(
-        "genos-initramfs-test-{name}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&root);
-    Cache::at(root).unwrap()
+    Cache::at(common::temp_dir("initramfs", name)).unwrap()
 }
 
 fn busybox_installed() -> bool {

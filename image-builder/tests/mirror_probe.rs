@@ -2,7 +2,8 @@
 //! runs: a port that accepts and never answers, and a port that refuses, for every builder.
 //! Needs neither root nor network (the mirrors are on 127.0.0.1).
 
-use std::net::TcpListener;
+mod common;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -16,21 +17,11 @@ const BASES: &[&str] = &["debian-12", "ubuntu-24.04", "fedora-40", "alpine-3.20"
 const GENEROUS: Duration = Duration::from_secs(60);
 
 fn spec(base: &str) -> Spec {
-    let json = serde_json::json!({
-        "version": 1, "name": "probe", "base": base, "desktop": "none", "apps": ["git"],
-        "vcpus": 1, "memory_mib": 512, "disk_gib": 1,
-        "display": {"width": 1280, "height": 720, "fps": 30},
-        "network": {"mode": "none", "allow": []},
-        "lifetime": {"ttl_s": null, "idle_s": null},
-        "persistence": "ephemeral", "assumptions": []
-    });
-    Spec::from_json(&json.to_string()).unwrap()
+    common::spec_on(base, "probe", "none", &["git"])
 }
 
 fn temp_cache(name: &str) -> (PathBuf, Cache) {
-    let dir = std::env::temp_dir().join(format!("genos-probe-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::temp_dir("probe", name);
     let cache = Cache::at(dir.clone()).unwrap();
     (dir, cache)
 }
@@ -46,25 +37,27 @@ fn build_against(base: &str, mirror: String, cache: &Cache) -> (RootfsError, Dur
     (err, started.elapsed())
 }
 
-#[test]
-fn a_mirror_that_accepts_and_never_answers_fails_every_builder_within_seconds() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    // Accept every connection and hold it open without a byte.
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in listener.incoming().flatten() {
-            held.push(stream);
-        }
-    });
-    let (dir, cache) = temp_cache("silent");
-
+/// Builds every base against the mirror on `port` and hands each error to `check`; each
+/// build must fail well within [`GENEROUS`] and leave nothing in the cache.
+fn build_every_base_against(port: u16, name: &str, check: impl Fn(&str, &RootfsError)) {
+    let (dir, cache) = temp_cache(name);
     for base in BASES {
         let (err, took) = build_against(base, format!("http://127.0.0.1:{port}/{base}"), &cache);
+        check(base, &err);
+        assert!(took < GENEROUS, "{base}: took {took:?}");
+    }
+    assert!(cache.list().unwrap().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
 
+#[test]
+fn a_mirror_that_accepts_and_never_answers_fails_every_builder_within_seconds() {
+    let port = common::silent_port();
+
+    build_every_base_against(port, "silent", |base, err| {
         assert!(
             matches!(
-                &err,
+                err,
                 RootfsError::Unreachable {
                     source: ProbeError::Silent { .. },
                     ..
@@ -78,26 +71,17 @@ fn a_mirror_that_accepts_and_never_answers_fails_every_builder_within_seconds() 
                 "the archive of {base} is not usable, so nothing was built: 127.0.0.1:{port} accepted the connection but sent no answer within 2 s"
             )
         );
-        assert!(took < GENEROUS, "{base}: took {took:?}");
-    }
-    assert!(cache.list().unwrap().is_empty());
-    std::fs::remove_dir_all(&dir).unwrap();
+    });
 }
 
 #[test]
 fn a_mirror_that_refuses_connections_fails_every_builder_at_once_naming_the_address() {
-    let port = {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
-    let (dir, cache) = temp_cache("refused");
+    let port = common::refused_port();
 
-    for base in BASES {
-        let (err, took) = build_against(base, format!("http://127.0.0.1:{port}/{base}"), &cache);
-
+    build_every_base_against(port, "refused", |base, err| {
         assert!(
             matches!(
-                &err,
+                err,
                 RootfsError::Unreachable {
                     source: ProbeError::Connect { .. },
                     ..
@@ -105,23 +89,17 @@ fn a_mirror_that_refuses_connections_fails_every_builder_at_once_naming_the_addr
             ),
             "{base}: {err:?}"
         );
-        let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        let text = format!("{err}: {}", std::error::Error::source(err).unwrap());
         assert!(
             text.contains(&format!("cannot connect to 127.0.0.1:{port}")),
             "{base}: {text}"
         );
-        assert!(took < GENEROUS, "{base}: took {took:?}");
-    }
-    assert!(cache.list().unwrap().is_empty());
-    std::fs::remove_dir_all(&dir).unwrap();
+    });
 }
 
 #[test]
 fn the_cli_reports_an_unreachable_mirror_in_one_line() {
-    let port = {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let port = common::refused_port();
     let (dir, _cache) = temp_cache("cli");
     let spec_path = dir.join("spec.json");
     std::fs::write(
@@ -155,36 +133,12 @@ fn the_cli_reports_an_unreachable_mirror_in_one_line() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// An archive that answers every request with 200 and an empty body.
-fn answering_mirror() -> u16 {
-    use std::io::{Read, Write};
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let mut buf = [0u8; 2048];
-            let _ = stream.read(&mut buf);
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-        }
-    });
-    port
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[test]
 fn a_reachable_archive_with_missing_keys_fails_naming_the_package() {
-    if !is_root() {
-        testkit::skip(
-            testkit::Need::Root,
-            "the key check comes after the root check",
-        );
+    if !common::root_or_skip("the key check comes after the root check") {
         return;
     }
-    let port = answering_mirror();
+    let port = common::answering_port();
     let (dir, cache) = temp_cache("keys");
     let options = RootfsOptions {
         mirror: Some(format!("http://127.0.0.1:{port}/ubuntu")),
@@ -204,24 +158,28 @@ fn a_reachable_archive_with_missing_keys_fails_naming_the_package() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-fn has_apk() -> bool {
-    ["apk.static", "apk"]
+/// Whether the test runs as root on a host without apk (it checks what happens when
+/// genos-image has to find apk.static itself); says why when not.
+fn root_without_apk() -> bool {
+    if !common::root_or_skip("needs root") {
+        return false;
+    }
+    let has_apk = ["apk.static", "apk"]
         .iter()
-        .any(|t| image_builder::tools::find(t).is_some())
+        .any(|t| image_builder::tools::find(t).is_some());
+    if has_apk {
+        // Not a missing prerequisite: this host has the tool the test needs absent.
+        eprintln!("skipping: needs a host without apk");
+    }
+    !has_apk
 }
 
 #[test]
 fn without_apk_or_alpine_keys_to_verify_a_fetched_one_the_build_fails_naming_the_tool() {
-    if !is_root() {
-        testkit::skip(testkit::Need::Root, "needs root");
+    if !root_without_apk() {
         return;
     }
-    if has_apk() {
-        // Not a missing prerequisite: this host has the tool the test needs absent.
-        eprintln!("skipping: needs a host without apk");
-        return;
-    }
-    let port = answering_mirror();
+    let port = common::answering_port();
     let (dir, cache) = temp_cache("tool");
     let mut options = RootfsOptions {
         mirror: Some(format!("http://127.0.0.1:{port}/alpine")),
@@ -247,12 +205,7 @@ fn without_apk_or_alpine_keys_to_verify_a_fetched_one_the_build_fails_naming_the
 
 #[test]
 fn a_mirror_that_serves_no_usable_index_fails_fetching_apk_static_naming_the_mirror() {
-    if !is_root() {
-        testkit::skip(testkit::Need::Root, "needs root");
-        return;
-    }
-    if has_apk() {
-        eprintln!("skipping: needs a host without apk");
+    if !root_without_apk() {
         return;
     }
     if image_builder::tools::find("curl").is_none()
@@ -261,7 +214,7 @@ fn a_mirror_that_serves_no_usable_index_fails_fetching_apk_static_naming_the_mir
         testkit::skip(testkit::Need::Tools, "needs curl and openssl");
         return;
     }
-    let port = answering_mirror();
+    let port = common::answering_port();
     let (dir, cache) = temp_cache("apk-index");
     let keys = dir.join("alpine-keys");
     std::fs::create_dir_all(&keys).unwrap();

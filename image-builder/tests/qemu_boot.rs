@@ -3,6 +3,8 @@
 //! support work, independent of genos-vmm. Guest user space cannot run under this
 //! machine's nested KVM, hence TCG.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -114,19 +116,19 @@ fn inputs() -> Option<(PathBuf, PathBuf)> {
     Some((kernel, initrd))
 }
 
+/// Boots our initramfs with no disk and `cmdline` until `wait_for` shows on the console:
+/// whether it did, and the console's lines; None (skipped) without the guest kernel.
+fn boot_initramfs(cmdline: &str, wait_for: &str) -> Option<(bool, Vec<String>)> {
+    let (kernel, initrd) = inputs()?;
+    Some(boot(&kernel, &initrd, cmdline, &[], wait_for))
+}
+
 #[test]
 fn initramfs_init_prints_ready_line_under_qemu_tcg() {
-    let Some((kernel, initrd)) = inputs() else {
+    let cmdline = "console=ttyS0 panic=-1 genos.exit=reboot";
+    let Some((ready, lines)) = boot_initramfs(cmdline, READY_LINE) else {
         return;
     };
-
-    let (ready, lines) = boot(
-        &kernel,
-        &initrd,
-        "console=ttyS0 panic=-1 genos.exit=reboot",
-        &[],
-        READY_LINE,
-    );
 
     assert!(
         ready,
@@ -144,17 +146,11 @@ fn initramfs_init_prints_ready_line_under_qemu_tcg() {
 
 #[test]
 fn initramfs_without_root_disk_stays_with_a_shell() {
-    let Some((kernel, initrd)) = inputs() else {
+    let Some((stayed, lines)) =
+        boot_initramfs("console=ttyS0 panic=-1", "staying in the initramfs")
+    else {
         return;
     };
-
-    let (stayed, lines) = boot(
-        &kernel,
-        &initrd,
-        "console=ttyS0 panic=-1",
-        &[],
-        "staying in the initramfs",
-    );
 
     assert!(stayed, "console:\n{}", lines.join("\n"));
     assert!(lines.iter().any(|l| l.contains(READY_LINE)));
@@ -188,23 +184,10 @@ fn boots_to_autologin(base: &str, apps: &[&str]) {
     let Some((kernel, initrd)) = inputs() else {
         return;
     };
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        testkit::skip(
-            testkit::Need::Root,
-            "building the root filesystem needs root",
-        );
+    if !common::root_or_skip("building the root filesystem needs root") {
         return;
     }
-    let json = serde_json::json!({
-        "version": 1, "name": "minimal", "base": base, "desktop": "none", "apps": apps,
-        "vcpus": 1, "memory_mib": 512, "disk_gib": 1,
-        "display": {"width": 1280, "height": 720, "fps": 30},
-        "network": {"mode": "none", "allow": []},
-        "lifetime": {"ttl_s": null, "idle_s": null},
-        "persistence": "ephemeral", "assumptions": []
-    });
-    let spec = proto::spec::Spec::from_json(&json.to_string()).unwrap();
+    let spec = common::spec_on(base, "minimal", "none", apps);
     let cache = Cache::open(None).unwrap();
     let artifact = image_builder::rootfs::build(&cache, &spec, &Default::default()).unwrap();
     let disk = std::env::temp_dir().join(format!(

@@ -5,6 +5,8 @@
 //! otherwise. They use the default cache (`GENOS_IMAGE_CACHE` or ~/.cache/genos/images)
 //! so the base layer is downloaded once per machine, not per run.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -13,25 +15,11 @@ use image_builder::rootfs::{self, RootfsError, RootfsOptions};
 use proto::spec::Spec;
 
 fn spec(name: &str, desktop: &str, apps: &[&str]) -> Spec {
-    spec_on("debian-12", name, desktop, apps)
-}
-
-fn spec_on(base: &str, name: &str, desktop: &str, apps: &[&str]) -> Spec {
-    let json = serde_json::json!({
-        "version": 1, "name": name, "base": base, "desktop": desktop, "apps": apps,
-        "vcpus": 1, "memory_mib": 512, "disk_gib": 1,
-        "display": {"width": 1280, "height": 720, "fps": 30},
-        "network": {"mode": "none", "allow": []},
-        "lifetime": {"ttl_s": null, "idle_s": null},
-        "persistence": "ephemeral", "assumptions": []
-    });
-    Spec::from_json(&json.to_string()).unwrap()
+    common::spec_on("debian-12", name, desktop, apps)
 }
 
 fn can_build() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        testkit::skip(testkit::Need::Root, "building root filesystems needs root");
+    if !common::root_or_skip("building root filesystems needs root") {
         return false;
     }
     for tool in ["debootstrap", "mkfs.ext4", "e2fsck", "debugfs"] {
@@ -57,10 +45,29 @@ fn debugfs(image: &Path, request: &str) -> String {
 }
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("genos-rootfs-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::temp_dir("rootfs", name)
+}
+
+/// Checks that `e2fsck -fn` finds the image clean.
+fn assert_fsck_clean(image: &Path) {
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+/// Checks that the image's user genos exists and is logged in automatically on `getty`
+/// (`getty@tty1`, `serial-getty@ttyS0`).
+fn assert_autologin(image: &Path, getty: &str) {
+    assert!(debugfs(image, "cat /etc/passwd").contains("genos:x:1000:1000::/home/genos:/bin/bash"));
+    let dropin = format!("cat /etc/systemd/system/{getty}.service.d/autologin.conf");
+    assert!(debugfs(image, &dropin).contains("--autologin genos"));
 }
 
 #[test]
@@ -77,16 +84,7 @@ fn minimal_spec_builds_a_clean_ext4_image_and_hits_the_cache_next_time() {
     let artifact = rootfs::build(&cache, &minimal, &options).unwrap();
     rootfs::write_out(&artifact, &out, u64::from(minimal.disk_gib)).unwrap();
 
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "e2fsck: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    assert_fsck_clean(&out);
     let root = debugfs(&out, "ls -l /");
     for entry in ["etc", "usr", "home", "var"] {
         assert!(
@@ -95,12 +93,7 @@ fn minimal_spec_builds_a_clean_ext4_image_and_hits_the_cache_next_time() {
         );
     }
     assert_eq!(debugfs(&out, "cat /etc/hostname"), "genos\n");
-    assert!(debugfs(&out, "cat /etc/passwd").contains("genos:x:1000:1000::/home/genos:/bin/bash"));
-    assert!(debugfs(
-        &out,
-        "cat /etc/systemd/system/getty@tty1.service.d/autologin.conf"
-    )
-    .contains("--autologin genos"));
+    assert_autologin(&out, "getty@tty1");
     assert!(debugfs(&out, "stat /usr/lib/systemd/systemd").contains("Type: regular"));
     let grown = u64::from(minimal.disk_gib) << 30;
     assert_eq!(
@@ -201,16 +194,7 @@ fn xfce_desktop_spec_builds_with_autologin_into_x() {
     let artifact = rootfs::build(&cache, &desktop, &RootfsOptions::default()).unwrap();
     rootfs::write_out(&artifact, &out, u64::from(desktop.disk_gib)).unwrap();
 
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "e2fsck: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    assert_fsck_clean(&out);
     for binary in [
         "/usr/bin/startxfce4",
         "/usr/bin/Xorg",
@@ -248,21 +232,12 @@ fn ubuntu_noble_spec_builds_from_ubuntus_archive_with_autologin() {
     let cache = Cache::open(None).unwrap();
     let out_dir = temp_dir("ubuntu");
     let out = out_dir.join("ubuntu.ext4");
-    let noble = spec_on("ubuntu-24.04", "noble", "none", &["git"]);
+    let noble = common::spec_on("ubuntu-24.04", "noble", "none", &["git"]);
 
     let artifact = rootfs::build(&cache, &noble, &RootfsOptions::default()).unwrap();
     rootfs::write_out(&artifact, &out, 0).unwrap();
 
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "e2fsck: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    assert_fsck_clean(&out);
     // /etc/os-release is a symlink, which debugfs does not follow.
     let release = debugfs(&out, "cat /usr/lib/os-release");
     assert!(release.contains("VERSION_ID=\"24.04\""), "{release}");
@@ -271,11 +246,6 @@ fn ubuntu_noble_spec_builds_from_ubuntus_archive_with_autologin() {
         !debugfs(&out, "stat /usr/bin/git").is_empty(),
         "git missing"
     );
-    assert!(debugfs(&out, "cat /etc/passwd").contains("genos:x:1000:1000::/home/genos:/bin/bash"));
-    assert!(debugfs(
-        &out,
-        "cat /etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf"
-    )
-    .contains("--autologin genos"));
+    assert_autologin(&out, "serial-getty@ttyS0");
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
