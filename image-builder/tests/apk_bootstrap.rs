@@ -121,19 +121,48 @@ fn plan_for(mirror: &str, keys: &Path) -> ApkStaticPlan {
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A scratch directory whose `keys/` holds the trusted key [`KEY`] (its private half beside
+/// it), and a cache in it.
+struct Scratch {
+    dir: PathBuf,
+    cache: Cache,
+}
+
+/// [`Scratch`] named `name`; None (skipped) without curl, openssl and tar.
+fn scratch(name: &str) -> Option<Scratch> {
+    if !have_tools() {
+        return None;
+    }
+    let dir = temp_dir(name);
+    key_pair(&dir, &dir.join("keys"), KEY);
+    let cache = Cache::at(dir.join("cache")).unwrap();
+    Some(Scratch { dir, cache })
+}
+
+/// A mirror in scratch directory `dir` whose binary is `binary`, with a signature over
+/// `signed` by the trusted key.
+fn signed_mirror(dir: &Path, binary: &str, signed: &str) -> PathBuf {
+    mirror(dir, binary, signed, &dir.join(format!("{KEY}.pem")), KEY)
+}
+
+/// The plan fetching from the mirror directory `mirror_dir`, trusting scratch directory
+/// `dir`'s `keys/`.
+fn plan_from(dir: &Path, mirror_dir: &Path) -> ApkStaticPlan {
+    plan_for(
+        &format!("file://{}", mirror_dir.display()),
+        &dir.join("keys"),
+    )
+}
+
 #[test]
 fn a_correctly_signed_apk_static_is_verified_cached_and_reused_without_the_mirror() {
-    if !have_tools() {
+    let Some(Scratch { dir, cache }) = scratch("good") else {
         return;
-    }
-    let dir = temp_dir("good");
-    let keys = dir.join("keys");
-    let private = key_pair(&dir, &keys, KEY);
+    };
     let marker = dir.join("ran");
     let binary = script(&marker);
-    let mirror_dir = mirror(&dir, &binary, &binary, &private, KEY);
-    let cache = Cache::at(dir.join("cache")).unwrap();
-    let plan = plan_for(&format!("file://{}", mirror_dir.display()), &keys);
+    let mirror_dir = signed_mirror(&dir, &binary, &binary);
+    let plan = plan_from(&dir, &mirror_dir);
 
     let path = apk_bootstrap::obtain(&cache, &plan, TIMEOUT).unwrap();
 
@@ -158,17 +187,13 @@ fn a_correctly_signed_apk_static_is_verified_cached_and_reused_without_the_mirro
 
 #[test]
 fn an_apk_static_that_does_not_match_its_signature_is_refused_never_run_and_not_cached() {
-    if !have_tools() {
+    let Some(Scratch { dir, cache }) = scratch("tampered") else {
         return;
-    }
-    let dir = temp_dir("tampered");
-    let keys = dir.join("keys");
-    let private = key_pair(&dir, &keys, KEY);
+    };
     let marker = dir.join("ran");
     let signed = script(&dir.join("unused"));
-    let mirror_dir = mirror(&dir, &script(&marker), &signed, &private, KEY);
-    let cache = Cache::at(dir.join("cache")).unwrap();
-    let plan = plan_for(&format!("file://{}", mirror_dir.display()), &keys);
+    let mirror_dir = signed_mirror(&dir, &script(&marker), &signed);
+    let plan = plan_from(&dir, &mirror_dir);
 
     let err = apk_bootstrap::obtain(&cache, &plan, TIMEOUT).unwrap_err();
 
@@ -188,25 +213,16 @@ fn an_apk_static_that_does_not_match_its_signature_is_refused_never_run_and_not_
 
 #[test]
 fn an_apk_static_signed_by_a_key_outside_the_keys_dir_is_refused() {
-    if !have_tools() {
+    let Some(Scratch { dir, cache }) = scratch("foreign") else {
         return;
-    }
-    let dir = temp_dir("foreign");
-    let keys = dir.join("keys");
-    key_pair(&dir, &keys, KEY);
+    };
     // Signed by a stranger's key, once under the trusted key's name, once under its own.
     let stranger = key_pair(&dir, &dir.join("elsewhere"), "stranger-5f000002.rsa.pub");
     let marker = dir.join("ran");
     let binary = script(&marker);
-    let cache = Cache::at(dir.join("cache")).unwrap();
 
     let posing = mirror(&dir, &binary, &binary, &stranger, KEY);
-    let posing_err = apk_bootstrap::obtain(
-        &cache,
-        &plan_for(&format!("file://{}", posing.display()), &keys),
-        TIMEOUT,
-    )
-    .unwrap_err();
+    let posing_err = apk_bootstrap::obtain(&cache, &plan_from(&dir, &posing), TIMEOUT).unwrap_err();
     std::fs::remove_dir_all(dir.join("pkgroot")).unwrap();
     let own_name = mirror(
         &dir,
@@ -215,12 +231,8 @@ fn an_apk_static_signed_by_a_key_outside_the_keys_dir_is_refused() {
         &stranger,
         "stranger-5f000002.rsa.pub",
     );
-    let own_name_err = apk_bootstrap::obtain(
-        &cache,
-        &plan_for(&format!("file://{}", own_name.display()), &keys),
-        TIMEOUT,
-    )
-    .unwrap_err();
+    let own_name_err =
+        apk_bootstrap::obtain(&cache, &plan_from(&dir, &own_name), TIMEOUT).unwrap_err();
 
     assert!(
         matches!(posing_err, ApkBootstrapError::BadSignature { .. }),
@@ -237,16 +249,12 @@ fn an_apk_static_signed_by_a_key_outside_the_keys_dir_is_refused() {
 
 #[test]
 fn a_cached_apk_static_that_changed_is_refused() {
-    if !have_tools() {
+    let Some(Scratch { dir, cache }) = scratch("changed") else {
         return;
-    }
-    let dir = temp_dir("changed");
-    let keys = dir.join("keys");
-    let private = key_pair(&dir, &keys, KEY);
+    };
     let binary = script(&dir.join("ran"));
-    let mirror_dir = mirror(&dir, &binary, &binary, &private, KEY);
-    let cache = Cache::at(dir.join("cache")).unwrap();
-    let plan = plan_for(&format!("file://{}", mirror_dir.display()), &keys);
+    let mirror_dir = signed_mirror(&dir, &binary, &binary);
+    let plan = plan_from(&dir, &mirror_dir);
     let path = apk_bootstrap::obtain(&cache, &plan, TIMEOUT).unwrap();
 
     std::fs::write(&path, "#!/bin/sh\necho changed\n").unwrap();

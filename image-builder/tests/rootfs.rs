@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use image_builder::cache::{ArtifactKind, Cache};
+use image_builder::cache::{Artifact, ArtifactKind, Cache};
 use image_builder::rootfs::{self, RootfsError, RootfsOptions};
 use proto::spec::Spec;
 
@@ -48,6 +48,19 @@ fn temp_dir(name: &str) -> PathBuf {
     common::temp_dir("rootfs", name)
 }
 
+/// Builds `spec` with the default options into the machine's cache and writes it out, grown
+/// by `grow_gib`, as `<name>.ext4` in a scratch directory; checks that e2fsck finds it
+/// clean. The scratch directory, the image and the artifact.
+fn build_clean_image(name: &str, spec: &Spec, grow_gib: u32) -> (PathBuf, PathBuf, Artifact) {
+    let cache = Cache::open(None).unwrap();
+    let out_dir = temp_dir(name);
+    let out = out_dir.join(format!("{name}.ext4"));
+    let artifact = rootfs::build(&cache, spec, &RootfsOptions::default()).unwrap();
+    rootfs::write_out(&artifact, &out, u64::from(grow_gib)).unwrap();
+    assert_fsck_clean(&out);
+    (out_dir, out, artifact)
+}
+
 /// Checks that `e2fsck -fn` finds the image clean.
 fn assert_fsck_clean(image: &Path) {
     let fsck = Command::new("e2fsck")
@@ -75,16 +88,10 @@ fn minimal_spec_builds_a_clean_ext4_image_and_hits_the_cache_next_time() {
     if !can_build() {
         return;
     }
-    let cache = Cache::open(None).unwrap();
-    let out_dir = temp_dir("minimal");
-    let out = out_dir.join("minimal.ext4");
-    let options = RootfsOptions::default();
     let minimal = spec("minimal", "none", &[]);
 
-    let artifact = rootfs::build(&cache, &minimal, &options).unwrap();
-    rootfs::write_out(&artifact, &out, u64::from(minimal.disk_gib)).unwrap();
+    let (out_dir, out, artifact) = build_clean_image("minimal", &minimal, minimal.disk_gib);
 
-    assert_fsck_clean(&out);
     let root = debugfs(&out, "ls -l /");
     for entry in ["etc", "usr", "home", "var"] {
         assert!(
@@ -111,7 +118,8 @@ fn minimal_spec_builds_a_clean_ext4_image_and_hits_the_cache_next_time() {
         "file system not grown: {blocks} blocks"
     );
 
-    let again = rootfs::build(&cache, &minimal, &options).unwrap();
+    let cache = Cache::open(None).unwrap();
+    let again = rootfs::build(&cache, &minimal, &RootfsOptions::default()).unwrap();
     assert_eq!(again.dir, artifact.dir, "second build must hit the cache");
     assert_eq!(again.manifest, artifact.manifest);
     std::fs::remove_dir_all(&out_dir).unwrap();
@@ -186,15 +194,10 @@ fn xfce_desktop_spec_builds_with_autologin_into_x() {
     if !can_build() {
         return;
     }
-    let cache = Cache::open(None).unwrap();
-    let out_dir = temp_dir("xfce");
-    let out = out_dir.join("xfce.ext4");
     let desktop = spec("desktop", "xfce", &["firefox"]);
 
-    let artifact = rootfs::build(&cache, &desktop, &RootfsOptions::default()).unwrap();
-    rootfs::write_out(&artifact, &out, u64::from(desktop.disk_gib)).unwrap();
+    let (out_dir, out, _) = build_clean_image("xfce", &desktop, desktop.disk_gib);
 
-    assert_fsck_clean(&out);
     for binary in [
         "/usr/bin/startxfce4",
         "/usr/bin/Xorg",
@@ -229,15 +232,10 @@ fn ubuntu_noble_spec_builds_from_ubuntus_archive_with_autologin() {
         );
         return;
     }
-    let cache = Cache::open(None).unwrap();
-    let out_dir = temp_dir("ubuntu");
-    let out = out_dir.join("ubuntu.ext4");
     let noble = common::spec_on("ubuntu-24.04", "noble", "none", &["git"]);
 
-    let artifact = rootfs::build(&cache, &noble, &RootfsOptions::default()).unwrap();
-    rootfs::write_out(&artifact, &out, 0).unwrap();
+    let (out_dir, out, _) = build_clean_image("ubuntu", &noble, 0);
 
-    assert_fsck_clean(&out);
     // /etc/os-release is a symlink, which debugfs does not follow.
     let release = debugfs(&out, "cat /usr/lib/os-release");
     assert!(release.contains("VERSION_ID=\"24.04\""), "{release}");
