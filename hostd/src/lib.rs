@@ -7,6 +7,7 @@
 //! VMM processes by pidfd; `stream` streams environments to viewers.
 
 pub mod admin;
+pub mod agent;
 pub mod composer;
 pub mod config;
 pub mod llm;

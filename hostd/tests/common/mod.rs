@@ -16,7 +16,13 @@ pub use testkit::kvm_available;
 /// `genos-vmm` from the same target directory as this test's binaries (built by
 /// `cargo build -p genos-vmm` or any workspace-wide build), or `GENOS_VMM_BIN`.
 pub fn vmm_bin(test: &str) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("GENOS_VMM_BIN") {
+    workspace_bin(test, "genos-vmm", "GENOS_VMM_BIN")
+}
+
+/// The workspace binary `name` beside the test binaries (as `cargo test --workspace` builds
+/// it), or the path in the environment variable `var`; None (skipped, saying why) if absent.
+pub fn workspace_bin(test: &str, name: &str, var: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
         return Some(p.into());
     }
     // Test binaries live in <target>/<profile>/deps; the workspace's binaries one level up.
@@ -25,14 +31,14 @@ pub fn vmm_bin(test: &str) -> Option<PathBuf> {
         .parent()
         .and_then(Path::parent)
         .expect("target profile directory")
-        .join("genos-vmm");
+        .join(name);
     if p.exists() {
         Some(p)
     } else {
         testkit::skip(
             testkit::Need::Bins,
             format!(
-                "{test}: {} not built (run `cargo build -p genos-vmm`)",
+                "{test}: {} not built (run `cargo build --workspace`, or set {var})",
                 p.display()
             ),
         );
