@@ -12,6 +12,7 @@ use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cache::{sha256_hex, ArtifactKind, Cache, CacheError, InputHasher};
+use crate::path_error::{io_err, PathIoError};
 use crate::plan::apk_static::{self, ApkStaticError, ApkStaticPlan};
 use crate::tools::{self, ToolError};
 
@@ -46,13 +47,8 @@ pub enum ApkBootstrapError {
     Tool(#[from] ToolError),
     #[error(transparent)]
     Cache(#[from] CacheError),
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
 }
 
 /// Why `openssl dgst -sha256 -verify` did not accept apk.static's signature.
@@ -64,15 +60,6 @@ pub enum VerifyError {
     /// openssl ran and refused: its first line of output, and how it exited.
     #[error("openssl: {said} ({status})")]
     Refused { said: String, status: ExitStatus },
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ApkBootstrapError {
-    let path = path.to_path_buf();
-    move |source| ApkBootstrapError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// The cache key of the binary `plan` yields.
@@ -215,7 +202,7 @@ fn fetch(url: &str, dest: &Path, timeout: Duration) -> Result<Vec<u8>, ApkBootst
             ),
         });
     }
-    fs::read(dest).map_err(io_err("reading", dest))
+    Ok(fs::read(dest).map_err(io_err("reading", dest))?)
 }
 
 /// Runs the plan's openssl check; the error is what openssl said.

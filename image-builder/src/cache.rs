@@ -16,6 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::path_error::PathIoError;
+
 /// Environment variable overriding the default cache directory.
 pub const CACHE_DIR_ENV: &str = "GENOS_IMAGE_CACHE";
 
@@ -27,13 +29,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub enum CacheError {
     #[error("cannot determine the cache directory: set --cache-dir, {CACHE_DIR_ENV} or HOME")]
     NoCacheDir,
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("manifest {path} is corrupt: {source}")]
     Manifest {
         path: PathBuf,
@@ -44,11 +41,7 @@ pub enum CacheError {
 
 impl CacheError {
     fn io(action: &'static str, path: &Path, source: io::Error) -> Self {
-        CacheError::Io {
-            action,
-            path: path.to_path_buf(),
-            source,
-        }
+        CacheError::Io(PathIoError::new(action, path, source))
     }
 }
 

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use crate::cache::{Artifact, ArtifactKind, Cache, CacheError, InputHasher};
+use crate::path_error::{io_err, PathIoError};
 use crate::tools::{self, ToolError};
 
 /// The fragment compiled into this binary.
@@ -32,26 +33,10 @@ pub enum KernelError {
     Tool(#[from] ToolError),
     #[error("{SOURCE_TARBALL} is missing and installing {SOURCE_PACKAGE} needs root: run `apt-get install {SOURCE_PACKAGE}`")]
     SourceNotInstalled,
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("the kernel configuration dropped required options (unmet dependencies?): {}", .0.join(", "))]
     ConfigDropped(Vec<String>),
-}
-
-fn io_err<'a>(
-    action: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> KernelError + 'a {
-    move |source| KernelError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// What to build.

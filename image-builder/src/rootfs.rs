@@ -21,6 +21,7 @@ use proto::spec::{Catalog, Spec, SpecError};
 
 use crate::apk_bootstrap::{self, ApkBootstrapError};
 use crate::cache::{sha256_hex, Artifact, ArtifactKind, Cache, CacheError, InputHasher};
+use crate::path_error::PathIoError;
 use crate::plan::{self, BasePlan, Plan, PlanError, PlanOptions, Prepared};
 use crate::probe::{self, ProbeError};
 use crate::tools::{self, ToolError};
@@ -89,13 +90,8 @@ pub enum RootfsError {
         needed_mib: u64,
         free_mib: u64,
     },
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
 }
 
 fn suggestion_text(suggestions: &[String]) -> String {
@@ -119,11 +115,7 @@ fn io_err<'a>(
                 free_mib: free / MIB,
             }
         } else {
-            RootfsError::Io {
-                action,
-                path: path.to_path_buf(),
-                source,
-            }
+            RootfsError::Io(PathIoError::new(action, path, source))
         }
     }
 }
@@ -702,18 +694,7 @@ fn write(root: &Path, rel: &str, contents: &str, mode: u32) -> Result<(), Rootfs
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec(base: &str, desktop: &str, apps: &[&str]) -> Spec {
-        let json = serde_json::json!({
-            "version": 1, "name": "t", "base": base, "desktop": desktop,
-            "apps": apps, "vcpus": 1, "memory_mib": 512, "disk_gib": 1,
-            "display": {"width": 1280, "height": 720, "fps": 30},
-            "network": {"mode": "none", "allow": []},
-            "lifetime": {"ttl_s": null, "idle_s": null},
-            "persistence": "ephemeral", "assumptions": []
-        });
-        Spec::from_json(&json.to_string()).unwrap()
-    }
+    use crate::plan::tests::spec;
 
     #[test]
     fn unknown_app_gets_a_suggestion() {

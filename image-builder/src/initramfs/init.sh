@@ -62,7 +62,9 @@ else
 fi
 
 if [ -x /sbin/genos-agent ]; then
-    /sbin/genos-agent &
+    # No init system here: --initramfs makes the agent report stage `system` at once and
+    # power off through reboot(2). It serves vsock and the virtio-serial port (docs/agent.md).
+    /sbin/genos-agent --initramfs &
 fi
 hostname genos
 while true; do

@@ -48,7 +48,7 @@ pub enum InitramfsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0} is dynamically linked; the initramfs has no C library, so build the agent statically (musl)")]
+    #[error("{0} is dynamically linked; the initramfs has no C library, so build the agent statically (scripts/build-agent)")]
     AgentNotStatic(PathBuf),
     #[error(transparent)]
     Cpio(#[from] CpioError),
