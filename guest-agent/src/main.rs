@@ -1,14 +1,14 @@
 //! `genos-agent`: parses the command line, does PID 1's set-up when it is PID 1, and runs
 //! the server until killed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
 use guest_agent::files::DEFAULT_MAX_FILE_SIZE;
 use guest_agent::server::{Config, Server};
-use guest_agent::system;
 use guest_agent::users::Accounts;
+use guest_agent::{system, transport};
 use proto::agent::{VIRTIO_SERIAL_NAME, VSOCK_PORT};
 
 /// The GenOS guest agent (protocol: docs/agent.md).
@@ -24,7 +24,7 @@ struct Args {
     /// Also listen on this Unix socket (tests).
     #[arg(long)]
     unix: Option<PathBuf>,
-    /// virtio-serial port to serve [default: /dev/virtio-ports/org.genos.agent, if present].
+    /// virtio-serial port to serve [default: the port named org.genos.agent, if present].
     #[arg(long)]
     serial: Option<PathBuf>,
     /// Largest file a put or get may move, in bytes.
@@ -57,8 +57,7 @@ fn main() -> ExitCode {
         }
     }
     let serial = args.serial.or_else(|| {
-        let default = PathBuf::from("/dev/virtio-ports").join(VIRTIO_SERIAL_NAME);
-        default.exists().then_some(default)
+        transport::find_virtio_port(VIRTIO_SERIAL_NAME, Path::new("/sys"), Path::new("/dev"))
     });
     let cfg = Config {
         vsock_port: (!args.no_vsock).then_some(args.vsock_port.unwrap_or(VSOCK_PORT)),

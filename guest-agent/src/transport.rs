@@ -106,3 +106,48 @@ pub fn open_serial(path: &Path) -> std::io::Result<File> {
         .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
 }
+
+/// The character device of the virtio-serial port named `name`: udev's
+/// `/dev/virtio-ports/<name>` link where udev runs, else the `vportNpM` whose sysfs `name`
+/// matches (an initramfs has no udev). `sys` and `dev` are `/sys` and `/dev` outside tests.
+pub fn find_virtio_port(name: &str, sys: &Path, dev: &Path) -> Option<std::path::PathBuf> {
+    let link = dev.join("virtio-ports").join(name);
+    if link.exists() {
+        return Some(link);
+    }
+    let ports = std::fs::read_dir(sys.join("class/virtio-ports")).ok()?;
+    ports.filter_map(Result::ok).find_map(|port| {
+        let port_name = std::fs::read_to_string(port.path().join("name")).ok()?;
+        (port_name.trim_end() == name).then(|| dev.join(port.file_name()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_virtio_port_is_found_by_its_sysfs_name_without_udev() {
+        let root = std::env::temp_dir().join(format!("genos-agent-vport-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (sys, dev) = (root.join("sys"), root.join("dev"));
+        for (port, name) in [("vport0p0", ""), ("vport0p1", "org.genos.agent")] {
+            let d = sys.join("class/virtio-ports").join(port);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("name"), format!("{name}\n")).unwrap();
+        }
+        std::fs::create_dir_all(&dev).unwrap();
+        assert_eq!(
+            find_virtio_port("org.genos.agent", &sys, &dev),
+            Some(dev.join("vport0p1"))
+        );
+        assert_eq!(find_virtio_port("other", &sys, &dev), None);
+        std::fs::create_dir_all(dev.join("virtio-ports")).unwrap();
+        std::fs::write(dev.join("virtio-ports/org.genos.agent"), "").unwrap();
+        assert_eq!(
+            find_virtio_port("org.genos.agent", &sys, &dev),
+            Some(dev.join("virtio-ports/org.genos.agent"))
+        );
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}
