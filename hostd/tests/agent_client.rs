@@ -35,9 +35,13 @@ impl Agent {
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
+        // Listening, not just bound: the socket file appears before listen(2).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "the agent never made its socket");
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent never listened on its socket"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         Some(Agent { child, dir })
