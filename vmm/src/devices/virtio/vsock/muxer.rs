@@ -470,6 +470,11 @@ impl Muxer {
     /// Forgets connection `key` and closes its stream.
     fn remove(&mut self, key: Key) {
         if let Some(conn) = self.conns.remove(&key) {
+            // A connection made again under this key must not find the old one's place
+            // (a guest cycling REQUEST and RST without RX buffers would grow the queue).
+            if conn.queued {
+                self.ready.retain(|k| *k != key);
+            }
             bump(&self.metrics.connections_closed, 1);
             if let Some(stream) = conn.stream {
                 self.by_stream.remove(&stream);
@@ -516,6 +521,7 @@ impl Muxer {
             }
         }
         assert!(self.by_stream.len() <= self.conns.len());
+        assert!(self.ready.len() <= self.conns.len(), "stale ready entries");
     }
 }
 
@@ -988,6 +994,22 @@ mod tests {
         );
         assert!(m.is_empty());
         assert!(!m.has_rx(), "nothing more goes to the guest");
+    }
+
+    #[test]
+    fn a_guest_cycling_request_and_rst_without_rx_buffers_holds_no_more_memory() {
+        let mut m = muxer();
+
+        for _ in 0..1000 {
+            send(&mut m, Op::Request, HOST_PORT, &[], 0);
+            actions(&mut m);
+            m.host_connect_failed(HOST_PORT, GUEST_PORT);
+            send(&mut m, Op::Rst, HOST_PORT, &[], 0);
+        }
+
+        m.check_invariants();
+        assert!(m.is_empty());
+        assert!(drain_rx(&mut m).is_empty());
     }
 
     #[test]
