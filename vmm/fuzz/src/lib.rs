@@ -8,4 +8,5 @@ pub mod http_request;
 pub mod virtio_blk_request;
 pub mod virtio_input;
 pub mod virtio_net_chain;
+pub mod vsock_muxer;
 pub mod vsock_packet;

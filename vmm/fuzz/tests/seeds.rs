@@ -34,3 +34,8 @@ fn every_virtio_input_seed_passes() {
 fn every_vsock_packet_seed_passes() {
     replay_seeds(DIR, "vsock_packet", vmm_fuzz::vsock_packet::run);
 }
+
+#[test]
+fn every_vsock_muxer_seed_passes() {
+    replay_seeds(DIR, "vsock_muxer", vmm_fuzz::vsock_muxer::run);
+}
