@@ -141,4 +141,28 @@ mod tests {
             "10: ruleset failed, 11: not fully enforced, 12: wrong access"
         );
     }
+
+    /// virtio-vsock connects to `<uds_path>_<port>` after the VM is built, with no rule for
+    /// it: Landlock must leave pathname Unix sockets connectable (should a newer ABI handled
+    /// here start restricting them, this fails and the vsock directory needs a rule).
+    #[test]
+    fn a_unix_socket_outside_the_rules_can_still_be_connected() {
+        let dir = std::env::temp_dir().join(format!("genos-landlock-sock-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock_52");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+
+        let code = in_child(|| {
+            if restrict_to(&[]).is_err() {
+                return 10;
+            }
+            match crate::devices::virtio::vsock::host::connect_nonblocking(&path) {
+                Ok(_) if listener.accept().is_ok() => 0,
+                _ => 12,
+            }
+        });
+
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(code, 0, "10: ruleset failed, 12: connect refused");
+    }
 }
