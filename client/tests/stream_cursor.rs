@@ -1,13 +1,15 @@
 //! End to end on loopback: the source's pointer reaches viewers as Cursor messages, apart
 //! from the video (synthetic source → hostd stream server → client library).
 
+mod support;
+
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use client::{ConnectOptions, ConnectUrl, Event, Session};
 use encoder::{CursorUpdate, FrameSource, SourceError, SourceFrame};
-use hostd::stream::{source, Identity, RecordingInput, ServerConfig, StreamServer, TokenKey};
+use hostd::stream::{source, RecordingInput, ServerConfig, StreamServer};
 use proto::stream::{CursorImage, Rights};
 use scenes::{arrow_cursor, Scene, SyntheticSource};
 
@@ -28,43 +30,30 @@ fn serve(scene: Scene, w: u32, h: u32, fps: f32) -> (StreamServer, ConnectUrl) {
 }
 
 fn serve_source(src: source::EnvironmentSource, fps: f32) -> (StreamServer, ConnectUrl) {
-    let identity = Identity::generate(&[]).unwrap();
-    let tokens = Arc::new(TokenKey::generate().unwrap());
-    let server = StreamServer::bind(ServerConfig::default(), &identity, tokens.clone()).unwrap();
     let env = hostd::stream::EnvRef::new(ENV, 1);
-    server.add_environment(&env, src, fps).unwrap();
-    let token = tokens
-        .issue(&env, Rights::VIEW, Duration::from_secs(3600))
-        .unwrap();
+    let (server, tokens) = support::serve(ServerConfig::default(), &env, src, fps);
+    let token = tokens.issue(&env, Rights::VIEW, support::HOUR).unwrap();
     let url = server.connect_url(ENV, &token).unwrap().parse().unwrap();
     (server, url)
 }
 
 /// The next Cursor event, skipping frames and other events.
 async fn next_cursor(s: &mut Session) -> CursorEvent {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), s.next_event())
-            .await
-            .expect("no cursor message within 10 s")
-            .expect("session ended")
-        {
-            Event::Cursor {
-                x,
-                y,
-                visible,
-                image,
-            } => {
-                return CursorEvent {
-                    x,
-                    y,
-                    visible,
-                    image,
-                }
-            }
-            Event::Closed(r) => panic!("session closed: {r}"),
-            _ => {}
-        }
-    }
+    support::next_event(s, 10, "cursor message", |e| match e {
+        Event::Cursor {
+            x,
+            y,
+            visible,
+            image,
+        } => Some(CursorEvent {
+            x,
+            y,
+            visible,
+            image,
+        }),
+        _ => None,
+    })
+    .await
 }
 
 /// The synthetic arrow as the wire carries it.

@@ -1,13 +1,16 @@
 //! End to end on loopback: synthetic source → hostd stream server → client library.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod support;
 
-use client::{ClientError, ConnectOptions, ConnectUrl, Event, Session, StatsCollector};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use client::{ClientError, ConnectOptions, ConnectUrl, Session, StatsCollector};
 use hostd::stream::source::{self, RecordingInput};
-use hostd::stream::{EnvRef, Identity, ServerConfig, StreamServer, TokenKey};
+use hostd::stream::{EnvRef, ServerConfig, TokenKey};
 use proto::stream::{Button, ClientMessage, ErrorCode, InputEvent, Message, Rights, TouchPhase};
 use scenes::{Scene, SyntheticSource};
+use support::{next_frame, refused, Harness, HOUR};
 
 const ENV: &str = "env-test";
 
@@ -15,55 +18,11 @@ const ENV: &str = "env-test";
 fn env() -> EnvRef {
     EnvRef::new(ENV, 1)
 }
-const HOUR: Duration = Duration::from_secs(3600);
 
-struct Harness {
-    server: StreamServer,
-    input: Arc<RecordingInput>,
-    tokens: Arc<TokenKey>,
-}
-
+/// A stream server (`cfg`) serving the synthetic `scene` as [`env`].
 fn start(cfg: ServerConfig, scene: Scene, w: u32, h: u32, fps: f32) -> Harness {
-    let identity = Identity::generate(&[]).unwrap();
-    let tokens = Arc::new(TokenKey::generate().unwrap());
-    let server = StreamServer::bind(cfg, &identity, tokens.clone()).unwrap();
-    let (src, input) = source::synthetic(scene, w, h, fps);
-    server.add_environment(&env(), src, fps).unwrap();
-    Harness {
-        server,
-        input,
-        tokens,
-    }
+    support::start(cfg, &env(), scene, w, h, fps)
 }
-
-impl Harness {
-    fn url_with_token(&self, token: &str) -> ConnectUrl {
-        self.server
-            .connect_url(ENV, token)
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-    fn url(&self, rights: Rights) -> ConnectUrl {
-        let token = self.tokens.issue(&env(), rights, HOUR).unwrap();
-        self.url_with_token(&token)
-    }
-}
-
-async fn next_frame(s: &mut Session) -> client::Frame {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), s.next_event())
-            .await
-            .expect("no event within 10 s")
-            .expect("session ended")
-        {
-            Event::Frame(f) => return f,
-            Event::Closed(r) => panic!("session closed: {r}"),
-            _ => {}
-        }
-    }
-}
-
 async fn wait_for_events(input: &RecordingInput, n: usize) -> Vec<InputEvent> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -79,7 +38,7 @@ async fn wait_for_events(input: &RecordingInput, n: usize) -> Vec<InputEvent> {
 async fn decoded_frames_match_the_source_above_35_db() {
     let (w, h, fps) = (320, 240, 30.0);
     let hx = start(ServerConfig::default(), Scene::Windows, w, h, fps);
-    let mut s = Session::connect(&hx.url(Rights::VIEW), ConnectOptions::default())
+    let mut s = Session::connect(&hx.url(&env(), Rights::VIEW), ConnectOptions::default())
         .await
         .unwrap();
     let mut replica = SyntheticSource::new(Scene::Windows, w, h, fps);
@@ -110,7 +69,7 @@ async fn decoded_frames_match_the_source_above_35_db() {
 async fn input_events_arrive_at_the_source_in_order() {
     let hx = start(ServerConfig::default(), Scene::Still, 320, 240, 30.0);
     let s = Session::connect(
-        &hx.url(Rights::VIEW | Rights::INPUT),
+        &hx.url(&env(), Rights::VIEW | Rights::INPUT),
         ConnectOptions::default(),
     )
     .await
@@ -152,7 +111,7 @@ async fn input_events_arrive_at_the_source_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_certificate_fingerprint_is_refused() {
     let hx = start(ServerConfig::default(), Scene::Still, 64, 64, 10.0);
-    let mut url = hx.url(Rights::VIEW);
+    let mut url = hx.url(&env(), Rights::VIEW);
     url.cert_sha256[0] ^= 0xff;
     let err = Session::connect(&url, ConnectOptions::default())
         .await
@@ -170,25 +129,15 @@ async fn wrong_certificate_fingerprint_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_token_is_refused() {
     let hx = start(ServerConfig::default(), Scene::Still, 64, 64, 10.0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
     let token = hx
         .tokens
-        .issue_expiring_at(&env(), Rights::VIEW, now - 10)
+        .issue_expiring_at(&env(), Rights::VIEW, support::now_unix() - 10)
         .unwrap();
-    let err = Session::connect(&hx.url_with_token(&token), ConnectOptions::default())
-        .await
-        .err()
-        .expect("expired token must be refused");
-    match err {
-        ClientError::Refused { code, message } => {
-            assert_eq!(code, ErrorCode::TokenExpired);
-            assert!(message.contains("expired"), "{message}");
-        }
-        other => panic!("expected Refused, got {other}"),
-    }
+
+    let (code, message) = refused(&hx.url_with_token(ENV, &token)).await;
+
+    assert_eq!(code, ErrorCode::TokenExpired);
+    assert!(message.contains("expired"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,17 +147,11 @@ async fn forged_token_is_refused() {
         .unwrap()
         .issue(&env(), Rights::all(), HOUR)
         .unwrap();
-    let err = Session::connect(&hx.url_with_token(&forged), ConnectOptions::default())
-        .await
-        .err()
-        .expect("forged token must be refused");
-    match err {
-        ClientError::Refused { code, message } => {
-            assert_eq!(code, ErrorCode::TokenForged);
-            assert!(message.contains("signature"), "{message}");
-        }
-        other => panic!("expected Refused, got {other}"),
-    }
+
+    let (code, message) = refused(&hx.url_with_token(ENV, &forged)).await;
+
+    assert_eq!(code, ErrorCode::TokenForged);
+    assert!(message.contains("signature"), "{message}");
 }
 
 /// A viewer that authenticates and then never reads a frame: the slowest possible link.
@@ -244,7 +187,7 @@ async fn stalled_viewer(url: &ConnectUrl) -> (quinn::Endpoint, quinn::Connection
 async fn slow_viewer_does_not_slow_down_a_fast_one() {
     let fps = 30.0;
     let hx = start(ServerConfig::default(), Scene::Windows, 320, 240, fps);
-    let url = hx.url(Rights::VIEW);
+    let url = hx.url(&env(), Rights::VIEW);
     let (_ep, _slow) = stalled_viewer(&url).await;
     let mut fast = Session::connect(&url, ConnectOptions::default())
         .await
@@ -292,7 +235,7 @@ async fn held_keys_are_released_when_the_grace_period_ends() {
     };
     let hx = start(cfg, Scene::Still, 64, 64, 10.0);
     let s = Session::connect(
-        &hx.url(Rights::VIEW | Rights::INPUT),
+        &hx.url(&env(), Rights::VIEW | Rights::INPUT),
         ConnectOptions::default(),
     )
     .await
@@ -324,7 +267,7 @@ async fn connections_beyond_the_per_address_cap_are_refused() {
         ..ServerConfig::default()
     };
     let hx = start(cfg, Scene::Still, 64, 64, 10.0);
-    let url = hx.url(Rights::VIEW);
+    let url = hx.url(&env(), Rights::VIEW);
     let a = Session::connect(&url, ConnectOptions::default())
         .await
         .unwrap();
@@ -358,7 +301,7 @@ async fn clients_pass_address_validation_when_retry_is_required() {
     };
     let hx = start(cfg, Scene::Still, 64, 64, 10.0);
 
-    let mut s = Session::connect(&hx.url(Rights::VIEW), ConnectOptions::default())
+    let mut s = Session::connect(&hx.url(&env(), Rights::VIEW), ConnectOptions::default())
         .await
         .unwrap();
     next_frame(&mut s).await;
@@ -378,7 +321,7 @@ async fn silent_connection_is_closed_after_the_hello_timeout() {
         ..ServerConfig::default()
     };
     let hx = start(cfg, Scene::Still, 64, 64, 10.0);
-    let url = hx.url(Rights::VIEW);
+    let url = hx.url(&env(), Rights::VIEW);
     let (tls, _) = client::tls::client_config(url.cert_sha256).unwrap();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -434,9 +377,6 @@ impl encoder::FrameSource for StillOnce {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn viewer_joining_a_still_screen_gets_a_keyframe() {
-    let identity = Identity::generate(&[]).unwrap();
-    let tokens = Arc::new(TokenKey::generate().unwrap());
-    let server = StreamServer::bind(ServerConfig::default(), &identity, tokens.clone()).unwrap();
     let pixels: Vec<u8> = (0..64 * 64)
         .flat_map(|i| [(i % 64 * 4) as u8, (i / 64 * 4) as u8, 128, 255])
         .collect();
@@ -447,7 +387,7 @@ async fn viewer_joining_a_still_screen_gets_a_keyframe() {
         }),
         input: Arc::new(RecordingInput::default()),
     };
-    server.add_environment(&env(), src, 30.0).unwrap();
+    let (server, tokens) = support::serve(ServerConfig::default(), &env(), src, 30.0);
     let token = tokens.issue(&env(), Rights::VIEW, HOUR).unwrap();
     let url: ConnectUrl = server.connect_url(ENV, &token).unwrap().parse().unwrap();
     let mut first = Session::connect(&url, ConnectOptions::default())

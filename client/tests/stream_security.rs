@@ -4,68 +4,33 @@
 //!
 //! Floods are bounded in count and time and go only to 127.0.0.1 and ::1.
 
+mod support;
+
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use client::{ClientError, ConnectOptions, ConnectUrl, Event, Session};
-use hostd::stream::source::{self, RecordingInput};
-use hostd::stream::{EnvRef, Identity, ServerConfig, StreamServer, TokenKey};
+use client::{ConnectOptions, ConnectUrl, Event, Session};
+use hostd::stream::source;
+use hostd::stream::{EnvRef, ServerConfig, TokenKey};
 use proto::stream::{ClientMessage, ErrorCode, InputEvent, Message, Rights, MAX_HELLO_LEN};
 use scenes::Scene;
-
-const HOUR: Duration = Duration::from_secs(3600);
-
-struct Harness {
-    server: StreamServer,
-    input: Arc<RecordingInput>,
-    tokens: Arc<TokenKey>,
-}
+use support::{next_frame, now_unix, refused, Harness, HOUR};
 
 fn start(cfg: ServerConfig, env: &EnvRef) -> Harness {
-    let identity = Identity::generate(&[]).unwrap();
-    let tokens = Arc::new(TokenKey::generate().unwrap());
-    let server = StreamServer::bind(cfg, &identity, tokens.clone()).unwrap();
-    let (src, input) = source::synthetic(Scene::Windows, 64, 64, 30.0);
-    server.add_environment(env, src, 30.0).unwrap();
-    Harness {
-        server,
-        input,
-        tokens,
-    }
+    support::start(cfg, env, Scene::Windows, 64, 64, 30.0)
 }
 
 impl Harness {
     /// A URL for `env` with `token`, reaching the server at `ip`.
-    fn url(&self, ip: std::net::IpAddr, env: &str, token: &str) -> ConnectUrl {
+    fn url_at(&self, ip: std::net::IpAddr, env: &str, token: &str) -> ConnectUrl {
         let addr = SocketAddr::new(ip, self.server.local_addr().unwrap().port());
         hostd::stream::connect_url(addr, env, token, self.server.fingerprint())
             .parse()
             .unwrap()
     }
     fn url_v4(&self, env: &EnvRef, token: &str) -> ConnectUrl {
-        self.url(Ipv4Addr::LOCALHOST.into(), &env.name, token)
-    }
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-async fn next_frame(s: &mut Session) -> client::Frame {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), s.next_event())
-            .await
-            .expect("no event within 10 s")
-            .expect("session ended")
-        {
-            Event::Frame(f) => return f,
-            Event::Closed(r) => panic!("session closed: {r}"),
-            _ => {}
-        }
+        self.url_at(Ipv4Addr::LOCALHOST.into(), &env.name, token)
     }
 }
 
@@ -80,14 +45,6 @@ async fn closed_within(s: &mut Session, limit: Duration) -> String {
             Ok(Some(Event::Closed(r))) => return r,
             Ok(Some(_)) => {}
         }
-    }
-}
-
-async fn refused(url: &ConnectUrl) -> (ErrorCode, String) {
-    match Session::connect(url, ConnectOptions::default()).await {
-        Err(ClientError::Refused { code, message }) => (code, message),
-        Err(e) => panic!("expected a refusal, got {e}"),
-        Ok(_) => panic!("expected a refusal, the session was admitted"),
     }
 }
 

@@ -8,13 +8,12 @@
 
 #[path = "../../hostd/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use client::{ConnectOptions, Event, Session};
-use hostd::config::Config;
-use hostd::orchestrator::Orchestrator;
 use hostd::store::EnvState;
 use hostd::stream::{Identity, ServerConfig, StreamServer, TokenKey};
 use proto::stream::{ClientMessage, ErrorCode, InputEvent};
@@ -22,18 +21,13 @@ use proto::stream::{ClientMessage, ErrorCode, InputEvent};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewer_sees_a_graphical_environment_and_its_keys_reach_the_vm() {
     let test = "a_viewer_sees_a_graphical_environment";
-    if !common::kvm_available(test) {
-        return;
-    }
-    let Some(vmm) = common::vmm_bin(test) else {
+    let Some((_, mut toml)) = common::tiny_guest_config(test, "ready", 4) else {
         return;
     };
-    let kernel = common::build_guest("ready");
     let dir = tempfile::tempdir().unwrap();
-    let mut toml = common::config_toml(&vmm, &kernel, 4, 4096);
     // This test is about the frame and input paths, not the jail (covered elsewhere).
     toml.push_str("[jail]\njailer = \"never\"\n");
-    let orch = Orchestrator::new(Config::from_toml(&toml).unwrap(), dir.path()).unwrap();
+    let orch = common::orchestrator(dir.path(), &toml);
     let stream_dir = dir.path().join("stream");
     let identity = Identity::load_or_create(&stream_dir).unwrap();
     let tokens = Arc::new(TokenKey::load_or_create(&stream_dir.join("token.key")).unwrap());
@@ -74,17 +68,11 @@ async fn a_viewer_sees_a_graphical_environment_and_its_keys_reach_the_vm() {
     let mut session = Session::connect(&url.parse().unwrap(), ConnectOptions::default())
         .await
         .unwrap();
-    let frame = loop {
-        match tokio::time::timeout(Duration::from_secs(20), session.next_event())
-            .await
-            .expect("no frame within 20 s")
-            .expect("session ended")
-        {
-            Event::Frame(f) => break f,
-            Event::Closed(r) => panic!("session closed: {r}"),
-            _ => {}
-        }
-    };
+    let frame = support::next_event(&mut session, 20, "frame", |e| match e {
+        Event::Frame(f) => Some(f),
+        _ => None,
+    })
+    .await;
     session.send_input(InputEvent::Key {
         code: 30,
         pressed: true,
@@ -95,17 +83,12 @@ async fn a_viewer_sees_a_graphical_environment_and_its_keys_reach_the_vm() {
     });
 
     session.send(ClientMessage::Clipboard("hello".into()));
-    let clipboard_refusal = loop {
-        match tokio::time::timeout(Duration::from_secs(10), session.next_event())
-            .await
-            .expect("no answer to the clipboard within 10 s")
-            .expect("session ended")
-        {
-            Event::Error { code, message } => break (code, message),
-            Event::Closed(r) => panic!("session closed: {r}"),
-            _ => {}
-        }
-    };
+    let answer = "answer to the clipboard";
+    let clipboard_refusal = support::next_event(&mut session, 10, answer, |e| match e {
+        Event::Error { code, message } => Some((code, message)),
+        _ => None,
+    })
+    .await;
     // Far past the idle limit: a watched environment is not reaped.
     let idle_s = ready
         .spec

@@ -1,0 +1,114 @@
+//! Helpers shared by the client's end-to-end suites: a stream server on loopback serving a
+//! synthetic desktop, tokens and URLs for it, and waiting for a session's next event of one
+//! kind.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use client::{ClientError, ConnectOptions, ConnectUrl, Event, Session};
+use hostd::stream::source::{self, EnvironmentSource, RecordingInput};
+use hostd::stream::{EnvRef, Identity, ServerConfig, StreamServer, TokenKey};
+use proto::stream::{ErrorCode, Rights};
+use scenes::Scene;
+
+pub const HOUR: Duration = Duration::from_secs(3600);
+
+/// A stream server on loopback, the input its synthetic source received, and the key its
+/// tokens are signed with.
+pub struct Harness {
+    pub server: StreamServer,
+    pub input: Arc<RecordingInput>,
+    pub tokens: Arc<TokenKey>,
+}
+
+/// A stream server (`cfg`) serving `src` at `fps` as environment `env`, and its token key.
+pub fn serve(
+    cfg: ServerConfig,
+    env: &EnvRef,
+    src: EnvironmentSource,
+    fps: f32,
+) -> (StreamServer, Arc<TokenKey>) {
+    let identity = Identity::generate(&[]).unwrap();
+    let tokens = Arc::new(TokenKey::generate().unwrap());
+    let server = StreamServer::bind(cfg, &identity, tokens.clone()).unwrap();
+    server.add_environment(env, src, fps).unwrap();
+    (server, tokens)
+}
+
+/// A stream server (`cfg`) serving the synthetic `scene` at `w` x `h`, `fps` as `env`.
+pub fn start(cfg: ServerConfig, env: &EnvRef, scene: Scene, w: u32, h: u32, fps: f32) -> Harness {
+    let (src, input) = source::synthetic(scene, w, h, fps);
+    let (server, tokens) = serve(cfg, env, src, fps);
+    Harness {
+        server,
+        input,
+        tokens,
+    }
+}
+
+impl Harness {
+    /// A URL for environment `env` with `token`.
+    pub fn url_with_token(&self, env: &str, token: &str) -> ConnectUrl {
+        self.server
+            .connect_url(env, token)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// A URL for `env` with a fresh token of `rights`, valid for an hour.
+    pub fn url(&self, env: &EnvRef, rights: Rights) -> ConnectUrl {
+        let token = self.tokens.issue(env, rights, HOUR).unwrap();
+        self.url_with_token(&env.name, &token)
+    }
+}
+
+/// The next event of the session that `pick` takes, skipping the others; fails the test
+/// when none comes within `secs` (naming `what`) or the session closes first.
+pub async fn next_event<T>(
+    s: &mut Session,
+    secs: u64,
+    what: &str,
+    mut pick: impl FnMut(Event) -> Option<T>,
+) -> T {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(secs), s.next_event())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within {secs} s"))
+            .expect("session ended");
+        if let Event::Closed(r) = &event {
+            panic!("session closed: {r}");
+        }
+        if let Some(taken) = pick(event) {
+            return taken;
+        }
+    }
+}
+
+/// The session's next frame (within 10 s).
+pub async fn next_frame(s: &mut Session) -> client::Frame {
+    next_event(s, 10, "event", |e| match e {
+        Event::Frame(f) => Some(f),
+        _ => None,
+    })
+    .await
+}
+
+/// The refusal `url` meets: its code and message; fails the test if the session is admitted
+/// or fails otherwise.
+pub async fn refused(url: &ConnectUrl) -> (ErrorCode, String) {
+    match Session::connect(url, ConnectOptions::default()).await {
+        Err(ClientError::Refused { code, message }) => (code, message),
+        Err(e) => panic!("expected a refusal, got {e}"),
+        Ok(_) => panic!("expected a refusal, the session was admitted"),
+    }
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
