@@ -430,9 +430,4 @@ impl Connection {
             _ => None,
         }
     }
-
-    /// Credit counters, for checks: (tx_cnt, peer_buf_alloc, peer_fwd_cnt).
-    pub fn credit(&self) -> (u32, u32, u32) {
-        (self.tx_cnt, self.peer_buf_alloc, self.peer_fwd_cnt)
-    }
 }

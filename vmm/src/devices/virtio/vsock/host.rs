@@ -113,11 +113,6 @@ impl HostSide {
         })
     }
 
-    /// The socket path S.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The listener's descriptor, for the event loop.
     pub fn listener_fd(&self) -> RawFd {
         self.listener.as_raw_fd()
@@ -126,11 +121,6 @@ impl HostSide {
     /// Descriptors to start or stop watching since the last call.
     pub fn take_changes(&mut self) -> Vec<FdChange> {
         std::mem::take(&mut self.changes)
-    }
-
-    /// Host streams open (connections and handshakes).
-    pub fn stream_count(&self) -> usize {
-        self.streams.len()
     }
 
     /// Accepts every waiting host program; each must send its `CONNECT` line within
@@ -386,20 +376,6 @@ impl HostSide {
             .values()
             .filter_map(|s| s.handshake.as_ref().map(|h| h.deadline))
             .min()
-    }
-
-    /// Closes every stream that belongs to a connection (the transport reset); host
-    /// programs still sending their line are left to finish it.
-    pub fn close_connections(&mut self) {
-        let ids: Vec<StreamId> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| s.handshake.is_none())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            self.close(id);
-        }
     }
 }
 

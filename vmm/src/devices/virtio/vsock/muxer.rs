@@ -431,11 +431,6 @@ impl Muxer {
         None
     }
 
-    /// The streams of open connections, for the driver to read after a pass.
-    pub fn streams(&self) -> impl Iterator<Item = StreamId> + '_ {
-        self.by_stream.keys().copied()
-    }
-
     fn conn_of(&self, stream: StreamId) -> Option<&Conn> {
         self.by_stream.get(&stream).and_then(|k| self.conns.get(k))
     }
