@@ -174,11 +174,9 @@ fn non_permitted_user_is_refused_by_peer_credentials() {
 
 #[test]
 fn up_waits_until_ready_and_prints_a_viewer_token() {
-    let test = "up_waits_until_ready_and_prints_a_viewer_token";
-    let Some((_, config)) = common::tiny_guest_config(test, "ready", 4) else {
+    let Some(h) = Hostd::with_tiny_guest() else {
         return;
     };
-    let h = Hostd::start(&config);
     let o = h.genos(&["up", "headless python, 1 core, 256 MB"]);
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
     assert!(

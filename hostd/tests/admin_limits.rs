@@ -3,6 +3,7 @@
 //! timeout) and a real request is still answered; oversized requests are refused and long
 //! request texts are audited in brief.
 
+mod common;
 #[path = "common/daemon.rs"]
 mod daemon;
 

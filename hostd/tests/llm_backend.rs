@@ -4,9 +4,10 @@
 use std::sync::{Arc, Mutex};
 
 use axum::{routing::post, Json, Router};
-use hostd::composer::Outcome;
+use hostd::composer::{Composition, Outcome};
 use hostd::config::Config;
 use hostd::orchestrator::Orchestrator;
+use proto::spec::Spec;
 use serde_json::{json, Value};
 
 /// Serves chat completions whose content is `content`; records the requests it got.
@@ -30,12 +31,25 @@ async fn fake_endpoint(content: String) -> (String, Arc<Mutex<Vec<Value>>>) {
     (format!("http://{addr}/v1/chat/completions"), seen)
 }
 
-fn orchestrator(dir: &std::path::Path, endpoint: &str) -> Orchestrator {
+/// What an orchestrator whose LLM backend is `endpoint` composes from `text`.
+async fn compose_with(endpoint: &str, text: &str) -> Composition {
     let cfg = Config::from_toml(&format!(
         "[llm]\nenabled = true\nendpoint = \"{endpoint}\"\nmodel = \"stand-in\"\ntimeout_ms = 2000\n"
     ))
     .unwrap();
-    Orchestrator::new(cfg, dir).unwrap()
+    let dir = tempfile::tempdir().unwrap();
+    Orchestrator::new(cfg, dir.path())
+        .unwrap()
+        .compose_text(text)
+        .await
+}
+
+/// The spec a composition proposes; fails the test if it asks a question instead.
+fn spec_of(c: &Composition) -> &Spec {
+    match &c.outcome {
+        Outcome::Spec(s) => s,
+        other => panic!("{other:?}"),
+    }
 }
 
 fn llm_spec() -> Value {
@@ -48,13 +62,8 @@ fn llm_spec() -> Value {
 #[tokio::test]
 async fn valid_llm_proposal_is_used() {
     let (endpoint, seen) = fake_endpoint(json!({"spec": llm_spec()}).to_string()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let c = orchestrator(dir.path(), &endpoint)
-        .compose_text("an art studio")
-        .await;
-    let Outcome::Spec(s) = c.outcome else {
-        panic!("{:?}", c.outcome)
-    };
+    let c = compose_with(&endpoint, "an art studio").await;
+    let s = spec_of(&c);
     assert_eq!(
         (s.desktop.as_str(), s.vcpus, s.memory_mib),
         ("kde", 3, 6144)
@@ -74,13 +83,8 @@ async fn invalid_llm_proposal_falls_back_to_the_rules() {
     let mut bad = llm_spec();
     bad["apps"] = json!(["photoshop"]);
     let (endpoint, _) = fake_endpoint(bad.to_string()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let c = orchestrator(dir.path(), &endpoint)
-        .compose_text("gimp with 8 gigs")
-        .await;
-    let Outcome::Spec(s) = c.outcome else {
-        panic!("{:?}", c.outcome)
-    };
+    let c = compose_with(&endpoint, "gimp with 8 gigs").await;
+    let s = spec_of(&c);
     assert_eq!(
         (s.apps.clone(), s.memory_mib),
         (vec!["gimp".to_string()], 8192)
@@ -102,13 +106,9 @@ async fn unreachable_llm_endpoint_falls_back_to_the_rules() {
         .local_addr()
         .unwrap()
         .port();
-    let dir = tempfile::tempdir().unwrap();
-    let o = orchestrator(
-        dir.path(),
-        &format!("http://127.0.0.1:{port}/v1/chat/completions"),
-    );
-    let c = o.compose_text("vlc").await;
-    assert!(matches!(c.outcome, Outcome::Spec(ref s) if s.apps == ["vlc"]));
+    let endpoint = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let c = compose_with(&endpoint, "vlc").await;
+    assert_eq!(spec_of(&c).apps, ["vlc"]);
     assert!(
         c.explain[0].starts_with("LLM backend not used (cannot reach"),
         "{:?}",

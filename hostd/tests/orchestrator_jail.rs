@@ -10,13 +10,21 @@ use std::path::{Path, PathBuf};
 use hostd::orchestrator::{pid_alive, Orchestrator};
 use hostd::store::EnvState;
 use proto::spec::NetworkMode;
+use tempfile::TempDir;
 
 const UID_BASE: u32 = 64000;
+
+/// [`jailed_in`] a fresh state directory.
+async fn jailed(extra_vmm_args: &[&str]) -> Option<(TempDir, Orchestrator)> {
+    let dir = tempfile::tempdir().unwrap();
+    let o = jailed_in(dir.path(), extra_vmm_args, "").await?;
+    Some((dir, o))
+}
 
 /// A started orchestrator over `dir` that must jail (`jailer = "always"`), the VMM given
 /// `extra_vmm_args` and the jail section `extra_jail_toml`; None (with the reason printed)
 /// when this host cannot run the test.
-async fn jailed(
+async fn jailed_in(
     dir: &Path,
     extra_vmm_args: &[&str],
     extra_jail_toml: &str,
@@ -92,8 +100,7 @@ fn cgroup_dirs(pid: i32) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jailed_vmm_runs_as_its_slot_uid_in_its_own_namespaces_and_stop_cleans_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(o) = jailed(dir.path(), &[], "").await else {
+    let Some((dir, o)) = jailed(&[]).await else {
         return;
     };
     let env = common::create_ready(&o, "jail-life", true).await;
@@ -165,8 +172,7 @@ async fn jailed_vmm_runs_as_its_slot_uid_in_its_own_namespaces_and_stop_cleans_u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jailed_vmm_killed_from_outside_fails_only_its_environment() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(o) = jailed(dir.path(), &[], "").await else {
+    let Some((_dir, o)) = jailed(&[]).await else {
         return;
     };
     let victim = common::create_ready(&o, "jail-victim", true).await;
@@ -182,8 +188,7 @@ async fn jailed_vmm_killed_from_outside_fails_only_its_environment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmm_killed_by_its_seccomp_filter_fails_with_the_seccomp_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(o) = jailed(dir.path(), &["--seccomp-selftest", "vcpu"], "").await else {
+    let Some((dir, o)) = jailed(&["--seccomp-selftest", "vcpu"]).await else {
         return;
     };
     o.create(common::headless_spec("jail-sigsys", true), "test")
@@ -197,8 +202,7 @@ async fn vmm_killed_by_its_seccomp_filter_fails_with_the_seccomp_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nat_environment_has_a_network_namespace_only_while_it_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(o) = jailed(dir.path(), &[], "").await else {
+    let Some((_dir, o)) = jailed(&[]).await else {
         return;
     };
     let mut s = common::headless_spec("jail-nat", true);
@@ -245,7 +249,7 @@ async fn jail_that_cannot_be_built_fails_with_the_jailers_reason() {
         "chroot_base = {:?}\n",
         blocker.join("jail").display().to_string()
     );
-    let Some(o) = jailed(dir.path(), &[], &base).await else {
+    let Some(o) = jailed_in(dir.path(), &[], &base).await else {
         return;
     };
     o.create(common::headless_spec("jail-broken", true), "test")

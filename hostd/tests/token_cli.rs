@@ -10,11 +10,9 @@ use daemon::{json, stderr, stdout, Hostd};
 
 #[test]
 fn genos_token_revoke_revokes_by_token_or_id_and_refuses_foreign_tokens() {
-    let test = "genos_token_revoke_revokes_by_token_or_id_and_refuses_foreign_tokens";
-    let Some((_, config)) = common::tiny_guest_config(test, "ready", 4) else {
+    let Some(h) = Hostd::with_tiny_guest() else {
         return;
     };
-    let h = Hostd::start(&config);
     let o = h.genos(&["create", "--text", "headless python, 1 core, 128 MB ram"]);
     assert!(o.status.success(), "{}", stderr(&o));
     h.wait_state("python", "ready", 60);

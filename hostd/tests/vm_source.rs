@@ -22,6 +22,10 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts genos-vmm with a 320x240 display and input devices on a guest that signals boot
 /// and halts, or skips the test, saying why.
+fn key(code: u16, pressed: bool) -> InputEvent {
+    InputEvent::Key { code, pressed }
+}
+
 fn start_vmm() -> Option<common::DisplayVmm> {
     let test = std::thread::current().name().unwrap_or("test").to_string();
     if !common::kvm_available(&test) {
@@ -91,18 +95,7 @@ fn input_sink_delivers_keyboard_and_pointer_batches_to_the_vmm() {
     let Some(vmm) = start_vmm() else { return };
     let env = vm_source::environment(&VmmSocket::unjailed(&vmm.sock)).unwrap();
 
-    env.input
-        .inject(&[
-            InputEvent::Key {
-                code: 30,
-                pressed: true,
-            },
-            InputEvent::Key {
-                code: 30,
-                pressed: false,
-            },
-        ])
-        .unwrap();
+    env.input.inject(&[key(30, true), key(30, false)]).unwrap();
     env.input
         .inject(&[
             InputEvent::PointerMove { x: 160, y: 120 },
@@ -140,14 +133,7 @@ fn input_socket_metrics(sock: &Path) -> serde_json::Value {
 fn input_sink_fetches_a_new_channel_when_another_client_took_the_vmms() {
     let Some(vmm) = start_vmm() else { return };
     let env = vm_source::environment(&VmmSocket::unjailed(&vmm.sock)).unwrap();
-    let press = [InputEvent::Key {
-        code: 30,
-        pressed: true,
-    }];
-    let release = [InputEvent::Key {
-        code: 30,
-        pressed: false,
-    }];
+    let (press, release) = ([key(30, true)], [key(30, false)]);
     env.input.inject(&press).unwrap();
     wait_injected(&vmm.sock, "keyboard", 2);
 

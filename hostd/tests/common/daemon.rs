@@ -1,5 +1,6 @@
 //! A `genos-hostd` process over a fresh state directory and the `genos` CLI pointed at its
-//! admin socket (for hostd's own tests: the binaries are this package's).
+//! admin socket (for hostd's own tests: the binaries are this package's). Suites that use it
+//! declare `mod common;` too.
 
 #![allow(dead_code)]
 
@@ -37,6 +38,14 @@ impl Hostd {
             std::thread::sleep(Duration::from_millis(20));
         }
         h
+    }
+
+    /// Starts genos-hostd whose environments boot the tiny guest that gets ready; None
+    /// (skipped, saying why) where the test cannot run.
+    pub fn with_tiny_guest() -> Option<Hostd> {
+        let test = crate::common::test_name();
+        let (_, config) = crate::common::tiny_guest_config(&test, "ready", 4)?;
+        Some(Hostd::start(&config))
     }
 
     pub fn state(&self) -> PathBuf {
