@@ -156,16 +156,11 @@ async fn forged_token_is_refused() {
 
 /// A viewer that authenticates and then never reads a frame: the slowest possible link.
 async fn stalled_viewer(url: &ConnectUrl) -> (quinn::Endpoint, quinn::Connection) {
-    let (tls, _) = client::tls::client_config(url.cert_sha256).unwrap();
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut cfg = support::quic_client_config(url);
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_uni_streams(2u32.into());
     cfg.transport_config(Arc::new(t));
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(cfg);
-    let addr = format!("{}:{}", url.host, url.port).parse().unwrap();
-    let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
+    let (ep, conn) = support::raw_connection(url, cfg).await;
     let (mut send, recv) = conn.open_bi().await.unwrap();
     let hello = ClientMessage::Hello {
         min_version: 1,
@@ -322,21 +317,12 @@ async fn silent_connection_is_closed_after_the_hello_timeout() {
     };
     let hx = start(cfg, Scene::Still, 64, 64, 10.0);
     let url = hx.url(&env(), Rights::VIEW);
-    let (tls, _) = client::tls::client_config(url.cert_sha256).unwrap();
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    let addr = format!("{}:{}", url.host, url.port).parse().unwrap();
-    let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
-    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
-        .await
-        .expect("server did not close the silent connection");
-    match reason {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(c.error_code, (ErrorCode::ProtocolViolation as u32).into());
-        }
-        other => panic!("unexpected close: {other}"),
-    }
+    let (_ep, conn) = support::raw_connection(&url, support::quic_client_config(&url)).await;
+    let close = support::server_close(&conn, "server did not close the silent connection").await;
+    assert_eq!(
+        close.error_code,
+        (ErrorCode::ProtocolViolation as u32).into()
+    );
     let deadline = Instant::now() + Duration::from_secs(2);
     while hx.server.open_connections() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -15,7 +15,7 @@ use hostd::stream::source;
 use hostd::stream::{EnvRef, ServerConfig, TokenKey};
 use proto::stream::{ClientMessage, ErrorCode, InputEvent, Message, Rights, MAX_HELLO_LEN};
 use scenes::Scene;
-use support::{next_frame, now_unix, refused, Harness, HOUR};
+use support::{next_frame, now_unix, quic_client_config, refused, Harness, HOUR};
 
 fn start(cfg: ServerConfig, env: &EnvRef) -> Harness {
     support::start(cfg, env, Scene::Windows, 64, 64, 30.0)
@@ -46,12 +46,6 @@ async fn closed_within(s: &mut Session, limit: Duration) -> String {
             Ok(Some(_)) => {}
         }
     }
-}
-
-fn quic_client_config(url: &ConnectUrl) -> quinn::ClientConfig {
-    let (tls, _) = client::tls::client_config(url.cert_sha256).unwrap();
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    quinn::ClientConfig::new(Arc::new(quic))
 }
 
 /// One client Initial datagram for `server`, as a real client's first packet (built by
@@ -194,27 +188,20 @@ async fn hello_longer_than_a_hello_is_refused_before_it_is_buffered() {
     };
     let hx = start(cfg, &env);
     let url = hx.url_v4(&env, "t");
-    let mut ep = quinn::Endpoint::client((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
-    ep.set_default_client_config(quic_client_config(&url));
-    let addr: SocketAddr = (Ipv4Addr::LOCALHOST, url.port).into();
 
     // A length prefix beyond a Hello's is refused at once, not buffered until the Hello
     // timeout (the server's receive window holds only a few KiB before authentication).
-    let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
+    let (_ep, conn) = support::raw_connection(&url, quic_client_config(&url)).await;
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     send.write_all(&(1u32 << 20).to_le_bytes()).await.unwrap();
     send.write_all(&[0u8; 1024]).await.unwrap();
-    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
-        .await
-        .expect("the server waited for the oversized Hello");
-    match reason {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(c.error_code, (ErrorCode::ProtocolViolation as u32).into());
-            let why = String::from_utf8_lossy(&c.reason);
-            assert!(why.contains("exceeds limit"), "{why}");
-        }
-        other => panic!("unexpected close: {other}"),
-    }
+    let close = support::server_close(&conn, "the server waited for the oversized Hello").await;
+    assert_eq!(
+        close.error_code,
+        (ErrorCode::ProtocolViolation as u32).into()
+    );
+    let why = String::from_utf8_lossy(&close.reason);
+    assert!(why.contains("exceeds limit"), "{why}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -106,6 +106,38 @@ pub async fn refused(url: &ConnectUrl) -> (ErrorCode, String) {
     }
 }
 
+/// A QUIC client config that trusts the certificate `url` pins, for tests that speak the
+/// protocol by hand.
+pub fn quic_client_config(url: &ConnectUrl) -> quinn::ClientConfig {
+    let (tls, _) = client::tls::client_config(url.cert_sha256).unwrap();
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    quinn::ClientConfig::new(Arc::new(quic))
+}
+
+/// A QUIC connection with `cfg` to the server `url` names, from 127.0.0.1, nothing sent yet.
+pub async fn raw_connection(
+    url: &ConnectUrl,
+    cfg: quinn::ClientConfig,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let addr = format!("{}:{}", url.host, url.port).parse().unwrap();
+    let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
+    (ep, conn)
+}
+
+/// How the server closed `conn` (within 5 s); fails the test, saying `what`, if it did not
+/// close it with an application close.
+pub async fn server_close(conn: &quinn::Connection, what: &str) -> quinn::ApplicationClose {
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .unwrap_or_else(|_| panic!("{what}"));
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => c,
+        other => panic!("unexpected close: {other}"),
+    }
+}
+
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
