@@ -67,8 +67,22 @@ impl Drop for Agent {
 }
 
 fn start(scratch: &Scratch, systemctl_state: &str, extra: &[&str]) -> Agent {
+    start_in(&[], scratch, systemctl_state, extra)
+}
+
+/// Starts the agent under `wrapper` (e.g. `ip netns exec NS`), if any.
+fn start_in(wrapper: &[&str], scratch: &Scratch, systemctl_state: &str, extra: &[&str]) -> Agent {
     let socket = scratch.dir.join("agent.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_genos-agent"))
+    let agent = env!("CARGO_BIN_EXE_genos-agent");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(agent);
+            c
+        }
+        None => Command::new(agent),
+    };
+    let child = command
         .args(["--no-vsock", "--unix"])
         .arg(&socket)
         .arg("--systemctl")
@@ -682,4 +696,89 @@ fn time_set_sets_the_clock() {
         utc_ns: now + 2_000_000,
     });
     assert_eq!(agent.next_of(id), AgentMessage::Done);
+}
+
+/// A network namespace with a veth pair (`ga0` and its peer `ga1`), removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Option<Netns> {
+        let name = format!("genos-agent-test-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ip(&["netns", "add", &name]) {
+            return None;
+        }
+        let ns = Netns(name);
+        let ok = ip(&[
+            "-n", &ns.0, "link", "add", "ga0", "type", "veth", "peer", "name", "ga1",
+        ]) && ip(&["-n", &ns.0, "link", "set", "ga1", "up"]);
+        ok.then_some(ns)
+    }
+    fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn network_configure_sets_address_route_and_resolver_in_a_network_namespace() {
+    if !is_root() {
+        return skip(Need::Root, "network namespaces need root");
+    }
+    let Some(ns) = Netns::new() else {
+        return skip(Need::Tools, "ip netns with a veth pair could not be set up");
+    };
+    let scratch = Scratch::new("net");
+    let resolv = scratch.dir.join("resolv.conf");
+    let mut agent = start_in(
+        &["ip", "netns", "exec", &ns.0],
+        &scratch,
+        "running",
+        &["--resolv-conf", resolv.to_str().unwrap()],
+    );
+    let net = |interface: &str| {
+        HostMessage::NetworkConfigure(proto::agent::NetworkConfig {
+            interface: interface.into(),
+            address: "10.77.0.2".parse().unwrap(),
+            prefix: 24,
+            gateway: Some("10.77.0.1".parse().unwrap()),
+            resolvers: vec!["10.77.0.53".parse().unwrap()],
+        })
+    };
+    let id = agent.request(net("ga0"));
+    assert_eq!(agent.next_of(id), AgentMessage::Done);
+    assert!(ns
+        .ip(&["addr", "show", "ga0"])
+        .contains("inet 10.77.0.2/24"));
+    assert!(ns.ip(&["route"]).contains("default via 10.77.0.1 dev ga0"));
+    assert!(std::fs::read_to_string(&resolv)
+        .unwrap()
+        .contains("nameserver 10.77.0.53\n"));
+    // Applying the same plan again (after a restore) is not an error.
+    let id = agent.request(net("ga0"));
+    assert_eq!(agent.next_of(id), AgentMessage::Done);
+    // A missing interface fails with ip's own words.
+    let id = agent.request(net("nosuch0"));
+    match agent.next_of(id) {
+        AgentMessage::Error { code, message } => {
+            assert_eq!(code, ErrorCode::Io);
+            assert!(message.contains("nosuch0"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
