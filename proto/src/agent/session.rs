@@ -30,6 +30,8 @@ pub enum Kind {
     Hello,
     /// Opens a request with data streams (host only).
     Open,
+    /// Starts a request without streams (host only): its id must not be 0 or in use.
+    Request,
     /// Flow-controlled data of this many bytes.
     Data(usize),
     /// Grants the peer more data on a request.
@@ -66,7 +68,14 @@ fn host_kind(m: &HostMessage) -> Kind {
         H::Exec(_) | H::FilePut(_) | H::FileGet(_) => Kind::Open,
         H::ExecStdin(d) | H::FileData(d) => Kind::Data(d.len()),
         H::Credit { bytes } => Kind::Credit(*bytes),
-        _ => Kind::Other,
+        H::ExecStdinEof | H::ExecKill { .. } | H::FileEnd => Kind::Other,
+        H::ReadyQuery
+        | H::ClipboardGet { .. }
+        | H::ClipboardSet(_)
+        | H::DisplaySetMode { .. }
+        | H::TimeSet { .. }
+        | H::NetworkConfigure(_)
+        | H::Power(_) => Kind::Request,
     }
 }
 
@@ -347,14 +356,14 @@ where
                 Frame::new(id, message).encode(&mut self.out);
                 return Ok(());
             }
-            Kind::Open => {
+            Kind::Open | Kind::Request => {
                 if id == RequestId::CONNECTION {
                     return Err(SendError::ReservedId);
                 }
                 if self.streams.contains_key(&id) {
                     return Err(SendError::IdInUse { id });
                 }
-                if self.streams.len() >= MAX_OPEN_STREAMS {
+                if kind == Kind::Open && self.streams.len() >= MAX_OPEN_STREAMS {
                     return Err(SendError::TooManyStreams);
                 }
             }
@@ -439,6 +448,12 @@ where
         let id = frame.id;
         match S::kind_in(&frame.message) {
             Kind::Hello => return Err(SessionError::Violation("a second Hello".into())),
+            // An answer on an id in use would end the open request at the host while it runs.
+            Kind::Request if id == RequestId::CONNECTION || self.streams.contains_key(&id) => {
+                return Err(SessionError::Violation(format!(
+                    "a request on id {id}, which is reserved or in use"
+                )));
+            }
             Kind::Open => {
                 if id == RequestId::CONNECTION {
                     return Err(SessionError::Violation(
@@ -499,7 +514,7 @@ where
             Kind::Close => {
                 self.streams.remove(&id);
             }
-            Kind::Other => {}
+            Kind::Request | Kind::Other => {}
         }
         Ok(Some(Some(frame)))
     }

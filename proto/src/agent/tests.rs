@@ -644,3 +644,26 @@ fn unsendable_values_are_refused_not_cut() {
     ));
     assert!(p.host.output().is_empty());
 }
+
+#[test]
+fn a_request_on_an_id_in_use_or_id_0_is_refused() {
+    let mut p = Pair::open();
+    p.host.send(RequestId(1), exec()).unwrap();
+    assert_eq!(
+        p.host.send(RequestId(1), HostMessage::ReadyQuery),
+        Err(SendError::IdInUse { id: RequestId(1) })
+    );
+    assert_eq!(
+        p.host.send(RequestId(0), HostMessage::ReadyQuery),
+        Err(SendError::ReservedId)
+    );
+    p.agent_frames();
+    // A hostile host does it anyway.
+    p.agent
+        .receive(&Frame::new(RequestId(1), HostMessage::TimeSet { utc_ns: 1 }).to_bytes());
+    assert!(matches!(p.agent.poll(), Err(SessionError::Violation(m)) if m.contains("in use")));
+    let mut q = Pair::open();
+    q.agent
+        .receive(&Frame::new(RequestId(0), HostMessage::ReadyQuery).to_bytes());
+    assert!(matches!(q.agent.poll(), Err(SessionError::Violation(_))));
+}
