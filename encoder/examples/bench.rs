@@ -385,6 +385,8 @@ struct Measured {
     y_psnr_min: f64,
     avg_kbps: f64,
     worst_kbps: f64,
+    /// The first picture (the IDR), kbit.
+    first_kbit: f64,
 }
 
 fn y_mse(a: &[u8], b: &[u8]) -> f64 {
@@ -458,6 +460,10 @@ fn measure(clip: &Clip, run: &Run) -> Result<Measured, BoxError> {
         y_psnr_min: worst,
         avg_kbps: bits.iter().sum::<u64>() as f64 / seconds / 1000.0,
         worst_kbps: worst_bits as f64 / (window as f64 / f64::from(clip.fps)) / 1000.0,
+        first_kbit: run
+            .units
+            .first()
+            .map_or(0.0, |(_, d)| d.len() as f64 * 8.0 / 1000.0),
     })
 }
 
@@ -584,8 +590,8 @@ fn main() -> Result<(), BoxError> {
          the last picture sent by then); worst 1 s = highest bitrate over any 1 s window.",
         plan.seconds
     );
-    println!("| scene          |      size | fps | target | encoder         | sent/frames | fps/CPU-s | vs x264 uf | Y-PSNR | vs x264 vf | Y min | avg kbit/s | worst 1 s kbit/s |");
-    println!("|----------------|-----------|----:|-------:|-----------------|------------:|----------:|-----------:|-------:|-----------:|------:|-----------:|-----------------:|");
+    println!("| scene          |      size | fps | target | encoder         | sent/frames | fps/CPU-s | vs x264 uf | Y-PSNR | vs x264 vf | Y min | avg kbit/s | worst 1 s kbit/s | IDR kbit |");
+    println!("|----------------|-----------|----:|-------:|-----------------|------------:|----------:|-----------:|-------:|-----------:|------:|-----------:|-----------------:|---------:|");
     for &(w, h) in &plan.sizes {
         for &fps in &plan.fps {
             for spec in &specs {
@@ -614,7 +620,7 @@ fn main() -> Result<(), BoxError> {
                         let quality =
                             vf.map_or("-".into(), |v| format!("{:+.2}", m.y_psnr - v.y_psnr));
                         println!(
-                            "| {:<14} | {:>9} | {:>3} | {:>6} | {:<15} | {:>5}/{:<5} | {:>9.0} | {:>10} | {:>6.2} | {:>10} | {:>5.1} | {:>10.0} | {:>9.0} ({:>4.0}%) |",
+                            "| {:<14} | {:>9} | {:>3} | {:>6} | {:<15} | {:>5}/{:<5} | {:>9.0} | {:>10} | {:>6.2} | {:>10} | {:>5.1} | {:>10.0} | {:>9.0} ({:>4.0}%) | {:>8.0} |",
                             spec.name(),
                             format!("{w}x{h}"),
                             fps,
@@ -630,6 +636,7 @@ fn main() -> Result<(), BoxError> {
                             m.avg_kbps,
                             m.worst_kbps,
                             m.worst_kbps / f64::from(kbps) * 100.0,
+                            m.first_kbit,
                         );
                     }
                 }

@@ -13,6 +13,7 @@ mod diff;
 mod encode;
 mod frame;
 mod quality;
+mod rate;
 
 pub use convert::{ConvertError, I420Buffer};
 pub use decode::{DecodeError, DecodedFrame, Decoder};
@@ -25,3 +26,4 @@ pub use frame::{
     SourceError, SourceFrame,
 };
 pub use quality::psnr_bgrx;
+pub use rate::WINDOW as RATE_WINDOW;
