@@ -46,6 +46,17 @@ pub struct KernelOptions {
     pub config_fragment: String,
     /// Parallel make jobs.
     pub jobs: usize,
+    /// Source patches of a test-only flavour, built in work trees of their own so the
+    /// shipped kernel's source and objects never see them (`None` for the shipped kernel).
+    pub patched: Option<PatchedTree>,
+}
+
+/// A flavour's source patches (unified diffs applied with `patch -p1`) and the name its
+/// source, config and object trees carry under the cache's `work/`.
+#[derive(Debug, Clone, Copy)]
+pub struct PatchedTree {
+    pub name: &'static str,
+    pub patches: &'static [(&'static str, &'static str)],
 }
 
 impl Default for KernelOptions {
@@ -53,6 +64,7 @@ impl Default for KernelOptions {
         KernelOptions {
             config_fragment: DEFAULT_CONFIG_FRAGMENT.to_string(),
             jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            patched: None,
         }
     }
 }
@@ -151,6 +163,9 @@ pub fn input_hash(version: &str, options: &KernelOptions) -> String {
     hasher
         .add("source-version", version.as_bytes())
         .add("config", options.config_fragment.as_bytes());
+    for (name, diff) in options.patched.iter().flat_map(|t| t.patches) {
+        hasher.add(name, diff.as_bytes());
+    }
     hasher.finish()
 }
 
@@ -171,17 +186,23 @@ pub fn build(cache: &Cache, options: &KernelOptions) -> Result<Artifact, KernelE
         ("xz", "xz-utils"),
         ("tar", "tar"),
     ])?;
+    if options.patched.is_some() {
+        tools::require(&[("patch", "patch")])?;
+    }
     // One object tree is shared by every kernel build, so builds are serialised.
-    let _lock = cache.lock(ArtifactKind::Kernel, "tree")?;
+    let suffix = options
+        .patched
+        .map_or(String::new(), |t| format!("-{}", t.name));
+    let _lock = cache.lock(ArtifactKind::Kernel, &format!("tree{suffix}"))?;
     if let Some(hit) = cache.lookup(ArtifactKind::Kernel, &hash)? {
         return Ok(hit);
     }
     let started = Instant::now();
-    let source = prepare_source(cache, &version)?;
+    let source = prepare_source(cache, &version, options.patched, &suffix)?;
     // The configuration is resolved in a scratch object tree and copied into the build
     // tree only when it differs, so an unchanged config never invalidates the objects.
-    let confdir = cache.work_dir().join("kconfig");
-    let objdir = cache.work_dir().join("kbuild");
+    let confdir = cache.work_dir().join(format!("kconfig{suffix}"));
+    let objdir = cache.work_dir().join(format!("kbuild{suffix}"));
     for dir in [&confdir, &objdir] {
         fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
     }
@@ -254,17 +275,28 @@ pub fn build(cache: &Cache, options: &KernelOptions) -> Result<Artifact, KernelE
     )?)
 }
 
-/// Extracts the source tarball once per package version.
-fn prepare_source(cache: &Cache, version: &str) -> Result<PathBuf, KernelError> {
-    let base = cache.work_dir().join("kernel-src");
+/// Extracts the source tarball (and applies the flavour's patches) once per package version.
+fn prepare_source(
+    cache: &Cache,
+    version: &str,
+    patched: Option<PatchedTree>,
+    suffix: &str,
+) -> Result<PathBuf, KernelError> {
+    let base = cache.work_dir().join(format!("kernel-src{suffix}"));
     let tree = base.join(SOURCE_DIR_NAME);
     let stamp = base.join(".version");
-    if fs::read_to_string(&stamp).is_ok_and(|v| v == version) && tree.is_dir() {
+    // A changed patch re-extracts the tree, as a new source version does.
+    let mut wanted = version.to_string();
+    for (name, diff) in patched.iter().flat_map(|t| t.patches) {
+        let sha = crate::cache::sha256_hex(diff.as_bytes());
+        wanted.push_str(&format!("\n{name} {sha}"));
+    }
+    if fs::read_to_string(&stamp).is_ok_and(|v| v == wanted) && tree.is_dir() {
         return Ok(tree);
     }
     eprintln!("genos-image: extracting {SOURCE_TARBALL}");
     crate::cache::remove_tree(&base)?;
-    let partial = cache.work_dir().join("kernel-src.partial");
+    let partial = cache.work_dir().join(format!("kernel-src{suffix}.partial"));
     crate::cache::remove_tree(&partial)?;
     fs::create_dir_all(&partial).map_err(io_err("creating", &partial))?;
     tools::run(
@@ -274,10 +306,23 @@ fn prepare_source(cache: &Cache, version: &str) -> Result<PathBuf, KernelError> 
             .arg("-C")
             .arg(&partial),
     )?;
-    fs::write(partial.join(".version"), version).map_err(io_err("writing", &partial))?;
+    for (name, diff) in patched.iter().flat_map(|t| t.patches) {
+        let file = partial.join(name);
+        fs::write(&file, diff).map_err(io_err("writing", &file))?;
+        let tree = partial.join(SOURCE_DIR_NAME);
+        tools::run(
+            Command::new("patch")
+                .arg("-p1")
+                .arg("-d")
+                .arg(&tree)
+                .arg("-i")
+                .arg(&file),
+        )?;
+    }
+    fs::write(partial.join(".version"), &wanted).map_err(io_err("writing", &partial))?;
     fs::rename(&partial, &base).map_err(io_err("renaming into", &base))?;
     // The object tree belongs to the old source; start afresh.
-    crate::cache::remove_tree(&cache.work_dir().join("kbuild"))?;
+    crate::cache::remove_tree(&cache.work_dir().join(format!("kbuild{suffix}")))?;
     Ok(tree)
 }
 
@@ -347,10 +392,12 @@ mod tests {
         let options = KernelOptions {
             config_fragment: "CONFIG_A=y\n".into(),
             jobs: 1,
+            patched: None,
         };
         let other = KernelOptions {
             config_fragment: "CONFIG_A=n\n".into(),
             jobs: 1,
+            patched: None,
         };
         assert_ne!(input_hash("1", &options), input_hash("2", &options));
         assert_ne!(input_hash("1", &options), input_hash("1", &other));

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cpio;
 pub mod initramfs;
 pub mod kernel;
+pub mod nested_test;
 pub mod path_error;
 pub mod plan;
 pub mod probe;

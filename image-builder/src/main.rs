@@ -6,9 +6,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use image_builder::cache::Cache;
-use image_builder::{initramfs, kernel, rootfs};
+use image_builder::{initramfs, kernel, nested_test, rootfs};
 use proto::spec::{Catalog, Spec};
 
 #[derive(Parser)]
@@ -21,14 +21,26 @@ struct Cli {
     command: Cmd,
 }
 
+/// Which guest kernel (and initramfs) to build.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Flavour {
+    /// The shipped guest kernel and busybox initramfs.
+    Shipped,
+    /// TEST ONLY, for nested kvm_pvm hosts: kernel with the syscall shim, agent as /init.
+    NestedTest,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Build the guest kernel (vmlinux) from linux-source-6.1.
     Kernel {
         /// Kernel config fragment (default: the one built into this binary,
         /// configs/guest-kernel.config).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "flavour")]
         config: Option<PathBuf>,
+        /// Which kernel; nested-test is built from its own patched source tree and cached apart.
+        #[arg(long, value_enum, default_value = "shipped")]
+        flavour: Flavour,
         /// Parallel make jobs (default: number of CPUs).
         #[arg(long)]
         jobs: Option<usize>,
@@ -39,11 +51,15 @@ enum Cmd {
     /// Build the initramfs (busybox, init, optional agent).
     Initramfs {
         /// Static busybox binary.
-        #[arg(long, default_value = initramfs::DEFAULT_BUSYBOX)]
+        #[arg(long, default_value = initramfs::DEFAULT_BUSYBOX, conflicts_with = "flavour")]
         busybox: PathBuf,
-        /// Statically linked genos-agent to include as /sbin/genos-agent.
-        #[arg(long)]
+        /// Statically linked genos-agent to include as /sbin/genos-agent (nested-test:
+        /// as /init, required).
+        #[arg(long, required_if_eq("flavour", "nested-test"))]
         agent: Option<PathBuf>,
+        /// Which initramfs; nested-test holds only the agent (as /init) and root's account.
+        #[arg(long, value_enum, default_value = "shipped")]
+        flavour: Flavour,
     },
     /// Build the root filesystem image for an environment spec.
     Rootfs {
@@ -107,10 +123,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Cmd::Kernel {
             config,
+            flavour,
             jobs,
             bzimage,
         } => {
-            let mut options = kernel::KernelOptions::default();
+            let mut options = match flavour {
+                Flavour::Shipped => kernel::KernelOptions::default(),
+                Flavour::NestedTest => nested_test::kernel_options(),
+            };
             if let Some(path) = config {
                 options.config_fragment = std::fs::read_to_string(&path)
                     .map_err(|e| format!("reading {}: {e}", path.display()))?;
@@ -126,9 +146,17 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             };
             println!("{}", path.display());
         }
-        Cmd::Initramfs { busybox, agent } => {
-            let artifact =
-                initramfs::build(&cache, &initramfs::InitramfsOptions { busybox, agent })?;
+        Cmd::Initramfs {
+            busybox,
+            agent,
+            flavour,
+        } => {
+            let artifact = match (flavour, agent) {
+                (Flavour::NestedTest, Some(agent)) => nested_test::build_initramfs(&cache, &agent)?,
+                (_, agent) => {
+                    initramfs::build(&cache, &initramfs::InitramfsOptions { busybox, agent })?
+                }
+            };
             eprintln!(
                 "genos-image: initramfs is {} bytes",
                 artifact.manifest.size_bytes
