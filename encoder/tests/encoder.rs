@@ -468,3 +468,43 @@ fn forced_keyframe_shows_the_whole_current_frame_even_if_damage_was_lost() {
         "keyframe PSNR {psnr:.2} dB against the current frame"
     );
 }
+
+#[test]
+fn a_change_that_waited_for_room_in_the_window_is_sent_by_refine() {
+    let mut source = SyntheticSource::new(Scene::Windows, 320, 240, 30.0);
+    let mut enc = Encoder::new(config(320, 240, 30.0, 20_000)).unwrap();
+    let outs = encode_frames(&mut enc, &mut source, 30);
+    let waited = outs.iter().skip(1).any(Option::is_none);
+    assert!(
+        waited,
+        "20 kbit/s of a moving window never filled the 1 s window"
+    );
+
+    // The source goes still; one second later the window has room again.
+    let later = next_shown_at(&source) + Duration::from_secs(1);
+    let flushed = enc.refine_at(later).unwrap();
+
+    assert!(flushed.is_some_and(|f| !f.keyframe));
+}
+
+#[test]
+fn no_one_second_window_of_a_scroll_exceeds_the_target_by_more_than_ten_percent() {
+    let (fps, bps) = (30u32, 1_500_000u32);
+    let mut source = SyntheticSource::new(Scene::Scrolling, 640, 360, fps as f32);
+    let mut enc = Encoder::new(config(640, 360, fps as f32, bps)).unwrap();
+
+    let bits: Vec<usize> = encode_frames(&mut enc, &mut source, 4 * fps as usize)
+        .iter()
+        .map(|o| o.as_ref().map_or(0, |o| o.data.len() * 8))
+        .collect();
+
+    let worst = bits
+        .windows(fps as usize)
+        .map(|w| w.iter().sum::<usize>())
+        .max()
+        .unwrap();
+    assert!(
+        worst as f64 <= f64::from(bps) * 1.10,
+        "worst 1 s window {worst} bit for a target of {bps} bit/s"
+    );
+}
