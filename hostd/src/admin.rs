@@ -383,6 +383,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/envs/{name}", get(show).delete(destroy))
         .route("/v1/envs/{name}/stop", post(stop))
         .route("/v1/envs/{name}/token", post(token))
+        .route("/v1/envs/{name}/exec", post(exec))
         .route("/v1/tokens/revoke", post(revoke_token))
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/verify", get(audit_verify))
@@ -438,6 +439,13 @@ impl From<OrchError> for ApiError {
             OrchError::Token(_) | OrchError::Store(_) | OrchError::Config(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            // The agent said no (a refused path, an unknown user): the request's fault.
+            OrchError::Agent {
+                source: crate::agent::AgentError::Refused { .. },
+                ..
+            } => StatusCode::UNPROCESSABLE_ENTITY,
+            // The guest did not answer as it should.
+            OrchError::Agent { .. } => StatusCode::BAD_GATEWAY,
         };
         ApiError(status, crate::error_chain(&e))
     }
@@ -563,6 +571,76 @@ async fn token(
         .clamp(MIN_TTL.as_secs(), MAX_TTL.as_secs());
     let rights = body.rights.unwrap_or_else(|| "view,input,clipboard".into());
     Ok(Json(st.orch.mint_token(&name, &actor.0, ttl, &rights)?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecBody {
+    argv: Vec<String>,
+    /// The whole environment of the process; default `PATH` only.
+    #[serde(default)]
+    env: Option<Vec<(String, String)>>,
+    /// Working directory; default the user's home.
+    #[serde(default)]
+    cwd: String,
+    /// Guest user; default the agent's (root).
+    #[serde(default)]
+    user: String,
+    /// Seconds before the process group is killed (default 60, at most an hour).
+    #[serde(default)]
+    timeout_s: Option<u64>,
+    /// Standard input, base64; absent: /dev/null. Bounded by the admin body limit.
+    #[serde(default)]
+    stdin_b64: Option<String>,
+}
+
+/// `PATH` of a command run without an explicit environment.
+const EXEC_DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+async fn exec(
+    State(st): State<AppState>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    UrlPath(name): UrlPath<String>,
+    Json(body): Json<ExecBody>,
+) -> ApiResult {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    if body.argv.is_empty() {
+        return Err(bad_request("argv is empty: name the program to run"));
+    }
+    let stdin = body
+        .stdin_b64
+        .map(|s| b64.decode(s))
+        .transpose()
+        .map_err(|e| bad_request(format!("stdin_b64 is not base64: {e}")))?;
+    let request = proto::agent::ExecRequest {
+        argv: body.argv,
+        env: body
+            .env
+            .unwrap_or_else(|| vec![("PATH".into(), EXEC_DEFAULT_PATH.into())]),
+        cwd: body.cwd,
+        user: body.user,
+        ..Default::default()
+    };
+    let timeout = Duration::from_secs(body.timeout_s.unwrap_or(60).max(1));
+    let out = st
+        .orch
+        .exec(&name, &actor.0, request, stdin, timeout)
+        .await?;
+    let (exit_code, signal) = match out.status {
+        Some(proto::agent::ExitStatus::Code(c)) => (Some(c), None),
+        Some(proto::agent::ExitStatus::Signal(s)) => (None, Some(s)),
+        None => (None, None),
+    };
+    Ok(Json(json!({
+        "exit_code": exit_code,
+        "signal": signal,
+        "timed_out": out.timed_out,
+        "stdout_b64": b64.encode(&out.stdout),
+        "stderr_b64": b64.encode(&out.stderr),
+        "dropped": out.dropped,
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]

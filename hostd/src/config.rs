@@ -175,6 +175,19 @@ pub struct VmmConfig {
     pub cpu_template: String,
     /// Extra arguments appended to every genos-vmm command line (tests, debugging).
     pub extra_args: Vec<String>,
+    /// What makes an environment ready.
+    pub ready: ReadyWhen,
+}
+
+/// What makes an environment `ready` (`[vmm] ready`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadyWhen {
+    /// The guest agent reports its stage (`system`: the init system reached its target).
+    Agent,
+    /// The guest's boot-timer write (the initramfs ran): guests without an agent, such as
+    /// the test suite's tiny guests.
+    Boot,
 }
 
 /// When to start VMMs through `genos-jailer`.

@@ -138,6 +138,19 @@ impl VmmSocket {
         }
     }
 
+    /// The socket `name` beside this one (same trusted base and directory, same owner):
+    /// the VM's vsock socket next to its control socket.
+    pub fn sibling(&self, name: &str) -> VmmSocket {
+        let mut rel = self.rel.clone();
+        rel.pop();
+        rel.push(name.to_owned());
+        VmmSocket {
+            base: self.base.clone(),
+            rel,
+            uid: self.uid,
+        }
+    }
+
     /// The socket's path, for messages.
     pub fn path(&self) -> PathBuf {
         let mut p = self.base.clone();

@@ -233,7 +233,7 @@ async fn guest_that_never_finishes_booting_fails_after_the_boot_timeout() {
     };
     create(&o, "stuck");
     let booting = common::wait_state(&o, "stuck", EnvState::Booting, 20).await;
-    let reason = "the guest did not finish booting within 1 s";
+    let reason = "the guest kernel did not reach its initramfs within 1 s";
     let failed = common::assert_fails_with(&o, "stuck", 20, reason).await;
     // The VMM of a failed boot is not left running.
     if let Some(pid) = booting.vmm_pid.or(failed.vmm_pid) {

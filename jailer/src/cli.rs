@@ -33,7 +33,7 @@ pub enum CliError {
 #[command(
     name = "genos-jailer",
     about = "Start one genos-vmm in its own namespaces, root, cgroups and unprivileged uid",
-    after_help = "Paths given to the VMM after -- (--kernel, --initrd, --disk, --serial file:, --api-sock) are \
+    after_help = "Paths given to the VMM after -- (--kernel, --initrd, --disk, --serial file:, --api-sock, --vsock CID:) are \
                   host paths; the jailer mounts them into the jail and rewrites the arguments."
 )]
 struct Args {

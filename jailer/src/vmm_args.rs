@@ -59,7 +59,7 @@ pub fn rewrite(args: &[String]) -> Result<JailedArgs, VmmArgsError> {
         };
         let takes_path = matches!(
             flag.as_str(),
-            "--kernel" | "--initrd" | "--disk" | "--serial" | "--api-sock" | "--config"
+            "--kernel" | "--initrd" | "--disk" | "--serial" | "--api-sock" | "--vsock" | "--config"
         );
         if !takes_path {
             out.args.push(arg.clone());
@@ -120,6 +120,15 @@ pub fn rewrite(args: &[String]) -> Result<JailedArgs, VmmArgsError> {
                 out.api_socket = Some((PathBuf::from(&value), target.clone()));
                 target.display().to_string()
             }
+            // CID:SOCKET: the VMM makes its socket (and connects to SOCKET_<port>) in the
+            // jail's /run, which the host reaches under the jail directory.
+            "--vsock" => match value.split_once(':') {
+                Some((cid, path)) => {
+                    let name = file_name(&flag, path)?;
+                    format!("{cid}:{}", Path::new("/run").join(name).display())
+                }
+                None => value.clone(),
+            },
             _ => unreachable!("flag list above"),
         };
         out.args.push(flag);
@@ -225,6 +234,19 @@ mod tests {
             ))
         );
         assert_eq!(jailed.binds[0].target, PathBuf::from("/run/console.log"));
+    }
+
+    #[test]
+    fn the_vsock_socket_lands_in_run_with_its_cid() {
+        let args = strings(&["--vsock", "3:/var/lib/genos/envs/a/vsock.sock"]);
+
+        let jailed = rewrite(&args).unwrap();
+
+        assert_eq!(jailed.args, strings(&["--vsock", "3:/run/vsock.sock"]));
+        assert!(
+            jailed.binds.is_empty(),
+            "the VMM creates it; nothing to bind"
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::uds::VmmSocket;
 use driver::{Command, Reply};
 
 /// How long the agent has to answer the Hello.
@@ -42,6 +43,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("VM vsock socket")]
+    Uds(#[from] crate::uds::UdsError),
     #[error("vsock handshake")]
     Handshake(#[from] hybrid::HandshakeError),
     #[error("no answer from the agent within {0:?}")]
@@ -68,17 +71,18 @@ pub enum AgentError {
 /// Where the agent listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentAddress {
-    /// The VM's virtio-vsock socket (`VsockConfig::uds_path`) and the agent's guest port.
-    Vsock { socket: PathBuf, port: u32 },
+    /// The VM's virtio-vsock socket (`VsockConfig::uds_path`), reached as its control
+    /// socket is (no link followed, the peer's uid checked), and the agent's guest port.
+    Vsock { socket: VmmSocket, port: u32 },
     /// A Unix socket the agent itself listens on.
     Unix(PathBuf),
 }
 
 impl AgentAddress {
     /// The agent of a VM whose vsock device listens on `socket`, at its standard port.
-    pub fn vm(socket: &Path) -> Self {
+    pub fn vm(socket: VmmSocket) -> Self {
         AgentAddress::Vsock {
-            socket: socket.to_owned(),
+            socket,
             port: proto::agent::VSOCK_PORT,
         }
     }
@@ -109,7 +113,12 @@ impl AgentClient {
         let connect = async {
             let stream = match address {
                 AgentAddress::Vsock { socket, port } => {
-                    let mut s = connect_unix(socket).await?;
+                    let socket = socket.clone();
+                    let (s, _peer) = tokio::task::spawn_blocking(move || socket.connect())
+                        .await
+                        .map_err(|e| AgentError::Io(std::io::Error::other(e)))??;
+                    s.set_nonblocking(true)?;
+                    let mut s = UnixStream::from_std(s)?;
                     hybrid::connect(&mut s, *port).await?;
                     s
                 }

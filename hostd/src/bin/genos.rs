@@ -64,6 +64,27 @@ enum Cmd {
     /// List environments.
     #[command(alias = "ls")]
     List,
+    /// Run a command in a ready environment's guest (through its agent): its output is
+    /// printed as it ends, and genos exits with its status (128+N for signal N, 124 when
+    /// it was killed for running past --timeout).
+    Exec {
+        name: String,
+        /// Guest user to run as (default: root).
+        #[arg(long, default_value = "")]
+        user: String,
+        /// Working directory (default: the user's home).
+        #[arg(long, default_value = "")]
+        cwd: String,
+        /// Seconds before the command's process group is killed.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Pass this program's standard input to the command (at most 45 KiB).
+        #[arg(long)]
+        stdin: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Show one environment.
     Show { name: String },
     /// Stop an environment's VM.
@@ -124,6 +145,8 @@ enum CliError {
     Msg(String),
     Clarify,
     Failed(String),
+    /// Exit with this status (a guest command's).
+    Exit(u8),
 }
 
 impl From<uds::UdsError> for CliError {
@@ -166,6 +189,7 @@ fn main() -> ExitCode {
             eprintln!("genos: {m}");
             ExitCode::from(4)
         }
+        Err(CliError::Exit(code)) => ExitCode::from(code),
     }
 }
 
@@ -173,16 +197,24 @@ struct Client {
     socket: PathBuf,
 }
 
+/// Most stdin `genos exec --stdin` passes: what fits the admin socket's body limit as
+/// base64, with room for the rest of the request.
+const EXEC_STDIN_MAX: usize = (hostd::admin::MAX_REQUEST_BODY - 4096) / 4 * 3;
+
 impl Client {
     async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> Result<Value, CliError> {
-        let r = uds::request(
-            &self.socket,
-            method,
-            uri,
-            body.as_ref(),
-            Duration::from_secs(60),
-        )
-        .await?;
+        self.call_within(method, uri, body, Duration::from_secs(60))
+            .await
+    }
+
+    async fn call_within(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, CliError> {
+        let r = uds::request(&self.socket, method, uri, body.as_ref(), timeout).await?;
         let v = r.json();
         if !r.ok() {
             let why = v["error"]
@@ -343,6 +375,73 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 print_json(&v);
             } else {
                 print_token(&v);
+            }
+        }
+        Cmd::Exec {
+            name,
+            user,
+            cwd,
+            timeout,
+            stdin,
+            command,
+        } => {
+            use base64::Engine;
+            use std::io::{Read, Write};
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let input = if stdin {
+                let mut buf = Vec::new();
+                std::io::stdin()
+                    .take(EXEC_STDIN_MAX as u64 + 1)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| CliError::Msg(format!("reading stdin: {e}")))?;
+                if buf.len() > EXEC_STDIN_MAX {
+                    return Err(CliError::Msg(format!(
+                        "stdin is over {} KiB, the most `genos exec --stdin` passes",
+                        EXEC_STDIN_MAX / 1024
+                    )));
+                }
+                Some(b64.encode(buf))
+            } else {
+                None
+            };
+            let body = json!({
+                "argv": command, "user": user, "cwd": cwd, "timeout_s": timeout,
+                "stdin_b64": input,
+            });
+            // The answer comes when the command ended: wait a little past its timeout.
+            let v = client
+                .call_within(
+                    "POST",
+                    &format!("/v1/envs/{}/exec", enc(&name)),
+                    Some(body),
+                    Duration::from_secs(timeout.saturating_add(30)),
+                )
+                .await?;
+            if json_out {
+                print_json(&v);
+                return Ok(());
+            }
+            let decode = |field: &str| {
+                b64.decode(v[field].as_str().unwrap_or_default())
+                    .map_err(|e| CliError::Msg(format!("hostd sent a bad {field}: {e}")))
+            };
+            let (out, err) = (decode("stdout_b64")?, decode("stderr_b64")?);
+            let _ = std::io::stdout().write_all(&out);
+            let _ = std::io::stderr().write_all(&err);
+            if let Some(n) = v["dropped"].as_u64().filter(|n| *n > 0) {
+                eprintln!("genos: {n} bytes of output beyond the limit were not kept");
+            }
+            if v["timed_out"].as_bool() == Some(true) {
+                eprintln!("genos: the command ran past {timeout} s and was killed");
+                return Err(CliError::Exit(124));
+            }
+            let code = match (v["exit_code"].as_i64(), v["signal"].as_i64()) {
+                (Some(c), _) => c.clamp(0, 255) as u8,
+                (None, Some(sig)) => (128 + sig).clamp(0, 255) as u8,
+                (None, None) => 1,
+            };
+            if code != 0 {
+                return Err(CliError::Exit(code));
             }
         }
         Cmd::Health => {

@@ -6,19 +6,22 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::agent::Stage;
 use proto::spec::Spec;
 use vmm_api::{LifecycleAction, Request};
 
 use super::images::{ImageError, Images};
 use super::jail::{
     cgroup_settings, exec_file, jailed_socket, unjailed_socket, Jail, JailError, JailProblem,
-    JailSetup,
+    JailSetup, AGENT_SOCKET,
 };
 use super::supervise::{
     describe_exit, describe_jailed_exit, jailed_vmm_pidfd, last_line, Proc, SuperviseError,
 };
 use super::vm_config::{vm_config, VmConfigError, VmSettings};
 use super::{create_private_dir, OrchError, Orchestrator};
+use crate::agent::{AgentAddress, AgentClient};
+use crate::config::ReadyWhen;
 use crate::error_chain;
 use crate::pidfd::Pidfd;
 use crate::store::{EnvState, StoreError};
@@ -175,6 +178,7 @@ impl Orchestrator {
             console: dir.join("console.log"),
             graphical: self.graphical(spec),
             tap: None,
+            vsock: dir.join(AGENT_SOCKET),
         });
         let config = match config {
             Ok(config) => config,
@@ -286,6 +290,8 @@ impl Orchestrator {
             graphical: self.graphical(spec),
             // The jail's network namespace holds the TAP device, owned by the VMM's uid.
             tap: record.addressing().map(|a| a.tap),
+            // Rewritten by the jailer into the jail's /run, beside the control socket.
+            vsock: dir.join(AGENT_SOCKET),
         })?;
         let sock = dir.join("api.sock");
         let _ = std::fs::remove_file(&sock);
@@ -421,51 +427,190 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Polls the VMM until the guest signals the boot timer (→ ready) or the boot timeout.
+    /// Waits for the guest until `boot_timeout_s`: its boot-timer write (the kernel ran the
+    /// initramfs), then with `[vmm] ready = "agent"` its agent's `system` stage over vsock.
+    /// Ready, or failed saying how far the guest got.
     pub(super) async fn wait_ready(&self, name: &str, sock: &VmmSocket) {
         let timeout = Duration::from_secs(self.inner.cfg.vmm.boot_timeout_s);
         let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match self.show(name).map(|e| e.state) {
-                Ok(EnvState::Booting) => {}
-                // Failed, stopped or destroyed meanwhile. A stop that raced with the spawn
-                // may have found no VMM to halt: make sure none is left running.
-                _ => {
-                    self.kill_vmm(name);
-                    return;
+        let Some(boot_us) = self.wait_booted(name, sock, deadline, timeout).await else {
+            return;
+        };
+        let booted = format!("guest booted in {} ms", boot_us / 1000);
+        let detail = match self.inner.cfg.vmm.ready {
+            ReadyWhen::Boot => booted,
+            ReadyWhen::Agent => {
+                let _ = self.audit("hostd", "booted", name, &booted);
+                match self.wait_agent(name, sock, deadline, timeout).await {
+                    Some(agent) => format!("{booted}; agent {agent} reports the system up"),
+                    None => return,
                 }
+            }
+        };
+        if let Ok(true) = self.transition(name, EnvState::Ready, None) {
+            self.stream_environment(name, sock).await;
+            let _ = self.store().touch(name);
+            let _ = self.audit("hostd", "ready", name, &detail);
+        }
+    }
+
+    /// Whether `name` is still booting; else makes sure no VMM is left (a stop that raced
+    /// with the spawn may have found none to halt).
+    fn still_booting(&self, name: &str) -> bool {
+        let booting = matches!(self.show(name).map(|e| e.state), Ok(EnvState::Booting));
+        if !booting {
+            self.kill_vmm(name);
+        }
+        booting
+    }
+
+    /// Polls the VMM for the guest's boot-timer write; its time in µs, or None (failed or
+    /// no longer booting).
+    async fn wait_booted(
+        &self,
+        name: &str,
+        sock: &VmmSocket,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Option<u64> {
+        loop {
+            if !self.still_booting(name) {
+                return None;
             }
             let described = vmm_client::run(sock, Duration::from_secs(2), |c| c.describe()).await;
-            if let Ok(vm) = described {
-                if let Some(boot_us) = vm.boot_time_us {
-                    if let Ok(true) = self.transition(name, EnvState::Ready, None) {
-                        self.stream_environment(name, sock).await;
-                        let _ = self.store().touch(name);
-                        let _ = self.audit(
-                            "hostd",
-                            "ready",
-                            name,
-                            &format!("guest booted in {} ms", boot_us / 1000),
-                        );
-                    }
-                    return;
-                }
+            if let Some(boot_us) = described.ok().and_then(|vm| vm.boot_time_us) {
+                return Some(boot_us);
             }
             if tokio::time::Instant::now() > deadline {
-                self.fail(
+                self.fail_boot(
                     name,
-                    &format!(
-                        "the guest did not finish booting within {} s",
+                    format!(
+                        "the guest kernel did not reach its initramfs within {} s",
                         timeout.as_secs()
                     ),
                 );
-                self.kill_vmm(name);
-                return;
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    /// Connects to the guest's agent (retrying while the guest boots) and waits for its
+    /// `system` stage; the agent's name, or None (failed or no longer booting).
+    async fn wait_agent(
+        &self,
+        name: &str,
+        sock: &VmmSocket,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Option<String> {
+        let address = AgentAddress::vm(sock.sibling(AGENT_SOCKET));
+        let client = loop {
+            if !self.still_booting(name) {
+                return None;
+            }
+            let why = match AgentClient::connect(&address, AGENT_CONNECT_TIMEOUT).await {
+                Ok(client) => break client,
+                Err(e) => error_chain(&e),
+            };
+            if tokio::time::Instant::now() > deadline {
+                self.fail_boot(
+                    name,
+                    format!(
+                        "the guest agent did not answer within {} s ({why})",
+                        timeout.as_secs()
+                    ),
+                );
+                return None;
+            }
+            tokio::time::sleep(AGENT_RETRY).await;
+        };
+        loop {
+            if !self.still_booting(name) {
+                return None;
+            }
+            let reached =
+                tokio::time::timeout(Duration::from_secs(1), client.wait_for_stage(Stage::System))
+                    .await;
+            match reached {
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => {
+                    self.fail_boot(
+                        name,
+                        format!(
+                            "the guest agent went away while the guest booted ({})",
+                            error_chain(&e)
+                        ),
+                    );
+                    return None;
+                }
+                Err(_) if tokio::time::Instant::now() > deadline => {
+                    self.fail_boot(
+                        name,
+                        format!(
+                            "the guest's init system did not reach its target within {} s (the agent reports {})",
+                            timeout.as_secs(),
+                            client.stage().name()
+                        ),
+                    );
+                    return None;
+                }
+                Err(_) => {}
+            }
+        }
+        let agent = client.info().agent.clone();
+        if let Some(proc) = self.procs().get(name) {
+            *proc.agent.lock().expect("poisoned") = Some(client);
+        }
+        Some(agent)
+    }
+
+    fn fail_boot(&self, name: &str, reason: String) {
+        self.fail(name, &reason);
+        self.kill_vmm(name);
+    }
+
+    /// The guest agent of the ready environment `name`: the connection readiness made, or a
+    /// new one when it dropped or hostd re-adopted the VMM.
+    pub async fn agent(&self, name: &str) -> Result<AgentClient, OrchError> {
+        let env = self.show(name)?;
+        if env.state != EnvState::Ready {
+            return Err(OrchError::WrongState {
+                name: name.into(),
+                action: "reach the agent of",
+                state: env.state.as_str(),
+            });
+        }
+        let proc = self
+            .procs()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| OrchError::WrongState {
+                name: name.into(),
+                action: "reach the agent of",
+                state: "not supervised by this hostd",
+            })?;
+        if let Some(client) = proc.agent.lock().expect("poisoned").as_ref() {
+            if client.is_connected() {
+                return Ok(client.clone());
+            }
+        }
+        let address = AgentAddress::vm(proc.socket.sibling(AGENT_SOCKET));
+        let client = AgentClient::connect(&address, AGENT_CONNECT_TIMEOUT)
+            .await
+            .map_err(|source| OrchError::Agent {
+                name: name.into(),
+                source,
+            })?;
+        *proc.agent.lock().expect("poisoned") = Some(client.clone());
+        Ok(client)
+    }
 }
+
+/// How long one attempt to reach the agent may take (connect, CONNECT, Hello).
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between attempts while the guest boots.
+const AGENT_RETRY: Duration = Duration::from_millis(500);
 
 #[cfg(test)]
 mod tests {

@@ -27,4 +27,10 @@ pub enum OrchError {
     Revoke(#[source] crate::stream::TokenError),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("guest agent of {name}")]
+    Agent {
+        name: String,
+        #[source]
+        source: crate::agent::AgentError,
+    },
 }

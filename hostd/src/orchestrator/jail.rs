@@ -166,6 +166,10 @@ pub(super) fn cgroup_settings(
     }
 }
 
+/// File name of a VM's virtio-vsock socket, beside its control socket (jailed: in the
+/// jail's `run/`, where the jailer puts it): hostd reaches the guest agent through it.
+pub(super) const AGENT_SOCKET: &str = "vsock.sock";
+
 /// The control socket of a jailed VMM: `run/api.sock` inside its jail directory (the
 /// directory is root's, `run/` the VMM's). `envs/NAME/api.sock` is the jailer's symlink
 /// to it, kept for operators; hostd never follows it.

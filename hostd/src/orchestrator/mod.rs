@@ -29,6 +29,7 @@ mod boot;
 mod capacity;
 mod create;
 mod error;
+mod guest;
 mod images;
 mod jail;
 mod metrics;
@@ -47,6 +48,7 @@ use proto::spec::Catalog;
 pub use audit::{audit_text, AUDIT_TEXT_MAX};
 pub use capacity::{AdmissionError, Capacity};
 pub use error::OrchError;
+pub use guest::{EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
 pub use supervise::{describe_exit, describe_jailed_exit, pid_alive};
 
 use crate::composer::{Clarify, Composer};

@@ -76,6 +76,9 @@ pub(super) struct Proc {
     /// Set before hostd itself stops the VMM, so its exit is not a failure.
     pub(super) stopping: AtomicBool,
     pub(super) exited: watch::Receiver<bool>,
+    /// The connection to the guest's agent, once made (readiness, or the first request
+    /// after a re-adoption); replaced when it dropped.
+    pub(super) agent: std::sync::Mutex<Option<crate::agent::AgentClient>>,
 }
 
 /// Which process an environment's VMM is and which uid serves its socket
@@ -226,6 +229,7 @@ impl Orchestrator {
             socket: socket.clone(),
             stopping: false.into(),
             exited: rx,
+            agent: std::sync::Mutex::new(None),
         });
         self.procs().insert(env.name.clone(), proc);
         self.audit(
@@ -343,6 +347,7 @@ impl Orchestrator {
             socket,
             stopping: false.into(),
             exited: rx,
+            agent: std::sync::Mutex::new(None),
         });
         self.procs().insert(name.into(), proc.clone());
         let me = self.clone();

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use proto::spec::Spec;
-use vmm_api::{DiskConfig, DisplaySize, NetConfig, SerialConfig, VmConfig};
+use vmm_api::{DiskConfig, DisplaySize, NetConfig, SerialConfig, VmConfig, VsockConfig};
 
 use super::images::Images;
 
@@ -33,11 +33,17 @@ pub(super) struct VmSettings<'a> {
     pub(super) graphical: bool,
     /// The TAP device of the jail's network namespace, if it has one.
     pub(super) tap: Option<String>,
+    /// The VM's virtio-vsock socket on the host, through which hostd reaches its agent.
+    pub(super) vsock: PathBuf,
 }
+
+/// Every guest's CID: each VM has its own vsock device, so one number serves them all (the
+/// first a guest may have, virtio 1.2 §5.10.4).
+pub(super) const GUEST_CID: u64 = 3;
 
 /// The one VM configuration of an environment, in host paths: sent as `PUT /vm/config`
 /// when unjailed, rendered as genos-vmm flags under the jailer. Every environment gets
-/// virtio-rng and its root filesystem as a writable disk.
+/// virtio-rng, virtio-vsock (for its agent) and its root filesystem as a writable disk.
 pub(super) fn vm_config(s: &VmSettings<'_>) -> Result<VmConfig, VmConfigError> {
     let bad = |field, value| VmConfigError::OutOfRange { field, value };
     let config = VmConfig {
@@ -64,7 +70,10 @@ pub(super) fn vm_config(s: &VmSettings<'_>) -> Result<VmConfig, VmConfigError> {
         }),
         input: s.graphical,
         net: s.tap.clone().map(|tap| NetConfig { tap, mac: None }),
-        vsock: None,
+        vsock: Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: s.vsock.clone(),
+        }),
     };
     config.validate_values().map_err(VmConfigError::Invalid)?;
     Ok(config)
@@ -93,6 +102,7 @@ mod tests {
             console: "/var/lib/genos/envs/a/console.log".into(),
             graphical,
             tap: Some("gvt-e3".into()),
+            vsock: "/var/lib/genos/envs/a/vsock.sock".into(),
         }
     }
 
@@ -128,6 +138,13 @@ mod tests {
             })
         );
         assert_eq!(config.net.map(|n| n.tap).as_deref(), Some("gvt-e3"));
+        assert_eq!(
+            config.vsock,
+            Some(VsockConfig {
+                guest_cid: GUEST_CID,
+                uds_path: "/var/lib/genos/envs/a/vsock.sock".into()
+            })
+        );
     }
 
     #[test]
@@ -161,9 +178,21 @@ mod tests {
         ] {
             assert!(mounted.contains(host), "{} not mounted", host.display());
         }
-        for flag in ["--rng", "--input", "--gpu", "--net", "--cpu-template"] {
+        for flag in [
+            "--rng",
+            "--input",
+            "--gpu",
+            "--net",
+            "--cpu-template",
+            "--vsock",
+        ] {
             assert!(jailed.args.iter().any(|a| a == flag), "{flag} missing");
         }
+        assert!(
+            jailed.args.iter().any(|a| a == "3:/run/vsock.sock"),
+            "the vsock socket is in the jail's /run: {:?}",
+            jailed.args
+        );
         assert!(!args.iter().any(|a| a == "--config"));
     }
 

@@ -1,0 +1,119 @@
+//! Work done inside a ready environment's guest through its agent: running a command and
+//! moving files. Each is audited (the command line, never its input or output; the file's
+//! path and size).
+
+use std::time::Duration;
+
+use proto::agent::{ExecRequest, FileGetRequest, FilePutRequest};
+
+use super::{OrchError, Orchestrator};
+use crate::agent::{AgentError, ExecOutput};
+
+/// Most output kept per stream of a command run through [`Orchestrator::exec`]; the rest
+/// is counted in `dropped`.
+pub const EXEC_OUTPUT_LIMIT: usize = 8 << 20;
+/// Longest a command may run ([`Orchestrator::exec`]): the admin request waits for it.
+pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
+
+impl Orchestrator {
+    /// Runs a command in the guest of `name` to its end (at most `timeout`, then the
+    /// agent kills its process group), with `stdin` as its input.
+    pub async fn exec(
+        &self,
+        name: &str,
+        actor: &str,
+        mut exec: ExecRequest,
+        stdin: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, OrchError> {
+        let agent = self.agent(name).await?;
+        let timeout = timeout.min(MAX_EXEC_TIMEOUT);
+        exec.timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        exec.stdin = stdin.is_some();
+        self.audit(
+            actor,
+            "exec",
+            name,
+            &super::audit_text(&format!("user={:?} argv={:?}", exec.user, exec.argv)),
+        )?;
+        let agent_error = |source| OrchError::Agent {
+            name: name.into(),
+            source,
+        };
+        let process = agent.exec(exec).await.map_err(agent_error)?;
+        let input = process.input();
+        let feed = async {
+            if let Some(data) = stdin {
+                input.write(&data).await?;
+                input.close().await?;
+            }
+            Ok::<(), AgentError>(())
+        };
+        // Output is read while stdin is written: a process that fills its stdout stops
+        // reading its stdin.
+        let (fed, output) = tokio::join!(feed, process.collect(EXEC_OUTPUT_LIMIT));
+        let output = output.map_err(agent_error)?;
+        // A process may exit without reading all of its input; that is its business.
+        if let Err(e) = fed {
+            tracing::debug!(env = name, error = %crate::error_chain(&e), "stdin not all taken");
+        }
+        Ok(output)
+    }
+
+    /// Writes `data` to `put.path` in the guest of `name`.
+    pub async fn put_file(
+        &self,
+        name: &str,
+        actor: &str,
+        mut put: FilePutRequest,
+        data: &[u8],
+    ) -> Result<(), OrchError> {
+        let agent = self.agent(name).await?;
+        put.size = data.len() as u64;
+        self.audit(
+            actor,
+            "file-put",
+            name,
+            &format!(
+                "path={:?} user={:?} mode={:o} size={} as_root={}",
+                put.path, put.user, put.mode, put.size, put.as_root
+            ),
+        )?;
+        agent
+            .put_file(put, &mut &data[..])
+            .await
+            .map_err(|source| OrchError::Agent {
+                name: name.into(),
+                source,
+            })
+    }
+
+    /// Reads `get.path` from the guest of `name`, refusing a file over `limit` bytes.
+    pub async fn get_file(
+        &self,
+        name: &str,
+        actor: &str,
+        get: FileGetRequest,
+        limit: u64,
+    ) -> Result<(Vec<u8>, u32), OrchError> {
+        let agent = self.agent(name).await?;
+        self.audit(
+            actor,
+            "file-get",
+            name,
+            &format!(
+                "path={:?} user={:?} as_root={}",
+                get.path, get.user, get.as_root
+            ),
+        )?;
+        let mut data = Vec::new();
+        let (_, mode) = agent
+            .get_file(get, &mut data, limit)
+            .await
+            .map_err(|source| OrchError::Agent {
+                name: name.into(),
+                source,
+            })?;
+        Ok((data, mode))
+    }
+}
