@@ -156,6 +156,9 @@ pub struct ImagesConfig {
     pub kernel: String,
     pub initramfs: String,
     pub build_rootfs: bool,
+    /// The static genos-agent for the initramfs and root filesystems hostd builds; empty:
+    /// none.
+    pub agent: String,
     /// Archive per catalog base instead of the catalog's (an operator's local mirror),
     /// given to `genos-image rootfs --mirror`.
     #[serde(default)]
@@ -300,10 +303,19 @@ impl Config {
 
     /// The `genos-image` arguments building `base`'s root filesystem from `spec` into
     /// `out`: this host's catalog, and the base's mirror and keys when configured.
-    pub fn rootfs_args(&self, base: &str, spec: &str, out: &str) -> Vec<String> {
+    pub fn rootfs_args(
+        &self,
+        base: &str,
+        spec: &str,
+        out: &str,
+        agent: Option<&Path>,
+    ) -> Vec<String> {
         let mut args: Vec<String> = ["rootfs", "--spec", spec, "--out", out]
             .map(String::from)
             .into();
+        if let Some(agent) = agent {
+            args.extend(["--agent".to_string(), agent.display().to_string()]);
+        }
         if !self.catalog.is_empty() {
             args.extend(["--catalog".to_string(), self.catalog.clone()]);
         }
@@ -373,8 +385,8 @@ mod tests {
         .unwrap();
         c.check_images(&proto::spec::Catalog::embedded()).unwrap();
 
-        let ubuntu = c.rootfs_args("ubuntu-24.04", "S", "O");
-        let debian = c.rootfs_args("debian-12", "S", "O");
+        let ubuntu = c.rootfs_args("ubuntu-24.04", "S", "O", None);
+        let debian = c.rootfs_args("debian-12", "S", "O", Some(Path::new("/opt/genos-agent")));
 
         assert_eq!(
             ubuntu,
@@ -390,7 +402,18 @@ mod tests {
                 "/srv/keys/ubuntu.gpg"
             ]
         );
-        assert_eq!(debian, ["rootfs", "--spec", "S", "--out", "O"]);
+        assert_eq!(
+            debian,
+            [
+                "rootfs",
+                "--spec",
+                "S",
+                "--out",
+                "O",
+                "--agent",
+                "/opt/genos-agent"
+            ]
+        );
     }
 
     #[test]

@@ -75,3 +75,27 @@ async fn exec_in_a_guest_without_an_agent_says_its_agent_cannot_be_reached() {
     );
     o.destroy("noagent", "test").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_without_an_agent_to_build_in_fails_saying_how_to_get_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = hostd::config::Config::from_toml(
+        "[images]\nkernel = \"/nonexistent/vmlinux\"\nagent = \"/nonexistent/genos-agent\"\n\
+         [capacity]\nvcpus = 4\nmemory_mib = 4096\n",
+    )
+    .unwrap();
+    let o = hostd::orchestrator::Orchestrator::new(cfg, dir.path()).unwrap();
+    o.start().await.unwrap();
+
+    o.create(common::headless_spec("bare", true), "test")
+        .unwrap();
+
+    common::assert_fails_with(
+        &o,
+        "bare",
+        20,
+        "images.agent \"/nonexistent/genos-agent\" was not found: build the static agent with \
+         scripts/build-agent and set images.agent to its path",
+    )
+    .await;
+}

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use proto::spec::Spec;
 
+use super::jail::find_on_path;
 use super::Orchestrator;
+use crate::config::ReadyWhen;
 
 /// Why an environment's images could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +28,10 @@ pub(super) enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("images.agent {0:?} was not found: build the static agent with scripts/build-agent and set images.agent to its path")]
+    NoAgent(String),
+    #[error("images.agent is empty, but [vmm] ready = \"agent\" waits for the guest agent: set images.agent, or ready = \"boot\" for guests without one")]
+    AgentRequired,
 }
 
 pub(super) struct Images {
@@ -42,10 +48,18 @@ impl Orchestrator {
         } else {
             PathBuf::from(&cfg.kernel)
         };
+        // Whatever hostd builds for the guest carries the agent.
+        let builds = cfg.build_rootfs || (cfg.kernel.is_empty() && cfg.initramfs.is_empty());
+        let agent = if builds { self.agent_binary()? } else { None };
         let initramfs = if !cfg.initramfs.is_empty() {
             Some(PathBuf::from(&cfg.initramfs))
         } else if cfg.kernel.is_empty() {
-            Some(run_image_builder(&cfg.builder, &["initramfs"]).await?)
+            let mut args = vec!["initramfs".to_string()];
+            if let Some(agent) = &agent {
+                args.extend(["--agent".to_string(), agent.display().to_string()]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Some(run_image_builder(&cfg.builder, &args).await?)
         } else {
             None
         };
@@ -61,7 +75,10 @@ impl Orchestrator {
             })?;
             let out = dir.join("rootfs.ext4");
             let (s, o) = (spec_path.display().to_string(), out.display().to_string());
-            let args = self.inner.cfg.rootfs_args(&spec.base, &s, &o);
+            let args = self
+                .inner
+                .cfg
+                .rootfs_args(&spec.base, &s, &o, agent.as_deref());
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             run_image_builder(&cfg.builder, &args).await?;
             Some(out)
@@ -73,6 +90,27 @@ impl Orchestrator {
             initramfs,
             rootfs,
         })
+    }
+
+    /// The genos-agent to build into guests (`images.agent`, PATH lookup for a bare name);
+    /// none only where readiness does not wait for it.
+    fn agent_binary(&self) -> Result<Option<PathBuf>, ImageError> {
+        let name = &self.inner.cfg.images.agent;
+        if name.is_empty() {
+            return match self.inner.cfg.vmm.ready {
+                ReadyWhen::Agent => Err(ImageError::AgentRequired),
+                ReadyWhen::Boot => Ok(None),
+            };
+        }
+        let path = PathBuf::from(name);
+        let found = if path.components().count() > 1 {
+            path.is_file().then_some(path)
+        } else {
+            find_on_path(name)
+        };
+        found
+            .map(Some)
+            .ok_or_else(|| ImageError::NoAgent(name.clone()))
     }
 }
 

@@ -133,7 +133,7 @@ pub(super) fn exec_file(binary: &str) -> PathBuf {
     find_on_path(binary).unwrap_or(p)
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub(super) fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
