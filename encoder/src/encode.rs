@@ -180,7 +180,7 @@ pub const REFINEMENT_PASSES: u32 = 30;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Usage {
     /// openh264's camera real-time mode: about twice as fast per frame, but on recorded real
-    /// desktops (scripts/record-desktops) 5-14 dB Y-PSNR behind screen mode at the same
+    /// desktops (scripts/record-desktops) 4-24 dB Y-PSNR behind screen mode at the same
     /// bitrate on scrolling (see docs/encoder.md).
     CameraRealTime,
     /// openh264's screen-content real-time mode: hash-based motion search and scroll
