@@ -19,6 +19,42 @@ pub fn system_running(output: &str) -> bool {
     matches!(output.trim(), "running" | "degraded")
 }
 
+/// Longest wait for `systemctl is-system-running` (it blocks the agent's loop meanwhile).
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs `systemctl is-system-running` and returns what it printed; killed after
+/// [`ASK_TIMEOUT`] so a systemd that does not answer cannot stall the agent.
+fn ask(systemctl: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut child = Command::new(systemctl)
+        .arg("is-system-running")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + ASK_TIMEOUT;
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {ASK_TIMEOUT:?}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut out = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        // Bounded: systemctl prints one word; a pipe holds at most 64 KiB anyway.
+        stdout.take(4096).read_to_string(&mut out)?;
+    }
+    Ok(out)
+}
+
 /// Tracks the stage, asking the init system now and then.
 #[derive(Debug)]
 pub struct Readiness {
@@ -55,13 +91,8 @@ impl Readiness {
         if !due {
             return None;
         }
-        let out = Command::new(&self.systemctl)
-            .arg("is-system-running")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output();
-        match out {
-            Ok(out) if system_running(&String::from_utf8_lossy(&out.stdout)) => {
+        match ask(&self.systemctl) {
+            Ok(out) if system_running(&out) => {
                 self.stage = Stage::System;
                 self.next_check = None;
                 return Some(Stage::System);
@@ -106,6 +137,21 @@ mod tests {
         assert_eq!(r.stage(), Stage::System);
         assert_eq!(r.poll(Instant::now()), None);
         assert_eq!(r.next_check(), None);
+    }
+
+    #[test]
+    fn a_systemctl_that_hangs_is_given_up_on() {
+        let dir = std::env::temp_dir().join(format!("genos-agent-ready-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hang = dir.join("systemctl");
+        std::fs::write(&hang, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hang, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let started = Instant::now();
+        let err = ask(&hang).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < ASK_TIMEOUT + Duration::from_secs(2));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
