@@ -51,13 +51,13 @@ enum Cmd {
     /// Build the initramfs (busybox, init, optional agent).
     Initramfs {
         /// Static busybox binary.
-        #[arg(long, default_value = initramfs::DEFAULT_BUSYBOX, conflicts_with = "flavour")]
+        #[arg(long, default_value = initramfs::DEFAULT_BUSYBOX)]
         busybox: PathBuf,
         /// Statically linked genos-agent to include as /sbin/genos-agent (nested-test:
         /// as /init, required).
         #[arg(long, required_if_eq("flavour", "nested-test"))]
         agent: Option<PathBuf>,
-        /// Which initramfs; nested-test holds only the agent (as /init) and root's account.
+        /// Which initramfs; nested-test holds only the agent (PID 1), busybox for /init and root's account.
         #[arg(long, value_enum, default_value = "shipped")]
         flavour: Flavour,
     },
@@ -152,7 +152,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             flavour,
         } => {
             let artifact = match (flavour, agent) {
-                (Flavour::NestedTest, Some(agent)) => nested_test::build_initramfs(&cache, &agent)?,
+                (Flavour::NestedTest, Some(agent)) => {
+                    nested_test::build_initramfs(&cache, &busybox, &agent)?
+                }
                 (_, agent) => {
                     initramfs::build(&cache, &initramfs::InitramfsOptions { busybox, agent })?
                 }

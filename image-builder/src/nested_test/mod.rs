@@ -10,8 +10,9 @@
 //! it: the shipped kernel (`configs/guest-kernel.config`, [`crate::kernel::DEFAULT_CONFIG_FRAGMENT`])
 //! has neither the patch nor this config, and is built from a separate source tree.
 //!
-//! The initramfs holds the static `genos-agent` as `/init` and nothing else that runs: at
-//! ~1.2 ms per guest system call a shell's start-up would cost more than the agent's work.
+//! The initramfs holds the static `genos-agent`, made PID 1 by a two-line `/init` (static
+//! busybox `sh`, then `exec`: the kernel passes its unknown boot options to init as arguments,
+//! which the agent refuses), and nothing else that runs: a guest system call costs ~1.2 ms.
 
 use std::fs;
 use std::path::Path;
@@ -30,6 +31,8 @@ pub const CONFIG_FRAGMENT: &str = include_str!("nested-test.config");
 pub const SYSCALL_VIA_PF_PATCH: &str = include_str!("syscall-via-pf.patch");
 /// The kernel argument that turns the shim on; built into the flavour's command line.
 pub const SHIM_ARG: &str = "pvm_syscall_pf=1";
+/// `/init`: execs the agent (as PID 1) with its own arguments.
+pub const INIT_SCRIPT: &str = include_str!("init.sh");
 /// The patched source tree the flavour is built in.
 pub const PATCHED_TREE: PatchedTree = PatchedTree {
     name: NAME,
@@ -50,8 +53,8 @@ pub fn kernel_options() -> KernelOptions {
 }
 
 /// The archive's entries: the mount points the agent uses as PID 1, the console, root's
-/// account and the agent as `/init`.
-pub fn initramfs_entries(agent: Vec<u8>) -> Vec<Entry> {
+/// account, busybox for `/init` and the agent.
+pub fn initramfs_entries(busybox: Vec<u8>, agent: Vec<u8>) -> Vec<Entry> {
     let dir = |path: &str, mode| Entry::Dir {
         path: path.to_string(),
         mode,
@@ -62,6 +65,8 @@ pub fn initramfs_entries(agent: Vec<u8>) -> Vec<Entry> {
         data,
     };
     vec![
+        dir("bin", 0o755),
+        file("bin/busybox", 0o755, busybox),
         dir("dev", 0o755),
         Entry::CharDevice {
             path: "dev/console".into(),
@@ -75,14 +80,27 @@ pub fn initramfs_entries(agent: Vec<u8>) -> Vec<Entry> {
         dir("proc", 0o755),
         dir("root", 0o700),
         dir("run", 0o755),
+        dir("sbin", 0o755),
+        file("sbin/genos-agent", 0o755, agent),
         dir("sys", 0o755),
         dir("tmp", 0o1777),
-        file("init", 0o755, agent),
+        file("init", 0o755, INIT_SCRIPT.as_bytes().to_vec()),
     ]
 }
 
-/// Returns the cached test initramfs for the static agent at `agent`, building it on a miss.
-pub fn build_initramfs(cache: &Cache, agent: &Path) -> Result<Artifact, InitramfsError> {
+/// Returns the cached test initramfs for the static busybox and agent, building it on a miss.
+pub fn build_initramfs(
+    cache: &Cache,
+    busybox: &Path,
+    agent: &Path,
+) -> Result<Artifact, InitramfsError> {
+    let busybox_bytes = fs::read(busybox).map_err(|source| InitramfsError::Busybox {
+        path: busybox.to_path_buf(),
+        source,
+    })?;
+    if initramfs::elf_is_static(&busybox_bytes) != Some(true) {
+        return Err(InitramfsError::BusyboxNotStatic(busybox.to_path_buf()));
+    }
     let bytes = fs::read(agent).map_err(|source| InitramfsError::Agent {
         path: agent.to_path_buf(),
         source,
@@ -91,8 +109,11 @@ pub fn build_initramfs(cache: &Cache, agent: &Path) -> Result<Artifact, Initramf
         return Err(InitramfsError::AgentNotStatic(agent.to_path_buf()));
     }
     let agent_sha = sha256_hex(&bytes);
+    let busybox_sha = sha256_hex(&busybox_bytes);
     let mut hasher = InputHasher::new(INITRAMFS_RECIPE);
     hasher
+        .add("busybox", busybox_sha.as_bytes())
+        .add("init", INIT_SCRIPT.as_bytes())
         .add("agent", agent_sha.as_bytes())
         .add("passwd", PASSWD.as_bytes())
         .add("group", GROUP.as_bytes());
@@ -105,7 +126,7 @@ pub fn build_initramfs(cache: &Cache, agent: &Path) -> Result<Artifact, Initramf
         return Ok(hit);
     }
     let started = Instant::now();
-    let packed = initramfs::pack(&initramfs_entries(bytes))?;
+    let packed = initramfs::pack(&initramfs_entries(busybox_bytes, bytes))?;
     let staging = cache.stage(ArtifactKind::Initramfs, &hash)?;
     let path = staging.path().join(ARTIFACT_NAME);
     fs::write(&path, &packed).map_err(|source| InitramfsError::Write {
@@ -114,6 +135,8 @@ pub fn build_initramfs(cache: &Cache, agent: &Path) -> Result<Artifact, Initramf
     })?;
     let inputs = serde_json::json!({
         "flavour": NAME,
+        "busybox": busybox,
+        "busybox_sha256": busybox_sha,
         "agent": agent,
         "agent_sha256": agent_sha,
     });
@@ -189,19 +212,28 @@ mod tests {
     }
 
     #[test]
-    fn the_initramfs_runs_the_agent_as_init_and_knows_root() {
-        let entries = initramfs_entries(vec![0x7f]);
+    fn the_initramfs_execs_the_agent_as_pid1_and_knows_root() {
+        let entries = initramfs_entries(vec![0x7e], vec![0x7f]);
         let find = |path: &str| entries.iter().find(|e| e.path() == path);
 
         assert!(matches!(
-            find("init"),
+            find("sbin/genos-agent"),
             Some(Entry::File { mode: 0o755, data, .. }) if data == &[0x7f]
         ));
+        assert!(matches!(
+            find("bin/busybox"),
+            Some(Entry::File { mode: 0o755, data, .. }) if data == &[0x7e]
+        ));
+        assert!(matches!(
+            find("init"),
+            Some(Entry::File { mode: 0o755, .. })
+        ));
+        assert!(INIT_SCRIPT.starts_with("#!/bin/busybox sh\n"));
+        assert!(INIT_SCRIPT.contains("\nexec /sbin/genos-agent --initramfs\n"));
         assert!(matches!(
             find("etc/passwd"),
             Some(Entry::File { data, .. }) if data.starts_with(b"root:x:0:0:root:/root:")
         ));
         assert!(find("dev/console").is_some());
-        assert!(find("bin/busybox").is_none());
     }
 }
