@@ -213,19 +213,28 @@ impl Tuning {
         threads: 1,
     };
 
-    /// What [`Encoder::new`] uses for `width` x `height`: two threads from 720p up when the
-    /// machine has two CPUs or more (1080p desktop: 9.2 ms → 6.4 ms a frame on the 2-core
-    /// development machine), one below, where a frame takes under 4 ms anyway.
+    /// What [`Encoder::new`] uses for `width` x `height`: the default tool set on
+    /// [`Tuning::threads_for`] threads.
     pub fn low_latency(width: u32, height: u32) -> Self {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = if width.saturating_mul(height) >= THREADED_MIN_PIXELS && cpus >= 2 {
-            2
-        } else {
-            1
-        };
+        let usage = Usage::default();
         Self {
-            usage: Usage::default(),
-            threads,
+            usage,
+            threads: Self::threads_for(usage, width, height),
+        }
+    }
+
+    /// Threads that measured better for `usage` at `width` x `height`. Camera mode: two from
+    /// 720p up when the machine has two CPUs or more (1080p desktop: 9.2 ms → 6.4 ms a frame on
+    /// the 2-core development machine at the same PSNR), else one. Screen-content mode: always
+    /// one; on the recorded 1080p60 desktops two threads (slices) were no faster in wall time
+    /// on the loaded 2-core machine (24.4 vs 22.7 ms a picture on the man page) and lost 6-7 dB
+    /// Y-PSNR on the man page and the browser scroll at 4 Mbit/s (docs/encoder.md).
+    pub fn threads_for(usage: Usage, width: u32, height: u32) -> u16 {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let big = width.saturating_mul(height) >= THREADED_MIN_PIXELS;
+        match usage {
+            Usage::CameraRealTime if big && cpus >= 2 => 2,
+            _ => 1,
         }
     }
 }
