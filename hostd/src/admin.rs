@@ -531,7 +531,8 @@ async fn list(State(st): State<AppState>) -> ApiResult {
 }
 
 async fn show(State(st): State<AppState>, UrlPath(name): UrlPath<String>) -> ApiResult {
-    Ok(Json(json!({"env": st.orch.show(&name)?})).into_response())
+    let env = st.orch.show(&name)?;
+    Ok(Json(json!({"env": env, "progress": st.orch.progress(&name)})).into_response())
 }
 
 async fn stop(

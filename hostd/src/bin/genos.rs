@@ -520,16 +520,22 @@ async fn up(client: &Client, text: &str, timeout: u64, json_out: bool) -> Result
     if !json_out {
         eprintln!("creating {name}: {}", summary(&v["env"]["spec"]));
     }
-    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(timeout);
     let mut last = String::new();
     loop {
         let env = client
             .call("GET", &format!("/v1/envs/{}", enc(&name)), None)
             .await?;
         let state = env["env"]["state"].as_str().unwrap_or("?").to_string();
-        if state != last && !json_out {
-            eprintln!("  {state}");
-            last = state.clone();
+        // The state and what it is doing now (a build step, a boot stage), as it changes.
+        let line = match env["progress"].as_str() {
+            Some(p) => format!("{state}: {p}"),
+            None => state.clone(),
+        };
+        if line != last && !json_out {
+            eprintln!("  [{:>4} s] {line}", started.elapsed().as_secs());
+            last = line;
         }
         match state.as_str() {
             "ready" => break,

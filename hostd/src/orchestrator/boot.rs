@@ -100,11 +100,12 @@ impl Orchestrator {
             path: dir.clone(),
             source,
         })?;
-        let images = self.build_images(&env.spec, &dir).await?;
+        let images = self.build_images(name, &env.spec, &dir).await?;
         if !matches!(self.show(name).map(|e| e.state), Ok(EnvState::Building)) {
             return Ok(()); // stopped or destroyed meanwhile
         }
         self.transition(name, EnvState::Booting, None)?;
+        self.set_progress(name, Some("starting genos-vmm".into()));
         let sock = self.boot(name, &env.spec, &dir, &images).await?;
         self.wait_ready(name, &sock).await;
         Ok(())
@@ -433,6 +434,13 @@ impl Orchestrator {
     pub(super) async fn wait_ready(&self, name: &str, sock: &VmmSocket) {
         let timeout = Duration::from_secs(self.inner.cfg.vmm.boot_timeout_s);
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut booting = "the guest kernel is booting".to_string();
+        if self.inner.nested_kvm && self.inner.cfg.vmm.ready == ReadyWhen::Agent {
+            booting.push_str(&format!(
+                "; {NESTED_KVM_NOTE}, so this environment will not become ready"
+            ));
+        }
+        self.set_progress(name, Some(booting));
         let Some(boot_us) = self.wait_booted(name, sock, deadline, timeout).await else {
             return;
         };
@@ -441,6 +449,7 @@ impl Orchestrator {
             ReadyWhen::Boot => booted,
             ReadyWhen::Agent => {
                 let _ = self.audit("hostd", "booted", name, &booted);
+                self.set_progress(name, Some(format!("{booted}; waiting for its agent")));
                 match self.wait_agent(name, sock, deadline, timeout).await {
                     Some(agent) => format!("{booted}; agent {agent} reports the system up"),
                     None => return,
@@ -505,6 +514,12 @@ impl Orchestrator {
         timeout: Duration,
     ) -> Option<String> {
         let address = AgentAddress::vm(sock.sibling(AGENT_SOCKET));
+        // Here no stock guest gets to its agent: say so within a minute of the boot.
+        let deadline = if self.inner.nested_kvm {
+            deadline.min(tokio::time::Instant::now() + NESTED_KVM_GRACE)
+        } else {
+            deadline
+        };
         let client = loop {
             if !self.still_booting(name) {
                 return None;
@@ -514,17 +529,29 @@ impl Orchestrator {
                 Err(e) => error_chain(&e),
             };
             if tokio::time::Instant::now() > deadline {
-                self.fail_boot(
-                    name,
+                let reason = if self.inner.nested_kvm {
+                    format!(
+                        "{NESTED_KVM_NOTE}: the guest kernel booted but its agent never answers \
+                         ({why}); run environments on a real KVM server"
+                    )
+                } else {
                     format!(
                         "the guest agent did not answer within {} s ({why})",
                         timeout.as_secs()
-                    ),
-                );
+                    )
+                };
+                self.fail_boot(name, reason);
                 return None;
             }
             tokio::time::sleep(AGENT_RETRY).await;
         };
+        self.set_progress(
+            name,
+            Some(format!(
+                "agent {} answered; waiting for the guest's init system to reach its target",
+                client.info().agent
+            )),
+        );
         loop {
             if !self.still_booting(name) {
                 return None;
@@ -611,6 +638,12 @@ impl Orchestrator {
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between attempts while the guest boots.
 const AGENT_RETRY: Duration = Duration::from_millis(500);
+/// How long, on a nested kvm_pvm host, hostd waits for the agent after the kernel booted
+/// before saying it will not come (no stock guest user space runs there).
+const NESTED_KVM_GRACE: Duration = Duration::from_secs(60);
+/// What is wrong with a nested kvm_pvm host, for progress and failure reasons.
+const NESTED_KVM_NOTE: &str =
+    "this host's KVM is the nested kvm_pvm kind, where guest user space cannot make system calls";
 
 #[cfg(test)]
 mod tests {

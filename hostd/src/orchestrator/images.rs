@@ -41,9 +41,15 @@ pub(super) struct Images {
 }
 
 impl Orchestrator {
-    pub(super) async fn build_images(&self, spec: &Spec, dir: &Path) -> Result<Images, ImageError> {
+    pub(super) async fn build_images(
+        &self,
+        name: &str,
+        spec: &Spec,
+        dir: &Path,
+    ) -> Result<Images, ImageError> {
         let cfg = &self.inner.cfg.images;
         let kernel = if cfg.kernel.is_empty() {
+            self.set_progress(name, Some("building the guest kernel (genos-image kernel; cached after the first build, which takes minutes)".into()));
             run_image_builder(&cfg.builder, &["kernel"]).await?
         } else {
             PathBuf::from(&cfg.kernel)
@@ -59,6 +65,10 @@ impl Orchestrator {
                 args.extend(["--agent".to_string(), agent.display().to_string()]);
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.set_progress(
+                name,
+                Some("building the initramfs (genos-image initramfs)".into()),
+            );
             Some(run_image_builder(&cfg.builder, &args).await?)
         } else {
             None
@@ -80,6 +90,13 @@ impl Orchestrator {
                 .cfg
                 .rootfs_args(&spec.base, &s, &o, agent.as_deref());
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.set_progress(
+                name,
+                Some(format!(
+                    "building the {} root filesystem (genos-image rootfs; the first of a base downloads its packages)",
+                    spec.base
+                )),
+            );
             run_image_builder(&cfg.builder, &args).await?;
             Some(out)
         } else {

@@ -82,6 +82,11 @@ struct Inner {
     jail: Jail,
     /// The stream server graphical environments are published on, once hostd runs one.
     stream: std::sync::OnceLock<Arc<crate::stream::StreamServer>>,
+    /// What each environment that is not ready yet is doing now, for `genos up` and
+    /// `genos show` (not durable: a restart rebuilds or re-adopts).
+    progress: Mutex<HashMap<String, String>>,
+    /// The host's KVM is the nested `kvm_pvm` kind: guest user space cannot run.
+    nested_kvm: bool,
 }
 
 impl Orchestrator {
@@ -115,6 +120,8 @@ impl Orchestrator {
                 counters: Counters::default(),
                 jail,
                 stream: std::sync::OnceLock::new(),
+                progress: Mutex::new(HashMap::new()),
+                nested_kvm: nested_kvm_host(),
             }),
         })
     }
@@ -181,6 +188,30 @@ impl Orchestrator {
             .ok_or_else(|| OrchError::NotFound(name.into()))
     }
 
+    /// What `name` is doing on its way to ready (a build step, a boot stage), if anything.
+    pub fn progress(&self, name: &str) -> Option<String> {
+        self.inner
+            .progress
+            .lock()
+            .expect("poisoned")
+            .get(name)
+            .cloned()
+    }
+
+    /// Records what `name` is doing now; `None` once it is ready or gone.
+    fn set_progress(&self, name: &str, what: Option<String>) {
+        let mut map = self.inner.progress.lock().expect("poisoned");
+        match what {
+            Some(what) => {
+                tracing::info!(env = name, "{what}");
+                map.insert(name.to_owned(), what);
+            }
+            None => {
+                map.remove(name);
+            }
+        }
+    }
+
     /// Marks viewer activity (resets the idle clock).
     pub fn touch(&self, name: &str) -> Result<(), OrchError> {
         Ok(self.store().touch(name)?)
@@ -208,6 +239,9 @@ impl Orchestrator {
         }
         store.set_state(name, next, reason)?;
         drop(store);
+        if !matches!(next, EnvState::Building | EnvState::Booting) {
+            self.set_progress(name, None);
+        }
         if env.state == EnvState::Ready {
             if let Some(server) = self.inner.stream.get() {
                 server.remove_environment(name);
@@ -242,6 +276,13 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .mode(0o700)
         .create(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Whether this host's KVM is the nested `kvm_pvm` kind (as on the development machines):
+/// guest kernels run interpreted and guest user space cannot make system calls, so no
+/// stock guest reaches its agent here.
+fn nested_kvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
 }
 
 #[cfg(test)]
