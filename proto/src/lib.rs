@@ -7,3 +7,4 @@
 pub mod agent;
 pub mod spec;
 pub mod stream;
+mod wire;

@@ -9,6 +9,8 @@
 
 use thiserror::Error;
 
+use crate::wire::{put_str16, put_str32, Reader};
+
 /// Protocol version spoken by this implementation.
 pub const VERSION: u16 = 1;
 /// Oldest version this implementation still accepts.
@@ -394,103 +396,6 @@ mod ty {
     pub const PONG: u8 = 0x87;
 }
 
-/// Bounds-checked little-endian reader over one message body.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if self.buf.len() < n {
-            return Err(DecodeError::Truncated);
-        }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Ok(head)
-    }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.array::<1>()?[0])
-    }
-    fn bool(&mut self, field: &'static str) -> Result<bool, DecodeError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            v => Err(DecodeError::BadValue {
-                field,
-                value: v.into(),
-            }),
-        }
-    }
-    fn u16(&mut self) -> Result<u16, DecodeError> {
-        Ok(u16::from_le_bytes(self.array()?))
-    }
-    fn i16(&mut self) -> Result<i16, DecodeError> {
-        Ok(i16::from_le_bytes(self.array()?))
-    }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-    fn string(
-        &mut self,
-        len: usize,
-        max: usize,
-        field: &'static str,
-    ) -> Result<String, DecodeError> {
-        if len > max {
-            return Err(DecodeError::BadValue {
-                field,
-                value: len as u64,
-            });
-        }
-        let bytes = self.take(len)?;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|_| DecodeError::BadUtf8)
-    }
-    fn str16(&mut self, field: &'static str) -> Result<String, DecodeError> {
-        let len = self.u16()? as usize;
-        self.string(len, usize::from(u16::MAX), field)
-    }
-    fn str32(&mut self, max: usize, field: &'static str) -> Result<String, DecodeError> {
-        let len = self.u32()? as usize;
-        self.string(len, max, field)
-    }
-    fn finish(self) -> Result<(), DecodeError> {
-        match self.buf.len() {
-            0 => Ok(()),
-            n => Err(DecodeError::TrailingBytes(n)),
-        }
-    }
-}
-
-fn put_str16(out: &mut Vec<u8>, s: &str) {
-    // Strings longer than the field allows are cut at a char boundary rather than corrupting
-    // the framing; every caller passes short identifiers or messages.
-    let mut end = s.len().min(usize::from(u16::MAX));
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    out.extend_from_slice(&(end as u16).to_le_bytes());
-    out.extend_from_slice(&s.as_bytes()[..end]);
-}
-
-fn put_str32(out: &mut Vec<u8>, s: &str, max: usize) {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    out.extend_from_slice(&(end as u32).to_le_bytes());
-    out.extend_from_slice(&s.as_bytes()[..end]);
-}
-
 fn put_config(out: &mut Vec<u8>, c: &StreamConfig) {
     out.extend_from_slice(&c.width.to_le_bytes());
     out.extend_from_slice(&c.height.to_le_bytes());
@@ -609,13 +514,13 @@ impl Message for ClientMessage {
 
     fn decode_body(msg: &[u8]) -> Result<Self, DecodeError> {
         let (&t, body) = msg.split_first().ok_or(DecodeError::Empty)?;
-        let mut r = Reader { buf: body };
+        let mut r = Reader::new(body);
         let m = match t {
             ty::HELLO => ClientMessage::Hello {
                 min_version: r.u16()?,
                 max_version: r.u16()?,
-                env_id: r.str16("env_id")?,
-                token: r.str16("token")?,
+                env_id: r.str16()?,
+                token: r.str16()?,
                 resume: r.array()?,
                 viewport_width: r.u16()?,
                 viewport_height: r.u16()?,
@@ -771,7 +676,7 @@ impl Message for ServerMessage {
 
     fn decode_body(msg: &[u8]) -> Result<Self, DecodeError> {
         let (&t, body) = msg.split_first().ok_or(DecodeError::Empty)?;
-        let mut r = Reader { buf: body };
+        let mut r = Reader::new(body);
         let m = match t {
             ty::WELCOME => {
                 let version = r.u16()?;
@@ -837,7 +742,7 @@ impl Message for ServerMessage {
             }),
             ty::ERROR => ServerMessage::Error {
                 code: ErrorCode::from_u16(r.u16()?),
-                message: r.str16("message")?,
+                message: r.str16()?,
             },
             ty::PONG => ServerMessage::Pong {
                 client_time_us: r.u64()?,
@@ -965,7 +870,7 @@ impl FrameHeader {
         if b.len() > FRAME_HEADER_LEN {
             return Err(DecodeError::TrailingBytes(b.len() - FRAME_HEADER_LEN));
         }
-        let mut r = Reader { buf: b };
+        let mut r = Reader::new(b);
         let kind = r.u8()?;
         if kind != UNI_STREAM_VIDEO {
             return Err(DecodeError::UnknownType(kind));

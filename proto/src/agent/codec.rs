@@ -8,6 +8,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::wire::{bad, put_bytes32, put_str16, Reader};
+
 use super::{
     AgentMessage, ClipboardContent, DecodeError, ErrorCode, ExecRequest, ExitStatus, Features,
     FileGetRequest, FilePutRequest, HostMessage, Message, NetworkConfig, OutputFd, PowerAction,
@@ -62,97 +64,14 @@ pub(super) mod ty {
     pub const A_ERROR: u8 = 0xff;
 }
 
-/// Bounds-checked little-endian reader over one frame.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if self.buf.len() < n {
-            return Err(DecodeError::Truncated);
-        }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Ok(head)
+/// An optional address: 0 (none), 4 and four bytes, or 6 and sixteen.
+fn read_ip(r: &mut Reader<'_>, field: &'static str) -> Result<Option<IpAddr>, DecodeError> {
+    match r.u8()? {
+        0 => Ok(None),
+        4 => Ok(Some(IpAddr::V4(Ipv4Addr::from(r.array::<4>()?)))),
+        6 => Ok(Some(IpAddr::V6(Ipv6Addr::from(r.array::<16>()?)))),
+        v => Err(bad(field, v)),
     }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.array::<1>()?[0])
-    }
-    fn bool(&mut self, field: &'static str) -> Result<bool, DecodeError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            v => Err(bad(field, v)),
-        }
-    }
-    fn u16(&mut self) -> Result<u16, DecodeError> {
-        Ok(u16::from_le_bytes(self.array()?))
-    }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-    fn i32(&mut self) -> Result<i32, DecodeError> {
-        Ok(i32::from_le_bytes(self.array()?))
-    }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-    fn str16(&mut self) -> Result<String, DecodeError> {
-        let len = usize::from(self.u16()?);
-        std::str::from_utf8(self.take(len)?)
-            .map(str::to_owned)
-            .map_err(|_| DecodeError::BadUtf8)
-    }
-    fn bytes32(&mut self, max: usize, field: &'static str) -> Result<Vec<u8>, DecodeError> {
-        let len = self.u32()?;
-        if len as usize > max {
-            return Err(bad(field, len));
-        }
-        Ok(self.take(len as usize)?.to_vec())
-    }
-    fn ip(&mut self, field: &'static str) -> Result<Option<IpAddr>, DecodeError> {
-        match self.u8()? {
-            0 => Ok(None),
-            4 => Ok(Some(IpAddr::V4(Ipv4Addr::from(self.array::<4>()?)))),
-            6 => Ok(Some(IpAddr::V6(Ipv6Addr::from(self.array::<16>()?)))),
-            v => Err(bad(field, v)),
-        }
-    }
-    fn finish(self) -> Result<(), DecodeError> {
-        match self.buf.len() {
-            0 => Ok(()),
-            n => Err(DecodeError::TrailingBytes(n)),
-        }
-    }
-}
-
-fn bad(field: &'static str, value: impl Into<u64>) -> DecodeError {
-    DecodeError::BadValue {
-        field,
-        value: value.into(),
-    }
-}
-
-/// Appends a `str16`. Strings too long for the field are cut at a char boundary rather than
-/// corrupting the framing; [`super::session::Session::send`] refuses them before that.
-fn put_str16(out: &mut Vec<u8>, s: &str) {
-    let mut end = s.len().min(usize::from(u16::MAX));
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    out.extend_from_slice(&(end as u16).to_le_bytes());
-    out.extend_from_slice(&s.as_bytes()[..end]);
-}
-
-fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-    out.extend_from_slice(b);
 }
 
 fn put_ip(out: &mut Vec<u8>, ip: Option<IpAddr>) {
@@ -196,7 +115,7 @@ fn header(out: &mut Vec<u8>, ty: u8, id: RequestId) {
 
 /// Splits a frame into type, request id and a reader over the body.
 fn open(frame: &[u8]) -> Result<(u8, RequestId, Reader<'_>), DecodeError> {
-    let mut r = Reader { buf: frame };
+    let mut r = Reader::new(frame);
     let ty = r.u8().map_err(|_| DecodeError::Empty)?;
     let id = RequestId(r.u32()?);
     Ok((ty, id, r))
@@ -368,19 +287,20 @@ impl Message for Frame<HostMessage> {
             ty::TIME_SET => H::TimeSet { utc_ns: r.u64()? },
             ty::NETWORK_CONFIGURE => {
                 let interface = r.str16()?;
-                let address = r.ip("address family")?.ok_or(bad("address family", 0u8))?;
+                let address =
+                    read_ip(&mut r, "address family")?.ok_or(bad("address family", 0u8))?;
                 let prefix = r.u8()?;
                 let max_prefix = if address.is_ipv4() { 32 } else { 128 };
                 if prefix > max_prefix {
                     return Err(bad("prefix", prefix));
                 }
-                let gateway = r.ip("gateway family")?;
+                let gateway = read_ip(&mut r, "gateway family")?;
                 let n = usize::from(r.u8()?);
                 if n > MAX_RESOLVERS {
                     return Err(bad("resolvers", n as u64));
                 }
                 let resolvers = (0..n)
-                    .map(|_| r.ip("resolver family")?.ok_or(bad("resolver family", 0u8)))
+                    .map(|_| read_ip(&mut r, "resolver family")?.ok_or(bad("resolver family", 0u8)))
                     .collect::<Result<_, _>>()?;
                 H::NetworkConfigure(NetworkConfig {
                     interface,
