@@ -127,7 +127,7 @@ impl Default for StreamConfig {
             enabled: true,
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 4433)),
             fps: 30.0,
-            encoder: EncoderUsage::Camera,
+            encoder: EncoderUsage::Screen,
             encoder_threads: EncoderThreads(0),
         }
     }

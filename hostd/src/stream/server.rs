@@ -737,6 +737,28 @@ fn encode_loop(
                             warn!(env = %env.id, error = %e, "re-encoding the still frame failed")
                         }
                     }
+                } else {
+                    // Idle: the encoder spends the room still frames leave in the bitrate
+                    // window, sending a change that waited for room or refining the picture
+                    // towards lossless text (docs/encoder.md).
+                    match encoder.refine() {
+                        Ok(Some(encoded)) => {
+                            sequence += 1;
+                            publish(
+                                &env,
+                                &clock,
+                                sequence,
+                                Instant::now(),
+                                width,
+                                height,
+                                encoded,
+                            );
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            warn!(env = %env.id, error = %e, "refining the still frame failed")
+                        }
+                    }
                 }
                 continue;
             }
