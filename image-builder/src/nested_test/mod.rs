@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::cache::{sha256_hex, Artifact, ArtifactKind, Cache, InputHasher};
-use crate::cpio::{self, CpioError, Entry};
+use crate::cpio::{self, Entry};
 use crate::initramfs::{self, InitramfsError};
 use crate::kernel::{KernelOptions, PatchedTree};
 
@@ -130,8 +130,7 @@ pub fn build_initramfs(
     }
     let started = Instant::now();
     let mut packed = Vec::new();
-    cpio::write_archive(&mut packed, &initramfs_entries(busybox_bytes, bytes))
-        .map_err(CpioError::from)?;
+    cpio::write_archive(&mut packed, &initramfs_entries(busybox_bytes, bytes))?;
     let staging = cache.stage(ArtifactKind::Initramfs, &hash)?;
     let path = staging.path().join(INITRAMFS_ARTIFACT);
     fs::write(&path, &packed).map_err(|source| InitramfsError::Write {
