@@ -1,0 +1,279 @@
+//! genos-agent as PID 1 of a real Linux guest on genos-vmm, reached by hostd's agent client
+//! through the VM's virtio-vsock device (`--vsock 3:SOCKET`, `CONNECT 1024`): its Hello, the
+//! `system` stage, an exec of a static program (the agent's own binary, `--version`) and a
+//! file put, then got back identical.
+//!
+//! The images are genos-image's TEST-ONLY `nested-test` flavour (`GENOS_TEST_KERNEL`,
+//! `GENOS_TEST_INITRAMFS`, exported by `scripts/test`): a kernel with the system-call shim this
+//! machine's nested KVM needs (image-builder/src/nested_test/) and the static agent as PID 1
+//! (`/init` execs it).
+//! Slow by nature here: the guest kernel is interpreted (the agent answers ~70 s after genos-vmm
+//! starts on an idle machine), and every guest system call costs ~1.2 ms. Skipped, saying why, without the images or `/dev/kvm`; failed
+//! instead under `GENOS_REQUIRE` (CI). The console and the VMM's log stay in
+//! `target/tmp/agent-vsock-guest/` and their tails are printed when the test fails.
+
+mod common;
+
+use std::fs::File;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hostd::agent::{AgentAddress, AgentClient, AgentError};
+use hostd::uds::VmmSocket;
+use proto::agent::{ExecRequest, ExitStatus, Features, FileGetRequest, FilePutRequest, Stage};
+
+const TEST: &str = "the_agent_as_pid1_of_a_real_guest_answers_hostd_over_vsock";
+/// Until the agent answers: the kernel reaches `/init` in ~45 s of guest time (the agent
+/// answers ~70 s after the VMM starts) on an idle machine, several times that when loaded.
+const BOOT_LIMIT: Duration = Duration::from_secs(1200);
+/// Each step after that (a few hundred guest system calls at ~1.2 ms, plus the exec's faults).
+const STEP_LIMIT: Duration = Duration::from_secs(300);
+/// One connection attempt: CONNECT, the guest's answer and the Hello exchange.
+const ATTEMPT_LIMIT: Duration = Duration::from_secs(60);
+const GUEST_CID: u32 = 3;
+/// Spans many vsock packets (the guest's receive buffers are 4 KiB) and several agent chunks.
+const FILE_LEN: usize = 200_000;
+const LOG_TAIL_LINES: usize = 40;
+
+/// The nested-test kernel and initramfs from the environment, or `None` after skipping.
+fn test_images() -> Option<(PathBuf, PathBuf)> {
+    let var = |name: &str| {
+        let path = std::env::var_os(name).filter(|p| !p.is_empty());
+        if path.is_none() {
+            testkit::skip(
+                testkit::Need::Kernel,
+                format!(
+                    "{TEST}: {name} is not set (scripts/test builds `genos-image kernel \
+                     --flavour nested-test` and its initramfs and sets it)"
+                ),
+            );
+        }
+        path.map(PathBuf::from)
+    };
+    let kernel = var("GENOS_TEST_KERNEL")?;
+    let initramfs = var("GENOS_TEST_INITRAMFS")?;
+    Some((kernel, initramfs))
+}
+
+/// A genos-vmm process booting the images; stopped when dropped, and when the test fails
+/// the tails of its log and of the guest console are printed.
+struct Guest {
+    child: Child,
+    console: PathBuf,
+    vmm_log: PathBuf,
+}
+
+impl Guest {
+    fn boot(vmm: &Path, kernel: &Path, initramfs: &Path, dir: &Path) -> Guest {
+        let console = dir.join("console.log");
+        let vmm_log = dir.join("vmm.log");
+        let vsock = dir.join("vsock.sock");
+        let _ = std::fs::remove_file(&vsock);
+        let log = File::create(&vmm_log).unwrap();
+        let child = Command::new(vmm)
+            .arg("--kernel")
+            .arg(kernel)
+            .arg("--initrd")
+            .arg(initramfs)
+            .arg("--vsock")
+            .arg(format!("{GUEST_CID}:{}", vsock.display()))
+            .args(["--cpu-template", "baseline", "--mem-mib", "256"])
+            .arg("--serial")
+            .arg(format!("file:{}", console.display()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn genos-vmm");
+        Guest {
+            child,
+            console,
+            vmm_log,
+        }
+    }
+
+    /// Panics with the VMM's exit status if it has ended.
+    fn check_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("genos-vmm ended before the agent answered: {status}");
+        }
+    }
+
+    /// The console line where the kernel starts `/init` (its printk time is the guest time).
+    fn init_line(&self) -> Option<String> {
+        let text = std::fs::read_to_string(&self.console).ok()?;
+        text.lines()
+            .find(|l| l.contains("Run /init as init process"))
+            .map(|l| l.trim().to_owned())
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("({e})"));
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child, not reaped yet (it is reaped below).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "{TEST}: guest console ({}), last lines:\n{}\n{TEST}: genos-vmm log ({}), \
+                 last lines:\n{}",
+                self.console.display(),
+                tail(&self.console),
+                self.vmm_log.display(),
+                tail(&self.vmm_log)
+            );
+        }
+    }
+}
+
+/// Connects to the agent through the VM's vsock socket, retrying until it listens.
+async fn wait_for_agent(guest: &mut Guest, socket: &Path, started: Instant) -> AgentClient {
+    let address = AgentAddress::vm(VmmSocket::unjailed(socket));
+    let mut attempts = 0u32;
+    let mut last: Option<AgentError> = None;
+    loop {
+        guest.check_running();
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < BOOT_LIMIT,
+            "the agent did not answer over vsock within {} s ({attempts} attempts; last: {})",
+            BOOT_LIMIT.as_secs(),
+            last.map_or("none".into(), |e| e.to_string())
+        );
+        if socket.exists() {
+            attempts += 1;
+            match AgentClient::connect(&address, ATTEMPT_LIMIT).await {
+                Ok(client) => {
+                    eprintln!(
+                        "{TEST}: the agent answered over vsock {:.1} s after genos-vmm \
+                         started (attempt {attempts}); kernel: {}",
+                        started.elapsed().as_secs_f64(),
+                        guest
+                            .init_line()
+                            .as_deref()
+                            .unwrap_or("no `Run /init` line")
+                    );
+                    return client;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Runs one step within [`STEP_LIMIT`], printing how long it took.
+async fn step<T>(name: &str, work: impl Future<Output = T>) -> T {
+    let started = Instant::now();
+    let out = tokio::time::timeout(STEP_LIMIT, work)
+        .await
+        .unwrap_or_else(|_| panic!("{name}: no answer within {} s", STEP_LIMIT.as_secs()));
+    eprintln!(
+        "{TEST}: {name}: {:.0} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_as_pid1_of_a_real_guest_answers_hostd_over_vsock() {
+    let Some((kernel, initramfs)) = test_images() else {
+        return;
+    };
+    if !common::kvm_available(TEST) {
+        return;
+    }
+    let Some(vmm) = common::vmm_bin(TEST) else {
+        return;
+    };
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-vsock-guest");
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("vsock.sock");
+    let content: Vec<u8> = (0..FILE_LEN as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let started = Instant::now();
+    let mut guest = Guest::boot(&vmm, &kernel, &initramfs, &dir);
+
+    let client = wait_for_agent(&mut guest, &socket, started).await;
+    let info = client.info().clone();
+    let stage = step("system stage", client.wait_for_stage(Stage::System))
+        .await
+        .unwrap();
+    let version = step("exec /sbin/genos-agent --version", async {
+        client
+            .exec(ExecRequest {
+                argv: vec!["/sbin/genos-agent".into(), "--version".into()],
+                cwd: "/".into(),
+                ..ExecRequest::default()
+            })
+            .await?
+            .collect(1 << 16)
+            .await
+    })
+    .await
+    .unwrap();
+    step(
+        &format!("put {FILE_LEN} bytes"),
+        client.put_file(
+            FilePutRequest {
+                path: "/root/put.bin".into(),
+                mode: 0o640,
+                size: content.len() as u64,
+                ..FilePutRequest::default()
+            },
+            &mut content.as_slice(),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut back = Vec::new();
+    let (size, mode) = step(
+        &format!("get {FILE_LEN} bytes"),
+        client.get_file(
+            FileGetRequest {
+                path: "/root/put.bin".into(),
+                ..FileGetRequest::default()
+            },
+            &mut back,
+            1 << 20,
+        ),
+    )
+    .await
+    .unwrap();
+
+    assert!(info.agent.starts_with("genos-agent "), "{info:?}");
+    assert!(
+        info.features.contains(Features::EXEC | Features::FILES),
+        "{info:?}"
+    );
+    assert_eq!(stage, Stage::System);
+    assert_eq!(version.status, Some(ExitStatus::Code(0)), "{version:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout),
+        format!("{}\n", info.agent),
+        "the agent's binary, run in the guest, names the agent that answered"
+    );
+    assert_eq!((size, mode & 0o7777), (FILE_LEN as u64, 0o640));
+    assert!(back == content, "the file came back different");
+    eprintln!(
+        "{TEST}: all steps done {:.1} s after genos-vmm started",
+        started.elapsed().as_secs_f64()
+    );
+}
