@@ -47,10 +47,42 @@ struct Args {
     etc: PathBuf,
 }
 
+/// The options of an agent that is PID 1. The kernel hands init every boot option it does
+/// not know (`noxsave`, `nopcid`, ...) before the ones after `--` on its command line, and an
+/// init that exits on them panics the kernel: those are dropped (said on the console), the
+/// agent's own options are read from the first `-`-led argument on, and if even those do not
+/// parse the agent runs on its defaults rather than take the guest down.
+fn pid1_args(argv: Vec<std::ffi::OsString>) -> Args {
+    if let Ok(args) = Args::try_parse_from(&argv) {
+        return args;
+    }
+    let first_option = argv
+        .iter()
+        .skip(1)
+        .position(|a| a.to_string_lossy().starts_with('-'))
+        .map_or(argv.len(), |i| i + 1);
+    let ignored: Vec<_> = argv[1..first_option]
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if !ignored.is_empty() {
+        eprintln!("genos-agent: ignoring kernel arguments {ignored:?}");
+    }
+    let own = std::iter::once(argv[0].clone()).chain(argv[first_option..].iter().cloned());
+    Args::try_parse_from(own).unwrap_or_else(|e| {
+        eprintln!("genos-agent: {e}; running on the defaults");
+        Args::parse_from([argv[0].clone()])
+    })
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
     // SAFETY: getpid has no preconditions.
     let pid1 = unsafe { libc::getpid() } == 1;
+    let args = if pid1 {
+        pid1_args(std::env::args_os().collect())
+    } else {
+        Args::parse()
+    };
     if pid1 {
         if let Err(e) = system::mount_essentials() {
             eprintln!("genos-agent: {e}");
@@ -78,5 +110,31 @@ fn main() -> ExitCode {
             eprintln!("genos-agent: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(args: &[&str]) -> Vec<std::ffi::OsString> {
+        std::iter::once("genos-agent")
+            .chain(args.iter().copied())
+            .map(Into::into)
+            .collect()
+    }
+
+    #[test]
+    fn as_pid1_kernel_options_before_its_own_are_ignored() {
+        let args = pid1_args(argv(&["noxsave", "nopcid", "--initramfs", "--no-vsock"]));
+
+        assert!(args.initramfs && args.no_vsock);
+    }
+
+    #[test]
+    fn as_pid1_unparseable_options_leave_the_defaults() {
+        let args = pid1_args(argv(&["noxsave", "--no-such-option"]));
+
+        assert!(!args.initramfs && !args.no_vsock && args.vsock_port.is_none());
     }
 }
