@@ -1,7 +1,8 @@
 //! genos-agent as PID 1 of a real Linux guest on genos-vmm, reached by hostd's agent client
 //! through the VM's virtio-vsock device (`--vsock 3:SOCKET`, `CONNECT 1024`): its Hello, the
 //! `system` stage, an exec of a static program (the agent's own binary, `--version`) and a
-//! file put, then got back identical.
+//! file put, then got back identical; and the same guest as a hostd environment (jailed when
+//! root), ready only through its agent, with a command and a file through the orchestrator.
 //!
 //! The images are genos-image's TEST-ONLY `nested-test` flavour (`GENOS_TEST_KERNEL`,
 //! `GENOS_TEST_INITRAMFS`, exported by `scripts/test`): a kernel with the system-call shim this
@@ -185,7 +186,8 @@ async fn step<T>(name: &str, work: impl Future<Output = T>) -> T {
         .await
         .unwrap_or_else(|_| panic!("{name}: no answer within {} s", STEP_LIMIT.as_secs()));
     eprintln!(
-        "{TEST}: {name}: {:.0} ms",
+        "{}: {name}: {:.0} ms",
+        common::test_name(),
         started.elapsed().as_secs_f64() * 1000.0
     );
     out
@@ -276,4 +278,126 @@ async fn the_agent_as_pid1_of_a_real_guest_answers_hostd_over_vsock() {
         "{TEST}: all steps done {:.1} s after genos-vmm started",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The same guest through the whole product path: hostd's orchestrator boots it (jailed
+/// when running as root, as in production), calls it ready only when its agent reports the
+/// system stage over vsock, and runs a command and moves a file in it through the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_is_ready_through_its_agent_and_runs_commands_in_its_guest() {
+    const ORCH_TEST: &str = "an_environment_is_ready_through_its_agent";
+    let Some((kernel, initramfs)) = test_images() else {
+        return;
+    };
+    if !common::kvm_available(ORCH_TEST) {
+        return;
+    }
+    let Some(vmm) = common::vmm_bin(ORCH_TEST) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let toml = common::config_toml(&vmm, &kernel, 4, 4096)
+        .replace(
+            "build_rootfs = false",
+            &format!(
+                "build_rootfs = false\ninitramfs = \"{}\"",
+                initramfs.display()
+            ),
+        )
+        .replace("ready = \"boot\"", "ready = \"agent\"")
+        .replace("cpu_template = \"host\"", "cpu_template = \"baseline\"")
+        .replace(
+            "boot_timeout_s = 120",
+            &format!("boot_timeout_s = {}", BOOT_LIMIT.as_secs()),
+        );
+    let o = common::orchestrator(dir.path(), &toml);
+    o.start().await.unwrap();
+    let started = Instant::now();
+
+    o.create(common::headless_spec("guest", true), "test")
+        .unwrap();
+    let ready = common::wait_state(
+        &o,
+        "guest",
+        hostd::store::EnvState::Ready,
+        BOOT_LIMIT.as_secs(),
+    )
+    .await;
+    eprintln!(
+        "{ORCH_TEST}: ready {:.1} s after create",
+        started.elapsed().as_secs_f64()
+    );
+    let uname = step(
+        "orchestrator exec",
+        o.exec(
+            "guest",
+            "test",
+            ExecRequest {
+                argv: vec!["/sbin/genos-agent".into(), "--version".into()],
+                cwd: "/".into(),
+                ..ExecRequest::default()
+            },
+            None,
+            STEP_LIMIT,
+        ),
+    )
+    .await
+    .unwrap();
+    step(
+        "orchestrator put",
+        o.put_file(
+            "guest",
+            "test",
+            FilePutRequest {
+                path: "/root/hello.txt".into(),
+                mode: 0o600,
+                ..FilePutRequest::default()
+            },
+            b"hello from hostd\n",
+        ),
+    )
+    .await
+    .unwrap();
+    let (back, mode) = step(
+        "orchestrator get",
+        o.get_file(
+            "guest",
+            "test",
+            FileGetRequest {
+                path: "/root/hello.txt".into(),
+                ..FileGetRequest::default()
+            },
+            1 << 10,
+        ),
+    )
+    .await
+    .unwrap();
+    let audited: Vec<String> = o
+        .audit_entries(200)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.target == "guest")
+        .map(|e| e.action)
+        .collect();
+    o.destroy("guest", "test").await.unwrap();
+
+    assert_eq!(
+        uname.status,
+        Some(ExitStatus::Code(0)),
+        "{uname:?} ({ready:?})"
+    );
+    assert!(
+        String::from_utf8_lossy(&uname.stdout).starts_with("genos-agent "),
+        "{uname:?}"
+    );
+    assert_eq!(
+        (back.as_slice(), mode & 0o7777),
+        (&b"hello from hostd\n"[..], 0o600)
+    );
+    for action in ["ready", "exec", "file-put", "file-get"] {
+        assert!(
+            audited.iter().any(|a| a == action),
+            "{action} not audited: {audited:?}"
+        );
+    }
 }
