@@ -372,13 +372,18 @@ async fn an_environment_is_ready_through_its_agent_and_runs_commands_in_its_gues
     )
     .await
     .unwrap();
-    let audited: Vec<String> = o
+    let entries: Vec<_> = o
         .audit_entries(200)
         .unwrap()
         .into_iter()
         .filter(|e| e.target == "guest")
-        .map(|e| e.action)
         .collect();
+    let audited: Vec<String> = entries.iter().map(|e| e.action.clone()).collect();
+    let ready_detail = entries
+        .iter()
+        .find(|e| e.action == "ready")
+        .map(|e| e.detail.clone())
+        .unwrap_or_default();
     o.destroy("guest", "test").await.unwrap();
 
     assert_eq!(
@@ -393,6 +398,10 @@ async fn an_environment_is_ready_through_its_agent_and_runs_commands_in_its_gues
     assert_eq!(
         (back.as_slice(), mode & 0o7777),
         (&b"hello from hostd\n"[..], 0o600)
+    );
+    assert!(
+        ready_detail.contains("(clock set)"),
+        "the guest's clock is set at ready: {ready_detail}"
     );
     for action in ["ready", "exec", "file-put", "file-get"] {
         assert!(

@@ -592,7 +592,16 @@ impl Orchestrator {
                 Err(_) => {}
             }
         }
-        let agent = client.info().agent.clone();
+        // The guest has no clock of its own it can trust: set it from the host's.
+        let clock = match set_guest_clock(&client).await {
+            Ok(()) => "clock set".to_string(),
+            Err(e) => {
+                let why = error_chain(&e);
+                tracing::warn!(env = name, error = %why, "setting the guest's clock failed");
+                format!("clock not set: {why}")
+            }
+        };
+        let agent = format!("{} ({clock})", client.info().agent);
         if let Some(proc) = self.procs().get(name) {
             *proc.agent.lock().expect("poisoned") = Some(client);
         }
@@ -639,6 +648,17 @@ impl Orchestrator {
         *proc.agent.lock().expect("poisoned") = Some(client.clone());
         Ok(client)
     }
+}
+
+/// Sets the guest's clock to the host's (UTC) through its agent.
+async fn set_guest_clock(client: &AgentClient) -> Result<(), crate::agent::AgentError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let utc_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+    client
+        .call_done(proto::agent::HostMessage::TimeSet { utc_ns })
+        .await
 }
 
 /// How long one attempt to reach the agent may take (connect, CONNECT, Hello).
