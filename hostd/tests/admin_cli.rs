@@ -185,6 +185,20 @@ fn up_waits_until_ready_and_prints_a_viewer_token() {
         stdout(&o)
     );
     assert!(stderr(&o).contains("ready"), "{}", stderr(&o));
+    // The tiny guest has no agent: exec says so, through hostd and the VM's vsock device.
+    let o = h.genos(&["exec", "python", "--", "true"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).trim(),
+        "genos: guest agent of python: vsock handshake: nothing in the guest accepted a \
+         connection on vsock port 1024"
+    );
+    let o = h.genos(&["exec", "nosuch", "--", "true"]);
+    assert!(
+        stderr(&o).contains("no environment named \"nosuch\""),
+        "{}",
+        stderr(&o)
+    );
     let o = h.genos(&["destroy", "python"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
