@@ -714,51 +714,34 @@ fn encode_loop(
                 // now: the encoder encodes its own picture of the screen again.
                 let due = env.force_keyframe.load(Ordering::Acquire)
                     && last_forced.is_none_or(|t| t.elapsed() >= cfg.keyframe_min_interval);
-                if due {
+                // Otherwise the encoder spends the room still frames leave in the bitrate
+                // window: a change that waited for room, or refining the picture towards
+                // lossless text (docs/encoder.md).
+                let (still, what) = if due {
                     env.force_keyframe.store(false, Ordering::Release);
                     last_forced = Some(Instant::now());
-                    match encoder.keyframe() {
-                        Ok(Some(encoded)) => {
-                            sequence += 1;
-                            publish(
-                                &env,
-                                &clock,
-                                sequence,
-                                Instant::now(),
-                                width,
-                                height,
-                                encoded,
-                            );
-                        }
-                        // No picture yet, or rate control dropped it: the viewer still
-                        // waits, so the next frame (or the next still pass) is a keyframe.
-                        Ok(None) => env.force_keyframe.store(true, Ordering::Release),
-                        Err(e) => {
-                            warn!(env = %env.id, error = %e, "re-encoding the still frame failed")
-                        }
-                    }
+                    (encoder.keyframe(), "re-encoding the still frame")
                 } else {
-                    // Idle: the encoder spends the room still frames leave in the bitrate
-                    // window, sending a change that waited for room or refining the picture
-                    // towards lossless text (docs/encoder.md).
-                    match encoder.refine() {
-                        Ok(Some(encoded)) => {
-                            sequence += 1;
-                            publish(
-                                &env,
-                                &clock,
-                                sequence,
-                                Instant::now(),
-                                width,
-                                height,
-                                encoded,
-                            );
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            warn!(env = %env.id, error = %e, "refining the still frame failed")
-                        }
+                    (encoder.refine(), "refining the still frame")
+                };
+                match still {
+                    Ok(Some(encoded)) => {
+                        sequence += 1;
+                        publish(
+                            &env,
+                            &clock,
+                            sequence,
+                            Instant::now(),
+                            width,
+                            height,
+                            encoded,
+                        );
                     }
+                    // No picture yet, or rate control held the keyframe: the viewer still
+                    // waits, so the next frame (or the next still pass) is a keyframe.
+                    Ok(None) if due => env.force_keyframe.store(true, Ordering::Release),
+                    Ok(None) => {}
+                    Err(e) => warn!(env = %env.id, error = %e, "{what} failed"),
                 }
                 continue;
             }
