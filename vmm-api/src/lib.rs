@@ -9,6 +9,7 @@ pub mod input;
 pub mod input_socket;
 pub mod request;
 pub mod vm;
+pub mod vsock_handshake;
 
 pub use config::{
     ConfigError, ConfigPatch, CpuTemplate, DiskConfig, DisplaySize, MacAddr, NetConfig,

@@ -4,9 +4,10 @@
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use vmm_api::vsock_handshake;
 
 /// Longest answer line read, newline included ("OK 4294967295\n" is 14 bytes).
-const MAX_ANSWER: usize = 32;
+const MAX_ANSWER: usize = vsock_handshake::MAX_LINE;
 
 /// Why the handshake failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +27,7 @@ pub enum HandshakeError {
 /// the VMM allocated for it. Reads byte by byte so nothing after the line is consumed.
 pub async fn connect(stream: &mut UnixStream, port: u32) -> Result<u32, HandshakeError> {
     stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .write_all(vsock_handshake::connect_line(port).as_bytes())
         .await
         .map_err(HandshakeError::Write)?;
     let mut line = Vec::with_capacity(MAX_ANSWER);
@@ -50,18 +51,8 @@ pub async fn connect(stream: &mut UnixStream, port: u32) -> Result<u32, Handshak
             ));
         }
     }
-    parse_answer(&line)
-}
-
-/// `OK <port>` (without the newline) → the port.
-fn parse_answer(line: &[u8]) -> Result<u32, HandshakeError> {
-    let malformed = || HandshakeError::Malformed(String::from_utf8_lossy(line).into_owned());
-    let text = std::str::from_utf8(line).map_err(|_| malformed())?;
-    let text = text.strip_suffix('\r').unwrap_or(text);
-    text.strip_prefix("OK ")
-        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(malformed)
+    vsock_handshake::parse_ok(&line)
+        .ok_or_else(|| HandshakeError::Malformed(String::from_utf8_lossy(&line).into_owned()))
 }
 
 #[cfg(test)]

@@ -171,7 +171,7 @@ impl Connection {
             return Err(self.unexpected(Op::Response));
         }
         self.state = State::Established;
-        let line = format!("OK {}\n", self.host_port);
+        let line = super::handshake::ok_line(self.host_port);
         self.reply_len = line.len();
         self.host_bound.extend(line.as_bytes());
         Ok(())

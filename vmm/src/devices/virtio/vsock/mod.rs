@@ -11,7 +11,7 @@
 pub mod connection;
 mod device;
 mod event_handler;
-pub mod handshake;
+pub use vmm_api::vsock_handshake as handshake;
 pub mod host;
 pub mod metrics;
 pub mod muxer;

@@ -1,7 +1,8 @@
-//! The first line a host program sends on the device's Unix socket (Firecracker's hybrid
-//! vsock protocol): `CONNECT <port>\n`, where port is the guest port in decimal. Sans-IO:
-//! bytes in, the port (and where the line ended) out. The line is bounded, so a host
-//! program that never ends it costs at most [`MAX_LINE`] bytes.
+//! The lines of Firecracker's hybrid vsock handshake on genos-vmm's vsock Unix socket, for
+//! both ends: a host program sends `CONNECT <port>\n` (the guest port in decimal,
+//! [`connect_line`]) and the VMM answers `OK <host port>\n` ([`ok_line`]) once the guest
+//! accepted. Sans-IO: bytes in, the port (and where the line ended) out. The line is bounded,
+//! so a host program that never ends it costs the VMM at most [`MAX_LINE`] bytes.
 
 use std::time::Duration;
 
@@ -19,6 +20,26 @@ pub enum HandshakeError {
     /// A line that is not `CONNECT <port>`.
     #[error("expected \"CONNECT <port>\", got {0:?}")]
     Malformed(String),
+}
+
+/// The line a host program sends to reach guest `port`.
+pub fn connect_line(port: u32) -> String {
+    format!("CONNECT {port}\n")
+}
+
+/// The VMM's answer once the guest accepted: the host-side port of the connection.
+pub fn ok_line(host_port: u32) -> String {
+    format!("OK {host_port}\n")
+}
+
+/// The port of an `OK <port>` answer (without its newline; a trailing CR is allowed), or
+/// `None` for anything else.
+pub fn parse_ok(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line).ok()?;
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    text.strip_prefix("OK ")
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|p| p.parse().ok())
 }
 
 /// Reads the `CONNECT` line from the start of `buf` (everything the host program sent so
