@@ -175,6 +175,8 @@ pub struct VmmConfig {
     pub api_timeout_s: u64,
     pub boot_timeout_s: u64,
     pub cmdline: String,
+    /// `auto`, `host` or `baseline` (vmm_api::CpuTemplate); `auto` is resolved per VM from
+    /// the host's KVM (orchestrator::vm_config).
     pub cpu_template: String,
     /// Extra arguments appended to every genos-vmm command line (tests, debugging).
     pub extra_args: Vec<String>,
@@ -481,6 +483,16 @@ mod tests {
     fn unknown_key_is_an_error_naming_it() {
         let err = Config::from_toml("[vmm]\nbinaryy = \"x\"\n").unwrap_err();
         assert!(err.to_string().contains("binaryy"), "{err}");
+    }
+
+    #[test]
+    fn the_default_cpu_template_is_auto_and_names_a_template() {
+        let c = Config::embedded();
+        assert_eq!(c.vmm.cpu_template, "auto");
+        assert_eq!(
+            c.vmm.cpu_template.parse::<vmm_api::CpuTemplate>().unwrap(),
+            vmm_api::CpuTemplate::Auto
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //!   "mem_mib": 128,                       // 16..=262144, default 128
 //!   "disks": [{"path": "/path/rootfs.ext4", "read_only": false}],
 //!   "rng": false,
-//!   "cpu_template": "host",               // "host" | "baseline"
+//!   "cpu_template": "auto",               // "auto" | "host" | "baseline"
 //!   "serial": "stdout",                   // "stdout" | "file:PATH" | "none"
 //!   "gpu": {"width": 1280, "height": 800},// optional: adds virtio-gpu
 //!   "input": false,                       // adds virtio-input keyboard, tablet, touch
@@ -135,7 +135,7 @@ pub enum ConfigError {
     #[error("serial must be stdout, none or file:PATH, got {0:?}")]
     Serial(String),
     /// A CPU template name that is not known.
-    #[error("cpu_template must be host or baseline, got {0:?}")]
+    #[error("cpu_template must be auto, host or baseline, got {0:?}")]
     CpuTemplate(String),
     /// A `PATH[:ro]` disk argument that does not parse.
     #[error("disk must look like PATH or PATH:ro, got {0:?}")]
@@ -172,18 +172,110 @@ pub enum ConfigError {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuTemplate {
-    /// Everything KVM supports, normalised.
+    /// `host` on real KVM, `baseline` on the nested `kvm_pvm` kind (and wherever the kind
+    /// cannot be told): see [`CpuTemplate::resolve`].
     #[default]
+    Auto,
+    /// Everything KVM supports, normalised.
     Host,
     /// Hides the features this nested KVM cannot emulate (see machine-facts), and adds the
     /// matching `clearcpuid=` to the kernel command line.
     Baseline,
 }
 
+/// What kind of KVM a host has, as far as CPU templates and `genos doctor` care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvmKind {
+    /// The hardware-assisted kind (`kvm_intel` or `kvm_amd`): CPUID filtering works and the
+    /// guest runs natively.
+    Real,
+    /// The nested, software-assisted `kvm_pvm` of the development machines: `KVM_SET_CPUID2`
+    /// is ignored and many instructions cannot be emulated.
+    NestedPvm,
+    /// `/dev/kvm` is there but the module list says neither (or cannot be read, as in a
+    /// jail's chroot).
+    Unknown,
+    /// No `/dev/kvm`.
+    Missing,
+}
+
+impl fmt::Display for KvmKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Real => "real KVM",
+            Self::NestedPvm => "nested kvm_pvm",
+            Self::Unknown => "KVM of an unknown kind",
+            Self::Missing => "no KVM",
+        })
+    }
+}
+
+/// What the host reports about its KVM: the facts [`KvmKind`] is decided from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvmHostFacts {
+    /// `/dev/kvm` exists.
+    pub dev_kvm: bool,
+    /// `/sys/module` could be read (not in a chroot without `/sys`).
+    pub modules_visible: bool,
+    /// `/sys/module/kvm_pvm` exists.
+    pub kvm_pvm: bool,
+    /// `/sys/module/kvm_intel` exists.
+    pub kvm_intel: bool,
+    /// `/sys/module/kvm_amd` exists.
+    pub kvm_amd: bool,
+}
+
+impl KvmHostFacts {
+    /// Reads the facts of this host: four `stat` calls, the one place they are read.
+    pub fn read() -> Self {
+        let exists = |p: &str| Path::new(p).exists();
+        Self {
+            dev_kvm: exists("/dev/kvm"),
+            modules_visible: Path::new("/sys/module").is_dir(),
+            kvm_pvm: exists("/sys/module/kvm_pvm"),
+            kvm_intel: exists("/sys/module/kvm_intel"),
+            kvm_amd: exists("/sys/module/kvm_amd"),
+        }
+    }
+
+    /// The kind of KVM these facts describe. `kvm_pvm` wins over the hardware modules: it is
+    /// what serves `/dev/kvm` when it is loaded.
+    pub fn kind(&self) -> KvmKind {
+        if !self.dev_kvm {
+            KvmKind::Missing
+        } else if !self.modules_visible {
+            KvmKind::Unknown
+        } else if self.kvm_pvm {
+            KvmKind::NestedPvm
+        } else if self.kvm_intel || self.kvm_amd {
+            KvmKind::Real
+        } else {
+            KvmKind::Unknown
+        }
+    }
+}
+
+impl CpuTemplate {
+    /// The template a VM gets on a host with `facts`: `auto` becomes `host` on real KVM and
+    /// `baseline` everywhere else (nested `kvm_pvm`, or a kind that cannot be told, where
+    /// `baseline` is the one that boots); `host` and `baseline` stay as they are. Never
+    /// returns `Auto`.
+    pub fn resolve(self, facts: &KvmHostFacts) -> CpuTemplate {
+        match self {
+            Self::Auto => match facts.kind() {
+                KvmKind::Real => Self::Host,
+                KvmKind::NestedPvm | KvmKind::Unknown | KvmKind::Missing => Self::Baseline,
+            },
+            concrete => concrete,
+        }
+    }
+}
+
 impl FromStr for CpuTemplate {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "auto" => Ok(Self::Auto),
             "host" => Ok(Self::Host),
             "baseline" => Ok(Self::Baseline),
             _ => Err(ConfigError::CpuTemplate(s.to_owned())),
@@ -194,6 +286,7 @@ impl FromStr for CpuTemplate {
 impl fmt::Display for CpuTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::Auto => "auto",
             Self::Host => "host",
             Self::Baseline => "baseline",
         })
@@ -982,6 +1075,63 @@ mod tests {
         );
         let again = serde_json::to_vec(&config).unwrap();
         assert_eq!(VmConfig::from_json(&again, "again").unwrap(), config);
+    }
+
+    fn facts(kvm_pvm: bool, kvm_intel: bool, kvm_amd: bool) -> KvmHostFacts {
+        KvmHostFacts {
+            dev_kvm: true,
+            modules_visible: true,
+            kvm_pvm,
+            kvm_intel,
+            kvm_amd,
+        }
+    }
+
+    #[test]
+    fn auto_is_the_default_and_parses_and_prints() {
+        assert_eq!(VmConfig::new("/k").cpu_template, CpuTemplate::Auto);
+        assert_eq!("auto".parse::<CpuTemplate>().unwrap(), CpuTemplate::Auto);
+        assert_eq!(CpuTemplate::Auto.to_string(), "auto");
+        let err = "fast".parse::<CpuTemplate>().unwrap_err().to_string();
+        assert!(err.contains("auto, host or baseline"), "{err}");
+    }
+
+    #[test]
+    fn auto_on_real_kvm_passes_the_host_cpu_through() {
+        for f in [facts(false, true, false), facts(false, false, true)] {
+            assert_eq!(f.kind(), KvmKind::Real);
+            assert_eq!(CpuTemplate::Auto.resolve(&f), CpuTemplate::Host);
+        }
+    }
+
+    #[test]
+    fn auto_on_nested_kvm_pvm_is_baseline_even_beside_a_hardware_module() {
+        for f in [facts(true, false, false), facts(true, true, false)] {
+            assert_eq!(f.kind(), KvmKind::NestedPvm);
+            assert_eq!(CpuTemplate::Auto.resolve(&f), CpuTemplate::Baseline);
+        }
+    }
+
+    #[test]
+    fn auto_where_the_kind_cannot_be_told_is_baseline() {
+        let hidden = KvmHostFacts {
+            modules_visible: false,
+            ..facts(false, true, false)
+        };
+        assert_eq!(hidden.kind(), KvmKind::Unknown);
+        assert_eq!(facts(false, false, false).kind(), KvmKind::Unknown);
+        assert_eq!(KvmHostFacts::default().kind(), KvmKind::Missing);
+        for f in [hidden, facts(false, false, false), KvmHostFacts::default()] {
+            assert_eq!(CpuTemplate::Auto.resolve(&f), CpuTemplate::Baseline);
+        }
+    }
+
+    #[test]
+    fn explicit_templates_are_kept_on_every_host() {
+        for f in [facts(true, false, false), facts(false, true, false)] {
+            assert_eq!(CpuTemplate::Host.resolve(&f), CpuTemplate::Host);
+            assert_eq!(CpuTemplate::Baseline.resolve(&f), CpuTemplate::Baseline);
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::boot::{write_boot_params, BootConfig, BootError};
-use crate::arch::x86_64::cpuid::template_kernel_args;
+use crate::arch::x86_64::cpuid::{effective_template, template_kernel_args, CpuTemplate};
 use crate::arch::x86_64::layout::{
     BOOT_TIMER_SIZE, BOOT_TIMER_START, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_GAP_START,
 };
@@ -260,12 +260,16 @@ fn load_initrd(
     Ok((addr, size))
 }
 
-/// The full kernel command line: the configured one, the CPU template's arguments and the
-/// virtio-mmio device announcements.
-pub fn kernel_cmdline(config: &VmConfig, devices_fragment: &str) -> Result<Cmdline, BuildError> {
+/// The full kernel command line: the configured one, the arguments of the (resolved) CPU
+/// template and the virtio-mmio device announcements.
+pub fn kernel_cmdline(
+    config: &VmConfig,
+    template: CpuTemplate,
+    devices_fragment: &str,
+) -> Result<Cmdline, BuildError> {
     let mut cmdline = Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE)
         .map_err(|e| BuildError::Cmdline(e.to_string()))?;
-    if let Some(args) = template_kernel_args(config.cpu_template) {
+    if let Some(args) = template_kernel_args(template) {
         cmdline
             .insert_str(args)
             .map_err(|e| BuildError::Cmdline(e.to_string()))?;
@@ -448,7 +452,14 @@ fn assemble(
     let mut mmio = devices.mmio_bus().clone();
     let legacy = attach_legacy(vm, em, &config.serial, exit, vmm_start, &mut pio, &mut mmio)?;
 
-    let cmdline = kernel_cmdline(config, &devices.kernel_cmdline())?;
+    let (template, facts) = effective_template(config.cpu_template);
+    tracing::info!(
+        requested = %config.cpu_template,
+        template = %template,
+        kvm = %facts.kind(),
+        "CPU template"
+    );
+    let cmdline = kernel_cmdline(config, template, &devices.kernel_cmdline())?;
     let cmdline_str = cmdline
         .as_cstring()
         .map_err(|e| BuildError::Cmdline(e.to_string()))?;
@@ -471,7 +482,7 @@ fn assemble(
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(vm, id)?;
         let entry = (id == 0).then_some(kernel.entry);
-        vcpu.configure(&supported, config.vcpus, config.cpu_template, entry)?;
+        vcpu.configure(&supported, config.vcpus, template, entry)?;
         vcpus.push(vcpu);
     }
     Ok(Assembled {
@@ -544,14 +555,17 @@ pub fn build_and_start(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CpuTemplate;
 
     #[test]
     fn cmdline_gets_template_args_and_device_fragment() {
         let mut config = VmConfig::new("/k");
         config.cmdline = "console=ttyS0 reboot=k panic=-1".into();
-        config.cpu_template = CpuTemplate::Baseline;
-        let cmdline = kernel_cmdline(&config, " virtio_mmio.device=4K@0xd0001000:5").unwrap();
+        let cmdline = kernel_cmdline(
+            &config,
+            CpuTemplate::Baseline,
+            " virtio_mmio.device=4K@0xd0001000:5",
+        )
+        .unwrap();
         let s = cmdline.as_cstring().unwrap().into_string().unwrap();
         assert!(
             s.starts_with("console=ttyS0 reboot=k panic=-1 nopcid noxsave "),
@@ -566,7 +580,10 @@ mod tests {
     fn host_template_leaves_the_cmdline_alone() {
         let mut config = VmConfig::new("/k");
         config.cmdline = "console=ttyS0".into();
-        let s = kernel_cmdline(&config, "").unwrap().as_cstring().unwrap();
+        let s = kernel_cmdline(&config, CpuTemplate::Host, "")
+            .unwrap()
+            .as_cstring()
+            .unwrap();
         assert_eq!(s.to_str().unwrap(), "console=ttyS0");
     }
 

@@ -52,8 +52,8 @@ pub struct Args {
     /// Adds a virtio-rng device.
     #[arg(long)]
     pub rng: bool,
-    /// CPUID template.
-    #[arg(long, value_name = "host|baseline")]
+    /// CPUID template: auto (host on real KVM, baseline on nested kvm_pvm), host, baseline.
+    #[arg(long, value_name = "auto|host|baseline")]
     pub cpu_template: Option<CpuTemplate>,
     /// Where the guest console (COM1) goes.
     #[arg(long, value_name = "stdout|file:PATH|none")]
@@ -434,7 +434,7 @@ mod tests {
             ),
             (
                 &["--kernel", k, "--cpu-template", "fast"],
-                "cpu_template must be host or baseline",
+                "cpu_template must be auto, host or baseline",
             ),
             (
                 &["--kernel", k, "--serial", "tty"],
@@ -535,6 +535,8 @@ mod tests {
             panic!("expected clap's help");
         };
         assert!(!e.use_stderr());
-        assert!(e.to_string().contains("--cpu-template <host|baseline>"));
+        assert!(e
+            .to_string()
+            .contains("--cpu-template <auto|host|baseline>"));
     }
 }

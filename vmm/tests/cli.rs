@@ -49,7 +49,7 @@ fn bad_arguments_are_one_line_and_exit_2() {
         ),
         (
             &["--kernel", k, "--cpu-template", "turbo"],
-            "cpu_template must be host or baseline",
+            "cpu_template must be auto, host or baseline",
         ),
         (
             &["--kernel", k, "--serial", "com2"],

@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 use proto::spec::Spec;
-use vmm_api::{DiskConfig, DisplaySize, NetConfig, SerialConfig, VmConfig, VsockConfig};
+use vmm_api::config::KvmHostFacts;
+use vmm_api::{
+    CpuTemplate, DiskConfig, DisplaySize, NetConfig, SerialConfig, VmConfig, VsockConfig,
+};
 
 use super::images::Images;
 
@@ -23,9 +26,10 @@ pub(super) enum VmConfigError {
 pub(super) struct VmSettings<'a> {
     pub(super) spec: &'a Spec,
     pub(super) images: &'a Images,
-    /// `[vmm] cpu_template`.
+    /// `[vmm] cpu_template` (`auto` is resolved from this host's KVM: a jailed genos-vmm
+    /// cannot see `/sys/module`).
     pub(super) cpu_template: &'a str,
-    /// The kernel command line (`[vmm] cmdline`, plus the guest's `ip=` when jailed).
+    /// The kernel command line (`[vmm] cmdline`).
     pub(super) cmdline: String,
     /// The console log (COM1), on the host.
     pub(super) console: PathBuf,
@@ -44,7 +48,14 @@ pub(super) const GUEST_CID: u64 = 3;
 /// The one VM configuration of an environment, in host paths: sent as `PUT /vm/config`
 /// when unjailed, rendered as genos-vmm flags under the jailer. Every environment gets
 /// virtio-rng, virtio-vsock (for its agent) and its root filesystem as a writable disk.
+/// The CPU template is concrete: `auto` becomes `host` or `baseline` by this host's KVM.
 pub(super) fn vm_config(s: &VmSettings<'_>) -> Result<VmConfig, VmConfigError> {
+    vm_config_on(s, &KvmHostFacts::read())
+}
+
+/// [`vm_config`] on a host with `facts`.
+fn vm_config_on(s: &VmSettings<'_>, facts: &KvmHostFacts) -> Result<VmConfig, VmConfigError> {
+    let template: CpuTemplate = s.cpu_template.parse().map_err(VmConfigError::CpuTemplate)?;
     let bad = |field, value| VmConfigError::OutOfRange { field, value };
     let config = VmConfig {
         kernel: s.images.kernel.clone(),
@@ -62,7 +73,7 @@ pub(super) fn vm_config(s: &VmSettings<'_>) -> Result<VmConfig, VmConfigError> {
             })
             .collect(),
         rng: true,
-        cpu_template: s.cpu_template.parse().map_err(VmConfigError::CpuTemplate)?,
+        cpu_template: template.resolve(facts),
         serial: SerialConfig::File(s.console.clone()),
         gpu: s.graphical.then_some(DisplaySize {
             width: s.spec.display.width,
@@ -196,6 +207,53 @@ mod tests {
         assert!(!args.iter().any(|a| a == "--config"));
     }
 
+    fn host(kvm_pvm: bool) -> KvmHostFacts {
+        KvmHostFacts {
+            dev_kvm: true,
+            modules_visible: true,
+            kvm_pvm,
+            kvm_intel: true,
+            kvm_amd: false,
+        }
+    }
+
+    #[test]
+    fn auto_becomes_host_on_real_kvm_and_baseline_on_nested_kvm_pvm() {
+        let spec = spec(2, 512);
+        let images = images();
+        let auto = VmSettings {
+            cpu_template: "auto",
+            ..settings(&spec, &images, false)
+        };
+
+        let real = vm_config_on(&auto, &host(false)).unwrap();
+        let nested = vm_config_on(&auto, &host(true)).unwrap();
+
+        assert_eq!(real.cpu_template, CpuTemplate::Host);
+        assert_eq!(nested.cpu_template, CpuTemplate::Baseline);
+        let flags: Vec<_> = real.to_cli_args();
+        assert!(
+            flags
+                .windows(2)
+                .any(|w| w[0] == "--cpu-template" && w[1] == "host"),
+            "the jailed VMM gets the resolved template: {flags:?}"
+        );
+    }
+
+    #[test]
+    fn an_explicit_template_is_kept_whatever_the_host() {
+        let spec = spec(2, 512);
+        let images = images();
+        let host_template = VmSettings {
+            cpu_template: "host",
+            ..settings(&spec, &images, false)
+        };
+
+        let config = vm_config_on(&host_template, &host(true)).unwrap();
+
+        assert_eq!(config.cpu_template, CpuTemplate::Host);
+    }
+
     #[test]
     fn an_unknown_cpu_template_or_too_many_vcpus_is_refused() {
         let spec_ok = spec(2, 512);
@@ -210,7 +268,7 @@ mod tests {
         let vcpus = error_chain(&vm_config(&settings(&spec_wide, &images, false)).unwrap_err());
 
         assert!(
-            template.contains("cpu_template must be host or baseline"),
+            template.contains("cpu_template must be auto, host or baseline"),
             "{template}"
         );
         assert!(vcpus.contains("vcpus 300"), "{vcpus}");

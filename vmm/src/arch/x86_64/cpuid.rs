@@ -2,15 +2,29 @@
 //! filtered by a CPU template.
 //!
 //! Normalisation sets each vCPU's APIC ID and the package topology (leaves 0x1, 0x4, 0xb,
-//! 0x1f, 0x8000_0008) to "one socket, one thread per core, `vcpu_count` cores", and makes
-//! sure the hypervisor bit and KVM signature leaf are present. A template then hides
-//! features. `baseline` hides what the nested KVM of our development machines cannot
-//! emulate; because that KVM ignores `KVM_SET_CPUID2`, the template also carries the
-//! equivalent `clearcpuid=` kernel arguments, which work everywhere.
+//! 0x1f, 0x8000_0008) to "one socket, one thread per core, `vcpu_count` cores", makes
+//! sure the hypervisor bit and KVM signature leaf are present, and clears what describes
+//! the host's physical package rather than a vCPU (thermal and power management, debug
+//! store, MONITOR/MWAIT, VMX/SMX), as Firecracker and Cloud Hypervisor do. KVM's own
+//! paravirtual leaf (kvmclock among it) is kept. A template then hides features.
+//! `baseline` hides what the nested KVM of our development machines cannot emulate;
+//! because that KVM ignores `KVM_SET_CPUID2`, the template also carries the equivalent
+//! `clearcpuid=` kernel arguments, which work everywhere. `auto` is resolved to one of the
+//! two from the host's facts ([`effective_template`]) before any of this runs.
 
 use kvm_bindings::kvm_cpuid_entry2;
+use vmm_api::config::KvmHostFacts;
 
 pub use crate::config::CpuTemplate;
+
+/// The template a VM on this host gets for `requested`: `auto` becomes `host` on real KVM
+/// and `baseline` on the nested `kvm_pvm` kind or where the kind cannot be told (a jail
+/// without `/sys`: hostd resolves `auto` before it starts a jailed VMM). The host's facts
+/// are read here; the decision is [`CpuTemplate::resolve`].
+pub fn effective_template(requested: CpuTemplate) -> (CpuTemplate, KvmHostFacts) {
+    let facts = KvmHostFacts::read();
+    (requested.resolve(&facts), facts)
+}
 
 /// Which register of a CPUID leaf a feature bit is in.
 #[derive(Clone, Copy, Debug)]
@@ -115,17 +129,24 @@ const BASELINE_HIDDEN: &[Hidden] = &[
 /// KVM_HC_CLOCK_PAIRING hypercall at boot, on which the nested KVM of our machines hangs
 /// the guest; without kvmclock the driver stops before the hypercall. The kernel is told
 /// with `no-kvmclock` (the CPUID change alone has no effect there).
-const BASELINE_HIDDEN_KVM_FEATURES: u32 = (1 << 0) | (1 << 3);
+const BASELINE_HIDDEN_KVM_FEATURES: u32 = (1 << 0) | KVM_FEATURE_CLOCKSOURCE2;
+
+/// KVM_FEATURE_CLOCKSOURCE2 (leaf 0x4000_0001 EAX bit 3): kvmclock through the new MSRs.
+/// The `host` template keeps it (and the stable bit, 24), so a guest on real KVM gets
+/// kvmclock as its clocksource and its wall clock at boot.
+const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
 
 /// Longest `clearcpuid=` value Linux 6.1 reads (its buffer is 128 bytes with the NUL).
 const CLEARCPUID_MAX: usize = 127;
 
 /// Kernel command-line arguments that make the guest kernel itself avoid the features
-/// `template` hides (needed where KVM ignores the CPUID table).
+/// `template` hides (needed where KVM ignores the CPUID table). `template` is resolved
+/// ([`effective_template`]); an unresolved `auto` is taken as `baseline`, the template that
+/// boots on every host.
 pub fn template_kernel_args(template: CpuTemplate) -> Option<String> {
     match template {
         CpuTemplate::Host => None,
-        CpuTemplate::Baseline => {
+        CpuTemplate::Baseline | CpuTemplate::Auto => {
             let mut args: Vec<String> = BASELINE_HIDDEN
                 .iter()
                 .filter_map(|h| match h.kernel {
@@ -155,8 +176,31 @@ const HYPERVISOR_LEAF: u32 = 0x4000_0000;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 
+/// Leaf 1 ECX bits of the host's package that a vCPU does not have: DTES64 (2),
+/// MONITOR/MWAIT (3), DS-CPL (4), VMX (5, no nested virtualisation), SMX (6), EST (7),
+/// TM2 (8), xTPR update control (14), PDCM (15).
+const LEAF1_ECX_HOST_ONLY: u32 = (1 << 2)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 7)
+    | (1 << 8)
+    | (1 << 14)
+    | (1 << 15);
+/// Leaf 1 EDX bits of the host's package: DS (21), ACPI thermal control (22), TM (29),
+/// PBE (31).
+const LEAF1_EDX_HOST_ONLY: u32 = (1 << 21) | (1 << 22) | (1 << 29) | (1 << 31);
+/// Leaf 6 EAX turbo boost (1) and ECX performance-energy bias (3): power management of the
+/// host's package, which the guest cannot drive (Firecracker clears the same).
+const LEAF6_EAX_TURBO: u32 = 1 << 1;
+const LEAF6_ECX_EPB: u32 = 1 << 3;
+/// AMD leaf 0x8000_0001 ECX SVM (2): no nested virtualisation.
+const LEAF_EXT1_ECX_SVM: u32 = 1 << 2;
+
 /// Turns KVM's supported CPUID entries into vCPU `vcpu_id`'s table for a VM of
-/// `vcpu_count` vCPUs under `template`. Pure: the caller does the ioctls.
+/// `vcpu_count` vCPUs under `template` (resolved; an unresolved `auto` is taken as
+/// `baseline`). Pure: the caller does the ioctls.
 pub fn build_cpuid(
     supported: &[kvm_cpuid_entry2],
     vcpu_id: u8,
@@ -166,10 +210,29 @@ pub fn build_cpuid(
     let mut entries = supported.to_vec();
     normalise_topology(&mut entries, vcpu_id, vcpu_count);
     ensure_hypervisor_leaf(&mut entries);
-    if template == CpuTemplate::Baseline {
+    clear_host_only(&mut entries);
+    if template != CpuTemplate::Host {
         apply_baseline(&mut entries);
     }
     entries
+}
+
+/// Clears the features that describe the host's physical package, not a vCPU.
+fn clear_host_only(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut() {
+        match e.function {
+            1 => {
+                e.ecx &= !LEAF1_ECX_HOST_ONLY;
+                e.edx &= !LEAF1_EDX_HOST_ONLY;
+            }
+            6 => {
+                e.eax &= !LEAF6_EAX_TURBO;
+                e.ecx &= !LEAF6_ECX_EPB;
+            }
+            0x8000_0001 => e.ecx &= !LEAF_EXT1_ECX_SVM,
+            _ => {}
+        }
+    }
 }
 
 /// Bits needed to hold numbers below `count` (the APIC-ID shift for `count` cores).
@@ -318,6 +381,7 @@ mod tests {
             entry(0xd, 0, [7, 0x340, 0x340, 0]),
             entry(0x8000_0001, 0, [0, 0, 0xffff_ffff, 0xffff_ffff]),
             entry(0x4000_0001, 0, [0x0100_00fb, 0, 0, 0]),
+            entry(6, 0, [0x77, 0, 0x9, 0]),
         ]
     }
 
@@ -388,6 +452,48 @@ mod tests {
         let out = build_cpuid(&host_like(), 0, 1, CpuTemplate::Host);
         assert_ne!(find(&out, 1, 0).ecx & (1 << 26), 0);
         assert_ne!(find(&out, 7, 0).ebx & (1 << 20), 0);
+        assert_ne!(find(&out, 1, 0).ecx & (1 << 20), 0, "sse4_2");
+        assert_ne!(find(&out, 1, 0).ecx & (1 << 25), 0, "aes");
+    }
+
+    #[test]
+    fn host_template_offers_kvmclock() {
+        let out = build_cpuid(&host_like(), 0, 1, CpuTemplate::Host);
+        let kvm = find(&out, 0x4000_0001, 0);
+        assert_ne!(kvm.eax & KVM_FEATURE_CLOCKSOURCE2, 0, "kvmclock (new MSRs)");
+        assert_ne!(kvm.eax & 1, 0, "kvmclock (old MSRs)");
+        assert_ne!(kvm.eax & (1 << 24), 0, "clocksource stable bit");
+    }
+
+    #[test]
+    fn every_template_clears_what_only_the_host_package_has() {
+        for template in [CpuTemplate::Host, CpuTemplate::Baseline] {
+            let out = build_cpuid(&host_like(), 0, 2, template);
+            let l1 = find(&out, 1, 0);
+            assert_eq!(l1.ecx & LEAF1_ECX_HOST_ONLY, 0, "{template}");
+            assert_eq!(l1.ecx & (1 << 5), 0, "vmx under {template}");
+            assert_eq!(l1.edx & LEAF1_EDX_HOST_ONLY, 0, "{template}");
+            assert_ne!(l1.edx & 1, 0, "fpu kept under {template}");
+            let l6 = find(&out, 6, 0);
+            assert_eq!(l6.eax & LEAF6_EAX_TURBO, 0);
+            assert_ne!(l6.eax & (1 << 2), 0, "ARAT kept");
+            assert_eq!(l6.ecx & LEAF6_ECX_EPB, 0);
+            assert_eq!(find(&out, 0x8000_0001, 0).ecx & LEAF_EXT1_ECX_SVM, 0);
+        }
+    }
+
+    #[test]
+    fn an_unresolved_auto_is_filtered_as_baseline() {
+        let auto = build_cpuid(&host_like(), 0, 1, CpuTemplate::Auto);
+        let baseline = build_cpuid(&host_like(), 0, 1, CpuTemplate::Baseline);
+        let regs = |v: &[kvm_cpuid_entry2]| -> Vec<[u32; 4]> {
+            v.iter().map(|e| [e.eax, e.ebx, e.ecx, e.edx]).collect()
+        };
+        assert_eq!(regs(&auto), regs(&baseline));
+        assert_eq!(
+            template_kernel_args(CpuTemplate::Auto),
+            template_kernel_args(CpuTemplate::Baseline)
+        );
     }
 
     #[test]
