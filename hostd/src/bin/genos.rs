@@ -107,8 +107,27 @@ enum Cmd {
         #[arg(long, default_value = "view,input,clipboard")]
         rights: String,
     },
-    /// Daemon health.
+    /// Daemon health: the checks hostd runs (store, image cache, stream server, KVM).
     Health,
+    /// Check this host for GenOS (KVM, CPU, cgroups, nftables, memory, disk, image cache,
+    /// time sync, stream port) and say what to fix; exits 1 when a check fails. Works
+    /// without genos-hostd running.
+    Doctor {
+        /// hostd configuration (default: /etc/genos/hostd.toml if present, else built-in).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// State directory (default: the config's, else /var/lib/genos if present, else
+        /// the XDG default hostd uses).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Image cache (default: $GENOS_IMAGE_CACHE, else /var/cache/genos/images if
+        /// present, else ~/.cache/genos/images).
+        #[arg(long)]
+        image_cache: Option<PathBuf>,
+        /// The host name viewers connect to, to check the stream port against.
+        #[arg(long)]
+        public_host: Option<String>,
+    },
     /// Prometheus metrics.
     Metrics,
     /// The audit log.
@@ -444,6 +463,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::Exit(code));
             }
         }
+        Cmd::Doctor {
+            config,
+            state_dir,
+            image_cache,
+            public_host,
+        } => doctor(config, state_dir, image_cache, public_host, json_out)?,
         Cmd::Health => {
             let v = client.call("GET", "/v1/health", None).await?;
             if json_out {
@@ -457,6 +482,21 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     v["capacity"]["vcpus"],
                     v["capacity"]["memory_mib"]
                 );
+                for c in v["checks"].as_array().into_iter().flatten() {
+                    let verdict = c["verdict"].as_str().unwrap_or("?");
+                    println!(
+                        "  {:<4}  {:<11}  {}",
+                        if verdict == "fail" { "FAIL" } else { verdict },
+                        c["check"].as_str().unwrap_or("?"),
+                        c["found"].as_str().unwrap_or("")
+                    );
+                    if let Some(fix) = c["fix"].as_str() {
+                        println!("  {:<4}  {:<11}  fix: {fix}", "", "");
+                    }
+                }
+            }
+            if v["status"] == "failing" {
+                return Err(CliError::Exit(1));
             }
         }
         Cmd::Metrics => print!("{}", client.text("/metrics").await?),
@@ -591,6 +631,68 @@ fn enc(name: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// `genos doctor`: gathers the host's facts, prints each check's finding, fails on a failed
+/// check. Paths default to the appliance's when they exist (docs/appliance.md).
+fn doctor(
+    config: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    image_cache: Option<PathBuf>,
+    public_host: Option<String>,
+    json_out: bool,
+) -> Result<(), CliError> {
+    use hostd::doctor;
+    let msg = |e: &dyn std::error::Error| CliError::Msg(error_chain(e));
+    let config = config.or_else(|| {
+        let etc = PathBuf::from("/etc/genos/hostd.toml");
+        etc.is_file().then_some(etc)
+    });
+    let cfg = match &config {
+        Some(p) => hostd::config::Config::load(p).map_err(|e| msg(&e))?,
+        None => hostd::config::Config::embedded(),
+    };
+    let appliance = |p: &str| Some(PathBuf::from(p)).filter(|p| p.is_dir());
+    let state_dir = match state_dir {
+        Some(d) => d,
+        None if !cfg.state_dir.is_empty() => PathBuf::from(&cfg.state_dir),
+        None => match appliance("/var/lib/genos") {
+            Some(d) => d,
+            None => cfg.state_dir(None).map_err(|e| msg(&e))?,
+        },
+    };
+    let cache_dir = image_cache
+        .or_else(|| std::env::var_os("GENOS_IMAGE_CACHE").map(PathBuf::from))
+        .or_else(|| appliance("/var/cache/genos/images"))
+        .or_else(doctor::image_cache_dir)
+        .ok_or_else(|| CliError::Msg("no image cache: set --image-cache or HOME".into()))?;
+    let facts = doctor::gather(&doctor::DoctorInputs {
+        config: &cfg,
+        state_dir: &state_dir,
+        cache_dir: &cache_dir,
+        public_host: public_host.as_deref(),
+    });
+    let findings = doctor::check_all(&facts);
+    if json_out {
+        print_json(&json!({
+            "config": config.as_ref().map(|p| p.display().to_string()),
+            "findings": findings,
+        }));
+    } else {
+        println!(
+            "genos doctor: config {}, state {}, image cache {}",
+            config
+                .as_ref()
+                .map_or("built-in".into(), |p| p.display().to_string()),
+            state_dir.display(),
+            cache_dir.display()
+        );
+        print!("{}", doctor::render(&findings));
+    }
+    if doctor::worst(&findings) == doctor::Verdict::Fail {
+        return Err(CliError::Exit(1));
+    }
+    Ok(())
 }
 
 fn print_json(v: &Value) {
