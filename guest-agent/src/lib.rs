@@ -6,9 +6,11 @@
 
 pub mod exec;
 pub mod files;
+pub mod link;
 pub mod paths;
 pub mod ready;
 pub mod server;
 pub mod system;
 pub mod transport;
 pub mod users;
+pub mod x11;

@@ -1,12 +1,13 @@
 //! `genos-agent`: parses the command line, does PID 1's set-up when it is PID 1, and runs
-//! the server until killed.
+//! the server until killed. `genos-agent session` is the part started inside the user's X
+//! session: it serves clipboard, display and the `session` stage to the system agent.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use guest_agent::files::DEFAULT_MAX_FILE_SIZE;
-use guest_agent::server::{Config, Server};
+use guest_agent::server::{Config, Role, Server, ServerError, DEFAULT_SESSION_SOCKET};
 use guest_agent::users::Accounts;
 use guest_agent::{system, transport};
 use proto::agent::{VIRTIO_SERIAL_NAME, VSOCK_PORT};
@@ -15,6 +16,8 @@ use proto::agent::{VIRTIO_SERIAL_NAME, VSOCK_PORT};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    #[command(subcommand)]
+    mode: Option<Mode>,
     /// AF_VSOCK port to listen on [default: 1024, the protocol's port].
     #[arg(long, conflicts_with = "no_vsock")]
     vsock_port: Option<u32>,
@@ -45,6 +48,35 @@ struct Args {
     /// Directory holding passwd and group.
     #[arg(long, default_value = "/etc")]
     etc: PathBuf,
+    /// Unix socket the session part (`genos-agent session`) connects to
+    /// [default: /run/genos-agent/session.sock].
+    #[arg(long, conflicts_with = "no_session_socket")]
+    session_socket: Option<PathBuf>,
+    /// Do not listen for a session part (clipboard and display stay off).
+    #[arg(long)]
+    no_session_socket: bool,
+    /// The user, besides root, whose session part is accepted.
+    #[arg(long, default_value = "genos")]
+    session_user: String,
+    /// Serve clipboard, display and the session stage from this X display directly
+    /// ("" = $DISPLAY) instead of through a session part.
+    #[arg(long)]
+    x11: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// The user-session part: runs inside the X session (DISPLAY and XAUTHORITY from its
+    /// environment) and serves clipboard, display and the session stage to the system
+    /// agent over its session socket. Exits when the display closes.
+    Session {
+        /// The system agent's session socket.
+        #[arg(long, default_value = DEFAULT_SESSION_SOCKET)]
+        socket: PathBuf,
+        /// The X display [default: $DISPLAY].
+        #[arg(long)]
+        display: Option<String>,
+    },
 }
 
 /// The options of an agent that is PID 1. The kernel hands init every boot option it does
@@ -88,6 +120,9 @@ fn main() -> ExitCode {
             eprintln!("genos-agent: {e}");
         }
     }
+    if let Some(Mode::Session { socket, display }) = args.mode {
+        return run(session_config(socket, display));
+    }
     let serial = args.serial.or_else(|| {
         transport::find_virtio_port(VIRTIO_SERIAL_NAME, Path::new("/sys"), Path::new("/dev"))
     });
@@ -102,10 +137,51 @@ fn main() -> ExitCode {
         resolv_conf: args.resolv_conf,
         accounts: Accounts { etc: args.etc },
         initramfs: pid1 || args.initramfs,
+        role: Role::System,
+        x11: args.x11,
+        session_socket_required: args.session_socket.is_some(),
+        session_socket: (!args.no_session_socket).then(|| {
+            args.session_socket
+                .unwrap_or_else(|| DEFAULT_SESSION_SOCKET.into())
+        }),
+        session_user: args.session_user,
+        uplink: None,
     };
+    run(cfg)
+}
+
+/// The session part: no listener, no init system; the X display and the system agent's
+/// session socket.
+fn session_config(socket: PathBuf, display: Option<String>) -> Config {
+    Config {
+        vsock_port: None,
+        vsock_required: false,
+        unix: None,
+        serial: None,
+        max_file_size: 0,
+        systemctl: "systemctl".into(),
+        ip: "ip".into(),
+        resolv_conf: "/etc/resolv.conf".into(),
+        accounts: Accounts { etc: "/etc".into() },
+        initramfs: false,
+        role: Role::Session,
+        x11: Some(display.unwrap_or_default()),
+        session_socket: None,
+        session_socket_required: false,
+        session_user: String::new(),
+        uplink: Some(socket),
+    }
+}
+
+fn run(cfg: Config) -> ExitCode {
     let result = Server::new(cfg).and_then(|mut server| server.run());
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The session part's normal end: the user logged out.
+        Err(e @ ServerError::DisplayGone(_)) => {
+            eprintln!("genos-agent: {e}; the session part ends");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("genos-agent: {e}");
             ExitCode::FAILURE

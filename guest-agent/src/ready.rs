@@ -2,8 +2,10 @@
 //!
 //! `system`: an agent running as PID 1 (the initramfs) is there at once; otherwise when
 //! `systemctl is-system-running` says `running` or `degraded` (systemd reached its default
-//! target; `degraded` means a unit failed, which hostd reports but does not wait on). The
-//! `session` stage needs the display server and is not detected by this build.
+//! target; `degraded` means a unit failed, which hostd reports but does not wait on).
+//! `session`: the desktop's display server answers and a top-level window of another client
+//! is mapped, as the X side ([`crate::x11`]) sees it in the agent or in its session part;
+//! [`combine`] makes the stage announced from the two.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -53,6 +55,17 @@ fn ask(systemctl: &std::path::Path) -> std::io::Result<String> {
         stdout.take(4096).read_to_string(&mut out)?;
     }
     Ok(out)
+}
+
+/// The stage to announce: the init system's, raised to `session` while a desktop session
+/// (the session part, or the agent's own X connection) says its first window is mapped. A
+/// session part that is gone or still starting leaves the init system's stage; it never
+/// lowers it.
+pub fn combine(system: Stage, desktop: Option<Stage>) -> Stage {
+    match desktop {
+        Some(Stage::Session) => Stage::Session,
+        _ => system,
+    }
 }
 
 /// Tracks the stage, asking the init system now and then.
@@ -129,6 +142,19 @@ mod tests {
         ] {
             assert!(!system_running(s), "{s}");
         }
+    }
+
+    #[test]
+    fn a_desktop_session_raises_the_stage_and_its_absence_keeps_the_systems() {
+        assert_eq!(combine(Stage::System, Some(Stage::Session)), Stage::Session);
+        assert_eq!(
+            combine(Stage::Booting, Some(Stage::Session)),
+            Stage::Session
+        );
+        assert_eq!(combine(Stage::System, Some(Stage::System)), Stage::System);
+        assert_eq!(combine(Stage::System, Some(Stage::Booting)), Stage::System);
+        assert_eq!(combine(Stage::System, None), Stage::System);
+        assert_eq!(combine(Stage::Booting, None), Stage::Booting);
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The agent's event loop: one thread, poll(2) over the listeners, the connections, the
 //! children's pipes and a signalfd for SIGCHLD. Each connection has its own
 //! [`AgentSession`]; requests on it are dispatched here to [`Exec`], [`Put`], [`Get`] and
-//! [`crate::system`].
+//! [`crate::system`]. Clipboard and display requests go to the X side: the agent's own X
+//! connection ([`Desktop`], in the session part or with `--x11`), else the connected
+//! session part ([`SessionLink`]), else they are refused saying no desktop session is
+//! connected.
 //!
 //! Memory stays bounded by the peer's behaviour only through the protocol's limits: a
 //! connection is not read while its session holds more than [`MAX_PENDING_OUTPUT`] bytes of
@@ -23,14 +26,18 @@ use proto::agent::{
 
 use crate::exec::{self, Exec, Output};
 use crate::files::{Get, Put};
-use crate::ready::Readiness;
+use crate::link::{LinkEvent, SessionLink};
+use crate::ready::{self, Readiness};
 use crate::system;
 use crate::transport::{self, Listener};
 use crate::users::Accounts;
+use crate::x11::clipboard::is_text_mime;
+use crate::x11::{Desktop, DesktopEvent, DisplayError, GetError, X11Error};
 
 /// Name and version announced in the Hello.
 pub const AGENT_NAME: &str = concat!("genos-agent ", env!("CARGO_PKG_VERSION"));
-/// What this build can do. Clipboard and display need an X server: not in this build.
+/// What the system agent always does. Clipboard and display ([`DESKTOP_FEATURES`]) are
+/// announced only while an X display is reachable (its own, or a session part's).
 pub const FEATURES: Features = Features::from_bits_retain(
     Features::EXEC.bits()
         | Features::FILES.bits()
@@ -38,6 +45,15 @@ pub const FEATURES: Features = Features::from_bits_retain(
         | Features::NETWORK.bits()
         | Features::POWER.bits(),
 );
+/// What an X display adds, and all the session part does.
+pub const DESKTOP_FEATURES: Features =
+    Features::from_bits_retain(Features::CLIPBOARD.bits() | Features::DISPLAY.bits());
+/// Where the system agent listens for session parts by default.
+pub const DEFAULT_SESSION_SOCKET: &str = "/run/genos-agent/session.sock";
+/// How long a session part waits for its X display at start, and between tries to reach the
+/// system agent.
+const X_CONNECT_WAIT: Duration = Duration::from_secs(10);
+const UPLINK_RETRY: Duration = Duration::from_secs(1);
 /// Unwritten output above which a connection's input is no longer read.
 pub const MAX_PENDING_OUTPUT: usize = 4 << 20;
 /// Longest wait in poll: timeouts and readiness checks are this precise.
@@ -64,6 +80,20 @@ pub enum ServerError {
     Poll(#[source] std::io::Error),
     #[error("no transport: give --unix or --serial, or allow vsock")]
     NoTransport,
+    #[error("X display: {0}")]
+    X11(#[source] X11Error),
+    #[error("the X display closed: {0}")]
+    DisplayGone(String),
+}
+
+/// Which part of the agent this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The system service (or PID 1): everything, the desktop through a session part.
+    System,
+    /// `genos-agent session`, inside the user's X session: clipboard, display and the
+    /// `session` stage for the system agent, over its session socket.
+    Session,
 }
 
 /// What the agent serves and how.
@@ -83,6 +113,17 @@ pub struct Config {
     /// In the initramfs (as PID 1 or started by its init): no init system to ask, so the
     /// stage is `system` at once and power goes through reboot(2).
     pub initramfs: bool,
+    pub role: Role,
+    /// Connect to this X display (`Some("")`: `$DISPLAY`); always in the session role.
+    pub x11: Option<String>,
+    /// System role: where session parts connect.
+    pub session_socket: Option<PathBuf>,
+    /// Whether a session socket that cannot be set up stops the agent.
+    pub session_socket_required: bool,
+    /// System role: the user (besides root) whose session parts are accepted.
+    pub session_user: String,
+    /// Session role: the system agent's session socket.
+    pub uplink: Option<PathBuf>,
 }
 
 /// At most `BURST` lines per 10 s, then a count of the suppressed ones: what a peer makes
@@ -133,10 +174,10 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(io: File, serial: bool) -> Self {
+    fn new(io: File, serial: bool, features: Features) -> Self {
         Conn {
             io,
-            session: AgentSession::new(AGENT_NAME, FEATURES),
+            session: AgentSession::new(AGENT_NAME, features),
             execs: HashMap::new(),
             puts: HashMap::new(),
             gets: HashMap::new(),
@@ -244,6 +285,42 @@ pub struct Server {
     /// A power action acknowledged by a PID 1 agent, done once the host closed or lingered.
     power: Option<(PowerAction, u64, Instant)>,
     log: RateLimit,
+    /// The agent's own X connection (session role, or `--x11`).
+    desktop: Option<Desktop>,
+    /// System role: the session parts' listener and the one connected.
+    session_listener: Option<Listener>,
+    link: Option<SessionLink>,
+    /// Why no session part is connected, for the refusals that say so.
+    link_gone: String,
+    /// Session role: when to try the system agent again, and the connection to it.
+    uplink_retry: Option<Instant>,
+    uplink_token: Option<u64>,
+    uplink_error: Option<String>,
+}
+
+/// A descriptor owned elsewhere, for poll.
+struct RawFdRef(std::os::fd::RawFd);
+
+impl AsRawFd for RawFdRef {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+/// Connects to the X display (`""`: `$DISPLAY`); a session part started with its session
+/// may be a little early, so it tries for [`X_CONNECT_WAIT`].
+fn connect_display(display: &str, role: Role) -> Result<Desktop, ServerError> {
+    let display = (!display.is_empty()).then_some(display);
+    let deadline = Instant::now() + X_CONNECT_WAIT;
+    loop {
+        match Desktop::connect(display) {
+            Ok(d) => return Ok(d),
+            Err(e) if role == Role::Session && e.is_fatal() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => return Err(ServerError::X11(e)),
+        }
+    }
 }
 
 fn sigchld_fd() -> std::io::Result<File> {
@@ -287,15 +364,48 @@ impl Server {
                 source,
             })?);
         }
-        if listeners.is_empty() && cfg.serial.is_none() {
+        let mut session_listener = None;
+        if let Some(path) = cfg
+            .session_socket
+            .as_ref()
+            .filter(|_| cfg.role == Role::System)
+        {
+            match Listener::session(path) {
+                Ok(l) => session_listener = Some(l),
+                Err(source) if cfg.session_socket_required => {
+                    return Err(ServerError::Listen {
+                        name: format!("session socket {}", path.display()),
+                        source,
+                    })
+                }
+                Err(e) => eprintln!(
+                    "genos-agent: no session socket ({}): {e}; clipboard and display are off",
+                    path.display()
+                ),
+            }
+        }
+        let desktop = match &cfg.x11 {
+            Some(display) => Some(connect_display(display, cfg.role)?),
+            None => None,
+        };
+        if cfg.role == Role::System && listeners.is_empty() && cfg.serial.is_none() {
             return Err(ServerError::NoTransport);
         }
-        for l in &listeners {
+        for l in listeners.iter().chain(&session_listener) {
             eprintln!("genos-agent: listening on {}", l.name);
         }
         let now = Instant::now();
+        // The session part is not the one to ask the init system: its baseline is `system`.
+        let no_init = cfg.initramfs || cfg.role == Role::Session;
         Ok(Server {
-            readiness: Readiness::new(cfg.initramfs, cfg.systemctl.clone(), now),
+            readiness: Readiness::new(no_init, cfg.systemctl.clone(), now),
+            desktop,
+            session_listener,
+            link: None,
+            link_gone: "none has connected yet".into(),
+            uplink_retry: cfg.uplink.as_ref().map(|_| now),
+            uplink_token: None,
+            uplink_error: None,
             serial_retry: cfg.serial.as_ref().map(|_| now),
             cfg,
             listeners,
@@ -315,9 +425,33 @@ impl Server {
         }
     }
 
-    fn add_conn(&mut self, io: File, serial: bool) {
+    /// What a Hello says now: the X features only while a display is reachable.
+    fn features(&self) -> Features {
+        let desktop = self.desktop.is_some() || self.link.is_some();
+        match (self.cfg.role, desktop) {
+            (Role::Session, _) => DESKTOP_FEATURES,
+            (Role::System, true) => FEATURES | DESKTOP_FEATURES,
+            (Role::System, false) => FEATURES,
+        }
+    }
+
+    /// The stage announced to hosts.
+    fn stage(&self) -> Stage {
+        let desktop = match (&self.desktop, &self.link) {
+            (Some(d), _) if d.session_ready() => Some(Stage::Session),
+            (Some(_), _) => Some(Stage::System),
+            (None, Some(l)) => Some(l.stage),
+            (None, None) => None,
+        };
+        ready::combine(self.readiness.stage(), desktop)
+    }
+
+    fn add_conn(&mut self, io: File, serial: bool) -> u64 {
         self.next_token += 1;
-        self.conns.insert(self.next_token, Conn::new(io, serial));
+        let features = self.features();
+        self.conns
+            .insert(self.next_token, Conn::new(io, serial, features));
+        self.next_token
     }
 
     /// One poll and everything it made ready.
@@ -328,6 +462,9 @@ impl Server {
             Listener(usize),
             Conn(u64),
             Wake,
+            X,
+            SessionListener,
+            Link,
         }
         let now = Instant::now();
         let mut fds = Vec::new();
@@ -343,6 +480,22 @@ impl Server {
         push(&self.sigchld, libc::POLLIN, Slot::SigChld);
         for (i, l) in self.listeners.iter().enumerate() {
             push(l, libc::POLLIN, Slot::Listener(i));
+        }
+        if let Some(d) = &self.desktop {
+            push(&RawFdRef(d.fd()), libc::POLLIN, Slot::X);
+        }
+        if let Some(l) = &self.session_listener {
+            push(l, libc::POLLIN, Slot::SessionListener);
+        }
+        if let Some(link) = &self.link {
+            let mut events = 0;
+            if link.wants_input() {
+                events |= libc::POLLIN;
+            }
+            if link.wants_output() {
+                events |= libc::POLLOUT;
+            }
+            push(&link.io, events, Slot::Link);
         }
         let mut busy = false;
         for (&token, c) in &self.conns {
@@ -373,6 +526,8 @@ impl Server {
             .flat_map(|c| c.execs.values().filter_map(Exec::next_deadline))
             .chain(self.readiness.next_check())
             .chain(self.serial_retry)
+            .chain(self.uplink_retry)
+            .chain(self.desktop.as_ref().and_then(Desktop::next_deadline))
             .chain(self.power.map(|(_, _, at)| at))
             .min();
         let timeout = if busy {
@@ -403,17 +558,229 @@ impl Server {
                 Slot::SigChld => self.reap(now),
                 Slot::Listener(i) => self.accept(i, now),
                 Slot::Conn(token) => self.read_conn(token, pfd.revents, now),
-                Slot::Wake => {}
+                // The X connection is read by Desktop::process in service().
+                Slot::Wake | Slot::X => {}
+                Slot::SessionListener => self.accept_session(now),
+                Slot::Link => self.read_link(now),
             }
         }
-        self.service(now);
-        Ok(())
+        self.service(now)
+    }
+
+    /// Takes a session part's connection if it comes from root or the session user; a new
+    /// one replaces the one connected (a session part restarted before the old one's end
+    /// was seen).
+    fn accept_session(&mut self, now: Instant) {
+        loop {
+            let Some(listener) = &self.session_listener else {
+                return;
+            };
+            let io = match listener.accept() {
+                Ok(Some(io)) => io,
+                Ok(None) => return,
+                Err(e) => {
+                    let name = listener.name.clone();
+                    self.log.log(now, format_args!("accepting on {name}: {e}"));
+                    return;
+                }
+            };
+            let uid = match transport::peer_uid(&io) {
+                Ok(uid) => uid,
+                Err(e) => {
+                    self.log.log(
+                        now,
+                        format_args!("session part refused: no credentials: {e}"),
+                    );
+                    continue;
+                }
+            };
+            let user = &self.cfg.session_user;
+            let user_uid = self.cfg.accounts.lookup(user).ok().map(|u| u.uid);
+            if uid != 0 && Some(uid) != user_uid {
+                self.log.log(
+                    now,
+                    format_args!("session part refused: uid {uid} is neither root nor {user}"),
+                );
+                continue;
+            }
+            if let Some(old) = self.link.as_mut() {
+                old.dead = Some("a new session part connected".into());
+                self.drop_link(now);
+            }
+            eprintln!("genos-agent: session part connected (uid {uid})");
+            let mut link = SessionLink::new(io, uid);
+            link.flush();
+            self.link = Some(link);
+        }
+    }
+
+    fn read_link(&mut self, now: Instant) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let events = link.read();
+        for event in events {
+            match event {
+                LinkEvent::Reply {
+                    to: (token, id),
+                    message,
+                } => {
+                    if let Some(c) = self.conns.get_mut(&token) {
+                        c.reply(id, message);
+                    }
+                }
+                LinkEvent::Changed(content) => self.relay_changed(&content),
+            }
+        }
+        if self.link.as_ref().is_some_and(|l| l.dead.is_some()) {
+            self.drop_link(now);
+        }
+    }
+
+    /// Ends the link: its requests fail, the stage falls back, and the reason is kept for
+    /// the refusals that follow.
+    fn drop_link(&mut self, now: Instant) {
+        let Some(mut link) = self.link.take() else {
+            return;
+        };
+        let reason = link.dead.take().unwrap_or_else(|| "unknown".into());
+        for (token, id) in link.take_pending() {
+            if let Some(c) = self.conns.get_mut(&token) {
+                c.error(
+                    id,
+                    ErrorCode::Io,
+                    format!("the desktop session part went away before answering: {reason}"),
+                );
+            }
+        }
+        self.log.log(
+            now,
+            format_args!("session part (uid {}) gone: {reason}", link.uid),
+        );
+        self.link_gone = format!("the last one left: {reason}");
+    }
+
+    fn relay_changed(&mut self, content: &proto::agent::ClipboardContent) {
+        for c in self.conns.values_mut() {
+            if c.session.is_open() {
+                c.reply(
+                    RequestId::CONNECTION,
+                    AgentMessage::ClipboardChanged(content.clone()),
+                );
+            }
+        }
+    }
+
+    /// A clipboard or display request: to the agent's own display, else the session part.
+    fn desktop_request(&mut self, token: u64, frame: Frame<HostMessage>, now: Instant) {
+        use HostMessage as H;
+        let id = frame.id;
+        let reply: Result<Option<AgentMessage>, (ErrorCode, String)> = match &frame.message {
+            H::ClipboardGet { mime }
+            | H::ClipboardSet(proto::agent::ClipboardContent { mime, .. })
+                if !is_text_mime(mime) =>
+            {
+                Err((
+                    ErrorCode::NotSupported,
+                    format!(
+                        "clipboard type {mime:?} is not supported: only text/plain;charset=utf-8"
+                    ),
+                ))
+            }
+            H::ClipboardSet(c) if std::str::from_utf8(&c.data).is_err() => Err((
+                ErrorCode::InvalidArgument,
+                "clipboard text is not valid UTF-8".into(),
+            )),
+            H::DisplaySetMode { width, height } if *width == 0 || *height == 0 => Err((
+                ErrorCode::InvalidArgument,
+                format!("display mode {width}x{height} has no area"),
+            )),
+            _ => Ok(None),
+        };
+        let reply = match reply {
+            Err(e) => Err(e),
+            Ok(_) if self.desktop.is_some() => self.desktop_do(token, id, frame.message, now),
+            Ok(_) => match self.link.as_mut() {
+                Some(link) => match link.forward((token, id), frame.message) {
+                    Ok(()) => {
+                        link.flush();
+                        Ok(None)
+                    }
+                    Err(e) => Err((
+                        ErrorCode::Internal,
+                        format!("forwarding to the session part: {e}"),
+                    )),
+                },
+                None => Err((
+                    ErrorCode::NotSupported,
+                    format!(
+                        "no desktop session is connected to the agent ({}), so there is no clipboard or display to use",
+                        self.link_gone
+                    ),
+                )),
+            },
+        };
+        let Some(c) = self.conns.get_mut(&token) else {
+            return;
+        };
+        match reply {
+            Ok(Some(message)) => c.reply(id, message),
+            Ok(None) => {}
+            Err((code, message)) => c.error(id, code, message),
+        }
+    }
+
+    /// Does a clipboard or display request on the agent's own X connection.
+    fn desktop_do(
+        &mut self,
+        token: u64,
+        id: RequestId,
+        message: HostMessage,
+        now: Instant,
+    ) -> Result<Option<AgentMessage>, (ErrorCode, String)> {
+        let d = self.desktop.as_mut().expect("checked by the caller");
+        let io = |e: X11Error| (ErrorCode::Io, e.to_string());
+        let (result, fatal) = match message {
+            HostMessage::ClipboardGet { .. } => {
+                let r = d.clipboard_get((token, id), now);
+                let fatal = r.as_ref().err().is_some_and(X11Error::is_fatal);
+                (r.map(|()| None).map_err(io), fatal)
+            }
+            HostMessage::ClipboardSet(c) => {
+                let r = d.clipboard_set(c.data);
+                let fatal = r.as_ref().err().is_some_and(X11Error::is_fatal);
+                (r.map(|()| Some(AgentMessage::Done)).map_err(io), fatal)
+            }
+            HostMessage::DisplaySetMode { width, height } => {
+                let r = d.set_mode(width, height);
+                let fatal = r.as_ref().err().is_some_and(DisplayError::is_fatal);
+                let r = r.map(|()| Some(AgentMessage::Done)).map_err(|e| {
+                    let code = match e {
+                        DisplayError::OutOfRange { .. } | DisplayError::NoTimings(..) => {
+                            ErrorCode::InvalidArgument
+                        }
+                        DisplayError::NoOutput | DisplayError::NoCrtc(_) => ErrorCode::NotFound,
+                        DisplayError::NoRandr => ErrorCode::NotSupported,
+                        _ => ErrorCode::Io,
+                    };
+                    (code, format!("display mode {width}x{height}: {e}"))
+                });
+                (r, fatal)
+            }
+            _ => (Ok(None), false),
+        };
+        if fatal {
+            self.desktop = None;
+        }
+        result
     }
 
     fn accept(&mut self, i: usize, now: Instant) {
         loop {
             match self.listeners[i].accept() {
-                Ok(Some(io)) => self.add_conn(io, false),
+                Ok(Some(io)) => {
+                    self.add_conn(io, false);
+                }
                 Ok(None) => return,
                 Err(e) => {
                     let name = self.listeners[i].name.clone();
@@ -495,7 +862,30 @@ impl Server {
 
     fn handle(&mut self, token: u64, frame: Frame<HostMessage>, now: Instant) {
         use HostMessage as H;
-        let stage = self.readiness.stage();
+        match &frame.message {
+            H::ClipboardGet { .. } | H::ClipboardSet(_) | H::DisplaySetMode { .. } => {
+                return self.desktop_request(token, frame, now)
+            }
+            H::Exec(_)
+            | H::FilePut(_)
+            | H::FileGet(_)
+            | H::TimeSet { .. }
+            | H::NetworkConfigure(_)
+            | H::Power(_)
+                if self.cfg.role == Role::Session =>
+            {
+                if let Some(c) = self.conns.get_mut(&token) {
+                    c.error(
+                        frame.id,
+                        ErrorCode::NotSupported,
+                        "the agent's session part does only clipboard and display",
+                    );
+                }
+                return;
+            }
+            _ => {}
+        }
+        let stage = self.stage();
         let cfg = &self.cfg;
         let Some(c) = self.conns.get_mut(&token) else {
             return;
@@ -571,16 +961,9 @@ impl Server {
                 }
                 Err(err) => c.error(id, err.code(), err),
             },
-            H::ClipboardGet { .. } | H::ClipboardSet(_) => c.error(
-                id,
-                ErrorCode::NotSupported,
-                "the clipboard is not supported by this agent build (no X11 support)",
-            ),
-            H::DisplaySetMode { .. } => c.error(
-                id,
-                ErrorCode::NotSupported,
-                "display modes are not supported by this agent build (no X11 RandR support)",
-            ),
+            H::ClipboardGet { .. } | H::ClipboardSet(_) | H::DisplaySetMode { .. } => {
+                unreachable!("desktop requests are handled before")
+            }
             H::TimeSet { utc_ns } => match system::set_time(utc_ns) {
                 Ok(()) => c.reply(id, AgentMessage::Done),
                 Err(err) => c.error(id, err.code(), err),
@@ -607,11 +990,19 @@ impl Server {
 
     /// Work not tied to one descriptor: child pipes, file reads, exits, timeouts, readiness,
     /// output, dead connections.
-    fn service(&mut self, now: Instant) {
+    fn service(&mut self, now: Instant) -> Result<(), ServerError> {
         if let Some(stage) = self.readiness.poll(now) {
             eprintln!("genos-agent: stage {}", stage.name());
         }
-        let stage = self.readiness.stage();
+        self.service_desktop(now)?;
+        self.service_uplink(now);
+        if let Some(link) = self.link.as_mut() {
+            link.flush();
+        }
+        if self.link.as_ref().is_some_and(|l| l.dead.is_some()) {
+            self.drop_link(now);
+        }
+        let stage = self.stage();
         if self.serial_retry.is_some_and(|at| now >= at) {
             self.serial_retry = None;
             let path = self
@@ -620,7 +1011,9 @@ impl Server {
                 .clone()
                 .expect("retry only with a serial path");
             match transport::open_serial(&path) {
-                Ok(io) => self.add_conn(io, true),
+                Ok(io) => {
+                    self.add_conn(io, true);
+                }
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => {
                     self.log
@@ -630,7 +1023,7 @@ impl Server {
             }
         }
         for c in self.conns.values_mut() {
-            if c.session.is_open() && stage > c.stage_sent {
+            if c.session.is_open() && stage != c.stage_sent {
                 c.stage_sent = stage;
                 c.reply(RequestId::CONNECTION, AgentMessage::Ready(stage));
             }
@@ -700,6 +1093,105 @@ impl Server {
             }
             if c.serial {
                 self.serial_retry = Some(now + SERIAL_RETRY);
+            }
+            if let Some(d) = self.desktop.as_mut() {
+                d.forget(token);
+            }
+            if let Some(l) = self.link.as_mut() {
+                l.forget(token);
+            }
+            if self.uplink_token == Some(token) {
+                self.uplink_token = None;
+                self.uplink_retry = Some(now + UPLINK_RETRY);
+                eprintln!("genos-agent: the system agent closed the session connection");
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything the X connection has: answers, clipboard changes, the session's window.
+    fn service_desktop(&mut self, now: Instant) -> Result<(), ServerError> {
+        let Some(d) = self.desktop.as_mut() else {
+            return Ok(());
+        };
+        let events = match d.process(now) {
+            Ok(events) => events,
+            Err(e) => {
+                self.desktop = None;
+                if self.cfg.role == Role::Session {
+                    return Err(ServerError::DisplayGone(e.to_string()));
+                }
+                self.log.log(now, format_args!("X display lost: {e}"));
+                return Ok(());
+            }
+        };
+        for event in events {
+            match event {
+                DesktopEvent::Clipboard {
+                    to: (token, id),
+                    result,
+                } => {
+                    let Some(c) = self.conns.get_mut(&token) else {
+                        continue;
+                    };
+                    match result {
+                        Ok(data) => c.reply(
+                            id,
+                            AgentMessage::Clipboard(proto::agent::ClipboardContent {
+                                mime: proto::agent::MIME_TEXT_UTF8.into(),
+                                data,
+                            }),
+                        ),
+                        Err(e) => {
+                            let code = match e {
+                                GetError::Empty => ErrorCode::NotFound,
+                                GetError::NoText | GetError::NotUtf8 => ErrorCode::NotSupported,
+                                GetError::Timeout => ErrorCode::Io,
+                                GetError::Transfer(_) => ErrorCode::TooLarge,
+                            };
+                            c.error(id, code, e);
+                        }
+                    }
+                }
+                DesktopEvent::Changed(data) => {
+                    self.relay_changed(&proto::agent::ClipboardContent {
+                        mime: proto::agent::MIME_TEXT_UTF8.into(),
+                        data,
+                    })
+                }
+                DesktopEvent::SessionReady => {
+                    eprintln!("genos-agent: the desktop session's first window is mapped")
+                }
+                DesktopEvent::Log(line) => self.log.log(now, format_args!("{line}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Session role: keeps a connection to the system agent, retrying while it is away.
+    fn service_uplink(&mut self, now: Instant) {
+        if !self.uplink_retry.is_some_and(|at| now >= at) {
+            return;
+        }
+        let path = self.cfg.uplink.clone().expect("retry only with an uplink");
+        match transport::connect_unix(&path) {
+            Ok(io) => {
+                self.uplink_retry = None;
+                self.uplink_error = None;
+                eprintln!(
+                    "genos-agent: connected to the system agent at {}",
+                    path.display()
+                );
+                let token = self.add_conn(io, false);
+                self.uplink_token = Some(token);
+            }
+            Err(e) => {
+                let message = format!("system agent at {}: {e}; retrying", path.display());
+                if self.uplink_error.as_deref() != Some(&message) {
+                    eprintln!("genos-agent: {message}");
+                    self.uplink_error = Some(message);
+                }
+                self.uplink_retry = Some(now + UPLINK_RETRY);
             }
         }
     }

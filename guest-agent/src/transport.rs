@@ -75,6 +75,23 @@ impl Listener {
         })
     }
 
+    /// Listens on the session parts' socket at `path`: its directory is made (mode 0755) if
+    /// missing and the socket is connectable by anyone (mode 0666); who may stay is decided
+    /// per connection by its peer credentials.
+    pub fn session(path: &Path) -> std::io::Result<Listener> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)?;
+        }
+        let mut l = Listener::unix(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        l.name = format!("session socket {}", path.display());
+        Ok(l)
+    }
+
     /// Accepts one connection, non-blocking; `None` when none is waiting.
     pub fn accept(&self) -> std::io::Result<Option<File>> {
         // SAFETY: accept4 with null address pointers; the result is checked and owned.
@@ -95,6 +112,31 @@ impl Listener {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The uid of the process at the other end of a connected Unix socket (SO_PEERCRED).
+pub fn peer_uid(socket: &impl AsRawFd) -> std::io::Result<u32> {
+    // SAFETY: ucred is plain data; getsockopt writes at most `len` bytes into it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the pointers are to live locals of the sizes given.
+    cvt(unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(cred.uid)
+}
+
+/// Connects to a Unix stream socket, non-blocking once connected.
+pub fn connect_unix(path: &Path) -> std::io::Result<File> {
+    let stream = std::os::unix::net::UnixStream::connect(path)?;
+    stream.set_nonblocking(true)?;
+    Ok(File::from(OwnedFd::from(stream)))
 }
 
 /// Opens a virtio-serial port (or any character device), non-blocking.

@@ -87,6 +87,8 @@ fn start_in(wrapper: &[&str], scratch: &Scratch, systemctl_state: &str, extra: &
         .arg(&socket)
         .arg("--systemctl")
         .arg(scratch.systemctl(systemctl_state))
+        .arg("--session-socket")
+        .arg(scratch.dir.join("session.sock"))
         .args(extra)
         .env("HOME", scratch.home())
         .stdin(Stdio::null())
@@ -540,7 +542,7 @@ fn a_file_over_the_size_limit_is_refused() {
 }
 
 #[test]
-fn clipboard_and_display_are_refused_as_not_supported_by_this_build() {
+fn clipboard_and_display_without_a_session_part_are_refused_saying_so() {
     let scratch = Scratch::new("x11");
     let mut agent = start(&scratch, "running", &[]);
     let set = agent.request(HostMessage::ClipboardSet(ClipboardContent {
@@ -556,7 +558,7 @@ fn clipboard_and_display_are_refused_as_not_supported_by_this_build() {
             AgentMessage::Error { code, message } => {
                 assert_eq!(code, ErrorCode::NotSupported);
                 assert!(
-                    message.contains("not supported by this agent build"),
+                    message.contains("no desktop session is connected"),
                     "{message}"
                 );
             }

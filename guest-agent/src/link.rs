@@ -1,0 +1,159 @@
+//! The system agent's end of its link to the session part (`genos-agent session`, running
+//! inside the user's X session): the roles of the protocol reversed, the session part an
+//! agent and the system agent its host ([`HostSession`]). Clipboard and display requests
+//! from hostd's connections are forwarded on it under ids of the link's own; the answers go
+//! back to the connection and request they came from. The session part's `Ready` and
+//! `ClipboardChanged` notifications come out as [`LinkEvent`]s.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+
+use proto::agent::session::HostSession;
+use proto::agent::{
+    AgentMessage, ClipboardContent, HostMessage, RequestId, SendError, Stage, MAX_FRAME_LEN,
+};
+
+use crate::x11::Requester;
+
+/// What the session part said that the agent acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// The final answer to a forwarded request.
+    Reply {
+        to: Requester,
+        message: AgentMessage,
+    },
+    /// The session's clipboard changed.
+    Changed(ClipboardContent),
+}
+
+/// One connected session part.
+#[derive(Debug)]
+pub struct SessionLink {
+    pub io: File,
+    session: HostSession,
+    /// The connecting process's uid (SO_PEERCRED), for logs.
+    pub uid: u32,
+    /// The stage the session part last announced.
+    pub stage: Stage,
+    next_id: u32,
+    pending: HashMap<RequestId, Requester>,
+    /// Why the link is over, once it is.
+    pub dead: Option<String>,
+}
+
+impl SessionLink {
+    pub fn new(io: File, uid: u32) -> Self {
+        SessionLink {
+            io,
+            session: HostSession::new(),
+            uid,
+            stage: Stage::Booting,
+            next_id: 1,
+            pending: HashMap::new(),
+            dead: None,
+        }
+    }
+
+    /// Whether the Hello exchange finished (the session part answered).
+    pub fn is_open(&self) -> bool {
+        self.session.is_open()
+    }
+
+    pub fn wants_input(&self) -> bool {
+        self.dead.is_none() && self.session.buffered_input() < MAX_FRAME_LEN + 4
+    }
+
+    pub fn wants_output(&self) -> bool {
+        self.dead.is_none() && !self.session.output().is_empty()
+    }
+
+    /// Forwards a clipboard or display request of `to`; its answer comes as a
+    /// [`LinkEvent::Reply`].
+    pub fn forward(&mut self, to: Requester, message: HostMessage) -> Result<(), SendError> {
+        let id = RequestId(self.next_id);
+        // Ids wrap past u32::MAX; 0 is the connection's and ids in flight are skipped.
+        self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+        if self.pending.contains_key(&id) {
+            return Err(SendError::IdInUse { id });
+        }
+        self.session.send(id, message)?;
+        self.pending.insert(id, to);
+        Ok(())
+    }
+
+    /// Forgets the requests of a connection that closed.
+    pub fn forget(&mut self, token: u64) {
+        self.pending.retain(|_, (t, _)| *t != token);
+    }
+
+    /// Requests still waiting for an answer (when the link dies they fail).
+    pub fn take_pending(&mut self) -> Vec<Requester> {
+        self.pending.drain().map(|(_, to)| to).collect()
+    }
+
+    /// Reads what the session part sent and returns what it means.
+    pub fn read(&mut self) -> Vec<LinkEvent> {
+        let mut buf = vec![0u8; 64 * 1024];
+        while self.wants_input() {
+            match self.io.read(&mut buf) {
+                Ok(0) => {
+                    self.dead = Some("it closed the connection".into());
+                    break;
+                }
+                Ok(n) => self.session.receive(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.dead = Some(format!("reading its connection: {e}"));
+                    break;
+                }
+            }
+        }
+        let mut events = Vec::new();
+        loop {
+            let frame = match self.session.poll() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    self.dead.get_or_insert_with(|| format!("protocol: {e}"));
+                    break;
+                }
+            };
+            if frame.id == RequestId::CONNECTION {
+                match frame.message {
+                    AgentMessage::Ready(stage) => self.stage = stage,
+                    AgentMessage::ClipboardChanged(content) => {
+                        events.push(LinkEvent::Changed(content))
+                    }
+                    AgentMessage::Error { code, message } => {
+                        self.dead = Some(format!("it failed the connection ({code:?}): {message}"));
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            if let Some(to) = self.pending.remove(&frame.id) {
+                events.push(LinkEvent::Reply {
+                    to,
+                    message: frame.message,
+                });
+            }
+        }
+        events
+    }
+
+    /// Writes queued output without blocking.
+    pub fn flush(&mut self) {
+        while self.dead.is_none() && !self.session.output().is_empty() {
+            match self.io.write(self.session.output()) {
+                Ok(0) => self.dead = Some("it closed the connection".into()),
+                Ok(n) => self.session.advance_output(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => self.dead = Some(format!("writing its connection: {e}")),
+            }
+        }
+    }
+}
