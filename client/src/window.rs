@@ -9,23 +9,56 @@
 //! The environment's pointer arrives separately from the video (`Cursor` messages) and is
 //! drawn over the frame at its position, scaled like the frame; while the remote pointer is
 //! visible the local one is hidden over the window, so there is one pointer on screen.
+//!
+//! Unless [`ViewerOptions::fixed_size`], the window asks the environment to take its size
+//! ([`crate::resize`]: debounced, in physical pixels) and shows frames of whatever size
+//! arrive letterboxed until they match. Unless clipboard sharing is off, the network thread
+//! shares the host's clipboard with the environment ([`crate::clipboard`]) when the token
+//! has the clipboard right.
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use proto::stream::{Button, ClientMessage, CursorImage, InputEvent, TouchPhase};
+use proto::stream::{
+    Button, ClientMessage, CursorImage, InputEvent, Rights, StreamConfig, TouchPhase,
+};
 use tokio::sync::mpsc::UnboundedSender;
-use tracing::warn;
+use tracing::{debug, info, warn};
 use winit::application::ApplicationHandler;
 use winit::event::{ElementState, MouseButton, MouseScrollDelta, WindowEvent};
-use winit::event_loop::{ActiveEventLoop, EventLoop, EventLoopProxy};
+use winit::event_loop::{ActiveEventLoop, ControlFlow, EventLoop, EventLoopProxy};
 use winit::keyboard::PhysicalKey;
 use winit::window::{Window, WindowId};
 
+use crate::clipboard::x11::HostClipboard;
+use crate::clipboard::{classify_error, Feature, Refusal};
+use crate::resize::ResizeRequests;
 use crate::session::{ConnectOptions, Event, Frame, Session};
 use crate::url::ConnectUrl;
+
+/// How the viewer window behaves.
+#[derive(Debug, Clone)]
+pub struct ViewerOptions {
+    /// Save every decoded frame as a PNG in this directory.
+    pub dump: Option<PathBuf>,
+    /// Share the clipboard both ways (only if the token has the clipboard right).
+    pub clipboard: bool,
+    /// Keep the environment's display size: frames are only scaled to the window, which
+    /// never asks for a resize.
+    pub fixed_size: bool,
+}
+
+impl Default for ViewerOptions {
+    fn default() -> Self {
+        Self {
+            dump: None,
+            clipboard: true,
+            fixed_size: false,
+        }
+    }
+}
 
 /// Why the viewer window could not run.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +70,14 @@ pub enum WindowError {
 }
 
 enum UserEvent {
-    Connected(UnboundedSender<ClientMessage>),
+    Connected {
+        sender: UnboundedSender<ClientMessage>,
+        rights: Rights,
+        config: StreamConfig,
+    },
+    Config(StreamConfig),
+    /// The server refuses resize requests for the rest of the session.
+    ResizeRefused,
     Frame(Frame),
     Cursor {
         x: u16,
@@ -146,6 +186,8 @@ struct App {
     cursor: Option<RemoteCursor>,
     sender: Option<UnboundedSender<ClientMessage>>,
     dump: Option<PathBuf>,
+    /// `None` with a fixed size.
+    resize: Option<ResizeRequests>,
 }
 
 impl App {
@@ -241,12 +283,41 @@ impl ApplicationHandler<UserEvent> for App {
                 return;
             }
         }
+        // The window's first size counts as a change: the environment is asked to take it.
+        if let Some(r) = &mut self.resize {
+            let size = window.inner_size();
+            r.window_resized(size.width, size.height, Instant::now());
+        }
         self.window = Some(window);
     }
 
     fn user_event(&mut self, event_loop: &ActiveEventLoop, event: UserEvent) {
         match event {
-            UserEvent::Connected(s) => self.sender = Some(s),
+            UserEvent::Connected {
+                sender,
+                rights,
+                config,
+            } => {
+                self.sender = Some(sender);
+                if let Some(r) = &mut self.resize {
+                    r.stream_resized(config.width, config.height);
+                    if rights.contains(Rights::INPUT) {
+                        r.enable();
+                    } else {
+                        info!("the token has no input right: the window will not resize the environment");
+                    }
+                }
+            }
+            UserEvent::Config(c) => {
+                if let Some(r) = &mut self.resize {
+                    r.stream_resized(c.width, c.height);
+                }
+            }
+            UserEvent::ResizeRefused => {
+                if let Some(r) = &mut self.resize {
+                    r.disable();
+                }
+            }
             UserEvent::Frame(f) => {
                 if let Some(dir) = &self.dump {
                     let path = dir.join(format!("frame-{:06}.png", f.sequence));
@@ -255,7 +326,8 @@ impl ApplicationHandler<UserEvent> for App {
                     }
                 }
                 if let Some(w) = &self.window {
-                    if self.frame.is_none() {
+                    let size = self.frame.as_ref().map(|p| (p.width, p.height));
+                    if size != Some((f.width, f.height)) {
                         w.set_title(&format!("genos-view {}x{}", f.width, f.height));
                     }
                     w.request_redraw();
@@ -289,7 +361,10 @@ impl ApplicationHandler<UserEvent> for App {
         match event {
             WindowEvent::CloseRequested => event_loop.exit(),
             WindowEvent::RedrawRequested => self.redraw(),
-            WindowEvent::Resized(_) => {
+            WindowEvent::Resized(size) => {
+                if let Some(r) = &mut self.resize {
+                    r.window_resized(size.width, size.height, Instant::now());
+                }
                 if let Some(w) = &self.window {
                     w.request_redraw();
                 }
@@ -358,9 +433,43 @@ impl ApplicationHandler<UserEvent> for App {
             _ => {}
         }
     }
+
+    fn about_to_wait(&mut self, event_loop: &ActiveEventLoop) {
+        let Some(r) = &mut self.resize else {
+            return;
+        };
+        if let Some((width, height)) = r.poll(Instant::now()) {
+            debug!(width, height, "asking the environment to resize");
+            if let Some(s) = &self.sender {
+                let _ = s.send(ClientMessage::Resize { width, height });
+            }
+        }
+        event_loop.set_control_flow(match r.deadline() {
+            Some(at) => ControlFlow::WaitUntil(at),
+            None => ControlFlow::Wait,
+        });
+    }
 }
 
-fn network_thread(url: ConnectUrl, proxy: EventLoopProxy<UserEvent>) {
+/// The host clipboard shared with `session`, if `wanted` and its token allows it.
+fn share_clipboard(session: &Session, wanted: bool) -> Option<HostClipboard> {
+    if !wanted {
+        return None;
+    }
+    if !session.rights().contains(Rights::CLIPBOARD) {
+        info!("the token has no clipboard right: the clipboard is not shared");
+        return None;
+    }
+    match HostClipboard::start(session.sender()) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!("the clipboard is not shared: {}", crate::error_chain(&e));
+            None
+        }
+    }
+}
+
+fn network_thread(url: ConnectUrl, proxy: EventLoopProxy<UserEvent>, clipboard: bool) {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -380,15 +489,25 @@ fn network_thread(url: ConnectUrl, proxy: EventLoopProxy<UserEvent>) {
                 return;
             }
         };
-        if proxy
-            .send_event(UserEvent::Connected(session.sender()))
-            .is_err()
-        {
+        let connected = UserEvent::Connected {
+            sender: session.sender(),
+            rights: session.rights(),
+            config: session.config(),
+        };
+        if proxy.send_event(connected).is_err() {
             return;
         }
+        let host_clipboard = share_clipboard(&session, clipboard);
         while let Some(ev) = session.next_event().await {
             let sent = match ev {
                 Event::Frame(f) => proxy.send_event(UserEvent::Frame(f)),
+                Event::Config(c) => proxy.send_event(UserEvent::Config(c)),
+                Event::Clipboard(text) => {
+                    if let Some(c) = &host_clipboard {
+                        c.set_from_environment(text);
+                    }
+                    Ok(())
+                }
                 Event::Cursor {
                     x,
                     y,
@@ -408,9 +527,23 @@ fn network_thread(url: ConnectUrl, proxy: EventLoopProxy<UserEvent>) {
                     let _ = proxy.send_event(UserEvent::Closed(message));
                     return;
                 }
-                Event::Error { message, .. } => {
+                Event::Error { code, message } => {
                     warn!("{message}");
-                    Ok(())
+                    let refusal = classify_error(code, &message);
+                    let (clip, resize) = match refusal {
+                        Some(Refusal::Denied(Feature::Clipboard)) => (true, false),
+                        Some(Refusal::Denied(Feature::Resize)) => (false, true),
+                        Some(Refusal::Expiring) => (true, true),
+                        Some(Refusal::Unavailable(_)) | None => (false, false),
+                    };
+                    if let (true, Some(c)) = (clip, &host_clipboard) {
+                        c.refuse();
+                    }
+                    if resize {
+                        proxy.send_event(UserEvent::ResizeRefused)
+                    } else {
+                        Ok(())
+                    }
                 }
                 _ => Ok(()),
             };
@@ -418,17 +551,19 @@ fn network_thread(url: ConnectUrl, proxy: EventLoopProxy<UserEvent>) {
                 break; // window closed
             }
         }
+        drop(host_clipboard);
         session.close().await;
     });
 }
 
 /// Opens the viewer window on `url` and runs until it is closed or the session ends.
-pub fn run(url: ConnectUrl, dump: Option<PathBuf>) -> Result<(), WindowError> {
+pub fn run(url: ConnectUrl, opts: ViewerOptions) -> Result<(), WindowError> {
     let event_loop = EventLoop::<UserEvent>::with_user_event().build()?;
     let proxy = event_loop.create_proxy();
+    let clipboard = opts.clipboard;
     let net = std::thread::Builder::new()
         .name("genos-view-net".into())
-        .spawn(move || network_thread(url, proxy))
+        .spawn(move || network_thread(url, proxy, clipboard))
         .map_err(|e| WindowError::Session(e.to_string()))?;
     let mut app = App {
         proxy_closed: None,
@@ -437,7 +572,8 @@ pub fn run(url: ConnectUrl, dump: Option<PathBuf>) -> Result<(), WindowError> {
         frame: None,
         cursor: None,
         sender: None,
-        dump,
+        dump: opts.dump,
+        resize: (!opts.fixed_size).then(ResizeRequests::default),
     };
     event_loop.run_app(&mut app)?;
     drop(app.sender.take());

@@ -3,13 +3,19 @@
 //! `genos-view --headless --frames N --json URL` decodes N frames and prints one JSON object
 //! (frames, fps, bitrate_kbps, latency_ms_p50/p99, decode_ms_p50, cursor_updates, ...);
 //! `--dump DIR` saves the decoded frames as PNG.
+//!
+//! The window shares the clipboard with the environment both ways when the token has the
+//! clipboard right (`--no-clipboard` turns that off) and asks the environment to take its
+//! size whenever the user resized it (`--fixed-size`: keep the environment's size, only
+//! scale).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use client::{ConnectOptions, ConnectUrl, Event, Session, StatsCollector};
+use client::window::ViewerOptions;
+use client::{error_chain, ConnectOptions, ConnectUrl, Event, Session, StatsCollector};
 
 #[derive(Debug, Parser)]
 #[command(name = "genos-view", about = "View a GenOS environment's screen")]
@@ -31,6 +37,13 @@ struct Args {
     /// Headless: give up after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// Do not share the clipboard with the environment (in either direction).
+    #[arg(long)]
+    no_clipboard: bool,
+    /// Keep the environment's display size: scale its frames to the window instead of
+    /// asking it to take the window's size.
+    #[arg(long)]
+    fixed_size: bool,
 }
 
 fn main() -> ExitCode {
@@ -62,7 +75,12 @@ fn main() -> ExitCode {
             .expect("tokio runtime");
         rt.block_on(headless(&args, &url))
     } else {
-        client::window::run(url, args.dump.clone()).map_err(|e| e.to_string())
+        let opts = ViewerOptions {
+            dump: args.dump.clone(),
+            clipboard: !args.no_clipboard,
+            fixed_size: args.fixed_size,
+        };
+        client::window::run(url, opts).map_err(|e| e.to_string())
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -71,17 +89,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 async fn headless(args: &Args, url: &ConnectUrl) -> Result<(), String> {

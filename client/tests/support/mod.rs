@@ -1,8 +1,11 @@
 //! Helpers shared by the client's end-to-end suites: a stream server on loopback serving a
 //! synthetic desktop, tokens and URLs for it, and waiting for a session's next event of one
-//! kind.
+//! kind; a scripted server and an X server for the viewer's own tests.
 
 #![allow(dead_code)]
+
+pub mod scripted;
+pub mod x11;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
