@@ -1170,7 +1170,7 @@ impl Server {
 
     /// Session role: keeps a connection to the system agent, retrying while it is away.
     fn service_uplink(&mut self, now: Instant) {
-        if !self.uplink_retry.is_some_and(|at| now >= at) {
+        if self.uplink_retry.is_none_or(|at| now < at) {
             return;
         }
         let path = self.cfg.uplink.clone().expect("retry only with an uplink");

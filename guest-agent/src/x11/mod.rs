@@ -380,16 +380,16 @@ impl Desktop {
         match event {
             Event::SelectionRequest(e) => self.answer(&e)?,
             Event::SelectionClear(e) if e.selection == self.clipboard => self.owned = None,
-            Event::XfixesSelectionNotify(e) if e.selection == self.clipboard => {
-                // The agent's own set is never echoed back; an owner that went away leaves
-                // an empty clipboard, which is no content to relay.
-                if e.owner != self.window && e.owner != NONE {
-                    self.owned = None;
-                    if !self.queue.contains(&Purpose::Changed) {
-                        self.queue.push_back(Purpose::Changed);
-                    }
-                    self.start_next(now)?;
+            // The agent's own set is never echoed back; an owner that went away leaves an
+            // empty clipboard, which is no content to relay.
+            Event::XfixesSelectionNotify(e)
+                if e.selection == self.clipboard && e.owner != self.window && e.owner != NONE =>
+            {
+                self.owned = None;
+                if !self.queue.contains(&Purpose::Changed) {
+                    self.queue.push_back(Purpose::Changed);
                 }
+                self.start_next(now)?;
             }
             Event::SelectionNotify(e) if e.requestor == self.window => self.converted(&e, now)?,
             Event::PropertyNotify(e)
@@ -471,7 +471,7 @@ impl Desktop {
 
     /// The next piece of an INCR transfer; an empty one ends it.
     fn incr_piece(&mut self, now: Instant) -> Result<(), X11Error> {
-        if !self.active.as_ref().is_some_and(|a| a.incr.is_some()) {
+        if self.active.as_ref().is_none_or(|a| a.incr.is_none()) {
             return Ok(());
         }
         let reply = self

@@ -1,0 +1,630 @@
+//! genos-agent's X11 side against real X servers: the system agent (a host process over a
+//! Unix socket, driven through `HostSession` as hostd drives it) with its session part
+//! (`genos-agent session`) inside an Xvfb display, and RandR modes on Xorg with the dummy
+//! video driver (Xvfb cannot change modes). Needs the tools `scripts/install-deps`
+//! installs; without them each test skips, saying why, unless GENOS_REQUIRE covers `tools`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use proto::agent::session::HostSession;
+use proto::agent::{
+    AgentMessage, ClipboardContent, ErrorCode, Features, Frame, HostMessage, RequestId, Stage,
+    MIME_TEXT_UTF8,
+};
+use testkit::{skip, Need};
+use x11rb::connection::Connection;
+use x11rb::protocol::xproto::{ConnectionExt as _, CreateWindowAux, WindowClass};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_genos-agent");
+
+fn have(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        || Path::new(tool).is_file()
+}
+
+/// A scratch directory removed at the end.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("genos-x11-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed and reaped on every exit path (the X servers, the agents).
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Display numbers for this test process: apart per test and from other processes.
+fn next_display() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    loop {
+        let n = 200 + (std::process::id() % 500) * 8 + NEXT.fetch_add(1, Ordering::Relaxed) % 8;
+        if !Path::new(&format!("/tmp/.X{n}-lock")).exists() {
+            return n;
+        }
+    }
+}
+
+/// A running X server on its own display.
+struct XServer {
+    display: String,
+    _child: Guard,
+}
+
+impl XServer {
+    /// Waits for the display's socket and a successful connection.
+    fn wait(display: String, child: Guard, log: &Path) -> XServer {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut child = child;
+        loop {
+            if x11rb::connect(Some(&display)).is_ok() {
+                return XServer {
+                    display,
+                    _child: child,
+                };
+            }
+            if let Ok(Some(status)) = child.0.try_wait() {
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                panic!("X server for {display} exited ({status}): {log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "X server {display} did not answer"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn xvfb(scratch: &Scratch) -> XServer {
+        let display = format!(":{}", next_display());
+        let log = scratch.0.join("xvfb.log");
+        let child = Command::new("Xvfb")
+            .args([&display, "-nolisten", "tcp", "-screen", "0", "1024x768x24"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start Xvfb");
+        XServer::wait(display, Guard(child), &log)
+    }
+
+    /// Xorg with the dummy driver (RandR 1.2 with mode changes), from a generated config.
+    fn xorg_dummy(scratch: &Scratch) -> XServer {
+        let display = format!(":{}", next_display());
+        let conf = scratch.0.join("xorg.conf");
+        std::fs::write(&conf, XORG_DUMMY_CONF).unwrap();
+        std::fs::create_dir_all(scratch.0.join("xorg.conf.d")).unwrap();
+        let log = scratch.0.join("xorg.log");
+        let child = Command::new("Xorg")
+            .arg(&display)
+            .args(["-noreset", "-nolisten", "tcp", "-novtswitch", "-sharevts"])
+            .arg("-config")
+            .arg(&conf)
+            .arg("-configdir")
+            .arg(scratch.0.join("xorg.conf.d"))
+            .arg("-logfile")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start Xorg");
+        XServer::wait(display, Guard(child), &log)
+    }
+
+    fn xrandr_current(&self) -> String {
+        let out = Command::new("xrandr")
+            .env("DISPLAY", &self.display)
+            .output()
+            .expect("run xrandr");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines().next().unwrap_or_default().to_owned()
+    }
+}
+
+const XORG_DUMMY_CONF: &str = r#"Section "ServerFlags"
+  Option "AutoAddDevices" "false"
+  Option "AutoEnableDevices" "false"
+  Option "DontVTSwitch" "true"
+EndSection
+Section "Device"
+  Identifier "dummy"
+  Driver "dummy"
+  VideoRam 65536
+EndSection
+Section "Monitor"
+  Identifier "monitor"
+  HorizSync 5.0-1000.0
+  VertRefresh 5.0-1000.0
+EndSection
+Section "Screen"
+  Identifier "screen"
+  Device "dummy"
+  Monitor "monitor"
+  DefaultDepth 24
+  SubSection "Display"
+    Depth 24
+    Virtual 4096 4096
+  EndSubSection
+EndSection
+"#;
+
+/// The system agent (Unix socket for the host, its session socket in the scratch dir) and
+/// one host connection to it.
+struct System {
+    _child: Guard,
+    session_socket: PathBuf,
+    stream: UnixStream,
+    session: HostSession,
+    features: Features,
+    next_id: u32,
+    pending: Vec<Frame<AgentMessage>>,
+}
+
+impl System {
+    fn start(scratch: &Scratch) -> System {
+        let socket = scratch.0.join("agent.sock");
+        let session_socket = scratch.0.join("session.sock");
+        let systemctl = scratch.0.join("systemctl");
+        std::fs::write(&systemctl, "#!/bin/sh\necho running\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let child = Command::new(AGENT)
+            .args(["--no-vsock", "--unix"])
+            .arg(&socket)
+            .arg("--session-socket")
+            .arg(&session_socket)
+            .arg("--systemctl")
+            .arg(&systemctl)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start genos-agent");
+        let child = Guard(child);
+        let mut system = System {
+            _child: child,
+            session_socket,
+            stream: connect(&socket),
+            session: HostSession::new(),
+            features: Features::empty(),
+            next_id: 1,
+            pending: Vec::new(),
+        };
+        system.flush();
+        match system.next_frame().message {
+            AgentMessage::Hello { features, .. } => system.features = features,
+            other => panic!("expected the agent's Hello, got {other:?}"),
+        }
+        system
+    }
+
+    /// Starts a session part on `x`'s display, connected to this agent.
+    fn session_part(&self, x: &XServer) -> Guard {
+        let child = Command::new(AGENT)
+            .arg("session")
+            .arg("--socket")
+            .arg(&self.session_socket)
+            .env("DISPLAY", &x.display)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start genos-agent session");
+        Guard(child)
+    }
+
+    fn flush(&mut self) {
+        let out = self.session.take_output();
+        self.stream.write_all(&out).unwrap();
+    }
+
+    fn request(&mut self, m: HostMessage) -> RequestId {
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        self.session.send(id, m).unwrap();
+        self.flush();
+        id
+    }
+
+    fn next_frame(&mut self) -> Frame<AgentMessage> {
+        loop {
+            if let Some(f) = self.session.poll().expect("agent speaks the protocol") {
+                return f;
+            }
+            let mut buf = [0u8; 65536];
+            let n = self.stream.read(&mut buf).expect("read from the agent");
+            assert!(n > 0, "agent closed the connection");
+            self.session.receive(&buf[..n]);
+        }
+    }
+
+    /// The first frame (kept ones first) that `pick` accepts, within `limit`.
+    fn wait_for(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut pick: impl FnMut(&Frame<AgentMessage>) -> bool,
+    ) -> AgentMessage {
+        if let Some(i) = self.pending.iter().position(&mut pick) {
+            return self.pending.remove(i).message;
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no {what} within {limit:?}; got {:?}",
+                self.pending
+            );
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let f = self.next_frame();
+            if pick(&f) {
+                return f.message;
+            }
+            self.pending.push(f);
+        }
+    }
+
+    fn reply(&mut self, id: RequestId) -> AgentMessage {
+        self.wait_for(&format!("answer to {id}"), Duration::from_secs(20), |f| {
+            f.id == id
+        })
+    }
+
+    /// Reads Ready notifications in order until the stage is `stage` (an old Ready kept in
+    /// `pending` counts only before the newer ones).
+    fn wait_stage(&mut self, stage: Stage) {
+        let is_ready = |f: &Frame<AgentMessage>| {
+            f.id == RequestId::CONNECTION && matches!(f.message, AgentMessage::Ready(_))
+        };
+        while let Some(i) = self.pending.iter().position(is_ready) {
+            if self.pending.remove(i).message == AgentMessage::Ready(stage) {
+                return;
+            }
+        }
+        self.wait_for(&format!("Ready({stage:?})"), Duration::from_secs(20), |f| {
+            f.id == RequestId::CONNECTION && f.message == AgentMessage::Ready(stage)
+        });
+    }
+
+    /// Asks until the clipboard requests reach a session part (it connects in the
+    /// background); returns the first answer that is not "no desktop session".
+    fn when_connected(&mut self, m: impl Fn() -> HostMessage) -> AgentMessage {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let id = self.request(m());
+            match self.reply(id) {
+                AgentMessage::Error { message, .. }
+                    if message.contains("no desktop session is connected")
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn set_clipboard(&mut self, text: &str) -> AgentMessage {
+        self.when_connected(|| {
+            HostMessage::ClipboardSet(ClipboardContent {
+                mime: MIME_TEXT_UTF8.into(),
+                data: text.as_bytes().to_vec(),
+            })
+        })
+    }
+}
+
+fn connect(socket: &Path) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => {
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                return s;
+            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("agent socket {}: {e}", socket.display()),
+        }
+    }
+}
+
+/// `xclip -o` of the clipboard in `target`.
+fn xclip_out(x: &XServer, target: &str) -> String {
+    let out = Command::new("xclip")
+        .args(["-selection", "clipboard", "-o", "-t", target])
+        .env("DISPLAY", &x.display)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run xclip");
+    assert!(
+        out.status.success(),
+        "xclip -o -t {target}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `xclip -i` owning the clipboard with `text` (in the foreground, so the guard ends it).
+fn xclip_in(x: &XServer, text: &str) -> Guard {
+    let mut child = Command::new("xclip")
+        .args(["-quiet", "-selection", "clipboard", "-i"])
+        .env("DISPLAY", &x.display)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run xclip -i");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    Guard(child)
+}
+
+/// Whether the clipboard tools are here; else skips (or fails under GENOS_REQUIRE).
+fn tools(test: &str, needed: &[&str]) -> bool {
+    match needed.iter().find(|t| !have(t)) {
+        None => true,
+        Some(t) => {
+            skip(
+                Need::Tools,
+                format!("{test}: {t} is not installed (scripts/install-deps)"),
+            );
+            false
+        }
+    }
+}
+
+#[test]
+fn clipboard_set_through_the_session_part_is_read_by_xclip_in_every_text_target() {
+    if !tools("clipboard set", &["Xvfb", "xclip"]) {
+        return;
+    }
+    let scratch = Scratch::new("set");
+    let x = XServer::xvfb(&scratch);
+    let mut system = System::start(&scratch);
+    let _part = system.session_part(&x);
+
+    let done = system.set_clipboard("héllo GenOS\nline 2");
+
+    assert_eq!(done, AgentMessage::Done);
+    assert_eq!(xclip_out(&x, "UTF8_STRING"), "héllo GenOS\nline 2");
+    assert_eq!(
+        xclip_out(&x, "text/plain;charset=utf-8"),
+        "héllo GenOS\nline 2"
+    );
+    let targets = xclip_out(&x, "TARGETS");
+    for t in ["UTF8_STRING", "STRING", "TEXT", "text/plain;charset=utf-8"] {
+        assert!(targets.lines().any(|l| l == t), "{t} not in {targets:?}");
+    }
+    let refused = Command::new("xclip")
+        .args(["-selection", "clipboard", "-o", "-t", "image/png"])
+        .env("DISPLAY", &x.display)
+        .output()
+        .unwrap();
+    assert!(refused.stdout.is_empty());
+}
+
+#[test]
+fn text_copied_with_xclip_is_announced_as_changed_and_got() {
+    if !tools("clipboard get", &["Xvfb", "xclip"]) {
+        return;
+    }
+    let scratch = Scratch::new("get");
+    let x = XServer::xvfb(&scratch);
+    let mut system = System::start(&scratch);
+    let _part = system.session_part(&x);
+    // The agent's own set first: it must not come back as a change.
+    assert_eq!(system.set_clipboard("from the host"), AgentMessage::Done);
+
+    let _owner = xclip_in(&x, "copied in the guest ✓");
+
+    let first_change = system.wait_for("ClipboardChanged", Duration::from_secs(10), |f| {
+        matches!(f.message, AgentMessage::ClipboardChanged(_))
+    });
+    assert_eq!(
+        first_change,
+        AgentMessage::ClipboardChanged(ClipboardContent {
+            mime: MIME_TEXT_UTF8.into(),
+            data: "copied in the guest ✓".as_bytes().to_vec(),
+        })
+    );
+    let get = system.request(HostMessage::ClipboardGet {
+        mime: MIME_TEXT_UTF8.into(),
+    });
+    match system.reply(get) {
+        AgentMessage::Clipboard(c) => assert_eq!(c.data, "copied in the guest ✓".as_bytes()),
+        other => panic!("{other:?}"),
+    }
+    let html = system.request(HostMessage::ClipboardGet {
+        mime: "text/html".into(),
+    });
+    match system.reply(html) {
+        AgentMessage::Error { code, message } => {
+            assert_eq!(code, ErrorCode::NotSupported);
+            assert!(message.contains("text/plain;charset=utf-8"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn session_stage_comes_when_a_window_of_another_client_maps() {
+    if !tools("session stage", &["Xvfb"]) {
+        return;
+    }
+    let scratch = Scratch::new("stage");
+    let x = XServer::xvfb(&scratch);
+    let mut system = System::start(&scratch);
+    system.wait_stage(Stage::System);
+    let _part = system.session_part(&x);
+    // Connected (clipboard answers) while no window is mapped: still `system`.
+    let get = system.when_connected(|| HostMessage::ClipboardGet {
+        mime: MIME_TEXT_UTF8.into(),
+    });
+    assert!(
+        matches!(
+            get,
+            AgentMessage::Error {
+                code: ErrorCode::NotFound,
+                ..
+            }
+        ),
+        "{get:?}"
+    );
+    let query = system.request(HostMessage::ReadyQuery);
+    assert_eq!(system.reply(query), AgentMessage::Ready(Stage::System));
+
+    let (conn, screen) = x11rb::connect(Some(&x.display)).unwrap();
+    let root = conn.setup().roots[screen].root;
+    let window = conn.generate_id().unwrap();
+    conn.create_window(
+        x11rb::COPY_DEPTH_FROM_PARENT,
+        window,
+        root,
+        0,
+        0,
+        200,
+        100,
+        0,
+        WindowClass::INPUT_OUTPUT,
+        x11rb::COPY_FROM_PARENT,
+        &CreateWindowAux::new(),
+    )
+    .unwrap();
+    conn.map_window(window).unwrap();
+    conn.flush().unwrap();
+
+    system.wait_stage(Stage::Session);
+}
+
+#[test]
+fn a_session_part_that_leaves_drops_the_stage_and_a_new_one_is_picked_up() {
+    if !tools("session part restart", &["Xvfb", "xclip"]) {
+        return;
+    }
+    let scratch = Scratch::new("restart");
+    let x = XServer::xvfb(&scratch);
+    let mut system = System::start(&scratch);
+    assert!(!system.features.contains(Features::CLIPBOARD));
+    // A window from the start: the session part finds it when it connects.
+    let _xterm_like = xclip_in(&x, "kept by xclip");
+    let (conn, screen) = x11rb::connect(Some(&x.display)).unwrap();
+    let root = conn.setup().roots[screen].root;
+    let window = conn.generate_id().unwrap();
+    conn.create_window(
+        x11rb::COPY_DEPTH_FROM_PARENT,
+        window,
+        root,
+        0,
+        0,
+        100,
+        100,
+        0,
+        WindowClass::INPUT_OUTPUT,
+        x11rb::COPY_FROM_PARENT,
+        &CreateWindowAux::new(),
+    )
+    .unwrap();
+    conn.map_window(window).unwrap();
+    conn.flush().unwrap();
+    let part = system.session_part(&x);
+    system.wait_stage(Stage::Session);
+
+    drop(part);
+
+    system.wait_stage(Stage::System);
+    let get = system.request(HostMessage::ClipboardGet {
+        mime: MIME_TEXT_UTF8.into(),
+    });
+    match system.reply(get) {
+        AgentMessage::Error { code, message } => {
+            assert_eq!(code, ErrorCode::NotSupported);
+            assert!(
+                message.contains("no desktop session is connected"),
+                "{message}"
+            );
+            assert!(message.contains("the last one left"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let _again = system.session_part(&x);
+    system.wait_stage(Stage::Session);
+    match system.when_connected(|| HostMessage::ClipboardGet {
+        mime: MIME_TEXT_UTF8.into(),
+    }) {
+        AgentMessage::Clipboard(c) => assert_eq!(c.data, b"kept by xclip"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn display_modes_are_set_with_randr_on_xorg_dummy_new_and_existing() {
+    if !tools(
+        "display mode",
+        &[
+            "Xorg",
+            "xrandr",
+            "/usr/lib/xorg/modules/drivers/dummy_drv.so",
+        ],
+    ) {
+        return;
+    }
+    let scratch = Scratch::new("randr");
+    let x = XServer::xorg_dummy(&scratch);
+    let mut system = System::start(&scratch);
+    let _part = system.session_part(&x);
+    let mode = |w, h| {
+        move || HostMessage::DisplaySetMode {
+            width: w,
+            height: h,
+        }
+    };
+
+    // 1366x768 is no mode of the dummy driver: made from CVT timings.
+    let created = system.when_connected(mode(1366, 768));
+    let after_created = x.xrandr_current();
+    let existing = system.when_connected(mode(1024, 768));
+    let after_existing = x.xrandr_current();
+    let too_big = system.when_connected(mode(40000, 768));
+
+    assert_eq!(created, AgentMessage::Done);
+    assert!(
+        after_created.contains("current 1366 x 768"),
+        "{after_created}"
+    );
+    assert_eq!(existing, AgentMessage::Done);
+    assert!(
+        after_existing.contains("current 1024 x 768"),
+        "{after_existing}"
+    );
+    match too_big {
+        AgentMessage::Error { code, message } => {
+            assert_eq!(code, ErrorCode::InvalidArgument);
+            assert!(message.contains("outside the screen's range"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
