@@ -457,13 +457,43 @@ fn bad_request(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
+/// `GET /v1/health`: the store is writable, the image cache usable, the stream server
+/// accepting and KVM usable (crate::doctor::health_checks); `status` is the worst of them
+/// (`ok`, `degraded`, `failing`).
 async fn health(State(st): State<AppState>) -> ApiResult {
+    use crate::doctor;
     let envs = st.orch.list()?;
+    let orch = st.orch.clone();
+    let facts = tokio::task::spawn_blocking(move || {
+        let images = &orch.config().images;
+        let builds = images.kernel.is_empty() || images.initramfs.is_empty() || images.build_rootfs;
+        doctor::HealthFacts {
+            store: doctor::read_dir("store", orch.state_dir(), true),
+            cache: builds
+                .then(doctor::image_cache_dir)
+                .flatten()
+                .map(|d| doctor::read_dir("image cache", &d, true)),
+            stream: orch
+                .stream_server()
+                .map(|s| s.local_addr().map_err(|e| e.to_string())),
+            stream_enabled: orch.config().stream.enabled,
+            kvm: doctor::read_kvm(),
+        }
+    })
+    .await
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("health checks: {e}"),
+        )
+    })?;
+    let checks = doctor::health_checks(&facts);
     Ok(Json(json!({
-        "status": "ok",
+        "status": doctor::health_status(&checks),
         "version": env!("CARGO_PKG_VERSION"),
         "environments": envs.len(),
         "capacity": st.orch.capacity(),
+        "checks": checks,
     }))
     .into_response())
 }

@@ -321,10 +321,10 @@ pub fn check_memory(mem: Option<(u64, u64)>) -> Finding {
 
 /// A directory GenOS writes to: writable, and room on its file system.
 pub fn check_dir(d: &DirFacts) -> Finding {
-    let check = if d.role == "state" {
-        "state dir"
-    } else {
-        "cache dir"
+    let check = match d.role {
+        "state" => "state dir",
+        "store" => "store",
+        _ => "cache dir",
     };
     let path = d.path.display();
     if !d.writable {
@@ -516,6 +516,94 @@ pub fn check_all(facts: &HostFacts) -> Vec<Finding> {
     ]
 }
 
+/// What `/v1/health` looks at in a running hostd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthFacts {
+    /// The state directory, probed by writing a file (the store's database lives there).
+    pub store: DirFacts,
+    /// The image cache, when hostd builds images (None: `[images]` names prebuilt ones).
+    pub cache: Option<DirFacts>,
+    /// The stream server's bound address (None: disabled, or not started).
+    pub stream: Option<Result<SocketAddr, String>>,
+    /// Whether streaming is enabled in the configuration.
+    pub stream_enabled: bool,
+    pub kvm: KvmFacts,
+}
+
+/// The checks of `/v1/health`: store writable, image cache usable, stream server accepting,
+/// KVM usable. Unlike `genos doctor`, a nested kvm_pvm is fine here (hostd works on it).
+pub fn health_checks(h: &HealthFacts) -> Vec<Finding> {
+    let store = if h.store.writable {
+        Finding {
+            check: "store",
+            ..check_dir(&h.store)
+        }
+    } else {
+        Finding::fail(
+            "store",
+            format!(
+                "{} is not writable: the store cannot record anything",
+                h.store.path.display()
+            ),
+            "check the file system (read-only? full?) and the directory's owner",
+        )
+    };
+    let cache = match &h.cache {
+        None => Finding::ok("image cache", "not used ([images] names prebuilt images)"),
+        Some(d) if d.exists && d.writable => {
+            Finding::ok("image cache", format!("{} writable", d.path.display()))
+        }
+        Some(d) if d.writable => Finding::ok(
+            "image cache",
+            format!(
+                "{} not created yet; the first build creates it",
+                d.path.display()
+            ),
+        ),
+        Some(d) => Finding::fail(
+            "image cache",
+            format!(
+                "{} is not writable: no image can be built",
+                d.path.display()
+            ),
+            "set GENOS_IMAGE_CACHE to a writable directory for genos-hostd",
+        ),
+    };
+    let stream = match (&h.stream, h.stream_enabled) {
+        (_, false) => Finding::ok("stream", "disabled ([stream] enabled = false)"),
+        (None, true) => Finding::fail("stream", "enabled but not running", "see genos-hostd's log"),
+        (Some(Ok(addr)), true) => Finding::ok("stream", format!("accepting on UDP {addr}")),
+        (Some(Err(e)), true) => Finding::fail(
+            "stream",
+            format!("stream server socket is gone: {e}"),
+            "restart genos-hostd",
+        ),
+    };
+    let kvm = match (&h.kvm.api, h.kvm.host.kind()) {
+        (Ok(12), kind) => Finding::ok("kvm", format!("{kind}, /dev/kvm usable (API 12)")),
+        (Ok(v), _) => Finding::fail(
+            "kvm",
+            format!("KVM API {v}, not 12"),
+            "run a kernel with KVM API 12",
+        ),
+        (Err(e), kind) => Finding::fail(
+            "kvm",
+            format!("{kind}: /dev/kvm cannot be used: {e}"),
+            "load kvm_intel or kvm_amd; run genos-hostd as root",
+        ),
+    };
+    vec![store, cache, stream, kvm]
+}
+
+/// `/v1/health`'s one-word status for `findings`.
+pub fn health_status(findings: &[Finding]) -> &'static str {
+    match worst(findings) {
+        Verdict::Ok => "ok",
+        Verdict::Warn => "degraded",
+        Verdict::Fail => "failing",
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Parsing: pure
 
@@ -598,9 +686,11 @@ fn kvm_api_version() -> Result<i32, String> {
 /// asking `access(W_OK)` only.
 pub fn read_dir(role: &'static str, path: &Path, probe: bool) -> DirFacts {
     let exists = path.is_dir();
+    // The nearest thing that exists: a directory the missing part can be made in, or a
+    // file in the way (then nothing can be made).
     let nearest = path
         .ancestors()
-        .find(|p| p.is_dir())
+        .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     let writable = if exists && probe {
         let f = path.join(format!(".genos-health-{}", std::process::id()));
@@ -608,7 +698,7 @@ pub fn read_dir(role: &'static str, path: &Path, probe: bool) -> DirFacts {
         let _ = std::fs::remove_file(&f);
         ok
     } else {
-        access_w(nearest)
+        nearest.is_dir() && access_w(nearest)
     };
     DirFacts {
         role,
@@ -1060,6 +1150,67 @@ mod tests {
         );
         assert_eq!(worst(&findings), Verdict::Fail);
         assert_eq!(worst(&findings[..1]), Verdict::Ok);
+    }
+
+    fn healthy() -> HealthFacts {
+        HealthFacts {
+            store: dir(true, true, 100),
+            cache: Some(dir(true, true, 100)),
+            stream: Some(Ok("127.0.0.1:4433".parse().unwrap())),
+            stream_enabled: true,
+            kvm: kvm(true, false, Ok(12)),
+        }
+    }
+
+    #[test]
+    fn a_healthy_hostd_on_nested_kvm_is_ok() {
+        let checks = health_checks(&healthy());
+        let names: Vec<_> = checks.iter().map(|f| f.check).collect();
+        assert_eq!(names, ["store", "image cache", "stream", "kvm"]);
+        assert_eq!(health_status(&checks), "ok", "{checks:?}");
+    }
+
+    #[test]
+    fn each_broken_part_makes_health_failing_and_is_named() {
+        let broken = [
+            HealthFacts {
+                store: dir(true, false, 100),
+                ..healthy()
+            },
+            HealthFacts {
+                cache: Some(dir(false, false, 100)),
+                ..healthy()
+            },
+            HealthFacts {
+                stream: None,
+                ..healthy()
+            },
+            HealthFacts {
+                kvm: kvm(false, true, Err("Permission denied".into())),
+                ..healthy()
+            },
+        ];
+        for (h, name) in broken.iter().zip(["store", "image cache", "stream", "kvm"]) {
+            let checks = health_checks(h);
+            assert_eq!(health_status(&checks), "failing", "{name}");
+            let failed: Vec<_> = checks
+                .iter()
+                .filter(|f| f.verdict == Verdict::Fail)
+                .map(|f| f.check)
+                .collect();
+            assert_eq!(failed, [name]);
+        }
+    }
+
+    #[test]
+    fn an_unused_cache_and_a_disabled_stream_are_fine() {
+        let h = HealthFacts {
+            cache: None,
+            stream: None,
+            stream_enabled: false,
+            ..healthy()
+        };
+        assert_eq!(health_status(&health_checks(&h)), "ok");
     }
 
     #[test]

@@ -1,4 +1,9 @@
 //! `genos-hostd`: the GenOS host daemon. Serves the admin socket, runs the orchestrator.
+//!
+//! Under systemd (`Type=notify`, packaging/systemd/genos-hostd.service) it sends `READY=1`
+//! once the admin socket and the stream server are bound and VMMs are re-adopted,
+//! `WATCHDOG=1` at half `WATCHDOG_USEC` while its own admin socket answers, and
+//! `STOPPING=1` when it is told to stop ([`notify`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -86,14 +91,111 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         orch.start().await?;
         tracing::info!(socket = %socket.display(), "genos-hostd ready");
+        // The listener is bound: connections made from now on are served.
+        notify::send("READY=1");
+        if let Some(every) = notify::watchdog_interval() {
+            tokio::spawn(notify::watchdog(socket.clone(), every));
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let result = tokio::select! {
             r = admin::serve_on(orch, listener, policy) => r.map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
             r = tokio::signal::ctrl_c() => r.map_err(Into::into),
             _ = term.recv() => Ok(()),
         };
+        notify::send("STOPPING=1");
         // VMMs keep running: the next hostd re-adopts them.
         let _ = std::fs::remove_file(&socket);
         result
     })
+}
+
+/// systemd's notification protocol (sd_notify(3)): one datagram per state change to the
+/// Unix socket named by `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace).
+/// Written here rather than taken from a crate: it is one `sendto`, and it needs no
+/// dependency. Without `NOTIFY_SOCKET` (not under systemd) nothing is sent.
+mod notify {
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    /// Sends `state` (`READY=1`, ...) to systemd; failures are logged, never fatal.
+    pub fn send(state: &str) {
+        let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+            return;
+        };
+        let sent = address(target.to_string_lossy().as_ref()).and_then(|addr| {
+            let sock = UnixDatagram::unbound()?;
+            sock.send_to_addr(state.as_bytes(), &addr)
+        });
+        if let Err(e) = sent {
+            tracing::warn!(state, error = %e, "cannot notify systemd");
+        }
+    }
+
+    /// `NOTIFY_SOCKET`'s value as a socket address.
+    fn address(value: &str) -> std::io::Result<SocketAddr> {
+        match value.strip_prefix('@') {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                SocketAddr::from_abstract_name(name.as_bytes())
+            }
+            None => SocketAddr::from_pathname(value),
+        }
+    }
+
+    /// How often to ping the watchdog: half of `WATCHDOG_USEC`, when it is set for this
+    /// process (`WATCHDOG_PID` absent or ours).
+    pub fn watchdog_interval() -> Option<Duration> {
+        interval(
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        )
+    }
+
+    pub(super) fn interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+        if pid.is_some_and(|p| p.trim().parse::<u32>().ok() != Some(me)) {
+            return None;
+        }
+        let usec: u64 = usec?.trim().parse().ok().filter(|&u| u > 0)?;
+        Some(Duration::from_micros(usec / 2))
+    }
+
+    /// Pings the watchdog every `every`, but only after the admin socket answered a
+    /// `GET /v1/health` within that time: a runtime that no longer schedules, a stuck
+    /// accept loop or a held store lock stops the pings, and systemd restarts the unit.
+    pub async fn watchdog(socket: PathBuf, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match hostd::uds::request(&socket, "GET", "/v1/health", None, every).await {
+                Ok(r) if r.ok() => send("WATCHDOG=1"),
+                Ok(r) => tracing::warn!(status = r.status, "watchdog: health request refused"),
+                Err(e) => tracing::warn!(error = %e, "watchdog: admin socket does not answer"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::notify::interval;
+    use std::time::Duration;
+
+    #[test]
+    fn the_watchdog_pings_at_half_its_timeout_for_this_process_only() {
+        assert_eq!(
+            interval(Some("30000000"), None, 7),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(
+            interval(Some("30000000"), Some("7"), 7),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(interval(Some("30000000"), Some("8"), 7), None);
+        assert_eq!(interval(None, None, 7), None);
+        assert_eq!(interval(Some("0"), None, 7), None);
+        assert_eq!(interval(Some("soon"), None, 7), None);
+    }
 }

@@ -141,6 +141,21 @@ impl Orchestrator {
         self.inner.capacity
     }
 
+    /// The state directory (the store, admin.sock, envs/), for `/v1/health`.
+    pub fn state_dir(&self) -> &Path {
+        &self.inner.state_dir
+    }
+
+    /// hostd's configuration, for `/v1/health`.
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    /// The stream server, once hostd runs one.
+    pub fn stream_server(&self) -> Option<&Arc<crate::stream::StreamServer>> {
+        self.inner.stream.get()
+    }
+
     pub fn catalog(&self) -> &Catalog {
         self.inner.composer.catalog()
     }

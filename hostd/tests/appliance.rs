@@ -1,0 +1,168 @@
+//! genos-hostd as the appliance runs it: under systemd's notification protocol (READY=1 once
+//! it serves, WATCHDOG=1 pings, STOPPING=1), and `/v1/health` with its real checks.
+
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const CONFIG: &str =
+    "[images]\nbuilder = \"/nonexistent/genos-image\"\n[stream]\nlisten = \"127.0.0.1:0\"\n";
+
+/// genos-hostd over `dir`, with `env` added to its environment.
+fn spawn_hostd(dir: &Path, env: &[(&str, &str)]) -> Child {
+    let cfg = dir.join("hostd.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_genos-hostd"));
+    cmd.arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn terminate(child: &mut Child) {
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+}
+
+fn wait_socket(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(sock).is_err() {
+        assert!(Instant::now() < deadline, "admin.sock did not answer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn genos(sock: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_genos"))
+        .env("GENOS_SOCKET", sock)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The next datagram on `sock`, as text, within `secs`.
+fn next_message(sock: &UnixDatagram, secs: u64) -> String {
+    sock.set_read_timeout(Some(Duration::from_secs(secs)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("a notification in time");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn hostd_notifies_ready_once_it_serves_then_pings_the_watchdog_and_says_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let sock = dir.path().join("state/admin.sock");
+
+    let mut child = spawn_hostd(
+        dir.path(),
+        &[
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "600000"),
+        ],
+    );
+    let ready = next_message(&notify, 30);
+    let serves = UnixStream::connect(&sock).is_ok();
+    let health = genos(&sock, &["health"]);
+    let started = Instant::now();
+    let ping1 = next_message(&notify, 5);
+    let ping2 = next_message(&notify, 5);
+    let two_pings = started.elapsed();
+    terminate(&mut child);
+    let stopping = next_message(&notify, 5);
+
+    assert_eq!(ready, "READY=1");
+    assert!(serves, "admin.sock accepts when READY=1 arrives");
+    assert!(health.status.success() || health.status.code() == Some(1));
+    assert_eq!(
+        (ping1.as_str(), ping2.as_str()),
+        ("WATCHDOG=1", "WATCHDOG=1")
+    );
+    assert!(
+        two_pings < Duration::from_millis(1500),
+        "pings at half of 600 ms: two took {two_pings:?}"
+    );
+    assert_eq!(stopping, "STOPPING=1");
+}
+
+#[test]
+fn hostd_without_notify_socket_runs_and_sends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("state/admin.sock");
+    let mut child = spawn_hostd(dir.path(), &[("WATCHDOG_USEC", "200000")]);
+    wait_socket(&sock);
+
+    let o = genos(&sock, &["--json", "health"]);
+    terminate(&mut child);
+
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["checks"].as_array().map(Vec::len), Some(4), "{v}");
+}
+
+#[test]
+fn health_runs_real_checks_and_fails_on_an_unusable_image_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), b"").unwrap();
+    let blocked = dir.path().join("file/images");
+    let sock = dir.path().join("state/admin.sock");
+    let mut child = spawn_hostd(
+        dir.path(),
+        &[("GENOS_IMAGE_CACHE", blocked.to_str().unwrap())],
+    );
+    wait_socket(&sock);
+
+    let json_out = genos(&sock, &["--json", "health"]);
+    let text_out = genos(&sock, &["health"]);
+    terminate(&mut child);
+
+    let v: serde_json::Value = serde_json::from_slice(&json_out.stdout).unwrap();
+    let check = |name: &str| {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == name)
+            .unwrap_or_else(|| panic!("no {name} check in {v}"))
+            .clone()
+    };
+    assert_eq!(v["status"], "failing", "{v}");
+    assert_eq!(check("image cache")["verdict"], "fail");
+    assert!(check("image cache")["found"]
+        .as_str()
+        .unwrap()
+        .contains("file/images"));
+    assert_eq!(check("store")["verdict"], "ok", "{v}");
+    let stream = check("stream");
+    assert_eq!(stream["verdict"], "ok");
+    assert!(
+        stream["found"]
+            .as_str()
+            .unwrap()
+            .starts_with("accepting on UDP 127.0.0.1:"),
+        "{stream}"
+    );
+    assert!(
+        !stream["found"].as_str().unwrap().ends_with(":0"),
+        "the bound port"
+    );
+    let kvm_usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    assert_eq!(check("kvm")["verdict"] == "ok", kvm_usable, "{v}");
+    let text = String::from_utf8_lossy(&text_out.stdout);
+    assert_eq!(text_out.status.code(), Some(1), "{text}");
+    assert!(text.starts_with("failing (genos-hostd "), "{text}");
+    assert!(text.contains("FAIL  image cache"), "{text}");
+}
