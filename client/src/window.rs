@@ -146,6 +146,38 @@ pub fn draw_cursor(buf: &mut [u32], ww: usize, wh: usize, p: Placement, cursor: 
     }
 }
 
+/// Draws `f` into a window buffer of `ww`x`wh` pixels (`0x00RRGGBB`): scaled to fit with its
+/// aspect ratio kept (nearest neighbour), black bars around it. Frames of any size, so a
+/// stream that changed size shows undistorted until the window matches it. Returns where
+/// the frame went; `None` (buffer black) for a frame without pixels.
+pub fn draw_frame(buf: &mut [u32], ww: usize, wh: usize, f: &Frame) -> Option<Placement> {
+    buf.fill(0);
+    let (fw, fh) = (f.width as usize, f.height as usize);
+    if fw == 0 || fh == 0 || f.bgrx.len() != fw * fh * 4 || buf.len() < ww * wh {
+        return None;
+    }
+    let p = placement(f.width, f.height, ww as u32, wh as u32);
+    let x_start = p.x0.max(0.0) as usize;
+    let y_start = p.y0.max(0.0) as usize;
+    let x_end = ((p.x0 + fw as f64 * p.scale) as usize).min(ww);
+    let y_end = ((p.y0 + fh as f64 * p.scale) as usize).min(wh);
+    // Source columns once per frame.
+    let cols: Vec<usize> = (x_start..x_end)
+        .map(|x| (((x as f64 - p.x0) / p.scale) as usize).min(fw - 1))
+        .collect();
+    for y in y_start..y_end {
+        let sy = (((y as f64 - p.y0) / p.scale) as usize).min(fh - 1);
+        let src = &f.bgrx[sy * fw * 4..][..fw * 4];
+        let dst = &mut buf[y * ww + x_start..y * ww + x_end];
+        for (d, &sx) in dst.iter_mut().zip(&cols) {
+            let px = &src[sx * 4..sx * 4 + 4];
+            // softbuffer wants 0x00RRGGBB.
+            *d = u32::from(px[2]) << 16 | u32::from(px[1]) << 8 | u32::from(px[0]);
+        }
+    }
+    Some(p)
+}
+
 /// Where the frame lands in the window: offset and scale (letterboxed).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Placement {
@@ -223,32 +255,14 @@ impl App {
                 return;
             }
         };
-        buf.fill(0);
-        if let Some(f) = &self.frame {
-            if f.bgrx.len() == f.width as usize * f.height as usize * 4 {
-                let p = placement(f.width, f.height, size.width, size.height);
-                let (ww, wh) = (size.width as usize, size.height as usize);
-                let x_start = p.x0.max(0.0) as usize;
-                let y_start = p.y0.max(0.0) as usize;
-                let x_end = ((p.x0 + f64::from(f.width) * p.scale) as usize).min(ww);
-                let y_end = ((p.y0 + f64::from(f.height) * p.scale) as usize).min(wh);
-                // Precompute source columns once per redraw.
-                let cols: Vec<usize> = (x_start..x_end)
-                    .map(|x| (((x as f64 - p.x0) / p.scale) as usize).min(f.width as usize - 1))
-                    .collect();
-                for y in y_start..y_end {
-                    let sy = (((y as f64 - p.y0) / p.scale) as usize).min(f.height as usize - 1);
-                    let src = &f.bgrx[sy * f.width as usize * 4..][..f.width as usize * 4];
-                    let dst = &mut buf[y * ww + x_start..y * ww + x_end];
-                    for (d, &sx) in dst.iter_mut().zip(&cols) {
-                        let px = &src[sx * 4..sx * 4 + 4];
-                        // softbuffer wants 0x00RRGGBB.
-                        *d = u32::from(px[2]) << 16 | u32::from(px[1]) << 8 | u32::from(px[0]);
-                    }
-                }
-                if let Some(cursor) = &self.cursor {
-                    draw_cursor(&mut buf, ww, wh, p, cursor);
-                }
+        let (ww, wh) = (size.width as usize, size.height as usize);
+        if let Some(p) = self
+            .frame
+            .as_ref()
+            .and_then(|f| draw_frame(&mut buf, ww, wh, f))
+        {
+            if let Some(cursor) = &self.cursor {
+                draw_cursor(&mut buf, ww, wh, p, cursor);
             }
         }
         if let Err(e) = buf.present() {
@@ -602,6 +616,88 @@ mod tests {
         // Outside the picture clamps to its edge.
         assert_eq!(window_to_frame(p, 1920, 1080, -5.0, 0.0), (0, 0));
         assert_eq!(window_to_frame(p, 1920, 1080, 2000.0, 2000.0), (1919, 1079));
+    }
+
+    /// A `w`x`h` frame whose pixel (x, y) is 0x00RRGGBB = (x + 1) << 16 | (y + 1).
+    fn numbered_frame(w: u32, h: u32) -> Frame {
+        let mut bgrx = Vec::new();
+        for y in 0..h {
+            for x in 0..w {
+                bgrx.extend_from_slice(&[y as u8 + 1, 0, x as u8 + 1, 0]);
+            }
+        }
+        Frame {
+            sequence: 1,
+            keyframe: true,
+            width: w,
+            height: h,
+            bgrx,
+            encoded_bytes: 0,
+            capture_time_us: 0,
+            latency: Duration::ZERO,
+            decode_time: Duration::ZERO,
+        }
+    }
+
+    fn pixel(x: u32, y: u32) -> u32 {
+        (x + 1) << 16 | (y + 1)
+    }
+
+    #[test]
+    fn frames_of_another_shape_are_letterboxed_with_square_pixels() {
+        let (ww, wh) = (8usize, 8usize);
+        let mut wide = vec![7u32; ww * wh];
+        let mut tall = vec![7u32; ww * wh];
+
+        // The stream went from 4x2 to 2x4 while the window stayed 8x8.
+        let pw = draw_frame(&mut wide, ww, wh, &numbered_frame(4, 2));
+        let pt = draw_frame(&mut tall, ww, wh, &numbered_frame(2, 4));
+
+        assert_eq!(pw.map(|p| (p.x0, p.y0, p.scale)), Some((0.0, 2.0, 2.0)));
+        assert_eq!(pt.map(|p| (p.x0, p.y0, p.scale)), Some((2.0, 0.0, 2.0)));
+        for y in 0..wh {
+            for x in 0..ww {
+                let (fx, fy) = (x as u32 / 2, y as u32 / 2);
+                let expected_wide = if (2..6).contains(&y) {
+                    pixel(fx, fy - 1)
+                } else {
+                    0
+                };
+                let expected_tall = if (2..6).contains(&x) {
+                    pixel(fx - 1, fy)
+                } else {
+                    0
+                };
+                assert_eq!(wide[y * ww + x], expected_wide, "wide ({x}, {y})");
+                assert_eq!(tall[y * ww + x], expected_tall, "tall ({x}, {y})");
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_the_size_of_the_window_is_drawn_one_to_one() {
+        let mut buf = vec![0u32; 6 * 4];
+
+        let p = draw_frame(&mut buf, 6, 4, &numbered_frame(6, 4));
+
+        assert_eq!(p.map(|p| p.scale), Some(1.0));
+        for y in 0..4 {
+            for x in 0..6 {
+                assert_eq!(buf[y * 6 + x], pixel(x as u32, y as u32));
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_without_pixels_leaves_the_window_black() {
+        let mut buf = vec![7u32; 16];
+        let mut empty = numbered_frame(4, 4);
+        empty.bgrx.clear();
+
+        let p = draw_frame(&mut buf, 4, 4, &empty);
+
+        assert_eq!(p, None);
+        assert!(buf.iter().all(|&px| px == 0));
     }
 
     /// A 2x2 cursor: opaque red, transparent, half-transparent white, opaque green.

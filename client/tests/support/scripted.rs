@@ -1,14 +1,14 @@
 //! A scripted stream server for viewer tests: it admits one viewer with the rights it was
 //! given (any token), hands the test every control message the viewer sends and sends the
-//! control messages the test gives it. No video: what is under test is the viewer's side of
-//! the control stream.
+//! control messages and frames the test gives it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hostd::stream::Identity;
 use proto::stream::{
-    self as wire, ClientMessage, Codec, Message, MessageReader, Rights, ServerMessage, StreamConfig,
+    self as wire, ClientMessage, Codec, FrameHeader, Message, MessageReader, Rights, ServerMessage,
+    StreamConfig,
 };
 use tokio::sync::mpsc;
 
@@ -25,7 +25,7 @@ pub struct ScriptedServer {
     /// The connect URL (genos://127.0.0.1:PORT/dev?token=..&cert=..).
     pub url: String,
     received: mpsc::UnboundedReceiver<ClientMessage>,
-    to_viewer: mpsc::UnboundedSender<ServerMessage>,
+    to_viewer: mpsc::UnboundedSender<Out>,
     _endpoint: quinn::Endpoint,
 }
 
@@ -60,7 +60,28 @@ impl ScriptedServer {
 
     /// Sends `msg` to the viewer (queued until it connected).
     pub fn send(&self, msg: ServerMessage) {
-        self.to_viewer.send(msg).unwrap();
+        self.to_viewer.send(Out::Control(msg)).unwrap();
+    }
+
+    /// Sends one H.264 access unit `data` of a `width` x `height` picture on its own stream.
+    pub fn send_frame(
+        &self,
+        sequence: u64,
+        keyframe: bool,
+        width: u16,
+        height: u16,
+        data: Vec<u8>,
+    ) {
+        let header = FrameHeader {
+            sequence,
+            capture_time_us: 0,
+            keyframe,
+            codec: Codec::H264AnnexB,
+            width,
+            height,
+            payload_len: data.len() as u32,
+        };
+        self.to_viewer.send(Out::Frame(header, data)).unwrap();
     }
 
     /// The next message from the viewer that `pick` takes, skipping the others; fails the
@@ -98,11 +119,17 @@ impl ScriptedServer {
     }
 }
 
+/// What the test has the server send.
+enum Out {
+    Control(ServerMessage),
+    Frame(FrameHeader, Vec<u8>),
+}
+
 async fn serve_one(
     endpoint: quinn::Endpoint,
     rights: Rights,
     received: mpsc::UnboundedSender<ClientMessage>,
-    mut outgoing: mpsc::UnboundedReceiver<ServerMessage>,
+    mut outgoing: mpsc::UnboundedReceiver<Out>,
 ) {
     let Some(incoming) = endpoint.accept().await else {
         return;
@@ -137,9 +164,25 @@ async fn serve_one(
                 }
             }
             msg = outgoing.recv(), if welcomed => {
-                let Some(msg) = msg else { return };
-                if send.write_all(&msg.to_bytes()).await.is_err() {
-                    return;
+                match msg {
+                    None => return,
+                    Some(Out::Control(msg)) => {
+                        if send.write_all(&msg.to_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Out::Frame(header, data)) => {
+                        let Ok(mut uni) = conn.open_uni().await else { return };
+                        let sent = async {
+                            uni.write_all(&header.encode()).await?;
+                            uni.write_all(&data).await?;
+                            uni.finish()?;
+                            Ok::<_, Box<dyn std::error::Error>>(())
+                        };
+                        if sent.await.is_err() {
+                            return;
+                        }
+                    }
                 }
             }
         }
