@@ -209,9 +209,8 @@ fn xfce_desktop_spec_builds_with_autologin_into_x() {
             "{binary} missing"
         );
     }
-    assert!(
-        debugfs(&out, "cat /home/genos/.bash_profile").contains("exec startx /usr/bin/startxfce4")
-    );
+    assert!(debugfs(&out, "cat /home/genos/.bash_profile")
+        .contains("exec startx /usr/local/bin/genos-x-session /usr/bin/startxfce4"));
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
 

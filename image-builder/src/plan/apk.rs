@@ -131,7 +131,7 @@ pub fn openrc_setup(user: &str, agent: bool) -> (Vec<File>, String) {
         files.push(File::new(
             "etc/init.d/genos-agent",
             format!(
-                "#!/sbin/openrc-run\ndescription=\"GenOS guest agent\"\ncommand=/{AGENT_PATH}\nsupervisor=supervise-daemon\nrespawn_delay=1\n"
+                "#!/sbin/openrc-run\ndescription=\"GenOS guest agent\"\ncommand=/{AGENT_PATH}\ncommand_args=\"--session-user {user}\"\nsupervisor=supervise-daemon\nrespawn_delay=1\n"
             ),
             0o755,
         ));
@@ -213,7 +213,7 @@ mod tests {
         assert!(!plan.files.iter().any(|f| f.path.starts_with("etc/systemd")));
         assert!(plan.user_files[0]
             .contents
-            .contains("exec startx /usr/bin/startxfce4"));
+            .contains("exec startx /usr/local/bin/genos-x-session /usr/bin/startxfce4"));
         for p in ["xfce4", "firefox-esr", "xorg-server", "seatd"] {
             assert!(plan.packages.iter().any(|x| x == p), "{p}");
         }

@@ -20,6 +20,10 @@ use proto::spec::{BaseEntry, Catalog, RepoEntry, Spec, SpecError};
 
 /// Where the agent binary goes in every image.
 pub const AGENT_PATH: &str = "usr/local/bin/genos-agent";
+/// The X session's client: starts the agent's session part, then execs the desktop.
+pub const X_SESSION_PATH: &str = "usr/local/bin/genos-x-session";
+/// The kiosk's program under cage: starts the agent's session part, then execs the app.
+pub const KIOSK_SESSION_PATH: &str = "usr/local/bin/genos-kiosk-session";
 /// The account every environment logs into.
 pub const DEFAULT_USER: &str = "genos";
 /// Host name baked into images (environments override it on the kernel command line).
@@ -265,6 +269,25 @@ pub struct Session {
     pub packages: Vec<String>,
     /// Command the autologin shell on tty1 execs; `None` leaves the user at a shell.
     pub command: Option<String>,
+    /// The session's own files: the wrapper that starts genos-agent's session part with it.
+    pub files: Vec<File>,
+}
+
+/// The wrapper a session runs its desktop (or kiosk app) through: it starts
+/// `genos-agent session` beside it (when the image has the agent), so the session part
+/// lives exactly as long as the session, then execs the program it was given.
+fn session_wrapper(path: &str, what: &str, agent_args: &str) -> File {
+    File::new(
+        path,
+        format!(
+            "#!/bin/sh\n\
+             # Written by genos-image: runs {what} with genos-agent's session part beside it\n\
+             # (clipboard, display modes and the session stage for the system agent).\n\
+             if [ -x /{AGENT_PATH} ]; then\n    /{AGENT_PATH} session{agent_args} &\nfi\n\
+             exec \"$@\"\n"
+        ),
+        0o755,
+    )
 }
 
 /// Everything a spec's image is built from.
@@ -336,10 +359,11 @@ pub fn plan(spec: &Spec, catalog: &Catalog, options: &PlanOptions) -> Result<Pla
         Builder::Dnf => (dnf::install_script(&packages), Vec::new(), Vec::new()),
         Builder::Apk => (apk::install_script(&packages), Vec::new(), Vec::new()),
     };
-    let (files, setup_script) = match base.builder {
+    let (mut files, setup_script) = match base.builder {
         Builder::Debootstrap | Builder::Dnf => systemd_setup(user, options.agent),
         Builder::Apk => apk::openrc_setup(user, options.agent),
     };
+    files.extend(session.files.iter().cloned());
     let user_files = vec![login_profile(user, &session)];
     let chown_script = user_files
         .iter()
@@ -373,7 +397,8 @@ pub fn plan(spec: &Spec, catalog: &Catalog, options: &PlanOptions) -> Result<Pla
 }
 
 /// The session for `spec`'s desktop: X11 desktops start through `startx`, the kiosk runs
-/// the spec's first app full screen under cage, `none` is a console login.
+/// the spec's first app full screen under cage, `none` is a console login. Desktops and
+/// kiosks start through a wrapper that runs genos-agent's session part with the session.
 pub fn session_for(
     spec: &Spec,
     builder: Builder,
@@ -385,14 +410,19 @@ pub fn session_for(
         Builder::Dnf => (dnf::X11_SESSION_PACKAGES, dnf::KIOSK_SESSION_PACKAGES),
         Builder::Apk => (apk::X11_SESSION_PACKAGES, apk::KIOSK_SESSION_PACKAGES),
     };
+    // startx takes the first absolute path as the X client and passes the rest to it.
     let x11 = |program: &str| Session {
         packages: owned(x11),
-        command: Some(format!("startx {program} -- -nolisten tcp vt1")),
+        command: Some(format!(
+            "startx /{X_SESSION_PATH} {program} -- -nolisten tcp vt1"
+        )),
+        files: vec![session_wrapper(X_SESSION_PATH, "the X desktop", "")],
     };
     match spec.desktop.as_str() {
         "none" => Ok(Session {
             packages: Vec::new(),
             command: None,
+            files: Vec::new(),
         }),
         "xfce" => Ok(x11("/usr/bin/startxfce4")),
         "lxqt" => Ok(x11("/usr/bin/startlxqt")),
@@ -402,7 +432,12 @@ pub fn session_for(
             let program = first_app_command.ok_or(PlanError::KioskWithoutApp)?;
             Ok(Session {
                 packages: owned(kiosk),
-                command: Some(format!("cage -- {program}")),
+                command: Some(format!("cage -- /{KIOSK_SESSION_PATH} {program}")),
+                files: vec![session_wrapper(
+                    KIOSK_SESSION_PATH,
+                    "the kiosk app",
+                    " --kiosk",
+                )],
             })
         }
         other => Err(PlanError::NoSession(other.to_string())),
@@ -484,7 +519,7 @@ fn systemd_setup(user: &str, agent: bool) -> (Vec<File>, String) {
     if agent {
         files.push(File::new(
             "etc/systemd/system/genos-agent.service",
-            format!("[Unit]\nDescription=GenOS guest agent\n\n[Service]\nExecStart=/{AGENT_PATH}\nRestart=always\n\n[Install]\nWantedBy=multi-user.target\n"),
+            format!("[Unit]\nDescription=GenOS guest agent\n\n[Service]\nExecStart=/{AGENT_PATH} --session-user {user}\nRestart=always\n\n[Install]\nWantedBy=multi-user.target\n"),
             0o644,
         ));
         script.push_str("systemctl enable genos-agent.service\n");
@@ -544,7 +579,7 @@ pub(crate) mod tests {
             .command
             .as_deref()
             .unwrap()
-            .starts_with("startx /usr/bin/startxfce4"));
+            .starts_with("startx /usr/local/bin/genos-x-session /usr/bin/startxfce4"));
         assert!(plan.packages.iter().any(|p| p == "xserver-xorg-core"));
     }
 
@@ -555,15 +590,44 @@ pub(crate) mod tests {
                 .session
                 .command
                 .unwrap(),
-            "cage -- firefox-esr"
+            "cage -- /usr/local/bin/genos-kiosk-session firefox-esr"
         );
         assert_eq!(
             plan_of("fedora-40", "kiosk", &["chromium"])
                 .session
                 .command
                 .unwrap(),
-            "cage -- chromium-browser"
+            "cage -- /usr/local/bin/genos-kiosk-session chromium-browser"
         );
+    }
+
+    #[test]
+    fn desktop_and_kiosk_sessions_start_the_agents_session_part_with_them() {
+        for (desktop, apps, wrapper, part) in [
+            (
+                "xfce",
+                &[][..],
+                "usr/local/bin/genos-x-session",
+                "genos-agent session &",
+            ),
+            (
+                "kiosk",
+                &["firefox"][..],
+                "usr/local/bin/genos-kiosk-session",
+                "genos-agent session --kiosk &",
+            ),
+        ] {
+            let plan = plan_of("debian-12", desktop, apps);
+            let command = plan.session.command.clone().unwrap();
+            let script = plan.files.iter().find(|f| f.path == wrapper).unwrap();
+
+            assert!(command.contains(&format!("/{wrapper} ")), "{command}");
+            assert!(script.contents.contains(part), "{}", script.contents);
+            assert!(script.contents.ends_with("exec \"$@\"\n"));
+            assert_eq!(script.mode, 0o755);
+        }
+        let console = plan_of("debian-12", "none", &[]);
+        assert!(!console.files.iter().any(|f| f.path.contains("session")));
     }
 
     #[test]
