@@ -1,5 +1,9 @@
 //! genos-hostd as the appliance runs it: under systemd's notification protocol (READY=1 once
-//! it serves, WATCHDOG=1 pings, STOPPING=1), and `/v1/health` with its real checks.
+//! it serves, WATCHDOG=1 pings, STOPPING=1), `/v1/health` with its real checks, and the
+//! units in packaging/ checked by systemd's own tools (skipped without them unless
+//! GENOS_REQUIRE names `tools`).
+
+use testkit::Need;
 
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
@@ -165,4 +169,130 @@ fn health_runs_real_checks_and_fails_on_an_unusable_image_cache() {
     assert_eq!(text_out.status.code(), Some(1), "{text}");
     assert!(text.starts_with("failing (genos-hostd "), "{text}");
     assert!(text.contains("FAIL  image cache"), "{text}");
+}
+
+/// packaging/ in the source tree.
+fn packaging() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging")
+}
+
+/// Whether `tool` runs; else the test is skipped (or fails under GENOS_REQUIRE=tools).
+fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        testkit::skip(Need::Tools, format!("{tool} not installed (apt: systemd)"));
+    }
+    ok
+}
+
+/// The unit with ExecStart pointing at this build's genos-hostd (verify checks that the
+/// binary exists), in a fresh directory.
+fn unit_copy() -> (tempfile::TempDir, std::path::PathBuf) {
+    let text = std::fs::read_to_string(packaging().join("systemd/genos-hostd.service")).unwrap();
+    assert!(text.contains("ExecStart=/usr/bin/genos-hostd "), "{text}");
+    let text = text.replace("/usr/bin/genos-hostd", env!("CARGO_BIN_EXE_genos-hostd"));
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("genos-hostd.service");
+    std::fs::write(&unit, text).unwrap();
+    (dir, unit)
+}
+
+#[test]
+fn the_unit_passes_systemd_analyze_verify() {
+    if !have("systemd-analyze") {
+        return;
+    }
+    let (_dir, unit) = unit_copy();
+
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+
+    let text =
+        String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}");
+    let about_ours: Vec<_> = text
+        .lines()
+        .filter(|l| l.contains("genos-hostd.service"))
+        .collect();
+    assert!(about_ours.is_empty(), "{about_ours:?}");
+}
+
+#[test]
+fn the_unit_keeps_its_hardening_exposure_below_8() {
+    if !have("systemd-analyze") {
+        return;
+    }
+    let (_dir, unit) = unit_copy();
+
+    let o = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+
+    let text = String::from_utf8_lossy(&o.stdout);
+    let level: f64 = text
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for genos-hostd.service:"))
+        .and_then(|(_, v)| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in {text}"));
+    eprintln!("systemd-analyze security: exposure {level}");
+    assert!(level < 8.0, "exposure {level}: {text}");
+}
+
+#[test]
+fn sysusers_and_tmpfiles_make_the_genos_group_and_the_directories() {
+    if !have("systemd-sysusers") || !have("systemd-tmpfiles") {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = tempfile::tempdir().unwrap();
+    for (kind, file) in [("sysusers.d", "genos.conf"), ("tmpfiles.d", "genos.conf")] {
+        let dir = root.path().join("usr/lib").join(kind);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(packaging().join(kind).join(file), dir.join(file)).unwrap();
+    }
+    std::fs::create_dir_all(root.path().join("etc")).unwrap();
+
+    let sysusers = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", root.path().display()))
+        .output()
+        .unwrap();
+    let tmpfiles = Command::new("systemd-tmpfiles")
+        .args(["--create"])
+        .arg(format!("--root={}", root.path().display()))
+        .output()
+        .unwrap();
+
+    assert!(
+        sysusers.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sysusers.stderr)
+    );
+    assert!(
+        tmpfiles.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tmpfiles.stderr)
+    );
+    let group = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
+    let gid: u32 = group
+        .lines()
+        .find_map(|l| l.strip_prefix("genos:x:"))
+        .and_then(|rest| rest.split(':').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no genos group in {group:?}"));
+    let meta = |p: &str| std::fs::metadata(root.path().join(p)).unwrap();
+    let state = meta("var/lib/genos");
+    assert_eq!(state.permissions().mode() & 0o7777, 0o710);
+    assert_eq!((state.uid(), state.gid()), (0, gid));
+    assert_eq!(
+        meta("var/cache/genos/images").permissions().mode() & 0o7777,
+        0o755
+    );
+    assert!(meta("etc/genos").is_dir());
 }

@@ -16,7 +16,8 @@ use hostd::orchestrator::Orchestrator;
 #[derive(Parser)]
 #[command(name = "genos-hostd", version, about = "GenOS host daemon")]
 struct Args {
-    /// Configuration file (default: the built-in copy of configs/hostd.toml).
+    /// Configuration file (default: /etc/genos/hostd.toml when it exists, else the
+    /// built-in copy of configs/hostd.toml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// State directory (default: $XDG_STATE_HOME/genos, else ~/.local/state/genos).
@@ -31,6 +32,9 @@ enum Cmd {
     /// Stream a synthetic scene (no VM) to genos-view clients.
     ServeDemo(hostd::stream::demo::DemoArgs),
 }
+
+/// The appliance's configuration file, read when `--config` is not given.
+const SYSTEM_CONFIG: &str = "/etc/genos/hostd.toml";
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -58,7 +62,9 @@ fn fail(e: &dyn std::error::Error) -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let cfg = match &args.config {
+    let etc = PathBuf::from(SYSTEM_CONFIG);
+    let config = args.config.clone().or_else(|| etc.is_file().then_some(etc));
+    let cfg = match &config {
         Some(p) => Config::load(p)?,
         None => Config::embedded(),
     };
