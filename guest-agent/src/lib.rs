@@ -6,6 +6,7 @@
 
 pub mod exec;
 pub mod files;
+pub mod kiosk;
 pub mod link;
 pub mod paths;
 pub mod ready;

@@ -11,7 +11,8 @@ use std::io::{ErrorKind, Read, Write};
 
 use proto::agent::session::HostSession;
 use proto::agent::{
-    AgentMessage, ClipboardContent, HostMessage, RequestId, SendError, Stage, MAX_FRAME_LEN,
+    AgentMessage, ClipboardContent, Features, HostMessage, RequestId, SendError, Stage,
+    MAX_FRAME_LEN,
 };
 
 use crate::x11::Requester;
@@ -37,6 +38,8 @@ pub struct SessionLink {
     pub uid: u32,
     /// The stage the session part last announced.
     pub stage: Stage,
+    /// What its Hello announced (none of the X features under the kiosk).
+    pub features: Features,
     next_id: u32,
     pending: HashMap<RequestId, Requester>,
     /// Why the link is over, once it is.
@@ -50,6 +53,7 @@ impl SessionLink {
             session: HostSession::new(),
             uid,
             stage: Stage::Booting,
+            features: Features::empty(),
             next_id: 1,
             pending: HashMap::new(),
             dead: None,
@@ -123,6 +127,7 @@ impl SessionLink {
             };
             if frame.id == RequestId::CONNECTION {
                 match frame.message {
+                    AgentMessage::Hello { features, .. } => self.features = features,
                     AgentMessage::Ready(stage) => self.stage = stage,
                     AgentMessage::ClipboardChanged(content) => {
                         events.push(LinkEvent::Changed(content))

@@ -74,8 +74,12 @@ enum Mode {
         #[arg(long, default_value = DEFAULT_SESSION_SOCKET)]
         socket: PathBuf,
         /// The X display [default: $DISPLAY].
-        #[arg(long)]
+        #[arg(long, conflicts_with = "kiosk")]
         display: Option<String>,
+        /// Under the kiosk (cage, Wayland): no X; `session` while the compositor answers
+        /// and the parent (the kiosk app) runs, and the part ends with the app.
+        #[arg(long)]
+        kiosk: bool,
     },
 }
 
@@ -120,8 +124,13 @@ fn main() -> ExitCode {
             eprintln!("genos-agent: {e}");
         }
     }
-    if let Some(Mode::Session { socket, display }) = args.mode {
-        return run(session_config(socket, display));
+    if let Some(Mode::Session {
+        socket,
+        display,
+        kiosk,
+    }) = args.mode
+    {
+        return run(session_config(socket, display, kiosk));
     }
     let serial = args.serial.or_else(|| {
         transport::find_virtio_port(VIRTIO_SERIAL_NAME, Path::new("/sys"), Path::new("/dev"))
@@ -146,13 +155,14 @@ fn main() -> ExitCode {
         }),
         session_user: args.session_user,
         uplink: None,
+        kiosk: false,
     };
     run(cfg)
 }
 
 /// The session part: no listener, no init system; the X display and the system agent's
 /// session socket.
-fn session_config(socket: PathBuf, display: Option<String>) -> Config {
+fn session_config(socket: PathBuf, display: Option<String>, kiosk: bool) -> Config {
     Config {
         vsock_port: None,
         vsock_required: false,
@@ -170,6 +180,7 @@ fn session_config(socket: PathBuf, display: Option<String>) -> Config {
         session_socket_required: false,
         session_user: String::new(),
         uplink: Some(socket),
+        kiosk,
     }
 }
 

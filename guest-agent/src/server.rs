@@ -26,6 +26,7 @@ use proto::agent::{
 
 use crate::exec::{self, Exec, Output};
 use crate::files::{Get, Put};
+use crate::kiosk::{Kiosk, KioskState};
 use crate::link::{LinkEvent, SessionLink};
 use crate::ready::{self, Readiness};
 use crate::system;
@@ -124,6 +125,9 @@ pub struct Config {
     pub session_user: String,
     /// Session role: the system agent's session socket.
     pub uplink: Option<PathBuf>,
+    /// Session role under the kiosk (cage, Wayland): no X; the app and the compositor
+    /// make the session stage ([`crate::kiosk`]).
+    pub kiosk: bool,
 }
 
 /// At most `BURST` lines per 10 s, then a count of the suppressed ones: what a peer makes
@@ -287,6 +291,8 @@ pub struct Server {
     log: RateLimit,
     /// The agent's own X connection (session role, or `--x11`).
     desktop: Option<Desktop>,
+    /// Session role under the kiosk.
+    kiosk: Option<Kiosk>,
     /// System role: the session parts' listener and the one connected.
     session_listener: Option<Listener>,
     link: Option<SessionLink>,
@@ -385,9 +391,11 @@ impl Server {
             }
         }
         let desktop = match &cfg.x11 {
-            Some(display) => Some(connect_display(display, cfg.role)?),
-            None => None,
+            Some(display) if !cfg.kiosk => Some(connect_display(display, cfg.role)?),
+            _ => None,
         };
+        let kiosk =
+            (cfg.role == Role::Session && cfg.kiosk).then(|| Kiosk::from_env(Instant::now()));
         if cfg.role == Role::System && listeners.is_empty() && cfg.serial.is_none() {
             return Err(ServerError::NoTransport);
         }
@@ -400,6 +408,7 @@ impl Server {
         Ok(Server {
             readiness: Readiness::new(no_init, cfg.systemctl.clone(), now),
             desktop,
+            kiosk,
             session_listener,
             link: None,
             link_gone: "none has connected yet".into(),
@@ -427,8 +436,13 @@ impl Server {
 
     /// What a Hello says now: the X features only while a display is reachable.
     fn features(&self) -> Features {
-        let desktop = self.desktop.is_some() || self.link.is_some();
+        let desktop = self.desktop.is_some()
+            || self
+                .link
+                .as_ref()
+                .is_some_and(|l| l.features.contains(Features::CLIPBOARD));
         match (self.cfg.role, desktop) {
+            (Role::Session, _) if self.kiosk.is_some() => Features::empty(),
             (Role::Session, _) => DESKTOP_FEATURES,
             (Role::System, true) => FEATURES | DESKTOP_FEATURES,
             (Role::System, false) => FEATURES,
@@ -437,6 +451,13 @@ impl Server {
 
     /// The stage announced to hosts.
     fn stage(&self) -> Stage {
+        if let Some(k) = &self.kiosk {
+            return if k.running() {
+                Stage::Session
+            } else {
+                Stage::System
+            };
+        }
         let desktop = match (&self.desktop, &self.link) {
             (Some(d), _) if d.session_ready() => Some(Stage::Session),
             (Some(_), _) => Some(Stage::System),
@@ -528,6 +549,7 @@ impl Server {
             .chain(self.serial_retry)
             .chain(self.uplink_retry)
             .chain(self.desktop.as_ref().and_then(Desktop::next_deadline))
+            .chain(self.kiosk.as_ref().map(Kiosk::next_check))
             .chain(self.power.map(|(_, _, at)| at))
             .min();
         let timeout = if busy {
@@ -699,6 +721,10 @@ impl Server {
         };
         let reply = match reply {
             Err(e) => Err(e),
+            Ok(_) if self.kiosk.is_some() => Err((
+                ErrorCode::NotSupported,
+                "the kiosk session (cage, Wayland) has no clipboard or display control through the agent".into(),
+            )),
             Ok(_) if self.desktop.is_some() => self.desktop_do(token, id, frame.message, now),
             Ok(_) => match self.link.as_mut() {
                 Some(link) => match link.forward((token, id), frame.message) {
@@ -995,6 +1021,18 @@ impl Server {
             eprintln!("genos-agent: stage {}", stage.name());
         }
         self.service_desktop(now)?;
+        if let Some(k) = self.kiosk.as_mut() {
+            let was = k.running();
+            match k.poll(now) {
+                KioskState::Ended => {
+                    return Err(ServerError::DisplayGone("the kiosk app exited".into()))
+                }
+                KioskState::Running if !was => {
+                    eprintln!("genos-agent: the kiosk app runs under its compositor")
+                }
+                _ => {}
+            }
+        }
         self.service_uplink(now);
         if let Some(link) = self.link.as_mut() {
             link.flush();

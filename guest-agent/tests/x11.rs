@@ -628,3 +628,42 @@ fn display_modes_are_set_with_randr_on_xorg_dummy_new_and_existing() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_kiosk_session_part_is_at_session_while_the_app_runs_under_its_compositor() {
+    let scratch = Scratch::new("kiosk");
+    let mut system = System::start(&scratch);
+    system.wait_stage(Stage::System);
+    // A stand-in for cage's Wayland socket: it accepts connections as the compositor's does.
+    let _compositor = std::os::unix::net::UnixListener::bind(scratch.0.join("wayland-7")).unwrap();
+    // genos-kiosk-session's shape: the part in the background, then the shell becomes the app.
+    let app = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{AGENT}' session --kiosk --socket '{}' & exec sleep 60",
+            system.session_socket.display()
+        ))
+        .env("WAYLAND_DISPLAY", "wayland-7")
+        .env("XDG_RUNTIME_DIR", &scratch.0)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start the kiosk stand-in");
+    let mut app = Guard(app);
+
+    system.wait_stage(Stage::Session);
+    let get = system.when_connected(|| HostMessage::ClipboardGet {
+        mime: MIME_TEXT_UTF8.into(),
+    });
+    let _ = app.0.kill();
+    let _ = app.0.wait();
+
+    match get {
+        AgentMessage::Error { code, message } => {
+            assert_eq!(code, ErrorCode::NotSupported);
+            assert!(message.contains("kiosk"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The app is gone: the part ends with it and the stage falls back.
+    system.wait_stage(Stage::System);
+}
