@@ -7,7 +7,9 @@ mod support;
 
 use std::time::Duration;
 
-use proto::stream::{ClientMessage, Rights, ServerMessage};
+use hostd::stream::{EnvRef, ServerConfig};
+use proto::stream::{ClientMessage, ErrorCode, Rights, ServerMessage};
+use scenes::Scene;
 use support::scripted::{ScriptedServer, CONFIG};
 use support::x11::{self, Viewer, XServer};
 use testkit::Need;
@@ -155,6 +157,72 @@ async fn a_token_without_the_clipboard_right_shares_nothing() {
         return;
     }
     nothing_is_shared(Rights::VIEW.union(Rights::INPUT), &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clipboard_the_server_refused_is_not_sent_again() {
+    if !x_tools(&[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (x, mut server, viewer) = viewer(ALL, &[], dir.path()).await;
+    set_host_clipboard(&x.display, "first").await;
+    let first = server.next(10, "Clipboard", clipboard_texts).await;
+
+    // As hostd answers once the token expired.
+    server.send(ServerMessage::Error {
+        code: ErrorCode::PermissionDenied,
+        message: "clipboard refused: token expired".into(),
+    });
+    // The refusal is in once the viewer logged it.
+    let logged = tokio::task::spawn_blocking({
+        let viewer_log = dir.path().join("genos-view.log");
+        move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                let log = std::fs::read_to_string(&viewer_log).unwrap_or_default();
+                if log.contains("clipboard refused") {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            false
+        }
+    })
+    .await
+    .unwrap();
+    set_host_clipboard(&x.display, "second").await;
+    let after = server
+        .collect(Duration::from_millis(2000), clipboard_texts)
+        .await;
+
+    assert_eq!(first, "first");
+    assert!(logged, "the refusal was not logged: {}", viewer.log());
+    assert!(after.is_empty(), "sent after the refusal: {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_clipboard_reaches_a_stream_servers_environment() {
+    if !x_tools(&[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let env = EnvRef::new("dev", 1);
+    let hx = support::start(ServerConfig::default(), &env, Scene::Still, 320, 240, 10.0);
+    let token = hx.tokens.issue(&env, ALL, support::HOUR).unwrap();
+    let url = hx.server.connect_url(&env.name, &token).unwrap();
+    let x = XServer::start();
+    let _viewer = Viewer::start(&x.display, &url, &[], dir.path());
+
+    set_host_clipboard(&x.display, "to the environment").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut got = hx.input.clipboard();
+    while got.is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        got = hx.input.clipboard();
+    }
+
+    assert_eq!(got.as_deref(), Some("to the environment"));
 }
 
 fn resizes(m: ClientMessage) -> Option<(u16, u16)> {
