@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
+use std::time::{Duration, Instant};
 
 use proto::agent::session::HostSession;
 use proto::agent::{
@@ -16,6 +17,10 @@ use proto::agent::{
 };
 
 use crate::x11::Requester;
+
+/// How long the session part has to answer a forwarded request (its own clipboard
+/// conversions give up after 2 s; a mode change takes well under a second).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the session part said that the agent acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +46,7 @@ pub struct SessionLink {
     /// What its Hello announced (none of the X features under the kiosk).
     pub features: Features,
     next_id: u32,
-    pending: HashMap<RequestId, Requester>,
+    pending: HashMap<RequestId, (Requester, Instant)>,
     /// Why the link is over, once it is.
     pub dead: Option<String>,
 }
@@ -75,7 +80,12 @@ impl SessionLink {
 
     /// Forwards a clipboard or display request of `to`; its answer comes as a
     /// [`LinkEvent::Reply`].
-    pub fn forward(&mut self, to: Requester, message: HostMessage) -> Result<(), SendError> {
+    pub fn forward(
+        &mut self,
+        to: Requester,
+        message: HostMessage,
+        now: Instant,
+    ) -> Result<(), SendError> {
         let id = RequestId(self.next_id);
         // Ids wrap past u32::MAX; 0 is the connection's and ids in flight are skipped.
         self.next_id = self.next_id.checked_add(1).unwrap_or(1);
@@ -83,18 +93,38 @@ impl SessionLink {
             return Err(SendError::IdInUse { id });
         }
         self.session.send(id, message)?;
-        self.pending.insert(id, to);
+        self.pending.insert(id, (to, now + FORWARD_TIMEOUT));
         Ok(())
     }
 
     /// Forgets the requests of a connection that closed.
     pub fn forget(&mut self, token: u64) {
-        self.pending.retain(|_, (t, _)| *t != token);
+        self.pending.retain(|_, ((t, _), _)| *t != token);
     }
 
     /// Requests still waiting for an answer (when the link dies they fail).
     pub fn take_pending(&mut self) -> Vec<Requester> {
-        self.pending.drain().map(|(_, to)| to).collect()
+        self.pending.drain().map(|(_, (to, _))| to).collect()
+    }
+
+    /// Requests the session part left unanswered past [`FORWARD_TIMEOUT`]; forgotten here
+    /// (a late answer is dropped).
+    pub fn expired(&mut self, now: Instant) -> Vec<Requester> {
+        let late: Vec<RequestId> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, deadline))| now >= *deadline)
+            .map(|(&id, _)| id)
+            .collect();
+        late.iter()
+            .filter_map(|id| self.pending.remove(id))
+            .map(|(to, _)| to)
+            .collect()
+    }
+
+    /// The earliest deadline of a forwarded request.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|(_, d)| *d).min()
     }
 
     /// Reads what the session part sent and returns what it means.
@@ -139,7 +169,7 @@ impl SessionLink {
                 }
                 continue;
             }
-            if let Some(to) = self.pending.remove(&frame.id) {
+            if let Some((to, _)) = self.pending.remove(&frame.id) {
                 events.push(LinkEvent::Reply {
                     to,
                     message: frame.message,

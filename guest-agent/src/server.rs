@@ -550,6 +550,7 @@ impl Server {
             .chain(self.uplink_retry)
             .chain(self.desktop.as_ref().and_then(Desktop::next_deadline))
             .chain(self.kiosk.as_ref().map(Kiosk::next_check))
+            .chain(self.link.as_ref().and_then(SessionLink::next_deadline))
             .chain(self.power.map(|(_, _, at)| at))
             .min();
         let timeout = if busy {
@@ -727,7 +728,7 @@ impl Server {
             )),
             Ok(_) if self.desktop.is_some() => self.desktop_do(token, id, frame.message, now),
             Ok(_) => match self.link.as_mut() {
-                Some(link) => match link.forward((token, id), frame.message) {
+                Some(link) => match link.forward((token, id), frame.message, now) {
                     Ok(()) => {
                         link.flush();
                         Ok(None)
@@ -1036,6 +1037,18 @@ impl Server {
         self.service_uplink(now);
         if let Some(link) = self.link.as_mut() {
             link.flush();
+            for (token, id) in link.expired(now) {
+                if let Some(c) = self.conns.get_mut(&token) {
+                    c.error(
+                        id,
+                        ErrorCode::Io,
+                        format!(
+                            "the desktop session part did not answer within {:?}",
+                            crate::link::FORWARD_TIMEOUT
+                        ),
+                    );
+                }
+            }
         }
         if self.link.as_ref().is_some_and(|l| l.dead.is_some()) {
             self.drop_link(now);

@@ -667,3 +667,192 @@ fn a_kiosk_session_part_is_at_session_while_the_app_runs_under_its_compositor() 
     // The app is gone: the part ends with it and the stage falls back.
     system.wait_stage(Stage::System);
 }
+
+/// A clipboard owner that answers UTF8_STRING only through INCR, in `chunk`-byte pieces
+/// (what owners of large selections do), until `stop`.
+fn incr_owner(
+    display: &str,
+    text: Vec<u8>,
+    chunk: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u32> {
+    use x11rb::protocol::xproto::{
+        ChangeWindowAttributesAux, EventMask, PropMode, Property, SelectionNotifyEvent,
+        SELECTION_NOTIFY_EVENT,
+    };
+    use x11rb::protocol::Event;
+    use x11rb::wrapper::ConnectionExt as _;
+    let (conn, screen) = x11rb::connect(Some(display)).unwrap();
+    let root = conn.setup().roots[screen].root;
+    let window = conn.generate_id().unwrap();
+    conn.create_window(
+        0,
+        window,
+        root,
+        0,
+        0,
+        1,
+        1,
+        0,
+        WindowClass::INPUT_ONLY,
+        x11rb::COPY_FROM_PARENT,
+        &CreateWindowAux::new(),
+    )
+    .unwrap();
+    let atom = |n: &[u8]| conn.intern_atom(false, n).unwrap().reply().unwrap().atom;
+    let (clipboard, utf8, incr) = (atom(b"CLIPBOARD"), atom(b"UTF8_STRING"), atom(b"INCR"));
+    conn.set_selection_owner(window, clipboard, x11rb::CURRENT_TIME)
+        .unwrap();
+    conn.flush().unwrap();
+    std::thread::spawn(move || {
+        // (requestor, property, bytes sent); and how many transfers ended.
+        let mut transfer: Option<(u32, u32, usize)> = None;
+        let mut finished = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let Some(event) = conn.poll_for_event().unwrap() else {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            };
+            match event {
+                Event::SelectionRequest(e) => {
+                    let ok = e.target == utf8 && transfer.is_none();
+                    if ok {
+                        conn.change_window_attributes(
+                            e.requestor,
+                            &ChangeWindowAttributesAux::new()
+                                .event_mask(EventMask::PROPERTY_CHANGE),
+                        )
+                        .unwrap();
+                        conn.change_property32(
+                            PropMode::REPLACE,
+                            e.requestor,
+                            e.property,
+                            incr,
+                            &[text.len() as u32],
+                        )
+                        .unwrap();
+                        transfer = Some((e.requestor, e.property, 0));
+                    }
+                    let notify = SelectionNotifyEvent {
+                        response_type: SELECTION_NOTIFY_EVENT,
+                        sequence: 0,
+                        time: e.time,
+                        requestor: e.requestor,
+                        selection: e.selection,
+                        target: e.target,
+                        property: if ok { e.property } else { x11rb::NONE },
+                    };
+                    conn.send_event(false, e.requestor, EventMask::NO_EVENT, notify)
+                        .unwrap();
+                }
+                Event::PropertyNotify(e) if e.state == Property::DELETE => {
+                    if let Some((requestor, property, sent)) = transfer {
+                        if e.window == requestor && e.atom == property {
+                            let end = (sent + chunk).min(text.len());
+                            conn.change_property8(
+                                PropMode::REPLACE,
+                                requestor,
+                                property,
+                                utf8,
+                                &text[sent..end],
+                            )
+                            .unwrap();
+                            transfer = if sent == end {
+                                finished += 1;
+                                None
+                            } else {
+                                Some((requestor, property, end))
+                            };
+                        }
+                    }
+                }
+                _ => {}
+            }
+            conn.flush().unwrap();
+        }
+        finished
+    })
+}
+
+#[test]
+fn a_clipboard_sent_in_incr_pieces_is_got_whole() {
+    if !tools("clipboard INCR", &["Xvfb"]) {
+        return;
+    }
+    let scratch = Scratch::new("incr");
+    let x = XServer::xvfb(&scratch);
+    let mut system = System::start(&scratch);
+    let _part = system.session_part(&x);
+    let text: Vec<u8> = (0..300_000).map(|i| b'a' + (i % 26) as u8).collect();
+    // Connected first (an empty clipboard answers NotFound), then the owner appears.
+    let empty = system.when_connected(|| HostMessage::ClipboardGet {
+        mime: MIME_TEXT_UTF8.into(),
+    });
+    assert!(
+        matches!(
+            empty,
+            AgentMessage::Error {
+                code: ErrorCode::NotFound,
+                ..
+            }
+        ),
+        "{empty:?}"
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let owner = incr_owner(&x.display, text.clone(), 64 * 1024, stop.clone());
+
+    let changed = system.wait_for("ClipboardChanged", Duration::from_secs(20), |f| {
+        matches!(f.message, AgentMessage::ClipboardChanged(_))
+    });
+    let get = system.request(HostMessage::ClipboardGet {
+        mime: MIME_TEXT_UTF8.into(),
+    });
+    let got = system.reply(get);
+    stop.store(true, Ordering::Relaxed);
+    let transfers = owner.join().unwrap();
+
+    match (changed, got) {
+        (AgentMessage::ClipboardChanged(c), AgentMessage::Clipboard(g)) => {
+            assert!(c.data == text, "change: {} bytes", c.data.len());
+            assert!(g.data == text, "get: {} bytes", g.data.len());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        transfers, 2,
+        "one INCR transfer for the change, one for the get"
+    );
+}
+
+#[test]
+fn a_clipboard_over_the_protocol_limit_is_refused_as_too_large() {
+    if !tools("clipboard too large", &["Xvfb", "xclip"]) {
+        return;
+    }
+    let scratch = Scratch::new("large");
+    let x = XServer::xvfb(&scratch);
+    let mut system = System::start(&scratch);
+    let _part = system.session_part(&x);
+    let text = "x".repeat(proto::agent::MAX_CLIPBOARD_LEN + 1);
+    let _owner = xclip_in(&x, &text);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let got = system.when_connected(|| HostMessage::ClipboardGet {
+        mime: MIME_TEXT_UTF8.into(),
+    });
+
+    match got {
+        AgentMessage::Error { code, message } => {
+            assert_eq!(code, ErrorCode::TooLarge);
+            assert!(message.contains("524288"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        !system
+            .pending
+            .iter()
+            .any(|f| matches!(f.message, AgentMessage::ClipboardChanged(_))),
+        "a clipboard too large to relay must not be announced"
+    );
+}
