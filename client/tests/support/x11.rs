@@ -17,6 +17,23 @@ pub fn missing_tool(tools: &[&'static str]) -> Option<&'static str> {
         .find(|t| !std::env::split_paths(&path).any(|dir| dir.join(t).is_file()))
 }
 
+/// Makes `cmd`'s process get SIGKILL when the thread that started it ends: a test process
+/// killed outright (a timeout) runs no destructors, and its X server must not outlive it.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+    // which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 /// Kills and reaps `child` (ignoring a child that already ended).
 fn end(child: &mut Child) {
     let _ = child.kill();
@@ -32,9 +49,11 @@ pub struct XServer {
 
 impl XServer {
     pub fn start() -> XServer {
-        let mut child = Command::new("Xvfb")
-            .args(["-displayfd", "1", "-nolisten", "tcp", "-screen", "0"])
-            .arg("1920x1080x24")
+        let mut cmd = Command::new("Xvfb");
+        cmd.args(["-displayfd", "1", "-nolisten", "tcp", "-screen", "0"])
+            .arg("1920x1080x24");
+        die_with_parent(&mut cmd);
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -79,7 +98,9 @@ impl Viewer {
     pub fn start(display: &str, url: &str, args: &[&str], dir: &Path) -> Viewer {
         let log = dir.join("genos-view.log");
         let stderr = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_genos-view"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_genos-view"));
+        die_with_parent(&mut cmd);
+        let child = cmd
             .args(args)
             .arg(url)
             .env("DISPLAY", display)
