@@ -123,6 +123,24 @@ async fn a_host_clipboard_above_the_protocols_limit_is_not_sent() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clipboard_of_the_largest_size_from_the_environment_is_served_whole() {
+    if !x_tools(&[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (x, server, _viewer) = viewer(ALL, &[], dir.path()).await;
+    // Above what one X request carries without BIG-REQUESTS (262140 bytes).
+    let line = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\n";
+    let full = line.repeat(proto::stream::MAX_CLIPBOARD_LEN / line.len());
+
+    server.send(ServerMessage::Clipboard(full.clone()));
+    let pasted = host_clipboard_becomes(&x.display, &full).await;
+
+    assert_eq!(full.len(), proto::stream::MAX_CLIPBOARD_LEN);
+    assert_eq!(pasted.map(|t| t.len()), Some(full.len()));
+}
+
 /// Neither direction is shared: a host change is not sent, the server's text is not taken.
 async fn nothing_is_shared(rights: Rights, args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
