@@ -297,7 +297,7 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// guest kernels run interpreted and guest user space cannot make system calls, so no
 /// stock guest reaches its agent here.
 fn nested_kvm_host() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
+    vmm_api::config::KvmHostFacts::read().kind() == vmm_api::config::KvmKind::NestedPvm
 }
 
 #[cfg(test)]
