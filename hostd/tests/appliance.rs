@@ -100,7 +100,7 @@ fn hostd_notifies_ready_once_it_serves_then_pings_the_watchdog_and_says_stopping
 }
 
 #[test]
-fn hostd_without_notify_socket_runs_and_sends_nothing() {
+fn hostd_with_a_watchdog_but_no_notify_socket_serves_its_health_checks() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("state/admin.sock");
     let mut child = spawn_hostd(dir.path(), &[("WATCHDOG_USEC", "200000")]);
@@ -295,4 +295,73 @@ fn sysusers_and_tmpfiles_make_the_genos_group_and_the_directories() {
         0o755
     );
     assert!(meta("etc/genos").is_dir());
+}
+
+#[test]
+fn genos_doctor_runs_without_hostd_and_fails_exactly_when_a_check_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg = dir.path().join("hostd.toml");
+    std::fs::write(&cfg, "[stream]\nlisten = \"0.0.0.0:4433\"\n").unwrap();
+
+    let o = Command::new(env!("CARGO_BIN_EXE_genos"))
+        .env("GENOS_SOCKET", dir.path().join("no-hostd.sock"))
+        .args(["--json", "doctor", "--public-host", "localhost"])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--image-cache")
+        .arg(dir.path().join("cache"))
+        .output()
+        .unwrap();
+
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
+    let findings = v["findings"].as_array().unwrap();
+    let checks: Vec<_> = findings
+        .iter()
+        .map(|f| f["check"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        checks,
+        [
+            "kvm",
+            "cpu",
+            "cgroup",
+            "nftables",
+            "memory",
+            "state dir",
+            "cache dir",
+            "image cache",
+            "time sync",
+            "stream port"
+        ]
+    );
+    let failed = findings.iter().any(|f| f["verdict"] == "fail");
+    assert_eq!(o.status.code(), Some(if failed { 1 } else { 0 }), "{v}");
+    let verdict =
+        |name: &str| findings.iter().find(|f| f["check"] == name).unwrap()["verdict"].clone();
+    assert_eq!(
+        verdict("state dir"),
+        "ok",
+        "a fresh, creatable state dir: {v}"
+    );
+    assert_eq!(
+        verdict("image cache"),
+        "warn",
+        "an absent cache is cold: {v}"
+    );
+    let stream = findings
+        .iter()
+        .find(|f| f["check"] == "stream port")
+        .unwrap();
+    assert!(
+        stream["found"]
+            .as_str()
+            .unwrap()
+            .contains("localhost resolves to"),
+        "{stream}"
+    );
+    assert!(!state.exists(), "doctor creates nothing");
 }
