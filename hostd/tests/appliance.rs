@@ -365,3 +365,107 @@ fn genos_doctor_runs_without_hostd_and_fails_exactly_when_a_check_fails() {
     );
     assert!(!state.exists(), "doctor creates nothing");
 }
+
+#[test]
+fn hostd_logs_to_journald_natively_with_prefixed_fields_when_stderr_is_the_journal() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        testkit::skip(Need::Root, "needs root to mount a stand-in journal socket");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    // Seen by hostd as /run/systemd (a bind mount in its own mount namespace).
+    let run_systemd = dir.path().join("run-systemd");
+    std::fs::create_dir_all(run_systemd.join("journal")).unwrap();
+    let journal = UnixDatagram::bind(run_systemd.join("journal/socket")).unwrap();
+    let stderr_path = dir.path().join("stderr");
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let meta = stderr.metadata().unwrap();
+    let cfg = dir.path().join("hostd.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind \"$1\" /run/systemd && exec \"$2\" --config \"$3\" --state-dir \"$4\"")
+        .arg("sh")
+        .arg(&run_systemd)
+        .arg(env!("CARGO_BIN_EXE_genos-hostd"))
+        .arg(&cfg)
+        .arg(dir.path().join("state"))
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut entries: Vec<Vec<(String, String)>> = Vec::new();
+    let has = |e: &[(String, String)], k: &str, v: &str| e.iter().any(|(a, b)| a == k && b == v);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && !entries
+            .iter()
+            .any(|e| has(e, "MESSAGE", "genos-hostd ready"))
+    {
+        journal
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        if let Ok(n) = journal.recv(&mut buf) {
+            entries.push(journal_fields(&buf[..n]));
+        }
+    }
+    // unshare execs sh, which execs genos-hostd: the child's pid is hostd's.
+    terminate(&mut child);
+
+    let stream = entries
+        .iter()
+        .find(|e| has(e, "MESSAGE", "stream server ready"))
+        .unwrap_or_else(|| panic!("no stream-ready entry in {entries:?}"));
+    assert!(has(stream, "GENOS_LISTEN", "127.0.0.1:0"), "{stream:?}");
+    assert!(
+        has(stream, "SYSLOG_IDENTIFIER", "genos-hostd"),
+        "{stream:?}"
+    );
+    assert!(has(stream, "PRIORITY", "5"), "info is notice: {stream:?}");
+    let ready = entries
+        .iter()
+        .find(|e| has(e, "MESSAGE", "genos-hostd ready"))
+        .unwrap_or_else(|| panic!("no ready entry in {entries:?}"));
+    assert!(
+        ready
+            .iter()
+            .any(|(k, v)| k == "GENOS_SOCKET" && v.ends_with("state/admin.sock")),
+        "{ready:?}"
+    );
+    let text = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(
+        !text.contains("genos-hostd ready"),
+        "logged as text too: {text}"
+    );
+}
+
+/// The fields of one journald native-protocol datagram: `NAME=value\n`, or `NAME\n`, a
+/// little-endian u64 length, the value and `\n`.
+fn journal_fields(mut d: &[u8]) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
+    while let Some(nl) = d.iter().position(|&b| b == b'\n') {
+        let line = &d[..nl];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            let (k, v) = (&line[..eq], &line[eq + 1..]);
+            fields.push((
+                String::from_utf8_lossy(k).into(),
+                String::from_utf8_lossy(v).into(),
+            ));
+            d = &d[nl + 1..];
+        } else {
+            let name = String::from_utf8_lossy(line).into_owned();
+            let rest = &d[nl + 1..];
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            let value = String::from_utf8_lossy(&rest[8..8 + len]).into_owned();
+            fields.push((name, value));
+            d = &rest[8 + len + 1..];
+        }
+    }
+    fields
+}

@@ -3,7 +3,8 @@
 //! Under systemd (`Type=notify`, packaging/systemd/genos-hostd.service) it sends `READY=1`
 //! once the admin socket and the stream server are bound and VMMs are re-adopted,
 //! `WATCHDOG=1` at half `WATCHDOG_USEC` while its own admin socket answers, and
-//! `STOPPING=1` when it is told to stop ([`notify`]).
+//! `STOPPING=1` when it is told to stop ([`notify`]). With its stderr on the journal it
+//! logs in journald's native protocol, fields included ([`init_logging`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,12 +39,7 @@ const SYSTEM_CONFIG: &str = "/etc/genos/hostd.toml";
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     if let Some(Cmd::ServeDemo(demo)) = args.command {
         return match hostd::stream::demo::run(demo) {
             Ok(()) => ExitCode::SUCCESS,
@@ -54,6 +50,58 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e.as_ref()),
     }
+}
+
+/// Logs to journald in its native protocol when stderr is the journal (systemd sets
+/// `JOURNAL_STREAM` to that stream's device and inode), so that event fields become journal
+/// fields with a `GENOS_` prefix (`journalctl -u genos-hostd GENOS_ENV=NAME`); else text on
+/// stderr.
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter =
+        || tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let journald = stderr_is_journal()
+        .then(|| tracing_journald::layer().ok())
+        .flatten()
+        .map(|l| {
+            l.with_field_prefix(Some("GENOS".into()))
+                .with_syslog_identifier("genos-hostd".into())
+        });
+    match journald {
+        Some(layer) => tracing_subscriber::registry()
+            .with(filter())
+            .with(layer)
+            .init(),
+        None => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+}
+
+/// Whether stderr is the stream `JOURNAL_STREAM` names (systemd.exec(5)).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    let Ok(value) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else {
+        return false;
+    };
+    use std::os::unix::fs::MetadataExt;
+    journal_stream_is(&value, meta.dev(), meta.ino())
+}
+
+/// Whether a `JOURNAL_STREAM` value (`DEVICE:INODE`) names the file `dev`, `ino`.
+fn journal_stream_is(value: &str, dev: u64, ino: u64) -> bool {
+    value
+        .split_once(':')
+        .and_then(|(d, i)| Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?)))
+        == Some((dev, ino))
 }
 
 fn fail(e: &dyn std::error::Error) -> ExitCode {
@@ -186,8 +234,17 @@ mod notify {
 
 #[cfg(test)]
 mod tests {
+    use super::journal_stream_is;
     use super::notify::interval;
     use std::time::Duration;
+
+    #[test]
+    fn the_journal_is_used_only_when_stderr_is_the_named_stream() {
+        assert!(journal_stream_is("9:1234", 9, 1234));
+        assert!(!journal_stream_is("9:1234", 9, 1235));
+        assert!(!journal_stream_is("9", 9, 1234));
+        assert!(!journal_stream_is("x:y", 9, 1234));
+    }
 
     #[test]
     fn the_watchdog_pings_at_half_its_timeout_for_this_process_only() {
