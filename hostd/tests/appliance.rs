@@ -15,8 +15,13 @@ const CONFIG: &str =
 
 /// genos-hostd over `dir`, with `env` added to its environment.
 fn spawn_hostd(dir: &Path, env: &[(&str, &str)]) -> Child {
+    spawn_hostd_with(dir, CONFIG, env)
+}
+
+/// genos-hostd over `dir` with the config text `config`.
+fn spawn_hostd_with(dir: &Path, config: &str, env: &[(&str, &str)]) -> Child {
     let cfg = dir.join("hostd.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    std::fs::write(&cfg, config).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_genos-hostd"));
     cmd.arg("--config")
         .arg(&cfg)
@@ -468,4 +473,67 @@ fn journal_fields(mut d: &[u8]) -> Vec<(String, String)> {
         }
     }
     fields
+}
+
+#[test]
+fn a_supplementary_member_of_the_admin_group_uses_the_socket_through_its_real_modes() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        testkit::skip(Need::Root, "needs root to run the client as another user");
+        return;
+    }
+    // `users` (gid 100) stands in for `genos`: Debian has it, and nobody is not in it.
+    let config = format!("{CONFIG}[admin]\ngroup = \"users\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("state/admin.sock");
+    let mut child = spawn_hostd_with(dir.path(), &config, &[]);
+    wait_socket(&sock);
+    // Only the temporary directory is opened up; the state directory and the socket keep
+    // the modes hostd gave them.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let genos = dir.path().join("genos");
+    std::fs::copy(env!("CARGO_BIN_EXE_genos"), &genos).unwrap();
+    std::fs::set_permissions(&genos, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |groups: &str| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                &format!("--groups={groups}"),
+            ])
+            .arg(&genos)
+            .arg("list")
+            .env("GENOS_SOCKET", &sock)
+            .output()
+            .unwrap()
+    };
+
+    let member = as_nobody("65534,100");
+    let outsider = as_nobody("65534");
+    let state = std::fs::metadata(dir.path().join("state")).unwrap();
+    let socket = std::fs::metadata(&sock).unwrap();
+    terminate(&mut child);
+
+    assert_eq!(
+        (state.mode() & 0o777, state.gid()),
+        (0o710, 100),
+        "state dir"
+    );
+    assert_eq!(
+        (socket.mode() & 0o777, socket.gid()),
+        (0o660, 100),
+        "admin.sock"
+    );
+    assert!(
+        member.status.success(),
+        "{}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    assert_eq!(outsider.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&outsider.stderr).contains("ermission denied"),
+        "{}",
+        String::from_utf8_lossy(&outsider.stderr)
+    );
 }
