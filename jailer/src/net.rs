@@ -63,6 +63,9 @@ pub enum Uplink {
     Netns(String),
 }
 
+/// Prefix length of the guest's link and of the veth link: a /30 holds the two ends.
+pub const LINK_PREFIX: u8 = 30;
+
 /// Addresses and names for one environment, derived from its index.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Addressing {
@@ -116,13 +119,6 @@ impl Addressing {
         })
     }
 
-    /// The kernel `ip=` argument that configures the guest's first NIC.
-    pub fn guest_kernel_ip_arg(&self) -> String {
-        format!(
-            "ip={}::{}:255.255.255.252::eth0:off",
-            self.guest, self.gateway
-        )
-    }
 }
 
 /// One allowed destination, resolved.
@@ -311,7 +307,7 @@ pub fn setup_commands(
         ns,
         "addr",
         "add",
-        &format!("{}/30", a.gateway),
+        &format!("{}/{LINK_PREFIX}", a.gateway),
         "dev",
         &a.tap,
     ]);
@@ -341,7 +337,7 @@ pub fn setup_commands(
     up(&[
         "addr",
         "add",
-        &format!("{}/30", a.uplink_addr),
+        &format!("{}/{LINK_PREFIX}", a.uplink_addr),
         "dev",
         &a.veth_uplink,
     ]);
@@ -350,7 +346,7 @@ pub fn setup_commands(
     up(&[
         "route",
         "add",
-        &format!("{guest_net}/30"),
+        &format!("{guest_net}/{LINK_PREFIX}"),
         "via",
         &a.env_addr.to_string(),
     ]);
@@ -361,7 +357,7 @@ pub fn setup_commands(
         ns,
         "addr",
         "add",
-        &format!("{}/30", a.env_addr),
+        &format!("{}/{LINK_PREFIX}", a.env_addr),
         "dev",
         &a.veth_env,
     ]);
@@ -502,10 +498,6 @@ mod tests {
             (Ipv4Addr::new(10, 201, 0, 1), Ipv4Addr::new(10, 201, 0, 2))
         );
         assert_eq!(b.uplink_addr, Ipv4Addr::new(10, 200, 1, 5));
-        assert_eq!(
-            a.guest_kernel_ip_arg(),
-            "ip=10.201.0.2::10.201.0.1:255.255.255.252::eth0:off"
-        );
         assert!(Addressing::new("a", 16384).is_err());
         assert!(Addressing::new("Bad-id", 1).is_err());
     }

@@ -12,8 +12,8 @@ use vmm_api::{LifecycleAction, Request};
 
 use super::images::{ImageError, Images};
 use super::jail::{
-    cgroup_settings, exec_file, jailed_socket, unjailed_socket, Jail, JailError, JailProblem,
-    JailSetup, AGENT_SOCKET,
+    cgroup_settings, exec_file, jailed_socket, read_jail_record, unjailed_socket, Jail, JailError,
+    JailProblem, JailSetup, AGENT_SOCKET,
 };
 use super::supervise::{
     describe_exit, describe_jailed_exit, jailed_vmm_pidfd, last_line, Proc, SuperviseError,
@@ -217,7 +217,7 @@ impl Orchestrator {
     ) -> Result<VmmSocket, BootError> {
         use proto::spec::NetworkMode;
         let cfg = &self.inner.cfg;
-        let mut cmdline = cfg.vmm.cmdline.clone();
+        let cmdline = cfg.vmm.cmdline.clone();
 
         // Network namespace first: the jailer joins it.
         let policy = match spec.network.mode {
@@ -245,9 +245,9 @@ impl Orchestrator {
         })
         .await
         .map_err(BootError::Task)??;
+        // The guest's address, route and resolver go through its agent once it answers
+        // (`wait_agent`); the kernel's `ip=` would need CONFIG_IP_PNP, which is off.
         if let Some(addr) = &addr {
-            cmdline.push(' ');
-            cmdline.push_str(&addr.guest_kernel_ip_arg());
             self.audit(
                 "hostd",
                 "network",
@@ -601,11 +601,52 @@ impl Orchestrator {
                 format!("clock not set: {why}")
             }
         };
-        let agent = format!("{} ({clock})", client.info().agent);
+        let mut agent = format!("{} ({clock}", client.info().agent);
+        match self.configure_guest_network(name, &client).await {
+            Ok(None) => agent.push(')'),
+            Ok(Some(net)) => agent.push_str(&format!("; network {net})")),
+            Err(reason) => {
+                self.fail_boot(name, reason);
+                return None;
+            }
+        }
         if let Some(proc) = self.procs().get(name) {
             *proc.agent.lock().expect("poisoned") = Some(client);
         }
         Some(agent)
+    }
+
+    /// Gives a `nat`/`allowlist` guest the network hostd planned for it through its agent;
+    /// what was set (for the ready audit entry), nothing for a guest without a network, or
+    /// why it failed (the environment cannot do what its spec asks without it).
+    async fn configure_guest_network(
+        &self,
+        name: &str,
+        client: &AgentClient,
+    ) -> Result<Option<String>, String> {
+        let Some(addressing) = read_jail_record(&self.env_dir(name)).and_then(|r| r.addressing())
+        else {
+            return Ok(None);
+        };
+        let net = super::guest::guest_network(&addressing, vec![]);
+        let summary = format!(
+            "{} {}/{} via {}",
+            net.interface, net.address, net.prefix, addressing.gateway
+        );
+        self.set_progress(
+            name,
+            Some(format!("configuring the guest's network ({summary})")),
+        );
+        client
+            .call_done(proto::agent::HostMessage::NetworkConfigure(net))
+            .await
+            .map_err(|e| {
+                format!(
+                    "the guest agent could not configure the network ({summary}): {}",
+                    error_chain(&e)
+                )
+            })?;
+        Ok(Some(summary))
     }
 
     fn fail_boot(&self, name: &str, reason: String) {

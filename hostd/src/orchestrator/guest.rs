@@ -1,10 +1,11 @@
-//! Work done inside a ready environment's guest through its agent: running a command and
-//! moving files. Each is audited (the command line, never its input or output; the file's
-//! path and size).
+//! Work done inside an environment's guest through its agent: the network hostd planned
+//! for it (at boot), running a command and moving files. Each is audited (the command line,
+//! never its input or output; the file's path and size).
 
+use std::net::IpAddr;
 use std::time::Duration;
 
-use proto::agent::{ExecRequest, FileGetRequest, FilePutRequest};
+use proto::agent::{ExecRequest, FileGetRequest, FilePutRequest, NetworkConfig};
 
 use super::{OrchError, Orchestrator};
 use crate::agent::{AgentError, ExecOutput};
@@ -14,6 +15,23 @@ use crate::agent::{AgentError, ExecOutput};
 pub const EXEC_OUTPUT_LIMIT: usize = 8 << 20;
 /// Longest a command may run ([`Orchestrator::exec`]): the admin request waits for it.
 pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The guest's interface as genos-vmm's one virtio-net device appears in it: the kernel's
+/// first Ethernet name (virtio-mmio devices have no bus path for udev to name them by).
+pub const GUEST_INTERFACE: &str = "eth0";
+
+/// What the guest's agent configures for a `nat`/`allowlist` environment: its end of the
+/// point-to-point link to the environment's namespace ([`jailer::net::Addressing`]), the
+/// namespace's end as its gateway, and `resolvers`.
+pub fn guest_network(a: &jailer::net::Addressing, resolvers: Vec<IpAddr>) -> NetworkConfig {
+    NetworkConfig {
+        interface: GUEST_INTERFACE.into(),
+        address: a.guest.into(),
+        prefix: jailer::net::LINK_PREFIX,
+        gateway: Some(a.gateway.into()),
+        resolvers,
+    }
+}
 
 impl Orchestrator {
     /// Runs a command in the guest of `name` to its end (at most `timeout`, then the
@@ -115,5 +133,23 @@ impl Orchestrator {
                 source,
             })?;
         Ok((data, mode))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guest_gets_its_link_address_with_the_namespace_as_gateway() {
+        let a = jailer::net::Addressing::new("e3", 3).unwrap();
+
+        let net = guest_network(&a, vec![]);
+
+        assert_eq!(net.interface, "eth0");
+        assert_eq!(net.address, "10.201.0.14".parse::<IpAddr>().unwrap());
+        assert_eq!(net.prefix, 30);
+        assert_eq!(net.gateway, Some("10.201.0.13".parse().unwrap()));
+        assert!(net.resolvers.is_empty());
     }
 }

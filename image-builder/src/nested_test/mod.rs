@@ -56,7 +56,8 @@ pub fn kernel_options() -> KernelOptions {
 }
 
 /// The archive's entries: the mount points the agent uses as PID 1, the console, root's
-/// account, busybox for `/init` and the agent.
+/// account, busybox for `/init` and as the `ip` the agent configures the network with, and
+/// the agent.
 pub fn initramfs_entries(busybox: Vec<u8>, agent: Vec<u8>) -> Vec<Entry> {
     let dir = |path: &str, mode| Entry::Dir {
         path: path.to_string(),
@@ -70,6 +71,10 @@ pub fn initramfs_entries(busybox: Vec<u8>, agent: Vec<u8>) -> Vec<Entry> {
     vec![
         dir("bin", 0o755),
         file("bin/busybox", 0o755, busybox),
+        Entry::Symlink {
+            path: "bin/ip".into(),
+            target: "busybox".into(),
+        },
         dir("dev", 0o755),
         Entry::CharDevice {
             path: "dev/console".into(),
@@ -239,5 +244,9 @@ mod tests {
             Some(Entry::File { data, .. }) if data.starts_with(b"root:x:0:0:root:/root:")
         ));
         assert!(find("dev/console").is_some());
+        assert!(matches!(
+            find("bin/ip"),
+            Some(Entry::Symlink { target, .. }) if target == "busybox"
+        ));
     }
 }
