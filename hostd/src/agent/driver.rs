@@ -181,7 +181,11 @@ impl Driver {
 
     fn notification(&mut self, message: AgentMessage) -> Result<(), SessionError> {
         match message {
-            AgentMessage::Ready(stage) => self.raise_stage(stage),
+            // A notification is the agent's current stage: it falls when the desktop
+            // session ends.
+            AgentMessage::Ready(stage) => {
+                self.stage.send_if_modified(|now| std::mem::replace(now, stage) != stage);
+            }
             AgentMessage::ClipboardChanged(content) => {
                 self.clipboard.send_replace(Some(content));
             }
@@ -193,7 +197,8 @@ impl Driver {
         Ok(())
     }
 
-    /// Stages only rise: a late answer to a query does not lower what a notification said.
+    /// An answer to a query only raises the stage: a late one does not lower what a
+    /// notification said.
     fn raise_stage(&self, stage: Stage) {
         self.stage.send_if_modified(|now| {
             let higher = stage > *now;

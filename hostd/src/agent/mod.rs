@@ -146,9 +146,14 @@ impl AgentClient {
         &self.info
     }
 
-    /// The highest stage the agent reported.
+    /// The stage the agent last reported.
     pub fn stage(&self) -> Stage {
         *self.stage.borrow()
+    }
+
+    /// The stage as it changes; its sender is gone once the connection ended.
+    pub fn stage_changes(&self) -> watch::Receiver<Stage> {
+        self.stage.clone()
     }
 
     /// Waits until the agent reports `stage` (or a later one); `Closed` if the connection

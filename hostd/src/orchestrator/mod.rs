@@ -28,6 +28,7 @@ mod audit;
 mod boot;
 mod capacity;
 mod create;
+mod desktop;
 mod error;
 mod guest;
 mod images;

@@ -81,8 +81,9 @@ impl Orchestrator {
         }
     }
 
-    /// Puts a ready graphical environment's screen and input on the stream server. Called
-    /// once per environment: the VMM serves a bounded number of framebuffer readers.
+    /// Puts a ready graphical environment's screen and input on the stream server, with its
+    /// desktop link to the guest agent ([`super::desktop`]). Called once per environment:
+    /// the VMM serves a bounded number of framebuffer readers.
     pub(super) async fn stream_environment(&self, name: &str, sock: &VmmSocket) {
         let Some(server) = self.inner.stream.get().cloned() else {
             return;
@@ -97,10 +98,19 @@ impl Orchestrator {
         };
         let sock = sock.clone();
         let fps = self.inner.cfg.stream.fps;
-        match tokio::task::spawn_blocking(move || crate::vm_source::environment(&sock)).await {
-            Ok(Ok(source)) => {
-                if let Err(e) = server.add_environment(&env_ref, source, fps) {
-                    tracing::warn!(env = name, error = %e, "cannot stream environment");
+        match tokio::task::spawn_blocking(move || crate::vm_source::open(&sock)).await {
+            Ok(Ok((frames, input))) => {
+                // Clipboard and guest display size go through the agent.
+                let (input, link) = super::desktop::link(self, name, input);
+                let source = crate::stream::EnvironmentSource {
+                    frames: Box::new(frames),
+                    input: Arc::new(input),
+                };
+                match server.add_environment(&env_ref, source, fps) {
+                    Ok(()) => {
+                        tokio::spawn(link.run());
+                    }
+                    Err(e) => tracing::warn!(env = name, error = %e, "cannot stream environment"),
                 }
             }
             Ok(Err(e)) => {

@@ -214,6 +214,14 @@ fn wire_cursor_image(shape: encoder::CursorShape) -> CursorImage {
     }
 }
 
+/// A clipboard text and the viewer it came from (`None`: from the guest), which is not
+/// sent it back.
+#[derive(Debug, Clone)]
+struct SharedClipboard {
+    text: Arc<str>,
+    from_viewer: Option<u64>,
+}
+
 struct Environment {
     id: String,
     /// The host's unique id of this environment; tokens are signed over it.
@@ -223,6 +231,8 @@ struct Environment {
     frames: broadcast::Sender<Arc<Frame>>,
     /// The source's pointer; `None` until the source reports one.
     cursor: watch::Sender<Option<CursorSnapshot>>,
+    /// The environment's clipboard as viewers are to see it; `None` until it has one.
+    clipboard: watch::Sender<Option<SharedClipboard>>,
     input: Arc<dyn InputSink>,
     force_keyframe: AtomicBool,
     stop: AtomicBool,
@@ -534,6 +544,7 @@ impl StreamServer {
             closed: watch::Sender::new(false),
             frames: tx,
             cursor: watch::Sender::new(None),
+            clipboard: watch::Sender::new(None),
             input: source.input,
             force_keyframe: AtomicBool::new(true),
             stop: AtomicBool::new(false),
@@ -565,6 +576,25 @@ impl StreamServer {
         envs.insert(env_id.to_owned(), env);
         info!(env = env_id, width, height, fps, "streaming environment");
         Ok(())
+    }
+
+    /// The guest of `env_id` has `text` on its clipboard: sent to its viewers holding the
+    /// clipboard right, and to those joining later. Unknown environments are ignored (the
+    /// environment stopped meanwhile).
+    pub fn set_environment_clipboard(&self, env_id: &str, text: &str) {
+        let env = self
+            .shared
+            .envs
+            .lock()
+            .expect("poisoned")
+            .get(env_id)
+            .cloned();
+        if let Some(env) = env {
+            env.clipboard.send_replace(Some(SharedClipboard {
+                text: text.into(),
+                from_viewer: None,
+            }));
+        }
     }
 
     /// Stops streaming `env_id`; its viewers are disconnected.
@@ -1042,6 +1072,20 @@ async fn env_closed(closed: Option<&mut watch::Receiver<bool>>) {
     }
 }
 
+/// The environment's next clipboard (never, before joining or once it is gone).
+async fn clipboard_changed(
+    clipboard: Option<&mut watch::Receiver<Option<SharedClipboard>>>,
+) -> SharedClipboard {
+    if let Some(rx) = clipboard {
+        while rx.changed().await.is_ok() {
+            if let Some(c) = rx.borrow_and_update().clone() {
+                return c;
+            }
+        }
+    }
+    std::future::pending().await
+}
+
 /// Resolves when the revocation list changed (never, before joining).
 async fn revocations_changed(revoked: Option<&mut watch::Receiver<u64>>) {
     if let Some(rx) = revoked {
@@ -1089,7 +1133,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot
     let (cancel_tx, cancel_rx) = watch::channel(0u64);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
     let mut joined: Option<Joined> = None;
-    let (mut frames, mut closed, mut revoked) = (None, None, None);
+    let (mut frames, mut closed, mut revoked, mut clipboard) = (None, None, None, None);
     let mut reported = Reported::default();
     let mut closing = None;
     loop {
@@ -1105,6 +1149,10 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot
                         frames = Some(env.frames.subscribe());
                         closed = Some(env.closed.subscribe());
                         revoked = Some(shared.revoked.subscribe());
+                        let mut env_clipboard = env.clipboard.subscribe();
+                        // What the environment has on its clipboard goes out at the join.
+                        env_clipboard.mark_changed();
+                        clipboard = Some(env_clipboard);
                         joined = Some(Joined {
                             cursor: tokio::spawn(cursor_loop(env.clone(), ctl_tx.clone())),
                             viewer_id,
@@ -1189,6 +1237,15 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot
             _ = env_closed(closed.as_mut()) => {
                 session.handle(Event::EnvironmentClosed, Instant::now());
             }
+            shared_clipboard = clipboard_changed(clipboard.as_mut()) => {
+                let own = joined.as_ref().map(|j| j.viewer_id) == shared_clipboard.from_viewer;
+                if !own {
+                    session.handle(
+                        Event::EnvironmentClipboard(&shared_clipboard.text),
+                        Instant::now(),
+                    );
+                }
+            }
             _ = &mut writer, if !writer_done => {
                 writer_done = true;
                 session.handle(Event::ConnectionLost, Instant::now());
@@ -1253,7 +1310,17 @@ fn execute_on_environment(
 ) -> Option<(Capability, String)> {
     let (capability, result) = match action {
         Action::Inject(events) => (None, env.input.inject(&events)),
-        Action::SetClipboard(text) => (Some(Capability::Clipboard), env.input.set_clipboard(&text)),
+        Action::SetClipboard(text) => {
+            let result = env.input.set_clipboard(&text);
+            if result.is_ok() {
+                // The environment's other viewers see what this one pasted.
+                env.clipboard.send_replace(Some(SharedClipboard {
+                    text: text.into(),
+                    from_viewer: Some(viewer_id),
+                }));
+            }
+            (Some(Capability::Clipboard), result)
+        }
         Action::Resize { width, height } => (
             Some(Capability::Resize),
             env.input.request_resize(width.into(), height.into()),

@@ -73,12 +73,18 @@ impl SharedSize {
     }
 }
 
+/// A running VM's framebuffer reader and input sink, sharing the frame size.
+pub fn open(api_sock: &VmmSocket) -> Result<(VmFramebufferSource, VmInput)> {
+    let frames = VmFramebufferSource::connect(api_sock)?;
+    let input = VmInput::start(api_sock, frames.shared_size())?;
+    Ok((frames, input))
+}
+
 /// A running VM as a stream environment: its framebuffer and its input devices, both through
 /// the control API at `api_sock`. Register it with
 /// [`crate::stream::StreamServer::add_environment`].
 pub fn environment(api_sock: &VmmSocket) -> Result<EnvironmentSource> {
-    let frames = VmFramebufferSource::connect(api_sock)?;
-    let input = VmInput::start(api_sock, frames.shared_size())?;
+    let (frames, input) = open(api_sock)?;
     Ok(EnvironmentSource {
         frames: Box::new(frames),
         input: Arc::new(input),

@@ -236,6 +236,9 @@ pub enum Event<'a> {
     Revocations(&'a Revocations),
     /// The environment stopped streaming.
     EnvironmentClosed,
+    /// The environment's clipboard changed (in the guest, or set by another viewer): sent
+    /// to this viewer if it holds the clipboard right.
+    EnvironmentClipboard(&'a str),
     /// The connection is gone (closed, timed out, or the control stream failed).
     ConnectionLost,
     /// The environment cannot do what an action asked ([`Action::SetClipboard`],
@@ -337,6 +340,8 @@ pub struct SessionStats {
     pub input_events: u64,
     /// Clipboard texts handed to the environment.
     pub clipboard_sets: u64,
+    /// Clipboard texts of the environment sent to the viewer.
+    pub clipboard_received: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -436,6 +441,15 @@ impl Session {
                 }
             }
             Event::Authorized(grant) => self.on_authorized(grant, now),
+            Event::EnvironmentClipboard(text) => {
+                if let Some(open) = &self.open {
+                    if open.rights.contains(Rights::CLIPBOARD) {
+                        self.stats.clipboard_received += 1;
+                        self.actions
+                            .push_back(Action::Send(ServerMessage::Clipboard(text.to_owned())));
+                    }
+                }
+            }
             Event::Frame(frame) => self.on_frame(frame),
             Event::FramesLagged(n) => {
                 if let Some(open) = self.open.as_mut() {

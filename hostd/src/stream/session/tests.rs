@@ -706,6 +706,58 @@ fn a_clipboard_the_environment_cannot_take_is_reported_to_the_viewer_once() {
 }
 
 #[test]
+fn the_environments_clipboard_reaches_only_viewers_with_the_clipboard_right() {
+    let mut with = watching(
+        Rights::VIEW | Rights::CLIPBOARD,
+        HOUR,
+        config(),
+        Link::clean(),
+    );
+    let mut without = watching(Rights::VIEW | Rights::INPUT, HOUR, config(), Link::clean());
+
+    for p in [&mut with, &mut without] {
+        p.session
+            .handle(Event::EnvironmentClipboard("from the guest ✓"), p.now);
+        p.run_for(Duration::from_millis(100));
+    }
+
+    let clipboards = |p: &Pair| -> Vec<String> {
+        p.viewer
+            .messages
+            .iter()
+            .filter_map(|m| match m {
+                ServerMessage::Clipboard(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(clipboards(&with), vec!["from the guest ✓".to_owned()]);
+    assert_eq!(with.session.stats().clipboard_received, 1);
+    assert!(clipboards(&without).is_empty());
+    assert!(without.viewer.errors().is_empty(), "nothing to refuse");
+}
+
+#[test]
+fn an_expired_token_no_longer_receives_the_environments_clipboard() {
+    let mut p = watching(
+        Rights::VIEW | Rights::CLIPBOARD,
+        Duration::from_secs(2),
+        config(),
+        Link::clean(),
+    );
+    p.run_for(Duration::from_secs(3));
+
+    p.session.handle(Event::EnvironmentClipboard("late"), p.now);
+    p.run_for(Duration::from_millis(100));
+
+    assert!(!p
+        .viewer
+        .messages
+        .iter()
+        .any(|m| matches!(m, ServerMessage::Clipboard(_))));
+}
+
+#[test]
 fn input_with_the_input_right_is_injected_in_order_and_clamped_to_the_frame() {
     let mut p = watching(Rights::VIEW | Rights::INPUT, HOUR, config(), Link::clean());
 
