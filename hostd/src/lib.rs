@@ -19,6 +19,7 @@ pub mod stream;
 pub mod uds;
 pub mod vm_source;
 pub mod vmm_client;
+pub mod web;
 
 /// An error and its sources on one line, "outer: inner: innermost". A source whose text
 /// the line already ends with (an error that prints its source itself) is not repeated.

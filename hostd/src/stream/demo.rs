@@ -1,6 +1,8 @@
 //! `genos-hostd serve-demo`: stream a synthetic scene so a person can try streaming before any
 //! VM exists. Prints the connect URL (fresh token, certificate fingerprint) as the first line
-//! of standard output and serves until interrupted.
+//! of standard output and the browser link (`https://HOST:PORT/#env=..&token=..`, the page
+//! served over HTTPS on the same port number's TCP side) as the second, and serves until
+//! interrupted.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -29,6 +31,8 @@ pub enum DemoError {
     Token(#[from] TokenKeyError),
     #[error("stream server")]
     Server(#[from] StreamError),
+    #[error("web client server")]
+    Web(#[from] crate::web::WebError),
     #[error("I/O")]
     Io(#[from] std::io::Error),
 }
@@ -45,9 +49,12 @@ pub struct DemoArgs {
     /// Frames per second.
     #[arg(long, default_value_t = 30.0)]
     pub fps: f32,
-    /// UDP address to listen on.
+    /// UDP address to listen on (the browser page is served on the same TCP port).
     #[arg(long, default_value = "127.0.0.1:4433")]
     pub listen: SocketAddr,
+    /// Host name in the browser link (default: the listen address).
+    #[arg(long)]
+    pub public_host: Option<String>,
     /// Environment id in the URL.
     #[arg(long, default_value = "demo")]
     pub env_id: String,
@@ -110,16 +117,26 @@ pub async fn serve(args: DemoArgs) -> Result<(), DemoError> {
     server.add_environment(&env, src, args.fps)?;
     let token = tokens.issue(&env, args.rights, Duration::from_secs(args.ttl_secs))?;
     let url = server.connect_url(&args.env_id, &token)?;
+    // The page on the same port number, TCP (port 0 asked: the one the UDP socket got).
+    let bound = server.local_addr()?;
+    let web = crate::web::WebServer::bind(
+        bound,
+        crate::web::tls_config(crate::web::Certificate::Identity(&identity))?,
+        server.message_viewers(),
+    )
+    .await?;
+    let host = crate::web::link_host(args.public_host.as_deref(), web.local_addr());
+    let web_url = crate::web::web_url(&host, web.local_addr().port(), &args.env_id, &token);
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{url}")?;
+        writeln!(out, "{web_url}")?;
         out.flush()?;
     }
     eprintln!(
-        "serving scene {} at {width}x{height} {} fps on {}; view with: genos-view '{url}'",
-        args.scene,
-        args.fps,
-        server.local_addr()?
+        "serving scene {} at {width}x{height} {} fps on {bound} (UDP, and TCP for browsers); \
+         view with: genos-view '{url}', or open the https link in a browser",
+        args.scene, args.fps,
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -127,6 +144,7 @@ pub async fn serve(args: DemoArgs) -> Result<(), DemoError> {
         _ = term.recv() => {}
     }
     server.shutdown();
+    drop(web);
     Ok(())
 }
 

@@ -1452,6 +1452,322 @@ async fn send_frame(
     let _ = done.send(packet.sequence);
 }
 
+/// First byte of a server → client message on a message transport ([`MessageViewers`]):
+/// one framed control message (`ServerMessage::to_bytes`) follows. A video frame's message
+/// starts with its header instead, whose first byte is the frame stream type (0x01).
+pub const MESSAGE_CONTROL: u8 = 0x00;
+
+/// A message for a message transport's writer ([`MessageViewers::serve`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    /// One binary message: [`MESSAGE_CONTROL`] and a control message, or a frame's header
+    /// and access unit.
+    Binary(Vec<u8>),
+    /// Close the transport with this protocol error code and reason; nothing follows.
+    Close(ErrorCode, String),
+}
+
+/// Why a message transport's connection was not admitted.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotAdmitted(String);
+
+/// A message-transport connection's admission slot ([`MessageViewers::admit`]).
+pub struct MessageSlot(SlotGuard);
+
+/// Serves viewers that arrive over an ordered message transport instead of QUIC (the
+/// browser's WebSocket, `crate::web`). Each is driven by the same [`Session`] as a QUIC
+/// viewer (Hello, token, admission caps, rights, held keys, expiry, resume, newest-wins
+/// frames, ABR), with the same tables: only the I/O differs. Client → server messages carry
+/// control-stream bytes; server → client messages are [`Outbound`]s.
+#[derive(Clone)]
+pub struct MessageViewers {
+    shared: Arc<Shared>,
+}
+
+impl StreamServer {
+    /// The handle through which other transports hand this server their viewers.
+    pub fn message_viewers(&self) -> MessageViewers {
+        MessageViewers {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl MessageViewers {
+    /// Takes an admission slot for a connection from `ip` whose address is proven (a
+    /// completed TCP handshake): it counts as pending until its Hello is accepted.
+    pub fn admit(&self, ip: std::net::IpAddr) -> Result<MessageSlot, NotAdmitted> {
+        let decision = self
+            .shared
+            .admission
+            .lock()
+            .expect("poisoned")
+            .on_incoming(ip, true, false);
+        match decision {
+            Decision::Accept(stage) => Ok(MessageSlot(SlotGuard {
+                shared: self.shared.clone(),
+                stage: Some(stage),
+            })),
+            Decision::Refuse(full) => {
+                self.shared
+                    .admission_counters
+                    .refused
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(NotAdmitted(full.to_string()))
+            }
+            Decision::Retry => Err(NotAdmitted("address not validated".into())),
+        }
+    }
+
+    /// Drives one viewer until its session ends: `incoming` yields the client's messages
+    /// (control-stream bytes; its end is the client leaving), `outgoing` takes what goes to
+    /// the client, `path` reads the transport's path now (RTT, window, loss). A frame counts
+    /// as in flight until `outgoing` accepted it, so a transport that pushes back (TCP's
+    /// send buffer) makes the session drop frames and send a keyframe, newest wins.
+    pub async fn serve<R, W, P>(
+        &self,
+        slot: MessageSlot,
+        remote: SocketAddr,
+        incoming: R,
+        outgoing: W,
+        path: P,
+    ) where
+        R: futures_util::Stream<Item = Vec<u8>> + Unpin + Send,
+        W: futures_util::Sink<Outbound> + Unpin + Send + 'static,
+        P: Fn() -> PathStats + Send,
+    {
+        serve_messages(
+            self.shared.clone(),
+            slot.0,
+            remote,
+            incoming,
+            outgoing,
+            path,
+        )
+        .await
+    }
+}
+
+/// What the message writer task is asked to send, in order.
+enum Queued {
+    Control(ServerMessage),
+    Frame(Arc<Frame>),
+    Close(Refusal),
+}
+
+/// Writes queued messages in order; frames older than the newest cancel mark are skipped
+/// (reported done without being sent). Every frame taken off the queue is reported done.
+async fn write_messages<W>(
+    mut out: W,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+    cancel: watch::Receiver<u64>,
+    done: mpsc::UnboundedSender<u64>,
+) where
+    W: futures_util::Sink<Outbound> + Unpin + Send,
+{
+    use futures_util::SinkExt;
+    while let Some(item) = rx.recv().await {
+        let message = match item {
+            Queued::Control(m) => {
+                let mut b = vec![MESSAGE_CONTROL];
+                b.extend_from_slice(&m.to_bytes());
+                Outbound::Binary(b)
+            }
+            Queued::Frame(frame) => {
+                if frame.sequence < *cancel.borrow() {
+                    let _ = done.send(frame.sequence);
+                    continue;
+                }
+                let mut b = Vec::with_capacity(wire::FRAME_HEADER_LEN + frame.data.len());
+                b.extend_from_slice(&frame.header().encode());
+                b.extend_from_slice(&frame.data);
+                let sent = out.send(Outbound::Binary(b)).await;
+                let _ = done.send(frame.sequence);
+                if sent.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Queued::Close(r) => {
+                let _ = out.send(Outbound::Close(r.code, r.message)).await;
+                break;
+            }
+        };
+        if out.send(message).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// [`serve_connection`] for a message transport: the same session, tables and actions.
+async fn serve_messages<R, W, P>(
+    shared: Arc<Shared>,
+    mut slot: SlotGuard,
+    remote: SocketAddr,
+    mut incoming: R,
+    outgoing: W,
+    path: P,
+) where
+    R: futures_util::Stream<Item = Vec<u8>> + Unpin + Send,
+    W: futures_util::Sink<Outbound> + Unpin + Send + 'static,
+    P: Fn() -> PathStats + Send,
+{
+    use futures_util::StreamExt;
+    let mut session = Session::new(shared.session_config(), shared.clock, Instant::now());
+    // The transport is the control stream: it is open once the connection is.
+    session.handle(Event::ControlOpened, Instant::now());
+    let (cancel_tx, cancel_rx) = watch::channel(0u64);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Queued>();
+    let mut writer = tokio::spawn(write_messages(outgoing, out_rx, cancel_rx, done_tx));
+    let mut writer_done = false;
+    // The cursor task writes into a bounded queue (a slow viewer skips to the newest
+    // pointer), forwarded to the writer here.
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<ServerMessage>(64);
+    let mut joined: Option<Joined> = None;
+    let (mut frames, mut closed, mut revoked, mut clipboard) = (None, None, None, None);
+    let mut reported = Reported::default();
+    let mut closing = None;
+    loop {
+        while let Some(action) = session.poll_action() {
+            let now = Instant::now();
+            match action {
+                Action::Authorize(hello) => {
+                    let granted = authorize(&shared, &mut slot, &hello, now).map(|(grant, env)| {
+                        let viewer_id = shared.next_viewer.fetch_add(1, Ordering::Relaxed);
+                        info!(%remote, env = %env.id, viewer = viewer_id, "web viewer admitted");
+                        env.viewers.fetch_add(1, Ordering::AcqRel);
+                        frames = Some(env.frames.subscribe());
+                        closed = Some(env.closed.subscribe());
+                        revoked = Some(shared.revoked.subscribe());
+                        let mut env_clipboard = env.clipboard.subscribe();
+                        env_clipboard.mark_changed();
+                        clipboard = Some(env_clipboard);
+                        joined = Some(Joined {
+                            cursor: tokio::spawn(cursor_loop(env.clone(), ctl_tx.clone())),
+                            viewer_id,
+                            env,
+                        });
+                        grant
+                    });
+                    session.handle(Event::Authorized(granted), now);
+                }
+                Action::Send(m) => {
+                    let _ = out_tx.send(Queued::Control(m));
+                }
+                Action::SendFrame(frame) => {
+                    let _ = out_tx.send(Queued::Frame(frame));
+                }
+                Action::CancelFramesBefore(sequence) => {
+                    cancel_tx.send_replace(sequence);
+                }
+                Action::Close(r) => closing = Some(r),
+                Action::Record(record) => {
+                    if let Some(j) = &joined {
+                        shared.record(&j.env, j.viewer_id, remote, record);
+                    }
+                }
+                action => {
+                    if let Some(j) = &joined {
+                        if let Some((what, reason)) =
+                            execute_on_environment(&j.env, j.viewer_id, action)
+                        {
+                            session.handle(Event::Unavailable { what, reason }, now);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(j) = &joined {
+            reported.sync(&j.env, session.stats());
+        }
+        if session.is_ended() {
+            break;
+        }
+        let timeout = session.poll_timeout();
+        tokio::select! {
+            data = incoming.next() => match data {
+                Some(data) => session.handle(Event::ControlData(&data), Instant::now()),
+                None => session.handle(Event::ControlFinished, Instant::now()),
+            },
+            frame = next_frame(frames.as_mut()) => {
+                let now = Instant::now();
+                match frame {
+                    Ok(frame) => {
+                        session.handle(Event::Path(path()), now);
+                        session.handle(Event::Frame(frame), now);
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        session.handle(Event::FramesLagged(n), now)
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        session.handle(Event::EnvironmentClosed, now)
+                    }
+                }
+            }
+            Some(sequence) = done_rx.recv() => {
+                session.handle(Event::FrameDone(sequence), Instant::now());
+            }
+            Some(m) = ctl_rx.recv() => {
+                let _ = out_tx.send(Queued::Control(m));
+            }
+            _ = sleep_until(timeout) => {
+                let now = Instant::now();
+                session.handle(Event::Path(path()), now);
+                session.handle_timeout(now);
+            }
+            _ = revocations_changed(revoked.as_mut()) => {
+                let list = shared.revocations.lock().expect("poisoned").clone();
+                session.handle(Event::Revocations(&list), Instant::now());
+            }
+            _ = env_closed(closed.as_mut()) => {
+                session.handle(Event::EnvironmentClosed, Instant::now());
+            }
+            shared_clipboard = clipboard_changed(clipboard.as_mut()) => {
+                let own = joined.as_ref().map(|j| j.viewer_id) == shared_clipboard.from_viewer;
+                if !own {
+                    session.handle(
+                        Event::EnvironmentClipboard(&shared_clipboard.text),
+                        Instant::now(),
+                    );
+                }
+            }
+            _ = &mut writer, if !writer_done => {
+                writer_done = true;
+                session.handle(Event::ConnectionLost, Instant::now());
+            }
+        }
+    }
+    shared.count_hello_timeout(&session);
+    if let Some(j) = &joined {
+        j.cursor.abort();
+    }
+    if let Some(r) = closing {
+        warn!(%remote, code = ?r.code, reason = %r.message, "closing web viewer");
+        // The error goes last as a message, then the close repeats code and reason.
+        let _ = out_tx.send(Queued::Control(ServerMessage::Error {
+            code: r.code,
+            message: r.message.clone(),
+        }));
+        let _ = out_tx.send(Queued::Close(r));
+        drop(out_tx);
+        if !writer_done {
+            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, &mut writer).await;
+        }
+    } else {
+        drop(out_tx);
+    }
+    writer.abort();
+    if let (Some(j), Some(id)) = (joined, session.id()) {
+        j.env.viewers.fetch_sub(1, Ordering::AcqRel);
+        j.env.targets.lock().expect("poisoned").remove(&j.viewer_id);
+        park_session(&shared, id, j.env.clone(), session.held());
+        info!(viewer = j.viewer_id, env = %j.env.id, "web viewer left");
+    }
+    drop(slot);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,400 @@
+// GenOS browser client: the stream protocol (docs/protocol.md) over a WebSocket to the host
+// that served this page (docs/web-client.md), video through WebCodecs, keyboard, mouse and
+// wheel back to the environment. Counters for tests and the curious are on window.genos.
+"use strict";
+
+(() => {
+  const PROTOCOL_VERSION = 1;
+  const MSG_CONTROL = 0x00; // server -> client: one framed control message follows
+  const FRAME_TYPE = 0x01; // server -> client: a video frame (27-byte header + access unit)
+  const FRAME_HEADER_LEN = 27;
+  const CLOSE_CODE_BASE = 4000;
+  const KEYFRAME_REQUEST_INTERVAL_MS = 300;
+  const MAX_DECODE_QUEUE = 8;
+
+  const ERRORS = {
+    1: "UnsupportedVersion", 2: "ProtocolViolation", 3: "BadToken", 4: "TokenForged",
+    5: "TokenExpired", 6: "WrongEnvironment", 7: "NoSuchEnvironment", 8: "PermissionDenied",
+    9: "TooManyConnections", 10: "ResumeRejected", 11: "Internal", 12: "ServerShutdown",
+    13: "TokenRevoked", 14: "SessionExpiring", 15: "Unavailable",
+  };
+  const NON_FATAL = new Set([8, 14, 15]);
+  // What a person is told, by error code.
+  const PAGES = {
+    3: ["This link is not valid", "The link is damaged or was not issued by this host. Ask for a new link."],
+    4: ["This link is not valid", "The link is damaged or was not issued by this host. Ask for a new link."],
+    5: ["This link has expired", "Ask for a new link (genos token ENV --web)."],
+    6: ["This link is for another environment", "Ask for a link to this environment."],
+    7: ["The environment is not running", "It was stopped or destroyed. Start it and open a new link."],
+    8: ["This link may not view the environment", "Ask for a link with the view right."],
+    9: ["Too many viewers", "The host has as many viewers as it allows. Try again later."],
+    12: ["The host is shutting down", "Try again in a moment."],
+    13: ["This link was revoked", "Ask for a new link."],
+  };
+
+  const g = (window.genos = {
+    state: "connecting",
+    framesReceived: 0,
+    framesDecoded: 0,
+    framesDropped: 0,
+    decodeErrors: 0,
+    keyframeRequests: 0,
+    inputSent: 0,
+    codec: null,
+    width: 0,
+    height: 0,
+    rights: 0,
+    error: null,
+    notices: [],
+  });
+
+  const canvas = document.getElementById("screen");
+  const ctx = canvas.getContext("2d", { alpha: false });
+  const statusEl = document.getElementById("status");
+  const bannerEl = document.getElementById("banner");
+
+  function showError(title, text, detail) {
+    g.state = "error";
+    document.getElementById("error-title").textContent = title;
+    document.getElementById("error-text").textContent = text;
+    document.getElementById("error-detail").textContent = detail || "";
+    document.getElementById("error").hidden = false;
+    statusEl.hidden = true;
+    canvas.hidden = true;
+  }
+
+  function fail(code, message) {
+    if (g.state === "error") return;
+    g.error = { code, name: ERRORS[code] || "Unknown", message };
+    const [title, text] = PAGES[code] || ["Connection refused", "The host ended the session."];
+    showError(title, text, `${g.error.name}: ${message}`);
+    if (ws) ws.close();
+  }
+
+  // --- the link: #env=ENV&token=TOKEN --------------------------------------------------------
+  const params = new URLSearchParams(location.hash.slice(1));
+  const envId = params.get("env");
+  const token = params.get("token");
+  if (!envId || !token) {
+    showError("This page needs a link", "Open the https:// link that genos token ENV --web printed.");
+    return;
+  }
+  if (typeof VideoDecoder === "undefined") {
+    showError("This browser cannot decode video",
+      "It has no WebCodecs VideoDecoder. Use a current Chrome, Edge, Safari (16.4+) or Firefox (130+).");
+    return;
+  }
+
+  // --- encoding ------------------------------------------------------------------------------
+  const enc = new TextEncoder();
+  function message(type, bodyLen, fill) {
+    const buf = new ArrayBuffer(5 + bodyLen);
+    const v = new DataView(buf);
+    v.setUint32(0, 1 + bodyLen, true);
+    v.setUint8(4, type);
+    if (fill) fill(v, 5, new Uint8Array(buf));
+    return buf;
+  }
+
+  let ws = null;
+  function send(buf) {
+    if (ws && ws.readyState === WebSocket.OPEN) ws.send(buf);
+  }
+
+  function hello(viewportW, viewportH) {
+    const env = enc.encode(envId);
+    const tok = enc.encode(token);
+    return message(0x01, 4 + 2 + env.length + 2 + tok.length + 16 + 4, (v, o, b) => {
+      v.setUint16(o, PROTOCOL_VERSION, true);
+      v.setUint16(o + 2, PROTOCOL_VERSION, true);
+      v.setUint16(o + 4, env.length, true);
+      b.set(env, o + 6);
+      let p = o + 6 + env.length;
+      v.setUint16(p, tok.length, true);
+      b.set(tok, p + 2);
+      p += 2 + tok.length + 16; // resume: all zeros, a new session
+      v.setUint16(p, viewportW, true);
+      v.setUint16(p + 2, viewportH, true);
+    });
+  }
+
+  const canInput = () => g.state === "open" && (g.rights & 2) !== 0;
+  function sendInput(buf) {
+    if (!canInput()) return;
+    g.inputSent++;
+    send(buf);
+  }
+  const keyMsg = (code, pressed) =>
+    message(0x10, 3, (v, o) => { v.setUint16(o, code, true); v.setUint8(o + 2, pressed ? 1 : 0); });
+  const moveMsg = (x, y) =>
+    message(0x11, 4, (v, o) => { v.setUint16(o, x, true); v.setUint16(o + 2, y, true); });
+  const buttonMsg = (button, pressed) =>
+    message(0x12, 2, (v, o) => { v.setUint8(o, button); v.setUint8(o + 1, pressed ? 1 : 0); });
+  const wheelMsg = (dx, dy) =>
+    message(0x13, 4, (v, o) => { v.setInt16(o, dx, true); v.setInt16(o + 2, dy, true); });
+  const pingMsg = () =>
+    message(0x0b, 8, (v, o) => { v.setBigUint64(o, BigInt(Date.now()) * 1000n, true); });
+
+  let lastKeyframeRequest = -Infinity;
+  function requestKeyframe() {
+    const now = performance.now();
+    if (now - lastKeyframeRequest < KEYFRAME_REQUEST_INTERVAL_MS) return;
+    lastKeyframeRequest = now;
+    g.keyframeRequests++;
+    send(message(0x02, 0));
+  }
+
+  // --- drawing -------------------------------------------------------------------------------
+  // Where the picture sits on the canvas (device pixels), letterboxed with square pixels.
+  let rect = { x: 0, y: 0, w: 1, h: 1 };
+  function fitCanvas() {
+    const dpr = window.devicePixelRatio || 1;
+    const w = Math.max(1, Math.round(canvas.clientWidth * dpr));
+    const h = Math.max(1, Math.round(canvas.clientHeight * dpr));
+    if (canvas.width !== w || canvas.height !== h) {
+      canvas.width = w;
+      canvas.height = h;
+      ctx.fillStyle = "#000";
+      ctx.fillRect(0, 0, w, h);
+    }
+    if (g.width && g.height) {
+      const scale = Math.min(w / g.width, h / g.height);
+      const rw = Math.round(g.width * scale);
+      const rh = Math.round(g.height * scale);
+      rect = { x: Math.floor((w - rw) / 2), y: Math.floor((h - rh) / 2), w: rw, h: rh };
+    }
+  }
+  window.addEventListener("resize", fitCanvas);
+
+  let lastFrame = null;
+  function draw(frame) {
+    fitCanvas();
+    ctx.drawImage(frame, rect.x, rect.y, rect.w, rect.h);
+  }
+
+  // The picture as drawn on the canvas, RGBA, base64: what tests compare with the source.
+  g.capture = () => {
+    const img = ctx.getImageData(rect.x, rect.y, rect.w, rect.h);
+    let s = "";
+    const d = img.data;
+    for (let i = 0; i < d.length; i += 0x8000) s += String.fromCharCode.apply(null, d.subarray(i, i + 0x8000));
+    return { width: rect.w, height: rect.h, rgba: btoa(s) };
+  };
+
+  // --- video ---------------------------------------------------------------------------------
+  let decoder = null;
+  let configured = null; // "codec WxH" the decoder is configured for
+  let needKeyframe = true;
+  let lastSequence = 0;
+
+  function newDecoder() {
+    if (decoder && decoder.state !== "closed") decoder.close();
+    configured = null;
+    decoder = new VideoDecoder({
+      output: (frame) => {
+        g.framesDecoded++;
+        if (lastFrame) lastFrame.close();
+        lastFrame = frame;
+        draw(frame);
+      },
+      error: (e) => {
+        g.decodeErrors++;
+        g.notices.push(`decoder: ${e.message}`);
+        // A broken decoder is replaced; the next keyframe starts it again.
+        needKeyframe = true;
+        setTimeout(() => { newDecoder(); requestKeyframe(); }, 0);
+      },
+    });
+  }
+
+  // avc1.PPCCLL from the first SPS of an Annex B access unit (profile, constraints, level).
+  function codecOf(au) {
+    for (let i = 0; i + 4 < au.length; i++) {
+      if (au[i] === 0 && au[i + 1] === 0 && au[i + 2] === 1 && (au[i + 3] & 0x1f) === 7) {
+        const hex = (b) => b.toString(16).padStart(2, "0");
+        return `avc1.${hex(au[i + 4])}${hex(au[i + 5])}${hex(au[i + 6])}`;
+      }
+    }
+    return null;
+  }
+
+  function onFrame(buf) {
+    const v = new DataView(buf);
+    if (buf.byteLength < FRAME_HEADER_LEN) return fail(2, "short frame");
+    const sequence = Number(v.getBigUint64(1, true));
+    const captureUs = Number(v.getBigUint64(9, true));
+    const keyframe = v.getUint8(17) === 1;
+    const width = v.getUint16(19, true);
+    const height = v.getUint16(21, true);
+    const len = v.getUint32(23, true);
+    if (FRAME_HEADER_LEN + len !== buf.byteLength) return fail(2, "frame length mismatch");
+    const au = new Uint8Array(buf, FRAME_HEADER_LEN, len);
+    g.framesReceived++;
+    // The server sends a keyframe after any frame it skipped; a gap we see means we must wait.
+    if (!keyframe && (needKeyframe || sequence !== lastSequence + 1)) {
+      g.framesDropped++;
+      needKeyframe = true;
+      requestKeyframe();
+      lastSequence = sequence;
+      return;
+    }
+    lastSequence = sequence;
+    if (decoder.decodeQueueSize > MAX_DECODE_QUEUE && !keyframe) {
+      // Decoding falls behind: skip to the next keyframe rather than lag (newest wins).
+      g.framesDropped++;
+      needKeyframe = true;
+      requestKeyframe();
+      return;
+    }
+    if (keyframe) {
+      const codec = codecOf(au) || "avc1.42E01F";
+      const want = `${codec} ${width}x${height}`;
+      if (want !== configured) {
+        decoder.configure({ codec, codedWidth: width, codedHeight: height, optimizeForLatency: true });
+        configured = want;
+        g.codec = codec;
+      }
+      g.width = width;
+      g.height = height;
+      needKeyframe = false;
+    }
+    decoder.decode(new EncodedVideoChunk({ type: keyframe ? "key" : "delta", timestamp: captureUs, data: au }));
+  }
+
+  // --- control -------------------------------------------------------------------------------
+  const dec = new TextDecoder("utf-8", { fatal: true });
+  function onControl(buf) {
+    const v = new DataView(buf, 1);
+    if (v.byteLength < 5 || v.getUint32(0, true) !== v.byteLength - 4) return fail(2, "bad control message");
+    const type = v.getUint8(4);
+    const o = 5;
+    switch (type) {
+      case 0x81: { // Welcome
+        g.rights = v.getUint8(o + 18);
+        g.width = v.getUint16(o + 24, true);
+        g.height = v.getUint16(o + 26, true);
+        g.state = "open";
+        statusEl.hidden = true;
+        canvas.focus();
+        break;
+      }
+      case 0x82: // Config: a new size comes with the next keyframe
+        g.width = v.getUint16(o, true);
+        g.height = v.getUint16(o + 2, true);
+        break;
+      case 0x86: { // Error
+        const code = v.getUint16(o, true);
+        const len = v.getUint16(o + 2, true);
+        const text = dec.decode(new Uint8Array(buf, 1 + o + 4, len));
+        if (NON_FATAL.has(code)) {
+          g.notices.push(`${ERRORS[code]}: ${text}`);
+          if (code === 14) {
+            bannerEl.textContent = "This link expired: input is no longer accepted and the video ends soon.";
+            bannerEl.hidden = false;
+            releaseAll();
+            g.rights &= ~2;
+          }
+        } else {
+          fail(code, text);
+        }
+        break;
+      }
+      default: // Cursor, Clipboard, Stats, Pong: not used by this page yet
+        break;
+    }
+  }
+
+  // --- connection ----------------------------------------------------------------------------
+  function connect() {
+    fitCanvas();
+    newDecoder();
+    ws = new WebSocket(`wss://${location.host}/ws`);
+    ws.binaryType = "arraybuffer";
+    ws.onopen = () => {
+      send(hello(Math.min(canvas.width, 65535), Math.min(canvas.height, 65535)));
+    };
+    ws.onmessage = (ev) => {
+      const buf = ev.data;
+      if (!(buf instanceof ArrayBuffer) || buf.byteLength < 1) return;
+      const kind = new Uint8Array(buf, 0, 1)[0];
+      if (kind === MSG_CONTROL) onControl(buf);
+      else if (kind === FRAME_TYPE) onFrame(buf);
+      else fail(2, `unknown message kind ${kind}`);
+    };
+    ws.onclose = (ev) => {
+      releaseAll();
+      if (g.state === "error") return;
+      if (ev.code >= CLOSE_CODE_BASE && ev.code < CLOSE_CODE_BASE + 1000) {
+        fail(ev.code - CLOSE_CODE_BASE, ev.reason);
+      } else {
+        g.state = "closed";
+        showError("Disconnected", "The connection to the host ended. Reload the page to connect again.",
+          `WebSocket closed (${ev.code}) ${ev.reason || ""}`);
+      }
+    };
+  }
+  setInterval(() => { if (g.state === "open") send(pingMsg()); }, 5000);
+
+  // --- input ---------------------------------------------------------------------------------
+  const held = new Set();
+  function releaseAll() {
+    for (const code of held) send(keyMsg(code, false));
+    held.clear();
+  }
+  function onKey(e, pressed) {
+    const code = GENOS_KEYMAP[e.code];
+    if (code === undefined) return;
+    e.preventDefault();
+    if (pressed && e.repeat) return; // the guest repeats keys itself
+    if (pressed) held.add(code); else if (!held.delete(code)) return;
+    sendInput(keyMsg(code, pressed));
+  }
+  window.addEventListener("keydown", (e) => onKey(e, true));
+  window.addEventListener("keyup", (e) => onKey(e, false));
+  window.addEventListener("blur", releaseAll);
+
+  function streamPoint(e) {
+    const dpr = window.devicePixelRatio || 1;
+    const bounds = canvas.getBoundingClientRect();
+    const px = (e.clientX - bounds.left) * dpr;
+    const py = (e.clientY - bounds.top) * dpr;
+    const x = Math.round(((px - rect.x) * g.width) / rect.w);
+    const y = Math.round(((py - rect.y) * g.height) / rect.h);
+    return [Math.min(Math.max(x, 0), Math.max(g.width - 1, 0)), Math.min(Math.max(y, 0), Math.max(g.height - 1, 0))];
+  }
+  // DOM button numbers -> protocol buttons (1 left, 2 middle, 3 right, 4 back, 5 forward).
+  const BUTTONS = { 0: 1, 1: 2, 2: 3, 3: 4, 4: 5 };
+  canvas.addEventListener("pointermove", (e) => {
+    if (e.pointerType === "touch") return;
+    const [x, y] = streamPoint(e);
+    sendInput(moveMsg(x, y));
+  });
+  canvas.addEventListener("pointerdown", (e) => {
+    const b = BUTTONS[e.button];
+    if (b === undefined) return;
+    e.preventDefault();
+    canvas.focus();
+    canvas.setPointerCapture(e.pointerId);
+    const [x, y] = streamPoint(e);
+    sendInput(moveMsg(x, y));
+    sendInput(buttonMsg(b, true));
+  });
+  canvas.addEventListener("pointerup", (e) => {
+    const b = BUTTONS[e.button];
+    if (b === undefined) return;
+    e.preventDefault();
+    sendInput(buttonMsg(b, false));
+  });
+  canvas.addEventListener("contextmenu", (e) => e.preventDefault());
+  canvas.addEventListener("wheel", (e) => {
+    e.preventDefault();
+    // 1/120 of a notch; a pixel delta of 100 (Chromium's notch) is one notch.
+    const unit = e.deltaMode === 1 ? 40 : e.deltaMode === 2 ? 120 * 3 : 1.2;
+    const clamp = (n) => Math.max(-32768, Math.min(32767, Math.round(n * unit)));
+    const dx = clamp(e.deltaX);
+    const dy = clamp(e.deltaY);
+    if (dx || dy) sendInput(wheelMsg(dx, dy));
+  }, { passive: false });
+
+  connect();
+})();
