@@ -4,11 +4,13 @@
 //! video driver (Xvfb cannot change modes). Needs the tools `scripts/install-deps`
 //! installs; without them each test skips, saying why, unless GENOS_REQUIRE covers `tools`.
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use proto::agent::session::HostSession;
@@ -56,17 +58,6 @@ impl Drop for Guard {
     }
 }
 
-/// Display numbers for this test process: apart per test and from other processes.
-fn next_display() -> u32 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    loop {
-        let n = 200 + (std::process::id() % 500) * 8 + NEXT.fetch_add(1, Ordering::Relaxed) % 8;
-        if !Path::new(&format!("/tmp/.X{n}-lock")).exists() {
-            return n;
-        }
-    }
-}
-
 /// A running X server on its own display.
 struct XServer {
     display: String,
@@ -74,64 +65,94 @@ struct XServer {
 }
 
 impl XServer {
-    /// Waits for the display's socket and a successful connection.
-    fn wait(display: String, child: Guard, log: &Path) -> XServer {
+    /// Starts `cmd` (an X server) with `-displayfd`, so the server picks a free display
+    /// itself and says which once it accepts clients.
+    fn spawn(mut cmd: Command, log: &Path) -> XServer {
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fresh descriptors from pipe, owned from here on.
+        let (read, write) = unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        // SAFETY: fcntl on a descriptor we own: the read end stays out of the child.
+        unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        let child = cmd
+            .arg("-displayfd")
+            .arg(write.as_raw_fd().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the X server");
+        drop(write);
+        let mut child = Guard(child);
+        let mut reader = std::fs::File::from(read);
+        let mut number = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(20);
-        let mut child = child;
-        loop {
-            if x11rb::connect(Some(&display)).is_ok() {
-                return XServer {
-                    display,
-                    _child: child,
-                };
+        while !number.ends_with(b"\n") {
+            let mut pfd = libc::pollfd {
+                fd: reader.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one live pollfd.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            if pfd.revents & libc::POLLIN != 0 {
+                let mut byte = [0u8; 1];
+                if reader.read(&mut byte).unwrap_or(0) == 1 {
+                    number.push(byte[0]);
+                    continue;
+                }
             }
             if let Ok(Some(status)) = child.0.try_wait() {
                 let log = std::fs::read_to_string(log).unwrap_or_default();
-                panic!("X server for {display} exited ({status}): {log}");
+                panic!("X server exited ({status}) before taking a display: {log}");
             }
             assert!(
                 Instant::now() < deadline,
-                "X server {display} did not answer"
+                "X server took no display in 20 s"
             );
-            std::thread::sleep(Duration::from_millis(50));
+        }
+        let display = format!(":{}", String::from_utf8_lossy(&number).trim());
+        XServer {
+            display,
+            _child: child,
         }
     }
 
     fn xvfb(scratch: &Scratch) -> XServer {
-        let display = format!(":{}", next_display());
+        XServer::xvfb_with(scratch, &[])
+    }
+
+    /// Xvfb with more arguments.
+    fn xvfb_with(scratch: &Scratch, args: &[&OsStr]) -> XServer {
         let log = scratch.0.join("xvfb.log");
-        let child = Command::new("Xvfb")
-            .args([&display, "-nolisten", "tcp", "-screen", "0", "1024x768x24"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start Xvfb");
-        XServer::wait(display, Guard(child), &log)
+        let mut cmd = Command::new("Xvfb");
+        cmd.args(["-nolisten", "tcp", "-screen", "0", "1024x768x24"])
+            .args(args)
+            .stderr(std::fs::File::create(&log).unwrap());
+        XServer::spawn(cmd, &log)
     }
 
     /// Xorg with the dummy driver (RandR 1.2 with mode changes), from a generated config.
     fn xorg_dummy(scratch: &Scratch) -> XServer {
-        let display = format!(":{}", next_display());
         let conf = scratch.0.join("xorg.conf");
         std::fs::write(&conf, XORG_DUMMY_CONF).unwrap();
         std::fs::create_dir_all(scratch.0.join("xorg.conf.d")).unwrap();
         let log = scratch.0.join("xorg.log");
-        let child = Command::new("Xorg")
-            .arg(&display)
-            .args(["-noreset", "-nolisten", "tcp", "-novtswitch", "-sharevts"])
+        let mut cmd = Command::new("Xorg");
+        cmd.args(["-noreset", "-nolisten", "tcp", "-novtswitch", "-sharevts"])
             .arg("-config")
             .arg(&conf)
             .arg("-configdir")
             .arg(scratch.0.join("xorg.conf.d"))
             .arg("-logfile")
             .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start Xorg");
-        XServer::wait(display, Guard(child), &log)
+            .stderr(Stdio::null());
+        XServer::spawn(cmd, &log)
     }
 
     fn xrandr_current(&self) -> String {
@@ -221,11 +242,16 @@ impl System {
 
     /// Starts a session part on `x`'s display, connected to this agent.
     fn session_part(&self, x: &XServer) -> Guard {
+        self.session_part_with(x, &[])
+    }
+
+    fn session_part_with(&self, x: &XServer, env: &[(&str, &std::ffi::OsStr)]) -> Guard {
         let child = Command::new(AGENT)
             .arg("session")
             .arg("--socket")
             .arg(&self.session_socket)
             .env("DISPLAY", &x.display)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .expect("start genos-agent session");
@@ -854,5 +880,95 @@ fn a_clipboard_over_the_protocol_limit_is_refused_as_too_large() {
             .iter()
             .any(|f| matches!(f.message, AgentMessage::ClipboardChanged(_))),
         "a clipboard too large to relay must not be announced"
+    );
+}
+
+/// An Xauthority file with one MIT-MAGIC-COOKIE-1 entry for any address (FamilyWild) and
+/// any display (an empty number).
+fn xauthority(path: &Path, cookie: &[u8; 16]) {
+    let mut entry = Vec::new();
+    entry.extend_from_slice(&0xffffu16.to_be_bytes());
+    for field in [&b""[..], b"", b"MIT-MAGIC-COOKIE-1", cookie] {
+        entry.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        entry.extend_from_slice(field);
+    }
+    std::fs::write(path, entry).unwrap();
+}
+
+#[test]
+fn a_display_with_access_control_is_reached_with_the_cookie_from_xauthority() {
+    if !tools("X authority", &["Xvfb", "xclip"]) {
+        return;
+    }
+    let scratch = Scratch::new("xauth");
+    let auth = scratch.0.join("Xauthority");
+    xauthority(&auth, b"genos-agent-test");
+    let x = XServer::xvfb_with(&scratch, &[OsStr::new("-auth"), auth.as_os_str()]);
+    assert!(
+        x11rb::connect(Some(&x.display)).is_err(),
+        "the display must refuse clients without the cookie"
+    );
+    let mut system = System::start(&scratch);
+    let _part = system.session_part_with(&x, &[("XAUTHORITY", auth.as_os_str())]);
+
+    let done = system.set_clipboard("behind a cookie");
+
+    assert_eq!(done, AgentMessage::Done);
+    let out = Command::new("xclip")
+        .args(["-selection", "clipboard", "-o"])
+        .env("DISPLAY", &x.display)
+        .env("XAUTHORITY", &auth)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "behind a cookie");
+}
+
+#[test]
+fn a_session_part_ends_when_its_display_closes_and_the_stage_falls_back() {
+    if !tools("display closes", &["Xvfb"]) {
+        return;
+    }
+    let scratch = Scratch::new("logout");
+    let x = XServer::xvfb(&scratch);
+    let mut system = System::start(&scratch);
+    let (conn, screen) = x11rb::connect(Some(&x.display)).unwrap();
+    let root = conn.setup().roots[screen].root;
+    let window = conn.generate_id().unwrap();
+    conn.create_window(
+        x11rb::COPY_DEPTH_FROM_PARENT,
+        window,
+        root,
+        0,
+        0,
+        100,
+        100,
+        0,
+        WindowClass::INPUT_OUTPUT,
+        x11rb::COPY_FROM_PARENT,
+        &CreateWindowAux::new(),
+    )
+    .unwrap();
+    conn.map_window(window).unwrap();
+    conn.flush().unwrap();
+    let mut part = system.session_part(&x);
+    system.wait_stage(Stage::Session);
+
+    drop(x);
+
+    system.wait_stage(Stage::System);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = part.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session part outlived its display"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "a closed display is the session's normal end: {status}"
     );
 }

@@ -114,6 +114,8 @@ pub fn session_window(windows: &[(u32, bool, bool)], own_base: u32, own_mask: u3
 enum Purpose {
     Request(Requester),
     Changed,
+    /// A change fetch overtaken by the agent's own set: its old content is not relayed.
+    Discard,
 }
 
 #[derive(Debug)]
@@ -285,6 +287,15 @@ impl Desktop {
             return Err(X11Error::NotOwner);
         }
         self.owned = Some(text);
+        // Content fetched from the previous owner is older than this set: not relayed.
+        self.queue.retain(|p| *p != Purpose::Changed);
+        if let Some(a) = self
+            .active
+            .as_mut()
+            .filter(|a| a.purpose == Purpose::Changed)
+        {
+            a.purpose = Purpose::Discard;
+        }
         Ok(())
     }
 
@@ -359,6 +370,7 @@ impl Desktop {
             (Purpose::Changed, Err(e)) => self.events.push(DesktopEvent::Log(format!(
                 "clipboard change not relayed: {e}"
             ))),
+            (Purpose::Discard, _) => {}
         }
         self.start_next(now)
     }
