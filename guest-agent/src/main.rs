@@ -149,10 +149,13 @@ fn main() -> ExitCode {
         role: Role::System,
         x11: args.x11,
         session_socket_required: args.session_socket.is_some(),
-        session_socket: (!args.no_session_socket).then(|| {
-            args.session_socket
-                .unwrap_or_else(|| DEFAULT_SESSION_SOCKET.into())
-        }),
+        // An initramfs has no desktop: no session socket unless one is asked for.
+        session_socket: (!args.no_session_socket
+            && (args.session_socket.is_some() || !(pid1 || args.initramfs)))
+            .then(|| {
+                args.session_socket
+                    .unwrap_or_else(|| DEFAULT_SESSION_SOCKET.into())
+            }),
         session_user: args.session_user,
         uplink: None,
         kiosk: false,
