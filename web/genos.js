@@ -36,6 +36,7 @@
     state: "connecting",
     framesReceived: 0,
     framesDecoded: 0,
+    drawnSequence: null,
     framesDropped: 0,
     decodeErrors: 0,
     keyframeRequests: 0,
@@ -186,6 +187,7 @@
   let configured = null; // "codec WxH" the decoder is configured for
   let needKeyframe = true;
   let lastSequence = 0;
+  const sequenceOf = new Map(); // chunk timestamp -> frame sequence, until decoded
 
   function newDecoder() {
     if (decoder && decoder.state !== "closed") decoder.close();
@@ -193,6 +195,8 @@
     decoder = new VideoDecoder({
       output: (frame) => {
         g.framesDecoded++;
+        g.drawnSequence = sequenceOf.get(frame.timestamp);
+        for (const t of sequenceOf.keys()) if (t <= frame.timestamp) sequenceOf.delete(t);
         if (lastFrame) lastFrame.close();
         lastFrame = frame;
         draw(frame);
@@ -258,6 +262,7 @@
       g.height = height;
       needKeyframe = false;
     }
+    sequenceOf.set(captureUs, sequence);
     decoder.decode(new EncodedVideoChunk({ type: keyframe ? "key" : "delta", timestamp: captureUs, data: au }));
   }
 

@@ -1,0 +1,587 @@
+//! The browser client in real headless Chromium, driven through the DevTools protocol: the
+//! page served by hostd's web server connects over the WebSocket transport to a stream
+//! server with a synthetic scene, decodes frames with WebCodecs and draws the source picture,
+//! sends typed keys and clicks to the environment in order, and shows an error page for an
+//! expired or forged token and a stopped environment.
+//!
+//! Needs Debian's `chromium` (scripts/install-deps); skips without it unless GENOS_REQUIRE
+//! covers `tools`. The self-signed identity is trusted with
+//! `--ignore-certificate-errors-spki-list` (its SPKI hash), nothing else is ignored. Each
+//! test holds a lock (one browser at a time on a small machine) and a time limit; the
+//! browser is killed by its guard on every exit path, and by SIGKILL (PDEATHSIG) when the
+//! test process dies outright.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hostd::stream::source::{self, RecordingInput};
+use hostd::stream::{EnvRef, Identity, ServerConfig, StreamServer, TokenKey};
+use hostd::web::{self, Certificate, WebServer};
+use proto::stream::{Button, InputEvent, Rights};
+use scenes::{Scene, SyntheticSource};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// One browser at a time: the machine has two cores, shared with the encoder and the build.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn chromium() -> Option<&'static str> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|t| std::env::split_paths(&path).any(|dir| dir.join(t).is_file()))
+}
+
+/// A stream server with a synthetic scene, its web server, and what its source received.
+struct Host {
+    server: StreamServer,
+    web: WebServer,
+    input: Arc<RecordingInput>,
+    tokens: Arc<TokenKey>,
+    env: EnvRef,
+    spki: String,
+}
+
+async fn host(scene: Scene, w: u32, h: u32, fps: f32) -> Host {
+    let identity = Identity::generate(&[]).unwrap();
+    let tokens = Arc::new(TokenKey::generate().unwrap());
+    let server = StreamServer::bind(ServerConfig::default(), &identity, tokens.clone()).unwrap();
+    let env = EnvRef::new("web", 7);
+    let (src, input) = source::synthetic(scene, w, h, fps);
+    server.add_environment(&env, src, fps).unwrap();
+    let web = WebServer::bind(
+        server.local_addr().unwrap(),
+        web::tls_config(Certificate::Identity(&identity)).unwrap(),
+        server.message_viewers(),
+    )
+    .await
+    .unwrap();
+    Host {
+        spki: web::spki_sha256_base64(&identity).unwrap(),
+        server,
+        web,
+        input,
+        tokens,
+        env,
+    }
+}
+
+impl Host {
+    fn link(&self, token: &str) -> String {
+        let addr = self.web.local_addr();
+        web::web_url(&addr.ip().to_string(), addr.port(), &self.env.name, token)
+    }
+
+    fn token(&self, rights: Rights) -> String {
+        self.tokens.issue(&self.env, rights, HOUR).unwrap()
+    }
+}
+
+/// Headless Chromium with its DevTools connection; killed (its whole process group) when
+/// dropped.
+struct Browser {
+    child: Child,
+    _profile: tempfile::TempDir,
+    cdp: Cdp,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the browser's own process group (it was made its leader).
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal DevTools protocol client: commands by id over the browser's WebSocket, flat
+/// sessions for pages; events are ignored.
+struct Cdp {
+    out: mpsc::UnboundedSender<Message>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>,
+    next: AtomicU64,
+}
+
+impl Cdp {
+    async fn connect(url: &str) -> Cdp {
+        let addr = url
+            .strip_prefix("ws://")
+            .and_then(|r| r.split('/').next())
+            .unwrap()
+            .to_owned();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(256 << 20))
+            .max_frame_size(Some(256 << 20));
+        let (ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(config))
+            .await
+            .unwrap();
+        let (mut sink, mut stream) = ws.split();
+        let (out, mut rx) = mpsc::unbounded_channel::<Message>();
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if sink.send(m).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>> = Arc::default();
+        let waiting = pending.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = stream.next().await {
+                let Message::Text(t) = m else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(&t) else {
+                    continue;
+                };
+                if let Some(id) = v["id"].as_u64() {
+                    if let Some(tx) = waiting.lock().unwrap().remove(&id) {
+                        let _ = tx.send(v);
+                    }
+                }
+            }
+        });
+        Cdp {
+            out,
+            pending,
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// Sends `method` (to the page `session`, if given) and returns its result.
+    async fn call(&self, session: Option<&str>, method: &str, params: Value) -> Value {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if let Some(s) = session {
+            msg["sessionId"] = json!(s);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap().insert(id, tx);
+        self.out
+            .send(Message::Text(msg.to_string().into()))
+            .unwrap();
+        let v = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .unwrap_or_else(|_| panic!("{method}: no answer in 30 s"))
+            .unwrap();
+        assert!(v.get("error").is_none(), "{method}: {}", v["error"]);
+        v["result"].clone()
+    }
+}
+
+impl Browser {
+    async fn start(spki: &str) -> Browser {
+        use std::os::unix::process::CommandExt;
+        let profile = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(chromium().unwrap());
+        cmd.args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            "--mute-audio",
+            "--remote-debugging-port=0",
+            "--remote-debugging-address=127.0.0.1",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--ignore-certificate-errors-spki-list={spki}"))
+        .arg("about:blank")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and only calls setpgid(2)
+        // and prctl(2), both async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setpgid(0, 0) != 0
+                    || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        // The guard exists before anything can fail: a panic below still kills the browser.
+        let mut guard = Some((child, profile));
+        let port_file = guard.as_ref().unwrap().1.path().join("DevToolsActivePort");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = loop {
+            if let Ok(s) = std::fs::read_to_string(&port_file) {
+                let mut lines = s.lines();
+                if let (Some(port), Some(path)) = (lines.next(), lines.next()) {
+                    break format!("ws://127.0.0.1:{port}{path}");
+                }
+            }
+            if Instant::now() > deadline {
+                let (mut child, _) = guard.take().unwrap();
+                // SAFETY: kill(2) on the browser's own process group.
+                unsafe {
+                    libc::kill(-(child.id() as i32), libc::SIGKILL);
+                }
+                let _ = child.wait();
+                panic!("chromium wrote no DevToolsActivePort in 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (child, profile) = guard.take().unwrap();
+        let mut browser = Browser {
+            child,
+            _profile: profile,
+            cdp: Cdp {
+                out: mpsc::unbounded_channel().0,
+                pending: Arc::default(),
+                next: AtomicU64::new(1),
+            },
+        };
+        browser.cdp = Cdp::connect(&url).await;
+        browser
+    }
+
+    /// Opens `url` in a new page of `w` x `h` CSS pixels at device pixel ratio 1.
+    async fn open(&self, url: &str, w: u32, h: u32) -> Page<'_> {
+        let target = self
+            .cdp
+            .call(None, "Target.createTarget", json!({"url": "about:blank"}))
+            .await;
+        let attached = self
+            .cdp
+            .call(
+                None,
+                "Target.attachToTarget",
+                json!({"targetId": target["targetId"], "flatten": true}),
+            )
+            .await;
+        let page = Page {
+            cdp: &self.cdp,
+            session: attached["sessionId"].as_str().unwrap().to_owned(),
+        };
+        page.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": w, "height": h, "deviceScaleFactor": 1, "mobile": false}),
+        )
+        .await;
+        page.call("Page.navigate", json!({"url": url})).await;
+        page
+    }
+}
+
+struct Page<'a> {
+    cdp: &'a Cdp,
+    session: String,
+}
+
+impl Page<'_> {
+    async fn call(&self, method: &str, params: Value) -> Value {
+        self.cdp.call(Some(&self.session), method, params).await
+    }
+
+    /// The value of `expr` in the page (JSON), or Null while it throws.
+    async fn eval(&self, expr: &str) -> Value {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expr, "returnByValue": true}),
+            )
+            .await;
+        if r.get("exceptionDetails").is_some() {
+            return Value::Null;
+        }
+        r["result"]["value"].clone()
+    }
+
+    /// Polls `expr` until `ok` accepts its value; fails after `secs` naming `what`.
+    async fn wait_for(
+        &self,
+        expr: &str,
+        secs: u64,
+        what: &str,
+        ok: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = self.eval(expr).await;
+            if ok(&v) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                let state = self.eval("JSON.stringify(window.genos)").await;
+                panic!("{what}: not within {secs} s; last {v}; page state {state}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn key(&self, code: &str, key: &str) {
+        for kind in ["keyDown", "keyUp"] {
+            self.call(
+                "Input.dispatchKeyEvent",
+                json!({"type": kind, "code": code, "key": key}),
+            )
+            .await;
+        }
+    }
+
+    async fn mouse(&self, kind: &str, x: u32, y: u32) {
+        self.call(
+            "Input.dispatchMouseEvent",
+            json!({"type": kind, "x": x, "y": y, "button": if kind == "mouseMoved" { "none" } else { "left" }, "clickCount": 1}),
+        )
+        .await;
+    }
+}
+
+/// Skips (returns None) without Chromium unless GENOS_REQUIRE covers `tools`.
+fn browser_available() -> bool {
+    if chromium().is_none() {
+        testkit::skip(
+            testkit::Need::Tools,
+            "chromium is not installed (scripts/install-deps)",
+        );
+        return false;
+    }
+    true
+}
+
+/// Runs `body` with the browser lock and a time limit.
+async fn within<F: std::future::Future<Output = ()>>(secs: u64, body: F) {
+    let _one = ONE_BROWSER.lock().await;
+    tokio::time::timeout(Duration::from_secs(secs), body)
+        .await
+        .unwrap_or_else(|_| panic!("test took longer than {secs} s"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_decodes_300_frames_and_draws_the_source_picture() {
+    if !browser_available() {
+        return;
+    }
+    within(240, async {
+        let (w, h, fps) = (320u32, 240u32, 30.0);
+        let hx = host(Scene::Windows, w, h, fps).await;
+        let browser = Browser::start(&hx.spki).await;
+        let page = browser.open(&hx.link(&hx.token(Rights::VIEW)), w, h).await;
+        page.wait_for("window.genos && window.genos.state", 30, "session open", |v| v == "open")
+            .await;
+        page.wait_for("window.genos.framesDecoded", 150, "300 decoded frames", |v| {
+            v.as_u64().unwrap_or(0) >= 300
+        })
+        .await;
+        // The picture on the canvas and the sequence of the frame it shows, read together.
+        let shot = page
+            .eval("(() => { const c = window.genos.capture(); c.sequence = window.genos.drawnSequence; return c; })()")
+            .await;
+        assert_eq!((shot["width"].as_u64(), shot["height"].as_u64()), (Some(w.into()), Some(h.into())));
+        let sequence = shot["sequence"].as_u64().unwrap();
+        let rgba = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(shot["rgba"].as_str().unwrap())
+                .unwrap()
+        };
+        let bgrx: Vec<u8> = rgba
+            .chunks_exact(4)
+            .flat_map(|p| [p[2], p[1], p[0], 0])
+            .collect();
+        // Encoded frame k is source frame k (the source starts with the first viewer).
+        let mut replica = SyntheticSource::new(Scene::Windows, w, h, fps);
+        let expected = loop {
+            let data = replica.advance().frame.data.to_vec();
+            if replica.rendered() == sequence {
+                break data;
+            }
+        };
+        let psnr = encoder::psnr_bgrx(&bgrx, &expected, w, h);
+        let errors = page.eval("window.genos.decodeErrors").await;
+        assert!(psnr >= 30.0, "canvas vs source frame {sequence}: {psnr:.1} dB");
+        assert_eq!(errors, json!(0), "decoder errors");
+        eprintln!("frame {sequence} on the canvas: {psnr:.1} dB");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_keys_and_a_click_arrive_at_the_source_in_order() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let (w, h) = (320u32, 240u32);
+        let hx = host(Scene::Still, w, h, 30.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let page = browser
+            .open(&hx.link(&hx.token(Rights::VIEW | Rights::INPUT)), w, h)
+            .await;
+        page.wait_for(
+            "window.genos && window.genos.framesDecoded",
+            30,
+            "first frame",
+            |v| v.as_u64().unwrap_or(0) >= 1,
+        )
+        .await;
+        page.key("KeyH", "h").await;
+        page.key("KeyI", "i").await;
+        page.key("Enter", "Enter").await;
+        page.mouse("mouseMoved", 100, 50).await;
+        page.mouse("mousePressed", 100, 50).await;
+        page.mouse("mouseReleased", 100, 50).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let events = loop {
+            let ev = hx.input.events();
+            let released = ev
+                .iter()
+                .any(|e| matches!(e, InputEvent::PointerButton { pressed: false, .. }));
+            if released || Instant::now() > deadline {
+                break ev;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let key = |code, pressed| InputEvent::Key { code, pressed };
+        let keys: Vec<_> = events
+            .iter()
+            .filter(|e| matches!(e, InputEvent::Key { .. }))
+            .cloned()
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                key(35, true),
+                key(35, false),
+                key(23, true),
+                key(23, false),
+                key(28, true),
+                key(28, false)
+            ]
+        );
+        let first_pointer = events
+            .iter()
+            .position(|e| !matches!(e, InputEvent::Key { .. }))
+            .expect("pointer events");
+        assert_eq!(first_pointer, 6, "keys before the click: {events:?}");
+        let buttons: Vec<_> = events
+            .iter()
+            .filter(|e| matches!(e, InputEvent::PointerButton { .. }))
+            .cloned()
+            .collect();
+        assert_eq!(
+            buttons,
+            vec![
+                InputEvent::PointerButton {
+                    button: Button::Left,
+                    pressed: true
+                },
+                InputEvent::PointerButton {
+                    button: Button::Left,
+                    pressed: false
+                },
+            ]
+        );
+        let press = events
+            .iter()
+            .position(|e| matches!(e, InputEvent::PointerButton { .. }))
+            .unwrap();
+        assert_eq!(
+            events[press - 1],
+            InputEvent::PointerMove { x: 100, y: 50 },
+            "the pointer is at the click before the press: {events:?}"
+        );
+    })
+    .await;
+}
+
+/// Opens `link` and returns the error page's title and the page's error name.
+async fn error_page(hx: &Host, link: &str) -> (String, String) {
+    let browser = Browser::start(&hx.spki).await;
+    let page = browser.open(link, 320, 240).await;
+    let err = page
+        .wait_for(
+            "window.genos && window.genos.error",
+            30,
+            "error page",
+            |v| v.is_object(),
+        )
+        .await;
+    let title = page
+        .eval("document.getElementById('error').hidden ? '' : document.getElementById('error-title').textContent")
+        .await;
+    (
+        title.as_str().unwrap_or_default().to_owned(),
+        err["name"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_or_forged_token_shows_the_error_page() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let expired = hx
+            .tokens
+            .issue_expiring_at(&hx.env, Rights::VIEW, now - 60)
+            .unwrap();
+        let (title, name) = error_page(&hx, &hx.link(&expired)).await;
+        assert_eq!(
+            (title.as_str(), name.as_str()),
+            ("This link has expired", "TokenExpired")
+        );
+        let other = TokenKey::generate().unwrap();
+        let forged = other.issue(&hx.env, Rights::VIEW, HOUR).unwrap();
+        let (title, name) = error_page(&hx, &hx.link(&forged)).await;
+        assert_eq!(
+            (title.as_str(), name.as_str()),
+            ("This link is not valid", "TokenForged")
+        );
+        assert!(hx.input.events().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_environment_shows_the_error_page() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let page = browser
+            .open(&hx.link(&hx.token(Rights::VIEW)), 320, 240)
+            .await;
+        page.wait_for(
+            "window.genos && window.genos.state",
+            30,
+            "session open",
+            |v| v == "open",
+        )
+        .await;
+        hx.server.remove_environment(&hx.env.name);
+        let err = page
+            .wait_for("window.genos.error", 30, "error page", |v| v.is_object())
+            .await;
+        assert_eq!(err["name"], "NoSuchEnvironment");
+        let title = page
+            .eval("document.getElementById('error-title').textContent")
+            .await;
+        assert_eq!(title, "The environment is not running");
+    })
+    .await;
+}
