@@ -8,6 +8,7 @@ pub mod config;
 pub mod input;
 pub mod input_socket;
 pub mod request;
+pub mod snapshot;
 pub mod vm;
 pub mod vsock_handshake;
 
@@ -17,6 +18,7 @@ pub use config::{
 };
 pub use input::{InputBatch, InputBatchError, InputDevice, InputEvent, MAX_INPUT_BATCH};
 pub use request::{paths, Method, Request, ResponseError};
+pub use snapshot::{SnapshotCreate, SnapshotLoad};
 pub use vm::{
     ActionBody, ErrorBody, FramebufferFd, FramebufferHandoff, LandlockStatus, LifecycleAction,
     SandboxStatus, SeccompMode, SeccompModeError, VmDescription, VmMetrics, VmState,

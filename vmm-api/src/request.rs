@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 
 use crate::config::{ConfigPatch, DiskConfig, DisplaySize, VmConfig, VsockConfig};
 use crate::input::InputBatch;
+use crate::snapshot::{SnapshotCreate, SnapshotLoad};
 use crate::vm::{ActionBody, ErrorBody, LifecycleAction};
 
 /// The API's paths (`docs/vmm-api.md`).
@@ -34,6 +35,10 @@ pub mod paths {
     pub const FRAMEBUFFER: &str = "/framebuffer";
     /// `GET`: [`crate::input_socket::InputSocketHandoff`] and one descriptor.
     pub const INPUT_SOCKET: &str = crate::input_socket::PATH;
+    /// `PUT` a [`crate::SnapshotCreate`] while paused.
+    pub const SNAPSHOT_CREATE: &str = "/snapshot/create";
+    /// `PUT` a [`crate::SnapshotLoad`] before any VM started.
+    pub const SNAPSHOT_LOAD: &str = "/snapshot/load";
 }
 
 /// HTTP methods the API uses.
@@ -85,6 +90,10 @@ pub enum Request {
     Framebuffer,
     /// `GET /input/socket`.
     InputSocket,
+    /// `PUT /snapshot/create`.
+    SnapshotCreate(SnapshotCreate),
+    /// `PUT /snapshot/load`.
+    SnapshotLoad(SnapshotLoad),
 }
 
 impl Request {
@@ -98,7 +107,9 @@ impl Request {
             | Self::PutVsock(_)
             | Self::Action(_)
             | Self::Input(_)
-            | Self::Display(_) => Method::Put,
+            | Self::Display(_)
+            | Self::SnapshotCreate(_)
+            | Self::SnapshotLoad(_) => Method::Put,
         }
     }
 
@@ -115,6 +126,8 @@ impl Request {
             Self::Display(_) => paths::DISPLAY.into(),
             Self::Framebuffer => paths::FRAMEBUFFER.into(),
             Self::InputSocket => paths::INPUT_SOCKET.into(),
+            Self::SnapshotCreate(_) => paths::SNAPSHOT_CREATE.into(),
+            Self::SnapshotLoad(_) => paths::SNAPSHOT_LOAD.into(),
         }
     }
 
@@ -129,6 +142,8 @@ impl Request {
             Self::Action(action) => serde_json::to_vec(&ActionBody { action: *action }),
             Self::Input(batch) => serde_json::to_vec(batch),
             Self::Display(size) => serde_json::to_vec(size),
+            Self::SnapshotCreate(create) => serde_json::to_vec(create),
+            Self::SnapshotLoad(load) => serde_json::to_vec(load),
         };
         // Plain structs with string keys: serialising them cannot fail.
         Some(json.expect("API bodies serialise"))
@@ -268,6 +283,19 @@ mod tests {
             ),
             (Request::Framebuffer, "GET /framebuffer", 200),
             (Request::InputSocket, "GET /input/socket", 200),
+            (
+                Request::SnapshotCreate(SnapshotCreate {
+                    snapshot_path: "/s".into(),
+                    mem_file_path: "/m".into(),
+                }),
+                "PUT /snapshot/create",
+                204,
+            ),
+            (
+                Request::SnapshotLoad(SnapshotLoad::new("/s", "/m")),
+                "PUT /snapshot/load",
+                204,
+            ),
         ];
         for (request, line, status) in cases {
             assert_eq!(request.to_string(), line);

@@ -35,8 +35,10 @@ use crate::devices::virtio::gpu::{Gpu, GpuConfig, GpuError, GpuHandle};
 use crate::devices::virtio::input::{InputDevices, InputError, InputHandles};
 use crate::devices::virtio::net::MacAddr;
 use crate::devices::DeviceMetrics;
+use crate::snapshot::{DeviceStates, SnapshotState};
 use crate::vstate::lifecycle::{ConsoleTap, ExitCounters, ExitSignal, ExitStatus};
-use crate::vstate::memory::{create_guest_ram, GuestRam, MemoryError};
+use crate::vstate::memory::{create_guest_ram, restore_guest_ram, GuestRam, MemoryError};
+use crate::vstate::snapshot::{restore_vm, KvmFacts, StateError};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuShared, Vcpus};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -137,6 +139,9 @@ pub enum BuildError {
     /// The Landlock restriction could not be applied.
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    /// Reading KVM facts or writing a snapshot's KVM state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 impl BuildError {
@@ -150,7 +155,10 @@ impl BuildError {
             | Self::Cmdline(_)
             | Self::Unsupported(_)
             | Self::Devices(DeviceManagerError::Block(_))
-            | Self::Devices(DeviceManagerError::SerialOutput(_)) => ExitStatus::BadConfig,
+            | Self::Devices(DeviceManagerError::SerialOutput(_))
+            | Self::Memory(MemoryError::OpenFile { .. } | MemoryError::FileSize { .. }) => {
+                ExitStatus::BadConfig
+            }
             _ => ExitStatus::InternalError,
         }
     }
@@ -177,6 +185,10 @@ pub struct BuiltVm {
     pub counters: Arc<ExitCounters>,
     /// The command line the kernel got.
     pub cmdline: String,
+    /// The legacy devices, for snapshots.
+    pub legacy: LegacyDevices,
+    /// What snapshots need from KVM (read before the sandbox closes `/dev/kvm` ioctls).
+    pub kvm_facts: Arc<KvmFacts>,
     /// The KVM VM.
     pub vm: Vm,
     /// Guest RAM.
@@ -301,8 +313,31 @@ struct Legacy {
     reset_evt: EventFd,
     boot_time: Arc<OnceLock<Duration>>,
     metrics: Vec<(&'static str, Arc<dyn DeviceMetrics>)>,
+    devices: LegacyDevices,
 }
 
+/// The legacy devices as they sit on the buses.
+pub struct LegacyDevices {
+    serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+    boot_timer: Arc<Mutex<BootTimer>>,
+}
+
+impl LegacyDevices {
+    /// Their states, for a snapshot.
+    pub fn save(&self) -> DeviceStates {
+        fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+            m.lock().unwrap_or_else(|e| e.into_inner())
+        }
+        DeviceStates {
+            serial: lock(&self.serial).save(),
+            i8042: lock(&self.i8042).save(),
+            boot_timer: lock(&self.boot_timer).save(),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn attach_legacy(
     vm: &Vm,
     em: &mut EventManager,
@@ -311,6 +346,7 @@ fn attach_legacy(
     vmm_start: Instant,
     pio: &mut crate::devices::bus::Bus,
     mmio: &mut crate::devices::bus::Bus,
+    restored: Option<&DeviceStates>,
 ) -> Result<Legacy, BuildError> {
     let legacy_err = |device| move |source| BuildError::Legacy { device, source };
     let bus_err = |device: &'static str| {
@@ -339,32 +375,46 @@ fn attach_legacy(
     vm.fd()
         .register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(|e| legacy_err("serial")(std::io::Error::from_raw_os_error(e.errno())))?;
-    let serial = Serial::new(serial_irq, out, input).map_err(legacy_err("serial"))?;
+    let serial = match restored {
+        Some(states) => Serial::restore(&states.serial, serial_irq, out, input),
+        None => Serial::new(serial_irq, out, input),
+    }
+    .map_err(legacy_err("serial"))?;
     let serial_metrics = serial.metrics();
     let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), SERIAL_PORT, SERIAL_PORT_LEN)
         .map_err(bus_err("serial"))?;
-    em.add_subscriber(serial);
+    em.add_subscriber(serial.clone());
 
     let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(legacy_err("i8042"))?;
-    let i8042 = I8042::new(reset_evt.try_clone().map_err(legacy_err("i8042"))?);
+    let i8042_reset = reset_evt.try_clone().map_err(legacy_err("i8042"))?;
+    let i8042 = match restored {
+        Some(states) => I8042::restore(&states.i8042, i8042_reset),
+        None => I8042::new(i8042_reset),
+    };
     let i8042_metrics = i8042.metrics();
-    pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT, I8042_PORT_LEN)
+    let i8042 = Arc::new(Mutex::new(i8042));
+    pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)
         .map_err(bus_err("i8042"))?;
 
-    let timer = BootTimer::new(vmm_start);
+    let timer = match restored {
+        Some(states) => BootTimer::restore(vmm_start, &states.boot_timer),
+        None => BootTimer::new(vmm_start),
+    };
     let boot_time = timer.boot_time_handle();
-    mmio.insert(
-        Arc::new(Mutex::new(timer)),
-        BOOT_TIMER_START,
-        BOOT_TIMER_SIZE,
-    )
-    .map_err(bus_err("boot timer"))?;
+    let boot_timer = Arc::new(Mutex::new(timer));
+    mmio.insert(boot_timer.clone(), BOOT_TIMER_START, BOOT_TIMER_SIZE)
+        .map_err(bus_err("boot timer"))?;
 
     Ok(Legacy {
         reset_evt,
         boot_time,
         metrics: vec![("serial", serial_metrics), ("i8042", i8042_metrics)],
+        devices: LegacyDevices {
+            serial,
+            i8042,
+            boot_timer,
+        },
     })
 }
 
@@ -450,7 +500,16 @@ fn assemble(
     };
     let mut pio = devices.pio_bus().clone();
     let mut mmio = devices.mmio_bus().clone();
-    let legacy = attach_legacy(vm, em, &config.serial, exit, vmm_start, &mut pio, &mut mmio)?;
+    let legacy = attach_legacy(
+        vm,
+        em,
+        &config.serial,
+        exit,
+        vmm_start,
+        &mut pio,
+        &mut mmio,
+        None,
+    )?;
 
     let (template, facts) = effective_template(config.cpu_template);
     tracing::info!(
@@ -523,6 +582,7 @@ pub fn build_and_start(
         slots?;
         Ok::<_, BuildError>(assembled)
     })?;
+    let kvm_facts = Arc::new(KvmFacts::read(vm.kvm())?);
     // Every file is open; the vCPU threads spawned next inherit the restriction.
     crate::sandbox::runtime::restrict_files(config)?;
     let counters = Arc::new(ExitCounters::default());
@@ -547,6 +607,90 @@ pub fn build_and_start(
         boot_time: assembled.legacy.boot_time,
         counters,
         cmdline: assembled.cmdline,
+        legacy: assembled.legacy.devices,
+        kvm_facts,
+        vm,
+        ram,
+    })
+}
+
+/// Builds the VM a snapshot describes (its configuration, with `config`'s host-side
+/// choices such as the console) over `mem_file` mapped copy-on-write, writes the saved
+/// KVM and device state into it and starts its vCPUs, paused unless `resume`. The
+/// snapshot has been checked ([`crate::snapshot::read`]); anything KVM refuses here fails
+/// the whole restore, and the half-built VM is dropped with the error.
+pub fn restore_and_start(
+    snapshot: &SnapshotState,
+    config: &VmConfig,
+    mem_file: &Path,
+    resume: bool,
+    vmm_start: Instant,
+    em: &mut EventManager,
+    exit: Arc<ExitSignal>,
+) -> Result<BuiltVm, BuildError> {
+    let vm = Vm::new()?;
+    let ram = restore_guest_ram(mem_file, snapshot.mem_bytes)?;
+    let kvm_facts = Arc::new(KvmFacts::read(vm.kvm())?);
+    let (vcpus, devices, legacy, pio, mmio) = std::thread::scope(|s| {
+        let pit = vm.start_pit_setup();
+        let slots = s.spawn(|| vm.register_memory(&ram.memory));
+        let built = (|| {
+            let devices = DeviceManager::new(ram.memory.clone(), vmm_start);
+            let mut pio = devices.pio_bus().clone();
+            let mut mmio = devices.mmio_bus().clone();
+            let legacy = attach_legacy(
+                &vm,
+                em,
+                &config.serial,
+                &exit,
+                vmm_start,
+                &mut pio,
+                &mut mmio,
+                Some(&snapshot.devices),
+            )?;
+            let mut vcpus = Vec::with_capacity(snapshot.vcpus.len());
+            for state in &snapshot.vcpus {
+                let vcpu = Vcpu::new(&vm, state.id)?;
+                vcpu.restore(state, kvm_facts.caps)?;
+                vcpus.push(vcpu);
+            }
+            Ok::<_, BuildError>((vcpus, devices, legacy, pio, mmio))
+        })();
+        let slots = slots.join().unwrap_or(Err(VmError::SetupThread));
+        let pit = pit.and_then(|setup| setup.wait());
+        let built = built?;
+        pit?;
+        slots?;
+        Ok::<_, BuildError>(built)
+    })?;
+    // The PIT exists now: its saved channels, the clock and the irqchip go in last.
+    restore_vm(vm.fd(), &snapshot.vm)?;
+    crate::sandbox::runtime::restrict_files_restored(config, mem_file)?;
+    let counters = Arc::new(ExitCounters::default());
+    let shared = VcpuShared {
+        io_bus: Arc::new(pio),
+        mmio_bus: Arc::new(mmio),
+        memory: ram.memory.clone(),
+        counters: counters.clone(),
+        exit,
+        vmm_start,
+    };
+    let vcpus = match resume {
+        true => Vcpus::start(vcpus, shared)?,
+        false => Vcpus::start_paused(vcpus, shared)?,
+    };
+    Ok(BuiltVm {
+        vcpus,
+        devices,
+        display: None,
+        input: None,
+        legacy_metrics: legacy.metrics,
+        reset_evt: legacy.reset_evt,
+        boot_time: legacy.boot_time,
+        counters,
+        cmdline: String::new(),
+        legacy: legacy.devices,
+        kvm_facts,
         vm,
         ram,
     })

@@ -87,6 +87,11 @@ pub struct Args {
     /// Runs without Landlock file restrictions.
     #[arg(long)]
     pub no_landlock: bool,
+    /// Restores the VM snapshotted in DIR (files `snapshot` and `memory`, see
+    /// docs/snapshots.md) and runs it; only --serial, --api-sock and the sandbox options
+    /// go with it.
+    #[arg(long, value_name = "DIR")]
+    pub restore: Option<PathBuf>,
 }
 
 impl Args {
@@ -110,11 +115,22 @@ impl Args {
     }
 }
 
+/// `--restore DIR`: the snapshot to run.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Restore {
+    /// The directory with the `snapshot` and `memory` files.
+    pub dir: PathBuf,
+    /// `--serial`: this VM's console instead of the snapshotted VM's.
+    pub serial: Option<SerialConfig>,
+}
+
 /// What the VMM is asked to do.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Launch {
     /// The VM to boot at once; `None` waits for `PUT /vm/config` on the API socket.
     pub config: Option<VmConfig>,
+    /// The snapshot to restore at once (never with `config`).
+    pub restore: Option<Restore>,
     /// Where to serve the control API.
     pub api_sock: Option<PathBuf>,
     /// seccomp and Landlock options.
@@ -139,6 +155,12 @@ pub enum CliError {
     /// The API socket's directory does not exist.
     #[error("api socket {0}: directory does not exist")]
     ApiSockDir(PathBuf),
+    /// VM options were given with `--restore`.
+    #[error("--restore takes the VM from its snapshot: only --serial, --api-sock and the sandbox options go with it")]
+    OptionsWithRestore,
+    /// The `--restore` directory does not exist.
+    #[error("--restore {0}: not a directory")]
+    RestoreDir(PathBuf),
 }
 
 /// clap's message without the `error: ` prefix, usage and tips.
@@ -171,6 +193,30 @@ where
         }
     }
 
+    if let Some(dir) = &args.restore {
+        let mut vm_options = merged.clone();
+        vm_options.serial = None;
+        if !vm_options.is_empty() {
+            return Err(CliError::OptionsWithRestore);
+        }
+        if !dir.is_dir() {
+            return Err(CliError::RestoreDir(dir.clone()));
+        }
+        return Ok(Launch {
+            config: None,
+            restore: Some(Restore {
+                dir: dir.clone(),
+                serial: merged.serial,
+            }),
+            api_sock: args.api_sock,
+            sandbox: SandboxOptions {
+                seccomp: args.seccomp,
+                selftest: args.seccomp_selftest,
+                landlock: !args.no_landlock,
+            },
+        });
+    }
+
     let config = if merged.kernel.is_some() {
         let config = merged.apply(None)?;
         config.validate()?;
@@ -184,6 +230,7 @@ where
     };
     Ok(Launch {
         config,
+        restore: None,
         api_sock: args.api_sock,
         sandbox: SandboxOptions {
             seccomp: args.seccomp,
@@ -221,6 +268,38 @@ mod tests {
 
     fn path_str(file: &TempFile) -> &str {
         file.as_path().to_str().unwrap()
+    }
+
+    #[test]
+    fn restore_takes_a_directory_and_a_console() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/genos-cli-").unwrap();
+        let dir_str = dir.as_path().to_str().unwrap();
+
+        let launch = parse_args(&["--restore", dir_str, "--serial", "none"]).unwrap();
+
+        assert_eq!(
+            launch.restore,
+            Some(Restore {
+                dir: dir.as_path().to_owned(),
+                serial: Some(SerialConfig::None),
+            })
+        );
+        assert_eq!(launch.config, None);
+    }
+
+    #[test]
+    fn restore_refuses_vm_options_and_a_missing_directory() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/genos-cli-").unwrap();
+        let dir_str = dir.as_path().to_str().unwrap();
+
+        let with_options = parse_args(&["--restore", dir_str, "--mem-mib", "64"]).unwrap_err();
+        let missing = parse_args(&["--restore", "/nonexistent/snap"]).unwrap_err();
+
+        assert!(matches!(with_options, CliError::OptionsWithRestore));
+        assert_eq!(
+            missing.to_string(),
+            "--restore /nonexistent/snap: not a directory"
+        );
     }
 
     #[test]

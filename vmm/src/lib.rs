@@ -13,5 +13,6 @@ pub mod devices;
 pub mod logging;
 pub mod rpc;
 pub mod sandbox;
+pub mod snapshot;
 pub mod vmm;
 pub mod vstate;

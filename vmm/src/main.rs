@@ -60,6 +60,16 @@ fn run(vmm_start: Instant) -> ExitStatus {
         }
         None => None,
     };
+    if let Some(restore) = &launch.restore {
+        let (snapshot, memory) = vmm::snapshot::restore_dir_files(&restore.dir);
+        let mut load = vmm_api::SnapshotLoad::new(snapshot, memory);
+        load.resume_vm = true;
+        load.serial = restore.serial.clone();
+        if let Err(e) = vmm.restore_vm(&load) {
+            eprintln!("genos-vmm: {}", error_chain(&e));
+            return e.exit_status();
+        }
+    }
     if let Some(config) = launch.config {
         vmm.configure(config);
         if let Err(e) = vmm.start_vm() {

@@ -113,6 +113,10 @@ pub enum VmmAction {
     GetFramebuffer,
     /// `GET /input/socket`: a new raw input channel (replacing the previous one).
     GetInputSocket,
+    /// `PUT /snapshot/create`: write the paused VM's state and memory files.
+    CreateSnapshot(vmm_api::SnapshotCreate),
+    /// `PUT /snapshot/load`: build the VM from a snapshot (before any VM started).
+    LoadSnapshot(vmm_api::SnapshotLoad),
 }
 
 impl VmmAction {
@@ -130,6 +134,8 @@ impl VmmAction {
             Self::SetDisplaySize { .. } => "resize the display",
             Self::GetFramebuffer => "get the framebuffer",
             Self::GetInputSocket => "get the input socket",
+            Self::CreateSnapshot(_) => "create a snapshot",
+            Self::LoadSnapshot(_) => "load a snapshot",
         }
     }
 }
@@ -160,6 +166,8 @@ impl Lifecycle for VmState {
             | VmmAction::SetDisplaySize { .. }
             | VmmAction::GetFramebuffer
             | VmmAction::GetInputSocket => matches!(self, Running | Paused),
+            VmmAction::CreateSnapshot(_) => self == Paused,
+            VmmAction::LoadSnapshot(_) => matches!(self, NotConfigured | Configured),
         };
         if allowed {
             Ok(())
@@ -177,6 +185,8 @@ impl Lifecycle for VmState {
             VmmAction::Start | VmmAction::Resume => VmState::Running,
             VmmAction::Pause => VmState::Paused,
             VmmAction::Stop => VmState::Stopped,
+            VmmAction::LoadSnapshot(load) if load.resume_vm => VmState::Running,
+            VmmAction::LoadSnapshot(_) => VmState::Paused,
             _ => self,
         }
     }
@@ -474,6 +484,17 @@ mod tests {
             (VmState::Stopped, VmmAction::Stop),
             (VmState::Configured, VmmAction::GetFramebuffer),
             (VmState::Stopped, VmmAction::GetInputSocket),
+            (
+                VmState::Running,
+                VmmAction::CreateSnapshot(vmm_api::SnapshotCreate {
+                    snapshot_path: "/s".into(),
+                    mem_file_path: "/m".into(),
+                }),
+            ),
+            (
+                VmState::Paused,
+                VmmAction::LoadSnapshot(vmm_api::SnapshotLoad::new("/s", "/m")),
+            ),
             (
                 VmState::NotConfigured,
                 VmmAction::InjectInput {

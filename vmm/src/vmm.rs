@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
-use crate::builder::{build_and_start, BuildError, BuiltVm};
+use crate::builder::{build_and_start, restore_and_start, BuildError, BuiltVm};
 use crate::config::VmConfig;
 use crate::device_manager::EventManager;
 use crate::devices::virtio::input::InputChannel;
@@ -42,6 +42,35 @@ pub enum VmmError {
     /// The exit eventfd could not be created.
     #[error("cannot create the exit eventfd")]
     ExitEvent(#[source] std::io::Error),
+}
+
+/// Why a snapshot could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The snapshot files are unusable or do not fit this VMM.
+    #[error("cannot restore the snapshot")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// Building the VM from it failed.
+    #[error("cannot restore the snapshot")]
+    Build(#[from] BuildError),
+}
+
+impl RestoreError {
+    /// Whether the files or the request are at fault (rather than KVM or the VMM).
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            Self::Snapshot(_) => true,
+            Self::Build(e) => e.exit_status() == ExitStatus::BadConfig,
+        }
+    }
+
+    /// The process exit status when this error ends the VMM (`--restore`).
+    pub fn exit_status(&self) -> ExitStatus {
+        match self.is_user_error() {
+            true => ExitStatus::BadConfig,
+            false => ExitStatus::InternalError,
+        }
+    }
 }
 
 /// What woke the main thread.
@@ -205,6 +234,50 @@ impl Vmm {
         crate::sandbox::runtime::enter_or_exit(crate::sandbox::seccomp::ThreadRole::Main);
         self.vm = Some(vm);
         self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Builds the VM of a snapshot ([`crate::snapshot`]) and starts it, paused unless
+    /// `load.resume_vm`. The state file is checked whole, and against the configuration
+    /// given before (if any), before anything of the VM is built.
+    pub fn restore_vm(&mut self, load: &vmm_api::SnapshotLoad) -> Result<(), RestoreError> {
+        let snapshot = crate::snapshot::read(&load.snapshot_path)?;
+        snapshot.check_config(self.config.as_ref())?;
+        let mut config = snapshot.config.clone();
+        if let Some(serial) = load
+            .serial
+            .clone()
+            .or_else(|| self.config.as_ref().map(|c| c.serial.clone()))
+        {
+            config.serial = serial;
+        }
+        let vm = restore_and_start(
+            &snapshot,
+            &config,
+            &load.mem_file_path,
+            load.resume_vm,
+            self.vmm_start,
+            &mut self.event_manager,
+            self.exit.clone(),
+        )?;
+        tracing::info!(
+            "restored the VM of {} ({} vCPUs, {} MiB){}",
+            load.snapshot_path.display(),
+            config.vcpus,
+            config.mem_mib,
+            if load.resume_vm { "" } else { ", paused" }
+        );
+        match dup_fd(vm.reset_evt.as_raw_fd()) {
+            Ok(fd) => self.watch(fd, Wake::Reset),
+            Err(e) => tracing::error!("cannot watch the i8042 reset: {e}"),
+        }
+        crate::sandbox::runtime::enter_or_exit(crate::sandbox::seccomp::ThreadRole::Main);
+        self.vm = Some(vm);
+        self.config = Some(config);
+        self.state = match load.resume_vm {
+            true => VmState::Running,
+            false => VmState::Paused,
+        };
         Ok(())
     }
 
@@ -376,6 +449,35 @@ impl VmmController for Vmm {
                     .handoff(&devices, &mut self.event_manager)
                     .map_err(|e| ActionError::Internal(error_chain(&e)))?;
                 VmmResponse::InputSocket(fd)
+            }
+            VmmAction::CreateSnapshot(request) => {
+                let (Some(vm), Some(config)) = (&self.vm, &self.config) else {
+                    return Err(ActionError::Unavailable);
+                };
+                let started = Instant::now();
+                crate::snapshot::create(vm, config, request).map_err(|e| {
+                    use crate::snapshot::SnapshotError as E;
+                    match e {
+                        E::Unsupported(_) | E::Invalid { .. } | E::File { .. } => {
+                            ActionError::InvalidRequest(error_chain(&e))
+                        }
+                        _ => ActionError::Internal(error_chain(&e)),
+                    }
+                })?;
+                tracing::info!(
+                    "snapshot written to {} and {} in {} ms",
+                    request.snapshot_path.display(),
+                    request.mem_file_path.display(),
+                    started.elapsed().as_millis()
+                );
+                VmmResponse::Empty
+            }
+            VmmAction::LoadSnapshot(load) => {
+                self.restore_vm(load).map_err(|e| match e.is_user_error() {
+                    true => ActionError::InvalidRequest(error_chain(&e)),
+                    false => ActionError::Internal(error_chain(&e)),
+                })?;
+                VmmResponse::Empty
             }
             VmmAction::GetFramebuffer => {
                 let fds = self

@@ -111,6 +111,10 @@ impl VmmController for FakeVmm {
             VmmAction::GetInputSocket => {
                 return Err(ActionError::NoSuchDevice("no input socket here".into()))
             }
+            // Served for real in tests/snapshot.rs.
+            VmmAction::CreateSnapshot(_) | VmmAction::LoadSnapshot(_) => {
+                return Err(ActionError::InvalidRequest("no snapshots here".into()))
+            }
         };
         self.state = next;
         Ok(response)

@@ -8,7 +8,7 @@
 //! [`vmm_api`] contract's.
 
 use serde::Deserialize;
-use vmm_api::{paths, ActionBody, InputBatch, LifecycleAction};
+use vmm_api::{paths, ActionBody, InputBatch, LifecycleAction, SnapshotCreate, SnapshotLoad};
 
 use super::http::{Method, Request};
 use crate::config::{ConfigPatch, DiskConfig, DisplaySize, VmConfig, VsockConfig};
@@ -60,6 +60,14 @@ fn json_body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, RouteError> 
         .map_err(|e| RouteError::bad_request(format!("invalid JSON body: {e}")))
 }
 
+/// Refuses empty paths, naming the field.
+fn require_paths(fields: &[(&str, &std::path::Path)]) -> Result<(), RouteError> {
+    match fields.iter().find(|(_, p)| p.as_os_str().is_empty()) {
+        Some((name, _)) => Err(RouteError::bad_request(format!("{name} is empty"))),
+        None => Ok(()),
+    }
+}
+
 /// The endpoints and the methods each accepts.
 enum Endpoint {
     Vm,
@@ -72,6 +80,8 @@ enum Endpoint {
     Display,
     Framebuffer,
     InputSocket,
+    SnapshotCreate,
+    SnapshotLoad,
 }
 
 impl Endpoint {
@@ -90,6 +100,8 @@ impl Endpoint {
             paths::FRAMEBUFFER => Self::Framebuffer,
             paths::INPUT_SOCKET => Self::InputSocket,
             paths::VSOCK => Self::Vsock,
+            paths::SNAPSHOT_CREATE => Self::SnapshotCreate,
+            paths::SNAPSHOT_LOAD => Self::SnapshotLoad,
             _ => match trimmed.strip_prefix(paths::VM_DISKS) {
                 Some(index) if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) => {
                     Self::Disk(index.parse().map_err(|_| {
@@ -110,7 +122,13 @@ impl Endpoint {
         match self {
             Self::Vm | Self::Metrics | Self::Framebuffer | Self::InputSocket => "GET",
             Self::Config => "PUT, PATCH",
-            Self::Disk(_) | Self::Vsock | Self::Actions | Self::Input | Self::Display => "PUT",
+            Self::Disk(_)
+            | Self::Vsock
+            | Self::Actions
+            | Self::Input
+            | Self::Display
+            | Self::SnapshotCreate
+            | Self::SnapshotLoad => "PUT",
         }
     }
 }
@@ -178,6 +196,22 @@ pub fn route(req: &Request) -> Result<VmmAction, RouteError> {
                 width: body.width,
                 height: body.height,
             }
+        }
+        (Endpoint::SnapshotCreate, Method::Put) => {
+            let body: SnapshotCreate = json_body(req)?;
+            require_paths(&[
+                ("snapshot_path", &body.snapshot_path),
+                ("mem_file_path", &body.mem_file_path),
+            ])?;
+            VmmAction::CreateSnapshot(body)
+        }
+        (Endpoint::SnapshotLoad, Method::Put) => {
+            let body: SnapshotLoad = json_body(req)?;
+            require_paths(&[
+                ("snapshot_path", &body.snapshot_path),
+                ("mem_file_path", &body.mem_file_path),
+            ])?;
+            VmmAction::LoadSnapshot(body)
         }
         (_, method) => {
             let allow = endpoint.allowed();
@@ -247,6 +281,41 @@ mod tests {
         );
         assert_eq!(unknown.status, 400);
         assert_eq!(route_err("GET", "/vsock", None).status, 405);
+    }
+
+    #[test]
+    fn snapshot_endpoints_map_to_their_actions_and_refuse_empty_paths() {
+        let create = route_ok(
+            "PUT",
+            "/snapshot/create",
+            Some(r#"{"snapshot_path":"/s/snapshot","mem_file_path":"/s/memory"}"#),
+        );
+        let load = route_ok(
+            "PUT",
+            "/snapshot/load",
+            Some(r#"{"snapshot_path":"/s/snapshot","mem_file_path":"/s/memory","resume_vm":true}"#),
+        );
+        let empty = route_err(
+            "PUT",
+            "/snapshot/create",
+            Some(r#"{"snapshot_path":"","mem_file_path":"/m"}"#),
+        );
+
+        assert_eq!(
+            create,
+            VmmAction::CreateSnapshot(SnapshotCreate {
+                snapshot_path: "/s/snapshot".into(),
+                mem_file_path: "/s/memory".into(),
+            })
+        );
+        let mut want = SnapshotLoad::new("/s/snapshot", "/s/memory");
+        want.resume_vm = true;
+        assert_eq!(load, VmmAction::LoadSnapshot(want));
+        assert_eq!(
+            (empty.status, empty.reason.as_str()),
+            (400, "snapshot_path is empty")
+        );
+        assert_eq!(route_err("GET", "/snapshot/load", None).status, 405);
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub enum PathAccess {
     ReadWriteFile(PathBuf),
     /// Create and remove Unix sockets in a directory (the API socket).
     SocketDir(PathBuf),
+    /// Create, write and read regular files in a directory (snapshot files).
+    FileDir(PathBuf),
 }
 
 /// The newest ABI this VMM knows; older kernels get what they support.
@@ -53,6 +55,11 @@ pub fn restrict_to(paths: &[PathAccess]) -> Result<LandlockStatus, LandlockError
         AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate | AccessFs::IoctlDev;
     let dir_sock: BitFlags<AccessFs> =
         AccessFs::MakeSock | AccessFs::RemoveFile | AccessFs::ReadDir;
+    let dir_files: BitFlags<AccessFs> = AccessFs::MakeReg
+        | AccessFs::ReadFile
+        | AccessFs::WriteFile
+        | AccessFs::Truncate
+        | AccessFs::ReadDir;
     let mut ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(ABI_TARGET))?
         .handle_access(AccessNet::from_all(ABI_TARGET))?
@@ -63,6 +70,7 @@ pub fn restrict_to(paths: &[PathAccess]) -> Result<LandlockStatus, LandlockError
             PathAccess::ReadFile(p) => (p, file_read.into()),
             PathAccess::ReadWriteFile(p) => (p, file_rw),
             PathAccess::SocketDir(p) => (p, dir_sock),
+            PathAccess::FileDir(p) => (p, dir_files),
         };
         let fd = PathFd::new(path).map_err(|source| LandlockError::Path {
             path: path.clone(),

@@ -139,6 +139,8 @@ fn allowed_paths(config: &VmConfig, api_sock_dir: Option<&Path>) -> Vec<PathAcce
             }),
     );
     paths.extend(api_sock_dir.map(|dir| PathAccess::SocketDir(dir.to_path_buf())));
+    // Snapshot files (`PUT /snapshot/create`) go beside the API socket.
+    paths.extend(api_sock_dir.map(|dir| PathAccess::FileDir(dir.to_path_buf())));
     paths
 }
 
@@ -151,6 +153,37 @@ pub fn restrict_files(config: &VmConfig) -> Result<Option<LandlockStatus>, Sandb
     };
     let status = match sandbox.landlock {
         true => restrict_to(&allowed_paths(config, sandbox.api_sock_dir.as_deref()))?,
+        false => LandlockStatus::Disabled,
+    };
+    let _ = sandbox.landlock_status.set(status);
+    tracing::info!(
+        "sandbox: seccomp {}, landlock {status}",
+        sandbox.filters.mode()
+    );
+    Ok(Some(status))
+}
+
+/// [`restrict_files`] for a VM restored from a snapshot: its memory comes from
+/// `mem_file` and no kernel or initrd is read (they need not exist on this host).
+pub fn restrict_files_restored(
+    config: &VmConfig,
+    mem_file: &Path,
+) -> Result<Option<LandlockStatus>, SandboxError> {
+    let Some(sandbox) = SANDBOX.get() else {
+        return Ok(None);
+    };
+    let status = match sandbox.landlock {
+        true => {
+            let mut paths: Vec<PathAccess> = allowed_paths(config, sandbox.api_sock_dir.as_deref())
+                .into_iter()
+                .filter(|p| {
+                    !matches!(p, PathAccess::ReadFile(f)
+                            if *f == config.kernel || Some(f) == config.initrd.as_ref())
+                })
+                .collect();
+            paths.push(PathAccess::ReadFile(mem_file.to_path_buf()));
+            restrict_to(&paths)?
+        }
         false => LandlockStatus::Disabled,
     };
     let _ = sandbox.landlock_status.set(status);

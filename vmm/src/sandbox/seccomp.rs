@@ -231,6 +231,17 @@ mod tests {
         ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
         ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
         ioctl_io_nr!(KVM_REINJECT_CONTROL, KVMIO, 0x71);
+        ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+        ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+        ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+        ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+        ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+        ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+        ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+        ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+        ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+        ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+        ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
         let expected: HashMap<&str, u64> = [
             ("KVM_RUN", KVM_RUN() as u64),
             ("KVM_GET_REGS", KVM_GET_REGS() as u64),
@@ -245,6 +256,17 @@ mod tests {
             ("KVM_IOEVENTFD", KVM_IOEVENTFD() as u64),
             ("KVM_IRQ_LINE", KVM_IRQ_LINE() as u64),
             ("KVM_REINJECT_CONTROL", KVM_REINJECT_CONTROL() as u64),
+            ("KVM_GET_CPUID2", KVM_GET_CPUID2() as u64),
+            ("KVM_GET_MSRS", KVM_GET_MSRS() as u64),
+            ("KVM_GET_XSAVE", KVM_GET_XSAVE() as u64),
+            ("KVM_GET_XCRS", KVM_GET_XCRS() as u64),
+            ("KVM_GET_TSC_KHZ", KVM_GET_TSC_KHZ() as u64),
+            ("KVM_GET_LAPIC", KVM_GET_LAPIC() as u64),
+            ("KVM_GET_MP_STATE", KVM_GET_MP_STATE() as u64),
+            ("KVM_GET_DEBUGREGS", KVM_GET_DEBUGREGS() as u64),
+            ("KVM_GET_IRQCHIP", KVM_GET_IRQCHIP() as u64),
+            ("KVM_GET_PIT2", KVM_GET_PIT2() as u64),
+            ("KVM_GET_CLOCK", KVM_GET_CLOCK() as u64),
             ("TCGETS", libc::TCGETS),
             ("TIOCGWINSZ", libc::TIOCGWINSZ),
             ("FIONBIO", libc::FIONBIO),

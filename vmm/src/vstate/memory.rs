@@ -1,11 +1,18 @@
 //! Guest RAM backed by one memfd, mapped shared so that another process (a snapshotter,
-//! a framebuffer reader) can map the same pages.
+//! a framebuffer reader) can map the same pages; or, for a VM restored from a snapshot,
+//! the snapshot's memory file mapped copy-on-write (MAP_PRIVATE), so that every VM restored
+//! from it shares the file's page cache and only the pages a VM writes are its own.
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::path::Path;
 
-use vm_memory::{FileOffset, GuestAddress};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
+};
 
 use crate::arch::x86_64::layout::ram_ranges;
 use crate::devices::virtio::GuestMemoryMmap;
@@ -28,13 +35,51 @@ pub enum MemoryError {
     /// Mapping the memfd failed.
     #[error("cannot map guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    /// Writing guest memory to the snapshot's memory file failed.
+    #[error("cannot write guest memory to {path}")]
+    Save {
+        /// The memory file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The memory file cannot be opened or read.
+    #[error("cannot open memory file {path}")]
+    OpenFile {
+        /// The memory file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The memory file's size is not the snapshotted VM's memory size.
+    #[error("memory file {path} has {found} bytes, the snapshot's VM has {want}")]
+    FileSize {
+        /// The memory file.
+        path: std::path::PathBuf,
+        /// Its size.
+        found: u64,
+        /// The VM's memory size.
+        want: u64,
+    },
+    /// Mapping the memory file failed.
+    #[error("cannot map memory file {path}")]
+    MapFile {
+        /// The memory file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Guest memory and the memfd behind it.
 pub struct GuestRam {
     /// The mapped regions.
     pub memory: GuestMemoryMmap,
-    /// The memfd holding all of guest RAM, regions back to back from offset 0.
+    /// The memfd holding all of guest RAM, regions back to back from offset 0; for a
+    /// restored VM, the snapshot's memory file (read-only: the guest's writes are not in it).
     pub memfd: File,
 }
 
@@ -70,11 +115,83 @@ pub fn create_guest_ram(mem_bytes: u64) -> Result<GuestRam, MemoryError> {
     Ok(GuestRam { memory, memfd })
 }
 
+/// Writes all of guest RAM to `file` (truncated first), regions back to back from offset
+/// 0, the layout [`restore_guest_ram`] maps. The vCPUs must be paused.
+pub fn save_guest_ram(ram: &GuestRam, file: &File, path: &Path) -> Result<(), MemoryError> {
+    use std::io::Write;
+    let err = |source| MemoryError::Save {
+        path: path.to_owned(),
+        source,
+    };
+    file.set_len(0).map_err(err)?;
+    let mut out = file;
+    for region in ram.memory.iter() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| err(std::io::Error::other(e)))?;
+        // SAFETY: the region is a live mapping of `len` bytes that `ram` owns for this
+        // borrow. The vCPUs are paused and devices run on this thread, so nothing writes
+        // the memory while it is read here.
+        let bytes = unsafe { std::slice::from_raw_parts(host, region.len() as usize) };
+        out.write_all(bytes).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Maps the memory file `path` of a snapshotted VM with `mem_bytes` of RAM copy-on-write
+/// (MAP_PRIVATE | MAP_NORESERVE): nothing is copied, the guest's writes stay in this
+/// process and the file is never modified.
+pub fn restore_guest_ram(path: &Path, mem_bytes: u64) -> Result<GuestRam, MemoryError> {
+    let file = File::open(path).map_err(|source| MemoryError::OpenFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let found = file
+        .metadata()
+        .map_err(|source| MemoryError::OpenFile {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    if found != mem_bytes {
+        return Err(MemoryError::FileSize {
+            path: path.to_owned(),
+            found,
+            want: mem_bytes,
+        });
+    }
+    let map_err = |source| MemoryError::MapFile {
+        path: path.to_owned(),
+        source,
+    };
+    let mut offset = 0u64;
+    let mut regions = Vec::new();
+    for (start, len) in ram_ranges(mem_bytes) {
+        let fd = file.try_clone().map_err(map_err)?;
+        let region = MmapRegionBuilder::new(len as usize)
+            .with_file_offset(FileOffset::new(fd, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| map_err(std::io::Error::other(e)))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(start))
+            .ok_or_else(|| map_err(std::io::Error::other("region wraps the address space")))?;
+        regions.push(region);
+        offset += len;
+    }
+    let memory =
+        GuestMemoryMmap::from_regions(regions).map_err(|e| map_err(std::io::Error::other(e)))?;
+    Ok(GuestRam {
+        memory,
+        memfd: file,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::FileExt;
 
-    use vm_memory::{Bytes, GuestMemoryBackend};
+    use vm_memory::Bytes;
 
     use super::*;
 
@@ -89,5 +206,54 @@ mod tests {
         assert_eq!(&buf, b"genos");
         assert_eq!(ram.memory.num_regions(), 1);
         assert_eq!(ram.memfd.metadata().unwrap().len(), 4 << 20);
+    }
+
+    #[test]
+    fn restored_ram_has_the_saved_contents_and_writes_stay_private() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/genos-mem-").unwrap();
+        let path = dir.as_path().join("memory");
+        let ram = create_guest_ram(4 << 20).unwrap();
+        ram.memory
+            .write_slice(b"before", GuestAddress(0x2000))
+            .unwrap();
+        let file = File::create(&path).unwrap();
+        save_guest_ram(&ram, &file, &path).unwrap();
+
+        let a = restore_guest_ram(&path, 4 << 20).unwrap();
+        let b = restore_guest_ram(&path, 4 << 20).unwrap();
+        a.memory
+            .write_slice(b"after!", GuestAddress(0x2000))
+            .unwrap();
+
+        let mut seen_a = [0u8; 6];
+        let mut seen_b = [0u8; 6];
+        a.memory
+            .read_slice(&mut seen_a, GuestAddress(0x2000))
+            .unwrap();
+        b.memory
+            .read_slice(&mut seen_b, GuestAddress(0x2000))
+            .unwrap();
+        let mut on_disk = [0u8; 6];
+        File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut on_disk, 0x2000)
+            .unwrap();
+        assert_eq!(&seen_a, b"after!");
+        assert_eq!(&seen_b, b"before");
+        assert_eq!(&on_disk, b"before");
+    }
+
+    #[test]
+    fn a_memory_file_of_another_size_is_refused() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/genos-mem-").unwrap();
+        let path = dir.as_path().join("memory");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+
+        let err = restore_guest_ram(&path, 4 << 20).err().unwrap();
+
+        assert!(
+            matches!(err, MemoryError::FileSize { found: 4096, .. }),
+            "{err}"
+        );
     }
 }

@@ -23,6 +23,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::lifecycle::{ExitCounters, ExitSignal, ExitStatus, VmExit};
+use super::snapshot::{restore_vcpu, save_vcpu, KvmFacts, StateError, VcpuCaps, VcpuState};
 use super::vm::Vm;
 use crate::arch::x86_64::cpuid::{build_cpuid, CpuTemplate};
 use crate::arch::x86_64::{emulation, lapic, msr, regs};
@@ -79,6 +80,18 @@ pub enum VcpuError {
     /// vCPUs did not acknowledge a pause in time.
     #[error("vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
+    /// Saving state needs every vCPU parked by a pause.
+    #[error("the vCPUs are not paused")]
+    NotPaused,
+    /// vCPUs did not hand over their state in time.
+    #[error("vCPUs did not save their state within {0:?}")]
+    SaveTimeout(Duration),
+    /// Reading or writing a vCPU's KVM state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The VM ended while its vCPUs' state was being saved.
+    #[error("vCPU {0} ended before saving its state")]
+    Ended(u8),
 }
 
 /// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
@@ -130,6 +143,13 @@ struct ControlState {
     exited: usize,
     /// vCPU threads that installed their seccomp filter.
     confined: usize,
+    /// Bumped by [`Vcpus::save_state`]: each parked thread that has not served this round
+    /// saves its state into `saved`.
+    save_round: u64,
+    /// What the MSR list and capabilities of this round's save are.
+    save_facts: Option<Arc<KvmFacts>>,
+    /// The states of this round, in the order the threads delivered them.
+    saved: Vec<Result<VcpuState, VcpuError>>,
 }
 
 /// Shared between the controller and all vCPU threads.
@@ -244,6 +264,18 @@ impl Vcpu {
     }
 }
 
+impl Vcpu {
+    /// Writes a snapshot's state into this new vCPU (instead of [`Vcpu::configure`]).
+    pub fn restore(&self, state: &VcpuState, caps: VcpuCaps) -> Result<(), VcpuError> {
+        Ok(restore_vcpu(&self.fd, state, caps)?)
+    }
+
+    /// This vCPU's index.
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+}
+
 /// A running vCPU thread.
 struct VcpuThread {
     id: u8,
@@ -259,13 +291,25 @@ pub struct Vcpus {
 impl Vcpus {
     /// Spawns one thread per vCPU, each running its exit loop.
     pub fn start(vcpus: Vec<Vcpu>, shared: VcpuShared) -> Result<Self, VcpuError> {
+        Self::spawn(vcpus, shared, Request::Run)
+    }
+
+    /// Spawns the vCPU threads paused: none enters `KVM_RUN` before [`Vcpus::resume`].
+    pub fn start_paused(vcpus: Vec<Vcpu>, shared: VcpuShared) -> Result<Self, VcpuError> {
+        Self::spawn(vcpus, shared, Request::Pause)
+    }
+
+    fn spawn(vcpus: Vec<Vcpu>, shared: VcpuShared, initial: Request) -> Result<Self, VcpuError> {
         install_kick_handler()?;
         let control = Arc::new(Control {
             state: Mutex::new(ControlState {
-                request: Request::Run,
+                request: initial,
                 parked: 0,
                 exited: 0,
                 confined: 0,
+                save_round: 0,
+                save_facts: None,
+                saved: Vec::new(),
             }),
             changed: Condvar::new(),
         });
@@ -281,6 +325,8 @@ impl Vcpus {
                 shared: shared.clone(),
                 control: control.clone(),
                 completed: BTreeSet::new(),
+                save_round: 0,
+                interrupted: false,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
@@ -359,6 +405,44 @@ impl Vcpus {
         Ok(())
     }
 
+    /// Reads every vCPU's state; the vCPUs must be paused ([`Vcpus::pause`]). Each vCPU
+    /// thread first completes the instruction of its last exit (as the next `KVM_RUN`
+    /// would), then reads its own state, so nothing of an exit in flight is lost.
+    pub fn save_state(
+        &self,
+        facts: Arc<KvmFacts>,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, VcpuError> {
+        let all = self.threads.len();
+        let mut st = self.control.lock();
+        if st.request != Request::Pause || st.parked < all {
+            return Err(VcpuError::NotPaused);
+        }
+        st.saved.clear();
+        st.save_facts = Some(facts);
+        st.save_round += 1;
+        self.control.changed.notify_all();
+        let deadline = Instant::now() + timeout;
+        while st.saved.len() < all {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VcpuError::SaveTimeout(timeout));
+            }
+            st = self
+                .control
+                .changed
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        st.save_facts = None;
+        let mut states = std::mem::take(&mut st.saved)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        states.sort_by_key(|s| s.id);
+        Ok(states)
+    }
+
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
         self.set_request(Request::Run);
@@ -427,6 +511,10 @@ struct VcpuRunner {
     control: Arc<Control>,
     /// Instructions this vCPU has completed for KVM (each is logged the first time).
     completed: BTreeSet<&'static str>,
+    /// The last save round this thread served.
+    save_round: u64,
+    /// The last `KVM_RUN` returned EINTR.
+    interrupted: bool,
 }
 
 impl VcpuRunner {
@@ -444,7 +532,7 @@ impl VcpuRunner {
             match self.control.request() {
                 Request::Run => {}
                 Request::Pause => {
-                    if self.control.park(false) == Request::Stop {
+                    if self.park_serving_saves() == Request::Stop {
                         break;
                     }
                     continue;
@@ -468,6 +556,55 @@ impl VcpuRunner {
         let mut st = self.control.lock();
         st.exited += 1;
         self.control.changed.notify_all();
+    }
+
+    /// Parks while paused like [`Control::park`], and saves this vCPU's state for every
+    /// save round started meanwhile.
+    fn park_serving_saves(&mut self) -> Request {
+        let control = self.control.clone();
+        let mut st = control.lock();
+        st.parked += 1;
+        control.changed.notify_all();
+        while st.request == Request::Pause {
+            if st.save_round != self.save_round {
+                self.save_round = st.save_round;
+                let facts = st.save_facts.clone();
+                drop(st);
+                let result = match facts {
+                    Some(facts) => self.save(&facts),
+                    None => Err(VcpuError::NotPaused),
+                };
+                st = control.lock();
+                st.saved.push(result);
+                control.changed.notify_all();
+                continue;
+            }
+            st = control.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.parked -= 1;
+        st.request
+    }
+
+    /// Completes the last exit's instruction, then reads the vCPU's state.
+    fn save(&mut self, facts: &KvmFacts) -> Result<VcpuState, VcpuError> {
+        // KVM finishes an I/O or MMIO instruction (the value read lands in its register,
+        // RIP moves past it) only on the next KVM_RUN; with immediate_exit set, that
+        // KVM_RUN does just this and returns EINTR. A string instruction may exit again
+        // first: that exit is served like any other.
+        for _ in 0..64 {
+            self.fd.set_kvm_immediate_exit(1);
+            self.interrupted = false;
+            if let Next::Exit(exit) = self.run_once() {
+                let id = self.id;
+                self.shared.exit.report(exit);
+                return Err(VcpuError::Ended(id));
+            }
+            if self.interrupted {
+                break;
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        Ok(save_vcpu(&self.fd, self.id, facts)?)
     }
 
     fn run_once(&mut self) -> Next {
@@ -561,6 +698,7 @@ impl VcpuRunner {
             Err(e) if e.errno() == libc::EINTR => {
                 ExitCounters::bump(&counters.interrupted);
                 self.fd.set_kvm_immediate_exit(0);
+                self.interrupted = true;
                 Ok(None)
             }
             Err(e) if e.errno() == libc::EAGAIN => Ok(None),

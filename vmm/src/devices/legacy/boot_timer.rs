@@ -4,7 +4,17 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::devices::bus::BusDevice;
+
+/// What a snapshot keeps of the boot timer: the boot time it recorded, if any, so that a
+/// restored guest's second signal does not count as its boot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootTimerState {
+    /// Microseconds from the snapshotted VMM's start to the guest's signal.
+    pub boot_time_us: Option<u64>,
+}
 
 /// The byte the guest writes at offset 0 to say "boot finished".
 pub const BOOT_TIMER_MAGIC: u8 = 123;
@@ -28,6 +38,22 @@ impl BootTimer {
     /// Time from VMM start to the guest's first boot-finished signal, once it arrived.
     pub fn boot_time(&self) -> Option<Duration> {
         self.boot_time.get().copied()
+    }
+
+    /// The recorded boot time, for a snapshot.
+    pub fn save(&self) -> BootTimerState {
+        BootTimerState {
+            boot_time_us: self.boot_time().map(|d| d.as_micros() as u64),
+        }
+    }
+
+    /// A boot timer measuring from `start` that has already recorded what `state` says.
+    pub fn restore(start: Instant, state: &BootTimerState) -> Self {
+        let timer = Self::new(start);
+        if let Some(us) = state.boot_time_us {
+            let _ = timer.boot_time.set(Duration::from_micros(us));
+        }
+        timer
     }
 
     /// A handle that sees the boot time without locking the device.
@@ -61,6 +87,30 @@ impl BusDevice for BootTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restored_timer_keeps_the_recorded_boot_and_ignores_a_second_signal() {
+        let mut timer = BootTimer::new(Instant::now() - Duration::from_millis(5));
+        timer.write(0, 0, &[BOOT_TIMER_MAGIC]);
+        let saved = timer.save();
+
+        let mut restored = BootTimer::restore(Instant::now(), &saved);
+        restored.write(0, 0, &[BOOT_TIMER_MAGIC]);
+
+        assert_eq!(restored.save(), saved);
+        assert!(saved.boot_time_us.unwrap() >= 5000);
+    }
+
+    #[test]
+    fn a_timer_saved_before_the_boot_signal_records_the_restored_guests_signal() {
+        let saved = BootTimer::new(Instant::now()).save();
+
+        let mut restored = BootTimer::restore(Instant::now(), &saved);
+        restored.write(0, 0, &[BOOT_TIMER_MAGIC]);
+
+        assert_eq!(saved.boot_time_us, None);
+        assert!(restored.boot_time().is_some());
+    }
 
     #[test]
     fn magic_write_records_the_boot_time_once() {

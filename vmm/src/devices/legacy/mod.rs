@@ -9,10 +9,10 @@ mod boot_timer;
 mod i8042;
 mod serial;
 
-pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC};
-pub use i8042::{I8042Metrics, I8042};
+pub use boot_timer::{BootTimer, BootTimerState, BOOT_TIMER_MAGIC};
+pub use i8042::{I8042Metrics, I8042State, I8042};
 pub use serial::{
-    stdin_input, Serial, SerialInput, SerialMetrics, SerialOutput, SerialOutputError,
+    stdin_input, Serial, SerialInput, SerialMetrics, SerialOutput, SerialOutputError, SerialState,
 };
 
 use vmm_sys_util::eventfd::EventFd;

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::SerialEvents;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -146,6 +146,56 @@ type Uart = vm_superio::Serial<EventFdTrigger, Arc<SerialMetrics>, Box<dyn Write
 /// Largest chunk moved from the input fd per event: the 16550A FIFO holds 64 bytes.
 const INPUT_CHUNK: usize = 64;
 
+/// The UART's registers and receive FIFO, as a snapshot keeps them (vm-superio's
+/// `SerialState`, which has no serde).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    divisor_low: u8,
+    divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+impl From<vm_superio::serial::SerialState> for SerialState {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        Self {
+            divisor_low: s.baud_divisor_low,
+            divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialState> for vm_superio::serial::SerialState {
+    fn from(s: &SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.divisor_low,
+            baud_divisor_high: s.divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// The COM1 UART on the port-I/O bus (8 ports from 0x3f8).
 pub struct Serial {
     uart: Uart,
@@ -179,6 +229,35 @@ impl Serial {
     /// The device's counters.
     pub fn metrics(&self) -> Arc<SerialMetrics> {
         self.metrics.clone()
+    }
+
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn save(&self) -> SerialState {
+        self.uart.state().into()
+    }
+
+    /// A UART in the snapshotted `state`, otherwise like [`Serial::new`]. An interrupt
+    /// the state has pending is raised again. Refuses a FIFO longer than the UART's.
+    pub fn restore(
+        state: &SerialState,
+        interrupt: EventFd,
+        out: Box<dyn Write + Send>,
+        input: Option<Box<dyn SerialInput>>,
+    ) -> io::Result<Self> {
+        let metrics = Arc::new(SerialMetrics::new()?);
+        let uart = vm_superio::Serial::from_state(
+            &state.into(),
+            EventFdTrigger::new(interrupt),
+            metrics.clone(),
+            out,
+        )
+        .map_err(|e| io::Error::other(format!("invalid serial state: {e:?}")))?;
+        Ok(Self {
+            uart,
+            metrics,
+            input,
+            input_paused: false,
+        })
     }
 
     /// Moves what the input fd has (up to the FIFO's free space) into the FIFO.
@@ -362,6 +441,40 @@ mod tests {
         let mut b = [0u8];
         serial.read(0x3f8, offset, &mut b);
         b[0]
+    }
+
+    #[test]
+    fn a_restored_uart_has_the_saved_registers_and_unread_input() {
+        let (mut serial, _irq) = serial_with(Box::new(io::sink()), None);
+        serial.write(0x3f8, IER, &[IER_DATA_READY]);
+        serial.write(0x3f8, 7, &[0x5a]); // scratch
+        serial.uart.enqueue_raw_bytes(b"ab").unwrap();
+        let saved = serial.save();
+        let json = serde_json::to_vec(&saved).unwrap();
+
+        let state: SerialState = serde_json::from_slice(&json).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut restored = Serial::restore(&state, irq, Box::new(io::sink()), None).unwrap();
+
+        assert_eq!(read_reg(&mut restored, IER), IER_DATA_READY);
+        assert_eq!(read_reg(&mut restored, 7), 0x5a);
+        assert_ne!(read_reg(&mut restored, LSR) & LSR_DATA_READY, 0);
+        assert_eq!(read_reg(&mut restored, THR), b'a');
+        assert_eq!(read_reg(&mut restored, THR), b'b');
+        assert_eq!(read_reg(&mut restored, LSR) & LSR_DATA_READY, 0);
+    }
+
+    #[test]
+    fn a_saved_fifo_longer_than_the_uarts_is_refused() {
+        let state = SerialState {
+            in_buffer: vec![0; 65],
+            ..Default::default()
+        };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+
+        let err = Serial::restore(&state, irq, Box::new(io::sink()), None).err();
+
+        assert!(err.is_some());
     }
 
     #[test]
