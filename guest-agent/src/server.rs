@@ -293,6 +293,8 @@ pub struct Server {
     desktop: Option<Desktop>,
     /// Session role under the kiosk.
     kiosk: Option<Kiosk>,
+    /// Why a request found the X connection gone (acted on in the next service).
+    desktop_lost: Option<String>,
     /// System role: the session parts' listener and the one connected.
     session_listener: Option<Listener>,
     link: Option<SessionLink>,
@@ -409,6 +411,7 @@ impl Server {
             readiness: Readiness::new(no_init, cfg.systemctl.clone(), now),
             desktop,
             kiosk,
+            desktop_lost: None,
             session_listener,
             link: None,
             link_gone: "none has connected yet".into(),
@@ -797,7 +800,10 @@ impl Server {
             _ => (Ok(None), false),
         };
         if fatal {
-            self.desktop = None;
+            self.desktop_lost = Some(match &result {
+                Err((_, message)) => message.clone(),
+                Ok(_) => "the X connection failed".into(),
+            });
         }
         result
     }
@@ -1165,12 +1171,16 @@ impl Server {
         let Some(d) = self.desktop.as_mut() else {
             return Ok(());
         };
-        let events = match d.process(now) {
+        let processed = match self.desktop_lost.take() {
+            Some(why) => Err(why),
+            None => d.process(now).map_err(|e| e.to_string()),
+        };
+        let events = match processed {
             Ok(events) => events,
             Err(e) => {
                 self.desktop = None;
                 if self.cfg.role == Role::Session {
-                    return Err(ServerError::DisplayGone(e.to_string()));
+                    return Err(ServerError::DisplayGone(e));
                 }
                 self.log.log(now, format_args!("X display lost: {e}"));
                 return Ok(());
