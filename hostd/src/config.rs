@@ -44,6 +44,8 @@ pub enum ConfigError {
     MirrorUrl { base: String, url: String },
     #[error("encoder_threads must be 0 (automatic) to 4, not {0}")]
     EncoderThreads(u16),
+    #[error("[stream] tls_cert and tls_key go together: set both or neither")]
+    TlsPair,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -79,6 +81,28 @@ pub struct StreamConfig {
     pub encoder: EncoderUsage,
     /// Threads per encoder.
     pub encoder_threads: EncoderThreads,
+    /// PEM certificate chain the browser page (HTTPS on the stream port's TCP side) is served
+    /// with; unset: hostd's self-signed stream identity. With `tls_key`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Host name (or address) put in viewers' links; unset: the listen address (loopback for
+    /// an unspecified one).
+    #[serde(default)]
+    pub public_host: Option<String>,
+}
+
+impl StreamConfig {
+    /// The operator's certificate and key for the browser page, if configured.
+    pub fn tls_files(&self) -> Result<Option<(&std::path::Path, &std::path::Path)>, ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Ok(Some((c, k))),
+            (None, None) => Ok(None),
+            _ => Err(ConfigError::TlsPair),
+        }
+    }
 }
 
 /// `[stream] encoder_threads`: 1..=4, or 0 to let the encoder choose by picture size.
@@ -129,6 +153,9 @@ impl Default for StreamConfig {
             fps: 30.0,
             encoder: EncoderUsage::Screen,
             encoder_threads: EncoderThreads(0),
+            tls_cert: None,
+            tls_key: None,
+            public_host: None,
         }
     }
 }
@@ -462,6 +489,23 @@ mod tests {
         assert_eq!(c.jail.uid_base, 64000);
         let err = Config::from_toml("[jail]\njailer = \"sometimes\"\n").unwrap_err();
         assert!(err.to_string().contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn stream_tls_files_and_public_host_parse_and_a_half_pair_is_refused() {
+        let c = Config::from_toml(
+            "[stream]\ntls_cert = \"/etc/genos/web.pem\"\ntls_key = \"/etc/genos/web.key\"\npublic_host = \"genos.example\"\n",
+        )
+        .unwrap();
+        let (cert, key) = c.stream.tls_files().unwrap().unwrap();
+        assert_eq!(cert, std::path::Path::new("/etc/genos/web.pem"));
+        assert_eq!(key, std::path::Path::new("/etc/genos/web.key"));
+        assert_eq!(c.stream.public_host.as_deref(), Some("genos.example"));
+        let embedded = Config::embedded();
+        assert!(embedded.stream.tls_files().unwrap().is_none());
+        assert_eq!(embedded.stream.public_host, None);
+        let half = Config::from_toml("[stream]\ntls_cert = \"/c.pem\"\n").unwrap();
+        assert!(matches!(half.stream.tls_files(), Err(ConfigError::TlsPair)));
     }
 
     #[test]

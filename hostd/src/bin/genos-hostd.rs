@@ -127,6 +127,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     rt.block_on(async move {
         let listener = admin::bind(&socket, &policy).await?;
+        // The browser page and transport (hostd::web), on the stream port's TCP side.
+        let mut _web = None;
         if stream_cfg.enabled {
             let stream_dir = state_dir.join("stream");
             let identity = hostd::stream::Identity::load_or_create(&stream_dir)?;
@@ -140,6 +142,18 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 ..Default::default()
             };
             let server = hostd::stream::StreamServer::bind(server_cfg, &identity, tokens)?;
+            let cert = match stream_cfg.tls_files()? {
+                Some((cert, key)) => hostd::web::Certificate::Files { cert, key },
+                None => hostd::web::Certificate::Identity(&identity),
+            };
+            _web = Some(
+                hostd::web::WebServer::bind(
+                    server.local_addr()?,
+                    hostd::web::tls_config(cert)?,
+                    server.message_viewers(),
+                )
+                .await?,
+            );
             tracing::info!(listen = %stream_cfg.listen, "stream server ready");
             orch.set_stream_server(std::sync::Arc::new(server))?;
         }

@@ -106,6 +106,10 @@ enum Cmd {
         /// Comma-separated rights: view,input,clipboard,admin.
         #[arg(long, default_value = "view,input,clipboard")]
         rights: String,
+        /// Print only the browser link, https://HOST:PORT/#env=..&token=.. (HOST: `[stream]
+        /// public_host` of /etc/genos/hostd.toml if set, else the stream server's address).
+        #[arg(long)]
+        web: bool,
     },
     /// Daemon health: the checks hostd runs (store, image cache, stream server, KVM).
     Health,
@@ -381,6 +385,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             name,
             ttl,
             rights,
+            web,
         } => {
             let name = name.expect("clap requires a name without a subcommand");
             let v = client
@@ -390,7 +395,20 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     Some(json!({"ttl_s": ttl, "rights": rights})),
                 )
                 .await?;
-            if json_out {
+            if web {
+                let url = web_link(&v).ok_or_else(|| {
+                    CliError::Msg(format!(
+                        "hostd streams no screen for {name}: it has no display, or streaming is off"
+                    ))
+                })?;
+                if json_out {
+                    let mut v = v;
+                    v["web_url"] = json!(url);
+                    print_json(&v);
+                } else {
+                    println!("{url}");
+                }
+            } else if json_out {
                 print_json(&v);
             } else {
                 print_token(&v);
@@ -704,6 +722,19 @@ fn print_question(q: &Value) {
     for o in q["options"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         println!("  - {}", o.as_str().unwrap_or(""));
     }
+}
+
+/// The browser link for a minted token (`genos token --web`): the stream server's
+/// `genos://` link turned into `https://HOST:PORT/#env=..&token=..`, with `[stream]
+/// public_host` from /etc/genos/hostd.toml as HOST when that file sets it.
+fn web_link(v: &Value) -> Option<String> {
+    let etc = PathBuf::from("/etc/genos/hostd.toml");
+    let public_host = etc
+        .is_file()
+        .then(|| hostd::config::Config::load(&etc).ok())
+        .flatten()
+        .and_then(|c| c.stream.public_host);
+    hostd::web::web_url_from_connect_url(v["url"].as_str()?, public_host.as_deref())
 }
 
 fn print_token(v: &Value) {

@@ -543,3 +543,110 @@ async fn upgrade(
         )
         .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn web_links_carry_the_token_in_the_fragment_only() {
+        let url = web_url("genos.example", 4433, "my env", "AbC-_.x");
+        assert_eq!(
+            url,
+            "https://genos.example:4433/#env=my%20env&token=AbC-_.x"
+        );
+        let (request_part, fragment) = url.split_once('#').unwrap();
+        assert!(!request_part.contains("AbC"));
+        assert!(fragment.contains("token="));
+    }
+
+    #[test]
+    fn link_host_prefers_public_host_and_brackets_ipv6() {
+        let any4: SocketAddr = "0.0.0.0:4433".parse().unwrap();
+        let any6: SocketAddr = "[::]:4433".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:4433".parse().unwrap();
+        let lo: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+        assert_eq!(link_host(Some("genos.example"), any4), "genos.example");
+        assert_eq!(link_host(Some("2001:db8::2"), any4), "[2001:db8::2]");
+        assert_eq!(link_host(Some(""), lo), "127.0.0.1");
+        assert_eq!(link_host(None, any4), "127.0.0.1");
+        assert_eq!(link_host(None, any6), "[::1]");
+        assert_eq!(link_host(None, v6), "[2001:db8::1]");
+    }
+
+    #[test]
+    fn a_genos_link_becomes_the_web_link_for_the_same_port_and_token() {
+        let genos = "genos://127.0.0.1:4433/my%20env?token=T0k.en&cert=ab12";
+        assert_eq!(
+            web_url_from_connect_url(genos, None).unwrap(),
+            "https://127.0.0.1:4433/#env=my%20env&token=T0k.en"
+        );
+        assert_eq!(
+            web_url_from_connect_url(genos, Some("genos.example")).unwrap(),
+            "https://genos.example:4433/#env=my%20env&token=T0k.en"
+        );
+        let v6 = "genos://[::1]:9/e?cert=00&token=t";
+        assert_eq!(
+            web_url_from_connect_url(v6, None).unwrap(),
+            "https://[::1]:9/#env=e&token=t"
+        );
+        for bad in [
+            "https://x/",
+            "genos://h/e?token=t",
+            "genos://h:1/e?cert=0",
+            "genos://h:x/e?token=t",
+        ] {
+            assert_eq!(web_url_from_connect_url(bad, None), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn operator_pem_files_are_loaded_and_missing_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["genos.example".to_owned()]).unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        assert!(tls_config(Certificate::Files {
+            cert: &cert,
+            key: &key
+        })
+        .is_ok());
+        let missing = dir.path().join("none.pem");
+        let err = tls_config(Certificate::Files {
+            cert: &missing,
+            key: &key,
+        })
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("none.pem"), "{err}");
+        std::fs::write(&missing, "not pem\n").unwrap();
+        let err = tls_config(Certificate::Files {
+            cert: &missing,
+            key: &key,
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(err, WebError::NoCertificate(_)), "{err}");
+    }
+
+    #[test]
+    fn spki_hash_is_of_the_certificates_public_key() {
+        use base64::Engine;
+        let id = Identity::generate(&[]).unwrap();
+        let spki = spki_sha256_base64(&id).unwrap();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(&spki)
+            .unwrap();
+        assert_eq!(raw.len(), 32);
+        // The SubjectPublicKeyInfo is inside the certificate's DER: the hash is over it.
+        let cert = id.cert.as_ref();
+        let prefix = hex::decode("3059301306072a8648ce3d020106082a8648ce3d030107034200").unwrap();
+        let at = cert
+            .windows(prefix.len())
+            .position(|w| w == prefix.as_slice())
+            .expect("P-256 SPKI in the certificate");
+        let digest = ring::digest::digest(&ring::digest::SHA256, &cert[at..at + prefix.len() + 65]);
+        assert_eq!(digest.as_ref(), raw.as_slice());
+    }
+}
