@@ -972,3 +972,90 @@ fn a_session_part_ends_when_its_display_closes_and_the_stage_falls_back() {
         "a closed display is the session's normal end: {status}"
     );
 }
+
+#[test]
+fn latin1_only_owners_and_readers_get_iso_8859_1_text() {
+    if !tools("STRING fallback", &["Xvfb", "xclip"]) {
+        return;
+    }
+    let scratch = Scratch::new("latin1");
+    let x = XServer::xvfb(&scratch);
+    let mut system = System::start(&scratch);
+    let _part = system.session_part(&x);
+    assert_eq!(system.set_clipboard("héllo €"), AgentMessage::Done);
+    let out = Command::new("xclip")
+        .args(["-selection", "clipboard", "-o", "-t", "STRING"])
+        .env("DISPLAY", &x.display)
+        .output()
+        .unwrap();
+    // An owner that offers only STRING (xclip answers just the target it was given).
+    let mut owner = Command::new("xclip")
+        .args(["-quiet", "-selection", "clipboard", "-t", "STRING", "-i"])
+        .env("DISPLAY", &x.display)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    owner.stdin.take().unwrap().write_all(b"caf\xe9").unwrap();
+    let _owner = Guard(owner);
+
+    let changed = system.wait_for("ClipboardChanged", Duration::from_secs(10), |f| {
+        matches!(f.message, AgentMessage::ClipboardChanged(_))
+    });
+
+    assert_eq!(out.stdout, b"h\xe9llo ?");
+    match changed {
+        AgentMessage::ClipboardChanged(c) => assert_eq!(c.data, "café".as_bytes()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_session_part_of_another_user_is_refused() {
+    if !tools("peer check", &["Xvfb", "setpriv"]) {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip(
+            Need::Root,
+            "running a session part as another user needs root",
+        );
+    }
+    let scratch = Scratch::new("peer");
+    let x = XServer::xvfb(&scratch);
+    let mut system = System::start(&scratch);
+    // nobody is neither root nor the session user (genos, absent here).
+    let intruder = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            AGENT,
+            "session",
+        ])
+        .arg("--socket")
+        .arg(&system.session_socket)
+        .env("DISPLAY", &x.display)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _intruder = Guard(intruder);
+    std::thread::sleep(Duration::from_secs(2));
+
+    let get = system.request(HostMessage::ClipboardGet {
+        mime: MIME_TEXT_UTF8.into(),
+    });
+
+    match system.reply(get) {
+        AgentMessage::Error { code, message } => {
+            assert_eq!(code, ErrorCode::NotSupported);
+            assert!(
+                message.contains("no desktop session is connected"),
+                "{message}"
+            );
+        }
+        other => panic!("a part of uid 65534 was served: {other:?}"),
+    }
+}
