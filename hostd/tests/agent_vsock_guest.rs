@@ -2,7 +2,9 @@
 //! through the VM's virtio-vsock device (`--vsock 3:SOCKET`, `CONNECT 1024`): its Hello, the
 //! `system` stage, an exec of a static program (the agent's own binary, `--version`) and a
 //! file put, then got back identical; and the same guest as a hostd environment (jailed when
-//! root), ready only through its agent, with a command and a file through the orchestrator.
+//! root), ready only through its agent, with a command and a file through the orchestrator;
+//! and a `nat` environment whose guest gets its address from hostd through the agent and
+//! reaches a server in another network namespace.
 //!
 //! The images are genos-image's TEST-ONLY `nested-test` flavour (`GENOS_TEST_KERNEL`,
 //! `GENOS_TEST_INITRAMFS`, exported by `scripts/test`): a kernel with the system-call shim this
@@ -280,6 +282,33 @@ async fn the_agent_as_pid1_of_a_real_guest_answers_hostd_over_vsock() {
     );
 }
 
+/// hostd's orchestrator on the nested-test images, ready through the agent (jailed when run
+/// as root, as in production).
+async fn test_image_orchestrator(
+    dir: &Path,
+    vmm: &Path,
+    kernel: &Path,
+    initramfs: &Path,
+) -> hostd::orchestrator::Orchestrator {
+    let toml = common::config_toml(vmm, kernel, 4, 4096)
+        .replace(
+            "build_rootfs = false",
+            &format!(
+                "build_rootfs = false\ninitramfs = \"{}\"",
+                initramfs.display()
+            ),
+        )
+        .replace("ready = \"boot\"", "ready = \"agent\"")
+        .replace("cpu_template = \"host\"", "cpu_template = \"baseline\"")
+        .replace(
+            "boot_timeout_s = 120",
+            &format!("boot_timeout_s = {}", BOOT_LIMIT.as_secs()),
+        );
+    let o = common::orchestrator(dir, &toml);
+    o.start().await.unwrap();
+    o
+}
+
 /// The same guest through the whole product path: hostd's orchestrator boots it (jailed
 /// when running as root, as in production), calls it ready only when its agent reports the
 /// system stage over vsock, and runs a command and moves a file in it through the agent.
@@ -296,22 +325,7 @@ async fn an_environment_is_ready_through_its_agent_and_runs_commands_in_its_gues
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let toml = common::config_toml(&vmm, &kernel, 4, 4096)
-        .replace(
-            "build_rootfs = false",
-            &format!(
-                "build_rootfs = false\ninitramfs = \"{}\"",
-                initramfs.display()
-            ),
-        )
-        .replace("ready = \"boot\"", "ready = \"agent\"")
-        .replace("cpu_template = \"host\"", "cpu_template = \"baseline\"")
-        .replace(
-            "boot_timeout_s = 120",
-            &format!("boot_timeout_s = {}", BOOT_LIMIT.as_secs()),
-        );
-    let o = common::orchestrator(dir.path(), &toml);
-    o.start().await.unwrap();
+    let o = test_image_orchestrator(dir.path(), &vmm, &kernel, &initramfs).await;
     let started = Instant::now();
 
     o.create(common::headless_spec("guest", true), "test")
@@ -409,4 +423,215 @@ async fn an_environment_is_ready_through_its_agent_and_runs_commands_in_its_gues
             "{action} not audited: {audited:?}"
         );
     }
+}
+
+/// A network namespace standing in for the world outside the host, reached from the host
+/// through a veth pair on the documentation network 198.51.100.0/24 (this machine only; not
+/// 192.0.2.0/24, which CI machines use for their own uplink), with an HTTP server answering
+/// one fixed body. Removed on drop.
+struct OutsideServer {
+    netns: String,
+    host_veth: String,
+}
+
+impl OutsideServer {
+    const HOST_ADDR: &'static str = "198.51.100.1/24";
+    const SERVER_ADDR: &'static str = "198.51.100.10";
+    const PORT: u16 = 8080;
+    const BODY: &'static str = "hello from the other namespace\n";
+
+    fn start() -> Self {
+        let routes = Command::new("ip").args(["-4", "route"]).output().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&routes.stdout).contains("198.51.100."),
+            "this host already routes 198.51.100.0/24; the test needs it free"
+        );
+        let tag = std::process::id() % 10_000;
+        let server = OutsideServer {
+            netns: format!("gt-out-{tag}"),
+            host_veth: format!("gto-h{tag}"),
+        };
+        let peer = format!("gto-s{tag}");
+        let ns = server.netns.clone();
+        let server_addr = format!("{}/24", Self::SERVER_ADDR);
+        for args in [
+            vec!["netns", "add", &ns],
+            vec!["-n", &ns, "link", "set", "lo", "up"],
+            vec![
+                "link",
+                "add",
+                &server.host_veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+                "netns",
+                &ns,
+            ],
+            vec!["addr", "add", Self::HOST_ADDR, "dev", &server.host_veth],
+            vec!["link", "set", &server.host_veth, "up"],
+            vec!["-n", &ns, "addr", "add", &server_addr, "dev", &peer],
+            vec!["-n", &ns, "link", "set", &peer, "up"],
+        ] {
+            let status = Command::new("ip").args(&args).status().unwrap();
+            assert!(status.success(), "ip {args:?}");
+        }
+        let path = format!("/var/run/netns/{ns}");
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let file = File::open(&path).unwrap();
+            // SAFETY: the descriptor is open for the call; setns changes only this thread's
+            // network namespace.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}");
+            let listener =
+                std::net::TcpListener::bind((OutsideServer::SERVER_ADDR, OutsideServer::PORT))
+                    .unwrap();
+            bound_tx.send(()).unwrap();
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut request = [0u8; 1024];
+                let _ = std::io::Read::read(&mut conn, &mut request);
+                let body = OutsideServer::BODY;
+                let _ = std::io::Write::write_all(
+                    &mut conn,
+                    format!(
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+        bound_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        server
+    }
+}
+
+impl Drop for OutsideServer {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_veth])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+/// A `nat` environment's guest gets the address hostd planned through its agent and
+/// reaches a server outside the host's own namespace (a namespace on this machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nat_guest_is_configured_by_hostd_and_reaches_a_server_outside() {
+    const NAT_TEST: &str = "a_nat_guest_is_configured_by_hostd";
+    let Some((kernel, initramfs)) = test_images() else {
+        return;
+    };
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        testkit::skip(
+            testkit::Need::Root,
+            format!("{NAT_TEST}: network namespaces and the jailer need root"),
+        );
+        return;
+    }
+    if !common::kvm_available(NAT_TEST) {
+        return;
+    }
+    let Some(vmm) = common::vmm_bin(NAT_TEST) else {
+        return;
+    };
+    let outside = OutsideServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let o = test_image_orchestrator(dir.path(), &vmm, &kernel, &initramfs).await;
+    let mut spec = common::headless_spec("netguest", false);
+    spec.network.mode = proto::spec::NetworkMode::Nat;
+    let started = Instant::now();
+
+    o.create(spec, "test").unwrap();
+    common::wait_state(
+        &o,
+        "netguest",
+        hostd::store::EnvState::Ready,
+        BOOT_LIMIT.as_secs(),
+    )
+    .await;
+    eprintln!(
+        "{NAT_TEST}: ready {:.1} s after create",
+        started.elapsed().as_secs_f64()
+    );
+    let url = format!(
+        "http://{}:{}/",
+        OutsideServer::SERVER_ADDR,
+        OutsideServer::PORT
+    );
+    let fetched = step(
+        "wget from the guest",
+        o.exec(
+            "netguest",
+            "test",
+            ExecRequest {
+                // Not `-q -T`: this busybox (1.35) segfaults with them.
+                argv: ["/bin/busybox", "wget", "-O", "-", &url]
+                    .map(String::from)
+                    .to_vec(),
+                cwd: "/".into(),
+                ..ExecRequest::default()
+            },
+            None,
+            STEP_LIMIT,
+        ),
+    )
+    .await
+    .unwrap();
+    let addresses = step(
+        "ip addr in the guest",
+        o.exec(
+            "netguest",
+            "test",
+            ExecRequest {
+                argv: ["/bin/ip", "-4", "addr", "show", "dev", "eth0"]
+                    .map(String::from)
+                    .to_vec(),
+                cwd: "/".into(),
+                ..ExecRequest::default()
+            },
+            None,
+            STEP_LIMIT,
+        ),
+    )
+    .await
+    .unwrap();
+    let ready_detail = o
+        .audit_entries(200)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.target == "netguest" && e.action == "ready")
+        .map(|e| e.detail)
+        .unwrap_or_default();
+    o.destroy("netguest", "test").await.unwrap();
+    drop(outside);
+
+    let planned = ready_detail
+        .split("network eth0 ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("no network in the ready entry: {ready_detail}"))
+        .to_owned();
+    assert!(planned.starts_with("10.201."), "{ready_detail}");
+    assert!(
+        String::from_utf8_lossy(&addresses.stdout).contains(&format!("inet {planned}")),
+        "the guest has {planned}: {addresses:?}"
+    );
+    assert_eq!(
+        (
+            fetched.status,
+            String::from_utf8_lossy(&fetched.stdout).into_owned()
+        ),
+        (Some(ExitStatus::Code(0)), OutsideServer::BODY.to_owned()),
+        "{}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
 }
