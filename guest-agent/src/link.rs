@@ -192,3 +192,136 @@ impl SessionLink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::agent::session::AgentSession;
+    use proto::agent::ErrorCode;
+    use std::os::unix::net::UnixStream;
+
+    /// A link over a socket pair and the session part's end of it, Hello exchanged and
+    /// the part at `session`.
+    fn linked() -> (SessionLink, UnixStream, AgentSession) {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut link = SessionLink::new(File::from(std::os::fd::OwnedFd::from(ours)), 0);
+        let mut part = AgentSession::new("part", Features::CLIPBOARD);
+        link.flush();
+        let hello = part_reads(&mut theirs, &mut part);
+        assert!(matches!(hello[..], [(_, HostMessage::Hello { .. })]));
+        part.send(RequestId::CONNECTION, AgentMessage::Ready(Stage::Session))
+            .unwrap();
+        theirs.write_all(&part.take_output()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(link.read().is_empty());
+        assert!(link.is_open() && link.features.contains(Features::CLIPBOARD));
+        (link, theirs, part)
+    }
+
+    /// Everything the part received since the last call, as (id, message).
+    fn part_reads(
+        theirs: &mut UnixStream,
+        part: &mut AgentSession,
+    ) -> Vec<(RequestId, HostMessage)> {
+        let mut buf = [0u8; 65536];
+        let n = theirs.read(&mut buf).unwrap();
+        part.receive(&buf[..n]);
+        let mut got = Vec::new();
+        while let Some(f) = part.poll().unwrap() {
+            got.push((f.id, f.message));
+        }
+        got
+    }
+
+    #[test]
+    fn answers_go_back_to_the_connection_and_request_that_asked() {
+        let (mut link, mut theirs, mut part) = linked();
+        let now = Instant::now();
+        link.forward(
+            (7, RequestId(42)),
+            HostMessage::DisplaySetMode {
+                width: 800,
+                height: 600,
+            },
+            now,
+        )
+        .unwrap();
+        link.forward(
+            (9, RequestId(42)),
+            HostMessage::ClipboardGet {
+                mime: "text/plain".into(),
+            },
+            now,
+        )
+        .unwrap();
+        link.flush();
+        let got = part_reads(&mut theirs, &mut part);
+        assert_eq!(got.len(), 2);
+        assert_ne!(got[0].0, got[1].0, "the link's own ids keep the two apart");
+
+        part.send(
+            got[1].0,
+            AgentMessage::Error {
+                code: ErrorCode::NotFound,
+                message: "empty".into(),
+            },
+        )
+        .unwrap();
+        part.send(got[0].0, AgentMessage::Done).unwrap();
+        theirs.write_all(&part.take_output()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let events = link.read();
+
+        assert_eq!(link.stage, Stage::Session);
+        assert_eq!(
+            events,
+            vec![
+                LinkEvent::Reply {
+                    to: (9, RequestId(42)),
+                    message: AgentMessage::Error {
+                        code: ErrorCode::NotFound,
+                        message: "empty".into()
+                    },
+                },
+                LinkEvent::Reply {
+                    to: (7, RequestId(42)),
+                    message: AgentMessage::Done
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_request_the_part_leaves_unanswered_expires_once() {
+        let (mut link, _theirs, _part) = linked();
+        let now = Instant::now();
+        link.forward(
+            (3, RequestId(5)),
+            HostMessage::DisplaySetMode {
+                width: 800,
+                height: 600,
+            },
+            now,
+        )
+        .unwrap();
+
+        assert!(link
+            .expired(now + FORWARD_TIMEOUT - Duration::from_millis(1))
+            .is_empty());
+        assert_eq!(link.next_deadline(), Some(now + FORWARD_TIMEOUT));
+        assert_eq!(link.expired(now + FORWARD_TIMEOUT), vec![(3, RequestId(5))]);
+        assert!(link.expired(now + FORWARD_TIMEOUT * 2).is_empty());
+        assert_eq!(link.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_part_that_closes_is_dead_with_a_reason() {
+        let (mut link, theirs, _part) = linked();
+        drop(theirs);
+
+        let _ = link.read();
+
+        assert_eq!(link.dead.as_deref(), Some("it closed the connection"));
+    }
+}

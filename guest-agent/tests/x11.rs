@@ -196,6 +196,7 @@ EndSection
 /// one host connection to it.
 struct System {
     _child: Guard,
+    socket: PathBuf,
     session_socket: PathBuf,
     stream: UnixStream,
     session: HostSession,
@@ -225,8 +226,9 @@ impl System {
         let child = Guard(child);
         let mut system = System {
             _child: child,
-            session_socket,
             stream: connect(&socket),
+            socket,
+            session_socket,
             session: HostSession::new(),
             features: Features::empty(),
             next_id: 1,
@@ -256,6 +258,25 @@ impl System {
             .spawn()
             .expect("start genos-agent session");
         Guard(child)
+    }
+
+    /// The features a host connecting now is told about.
+    fn features_now(&self) -> Features {
+        let mut stream = connect(&self.socket);
+        let mut session = HostSession::new();
+        stream.write_all(&session.take_output()).unwrap();
+        loop {
+            if let Some(f) = session.poll().unwrap() {
+                match f.message {
+                    AgentMessage::Hello { features, .. } => return features,
+                    other => panic!("expected the agent's Hello, got {other:?}"),
+                }
+            }
+            let mut buf = [0u8; 4096];
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "agent closed the connection");
+            session.receive(&buf[..n]);
+        }
     }
 
     fn flush(&mut self) {
@@ -433,9 +454,13 @@ fn clipboard_set_through_the_session_part_is_read_by_xclip_in_every_text_target(
     let mut system = System::start(&scratch);
     let _part = system.session_part(&x);
 
+    let before = system.features;
     let done = system.set_clipboard("héllo GenOS\nline 2");
 
     assert_eq!(done, AgentMessage::Done);
+    let x_features = Features::CLIPBOARD | Features::DISPLAY;
+    assert!(!before.contains(Features::CLIPBOARD) && !before.contains(Features::DISPLAY));
+    assert!(system.features_now().contains(x_features));
     assert_eq!(xclip_out(&x, "UTF8_STRING"), "héllo GenOS\nline 2");
     assert_eq!(
         xclip_out(&x, "text/plain;charset=utf-8"),
