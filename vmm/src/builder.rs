@@ -142,6 +142,17 @@ pub enum BuildError {
     /// Reading KVM facts or writing a snapshot's KVM state failed.
     #[error(transparent)]
     State(#[from] StateError),
+    /// A snapshot's virtio device state does not fit the device built for it.
+    #[error(transparent)]
+    VirtioState(#[from] crate::devices::virtio::mmio::MmioError),
+    /// The snapshot's virtio devices are not the ones its configuration builds.
+    #[error("snapshot has virtio device {snapshot:?} where the configuration builds {built:?}")]
+    VirtioMismatch {
+        /// The snapshot's device name.
+        snapshot: String,
+        /// The device built in its slot.
+        built: String,
+    },
 }
 
 impl BuildError {
@@ -333,6 +344,7 @@ impl LegacyDevices {
             serial: lock(&self.serial).save(),
             i8042: lock(&self.i8042).save(),
             boot_timer: lock(&self.boot_timer).save(),
+            virtio: Vec::new(),
         }
     }
 }
@@ -635,7 +647,31 @@ pub fn restore_and_start(
         let pit = vm.start_pit_setup();
         let slots = s.spawn(|| vm.register_memory(&ram.memory));
         let built = (|| {
-            let devices = DeviceManager::new(ram.memory.clone(), vmm_start);
+            let mut devices = DeviceManager::new(ram.memory.clone(), vmm_start);
+            // The devices the configuration builds, in the order `assemble` attaches them
+            // (the snapshot covers only these: `snapshot::check_covered`).
+            if config.rng {
+                devices.attach_rng(vm.fd(), em)?;
+            }
+            let built: Vec<_> = devices.transports().collect();
+            if built.len() != snapshot.devices.virtio.len() {
+                return Err(BuildError::VirtioMismatch {
+                    snapshot: format!("{} devices", snapshot.devices.virtio.len()),
+                    built: format!("{} devices", built.len()),
+                });
+            }
+            for ((name, transport), saved) in built.into_iter().zip(&snapshot.devices.virtio) {
+                if name != saved.name {
+                    return Err(BuildError::VirtioMismatch {
+                        snapshot: saved.name.clone(),
+                        built: name.to_owned(),
+                    });
+                }
+                transport
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restore(&saved.transport)?;
+            }
             let mut pio = devices.pio_bus().clone();
             let mut mmio = devices.mmio_bus().clone();
             let legacy = attach_legacy(

@@ -533,6 +533,14 @@ impl DeviceManager {
         &self.slots
     }
 
+    /// Each virtio-mmio device's name and transport, in slot order (for snapshots).
+    pub fn transports(&self) -> impl Iterator<Item = (&str, &Arc<Mutex<MmioTransport>>)> {
+        self.slots
+            .iter()
+            .map(|slot| slot.name.as_str())
+            .zip(&self.transports)
+    }
+
     /// The kernel command-line fragment announcing every virtio-mmio device, each
     /// argument preceded by a space (empty without virtio devices).
     pub fn kernel_cmdline(&self) -> String {

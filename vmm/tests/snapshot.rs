@@ -2,7 +2,9 @@
 //! snapshotted once it has counted to N, then two VMM processes restore it at once and
 //! each goes on counting from where it was paused, on its own copy of memory; corrupted
 //! or truncated snapshots, snapshots of a running VM and loads into a VMM configured for
-//! another VM are refused. Skipped (with a message) without `/dev/kvm`.
+//! another VM are refused. The guest has a virtio-rng device (its transport state goes
+//! through the snapshot; the guest does not drive it). Skipped (with a message) without
+//! `/dev/kvm`.
 
 mod common;
 
@@ -102,6 +104,7 @@ fn snapshot_counter_guest(name: &str) -> Snapshotted {
         guest.to_str().unwrap(),
         "--mem-mib",
         "32",
+        "--rng",
         "--serial",
         &serial,
         "--api-sock",

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::builder::BuiltVm;
 use crate::config::VmConfig;
 use crate::devices::legacy::{BootTimerState, I8042State, SerialState};
+use crate::devices::virtio::mmio::TransportState;
 use crate::vstate::memory::{save_guest_ram, MemoryError};
 use crate::vstate::snapshot::{save_vm, StateError, VcpuState, VmKvmState};
 use crate::vstate::vcpu::VcpuError;
@@ -90,7 +91,7 @@ pub enum SnapshotError {
 }
 
 /// Each device's state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceStates {
     /// COM1.
@@ -99,6 +100,19 @@ pub struct DeviceStates {
     pub i8042: I8042State,
     /// The boot timer.
     pub boot_timer: BootTimerState,
+    /// The virtio-mmio devices, in slot order.
+    #[serde(default)]
+    pub virtio: Vec<VirtioDeviceState>,
+}
+
+/// One virtio-mmio device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtioDeviceState {
+    /// The device's name in the VMM (`rng`, `block0`, ...), checked on restore.
+    pub name: String,
+    /// Its transport, common part and own state.
+    pub transport: TransportState,
 }
 
 /// Everything the state file holds.
@@ -125,9 +139,6 @@ pub fn check_covered(config: &VmConfig) -> Result<(), SnapshotError> {
     }
     if config.net.is_some() {
         missing.push("virtio-net");
-    }
-    if config.rng {
-        missing.push("virtio-rng");
     }
     if config.vsock.is_some() {
         missing.push("virtio-vsock");
@@ -183,7 +194,17 @@ pub fn create(
         mem_bytes: u64::from(config.mem_mib) << 20,
         vm: save_vm(vm.vm.fd())?,
         vcpus,
-        devices: vm.legacy.save(),
+        devices: DeviceStates {
+            virtio: vm
+                .devices
+                .transports()
+                .map(|(name, transport)| VirtioDeviceState {
+                    name: name.to_owned(),
+                    transport: transport.lock().unwrap_or_else(|e| e.into_inner()).save(),
+                })
+                .collect(),
+            ..vm.legacy.save()
+        },
     };
     let json = serde_json::to_vec(&state).map_err(|e| SnapshotError::Invalid {
         path: request.snapshot_path.clone(),
@@ -268,6 +289,13 @@ impl SnapshotState {
             }
         }
         check_covered(&self.config).map_err(|e| e.to_string())?;
+        let virtio = usize::from(self.config.rng);
+        if self.devices.virtio.len() != virtio {
+            return Err(format!(
+                "{} virtio device states for a configuration of {virtio}",
+                self.devices.virtio.len()
+            ));
+        }
         Ok(())
     }
 
@@ -346,8 +374,22 @@ mod tests {
                 serial: SerialState::default(),
                 i8042: I8042State::default(),
                 boot_timer: BootTimerState::default(),
+                virtio: Vec::new(),
             },
         }
+    }
+
+    #[test]
+    fn a_state_missing_its_virtio_devices_is_refused() {
+        let mut state = sample_state();
+        state.config.rng = true;
+
+        let err = parse(&file_of(&state)).unwrap_err();
+
+        assert_eq!(
+            err,
+            ParseError::Invalid("0 virtio device states for a configuration of 1".into())
+        );
     }
 
     /// A vCPU state as JSON (kvm-bindings' types have serde but no Default for all).
@@ -404,13 +446,13 @@ mod tests {
     #[test]
     fn a_state_with_uncovered_devices_is_refused() {
         let mut state = sample_state();
-        state.config.rng = true;
+        state.config.input = true;
 
         let err = parse(&file_of(&state)).unwrap_err();
 
         assert_eq!(
             err,
-            ParseError::Invalid("snapshots do not cover the VM's virtio-rng device yet".into())
+            ParseError::Invalid("snapshots do not cover the VM's virtio-input device yet".into())
         );
     }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -85,6 +85,78 @@ impl QueueMetrics {
         }
         snapshot
     }
+}
+
+/// One queue as a snapshot keeps it: virtio-queue's `QueueState` (which has no serde),
+/// the ring positions included.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Next available-ring entry the device reads.
+    pub next_avail: u16,
+    /// Next used-ring entry the device writes.
+    pub next_used: u16,
+    /// VIRTIO_F_EVENT_IDX in use.
+    pub event_idx: bool,
+    /// Size the driver chose.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+    /// The guest broke the queue (the device waits for a reset).
+    #[serde(default)]
+    pub broken: bool,
+}
+
+impl QueueSnapshot {
+    /// The state of `queue`.
+    pub fn of(queue: &Queue) -> Self {
+        let s = queue.state();
+        Self {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            broken: false,
+        }
+    }
+
+    /// The queue again; refuses sizes and alignments virtio-queue refuses.
+    pub fn to_queue(&self) -> Result<Queue, virtio_queue::Error> {
+        Queue::try_from(virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+    }
+}
+
+/// What a snapshot keeps of a device's common part.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommonState {
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// The queues of the activated device with their positions; `None` before
+    /// activation.
+    pub active_queues: Option<Vec<QueueSnapshot>>,
 }
 
 /// What an activated device works with: guest memory, its interrupt and its queues.
@@ -273,6 +345,34 @@ impl VirtioCommon {
     /// The queues of the activated device (none before activation).
     pub fn queues(&self) -> &[DeviceQueue] {
         self.active.as_ref().map_or(&[], |a| &a.queues)
+    }
+
+    /// The acked features and, once activated, every queue's configuration and position.
+    pub fn save(&self) -> CommonState {
+        CommonState {
+            acked_features: self.acked_features,
+            active_queues: self.active.as_ref().map(|a| {
+                a.queues
+                    .iter()
+                    .map(|q| QueueSnapshot {
+                        broken: q.is_broken(),
+                        ..QueueSnapshot::of(q.queue())
+                    })
+                    .collect()
+            }),
+        }
+    }
+
+    /// Marks the queues that were broken when the snapshot was taken (after activation).
+    pub fn restore_broken(&mut self, state: &CommonState) {
+        let (Some(active), Some(saved)) = (self.active.as_mut(), &state.active_queues) else {
+            return;
+        };
+        for (queue, saved) in active.queues.iter_mut().zip(saved) {
+            if saved.broken {
+                queue.mark_broken();
+            }
+        }
     }
 
     /// Returns to the state before negotiation: no features acked, not activated (queues,

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -21,7 +21,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{GuestMemoryMmap, InterruptKind, InterruptTrigger, VirtioDevice};
+use super::{
+    CommonState, GuestMemoryMmap, InterruptKind, InterruptTrigger, QueueSnapshot, VirtioDevice,
+};
 use crate::devices::bus::BusDevice;
 
 /// "virt" in little endian.
@@ -185,6 +187,44 @@ pub enum MmioError {
     /// The device does not offer VIRTIO_F_VERSION_1, which virtio-mmio v2 requires.
     #[error("device does not offer VIRTIO_F_VERSION_1")]
     NotModern,
+    /// A snapshot's transport state does not fit this device.
+    #[error("{name}: cannot restore the snapshot's state: {reason}")]
+    Restore {
+        /// The device.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What a snapshot keeps of one virtio-mmio device: the transport's registers and queue
+/// configuration, the interrupt status, the common part of the device (acked features,
+/// queue positions) and the device model's own state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportState {
+    /// Virtio device ID, checked on restore.
+    pub device_type: u32,
+    /// QueueSel.
+    pub queue_select: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_select: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_select: u32,
+    /// DriverFeatures as written.
+    pub driver_features: u64,
+    /// Status as the driver set it.
+    pub status: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// DEVICE_NEEDS_RESET.
+    pub needs_reset: bool,
+    /// The transport's queue configuration (what register reads answer).
+    pub queues: Vec<QueueSnapshot>,
+    /// The device's common part.
+    pub common: CommonState,
+    /// The device model's own state ([`VirtioDevice::save_state`]).
+    pub device: serde_json::Value,
 }
 
 impl MmioTransport {
@@ -543,6 +583,93 @@ impl MmioTransport {
         self.driver_features_select = 0;
         self.driver_features = 0;
         self.status = 0;
+    }
+
+    /// The transport's and its device's state, for a snapshot. Call it with the vCPUs
+    /// paused (nothing then changes the registers or the rings).
+    pub fn save(&self) -> TransportState {
+        let dev = lock(&self.device);
+        TransportState {
+            device_type: self.device_type,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
+            common: dev.common().save(),
+            device: dev.save_state(),
+        }
+    }
+
+    /// Puts a new transport and its new device (built like the snapshotted one) into
+    /// `state`: registers, queue configuration, interrupt status, then the device's
+    /// features and, if it was activated, its activation on the saved queues with their
+    /// ring positions, and its own state. A state that does not fit the device (another
+    /// type, queue count, features it does not offer, rings outside guest memory) is
+    /// refused.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), MmioError> {
+        let refuse = |reason: String| MmioError::Restore {
+            name: self.name.clone(),
+            reason,
+        };
+        if state.device_type != self.device_type {
+            return Err(refuse(format!(
+                "snapshot has device type {}, this is {}",
+                state.device_type, self.device_type
+            )));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(refuse(format!(
+                "snapshot has {} queues, the device has {}",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .map(QueueSnapshot::to_queue)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| refuse(format!("invalid queue configuration: {e}")))?;
+        {
+            let mut dev = lock(&self.device);
+            if state.common.acked_features != 0 {
+                dev.ack_features(state.common.acked_features)
+                    .map_err(|e| refuse(e.to_string()))?;
+            }
+            if let Some(active) = &state.common.active_queues {
+                let device_queues = active
+                    .iter()
+                    .map(QueueSnapshot::to_queue)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| refuse(format!("invalid device queue: {e}")))?;
+                let interrupt: Arc<dyn InterruptTrigger> = self.interrupt.clone();
+                dev.restore_state(&state.device)
+                    .map_err(|e| refuse(format!("device state: {e}")))?;
+                dev.activate(self.mem.clone(), interrupt, device_queues)
+                    .map_err(|e| refuse(e.to_string()))?;
+                dev.common_mut().restore_broken(&state.common);
+            } else {
+                dev.restore_state(&state.device)
+                    .map_err(|e| refuse(format!("device state: {e}")))?;
+            }
+        }
+        self.queues = queues;
+        self.queue_select = state.queue_select;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.driver_features = state.driver_features;
+        self.status = state.status;
+        self.interrupt
+            .status
+            .store(state.interrupt_status, Ordering::SeqCst);
+        self.interrupt
+            .needs_reset
+            .store(state.needs_reset, Ordering::SeqCst);
+        Ok(())
     }
 
     /// A serialisable snapshot of the transport's counters.

@@ -32,7 +32,9 @@ use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use common::{FeatureError, QueueMetrics, QueueMetricsValues, VirtioCommon};
+pub use common::{
+    CommonState, FeatureError, QueueMetrics, QueueMetricsValues, QueueSnapshot, VirtioCommon,
+};
 
 /// Guest memory as device models see it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
@@ -151,6 +153,19 @@ pub trait VirtioDevice: Send {
     /// What a reset of the activated device clears beyond the common part (device state
     /// the guest built, configuration selectors, ...).
     fn on_reset(&mut self) {}
+    /// The device model's own state for a snapshot, beyond the common part (which the
+    /// transport saves for every device); the default is a device with none.
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Takes back what [`VirtioDevice::save_state`] gave, before the transport
+    /// re-activates the device. The default accepts only "no state".
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        match state {
+            serde_json::Value::Null => Ok(()),
+            _ => Err("this device keeps no state of its own".into()),
+        }
+    }
 }
 
 /// A queue the guest broke: the device cannot go on with it until the driver resets it.
@@ -215,6 +230,11 @@ impl DeviceQueue {
     /// Whether the guest broke this queue.
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// Marks the queue broken (a restored snapshot's queue that was).
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
     }
 
     /// The underlying queue.

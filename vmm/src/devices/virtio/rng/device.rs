@@ -159,6 +159,7 @@ mod tests {
 
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
     use crate::devices::virtio::test_utils::{
@@ -285,6 +286,61 @@ mod tests {
             t.device.lock().unwrap().metrics().snapshot()["queue_errors"],
             1
         );
+    }
+
+    #[test]
+    fn a_restored_rng_goes_on_at_the_saved_ring_positions() {
+        use crate::devices::virtio::mmio::{MmioInterrupt, MmioTransport, TransportState};
+        use crate::devices::virtio::test_utils::Transported;
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 16);
+        let t = Transported::bring_up(Rng::new().unwrap(), &mem, &[&driver.vq]);
+        driver.add_chain(&[w(DATA_START, 16)]);
+        driver.add_chain(&[w(DATA_START + 0x100, 32)]);
+        t.returns(Rng::process_queue);
+        let json = serde_json::to_vec(&t.transport.save()).unwrap();
+
+        let state: TransportState = serde_json::from_slice(&json).unwrap();
+        let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(MmioInterrupt::new(irq.try_clone().unwrap()));
+        let mut restored = MmioTransport::new(rng.clone(), mem.clone(), interrupt).unwrap();
+        restored.restore(&state).unwrap();
+        let head = driver.add_chain(&[w(DATA_START + 0x200, 8)]);
+        rng.lock().unwrap().process_queue();
+
+        assert_eq!(
+            state.common.active_queues.as_ref().unwrap()[0].next_avail,
+            2
+        );
+        assert_eq!(restored.status(), t.transport.status());
+        assert_eq!(driver.used_count(), 3, "the restored device used one more");
+        assert_eq!(driver.used(2), (u32::from(head), 8));
+        assert_eq!(irq.read().unwrap(), 1, "and interrupted the guest");
+        assert_eq!(restored.save().common, rng.lock().unwrap().common().save());
+    }
+
+    #[test]
+    fn a_transport_state_of_another_device_is_refused() {
+        use crate::devices::virtio::mmio::{MmioInterrupt, MmioTransport};
+        use crate::devices::virtio::test_utils::Transported;
+        let mem = guest_memory();
+        let driver = Driver::new(&mem, 16);
+        let t = Transported::bring_up(Rng::new().unwrap(), &mem, &[&driver.vq]);
+        let mut state = t.transport.save();
+        state.device_type = 2;
+        let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let interrupt = Arc::new(MmioInterrupt::new(EventFd::new(0).unwrap()));
+        let mut restored = MmioTransport::new(rng.clone(), mem.clone(), interrupt).unwrap();
+
+        let err = restored.restore(&state).unwrap_err();
+
+        assert!(
+            err.to_string()
+                .contains("snapshot has device type 2, this is 4"),
+            "{err}"
+        );
+        assert!(!rng.lock().unwrap().is_activated(), "nothing restored");
     }
 
     #[test]
