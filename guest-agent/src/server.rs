@@ -55,6 +55,7 @@ pub const DEFAULT_SESSION_SOCKET: &str = "/run/genos-agent/session.sock";
 /// system agent.
 const X_CONNECT_WAIT: Duration = Duration::from_secs(10);
 const UPLINK_RETRY: Duration = Duration::from_secs(1);
+const UPLINK_REFUSED_RETRY: Duration = Duration::from_secs(10);
 /// Unwritten output above which a connection's input is no longer read.
 pub const MAX_PENDING_OUTPUT: usize = 4 << 20;
 /// Longest wait in poll: timeouts and readiness checks are this precise.
@@ -1159,8 +1160,18 @@ impl Server {
             }
             if self.uplink_token == Some(token) {
                 self.uplink_token = None;
-                self.uplink_retry = Some(now + UPLINK_RETRY);
-                eprintln!("genos-agent: the system agent closed the session connection");
+                // Closed before its Hello: the system agent refused this part (not root
+                // nor its session user); asking every second would only fill the log.
+                let (retry, why) = if c.session.is_open() {
+                    (UPLINK_RETRY, "closed the session connection")
+                } else {
+                    (
+                        UPLINK_REFUSED_RETRY,
+                        "refused this session part (see its log)",
+                    )
+                };
+                self.uplink_retry = Some(now + retry);
+                eprintln!("genos-agent: the system agent {why}; trying again in {retry:?}");
             }
         }
         Ok(())
