@@ -306,7 +306,8 @@ pub enum AgentMessage {
         agent: String,
         features: Features,
     },
-    /// The current stage: the answer to `ReadyQuery`, and unsolicited (id 0) when it rises.
+    /// The current stage: the answer to `ReadyQuery`, and unsolicited (id 0) when it changes
+    /// (it falls back to `System` when the desktop session part goes away).
     Ready(Stage),
     /// The process runs.
     ExecStarted { pid: u32 },
