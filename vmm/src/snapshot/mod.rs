@@ -62,7 +62,7 @@ pub enum SnapshotError {
         source: std::io::Error,
     },
     /// The state file is not a snapshot this VMM reads.
-    #[error("snapshot {path}: {source}")]
+    #[error("snapshot {path}")]
     Format {
         /// The file.
         path: PathBuf,

@@ -81,6 +81,9 @@ pub struct GuestRam {
     /// The memfd holding all of guest RAM, regions back to back from offset 0; for a
     /// restored VM, the snapshot's memory file (read-only: the guest's writes are not in it).
     pub memfd: File,
+    /// Whether `memfd` holds what the guest wrote (a memfd mapped shared), so that its
+    /// holes are pages the guest never touched.
+    pub file_is_current: bool,
 }
 
 /// Creates `mem_bytes` of guest RAM laid out by [`ram_ranges`], backed by one memfd.
@@ -112,30 +115,82 @@ pub fn create_guest_ram(mem_bytes: u64) -> Result<GuestRam, MemoryError> {
         offset += len;
     }
     let memory = GuestMemoryMmap::from_ranges_with_files(regions).map_err(MemoryError::Map)?;
-    Ok(GuestRam { memory, memfd })
+    Ok(GuestRam {
+        memory,
+        memfd,
+        file_is_current: true,
+    })
 }
 
-/// Writes all of guest RAM to `file` (truncated first), regions back to back from offset
-/// 0, the layout [`restore_guest_ram`] maps. The vCPUs must be paused.
+/// Writes guest RAM to `file`, regions back to back from offset 0, the layout
+/// [`restore_guest_ram`] maps. The file is sized first and only pages that hold data are
+/// written: for a memfd-backed VM the memfd's holes (pages the guest never touched) stay
+/// holes in the file, so a freshly booted guest's memory file is as small as what it used.
+/// The vCPUs must be paused.
 pub fn save_guest_ram(ram: &GuestRam, file: &File, path: &Path) -> Result<(), MemoryError> {
-    use std::io::Write;
+    use std::os::unix::fs::FileExt;
     let err = |source| MemoryError::Save {
         path: path.to_owned(),
         source,
     };
+    let total: u64 = ram.memory.iter().map(|r| r.len()).sum();
     file.set_len(0).map_err(err)?;
-    let mut out = file;
+    file.set_len(total).map_err(err)?;
+    let mut offset = 0u64;
     for region in ram.memory.iter() {
         let host = region
             .get_host_address(MemoryRegionAddress(0))
             .map_err(|e| err(std::io::Error::other(e)))?;
+        let len = region.len();
         // SAFETY: the region is a live mapping of `len` bytes that `ram` owns for this
         // borrow. The vCPUs are paused and devices run on this thread, so nothing writes
         // the memory while it is read here.
-        let bytes = unsafe { std::slice::from_raw_parts(host, region.len() as usize) };
-        out.write_all(bytes).map_err(err)?;
+        let bytes = unsafe { std::slice::from_raw_parts(host, len as usize) };
+        let extents = match ram.file_is_current {
+            true => data_extents(&ram.memfd, offset, len).map_err(err)?,
+            false => vec![(0, len)],
+        };
+        for (start, end) in extents {
+            file.write_all_at(&bytes[start as usize..end as usize], offset + start)
+                .map_err(err)?;
+        }
+        offset += len;
     }
     Ok(())
+}
+
+/// The parts of `[base, base + len)` of `file` that hold data (SEEK_DATA/SEEK_HOLE), as
+/// offsets relative to `base`.
+fn data_extents(file: &File, base: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let end = base + len;
+    let mut out = Vec::new();
+    let mut pos = base;
+    while pos < end {
+        // SAFETY: lseek on an open descriptor has no memory-safety requirements.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after `pos`.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data as i64, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let hole = (hole as u64).min(end);
+        out.push((data - base, hole - base));
+        pos = hole;
+    }
+    Ok(out)
 }
 
 /// Maps the memory file `path` of a snapshotted VM with `mem_bytes` of RAM copy-on-write
@@ -184,6 +239,7 @@ pub fn restore_guest_ram(path: &Path, mem_bytes: u64) -> Result<GuestRam, Memory
     Ok(GuestRam {
         memory,
         memfd: file,
+        file_is_current: false,
     })
 }
 
@@ -241,6 +297,53 @@ mod tests {
         assert_eq!(&seen_a, b"after!");
         assert_eq!(&seen_b, b"before");
         assert_eq!(&on_disk, b"before");
+    }
+
+    #[test]
+    fn untouched_guest_pages_stay_holes_in_the_memory_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/genos-mem-").unwrap();
+        let path = dir.as_path().join("memory");
+        let ram = create_guest_ram(64 << 20).unwrap();
+        ram.memory
+            .write_slice(b"x", GuestAddress(0x30_0000))
+            .unwrap();
+        let file = File::create(&path).unwrap();
+
+        save_guest_ram(&ram, &file, &path).unwrap();
+
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
+        let back = restore_guest_ram(&path, 64 << 20).unwrap();
+        let mut b = [0u8; 1];
+        back.memory
+            .read_slice(&mut b, GuestAddress(0x30_0000))
+            .unwrap();
+        assert_eq!(&b, b"x");
+    }
+
+    #[test]
+    fn a_restored_vm_saves_what_it_wrote_itself() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/genos-mem-").unwrap();
+        let (first, second) = (dir.as_path().join("m1"), dir.as_path().join("m2"));
+        let ram = create_guest_ram(4 << 20).unwrap();
+        save_guest_ram(&ram, &File::create(&first).unwrap(), &first).unwrap();
+        let restored = restore_guest_ram(&first, 4 << 20).unwrap();
+        restored
+            .memory
+            .write_slice(b"late", GuestAddress(0x1000))
+            .unwrap();
+
+        save_guest_ram(&restored, &File::create(&second).unwrap(), &second).unwrap();
+
+        let again = restore_guest_ram(&second, 4 << 20).unwrap();
+        let mut b = [0u8; 4];
+        again
+            .memory
+            .read_slice(&mut b, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(&b, b"late");
     }
 
     #[test]
