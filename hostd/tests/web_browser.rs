@@ -318,7 +318,9 @@ impl Page<'_> {
                 return v;
             }
             if Instant::now() > deadline {
-                let state = self.eval("JSON.stringify(window.genos)").await;
+                let state = self
+                    .eval("JSON.stringify([location.href, document.title, window.genos])")
+                    .await;
                 panic!("{what}: not within {secs} s; last {v}; page state {state}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -582,6 +584,99 @@ async fn a_stopped_environment_shows_the_error_page() {
             .eval("document.getElementById('error-title').textContent")
             .await;
         assert_eq!(title, "The environment is not running");
+    })
+    .await;
+}
+
+/// `genos-hostd serve-demo`, killed when dropped.
+struct Demo {
+    child: Child,
+    state: tempfile::TempDir,
+    lines: Vec<String>,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Demo {
+    fn start() -> Demo {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let state = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_genos-hostd"));
+        cmd.arg("--state-dir")
+            .arg(state.path())
+            .args(["serve-demo", "--listen", "127.0.0.1:0", "--size", "320x240"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+        // which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut demo = Demo {
+            child,
+            state,
+            lines: Vec::new(),
+        };
+        // Two lines: the genos:// link, then the https link (read on a thread: a hung demo
+        // fails the test's time limit, and the guard above kills it).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().take(2) {
+                let _ = tx.send(line.unwrap_or_default());
+            }
+        });
+        for _ in 0..2 {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("serve-demo printed its links");
+            demo.lines.push(line);
+        }
+        demo
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_demo_prints_a_browser_link_second_that_opens_the_stream() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let demo = Demo::start();
+        let (genos, https) = (&demo.lines[0], &demo.lines[1]);
+        assert!(genos.starts_with("genos://127.0.0.1:"), "{genos}");
+        let port = genos
+            .strip_prefix("genos://127.0.0.1:")
+            .and_then(|r| r.split('/').next())
+            .unwrap();
+        let (page_url, fragment) = https.split_once('#').expect("a fragment");
+        assert_eq!(page_url, format!("https://127.0.0.1:{port}/"));
+        assert!(fragment.starts_with("env=demo&token="), "{fragment}");
+        let identity = Identity::load_or_create(&demo.state.path().join("stream")).unwrap();
+        let browser = Browser::start(&web::spki_sha256_base64(&identity).unwrap()).await;
+        let page = browser.open(https, 320, 240).await;
+        page.wait_for(
+            "window.genos && window.genos.framesDecoded",
+            60,
+            "30 decoded frames",
+            |v| v.as_u64().unwrap_or(0) >= 30,
+        )
+        .await;
+        let codec = page.eval("window.genos.codec").await;
+        assert!(codec.as_str().unwrap_or("").starts_with("avc1."), "{codec}");
     })
     .await;
 }

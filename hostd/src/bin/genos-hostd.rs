@@ -40,7 +40,9 @@ const SYSTEM_CONFIG: &str = "/etc/genos/hostd.toml";
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging();
-    if let Some(Cmd::ServeDemo(demo)) = args.command {
+    if let Some(Cmd::ServeDemo(mut demo)) = args.command {
+        // The demo's certificate and token key live under the global --state-dir.
+        demo.state_dir = args.state_dir.clone();
         return match hostd::stream::demo::run(demo) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
