@@ -5,6 +5,7 @@
 
 pub mod gpu_decoder;
 pub mod http_request;
+pub mod snapshot_file;
 pub mod virtio_blk_request;
 pub mod virtio_input;
 pub mod virtio_net_chain;

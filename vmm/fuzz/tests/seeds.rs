@@ -39,3 +39,8 @@ fn every_vsock_packet_seed_passes() {
 fn every_vsock_muxer_seed_passes() {
     replay_seeds(DIR, "vsock_muxer", vmm_fuzz::vsock_muxer::run);
 }
+
+#[test]
+fn every_snapshot_file_seed_passes() {
+    replay_seeds(DIR, "snapshot_file", vmm_fuzz::snapshot_file::run);
+}
