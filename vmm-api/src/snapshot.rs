@@ -32,6 +32,10 @@ pub struct SnapshotLoad {
     /// Where this copy's COM1 output goes, instead of the snapshotted VM's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
+    /// The Unix socket this copy's vsock device listens on, instead of the snapshotted
+    /// VM's (two copies cannot share one). The guest CID stays the snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_uds_path: Option<PathBuf>,
 }
 
 impl SnapshotLoad {
@@ -42,6 +46,7 @@ impl SnapshotLoad {
             mem_file_path: mem_file_path.into(),
             resume_vm: false,
             serial: None,
+            vsock_uds_path: None,
         }
     }
 }

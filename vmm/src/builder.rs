@@ -650,8 +650,14 @@ pub fn restore_and_start(
             let mut devices = DeviceManager::new(ram.memory.clone(), vmm_start);
             // The devices the configuration builds, in the order `assemble` attaches them
             // (the snapshot covers only these: `snapshot::check_covered`).
+            for disk in &config.disks {
+                devices.attach_block(vm.fd(), em, &disk.path, disk.read_only)?;
+            }
             if config.rng {
                 devices.attach_rng(vm.fd(), em)?;
+            }
+            if let Some(vsock) = &config.vsock {
+                devices.attach_vsock(vm.fd(), em, vsock.guest_cid, &vsock.uds_path)?;
             }
             let built: Vec<_> = devices.transports().collect();
             if built.len() != snapshot.devices.virtio.len() {

@@ -251,6 +251,23 @@ impl Vmm {
         {
             config.serial = serial;
         }
+        if let Some(path) = &load.vsock_uds_path {
+            let Some(vsock) = &mut config.vsock else {
+                return Err(RestoreError::Snapshot(
+                    crate::snapshot::SnapshotError::Invalid {
+                        path: load.snapshot_path.clone(),
+                        reason: "vsock_uds_path given, but the VM has no vsock device".into(),
+                    },
+                ));
+            };
+            vsock.uds_path = path.clone();
+            vsock.validate_values().map_err(|e| {
+                RestoreError::Snapshot(crate::snapshot::SnapshotError::Invalid {
+                    path: load.snapshot_path.clone(),
+                    reason: e.to_string(),
+                })
+            })?;
+        }
         let vm = restore_and_start(
             &snapshot,
             &config,

@@ -92,14 +92,14 @@ struct Snapshotted {
     console: String,
 }
 
-/// Boots the counter guest with an API socket, waits for N, pauses and snapshots it
-/// into `snapshot` and `memory` beside the socket, then stops it.
-fn snapshot_counter_guest(name: &str) -> Snapshotted {
+/// Boots the counter guest with an API socket (and `extra` arguments), waits for N,
+/// pauses and snapshots it into `snapshot` and `memory` beside the socket, then stops it.
+fn snapshot_counter_guest(name: &str, extra: &[&str]) -> Snapshotted {
     let dir = Dir::new(name);
     let guest = build_guest("counter", &[]);
     let sock = dir.join("api.sock");
     let serial = format!("file:{}", dir.arg("console"));
-    let vmm = Vmm(spawn_vmm(&[
+    let mut args = vec![
         "--kernel",
         guest.to_str().unwrap(),
         "--mem-mib",
@@ -109,7 +109,9 @@ fn snapshot_counter_guest(name: &str) -> Snapshotted {
         &serial,
         "--api-sock",
         sock.to_str().unwrap(),
-    ]));
+    ];
+    args.extend_from_slice(extra);
+    let vmm = Vmm(spawn_vmm(&args));
     assert!(wait_for_socket(&sock, TIMEOUT), "no API socket");
     wait_until("the guest to count to N", || {
         values(&console(&dir.join("console")), false)
@@ -178,7 +180,7 @@ fn two_restores_of_one_snapshot_both_go_on_counting_from_the_paused_value() {
     if !kvm_available("two_restores_of_one_snapshot_both_go_on_counting_from_the_paused_value") {
         return;
     }
-    let snap = snapshot_counter_guest("two");
+    let snap = snapshot_counter_guest("two", &[]);
     let memory_before = file_crc(&snap.dir.join("memory"));
 
     let started = Instant::now();
@@ -219,15 +221,22 @@ fn a_snapshot_loads_through_the_api_into_a_fresh_vmm() {
     if !kvm_available("a_snapshot_loads_through_the_api_into_a_fresh_vmm") {
         return;
     }
-    let snap = snapshot_counter_guest("api");
+    // With a read-only disk and a vsock device too: their state goes through the
+    // snapshot (the guest drives neither) and the copy listens on its own vsock socket.
+    let disk_dir = Dir::new("api-disk");
+    std::fs::write(disk_dir.join("disk.img"), vec![0u8; 4096]).unwrap();
+    let disk = format!("{}:ro", disk_dir.arg("disk.img"));
+    let vsock = format!("3:{}", disk_dir.arg("v.sock"));
+    let snap = snapshot_counter_guest("api", &["--disk", &disk, "--vsock", &vsock]);
     let sock = snap.dir.join("fresh.sock");
     let _vmm = Vmm(spawn_vmm(&["--api-sock", sock.to_str().unwrap()]));
     assert!(wait_for_socket(&sock, TIMEOUT), "no API socket");
     let load = format!(
-        r#"{{"snapshot_path":"{}","mem_file_path":"{}","serial":"file:{}"}}"#,
+        r#"{{"snapshot_path":"{}","mem_file_path":"{}","serial":"file:{}","vsock_uds_path":"{}"}}"#,
         snap.dir.arg("snapshot"),
         snap.dir.arg("memory"),
-        snap.dir.arg("loaded")
+        snap.dir.arg("loaded"),
+        disk_dir.arg("copy.sock")
     );
 
     let loaded = http(&sock, "PUT", "/snapshot/load", Some(&load));
@@ -242,6 +251,11 @@ fn a_snapshot_loads_through_the_api_into_a_fresh_vmm() {
 
     assert_eq!(loaded.0, 204, "{loaded:?}");
     assert!(paused.1.contains(r#""state":"paused""#), "{paused:?}");
+    assert!(paused.1.contains("copy.sock"), "{paused:?}");
+    assert!(
+        std::os::unix::net::UnixStream::connect(disk_dir.join("copy.sock")).is_ok(),
+        "the copy's vsock listens on its own socket"
+    );
     assert_eq!(printed_while_paused, "", "the VM ran before resume");
     assert_eq!(again.0, 409, "a second load: {again:?}");
     assert_eq!(resume.0, 204, "{resume:?}");
@@ -259,7 +273,7 @@ fn corrupted_truncated_and_mismatched_snapshots_are_refused_and_nothing_is_resto
     ) {
         return;
     }
-    let snap = snapshot_counter_guest("bad");
+    let snap = snapshot_counter_guest("bad", &[]);
     let good = std::fs::read(snap.dir.join("snapshot")).unwrap();
     let mut corrupted = good.clone();
     let middle = corrupted.len() / 2;

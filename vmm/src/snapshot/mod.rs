@@ -134,14 +134,8 @@ pub struct SnapshotState {
 /// Refuses configurations with devices whose state snapshots do not save yet.
 pub fn check_covered(config: &VmConfig) -> Result<(), SnapshotError> {
     let mut missing = Vec::new();
-    if !config.disks.is_empty() {
-        missing.push("virtio-blk");
-    }
     if config.net.is_some() {
         missing.push("virtio-net");
-    }
-    if config.vsock.is_some() {
-        missing.push("virtio-vsock");
     }
     if config.gpu.is_some() {
         missing.push("virtio-gpu");
@@ -289,7 +283,9 @@ impl SnapshotState {
             }
         }
         check_covered(&self.config).map_err(|e| e.to_string())?;
-        let virtio = usize::from(self.config.rng);
+        let virtio = self.config.disks.len()
+            + usize::from(self.config.rng)
+            + usize::from(self.config.vsock.is_some());
         if self.devices.virtio.len() != virtio {
             return Err(format!(
                 "{} virtio device states for a configuration of {virtio}",

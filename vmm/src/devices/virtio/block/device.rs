@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
@@ -108,6 +108,21 @@ impl DeviceMetrics for BlockMetrics {
     fn snapshot(&self) -> serde_json::Value {
         self.queues.snapshot_with(self)
     }
+}
+
+/// What a snapshot keeps of a virtio-blk device beyond the common part: what the guest
+/// has seen of the disk (requests are served to completion on the event loop, so none is
+/// in flight when the vCPUs are paused). The disk's contents are the image file's: the
+/// restoring VM must be given the same image, unchanged since the snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockState {
+    /// Capacity in sectors (the configuration space).
+    pub capacity: u64,
+    /// VIRTIO_BLK_F_RO.
+    pub read_only: bool,
+    /// The GET_ID answer the guest has seen.
+    pub id: [u8; ID_LEN],
 }
 
 /// A virtio-blk device over a raw disk image.
@@ -354,4 +369,42 @@ impl VirtioDevice for Block {
 
     // capacity is read-only; no writable fields are offered (no CONFIG_WCE): the default
     // write_config ignores writes.
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::to_value(BlockState {
+            capacity: self.disk.props.capacity,
+            read_only: self.disk.props.read_only,
+            id: self.disk.id,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Refuses an image of another size or mode (the guest has cached what it read); keeps
+    /// the ID the guest saw, even if the image is another file now (a copy).
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let state: BlockState = serde_json::from_value(state.clone())
+            .map_err(|e| format!("invalid virtio-blk state: {e}"))?;
+        if state.capacity != self.disk.props.capacity {
+            return Err(format!(
+                "the snapshot's disk has {} sectors, this image {}",
+                state.capacity, self.disk.props.capacity
+            ));
+        }
+        if state.read_only != self.disk.props.read_only {
+            return Err(format!(
+                "the snapshot's disk was {}, this one is {}",
+                mode(state.read_only),
+                mode(self.disk.props.read_only)
+            ));
+        }
+        self.disk.id = state.id;
+        Ok(())
+    }
+}
+
+fn mode(read_only: bool) -> &'static str {
+    match read_only {
+        true => "read-only",
+        false => "writable",
+    }
 }

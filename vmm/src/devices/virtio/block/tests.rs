@@ -400,3 +400,70 @@ fn broken_avail_index_puts_the_device_in_needs_reset_until_the_driver_resets_it(
     assert_eq!(driver.used_count(), 1, "served again after the reset");
     assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
 }
+
+#[test]
+fn a_restored_disk_serves_the_next_request_with_the_saved_id_and_position() {
+    use crate::devices::virtio::mmio::{MmioInterrupt, MmioTransport};
+    use crate::devices::virtio::test_utils::Transported;
+    let f = fixture(true);
+    let mem = f.mem.clone();
+    let mut driver = Driver::new(&mem, 16);
+    let original_id = *f.block.id();
+    let t = Transported::bring_up(f.block, &mem, &[&driver.vq]);
+    header(&mem, VIRTIO_BLK_T_IN, 0);
+    driver.add_chain(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]);
+    t.returns(Block::process_queue);
+    let state = t.transport.save();
+    drop(t);
+    // The same contents in another file: another inode, so another ID of its own.
+    let copy = TempFile::new().unwrap();
+    std::fs::write(copy.as_path(), disk_pattern()).unwrap();
+    let block = Arc::new(Mutex::new(
+        Block::new(copy.as_path(), true, "copy").unwrap(),
+    ));
+    let interrupt = Arc::new(MmioInterrupt::new(
+        vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+    ));
+    let mut restored = MmioTransport::new(block.clone(), mem.clone(), interrupt).unwrap();
+
+    restored.restore(&state).unwrap();
+    header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+    let head = driver.add_chain(&[r(HDR, 16), w(DATA, 20), w(STATUS, 1)]);
+    block.lock().unwrap().process_queue();
+
+    assert_eq!(driver.used_count(), 2);
+    assert_eq!(driver.used(1), (u32::from(head), 21));
+    let mut id = [0u8; 20];
+    mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(id, original_id, "the guest sees the disk it knew");
+}
+
+#[test]
+fn a_restore_onto_an_image_of_another_size_is_refused() {
+    use crate::devices::virtio::mmio::{MmioInterrupt, MmioTransport};
+    use crate::devices::virtio::test_utils::Transported;
+    let f = fixture(true);
+    let mem = f.mem.clone();
+    let driver = Driver::new(&mem, 16);
+    let state = Transported::bring_up(f.block, &mem, &[&driver.vq])
+        .transport
+        .save();
+    let small = TempFile::new().unwrap();
+    std::fs::write(small.as_path(), vec![0u8; 1024]).unwrap();
+    let block = Arc::new(Mutex::new(
+        Block::new(small.as_path(), true, "small").unwrap(),
+    ));
+    let interrupt = Arc::new(MmioInterrupt::new(
+        vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+    ));
+    let mut restored = MmioTransport::new(block.clone(), mem, interrupt).unwrap();
+
+    let err = restored.restore(&state).unwrap_err();
+
+    assert!(
+        err.to_string()
+            .contains("the snapshot's disk has 8 sectors, this image 2"),
+        "{err}"
+    );
+    assert!(!block.lock().unwrap().is_activated());
+}

@@ -429,6 +429,35 @@ impl VirtioDevice for Vsock {
     fn on_activate(&mut self) -> Result<(), ActivateError> {
         // Packets owed before the driver was ready (a host CONNECT) go out now.
         self.process_tx(Instant::now());
+        // A restored device owes the transport reset event (`restore_state`); the guest's
+        // event buffers were posted before the snapshot, so nothing else would send it.
+        self.process_event_queue();
+        Ok(())
+    }
+
+    /// The guest CID; connections are not saved (their host ends belong to the
+    /// snapshotted VMM's processes).
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::json!({ "guest_cid": self.guest_cid() })
+    }
+
+    /// Checks the CID and owes the guest the transport reset event, which makes its
+    /// driver drop the connections it had when the snapshot was taken (virtio 1.2
+    /// §5.10.6.6); the event goes out as soon as the device is re-activated.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let cid = state
+            .get("guest_cid")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or("invalid virtio-vsock state: no guest_cid")?;
+        if cid != self.guest_cid() {
+            return Err(format!(
+                "the snapshot's guest CID is {cid}, this device's {}",
+                self.guest_cid()
+            ));
+        }
+        self.muxer.reset();
+        bump(&self.metrics.transport_resets, 1);
+        self.reset_event_pending = true;
         Ok(())
     }
 

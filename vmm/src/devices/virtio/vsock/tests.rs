@@ -679,3 +679,81 @@ fn the_event_loop_wires_the_listener_streams_and_timer() {
     assert_eq!(u16::from_le_bytes(op), Op::Request as u16);
     assert!(rest.is_empty());
 }
+
+#[test]
+fn a_restored_device_sends_the_transport_reset_on_the_buffer_posted_before_the_snapshot() {
+    use std::sync::{Arc, Mutex};
+
+    use crate::devices::virtio::mmio::{MmioInterrupt, MmioTransport};
+    use crate::devices::virtio::test_utils::Transported;
+    let mem = guest_memory();
+    let dir = TempDir::new_with_prefix("/tmp/genos-vsock-").unwrap();
+    let rx = Driver::at(&mem, 0, RING_SIZE);
+    let tx = Driver::at(&mem, 0x4000, RING_SIZE);
+    let mut ev = Driver::at(&mem, 0x8000, RING_SIZE);
+    ev.add_chain(&[w(EVENT_DATA, 4)]);
+    mem.write_slice(&[0xff; 4], GuestAddress(EVENT_DATA))
+        .unwrap();
+    let dev = Vsock::new(GUEST, &dir.as_path().join("v.sock")).unwrap();
+    let t = Transported::bring_up(dev, &mem, &[&rx.vq, &tx.vq, &ev.vq]);
+    let state = t.transport.save();
+    let restored_dev = Vsock::new(GUEST, &dir.as_path().join("clone.sock")).unwrap();
+    let metrics = restored_dev.metrics();
+    let restored_dev = Arc::new(Mutex::new(restored_dev));
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let interrupt = Arc::new(MmioInterrupt::new(irq.try_clone().unwrap()));
+    let mut restored = MmioTransport::new(restored_dev, mem.clone(), interrupt).unwrap();
+
+    restored.restore(&state).unwrap();
+
+    assert_eq!(ev.used_count(), 1, "the event went out at once");
+    assert_eq!(ev.used(0).1, 4);
+    let mut id = [0xffu8; 4];
+    mem.read_slice(&mut id, GuestAddress(EVENT_DATA)).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(id),
+        0,
+        "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
+    );
+    assert_eq!(metrics.snapshot()["transport_resets"], 1);
+    assert_eq!(irq.read().unwrap(), 1, "with an interrupt");
+    assert_eq!(
+        t.device.lock().unwrap().metrics().snapshot()["transport_resets"],
+        0
+    );
+}
+
+#[test]
+fn a_restore_with_another_guest_cid_is_refused() {
+    use std::sync::{Arc, Mutex};
+
+    use crate::devices::virtio::mmio::{MmioInterrupt, MmioTransport};
+    use crate::devices::virtio::test_utils::Transported;
+    let mem = guest_memory();
+    let dir = TempDir::new_with_prefix("/tmp/genos-vsock-").unwrap();
+    let (rx, tx, ev) = (
+        Driver::at(&mem, 0, RING_SIZE),
+        Driver::at(&mem, 0x4000, RING_SIZE),
+        Driver::at(&mem, 0x8000, RING_SIZE),
+    );
+    let dev = Vsock::new(GUEST, &dir.as_path().join("v.sock")).unwrap();
+    let state = Transported::bring_up(dev, &mem, &[&rx.vq, &tx.vq, &ev.vq])
+        .transport
+        .save();
+    let other = Arc::new(Mutex::new(
+        Vsock::new(GUEST + 1, &dir.as_path().join("o.sock")).unwrap(),
+    ));
+    let interrupt = Arc::new(MmioInterrupt::new(
+        vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+    ));
+    let mut restored = MmioTransport::new(other.clone(), mem.clone(), interrupt).unwrap();
+
+    let err = restored.restore(&state).unwrap_err();
+
+    assert!(
+        err.to_string()
+            .contains("the snapshot's guest CID is 3, this device's 4"),
+        "{err}"
+    );
+    assert!(!other.lock().unwrap().is_activated());
+}
