@@ -643,7 +643,7 @@ pub fn restore_and_start(
     let vm = Vm::new()?;
     let ram = restore_guest_ram(mem_file, snapshot.mem_bytes)?;
     let kvm_facts = Arc::new(KvmFacts::read(vm.kvm())?);
-    let (vcpus, devices, legacy, pio, mmio) = std::thread::scope(|s| {
+    let (vcpus, devices, input, legacy, pio, mmio) = std::thread::scope(|s| {
         let pit = vm.start_pit_setup();
         let slots = s.spawn(|| vm.register_memory(&ram.memory));
         let built = (|| {
@@ -659,6 +659,23 @@ pub fn restore_and_start(
             if let Some(vsock) = &config.vsock {
                 devices.attach_vsock(vm.fd(), em, vsock.guest_cid, &vsock.uds_path)?;
             }
+            let input = if config.input {
+                let inputs = InputDevices::new().map_err(BuildError::Input)?;
+                let handles = inputs.handles();
+                for (name, dev) in inputs.into_named() {
+                    let metrics = dev.handle().metrics();
+                    devices.attach_virtio_device(
+                        vm.fd(),
+                        em,
+                        name,
+                        Arc::new(Mutex::new(dev)),
+                        metrics,
+                    )?;
+                }
+                Some(handles)
+            } else {
+                None
+            };
             let built: Vec<_> = devices.transports().collect();
             if built.len() != snapshot.devices.virtio.len() {
                 return Err(BuildError::VirtioMismatch {
@@ -696,7 +713,7 @@ pub fn restore_and_start(
                 vcpu.restore(state, kvm_facts.caps)?;
                 vcpus.push(vcpu);
             }
-            Ok::<_, BuildError>((vcpus, devices, legacy, pio, mmio))
+            Ok::<_, BuildError>((vcpus, devices, input, legacy, pio, mmio))
         })();
         let slots = slots.join().unwrap_or(Err(VmError::SetupThread));
         let pit = pit.and_then(|setup| setup.wait());
@@ -725,7 +742,7 @@ pub fn restore_and_start(
         vcpus,
         devices,
         display: None,
-        input: None,
+        input,
         legacy_metrics: legacy.metrics,
         reset_evt: legacy.reset_evt,
         boot_time: legacy.boot_time,

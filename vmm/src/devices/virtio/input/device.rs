@@ -276,6 +276,57 @@ impl VirtioDevice for Input {
         self.select = 0;
         self.subsel = 0;
     }
+
+    /// The device kind (checked on restore), the configuration selectors and the events
+    /// injected but not yet handed to the guest.
+    fn save_state(&self) -> serde_json::Value {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .undelivered();
+        serde_json::json!({
+            "device": self.profile.label(),
+            "select": self.select,
+            "subsel": self.subsel,
+            "pending": pending,
+        })
+    }
+
+    /// Takes the selectors and the undelivered events back, and kicks the event loop so
+    /// that they reach the buffers the guest posted before the snapshot.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Saved {
+            device: String,
+            select: u8,
+            subsel: u8,
+            pending: Vec<InputEvent>,
+        }
+        let saved: Saved = serde_json::from_value(state.clone())
+            .map_err(|e| format!("invalid virtio-input state: {e}"))?;
+        if saved.device != self.profile.label() {
+            return Err(format!(
+                "the snapshot's device is a {}, this one a {}",
+                saved.device,
+                self.profile.label()
+            ));
+        }
+        self.select = saved.select;
+        self.subsel = saved.subsel;
+        if !saved.pending.is_empty() {
+            self.pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push_batch(&saved.pending)
+                .map_err(|e| format!("pending events: {e}"))?;
+            self.kick
+                .write(1)
+                .map_err(|e| format!("cannot kick the event loop: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -307,6 +358,59 @@ mod tests {
         let mut payload = vec![0u8; usize::from(size[0])];
         dev.read_config(8, &mut payload);
         payload
+    }
+
+    #[test]
+    fn a_restored_device_delivers_what_was_pending_and_keeps_its_selectors() {
+        let mem = guest_memory(1 << 20);
+        let mut dev = Input::new(InputProfile::tablet()).unwrap();
+        let handle = dev.handle();
+        let (_irq, mut events, _status) = activated(&mut dev, &mem);
+        let batch = [
+            event(ev::EV_ABS, ev::ABS_X, 100),
+            event(ev::EV_ABS, ev::ABS_Y, 200),
+            event(ev::EV_KEY, ev::BTN_LEFT, 1),
+            syn(),
+        ];
+        handle.inject(&batch).unwrap();
+        for i in 0..2 {
+            events.post(&[Buf::write(0x10000 + i * 8, 8)]);
+        }
+        dev.process_event_queue();
+        dev.write_config(0, &[select::ID_NAME]);
+        let json = serde_json::to_vec(&dev.save_state()).unwrap();
+
+        let mut restored = Input::new(InputProfile::tablet()).unwrap();
+        restored
+            .restore_state(&serde_json::from_slice(&json).unwrap())
+            .unwrap();
+        let kicked = restored.kick_event().read().unwrap();
+        let (_irq2, mut events2, _status2) = activated(&mut restored, &mem);
+        for i in 0..2 {
+            events2.post(&[Buf::write(0x20000 + i * 8, 8)]);
+        }
+        restored.process_event_queue();
+
+        assert_eq!(kicked, 1);
+        assert_eq!(events2.used().len(), 2);
+        assert_eq!(read_event(&mem, 0x20000), batch[2]);
+        assert_eq!(read_event(&mem, 0x20008), batch[3]);
+        let mut sel = [0u8];
+        restored.read_config(0, &mut sel);
+        assert_eq!(sel[0], select::ID_NAME);
+    }
+
+    #[test]
+    fn a_keyboards_state_does_not_restore_into_a_tablet() {
+        let kbd = Input::new(InputProfile::keyboard()).unwrap();
+        let mut tablet = Input::new(InputProfile::tablet()).unwrap();
+
+        let err = tablet.restore_state(&kbd.save_state()).unwrap_err();
+
+        assert_eq!(
+            err,
+            "the snapshot's device is a keyboard, this one a tablet"
+        );
     }
 
     #[test]

@@ -135,6 +135,20 @@ impl PendingQueue {
         true
     }
 
+    /// Every event not yet handed to the guest, in order (for a snapshot): the rest of
+    /// the front packet, then the others. Each packet ends with SYN_REPORT, so this is a
+    /// batch [`PendingQueue::push_batch`] takes back.
+    pub fn undelivered(&self) -> Vec<InputEvent> {
+        self.packets
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| {
+                let skip = if i == 0 { self.front_sent } else { 0 };
+                p.events[skip..].iter().copied()
+            })
+            .collect()
+    }
+
     /// The next event for the guest, without removing it.
     pub fn peek(&self) -> Option<InputEvent> {
         self.packets.front().map(|p| p.events[self.front_sent])
