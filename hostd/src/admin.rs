@@ -8,7 +8,8 @@
 //! one that is not in the middle of a request is closed for the newcomer), a request head
 //! must arrive within [`HEADER_TIMEOUT`], and a request body must be at most
 //! [`MAX_REQUEST_BODY`] bytes and arrive within [`BODY_TIMEOUT`], read before any handler
-//! runs.
+//! runs — except a file upload (`genos cp` into a guest), which streams to the guest with
+//! [`BODY_TIMEOUT`] between its pieces.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -240,18 +241,22 @@ pub async fn serve_on(
                     async move {
                         let _busy = Busy::new(busy);
                         let (parts, body) = req.into_parts();
-                        // A refused peer's body is never read: the router answers 403.
-                        let bytes = if allowed {
+                        // A refused peer's body is never read: the router answers 403. A
+                        // file upload streams through its handler; every other body is read
+                        // whole first.
+                        let body = if !allowed {
+                            axum::body::Body::empty()
+                        } else if is_file_upload(&parts) {
+                            axum::body::Body::new(body)
+                        } else {
                             match read_body(body).await {
-                                Ok(b) => b,
+                                Ok(b) => axum::body::Body::new(Full::new(b)),
                                 Err(e) => {
                                     return Ok::<_, std::convert::Infallible>(e.into_response())
                                 }
                             }
-                        } else {
-                            Bytes::new()
                         };
-                        let mut req = hyper::Request::from_parts(parts, Full::new(bytes));
+                        let mut req = hyper::Request::from_parts(parts, body);
                         req.extensions_mut().insert(ConnectInfo(peer));
                         hyper::service::Service::call(&app, req).await
                     }
@@ -266,6 +271,14 @@ pub async fn serve_on(
             }
         });
     }
+}
+
+/// Whether a request is `PUT /v1/envs/NAME/files`, whose body streams to the guest.
+fn is_file_upload(parts: &axum::http::request::Parts) -> bool {
+    let path = parts.uri.path();
+    parts.method == axum::http::Method::PUT
+        && path.starts_with("/v1/envs/")
+        && path.ends_with("/files")
 }
 
 /// The whole request body, within [`MAX_REQUEST_BODY`] and [`BODY_TIMEOUT`].
@@ -384,6 +397,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/envs/{name}/stop", post(stop))
         .route("/v1/envs/{name}/token", post(token))
         .route("/v1/envs/{name}/exec", post(exec))
+        .route("/v1/envs/{name}/files", get(file_get).put(file_put))
         .route("/v1/tokens/revoke", post(revoke_token))
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/verify", get(audit_verify))
@@ -672,6 +686,163 @@ async fn exec(
         "dropped": out.dropped,
     }))
     .into_response())
+}
+
+/// Where a file goes in (or comes from) the guest: `genos cp`'s query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileQuery {
+    path: String,
+    /// Guest user that owns the file (default: root); a path outside that user's home is
+    /// refused unless `as_root`.
+    #[serde(default)]
+    user: String,
+    #[serde(default)]
+    as_root: bool,
+    /// Permission bits of a file put, in octal (default 644).
+    mode: Option<String>,
+}
+
+/// Header carrying a got file's permission bits, in octal.
+pub const FILE_MODE_HEADER: &str = "x-genos-mode";
+
+/// `PUT /v1/envs/NAME/files?path=...`: the body, of the `Content-Length` it announces (at
+/// most [`crate::orchestrator::MAX_COPY_SIZE`]), becomes the file; each piece must arrive
+/// within [`BODY_TIMEOUT`] of the one before. The guest has the file only if all of it came.
+async fn file_put(
+    State(st): State<AppState>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<FileQuery>,
+    req: Request,
+) -> ApiResult {
+    use crate::orchestrator::MAX_COPY_SIZE;
+    let size = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::LENGTH_REQUIRED,
+                "a file upload needs its Content-Length".into(),
+            )
+        })?;
+    if size > MAX_COPY_SIZE {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the file is {size} bytes, more than the {MAX_COPY_SIZE} genos cp moves"),
+        ));
+    }
+    let mode = match q.mode.as_deref() {
+        None => 0o644,
+        Some(m) => u32::from_str_radix(m, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| bad_request(format!("mode {m:?} is not octal permission bits")))?,
+    };
+    let path = q.path.clone();
+    let put = proto::agent::FilePutRequest {
+        path: q.path,
+        user: q.user,
+        mode,
+        size,
+        as_root: q.as_root,
+    };
+    // The body goes through a pipe the agent client reads: a client that stalls or
+    // stops early leaves the agent short, which it refuses.
+    let (mut reader, mut writer) = tokio::io::duplex(256 * 1024);
+    let mut body = req.into_body();
+    let pump = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut got = 0u64;
+        loop {
+            let frame = tokio::time::timeout(BODY_TIMEOUT, body.frame())
+                .await
+                .map_err(|_| {
+                    format!(
+                        "the upload stalled for {} s after {got} of {size} bytes",
+                        BODY_TIMEOUT.as_secs()
+                    )
+                })?;
+            match frame {
+                None => return Ok(got),
+                Some(Err(e)) => return Err(format!("reading the upload after {got} bytes: {e}")),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        got += data.len() as u64;
+                        if writer.write_all(&data).await.is_err() {
+                            // The agent side ended (a refusal): its error is the answer.
+                            return Ok(got);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let put_result = st
+        .orch
+        .put_file_from(&name, &actor.0, put, &mut reader)
+        .await;
+    drop(reader);
+    let pumped = pump.await.unwrap_or_else(|e| Err(e.to_string()));
+    match (put_result, pumped) {
+        (Ok(()), _) => Ok(
+            Json(json!({"path": path, "size": size, "mode": format!("{mode:o}")})).into_response(),
+        ),
+        // The client's failure explains a short file better than the agent's count.
+        (Err(_), Err(why)) => Err(bad_request(why)),
+        (Err(e), Ok(_)) => Err(e.into()),
+    }
+}
+
+/// `GET /v1/envs/NAME/files?path=...`: the file as it streams from the guest, with its
+/// `Content-Length` and its mode in [`FILE_MODE_HEADER`]. A failure after the first byte
+/// cuts the body short of its length, which the client must treat as a failed copy.
+async fn file_get(
+    State(st): State<AppState>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<FileQuery>,
+) -> ApiResult {
+    if q.mode.is_some() {
+        return Err(bad_request("mode applies to a file put, not a get"));
+    }
+    let get = proto::agent::FileGetRequest {
+        path: q.path,
+        user: q.user,
+        as_root: q.as_root,
+    };
+    let mut file = st
+        .orch
+        .open_file(&name, &actor.0, get, crate::orchestrator::MAX_COPY_SIZE)
+        .await?;
+    let (size, mode) = (file.size, file.mode);
+    let (tx, body) = crate::body_channel::channel();
+    let env = name.clone();
+    tokio::spawn(async move {
+        loop {
+            let chunk = match file.next_chunk().await {
+                Ok(Some(data)) => Ok(Bytes::from(data)),
+                Ok(None) => return,
+                Err(e) => {
+                    let why = crate::error_chain(&e);
+                    tracing::warn!(env = %env, error = %why, "file get cut short");
+                    Err(std::io::Error::other(why))
+                }
+            };
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(axum::http::header::CONTENT_LENGTH, size)
+        .header(axum::http::header::CONTENT_TYPE, "application/octet-stream")
+        .header(FILE_MODE_HEADER, format!("{:o}", mode & 0o7777))
+        .body(axum::body::Body::new(body))
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 #[derive(Deserialize)]

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod body_channel;
 pub mod composer;
 pub mod config;
 pub mod doctor;

@@ -346,6 +346,168 @@ async fn exchange(
     Ok(Response { status, body })
 }
 
+/// How a streamed download (`genos cp` out of a guest) went: the status and, for a
+/// success, the length hostd announced, the file's mode header and the bytes written; for
+/// a failure, hostd's answer.
+#[derive(Debug, Clone, Default)]
+pub struct Download {
+    pub status: u16,
+    pub length: Option<u64>,
+    pub mode: Option<String>,
+    pub written: u64,
+    pub error_body: Vec<u8>,
+}
+
+/// Connects to hostd's admin socket for one exchange with bodies of type `B`.
+async fn handshake<B>(sock: &Path) -> Result<hyper::client::conn::http1::SendRequest<B>, UdsError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = UnixStream::connect(sock)
+        .await
+        .map_err(|source| UdsError::Connect {
+            path: sock.into(),
+            source,
+        })?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| UdsError::Http {
+            path: sock.into(),
+            source,
+        })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// PUTs `size` bytes of `file` to `uri` as they are read (never the whole file in memory),
+/// with `Content-Length`; hostd's answer. Each read and the answer must come within `idle`
+/// (the answer comes once the guest has the file: `idle` plus a second per 100 kB).
+pub async fn upload(
+    sock: &Path,
+    uri: &str,
+    mut file: tokio::fs::File,
+    size: u64,
+    idle: Duration,
+) -> Result<Response, UdsError> {
+    use tokio::io::AsyncReadExt;
+    let mut sender = handshake::<crate::body_channel::ChannelBody>(sock).await?;
+    let (tx, body) = crate::body_channel::channel();
+    tokio::spawn(async move {
+        let mut left = size;
+        let mut buf = vec![0u8; 64 * 1024];
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let chunk = match file.read(&mut buf[..want]).await {
+                Ok(0) => Err(std::io::Error::other("the file shrank while it was sent")),
+                Ok(n) => Ok(Bytes::copy_from_slice(&buf[..n])),
+                Err(e) => Err(e),
+            };
+            let failed = chunk.is_err();
+            if let Ok(c) = &chunk {
+                left -= c.len() as u64;
+            }
+            if tx.send(chunk).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    let req = hyper::Request::builder()
+        .method("PUT")
+        .uri(uri)
+        .header("host", "localhost")
+        .header("content-type", "application/octet-stream")
+        .header("content-length", size)
+        .body(body)
+        .map_err(|e| UdsError::Request(e.to_string()))?;
+    let answer = idle + Duration::from_secs(size / 100_000);
+    let exchange = async {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| UdsError::Http {
+                path: sock.into(),
+                source,
+            })?;
+        let status = resp.status().as_u16();
+        let body = Limited::new(resp.into_body(), MAX_ADMIN_BODY)
+            .collect()
+            .await
+            .map(|b| b.to_bytes().to_vec())
+            .unwrap_or_default();
+        Ok(Response { status, body })
+    };
+    with_deadline(sock, answer, exchange).await
+}
+
+/// GETs `uri` and writes its body into `out` as it comes. A success is complete only if
+/// `written` equals `length`: hostd cuts the body short when the guest fails mid-way.
+pub async fn download(
+    sock: &Path,
+    uri: &str,
+    out: &mut (impl tokio::io::AsyncWrite + Unpin),
+    idle: Duration,
+) -> Result<Download, UdsError> {
+    use tokio::io::AsyncWriteExt;
+    let http = |source| UdsError::Http {
+        path: sock.into(),
+        source,
+    };
+    let timed_out = || UdsError::Timeout {
+        path: sock.into(),
+        secs: idle.as_secs(),
+    };
+    let mut sender = handshake::<Full<Bytes>>(sock).await?;
+    let req = hyper::Request::builder()
+        .method("GET")
+        .uri(uri)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| UdsError::Request(e.to_string()))?;
+    let resp = tokio::time::timeout(idle, sender.send_request(req))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(http)?;
+    let mut d = Download {
+        status: resp.status().as_u16(),
+        ..Download::default()
+    };
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    d.length = header("content-length").and_then(|v| v.parse().ok());
+    d.mode = header(crate::admin::FILE_MODE_HEADER);
+    let success = (200..300).contains(&d.status);
+    let mut body = resp.into_body();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(timed_out()),
+            Ok(None) => break,
+            // A cut body: `written` stays short of `length`.
+            Ok(Some(Err(_))) => break,
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if success {
+            out.write_all(&data)
+                .await
+                .map_err(|e| UdsError::Request(format!("writing the download: {e}")))?;
+            d.written += data.len() as u64;
+        } else if d.error_body.len() < MAX_ADMIN_BODY {
+            d.error_body.extend_from_slice(&data);
+        }
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -199,6 +199,35 @@ fn up_waits_until_ready_and_prints_a_viewer_token() {
         "{}",
         stderr(&o)
     );
+    // So does a copy either way, and a copy out leaves nothing behind.
+    let local = h.dir.path().join("local.txt");
+    std::fs::write(&local, b"to the guest\n").unwrap();
+    let o = h.genos(&["cp", local.to_str().unwrap(), "python:/root/x.txt"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("nothing in the guest accepted a connection on vsock port 1024"),
+        "{}",
+        stderr(&o)
+    );
+    let out = h.dir.path().join("back.txt");
+    let o = h.genos(&["cp", "python:/root/x.txt", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("vsock port 1024"), "{}", stderr(&o));
+    let left: Vec<_> = std::fs::read_dir(h.dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("back.txt"))
+        .collect();
+    assert!(left.is_empty(), "a failed copy left {left:?}");
+    for (args, why) in [
+        (["cp", "a:/x", "b:/y"], "both sides are in a guest"),
+        (["cp", "./a", "/tmp/b"], "neither side is in a guest"),
+    ] {
+        let o = h.genos(&args);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains(why), "{args:?}: {}", stderr(&o));
+    }
     let o = h.genos(&["destroy", "python"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }

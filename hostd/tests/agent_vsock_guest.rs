@@ -38,6 +38,8 @@ const ATTEMPT_LIMIT: Duration = Duration::from_secs(60);
 const GUEST_CID: u32 = 3;
 /// Spans many vsock packets (the guest's receive buffers are 4 KiB) and several agent chunks.
 const FILE_LEN: usize = 200_000;
+/// What `genos cp` moves each way: far above the admin socket's 64 KiB buffered bodies.
+const COPY_LEN: usize = 1 << 20;
 const LOG_TAIL_LINES: usize = 40;
 
 /// The nested-test kernel and initramfs from the environment, or `None` after skipping.
@@ -386,6 +388,49 @@ async fn an_environment_is_ready_through_its_agent_and_runs_commands_in_its_gues
     )
     .await
     .unwrap();
+    // `genos cp` both ways through the admin socket, with a file larger than any buffered
+    // admin request body.
+    let admin = dir.path().join("admin.sock");
+    let policy = hostd::admin::AccessPolicy::new("genos");
+    let listener = hostd::admin::bind(&admin, &policy).await.unwrap();
+    let server = tokio::spawn(hostd::admin::serve_on(o.clone(), listener, policy));
+    let big: Vec<u8> = (0..COPY_LEN).map(|i| (i * 7 % 251) as u8).collect();
+    let (local, back_path) = (dir.path().join("big.bin"), dir.path().join("back.bin"));
+    std::fs::write(&local, &big).unwrap();
+    let cp = |args: Vec<String>| {
+        let admin = admin.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                Command::new(env!("CARGO_BIN_EXE_genos"))
+                    .env("GENOS_SOCKET", &admin)
+                    .arg("cp")
+                    .args(&args)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let copied_in = step(
+        "genos cp in",
+        cp(vec![
+            "--mode".into(),
+            "640".into(),
+            local.display().to_string(),
+            "guest:/root/big.bin".into(),
+        ]),
+    )
+    .await;
+    let copied_out = step(
+        "genos cp out",
+        cp(vec![
+            "guest:/root/big.bin".into(),
+            back_path.display().to_string(),
+        ]),
+    )
+    .await;
+    server.abort();
     let entries: Vec<_> = o
         .audit_entries(200)
         .unwrap()
@@ -412,6 +457,22 @@ async fn an_environment_is_ready_through_its_agent_and_runs_commands_in_its_gues
     assert_eq!(
         (back.as_slice(), mode & 0o7777),
         (&b"hello from hostd\n"[..], 0o600)
+    );
+    assert!(
+        copied_in.status.success() && copied_out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&copied_in.stderr),
+        String::from_utf8_lossy(&copied_out.stderr)
+    );
+    assert!(
+        std::fs::read(&back_path).unwrap() == big,
+        "the copy came back different"
+    );
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&back_path).unwrap().permissions()
+        ) & 0o777,
+        0o640
     );
     assert!(
         ready_detail.contains("(clock set)"),

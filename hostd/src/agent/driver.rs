@@ -184,7 +184,8 @@ impl Driver {
             // A notification is the agent's current stage: it falls when the desktop
             // session ends.
             AgentMessage::Ready(stage) => {
-                self.stage.send_if_modified(|now| std::mem::replace(now, stage) != stage);
+                self.stage
+                    .send_if_modified(|now| std::mem::replace(now, stage) != stage);
             }
             AgentMessage::ClipboardChanged(content) => {
                 self.clipboard.send_replace(Some(content));

@@ -247,14 +247,14 @@ impl AgentClient {
         }
     }
 
-    /// Reads a file from the guest into `out`, refusing one larger than `limit` bytes before
-    /// any of it is written. Returns its size and mode.
-    pub async fn get_file(
+    /// Opens a file in the guest for reading: its size and mode, and its data as it comes
+    /// ([`GuestFile::next_chunk`]). One larger than `limit` bytes is refused before any of
+    /// it is read.
+    pub async fn open_file(
         &self,
         get: FileGetRequest,
-        out: &mut (impl AsyncWrite + Unpin),
         limit: u64,
-    ) -> Result<(u64, u32), AgentError> {
+    ) -> Result<GuestFile, AgentError> {
         let mut request = self.open(HostMessage::FileGet(get)).await?;
         let (size, mode) = match request.next().await? {
             AgentMessage::FileInfo { size, mode } => (size, mode),
@@ -268,29 +268,28 @@ impl AgentClient {
             // is ignored as late.
             return Err(AgentError::FileTooLarge { size, limit });
         }
-        let mut got = 0u64;
-        loop {
-            match request.next().await? {
-                AgentMessage::FileData(data) => {
-                    got += data.len() as u64;
-                    if got > size {
-                        return Err(AgentError::Unexpected(format!(
-                            "more than the announced {size} bytes"
-                        )));
-                    }
-                    out.write_all(&data).await?;
-                    request.consumed(data.len());
-                }
-                AgentMessage::FileEnd if got == size => break,
-                AgentMessage::FileEnd => return Err(AgentError::ShortFile { got, size }),
-                AgentMessage::Error { code, message } => {
-                    return Err(AgentError::Refused { code, message })
-                }
-                other => return Err(unexpected("FileGet", &other)),
-            }
+        Ok(GuestFile {
+            request,
+            size,
+            mode,
+            got: 0,
+        })
+    }
+
+    /// Reads a file from the guest into `out`, refusing one larger than `limit` bytes before
+    /// any of it is written. Returns its size and mode.
+    pub async fn get_file(
+        &self,
+        get: FileGetRequest,
+        out: &mut (impl AsyncWrite + Unpin),
+        limit: u64,
+    ) -> Result<(u64, u32), AgentError> {
+        let mut file = self.open_file(get, limit).await?;
+        while let Some(data) = file.next_chunk().await? {
+            out.write_all(&data).await?;
         }
         out.flush().await?;
-        Ok((size, mode))
+        Ok((file.size, file.mode))
     }
 
     async fn open(&self, message: HostMessage) -> Result<Request, AgentError> {
@@ -380,6 +379,43 @@ impl Drop for Request {
     fn drop(&mut self) {
         if !self.finished {
             let _ = self.commands.send(Command::Forget { id: self.id });
+        }
+    }
+}
+
+/// A file being read from the guest ([`AgentClient::open_file`]).
+#[derive(Debug)]
+pub struct GuestFile {
+    request: Request,
+    /// Its size and mode as the agent announced them.
+    pub size: u64,
+    pub mode: u32,
+    got: u64,
+}
+
+impl GuestFile {
+    /// The next piece of the file, `None` once all of it came; the agent is granted more
+    /// as pieces are taken.
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, AgentError> {
+        let size = self.size;
+        match self.request.next().await? {
+            AgentMessage::FileData(data) => {
+                self.got += data.len() as u64;
+                if self.got > size {
+                    return Err(AgentError::Unexpected(format!(
+                        "more than the announced {size} bytes"
+                    )));
+                }
+                self.request.consumed(data.len());
+                Ok(Some(data))
+            }
+            AgentMessage::FileEnd if self.got == size => Ok(None),
+            AgentMessage::FileEnd => Err(AgentError::ShortFile {
+                got: self.got,
+                size,
+            }),
+            AgentMessage::Error { code, message } => Err(AgentError::Refused { code, message }),
+            other => Err(unexpected("FileGet", &other)),
         }
     }
 }

@@ -85,6 +85,25 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Copy a file into or out of a ready environment's guest (through its agent):
+    /// `genos cp FILE NAME:PATH` or `genos cp NAME:PATH FILE` (`-` for stdout). A copy out
+    /// appears at FILE only when complete.
+    Cp {
+        /// Source: a local file, or NAME:PATH in a guest.
+        src: String,
+        /// Destination: NAME:PATH in a guest, or a local file.
+        dst: String,
+        /// Guest user owning the file (default: root); a path outside that user's home needs
+        /// --root.
+        #[arg(long, default_value = "")]
+        user: String,
+        /// Allow a path outside the user's home.
+        #[arg(long)]
+        root: bool,
+        /// Permission bits of a file copied in, in octal (default: the local file's).
+        #[arg(long)]
+        mode: Option<String>,
+    },
     /// Show one environment.
     Show { name: String },
     /// Stop an environment's VM.
@@ -481,6 +500,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::Exit(code));
             }
         }
+        Cmd::Cp {
+            src,
+            dst,
+            user,
+            root,
+            mode,
+        } => copy(&client, &src, &dst, &user, root, mode, json_out).await?,
         Cmd::Doctor {
             config,
             state_dir,
@@ -628,6 +654,164 @@ async fn up(client: &Client, text: &str, timeout: u64, json_out: bool) -> Result
         print_token(&tok);
     }
     Ok(())
+}
+
+/// `NAME:PATH` of a guest, or `None` for a local path (one with a `/` before any `:`, or
+/// no `:` at all, as scp reads it).
+fn guest_path(arg: &str) -> Option<(&str, &str)> {
+    let (name, path) = arg.split_once(':')?;
+    (!name.is_empty() && !name.contains('/')).then_some((name, path))
+}
+
+/// How long a copy may go without progress before it is given up.
+const COPY_IDLE: Duration = Duration::from_secs(120);
+
+async fn copy(
+    client: &Client,
+    src: &str,
+    dst: &str,
+    user: &str,
+    as_root: bool,
+    mode: Option<String>,
+    json_out: bool,
+) -> Result<(), CliError> {
+    let query = |name: &str, path: &str, mode: Option<&str>| {
+        let mut q = format!(
+            "/v1/envs/{}/files?path={}&user={}&as_root={as_root}",
+            enc(name),
+            enc(path),
+            enc(user)
+        );
+        if let Some(m) = mode {
+            q.push_str(&format!("&mode={}", enc(m)));
+        }
+        q
+    };
+    let failed = |status: u16, body: &[u8]| {
+        let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        CliError::Msg(
+            v["error"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("hostd answered {status}")),
+        )
+    };
+    match (guest_path(src), guest_path(dst)) {
+        (Some(_), Some(_)) => Err(CliError::Msg(
+            "both sides are in a guest: copy through a local file".into(),
+        )),
+        (None, None) => Err(CliError::Msg(
+            "neither side is in a guest: write one as NAME:PATH".into(),
+        )),
+        (None, Some((name, path))) => {
+            use std::os::unix::fs::PermissionsExt;
+            let file = tokio::fs::File::open(src)
+                .await
+                .map_err(|e| CliError::Msg(format!("{src}: {e}")))?;
+            let meta = file
+                .metadata()
+                .await
+                .map_err(|e| CliError::Msg(format!("{src}: {e}")))?;
+            if !meta.is_file() {
+                return Err(CliError::Msg(format!("{src} is not a regular file")));
+            }
+            let mode = mode.unwrap_or_else(|| format!("{:o}", meta.permissions().mode() & 0o7777));
+            let uri = query(name, path, Some(&mode));
+            let r = uds::upload(&client.socket, &uri, file, meta.len(), COPY_IDLE).await?;
+            if !r.ok() {
+                return Err(failed(r.status, &r.body));
+            }
+            if json_out {
+                print_json(&r.json());
+            }
+            Ok(())
+        }
+        (Some((name, path)), None) => {
+            if mode.is_some() {
+                return Err(CliError::Msg(
+                    "--mode applies to a copy into a guest (a copy out keeps the guest's mode)"
+                        .into(),
+                ));
+            }
+            let uri = query(name, path, None);
+            if dst == "-" {
+                use tokio::io::AsyncWriteExt;
+                let mut out = tokio::io::stdout();
+                let d = uds::download(&client.socket, &uri, &mut out, COPY_IDLE).await?;
+                let _ = out.flush().await;
+                if d.status >= 300 {
+                    return Err(failed(d.status, &d.error_body));
+                }
+                return check_download(&d, name, path);
+            }
+            let target = PathBuf::from(dst);
+            let target = if target.is_dir() {
+                target.join(Path::new(path).file_name().ok_or_else(|| {
+                    CliError::Msg(format!("{path} names no file to copy into {dst}"))
+                })?)
+            } else {
+                target
+            };
+            // Written beside the target and renamed over it only when complete: a failed
+            // copy never leaves a partial file under the name asked for.
+            let dir = target
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let partial = dir.join(format!(
+                ".{}.genos-cp-{}",
+                target
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                std::process::id()
+            ));
+            let mut out = tokio::fs::File::create(&partial)
+                .await
+                .map_err(|e| CliError::Msg(format!("{}: {e}", partial.display())))?;
+            let result = async {
+                let d = uds::download(&client.socket, &uri, &mut out, COPY_IDLE).await?;
+                if d.status >= 300 {
+                    return Err(failed(d.status, &d.error_body));
+                }
+                check_download(&d, name, path)?;
+                use std::os::unix::fs::PermissionsExt;
+                let mode = d
+                    .mode
+                    .as_deref()
+                    .and_then(|m| u32::from_str_radix(m, 8).ok())
+                    .unwrap_or(0o644);
+                out.set_permissions(std::fs::Permissions::from_mode(mode))
+                    .await
+                    .and(out.sync_all().await)
+                    .map_err(|e| CliError::Msg(format!("{}: {e}", partial.display())))?;
+                tokio::fs::rename(&partial, &target)
+                    .await
+                    .map_err(|e| CliError::Msg(format!("{}: {e}", target.display())))?;
+                if json_out {
+                    print_json(&json!({"path": target, "size": d.written, "mode": d.mode}));
+                }
+                Ok(())
+            }
+            .await;
+            if result.is_err() {
+                let _ = tokio::fs::remove_file(&partial).await;
+            }
+            result
+        }
+    }
+}
+
+/// Whether a download of `name:path` arrived whole.
+fn check_download(d: &uds::Download, name: &str, path: &str) -> Result<(), CliError> {
+    match d.length {
+        Some(n) if n == d.written => Ok(()),
+        Some(n) => Err(CliError::Msg(format!(
+            "the copy of {name}:{path} was cut short after {} of {n} bytes (see hostd's log)",
+            d.written
+        ))),
+        None => Err(CliError::Msg("hostd sent no Content-Length".into())),
+    }
 }
 
 fn read_spec(p: &Path) -> Result<Value, CliError> {

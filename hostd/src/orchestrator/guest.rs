@@ -8,11 +8,15 @@ use std::time::Duration;
 use proto::agent::{ExecRequest, FileGetRequest, FilePutRequest, NetworkConfig};
 
 use super::{OrchError, Orchestrator};
-use crate::agent::{AgentError, ExecOutput};
+use tokio::io::AsyncRead;
+
+use crate::agent::{AgentError, ExecOutput, GuestFile};
 
 /// Most output kept per stream of a command run through [`Orchestrator::exec`]; the rest
 /// is counted in `dropped`.
 pub const EXEC_OUTPUT_LIMIT: usize = 8 << 20;
+/// Largest file `genos cp` moves either way.
+pub const MAX_COPY_SIZE: u64 = 4 << 30;
 /// Longest a command may run ([`Orchestrator::exec`]): the admin request waits for it.
 pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -86,8 +90,20 @@ impl Orchestrator {
         mut put: FilePutRequest,
         data: &[u8],
     ) -> Result<(), OrchError> {
-        let agent = self.agent(name).await?;
         put.size = data.len() as u64;
+        self.put_file_from(name, actor, put, &mut &data[..]).await
+    }
+
+    /// Writes `put.size` bytes read from `data` to `put.path` in the guest of `name`; the
+    /// agent puts the file in place only once all of them arrived.
+    pub async fn put_file_from(
+        &self,
+        name: &str,
+        actor: &str,
+        put: FilePutRequest,
+        data: &mut (impl AsyncRead + Unpin),
+    ) -> Result<(), OrchError> {
+        let agent = self.agent(name).await?;
         self.audit(
             actor,
             "file-put",
@@ -98,7 +114,7 @@ impl Orchestrator {
             ),
         )?;
         agent
-            .put_file(put, &mut &data[..])
+            .put_file(put, data)
             .await
             .map_err(|source| OrchError::Agent {
                 name: name.into(),
@@ -114,6 +130,26 @@ impl Orchestrator {
         get: FileGetRequest,
         limit: u64,
     ) -> Result<(Vec<u8>, u32), OrchError> {
+        let mut file = self.open_file(name, actor, get, limit).await?;
+        let mut data = Vec::with_capacity(file.size.min(limit) as usize);
+        while let Some(chunk) = file.next_chunk().await.map_err(|source| OrchError::Agent {
+            name: name.into(),
+            source,
+        })? {
+            data.extend_from_slice(&chunk);
+        }
+        Ok((data, file.mode))
+    }
+
+    /// Opens `get.path` in the guest of `name` for reading as it streams, refusing a file
+    /// over `limit` bytes.
+    pub async fn open_file(
+        &self,
+        name: &str,
+        actor: &str,
+        get: FileGetRequest,
+        limit: u64,
+    ) -> Result<GuestFile, OrchError> {
         let agent = self.agent(name).await?;
         self.audit(
             actor,
@@ -124,15 +160,13 @@ impl Orchestrator {
                 get.path, get.user, get.as_root
             ),
         )?;
-        let mut data = Vec::new();
-        let (_, mode) = agent
-            .get_file(get, &mut data, limit)
+        agent
+            .open_file(get, limit)
             .await
             .map_err(|source| OrchError::Agent {
                 name: name.into(),
                 source,
-            })?;
-        Ok((data, mode))
+            })
     }
 }
 

@@ -49,7 +49,7 @@ use proto::spec::Catalog;
 pub use audit::{audit_text, AUDIT_TEXT_MAX};
 pub use capacity::{AdmissionError, Capacity};
 pub use error::OrchError;
-pub use guest::{EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
+pub use guest::{EXEC_OUTPUT_LIMIT, MAX_COPY_SIZE, MAX_EXEC_TIMEOUT};
 pub use supervise::{describe_exit, describe_jailed_exit, pid_alive};
 
 use crate::composer::{Clarify, Composer};
