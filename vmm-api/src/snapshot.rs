@@ -36,6 +36,10 @@ pub struct SnapshotLoad {
     /// VM's (two copies cannot share one). The guest CID stays the snapshot's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_uds_path: Option<PathBuf>,
+    /// The TAP device this copy's NIC uses, instead of the snapshotted VM's (two copies
+    /// cannot share one). The MAC stays the snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_tap: Option<String>,
 }
 
 impl SnapshotLoad {
@@ -47,6 +51,7 @@ impl SnapshotLoad {
             resume_vm: false,
             serial: None,
             vsock_uds_path: None,
+            net_tap: None,
         }
     }
 }

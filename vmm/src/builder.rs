@@ -653,6 +653,14 @@ pub fn restore_and_start(
             for disk in &config.disks {
                 devices.attach_block(vm.fd(), em, &disk.path, disk.read_only)?;
             }
+            if let Some(net) = &config.net {
+                devices.attach_net(
+                    vm.fd(),
+                    em,
+                    &net.tap,
+                    net.mac.map_or(MacAddr::DEFAULT, |mac| MacAddr(mac.0)),
+                )?;
+            }
             if config.rng {
                 devices.attach_rng(vm.fd(), em)?;
             }

@@ -261,13 +261,25 @@ impl Vmm {
                 ));
             };
             vsock.uds_path = path.clone();
-            vsock.validate_values().map_err(|e| {
-                RestoreError::Snapshot(crate::snapshot::SnapshotError::Invalid {
-                    path: load.snapshot_path.clone(),
-                    reason: e.to_string(),
-                })
-            })?;
         }
+        if let Some(tap) = &load.net_tap {
+            let Some(net) = &mut config.net else {
+                return Err(RestoreError::Snapshot(
+                    crate::snapshot::SnapshotError::Invalid {
+                        path: load.snapshot_path.clone(),
+                        reason: "net_tap given, but the VM has no network device".into(),
+                    },
+                ));
+            };
+            net.tap = tap.clone();
+        }
+        // The overrides are the request's: checked like a configuration's.
+        config.validate_values().map_err(|e| {
+            RestoreError::Snapshot(crate::snapshot::SnapshotError::Invalid {
+                path: load.snapshot_path.clone(),
+                reason: e.to_string(),
+            })
+        })?;
         let vm = restore_and_start(
             &snapshot,
             &config,

@@ -336,3 +336,53 @@ fn corrupted_truncated_and_mismatched_snapshots_are_refused_and_nothing_is_resto
         "{described:?}"
     );
 }
+
+#[test]
+fn a_restored_vm_can_be_snapshotted_again_and_that_snapshot_goes_on() {
+    if !kvm_available("a_restored_vm_can_be_snapshotted_again_and_that_snapshot_goes_on") {
+        return;
+    }
+    let snap = snapshot_counter_guest("again", &[]);
+    let sock = snap.dir.join("clone.sock");
+    let vmm = Vmm(spawn_vmm(&["--api-sock", sock.to_str().unwrap()]));
+    assert!(wait_for_socket(&sock, TIMEOUT), "no API socket");
+    let load = format!(
+        r#"{{"snapshot_path":"{}","mem_file_path":"{}","resume_vm":true,"serial":"file:{}"}}"#,
+        snap.dir.arg("snapshot"),
+        snap.dir.arg("memory"),
+        snap.dir.arg("first-copy")
+    );
+    assert_eq!(http(&sock, "PUT", "/snapshot/load", Some(&load)).0, 204);
+    wait_until("the copy to count 100 more", || {
+        values(&console(&snap.dir.join("first-copy")), true).len() >= 100
+    });
+    let second = Dir::new("again-second");
+    let create = format!(
+        r#"{{"snapshot_path":"{}","mem_file_path":"{}"}}"#,
+        snap.dir.arg("snapshot2"),
+        snap.dir.arg("memory2")
+    );
+
+    let pause = http(&sock, "PUT", "/vm/actions", Some(r#"{"action":"pause"}"#));
+    let created = http(&sock, "PUT", "/snapshot/create", Some(&create));
+    let copy_console = console(&snap.dir.join("first-copy"));
+    drop(vmm);
+    std::fs::rename(snap.dir.join("snapshot2"), second.join("snapshot")).unwrap();
+    std::fs::rename(snap.dir.join("memory2"), second.join("memory")).unwrap();
+    let out = second.join("console");
+    let serial = format!("file:{}", out.display());
+    let _again = Vmm(spawn_vmm(&[
+        "--restore",
+        &second.arg(""),
+        "--serial",
+        &serial,
+    ]));
+    wait_until("the second-generation copy to print", || {
+        values(&console(&out), true).len() >= 50
+    });
+
+    assert_eq!(pause.0, 204, "{pause:?}");
+    assert_eq!(created.0, 204, "{created:?}");
+    let before = format!("{}{copy_console}", snap.console);
+    assert_continues(&before, &console(&out), "the copy of the copy");
+}

@@ -134,9 +134,6 @@ pub struct SnapshotState {
 /// Refuses configurations with devices whose state snapshots do not save yet.
 pub fn check_covered(config: &VmConfig) -> Result<(), SnapshotError> {
     let mut missing = Vec::new();
-    if config.net.is_some() {
-        missing.push("virtio-net");
-    }
     if config.gpu.is_some() {
         missing.push("virtio-gpu");
     }
@@ -281,6 +278,7 @@ impl SnapshotState {
         }
         check_covered(&self.config).map_err(|e| e.to_string())?;
         let virtio = self.config.disks.len()
+            + usize::from(self.config.net.is_some())
             + usize::from(self.config.rng)
             + usize::from(self.config.vsock.is_some())
             + 3 * usize::from(self.config.input);

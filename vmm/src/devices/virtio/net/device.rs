@@ -367,4 +367,40 @@ impl<B: FrameBackend> VirtioDevice for Net<B> {
             bump(&self.link.metrics.rx_dropped, 1);
         }
     }
+
+    /// The MAC the guest has seen (checked on restore) and the frame read from the backend
+    /// that waits for an RX buffer, if any. Frames still in the backend (the TAP's queue)
+    /// are not the VM's: a copy starts on its own, empty backend.
+    fn save_state(&self) -> serde_json::Value {
+        let pending = self.link.rx_pending.map(|len| &self.link.rx_buf[..len]);
+        serde_json::json!({ "mac": self.mac, "rx_pending": pending })
+    }
+
+    /// Refuses another MAC; takes back the waiting frame, which goes out at re-activation
+    /// (`on_activate` serves RX) if the guest posted buffers before the snapshot.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Saved {
+            mac: MacAddr,
+            rx_pending: Option<Vec<u8>>,
+        }
+        let saved: Saved = serde_json::from_value(state.clone())
+            .map_err(|e| format!("invalid virtio-net state: {e}"))?;
+        if saved.mac != self.mac {
+            return Err(format!(
+                "the snapshot's MAC is {}, this device's {}",
+                saved.mac, self.mac
+            ));
+        }
+        self.link.rx_pending = match saved.rx_pending {
+            Some(frame) if (MIN_FRAME_LEN..=self.link.rx_buf.len()).contains(&frame.len()) => {
+                self.link.rx_buf[..frame.len()].copy_from_slice(&frame);
+                Some(frame.len())
+            }
+            Some(frame) => return Err(format!("a pending frame of {} bytes", frame.len())),
+            None => None,
+        };
+        Ok(())
+    }
 }

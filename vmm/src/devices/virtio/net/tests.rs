@@ -1066,3 +1066,47 @@ fn broken_rx_avail_index_puts_the_device_in_needs_reset() {
         Net::<MemBackend>::process_rx,
     );
 }
+
+#[test]
+fn a_restored_nic_delivers_the_frame_that_waited_for_a_buffer() {
+    let mut f = fixture();
+    let mem = f.mem.clone();
+    let rx = queue_driver(&mem, RX_RING);
+    let tx = queue_driver(&mem, TX_RING);
+    f.activate(&rx, &tx);
+    let frame = ethernet_frame(120, 9);
+    f.wire.send_to_guest(with_header(&frame, 0));
+    f.net.process_rx();
+    let json = serde_json::to_vec(&f.net.save_state()).unwrap();
+
+    let wire = Wire::new();
+    let mut restored = Net::with_backend(MemBackend(wire), MAC).unwrap();
+    restored
+        .restore_state(&serde_json::from_slice(&json).unwrap())
+        .unwrap();
+    let mut rx2 = queue_driver(&mem, RX_RING + 0x10_0000);
+    let tx2 = queue_driver(&mem, TX_RING + 0x10_0000);
+    rx2.add_chain(&[w(RX_DATA, RX_BUF_LEN)]);
+    restored
+        .activate(
+            mem.clone(),
+            Arc::new(CountingInterrupt::default()),
+            vec![rx2.queue(), tx2.queue()],
+        )
+        .unwrap();
+
+    assert_eq!(rx.used_count(), 0, "the original had no buffer for it");
+    assert_eq!(rx2.used_count(), 1);
+    assert_eq!(read_guest(&mem, RX_DATA + 12, 120), frame);
+}
+
+#[test]
+fn a_restore_with_another_mac_is_refused() {
+    let f = fixture();
+    let other = MacAddr([0x06, 0, 0, 0, 0, 9]);
+    let mut restored = Net::with_backend(MemBackend(Wire::new()), other).unwrap();
+
+    let err = restored.restore_state(&f.net.save_state()).unwrap_err();
+
+    assert!(err.starts_with("the snapshot's MAC is "), "{err}");
+}
