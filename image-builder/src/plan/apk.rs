@@ -28,6 +28,10 @@ pub const X11_SESSION_PACKAGES: &[&str] = &[
     "xinit",
     "font-dejavu",
     "seatd",
+    // xprop: the session wrapper waits for the window manager before opening the first
+    // app; xclip: the clipboard from a shell or `genos exec`.
+    "xprop",
+    "xclip",
 ];
 pub const KIOSK_SESSION_PACKAGES: &[&str] = &["font-dejavu", "seatd"];
 

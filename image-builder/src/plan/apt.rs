@@ -25,6 +25,10 @@ pub const X11_SESSION_PACKAGES: &[&str] = &[
     "xinit",
     "libpam-systemd",
     "fonts-dejavu-core",
+    // xprop: the session wrapper waits for the window manager before opening the first
+    // app; xclip: the clipboard from a shell or `genos exec`.
+    "x11-utils",
+    "xclip",
 ];
 /// Packages a Wayland kiosk (cage) session needs besides cage.
 pub const KIOSK_SESSION_PACKAGES: &[&str] = &["libpam-systemd", "fonts-dejavu-core"];

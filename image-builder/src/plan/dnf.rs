@@ -31,6 +31,10 @@ pub const X11_SESSION_PACKAGES: &[&str] = &[
     "xorg-x11-drv-libinput",
     "xorg-x11-xinit",
     "dejavu-sans-fonts",
+    // xprop: the session wrapper waits for the window manager before opening the first
+    // app; xclip: the clipboard from a shell or `genos exec`.
+    "xprop",
+    "xclip",
 ];
 pub const KIOSK_SESSION_PACKAGES: &[&str] = &["dejavu-sans-fonts"];
 

@@ -276,19 +276,33 @@ pub struct Session {
 /// The wrapper a session runs its desktop (or kiosk app) through: it starts
 /// `genos-agent session` beside it (when the image has the agent), so the session part
 /// lives exactly as long as the session, then execs the program it was given.
-fn session_wrapper(path: &str, what: &str, agent_args: &str) -> File {
-    File::new(
-        path,
-        format!(
-            "#!/bin/sh\n\
-             # Written by genos-image: runs {what} with genos-agent's session part beside it\n\
-             # (clipboard, display modes and the session stage for the system agent).\n\
-             if [ -x /{AGENT_PATH} ]; then\n    /{AGENT_PATH} session{agent_args} &\nfi\n\
-             exec \"$@\"\n"
-        ),
-        0o755,
-    )
+/// `first_app`, for X11 desktops, is the spec's first GUI app: opened once the desktop's
+/// window manager has claimed the screen (EWMH `_NET_SUPPORTING_WM_CHECK` on the root
+/// window, read with xprop), or after [`WM_WAIT_S`] seconds whatever it did. The spec's
+/// other apps are installed and stay in the desktop's menu.
+fn session_wrapper(path: &str, what: &str, agent_args: &str, first_app: Option<&str>) -> File {
+    let mut script = format!(
+        "#!/bin/sh\n\
+         # Written by genos-image: runs {what} with genos-agent's session part beside it\n\
+         # (clipboard, display modes and the session stage for the system agent).\n\
+         if [ -x /{AGENT_PATH} ]; then\n    /{AGENT_PATH} session{agent_args} &\nfi\n"
+    );
+    if let Some(app) = first_app {
+        script.push_str(&format!(
+            "# The spec's first app, opened once the window manager runs; the others are in the menu.\n\
+             (\n    waited=0\n    \
+             while [ $waited -lt {WM_WAIT_S} ] && ! xprop -root _NET_SUPPORTING_WM_CHECK 2>/dev/null | grep -q 'window id'; do\n        \
+             sleep 1\n        waited=$((waited + 1))\n    done\n    \
+             exec {app}\n) >/dev/null 2>&1 &\n"
+        ));
+    }
+    script.push_str("exec \"$@\"\n");
+    File::new(path, script, 0o755)
 }
+
+/// How long an X11 session wrapper waits for the window manager before opening the first
+/// app anyway (a slow guest under TCG takes minutes to start xfce).
+pub const WM_WAIT_S: u32 = 600;
 
 /// Everything a spec's image is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,7 +350,8 @@ pub fn plan(spec: &Spec, catalog: &Catalog, options: &PlanOptions) -> Result<Pla
     let install = catalog.install_for(spec)?;
     let entry = &catalog.bases[&spec.base];
     let base = BasePlan::new(&spec.base, entry, options.mirror, options.keyring)?;
-    let session = session_for(spec, base.builder, install.first_app_command.as_deref())?;
+    let first_app = first_gui_app_command(spec, catalog)?;
+    let session = session_for(spec, base.builder, first_app.as_deref())?;
     let mut packages = install.packages;
     for p in &session.packages {
         if !packages.contains(p) {
@@ -396,9 +411,25 @@ pub fn plan(spec: &Spec, catalog: &Catalog, options: &PlanOptions) -> Result<Pla
     })
 }
 
-/// The session for `spec`'s desktop: X11 desktops start through `startx`, the kiosk runs
-/// the spec's first app full screen under cage, `none` is a console login. Desktops and
-/// kiosks start through a wrapper that runs genos-agent's session part with the session.
+/// The command of `spec`'s first GUI app on its base (a command-line app such as git
+/// listed before it is skipped), `None` when the spec has no GUI app.
+pub fn first_gui_app_command(spec: &Spec, catalog: &Catalog) -> Result<Option<String>, PlanError> {
+    let Some(app) = spec
+        .apps
+        .iter()
+        .find(|a| catalog.apps.get(*a).is_some_and(|e| e.gui))
+    else {
+        return Ok(None);
+    };
+    let mut alone = spec.clone();
+    alone.apps = vec![app.clone()];
+    Ok(catalog.install_for(&alone)?.first_app_command)
+}
+
+/// The session for `spec`'s desktop: X11 desktops start through `startx` and open the
+/// spec's first GUI app (`first_app_command`) once the window manager runs; the kiosk runs
+/// that app full screen under cage; `none` is a console login. Desktops and kiosks start
+/// through a wrapper that runs genos-agent's session part with the session.
 pub fn session_for(
     spec: &Spec,
     builder: Builder,
@@ -416,7 +447,12 @@ pub fn session_for(
         command: Some(format!(
             "startx /{X_SESSION_PATH} {program} -- -nolisten tcp vt1"
         )),
-        files: vec![session_wrapper(X_SESSION_PATH, "the X desktop", "")],
+        files: vec![session_wrapper(
+            X_SESSION_PATH,
+            "the X desktop",
+            "",
+            first_app_command,
+        )],
     };
     match spec.desktop.as_str() {
         "none" => Ok(Session {
@@ -437,6 +473,7 @@ pub fn session_for(
                     KIOSK_SESSION_PATH,
                     "the kiosk app",
                     " --kiosk",
+                    None,
                 )],
             })
         }
@@ -628,6 +665,53 @@ pub(crate) mod tests {
         }
         let console = plan_of("debian-12", "none", &[]);
         assert!(!console.files.iter().any(|f| f.path.contains("session")));
+    }
+
+    #[test]
+    fn x11_desktops_open_the_first_gui_app_once_the_window_manager_runs() {
+        for desktop in ["xfce", "lxqt", "kde", "gnome"] {
+            let plan = plan_of("debian-12", desktop, &["git", "firefox", "gimp"]);
+            let wrapper = file(&plan, X_SESSION_PATH);
+
+            let wait = wrapper
+                .find("xprop -root _NET_SUPPORTING_WM_CHECK")
+                .unwrap_or_else(|| panic!("{desktop}: {wrapper}"));
+            let open = wrapper.find("    exec firefox-esr\n").unwrap();
+            let session = wrapper.find("exec \"$@\"").unwrap();
+            assert!(wait < open && open < session, "{desktop}: {wrapper}");
+            assert!(!wrapper.contains("gimp"), "{desktop}: {wrapper}");
+            assert!(plan.packages.iter().any(|p| p == "gimp"), "{desktop}");
+            assert!(plan.packages.iter().any(|p| p == "x11-utils"), "{desktop}");
+        }
+    }
+
+    #[test]
+    fn the_first_app_is_started_by_its_command_on_that_base() {
+        let plan = plan_of("fedora-40", "xfce", &["chromium"]);
+
+        assert!(file(&plan, X_SESSION_PATH).contains("    exec chromium-browser\n"));
+    }
+
+    #[test]
+    fn a_desktop_without_gui_apps_opens_none() {
+        for apps in [&[][..], &["git", "python"][..]] {
+            let plan = plan_of("debian-12", "xfce", apps);
+            let wrapper = file(&plan, X_SESSION_PATH);
+
+            assert!(!wrapper.contains("xprop"), "{apps:?}: {wrapper}");
+            assert_eq!(wrapper.matches("exec ").count(), 1, "{wrapper}");
+        }
+    }
+
+    #[test]
+    fn the_kiosk_shows_the_first_gui_app_not_a_command_line_one() {
+        let plan = plan_of("debian-12", "kiosk", &["git", "firefox"]);
+
+        assert_eq!(
+            plan.session.command.as_deref(),
+            Some("cage -- /usr/local/bin/genos-kiosk-session firefox-esr")
+        );
+        assert!(!file(&plan, KIOSK_SESSION_PATH).contains("xprop"));
     }
 
     #[test]
