@@ -643,13 +643,13 @@ pub fn restore_and_start(
     let vm = Vm::new()?;
     let ram = restore_guest_ram(mem_file, snapshot.mem_bytes)?;
     let kvm_facts = Arc::new(KvmFacts::read(vm.kvm())?);
-    let (vcpus, devices, input, legacy, pio, mmio) = std::thread::scope(|s| {
+    let (vcpus, devices, display, input, legacy, pio, mmio) = std::thread::scope(|s| {
         let pit = vm.start_pit_setup();
         let slots = s.spawn(|| vm.register_memory(&ram.memory));
         let built = (|| {
             let mut devices = DeviceManager::new(ram.memory.clone(), vmm_start);
             // The devices the configuration builds, in the order `assemble` attaches them
-            // (the snapshot covers only these: `snapshot::check_covered`).
+            // (the same slots, names and order as the snapshotted VM).
             for disk in &config.disks {
                 devices.attach_block(vm.fd(), em, &disk.path, disk.read_only)?;
             }
@@ -667,6 +667,22 @@ pub fn restore_and_start(
             if let Some(vsock) = &config.vsock {
                 devices.attach_vsock(vm.fd(), em, vsock.guest_cid, &vsock.uds_path)?;
             }
+            let display = match config.gpu {
+                Some(size) => {
+                    let gpu = Gpu::new(GpuConfig::with_size(size.width, size.height))
+                        .map_err(BuildError::Gpu)?;
+                    let handle = gpu.handle();
+                    devices.attach_virtio_device(
+                        vm.fd(),
+                        em,
+                        "gpu",
+                        Arc::new(Mutex::new(gpu)),
+                        handle.metrics(),
+                    )?;
+                    Some(handle)
+                }
+                None => None,
+            };
             let input = if config.input {
                 let inputs = InputDevices::new().map_err(BuildError::Input)?;
                 let handles = inputs.handles();
@@ -721,7 +737,7 @@ pub fn restore_and_start(
                 vcpu.restore(state, kvm_facts.caps)?;
                 vcpus.push(vcpu);
             }
-            Ok::<_, BuildError>((vcpus, devices, input, legacy, pio, mmio))
+            Ok::<_, BuildError>((vcpus, devices, display, input, legacy, pio, mmio))
         })();
         let slots = slots.join().unwrap_or(Err(VmError::SetupThread));
         let pit = pit.and_then(|setup| setup.wait());
@@ -749,7 +765,7 @@ pub fn restore_and_start(
     Ok(BuiltVm {
         vcpus,
         devices,
-        display: None,
+        display,
         input,
         legacy_metrics: legacy.metrics,
         reset_evt: legacy.reset_evt,

@@ -487,7 +487,7 @@ impl VmmController for Vmm {
                 crate::snapshot::create(vm, config, request).map_err(|e| {
                     use crate::snapshot::SnapshotError as E;
                     match e {
-                        E::Unsupported(_) | E::Invalid { .. } | E::File { .. } => {
+                        E::Invalid { .. } | E::File { .. } => {
                             ActionError::InvalidRequest(error_chain(&e))
                         }
                         _ => ActionError::Internal(error_chain(&e)),

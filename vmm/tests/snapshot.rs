@@ -3,8 +3,9 @@
 //! each goes on counting from where it was paused, on its own copy of memory; corrupted
 //! or truncated snapshots, snapshots of a running VM and loads into a VMM configured for
 //! another VM are refused. The guest has a virtio-rng device, and in some tests
-//! virtio-input, a read-only virtio-blk disk and virtio-vsock (their state goes through the
-//! snapshot; the guest drives none of them). Skipped (with a message) without `/dev/kvm`.
+//! virtio-input, virtio-gpu, a read-only virtio-blk disk and virtio-vsock (their state goes
+//! through the snapshot; the guest drives none of them). Skipped (with a message) without
+//! `/dev/kvm`.
 
 mod common;
 
@@ -180,8 +181,9 @@ fn two_restores_of_one_snapshot_both_go_on_counting_from_the_paused_value() {
     if !kvm_available("two_restores_of_one_snapshot_both_go_on_counting_from_the_paused_value") {
         return;
     }
-    // With the three virtio-input devices too (no host-side resource the clones share).
-    let snap = snapshot_counter_guest("two", &["--input"]);
+    // With the three virtio-input devices and virtio-gpu too (no host-side resource the
+    // clones share).
+    let snap = snapshot_counter_guest("two", &["--input", "--gpu", "640x480"]);
     let memory_before = file_crc(&snap.dir.join("memory"));
 
     let started = Instant::now();

@@ -6,7 +6,7 @@
 //!      8     4  format version (u32 LE), FORMAT_VERSION
 //!     12     2  length V of the VMM version string (u16 LE), at most 64
 //!     14     V  VMM version (UTF-8), the crate version of the genos-vmm that wrote it
-//!   14+V     8  length P of the state (u64 LE), at most MAX_STATE_LEN
+//!   14+V     8  length P of the state (u64 LE), at most MAX_STATE_LEN (1 GiB)
 //!   22+V     P  the state: JSON of crate::snapshot::SnapshotState
 //! 22+V+P     8  CRC-64/XZ (u64 LE) of every byte before it
 //! ```
@@ -23,8 +23,9 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Longest VMM version string accepted.
 const MAX_VERSION_LEN: usize = 64;
-/// Largest state accepted (vCPU state is a few tens of KiB per vCPU).
-pub const MAX_STATE_LEN: u64 = 64 << 20;
+/// Largest state accepted: vCPU state is a few tens of KiB per vCPU, a virtio-gpu's
+/// resources twice their pixels (hex), 66 MB for one 3840x2160 resource.
+pub const MAX_STATE_LEN: u64 = 1 << 30;
 
 /// Why a snapshot file is refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

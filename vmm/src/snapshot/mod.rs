@@ -36,9 +36,6 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Errors creating or reading a snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    /// The configuration has a device snapshots do not cover yet.
-    #[error("snapshots do not cover {0} yet")]
-    Unsupported(String),
     /// Reading a vCPU's state failed.
     #[error("cannot read the vCPUs' state")]
     Vcpu(#[from] VcpuError),
@@ -131,22 +128,6 @@ pub struct SnapshotState {
     pub devices: DeviceStates,
 }
 
-/// Refuses configurations with devices whose state snapshots do not save yet.
-pub fn check_covered(config: &VmConfig) -> Result<(), SnapshotError> {
-    let mut missing = Vec::new();
-    if config.gpu.is_some() {
-        missing.push("virtio-gpu");
-    }
-    match missing.is_empty() {
-        true => Ok(()),
-        false => Err(SnapshotError::Unsupported(format!(
-            "the VM's {} device{}",
-            missing.join(", "),
-            if missing.len() > 1 { "s" } else { "" }
-        ))),
-    }
-}
-
 fn create_file(path: &Path) -> Result<File, SnapshotError> {
     File::create(path).map_err(|source| SnapshotError::File {
         what: "cannot create",
@@ -169,7 +150,6 @@ pub fn create(
     config: &VmConfig,
     request: &SnapshotCreate,
 ) -> Result<(), SnapshotError> {
-    check_covered(config)?;
     if request.snapshot_path == request.mem_file_path {
         return Err(SnapshotError::Invalid {
             path: request.snapshot_path.clone(),
@@ -276,11 +256,11 @@ impl SnapshotState {
                 return Err(format!("vCPU state {i} has index {}", vcpu.id));
             }
         }
-        check_covered(&self.config).map_err(|e| e.to_string())?;
         let virtio = self.config.disks.len()
             + usize::from(self.config.net.is_some())
             + usize::from(self.config.rng)
             + usize::from(self.config.vsock.is_some())
+            + usize::from(self.config.gpu.is_some())
             + 3 * usize::from(self.config.input);
         if self.devices.virtio.len() != virtio {
             return Err(format!(
@@ -432,22 +412,6 @@ mod tests {
         assert_eq!(
             err,
             ParseError::Invalid("1 vCPU states for a configuration of 2 vCPUs".into())
-        );
-    }
-
-    #[test]
-    fn a_state_with_uncovered_devices_is_refused() {
-        let mut state = sample_state();
-        state.config.gpu = Some(crate::config::DisplaySize {
-            width: 800,
-            height: 600,
-        });
-
-        let err = parse(&file_of(&state)).unwrap_err();
-
-        assert_eq!(
-            err,
-            ParseError::Invalid("snapshots do not cover the VM's virtio-gpu device yet".into())
         );
     }
 

@@ -337,6 +337,11 @@ impl VirtioCommon {
         self.active.is_some()
     }
 
+    /// Guest memory of the activated device.
+    pub fn memory(&self) -> Option<&GuestMemoryMmap> {
+        self.active.as_ref().map(|a| &a.mem)
+    }
+
     /// The interrupt the device was activated with.
     pub fn interrupt(&self) -> Option<&Arc<dyn InterruptTrigger>> {
         self.active.as_ref().map(|a| &a.interrupt)

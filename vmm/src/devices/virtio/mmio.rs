@@ -588,7 +588,7 @@ impl MmioTransport {
     /// The transport's and its device's state, for a snapshot. Call it with the vCPUs
     /// paused (nothing then changes the registers or the rings).
     pub fn save(&self) -> TransportState {
-        let dev = lock(&self.device);
+        let mut dev = lock(&self.device);
         TransportState {
             device_type: self.device_type,
             queue_select: self.queue_select,

@@ -155,7 +155,7 @@ pub trait VirtioDevice: Send {
     fn on_reset(&mut self) {}
     /// The device model's own state for a snapshot, beyond the common part (which the
     /// transport saves for every device); the default is a device with none.
-    fn save_state(&self) -> serde_json::Value {
+    fn save_state(&mut self) -> serde_json::Value {
         serde_json::Value::Null
     }
     /// Takes back what [`VirtioDevice::save_state`] gave, before the transport

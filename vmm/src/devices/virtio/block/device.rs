@@ -370,7 +370,7 @@ impl VirtioDevice for Block {
     // capacity is read-only; no writable fields are offered (no CONFIG_WCE): the default
     // write_config ignores writes.
 
-    fn save_state(&self) -> serde_json::Value {
+    fn save_state(&mut self) -> serde_json::Value {
         serde_json::to_value(BlockState {
             capacity: self.disk.props.capacity,
             read_only: self.disk.props.read_only,

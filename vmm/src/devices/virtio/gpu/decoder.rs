@@ -161,6 +161,20 @@ impl Format {
         })
     }
 
+    /// The format's virtio code (the inverse of [`Format::from_code`]).
+    pub fn code(self) -> u32 {
+        match self {
+            Format::B8G8R8A8 => 1,
+            Format::B8G8R8X8 => 2,
+            Format::A8R8G8B8 => 3,
+            Format::X8R8G8B8 => 4,
+            Format::R8G8B8A8 => 67,
+            Format::X8B8G8R8 => 68,
+            Format::A8B8G8R8 => 121,
+            Format::R8G8B8X8 => 134,
+        }
+    }
+
     /// Bytes per pixel (all supported formats have 4).
     pub const fn bytes_per_pixel(self) -> u32 {
         4

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use framebuffer::{FramebufferShare, FramebufferWriter, PoolBuffer, ReaderFds, ScanoutConfig};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::decoder::{self, resp, Command, CtrlHeader, Format, MemEntry, Rect, Request, Response};
@@ -353,8 +354,68 @@ pub struct GpuState {
     cursor_pos: (i32, i32),
     /// Hotspot inside the cursor image, from the last UPDATE_CURSOR with an image.
     cursor_hot: (u32, u32),
+    /// The image of the last UPDATE_CURSOR with one (for snapshots).
+    cursor_image: Option<Vec<u8>>,
     display: Arc<Mutex<DisplayShared>>,
     metrics: Arc<GpuMetrics>,
+}
+
+/// One 2D resource as a snapshot keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedResource {
+    id: u32,
+    /// virtio format code.
+    format: u32,
+    width: u32,
+    height: u32,
+    /// Guest-memory backing entries (address, length), if attached.
+    backing: Option<Vec<(u64, u32)>>,
+    /// The host copy of its pixels (BGRX, `width * height * 4` bytes), hex.
+    pixels: String,
+}
+
+/// What a snapshot keeps of the gpu beyond the common part: the display size and pending
+/// display event, every resource with its pixels and backing, the scanout and the cursor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuSnapshot {
+    display_size: (u32, u32),
+    events_read: u32,
+    resources: Vec<SavedResource>,
+    /// Resource and rectangle (x, y, width, height) on scanout 0.
+    scanout: Option<(u32, [u32; 4])>,
+    cursor_visible: bool,
+    cursor_pos: (i32, i32),
+    cursor_hot: (u32, u32),
+    cursor_image: Option<String>,
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0xf)]);
+    }
+    // Only ASCII hex digits were pushed.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn from_hex(hex: &str) -> Result<Vec<u8>, String> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Ok(c - b'0'),
+        b'a'..=b'f' => Ok(c - b'a' + 10),
+        _ => Err(format!("invalid hex digit {:?}", char::from(c))),
+    };
+    let bytes = hex.as_bytes();
+    if bytes.len() % 2 != 0 {
+        return Err("odd number of hex digits".into());
+    }
+    bytes
+        .chunks_exact(2)
+        .map(|pair| Ok(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
 }
 
 impl std::fmt::Debug for GpuState {
@@ -390,6 +451,7 @@ impl GpuState {
             cursor_visible: false,
             cursor_pos: (0, 0),
             cursor_hot: (0, 0),
+            cursor_image: None,
             display: Arc::new(Mutex::new(DisplayShared {
                 size: (config.width, config.height),
                 events_read: 0,
@@ -495,9 +557,122 @@ impl GpuState {
             self.writer.free(res.buffer);
         }
         self.backing_bytes = 0;
+        self.cursor_image = None;
         let mut d = lock_display(&self.display);
         d.events_read = 0;
         d.interrupt = None;
+    }
+
+    /// Everything the guest built, for a snapshot.
+    pub fn save(&mut self) -> GpuSnapshot {
+        let display = lock_display(&self.display);
+        let (display_size, events_read) = (display.size, display.events_read);
+        drop(display);
+        let resources = self
+            .resources
+            .iter()
+            .map(|(&id, r)| {
+                let len = r.width as usize * r.height as usize * 4;
+                SavedResource {
+                    id,
+                    format: r.format.code(),
+                    width: r.width,
+                    height: r.height,
+                    backing: r
+                        .backing
+                        .as_ref()
+                        .map(|b| b.entries.iter().map(|e| (e.addr, e.len)).collect()),
+                    pixels: to_hex(&self.writer.pixels_mut(&r.buffer)[..len]),
+                }
+            })
+            .collect();
+        GpuSnapshot {
+            display_size,
+            events_read,
+            resources,
+            scanout: self
+                .scanout
+                .map(|(id, r)| (id, [r.x, r.y, r.width, r.height])),
+            cursor_visible: self.cursor_visible,
+            cursor_pos: self.cursor_pos,
+            cursor_hot: self.cursor_hot,
+            cursor_image: self.cursor_image.as_deref().map(to_hex),
+        }
+    }
+
+    /// The display size and pending display event of `saved` (needs no guest memory).
+    fn restore_display(&mut self, saved: &GpuSnapshot) {
+        let mut d = lock_display(&self.display);
+        d.size = saved.display_size;
+        d.events_read = saved.events_read;
+    }
+
+    /// Rebuilds what the guest built, through the same checks as its commands (limits,
+    /// backing inside guest memory, rectangles inside resources), then publishes the
+    /// scanout and the cursor as they were.
+    fn restore(&mut self, mem: &GuestMemoryMmap, saved: &GpuSnapshot) -> Result<(), String> {
+        for r in &saved.resources {
+            let format = Format::from_code(r.format)
+                .ok_or_else(|| format!("resource {}: unknown format {}", r.id, r.format))?;
+            self.create(r.id, format, r.width, r.height)
+                .map_err(|e| format!("resource {}: {e}", r.id))?;
+            let pixels = from_hex(&r.pixels).map_err(|e| format!("resource {}: {e}", r.id))?;
+            let len = r.width as usize * r.height as usize * 4;
+            if pixels.len() != len {
+                return Err(format!(
+                    "resource {}: {} bytes of pixels for {}x{}",
+                    r.id,
+                    pixels.len(),
+                    r.width,
+                    r.height
+                ));
+            }
+            let buffer = &self.resources[&r.id].buffer;
+            self.writer.pixels_mut(buffer)[..len].copy_from_slice(&pixels);
+            if let Some(entries) = &r.backing {
+                let entries = entries
+                    .iter()
+                    .map(|&(addr, len)| MemEntry { addr, len })
+                    .collect();
+                self.attach_backing(mem, r.id, entries)
+                    .map_err(|e| format!("resource {}: {e}", r.id))?;
+            }
+        }
+        if let Some((id, [x, y, width, height])) = saved.scanout {
+            let rect = Rect {
+                x,
+                y,
+                width,
+                height,
+            };
+            self.set_scanout(0, id, rect)
+                .map_err(|e| format!("scanout: {e}"))?;
+            self.writer.flush(framebuffer::Rect {
+                x: 0,
+                y: 0,
+                width,
+                height,
+            });
+        }
+        self.cursor_pos = saved.cursor_pos;
+        self.cursor_hot = saved.cursor_hot;
+        self.cursor_visible = saved.cursor_visible;
+        let (x, y) = self.cursor_hotspot_position();
+        match &saved.cursor_image {
+            Some(hex) => {
+                let image = from_hex(hex).map_err(|e| format!("cursor: {e}"))?;
+                if image.len() != framebuffer::layout::CURSOR_IMAGE_SIZE {
+                    return Err(format!("cursor image of {} bytes", image.len()));
+                }
+                let _ = self
+                    .writer
+                    .set_cursor(&image, self.cursor_hot.0, self.cursor_hot.1, x, y);
+                self.writer.move_cursor(x, y, self.cursor_visible);
+                self.cursor_image = Some(image);
+            }
+            None => self.writer.move_cursor(x, y, self.cursor_visible),
+        }
+        Ok(())
     }
 
     fn display_size(&self) -> (u32, u32) {
@@ -760,6 +935,7 @@ impl GpuState {
         let (x, y) = self.cursor_hotspot_position();
         // The image has exactly the size the writer expects.
         let _ = self.writer.set_cursor(&image, hot.0, hot.1, x, y);
+        self.cursor_image = Some(image);
         self.cursor_visible = true;
         Ok(())
     }
@@ -769,6 +945,9 @@ impl GpuState {
 pub struct Gpu {
     common: VirtioCommon,
     state: GpuState,
+    /// A snapshot's state, applied when the restore re-activates the device (resources
+    /// need guest memory).
+    restoring: Option<GpuSnapshot>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -795,7 +974,11 @@ impl Gpu {
             queues: common.metrics(),
             ..GpuMetrics::default()
         });
-        Ok(Self { common, state })
+        Ok(Self {
+            common,
+            state,
+            restoring: None,
+        })
     }
 
     /// The VMM's handle (resize, framebuffer descriptors, metrics).
@@ -877,6 +1060,34 @@ impl VirtioDevice for Gpu {
     fn on_activate(&mut self) -> Result<(), ActivateError> {
         // Display-size changes from the VMM raise configuration interrupts from now on.
         lock_display(&self.state.display).interrupt = self.common.interrupt().cloned();
+        if let Some(saved) = self.restoring.take() {
+            let Some(mem) = self.common.memory().cloned() else {
+                return Err(ActivateError::BadQueue("no guest memory".into()));
+            };
+            self.state.restore(&mem, &saved).map_err(|e| {
+                ActivateError::Backend(std::io::Error::other(format!(
+                    "restoring the snapshot's resources: {e}"
+                )))
+            })?;
+        }
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> serde_json::Value {
+        serde_json::to_value(self.state.save()).unwrap_or_default()
+    }
+
+    /// Takes the display size at once; the resources, scanout and cursor when the
+    /// transport re-activates the device (they need its guest memory). A state with
+    /// resources for a device that is not re-activated is refused by the transport's
+    /// order: it restores an activated device's state before activating it.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let saved: GpuSnapshot = serde_json::from_value(state.clone())
+            .map_err(|e| format!("invalid virtio-gpu state: {e}"))?;
+        self.state.restore_display(&saved);
+        if !saved.resources.is_empty() || saved.scanout.is_some() || saved.cursor_image.is_some() {
+            self.restoring = Some(saved);
+        }
         Ok(())
     }
 
@@ -1232,6 +1443,80 @@ mod tests {
             s.execute(&mem, Command::GetEdid { scanout_id: 3 }),
             err(resp::ERR_INVALID_SCANOUT_ID)
         );
+    }
+
+    #[test]
+    fn a_restored_gpu_shows_the_saved_frame_and_keeps_its_resources_backing() {
+        let mem = guest_memory(MEM_SIZE);
+        let (mut gpu, _ctrl, _irq) = active_gpu(&mem, 640, 480);
+        let pattern: Vec<u8> = (0..8 * 8 * 4).map(|i| (i % 253) as u8).collect();
+        mem.write_slice(&pattern, GuestAddress(0x10_0000)).unwrap();
+        let full = rect(0, 0, 8, 8);
+        create(&mut gpu.state, &mem, 1, 8, 8);
+        attach(&mut gpu.state, &mem, 1, &[(0x10_0000, 256)]);
+        gpu.state.execute(&mem, set_scanout(1, full));
+        gpu.state.execute(&mem, transfer(1, full, 0));
+        gpu.state.execute(&mem, flush(1, full));
+        let json = serde_json::to_vec(&gpu.save_state()).unwrap();
+
+        let mut restored = Gpu::new(GpuConfig::with_size(640, 480)).unwrap();
+        let mut reader = FramebufferReader::new(restored.handle().reader_fds().unwrap()).unwrap();
+        restored
+            .restore_state(&serde_json::from_slice(&json).unwrap())
+            .unwrap();
+        let ctrl = DriverQueue::new(&mem, 0x20_0000);
+        let cursor = DriverQueue::new(&mem, 0x20_4000);
+        restored
+            .activate(
+                mem.clone(),
+                RecordingInterrupt::new(),
+                vec![ctrl.device_queue(), cursor.device_queue()],
+            )
+            .unwrap();
+        let shown = reader.wait_frame(soon()).unwrap().unwrap();
+        let (shown_size, shown_pixels) = (
+            (shown.info.width, shown.info.height),
+            shown.pixels[..256].to_vec(),
+        );
+        mem.write_slice(&[0x5a; 256], GuestAddress(0x10_0000))
+            .unwrap();
+        restored.state.execute(&mem, transfer(1, full, 0));
+        restored.state.execute(&mem, flush(1, full));
+        let redrawn = reader.wait_frame(soon()).unwrap().unwrap();
+
+        assert_eq!(shown_size, (8, 8));
+        assert_eq!(shown_pixels, pattern);
+        assert_eq!(&redrawn.pixels[..256], &[0x5a; 256][..], "backing restored");
+    }
+
+    #[test]
+    fn a_saved_resource_with_the_wrong_pixel_count_fails_the_restore() {
+        let mem = guest_memory(MEM_SIZE);
+        let (mut gpu, _ctrl, _irq) = active_gpu(&mem, 640, 480);
+        create(&mut gpu.state, &mem, 1, 8, 8);
+        let mut saved: GpuSnapshot = serde_json::from_value(gpu.save_state()).unwrap();
+        saved.resources[0].pixels.truncate(10);
+        let mut restored = Gpu::new(GpuConfig::with_size(640, 480)).unwrap();
+        restored
+            .restore_state(&serde_json::to_value(&saved).unwrap())
+            .unwrap();
+        let ctrl = DriverQueue::new(&mem, 0x20_0000);
+        let cursor = DriverQueue::new(&mem, 0x20_4000);
+
+        let err = restored
+            .activate(
+                mem.clone(),
+                RecordingInterrupt::new(),
+                vec![ctrl.device_queue(), cursor.device_queue()],
+            )
+            .unwrap_err();
+
+        assert!(
+            err.to_string()
+                .contains("device backend failed to activate"),
+            "{err}"
+        );
+        assert!(!restored.is_activated());
     }
 
     #[test]

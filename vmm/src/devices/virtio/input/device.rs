@@ -279,7 +279,7 @@ impl VirtioDevice for Input {
 
     /// The device kind (checked on restore), the configuration selectors and the events
     /// injected but not yet handed to the guest.
-    fn save_state(&self) -> serde_json::Value {
+    fn save_state(&mut self) -> serde_json::Value {
         let pending = self
             .pending
             .lock()
@@ -402,7 +402,7 @@ mod tests {
 
     #[test]
     fn a_keyboards_state_does_not_restore_into_a_tablet() {
-        let kbd = Input::new(InputProfile::keyboard()).unwrap();
+        let mut kbd = Input::new(InputProfile::keyboard()).unwrap();
         let mut tablet = Input::new(InputProfile::tablet()).unwrap();
 
         let err = tablet.restore_state(&kbd.save_state()).unwrap_err();

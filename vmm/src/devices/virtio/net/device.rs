@@ -371,7 +371,7 @@ impl<B: FrameBackend> VirtioDevice for Net<B> {
     /// The MAC the guest has seen (checked on restore) and the frame read from the backend
     /// that waits for an RX buffer, if any. Frames still in the backend (the TAP's queue)
     /// are not the VM's: a copy starts on its own, empty backend.
-    fn save_state(&self) -> serde_json::Value {
+    fn save_state(&mut self) -> serde_json::Value {
         let pending = self.link.rx_pending.map(|len| &self.link.rx_buf[..len]);
         serde_json::json!({ "mac": self.mac, "rx_pending": pending })
     }

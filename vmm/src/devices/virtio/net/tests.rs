@@ -1102,7 +1102,7 @@ fn a_restored_nic_delivers_the_frame_that_waited_for_a_buffer() {
 
 #[test]
 fn a_restore_with_another_mac_is_refused() {
-    let f = fixture();
+    let mut f = fixture();
     let other = MacAddr([0x06, 0, 0, 0, 0, 9]);
     let mut restored = Net::with_backend(MemBackend(Wire::new()), other).unwrap();
 

@@ -437,7 +437,7 @@ impl VirtioDevice for Vsock {
 
     /// The guest CID; connections are not saved (their host ends belong to the
     /// snapshotted VMM's processes).
-    fn save_state(&self) -> serde_json::Value {
+    fn save_state(&mut self) -> serde_json::Value {
         serde_json::json!({ "guest_cid": self.guest_cid() })
     }
 
