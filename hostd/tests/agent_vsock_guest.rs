@@ -665,6 +665,22 @@ async fn a_nat_guest_is_configured_by_hostd_and_reaches_a_server_outside() {
     )
     .await
     .unwrap();
+    let resolv = step(
+        "resolv.conf in the guest",
+        o.get_file(
+            "netguest",
+            "test",
+            FileGetRequest {
+                path: "/etc/resolv.conf".into(),
+                as_root: true,
+                ..FileGetRequest::default()
+            },
+            1 << 12,
+        ),
+    )
+    .await
+    .unwrap()
+    .0;
     let ready_detail = o
         .audit_entries(200)
         .unwrap()
@@ -682,6 +698,22 @@ async fn a_nat_guest_is_configured_by_hostd_and_reaches_a_server_outside() {
         .unwrap_or_else(|| panic!("no network in the ready entry: {ready_detail}"))
         .to_owned();
     assert!(planned.starts_with("10.201."), "{ready_detail}");
+    // The namespace's resolver on the gateway (the host has a nameserver to forward to).
+    let gateway = ready_detail
+        .split(" via ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', ')']).next())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        ready_detail.contains(&format!("resolver {gateway}")),
+        "{ready_detail}"
+    );
+    assert!(
+        String::from_utf8_lossy(&resolv).contains(&format!("nameserver {gateway}")),
+        "{}",
+        String::from_utf8_lossy(&resolv)
+    );
     assert!(
         String::from_utf8_lossy(&addresses.stdout).contains(&format!("inet {planned}")),
         "the guest has {planned}: {addresses:?}"

@@ -5,8 +5,14 @@
 //! - `nat`: a TAP device for the guest, a veth pair to the uplink (the host, or a test
 //!   namespace), masquerade at both ends, and a forward chain that lets the guest out and
 //!   only replies back in.
-//! - `allowlist`: as `nat`, but the forward chain admits only the listed CIDRs and the
-//!   addresses the listed names resolve to when the environment starts.
+//! - `allowlist`: as `nat`, but the forward chain admits only the listed CIDRs, the
+//!   addresses the listed names resolve to when the environment starts, and for a wildcard
+//!   entry (`*.pypi.org`) the addresses the environment's resolver hands out for names under
+//!   it (dnsmasq's nftset fills the namespace's `allow4`/`allow6` sets as it answers).
+//!
+//! `nat` and `allowlist` namespaces run a resolver (dnsmasq, [`start_resolver`]) on the
+//! guest's gateway address, forwarding to the host's nameservers; the guest is told to use
+//! it.
 //!
 //! All filtering happens inside the environment's namespace, where the (unprivileged)
 //! VMM cannot change it. The plan — commands and nftables rulesets — is computed by pure
@@ -118,7 +124,6 @@ impl Addressing {
             guest: addr(201, 2),
         })
     }
-
 }
 
 /// One allowed destination, resolved.
@@ -162,15 +167,11 @@ pub fn resolve_allowlist(
             out.push(Cidr { addr, prefix });
             continue;
         }
-        let valid_name = prefix.is_none()
-            && !host.is_empty()
-            && host.len() <= 253
-            && host.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            });
-        if !valid_name {
+        if prefix.is_none() && host.strip_prefix("*.").is_some_and(valid_name) {
+            // Admitted as the environment's resolver answers ([`wildcard_domains`]).
+            continue;
+        }
+        if prefix.is_some() || !valid_name(host) {
             return Err(NetError::BadEntry(entry.clone()));
         }
         let addrs = resolve(host).map_err(|reason| NetError::Resolve {
@@ -188,6 +189,133 @@ pub fn resolve_allowlist(
     Ok(out)
 }
 
+fn valid_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// The domains of an allowlist's wildcard entries (`*.pypi.org` → `pypi.org`), whose
+/// names' addresses the environment's resolver admits as it hands them out.
+pub fn wildcard_domains(entries: &[String]) -> Result<Vec<String>, NetError> {
+    let mut out: Vec<String> = Vec::new();
+    for entry in entries {
+        if let Some(domain) = entry.strip_prefix("*.") {
+            if !valid_name(domain) {
+                return Err(NetError::BadEntry(entry.clone()));
+            }
+            let domain = domain.to_ascii_lowercase();
+            if !out.contains(&domain) {
+                out.push(domain);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The nameservers of a `resolv.conf` text, in order; loopback ones are left out (a
+/// resolver on the host's loopback, such as systemd-resolved's stub, cannot be reached from
+/// an environment's namespace).
+pub fn nameservers(resolv_conf: &str) -> Vec<IpAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next()? == "nameserver").then_some(())?;
+            words.next()?.parse::<IpAddr>().ok()
+        })
+        .filter(|a| !a.is_loopback())
+        .collect()
+}
+
+/// The host's nameservers an environment's resolver forwards to: `/etc/resolv.conf`'s, or
+/// systemd-resolved's upstream ones when that file only names its local stub.
+pub fn host_nameservers() -> Vec<IpAddr> {
+    ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"]
+        .iter()
+        .map(|p| nameservers(&std::fs::read_to_string(p).unwrap_or_default()))
+        .find(|n| !n.is_empty())
+        .unwrap_or_default()
+}
+
+/// The environment's resolver: dnsmasq in its namespace on the guest's gateway address,
+/// forwarding to `upstreams`, putting the addresses it answers for names under `wildcards`
+/// into the namespace's allow sets; it forks and writes its pid to `pid_file`.
+pub fn resolver_command(
+    a: &Addressing,
+    upstreams: &[IpAddr],
+    wildcards: &[String],
+    pid_file: &std::path::Path,
+) -> Vec<String> {
+    let mut cmd: Vec<String> = ["ip", "netns", "exec", &a.netns, "dnsmasq"]
+        .map(String::from)
+        .to_vec();
+    cmd.extend(
+        [
+            "--conf-file=/dev/null",
+            "--no-hosts",
+            "--no-resolv",
+            "--bind-interfaces",
+            "--cache-size=1000",
+            // Answers pointing into private ranges from public names are refused (DNS
+            // rebinding onto the operator's own networks).
+            "--stop-dns-rebind",
+        ]
+        .map(String::from),
+    );
+    cmd.push(format!("--listen-address={}", a.gateway));
+    cmd.push(format!("--pid-file={}", pid_file.display()));
+    for up in upstreams {
+        cmd.push(format!("--server={up}"));
+    }
+    if !wildcards.is_empty() {
+        cmd.push(format!(
+            "--nftset=/{}/4#inet#genos#{ALLOW4_SET},6#inet#genos#{ALLOW6_SET}",
+            wildcards.join("/")
+        ));
+    }
+    cmd
+}
+
+/// Starts the environment's resolver ([`resolver_command`]); it runs until
+/// [`stop_resolver`].
+pub fn start_resolver(
+    a: &Addressing,
+    upstreams: &[IpAddr],
+    wildcards: &[String],
+    pid_file: &std::path::Path,
+) -> Result<(), NetError> {
+    run(&resolver_command(a, upstreams, wildcards, pid_file), None)
+}
+
+/// Stops the resolver whose pid `pid_file` holds, if that process is still a dnsmasq (a
+/// pid reused by another program is left alone). Best effort.
+pub fn stop_resolver(pid_file: &std::path::Path) {
+    let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .filter(|p| *p > 1)
+    else {
+        return;
+    };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() == "dnsmasq" {
+        // SAFETY: kill(2) with a plain pid and signal; no memory is passed.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let _ = std::fs::remove_file(pid_file);
+}
+
+/// Names of the sets in the namespace's `inet genos` table that the resolver fills.
+pub const ALLOW4_SET: &str = "allow4";
+pub const ALLOW6_SET: &str = "allow6";
+
 /// Resolves a name with the host's resolver.
 pub fn system_resolve(name: &str) -> Result<Vec<IpAddr>, String> {
     (name, 0)
@@ -204,7 +332,15 @@ pub fn env_ruleset(a: &Addressing, allowed: Option<&[Cidr]>) -> String {
     let _ = writeln!(s, "    type filter hook input priority 0; policy drop;");
     let _ = writeln!(s, "    iifname \"lo\" accept");
     let _ = writeln!(s, "    ct state established,related accept");
+    // The environment's resolver, on the gateway address.
+    let _ = writeln!(
+        s,
+        "    iifname \"{}\" ip daddr {} meta l4proto {{ udp, tcp }} th dport 53 accept",
+        a.tap, a.gateway
+    );
     let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "  set {ALLOW4_SET} {{ type ipv4_addr; }}");
+    let _ = writeln!(s, "  set {ALLOW6_SET} {{ type ipv6_addr; }}");
     let _ = writeln!(s, "  chain forward {{");
     let _ = writeln!(s, "    type filter hook forward priority 0; policy drop;");
     let _ = writeln!(
@@ -249,6 +385,17 @@ pub fn env_ruleset(a: &Addressing, allowed: Option<&[Cidr]>) -> String {
                     v6.join(", ")
                 );
             }
+            // What the resolver handed out for the wildcard entries.
+            let _ = writeln!(
+                s,
+                "    iifname \"{}\" oifname \"{}\" ip daddr @{ALLOW4_SET} accept",
+                a.tap, a.veth_env
+            );
+            let _ = writeln!(
+                s,
+                "    iifname \"{}\" oifname \"{}\" ip6 daddr @{ALLOW6_SET} accept",
+                a.tap, a.veth_env
+            );
         }
     }
     let _ = writeln!(s, "  }}");
@@ -500,6 +647,77 @@ mod tests {
         assert_eq!(b.uplink_addr, Ipv4Addr::new(10, 200, 1, 5));
         assert!(Addressing::new("a", 16384).is_err());
         assert!(Addressing::new("Bad-id", 1).is_err());
+    }
+
+    #[test]
+    fn wildcard_entries_go_to_the_resolver_not_to_start_up_resolution() {
+        let entries: Vec<String> = ["*.pypi.org", "*.PyPI.org", "192.0.2.0/24", "*.x.example"]
+            .map(String::from)
+            .to_vec();
+
+        let resolved = resolve_allowlist(&entries, |n| Err(format!("{n} asked")));
+        let domains = wildcard_domains(&entries).unwrap();
+
+        assert_eq!(resolved.unwrap().len(), 1, "only the CIDR");
+        assert_eq!(domains, vec!["pypi.org", "x.example"]);
+        for bad in ["*.", "*.-x..org", "a.*.org", "*.org/8"] {
+            let entries = vec![bad.to_string()];
+            assert!(
+                resolve_allowlist(&entries, |_| Ok(vec![])).is_err()
+                    || wildcard_domains(&entries).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn host_nameservers_skip_loopback_stubs() {
+        let conf = "# comment\nnameserver 127.0.0.53\nnameserver 192.0.2.53\noptions edns0\nnameserver 2001:db8::53\nnameserver bogus\n";
+
+        assert_eq!(
+            nameservers(conf),
+            vec![
+                "192.0.2.53".parse::<IpAddr>().unwrap(),
+                "2001:db8::53".parse().unwrap()
+            ]
+        );
+        assert!(nameservers("nameserver 127.0.0.53\n").is_empty());
+    }
+
+    #[test]
+    fn the_resolver_listens_on_the_gateway_and_fills_the_allow_sets_for_wildcards() {
+        let a = Addressing::new("e3", 3).unwrap();
+        let up: Vec<IpAddr> = vec!["192.0.2.53".parse().unwrap()];
+
+        let plain = resolver_command(&a, &up, &[], std::path::Path::new("/s/r.pid"));
+        let wild = resolver_command(
+            &a,
+            &up,
+            &["pypi.org".into(), "pythonhosted.org".into()],
+            std::path::Path::new("/s/r.pid"),
+        );
+
+        assert_eq!(plain[..5], ["ip", "netns", "exec", "genos-e3", "dnsmasq"]);
+        for arg in [
+            "--listen-address=10.201.0.13",
+            "--server=192.0.2.53",
+            "--no-resolv",
+            "--pid-file=/s/r.pid",
+        ] {
+            assert!(plain.iter().any(|x| x == arg), "{arg} missing: {plain:?}");
+        }
+        assert!(!plain.iter().any(|x| x.starts_with("--nftset")));
+        assert!(wild.contains(
+            &"--nftset=/pypi.org/pythonhosted.org/4#inet#genos#allow4,6#inet#genos#allow6"
+                .to_string()
+        ));
+        let rules = env_ruleset(&a, Some(&[]));
+        assert!(rules.contains("set allow4 { type ipv4_addr; }"), "{rules}");
+        assert!(rules.contains("ip daddr @allow4 accept"), "{rules}");
+        assert!(
+            rules.contains("iifname \"tap0\" ip daddr 10.201.0.13 meta l4proto { udp, tcp } th dport 53 accept"),
+            "{rules}"
+        );
     }
 
     #[test]

@@ -166,7 +166,11 @@ impl World {
     }
 
     fn serve(&self) -> Vec<std::thread::JoinHandle<()>> {
-        ["192.0.2.10:8080", "192.0.2.20:8080"]
+        self.serve_on(&["192.0.2.10:8080", "192.0.2.20:8080"])
+    }
+
+    fn serve_on(&self, addrs: &[&str]) -> Vec<std::thread::JoinHandle<()>> {
+        addrs
             .iter()
             .map(|addr| {
                 let (tx, rx) = std::sync::mpsc::channel();
@@ -293,4 +297,126 @@ fn with_an_allowlist_only_the_listed_address_is_reachable() {
     assert!(listed, "listed address unreachable");
     assert!(!unlisted, "unlisted address reachable");
     assert!(!uplink_itself, "uplink reachable");
+}
+
+/// dnsmasq in namespace `ns` on `listen`, with `args`, forking and writing `pid_file`.
+fn dnsmasq(ns: &str, listen: &str, pid_file: &std::path::Path, args: &[&str]) {
+    let pid = format!("--pid-file={}", pid_file.display());
+    let listen = format!("--listen-address={listen}");
+    let mut argv = vec![
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "dnsmasq",
+        "--conf-file=/dev/null",
+        "--no-hosts",
+        "--no-resolv",
+        "--bind-interfaces",
+        &listen,
+        &pid,
+    ];
+    argv.extend_from_slice(args);
+    sh(&argv);
+}
+
+/// A name query from the guest to `server`: the addresses answered.
+fn guest_lookup(w: &World, name: &str, server: &str) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", &w.guest, "busybox", "nslookup", name, server,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_wildcard_allowlist_admits_what_the_environments_resolver_answers_under_it() {
+    if !can_run() {
+        return;
+    }
+    if Command::new("dnsmasq").arg("--version").output().is_err() {
+        return testkit::skip(testkit::Need::Tools, "the resolver test needs dnsmasq");
+    }
+    let entries = vec!["*.pypi.org".to_string()];
+    let allowed =
+        net::resolve_allowlist(&entries, |n| Err(format!("{n} resolved at start"))).unwrap();
+    let w = World::build("wc", 5, &Policy::Allowlist(entries.clone()), &allowed);
+    // Outside: a public-looking address for the name (answers in private and test
+    // ranges are refused by the environment's resolver), and the upstream nameserver.
+    sh(&[
+        "ip",
+        "-n",
+        &w.uplink,
+        "addr",
+        "add",
+        "100.64.7.1/24",
+        "dev",
+        "to-srv",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &w.server,
+        "addr",
+        "add",
+        "100.64.7.20/24",
+        "dev",
+        "to-up",
+    ]);
+    let dir = std::env::temp_dir().join(format!("genos-net-wc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let upstream_pid = dir.join("upstream.pid");
+    dnsmasq(
+        &w.server,
+        "192.0.2.10",
+        &upstream_pid,
+        &[
+            "--address=/pypi.org/100.64.7.20",
+            "--address=/other.example/100.64.7.20",
+        ],
+    );
+    let resolver_pid = dir.join("resolver.pid");
+    let a = &w.addressing;
+    net::start_resolver(
+        a,
+        &["192.0.2.10".parse().unwrap()],
+        &net::wildcard_domains(&entries).unwrap(),
+        &resolver_pid,
+    )
+    .unwrap();
+    let servers = w.serve_on(&["100.64.7.20:8080", "192.0.2.10:8080"]);
+    let gateway = a.gateway.to_string();
+
+    let before = w.guest_reaches("100.64.7.20:8080");
+    let unlisted_answer = guest_lookup(&w, "www.other.example", &gateway);
+    let after_unlisted = w.guest_reaches("100.64.7.20:8080");
+    let rebind = guest_lookup(&w, "lan.pypi.org", &gateway);
+    let answer = guest_lookup(&w, "files.pypi.org", &gateway);
+    let after = w.guest_reaches("100.64.7.20:8080");
+    let elsewhere = w.guest_reaches("192.0.2.10:8080");
+
+    net::stop_resolver(&resolver_pid);
+    net::stop_resolver(&upstream_pid);
+    drop(servers);
+    assert!(!before, "reachable before any answer");
+    assert!(unlisted_answer.contains("100.64.7.20"), "{unlisted_answer}");
+    assert!(
+        !after_unlisted,
+        "a name outside the wildcard admitted its address"
+    );
+    assert!(answer.contains("100.64.7.20"), "{answer}");
+    assert!(
+        !rebind.contains("10.9.9.9"),
+        "a private answer passed the resolver: {rebind}"
+    );
+    assert!(
+        after,
+        "the resolver's answer under *.pypi.org was not admitted"
+    );
+    assert!(!elsewhere, "an address nothing admitted is reachable");
+    let left = resolver_pid.exists();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!left, "pid file left");
 }

@@ -624,15 +624,25 @@ impl Orchestrator {
         name: &str,
         client: &AgentClient,
     ) -> Result<Option<String>, String> {
-        let Some(addressing) = read_jail_record(&self.env_dir(name)).and_then(|r| r.addressing())
+        let Some((addressing, resolver)) =
+            read_jail_record(&self.env_dir(name)).and_then(|r| Some((r.addressing()?, r.resolver)))
         else {
             return Ok(None);
         };
-        let net = super::guest::guest_network(&addressing, vec![]);
-        let summary = format!(
+        // The namespace's resolver answers on the gateway address.
+        let resolvers = if resolver {
+            vec![addressing.gateway.into()]
+        } else {
+            vec![]
+        };
+        let net = super::guest::guest_network(&addressing, resolvers);
+        let mut summary = format!(
             "{} {}/{} via {}",
             net.interface, net.address, net.prefix, addressing.gateway
         );
+        if resolver {
+            summary.push_str(&format!(", resolver {}", addressing.gateway));
+        }
         self.set_progress(
             name,
             Some(format!("configuring the guest's network ({summary})")),

@@ -47,7 +47,17 @@ pub(super) enum JailError {
     Addressing(#[source] jailer::net::NetError),
     #[error("cannot build the network namespace")]
     Netns(#[source] jailer::net::NetError),
+    #[error("cannot start the environment's resolver")]
+    Resolver(#[source] jailer::net::NetError),
+    #[error(
+        "the allowlist's wildcard entries need the environment's resolver, and this host has \
+         no nameserver it could forward to (none but loopback in /etc/resolv.conf)"
+    )]
+    NoNameserver,
 }
+
+/// The environment's resolver's pid file, in its directory.
+pub(super) const RESOLVER_PID: &str = "resolver.pid";
 
 #[derive(Debug, Clone)]
 pub(super) struct JailSetup {
@@ -65,6 +75,9 @@ pub(super) struct JailRecord {
     pub(super) jail_dir: PathBuf,
     /// `jailer::net` id and index of the environment's network namespace, if any.
     pub(super) net_id: Option<String>,
+    /// Whether a resolver runs in that namespace on the guest's gateway address.
+    #[serde(default)]
+    pub(super) resolver: bool,
 }
 
 impl JailRecord {
@@ -245,6 +258,7 @@ impl Orchestrator {
             gid: cfg.gid_base + slot,
             jail_dir: setup.chroot_base.join("genos-vmm").join(name),
             net_id: None,
+            resolver: false,
         };
         let env_dir = state_dir.join("envs").join(name);
         let Some((policy, allowed)) = net else {
@@ -267,6 +281,25 @@ impl Orchestrator {
         .map_err(JailError::Netns)?;
         record.net_id = Some(id);
         write_jail_record(&env_dir, &record)?;
+        // The guest's resolver, forwarding to the host's nameservers; without any, a nat
+        // guest gets no resolver (and is told none), a wildcard allowlist cannot work.
+        let wildcards = match &policy {
+            jailer::net::Policy::Allowlist(entries) => {
+                jailer::net::wildcard_domains(entries).map_err(JailError::Allowlist)?
+            }
+            _ => vec![],
+        };
+        let upstreams = jailer::net::host_nameservers();
+        if upstreams.is_empty() {
+            if !wildcards.is_empty() {
+                return Err(JailError::NoNameserver);
+            }
+        } else {
+            jailer::net::start_resolver(&addr, &upstreams, &wildcards, &env_dir.join(RESOLVER_PID))
+                .map_err(JailError::Resolver)?;
+            record.resolver = true;
+            write_jail_record(&env_dir, &record)?;
+        }
         Ok((record, Some(addr)))
     }
 
@@ -278,6 +311,7 @@ impl Orchestrator {
             return;
         };
         if let Some(a) = record.addressing() {
+            jailer::net::stop_resolver(&dir.join(RESOLVER_PID));
             jailer::net::teardown(&a, &jailer::net::Uplink::Host);
             let _ = self.audit("hostd", "network", name, &format!("removed {}", a.netns));
         }
