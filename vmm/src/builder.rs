@@ -167,9 +167,9 @@ impl BuildError {
             | Self::Unsupported(_)
             | Self::Devices(DeviceManagerError::Block(_))
             | Self::Devices(DeviceManagerError::SerialOutput(_))
-            | Self::Memory(MemoryError::OpenFile { .. } | MemoryError::FileSize { .. }) => {
-                ExitStatus::BadConfig
-            }
+            | Self::Memory(MemoryError::OpenFile { .. } | MemoryError::FileSize { .. })
+            | Self::VirtioState(_)
+            | Self::VirtioMismatch { .. } => ExitStatus::BadConfig,
             _ => ExitStatus::InternalError,
         }
     }
