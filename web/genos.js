@@ -42,6 +42,7 @@
     keyframeRequests: 0,
     inputSent: 0,
     codec: null,
+    transport: null,
     width: 0,
     height: 0,
     rights: 0,
@@ -70,6 +71,7 @@
     const [title, text] = PAGES[code] || ["Connection refused", "The host ended the session."];
     showError(title, text, `${g.error.name}: ${message}`);
     if (ws) ws.close();
+    if (wt) wt.close();
   }
 
   // --- the link: #env=ENV&token=TOKEN --------------------------------------------------------
@@ -97,9 +99,13 @@
     return buf;
   }
 
+  // The transport: WebTransport where the browser has it (and the host answers), else a
+  // WebSocket; `#...&transport=websocket|webtransport` forces one.
   let ws = null;
+  let wtWriter = null;
   function send(buf) {
-    if (ws && ws.readyState === WebSocket.OPEN) ws.send(buf);
+    if (wtWriter) wtWriter.write(new Uint8Array(buf)).catch(() => {});
+    else if (ws && ws.readyState === WebSocket.OPEN) ws.send(buf);
   }
 
   function hello(viewportW, viewportH) {
@@ -310,9 +316,20 @@
   }
 
   // --- connection ----------------------------------------------------------------------------
-  function connect() {
-    fitCanvas();
-    newDecoder();
+  function onClosed(code, reason, what) {
+    releaseAll();
+    if (g.state === "error") return;
+    if (code) {
+      fail(code, reason);
+    } else {
+      g.state = "closed";
+      showError("Disconnected", "The connection to the host ended. Reload the page to connect again.",
+        `${what} closed ${reason || ""}`);
+    }
+  }
+
+  function connectWebSocket() {
+    g.transport = "websocket";
     ws = new WebSocket(`wss://${location.host}/ws`);
     ws.binaryType = "arraybuffer";
     ws.onopen = () => {
@@ -327,16 +344,134 @@
       else fail(2, `unknown message kind ${kind}`);
     };
     ws.onclose = (ev) => {
-      releaseAll();
-      if (g.state === "error") return;
-      if (ev.code >= CLOSE_CODE_BASE && ev.code < CLOSE_CODE_BASE + 1000) {
-        fail(ev.code - CLOSE_CODE_BASE, ev.reason);
-      } else {
-        g.state = "closed";
-        showError("Disconnected", "The connection to the host ended. Reload the page to connect again.",
-          `WebSocket closed (${ev.code}) ${ev.reason || ""}`);
-      }
+      const code = ev.code >= CLOSE_CODE_BASE && ev.code < CLOSE_CODE_BASE + 1000 ? ev.code - CLOSE_CODE_BASE : 0;
+      onClosed(code, ev.reason, `WebSocket (${ev.code})`);
     };
+  }
+
+  // Frames on their own streams complete out of order: hold them until their predecessor
+  // was decoded; a held keyframe newer than that wins (docs/protocol.md §4).
+  const heldFrames = new Map(); // sequence -> {buf, key}
+  let gapSince = 0;
+  function pump() {
+    let best = 0;
+    for (const [s, f] of heldFrames) if (f.key && s > best) best = s;
+    if (best > lastSequence + 1) {
+      for (const s of [...heldFrames.keys()]) if (s < best) { heldFrames.delete(s); g.framesDropped++; }
+      lastSequence = best - 1;
+      needKeyframe = true;
+    }
+    if (needKeyframe && !best) {
+      for (const [s, f] of [...heldFrames]) if (!f.key) { heldFrames.delete(s); g.framesDropped++; }
+    }
+    while (heldFrames.has(lastSequence + 1)) {
+      const f = heldFrames.get(lastSequence + 1);
+      heldFrames.delete(lastSequence + 1);
+      onFrame(f.buf);
+    }
+    for (const s of [...heldFrames.keys()]) if (s <= lastSequence) heldFrames.delete(s);
+    if (heldFrames.size === 0) {
+      gapSince = 0;
+    } else if (!gapSince) {
+      gapSince = performance.now();
+    } else if (performance.now() - gapSince > KEYFRAME_REQUEST_INTERVAL_MS) {
+      requestKeyframe();
+    }
+  }
+  setInterval(() => { if (g.transport === "webtransport") pump(); }, 100);
+
+  async function readFrameStream(stream) {
+    const reader = stream.getReader();
+    const parts = [];
+    let len = 0;
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        parts.push(value);
+        len += value.length;
+      }
+    } catch (e) {
+      return; // reset by the server: a keyframe superseded it
+    }
+    const bytes = new Uint8Array(len);
+    let o = 0;
+    for (const p of parts) { bytes.set(p, o); o += p.length; }
+    if (len < FRAME_HEADER_LEN || bytes[0] !== FRAME_TYPE) return fail(2, "bad frame stream");
+    const v = new DataView(bytes.buffer);
+    heldFrames.set(Number(v.getBigUint64(1, true)), { buf: bytes.buffer, key: bytes[17] === 1 });
+    pump();
+  }
+
+  let wt = null;
+  async function connectWebTransport() {
+    const info = await (await fetch("/webtransport", { cache: "no-store" })).json();
+    if (!info.sha256) throw new Error("the host offers no WebTransport");
+    const hash = new Uint8Array(info.sha256.match(/../g).map((h) => parseInt(h, 16)));
+    wt = new WebTransport(`https://${location.host}${info.path}`, {
+      serverCertificateHashes: [{ algorithm: "sha-256", value: hash }],
+    });
+    await Promise.race([
+      wt.ready,
+      new Promise((_, reject) => setTimeout(() => reject(new Error("WebTransport timed out")), 5000)),
+    ]);
+    const control = await wt.createBidirectionalStream();
+    wtWriter = control.writable.getWriter();
+    g.transport = "webtransport";
+    send(hello(Math.min(canvas.width, 65535), Math.min(canvas.height, 65535)));
+    wt.closed.then(
+      (info) => onClosed(info.closeCode || 0, info.reason, "WebTransport"),
+      (e) => onClosed(0, e.message, "WebTransport"),
+    );
+    (async () => {
+      const streams = wt.incomingUnidirectionalStreams.getReader();
+      for (;;) {
+        const { value, done } = await streams.read();
+        if (done) break;
+        readFrameStream(value);
+      }
+    })().catch(() => {});
+    // The control stream: framed messages across chunks, each handed on as [0x00, message].
+    const reader = control.readable.getReader();
+    let pending = new Uint8Array(0);
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      const joined = new Uint8Array(pending.length + value.length);
+      joined.set(pending);
+      joined.set(value, pending.length);
+      let o = 0;
+      while (joined.length - o >= 4) {
+        const n = new DataView(joined.buffer, o).getUint32(0, true);
+        if (n > 1 << 20) return fail(2, "control message too long");
+        if (joined.length - o < 4 + n) break;
+        const m = new Uint8Array(5 + n);
+        m.set(joined.subarray(o, o + 4 + n), 1);
+        onControl(m.buffer);
+        o += 4 + n;
+      }
+      pending = joined.slice(o);
+    }
+  }
+
+  function connect() {
+    fitCanvas();
+    newDecoder();
+    const want = params.get("transport");
+    if (want === "websocket" || (typeof WebTransport === "undefined" && want !== "webtransport")) {
+      return connectWebSocket();
+    }
+    connectWebTransport().catch((e) => {
+      g.notices.push(`WebTransport: ${e.message}`);
+      if (g.state !== "connecting") return;
+      if (want === "webtransport") {
+        return showError("WebTransport failed", "The browser could not reach the host over WebTransport.", e.message);
+      }
+      if (wt) try { wt.close(); } catch (_) { /* already closed */ }
+      wt = null;
+      wtWriter = null;
+      connectWebSocket();
+    });
   }
   setInterval(() => { if (g.state === "open") send(pingMsg()); }, 5000);
 

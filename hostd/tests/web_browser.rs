@@ -50,6 +50,11 @@ struct Host {
 }
 
 async fn host(scene: Scene, w: u32, h: u32, fps: f32) -> Host {
+    // RUST_LOG=hostd=debug shows the server's side of a failing test.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let identity = Identity::generate(&[]).unwrap();
     let tokens = Arc::new(TokenKey::generate().unwrap());
     let server = StreamServer::bind(ServerConfig::default(), &identity, tokens.clone()).unwrap();
@@ -366,16 +371,15 @@ async fn within<F: std::future::Future<Output = ()>>(secs: u64, body: F) {
         .unwrap_or_else(|_| panic!("test took longer than {secs} s"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn page_decodes_300_frames_and_draws_the_source_picture() {
-    if !browser_available() {
-        return;
-    }
+/// Opens a page over `transport`, waits for 300 decoded frames and compares the canvas with
+/// the source frame it shows.
+async fn decodes_300_frames_and_draws_the_source_picture(transport: &str) {
     within(240, async {
         let (w, h, fps) = (320u32, 240u32, 30.0);
         let hx = host(Scene::Windows, w, h, fps).await;
         let browser = Browser::start(&hx.spki).await;
-        let page = browser.open(&hx.link(&hx.token(Rights::VIEW)), w, h).await;
+        let link = format!("{}&transport={transport}", hx.link(&hx.token(Rights::VIEW)));
+        let page = browser.open(&link, w, h).await;
         page.wait_for("window.genos && window.genos.state", 30, "session open", |v| v == "open")
             .await;
         page.wait_for("window.genos.framesDecoded", 150, "300 decoded frames", |v| {
@@ -408,11 +412,26 @@ async fn page_decodes_300_frames_and_draws_the_source_picture() {
         };
         let psnr = encoder::psnr_bgrx(&bgrx, &expected, w, h);
         let errors = page.eval("window.genos.decodeErrors").await;
+        assert_eq!(page.eval("window.genos.transport").await, json!(transport));
         assert!(psnr >= 30.0, "canvas vs source frame {sequence}: {psnr:.1} dB");
         assert_eq!(errors, json!(0), "decoder errors");
-        eprintln!("frame {sequence} on the canvas: {psnr:.1} dB");
+        eprintln!("{transport}: frame {sequence} on the canvas: {psnr:.1} dB");
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_decodes_300_frames_over_webtransport_and_draws_the_source_picture() {
+    if browser_available() {
+        decodes_300_frames_and_draws_the_source_picture("webtransport").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_decodes_300_frames_over_the_websocket_fallback_and_draws_the_source_picture() {
+    if browser_available() {
+        decodes_300_frames_and_draws_the_source_picture("websocket").await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,6 +453,11 @@ async fn typed_keys_and_a_click_arrive_at_the_source_in_order() {
             |v| v.as_u64().unwrap_or(0) >= 1,
         )
         .await;
+        assert_eq!(
+            page.eval("window.genos.transport").await,
+            json!("webtransport"),
+            "WebTransport is chosen where the browser has it"
+        );
         page.key("KeyH", "h").await;
         page.key("KeyI", "i").await;
         page.key("Enter", "Enter").await;

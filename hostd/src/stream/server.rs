@@ -313,6 +313,8 @@ struct Shared {
     next_viewer: AtomicU64,
     /// Where viewers' records go ([`StreamServer::viewer_records`]); none until asked.
     records: Mutex<Option<mpsc::UnboundedSender<ViewerEvent>>>,
+    /// The TLS certificates by ALPN (and the WebTransport certificate's hash).
+    certs: Arc<crate::web::webtransport::CertResolver>,
 }
 
 /// A viewer's record with who and where: what the host's audit chain keeps of a session.
@@ -407,12 +409,18 @@ fn transport_config(cfg: &ServerConfig) -> quinn::TransportConfig {
         quinn::IdleTimeout::try_from(cfg.idle_timeout).unwrap_or(VarInt::from_u32(30_000).into()),
     ));
     // Clients open exactly one bidirectional control stream and no unidirectional ones.
+    // HTTP/3 clients (WebTransport) refuse a server that offers fewer than 3 unidirectional
+    // streams at the start (control and QPACK streams), so 3 are offered to every client;
+    // native connections are given no more after the handshake, and nothing reads any
+    // stream a native client opens (its bytes count against the small receive window).
     t.max_concurrent_bidi_streams(1u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
+    t.max_concurrent_uni_streams(3u32.into());
     // Until the token is accepted a peer may have only a Hello's worth of data in flight
     // (raised per connection after admission).
     t.receive_window(PRE_AUTH_RECEIVE_WINDOW.into());
-    t.datagram_receive_buffer_size(None);
+    // The protocol sends no datagrams, but HTTP/3 (WebTransport) peers require the QUIC
+    // datagram extension to be offered; a few received are kept and never read.
+    t.datagram_receive_buffer_size(Some(16 * 1024));
     // BBR models bandwidth and RTT instead of reading every loss as congestion: random loss
     // (Wi-Fi, mobile) would otherwise collapse Cubic's window and with it the video bitrate.
     t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
@@ -427,16 +435,32 @@ impl StreamServer {
         tokens: Arc<TokenKey>,
     ) -> Result<Self, StreamError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // Native viewers get the identity their links pin; browsers' WebTransport (ALPN h3)
+        // a short-lived certificate ([`crate::web::webtransport`]).
+        let certs = Arc::new(
+            crate::web::webtransport::CertResolver::new(identity)
+                .map_err(|e| StreamError::QuicTls(crate::error_chain(&e)))?,
+        );
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
-            .with_single_cert(vec![identity.cert.clone()], identity.private_key())?;
-        tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+            .with_cert_resolver(certs.clone());
+        tls.alpn_protocols = vec![
+            wire::ALPN.to_vec(),
+            crate::web::webtransport::ALPN_H3.to_vec(),
+        ];
         tls.max_early_data_size = 0;
         let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| StreamError::QuicTls(e.to_string()))?;
         let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
         server_cfg.transport_config(Arc::new(transport_config(&cfg)));
+        // Addresses are proven by Retry only, never by NEW_TOKEN tokens from an earlier
+        // connection (quinn's `bloom` feature, which a dependency enables, would issue two per
+        // connection: every client of a shared configuration would then count as proven and
+        // skip the Retry that keeps floods out of the pending slots).
+        let mut validation = quinn::ValidationTokenConfig::default();
+        validation.sent(0);
+        server_cfg.validation_token_config(validation);
         let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen).map_err(|source| {
             StreamError::Bind {
                 addr: cfg.listen,
@@ -463,6 +487,7 @@ impl StreamServer {
             parked: Mutex::new(ParkedSessions::new(resume_grace)),
             next_viewer: AtomicU64::new(1),
             records: Mutex::new(None),
+            certs,
         });
         tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         Ok(Self {
@@ -952,6 +977,14 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, mut guard: Sl
         );
         return;
     }
+    if crate::web::webtransport::is_h3(&conn) {
+        let viewers = MessageViewers {
+            shared: shared.clone(),
+        };
+        let deadline = shared.cfg.hello_timeout;
+        return crate::web::webtransport::serve(viewers, MessageSlot(guard), conn, deadline).await;
+    }
+    conn.set_max_concurrent_uni_streams(0u32.into());
     serve_connection(shared, conn, guard).await;
 }
 
@@ -1495,6 +1528,12 @@ impl StreamServer {
 }
 
 impl MessageViewers {
+    /// SHA-256 (hex) of the certificate WebTransport clients get now (what a page passes as
+    /// `serverCertificateHashes`).
+    pub fn webtransport_cert_sha256(&self) -> Option<String> {
+        self.shared.certs.webtransport_sha256()
+    }
+
     /// Takes an admission slot for a connection from `ip` whose address is proven (a
     /// completed TCP handshake): it counts as pending until its Hello is accepted.
     pub fn admit(&self, ip: std::net::IpAddr) -> Result<MessageSlot, NotAdmitted> {

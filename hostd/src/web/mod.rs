@@ -5,6 +5,9 @@
 //! viewers. Links are `https://HOST:PORT/#env=ENV&token=TOKEN` ([`web_url`]); the token is in
 //! the fragment, which browsers never send to the server.
 //!
+//! Browsers with WebTransport connect over HTTP/3 to the same port's UDP side instead
+//! ([`webtransport`]; `GET /webtransport` tells the page the certificate hash to pin).
+//!
 //! WebSocket framing (docs/web-client.md): client → server binary messages carry
 //! control-stream bytes (framed as in docs/protocol.md); server → client binary messages are
 //! either `0x00` + one framed control message, or one video frame (its 27-byte header, whose
@@ -13,6 +16,7 @@
 pub mod assets;
 #[cfg(test)]
 mod keymap;
+pub mod webtransport;
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
@@ -436,6 +440,15 @@ async fn serve_tcp(
         return upgrade(tls, remote, fd, req, rest, viewers).await;
     }
     let r = match assets::get(path) {
+        _ if path == "/webtransport" => {
+            // The hash the page pins its WebTransport connection to (the certificate rotates,
+            // so it is asked for here, over this already-trusted origin, not put in links).
+            let body = match viewers.webtransport_cert_sha256() {
+                Some(h) => format!("{{\"path\":\"{}\",\"sha256\":\"{h}\"}}", webtransport::PATH),
+                None => "{}".to_owned(),
+            };
+            response("200 OK", "application/json", body.as_bytes(), head_only)
+        }
         Some(a) => response("200 OK", a.content_type, a.body, head_only),
         None => response("404 Not Found", "text/plain", b"not found\n", head_only),
     };
