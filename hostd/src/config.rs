@@ -46,6 +46,8 @@ pub enum ConfigError {
     EncoderThreads(u16),
     #[error("[stream] tls_cert and tls_key go together: set both or neither")]
     TlsPair,
+    #[error("[metrics] listen must be \"\" (off) or an address like 127.0.0.1:9100, not {0:?}")]
+    MetricsListen(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +67,36 @@ pub struct Config {
     pub stream: StreamConfig,
     pub composer: Defaults,
     pub llm: crate::llm::LlmConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus text of the admin socket's `/metrics`, also over plain HTTP
+/// on a TCP address (`hostd::orchestrator::serve_metrics`). Off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the listener (`"127.0.0.1:9100"`); `""`: none.
+    #[serde(default)]
+    pub listen: MetricsListen,
+}
+
+/// `[metrics] listen`: an address, or `""` for no listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct MetricsListen(pub Option<std::net::SocketAddr>);
+
+impl TryFrom<String> for MetricsListen {
+    type Error = ConfigError;
+    fn try_from(s: String) -> Result<Self, ConfigError> {
+        if s.trim().is_empty() {
+            return Ok(Self(None));
+        }
+        s.trim()
+            .parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|_| ConfigError::MetricsListen(s))
+    }
 }
 
 /// Where viewers connect (QUIC) to see environments' screens.
@@ -404,6 +436,23 @@ pub fn admin_socket_path(flag: Option<&Path>) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_listener_is_off_by_default_and_takes_an_address() {
+        assert_eq!(Config::embedded().metrics.listen, MetricsListen(None));
+
+        let on = Config::from_toml("[metrics]\nlisten = \"127.0.0.1:9100\"\n").unwrap();
+        let bad = Config::from_toml("[metrics]\nlisten = \"localhost\"\n").unwrap_err();
+
+        assert_eq!(
+            on.metrics.listen,
+            MetricsListen(Some(([127, 0, 0, 1], 9100).into()))
+        );
+        assert!(
+            bad.to_string().contains("[metrics] listen must be"),
+            "{bad}"
+        );
+    }
 
     #[test]
     fn a_bases_mirror_and_keys_are_passed_to_genos_image() {

@@ -122,6 +122,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let socket = state_dir.join("admin.sock");
     let policy = AccessPolicy::new(&cfg.admin.group);
     let stream_cfg = cfg.stream.clone();
+    let metrics_listen = cfg.metrics.listen.0;
     let orch = Orchestrator::new(cfg, &state_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -160,6 +161,19 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             orch.set_stream_server(std::sync::Arc::new(server))?;
         }
         orch.start().await?;
+        // `[metrics] listen`: the admin socket's /metrics also on plain HTTP over TCP.
+        if let Some(addr) = metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("[metrics] listen {addr}: {e}"))
+            })?;
+            let addr = listener.local_addr()?;
+            tracing::info!(listen = %addr, "metrics listener ready");
+            tokio::spawn(hostd::orchestrator::serve_metrics(
+                orch.clone(),
+                listener,
+                hostd::orchestrator::ListenerLimits::default(),
+            ));
+        }
         tracing::info!(socket = %socket.display(), "genos-hostd ready");
         // The listener is bound: connections made from now on are served.
         notify::send("READY=1");

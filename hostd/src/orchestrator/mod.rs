@@ -50,6 +50,7 @@ pub use audit::{audit_text, AUDIT_TEXT_MAX};
 pub use capacity::{AdmissionError, Capacity};
 pub use error::OrchError;
 pub use guest::{EXEC_OUTPUT_LIMIT, MAX_COPY_SIZE, MAX_EXEC_TIMEOUT};
+pub use metrics::{serve_metrics, ListenerLimits};
 pub use supervise::{describe_exit, describe_jailed_exit, pid_alive};
 
 use crate::composer::{Clarify, Composer};
