@@ -704,3 +704,35 @@ async fn serve_demo_prints_a_browser_link_second_that_opens_the_stream() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_only_link_shows_the_stream_and_sends_no_input() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let page = browser
+            .open(&hx.link(&hx.token(Rights::VIEW)), 320, 240)
+            .await;
+        page.wait_for(
+            "window.genos && window.genos.framesDecoded",
+            30,
+            "first frame",
+            |v| v.as_u64().unwrap_or(0) >= 1,
+        )
+        .await;
+        page.key("KeyA", "a").await;
+        page.mouse("mouseMoved", 10, 10).await;
+        page.mouse("mousePressed", 10, 10).await;
+        page.mouse("mouseReleased", 10, 10).await;
+        // Input the page would send goes out before a Ping does: one round trip is enough.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(page.eval("window.genos.inputSent").await, json!(0));
+        assert_eq!(page.eval("window.genos.state").await, json!("open"));
+        assert!(hx.input.events().is_empty(), "{:?}", hx.input.events());
+        assert_eq!(hx.server.env_stats(&hx.env.name).unwrap().input_refused, 0);
+    })
+    .await;
+}
