@@ -90,8 +90,9 @@ impl Drop for Mapping {
     }
 }
 
-/// Creates a memfd of `len` bytes sealed against shrinking, growing and further sealing, so
-/// a reader's mapping can never be cut short under it.
+/// Creates a memfd of `len` bytes sealed against shrinking and growing, so a reader's
+/// mapping can never be cut short under it. [`seal_writes`] finishes it once the writer
+/// has its own mapping.
 pub(crate) fn sealed_memfd(name: &str, len: usize) -> io::Result<File> {
     let cname = std::ffi::CString::new(name).map_err(io::Error::other)?;
     // SAFETY: `cname` is a valid NUL-terminated string; the returned fd is checked.
@@ -103,12 +104,25 @@ pub(crate) fn sealed_memfd(name: &str, len: usize) -> io::Result<File> {
     // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(len as u64)?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    add_seals(&file, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)?;
+    Ok(file)
+}
+
+/// Seals `file` against every new way of writing it (`write(2)`, writable mappings) and
+/// against further sealing: mappings that exist keep working, so the writer that mapped it
+/// first writes on, and a descriptor handed to a reader can only be mapped read-only. (It
+/// replaces reopening the memfd read-only through `/proc/self/fd`, which a jailed VMM does
+/// not have.)
+pub(crate) fn seal_writes(file: &File) -> io::Result<()> {
+    add_seals(file, libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL)
+}
+
+fn add_seals(file: &File, seals: i32) -> io::Result<()> {
     // SAFETY: F_ADD_SEALS on a valid fd with an int argument.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(file)
+    Ok(())
 }
 
 /// The seals on `fd`.
@@ -119,12 +133,6 @@ pub(crate) fn seals(fd: BorrowedFd<'_>) -> io::Result<i32> {
         return Err(io::Error::last_os_error());
     }
     Ok(seals)
-}
-
-/// Opens a second, read-only file description of `file` (through `/proc/self/fd`), so the
-/// receiving process cannot map it writable.
-pub(crate) fn reopen_read_only(file: &File) -> io::Result<File> {
-    File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 /// Releases the memory backing `[offset, offset + len)` of `file` (reads then return zeros).
@@ -214,3 +222,4 @@ pub(crate) fn wait_readable(fd: &impl AsFd, deadline: Instant) -> io::Result<boo
         return Ok(true);
     }
 }
+

@@ -218,7 +218,9 @@ impl FramebufferWriter {
         let total = layout::POOL_OFFSET + pool_size;
         let file = shm::sealed_memfd("genos-framebuffer", total).map_err(WriterError::Setup)?;
         let map = Mapping::new(file.as_fd(), total, true).map_err(WriterError::Setup)?;
-        let read_only = shm::reopen_read_only(&file).map_err(WriterError::Setup)?;
+        // From here on only this mapping writes; what readers get maps read-only.
+        shm::seal_writes(&file).map_err(WriterError::Setup)?;
+        let read_only = file.try_clone().map_err(WriterError::Setup)?;
         let writer = Self {
             file,
             read_only: Arc::new(read_only),
@@ -272,7 +274,9 @@ impl FramebufferWriter {
             // Disabling cannot fail: only an enabled target is validated.
             let _ = self.set_scanout(None);
         }
-        // Best effort: if the hole cannot be punched the pages merely stay allocated.
+        // The write seal readers rely on (`shm::seal_writes`) makes the kernel refuse hole
+        // punching, so a freed buffer's pages stay allocated until the pool hands the range
+        // out again: a VM's framebuffer costs at most its pool's size.
         let _ = shm::punch_hole(&self.file, buf.offset, buf.len);
         self.pool.release(buf);
     }

@@ -271,6 +271,38 @@ fn reader_descriptor_cannot_write_the_framebuffer() {
     let fds = writer.share().reader_fds().unwrap();
     let mut file = std::fs::File::from(fds.memfd);
     assert!(file.write_all(b"x").is_err());
+    // Nor can it be mapped writable, nor a read-only mapping made writable.
+    let len = 1 << 12;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: a fresh mapping of a valid fd; checked against MAP_FAILED and unmapped below.
+    let writable = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    assert_eq!(writable, libc::MAP_FAILED, "mapped writable");
+    // SAFETY: as above, read-only.
+    let read_only = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(read_only, libc::MAP_FAILED);
+    // SAFETY: `read_only` is the mapping made above, of `len` bytes.
+    let upgraded = unsafe { libc::mprotect(read_only, len, libc::PROT_READ | libc::PROT_WRITE) };
+    assert_ne!(upgraded, 0, "a read-only mapping was made writable");
+    // SAFETY: unmapping the mapping made above.
+    unsafe { libc::munmap(read_only, len) };
 }
 
 #[test]

@@ -170,6 +170,26 @@ async fn jailed_vmm_runs_as_its_slot_uid_in_its_own_namespaces_and_stop_cleans_u
     o.destroy("jail-life", "test").await.unwrap();
 }
 
+/// A desktop's VMM has a virtio-gpu device, whose shared framebuffer is set up inside the
+/// jail, where there is no /proc: the environment boots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jailed_desktop_vmm_sets_up_its_framebuffer_and_boots() {
+    let Some((_dir, o)) = jailed(&[]).await else {
+        return;
+    };
+    let mut spec = common::headless_spec("jail-desk", true);
+    spec.desktop = "xfce".into();
+
+    o.create(spec, "test").unwrap();
+    let env = common::wait_state(&o, "jail-desk", EnvState::Ready, 60).await;
+
+    // Before the fix the VMM exited creating the device ("cannot set up the shared
+    // framebuffer"), so the environment failed instead.
+    assert_eq!(env.state, EnvState::Ready, "{:?}", env.reason);
+    assert!(pid_alive(env.vmm_pid.expect("pid recorded")));
+    o.destroy("jail-desk", "test").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jailed_vmm_killed_from_outside_fails_only_its_environment() {
     let Some((_dir, o)) = jailed(&[]).await else {
