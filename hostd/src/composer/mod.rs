@@ -1141,6 +1141,9 @@ impl Composer {
             if provides.contains(a) {
                 st.assumptions
                     .push(format!("{a} comes with the {desktop} desktop"));
+            } else if let Some(why) = self.packaged_nowhere(&base, a) {
+                st.assumptions
+                    .push(format!("without {a}, which {base} cannot install: {why}"));
             } else {
                 apps.push(a.clone());
             }
@@ -1264,6 +1267,22 @@ impl Composer {
             ));
         }
         Ok(spec)
+    }
+
+    /// Why `app` installs nothing on `base`, when no distribution packages it (the catalog's
+    /// empty default with a note, e.g. VS Code): the catalog accepts it on every base, so
+    /// it is left out here and said so. An app the base's own entry refuses (chromium on
+    /// Ubuntu) is not this: that becomes a question offering the bases that have it.
+    fn packaged_nowhere(&self, base: &str, app: &str) -> Option<String> {
+        let entry = self.catalog.apps.get(app)?;
+        let family = &self.catalog.bases.get(base)?.family;
+        let own = entry.on.contains_key(base) || entry.on.contains_key(family);
+        (!own && entry.packages.is_empty()).then(|| {
+            entry
+                .note
+                .clone()
+                .unwrap_or_else(|| "the catalog has no package for it".into())
+        })
     }
 
     /// "chromium on ubuntu": the app (or desktop) is not packaged for the base; offer the
@@ -1630,6 +1649,28 @@ mod tests {
                 .contains(&"ubuntu-24.04 xfce without chromium".to_string()),
             "{q:?}"
         );
+    }
+
+    #[test]
+    fn an_app_no_base_can_install_is_left_out_and_said_so() {
+        let s = spec("xfce with firefox and vscode");
+
+        assert_eq!(s.apps, ["firefox"]);
+        let said: Vec<&String> = s
+            .assumptions
+            .iter()
+            .filter(|a| a.starts_with("without vscode, which debian-12 cannot install"))
+            .collect();
+        assert_eq!(said.len(), 1, "{:?}", s.assumptions);
+        assert!(said[0].contains("Debian does not package VS Code"), "{said:?}");
+    }
+
+    #[test]
+    fn an_app_another_base_has_is_still_a_question() {
+        let q = question("ubuntu xfce with firefox and chromium");
+
+        assert!(q.question.contains("chromium"), "{q:?}");
+        assert!(q.options.iter().any(|o| o.contains("chromium on ")), "{q:?}");
     }
 
     #[test]
