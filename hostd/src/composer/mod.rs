@@ -1662,7 +1662,10 @@ mod tests {
             .filter(|a| a.starts_with("without vscode, which debian-12 cannot install"))
             .collect();
         assert_eq!(said.len(), 1, "{:?}", s.assumptions);
-        assert!(said[0].contains("Debian does not package VS Code"), "{said:?}");
+        assert!(
+            said[0].contains("Debian does not package VS Code"),
+            "{said:?}"
+        );
     }
 
     #[test]
@@ -1670,7 +1673,10 @@ mod tests {
         let q = question("ubuntu xfce with firefox and chromium");
 
         assert!(q.question.contains("chromium"), "{q:?}");
-        assert!(q.options.iter().any(|o| o.contains("chromium on ")), "{q:?}");
+        assert!(
+            q.options.iter().any(|o| o.contains("chromium on ")),
+            "{q:?}"
+        );
     }
 
     #[test]
