@@ -41,6 +41,7 @@
     decodeErrors: 0,
     keyframeRequests: 0,
     inputSent: 0,
+    resizeRequests: 0,
     codec: null,
     transport: null,
     width: 0,
@@ -139,6 +140,8 @@
     message(0x12, 2, (v, o) => { v.setUint8(o, button); v.setUint8(o + 1, pressed ? 1 : 0); });
   const wheelMsg = (dx, dy) =>
     message(0x13, 4, (v, o) => { v.setInt16(o, dx, true); v.setInt16(o + 2, dy, true); });
+  const resizeMsg = (w, h) =>
+    message(0x09, 4, (v, o) => { v.setUint16(o, w, true); v.setUint16(o + 2, h, true); });
   const pingMsg = () =>
     message(0x0b, 8, (v, o) => { v.setBigUint64(o, BigInt(Date.now()) * 1000n, true); });
 
@@ -150,6 +153,30 @@
     g.keyframeRequests++;
     send(message(0x02, 0));
   }
+
+  // --- resize: the guest display follows the viewport (docs/protocol.md §11) ---------------
+  let resizeTimer = 0;
+  let resizeAsked = null; // "WxH" last requested
+  let resizeStopped = false; // refused for this session
+  function scheduleResize() {
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(sendResize, 300); // wait until the size holds still
+  }
+  function sendResize() {
+    if (resizeStopped || !canInput()) return;
+    fitCanvas();
+    let w = canvas.width & ~1;
+    let h = canvas.height & ~1;
+    const clamp = (n, lo, hi) => Math.min(Math.max(n, lo), hi);
+    if (w >= h) { w = clamp(w, 64, 3840); h = clamp(h, 64, 2160); }
+    else { w = clamp(w, 64, 2160); h = clamp(h, 64, 3840); }
+    const want = `${w}x${h}`;
+    if (want === `${g.width}x${g.height}` || want === resizeAsked) return;
+    resizeAsked = want;
+    g.resizeRequests++;
+    send(resizeMsg(w, h));
+  }
+  window.addEventListener("resize", scheduleResize);
 
   // --- drawing -------------------------------------------------------------------------------
   // Where the picture sits on the canvas (device pixels), letterboxed with square pixels.
@@ -287,6 +314,7 @@
         g.state = "open";
         statusEl.hidden = true;
         canvas.focus();
+        scheduleResize();
         break;
       }
       case 0x82: // Config: a new size comes with the next keyframe
@@ -299,6 +327,7 @@
         const text = dec.decode(new Uint8Array(buf, 1 + o + 4, len));
         if (NON_FATAL.has(code)) {
           g.notices.push(`${ERRORS[code]}: ${text}`);
+          if (code === 8 && text.startsWith("resize")) resizeStopped = true;
           if (code === 14) {
             bannerEl.textContent = "This link expired: input is no longer accepted and the video ends soon.";
             bannerEl.hidden = false;

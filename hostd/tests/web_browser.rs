@@ -736,3 +736,78 @@ async fn a_view_only_link_shows_the_stream_and_sends_no_input() {
     })
     .await;
 }
+
+/// An environment input that records display-size requests (and takes every other event).
+#[derive(Default)]
+struct ResizeSink {
+    asked: Mutex<Vec<(u32, u32)>>,
+}
+
+impl hostd::stream::InputSink for ResizeSink {
+    fn inject(&self, _events: &[InputEvent]) -> Result<(), hostd::stream::source::InputError> {
+        Ok(())
+    }
+    fn request_resize(
+        &self,
+        width: u32,
+        height: u32,
+    ) -> Result<(), hostd::stream::source::InputError> {
+        self.asked.lock().unwrap().push((width, height));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewport_change_asks_the_environment_for_that_size_once() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        // A second environment of this server whose input records resizes.
+        let sink = Arc::new(ResizeSink::default());
+        let env = EnvRef::new("sized", 8);
+        let src = hostd::stream::EnvironmentSource {
+            frames: Box::new(SyntheticSource::new(Scene::Still, 320, 240, 10.0)),
+            input: sink.clone(),
+        };
+        hx.server.add_environment(&env, src, 10.0).unwrap();
+        let token = hx
+            .tokens
+            .issue(&env, Rights::VIEW | Rights::INPUT, HOUR)
+            .unwrap();
+        let addr = hx.web.local_addr();
+        let link = web::web_url(&addr.ip().to_string(), addr.port(), &env.name, &token);
+        let browser = Browser::start(&hx.spki).await;
+        let page = browser.open(&link, 320, 240).await;
+        page.wait_for(
+            "window.genos && window.genos.framesDecoded",
+            30,
+            "first frame",
+            |v| v.as_u64().unwrap_or(0) >= 1,
+        )
+        .await;
+        // The viewport matches the stream: nothing is asked.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(sink.asked.lock().unwrap().is_empty());
+
+        // Act: the viewport changes twice within the debounce, to 401 x 301 CSS pixels at
+        // device pixel ratio 2.
+        for (w, h) in [(360, 280), (401, 301)] {
+            page.call(
+                "Emulation.setDeviceMetricsOverride",
+                json!({"width": w, "height": h, "deviceScaleFactor": 2, "mobile": false}),
+            )
+            .await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sink.asked.lock().unwrap().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+
+        // Assert: one request, in physical pixels, each side even.
+        assert_eq!(*sink.asked.lock().unwrap(), vec![(802, 602)]);
+    })
+    .await;
+}
