@@ -533,12 +533,40 @@
   }
   // DOM button numbers -> protocol buttons (1 left, 2 middle, 3 right, 4 back, 5 forward).
   const BUTTONS = { 0: 1, 1: 2, 2: 3, 3: 4, 4: 5 };
+  // Touch goes to the guest's touchscreen as contacts (slots 0..9), mouse and pen as the
+  // absolute pointer with buttons.
+  const touchMsg = (id, phase, x, y) =>
+    message(0x14, 6, (v, o) => {
+      v.setUint8(o, id);
+      v.setUint8(o + 1, phase);
+      v.setUint16(o + 2, x, true);
+      v.setUint16(o + 4, y, true);
+    });
+  const TOUCH_START = 0, TOUCH_MOVE = 1, TOUCH_END = 2, TOUCH_CANCEL = 3;
+  const touchSlots = new Map(); // pointerId -> slot
+  function touch(e, phase) {
+    e.preventDefault();
+    let slot = touchSlots.get(e.pointerId);
+    if (phase === TOUCH_START) {
+      if (slot !== undefined) return;
+      for (slot = 0; slot < 10 && [...touchSlots.values()].includes(slot); slot++);
+      if (slot === 10) return; // more fingers than the touchscreen has slots
+      touchSlots.set(e.pointerId, slot);
+      canvas.setPointerCapture(e.pointerId);
+    } else if (slot === undefined) {
+      return;
+    }
+    if (phase === TOUCH_END || phase === TOUCH_CANCEL) touchSlots.delete(e.pointerId);
+    const [x, y] = streamPoint(e);
+    sendInput(touchMsg(slot, phase, x, y));
+  }
   canvas.addEventListener("pointermove", (e) => {
-    if (e.pointerType === "touch") return;
+    if (e.pointerType === "touch") return touch(e, TOUCH_MOVE);
     const [x, y] = streamPoint(e);
     sendInput(moveMsg(x, y));
   });
   canvas.addEventListener("pointerdown", (e) => {
+    if (e.pointerType === "touch") return touch(e, TOUCH_START);
     const b = BUTTONS[e.button];
     if (b === undefined) return;
     e.preventDefault();
@@ -549,10 +577,14 @@
     sendInput(buttonMsg(b, true));
   });
   canvas.addEventListener("pointerup", (e) => {
+    if (e.pointerType === "touch") return touch(e, TOUCH_END);
     const b = BUTTONS[e.button];
     if (b === undefined) return;
     e.preventDefault();
     sendInput(buttonMsg(b, false));
+  });
+  canvas.addEventListener("pointercancel", (e) => {
+    if (e.pointerType === "touch") touch(e, TOUCH_CANCEL);
   });
   canvas.addEventListener("contextmenu", (e) => e.preventDefault());
   canvas.addEventListener("wheel", (e) => {

@@ -811,3 +811,103 @@ async fn a_viewport_change_asks_the_environment_for_that_size_once() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_finger_touches_reach_the_touchscreen_as_contacts_in_order() {
+    use proto::stream::TouchPhase;
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let page = browser
+            .open(&hx.link(&hx.token(Rights::VIEW | Rights::INPUT)), 320, 240)
+            .await;
+        page.call(
+            "Emulation.setTouchEmulationEnabled",
+            json!({"enabled": true, "maxTouchPoints": 5}),
+        )
+        .await;
+        page.wait_for("window.genos && window.genos.framesDecoded", 30, "first frame", |v| {
+            v.as_u64().unwrap_or(0) >= 1
+        })
+        .await;
+
+        // Act: two fingers down, both move, both lift.
+        let points = |a: (u32, u32), b: (u32, u32)| {
+            json!([{"x": a.0, "y": a.1, "id": 0}, {"x": b.0, "y": b.1, "id": 1}])
+        };
+        for (kind, touch_points) in [
+            ("touchStart", points((50, 60), (200, 100))),
+            ("touchMove", points((60, 70), (210, 120))),
+            ("touchEnd", json!([])),
+        ] {
+            page.call(
+                "Input.dispatchTouchEvent",
+                json!({"type": kind, "touchPoints": touch_points}),
+            )
+            .await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let touches = loop {
+            let t: Vec<_> = hx
+                .input
+                .events()
+                .into_iter()
+                .filter(|e| matches!(e, InputEvent::Touch { .. }))
+                .collect();
+            let ended = t
+                .iter()
+                .filter(|e| matches!(e, InputEvent::Touch { phase: TouchPhase::End, .. }))
+                .count();
+            if ended == 2 || Instant::now() > deadline {
+                break t;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+
+        // Assert: each finger is one contact: started where it touched, moved, ended there
+        // (within one touch frame the browser orders the fingers as it likes).
+        let touch = |id, phase, x, y| InputEvent::Touch { id, phase, x, y };
+        let frame = |events: &[InputEvent]| {
+            let mut v = events.to_vec();
+            v.sort_by_key(|e| match e {
+                InputEvent::Touch { id, .. } => *id,
+                _ => u8::MAX,
+            });
+            v
+        };
+        assert_eq!(touches.len(), 6, "{touches:?}");
+        assert_eq!(
+            touches[..2],
+            [
+                touch(0, TouchPhase::Start, 50, 60),
+                touch(1, TouchPhase::Start, 200, 100)
+            ]
+        );
+        assert_eq!(
+            frame(&touches[2..4]),
+            [
+                touch(0, TouchPhase::Move, 60, 70),
+                touch(1, TouchPhase::Move, 210, 120)
+            ]
+        );
+        assert_eq!(
+            frame(&touches[4..]),
+            [
+                touch(0, TouchPhase::End, 60, 70),
+                touch(1, TouchPhase::End, 210, 120)
+            ]
+        );
+        assert!(
+            !hx.input
+                .events()
+                .iter()
+                .any(|e| matches!(e, InputEvent::PointerButton { .. })),
+            "a touch is no mouse click: {:?}",
+            hx.input.events()
+        );
+    })
+    .await;
+}
