@@ -49,6 +49,7 @@
     rights: 0,
     error: null,
     notices: [],
+    cursor: null,
   });
 
   const canvas = document.getElementById("screen");
@@ -339,9 +340,46 @@
         }
         break;
       }
-      default: // Cursor, Clipboard, Stats, Pong: not used by this page yet
+      case 0x83: // Cursor
+        onCursor(v, o);
+        break;
+      default: // Clipboard, Stats, Pong: not used by this page yet
         break;
     }
+  }
+
+  // --- the guest's pointer --------------------------------------------------------------------
+  // Shown as the page's own CSS cursor (its image and hotspot): it moves without the round
+  // trip, and has the guest's shape (I-beam, hand, resize arrows...).
+  function onCursor(v, o) {
+    const c = g.cursor || (g.cursor = { x: 0, y: 0, visible: false, width: 0, height: 0, hotX: 0, hotY: 0 });
+    c.x = v.getUint16(o, true);
+    c.y = v.getUint16(o + 2, true);
+    c.visible = v.getUint8(o + 4) === 1;
+    if (v.getUint8(o + 5) === 1) {
+      c.hotX = v.getUint16(o + 6, true);
+      c.hotY = v.getUint16(o + 8, true);
+      c.width = v.getUint16(o + 10, true);
+      c.height = v.getUint16(o + 12, true);
+      const n = c.width * c.height;
+      if (v.byteLength < o + 14 + n * 4) return fail(2, "short cursor image");
+      const img = new ImageData(Math.max(c.width, 1), Math.max(c.height, 1));
+      for (let i = 0; i < n; i++) { // BGRA -> RGBA
+        const p = o + 14 + i * 4;
+        img.data[i * 4] = v.getUint8(p + 2);
+        img.data[i * 4 + 1] = v.getUint8(p + 1);
+        img.data[i * 4 + 2] = v.getUint8(p);
+        img.data[i * 4 + 3] = v.getUint8(p + 3);
+      }
+      const tmp = document.createElement("canvas");
+      tmp.width = img.width;
+      tmp.height = img.height;
+      tmp.getContext("2d").putImageData(img, 0, 0);
+      c.url = tmp.toDataURL("image/png");
+    }
+    // Browsers ignore cursor images above 128 pixels: the default arrow then.
+    const usable = c.url && c.width <= 128 && c.height <= 128;
+    canvas.style.cursor = !c.visible ? "none" : usable ? `url(${c.url}) ${c.hotX} ${c.hotY}, default` : "default";
   }
 
   // --- connection ----------------------------------------------------------------------------

@@ -911,3 +911,54 @@ async fn two_finger_touches_reach_the_touchscreen_as_contacts_in_order() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guest_pointer_becomes_the_page_cursor_with_its_shape_and_position() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let (w, h) = (320u32, 240u32);
+        let hx = host(Scene::Still, w, h, 10.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let page = browser.open(&hx.link(&hx.token(Rights::VIEW)), w, h).await;
+        let cursor = page
+            .wait_for("window.genos && window.genos.cursor", 30, "a cursor", |v| {
+                v["url"].is_string()
+            })
+            .await;
+        let style = page
+            .eval("document.getElementById('screen').style.cursor")
+            .await;
+
+        let arrow = scenes::arrow_cursor();
+        let mut replica = SyntheticSource::new(Scene::Still, w, h, 10.0);
+        replica.advance();
+        let (px, py) = replica.pointer();
+        assert_eq!(
+            (
+                cursor["width"].as_u64(),
+                cursor["height"].as_u64(),
+                cursor["hotX"].as_u64(),
+                cursor["hotY"].as_u64()
+            ),
+            (
+                Some(arrow.width.into()),
+                Some(arrow.height.into()),
+                Some(arrow.hot_x.into()),
+                Some(arrow.hot_y.into())
+            )
+        );
+        assert_eq!(
+            (cursor["x"].as_i64(), cursor["y"].as_i64()),
+            (Some(px.into()), Some(py.into()))
+        );
+        assert_eq!(cursor["visible"], json!(true));
+        let style = style.as_str().unwrap_or_default();
+        assert!(
+            style.starts_with("url(\"data:image/png;base64,") && style.ends_with(") 0 0, default"),
+            "{style}"
+        );
+    })
+    .await;
+}
