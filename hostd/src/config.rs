@@ -233,6 +233,9 @@ pub struct VmmConfig {
     pub binary: String,
     pub api_timeout_s: u64,
     pub boot_timeout_s: u64,
+    /// Seconds a desktop's session has to start once its system is up (within
+    /// `boot_timeout_s` as a whole).
+    pub session_timeout_s: u64,
     pub cmdline: String,
     /// `auto`, `host` or `baseline` (vmm_api::CpuTemplate); `auto` is resolved per VM from
     /// the host's KVM (orchestrator::vm_config).

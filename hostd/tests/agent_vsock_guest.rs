@@ -291,6 +291,7 @@ async fn test_image_orchestrator(
     vmm: &Path,
     kernel: &Path,
     initramfs: &Path,
+    adjust: impl FnOnce(String) -> String,
 ) -> hostd::orchestrator::Orchestrator {
     let toml = common::config_toml(vmm, kernel, 4, 4096)
         .replace(
@@ -306,7 +307,7 @@ async fn test_image_orchestrator(
             "boot_timeout_s = 120",
             &format!("boot_timeout_s = {}", BOOT_LIMIT.as_secs()),
         );
-    let o = common::orchestrator(dir, &toml);
+    let o = common::orchestrator(dir, &adjust(toml));
     o.start().await.unwrap();
     o
 }
@@ -327,7 +328,7 @@ async fn an_environment_is_ready_through_its_agent_and_runs_commands_in_its_gues
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let o = test_image_orchestrator(dir.path(), &vmm, &kernel, &initramfs).await;
+    let o = test_image_orchestrator(dir.path(), &vmm, &kernel, &initramfs, |t| t).await;
     let started = Instant::now();
 
     o.create(common::headless_spec("guest", true), "test")
@@ -486,6 +487,50 @@ async fn an_environment_is_ready_through_its_agent_and_runs_commands_in_its_gues
     }
 }
 
+/// A desktop is ready only when its agent reports the session: the test guest's agent (PID
+/// 1 of an initramfs, no display server) reaches `system` only, so a graphical environment
+/// fails once `session_timeout_s` passed after that, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desktop_whose_session_never_starts_fails_saying_so() {
+    const SESSION_TEST: &str = "a_desktop_whose_session_never_starts";
+    let Some((kernel, initramfs)) = test_images() else {
+        return;
+    };
+    if !common::kvm_available(SESSION_TEST) {
+        return;
+    }
+    let Some(vmm) = common::vmm_bin(SESSION_TEST) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let o = test_image_orchestrator(dir.path(), &vmm, &kernel, &initramfs, |toml| {
+        toml.replace("[vmm]\n", "[vmm]\nsession_timeout_s = 5\n")
+    })
+    .await;
+    let mut spec = common::headless_spec("desk", true);
+    spec.desktop = "xfce".into();
+    let started = Instant::now();
+
+    o.create(spec, "test").unwrap();
+    let failed = common::wait_state(
+        &o,
+        "desk",
+        hostd::store::EnvState::Failed,
+        BOOT_LIMIT.as_secs(),
+    )
+    .await;
+    eprintln!(
+        "{SESSION_TEST}: failed {:.1} s after create",
+        started.elapsed().as_secs_f64()
+    );
+
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some("the guest's desktop session did not start within 5 s (the agent reports system)")
+    );
+    let _ = o.destroy("desk", "test").await;
+}
+
 /// A network namespace standing in for the world outside the host, reached from the host
 /// through a veth pair on the documentation network 198.51.100.0/24 (this machine only; not
 /// 192.0.2.0/24, which CI machines use for their own uplink), with an HTTP server answering
@@ -606,7 +651,7 @@ async fn a_nat_guest_is_configured_by_hostd_and_reaches_a_server_outside() {
     };
     let outside = OutsideServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let o = test_image_orchestrator(dir.path(), &vmm, &kernel, &initramfs).await;
+    let o = test_image_orchestrator(dir.path(), &vmm, &kernel, &initramfs, |t| t).await;
     let mut spec = common::headless_spec("netguest", false);
     spec.network.mode = proto::spec::NetworkMode::Nat;
     let started = Instant::now();

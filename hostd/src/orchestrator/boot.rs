@@ -449,7 +449,7 @@ impl Orchestrator {
             // The agent is what counts; the boot-timer write (which an initramfs without the
             // GenOS init does not make) is only recorded on the way.
             ReadyWhen::Agent => match self.wait_agent(name, sock, deadline, timeout).await {
-                Some(agent) => format!("agent {agent} reports the system up"),
+                Some(agent) => format!("agent {agent}"),
                 None => return,
             },
         };
@@ -559,38 +559,12 @@ impl Orchestrator {
                 client.info().agent
             )),
         );
-        loop {
-            if !self.still_booting(name) {
-                return None;
-            }
-            let reached =
-                tokio::time::timeout(Duration::from_secs(1), client.wait_for_stage(Stage::System))
-                    .await;
-            match reached {
-                Ok(Ok(_)) => break,
-                Ok(Err(e)) => {
-                    self.fail_boot(
-                        name,
-                        format!(
-                            "the guest agent went away while the guest booted ({})",
-                            error_chain(&e)
-                        ),
-                    );
-                    return None;
-                }
-                Err(_) if tokio::time::Instant::now() > deadline => {
-                    self.fail_boot(
-                        name,
-                        format!(
-                            "the guest's init system did not reach its target within {} s (the agent reports {})",
-                            timeout.as_secs(),
-                            client.stage().name()
-                        ),
-                    );
-                    return None;
-                }
-                Err(_) => {}
-            }
+        let system = "the guest's init system did not reach its target";
+        if !self
+            .wait_stage(name, &client, Stage::System, deadline, timeout, system)
+            .await
+        {
+            return None;
         }
         // The guest has no clock of its own it can trust: set it from the host's.
         let clock = match set_guest_clock(&client).await {
@@ -609,6 +583,33 @@ impl Orchestrator {
                 self.fail_boot(name, reason);
                 return None;
             }
+        }
+        // A desktop is ready when the person would see it: its session runs.
+        let graphical = self.show(name).is_ok_and(|e| self.graphical(&e.spec));
+        if graphical {
+            self.set_progress(
+                name,
+                Some("the guest is up; waiting for its desktop session".into()),
+            );
+            let session_timeout = Duration::from_secs(self.inner.cfg.vmm.session_timeout_s);
+            let session_deadline = deadline.min(tokio::time::Instant::now() + session_timeout);
+            let session = "the guest's desktop session did not start";
+            if !self
+                .wait_stage(
+                    name,
+                    &client,
+                    Stage::Session,
+                    session_deadline,
+                    session_timeout.min(timeout),
+                    session,
+                )
+                .await
+            {
+                return None;
+            }
+            agent.push_str(" reports the desktop session up");
+        } else {
+            agent.push_str(" reports the system up");
         }
         if let Some(proc) = self.procs().get(name) {
             *proc.agent.lock().expect("poisoned") = Some(client);
@@ -657,6 +658,51 @@ impl Orchestrator {
                 )
             })?;
         Ok(Some(summary))
+    }
+
+    /// Waits until the agent reports `stage` (true), or fails the environment (false):
+    /// the agent went away, or `deadline` passed (saying `late` and the stage reached).
+    async fn wait_stage(
+        &self,
+        name: &str,
+        client: &AgentClient,
+        stage: Stage,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+        late: &str,
+    ) -> bool {
+        loop {
+            if !self.still_booting(name) {
+                return false;
+            }
+            let reached =
+                tokio::time::timeout(Duration::from_secs(1), client.wait_for_stage(stage)).await;
+            match reached {
+                Ok(Ok(_)) => return true,
+                Ok(Err(e)) => {
+                    self.fail_boot(
+                        name,
+                        format!(
+                            "the guest agent went away while the guest booted ({})",
+                            error_chain(&e)
+                        ),
+                    );
+                    return false;
+                }
+                Err(_) if tokio::time::Instant::now() > deadline => {
+                    self.fail_boot(
+                        name,
+                        format!(
+                            "{late} within {} s (the agent reports {})",
+                            timeout.as_secs(),
+                            client.stage().name()
+                        ),
+                    );
+                    return false;
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     fn fail_boot(&self, name: &str, reason: String) {
