@@ -50,6 +50,8 @@
     error: null,
     notices: [],
     cursor: null,
+    clipboard: null,
+    clipboardSent: 0,
   });
 
   const canvas = document.getElementById("screen");
@@ -316,6 +318,7 @@
         statusEl.hidden = true;
         canvas.focus();
         scheduleResize();
+        readHostClipboard();
         break;
       }
       case 0x82: // Config: a new size comes with the next keyframe
@@ -329,6 +332,8 @@
         if (NON_FATAL.has(code)) {
           g.notices.push(`${ERRORS[code]}: ${text}`);
           if (code === 8 && text.startsWith("resize")) resizeStopped = true;
+          if (code === 8 && text.startsWith("clipboard")) clipboardStopped = true;
+          if (code === 14) clipboardStopped = true;
           if (code === 14) {
             bannerEl.textContent = "This link expired: input is no longer accepted and the video ends soon.";
             bannerEl.hidden = false;
@@ -340,10 +345,15 @@
         }
         break;
       }
+      case 0x84: { // Clipboard
+        const len = v.getUint32(o, true);
+        onEnvironmentClipboard(dec.decode(new Uint8Array(buf, 1 + o + 4, len)));
+        break;
+      }
       case 0x83: // Cursor
         onCursor(v, o);
         break;
-      default: // Clipboard, Stats, Pong: not used by this page yet
+      default: // Stats, Pong: not used by this page yet
         break;
     }
   }
@@ -548,13 +558,73 @@
     for (const code of held) send(keyMsg(code, false));
     held.clear();
   }
+  // A paste shortcut (Ctrl+V, Cmd+V, Shift+Insert) is let through to the browser so that
+  // its paste event hands the page the host's clipboard; the key goes to the guest right
+  // after that text (or after 100 ms without a paste).
+  let pendingPasteKey = null;
+  function flushPasteKey() {
+    if (pendingPasteKey === null) return;
+    const code = pendingPasteKey;
+    pendingPasteKey = null;
+    sendInput(keyMsg(code, true));
+  }
+  const isPaste = (e) =>
+    ((e.ctrlKey || e.metaKey) && e.code === "KeyV") || (e.shiftKey && e.code === "Insert");
   function onKey(e, pressed) {
     const code = GENOS_KEYMAP[e.code];
     if (code === undefined) return;
-    e.preventDefault();
+    const paste = pressed && isPaste(e) && canClipboard();
+    if (!paste) e.preventDefault();
     if (pressed && e.repeat) return; // the guest repeats keys itself
     if (pressed) held.add(code); else if (!held.delete(code)) return;
+    if (paste) {
+      flushPasteKey();
+      pendingPasteKey = code;
+      setTimeout(flushPasteKey, 100);
+      return;
+    }
+    if (!pressed && pendingPasteKey === code) flushPasteKey();
     sendInput(keyMsg(code, pressed));
+  }
+
+  // --- clipboard (docs/protocol.md §11) ------------------------------------------------------
+  const MAX_CLIPBOARD = 256 * 1024;
+  let clipboardShared = null; // the text both sides hold: never sent back, never taken again
+  let clipboardStopped = false;
+  const canClipboard = () => g.state === "open" && (g.rights & 4) !== 0 && !clipboardStopped;
+  function sendClipboard(text) {
+    if (!canClipboard() || !text || text === clipboardShared) return;
+    const bytes = enc.encode(text);
+    if (bytes.length > MAX_CLIPBOARD) {
+      g.notices.push("clipboard: text above 256 KiB not sent");
+      return;
+    }
+    clipboardShared = text;
+    g.clipboardSent++;
+    send(message(0x08, 4 + bytes.length, (v, o, b) => {
+      v.setUint32(o, bytes.length, true);
+      b.set(bytes, o + 4);
+    }));
+  }
+  document.addEventListener("paste", (e) => {
+    const text = e.clipboardData ? e.clipboardData.getData("text/plain") : "";
+    e.preventDefault();
+    sendClipboard(text);
+    flushPasteKey();
+  });
+  // What the host's clipboard holds when the page gets focus, where the browser lets us read.
+  function readHostClipboard() {
+    if (!canClipboard() || !navigator.clipboard || !navigator.clipboard.readText) return;
+    navigator.clipboard.readText().then(sendClipboard, () => {});
+  }
+  window.addEventListener("focus", readHostClipboard);
+  function onEnvironmentClipboard(text) {
+    if (text === clipboardShared) return;
+    clipboardShared = text;
+    g.clipboard = text;
+    if (navigator.clipboard && navigator.clipboard.writeText) {
+      navigator.clipboard.writeText(text).catch((e) => g.notices.push(`clipboard: ${e.message}`));
+    }
   }
   window.addEventListener("keydown", (e) => onKey(e, true));
   window.addEventListener("keyup", (e) => onKey(e, false));

@@ -308,6 +308,20 @@ impl Page<'_> {
         r["result"]["value"].clone()
     }
 
+    /// The value `expr` (a promise) resolves to, or its error text.
+    async fn eval_promise(&self, expr: &str) -> Result<Value, String> {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expr, "returnByValue": true, "awaitPromise": true}),
+            )
+            .await;
+        match r.get("exceptionDetails") {
+            Some(e) => Err(e.to_string()),
+            None => Ok(r["result"]["value"].clone()),
+        }
+    }
+
     /// Polls `expr` until `ok` accepts its value; fails after `secs` naming `what`.
     async fn wait_for(
         &self,
@@ -959,6 +973,72 @@ async fn the_guest_pointer_becomes_the_page_cursor_with_its_shape_and_position()
             style.starts_with("url(\"data:image/png;base64,") && style.ends_with(") 0 0, default"),
             "{style}"
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clipboard_goes_both_ways_and_a_paste_reaches_the_guest_with_its_key() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let origin = format!("https://{}", hx.web.local_addr());
+        browser
+            .cdp
+            .call(
+                None,
+                "Browser.grantPermissions",
+                json!({"origin": origin, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]}),
+            )
+            .await;
+        let rights = Rights::VIEW | Rights::INPUT | Rights::CLIPBOARD;
+        let page = browser.open(&hx.link(&hx.token(rights)), 320, 240).await;
+        page.call("Emulation.setFocusEmulationEnabled", json!({"enabled": true}))
+            .await;
+        page.wait_for("window.genos && window.genos.state", 30, "session open", |v| v == "open")
+            .await;
+
+        // The environment's clipboard reaches the page and the browser's clipboard.
+        hx.server.set_environment_clipboard(&hx.env.name, "from the guest");
+        page.wait_for("window.genos.clipboard", 10, "the guest's clipboard", |v| {
+            v == "from the guest"
+        })
+        .await;
+        let host_clipboard = page.eval_promise("navigator.clipboard.readText()").await;
+        assert_eq!(host_clipboard, Ok(json!("from the guest")));
+
+        // A paste with Ctrl+V hands the guest the browser's clipboard and then the keys.
+        page.eval_promise("navigator.clipboard.writeText('from the browser')")
+            .await
+            .unwrap();
+        let ctrl = 2;
+        let key = |kind: &str, code: &str, k: &str, modifiers: i32| {
+            json!({"type": kind, "code": code, "key": k, "modifiers": modifiers})
+        };
+        page.call("Input.dispatchKeyEvent", key("rawKeyDown", "ControlLeft", "Control", ctrl))
+            .await;
+        let mut v_down = key("rawKeyDown", "KeyV", "v", ctrl);
+        v_down["commands"] = json!(["paste"]);
+        page.call("Input.dispatchKeyEvent", v_down).await;
+        page.call("Input.dispatchKeyEvent", key("keyUp", "KeyV", "v", ctrl))
+            .await;
+        page.call("Input.dispatchKeyEvent", key("keyUp", "ControlLeft", "Control", 0))
+            .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while hx.input.events().len() < 4 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        assert_eq!(hx.input.clipboard().as_deref(), Some("from the browser"));
+        let k = |code, pressed| InputEvent::Key { code, pressed };
+        assert_eq!(
+            hx.input.events(),
+            vec![k(29, true), k(47, true), k(47, false), k(29, false)]
+        );
+        assert_eq!(page.eval("window.genos.clipboardSent").await, json!(1));
     })
     .await;
 }
