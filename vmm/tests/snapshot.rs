@@ -388,3 +388,26 @@ fn a_restored_vm_can_be_snapshotted_again_and_that_snapshot_goes_on() {
     let before = format!("{}{copy_console}", snap.console);
     assert_continues(&before, &console(&out), "the copy of the copy");
 }
+
+#[test]
+fn a_vm_with_two_vcpus_restores_both_and_goes_on() {
+    if !kvm_available("a_vm_with_two_vcpus_restores_both_and_goes_on") {
+        return;
+    }
+    // The second vCPU waits for a start-up IPI that never comes: its state (not running)
+    // must come back as it was, the first one's as running.
+    let snap = snapshot_counter_guest("smp", &["--vcpus", "2"]);
+    let out = snap.dir.join("copy");
+    let serial = format!("file:{}", out.display());
+    let _copy = Vmm(spawn_vmm(&[
+        "--restore",
+        &snap.dir.arg(""),
+        "--serial",
+        &serial,
+    ]));
+    wait_until("the two-vCPU copy to print", || {
+        values(&console(&out), true).len() >= 50
+    });
+
+    assert_continues(&snap.console, &console(&out), "the two-vCPU copy");
+}
