@@ -268,16 +268,7 @@ pub async fn request(
     body: Option<&serde_json::Value>,
     timeout: Duration,
 ) -> Result<Response, UdsError> {
-    let exchange = async {
-        let stream = UnixStream::connect(sock)
-            .await
-            .map_err(|source| UdsError::Connect {
-                path: sock.into(),
-                source,
-            })?;
-        exchange(stream, sock, method, uri, body).await
-    };
-    with_deadline(sock, timeout, exchange).await
+    with_deadline(sock, timeout, exchange(sock, method, uri, body)).await
 }
 
 async fn with_deadline(
@@ -295,7 +286,6 @@ async fn with_deadline(
 }
 
 async fn exchange(
-    stream: UnixStream,
     sock: &Path,
     method: &str,
     uri: &str,
@@ -306,14 +296,7 @@ async fn exchange(
         path: sock.into(),
         source,
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(http)?;
-    // The connection task ends when the response is read or `sender` is dropped (on any
-    // error or a too-large body), so nothing keeps reading from the peer after this returns.
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut sender = handshake::<Full<Bytes>>(sock).await?;
     let bytes = body
         .map(|b| serde_json::to_vec(b).expect("json serialises"))
         .unwrap_or_default();
@@ -377,6 +360,8 @@ where
             path: sock.into(),
             source,
         })?;
+    // The connection task ends when the response is read or `sender` is dropped (on any
+    // error or a too-large body), so nothing keeps reading from the peer after the exchange.
     tokio::spawn(async move {
         let _ = conn.await;
     });

@@ -285,15 +285,19 @@ async fn the_agent_as_pid1_of_a_real_guest_answers_hostd_over_vsock() {
 }
 
 /// hostd's orchestrator on the nested-test images, ready through the agent (jailed when run
-/// as root, as in production).
+/// as root, as in production), with `adjust` applied to its configuration; `None` after
+/// skipping (no images, no KVM, no genos-vmm), saying why.
 async fn test_image_orchestrator(
+    test: &str,
     dir: &Path,
-    vmm: &Path,
-    kernel: &Path,
-    initramfs: &Path,
     adjust: impl FnOnce(String) -> String,
-) -> hostd::orchestrator::Orchestrator {
-    let toml = common::config_toml(vmm, kernel, 4, 4096)
+) -> Option<hostd::orchestrator::Orchestrator> {
+    let (kernel, initramfs) = test_images()?;
+    if !common::kvm_available(test) {
+        return None;
+    }
+    let vmm = common::vmm_bin(test)?;
+    let toml = common::config_toml(&vmm, &kernel, 4, 4096)
         .replace(
             "build_rootfs = false",
             &format!(
@@ -309,7 +313,7 @@ async fn test_image_orchestrator(
         );
     let o = common::orchestrator(dir, &adjust(toml));
     o.start().await.unwrap();
-    o
+    Some(o)
 }
 
 /// The same guest through the whole product path: hostd's orchestrator boots it (jailed
@@ -318,17 +322,10 @@ async fn test_image_orchestrator(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_environment_is_ready_through_its_agent_and_runs_commands_in_its_guest() {
     const ORCH_TEST: &str = "an_environment_is_ready_through_its_agent";
-    let Some((kernel, initramfs)) = test_images() else {
-        return;
-    };
-    if !common::kvm_available(ORCH_TEST) {
-        return;
-    }
-    let Some(vmm) = common::vmm_bin(ORCH_TEST) else {
-        return;
-    };
     let dir = tempfile::tempdir().unwrap();
-    let o = test_image_orchestrator(dir.path(), &vmm, &kernel, &initramfs, |t| t).await;
+    let Some(o) = test_image_orchestrator(ORCH_TEST, dir.path(), |t| t).await else {
+        return;
+    };
     let started = Instant::now();
 
     o.create(common::headless_spec("guest", true), "test")
@@ -493,20 +490,14 @@ async fn an_environment_is_ready_through_its_agent_and_runs_commands_in_its_gues
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_desktop_whose_session_never_starts_fails_saying_so() {
     const SESSION_TEST: &str = "a_desktop_whose_session_never_starts";
-    let Some((kernel, initramfs)) = test_images() else {
-        return;
-    };
-    if !common::kvm_available(SESSION_TEST) {
-        return;
-    }
-    let Some(vmm) = common::vmm_bin(SESSION_TEST) else {
-        return;
-    };
     let dir = tempfile::tempdir().unwrap();
-    let o = test_image_orchestrator(dir.path(), &vmm, &kernel, &initramfs, |toml| {
+    let Some(o) = test_image_orchestrator(SESSION_TEST, dir.path(), |toml| {
         toml.replace("[vmm]\n", "[vmm]\nsession_timeout_s = 5\n")
     })
-    .await;
+    .await
+    else {
+        return;
+    };
     let mut spec = common::headless_spec("desk", true);
     spec.desktop = "xfce".into();
     let started = Instant::now();
@@ -632,9 +623,6 @@ impl Drop for OutsideServer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nat_guest_is_configured_by_hostd_and_reaches_a_server_outside() {
     const NAT_TEST: &str = "a_nat_guest_is_configured_by_hostd";
-    let Some((kernel, initramfs)) = test_images() else {
-        return;
-    };
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         testkit::skip(
@@ -643,15 +631,11 @@ async fn a_nat_guest_is_configured_by_hostd_and_reaches_a_server_outside() {
         );
         return;
     }
-    if !common::kvm_available(NAT_TEST) {
-        return;
-    }
-    let Some(vmm) = common::vmm_bin(NAT_TEST) else {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(o) = test_image_orchestrator(NAT_TEST, dir.path(), |t| t).await else {
         return;
     };
     let outside = OutsideServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let o = test_image_orchestrator(dir.path(), &vmm, &kernel, &initramfs, |t| t).await;
     let mut spec = common::headless_spec("netguest", false);
     spec.network.mode = proto::spec::NetworkMode::Nat;
     let started = Instant::now();
