@@ -52,6 +52,9 @@
     cursor: null,
     clipboard: null,
     clipboardSent: 0,
+    sessionId: null,
+    resumed: false,
+    reconnects: 0,
   });
 
   const canvas = document.getElementById("screen");
@@ -107,6 +110,8 @@
   // WebSocket; `#...&transport=websocket|webtransport` forces one.
   let ws = null;
   let wtWriter = null;
+  let sessionId = null; // from Welcome: what a reconnect resumes
+  let resumeGraceMs = 0;
   function send(buf) {
     if (wtWriter) wtWriter.write(new Uint8Array(buf)).catch(() => {});
     else if (ws && ws.readyState === WebSocket.OPEN) ws.send(buf);
@@ -123,7 +128,8 @@
       let p = o + 6 + env.length;
       v.setUint16(p, tok.length, true);
       b.set(tok, p + 2);
-      p += 2 + tok.length + 16; // resume: all zeros, a new session
+      if (sessionId) b.set(sessionId, p + 2 + tok.length); // resume it; zeros: a new session
+      p += 2 + tok.length + 16;
       v.setUint16(p, viewportW, true);
       v.setUint16(p + 2, viewportH, true);
     });
@@ -311,6 +317,10 @@
     const o = 5;
     switch (type) {
       case 0x81: { // Welcome
+        sessionId = new Uint8Array(buf.slice(1 + o + 2, 1 + o + 18));
+        g.sessionId = Array.from(sessionId, (b) => b.toString(16).padStart(2, "0")).join("");
+        g.resumed = v.getUint8(o + 19) === 1;
+        resumeGraceMs = v.getUint32(o + 20, true);
         g.rights = v.getUint8(o + 18);
         g.width = v.getUint16(o + 24, true);
         g.height = v.getUint16(o + 26, true);
@@ -319,6 +329,9 @@
         canvas.focus();
         scheduleResize();
         readHostClipboard();
+        // Keys let go while the connection was down are released now.
+        if (g.resumed) for (const code of releaseOnReconnect) sendInput(keyMsg(code, false));
+        releaseOnReconnect.clear();
         break;
       }
       case 0x82: // Config: a new size comes with the next keyframe
@@ -393,12 +406,23 @@
   }
 
   // --- connection ----------------------------------------------------------------------------
+  // A connection that ends without an error is reconnected, resuming the session (the host
+  // keeps it, and the keys it holds, for resume_grace_ms), every second until that passes.
+  let reconnectUntil = 0;
   function onClosed(code, reason, what) {
-    releaseAll();
     if (g.state === "error") return;
     if (code) {
+      releaseAll();
       fail(code, reason);
+    } else if (sessionId && (g.state === "open" || g.state === "reconnecting") &&
+               (g.state === "open" || performance.now() < reconnectUntil)) {
+      if (g.state === "open") reconnectUntil = performance.now() + resumeGraceMs;
+      g.state = "reconnecting";
+      statusEl.textContent = "Reconnecting…";
+      statusEl.hidden = false;
+      setTimeout(reconnect, g.reconnects === 0 ? 100 : 1000);
     } else {
+      releaseAll();
       g.state = "closed";
       showError("Disconnected", "The connection to the host ended. Reload the page to connect again.",
         `${what} closed ${reason || ""}`);
@@ -407,7 +431,7 @@
 
   function connectWebSocket() {
     g.transport = "websocket";
-    ws = new WebSocket(`wss://${location.host}/ws`);
+    const me = (ws = new WebSocket(`wss://${location.host}/ws`));
     ws.binaryType = "arraybuffer";
     ws.onopen = () => {
       send(hello(Math.min(canvas.width, 65535), Math.min(canvas.height, 65535)));
@@ -421,6 +445,7 @@
       else fail(2, `unknown message kind ${kind}`);
     };
     ws.onclose = (ev) => {
+      if (ws !== me) return;
       const code = ev.code >= CLOSE_CODE_BASE && ev.code < CLOSE_CODE_BASE + 1000 ? ev.code - CLOSE_CODE_BASE : 0;
       onClosed(code, ev.reason, `WebSocket (${ev.code})`);
     };
@@ -485,9 +510,9 @@
     const info = await (await fetch("/webtransport", { cache: "no-store" })).json();
     if (!info.sha256) throw new Error("the host offers no WebTransport");
     const hash = new Uint8Array(info.sha256.match(/../g).map((h) => parseInt(h, 16)));
-    wt = new WebTransport(`https://${location.host}${info.path}`, {
+    const me = (wt = new WebTransport(`https://${location.host}${info.path}`, {
       serverCertificateHashes: [{ algorithm: "sha-256", value: hash }],
-    });
+    }));
     await Promise.race([
       wt.ready,
       new Promise((_, reject) => setTimeout(() => reject(new Error("WebTransport timed out")), 5000)),
@@ -497,8 +522,8 @@
     g.transport = "webtransport";
     send(hello(Math.min(canvas.width, 65535), Math.min(canvas.height, 65535)));
     wt.closed.then(
-      (info) => onClosed(info.closeCode || 0, info.reason, "WebTransport"),
-      (e) => onClosed(0, e.message, "WebTransport"),
+      (info) => { if (wt === me) onClosed(info.closeCode || 0, info.reason, "WebTransport"); },
+      (e) => { if (wt === me) onClosed(0, e.message, "WebTransport"); },
     );
     (async () => {
       const streams = wt.incomingUnidirectionalStreams.getReader();
@@ -512,7 +537,13 @@
     const reader = control.readable.getReader();
     let pending = new Uint8Array(0);
     for (;;) {
-      const { value, done } = await reader.read();
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } catch (e) {
+        return; // the session ended: wt.closed says how
+      }
+      const { value, done } = chunk;
       if (done) break;
       const joined = new Uint8Array(pending.length + value.length);
       joined.set(pending);
@@ -531,15 +562,33 @@
     }
   }
 
-  function connect() {
+  function reconnect() {
+    g.reconnects++;
+    ws = null;
+    wt = null;
+    wtWriter = null;
+    heldFrames.clear();
+    lastSequence = 0;
+    needKeyframe = true;
+    connect(g.transport);
+  }
+
+  // Test hook: drop the connection as a network would (the page then resumes the session).
+  g.dropConnection = () => {
+    if (ws) ws.close();
+    if (wt) wt.close();
+  };
+
+  function connect(again) {
     fitCanvas();
     newDecoder();
-    const want = params.get("transport");
+    const want = again || params.get("transport");
     if (want === "websocket" || (typeof WebTransport === "undefined" && want !== "webtransport")) {
       return connectWebSocket();
     }
     connectWebTransport().catch((e) => {
       g.notices.push(`WebTransport: ${e.message}`);
+      if (g.state === "reconnecting") return onClosed(0, e.message, "WebTransport"); // again
       if (g.state !== "connecting") return;
       if (want === "webtransport") {
         return showError("WebTransport failed", "The browser could not reach the host over WebTransport.", e.message);
@@ -554,8 +603,12 @@
 
   // --- input ---------------------------------------------------------------------------------
   const held = new Set();
+  const releaseOnReconnect = new Set();
   function releaseAll() {
-    for (const code of held) send(keyMsg(code, false));
+    for (const code of held) {
+      if (g.state === "open") send(keyMsg(code, false));
+      else releaseOnReconnect.add(code);
+    }
     held.clear();
   }
   // A paste shortcut (Ctrl+V, Cmd+V, Shift+Insert) is let through to the browser so that
@@ -584,6 +637,10 @@
       return;
     }
     if (!pressed && pendingPasteKey === code) flushPasteKey();
+    if (!pressed && g.state === "reconnecting") {
+      releaseOnReconnect.add(code); // the resumed session still holds it down
+      return;
+    }
     sendInput(keyMsg(code, pressed));
   }
 

@@ -1042,3 +1042,67 @@ async fn the_clipboard_goes_both_ways_and_a_paste_reaches_the_guest_with_its_key
     })
     .await;
 }
+
+/// Opens a page over `transport`, holds Shift, drops the connection and checks that the page
+/// resumes the same session, which still holds the key, and goes on streaming.
+async fn a_dropped_connection_resumes_its_session(transport: &str) {
+    within(120, async {
+        let hx = host(Scene::Windows, 320, 240, 30.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let link = format!(
+            "{}&transport={transport}",
+            hx.link(&hx.token(Rights::VIEW | Rights::INPUT))
+        );
+        let page = browser.open(&link, 320, 240).await;
+        page.wait_for("window.genos && window.genos.framesDecoded", 30, "first frames", |v| {
+            v.as_u64().unwrap_or(0) >= 5
+        })
+        .await;
+        let first = page.eval("window.genos.sessionId").await;
+        let shift = |kind: &str| json!({"type": kind, "code": "ShiftLeft", "key": "Shift"});
+        page.call("Input.dispatchKeyEvent", shift("rawKeyDown")).await;
+
+        // Act: the connection drops; the page reconnects by itself.
+        page.eval("window.genos.dropConnection()").await;
+        let resumed = page
+            .wait_for(
+                "window.genos.state === 'open' && window.genos.reconnects > 0 && window.genos.resumed",
+                30,
+                "the session resumed",
+                |v| v == &json!(true),
+            )
+            .await;
+        let decoded = page.eval("window.genos.framesDecoded").await.as_u64().unwrap();
+        page.wait_for("window.genos.framesDecoded", 30, "frames after the resume", |v| {
+            v.as_u64().unwrap_or(0) >= decoded + 10
+        })
+        .await;
+        page.call("Input.dispatchKeyEvent", shift("keyUp")).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while hx.input.events().len() < 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // Assert: the same session, the key held across the drop and released once.
+        assert_eq!(resumed, json!(true));
+        assert_eq!(page.eval("window.genos.sessionId").await, first);
+        assert_eq!(page.eval("window.genos.transport").await, json!(transport));
+        let k = |pressed| InputEvent::Key { code: 42, pressed };
+        assert_eq!(hx.input.events(), vec![k(true), k(false)]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_webtransport_connection_resumes_its_session() {
+    if browser_available() {
+        a_dropped_connection_resumes_its_session("webtransport").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_websocket_resumes_its_session() {
+    if browser_available() {
+        a_dropped_connection_resumes_its_session("websocket").await;
+    }
+}
