@@ -185,6 +185,12 @@ fn up_waits_until_ready_and_prints_a_viewer_token() {
         stdout(&o)
     );
     assert!(stderr(&o).contains("ready"), "{}", stderr(&o));
+    // What the composer assumed is said before the wait.
+    assert!(
+        stderr(&o).contains("  assumed: base debian-12 (default)\n"),
+        "{}",
+        stderr(&o)
+    );
     // The tiny guest has no agent: exec says so, through hostd and the VM's vsock device.
     let o = h.genos(&["exec", "python", "--", "true"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));

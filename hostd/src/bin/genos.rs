@@ -603,6 +603,11 @@ async fn up(client: &Client, text: &str, timeout: u64, json_out: bool) -> Result
     let name = v["env"]["name"].as_str().unwrap_or_default().to_string();
     if !json_out {
         eprintln!("creating {name}: {}", summary(&v["env"]["spec"]));
+        // What the composer assumed or could not do (an app the base cannot install) is
+        // said before the wait, not found missing after it.
+        for a in assumptions(&v["env"]["spec"]) {
+            eprintln!("  assumed: {a}");
+        }
     }
     let started = Instant::now();
     let deadline = started + Duration::from_secs(timeout);
@@ -1005,16 +1010,21 @@ fn print_env(e: &Value) {
     if let Some(p) = e["vmm_pid"].as_i64() {
         println!("vmm pid:  {p}");
     }
-    let assumptions = e["spec"]["assumptions"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[]);
+    let assumptions = assumptions(&e["spec"]);
     if !assumptions.is_empty() {
         println!("assumed:");
         for a in assumptions {
-            println!("  - {}", a.as_str().unwrap_or(""));
+            println!("  - {a}");
         }
     }
+}
+
+/// A spec's `assumptions`, as text.
+fn assumptions(spec: &Value) -> Vec<&str> {
+    spec["assumptions"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
 }
 
 fn truncate(s: &str, n: usize) -> String {
