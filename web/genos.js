@@ -230,6 +230,7 @@
   let needKeyframe = true;
   let lastSequence = 0;
   const sequenceOf = new Map(); // chunk timestamp -> frame sequence, until decoded
+  const submittedAt = new Map(); // chunk timestamp -> when it went to the decoder
 
   function newDecoder() {
     if (decoder && decoder.state !== "closed") decoder.close();
@@ -238,6 +239,13 @@
       output: (frame) => {
         g.framesDecoded++;
         g.drawnSequence = sequenceOf.get(frame.timestamp);
+        const submitted = submittedAt.get(frame.timestamp);
+        if (submitted !== undefined) statDecodeMs.push(performance.now() - submitted);
+        if (clockOffsetUs !== null) {
+          // Glass-to-glass: captured (server clock) to drawn (page clock, offset from Pong).
+          statLatencyMs.push((Date.now() * 1000 - clockOffsetUs - frame.timestamp) / 1000);
+        }
+        for (const t of submittedAt.keys()) if (t <= frame.timestamp) submittedAt.delete(t);
         for (const t of sequenceOf.keys()) if (t <= frame.timestamp) sequenceOf.delete(t);
         if (lastFrame) lastFrame.close();
         lastFrame = frame;
@@ -276,6 +284,7 @@
     if (FRAME_HEADER_LEN + len !== buf.byteLength) return fail(2, "frame length mismatch");
     const au = new Uint8Array(buf, FRAME_HEADER_LEN, len);
     g.framesReceived++;
+    statBytes += buf.byteLength;
     // The server sends a keyframe after any frame it skipped; a gap we see means we must wait.
     if (!keyframe && (needKeyframe || sequence !== lastSequence + 1)) {
       g.framesDropped++;
@@ -305,6 +314,7 @@
       needKeyframe = false;
     }
     sequenceOf.set(captureUs, sequence);
+    submittedAt.set(captureUs, performance.now());
     decoder.decode(new EncodedVideoChunk({ type: keyframe ? "key" : "delta", timestamp: captureUs, data: au }));
   }
 
@@ -329,6 +339,7 @@
         canvas.focus();
         scheduleResize();
         readHostClipboard();
+        send(pingMsg()); // the clock offset for latency, at once
         // Keys let go while the connection was down are released now.
         if (g.resumed) for (const code of releaseOnReconnect) sendInput(keyMsg(code, false));
         releaseOnReconnect.clear();
@@ -366,7 +377,10 @@
       case 0x83: // Cursor
         onCursor(v, o);
         break;
-      default: // Stats, Pong: not used by this page yet
+      case 0x87: // Pong
+        onPong(v, o);
+        break;
+      default: // Stats: not used by this page yet
         break;
     }
   }
@@ -600,6 +614,64 @@
     });
   }
   setInterval(() => { if (g.state === "open") send(pingMsg()); }, 5000);
+
+  // --- statistics: once a second to the host (Stats) and, on demand, in an overlay ----------
+  // (`#...&stats=1` in the link, or genos.toggleStats()).
+  let statBytes = 0;
+  let statDecoded = 0;
+  let statDecodeMs = [];
+  let statLatencyMs = [];
+  let clockOffsetUs = null; // server clock minus page clock, from the best Ping round trip
+  let bestRttUs = Infinity;
+  const statsEl = document.getElementById("stats");
+  statsEl.hidden = params.get("stats") !== "1";
+  g.toggleStats = () => { statsEl.hidden = !statsEl.hidden; };
+  function onPong(v, o) {
+    const sentUs = Number(v.getBigUint64(o, true));
+    const serverUs = Number(v.getBigUint64(o + 8, true));
+    const nowUs = Date.now() * 1000;
+    const rtt = nowUs - sentUs;
+    if (rtt >= 0 && rtt <= bestRttUs) {
+      bestRttUs = rtt;
+      clockOffsetUs = serverUs - (sentUs + nowUs) / 2;
+    }
+  }
+  const median = (a) => {
+    if (!a.length) return null;
+    const b = [...a].sort((x, y) => x - y);
+    return b[Math.floor(b.length / 2)];
+  };
+  setInterval(() => {
+    if (g.state !== "open") return;
+    const decode = median(statDecodeMs);
+    const latency = median(statLatencyMs);
+    g.stats = {
+      fps: g.framesDecoded - statDecoded,
+      bitrateKbps: Math.round((statBytes * 8) / 1000),
+      decodeMs: decode,
+      latencyMs: latency,
+      rttMs: bestRttUs === Infinity ? null : bestRttUs / 1000,
+      width: g.width,
+      height: g.height,
+      transport: g.transport,
+    };
+    statDecoded = g.framesDecoded;
+    statBytes = 0;
+    statDecodeMs = [];
+    statLatencyMs = [];
+    const us = (ms) => (ms === null ? 0 : Math.max(0, Math.min(0xffffffff, Math.round(ms * 1000))));
+    send(message(0x0a, 24, (v, o) => {
+      v.setBigUint64(o, BigInt(g.framesDecoded), true);
+      v.setBigUint64(o + 8, BigInt(g.framesDropped), true);
+      v.setUint32(o + 16, us(decode), true);
+      v.setUint32(o + 20, us(latency), true);
+    }));
+    if (!statsEl.hidden) {
+      const f = (x, d) => (x === null ? "–" : x.toFixed(d));
+      statsEl.textContent = `${g.stats.fps} fps · ${g.stats.bitrateKbps} kbit/s · decode ${f(decode, 1)} ms · ` +
+        `latency ${f(latency, 0)} ms · ${g.width}×${g.height} · ${g.transport}`;
+    }
+  }, 1000);
 
   // --- input ---------------------------------------------------------------------------------
   const held = new Set();

@@ -1106,3 +1106,45 @@ async fn a_dropped_websocket_resumes_its_session() {
         a_dropped_connection_resumes_its_session("websocket").await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stats_overlay_shows_frame_rate_bitrate_decode_time_and_latency() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Windows, 320, 240, 30.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let link = format!("{}&stats=1", hx.link(&hx.token(Rights::VIEW)));
+        let page = browser.open(&link, 320, 240).await;
+        // Two full seconds after the first Pong.
+        let stats = page
+            .wait_for(
+                "window.genos && window.genos.stats",
+                30,
+                "stats with a latency",
+                |v| v["latencyMs"].is_number() && v["fps"].as_u64().unwrap_or(0) > 0,
+            )
+            .await;
+        let overlay = page
+            .eval("(e => e.hidden ? null : e.textContent)(document.getElementById('stats'))")
+            .await;
+
+        assert!(stats["bitrateKbps"].as_u64().unwrap() > 0, "{stats}");
+        let decode = stats["decodeMs"].as_f64().unwrap();
+        let latency = stats["latencyMs"].as_f64().unwrap();
+        // Loopback on one machine: both clocks are the same one, latency is what the encoder,
+        // the transport and the decoder add (well under a second, never negative by much).
+        assert!((0.0..1000.0).contains(&decode), "{stats}");
+        assert!((-5.0..1000.0).contains(&latency), "{stats}");
+        let overlay = overlay.as_str().unwrap_or_default();
+        assert!(
+            overlay.contains(" fps · ")
+                && overlay.contains("kbit/s")
+                && overlay.contains("latency"),
+            "{overlay}"
+        );
+        eprintln!("stats: {stats}");
+    })
+    .await;
+}
