@@ -416,6 +416,7 @@
     }
     // Browsers ignore cursor images above 128 pixels: the default arrow then.
     const usable = c.url && c.width <= 128 && c.height <= 128;
+    keepPointerVisible();
     canvas.style.cursor = !c.visible ? "none" : usable ? `url(${c.url}) ${c.hotX} ${c.hotY}, default` : "default";
   }
 
@@ -709,11 +710,118 @@
       return;
     }
     if (!pressed && pendingPasteKey === code) flushPasteKey();
+    if (!pressed && !MODIFIERS.has(code) && latched.size && g.state === "open") {
+      sendInput(keyMsg(code, false));
+      releaseLatched(); // a sticky modifier from the overlay combines with one key
+      return;
+    }
     if (!pressed && g.state === "reconnecting") {
       releaseOnReconnect.add(code); // the resumed session still holds it down
       return;
     }
     sendInput(keyMsg(code, pressed));
+  }
+
+  // --- the overlay bar on touch devices -------------------------------------------------------
+  // Keys a phone has not (Esc, Tab, arrows, Ctrl+Alt+Del), sticky modifiers (tap Ctrl, then a
+  // key: Ctrl+key), the on-screen keyboard, fullscreen and disconnect. It moves to the top when
+  // the guest's pointer is under it.
+  const MODIFIERS = new Set([29, 97, 42, 54, 56, 100, 125, 126]);
+  const latched = new Set();
+  const overlay = document.getElementById("overlay");
+  const osk = document.getElementById("osk");
+  overlay.hidden = !(navigator.maxTouchPoints > 0 || matchMedia("(pointer: coarse)").matches);
+  g.overlay = !overlay.hidden;
+  function showLatched() {
+    for (const b of overlay.querySelectorAll("[data-mod]")) {
+      b.classList.toggle("latched", latched.has(GENOS_KEYMAP[b.dataset.mod]));
+    }
+  }
+  function releaseLatched() {
+    for (const c of latched) sendInput(keyMsg(c, false));
+    latched.clear();
+    showLatched();
+  }
+  function tapKey(code) {
+    sendInput(keyMsg(code, true));
+    sendInput(keyMsg(code, false));
+    releaseLatched();
+  }
+  overlay.addEventListener("pointerdown", (e) => {
+    if (e.target !== osk) e.preventDefault(); // keep the on-screen keyboard's focus
+  });
+  overlay.addEventListener("click", (e) => {
+    const b = e.target.closest("button");
+    if (!b) return;
+    if (b.dataset.key) return tapKey(GENOS_KEYMAP[b.dataset.key]);
+    if (b.dataset.mod) {
+      const code = GENOS_KEYMAP[b.dataset.mod];
+      if (latched.delete(code)) sendInput(keyMsg(code, false));
+      else { latched.add(code); sendInput(keyMsg(code, true)); }
+      return showLatched();
+    }
+    switch (b.dataset.action) {
+      case "cad":
+        for (const c of [29, 56, 111]) sendInput(keyMsg(c, true));
+        for (const c of [111, 56, 29]) sendInput(keyMsg(c, false));
+        latched.clear();
+        showLatched();
+        break;
+      case "keyboard":
+        osk.focus();
+        break;
+      case "fullscreen":
+        if (document.fullscreenElement) document.exitFullscreen();
+        else document.documentElement.requestFullscreen().then(
+          // In fullscreen, shortcuts the browser would take (Ctrl+W, Alt+Tab...) go to the guest.
+          () => navigator.keyboard && navigator.keyboard.lock && navigator.keyboard.lock().catch(() => {}),
+          () => {},
+        );
+        break;
+      case "disconnect":
+        releaseAll();
+        showError("Disconnected", "You left the session. Reload the page to connect again.");
+        if (ws) ws.close();
+        if (wt) wt.close();
+        break;
+    }
+  });
+  // Text from the on-screen keyboard (or IME) as key presses of a US layout.
+  const SHIFTED = { "~": "`", "!": "1", "@": "2", "#": "3", "$": "4", "%": "5", "^": "6", "&": "7", "*": "8",
+    "(": "9", ")": "0", "_": "-", "+": "=", "{": "[", "}": "]", "|": "\\", ":": ";", "\"": "'", "<": ",",
+    ">": ".", "?": "/" };
+  const CODE_OF = { "`": "Backquote", "-": "Minus", "=": "Equal", "[": "BracketLeft", "]": "BracketRight",
+    "\\": "Backslash", ";": "Semicolon", "'": "Quote", ",": "Comma", ".": "Period", "/": "Slash", " ": "Space",
+    "\n": "Enter" };
+  function typeChar(ch) {
+    let shift = false;
+    let base = ch;
+    if (SHIFTED[ch]) { shift = true; base = SHIFTED[ch]; }
+    else if (ch >= "A" && ch <= "Z") { shift = true; base = ch.toLowerCase(); }
+    let code;
+    if (base >= "a" && base <= "z") code = GENOS_KEYMAP["Key" + base.toUpperCase()];
+    else if (base >= "0" && base <= "9") code = GENOS_KEYMAP["Digit" + base];
+    else code = GENOS_KEYMAP[CODE_OF[base]];
+    if (code === undefined) { g.notices.push(`no key for ${JSON.stringify(ch)}`); return; }
+    if (shift) sendInput(keyMsg(42, true));
+    sendInput(keyMsg(code, true));
+    sendInput(keyMsg(code, false));
+    if (shift) sendInput(keyMsg(42, false));
+    releaseLatched();
+  }
+  osk.addEventListener("input", (e) => {
+    if (e.inputType === "deleteContentBackward") tapKey(14);
+    else if (e.inputType === "insertLineBreak") tapKey(28);
+    else for (const ch of e.data || "") typeChar(ch);
+    osk.value = "";
+  });
+  function keepPointerVisible() {
+    if (overlay.hidden || !g.cursor || !g.height) return;
+    const dpr = window.devicePixelRatio || 1;
+    const y = (rect.y + (g.cursor.y * rect.h) / g.height) / dpr;
+    const bar = overlay.getBoundingClientRect();
+    if (!overlay.classList.contains("top") && y >= bar.top) overlay.classList.add("top");
+    else if (overlay.classList.contains("top") && y <= bar.bottom) overlay.classList.remove("top");
   }
 
   // --- clipboard (docs/protocol.md §11) ------------------------------------------------------

@@ -258,6 +258,17 @@ impl Browser {
 
     /// Opens `url` in a new page of `w` x `h` CSS pixels at device pixel ratio 1.
     async fn open(&self, url: &str, w: u32, h: u32) -> Page<'_> {
+        self.open_with(
+            url,
+            json!({"width": w, "height": h, "deviceScaleFactor": 1, "mobile": false}),
+            false,
+        )
+        .await
+    }
+
+    /// Opens `url` in a new page with these device metrics, with touch emulation if `touch`
+    /// (set before the page loads, as a phone's).
+    async fn open_with(&self, url: &str, metrics: Value, touch: bool) -> Page<'_> {
         let target = self
             .cdp
             .call(None, "Target.createTarget", json!({"url": "about:blank"}))
@@ -274,11 +285,15 @@ impl Browser {
             cdp: &self.cdp,
             session: attached["sessionId"].as_str().unwrap().to_owned(),
         };
-        page.call(
-            "Emulation.setDeviceMetricsOverride",
-            json!({"width": w, "height": h, "deviceScaleFactor": 1, "mobile": false}),
-        )
-        .await;
+        page.call("Emulation.setDeviceMetricsOverride", metrics)
+            .await;
+        if touch {
+            page.call(
+                "Emulation.setTouchEmulationEnabled",
+                json!({"enabled": true, "maxTouchPoints": 5}),
+            )
+            .await;
+        }
         page.call("Page.navigate", json!({"url": url})).await;
         page
     }
@@ -1145,6 +1160,120 @@ async fn the_stats_overlay_shows_frame_rate_bitrate_decode_time_and_latency() {
             "{overlay}"
         );
         eprintln!("stats: {stats}");
+    })
+    .await;
+}
+
+/// Taps the centre of the element `selector` with one finger.
+async fn tap(page: &Page<'_>, selector: &str) {
+    let at = page
+        .eval(&format!(
+            "(r => [r.x + r.width / 2, r.y + r.height / 2])(document.querySelector({selector:?}).getBoundingClientRect())"
+        ))
+        .await;
+    let (x, y) = (at[0].as_f64().unwrap(), at[1].as_f64().unwrap());
+    for (kind, points) in [
+        ("touchStart", json!([{"x": x, "y": y, "id": 0}])),
+        ("touchEnd", json!([])),
+    ] {
+        page.call(
+            "Input.dispatchTouchEvent",
+            json!({"type": kind, "touchPoints": points}),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_phone_the_overlay_shows_and_its_ctrl_and_keyboard_reach_the_guest() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Windows, 320, 240, 30.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let phone = json!({"width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": true});
+        let page = browser
+            .open_with(
+                &hx.link(&hx.token(Rights::VIEW | Rights::INPUT)),
+                phone,
+                true,
+            )
+            .await;
+        page.wait_for(
+            "window.genos && window.genos.framesDecoded",
+            30,
+            "frames",
+            |v| v.as_u64().unwrap_or(0) >= 10,
+        )
+        .await;
+        let shown = page
+            .eval("!document.getElementById('overlay').hidden")
+            .await;
+
+        // Act: tap the sticky Ctrl, type c; then the keyboard button and text from the
+        // on-screen keyboard.
+        tap(&page, "[data-mod=ControlLeft]").await;
+        let latched = page
+            .eval("document.querySelector('[data-mod=ControlLeft]').classList.contains('latched')")
+            .await;
+        page.key("KeyC", "c").await;
+        tap(&page, "[data-action=keyboard]").await;
+        let focused = page.eval("document.activeElement.id").await;
+        page.call("Input.insertText", json!({"text": "Hi"})).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let keys = loop {
+            let keys: Vec<_> = hx
+                .input
+                .events()
+                .into_iter()
+                .filter(|e| matches!(e, InputEvent::Key { .. }))
+                .collect();
+            if keys.len() >= 10 || Instant::now() > deadline {
+                break keys;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let shot = page
+            .call("Page.captureScreenshot", json!({"format": "png"}))
+            .await;
+
+        // Assert.
+        assert_eq!(shown, json!(true), "the overlay shows on a touch device");
+        assert_eq!(latched, json!(true), "Ctrl is latched after a tap");
+        assert_eq!(
+            focused,
+            json!("osk"),
+            "the keyboard button focuses the text field"
+        );
+        let k = |code, pressed| InputEvent::Key { code, pressed };
+        assert_eq!(
+            keys,
+            vec![
+                k(29, true),
+                k(46, true),
+                k(46, false),
+                k(29, false),
+                k(42, true),
+                k(35, true),
+                k(35, false),
+                k(42, false),
+                k(23, true),
+                k(23, false),
+            ],
+            "Ctrl+C from the overlay, then H (shifted) and i from the on-screen keyboard"
+        );
+        // The phone-sized page with its overlay, kept for docs/web-client.md.
+        let png = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(shot["data"].as_str().unwrap())
+                .unwrap()
+        };
+        let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-client-phone.png");
+        std::fs::write(&path, &png).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        eprintln!("phone screenshot: {}", path.display());
     })
     .await;
 }
