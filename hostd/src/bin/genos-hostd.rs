@@ -149,14 +149,18 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 Some((cert, key)) => hostd::web::Certificate::Files { cert, key },
                 None => hostd::web::Certificate::Identity(&identity),
             };
-            _web = Some(
-                hostd::web::WebServer::bind(
-                    server.local_addr()?,
-                    hostd::web::tls_config(cert)?,
-                    server.message_viewers(),
-                )
-                .await?,
-            );
+            // A bad certificate is the operator's to fix (fatal); a TCP port someone else
+            // holds costs only the browser page (native viewers still connect).
+            let tls = hostd::web::tls_config(cert)?;
+            match hostd::web::WebServer::bind(server.local_addr()?, tls, server.message_viewers())
+                .await
+            {
+                Ok(web) => _web = Some(web),
+                Err(e) => tracing::warn!(
+                    error = %hostd::error_chain(&e),
+                    "browser page not served"
+                ),
+            }
             tracing::info!(listen = %stream_cfg.listen, "stream server ready");
             orch.set_stream_server(std::sync::Arc::new(server))?;
         }
