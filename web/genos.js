@@ -55,6 +55,7 @@
     sessionId: null,
     resumed: false,
     reconnects: 0,
+    wakeLock: null,
   });
 
   const canvas = document.getElementById("screen");
@@ -340,6 +341,7 @@
         scheduleResize();
         readHostClipboard();
         send(pingMsg()); // the clock offset for latency, at once
+        holdWakeLock();
         // Keys let go while the connection was down are released now.
         if (g.resumed) for (const code of releaseOnReconnect) sendInput(keyMsg(code, false));
         releaseOnReconnect.clear();
@@ -721,6 +723,23 @@
     }
     sendInput(keyMsg(code, pressed));
   }
+
+  // --- screen wake lock: the screen stays on while the session is open and the page shows --
+  let wakeLock = null;
+  function holdWakeLock() {
+    if (g.state !== "open" || document.visibilityState !== "visible" || wakeLock) return;
+    if (!navigator.wakeLock) return void (g.wakeLock = "unsupported");
+    navigator.wakeLock.request("screen").then(
+      (lock) => {
+        wakeLock = lock;
+        g.wakeLock = "held";
+        // Released by the browser when the page is hidden; taken again when it shows.
+        lock.addEventListener("release", () => { wakeLock = null; g.wakeLock = "released"; });
+      },
+      (e) => { g.wakeLock = `refused: ${e.message}`; },
+    );
+  }
+  document.addEventListener("visibilitychange", holdWakeLock);
 
   // --- the overlay bar on touch devices -------------------------------------------------------
   // Keys a phone has not (Esc, Tab, arrows, Ctrl+Alt+Del), sticky modifiers (tap Ctrl, then a

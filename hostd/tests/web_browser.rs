@@ -1277,3 +1277,34 @@ async fn on_a_phone_the_overlay_shows_and_its_ctrl_and_keyboard_reach_the_guest(
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_session_holds_a_screen_wake_lock() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        browser
+            .cdp
+            .call(
+                None,
+                "Browser.grantPermissions",
+                json!({"origin": format!("https://{}", hx.web.local_addr()), "permissions": ["wakeLockScreen"]}),
+            )
+            .await;
+        let page = browser
+            .open(&hx.link(&hx.token(Rights::VIEW)), 320, 240)
+            .await;
+        page.call("Emulation.setFocusEmulationEnabled", json!({"enabled": true}))
+            .await;
+        let lock = page
+            .wait_for("window.genos && window.genos.wakeLock", 30, "a wake lock answer", |v| {
+                v.is_string()
+            })
+            .await;
+        assert_eq!(lock, json!("held"));
+    })
+    .await;
+}
