@@ -185,10 +185,15 @@ async fn wait_for_agent(guest: &mut Guest, socket: &Path, started: Instant) -> A
 
 /// Runs one step within [`STEP_LIMIT`], printing how long it took.
 async fn step<T>(name: &str, work: impl Future<Output = T>) -> T {
+    step_within(STEP_LIMIT, name, work).await
+}
+
+/// [`step`] with its own limit.
+async fn step_within<T>(limit: Duration, name: &str, work: impl Future<Output = T>) -> T {
     let started = Instant::now();
-    let out = tokio::time::timeout(STEP_LIMIT, work)
+    let out = tokio::time::timeout(limit, work)
         .await
-        .unwrap_or_else(|_| panic!("{name}: no answer within {} s", STEP_LIMIT.as_secs()));
+        .unwrap_or_else(|_| panic!("{name}: no answer within {} s", limit.as_secs()));
     eprintln!(
         "{}: {name}: {:.0} ms",
         common::test_name(),
@@ -316,6 +321,38 @@ async fn test_image_orchestrator(
     Some(o)
 }
 
+/// hostd's admin socket for `o`, served by this test process, at `dir/admin.sock`.
+async fn serve_admin(
+    o: &hostd::orchestrator::Orchestrator,
+    dir: &Path,
+) -> (
+    PathBuf,
+    tokio::task::JoinHandle<Result<(), hostd::admin::AdminError>>,
+) {
+    let admin = dir.join("admin.sock");
+    let policy = hostd::admin::AccessPolicy::new("genos");
+    let listener = hostd::admin::bind(&admin, &policy).await.unwrap();
+    (
+        admin,
+        tokio::spawn(hostd::admin::serve_on(o.clone(), listener, policy)),
+    )
+}
+
+/// Runs the `genos` CLI against the admin socket `admin`, off the async workers.
+async fn genos(admin: &Path, args: &[&str]) -> std::process::Output {
+    let admin = admin.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_genos"))
+            .env("GENOS_SOCKET", &admin)
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 /// The same guest through the whole product path: hostd's orchestrator boots it (jailed
 /// when running as root, as in production), calls it ready only when its agent reports the
 /// system stage over vsock, and runs a command and moves a file in it through the agent.
@@ -388,44 +425,22 @@ async fn an_environment_is_ready_through_its_agent_and_runs_commands_in_its_gues
     .unwrap();
     // `genos cp` both ways through the admin socket, with a file larger than any buffered
     // admin request body.
-    let admin = dir.path().join("admin.sock");
-    let policy = hostd::admin::AccessPolicy::new("genos");
-    let listener = hostd::admin::bind(&admin, &policy).await.unwrap();
-    let server = tokio::spawn(hostd::admin::serve_on(o.clone(), listener, policy));
+    let (admin, server) = serve_admin(&o, dir.path()).await;
     let big: Vec<u8> = (0..COPY_LEN).map(|i| (i * 7 % 251) as u8).collect();
     let (local, back_path) = (dir.path().join("big.bin"), dir.path().join("back.bin"));
     std::fs::write(&local, &big).unwrap();
-    let cp = |args: Vec<String>| {
-        let admin = admin.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                Command::new(env!("CARGO_BIN_EXE_genos"))
-                    .env("GENOS_SOCKET", &admin)
-                    .arg("cp")
-                    .args(&args)
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap()
-        }
-    };
+    let (local_arg, back_arg) = (local.display().to_string(), back_path.display().to_string());
     let copied_in = step(
         "genos cp in",
-        cp(vec![
-            "--mode".into(),
-            "640".into(),
-            local.display().to_string(),
-            "guest:/root/big.bin".into(),
-        ]),
+        genos(
+            &admin,
+            &["cp", "--mode", "640", &local_arg, "guest:/root/big.bin"],
+        ),
     )
     .await;
     let copied_out = step(
         "genos cp out",
-        cp(vec![
-            "guest:/root/big.bin".into(),
-            back_path.display().to_string(),
-        ]),
+        genos(&admin, &["cp", "guest:/root/big.bin", &back_arg]),
     )
     .await;
     server.abort();
@@ -618,8 +633,9 @@ impl Drop for OutsideServer {
     }
 }
 
-/// A `nat` environment's guest gets the address hostd planned through its agent and
-/// reaches a server outside the host's own namespace (a namespace on this machine).
+/// `genos up` on a headless sentence (NAT by default): the guest gets the address hostd
+/// planned through its agent, and `genos exec` fetches a page from a server outside the
+/// host's own namespace (a namespace on this machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nat_guest_is_configured_by_hostd_and_reaches_a_server_outside() {
     const NAT_TEST: &str = "a_nat_guest_is_configured_by_hostd";
@@ -636,20 +652,25 @@ async fn a_nat_guest_is_configured_by_hostd_and_reaches_a_server_outside() {
         return;
     };
     let outside = OutsideServer::start();
-    let mut spec = common::headless_spec("netguest", false);
-    spec.network.mode = proto::spec::NetworkMode::Nat;
+    let (admin, server) = serve_admin(&o, dir.path()).await;
     let started = Instant::now();
 
-    o.create(spec, "test").unwrap();
-    common::wait_state(
-        &o,
-        "netguest",
-        hostd::store::EnvState::Ready,
-        BOOT_LIMIT.as_secs(),
+    let up = step_within(
+        BOOT_LIMIT,
+        "genos up",
+        genos(
+            &admin,
+            &[
+                "up",
+                "--timeout",
+                &BOOT_LIMIT.as_secs().to_string(),
+                "headless python, 1 core, 128 MB ram, for 1 hour",
+            ],
+        ),
     )
     .await;
     eprintln!(
-        "{NAT_TEST}: ready {:.1} s after create",
+        "{NAT_TEST}: genos up returned {:.1} s after it started",
         started.elapsed().as_secs_f64()
     );
     let url = format!(
@@ -657,69 +678,72 @@ async fn a_nat_guest_is_configured_by_hostd_and_reaches_a_server_outside() {
         OutsideServer::SERVER_ADDR,
         OutsideServer::PORT
     );
+    // Not `-q -T`: this busybox (1.35) segfaults with them.
     let fetched = step(
-        "wget from the guest",
-        o.exec(
-            "netguest",
-            "test",
-            ExecRequest {
-                // Not `-q -T`: this busybox (1.35) segfaults with them.
-                argv: ["/bin/busybox", "wget", "-O", "-", &url]
-                    .map(String::from)
-                    .to_vec(),
-                cwd: "/".into(),
-                ..ExecRequest::default()
-            },
-            None,
-            STEP_LIMIT,
+        "genos exec wget",
+        genos(
+            &admin,
+            &[
+                "exec",
+                "python",
+                "--",
+                "/bin/busybox",
+                "wget",
+                "-O",
+                "-",
+                &url,
+            ],
         ),
     )
-    .await
-    .unwrap();
+    .await;
     let addresses = step(
-        "ip addr in the guest",
-        o.exec(
-            "netguest",
-            "test",
-            ExecRequest {
-                argv: ["/bin/ip", "-4", "addr", "show", "dev", "eth0"]
-                    .map(String::from)
-                    .to_vec(),
-                cwd: "/".into(),
-                ..ExecRequest::default()
-            },
-            None,
-            STEP_LIMIT,
+        "genos exec ip addr",
+        genos(
+            &admin,
+            &[
+                "exec", "python", "--", "/bin/ip", "-4", "addr", "show", "dev", "eth0",
+            ],
         ),
     )
-    .await
-    .unwrap();
+    .await;
     let resolv = step(
-        "resolv.conf in the guest",
-        o.get_file(
-            "netguest",
-            "test",
-            FileGetRequest {
-                path: "/etc/resolv.conf".into(),
-                as_root: true,
-                ..FileGetRequest::default()
-            },
-            1 << 12,
+        "genos exec cat resolv.conf",
+        genos(
+            &admin,
+            &[
+                "exec",
+                "python",
+                "--",
+                "/bin/busybox",
+                "cat",
+                "/etc/resolv.conf",
+            ],
         ),
     )
     .await
-    .unwrap()
-    .0;
+    .stdout;
     let ready_detail = o
         .audit_entries(200)
         .unwrap()
         .into_iter()
-        .find(|e| e.target == "netguest" && e.action == "ready")
+        .find(|e| e.target == "python" && e.action == "ready")
         .map(|e| e.detail)
         .unwrap_or_default();
-    o.destroy("netguest", "test").await.unwrap();
+    server.abort();
+    o.destroy("python", "test").await.unwrap();
     drop(outside);
 
+    assert!(
+        up.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&up.stderr).contains("full internet access through NAT (default)"),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
     let planned = ready_detail
         .split("network eth0 ")
         .nth(1)
@@ -749,10 +773,10 @@ async fn a_nat_guest_is_configured_by_hostd_and_reaches_a_server_outside() {
     );
     assert_eq!(
         (
-            fetched.status,
+            fetched.status.code(),
             String::from_utf8_lossy(&fetched.stdout).into_owned()
         ),
-        (Some(ExitStatus::Code(0)), OutsideServer::BODY.to_owned()),
+        (Some(0), OutsideServer::BODY.to_owned()),
         "{}",
         String::from_utf8_lossy(&fetched.stderr)
     );
