@@ -1308,3 +1308,40 @@ async fn an_open_session_holds_a_screen_wake_lock() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_without_webtransport_falls_back_to_the_websocket() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Windows, 320, 240, 30.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let page = browser.open("about:blank", 320, 240).await;
+        // As in a browser that has no WebTransport (older Safari).
+        page.call("Page.enable", json!({})).await;
+        page.call(
+            "Page.addScriptToEvaluateOnNewDocument",
+            json!({"source": "Object.defineProperty(window, \"WebTransport\", {value: undefined, configurable: true, writable: true});"}),
+        )
+        .await;
+        page.call(
+            "Page.navigate",
+            json!({"url": hx.link(&hx.token(Rights::VIEW))}),
+        )
+        .await;
+        page.wait_for(
+            "window.genos && window.genos.framesDecoded",
+            30,
+            "frames",
+            |v| v.as_u64().unwrap_or(0) >= 30,
+        )
+        .await;
+        assert_eq!(page.eval("typeof WebTransport").await, json!("undefined"));
+        assert_eq!(
+            page.eval("window.genos.transport").await,
+            json!("websocket")
+        );
+    })
+    .await;
+}
