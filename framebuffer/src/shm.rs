@@ -222,4 +222,3 @@ pub(crate) fn wait_readable(fd: &impl AsFd, deadline: Instant) -> io::Result<boo
         return Ok(true);
     }
 }
-
