@@ -789,6 +789,10 @@
       case "keyboard":
         osk.focus();
         break;
+      case "trackpad":
+        trackpad = g.trackpad = !trackpad;
+        b.classList.toggle("latched", trackpad);
+        break;
       case "fullscreen":
         if (document.fullscreenElement) document.exitFullscreen();
         else document.documentElement.requestFullscreen().then(
@@ -908,7 +912,70 @@
     });
   const TOUCH_START = 0, TOUCH_MOVE = 1, TOUCH_END = 2, TOUCH_CANCEL = 3;
   const touchSlots = new Map(); // pointerId -> slot
+  // Trackpad mode (the overlay's Pad button, or `#...&trackpad=1`): the screen is a laptop's
+  // touchpad. One finger moves the pointer (relative), a tap clicks, a long press or a
+  // two-finger tap right-clicks, two fingers dragged scroll.
+  let trackpad = params.get("trackpad") === "1";
+  g.trackpad = trackpad;
+  const pad = { fingers: new Map(), start: 0, moved: 0, maxFingers: 0, pointer: null, longPress: 0 };
+  const TAP_MS = 250, TAP_SLOP = 10, LONG_PRESS_MS = 500;
+  function padPointer() {
+    if (!pad.pointer) pad.pointer = g.cursor ? [g.cursor.x, g.cursor.y] : [g.width >> 1, g.height >> 1];
+    return pad.pointer;
+  }
+  function click(button) {
+    sendInput(buttonMsg(button, true));
+    sendInput(buttonMsg(button, false));
+  }
+  function padTouch(e, phase) {
+    e.preventDefault();
+    const now = performance.now();
+    const dpr = window.devicePixelRatio || 1;
+    const scale = (g.width / rect.w) * dpr; // stream pixels per CSS pixel
+    if (phase === TOUCH_START) {
+      if (pad.fingers.size === 0) {
+        pad.start = now;
+        pad.moved = 0;
+        pad.maxFingers = 0;
+        clearTimeout(pad.longPress);
+        pad.longPress = setTimeout(() => {
+          if (pad.fingers.size === 1 && pad.moved < TAP_SLOP) { click(3); pad.maxFingers = 99; }
+        }, LONG_PRESS_MS);
+      }
+      pad.fingers.set(e.pointerId, [e.clientX, e.clientY]);
+      pad.maxFingers = Math.max(pad.maxFingers, pad.fingers.size);
+      canvas.setPointerCapture(e.pointerId);
+      return;
+    }
+    const last = pad.fingers.get(e.pointerId);
+    if (!last) return;
+    const dx = e.clientX - last[0];
+    const dy = e.clientY - last[1];
+    pad.fingers.set(e.pointerId, [e.clientX, e.clientY]);
+    if (phase === TOUCH_MOVE) {
+      pad.moved += Math.abs(dx) + Math.abs(dy);
+      if (pad.fingers.size === 1 && pad.maxFingers === 1) {
+        const p = padPointer();
+        p[0] = Math.min(Math.max(p[0] + dx * scale, 0), g.width - 1);
+        p[1] = Math.min(Math.max(p[1] + dy * scale, 0), g.height - 1);
+        sendInput(moveMsg(Math.round(p[0]), Math.round(p[1])));
+      } else if (pad.fingers.size === 2) {
+        // Two fingers: content follows them (natural scrolling), 1 CSS px of their mean
+        // movement = 1.2/120 notch (each finger's move counts half).
+        const w = (n) => Math.max(-32768, Math.min(32767, Math.round((-n / 2) * 1.2)));
+        if (w(dx) || w(dy)) sendInput(wheelMsg(w(dx), w(dy)));
+      }
+      return;
+    }
+    pad.fingers.delete(e.pointerId);
+    if (pad.fingers.size > 0) return;
+    clearTimeout(pad.longPress);
+    const tap = now - pad.start < TAP_MS && pad.moved < TAP_SLOP;
+    if (tap && pad.maxFingers === 1) click(1);
+    else if (tap && pad.maxFingers === 2) click(3);
+  }
   function touch(e, phase) {
+    if (trackpad) return padTouch(e, phase);
     e.preventDefault();
     let slot = touchSlots.get(e.pointerId);
     if (phase === TOUCH_START) {

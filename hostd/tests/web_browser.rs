@@ -1345,3 +1345,108 @@ async fn a_browser_without_webtransport_falls_back_to_the_websocket() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_trackpad_mode_taps_click_and_two_fingers_scroll_or_right_click() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Windows, 320, 240, 30.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let link = format!(
+            "{}&trackpad=1",
+            hx.link(&hx.token(Rights::VIEW | Rights::INPUT))
+        );
+        let metrics = json!({"width": 320, "height": 240, "deviceScaleFactor": 1, "mobile": true});
+        let page = browser.open_with(&link, metrics, true).await;
+        page.wait_for(
+            "window.genos && window.genos.framesDecoded",
+            30,
+            "frames",
+            |v| v.as_u64().unwrap_or(0) >= 5,
+        )
+        .await;
+        let touches = |kind: &str, points: &[(u32, u32)]| {
+            let pts: Vec<_> = points
+                .iter()
+                .enumerate()
+                .map(|(i, (x, y))| json!({"x": x, "y": y, "id": i}))
+                .collect();
+            json!({"type": kind, "touchPoints": pts})
+        };
+
+        // Act (above the overlay bar at the bottom): a one-finger tap; a two-finger drag
+        // upwards; a two-finger tap; a one-finger drag.
+        for step in [
+            touches("touchStart", &[(100, 60)]),
+            touches("touchEnd", &[]),
+            touches("touchStart", &[(100, 80), (140, 80)]),
+            touches("touchMove", &[(100, 60), (140, 60)]),
+            touches("touchMove", &[(100, 40), (140, 40)]),
+            touches("touchEnd", &[]),
+            touches("touchStart", &[(100, 60), (140, 60)]),
+            touches("touchEnd", &[]),
+            touches("touchStart", &[(50, 50)]),
+            touches("touchMove", &[(65, 60)]),
+            touches("touchMove", &[(80, 70)]),
+            touches("touchEnd", &[]),
+        ] {
+            page.call("Input.dispatchTouchEvent", step).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let events = hx.input.events();
+
+        // Assert: left click, scrolling down (content follows the fingers up), right click,
+        // then the pointer moved; no touchscreen contacts.
+        let buttons_and_wheels: Vec<_> = events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    InputEvent::PointerButton { .. } | InputEvent::Wheel { .. }
+                )
+            })
+            .cloned()
+            .collect();
+        let b = |button, pressed| InputEvent::PointerButton { button, pressed };
+        assert_eq!(
+            buttons_and_wheels[..2],
+            [b(Button::Left, true), b(Button::Left, false)]
+        );
+        let n = buttons_and_wheels.len();
+        assert_eq!(
+            buttons_and_wheels[n - 2..],
+            [b(Button::Right, true), b(Button::Right, false)],
+            "{events:?}"
+        );
+        let wheels = &buttons_and_wheels[2..n - 2];
+        assert!(!wheels.is_empty(), "{events:?}");
+        let down: i32 = wheels
+            .iter()
+            .map(|w| match w {
+                InputEvent::Wheel { dx, dy } => {
+                    assert_eq!(*dx, 0);
+                    i32::from(*dy)
+                }
+                other => panic!("not a wheel between the clicks: {other:?}"),
+            })
+            .sum();
+        assert_eq!(
+            down, 48,
+            "40 CSS px up = 4/10 of a notch down per 10 px: {wheels:?}"
+        );
+        let last_move = events
+            .iter()
+            .rev()
+            .find(|e| matches!(e, InputEvent::PointerMove { .. }))
+            .cloned();
+        assert!(
+            matches!(events.last(), Some(InputEvent::PointerMove { .. })),
+            "the drag moves the pointer last: {events:?}"
+        );
+        assert!(last_move.is_some());
+        assert!(!events.iter().any(|e| matches!(e, InputEvent::Touch { .. })));
+    })
+    .await;
+}
