@@ -69,6 +69,41 @@ pub struct Config {
     pub llm: crate::llm::LlmConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub fleet: FleetConfig,
+}
+
+/// `[fleet]`: membership of a fleet of hosts over etcd (docs/fleet.md). Off (hostd works
+/// alone) while `etcd` is empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// etcd client endpoints, e.g. `["http://10.0.0.1:2379"]`; empty: no fleet.
+    pub etcd: Vec<String>,
+    /// This node's name in the fleet (unique); empty: the host name.
+    pub node: String,
+    /// Where viewers reach this node's stream server (`host:port`).
+    pub public_address: String,
+    /// Seconds this node's lease lives without a keep-alive: how long until the fleet
+    /// considers a silent node gone.
+    pub lease_ttl_s: u64,
+    /// Key prefix in etcd.
+    pub prefix: String,
+    /// Operator labels placement can ask for (`zone = "a"`, `gpu = "false"`).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            etcd: Vec::new(),
+            node: String::new(),
+            public_address: String::new(),
+            lease_ttl_s: 10,
+            prefix: "/genos/fleet/".into(),
+            labels: BTreeMap::new(),
+        }
+    }
 }
 
 /// `[metrics]`: the Prometheus text of the admin socket's `/metrics`, also over plain HTTP

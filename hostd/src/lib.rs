@@ -12,6 +12,7 @@ pub mod body_channel;
 pub mod composer;
 pub mod config;
 pub mod doctor;
+pub mod fleet;
 pub mod llm;
 pub mod orchestrator;
 pub mod pidfd;

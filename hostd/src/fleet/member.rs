@@ -1,0 +1,309 @@
+//! The etcd driver of the fleet core: joins the fleet (a lease, this node's record under it),
+//! keeps the lease alive, and feeds every node's record from a prefix watch into a shared
+//! [`Fleet`]. A node whose lease lapses has its key deleted by etcd; the watch's delete is
+//! the core's `node_gone`. Keys: `<prefix>nodes/<name>` (docs/fleet.md).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::placement::{Decision, Fleet, LossPolicy, Needs, NodeRecord, PlaceError};
+use crate::config::FleetConfig;
+
+/// Why joining or talking to the fleet failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    #[error("[fleet] has no etcd endpoints")]
+    NoEndpoints,
+    #[error("cannot reach etcd at {endpoints}")]
+    Connect {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("etcd refused the lease for node {node}")]
+    Lease {
+        node: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("cannot publish node {node} in etcd")]
+    Publish {
+        node: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("cannot watch the fleet's nodes in etcd")]
+    Watch(#[source] etcd_client::Error),
+    #[error("cannot encode node record")]
+    Encode(#[source] serde_json::Error),
+    #[error(transparent)]
+    Place(#[from] PlaceError),
+}
+
+/// This hostd's membership: its lease and the fleet as the watch reports it.
+pub struct Member {
+    name: String,
+    client: Client,
+    lease: i64,
+    fleet: Arc<Mutex<Fleet>>,
+    /// Bumped on every change the watch applied.
+    changes: watch::Receiver<u64>,
+    decisions: Arc<Mutex<Vec<Decision>>>,
+    keepalive: Option<JoinHandle<()>>,
+    watcher: JoinHandle<()>,
+}
+
+/// The key of node `name` under `prefix`.
+pub fn node_key(prefix: &str, name: &str) -> String {
+    format!("{prefix}nodes/{name}")
+}
+
+impl Member {
+    /// Connects, takes a lease of `cfg.lease_ttl_s`, publishes `record` under it, starts the
+    /// keep-alive and the watch of every node. Returns once the existing nodes are loaded.
+    pub async fn join(cfg: &FleetConfig, record: NodeRecord) -> Result<Member, MemberError> {
+        if cfg.etcd.is_empty() {
+            return Err(MemberError::NoEndpoints);
+        }
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(5));
+        let client = Client::connect(&cfg.etcd, Some(opts))
+            .await
+            .map_err(|source| MemberError::Connect {
+                endpoints: cfg.etcd.join(","),
+                source,
+            })?;
+        let name = record.name.clone();
+        let mut c = client.clone();
+        let ttl = i64::try_from(cfg.lease_ttl_s.max(1)).unwrap_or(i64::MAX);
+        let lease = c
+            .lease_grant(ttl, None)
+            .await
+            .map_err(|source| MemberError::Lease {
+                node: name.clone(),
+                source,
+            })?
+            .id();
+        let value = serde_json::to_vec(&record).map_err(MemberError::Encode)?;
+        c.put(
+            node_key(&cfg.prefix, &name),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(|source| MemberError::Publish {
+            node: name.clone(),
+            source,
+        })?;
+        let keepalive = tokio::spawn(keep_alive(
+            client.clone(),
+            lease,
+            Duration::from_secs(cfg.lease_ttl_s.max(1)) / 3,
+            name.clone(),
+        ));
+
+        let fleet = Arc::new(Mutex::new(Fleet::new(LossPolicy::MarkLost)));
+        let decisions = Arc::new(Mutex::new(Vec::new()));
+        let origin = Instant::now();
+        let prefix = format!("{}nodes/", cfg.prefix);
+        let got = c
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(MemberError::Watch)?;
+        let rev = got.header().map(|h| h.revision()).unwrap_or(0);
+        {
+            let mut f = fleet.lock().expect("fleet lock");
+            for kv in got.kvs() {
+                if let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value()) {
+                    f.node_seen(origin.elapsed(), r);
+                }
+            }
+        }
+        let (_w, stream) = c
+            .watch(
+                prefix.clone(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(rev + 1),
+                ),
+            )
+            .await
+            .map_err(MemberError::Watch)?;
+        let (tx, changes) = watch::channel(0u64);
+        let watcher = tokio::spawn(apply_watch(
+            _w,
+            stream,
+            prefix,
+            fleet.clone(),
+            decisions.clone(),
+            origin,
+            tx,
+        ));
+        Ok(Member {
+            name,
+            client,
+            lease,
+            fleet,
+            changes,
+            decisions,
+            keepalive: Some(keepalive),
+            watcher,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The fleet as last seen (a copy).
+    pub fn fleet(&self) -> Fleet {
+        self.fleet.lock().expect("fleet lock").clone()
+    }
+
+    /// Names of the live nodes.
+    pub fn alive(&self) -> Vec<String> {
+        self.fleet.lock().expect("fleet lock").alive()
+    }
+
+    /// Decisions the core made from watch events since the last call (e.g. lost envs).
+    pub fn take_decisions(&self) -> Vec<Decision> {
+        std::mem::take(&mut *self.decisions.lock().expect("decisions lock"))
+    }
+
+    /// Chooses a node for `env` in this member's view and records it (locally: the etcd
+    /// claim transaction is still to come, docs/fleet.md).
+    pub fn place(&self, env: &str, needs: Needs) -> Result<String, MemberError> {
+        Ok(self.fleet.lock().expect("fleet lock").place(env, needs)?)
+    }
+
+    /// Waits until `pred` holds for the fleet, or `timeout` passes; returns whether it held.
+    pub async fn wait_until(&self, timeout: Duration, pred: impl Fn(&Fleet) -> bool) -> bool {
+        let mut rx = self.changes.clone();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(&self.fleet.lock().expect("fleet lock")) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return pred(&self.fleet.lock().expect("fleet lock")),
+            }
+        }
+    }
+
+    /// Stops refreshing the lease without revoking it, as a hung or cut-off host would:
+    /// etcd deletes this node's key once the TTL runs out.
+    pub fn stop_keepalive(&mut self) {
+        if let Some(k) = self.keepalive.take() {
+            k.abort();
+        }
+    }
+
+    /// Leaves at once: revokes the lease (the key goes with it) and stops the tasks.
+    pub async fn leave(mut self) -> Result<(), MemberError> {
+        self.stop_keepalive();
+        self.watcher.abort();
+        self.client
+            .lease_revoke(self.lease)
+            .await
+            .map_err(|source| MemberError::Lease {
+                node: self.name.clone(),
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.stop_keepalive();
+        self.watcher.abort();
+    }
+}
+
+async fn keep_alive(mut client: Client, lease: i64, every: Duration, node: String) {
+    let every = every.max(Duration::from_millis(200));
+    loop {
+        match client.lease_keep_alive(lease).await {
+            Ok((mut keeper, mut stream)) => loop {
+                if let Err(e) = keeper.keep_alive().await {
+                    tracing::warn!(node, error = %crate::error_chain(&e), "fleet lease keep-alive failed");
+                    break;
+                }
+                match stream.message().await {
+                    Ok(Some(r)) if r.ttl() > 0 => {}
+                    Ok(_) => {
+                        tracing::error!(node, "fleet lease expired; this node left the fleet");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(node, error = %crate::error_chain(&e), "fleet lease keep-alive failed");
+                        break;
+                    }
+                }
+                tokio::time::sleep(every).await;
+            },
+            Err(e) => {
+                tracing::warn!(node, error = %crate::error_chain(&e), "cannot reach etcd to keep the fleet lease")
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+async fn apply_watch(
+    _watcher: etcd_client::Watcher,
+    mut stream: etcd_client::WatchStream,
+    prefix: String,
+    fleet: Arc<Mutex<Fleet>>,
+    decisions: Arc<Mutex<Vec<Decision>>>,
+    origin: Instant,
+    tx: watch::Sender<u64>,
+) {
+    let mut n = 0u64;
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                tracing::warn!("fleet watch ended");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "fleet watch failed");
+                return;
+            }
+        };
+        let mut out = Vec::new();
+        {
+            let mut f = fleet.lock().expect("fleet lock");
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let now = origin.elapsed();
+                match ev.event_type() {
+                    EventType::Put => match serde_json::from_slice::<NodeRecord>(kv.value()) {
+                        Ok(r) => out.extend(f.node_seen(now, r)),
+                        Err(e) => {
+                            tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "ignoring a bad node record")
+                        }
+                    },
+                    EventType::Delete => {
+                        let key = String::from_utf8_lossy(kv.key());
+                        if let Some(name) = key.strip_prefix(&prefix) {
+                            out.extend(f.node_gone(now, name));
+                        }
+                    }
+                }
+            }
+        }
+        decisions.lock().expect("decisions lock").extend(out);
+        n += 1;
+        let _ = tx.send(n);
+    }
+}
