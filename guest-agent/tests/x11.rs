@@ -6,10 +6,9 @@
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use proto::agent::{
     AgentMessage, ClipboardContent, ErrorCode, Features, Frame, HostMessage, RequestId, Stage,
     MIME_TEXT_UTF8,
 };
+use testkit::x11::{Guard, XServer};
 use testkit::{skip, Need};
 use x11rb::connection::Connection;
 use x11rb::protocol::xproto::{ConnectionExt as _, CreateWindowAux, WindowClass};
@@ -48,149 +48,20 @@ impl Drop for Scratch {
     }
 }
 
-/// A child process killed and reaped on every exit path (the X servers, the agents).
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Xvfb on a display of its own, logging into `scratch`.
+fn xvfb(scratch: &Scratch) -> XServer {
+    xvfb_with(scratch, &[])
 }
 
-/// A running X server on its own display.
-struct XServer {
-    display: String,
-    _child: Guard,
+/// Xvfb with more arguments.
+fn xvfb_with(scratch: &Scratch, args: &[&OsStr]) -> XServer {
+    let log = scratch.0.join("xvfb.log");
+    let mut cmd = Command::new("Xvfb");
+    cmd.args(["-nolisten", "tcp", "-screen", "0", "1024x768x24"])
+        .args(args)
+        .stderr(std::fs::File::create(&log).unwrap());
+    XServer::spawn(cmd, &log)
 }
-
-impl XServer {
-    /// Starts `cmd` (an X server) with `-displayfd`, so the server picks a free display
-    /// itself and says which once it accepts clients.
-    fn spawn(mut cmd: Command, log: &Path) -> XServer {
-        let mut fds = [0; 2];
-        // SAFETY: pipe writes two descriptors into the array.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: fresh descriptors from pipe, owned from here on.
-        let (read, write) = unsafe {
-            (
-                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
-                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
-            )
-        };
-        // SAFETY: fcntl on a descriptor we own: the read end stays out of the child.
-        unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-        let child = cmd
-            .arg("-displayfd")
-            .arg(write.as_raw_fd().to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start the X server");
-        drop(write);
-        let mut child = Guard(child);
-        let mut reader = std::fs::File::from(read);
-        let mut number = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !number.ends_with(b"\n") {
-            let mut pfd = libc::pollfd {
-                fd: reader.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one live pollfd.
-            unsafe { libc::poll(&mut pfd, 1, 100) };
-            if pfd.revents & libc::POLLIN != 0 {
-                let mut byte = [0u8; 1];
-                if reader.read(&mut byte).unwrap_or(0) == 1 {
-                    number.push(byte[0]);
-                    continue;
-                }
-            }
-            if let Ok(Some(status)) = child.0.try_wait() {
-                let log = std::fs::read_to_string(log).unwrap_or_default();
-                panic!("X server exited ({status}) before taking a display: {log}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "X server took no display in 20 s"
-            );
-        }
-        let display = format!(":{}", String::from_utf8_lossy(&number).trim());
-        XServer {
-            display,
-            _child: child,
-        }
-    }
-
-    fn xvfb(scratch: &Scratch) -> XServer {
-        XServer::xvfb_with(scratch, &[])
-    }
-
-    /// Xvfb with more arguments.
-    fn xvfb_with(scratch: &Scratch, args: &[&OsStr]) -> XServer {
-        let log = scratch.0.join("xvfb.log");
-        let mut cmd = Command::new("Xvfb");
-        cmd.args(["-nolisten", "tcp", "-screen", "0", "1024x768x24"])
-            .args(args)
-            .stderr(std::fs::File::create(&log).unwrap());
-        XServer::spawn(cmd, &log)
-    }
-
-    /// Xorg with the dummy driver (RandR 1.2 with mode changes), from a generated config.
-    fn xorg_dummy(scratch: &Scratch) -> XServer {
-        let conf = scratch.0.join("xorg.conf");
-        std::fs::write(&conf, XORG_DUMMY_CONF).unwrap();
-        std::fs::create_dir_all(scratch.0.join("xorg.conf.d")).unwrap();
-        let log = scratch.0.join("xorg.log");
-        let mut cmd = Command::new("Xorg");
-        cmd.args(["-noreset", "-nolisten", "tcp", "-novtswitch", "-sharevts"])
-            .arg("-config")
-            .arg(&conf)
-            .arg("-configdir")
-            .arg(scratch.0.join("xorg.conf.d"))
-            .arg("-logfile")
-            .arg(&log)
-            .stderr(Stdio::null());
-        XServer::spawn(cmd, &log)
-    }
-
-    fn xrandr_current(&self) -> String {
-        let out = Command::new("xrandr")
-            .env("DISPLAY", &self.display)
-            .output()
-            .expect("run xrandr");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.lines().next().unwrap_or_default().to_owned()
-    }
-}
-
-const XORG_DUMMY_CONF: &str = r#"Section "ServerFlags"
-  Option "AutoAddDevices" "false"
-  Option "AutoEnableDevices" "false"
-  Option "DontVTSwitch" "true"
-EndSection
-Section "Device"
-  Identifier "dummy"
-  Driver "dummy"
-  VideoRam 65536
-EndSection
-Section "Monitor"
-  Identifier "monitor"
-  HorizSync 5.0-1000.0
-  VertRefresh 5.0-1000.0
-EndSection
-Section "Screen"
-  Identifier "screen"
-  Device "dummy"
-  Monitor "monitor"
-  DefaultDepth 24
-  SubSection "Display"
-    Depth 24
-    Virtual 4096 4096
-  EndSubSection
-EndSection
-"#;
 
 /// The system agent (Unix socket for the host, its session socket in the scratch dir) and
 /// one host connection to it.
@@ -450,7 +321,7 @@ fn clipboard_set_through_the_session_part_is_read_by_xclip_in_every_text_target(
         return;
     }
     let scratch = Scratch::new("set");
-    let x = XServer::xvfb(&scratch);
+    let x = xvfb(&scratch);
     let mut system = System::start(&scratch);
     let _part = system.session_part(&x);
 
@@ -484,7 +355,7 @@ fn text_copied_with_xclip_is_announced_as_changed_and_got() {
         return;
     }
     let scratch = Scratch::new("get");
-    let x = XServer::xvfb(&scratch);
+    let x = xvfb(&scratch);
     let mut system = System::start(&scratch);
     let _part = system.session_part(&x);
     // The agent's own set first: it must not come back as a change.
@@ -527,7 +398,7 @@ fn session_stage_comes_when_a_window_of_another_client_maps() {
         return;
     }
     let scratch = Scratch::new("stage");
-    let x = XServer::xvfb(&scratch);
+    let x = xvfb(&scratch);
     let mut system = System::start(&scratch);
     system.wait_stage(Stage::System);
     let _part = system.session_part(&x);
@@ -577,7 +448,7 @@ fn a_session_part_that_leaves_drops_the_stage_and_a_new_one_is_picked_up() {
         return;
     }
     let scratch = Scratch::new("restart");
-    let x = XServer::xvfb(&scratch);
+    let x = xvfb(&scratch);
     let mut system = System::start(&scratch);
     assert!(!system.features.contains(Features::CLIPBOARD));
     // A window from the start: the session part finds it when it connects.
@@ -644,7 +515,7 @@ fn display_modes_are_set_with_randr_on_xorg_dummy_new_and_existing() {
         return;
     }
     let scratch = Scratch::new("randr");
-    let x = XServer::xorg_dummy(&scratch);
+    let x = XServer::xorg_dummy(&scratch.0);
     let mut system = System::start(&scratch);
     let _part = system.session_part(&x);
     let mode = |w, h| {
@@ -831,7 +702,7 @@ fn a_clipboard_sent_in_incr_pieces_is_got_whole() {
         return;
     }
     let scratch = Scratch::new("incr");
-    let x = XServer::xvfb(&scratch);
+    let x = xvfb(&scratch);
     let mut system = System::start(&scratch);
     let _part = system.session_part(&x);
     let text: Vec<u8> = (0..300_000).map(|i| b'a' + (i % 26) as u8).collect();
@@ -881,7 +752,7 @@ fn a_clipboard_over_the_protocol_limit_is_refused_as_too_large() {
         return;
     }
     let scratch = Scratch::new("large");
-    let x = XServer::xvfb(&scratch);
+    let x = xvfb(&scratch);
     let mut system = System::start(&scratch);
     let _part = system.session_part(&x);
     let text = "x".repeat(proto::agent::MAX_CLIPBOARD_LEN + 1);
@@ -928,7 +799,7 @@ fn a_display_with_access_control_is_reached_with_the_cookie_from_xauthority() {
     let scratch = Scratch::new("xauth");
     let auth = scratch.0.join("Xauthority");
     xauthority(&auth, b"genos-agent-test");
-    let x = XServer::xvfb_with(&scratch, &[OsStr::new("-auth"), auth.as_os_str()]);
+    let x = xvfb_with(&scratch, &[OsStr::new("-auth"), auth.as_os_str()]);
     assert!(
         x11rb::connect(Some(&x.display)).is_err(),
         "the display must refuse clients without the cookie"
@@ -954,7 +825,7 @@ fn a_session_part_ends_when_its_display_closes_and_the_stage_falls_back() {
         return;
     }
     let scratch = Scratch::new("logout");
-    let x = XServer::xvfb(&scratch);
+    let x = xvfb(&scratch);
     let mut system = System::start(&scratch);
     let (conn, screen) = x11rb::connect(Some(&x.display)).unwrap();
     let root = conn.setup().roots[screen].root;
@@ -1004,7 +875,7 @@ fn latin1_only_owners_and_readers_get_iso_8859_1_text() {
         return;
     }
     let scratch = Scratch::new("latin1");
-    let x = XServer::xvfb(&scratch);
+    let x = xvfb(&scratch);
     let mut system = System::start(&scratch);
     let _part = system.session_part(&x);
     assert_eq!(system.set_clipboard("héllo €"), AgentMessage::Done);
@@ -1049,7 +920,7 @@ fn a_session_part_of_another_user_is_refused() {
         );
     }
     let scratch = Scratch::new("peer");
-    let x = XServer::xvfb(&scratch);
+    let x = xvfb(&scratch);
     let mut system = System::start(&scratch);
     // nobody is neither root nor the session user (genos, absent here).
     let intruder = Command::new("setpriv")

@@ -11,6 +11,8 @@
 //! corpus, so a plain `cargo test` checks every seed (including every crash ever found)
 //! against the target's oracle.
 
+pub mod x11;
+
 use std::fmt::Display;
 use std::path::Path;
 

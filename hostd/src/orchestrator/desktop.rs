@@ -16,11 +16,10 @@ use proto::agent::{ClipboardContent, ErrorCode, HostMessage, Stage, MIME_TEXT_UT
 use proto::stream::{InputEvent, MAX_CLIPBOARD_LEN};
 use tokio::sync::watch;
 
-use super::Orchestrator;
+use super::{OrchError, Orchestrator};
 use crate::agent::{AgentClient, AgentError};
 use crate::error_chain;
 use crate::stream::source::{InputError, InputSink};
-use crate::vm_source::VmInput;
 
 /// Pause before reaching the agent again after its connection failed.
 const RECONNECT: Duration = Duration::from_secs(2);
@@ -34,8 +33,9 @@ struct Requests {
 }
 
 /// The stream server's input sink for a VM with a guest agent.
-pub(super) struct GuestInput {
-    vm: VmInput,
+pub struct GuestInput {
+    /// The VM's own input devices and display size (the VMM's).
+    vm: Box<dyn InputSink>,
     requests: watch::Sender<Requests>,
     /// Why the guest cannot take a clipboard now (no session; the agent refused it).
     clipboard_unavailable: Arc<Mutex<Option<String>>>,
@@ -168,16 +168,52 @@ impl DesktopState {
     }
 }
 
-/// The agent side of one environment's desktop link.
-pub(super) struct DesktopLink {
+/// What a desktop link is connected to: where it reaches the guest's agent (again, after a
+/// connection ended) and where the guest's clipboard goes.
+pub trait DesktopEnds: Send + Sync + 'static {
+    /// A connection to the guest's agent; an error when there is none now.
+    fn agent(&self) -> impl std::future::Future<Output = Result<AgentClient, OrchError>> + Send;
+    /// The guest has `text` on its clipboard, news to the viewers.
+    fn guest_clipboard(&self, text: &str);
+}
+
+/// The orchestrator's environment `name`: its agent, and its viewers on the stream server.
+pub(super) struct Environment {
     orch: Orchestrator,
     name: String,
+}
+
+impl DesktopEnds for Environment {
+    async fn agent(&self) -> Result<AgentClient, OrchError> {
+        self.orch.agent(&self.name).await
+    }
+
+    fn guest_clipboard(&self, text: &str) {
+        if let Some(server) = self.orch.inner.stream.get() {
+            server.set_environment_clipboard(&self.name, text);
+        }
+    }
+}
+
+impl Environment {
+    pub(super) fn new(orch: &Orchestrator, name: &str) -> Self {
+        Environment {
+            orch: orch.clone(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+/// The agent side of one environment's desktop link.
+pub struct DesktopLink<E> {
+    ends: E,
     requests: watch::Receiver<Requests>,
     clipboard_unavailable: Arc<Mutex<Option<String>>>,
 }
 
-/// The sink for the stream server and the task that serves it, for the environment `name`.
-pub(super) fn link(orch: &Orchestrator, name: &str, vm: VmInput) -> (GuestInput, DesktopLink) {
+/// The sink for the stream server (the VM's own devices `vm`, plus the guest's clipboard and
+/// display through the agent) and the task that serves it ([`DesktopLink::run`]).
+pub fn link<E: DesktopEnds>(ends: E, vm: Box<dyn InputSink>) -> (GuestInput, DesktopLink<E>) {
     let (tx, rx) = watch::channel(Requests::default());
     let unavailable = Arc::new(Mutex::new(DesktopState::default().clipboard_unavailable()));
     (
@@ -187,8 +223,7 @@ pub(super) fn link(orch: &Orchestrator, name: &str, vm: VmInput) -> (GuestInput,
             clipboard_unavailable: unavailable.clone(),
         },
         DesktopLink {
-            orch: orch.clone(),
-            name: name.to_owned(),
+            ends,
             requests: rx,
             clipboard_unavailable: unavailable,
         },
@@ -203,22 +238,22 @@ enum Ended {
     AgentLost,
 }
 
-impl DesktopLink {
-    /// Serves the link until the environment stops streaming, reaching the agent again
-    /// whenever its connection ends.
-    pub(super) async fn run(mut self) {
+impl<E: DesktopEnds> DesktopLink<E> {
+    /// Serves the link until the environment stops streaming (the [`GuestInput`] is
+    /// dropped), reaching the agent again whenever its connection ends.
+    pub async fn run(mut self) {
         let mut state = DesktopState::default();
         loop {
-            match self.orch.agent(&self.name).await {
+            match self.ends.agent().await {
                 Ok(client) => match self.serve(&client, &mut state).await {
                     Ended::Unstreamed => return,
                     Ended::AgentLost => {
-                        tracing::debug!(env = %self.name, "desktop link: agent connection ended")
+                        tracing::debug!("desktop link: agent connection ended")
                     }
                 },
                 Err(e) => {
                     // Not ready any more (stopping, failed) or the agent is unreachable.
-                    tracing::debug!(env = %self.name, error = %error_chain(&e), "desktop link: no agent");
+                    tracing::debug!(error = %error_chain(&e), "desktop link: no agent");
                 }
             }
             state.stage(Stage::Booting);
@@ -270,9 +305,7 @@ impl DesktopLink {
                     }
                     let content = guest_clipboard.borrow_and_update().clone();
                     if let Some(text) = content.and_then(|c| state.guest_clipboard(&c)) {
-                        if let Some(server) = self.orch.inner.stream.get() {
-                            server.set_environment_clipboard(&self.name, &text);
-                        }
+                        self.ends.guest_clipboard(&text);
                     }
                 }
             }
@@ -299,10 +332,10 @@ impl DesktopLink {
         let why = error_chain(e);
         match step {
             Step::SetMode(w, h) => {
-                tracing::warn!(env = %self.name, error = %why, "the guest did not take the display size {w}x{h}")
+                tracing::warn!(error = %why, "the guest did not take the display size {w}x{h}")
             }
             Step::SetClipboard(_) => {
-                tracing::warn!(env = %self.name, error = %why, "the guest did not take the clipboard");
+                tracing::warn!(error = %why, "the guest did not take the clipboard");
                 if let AgentError::Refused {
                     code: ErrorCode::NotSupported,
                     message,

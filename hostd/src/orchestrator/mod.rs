@@ -28,7 +28,7 @@ mod audit;
 mod boot;
 mod capacity;
 mod create;
-mod desktop;
+pub mod desktop;
 mod error;
 mod guest;
 mod images;

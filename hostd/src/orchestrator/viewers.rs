@@ -101,14 +101,19 @@ impl Orchestrator {
         match tokio::task::spawn_blocking(move || crate::vm_source::open(&sock)).await {
             Ok(Ok((frames, input))) => {
                 // Clipboard and guest display size go through the agent.
-                let (input, link) = super::desktop::link(self, name, input);
+                let (input, link) = super::desktop::link(
+                    super::desktop::Environment::new(self, name),
+                    Box::new(input),
+                );
                 let source = crate::stream::EnvironmentSource {
                     frames: Box::new(frames),
                     input: Arc::new(input),
                 };
                 match server.add_environment(&env_ref, source, fps) {
                     Ok(()) => {
-                        tokio::spawn(link.run());
+                        use tracing::Instrument;
+                        let span = tracing::info_span!("desktop", env = name);
+                        tokio::spawn(link.run().instrument(span));
                     }
                     Err(e) => tracing::warn!(env = name, error = %e, "cannot stream environment"),
                 }
