@@ -7,7 +7,7 @@
 //! share a tile with a changed one. The X/alpha byte is ignored: it is not part of the picture.
 
 use crate::frame::{DamageSet, FrameError, FrameRef};
-use crate::Rect;
+use crate::{PixelFormat, Rect};
 
 /// Tile width and height in pixels: 64x16 keeps rectangles tight around text lines while a
 /// 1080p compare stays a few hundred tiles per row band.
@@ -58,22 +58,31 @@ pub fn changed_rects(prev: &FrameRef, cur: &FrameRef) -> Result<Vec<Rect>, DiffE
             b_height: cur.height,
         });
     }
-    let (w, h) = (cur.width, cur.height);
-    let tiles_x = w.div_ceil(TILE_W);
-    // Rectangles still growing downwards: (x, width, y, height), in tile rows order.
+    let mut done = Vec::new();
+    changed_in(prev, cur, Rect::new(0, 0, cur.width, cur.height), &mut done);
+    let mut set = DamageSet::new();
+    set.add(&done);
+    Ok(set.take())
+}
+
+/// Appends to `done` rectangles covering every pixel of `area` (inside both frames, which have
+/// the same size and were validated) whose colour differs; tiles start at `area`'s corner.
+fn changed_in(prev: &FrameRef, cur: &FrameRef, area: Rect, done: &mut Vec<Rect>) {
+    let (x_end, y_end) = (area.x + area.width, area.y + area.height);
+    let tiles_x = area.width.div_ceil(TILE_W);
+    // Rectangles still growing downwards, in tile rows order.
     let mut open: Vec<Rect> = Vec::new();
-    let mut done: Vec<Rect> = Vec::new();
     let mut changed = vec![false; tiles_x as usize];
-    for band_y in (0..h).step_by(TILE_H as usize) {
-        let band_h = TILE_H.min(h - band_y);
+    for band_y in (area.y..y_end).step_by(TILE_H as usize) {
+        let band_h = TILE_H.min(y_end - band_y);
         changed.fill(false);
         for y in band_y..band_y + band_h {
-            if row(prev, y, 0, w) == row(cur, y, 0, w) {
+            if row(prev, y, area.x, x_end) == row(cur, y, area.x, x_end) {
                 continue;
             }
             for (t, flag) in changed.iter_mut().enumerate().filter(|(_, f)| !**f) {
-                let x0 = t as u32 * TILE_W;
-                let x1 = (x0 + TILE_W).min(w);
+                let x0 = area.x + t as u32 * TILE_W;
+                let x1 = (x0 + TILE_W).min(x_end);
                 *flag = row_differs(row(prev, y, x0, x1), row(cur, y, x0, x1));
             }
         }
@@ -89,8 +98,8 @@ pub fn changed_rects(prev: &FrameRef, cur: &FrameRef) -> Result<Vec<Rect>, DiffE
             while t < tiles_x as usize && changed[t] {
                 t += 1;
             }
-            let x0 = start as u32 * TILE_W;
-            let x1 = (t as u32 * TILE_W).min(w);
+            let x0 = area.x + start as u32 * TILE_W;
+            let x1 = (area.x + t as u32 * TILE_W).min(x_end);
             runs.push(Rect::new(x0, band_y, x1 - x0, band_h));
         }
         // A run directly below an open rectangle of the same extent extends it.
@@ -112,15 +121,91 @@ pub fn changed_rects(prev: &FrameRef, cur: &FrameRef) -> Result<Vec<Rect>, DiffE
         open = still_open;
     }
     done.append(&mut open);
-    let mut set = DamageSet::new();
-    set.add(&done);
-    Ok(set.take())
+}
+
+/// Grows `r` outward to even coordinates and clips it to `width` x `height` (both even), so
+/// that it covers whole chroma samples: exactly the pixels the converter reads for it.
+fn align_even(r: &Rect, width: u32, height: u32) -> Rect {
+    let r = r.clamp_to(width, height);
+    if r.is_empty() {
+        return r;
+    }
+    let (x0, y0) = (r.x & !1, r.y & !1);
+    let x1 = (r.right() + 1).min(width) & !1;
+    let y1 = (r.bottom() + 1).min(height) & !1;
+    Rect::new(x0, y0, x1 - x0, y1 - y0)
+}
+
+/// The encoder's copy of the pixels its persistent picture was converted from, to tell damage
+/// whose pixels really changed from repaints of the same pixels (a caret redrawn identically, a
+/// compositor repainting a window). Comparing BGRX with `memcmp` costs a fraction of converting
+/// it, and an unchanged rectangle then costs neither conversion nor a coded frame.
+///
+/// Invariant kept by the encoder: every pixel here is what the picture was converted from.
+/// It only ever copies in what it converts ([`Shadow::store_full`], [`Shadow::store`]).
+pub(crate) struct Shadow {
+    width: u32,
+    height: u32,
+    /// Packed BGRX (stride width * 4).
+    data: Vec<u8>,
+}
+
+impl Shadow {
+    /// A copy of all of `frame` (validated, even-sized).
+    pub(crate) fn of(frame: &FrameRef) -> Self {
+        let mut s = Self {
+            width: frame.width,
+            height: frame.height,
+            data: vec![0; frame.width as usize * frame.height as usize * 4],
+        };
+        s.store_full(frame);
+        s
+    }
+
+    fn as_frame(&self) -> FrameRef<'_> {
+        FrameRef::packed(self.width, self.height, PixelFormat::Bgrx, &self.data)
+    }
+
+    /// Rectangles of `damage` (grown to even coordinates) in which `frame` differs from the
+    /// copy: what needs converting. Empty when every damaged pixel is unchanged. Does not
+    /// update the copy; [`Shadow::store`] what gets converted. `frame` must have been validated
+    /// and have the copy's size.
+    pub(crate) fn changed(&self, frame: &FrameRef, damage: &[Rect]) -> Vec<Rect> {
+        let prev = self.as_frame();
+        let mut done = Vec::new();
+        for r in damage {
+            let area = align_even(r, self.width, self.height);
+            if !area.is_empty() {
+                changed_in(&prev, frame, area, &mut done);
+            }
+        }
+        let mut set = DamageSet::new();
+        set.add(&done);
+        set.take()
+    }
+
+    /// Copies the pixels of `rects` (inside the frame) from `frame`.
+    pub(crate) fn store(&mut self, frame: &FrameRef, rects: &[Rect]) {
+        let stride = self.width as usize * 4;
+        for r in rects {
+            let r = r.clamp_to(self.width, self.height);
+            let (x0, x1) = (r.x as usize * 4, r.right() as usize * 4);
+            for y in r.y as usize..r.bottom() as usize {
+                self.data[y * stride + x0..y * stride + x1]
+                    .copy_from_slice(&frame.data[y * frame.stride + x0..y * frame.stride + x1]);
+            }
+        }
+    }
+
+    /// Copies all of `frame`.
+    pub(crate) fn store_full(&mut self, frame: &FrameRef) {
+        self.store(frame, &[Rect::new(0, 0, self.width, self.height)]);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::PixelFormat;
 
     fn frame(w: u32, h: u32) -> Vec<u8> {
         (0..w * h * 4).map(|i| (i % 251) as u8).collect()
@@ -234,5 +319,55 @@ mod tests {
             changed_rects(&small, &big),
             Err(DiffError::SizeMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn shadow_shrinks_damage_to_the_tile_holding_the_changed_pixel() {
+        let (w, h) = (256u32, 128u32);
+        let a = frame(w, h);
+        let shadow = Shadow::of(&FrameRef::packed(w, h, PixelFormat::Bgrx, &a));
+        let mut b = a.clone();
+        b[((71 * w + 131) * 4) as usize] ^= 1;
+        let whole = [Rect::new(0, 0, w, h)];
+
+        let same = shadow.changed(&FrameRef::packed(w, h, PixelFormat::Bgrx, &a), &whole);
+        let one = shadow.changed(&FrameRef::packed(w, h, PixelFormat::Bgrx, &b), &whole);
+
+        assert_eq!(same, vec![]);
+        assert_eq!(one, vec![Rect::new(128, 64, TILE_W, TILE_H)]);
+    }
+
+    #[test]
+    fn shadow_rects_are_even_and_stay_inside_the_damage() {
+        let (w, h) = (100u32, 60u32);
+        let a = frame(w, h);
+        let shadow = Shadow::of(&FrameRef::packed(w, h, PixelFormat::Bgrx, &a));
+        let mut b = a.clone();
+        for px in b.chunks_exact_mut(4) {
+            px[0] ^= 1;
+        }
+
+        let rects = shadow.changed(
+            &FrameRef::packed(w, h, PixelFormat::Bgrx, &b),
+            &[Rect::new(7, 3, 9, 5)],
+        );
+
+        assert_eq!(rects, vec![Rect::new(6, 2, 10, 6)]);
+    }
+
+    #[test]
+    fn shadow_store_makes_the_stored_pixels_unchanged() {
+        let (w, h) = (128u32, 32u32);
+        let a = frame(w, h);
+        let mut shadow = Shadow::of(&FrameRef::packed(w, h, PixelFormat::Bgrx, &a));
+        let mut b = a.clone();
+        b[((5 * w + 3) * 4) as usize] ^= 1;
+        b[((20 * w + 100) * 4) as usize] ^= 1;
+        let fb = FrameRef::packed(w, h, PixelFormat::Bgrx, &b);
+
+        shadow.store(&fb, &[Rect::new(0, 0, 64, 16)]);
+
+        let whole = [Rect::new(0, 0, w, h)];
+        assert_eq!(shadow.changed(&fb, &whole), vec![Rect::new(64, 16, 64, 16)]);
     }
 }

@@ -3,7 +3,9 @@
 //! One call in, at most one access unit out: the encoder never queues frames, so the caller
 //! (the streaming server) bounds frames in flight simply by not calling [`Encoder::encode`] while
 //! the network is still draining the previous output. Colour conversion only touches the damaged
-//! rectangles of a persistent I420 picture, and nothing is encoded when nothing changed.
+//! rectangles of a persistent I420 picture, and nothing is encoded when nothing changed: damage
+//! whose pixels equal what the picture was converted from (a copy the encoder keeps) is dropped
+//! before conversion.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::time::{Duration, Instant};
@@ -21,6 +23,7 @@ use openh264_sys2::{
 };
 
 use crate::convert::{ConvertError, I420Buffer};
+use crate::diff::Shadow;
 use crate::frame::{FrameRef, Rect};
 use crate::rate::{Grant, RateBudget};
 
@@ -133,6 +136,11 @@ pub struct Encoder {
     refinements_left: u32,
     /// Origin of the timestamps handed to openh264: the first picture's time.
     epoch: Option<Instant>,
+    /// Whether damage is compared with `shadow` to drop identical repaints.
+    skip_identical: bool,
+    /// The pixels the picture was converted from; `None` while skipping is off or until the
+    /// next full conversion after it was turned on.
+    shadow: Option<Shadow>,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -320,6 +328,8 @@ impl Encoder {
             frames_encoded: 0,
             refinements_left: 0,
             epoch: None,
+            skip_identical: true,
+            shadow: None,
         })
     }
 
@@ -362,10 +372,28 @@ impl Encoder {
         self.frames_encoded
     }
 
+    /// Turns identical-pixel skipping on (the default) or off. On, [`Encoder::encode`] compares
+    /// the damaged pixels with a copy of what the picture was converted from (width x height x
+    /// 4 bytes) and converts and encodes only what really changed; a frame whose damage changed
+    /// nothing returns `None`. Off frees the copy; turned on again, skipping resumes from the
+    /// next full conversion (the next keyframe). Off exists to measure what skipping saves.
+    pub fn set_skip_identical(&mut self, on: bool) {
+        self.skip_identical = on;
+        if !on {
+            self.shadow = None;
+        }
+    }
+
+    /// Whether identical-pixel skipping is on (see [`Encoder::set_skip_identical`]).
+    pub fn skip_identical(&self) -> bool {
+        self.skip_identical
+    }
+
     /// Encodes `frame`, of which only the pixels in `damage` changed since the previous call.
     ///
-    /// Returns `None` when `damage` is empty and no keyframe is due or forced (nothing changed, so
-    /// nothing is sent). `force_keyframe` makes the output an IDR picture (viewer joined or lost
+    /// Returns `None` when `damage` is empty, or every pixel in it equals what the encoder last
+    /// converted there (identical repaints, see [`Encoder::set_skip_identical`]), and no
+    /// keyframe is due or forced: nothing changed, so nothing is converted or sent. `force_keyframe` makes the output an IDR picture (viewer joined or lost
     /// data). The first frame and every forced keyframe are converted in full, so a keyframe always
     /// shows exactly `frame`.
     pub fn encode(
@@ -395,23 +423,45 @@ impl Encoder {
                 got_height: frame.height,
             });
         }
+        let started = Instant::now();
+        let full = self.fresh || force_keyframe;
         let damaged = damage
             .iter()
             .any(|r| !r.clamp_to(frame.width, frame.height).is_empty());
-        if !damaged && !force_keyframe && !self.fresh && !self.pending_changes {
-            // Validate anyway so a broken source is reported even on an idle screen.
-            frame.validate().map_err(ConvertError::from)?;
+        // Validated before anything reads it, so a broken source is reported even on an idle
+        // screen and the copy below is never updated from a frame that fails to convert.
+        frame.validate().map_err(ConvertError::from)?;
+        let changed = match &self.shadow {
+            Some(shadow) if damaged && !full => shadow.changed(frame, damage),
+            _ => damage.to_vec(),
+        };
+        let damaged = damaged && !changed.is_empty();
+        if !damaged && !full && !self.pending_changes {
             return Ok(None);
         }
-        let started = Instant::now();
-        if self.fresh || force_keyframe {
+        if full {
             // A keyframe re-reads the whole frame: a viewer starting there sees exactly the
             // source, even if some damage was lost upstream.
             self.picture.convert_full(frame)?;
+            if self.skip_identical {
+                match &mut self.shadow {
+                    Some(shadow) => shadow.store_full(frame),
+                    None => self.shadow = Some(Shadow::of(frame)),
+                }
+            }
         } else if damaged {
-            self.picture.convert_damage(frame, damage)?;
-        } else {
-            frame.validate().map_err(ConvertError::from)?;
+            let converted = self.picture.convert_damage(frame, &changed);
+            if let Some(shadow) = &mut self.shadow {
+                match converted {
+                    // Large damage is converted in one pass over the whole frame.
+                    Ok(n) if n == u64::from(frame.width) * u64::from(frame.height) => {
+                        shadow.store_full(frame)
+                    }
+                    Ok(_) => shadow.store(frame, &changed),
+                    Err(_) => self.shadow = None,
+                }
+            }
+            converted?;
         }
         // The wrapper initialises openh264 on the first encode, which is an IDR anyway; forcing
         // before that must not touch the codec.
