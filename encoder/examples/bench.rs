@@ -59,6 +59,11 @@ struct Args {
     /// Also measure colour conversion against memcpy.
     #[arg(long)]
     conversion: bool,
+    /// Instead of the encoder matrix, measure identical-pixel skipping: screen mode on each
+    /// scene with the whole screen reported damaged every frame (a compositor repainting
+    /// unchanged areas), skipping on and off, beside the scene's own damage.
+    #[arg(long)]
+    repaint: bool,
 }
 
 type BoxError = Box<dyn std::error::Error>;
@@ -236,6 +241,26 @@ struct Run {
 /// is the process's CPU time (the bench does nothing else meanwhile), and the wall time per
 /// sent picture is printed to stderr: the second core buys latency, not CPU.
 fn run_openh264(clip: &Clip, bps: u32, usage: Usage, threads: u16) -> Result<Run, BoxError> {
+    run_openh264_with(clip, bps, usage, threads, Damage::Source)
+}
+
+/// The damage a run hands the encoder with each frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Damage {
+    /// What the scene reports (skipping on, as `Encoder::new` does).
+    Source,
+    /// The whole screen every frame, as a compositor repainting unchanged areas reports it;
+    /// identical-pixel skipping on or off.
+    WholeScreen { skip: bool },
+}
+
+fn run_openh264_with(
+    clip: &Clip,
+    bps: u32,
+    usage: Usage,
+    threads: u16,
+    damage_mode: Damage,
+) -> Result<Run, BoxError> {
     let cfg = EncoderConfig {
         width: clip.width,
         height: clip.height,
@@ -243,19 +268,32 @@ fn run_openh264(clip: &Clip, bps: u32, usage: Usage, threads: u16) -> Result<Run
         bitrate_bps: bps,
     };
     let mut enc = Encoder::with_tuning(cfg, Tuning { usage, threads })?;
+    let whole = [Rect::new(0, 0, clip.width, clip.height)];
+    if let Damage::WholeScreen { skip } = damage_mode {
+        enc.set_skip_identical(skip);
+    }
     let clock = if threads > 1 { process_cpu } else { thread_cpu };
     let start = Instant::now();
     let mut run = Run {
         encoder: match usage {
             Usage::CameraRealTime => String::from("openh264 camera"),
             Usage::ScreenContentRealTime => String::from("openh264 screen"),
-        } + if threads > 1 { " 2t" } else { "" },
+        } + if threads > 1 { " 2t" } else { "" }
+            + match damage_mode {
+                Damage::Source => "",
+                Damage::WholeScreen { skip: true } => " skip",
+                Damage::WholeScreen { skip: false } => " noskip",
+            },
         cpu: Duration::ZERO,
         units: Vec::new(),
     };
     let mut wall = Duration::ZERO;
     for (i, (data, damage)) in clip.bgrx.iter().zip(&clip.damage).enumerate() {
         let frame = FrameRef::packed(clip.width, clip.height, PixelFormat::Bgrx, data);
+        let damage = match damage_mode {
+            Damage::Source => damage.as_slice(),
+            Damage::WholeScreen { .. } => &whole,
+        };
         // The frame's own time on the source's clock, not the bench's.
         let at = start + Duration::from_secs_f64(i as f64 / f64::from(clip.fps));
         let t0 = clock();
@@ -596,6 +634,62 @@ fn bench_conversion() -> Result<(), BoxError> {
     Ok(())
 }
 
+/// Identical-pixel skipping, per scene, size, rate and bitrate: the scene's own damage, then the
+/// whole screen damaged every frame with skipping on and off; CPU ratios against "noskip".
+fn bench_repaint(plan: &Plan, specs: &[SceneSpec]) -> Result<(), BoxError> {
+    println!("Identical repaints: whole-screen damage every frame, openh264 screen mode, one thread; CPU and frames sent with identical-pixel skipping on and off (ratios in the same run).");
+    println!("| scene          |      size | fps | target | damage        | sent/frames | fps/CPU-s | CPU vs noskip | Y-PSNR | avg kbit/s |");
+    println!("|----------------|-----------|----:|-------:|---------------|------------:|----------:|--------------:|-------:|-----------:|");
+    let modes = [
+        Damage::WholeScreen { skip: false },
+        Damage::WholeScreen { skip: true },
+        Damage::Source,
+    ];
+    for &(w, h) in &plan.sizes {
+        for &fps in &plan.fps {
+            for spec in specs {
+                let frames = (plan.seconds * f64::from(fps)).round() as usize;
+                let clip = load_clip(spec, (w, h), fps, frames)?;
+                for &kbps in &plan.kbps {
+                    let mut noskip_cpu = None;
+                    for mode in modes {
+                        let run = run_openh264_with(
+                            &clip,
+                            kbps * 1000,
+                            Usage::ScreenContentRealTime,
+                            1,
+                            mode,
+                        )?;
+                        let cpu = run.cpu.as_secs_f64();
+                        let base = *noskip_cpu.get_or_insert(cpu);
+                        let m = measure(&clip, &run)?;
+                        let label = match mode {
+                            Damage::Source => "scene's own",
+                            Damage::WholeScreen { skip: true } => "whole, skip",
+                            Damage::WholeScreen { skip: false } => "whole, noskip",
+                        };
+                        println!(
+                            "| {:<14} | {:>9} | {:>3} | {:>6} | {:<13} | {:>5}/{:<5} | {:>9.0} | {:>12.2}x | {:>6.2} | {:>10.0} |",
+                            spec.name(),
+                            format!("{w}x{h}"),
+                            fps,
+                            kbps,
+                            label,
+                            m.encoded,
+                            m.frames,
+                            m.fps_per_cpu,
+                            cpu / base,
+                            m.y_psnr,
+                            m.avg_kbps,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), BoxError> {
     let args = Args::parse();
     let plan = Plan::new(&args)?;
@@ -605,6 +699,11 @@ fn main() -> Result<(), BoxError> {
         .unwrap_or_else(scenes::recordings_dir);
     let specs = scene_specs(&plan, &dir)?;
     let started = Instant::now();
+    if args.repaint {
+        bench_repaint(&plan, &specs)?;
+        eprintln!("benchmark took {:.1} s", started.elapsed().as_secs_f64());
+        return Ok(());
+    }
     println!(
         "Encode-only, one core each; {:.1} s of content per row; fps/CPU-s = source frames per \
          CPU-second; Y-PSNR over all frames of what ffmpeg decodes (each source frame against \
