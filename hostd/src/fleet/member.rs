@@ -23,22 +23,28 @@ pub enum MemberError {
     Connect {
         endpoints: String,
         #[source]
-        source: etcd_client::Error,
+        source: Box<etcd_client::Error>,
     },
-    #[error("etcd refused the lease for node {node}")]
+    #[error("cannot take or revoke node {node}'s lease at etcd {endpoints}")]
     Lease {
         node: String,
+        endpoints: String,
         #[source]
-        source: etcd_client::Error,
+        source: Box<etcd_client::Error>,
     },
-    #[error("cannot publish node {node} in etcd")]
+    #[error("cannot publish node {node} in etcd {endpoints}")]
     Publish {
         node: String,
+        endpoints: String,
         #[source]
-        source: etcd_client::Error,
+        source: Box<etcd_client::Error>,
     },
-    #[error("cannot watch the fleet's nodes in etcd")]
-    Watch(#[source] etcd_client::Error),
+    #[error("cannot read or watch the fleet's nodes in etcd {endpoints}")]
+    Watch {
+        endpoints: String,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
     #[error("cannot encode node record")]
     Encode(#[source] serde_json::Error),
     #[error(transparent)]
@@ -48,6 +54,7 @@ pub enum MemberError {
 /// This hostd's membership: its lease and the fleet as the watch reports it.
 pub struct Member {
     name: String,
+    endpoints: String,
     client: Client,
     lease: i64,
     fleet: Arc<Mutex<Fleet>>,
@@ -77,8 +84,9 @@ impl Member {
             .await
             .map_err(|source| MemberError::Connect {
                 endpoints: cfg.etcd.join(","),
-                source,
+                source: Box::new(source),
             })?;
+        let endpoints = cfg.etcd.join(",");
         let name = record.name.clone();
         let mut c = client.clone();
         let ttl = i64::try_from(cfg.lease_ttl_s.max(1)).unwrap_or(i64::MAX);
@@ -87,7 +95,8 @@ impl Member {
             .await
             .map_err(|source| MemberError::Lease {
                 node: name.clone(),
-                source,
+                endpoints: endpoints.clone(),
+                source: Box::new(source),
             })?
             .id();
         let value = serde_json::to_vec(&record).map_err(MemberError::Encode)?;
@@ -99,7 +108,8 @@ impl Member {
         .await
         .map_err(|source| MemberError::Publish {
             node: name.clone(),
-            source,
+            endpoints: endpoints.clone(),
+            source: Box::new(source),
         })?;
         let keepalive = tokio::spawn(keep_alive(
             client.clone(),
@@ -115,7 +125,10 @@ impl Member {
         let got = c
             .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(MemberError::Watch)?;
+            .map_err(|e| MemberError::Watch {
+                endpoints: endpoints.clone(),
+                source: Box::new(e),
+            })?;
         let rev = got.header().map(|h| h.revision()).unwrap_or(0);
         {
             let mut f = fleet.lock().expect("fleet lock");
@@ -125,7 +138,7 @@ impl Member {
                 }
             }
         }
-        let (_w, stream) = c
+        let (etcd_watcher, stream) = c
             .watch(
                 prefix.clone(),
                 Some(
@@ -135,10 +148,13 @@ impl Member {
                 ),
             )
             .await
-            .map_err(MemberError::Watch)?;
+            .map_err(|e| MemberError::Watch {
+                endpoints: endpoints.clone(),
+                source: Box::new(e),
+            })?;
         let (tx, changes) = watch::channel(0u64);
         let watcher = tokio::spawn(apply_watch(
-            _w,
+            etcd_watcher,
             stream,
             prefix,
             fleet.clone(),
@@ -148,6 +164,7 @@ impl Member {
         ));
         Ok(Member {
             name,
+            endpoints,
             client,
             lease,
             fleet,
@@ -215,7 +232,8 @@ impl Member {
             .await
             .map_err(|source| MemberError::Lease {
                 node: self.name.clone(),
-                source,
+                endpoints: self.endpoints.clone(),
+                source: Box::new(source),
             })?;
         Ok(())
     }
