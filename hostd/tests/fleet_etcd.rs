@@ -8,9 +8,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use testkit::{skip, Need};
 use hostd::config::FleetConfig;
 use hostd::fleet::{Decision, Member, Needs, NodeRecord, NodeState};
+use testkit::{skip, Need};
 
 const TTL_S: u64 = 3;
 
