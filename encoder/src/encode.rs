@@ -442,7 +442,11 @@ impl Encoder {
         if full {
             // A keyframe re-reads the whole frame: a viewer starting there sees exactly the
             // source, even if some damage was lost upstream.
-            self.picture.convert_full(frame)?;
+            if let Err(err) = self.picture.convert_full(frame) {
+                // The picture may be partly converted: the copy no longer matches it.
+                self.shadow = None;
+                return Err(err.into());
+            }
             if self.skip_identical {
                 match &mut self.shadow {
                     Some(shadow) => shadow.store_full(frame),
