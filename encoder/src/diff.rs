@@ -1,5 +1,6 @@
 //! Damage found by comparing two frames, for sources that do not know what changed (screen
-//! recordings, a framebuffer without flush rectangles).
+//! recordings, a framebuffer without flush rectangles), and the encoder's [`Shadow`], which
+//! shrinks reported damage to the pixels that really changed.
 //!
 //! The frames are compared in tiles; the changed tiles are merged into rectangles (runs along
 //! a tile row, then runs of equal width down the rows) and bounded like any other damage
