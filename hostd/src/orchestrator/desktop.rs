@@ -81,6 +81,8 @@ enum Step {
 /// guest clipboards go to the viewers.
 #[derive(Debug)]
 struct DesktopState {
+    /// Why there is no agent connection now (`None`: connected).
+    no_agent: Option<String>,
     stage: Stage,
     /// The latest requests, and what of them the guest has.
     wanted: Requests,
@@ -93,6 +95,7 @@ struct DesktopState {
 impl Default for DesktopState {
     fn default() -> Self {
         DesktopState {
+            no_agent: Some("it has not answered yet".into()),
             stage: Stage::Booting,
             wanted: Requests::default(),
             applied: Requests::default(),
@@ -104,12 +107,20 @@ impl Default for DesktopState {
 impl DesktopState {
     /// Why the guest cannot take a clipboard at this stage, for the viewer.
     fn clipboard_unavailable(&self) -> Option<String> {
+        if let Some(why) = &self.no_agent {
+            return Some(format!("the guest agent cannot be reached ({why})"));
+        }
         (self.stage < Stage::Session).then(|| {
             format!(
                 "the guest's desktop session is not running (its agent reports {})",
                 self.stage.name()
             )
         })
+    }
+
+    /// The agent connection is up, or why not.
+    fn agent(&mut self, connected: Result<(), String>) {
+        self.no_agent = connected.err();
     }
 
     fn stage(&mut self, stage: Stage) {
@@ -248,12 +259,15 @@ impl<E: DesktopEnds> DesktopLink<E> {
                 Ok(client) => match self.serve(&client, &mut state).await {
                     Ended::Unstreamed => return,
                     Ended::AgentLost => {
-                        tracing::debug!("desktop link: agent connection ended")
+                        tracing::debug!("desktop link: agent connection ended");
+                        state.agent(Err("its connection ended".into()));
                     }
                 },
                 Err(e) => {
                     // Not ready any more (stopping, failed) or the agent is unreachable.
-                    tracing::debug!(error = %error_chain(&e), "desktop link: no agent");
+                    let why = error_chain(&e);
+                    tracing::debug!(error = %why, "desktop link: no agent");
+                    state.agent(Err(why));
                 }
             }
             state.stage(Stage::Booting);
@@ -269,6 +283,7 @@ impl<E: DesktopEnds> DesktopLink<E> {
         let mut stage = client.stage_changes();
         let mut guest_clipboard = client.clipboard_changes();
         guest_clipboard.mark_unchanged();
+        state.agent(Ok(()));
         state.stage(*stage.borrow_and_update());
         state.requests(self.requests.borrow_and_update().clone());
         self.publish_unavailable(state);
@@ -379,6 +394,11 @@ mod tests {
     #[test]
     fn requests_wait_for_the_session_and_only_the_newest_is_applied() {
         let mut s = DesktopState::default();
+        assert!(s
+            .clipboard_unavailable()
+            .unwrap()
+            .contains("has not answered yet"));
+        s.agent(Ok(()));
         s.stage(Stage::System);
         s.requests(wanted(Some("first"), Some((800, 600))));
         s.requests(wanted(Some("second"), Some((1280, 720))));
@@ -406,8 +426,27 @@ mod tests {
     }
 
     #[test]
+    fn without_an_agent_the_clipboard_is_refused_saying_why() {
+        let mut s = DesktopState::default();
+
+        s.agent(Err(
+            "nothing in the guest accepted a connection on vsock port 1024".into(),
+        ));
+
+        assert_eq!(
+            s.clipboard_unavailable().as_deref(),
+            Some(
+                "the guest agent cannot be reached (nothing in the guest accepted a connection \
+                 on vsock port 1024)"
+            )
+        );
+        assert_eq!(s.next_step(), None);
+    }
+
+    #[test]
     fn a_new_session_gets_the_latest_size_and_clipboard_again() {
         let mut s = DesktopState::default();
+        s.agent(Ok(()));
         s.stage(Stage::Session);
         s.requests(wanted(Some("kept"), Some((1024, 768))));
         while let Some(step) = s.next_step() {
@@ -423,6 +462,7 @@ mod tests {
     #[test]
     fn the_guest_echo_of_a_viewers_clipboard_is_not_news_but_its_own_change_is() {
         let mut s = DesktopState::default();
+        s.agent(Ok(()));
         s.stage(Stage::Session);
         s.requests(wanted(Some("pasted"), None));
         let step = s.next_step().unwrap();
