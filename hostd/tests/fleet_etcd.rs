@@ -192,3 +192,94 @@ async fn two_members_see_each_other_place_and_see_a_lapsed_lease_leave() {
     );
     a.leave().await.expect("a leaves");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_claims_from_two_members_never_overcommit_a_node() {
+    let Some(binary) = find_etcd() else {
+        skip(
+            Need::Tools,
+            "etcd is not installed (scripts/install-deps: etcd-server)",
+        );
+        return;
+    };
+    let etcd = start_etcd(&binary).await;
+    // Arrange: room for 4 one-vCPU environments on each node, 8 in all.
+    let a = std::sync::Arc::new(
+        Member::join(&cfg(&etcd, "a"), record("a", 4, 16384))
+            .await
+            .expect("a joins"),
+    );
+    let b = std::sync::Arc::new(
+        Member::join(&cfg(&etcd, "b"), record("b", 4, 16384))
+            .await
+            .expect("b joins"),
+    );
+    let both = |f: &hostd::fleet::Fleet| f.alive() == ["a", "b"];
+    assert!(a.wait_until(Duration::from_secs(5), both).await);
+    assert!(b.wait_until(Duration::from_secs(5), both).await);
+
+    // Act: 20 claims at once, half through each member.
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let m = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                m.claim(
+                    &format!("env{i:02}"),
+                    Needs {
+                        vcpus: 1,
+                        memory_mib: 256,
+                        labels: BTreeMap::new(),
+                    },
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut placed = BTreeMap::<String, usize>::new();
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(node) => *placed.entry(node).or_default() += 1,
+            Err(hostd::fleet::MemberError::Place(hostd::fleet::PlaceError::NoRoom { .. })) => {
+                refused += 1
+            }
+            Err(e) => panic!("unexpected claim error: {}", hostd::error_chain(&e)),
+        }
+    }
+    eprintln!("20 concurrent claims took {:?}", started.elapsed());
+
+    // Assert: exactly the room was used, and etcd holds the same.
+    assert_eq!(placed, BTreeMap::from([("a".into(), 4), ("b".into(), 4)]));
+    assert_eq!(refused, 12);
+    let mut c = etcd_client::Client::connect([&etcd.client_url], None)
+        .await
+        .unwrap();
+    let got = c
+        .get(
+            "/genos/fleet/placements/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let mut in_etcd = BTreeMap::<String, usize>::new();
+    for kv in got.kvs() {
+        let claim: hostd::fleet::Claim = serde_json::from_slice(kv.value()).unwrap();
+        *in_etcd.entry(claim.node).or_default() += 1;
+    }
+    assert_eq!(in_etcd, placed);
+    // A second claim of a placed environment is refused, not placed twice.
+    let placed_env = String::from_utf8(got.kvs()[0].key().to_vec()).unwrap();
+    let env = placed_env.trim_start_matches("/genos/fleet/placements/");
+    let again = a
+        .claim(
+            env,
+            Needs {
+                vcpus: 1,
+                memory_mib: 256,
+                labels: BTreeMap::new(),
+            },
+        )
+        .await;
+    assert!(again.is_err(), "{env} claimed twice: {again:?}");
+}

@@ -6,7 +6,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -45,6 +49,15 @@ pub enum MemberError {
         #[source]
         source: Box<etcd_client::Error>,
     },
+    #[error("cannot claim a placement for {env} in etcd {endpoints}")]
+    Claim {
+        env: String,
+        endpoints: String,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
+    #[error("placement of {env} lost {attempts} races for the same nodes; try again")]
+    Contended { env: String, attempts: u32 },
     #[error("cannot encode node record")]
     Encode(#[source] serde_json::Error),
     #[error(transparent)]
@@ -55,6 +68,7 @@ pub enum MemberError {
 pub struct Member {
     name: String,
     endpoints: String,
+    prefix: String,
     client: Client,
     lease: i64,
     fleet: Arc<Mutex<Fleet>>,
@@ -64,6 +78,16 @@ pub struct Member {
     keepalive: Option<JoinHandle<()>>,
     watcher: JoinHandle<()>,
 }
+
+/// A claimed placement: the value of `<prefix>placements/<env>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Claim {
+    pub node: String,
+    pub needs: Needs,
+}
+
+/// How often a claim is retried after losing a race for its node.
+const CLAIM_ATTEMPTS: u32 = 16;
 
 /// The key of node `name` under `prefix`.
 pub fn node_key(prefix: &str, name: &str) -> String {
@@ -165,6 +189,7 @@ impl Member {
         Ok(Member {
             name,
             endpoints,
+            prefix: cfg.prefix.clone(),
             client,
             lease,
             fleet,
@@ -198,6 +223,81 @@ impl Member {
     /// claim transaction is still to come, docs/fleet.md).
     pub fn place(&self, env: &str, needs: Needs) -> Result<String, MemberError> {
         Ok(self.fleet.lock().expect("fleet lock").place(env, needs)?)
+    }
+
+    /// Chooses a node for `env` from the fleet as etcd holds it (live nodes and every
+    /// claimed placement, read at one revision) and claims it in one transaction: it
+    /// succeeds only if `env` has no placement yet and no other claim touched the chosen
+    /// node since that read (`<prefix>commit/<node>`'s revision). A lost race re-reads and
+    /// chooses again, so concurrent claims from any members never overcommit a node.
+    pub async fn claim(&self, env: &str, needs: Needs) -> Result<String, MemberError> {
+        let mut c = self.client.clone();
+        let claim_err = |source| MemberError::Claim {
+            env: env.to_string(),
+            endpoints: self.endpoints.clone(),
+            source: Box::new(source),
+        };
+        let (nodes, placements, commits) = (
+            format!("{}nodes/", self.prefix),
+            format!("{}placements/", self.prefix),
+            format!("{}commit/", self.prefix),
+        );
+        let env_key = format!("{placements}{env}");
+        for _ in 0..CLAIM_ATTEMPTS {
+            let got = c
+                .get(self.prefix.clone(), Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(claim_err)?;
+            let mut view = Fleet::new(LossPolicy::MarkLost);
+            let mut revs = std::collections::BTreeMap::new();
+            for kv in got.kvs() {
+                let key = String::from_utf8_lossy(kv.key());
+                if let Some(name) = key.strip_prefix(&nodes) {
+                    if let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value()) {
+                        if r.name == name {
+                            view.node_seen(Duration::ZERO, r);
+                        }
+                    }
+                } else if let Some(e) = key.strip_prefix(&placements) {
+                    if let Ok(p) = serde_json::from_slice::<Claim>(kv.value()) {
+                        view.insert_placement(e, &p.node, p.needs);
+                    }
+                } else if let Some(node) = key.strip_prefix(&commits) {
+                    revs.insert(node.to_string(), kv.mod_revision());
+                }
+            }
+            let node = view.place(env, needs.clone())?;
+            let value = serde_json::to_vec(&Claim {
+                node: node.clone(),
+                needs: needs.clone(),
+            })
+            .map_err(MemberError::Encode)?;
+            let commit_key = format!("{commits}{node}");
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(env_key.clone(), CompareOp::Equal, 0),
+                    Compare::mod_revision(
+                        commit_key.clone(),
+                        CompareOp::Equal,
+                        revs.get(&node).copied().unwrap_or(0),
+                    ),
+                ])
+                .and_then([
+                    TxnOp::put(env_key.clone(), value, None),
+                    TxnOp::put(commit_key, env, None),
+                ]);
+            if c.txn(txn).await.map_err(claim_err)?.succeeded() {
+                self.fleet
+                    .lock()
+                    .expect("fleet lock")
+                    .insert_placement(env, &node, needs);
+                return Ok(node);
+            }
+        }
+        Err(MemberError::Contended {
+            env: env.to_string(),
+            attempts: CLAIM_ATTEMPTS,
+        })
     }
 
     /// Waits until `pred` holds for the fleet, or `timeout` passes; returns whether it held.

@@ -6,7 +6,7 @@
 pub mod member;
 pub mod placement;
 
-pub use member::{Member, MemberError};
+pub use member::{Claim, Member, MemberError};
 pub use placement::{
     Decision, Fleet, LossPolicy, Needs, Node, NodeRecord, NodeState, PlaceError, Placement,
     PlacementState,

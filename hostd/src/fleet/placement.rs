@@ -356,6 +356,18 @@ impl Fleet {
         Ok(node)
     }
 
+    /// Records a placement made elsewhere (read from etcd), replacing any earlier one.
+    pub fn insert_placement(&mut self, env: &str, node: &str, needs: Needs) {
+        self.placements.insert(
+            env.to_string(),
+            Placement {
+                node: node.to_string(),
+                needs,
+                state: PlacementState::Placed,
+            },
+        );
+    }
+
     /// The environment was destroyed: its resources are free again.
     pub fn release(&mut self, env: &str) -> Option<Placement> {
         self.placements.remove(env)
