@@ -309,3 +309,15 @@ fn node_record_round_trips_as_json_with_defaults() {
     let back: NodeRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
     assert_eq!(back, r);
 }
+
+#[test]
+fn placements_read_from_etcd_count_toward_load() {
+    let mut f = fleet_of(&[node("a", 4, 4096), node("b", 4, 4096)]);
+    f.insert_placement("elsewhere", "a", needs(3, 1024));
+    assert_eq!(f.committed("a"), (3, 1024));
+    assert_eq!(f.place("e", needs(2, 512)).unwrap(), "b");
+    assert!(matches!(
+        f.place("elsewhere", needs(1, 1)),
+        Err(PlaceError::Exists(_))
+    ));
+}
