@@ -64,6 +64,12 @@ async fn a_viewer_sees_a_graphical_environment_and_its_keys_reach_the_vm() {
         .as_str()
         .expect("token carries a genos:// URL")
         .to_string();
+    // And the browser's link to the same stream, with the token in its fragment.
+    let web = token["web_url"].as_str().expect("token carries a web link");
+    assert!(
+        web.starts_with("https://") && web.contains(&format!("#env={name}&token=")),
+        "{web}"
+    );
 
     let mut session = Session::connect(&url.parse().unwrap(), ConnectOptions::default())
         .await

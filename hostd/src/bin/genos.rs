@@ -917,6 +917,9 @@ fn print_question(q: &Value) {
 /// `genos://` link turned into `https://HOST:PORT/#env=..&token=..`, with `[stream]
 /// public_host` from /etc/genos/hostd.toml as HOST when that file sets it.
 fn web_link(v: &Value) -> Option<String> {
+    if let Some(url) = v["web_url"].as_str() {
+        return Some(url.to_owned());
+    }
     let etc = PathBuf::from("/etc/genos/hostd.toml");
     let public_host = etc
         .is_file()
@@ -943,6 +946,10 @@ fn print_token(v: &Value) {
         Some(url) => {
             println!("view it with:");
             println!("  genos-view '{url}'");
+            if let Some(web) = v["web_url"].as_str() {
+                println!("or in a browser:");
+                println!("  {web}");
+            }
         }
         None => println!("  (hostd streams no screen for this environment: it has no display, or streaming is off)"),
     }

@@ -173,9 +173,14 @@ impl Orchestrator {
             .stream
             .get()
             .and_then(|s| s.connect_url(name, &token).ok());
+        // The browser's link: the same token, at `[stream] public_host` when set.
+        let web_url = url.as_deref().and_then(|u| {
+            crate::web::web_url_from_connect_url(u, self.inner.cfg.stream.public_host.as_deref())
+        });
         Ok(serde_json::json!({
             "env": name, "token": token, "token_id": token_id.to_string(),
             "expires_at": now_s() + ttl_s as i64, "cert_sha256": fingerprint, "url": url,
+            "web_url": web_url,
         }))
     }
 

@@ -1161,6 +1161,8 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot
     session.handle(Event::ControlOpened, Instant::now());
     let (ctl_tx, ctl_rx) = mpsc::channel::<ServerMessage>(64);
     let mut writer = tokio::spawn(write_control(send, ctl_rx));
+    // Set once the Welcome is queued: the pointer task sends nothing before it.
+    let (welcomed_tx, welcomed_rx) = watch::channel(false);
     let mut writer_done = false;
     // Streams carrying frames older than this value are reset (newest wins after a keyframe).
     let (cancel_tx, cancel_rx) = watch::channel(0u64);
@@ -1187,7 +1189,11 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot
                         env_clipboard.mark_changed();
                         clipboard = Some(env_clipboard);
                         joined = Some(Joined {
-                            cursor: tokio::spawn(cursor_loop(env.clone(), ctl_tx.clone())),
+                            cursor: tokio::spawn(cursor_loop(
+                                env.clone(),
+                                ctl_tx.clone(),
+                                welcomed_rx.clone(),
+                            )),
                             viewer_id,
                             env,
                         });
@@ -1196,8 +1202,12 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot
                     session.handle(Event::Authorized(granted), now);
                 }
                 Action::Send(m) => {
+                    let welcome = matches!(m, ServerMessage::Welcome { .. });
                     if ctl_tx.try_send(m).is_err() {
                         debug!(%remote, "control queue full; message skipped");
+                    }
+                    if welcome {
+                        welcomed_tx.send_replace(true);
                     }
                 }
                 Action::SendFrame(frame) => {
@@ -1417,7 +1427,15 @@ const MAX_CURSOR_INTERVAL: Duration = Duration::from_millis(50);
 /// Sends the viewer the environment's pointer: the current state at once (with its image),
 /// then the newest state after each change, at most once per frame interval. Waiting for the
 /// control queue instead of queueing means a slow viewer skips to the newest position.
-async fn cursor_loop(env: Arc<Environment>, ctl_tx: mpsc::Sender<ServerMessage>) {
+async fn cursor_loop(
+    env: Arc<Environment>,
+    ctl_tx: mpsc::Sender<ServerMessage>,
+    mut welcomed: watch::Receiver<bool>,
+) {
+    // A pointer before the Welcome would be the viewer's first message: a protocol error.
+    if welcomed.wait_for(|w| *w).await.is_err() {
+        return;
+    }
     let mut rx = env.cursor.subscribe();
     let mut sent_serial = None;
     loop {
@@ -1664,6 +1682,8 @@ async fn serve_messages<R, W, P>(
     // The cursor task writes into a bounded queue (a slow viewer skips to the newest
     // pointer), forwarded to the writer here.
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ServerMessage>(64);
+    // Set once the Welcome is queued: the pointer task sends nothing before it.
+    let (welcomed_tx, welcomed_rx) = watch::channel(false);
     let mut joined: Option<Joined> = None;
     let (mut frames, mut closed, mut revoked, mut clipboard) = (None, None, None, None);
     let mut reported = Reported::default();
@@ -1684,7 +1704,11 @@ async fn serve_messages<R, W, P>(
                         env_clipboard.mark_changed();
                         clipboard = Some(env_clipboard);
                         joined = Some(Joined {
-                            cursor: tokio::spawn(cursor_loop(env.clone(), ctl_tx.clone())),
+                            cursor: tokio::spawn(cursor_loop(
+                                env.clone(),
+                                ctl_tx.clone(),
+                                welcomed_rx.clone(),
+                            )),
                             viewer_id,
                             env,
                         });
@@ -1693,7 +1717,11 @@ async fn serve_messages<R, W, P>(
                     session.handle(Event::Authorized(granted), now);
                 }
                 Action::Send(m) => {
+                    let welcome = matches!(m, ServerMessage::Welcome { .. });
                     let _ = out_tx.send(Queued::Control(m));
+                    if welcome {
+                        welcomed_tx.send_replace(true);
+                    }
                 }
                 Action::SendFrame(frame) => {
                     let _ = out_tx.send(Queued::Frame(frame));
