@@ -20,7 +20,18 @@ fn cli_drives_a_running_hostd() {
 
     let o = h.genos(&["health"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).starts_with("ok (genos-hostd "), "{}", stdout(&o));
+    // `degraded` only for this machine's own state (a store disk with little room left),
+    // never for a failing check.
+    let health = stdout(&o);
+    assert!(
+        health.starts_with("ok (genos-hostd ")
+            || (health.starts_with("degraded (genos-hostd ")
+                && health
+                    .lines()
+                    .skip(1)
+                    .all(|l| !l.trim_start().starts_with("fail"))),
+        "{health}"
+    );
 
     let o = h.genos(&["compose", "--remote", "gimp with 8 gigs"]);
     assert!(o.status.success());
