@@ -150,7 +150,14 @@ fn health_runs_real_checks_and_fails_on_an_unusable_image_cache() {
         .as_str()
         .unwrap()
         .contains("file/images"));
-    assert_eq!(check("store")["verdict"], "ok", "{v}");
+    // `warn` only for this machine's own disk (under 20 GiB free, as during a CI run).
+    let store = check("store");
+    assert!(
+        store["verdict"] == "ok"
+            || (store["verdict"] == "warn"
+                && store["found"].as_str().unwrap().ends_with("GiB free")),
+        "{v}"
+    );
     let stream = check("stream");
     assert_eq!(stream["verdict"], "ok");
     assert!(
@@ -347,9 +354,13 @@ fn genos_doctor_runs_without_hostd_and_fails_exactly_when_a_check_fails() {
     assert_eq!(o.status.code(), Some(if failed { 1 } else { 0 }), "{v}");
     let verdict =
         |name: &str| findings.iter().find(|f| f["check"] == name).unwrap()["verdict"].clone();
-    assert_eq!(
-        verdict("state dir"),
-        "ok",
+    // A fresh, creatable state dir: `warn` only for this machine's own disk (under 20 GiB
+    // free, as during a CI run).
+    let state_dir = findings.iter().find(|f| f["check"] == "state dir").unwrap();
+    assert!(
+        verdict("state dir") == "ok"
+            || (verdict("state dir") == "warn"
+                && state_dir["found"].as_str().unwrap().ends_with("GiB free")),
         "a fresh, creatable state dir: {v}"
     );
     assert_eq!(
