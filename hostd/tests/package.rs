@@ -485,10 +485,17 @@ fn the_package_installs_on_debian_12_and_purges_without_leftovers() {
         "failed {failed:?}, only {may_fail:?} may: {report}"
     );
     assert_eq!(doctor.status.success(), failed.is_empty(), "{report}");
-    for state_check in ["state dir", "nftables"] {
-        let f = findings.iter().find(|f| f["check"] == state_check).unwrap();
-        assert_eq!(f["verdict"], "ok", "{f}");
-    }
+    let nft = findings.iter().find(|f| f["check"] == "nftables").unwrap();
+    assert_eq!(nft["verdict"], "ok", "{nft}");
+    // The package made the state dir; `warn` only for this machine's own disk (under 20 GiB
+    // free, as during a CI run).
+    let state = findings.iter().find(|f| f["check"] == "state dir").unwrap();
+    assert!(
+        state["verdict"] == "ok"
+            || (state["verdict"] == "warn"
+                && state["found"].as_str().unwrap().ends_with("GiB free")),
+        "{state}"
+    );
     assert!(
         report["config"] == "/etc/genos/hostd.toml",
         "doctor read {}",
