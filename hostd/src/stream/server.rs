@@ -1060,11 +1060,47 @@ fn path_stats(conn: &quinn::Connection) -> PathStats {
     }
 }
 
+/// What a joined viewer's driver waits on: the environment's frames, its end, the
+/// revocation list, and its clipboard (marked unseen, so what it has goes out at the join).
+type Feeds = (
+    Option<broadcast::Receiver<Arc<Frame>>>,
+    Option<watch::Receiver<bool>>,
+    Option<watch::Receiver<u64>>,
+    Option<watch::Receiver<Option<SharedClipboard>>>,
+);
+
+fn subscribe(shared: &Shared, env: &Environment) -> Feeds {
+    let mut clipboard = env.clipboard.subscribe();
+    clipboard.mark_changed();
+    (
+        Some(env.frames.subscribe()),
+        Some(env.closed.subscribe()),
+        Some(shared.revoked.subscribe()),
+        Some(clipboard),
+    )
+}
+
 /// An authenticated viewer's hold on its environment.
 struct Joined {
     env: Arc<Environment>,
     viewer_id: u64,
     cursor: tokio::task::JoinHandle<()>,
+}
+
+impl Joined {
+    /// The viewer's hold, with its pointer task (which waits for the Welcome).
+    fn new(
+        env: Arc<Environment>,
+        viewer_id: u64,
+        ctl_tx: &mpsc::Sender<ServerMessage>,
+        welcomed: &watch::Receiver<bool>,
+    ) -> Self {
+        Joined {
+            cursor: tokio::spawn(cursor_loop(env.clone(), ctl_tx.clone(), welcomed.clone())),
+            viewer_id,
+            env,
+        }
+    }
 }
 
 /// What the driver has reported to the environment's counters so far.
@@ -1181,22 +1217,8 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot
                         let viewer_id = shared.next_viewer.fetch_add(1, Ordering::Relaxed);
                         info!(%remote, env = %env.id, viewer = viewer_id, "viewer admitted");
                         env.viewers.fetch_add(1, Ordering::AcqRel);
-                        frames = Some(env.frames.subscribe());
-                        closed = Some(env.closed.subscribe());
-                        revoked = Some(shared.revoked.subscribe());
-                        let mut env_clipboard = env.clipboard.subscribe();
-                        // What the environment has on its clipboard goes out at the join.
-                        env_clipboard.mark_changed();
-                        clipboard = Some(env_clipboard);
-                        joined = Some(Joined {
-                            cursor: tokio::spawn(cursor_loop(
-                                env.clone(),
-                                ctl_tx.clone(),
-                                welcomed_rx.clone(),
-                            )),
-                            viewer_id,
-                            env,
-                        });
+                        (frames, closed, revoked, clipboard) = subscribe(&shared, &env);
+                        joined = Some(Joined::new(env, viewer_id, &ctl_tx, &welcomed_rx));
                         grant
                     });
                     session.handle(Event::Authorized(granted), now);
@@ -1697,21 +1719,8 @@ async fn serve_messages<R, W, P>(
                         let viewer_id = shared.next_viewer.fetch_add(1, Ordering::Relaxed);
                         info!(%remote, env = %env.id, viewer = viewer_id, "web viewer admitted");
                         env.viewers.fetch_add(1, Ordering::AcqRel);
-                        frames = Some(env.frames.subscribe());
-                        closed = Some(env.closed.subscribe());
-                        revoked = Some(shared.revoked.subscribe());
-                        let mut env_clipboard = env.clipboard.subscribe();
-                        env_clipboard.mark_changed();
-                        clipboard = Some(env_clipboard);
-                        joined = Some(Joined {
-                            cursor: tokio::spawn(cursor_loop(
-                                env.clone(),
-                                ctl_tx.clone(),
-                                welcomed_rx.clone(),
-                            )),
-                            viewer_id,
-                            env,
-                        });
+                        (frames, closed, revoked, clipboard) = subscribe(&shared, &env);
+                        joined = Some(Joined::new(env, viewer_id, &ctl_tx, &welcomed_rx));
                         grant
                     });
                     session.handle(Event::Authorized(granted), now);
