@@ -321,6 +321,25 @@ async fn test_image_orchestrator(
     Some(o)
 }
 
+/// Creates `spec` and waits (up to [`BOOT_LIMIT`]) until it is in `state`, printing how long
+/// that took.
+async fn create_until(
+    o: &hostd::orchestrator::Orchestrator,
+    spec: proto::spec::Spec,
+    state: hostd::store::EnvState,
+) -> hostd::store::EnvRecord {
+    let (name, started) = (spec.name.clone(), Instant::now());
+    o.create(spec, "test").unwrap();
+    let env = common::wait_state(o, &name, state, BOOT_LIMIT.as_secs()).await;
+    eprintln!(
+        "{}: {name} {} {:.1} s after create",
+        common::test_name(),
+        env.state.as_str(),
+        started.elapsed().as_secs_f64()
+    );
+    env
+}
+
 /// hostd's admin socket for `o`, served by this test process, at `dir/admin.sock`.
 async fn serve_admin(
     o: &hostd::orchestrator::Orchestrator,
@@ -363,21 +382,12 @@ async fn an_environment_is_ready_through_its_agent_and_runs_commands_in_its_gues
     let Some(o) = test_image_orchestrator(ORCH_TEST, dir.path(), |t| t).await else {
         return;
     };
-    let started = Instant::now();
-
-    o.create(common::headless_spec("guest", true), "test")
-        .unwrap();
-    let ready = common::wait_state(
+    let ready = create_until(
         &o,
-        "guest",
+        common::headless_spec("guest", true),
         hostd::store::EnvState::Ready,
-        BOOT_LIMIT.as_secs(),
     )
     .await;
-    eprintln!(
-        "{ORCH_TEST}: ready {:.1} s after create",
-        started.elapsed().as_secs_f64()
-    );
     let uname = step(
         "orchestrator exec",
         o.exec(
@@ -515,20 +525,7 @@ async fn a_desktop_whose_session_never_starts_fails_saying_so() {
     };
     let mut spec = common::headless_spec("desk", true);
     spec.desktop = "xfce".into();
-    let started = Instant::now();
-
-    o.create(spec, "test").unwrap();
-    let failed = common::wait_state(
-        &o,
-        "desk",
-        hostd::store::EnvState::Failed,
-        BOOT_LIMIT.as_secs(),
-    )
-    .await;
-    eprintln!(
-        "{SESSION_TEST}: failed {:.1} s after create",
-        started.elapsed().as_secs_f64()
-    );
+    let failed = create_until(&o, spec, hostd::store::EnvState::Failed).await;
 
     assert_eq!(
         failed.reason.as_deref(),
