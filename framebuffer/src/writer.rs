@@ -157,8 +157,8 @@ pub struct ReaderFds {
 /// one to answer `GetFramebuffer`.
 #[derive(Clone, Debug)]
 pub struct FramebufferShare {
-    /// Read-only file description of the memfd, opened when the writer was created (through
-    /// `/proc/self/fd`, which a sandboxed VMM may no longer reach); readers get duplicates.
+    /// The memfd, sealed against every new write when the writer was created (so whoever
+    /// holds a duplicate can only map it read-only); readers get duplicates.
     read_only: Arc<File>,
     subscribers: Arc<Mutex<VecDeque<OwnedFd>>>,
 }

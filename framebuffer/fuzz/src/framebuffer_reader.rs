@@ -11,8 +11,8 @@
 //! written there. The writer's two seqlock words are kept even (a held lock only makes the
 //! reader wait, and is tested elsewhere). The input ends with a read.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
@@ -46,8 +46,12 @@ impl Raw<'_> {
     }
 }
 
-/// A writer with an enabled scanout and two flushes, the reader's descriptors, and a
-/// writable descriptor of the same memfd for the hostile patches.
+/// A writer with an enabled scanout and two flushes, then the hostile writer's file: a
+/// copy of everything the real writer published in a memfd sealed only against shrinking
+/// and growing (as the reader demands), which the patches write to. The real writer seals
+/// its own memfd against every new write, so a hostile VMM is modelled by a file it owns,
+/// which the reader cannot tell apart. Returns the real writer (kept for its flush
+/// eventfd), the reader's descriptors on the copy, and the copy.
 fn published() -> (FramebufferWriter, ReaderFds, File) {
     let mut writer = FramebufferWriter::new(POOL_SIZE).expect("framebuffer writer");
     let stride = WIDTH * 4;
@@ -71,13 +75,43 @@ fn published() -> (FramebufferWriter, ReaderFds, File) {
             height: 8,
         });
     }
-    let fds = writer.share().reader_fds().expect("reader descriptors");
-    let hostile = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(format!("/proc/self/fd/{}", fds.memfd.as_raw_fd()))
-        .expect("writable descriptor of the memfd");
+    let real = writer.share().reader_fds().expect("reader descriptors");
+    let hostile = hostile_copy(&File::from(real.memfd));
+    let fds = ReaderFds {
+        memfd: hostile.try_clone().expect("dup of the copy").into(),
+        notify: real.notify,
+    };
     (writer, fds, hostile)
+}
+
+/// A memfd with the contents of `published`, sealed against shrinking and growing only.
+fn hostile_copy(published: &File) -> File {
+    let len = published.metadata().expect("published size").len();
+    let mut contents = vec![0u8; len as usize];
+    published
+        .read_exact_at(&mut contents, 0)
+        .expect("published contents");
+    // SAFETY: a static NUL-terminated name; the returned fd is checked before use.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"hostile-framebuffer".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.write_all_at(&contents, 0).expect("copy contents");
+    // SAFETY: F_ADD_SEALS on a valid fd with an int argument.
+    let sealed = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    assert!(sealed == 0, "seal: {}", std::io::Error::last_os_error());
+    file
 }
 
 fn patch(file: &File, wide: bool, offset: u16, value: &[u8]) {
