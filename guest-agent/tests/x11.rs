@@ -20,7 +20,8 @@ use proto::agent::{
 use testkit::x11::{Guard, XServer};
 use testkit::{skip, Need};
 use x11rb::connection::Connection;
-use x11rb::protocol::xproto::{ConnectionExt as _, CreateWindowAux, WindowClass};
+use x11rb::protocol::xproto::{ConnectionExt as _, CreateWindowAux, Window, WindowClass};
+use x11rb::rust_connection::RustConnection;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_genos-agent");
 
@@ -302,6 +303,35 @@ fn xclip_in(x: &XServer, text: &str) -> Guard {
 }
 
 /// Whether the clipboard tools are here; else skips (or fails under GENOS_REQUIRE).
+/// Another client's connection to `display` with one window of `class` on the root,
+/// mapped (and flushed) when `map`: what a desktop's first app does, or an unmapped
+/// selection owner.
+fn app_window(display: &str, class: WindowClass, map: bool) -> (RustConnection, Window) {
+    let (conn, screen) = x11rb::connect(Some(display)).unwrap();
+    let root = conn.setup().roots[screen].root;
+    let window = conn.generate_id().unwrap();
+    let size = if class == WindowClass::INPUT_ONLY { 1 } else { 100 };
+    conn.create_window(
+        x11rb::COPY_DEPTH_FROM_PARENT,
+        window,
+        root,
+        0,
+        0,
+        size,
+        size,
+        0,
+        class,
+        x11rb::COPY_FROM_PARENT,
+        &CreateWindowAux::new(),
+    )
+    .unwrap();
+    if map {
+        conn.map_window(window).unwrap();
+    }
+    conn.flush().unwrap();
+    (conn, window)
+}
+
 fn tools(test: &str, needed: &[&str]) -> bool {
     match needed.iter().find(|t| !have(t)) {
         None => true,
@@ -419,25 +449,7 @@ fn session_stage_comes_when_a_window_of_another_client_maps() {
     let query = system.request(HostMessage::ReadyQuery);
     assert_eq!(system.reply(query), AgentMessage::Ready(Stage::System));
 
-    let (conn, screen) = x11rb::connect(Some(&x.display)).unwrap();
-    let root = conn.setup().roots[screen].root;
-    let window = conn.generate_id().unwrap();
-    conn.create_window(
-        x11rb::COPY_DEPTH_FROM_PARENT,
-        window,
-        root,
-        0,
-        0,
-        200,
-        100,
-        0,
-        WindowClass::INPUT_OUTPUT,
-        x11rb::COPY_FROM_PARENT,
-        &CreateWindowAux::new(),
-    )
-    .unwrap();
-    conn.map_window(window).unwrap();
-    conn.flush().unwrap();
+    let _app = app_window(&x.display, WindowClass::INPUT_OUTPUT, true);
 
     system.wait_stage(Stage::Session);
 }
@@ -453,25 +465,7 @@ fn a_session_part_that_leaves_drops_the_stage_and_a_new_one_is_picked_up() {
     assert!(!system.features.contains(Features::CLIPBOARD));
     // A window from the start: the session part finds it when it connects.
     let _xterm_like = xclip_in(&x, "kept by xclip");
-    let (conn, screen) = x11rb::connect(Some(&x.display)).unwrap();
-    let root = conn.setup().roots[screen].root;
-    let window = conn.generate_id().unwrap();
-    conn.create_window(
-        x11rb::COPY_DEPTH_FROM_PARENT,
-        window,
-        root,
-        0,
-        0,
-        100,
-        100,
-        0,
-        WindowClass::INPUT_OUTPUT,
-        x11rb::COPY_FROM_PARENT,
-        &CreateWindowAux::new(),
-    )
-    .unwrap();
-    conn.map_window(window).unwrap();
-    conn.flush().unwrap();
+    let _app = app_window(&x.display, WindowClass::INPUT_OUTPUT, true);
     let part = system.session_part(&x);
     system.wait_stage(Stage::Session);
 
@@ -604,23 +598,7 @@ fn incr_owner(
     };
     use x11rb::protocol::Event;
     use x11rb::wrapper::ConnectionExt as _;
-    let (conn, screen) = x11rb::connect(Some(display)).unwrap();
-    let root = conn.setup().roots[screen].root;
-    let window = conn.generate_id().unwrap();
-    conn.create_window(
-        0,
-        window,
-        root,
-        0,
-        0,
-        1,
-        1,
-        0,
-        WindowClass::INPUT_ONLY,
-        x11rb::COPY_FROM_PARENT,
-        &CreateWindowAux::new(),
-    )
-    .unwrap();
+    let (conn, window) = app_window(display, WindowClass::INPUT_ONLY, false);
     let atom = |n: &[u8]| conn.intern_atom(false, n).unwrap().reply().unwrap().atom;
     let (clipboard, utf8, incr) = (atom(b"CLIPBOARD"), atom(b"UTF8_STRING"), atom(b"INCR"));
     conn.set_selection_owner(window, clipboard, x11rb::CURRENT_TIME)
@@ -827,25 +805,7 @@ fn a_session_part_ends_when_its_display_closes_and_the_stage_falls_back() {
     let scratch = Scratch::new("logout");
     let x = xvfb(&scratch);
     let mut system = System::start(&scratch);
-    let (conn, screen) = x11rb::connect(Some(&x.display)).unwrap();
-    let root = conn.setup().roots[screen].root;
-    let window = conn.generate_id().unwrap();
-    conn.create_window(
-        x11rb::COPY_DEPTH_FROM_PARENT,
-        window,
-        root,
-        0,
-        0,
-        100,
-        100,
-        0,
-        WindowClass::INPUT_OUTPUT,
-        x11rb::COPY_FROM_PARENT,
-        &CreateWindowAux::new(),
-    )
-    .unwrap();
-    conn.map_window(window).unwrap();
-    conn.flush().unwrap();
+    let _app = app_window(&x.display, WindowClass::INPUT_OUTPUT, true);
     let mut part = system.session_part(&x);
     system.wait_stage(Stage::Session);
 

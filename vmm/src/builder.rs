@@ -430,41 +430,16 @@ fn attach_legacy(
     })
 }
 
-/// Everything the VM needs before its vCPUs run, apart from the PIT and the memory slot:
-/// kernel and initrd in guest memory, devices, legacy ports, boot tables, configured vCPUs.
-struct Assembled {
-    devices: DeviceManager,
-    display: Option<GpuHandle>,
-    input: Option<InputHandles>,
-    legacy: Legacy,
-    pio: crate::devices::bus::Bus,
-    mmio: crate::devices::bus::Bus,
-    cmdline: String,
-    vcpus: Vec<Vcpu>,
-}
-
-fn assemble(
+/// The configured virtio devices, attached in one fixed order (block, net, rng, vsock, gpu,
+/// input): boot and restore both use it, so a snapshot's device slots and names are the ones
+/// a restore builds again.
+fn attach_devices(
     config: &VmConfig,
     vmm_start: Instant,
     em: &mut EventManager,
-    exit: &Arc<ExitSignal>,
     vm: &Vm,
     ram: &GuestRam,
-    mem_bytes: u64,
-) -> Result<Assembled, BuildError> {
-    let kernel = load_kernel(ram, &config.kernel)?;
-    let initrd = match &config.initrd {
-        Some(path) => Some(load_initrd(ram, path, mem_bytes, kernel.end)?),
-        None => None,
-    };
-    let supported = vm
-        .kvm()
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| VmError::Kvm {
-            what: "get supported CPUID",
-            source,
-        })?;
-
+) -> Result<(DeviceManager, Option<GpuHandle>, Option<InputHandles>), BuildError> {
     let mut devices = DeviceManager::new(ram.memory.clone(), vmm_start);
     for disk in &config.disks {
         devices.attach_block(vm.fd(), em, &disk.path, disk.read_only)?;
@@ -510,6 +485,45 @@ fn assemble(
     } else {
         None
     };
+    Ok((devices, display, input))
+}
+
+/// Everything the VM needs before its vCPUs run, apart from the PIT and the memory slot:
+/// kernel and initrd in guest memory, devices, legacy ports, boot tables, configured vCPUs.
+struct Assembled {
+    devices: DeviceManager,
+    display: Option<GpuHandle>,
+    input: Option<InputHandles>,
+    legacy: Legacy,
+    pio: crate::devices::bus::Bus,
+    mmio: crate::devices::bus::Bus,
+    cmdline: String,
+    vcpus: Vec<Vcpu>,
+}
+
+fn assemble(
+    config: &VmConfig,
+    vmm_start: Instant,
+    em: &mut EventManager,
+    exit: &Arc<ExitSignal>,
+    vm: &Vm,
+    ram: &GuestRam,
+    mem_bytes: u64,
+) -> Result<Assembled, BuildError> {
+    let kernel = load_kernel(ram, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(ram, path, mem_bytes, kernel.end)?),
+        None => None,
+    };
+    let supported = vm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| VmError::Kvm {
+            what: "get supported CPUID",
+            source,
+        })?;
+
+    let (devices, display, input) = attach_devices(config, vmm_start, em, vm, ram)?;
     let mut pio = devices.pio_bus().clone();
     let mut mmio = devices.mmio_bus().clone();
     let legacy = attach_legacy(
@@ -647,59 +661,9 @@ pub fn restore_and_start(
         let pit = vm.start_pit_setup();
         let slots = s.spawn(|| vm.register_memory(&ram.memory));
         let built = (|| {
-            let mut devices = DeviceManager::new(ram.memory.clone(), vmm_start);
-            // The devices the configuration builds, in the order `assemble` attaches them
+            // The devices the configuration builds, in the order the boot path attaches them
             // (the same slots, names and order as the snapshotted VM).
-            for disk in &config.disks {
-                devices.attach_block(vm.fd(), em, &disk.path, disk.read_only)?;
-            }
-            if let Some(net) = &config.net {
-                devices.attach_net(
-                    vm.fd(),
-                    em,
-                    &net.tap,
-                    net.mac.map_or(MacAddr::DEFAULT, |mac| MacAddr(mac.0)),
-                )?;
-            }
-            if config.rng {
-                devices.attach_rng(vm.fd(), em)?;
-            }
-            if let Some(vsock) = &config.vsock {
-                devices.attach_vsock(vm.fd(), em, vsock.guest_cid, &vsock.uds_path)?;
-            }
-            let display = match config.gpu {
-                Some(size) => {
-                    let gpu = Gpu::new(GpuConfig::with_size(size.width, size.height))
-                        .map_err(BuildError::Gpu)?;
-                    let handle = gpu.handle();
-                    devices.attach_virtio_device(
-                        vm.fd(),
-                        em,
-                        "gpu",
-                        Arc::new(Mutex::new(gpu)),
-                        handle.metrics(),
-                    )?;
-                    Some(handle)
-                }
-                None => None,
-            };
-            let input = if config.input {
-                let inputs = InputDevices::new().map_err(BuildError::Input)?;
-                let handles = inputs.handles();
-                for (name, dev) in inputs.into_named() {
-                    let metrics = dev.handle().metrics();
-                    devices.attach_virtio_device(
-                        vm.fd(),
-                        em,
-                        name,
-                        Arc::new(Mutex::new(dev)),
-                        metrics,
-                    )?;
-                }
-                Some(handles)
-            } else {
-                None
-            };
+            let (devices, display, input) = attach_devices(config, vmm_start, em, &vm, &ram)?;
             let built: Vec<_> = devices.transports().collect();
             if built.len() != snapshot.devices.virtio.len() {
                 return Err(BuildError::VirtioMismatch {
