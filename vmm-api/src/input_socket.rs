@@ -10,6 +10,9 @@
 //! that wants to know reads the VMM's metrics. Encoding and decoding live here so that the
 //! VMM and hostd agree on one byte layout.
 
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
 use serde::{Deserialize, Serialize};
 
 use crate::input::{validate_events, InputBatch, InputBatchError, InputDevice, InputEvent};
@@ -28,6 +31,31 @@ pub const MAX_MESSAGE_LEN: usize = RECORD_LEN * MAX_RECORDS_PER_MESSAGE;
 pub const MAX_MESSAGES_PER_WAKE: usize = 64;
 /// The socket type of the handed-over descriptor.
 pub const SOCKET_TYPE: &str = "seqpacket";
+
+/// Sends one message (an encoded batch) on the channel's client end without waiting and
+/// without SIGPIPE: a `SOCK_SEQPACKET` send is whole or fails, so a full socket is
+/// `WouldBlock` and a VMM that closed its end (replaced the channel, or exited) is `EPIPE`.
+pub fn send_message(socket: BorrowedFd<'_>, message: &[u8]) -> io::Result<()> {
+    loop {
+        // SAFETY: `message` is live and readable for its length during the call; `socket`
+        // is an open descriptor for the call's duration.
+        let n = unsafe {
+            libc::send(
+                socket.as_raw_fd(),
+                message.as_ptr().cast(),
+                message.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
 
 /// Body of the `GET /input/socket` answer: the layout the descriptor carries, so that a
 /// client can check it speaks the same one.

@@ -5,7 +5,7 @@
 //! first channel.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -108,19 +108,7 @@ fn get_input_socket(sock: &std::path::Path) -> (InputSocketHandoff, Vec<OwnedFd>
 }
 
 fn send(fd: &OwnedFd, message: &[u8]) -> std::io::Result<()> {
-    // SAFETY: `message` is readable for its length; `fd` is open.
-    let n = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            message.as_ptr().cast(),
-            message.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    vmm_api::input_socket::send_message(fd.as_fd(), message)
 }
 
 /// Runs the loop (device work, then queued API requests) until `done` or 10 s.

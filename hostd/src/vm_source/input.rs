@@ -10,13 +10,13 @@
 //! on a worker thread, in order.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
 use proto::stream::InputEvent;
 use tracing::{debug, warn};
-use vmm_api::input_socket::encode_message;
+use vmm_api::input_socket::{encode_message, send_message};
 use vmm_api::{DisplaySize, Request};
 
 use super::translate::InputTranslator;
@@ -110,7 +110,7 @@ impl InputSink for VmInput {
             channel.message.clear();
             encode_message(device, &batch, &mut channel.message)
                 .map_err(|e| InputError::Other(format!("untranslatable input batch: {e}")))?;
-            match send_message(socket, &channel.message) {
+            match send_message(socket.as_fd(), &channel.message) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Err(InputError::Other("the VMM is not taking input".into()));
@@ -157,29 +157,6 @@ fn open_channel(api: &mut VmmClient) -> Result<OwnedFd, VmmClientError> {
         );
     }
     Ok(socket)
-}
-
-/// One message, without waiting and without SIGPIPE.
-fn send_message(socket: &OwnedFd, message: &[u8]) -> io::Result<()> {
-    loop {
-        // SAFETY: `message` is live and readable for its length during the call.
-        let n = unsafe {
-            libc::send(
-                socket.as_raw_fd(),
-                message.as_ptr().cast(),
-                message.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n >= 0 {
-            // A SOCK_SEQPACKET send is whole or fails.
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
 }
 
 /// Runs display changes and channel fetches in arrival order over one API connection

@@ -251,6 +251,8 @@ pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd;
+
     use vmm_api::input::evdev::{ABS_X, EV_ABS, EV_KEY};
     use vmm_api::input_socket::{encode_message, InputRecord, RECORD_LEN};
     use vmm_api::{InputDevice, InputEvent};
@@ -267,20 +269,7 @@ mod tests {
     }
 
     fn send(fd: &OwnedFd, message: &[u8]) -> io::Result<()> {
-        // SAFETY: `message` is readable for its length; `fd` is open.
-        let n = unsafe {
-            libc::send(
-                fd.as_raw_fd(),
-                message.as_ptr().cast(),
-                message.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        assert_eq!(n as usize, message.len());
-        Ok(())
+        vmm_api::input_socket::send_message(fd.as_fd(), message)
     }
 
     fn message(device: InputDevice, events: &[InputEvent]) -> Vec<u8> {
