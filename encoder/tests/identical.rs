@@ -1,21 +1,13 @@
 //! Identical-pixel skipping: damage whose pixels did not change costs no frame.
 
-use encoder::{Decoder, Encoder, EncoderConfig, FrameRef, PixelFormat, Rect};
+use encoder::{Decoder, FrameRef, PixelFormat, Rect};
 use scenes::{Scene, SyntheticSource};
 
-const W: u32 = 320;
-const H: u32 = 240;
-const WHOLE: Rect = Rect::new(0, 0, W, H);
+mod common;
 
-fn encoder() -> Encoder {
-    Encoder::new(EncoderConfig {
-        width: W,
-        height: H,
-        fps: 30.0,
-        bitrate_bps: 2_000_000,
-    })
-    .expect("encoder")
-}
+use common::{encoder, H, W};
+
+const WHOLE: Rect = Rect::new(0, 0, W, H);
 
 fn desktop() -> Vec<u8> {
     SyntheticSource::new(Scene::Windows, W, H, 30.0)

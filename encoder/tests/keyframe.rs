@@ -1,19 +1,10 @@
 //! `Encoder::keyframe`: a still screen's keyframe comes from the encoder's own picture.
 
-use encoder::{psnr_bgrx, Decoder, Encoder, EncoderConfig, FrameRef, PixelFormat, Rect};
+use encoder::{psnr_bgrx, Decoder, FrameRef, PixelFormat, Rect};
 
-const W: u32 = 320;
-const H: u32 = 240;
+mod common;
 
-fn encoder() -> Encoder {
-    Encoder::new(EncoderConfig {
-        width: W,
-        height: H,
-        fps: 30.0,
-        bitrate_bps: 2_000_000,
-    })
-    .unwrap()
-}
+use common::{encoder, H, W};
 
 /// A BGRX picture: a gradient background with a solid block at (`bx`, `by`).
 fn picture(bx: u32, by: u32) -> Vec<u8> {

@@ -211,6 +211,19 @@ impl Cache {
         Ok(Some(Artifact { dir, manifest }))
     }
 
+    /// The cached artifact for `hash`, or on a miss the build lock for it, looked up again
+    /// once the lock is held (another process may have built it meanwhile).
+    pub fn lookup_or_lock(&self, kind: ArtifactKind, hash: &str) -> Result<Cached, CacheError> {
+        if let Some(hit) = self.lookup(kind, hash)? {
+            return Ok(Cached::Hit(hit));
+        }
+        let lock = self.lock(kind, hash)?;
+        Ok(match self.lookup(kind, hash)? {
+            Some(hit) => Cached::Hit(hit),
+            None => Cached::Miss(lock),
+        })
+    }
+
     /// Takes the exclusive build lock for `(kind, hash)`, blocking while another
     /// process holds it. Released when the returned guard drops.
     pub fn lock(&self, kind: ArtifactKind, name: &str) -> Result<BuildLock, CacheError> {
@@ -367,6 +380,15 @@ pub fn remove_tree(path: &Path) -> Result<(), CacheError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(CacheError::io("removing", path, e)),
     }
+}
+
+/// What [`Cache::lookup_or_lock`] found.
+#[derive(Debug)]
+pub enum Cached {
+    /// Built already.
+    Hit(Artifact),
+    /// Not built: the caller builds it while holding this lock.
+    Miss(BuildLock),
 }
 
 /// Exclusive lock on one artifact's build.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use proto::spec::{Catalog, Spec, SpecError};
 
 use crate::apk_bootstrap::{self, ApkBootstrapError};
-use crate::cache::{sha256_hex, Artifact, ArtifactKind, Cache, CacheError, InputHasher};
+use crate::cache::{sha256_hex, Artifact, ArtifactKind, Cache, CacheError, Cached, InputHasher};
 use crate::path_error::PathIoError;
 use crate::plan::{self, BasePlan, Plan, PlanError, PlanOptions, Prepared};
 use crate::probe::{self, ProbeError};
@@ -286,13 +286,10 @@ fn build_base(
     probe_timeout: Duration,
 ) -> Result<Artifact, RootfsError> {
     let hash = base_hash(plan);
-    if let Some(hit) = cache.lookup(ArtifactKind::Base, &hash)? {
-        return Ok(hit);
-    }
-    let _lock = cache.lock(ArtifactKind::Base, &hash)?;
-    if let Some(hit) = cache.lookup(ArtifactKind::Base, &hash)? {
-        return Ok(hit);
-    }
+    let _lock = match cache.lookup_or_lock(ArtifactKind::Base, &hash)? {
+        Cached::Hit(hit) => return Ok(hit),
+        Cached::Miss(lock) => lock,
+    };
     if let Some(keyring) = &plan.keyring {
         if !keyring.exists() {
             return Err(RootfsError::NoKeyring {

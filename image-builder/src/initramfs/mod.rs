@@ -12,7 +12,7 @@ use std::time::Instant;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
-use crate::cache::{sha256_hex, Artifact, ArtifactKind, Cache, CacheError, InputHasher};
+use crate::cache::{sha256_hex, Artifact, ArtifactKind, Cache, CacheError, Cached, InputHasher};
 use crate::cpio::{self, CpioError, Entry};
 
 /// The init script, run as PID 1.
@@ -195,13 +195,10 @@ pub fn build(cache: &Cache, options: &InitramfsOptions) -> Result<Artifact, Init
         hasher.add("agent", sha256_hex(agent).as_bytes());
     }
     let hash = hasher.finish();
-    if let Some(hit) = cache.lookup(ArtifactKind::Initramfs, &hash)? {
-        return Ok(hit);
-    }
-    let _lock = cache.lock(ArtifactKind::Initramfs, &hash)?;
-    if let Some(hit) = cache.lookup(ArtifactKind::Initramfs, &hash)? {
-        return Ok(hit);
-    }
+    let _lock = match cache.lookup_or_lock(ArtifactKind::Initramfs, &hash)? {
+        Cached::Hit(hit) => return Ok(hit),
+        Cached::Miss(lock) => lock,
+    };
     let started = Instant::now();
     let inputs = serde_json::json!({
         "busybox": options.busybox,

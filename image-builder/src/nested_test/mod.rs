@@ -19,7 +19,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::cache::{sha256_hex, Artifact, ArtifactKind, Cache, InputHasher};
+use crate::cache::{sha256_hex, Artifact, ArtifactKind, Cache, Cached, InputHasher};
 use crate::cpio::{self, Entry};
 use crate::initramfs::{self, InitramfsError};
 use crate::kernel::{KernelOptions, PatchedTree};
@@ -126,13 +126,10 @@ pub fn build_initramfs(
         .add("passwd", PASSWD.as_bytes())
         .add("group", GROUP.as_bytes());
     let hash = hasher.finish();
-    if let Some(hit) = cache.lookup(ArtifactKind::Initramfs, &hash)? {
-        return Ok(hit);
-    }
-    let _lock = cache.lock(ArtifactKind::Initramfs, &hash)?;
-    if let Some(hit) = cache.lookup(ArtifactKind::Initramfs, &hash)? {
-        return Ok(hit);
-    }
+    let _lock = match cache.lookup_or_lock(ArtifactKind::Initramfs, &hash)? {
+        Cached::Hit(hit) => return Ok(hit),
+        Cached::Miss(lock) => lock,
+    };
     let started = Instant::now();
     let mut packed = Vec::new();
     cpio::write_archive(&mut packed, &initramfs_entries(busybox_bytes, bytes))?;

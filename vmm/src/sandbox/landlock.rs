@@ -94,21 +94,8 @@ mod tests {
     /// Runs `f` in a forked child (Landlock cannot be lifted once applied) and returns
     /// its exit code.
     fn in_child(f: impl FnOnce() -> i32) -> i32 {
-        // SAFETY: the child only runs `f` and exits with _exit; the test binary's other
-        // threads are not touched in the child (it never returns to the harness).
-        match unsafe { libc::fork() } {
-            0 => {
-                let code = f();
-                // SAFETY: _exit ends the child without running the harness's atexit hooks.
-                unsafe { libc::_exit(code) }
-            }
-            pid => {
-                let mut status = 0;
-                // SAFETY: `status` is a valid out-pointer; pid is our child.
-                unsafe { libc::waitpid(pid, &mut status, 0) };
-                libc::WEXITSTATUS(status)
-            }
-        }
+        let (code, signal) = super::super::in_child(f);
+        code.unwrap_or_else(|| panic!("the child was killed by signal {signal:?}"))
     }
 
     #[test]

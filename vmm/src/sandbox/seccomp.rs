@@ -145,28 +145,8 @@ pub fn make_forbidden_syscall() {
 
 #[cfg(test)]
 mod tests {
+    use super::super::in_child;
     use super::*;
-
-    fn in_child(f: impl FnOnce() -> i32) -> (Option<i32>, Option<i32>) {
-        // SAFETY: the child runs `f` then _exit; it never returns into the test harness.
-        match unsafe { libc::fork() } {
-            0 => {
-                let code = f();
-                // SAFETY: ends the child without running the harness's atexit hooks.
-                unsafe { libc::_exit(code) }
-            }
-            pid => {
-                let mut status = 0;
-                // SAFETY: `status` is a valid out-pointer; pid is our child.
-                unsafe { libc::waitpid(pid, &mut status, 0) };
-                if libc::WIFSIGNALED(status) {
-                    (None, Some(libc::WTERMSIG(status)))
-                } else {
-                    (Some(libc::WEXITSTATUS(status)), None)
-                }
-            }
-        }
-    }
 
     #[test]
     fn the_shipped_policy_compiles_for_every_role() {
