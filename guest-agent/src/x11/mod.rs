@@ -23,8 +23,8 @@ use x11rb::errors::{ConnectError, ConnectionError, ReplyError, ReplyOrIdError};
 use x11rb::protocol::xfixes::{ConnectionExt as _, SelectionEventMask};
 use x11rb::protocol::xproto::{
     Atom, AtomEnum, ChangeWindowAttributesAux, ConnectionExt as _, CreateWindowAux, EventMask,
-    MapState, PropMode, Property, SelectionNotifyEvent, SelectionRequestEvent, Window, WindowClass,
-    SELECTION_NOTIFY_EVENT,
+    GetPropertyReply, MapState, PropMode, Property, SelectionNotifyEvent, SelectionRequestEvent,
+    Window, WindowClass, SELECTION_NOTIFY_EVENT,
 };
 use x11rb::protocol::Event;
 use x11rb::rust_connection::RustConnection;
@@ -448,17 +448,7 @@ impl Desktop {
             };
             return self.finish(Err(why), now);
         }
-        let reply = self
-            .conn
-            .get_property(
-                true,
-                self.window,
-                self.property,
-                AtomEnum::ANY,
-                0,
-                (MAX_CLIPBOARD_LEN / 4 + 1) as u32,
-            )?
-            .reply()?;
+        let reply = self.take_transfer_property()?;
         if reply.type_ == self.incr {
             // Deleting the property (above) told the owner to send the first piece.
             let active = self.active.as_mut().expect("checked above");
@@ -481,12 +471,11 @@ impl Desktop {
         self.finish(result, now)
     }
 
-    /// The next piece of an INCR transfer; an empty one ends it.
-    fn incr_piece(&mut self, now: Instant) -> Result<(), X11Error> {
-        if self.active.as_ref().is_none_or(|a| a.incr.is_none()) {
-            return Ok(());
-        }
-        let reply = self
+    /// Reads and deletes the property a selection owner wrote for us (deleting it is what
+    /// asks an INCR owner for its next piece), up to one byte past the clipboard limit so
+    /// that a longer value shows as `bytes_after`.
+    fn take_transfer_property(&self) -> Result<GetPropertyReply, X11Error> {
+        Ok(self
             .conn
             .get_property(
                 true,
@@ -496,7 +485,15 @@ impl Desktop {
                 0,
                 (MAX_CLIPBOARD_LEN / 4 + 1) as u32,
             )?
-            .reply()?;
+            .reply()?)
+    }
+
+    /// The next piece of an INCR transfer; an empty one ends it.
+    fn incr_piece(&mut self, now: Instant) -> Result<(), X11Error> {
+        if self.active.as_ref().is_none_or(|a| a.incr.is_none()) {
+            return Ok(());
+        }
+        let reply = self.take_transfer_property()?;
         let active = self.active.as_mut().expect("checked above");
         let incoming = active.incr.as_mut().expect("checked above");
         if reply.value.is_empty() {

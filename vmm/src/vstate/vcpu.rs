@@ -168,6 +168,27 @@ impl Control {
         self.lock().request
     }
 
+    /// Waits on `st` until `done` holds of the state (true) or `deadline` passes (false).
+    fn wait_until<'a>(
+        &'a self,
+        mut st: std::sync::MutexGuard<'a, ControlState>,
+        deadline: Instant,
+        done: impl Fn(&ControlState) -> bool,
+    ) -> (std::sync::MutexGuard<'a, ControlState>, bool) {
+        while !done(&st) {
+            let now = Instant::now();
+            if now >= deadline {
+                return (st, false);
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        (st, true)
+    }
+
     /// Parks the calling vCPU thread while the request is `Pause` (or, when `finished`,
     /// until it is `Stop`). Returns the request that released it.
     fn park(&self, finished: bool) -> Request {
@@ -388,19 +409,13 @@ impl Vcpus {
     pub fn pause(&self, timeout: Duration) -> Result<(), VcpuError> {
         self.set_request(Request::Pause);
         self.kick_all();
-        let deadline = Instant::now() + timeout;
-        let mut st = self.control.lock();
-        while st.parked < self.threads.len() {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(VcpuError::PauseTimeout(timeout));
-            }
-            st = self
-                .control
-                .changed
-                .wait_timeout(st, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+        let all = self.threads.len();
+        let st = self.control.lock();
+        let (_st, parked) = self
+            .control
+            .wait_until(st, Instant::now() + timeout, |st| st.parked >= all);
+        if !parked {
+            return Err(VcpuError::PauseTimeout(timeout));
         }
         Ok(())
     }
@@ -422,18 +437,11 @@ impl Vcpus {
         st.save_facts = Some(facts);
         st.save_round += 1;
         self.control.changed.notify_all();
-        let deadline = Instant::now() + timeout;
-        while st.saved.len() < all {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(VcpuError::SaveTimeout(timeout));
-            }
-            st = self
-                .control
-                .changed
-                .wait_timeout(st, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+        let (mut st, saved) = self
+            .control
+            .wait_until(st, Instant::now() + timeout, |st| st.saved.len() >= all);
+        if !saved {
+            return Err(VcpuError::SaveTimeout(timeout));
         }
         st.save_facts = None;
         let mut states = std::mem::take(&mut st.saved)
