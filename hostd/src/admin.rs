@@ -157,6 +157,8 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
 struct AppState {
     orch: Orchestrator,
     policy: Arc<AccessPolicy>,
+    /// This host's fleet membership, when `[fleet] etcd` is set.
+    fleet: Option<crate::fleet::Membership>,
 }
 
 /// Binds `path` (replacing a stale socket, refusing a live one) and serves until the
@@ -204,16 +206,28 @@ pub async fn bind(path: &Path, policy: &AccessPolicy) -> Result<UnixListener, Ad
 }
 
 /// Serves `listener` until the future is dropped (a failed accept is logged and retried:
-/// connections already open go on).
+/// connections already open go on), for a host that is not in a fleet.
 pub async fn serve_on(
     orch: Orchestrator,
     listener: UnixListener,
     policy: AccessPolicy,
 ) -> Result<(), AdminError> {
+    serve_fleet_on(orch, listener, policy, None).await
+}
+
+/// [`serve_on`] for a host whose `fleet` membership answers `/v1/fleet/...` (without one
+/// they say this host is not in a fleet).
+pub async fn serve_fleet_on(
+    orch: Orchestrator,
+    listener: UnixListener,
+    policy: AccessPolicy,
+    fleet: Option<crate::fleet::Membership>,
+) -> Result<(), AdminError> {
     let policy = Arc::new(policy);
     let state = AppState {
         orch,
         policy: policy.clone(),
+        fleet,
     };
     let app = TowerToHyperService::new(router(state));
     let table = Arc::new(Connections::default());
@@ -401,6 +415,8 @@ fn router(state: AppState) -> Router {
         .route("/v1/tokens/revoke", post(revoke_token))
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/fleet/nodes", get(fleet_nodes))
+        .route("/v1/fleet/nodes/{node}/{verb}", post(fleet_schedule))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             check_peer,
@@ -871,6 +887,64 @@ async fn audit_list(State(st): State<AppState>, Query(q): Query<AuditQuery>) -> 
 
 async fn audit_verify(State(st): State<AppState>) -> ApiResult {
     Ok(Json(st.orch.verify_audit()?).into_response())
+}
+
+impl From<crate::fleet::FleetError> for ApiError {
+    fn from(e: crate::fleet::FleetError) -> Self {
+        use crate::fleet::FleetError;
+        let status = match &e {
+            FleetError::NotInFleet => StatusCode::CONFLICT,
+            FleetError::BadName(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            FleetError::Unreachable { .. } | FleetError::Timeout { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            FleetError::NoNode { .. } => StatusCode::NOT_FOUND,
+        };
+        ApiError(status, crate::error_chain(&e))
+    }
+}
+
+/// This host's membership, or the error saying it has none.
+fn membership(st: &AppState) -> Result<&crate::fleet::Membership, ApiError> {
+    st.fleet
+        .as_ref()
+        .ok_or_else(|| crate::fleet::FleetError::NotInFleet.into())
+}
+
+/// `GET /v1/fleet/nodes`: every node as etcd holds it now, and those this host saw go.
+async fn fleet_nodes(State(st): State<AppState>) -> ApiResult {
+    let m = membership(&st)?;
+    let nodes = m.nodes().await?;
+    Ok(Json(json!({"node": m.name(), "nodes": nodes})).into_response())
+}
+
+/// `POST /v1/fleet/nodes/NODE/{cordon,uncordon,drain}`: NODE's schedule, in etcd.
+async fn fleet_schedule(
+    State(st): State<AppState>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    UrlPath((node, verb)): UrlPath<(String, String)>,
+) -> ApiResult {
+    use crate::fleet::Schedule;
+    let m = membership(&st)?;
+    let schedule = match verb.as_str() {
+        "cordon" => Schedule::Cordoned,
+        "uncordon" => Schedule::Ready,
+        "drain" => Schedule::Draining,
+        _ => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no fleet verb {verb:?} (cordon, uncordon, drain)"),
+            ))
+        }
+    };
+    let view = m.set_schedule(&node, schedule).await?;
+    st.orch.audit(
+        &actor.0,
+        &format!("fleet-{verb}"),
+        &node,
+        &format!("node {node} {} (from node {})", schedule.as_str(), m.name()),
+    )?;
+    Ok(Json(json!({"node": view})).into_response())
 }
 
 #[cfg(test)]

@@ -47,6 +47,7 @@ fn record() -> NodeRecord {
         labels: Default::default(),
         cordoned: false,
         ttl_s: 3,
+        load: Default::default(),
     }
 }
 

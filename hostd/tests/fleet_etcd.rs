@@ -106,6 +106,7 @@ fn record(name: &str, vcpus: u32, memory_mib: u64) -> NodeRecord {
         labels: BTreeMap::new(),
         cordoned: false,
         ttl_s: TTL_S,
+        load: Default::default(),
     }
 }
 

@@ -17,6 +17,7 @@ fn node(name: &str, vcpus: u32, memory_mib: u64) -> NodeRecord {
         labels: BTreeMap::new(),
         cordoned: false,
         ttl_s: 10,
+        load: Default::default(),
     }
 }
 
@@ -320,4 +321,37 @@ fn placements_read_from_etcd_count_toward_load() {
         f.place("elsewhere", needs(1, 1)),
         Err(PlaceError::Exists(_))
     ));
+}
+
+#[test]
+fn an_operators_cordon_or_drain_keeps_new_placements_off_a_node_until_uncordoned() {
+    use hostd::fleet::Schedule;
+    let mut f = fleet_of(&[node("a", 8, 8192), node("b", 8, 8192)]);
+    // Set before anything is placed: a schedule may name a node not seen yet, too.
+    f.set_schedule("a", Schedule::Cordoned);
+    f.set_schedule("zz", Schedule::Draining);
+    assert_eq!(f.schedule("a"), Schedule::Cordoned);
+    assert_eq!(f.schedule("b"), Schedule::Ready);
+    for i in 0..3 {
+        assert_eq!(f.place(&format!("e{i}"), needs(1, 256)).unwrap(), "b");
+    }
+    f.set_schedule("b", Schedule::Draining);
+    assert!(matches!(
+        f.place("e9", needs(1, 256)),
+        Err(PlaceError::NoRoom { nodes: 2, .. })
+    ));
+    // What runs on a draining node stays placed there.
+    assert_eq!(f.committed("b"), (3, 768));
+    f.set_schedule("a", Schedule::Ready);
+    assert_eq!(f.schedule("a"), Schedule::Ready);
+    assert_eq!(f.place("e9", needs(1, 256)).unwrap(), "a");
+}
+
+#[test]
+fn stored_schedules_read_back_and_an_unknown_value_never_admits_placements() {
+    use hostd::fleet::Schedule;
+    for s in [Schedule::Ready, Schedule::Cordoned, Schedule::Draining] {
+        assert_eq!(Schedule::parse(s.as_str().as_bytes()), s);
+    }
+    assert_eq!(Schedule::parse(b"maintenance"), Schedule::Cordoned);
 }

@@ -165,6 +165,21 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             orch.set_stream_server(std::sync::Arc::new(server))?;
         }
         orch.start().await?;
+        // `[fleet] etcd`: join in the background (an unreachable fleet is retried, never
+        // keeping local environments from being served); leave on the way out.
+        let fleet = if orch.config().fleet.etcd.is_empty() {
+            None
+        } else {
+            let port = orch
+                .stream_server()
+                .and_then(|s| s.local_addr().ok())
+                .map(|a| a.port());
+            Some(hostd::fleet::Membership::start(
+                &orch.config().fleet,
+                orch.clone(),
+                port,
+            )?)
+        };
         // `[metrics] listen`: the admin socket's /metrics also on plain HTTP over TCP.
         if let Some(addr) = metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -186,11 +201,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let result = tokio::select! {
-            r = admin::serve_on(orch, listener, policy) => r.map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
+            r = admin::serve_fleet_on(orch, listener, policy, fleet.clone()) => r.map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
             r = tokio::signal::ctrl_c() => r.map_err(Into::into),
             _ = term.recv() => Ok(()),
         };
         notify::send("STOPPING=1");
+        if let Some(f) = &fleet {
+            f.leave().await;
+        }
         // VMMs keep running: the next hostd re-adopts them.
         let _ = std::fs::remove_file(&socket);
         result

@@ -160,6 +160,25 @@ enum Cmd {
     },
     /// Print the spec's JSON Schema.
     Schema,
+    /// The fleet of hosts this one belongs to (`[fleet]` in hostd.toml, docs/fleet.md);
+    /// works from any node.
+    Fleet {
+        #[command(subcommand)]
+        cmd: FleetCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCmd {
+    /// List the nodes: address, state (ready, cordoned, draining, lost), capacity used and
+    /// total, labels.
+    Nodes,
+    /// No new placements on NODE; what runs there stays.
+    Cordon { node: String },
+    /// Let placements choose NODE again (ends a cordon or a drain).
+    Uncordon { node: String },
+    /// No new placements on NODE; the environments it runs finish there.
+    Drain { node: String },
 }
 
 #[derive(Subcommand)]
@@ -544,6 +563,46 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Cmd::Metrics => print!("{}", client.text("/metrics").await?),
+        Cmd::Fleet {
+            cmd: FleetCmd::Nodes,
+        } => {
+            let v = client.call("GET", "/v1/fleet/nodes", None).await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                print_nodes(v["nodes"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+            }
+        }
+        Cmd::Fleet { cmd } => {
+            let (verb, node) = match cmd {
+                FleetCmd::Cordon { node } => ("cordon", node),
+                FleetCmd::Uncordon { node } => ("uncordon", node),
+                FleetCmd::Drain { node } => ("drain", node),
+                FleetCmd::Nodes => unreachable!("matched above"),
+            };
+            let v = client
+                .call(
+                    "POST",
+                    &format!("/v1/fleet/nodes/{}/{verb}", enc(&node)),
+                    None,
+                )
+                .await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                let n = &v["node"];
+                let running = n["load"]["running"].as_u64().unwrap_or(0);
+                match verb {
+                    "uncordon" => println!("{node} takes new placements again"),
+                    "cordon" => println!(
+                        "{node} cordoned: no new placements; its {running} environments stay"
+                    ),
+                    _ => println!(
+                        "{node} draining: no new placements; {running} environments still run there"
+                    ),
+                }
+            }
+        }
         Cmd::Audit {
             cmd: AuditCmd::Verify,
         } => {
@@ -1003,6 +1062,38 @@ fn print_table(envs: &[Value]) {
             e["spec"]["desktop"].as_str().unwrap_or(""),
             truncate(&apps.join(","), 24),
             e["reason"].as_str().unwrap_or("")
+        );
+    }
+}
+
+fn print_nodes(nodes: &[Value]) {
+    println!(
+        "{:<20} {:<24} {:<9} {:>9} {:>13} {:>5} LABELS",
+        "NAME", "ADDRESS", "STATE", "VCPUS", "MEM_MIB", "ENVS"
+    );
+    for n in nodes {
+        let labels: Vec<String> = n["labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let name = format!(
+            "{}{}",
+            n["name"].as_str().unwrap_or(""),
+            if n["this"] == true { " *" } else { "" }
+        );
+        println!(
+            "{:<20} {:<24} {:<9} {:>9} {:>13} {:>5} {}",
+            name,
+            n["address"].as_str().unwrap_or(""),
+            n["state"].as_str().unwrap_or(""),
+            format!("{}/{}", n["load"]["vcpus"], n["vcpus"]),
+            format!("{}/{}", n["load"]["memory_mib"], n["memory_mib"]),
+            n["load"]["running"].to_string(),
+            labels.join(",")
         );
     }
 }

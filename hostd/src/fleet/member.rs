@@ -3,6 +3,7 @@
 //! [`Fleet`]. A node whose lease lapses has its key deleted by etcd; the watch's delete is
 //! the core's `node_gone`. Keys: `<prefix>nodes/<name>` (docs/fleet.md).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::placement::{Decision, Fleet, LossPolicy, Needs, NodeRecord, PlaceError};
+use super::placement::{Decision, Fleet, LossPolicy, Needs, NodeRecord, PlaceError, Schedule};
 use crate::config::FleetConfig;
 
 /// Why joining or talking to the fleet failed.
@@ -76,7 +77,10 @@ pub struct Member {
     changes: watch::Receiver<u64>,
     decisions: Arc<Mutex<Vec<Decision>>>,
     keepalive: Option<JoinHandle<()>>,
+    /// Set by the keep-alive when etcd says the lease is gone.
+    expired: Arc<AtomicBool>,
     watcher: JoinHandle<()>,
+    origin: Instant,
 }
 
 /// A claimed placement: the value of `<prefix>placements/<env>`.
@@ -92,6 +96,66 @@ const CLAIM_ATTEMPTS: u32 = 16;
 /// The key of node `name` under `prefix`.
 pub fn node_key(prefix: &str, name: &str) -> String {
     format!("{prefix}nodes/{name}")
+}
+
+/// The key of node `name`'s schedule (cordon, drain) under `prefix`.
+pub fn schedule_key(prefix: &str, name: &str) -> String {
+    format!("{prefix}schedule/{name}")
+}
+
+/// The kinds of keys under the prefix, and how each changes the core.
+#[derive(Clone)]
+struct Keys {
+    nodes: String,
+    schedule: String,
+    placements: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Keys {
+        Keys {
+            nodes: format!("{prefix}nodes/"),
+            schedule: format!("{prefix}schedule/"),
+            placements: format!("{prefix}placements/"),
+        }
+    }
+
+    /// Applies one key's put (`put`) or delete to `f`; returns the core's decisions.
+    fn apply(
+        &self,
+        f: &mut Fleet,
+        now: Duration,
+        put: bool,
+        kv: &etcd_client::KeyValue,
+    ) -> Vec<Decision> {
+        let key = String::from_utf8_lossy(kv.key());
+        if let Some(name) = key.strip_prefix(&self.nodes) {
+            if !put {
+                return f.node_gone(now, name);
+            }
+            match serde_json::from_slice::<NodeRecord>(kv.value()) {
+                Ok(r) if r.name == name => return f.node_seen(now, r),
+                Ok(r) => {
+                    tracing::warn!(%key, record = r.name, "ignoring a node record under another node's key")
+                }
+                Err(e) => tracing::warn!(%key, error = %e, "ignoring a bad node record"),
+            }
+        } else if let Some(name) = key.strip_prefix(&self.schedule) {
+            let s = if put {
+                Schedule::parse(kv.value())
+            } else {
+                Schedule::Ready
+            };
+            f.set_schedule(name, s);
+        } else if let Some(env) = key.strip_prefix(&self.placements) {
+            if !put {
+                f.release(env);
+            } else if let Ok(p) = serde_json::from_slice::<Claim>(kv.value()) {
+                f.insert_placement(env, &p.node, p.needs);
+            }
+        }
+        Vec::new()
+    }
 }
 
 impl Member {
@@ -135,19 +199,22 @@ impl Member {
             endpoints: endpoints.clone(),
             source: Box::new(source),
         })?;
+        let expired = Arc::new(AtomicBool::new(false));
         let keepalive = tokio::spawn(keep_alive(
             client.clone(),
             lease,
             Duration::from_secs(cfg.lease_ttl_s.max(1)) / 3,
             name.clone(),
+            expired.clone(),
         ));
 
         let fleet = Arc::new(Mutex::new(Fleet::new(LossPolicy::MarkLost)));
         let decisions = Arc::new(Mutex::new(Vec::new()));
         let origin = Instant::now();
-        let prefix = format!("{}nodes/", cfg.prefix);
+        let keys = Keys::new(&cfg.prefix);
+        // Everything under the prefix: node records, operators' schedules, placements.
         let got = c
-            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .get(cfg.prefix.clone(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| MemberError::Watch {
                 endpoints: endpoints.clone(),
@@ -157,14 +224,12 @@ impl Member {
         {
             let mut f = fleet.lock().expect("fleet lock");
             for kv in got.kvs() {
-                if let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value()) {
-                    f.node_seen(origin.elapsed(), r);
-                }
+                keys.apply(&mut f, origin.elapsed(), true, kv);
             }
         }
         let (etcd_watcher, stream) = c
             .watch(
-                prefix.clone(),
+                cfg.prefix.clone(),
                 Some(
                     WatchOptions::new()
                         .with_prefix()
@@ -180,7 +245,7 @@ impl Member {
         let watcher = tokio::spawn(apply_watch(
             etcd_watcher,
             stream,
-            prefix,
+            keys,
             fleet.clone(),
             decisions.clone(),
             origin,
@@ -196,8 +261,57 @@ impl Member {
             changes,
             decisions,
             keepalive: Some(keepalive),
+            expired,
             watcher,
+            origin,
         })
+    }
+
+    /// Why this membership no longer holds, if it does not: its lease expired (this node
+    /// was cut off from etcd for longer than its TTL, and the fleet saw it go) or its watch
+    /// ended (its view of the fleet is frozen). Either way the node must join again.
+    pub fn broken(&self) -> Option<&'static str> {
+        if self.expired.load(Ordering::SeqCst) {
+            Some("this node's fleet lease expired")
+        } else if self.watcher.is_finished() {
+            Some("the watch of the fleet in etcd ended")
+        } else {
+            None
+        }
+    }
+
+    /// Time since this member joined: the clock of its core's `since` and `last_seen`.
+    pub fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    /// Replaces this node's record (new load, labels) under its lease.
+    pub async fn publish(&self, record: &NodeRecord) -> Result<(), MemberError> {
+        let value = serde_json::to_vec(record).map_err(MemberError::Encode)?;
+        self.client
+            .clone()
+            .put(
+                node_key(&self.prefix, &self.name),
+                value,
+                Some(PutOptions::new().with_lease(self.lease)),
+            )
+            .await
+            .map_err(|source| MemberError::Publish {
+                node: self.name.clone(),
+                endpoints: self.endpoints.clone(),
+                source: Box::new(source),
+            })?;
+        Ok(())
+    }
+
+    /// Stops the tasks and revokes the lease if etcd answers within `within`; for a member
+    /// replaced by a new one (whose record already took over the key), so nothing of the
+    /// old one lingers.
+    pub async fn abandon(mut self, within: Duration) {
+        self.stop_keepalive();
+        self.watcher.abort();
+        let mut c = self.client.clone();
+        let _ = tokio::time::timeout(within, c.lease_revoke(self.lease)).await;
     }
 
     pub fn name(&self) -> &str {
@@ -237,12 +351,9 @@ impl Member {
             endpoints: self.endpoints.clone(),
             source: Box::new(source),
         };
-        let (nodes, placements, commits) = (
-            format!("{}nodes/", self.prefix),
-            format!("{}placements/", self.prefix),
-            format!("{}commit/", self.prefix),
-        );
-        let env_key = format!("{placements}{env}");
+        let keys = Keys::new(&self.prefix);
+        let commits = format!("{}commit/", self.prefix);
+        let env_key = format!("{}{env}", keys.placements);
         for _ in 0..CLAIM_ATTEMPTS {
             let got = c
                 .get(self.prefix.clone(), Some(GetOptions::new().with_prefix()))
@@ -252,18 +363,10 @@ impl Member {
             let mut revs = std::collections::BTreeMap::new();
             for kv in got.kvs() {
                 let key = String::from_utf8_lossy(kv.key());
-                if let Some(name) = key.strip_prefix(&nodes) {
-                    if let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value()) {
-                        if r.name == name {
-                            view.node_seen(Duration::ZERO, r);
-                        }
-                    }
-                } else if let Some(e) = key.strip_prefix(&placements) {
-                    if let Ok(p) = serde_json::from_slice::<Claim>(kv.value()) {
-                        view.insert_placement(e, &p.node, p.needs);
-                    }
-                } else if let Some(node) = key.strip_prefix(&commits) {
+                if let Some(node) = key.strip_prefix(&commits) {
                     revs.insert(node.to_string(), kv.mod_revision());
+                } else {
+                    keys.apply(&mut view, Duration::ZERO, true, kv);
                 }
             }
             let node = view.place(env, needs.clone())?;
@@ -346,7 +449,13 @@ impl Drop for Member {
     }
 }
 
-async fn keep_alive(mut client: Client, lease: i64, every: Duration, node: String) {
+async fn keep_alive(
+    mut client: Client,
+    lease: i64,
+    every: Duration,
+    node: String,
+    expired: Arc<AtomicBool>,
+) {
     let every = every.max(Duration::from_millis(200));
     loop {
         match client.lease_keep_alive(lease).await {
@@ -358,7 +467,8 @@ async fn keep_alive(mut client: Client, lease: i64, every: Duration, node: Strin
                 match stream.message().await {
                     Ok(Some(r)) if r.ttl() > 0 => {}
                     Ok(_) => {
-                        tracing::error!(node, "fleet lease expired; this node left the fleet");
+                        tracing::error!(node, "fleet lease expired: the fleet saw this node go");
+                        expired.store(true, Ordering::SeqCst);
                         return;
                     }
                     Err(e) => {
@@ -379,7 +489,7 @@ async fn keep_alive(mut client: Client, lease: i64, every: Duration, node: Strin
 async fn apply_watch(
     _watcher: etcd_client::Watcher,
     mut stream: etcd_client::WatchStream,
-    prefix: String,
+    keys: Keys,
     fleet: Arc<Mutex<Fleet>>,
     decisions: Arc<Mutex<Vec<Decision>>>,
     origin: Instant,
@@ -398,26 +508,20 @@ async fn apply_watch(
                 return;
             }
         };
+        if resp.canceled() {
+            tracing::warn!(
+                reason = resp.cancel_reason(),
+                "fleet watch cancelled by etcd"
+            );
+            return;
+        }
         let mut out = Vec::new();
         {
             let mut f = fleet.lock().expect("fleet lock");
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
-                let now = origin.elapsed();
-                match ev.event_type() {
-                    EventType::Put => match serde_json::from_slice::<NodeRecord>(kv.value()) {
-                        Ok(r) => out.extend(f.node_seen(now, r)),
-                        Err(e) => {
-                            tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "ignoring a bad node record")
-                        }
-                    },
-                    EventType::Delete => {
-                        let key = String::from_utf8_lossy(kv.key());
-                        if let Some(name) = key.strip_prefix(&prefix) {
-                            out.extend(f.node_gone(now, name));
-                        }
-                    }
-                }
+                let put = ev.event_type() == EventType::Put;
+                out.extend(keys.apply(&mut f, origin.elapsed(), put, kv));
             }
         }
         decisions.lock().expect("decisions lock").extend(out);

@@ -33,13 +33,60 @@ pub struct NodeRecord {
     pub cordoned: bool,
     /// The lease's time to live, in seconds.
     pub ttl_s: u64,
+    /// What the node runs now (its own environments, as its store holds them).
+    #[serde(default)]
+    pub load: Load,
+}
+
+/// A node's live environments and what they hold, as the node publishes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Load {
+    /// Environments not stopped, destroyed or failed.
+    pub running: u32,
+    pub vcpus: u64,
+    pub memory_mib: u64,
+}
+
+/// Whether placement may choose a node: an operator's decision, kept in etcd under
+/// `<prefix>schedule/<node>` (absent: `Ready`), so every member honours it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    #[default]
+    Ready,
+    /// No new placements; what runs stays.
+    Cordoned,
+    /// No new placements; what runs finishes there and is not replaced.
+    Draining,
+}
+
+impl Schedule {
+    /// The value stored in etcd (`cordoned`, `draining`); `Ready` is the key's absence.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Schedule::Ready => "ready",
+            Schedule::Cordoned => "cordoned",
+            Schedule::Draining => "draining",
+        }
+    }
+
+    /// Reads a stored value; anything unknown counts as cordoned (never placed on).
+    pub fn parse(value: &[u8]) -> Schedule {
+        match value {
+            b"ready" => Schedule::Ready,
+            b"draining" => Schedule::Draining,
+            _ => Schedule::Cordoned,
+        }
+    }
 }
 
 impl NodeRecord {
-    fn cpu_limit(&self) -> u64 {
+    /// vCPUs admitted after overcommit.
+    pub fn cpu_limit(&self) -> u64 {
         (f64::from(self.vcpus) * self.cpu_overcommit).floor() as u64
     }
-    fn mem_limit(&self) -> u64 {
+    /// MiB admitted after overcommit.
+    pub fn mem_limit(&self) -> u64 {
         (self.memory_mib as f64 * self.memory_overcommit).floor() as u64
     }
 }
@@ -142,6 +189,8 @@ pub struct Fleet {
     placements: BTreeMap<String, Placement>,
     /// (environment, node it was rescheduled away from while that node was gone).
     stale: Vec<(String, String)>,
+    /// Operators' cordons and drains, by node (absent: ready).
+    schedule: BTreeMap<String, Schedule>,
     policy: LossPolicy,
 }
 
@@ -151,8 +200,23 @@ impl Fleet {
             nodes: BTreeMap::new(),
             placements: BTreeMap::new(),
             stale: Vec::new(),
+            schedule: BTreeMap::new(),
             policy,
         }
+    }
+
+    /// An operator cordoned, drained or uncordoned `node` (it need not be known yet).
+    pub fn set_schedule(&mut self, node: &str, schedule: Schedule) {
+        if schedule == Schedule::Ready {
+            self.schedule.remove(node);
+        } else {
+            self.schedule.insert(node.to_string(), schedule);
+        }
+    }
+
+    /// Whether placement may choose `node`, as operators decided.
+    pub fn schedule(&self, node: &str) -> Schedule {
+        self.schedule.get(node).copied().unwrap_or_default()
     }
 
     pub fn nodes(&self) -> &BTreeMap<String, Node> {
@@ -309,7 +373,7 @@ impl Fleet {
         }
         let mut best: Option<(f64, &str)> = None;
         for n in &labelled {
-            if n.record.cordoned {
+            if n.record.cordoned || self.schedule(&n.record.name) != Schedule::Ready {
                 continue;
             }
             let (cpu, mem) = self.committed(&n.record.name);

@@ -1,0 +1,467 @@
+//! hostd's membership in a fleet while it runs (`[fleet] etcd` set): joins at start and keeps
+//! trying while etcd cannot be reached (local environments are served meanwhile), publishes
+//! this node's load as it changes, joins again under a new lease when the old one expired or
+//! its watch ended, and leaves on shutdown. Also the operators' view and verbs (`genos fleet
+//! nodes|cordon|uncordon|drain`), which read and write etcd directly so that they fail at
+//! once, naming the endpoints, when etcd is unreachable.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use serde::Serialize;
+
+use super::member::{node_key, schedule_key, Claim, Member};
+use super::placement::{Load, NodeRecord, NodeState, Schedule};
+use crate::config::FleetConfig;
+use crate::orchestrator::Orchestrator;
+
+/// How long an operator's fleet request may wait for etcd.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the member checks its lease and watch and republishes a changed load.
+const REFRESH: Duration = Duration::from_secs(1);
+/// Longest wait between two attempts to join.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("this host is not in a fleet ([fleet] etcd is empty in hostd.toml)")]
+    NotInFleet,
+    #[error("[fleet] node {0:?} is not a node name (letters, digits, '.', '_', '-'; at most 63)")]
+    BadName(String),
+    #[error("cannot reach etcd at {endpoints} (local environments keep running)")]
+    Unreachable {
+        endpoints: String,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
+    #[error("cannot reach etcd at {endpoints}: no answer within {secs} s (local environments keep running)")]
+    Timeout { endpoints: String, secs: u64 },
+    #[error("no live node {node} in the fleet (live: {live})")]
+    NoNode { node: String, live: String },
+}
+
+/// One node as `genos fleet nodes` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub address: String,
+    /// `ready`, `cordoned`, `draining` or `lost`.
+    pub state: &'static str,
+    /// The operators' decision, which outlives the node's lease.
+    pub schedule: Schedule,
+    /// vCPUs and MiB admitted after overcommit.
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    /// What the node runs, as it last published.
+    pub load: Load,
+    /// Placements claimed on the node through the fleet.
+    pub placements: u32,
+    pub labels: BTreeMap<String, String>,
+    /// Unix time the lease was seen to lapse (lost nodes).
+    pub lost_at: Option<u64>,
+    /// Whether this is the node that answered.
+    pub this: bool,
+    /// Whether the answering node's placement core, fed by its watch, would place on this
+    /// node now (alive there, not cordoned or draining, whatever its room).
+    pub placeable: bool,
+}
+
+/// This hostd's part in the fleet; cheap to clone.
+#[derive(Clone)]
+pub struct Membership {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: FleetConfig,
+    name: String,
+    address: String,
+    orch: Orchestrator,
+    member: tokio::sync::Mutex<Option<Member>>,
+    /// Nodes this hostd saw leave (record as last seen, unix time of the loss), kept across
+    /// re-joins; a node that comes back is removed.
+    lost: Mutex<BTreeMap<String, (NodeRecord, u64)>>,
+    /// The member's core as of its last refresh (not behind the member's lock, which a
+    /// publish to an unreachable etcd may hold for seconds).
+    view: Mutex<Option<super::placement::Fleet>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The node name `[fleet] node` gives, else the host name; refused unless it can be a key.
+pub fn node_name(cfg: &FleetConfig) -> Result<String, FleetError> {
+    let name = if cfg.node.is_empty() {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default()
+    } else {
+        cfg.node.clone()
+    };
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(FleetError::BadName(name))
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Membership {
+    /// Starts membership for `cfg` (which must name endpoints): the join runs in the
+    /// background and is retried until it succeeds, so an unreachable fleet never keeps
+    /// hostd from serving. `stream_port` makes the default address (`<node>:<port>`).
+    pub fn start(
+        cfg: &FleetConfig,
+        orch: Orchestrator,
+        stream_port: Option<u16>,
+    ) -> Result<Membership, FleetError> {
+        if cfg.etcd.is_empty() {
+            return Err(FleetError::NotInFleet);
+        }
+        let name = node_name(cfg)?;
+        let address = if cfg.public_address.is_empty() {
+            stream_port
+                .map(|p| format!("{name}:{p}"))
+                .unwrap_or_default()
+        } else {
+            cfg.public_address.clone()
+        };
+        let m = Membership {
+            inner: Arc::new(Inner {
+                cfg: cfg.clone(),
+                name,
+                address,
+                orch,
+                member: tokio::sync::Mutex::new(None),
+                lost: Mutex::new(BTreeMap::new()),
+                view: Mutex::new(None),
+                task: Mutex::new(None),
+            }),
+        };
+        let task = tokio::spawn(m.clone().run());
+        *m.inner.task.lock().expect("task lock") = Some(task);
+        Ok(m)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn endpoints(&self) -> String {
+        self.inner.cfg.etcd.join(",")
+    }
+
+    /// This node's record now: capacity from the admission limits, load from the store.
+    fn record(&self) -> NodeRecord {
+        let cap = self.inner.orch.capacity();
+        let mut load = Load::default();
+        match self.inner.orch.list() {
+            Ok(envs) => {
+                for e in envs.iter().filter(|e| e.state.is_live()) {
+                    load.running += 1;
+                    load.vcpus += u64::from(e.spec.vcpus);
+                    load.memory_mib += u64::from(e.spec.memory_mib);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "fleet: cannot count environments")
+            }
+        }
+        NodeRecord {
+            name: self.inner.name.clone(),
+            address: self.inner.address.clone(),
+            vcpus: cap.vcpus,
+            memory_mib: cap.memory_mib,
+            cpu_overcommit: cap.cpu_overcommit,
+            memory_overcommit: cap.memory_overcommit,
+            labels: self.inner.cfg.labels.clone(),
+            cordoned: false,
+            ttl_s: self.inner.cfg.lease_ttl_s,
+            load,
+        }
+    }
+
+    fn audit(&self, action: &str, detail: &str) {
+        if let Err(e) = self
+            .inner
+            .orch
+            .audit("hostd", action, &self.inner.name, detail)
+        {
+            tracing::warn!(error = %crate::error_chain(&e), action, "fleet: cannot write the audit log");
+        }
+    }
+
+    /// Joins (retrying with backoff), then keeps the membership up until aborted.
+    async fn run(self) {
+        let name = self.inner.name.clone();
+        let endpoints = self.endpoints();
+        let mut backoff = Duration::from_secs(1);
+        let mut rejoin: Option<&'static str> = None;
+        loop {
+            let record = self.record();
+            let member = match Member::join(&self.inner.cfg, record.clone()).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(
+                        node = name, endpoints, error = %crate::error_chain(&e),
+                        retry_s = backoff.as_secs(),
+                        "cannot join the fleet; local environments are served meanwhile, retrying"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            backoff = Duration::from_secs(1);
+            self.note_losses(&member);
+            let detail = match rejoin {
+                Some(why) => format!("re-joined {endpoints} under a new lease ({why})"),
+                None => format!("joined {endpoints}"),
+            };
+            tracing::info!(node = name, endpoints, "{detail}");
+            self.audit("fleet-join", &detail);
+            let old = self.inner.member.lock().await.replace(member);
+            if let Some(old) = old {
+                // The new record already holds the key: revoking the old lease drops nothing.
+                old.abandon(OP_TIMEOUT).await;
+            }
+            let mut published = record;
+            loop {
+                tokio::time::sleep(REFRESH).await;
+                let guard = self.inner.member.lock().await;
+                let Some(m) = guard.as_ref() else { return };
+                if let Some(why) = m.broken() {
+                    tracing::warn!(
+                        node = name,
+                        endpoints,
+                        "{why}; joining again under a new lease"
+                    );
+                    self.audit("fleet-lost", why);
+                    rejoin = Some(why);
+                    break;
+                }
+                self.note_losses(m);
+                let record = self.record();
+                if record != published {
+                    match m.publish(&record).await {
+                        Ok(()) => published = record,
+                        Err(e) => {
+                            tracing::warn!(node = name, error = %crate::error_chain(&e), "fleet: cannot publish this node's load")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records the nodes the member saw go (and forgets those back), for `fleet nodes`.
+    fn note_losses(&self, m: &Member) {
+        let fleet = m.fleet();
+        *self.inner.view.lock().expect("view lock") = Some(fleet.clone());
+        let (now, wall) = (m.now(), unix_now());
+        let mut lost = self.inner.lost.lock().expect("lost lock");
+        for (name, n) in fleet.nodes() {
+            match n.state {
+                NodeState::Gone { since } => {
+                    lost.entry(name.clone()).or_insert_with(|| {
+                        let ago = now.saturating_sub(since).as_secs();
+                        (n.record.clone(), wall.saturating_sub(ago))
+                    });
+                }
+                NodeState::Alive => {
+                    lost.remove(name);
+                }
+            }
+        }
+    }
+
+    /// Leaves the fleet (revokes the lease: the key goes at once) if etcd answers in time.
+    pub async fn leave(&self) {
+        if let Some(t) = self.inner.task.lock().expect("task lock").take() {
+            t.abort();
+        }
+        let member = self.inner.member.lock().await.take();
+        if let Some(m) = member {
+            match tokio::time::timeout(OP_TIMEOUT, m.leave()).await {
+                Ok(Ok(())) => tracing::info!(node = self.inner.name, "left the fleet"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot leave the fleet; the lease will lapse")
+                }
+                Err(_) => tracing::warn!("etcd did not answer the leave; the lease will lapse"),
+            }
+        }
+    }
+
+    /// A client for one operator request, connected within [`OP_TIMEOUT`].
+    async fn client(&self) -> Result<Client, FleetError> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(OP_TIMEOUT)
+            .with_timeout(OP_TIMEOUT);
+        self.within(Client::connect(&self.inner.cfg.etcd, Some(opts)))
+            .await
+    }
+
+    /// Runs one etcd request of an operator's, bounded by [`OP_TIMEOUT`].
+    async fn within<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, FleetError> {
+        match tokio::time::timeout(OP_TIMEOUT, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(FleetError::Unreachable {
+                endpoints: self.endpoints(),
+                source: Box::new(e),
+            }),
+            Err(_) => Err(FleetError::Timeout {
+                endpoints: self.endpoints(),
+                secs: OP_TIMEOUT.as_secs(),
+            }),
+        }
+    }
+
+    /// Every node: the live ones as etcd holds them now, then those this hostd saw go.
+    pub async fn nodes(&self) -> Result<Vec<NodeView>, FleetError> {
+        let mut c = self.client().await?;
+        let prefix = self.inner.cfg.prefix.clone();
+        let got = self
+            .within(c.get(prefix.clone(), Some(GetOptions::new().with_prefix())))
+            .await?;
+        let (nodes, schedule, placements) = (
+            format!("{prefix}nodes/"),
+            format!("{prefix}schedule/"),
+            format!("{prefix}placements/"),
+        );
+        let mut live = BTreeMap::new();
+        let mut schedules = BTreeMap::new();
+        let mut placed = BTreeMap::<String, u32>::new();
+        for kv in got.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            if let Some(name) = key.strip_prefix(&nodes) {
+                if let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value()) {
+                    if r.name == name {
+                        live.insert(name.to_string(), r);
+                    }
+                }
+            } else if let Some(name) = key.strip_prefix(&schedule) {
+                schedules.insert(name.to_string(), Schedule::parse(kv.value()));
+            } else if let Some(_env) = key.strip_prefix(&placements) {
+                if let Ok(p) = serde_json::from_slice::<Claim>(kv.value()) {
+                    *placed.entry(p.node).or_default() += 1;
+                }
+            }
+        }
+        let lost = self.inner.lost.lock().expect("lost lock").clone();
+        let core = self.inner.view.lock().expect("view lock").clone();
+        let placeable = |name: &str| {
+            core.as_ref().is_some_and(|f| {
+                f.schedule(name) == Schedule::Ready
+                    && f.nodes()
+                        .get(name)
+                        .is_some_and(|n| n.state == NodeState::Alive && !n.record.cordoned)
+            })
+        };
+        let mut out = Vec::new();
+        let view = |r: &NodeRecord, lost_at: Option<u64>| {
+            let s = schedules.get(&r.name).copied().unwrap_or_default();
+            NodeView {
+                name: r.name.clone(),
+                address: r.address.clone(),
+                state: match (lost_at, s) {
+                    (Some(_), _) => "lost",
+                    (None, Schedule::Draining) => "draining",
+                    (None, Schedule::Cordoned) => "cordoned",
+                    (None, Schedule::Ready) if r.cordoned => "cordoned",
+                    (None, Schedule::Ready) => "ready",
+                },
+                schedule: s,
+                vcpus: r.cpu_limit(),
+                memory_mib: r.mem_limit(),
+                load: r.load,
+                placements: placed.get(&r.name).copied().unwrap_or(0),
+                labels: r.labels.clone(),
+                lost_at,
+                this: r.name == self.inner.name,
+                placeable: placeable(&r.name),
+            }
+        };
+        for r in live.values() {
+            out.push(view(r, None));
+        }
+        for (name, (r, at)) in &lost {
+            if !live.contains_key(name) {
+                out.push(view(r, Some(*at)));
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Writes `node`'s schedule in etcd (every member's placement honours it from its
+    /// watch). Cordoning or draining needs a live node; uncordoning also clears the
+    /// schedule of one that is gone.
+    pub async fn set_schedule(&self, node: &str, s: Schedule) -> Result<NodeView, FleetError> {
+        let mut c = self.client().await?;
+        let prefix = &self.inner.cfg.prefix;
+        let (nk, sk) = (node_key(prefix, node), schedule_key(prefix, node));
+        let txn = match s {
+            Schedule::Ready => Txn::new()
+                .when([Compare::create_revision(nk, CompareOp::Greater, 0)])
+                .and_then([TxnOp::delete(sk.clone(), None)])
+                .or_else([TxnOp::delete(sk, None)]),
+            _ => Txn::new()
+                .when([Compare::create_revision(nk, CompareOp::Greater, 0)])
+                .and_then([TxnOp::put(sk, s.as_str(), None)]),
+        };
+        let resp = self.within(c.txn(txn)).await?;
+        let cleared_gone = !resp.succeeded()
+            && resp
+                .op_responses()
+                .iter()
+                .any(|r| matches!(r, etcd_client::TxnOpResponse::Delete(d) if d.deleted() > 0));
+        let nodes = self.nodes().await?;
+        if resp.succeeded() || cleared_gone {
+            if let Some(v) = nodes.iter().find(|v| v.name == node) {
+                return Ok(v.clone());
+            }
+            // A node gone before this hostd knew it: only its schedule was left.
+            return Ok(NodeView {
+                name: node.to_string(),
+                address: String::new(),
+                state: "lost",
+                schedule: Schedule::Ready,
+                vcpus: 0,
+                memory_mib: 0,
+                load: Load::default(),
+                placements: 0,
+                labels: BTreeMap::new(),
+                lost_at: None,
+                this: false,
+                placeable: false,
+            });
+        }
+        let live: Vec<&str> = nodes
+            .iter()
+            .filter(|v| v.lost_at.is_none())
+            .map(|v| v.name.as_str())
+            .collect();
+        Err(FleetError::NoNode {
+            node: node.to_string(),
+            live: if live.is_empty() {
+                "none".into()
+            } else {
+                live.join(", ")
+            },
+        })
+    }
+}

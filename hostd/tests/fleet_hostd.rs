@@ -1,0 +1,387 @@
+//! Two real genos-hostd daemons in one fleet over a real etcd (Debian's etcd-server, in a
+//! temp dir on free loopback ports; no guests): a daemon started before etcd serves its
+//! admin socket and joins once etcd is there; `genos fleet nodes` on either lists both; a
+//! cordon written on one is honoured by the other's placement core; a killed hostd is `lost`
+//! after its lease; with etcd stopped `genos fleet` fails at once naming the endpoint while
+//! `genos list` still answers, and after etcd is back the node is in the fleet again.
+
+mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use daemon::{json, stderr, stdout, Hostd};
+use serde_json::Value;
+use testkit::{skip, Need};
+
+const TTL_S: u64 = 3;
+
+struct Etcd {
+    child: Option<Child>,
+    client_url: String,
+    peer_url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts (or restarts, over the same data) a one-member etcd and waits until it serves.
+    fn start(&mut self, binary: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .unwrap();
+        let child = Command::new(binary)
+            .args(["--name", "t0", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &self.client_url])
+            .args(["--advertise-client-urls", &self.client_url])
+            .args(["--listen-peer-urls", &self.peer_url])
+            .args(["--initial-advertise-peer-urls", &self.peer_url])
+            .args(["--initial-cluster", &format!("t0={}", self.peer_url)])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        loop {
+            let up = rt.block_on(async {
+                match etcd_client::Client::connect([&self.client_url], None).await {
+                    Ok(mut c) => c.status().await.is_ok(),
+                    Err(_) => false,
+                }
+            });
+            if up {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not serve {} within 20 s: {}",
+                self.client_url,
+                std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn find_etcd() -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join("etcd"))
+        .find(|p| p.is_file())
+}
+
+fn config(etcd: &str, node: &str, labels: &str) -> String {
+    format!(
+        "[images]\nbuilder = \"/nonexistent/genos-image\"\n\
+         [capacity]\nvcpus = 2\nmemory_mib = 8192\ncpu_overcommit = 1.5\n\
+         [stream]\nlisten = \"127.0.0.1:0\"\n\
+         [fleet]\netcd = [\"{etcd}\"]\nnode = \"{node}\"\npublic_address = \"{node}.test:4433\"\n\
+         lease_ttl_s = {TTL_S}\n[fleet.labels]\n{labels}\n"
+    )
+}
+
+/// `genos --json fleet nodes` on `h`: the nodes by name, or the failed command.
+fn nodes(h: &Hostd) -> Result<Vec<Value>, Output> {
+    let o = h.genos(&["--json", "fleet", "nodes"]);
+    if !o.status.success() {
+        return Err(o);
+    }
+    Ok(json(&o)["nodes"].as_array().cloned().unwrap_or_default())
+}
+
+fn node<'a>(nodes: &'a [Value], name: &str) -> Option<&'a Value> {
+    nodes.iter().find(|n| n["name"] == name)
+}
+
+/// Polls `h`'s `fleet nodes` until `pred` holds; fails after `limit`, showing the last
+/// answer. Returns how long it took.
+fn wait_nodes(h: &Hostd, what: &str, limit: Duration, pred: impl Fn(&[Value]) -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let got = nodes(h);
+        if got.as_deref().is_ok_and(&pred) {
+            let took = started.elapsed();
+            eprintln!("{what}: {took:?}");
+            return took;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{what}: not within {limit:?}; last answer: {}",
+            match got {
+                Ok(n) => serde_json::to_string_pretty(&n).unwrap(),
+                Err(o) => stderr(&o),
+            }
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn two_hostds_share_a_fleet_cordon_lose_a_node_and_survive_an_etcd_outage() {
+    let Some(binary) = find_etcd() else {
+        skip(
+            Need::Tools,
+            "etcd is not installed (scripts/install-deps: etcd-server)",
+        );
+        return;
+    };
+    let binary = binary.display().to_string();
+    let t0 = Instant::now();
+    let mut etcd = Etcd {
+        child: None,
+        client_url: format!("http://127.0.0.1:{}", free_port()),
+        peer_url: format!("http://127.0.0.1:{}", free_port()),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let url = etcd.client_url.clone();
+
+    // A hostd whose etcd is not there yet serves its own socket and says why it has no fleet.
+    let a = Hostd::start(&config(&url, "a", "zone = \"a\""));
+    let o = a.genos(&["list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = a.genos(&["fleet", "nodes"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!("cannot reach etcd at {url}")),
+        "{}",
+        stderr(&o)
+    );
+
+    // Arrange: etcd comes up; a joins on its next attempt, b at its start.
+    etcd.start(&binary);
+    eprintln!("etcd serving: {:?}", t0.elapsed());
+    let b = Hostd::start(&config(&url, "b", "zone = \"b\"\ngpu = \"false\""));
+    let both = |n: &[Value]| node(n, "a").is_some() && node(n, "b").is_some();
+    wait_nodes(&a, "a lists both nodes", Duration::from_secs(20), both);
+    wait_nodes(&b, "b lists both nodes", Duration::from_secs(20), both);
+
+    // Both nodes' records as the other sees them: capacity after overcommit, labels, state.
+    let seen = nodes(&b).unwrap();
+    let na = node(&seen, "a").unwrap();
+    assert_eq!(na["state"], "ready");
+    assert_eq!(na["address"], "a.test:4433");
+    assert_eq!(na["vcpus"], 3, "2 vCPUs at 1.5 overcommit");
+    assert_eq!(na["memory_mib"], 8192);
+    assert_eq!(na["load"]["running"], 0);
+    assert_eq!(na["labels"]["zone"], "a");
+    assert_eq!(na["this"], false);
+    assert_eq!(node(&seen, "b").unwrap()["this"], true);
+    let table = stdout(&b.genos(&["fleet", "nodes"]));
+    assert!(table.starts_with("NAME"), "{table}");
+    let line = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in {table}"))
+            .to_string()
+    };
+    let la = line("a ");
+    for part in ["a.test:4433", "ready", "0/3", "0/8192", "zone=a"] {
+        assert!(la.contains(part), "{part} missing from {la:?}");
+    }
+    assert!(line("b *").contains("gpu=false,zone=b"), "{table}");
+
+    // Act: cordon b from a. Assert: b's own placement core (its watch) honours it.
+    let o = a.genos(&["fleet", "cordon", "b"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("b cordoned"), "{}", stdout(&o));
+    wait_nodes(
+        &b,
+        "b's core sees b cordoned",
+        Duration::from_secs(5),
+        |n| {
+            node(n, "b").is_some_and(|v| v["state"] == "cordoned" && v["placeable"] == false)
+                && node(n, "a").is_some_and(|v| v["placeable"] == true)
+        },
+    );
+    // Draining a from b, then uncordoning both from either side.
+    let o = b.genos(&["fleet", "drain", "a"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    wait_nodes(
+        &a,
+        "a's core sees a draining",
+        Duration::from_secs(5),
+        |n| node(n, "a").is_some_and(|v| v["state"] == "draining" && v["placeable"] == false),
+    );
+    for (h, n) in [(&b, "b"), (&a, "a")] {
+        let o = h.genos(&["fleet", "uncordon", n]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    wait_nodes(
+        &a,
+        "a's core sees both ready",
+        Duration::from_secs(5),
+        |n| {
+            n.iter()
+                .all(|v| v["state"] == "ready" && v["placeable"] == true)
+        },
+    );
+    // An unknown node is refused, naming the live ones.
+    let o = a.genos(&["fleet", "cordon", "zz"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no live node zz in the fleet (live: a, b)"),
+        "{}",
+        stderr(&o)
+    );
+    // The audit log of the node that was asked carries the node acted on.
+    let audit = json(&a.genos(&["--json", "audit", "list"]));
+    let entries = audit["entries"].as_array().unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["action"] == "fleet-cordon" && e["target"] == "b"),
+        "{audit}"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["action"] == "fleet-join" && e["target"] == "a"),
+        "{audit}"
+    );
+
+    // Act: b's hostd dies without leaving. Assert: a sees it lost once its lease lapses.
+    let killed = Instant::now();
+    // SAFETY: kill(2) on the hostd this test spawned (a zombie until `b` is dropped).
+    unsafe { libc::kill(b.child.id() as i32, libc::SIGKILL) };
+    let took = wait_nodes(
+        &a,
+        "a sees b lost after its lease",
+        Duration::from_secs(TTL_S + 10),
+        |n| node(n, "b").is_some_and(|v| v["state"] == "lost"),
+    );
+    assert!(
+        took >= Duration::from_millis(TTL_S * 1000 / 2),
+        "b lost {took:?} after the kill, before its {TTL_S} s lease could lapse"
+    );
+    let _ = killed;
+
+    // Act: etcd stops. Assert: `genos fleet` fails at once naming the endpoint; the daemon
+    // still answers for its own environments.
+    etcd.stop();
+    for args in [&["fleet", "nodes"][..], &["fleet", "cordon", "a"]] {
+        let started = Instant::now();
+        let o = a.genos(args);
+        let took = started.elapsed();
+        assert!(!o.status.success(), "{args:?} worked without etcd");
+        assert!(
+            stderr(&o).contains(&format!("cannot reach etcd at {url}")),
+            "{}",
+            stderr(&o)
+        );
+        assert!(took < Duration::from_secs(5), "{args:?} took {took:?}");
+        eprintln!(
+            "genos {args:?} without etcd failed in {took:?}: {}",
+            stderr(&o).trim()
+        );
+    }
+    let o = a.genos(&["list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Act: etcd comes back after a's lease could have lapsed. Assert: a is in the fleet
+    // again (its old lease kept alive, or a new one taken) and ready.
+    std::thread::sleep(Duration::from_secs(TTL_S + 1));
+    etcd.start(&binary);
+    wait_nodes(
+        &a,
+        "a back in the fleet after the outage",
+        Duration::from_secs(30),
+        |n| node(n, "a").is_some_and(|v| v["state"] == "ready" && v["placeable"] == true),
+    );
+
+    // Act: a's lease expires while a is cut off (revoked here: etcd's own restart renews
+    // leases). Assert: a takes a new lease and its record is back under it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let lease_of_a = || {
+        rt.block_on(async {
+            let mut c = etcd_client::Client::connect([&url], None).await.unwrap();
+            let got = c.get("/genos/fleet/nodes/a", None).await.unwrap();
+            got.kvs().first().map(|kv| kv.lease())
+        })
+    };
+    let old = lease_of_a().expect("a's record is in etcd");
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([&url], None).await.unwrap();
+        c.lease_revoke(old).await.unwrap();
+    });
+    let revoked = Instant::now();
+    loop {
+        match lease_of_a() {
+            Some(l) if l != old => break,
+            _ => {}
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(TTL_S + 10),
+            "a did not join again after its lease {old:x} expired"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("a re-joined under a new lease: {:?}", revoked.elapsed());
+    wait_nodes(&a, "a's core live again", Duration::from_secs(10), |n| {
+        node(n, "a").is_some_and(|v| v["state"] == "ready" && v["placeable"] == true)
+    });
+    let audit = json(&a.genos(&["--json", "audit", "list"]));
+    assert!(
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "fleet-join"
+                && e["detail"].as_str().unwrap_or("").contains("re-joined")),
+        "{audit}"
+    );
+    eprintln!("whole test: {:?}", t0.elapsed());
+}
+
+#[test]
+fn a_host_without_a_fleet_says_so() {
+    let h = Hostd::start(
+        "[images]\nbuilder = \"/nonexistent/genos-image\"\n[stream]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    for args in [&["fleet", "nodes"][..], &["fleet", "drain", "x"]] {
+        let o = h.genos(args);
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o)
+                .contains("this host is not in a fleet ([fleet] etcd is empty in hostd.toml)"),
+            "{}",
+            stderr(&o)
+        );
+    }
+}
