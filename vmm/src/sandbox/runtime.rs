@@ -148,19 +148,7 @@ fn allowed_paths(config: &VmConfig, api_sock_dir: Option<&Path>) -> Vec<PathAcce
 /// on the main thread after every file is opened and before the vCPU threads are spawned.
 /// A no-op without [`init`]; returns the status (also logged once).
 pub fn restrict_files(config: &VmConfig) -> Result<Option<LandlockStatus>, SandboxError> {
-    let Some(sandbox) = SANDBOX.get() else {
-        return Ok(None);
-    };
-    let status = match sandbox.landlock {
-        true => restrict_to(&allowed_paths(config, sandbox.api_sock_dir.as_deref()))?,
-        false => LandlockStatus::Disabled,
-    };
-    let _ = sandbox.landlock_status.set(status);
-    tracing::info!(
-        "sandbox: seccomp {}, landlock {status}",
-        sandbox.filters.mode()
-    );
-    Ok(Some(status))
+    restrict_files_with(|api_sock_dir| allowed_paths(config, api_sock_dir))
 }
 
 /// [`restrict_files`] for a VM restored from a snapshot: its memory comes from
@@ -169,21 +157,29 @@ pub fn restrict_files_restored(
     config: &VmConfig,
     mem_file: &Path,
 ) -> Result<Option<LandlockStatus>, SandboxError> {
+    restrict_files_with(|api_sock_dir| {
+        let mut paths: Vec<PathAccess> = allowed_paths(config, api_sock_dir)
+            .into_iter()
+            .filter(|p| {
+                !matches!(p, PathAccess::ReadFile(f)
+                        if *f == config.kernel || Some(f) == config.initrd.as_ref())
+            })
+            .collect();
+        paths.push(PathAccess::ReadFile(mem_file.to_path_buf()));
+        paths
+    })
+}
+
+/// Applies the Landlock ruleset over the paths `allowed` lists (given the API socket's
+/// directory) when the sandbox has Landlock on, and records and logs the status.
+fn restrict_files_with(
+    allowed: impl FnOnce(Option<&Path>) -> Vec<PathAccess>,
+) -> Result<Option<LandlockStatus>, SandboxError> {
     let Some(sandbox) = SANDBOX.get() else {
         return Ok(None);
     };
     let status = match sandbox.landlock {
-        true => {
-            let mut paths: Vec<PathAccess> = allowed_paths(config, sandbox.api_sock_dir.as_deref())
-                .into_iter()
-                .filter(|p| {
-                    !matches!(p, PathAccess::ReadFile(f)
-                            if *f == config.kernel || Some(f) == config.initrd.as_ref())
-                })
-                .collect();
-            paths.push(PathAccess::ReadFile(mem_file.to_path_buf()));
-            restrict_to(&paths)?
-        }
+        true => restrict_to(&allowed(sandbox.api_sock_dir.as_deref()))?,
         false => LandlockStatus::Disabled,
     };
     let _ = sandbox.landlock_status.set(status);
