@@ -366,6 +366,27 @@ fn two_hostds_share_a_fleet_cordon_lose_a_node_and_survive_an_etcd_outage() {
                 && e["detail"].as_str().unwrap_or("").contains("re-joined")),
         "{audit}"
     );
+
+    // Act: a is told to stop. Assert: it left (revoked its lease) before it exited, sooner
+    // than the lease could have lapsed (at least 2 of its 3 s after the last keep-alive).
+    let stopping = Instant::now();
+    // SAFETY: kill(2) on the hostd this test spawned (it stays a zombie until dropped).
+    unsafe { libc::kill(a.child.id() as i32, libc::SIGTERM) };
+    let stat = format!("/proc/{}/stat", a.child.id());
+    while !std::fs::read_to_string(&stat)
+        .unwrap_or_default()
+        .contains(") Z ")
+    {
+        assert!(
+            stopping.elapsed() < Duration::from_secs(10),
+            "a did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let exited = stopping.elapsed();
+    assert_eq!(lease_of_a(), None, "a's record outlived its hostd");
+    assert!(exited < Duration::from_secs(2), "a took {exited:?} to exit");
+    eprintln!("a left the fleet and exited {exited:?} after SIGTERM");
     eprintln!("whole test: {:?}", t0.elapsed());
 }
 
