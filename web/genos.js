@@ -5,6 +5,7 @@
 
 (() => {
   const PROTOCOL_VERSION = 1;
+  const K = GENOS_KEYMAP; // KeyboardEvent.code -> evdev code (web/keymap.js)
   const MSG_CONTROL = 0x00; // server -> client: one framed control message follows
   const FRAME_TYPE = 0x01; // server -> client: a video frame (27-byte header + access unit)
   const FRAME_HEADER_LEN = 27;
@@ -742,10 +743,11 @@
   document.addEventListener("visibilitychange", holdWakeLock);
 
   // --- the overlay bar on touch devices -------------------------------------------------------
-  // Keys a phone has not (Esc, Tab, arrows, Ctrl+Alt+Del), sticky modifiers (tap Ctrl, then a
+  // Keys a phone has not (Esc, Tab, arrows, F1-F12, Ctrl+Alt+Del), sticky modifiers (tap Ctrl, then a
   // key: Ctrl+key), the on-screen keyboard, fullscreen and disconnect. It moves to the top when
   // the guest's pointer is under it.
-  const MODIFIERS = new Set([29, 97, 42, 54, 56, 100, 125, 126]);
+  const MODIFIERS = new Set([K.ControlLeft, K.ControlRight, K.ShiftLeft, K.ShiftRight, K.AltLeft, K.AltRight,
+    K.MetaLeft, K.MetaRight]);
   const latched = new Set();
   const overlay = document.getElementById("overlay");
   const osk = document.getElementById("osk");
@@ -781,10 +783,23 @@
     }
     switch (b.dataset.action) {
       case "cad":
-        for (const c of [29, 56, 111]) sendInput(keyMsg(c, true));
-        for (const c of [111, 56, 29]) sendInput(keyMsg(c, false));
+        for (const c of [K.ControlLeft, K.AltLeft, K.Delete]) sendInput(keyMsg(c, true));
+        for (const c of [K.Delete, K.AltLeft, K.ControlLeft]) sendInput(keyMsg(c, false));
         latched.clear();
         showLatched();
+        break;
+      case "fkeys": { // F1-F12 in a row of their own, shown on demand
+        const fkeys = document.getElementById("fkeys");
+        fkeys.hidden = !fkeys.hidden;
+        b.classList.toggle("latched", !fkeys.hidden);
+        b.setAttribute("aria-expanded", String(!fkeys.hidden));
+        keepPointerVisible();
+        break;
+      }
+      case "expand":
+        overlay.classList.remove("collapsed");
+        g.overlayEdge = overlay.classList.contains("top") ? "top" : "bottom";
+        if (g.cursor) overlayShownAt = `${g.cursor.x},${g.cursor.y}`;
         break;
       case "keyboard":
         osk.focus();
@@ -826,26 +841,47 @@
     else if (base >= "0" && base <= "9") code = GENOS_KEYMAP["Digit" + base];
     else code = GENOS_KEYMAP[CODE_OF[base]];
     if (code === undefined) { g.notices.push(`no key for ${JSON.stringify(ch)}`); return; }
-    if (shift) sendInput(keyMsg(42, true));
+    if (shift) sendInput(keyMsg(K.ShiftLeft, true));
     sendInput(keyMsg(code, true));
     sendInput(keyMsg(code, false));
-    if (shift) sendInput(keyMsg(42, false));
+    if (shift) sendInput(keyMsg(K.ShiftLeft, false));
     releaseLatched();
   }
   osk.addEventListener("input", (e) => {
-    if (e.inputType === "deleteContentBackward") tapKey(14);
-    else if (e.inputType === "insertLineBreak") tapKey(28);
+    if (e.inputType === "deleteContentBackward") tapKey(K.Backspace);
+    else if (e.inputType === "insertLineBreak") tapKey(K.Enter);
     else for (const ch of e.data || "") typeChar(ch);
     osk.value = "";
   });
+  // The overlay never covers the guest's pointer: when the pointer (its image, as the page
+  // draws it) is under the bar, the bar moves to the other edge and stays there until the
+  // pointer comes under it again; when it would cover the pointer at either edge it collapses
+  // to a handle in a corner (tapping it shows the bar until the pointer moves).
+  let overlayShownAt = null; // the pointer position when the handle was tapped
   function keepPointerVisible() {
     if (overlay.hidden || !g.cursor || !g.height) return;
-    const dpr = window.devicePixelRatio || 1;
-    const y = (rect.y + (g.cursor.y * rect.h) / g.height) / dpr;
-    const bar = overlay.getBoundingClientRect();
-    if (!overlay.classList.contains("top") && y >= bar.top) overlay.classList.add("top");
-    else if (overlay.classList.contains("top") && y <= bar.bottom) overlay.classList.remove("top");
+    const c = g.cursor;
+    if (overlayShownAt === `${c.x},${c.y}`) return;
+    overlayShownAt = null;
+    const [, y] = pageOfStream(c.x, c.y);
+    const above = c.hotY || 0;
+    const below = Math.max((c.height || 1) - above, 1);
+    const covers = () => {
+      const bar = overlay.getBoundingClientRect();
+      return c.visible && y + below >= bar.top && y - above <= bar.bottom;
+    };
+    overlay.classList.remove("collapsed");
+    if (covers()) {
+      overlay.classList.toggle("top");
+      if (covers()) {
+        overlay.classList.toggle("top");
+        overlay.classList.add("collapsed");
+      }
+    }
+    g.overlayEdge = overlay.classList.contains("collapsed") ? "collapsed"
+      : overlay.classList.contains("top") ? "top" : "bottom";
   }
+  window.addEventListener("resize", keepPointerVisible);
 
   // --- clipboard (docs/protocol.md §11) ------------------------------------------------------
   const MAX_CLIPBOARD = 256 * 1024;
@@ -890,11 +926,18 @@
   window.addEventListener("keyup", (e) => onKey(e, false));
   window.addEventListener("blur", releaseAll);
 
+  // Stream pixel <-> page (CSS pixels), through the letterbox and the view's zoom (the
+  // canvas's transform: its bounding box is where it is drawn).
+  function pageOfStream(x, y) {
+    const b = canvas.getBoundingClientRect();
+    const k = b.width / canvas.width; // page pixels per canvas pixel
+    return [b.left + (rect.x + (x * rect.w) / g.width) * k, b.top + (rect.y + (y * rect.h) / g.height) * k];
+  }
   function streamPoint(e) {
-    const dpr = window.devicePixelRatio || 1;
     const bounds = canvas.getBoundingClientRect();
-    const px = (e.clientX - bounds.left) * dpr;
-    const py = (e.clientY - bounds.top) * dpr;
+    const k = canvas.width / bounds.width; // canvas pixels per page pixel
+    const px = (e.clientX - bounds.left) * k;
+    const py = (e.clientY - bounds.top) * k;
     const x = Math.round(((px - rect.x) * g.width) / rect.w);
     const y = Math.round(((py - rect.y) * g.height) / rect.h);
     return [Math.min(Math.max(x, 0), Math.max(g.width - 1, 0)), Math.min(Math.max(y, 0), Math.max(g.height - 1, 0))];

@@ -1352,7 +1352,7 @@ async fn in_trackpad_mode_taps_click_and_two_fingers_scroll_or_right_click() {
         return;
     }
     within(120, async {
-        let hx = host(Scene::Windows, 320, 240, 30.0).await;
+        let hx = host(Scene::Still, 320, 240, 30.0).await;
         let browser = Browser::start(&hx.spki).await;
         let link = format!(
             "{}&trackpad=1",
@@ -1361,10 +1361,10 @@ async fn in_trackpad_mode_taps_click_and_two_fingers_scroll_or_right_click() {
         let metrics = json!({"width": 320, "height": 240, "deviceScaleFactor": 1, "mobile": true});
         let page = browser.open_with(&link, metrics, true).await;
         page.wait_for(
-            "window.genos && window.genos.framesDecoded",
+            "window.genos && window.genos.state",
             30,
-            "frames",
-            |v| v.as_u64().unwrap_or(0) >= 5,
+            "session open",
+            |v| v == "open",
         )
         .await;
         let touches = |kind: &str, points: &[(u32, u32)]| {
@@ -1447,6 +1447,211 @@ async fn in_trackpad_mode_taps_click_and_two_fingers_scroll_or_right_click() {
         );
         assert!(last_move.is_some());
         assert!(!events.iter().any(|e| matches!(e, InputEvent::Touch { .. })));
+    })
+    .await;
+}
+
+/// A phone: 390 x 844 CSS pixels at device pixel ratio 3, with touch.
+fn phone() -> Value {
+    json!({"width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": true})
+}
+
+/// Waits (at most 10 s) until `done` accepts what the source received, and returns it.
+async fn input_until(
+    input: &RecordingInput,
+    done: impl Fn(&[InputEvent]) -> bool,
+) -> Vec<InputEvent> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = input.events();
+        if done(&events) || Instant::now() > deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn keys_of(events: &[InputEvent]) -> Vec<InputEvent> {
+    events
+        .iter()
+        .filter(|e| matches!(e, InputEvent::Key { .. }))
+        .cloned()
+        .collect()
+}
+
+fn key(code: u16, pressed: bool) -> InputEvent {
+    InputEvent::Key { code, pressed }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overlay_f_keys_and_ctrl_alt_del_reach_the_guest() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let page = browser
+            .open_with(
+                &hx.link(&hx.token(Rights::VIEW | Rights::INPUT)),
+                phone(),
+                true,
+            )
+            .await;
+        page.wait_for(
+            "window.genos && window.genos.state",
+            30,
+            "session open",
+            |v| v == "open",
+        )
+        .await;
+        let hidden_before = page.eval("document.getElementById('fkeys').hidden").await;
+
+        // Act: open the F-key row, tap F5; latch Alt and tap F4; tap Ctrl+Alt+Del.
+        tap(&page, "[data-action=fkeys]").await;
+        let hidden_after = page.eval("document.getElementById('fkeys').hidden").await;
+        tap(&page, "[data-key=F5]").await;
+        tap(&page, "[data-mod=AltLeft]").await;
+        tap(&page, "[data-key=F4]").await;
+        tap(&page, "[data-action=cad]").await;
+        let events = input_until(&hx.input, |e| keys_of(e).len() >= 12).await;
+
+        // Assert: the row appears on demand; the keys arrive as evdev F5, Alt+F4 and
+        // Ctrl+Alt+Del pressed together and released in reverse order.
+        assert_eq!((hidden_before, hidden_after), (json!(true), json!(false)));
+        let (alt, ctrl, del, f4, f5) = (56, 29, 111, 62, 63);
+        assert_eq!(
+            keys_of(&events),
+            vec![
+                key(f5, true),
+                key(f5, false),
+                key(alt, true),
+                key(f4, true),
+                key(f4, false),
+                key(alt, false),
+                key(ctrl, true),
+                key(alt, true),
+                key(del, true),
+                key(del, false),
+                key(alt, false),
+                key(ctrl, false),
+            ]
+        );
+    })
+    .await;
+}
+
+/// A synthetic scene whose pointer is wherever the test puts it (with the scene's arrow).
+struct PointerAt {
+    scene: SyntheticSource,
+    at: Arc<Mutex<(i32, i32)>>,
+    reported: Option<(i32, i32)>,
+}
+
+impl encoder::FrameSource for PointerAt {
+    fn size(&self) -> (u32, u32) {
+        encoder::FrameSource::size(&self.scene)
+    }
+    fn next_frame(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<Option<encoder::SourceFrame<'_>>, encoder::SourceError> {
+        encoder::FrameSource::next_frame(&mut self.scene, deadline)
+    }
+    fn cursor_update(&mut self) -> Option<encoder::CursorUpdate> {
+        let image = encoder::FrameSource::cursor_update(&mut self.scene).and_then(|u| u.image);
+        let at = *self.at.lock().unwrap();
+        if self.reported == Some(at) && image.is_none() {
+            return None;
+        }
+        self.reported = Some(at);
+        Some(encoder::CursorUpdate {
+            x: at.0,
+            y: at.1,
+            visible: true,
+            image,
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overlay_moves_to_the_other_edge_when_the_guest_pointer_is_under_it() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        // A portrait environment filling the phone's width: 240 x 480 drawn at 1.625 CSS px
+        // per pixel, from y = 32 to 812 of the 844 CSS px.
+        let at = Arc::new(Mutex::new((120, 100)));
+        let env = EnvRef::new("portrait", 9);
+        let src = hostd::stream::EnvironmentSource {
+            frames: Box::new(PointerAt {
+                scene: SyntheticSource::new(Scene::Still, 240, 480, 10.0),
+                at: at.clone(),
+                reported: None,
+            }),
+            input: Arc::new(RecordingInput::default()),
+        };
+        hx.server.add_environment(&env, src, 10.0).unwrap();
+        let token = hx.tokens.issue(&env, Rights::VIEW | Rights::INPUT, HOUR).unwrap();
+        let addr = hx.web.local_addr();
+        let link = web::web_url(&addr.ip().to_string(), addr.port(), &env.name, &token);
+        let browser = Browser::start(&hx.spki).await;
+        let page = browser.open_with(&link, phone(), true).await;
+        let bar = "(r => [r.top, r.bottom])(document.getElementById('overlay').getBoundingClientRect())";
+        let edge_at = |y: i32| {
+            format!("window.genos && window.genos.cursor && window.genos.cursor.y === {y} && window.genos.overlayEdge")
+        };
+        let first = page
+            .wait_for(&edge_at(100), 30, "the pointer at y 100", |v| v.is_string())
+            .await;
+        let bottom_bar = page.eval(bar).await;
+
+        // Act: the guest's pointer goes down under the bar, then up to where the bar went.
+        *at.lock().unwrap() = (120, 470);
+        let low = page
+            .wait_for(&edge_at(470), 10, "the pointer at y 470", |v| v.is_string())
+            .await;
+        let top_bar = page.eval(bar).await;
+        *at.lock().unwrap() = (120, 20);
+        let high = page
+            .wait_for(&edge_at(20), 10, "the pointer at y 20", |v| v.is_string())
+            .await;
+        let back_bar = page.eval(bar).await;
+
+        // Assert: bottom while the pointer is above it; at the top while the pointer is at
+        // y 32 + 470 * 1.625 = 795.75 CSS px, clear of it; back at the bottom for y 64.5.
+        assert_eq!((first, low, high), (json!("bottom"), json!("top"), json!("bottom")));
+        let f = |v: &Value, i: usize| v[i].as_f64().unwrap();
+        assert!(f(&bottom_bar, 1) > 843.0 && f(&bottom_bar, 0) > 194.5, "{bottom_bar}");
+        assert!(f(&top_bar, 0) < 1.0 && f(&top_bar, 1) < 795.0, "{top_bar}");
+        assert_eq!(back_bar, bottom_bar);
+
+        // Act: a viewport so low that the bar covers its middle at either edge, the pointer
+        // there; then the handle tapped.
+        let landscape = json!({"width": 390, "height": 180, "deviceScaleFactor": 3, "mobile": true});
+        page.call("Emulation.setDeviceMetricsOverride", landscape).await;
+        *at.lock().unwrap() = (120, 240);
+        let middle = page
+            .wait_for(&edge_at(240), 10, "the pointer at y 240", |v| v.is_string())
+            .await;
+        let handle = page
+            .eval("(r => [r.left, r.top, r.right, r.bottom])(document.querySelector('[data-action=expand]').getBoundingClientRect())")
+            .await;
+        let pointer = page
+            .eval("(r => [r.left + r.width / 2, r.top + r.height / 2])(document.getElementById('screen').getBoundingClientRect())")
+            .await;
+        tap(&page, "[data-action=expand]").await;
+        let expanded = page.eval("window.genos.overlayEdge").await;
+
+        // Assert: collapsed to a handle that is clear of the pointer (at the picture's
+        // centre: stream (120, 240) of 240 x 480); the bar shows again when asked.
+        assert_eq!(middle, json!("collapsed"));
+        let (px, py) = (f(&pointer, 0), f(&pointer, 1));
+        let clear = px < f(&handle, 0) - 1.0 || px > f(&handle, 2) || py + 20.0 < f(&handle, 1);
+        assert!(clear, "handle {handle} vs pointer at ({px}, {py})");
+        assert_eq!(expanded, json!("bottom"));
     })
     .await;
 }

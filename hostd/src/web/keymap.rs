@@ -1,9 +1,13 @@
 //! Checks the page's key table (`web/keymap.js`, KeyboardEvent.code → evdev code) against
-//! the keys genos-vmm's keyboard accepts and the values of `linux/input-event-codes.h`.
+//! the keys genos-vmm's keyboard accepts and the values of `linux/input-event-codes.h`, and
+//! that every key the page names (the overlay's buttons in `web/index.html`, `K.Name` in
+//! `web/genos.js`) is in the table: key codes are written down nowhere else.
 
 use std::collections::HashMap;
 
 const KEYMAP_JS: &str = include_str!("../../../web/keymap.js");
+const INDEX_HTML: &str = include_str!("../../../web/index.html");
+const GENOS_JS: &str = include_str!("../../../web/genos.js");
 
 /// The table's entries, in file order.
 fn entries() -> Vec<(&'static str, u16)> {
@@ -103,5 +107,45 @@ fn keys_have_their_input_event_codes_values() {
     }
     for d in 0..=9 {
         assert!(map.contains_key(format!("Digit{d}").as_str()), "Digit{d}");
+    }
+}
+
+/// The names after each `marker` in `text` (not preceded by a letter, digit or `_`), up to
+/// the first character that cannot be in a KeyboardEvent.code.
+fn names_after<'a>(text: &'a str, marker: &str) -> Vec<&'a str> {
+    text.match_indices(marker)
+        .filter(|(i, _)| {
+            !text[..*i]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+        .map(|(i, _)| {
+            let rest = &text[i + marker.len()..];
+            let end = rest
+                .find(|c: char| !c.is_ascii_alphanumeric())
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect()
+}
+
+#[test]
+fn every_key_the_page_names_is_in_the_table() {
+    let map: HashMap<_, _> = entries().into_iter().collect();
+    let buttons: Vec<_> = names_after(INDEX_HTML, "data-key=\"")
+        .into_iter()
+        .chain(names_after(INDEX_HTML, "data-mod=\""))
+        .collect();
+    for f in 1..=12 {
+        assert!(
+            buttons.contains(&format!("F{f}").as_str()),
+            "the overlay has no F{f}"
+        );
+    }
+    let in_script = names_after(GENOS_JS, "K.");
+    assert!(in_script.len() >= 8, "genos.js names keys as K.Name");
+    for name in buttons.into_iter().chain(in_script) {
+        assert!(map.contains_key(name), "{name} is not in web/keymap.js");
     }
 }
