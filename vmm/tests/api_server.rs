@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 #[path = "common/scm.rs"]
 mod scm;
 
-use scm::recv_with_fds;
+use scm::get_with_fds;
 use vmm::api::server;
 use vmm::config::VmConfig;
 use vmm::rpc::{
@@ -604,26 +604,7 @@ fn framebuffer_fds_are_passed_with_the_response() {
         204
     );
 
-    c.write_all(b"GET /framebuffer HTTP/1.1\r\n\r\n").unwrap();
-    let (bytes, fds) = recv_with_fds(&c);
-    // recvmsg may return only part of the response; the rest is plain bytes.
-    let mut stream = std::io::Cursor::new(bytes).chain(&c);
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        stream.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).unwrap();
+    let (body, fds) = get_with_fds(&c, "/framebuffer");
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(
         body,

@@ -4,7 +4,6 @@
 //! the answer carries reaches the guest's event queue, and a second `GET` replaces the
 //! first channel.
 
-use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 mod scm;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use scm::recv_with_fds;
+use scm::get_with_fds;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
@@ -74,37 +73,9 @@ impl MutEventSubscriber for ApiWake {
 
 /// `GET /input/socket` on a new connection: the answer's body and descriptors.
 fn get_input_socket(sock: &std::path::Path) -> (InputSocketHandoff, Vec<OwnedFd>) {
-    let mut stream = UnixStream::connect(sock).unwrap();
-    stream
-        .write_all(b"GET /input/socket HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let (mut buf, fds) = recv_with_fds(&stream);
-    // The answer is small: the rest (if any) follows as plain bytes.
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let mut more = [0u8; 1024];
-        let n = stream.read(&mut more).unwrap();
-        assert!(n > 0, "closed mid-head");
-        buf.extend_from_slice(&more[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    while buf.len() < head_end + len {
-        let mut more = [0u8; 1024];
-        let n = stream.read(&mut more).unwrap();
-        assert!(n > 0, "closed mid-body");
-        buf.extend_from_slice(&more[..n]);
-    }
-    let body = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
-    (body, fds)
+    let stream = UnixStream::connect(sock).unwrap();
+    let (body, fds) = get_with_fds(&stream, vmm_api::input_socket::PATH);
+    (serde_json::from_slice(&body).unwrap(), fds)
 }
 
 fn send(fd: &OwnedFd, message: &[u8]) -> std::io::Result<()> {
