@@ -700,6 +700,7 @@
   const isPaste = (e) =>
     ((e.ctrlKey || e.metaKey) && e.code === "KeyV") || (e.shiftKey && e.code === "Insert");
   function onKey(e, pressed) {
+    if (pressed && (e.isComposing || e.keyCode === 229)) return; // the IME's: its text comes at its end
     const code = GENOS_KEYMAP[e.code];
     if (code === undefined) return;
     const paste = pressed && isPaste(e) && canClipboard();
@@ -802,6 +803,7 @@
         if (g.cursor) overlayShownAt = `${g.cursor.x},${g.cursor.y}`;
         break;
       case "keyboard":
+        resetOsk();
         osk.focus();
         break;
       case "trackpad":
@@ -824,34 +826,79 @@
         break;
     }
   });
-  // Text from the on-screen keyboard (or IME) as key presses of a US layout.
+  // Text from the on-screen keyboard or an IME: characters a US layout has are typed as key
+  // presses (Shift for capitals and symbols); a run of others (é, ß, 日本, emoji) goes
+  // through the environment's clipboard and Ctrl+V pastes it. A composition (IME, or a
+  // phone keyboard composing a word) is sent once, when it ends, as what it committed.
   const SHIFTED = { "~": "`", "!": "1", "@": "2", "#": "3", "$": "4", "%": "5", "^": "6", "&": "7", "*": "8",
     "(": "9", ")": "0", "_": "-", "+": "=", "{": "[", "}": "]", "|": "\\", ":": ";", "\"": "'", "<": ",",
     ">": ".", "?": "/" };
   const CODE_OF = { "`": "Backquote", "-": "Minus", "=": "Equal", "[": "BracketLeft", "]": "BracketRight",
     "\\": "Backslash", ";": "Semicolon", "'": "Quote", ",": "Comma", ".": "Period", "/": "Slash", " ": "Space",
-    "\n": "Enter" };
-  function typeChar(ch) {
+    "\n": "Enter", "\t": "Tab" };
+  // [evdev code, shifted] of a character on a US layout, or null.
+  function keyOf(ch) {
     let shift = false;
     let base = ch;
     if (SHIFTED[ch]) { shift = true; base = SHIFTED[ch]; }
     else if (ch >= "A" && ch <= "Z") { shift = true; base = ch.toLowerCase(); }
     let code;
-    if (base >= "a" && base <= "z") code = GENOS_KEYMAP["Key" + base.toUpperCase()];
-    else if (base >= "0" && base <= "9") code = GENOS_KEYMAP["Digit" + base];
-    else code = GENOS_KEYMAP[CODE_OF[base]];
-    if (code === undefined) { g.notices.push(`no key for ${JSON.stringify(ch)}`); return; }
+    if (base >= "a" && base <= "z") code = K["Key" + base.toUpperCase()];
+    else if (base >= "0" && base <= "9") code = K["Digit" + base];
+    else code = K[CODE_OF[base]];
+    return code === undefined ? null : [code, shift];
+  }
+  function typeKey([code, shift]) {
     if (shift) sendInput(keyMsg(K.ShiftLeft, true));
     sendInput(keyMsg(code, true));
     sendInput(keyMsg(code, false));
     if (shift) sendInput(keyMsg(K.ShiftLeft, false));
+  }
+  function pasteText(text) {
+    if (!sendClipboard(text)) {
+      g.notices.push(`no key for ${JSON.stringify(text)} and the clipboard cannot take it`);
+      return;
+    }
+    g.textPasted++;
+    sendInput(keyMsg(K.ControlLeft, true));
+    sendInput(keyMsg(K.KeyV, true));
+    sendInput(keyMsg(K.KeyV, false));
+    sendInput(keyMsg(K.ControlLeft, false));
+  }
+  function sendText(text) {
+    let run = ""; // characters without a key, pasted together
+    for (const ch of text.replace(/\r\n?/g, "\n")) {
+      const k = keyOf(ch);
+      if (!k) { run += ch; continue; }
+      if (run) pasteText(run);
+      run = "";
+      typeKey(k);
+    }
+    if (run) pasteText(run);
     releaseLatched();
   }
+  g.textPasted = 0;
+  // The field keeps one space before the caret: a phone keyboard sends Backspace on an empty
+  // field to nobody.
+  function resetOsk() {
+    osk.value = " ";
+    osk.setSelectionRange(1, 1);
+  }
+  let composing = false;
+  osk.addEventListener("compositionstart", () => { composing = true; });
+  osk.addEventListener("compositionend", (e) => {
+    composing = false;
+    sendText(e.data || "");
+    resetOsk();
+  });
   osk.addEventListener("input", (e) => {
+    // Composition steps are the composition's: its end sends the text (Safari's
+    // insertFromComposition after compositionend included).
+    if (composing || e.isComposing || /Composition/.test(e.inputType || "")) return;
     if (e.inputType === "deleteContentBackward") tapKey(K.Backspace);
-    else if (e.inputType === "insertLineBreak") tapKey(K.Enter);
-    else for (const ch of e.data || "") typeChar(ch);
-    osk.value = "";
+    else if (e.inputType === "insertLineBreak" || e.inputType === "insertParagraph") tapKey(K.Enter);
+    else sendText(e.data || "");
+    resetOsk();
   });
   // The overlay never covers the guest's pointer: when the pointer (its image, as the page
   // draws it) is under the bar, the bar moves to the other edge and stays there until the
@@ -888,12 +935,14 @@
   let clipboardShared = null; // the text both sides hold: never sent back, never taken again
   let clipboardStopped = false;
   const canClipboard = () => g.state === "open" && (g.rights & 4) !== 0 && !clipboardStopped;
+  // Puts `text` on the environment's clipboard; true when the environment holds it.
   function sendClipboard(text) {
-    if (!canClipboard() || !text || text === clipboardShared) return;
+    if (!canClipboard() || !text) return false;
+    if (text === clipboardShared) return true;
     const bytes = enc.encode(text);
     if (bytes.length > MAX_CLIPBOARD) {
       g.notices.push("clipboard: text above 256 KiB not sent");
-      return;
+      return false;
     }
     clipboardShared = text;
     g.clipboardSent++;
@@ -901,6 +950,7 @@
       v.setUint32(o, bytes.length, true);
       b.set(bytes, o + 4);
     }));
+    return true;
   }
   document.addEventListener("paste", (e) => {
     const text = e.clipboardData ? e.clipboardData.getData("text/plain") : "";

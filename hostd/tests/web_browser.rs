@@ -1655,3 +1655,133 @@ async fn the_overlay_moves_to_the_other_edge_when_the_guest_pointer_is_under_it(
     })
     .await;
 }
+
+/// What an environment received, keys and clipboard texts in one order.
+#[derive(Debug, Clone, PartialEq)]
+enum Got {
+    Input(InputEvent),
+    Clipboard(String),
+}
+
+/// An environment input that records events and clipboard texts in the order they came.
+#[derive(Default)]
+struct Arrivals(Mutex<Vec<Got>>);
+
+impl hostd::stream::InputSink for Arrivals {
+    fn inject(&self, events: &[InputEvent]) -> Result<(), hostd::stream::source::InputError> {
+        let mut got = self.0.lock().unwrap();
+        got.extend(events.iter().cloned().map(Got::Input));
+        Ok(())
+    }
+    fn set_clipboard(&self, text: &str) -> Result<(), hostd::stream::source::InputError> {
+        self.0.lock().unwrap().push(Got::Clipboard(text.to_owned()));
+        Ok(())
+    }
+}
+
+impl Arrivals {
+    /// Waits (at most 10 s) for `n` arrivals, and returns what came.
+    async fn at_least(&self, n: usize) -> Vec<Got> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.0.lock().unwrap().clone();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Host {
+    /// A second environment of this server, 320 x 240, whose input is `input`; its link.
+    fn add_env(
+        &self,
+        name: &str,
+        input: Arc<dyn hostd::stream::InputSink>,
+        rights: Rights,
+    ) -> String {
+        let env = EnvRef::new(name, 10);
+        let src = hostd::stream::EnvironmentSource {
+            frames: Box::new(SyntheticSource::new(Scene::Still, 320, 240, 10.0)),
+            input,
+        };
+        self.server.add_environment(&env, src, 10.0).unwrap();
+        let token = self.tokens.issue(&env, rights, HOUR).unwrap();
+        let addr = self.web.local_addr();
+        web::web_url(&addr.ip().to_string(), addr.port(), &env.name, &token)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ime_text_arrives_as_keys_and_characters_without_keys_through_the_clipboard() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        let got = Arc::new(Arrivals::default());
+        let link = hx.add_env(
+            "ime",
+            got.clone(),
+            Rights::VIEW | Rights::INPUT | Rights::CLIPBOARD,
+        );
+        let browser = Browser::start(&hx.spki).await;
+        let page = browser.open_with(&link, phone(), true).await;
+        page.wait_for(
+            "window.genos && window.genos.state",
+            30,
+            "session open",
+            |v| v == "open",
+        )
+        .await;
+        tap(&page, "[data-action=keyboard]").await;
+        let focused = page.eval("document.activeElement.id").await;
+
+        // Act: an IME composes "café" step by step and commits it; then "にほん" becomes
+        // "日本" and is committed; then "ü!" is inserted without a composition.
+        let compose = |text: &str| {
+            let n = text.chars().count();
+            json!({"text": text, "selectionStart": n, "selectionEnd": n})
+        };
+        for step in ["c", "ca", "caf", "café"] {
+            page.call("Input.imeSetComposition", compose(step)).await;
+        }
+        let mid_composition = got.0.lock().unwrap().len();
+        page.call("Input.insertText", json!({"text": "café"})).await;
+        for step in ["に", "にほ", "にほん", "日本"] {
+            page.call("Input.imeSetComposition", compose(step)).await;
+        }
+        page.call("Input.insertText", json!({"text": "日本"})).await;
+        page.call("Input.insertText", json!({"text": "ü!"})).await;
+        let arrived = got.at_least(25).await;
+
+        // Assert: nothing while composing; keys for c, a, f; é, 日本 and ü each put on the
+        // environment's clipboard and pasted with Ctrl+V; ! as Shift+1.
+        assert_eq!(focused, json!("osk"));
+        assert_eq!(mid_composition, 0, "nothing is sent while composing");
+        let tap_key = |code| [Got::Input(key(code, true)), Got::Input(key(code, false))];
+        let paste = |text: &str| {
+            vec![
+                Got::Clipboard(text.into()),
+                Got::Input(key(29, true)),
+                Got::Input(key(47, true)),
+                Got::Input(key(47, false)),
+                Got::Input(key(29, false)),
+            ]
+        };
+        let mut want = Vec::new();
+        for code in [46, 30, 33] {
+            want.extend(tap_key(code));
+        }
+        want.extend(paste("é"));
+        want.extend(paste("日本"));
+        want.extend(paste("ü"));
+        want.push(Got::Input(key(42, true)));
+        want.extend(tap_key(2));
+        want.push(Got::Input(key(42, false)));
+        assert_eq!(arrived, want);
+        assert_eq!(page.eval("window.genos.textPasted").await, json!(3));
+    })
+    .await;
+}
