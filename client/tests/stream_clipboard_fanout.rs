@@ -16,6 +16,18 @@ fn env() -> EnvRef {
     EnvRef::new("clip", 11)
 }
 
+/// A server streaming a still 160x120 screen for [`env`].
+fn still_server() -> support::Harness {
+    start(
+        ServerConfig::default(),
+        &env(),
+        Scene::Still,
+        160,
+        120,
+        10.0,
+    )
+}
+
 /// A viewer with `rights`, joined (its first frame is there), and the clipboards it was sent
 /// on the way.
 async fn join(hx: &support::Harness, rights: Rights) -> (Session, Vec<String>) {
@@ -57,14 +69,7 @@ async fn clipboard_within(s: &mut Session, d: Duration) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guests_clipboard_reaches_viewers_with_the_right_and_later_joiners() {
-    let hx = start(
-        ServerConfig::default(),
-        &env(),
-        Scene::Still,
-        160,
-        120,
-        10.0,
-    );
+    let hx = still_server();
     let (mut holder, _) = join(&hx, Rights::VIEW | Rights::CLIPBOARD).await;
     let (mut watcher, _) = join(&hx, Rights::VIEW | Rights::INPUT).await;
 
@@ -86,14 +91,7 @@ async fn the_guests_clipboard_reaches_viewers_with_the_right_and_later_joiners()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewers_paste_goes_to_the_environment_and_the_other_viewers_only() {
-    let hx = start(
-        ServerConfig::default(),
-        &env(),
-        Scene::Still,
-        160,
-        120,
-        10.0,
-    );
+    let hx = still_server();
     let rights = Rights::VIEW | Rights::CLIPBOARD;
     let (mut paster, _) = join(&hx, rights).await;
     let (mut other, _) = join(&hx, rights).await;

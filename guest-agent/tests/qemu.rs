@@ -120,22 +120,13 @@ fn boot(
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("genos-agent-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    testkit::fresh_dir(
+        std::env::temp_dir().join(format!("genos-agent-{name}-{}", std::process::id())),
+    )
 }
 
 fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} did not appear",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    testkit::wait_for_path(path, Duration::from_secs(20));
 }
 
 fn static_agent() -> PathBuf {

@@ -176,24 +176,15 @@ fn image(spec: &Spec) -> PathBuf {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("desktop-qemu")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    testkit::fresh_dir(
+        Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("desktop-qemu")
+            .join(name),
+    )
 }
 
 fn wait_for_path(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} did not appear",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    testkit::wait_for_path(path, Duration::from_secs(20));
 }
 
 /// Boots `image` read-only under the initramfs's overlay with vsock, and with virtio-gpu

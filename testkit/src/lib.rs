@@ -14,7 +14,8 @@
 pub mod x11;
 
 use std::fmt::Display;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The environment variable naming the needs that must be met.
 pub const REQUIRE_VAR: &str = "GENOS_REQUIRE";
@@ -154,6 +155,27 @@ pub fn kvm_available(test: &str) -> bool {
             skip(Need::Kvm, format!("{test}: /dev/kvm is not usable ({e})"));
             false
         }
+    }
+}
+
+/// `dir`, emptied (whatever an earlier run left there is removed) and created.
+pub fn fresh_dir(dir: PathBuf) -> PathBuf {
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    dir
+}
+
+/// Waits until `path` exists (a socket a spawned process binds), failing the test after
+/// `limit`.
+pub fn wait_for_path(path: &Path, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear within {limit:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -12,9 +12,9 @@ mod common;
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::boot::{describe_exit, BootWatch, Images, LogTail, BOOT_LIMIT};
+use common::boot::{describe_exit, terminate, BootWatch, Images, LogTail, BOOT_LIMIT};
 use common::{spawn_vmm, try_http, wait_for_socket};
 
 const TEST: &str = "linux_boots_to_init_with_virtio_blk_and_rng";
@@ -126,16 +126,7 @@ fn linux_boots_to_init_with_virtio_blk_and_rng() {
         Some("after the kernel reached init")
     };
     if stopped_at.is_some() {
-        // SAFETY: kill(2) on our own child, which has not been reaped yet.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        terminate(&mut child);
     }
     let status = child.wait().unwrap();
     if let Some(stopped_at) = stopped_at {

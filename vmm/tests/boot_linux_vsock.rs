@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::boot::{describe_exit, BootWatch, Images, LogTail, BOOT_LIMIT};
+use common::boot::{describe_exit, terminate, BootWatch, Images, LogTail, BOOT_LIMIT};
 use common::{spawn_vmm, try_http, wait_for_socket};
 
 const TEST: &str = "the_guest_kernel_drives_virtio_vsock_and_answers_a_host_connect";
@@ -116,16 +116,7 @@ fn the_guest_kernel_drives_virtio_vsock_and_answers_a_host_connect() {
     }
     let elapsed = watch.elapsed();
     if exited.is_none() {
-        // SAFETY: kill(2) on our own child, which has not been reaped yet.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        terminate(&mut child);
     }
     let status = child.wait().unwrap();
     if exited.is_none() {

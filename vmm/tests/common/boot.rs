@@ -164,6 +164,21 @@ pub fn capture_vmm_log(tail: &LogTail) {
         .expect("no other tracing subscriber in this test binary");
 }
 
+/// Asks a VMM the test stopped waiting for to shut down (SIGTERM), killing it if it is
+/// still there after 10 s; the caller then reaps it.
+pub fn terminate(child: &mut std::process::Child) {
+    // SAFETY: kill(2) on our own child, which has not been reaped yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// What a process exit status means for `genos-vmm` (statuses in `docs/vmm.md`).
 pub fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
