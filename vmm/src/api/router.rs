@@ -257,6 +257,14 @@ mod tests {
         route(&request(method, path, body)).unwrap_err()
     }
 
+    /// Asserts that `PUT path` with `body` is refused as a bad request whose reason
+    /// mentions `why`.
+    fn assert_bad_request(path: &str, body: &str, why: &str) {
+        let err = route_err("PUT", path, Some(body));
+        assert_eq!(err.status, 400, "{path} {body}: {}", err.reason);
+        assert!(err.reason.contains(why), "{path} {body}: {}", err.reason);
+    }
+
     #[test]
     fn put_vsock_maps_to_a_config_update_and_refuses_a_reserved_cid() {
         let body = r#"{"guest_cid":3,"uds_path":"/run/v.sock"}"#;
@@ -357,13 +365,7 @@ mod tests {
             (err.status, err.reason.as_str()),
             (400, "vcpus must be between 1 and 32, got 33")
         );
-        let err = route_err("PUT", "/vm/config", Some(r#"{"vcpus":2}"#));
-        assert_eq!(err.status, 400);
-        assert!(
-            err.reason.contains("missing field `kernel`"),
-            "{}",
-            err.reason
-        );
+        assert_bad_request("/vm/config", r#"{"vcpus":2}"#, "missing field `kernel`");
     }
 
     #[test]
@@ -424,12 +426,10 @@ mod tests {
             let body = format!(r#"{{"action":"{name}"}}"#);
             assert_eq!(route_ok("PUT", "/vm/actions", Some(&body)), action);
         }
-        let err = route_err("PUT", "/vm/actions", Some(r#"{"action":"reboot"}"#));
-        assert_eq!(err.status, 400);
-        assert!(
-            err.reason.contains("unknown variant `reboot`"),
-            "{}",
-            err.reason
+        assert_bad_request(
+            "/vm/actions",
+            r#"{"action":"reboot"}"#,
+            "unknown variant `reboot`",
         );
     }
 
@@ -451,9 +451,7 @@ mod tests {
         );
 
         let no_syn = r#"{"device":"tablet","events":[{"type":3,"code":0,"value":5}]}"#;
-        let err = route_err("PUT", "/input", Some(no_syn));
-        assert_eq!(err.status, 400);
-        assert!(err.reason.contains("SYN_REPORT"));
+        assert_bad_request("/input", no_syn, "SYN_REPORT");
         let bad_device = r#"{"device":"mouse","events":[{"type":0,"code":0,"value":0}]}"#;
         assert_eq!(route_err("PUT", "/input", Some(bad_device)).status, 400);
         let out_of_range = r#"{"device":"touch","events":[{"type":70000,"code":0,"value":0}]}"#;
@@ -526,13 +524,7 @@ mod tests {
             "/display",
             "/vm/disks/0",
         ] {
-            let err = route_err("PUT", path, Some("{\"action\": "));
-            assert_eq!(err.status, 400, "{path}");
-            assert!(
-                err.reason.contains("line 1 column"),
-                "{path}: {}",
-                err.reason
-            );
+            assert_bad_request(path, "{\"action\": ", "line 1 column");
         }
         assert_eq!(route_err("PUT", "/vm/actions", Some("")).status, 400);
     }
