@@ -310,7 +310,11 @@ fn app_window(display: &str, class: WindowClass, map: bool) -> (RustConnection, 
     let (conn, screen) = x11rb::connect(Some(display)).unwrap();
     let root = conn.setup().roots[screen].root;
     let window = conn.generate_id().unwrap();
-    let size = if class == WindowClass::INPUT_ONLY { 1 } else { 100 };
+    let size = if class == WindowClass::INPUT_ONLY {
+        1
+    } else {
+        100
+    };
     conn.create_window(
         x11rb::COPY_DEPTH_FROM_PARENT,
         window,
