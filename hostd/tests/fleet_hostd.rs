@@ -273,6 +273,58 @@ fn two_hostds_share_a_fleet_cordon_lose_a_node_and_survive_an_etcd_outage() {
         "{audit}"
     );
 
+    // Placements claimed on a count in every node's listing; destroying the environment on
+    // a releases its placement, while a claim on a for an environment a never had stays.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd_put = |key: &str, value: &str| {
+        rt.block_on(async {
+            let mut c = etcd_client::Client::connect([&url], None).await.unwrap();
+            c.put(key, value, None).await.unwrap();
+        })
+    };
+    let etcd_has = |key: &str| {
+        rt.block_on(async {
+            let mut c = etcd_client::Client::connect([&url], None).await.unwrap();
+            !c.get(key, None).await.unwrap().kvs().is_empty()
+        })
+    };
+    let o = a.genos(&["--json", "create", "--text", "python headless, 1 core"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let env = json(&o)["env"]["name"].as_str().unwrap().to_string();
+    let claim = r#"{"node":"a","needs":{"vcpus":1,"memory_mib":512}}"#;
+    etcd_put(&format!("/genos/fleet/placements/{env}"), claim);
+    etcd_put("/genos/fleet/placements/pending", claim);
+    wait_nodes(&b, "b counts a's placements", Duration::from_secs(5), |n| {
+        node(n, "a").is_some_and(|v| v["placements"] == 2)
+    });
+    // a notes its environments once a second: let it see this one before it goes.
+    std::thread::sleep(Duration::from_secs(2));
+    let o = a.genos(&["destroy", &env]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    wait_nodes(
+        &b,
+        "a's placement released on destroy",
+        Duration::from_secs(10),
+        |n| node(n, "a").is_some_and(|v| v["placements"] == 1),
+    );
+    assert!(!etcd_has(&format!("/genos/fleet/placements/{env}")));
+    assert!(
+        etcd_has("/genos/fleet/placements/pending"),
+        "an uncreated claim was released"
+    );
+    let audit = json(&a.genos(&["--json", "audit", "list"]));
+    assert!(
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "fleet-release" && e["target"] == env.as_str()),
+        "{audit}"
+    );
+
     // Act: b's hostd dies without leaving. Assert: a sees it lost once its lease lapses.
     let killed = Instant::now();
     // SAFETY: kill(2) on the hostd this test spawned (a zombie until `b` is dropped).
@@ -324,10 +376,6 @@ fn two_hostds_share_a_fleet_cordon_lose_a_node_and_survive_an_etcd_outage() {
 
     // Act: a's lease expires while a is cut off (revoked here: etcd's own restart renews
     // leases). Assert: a takes a new lease and its record is back under it.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let lease_of_a = || {
         rt.block_on(async {
             let mut c = etcd_client::Client::connect([&url], None).await.unwrap();

@@ -171,7 +171,8 @@ enum Cmd {
 #[derive(Subcommand)]
 enum FleetCmd {
     /// List the nodes: address, state (ready, cordoned, draining, lost), capacity used and
-    /// total, labels.
+    /// total after overcommit, environments running, placements claimed, labels. `*` marks
+    /// the node that answered.
     Nodes,
     /// No new placements on NODE; what runs there stays.
     Cordon { node: String },
@@ -1068,8 +1069,8 @@ fn print_table(envs: &[Value]) {
 
 fn print_nodes(nodes: &[Value]) {
     println!(
-        "{:<20} {:<24} {:<9} {:>9} {:>13} {:>5} LABELS",
-        "NAME", "ADDRESS", "STATE", "VCPUS", "MEM_MIB", "ENVS"
+        "{:<20} {:<24} {:<9} {:>9} {:>13} {:>5} {:>6} LABELS",
+        "NAME", "ADDRESS", "STATE", "VCPUS", "MEM_MIB", "ENVS", "PLACED"
     );
     for n in nodes {
         let labels: Vec<String> = n["labels"]
@@ -1086,13 +1087,14 @@ fn print_nodes(nodes: &[Value]) {
             if n["this"] == true { " *" } else { "" }
         );
         println!(
-            "{:<20} {:<24} {:<9} {:>9} {:>13} {:>5} {}",
+            "{:<20} {:<24} {:<9} {:>9} {:>13} {:>5} {:>6} {}",
             name,
             n["address"].as_str().unwrap_or(""),
             n["state"].as_str().unwrap_or(""),
             format!("{}/{}", n["load"]["vcpus"], n["vcpus"]),
             format!("{}/{}", n["load"]["memory_mib"], n["memory_mib"]),
             n["load"]["running"].to_string(),
+            n["placements"].to_string(),
             labels.join(",")
         );
     }

@@ -57,6 +57,13 @@ pub enum MemberError {
         #[source]
         source: Box<etcd_client::Error>,
     },
+    #[error("cannot release the placement of {env} in etcd {endpoints}")]
+    Release {
+        env: String,
+        endpoints: String,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
     #[error("placement of {env} lost {attempts} races for the same nodes; try again")]
     Contended { env: String, attempts: u32 },
     #[error("cannot encode node record")]
@@ -401,6 +408,35 @@ impl Member {
             env: env.to_string(),
             attempts: CLAIM_ATTEMPTS,
         })
+    }
+
+    /// Deletes `placements/<env>` if it places `env` on this node (a claim on another node is
+    /// that node's to release); returns whether it was deleted. The delete is conditional on
+    /// the key not having changed since it was read.
+    pub async fn release(&self, env: &str) -> Result<bool, MemberError> {
+        let mut c = self.client.clone();
+        let err = |source| MemberError::Release {
+            env: env.to_string(),
+            endpoints: self.endpoints.clone(),
+            source: Box::new(source),
+        };
+        let key = format!("{}placements/{env}", self.prefix);
+        let got = c.get(key.clone(), None).await.map_err(err)?;
+        let Some(kv) = got.kvs().first() else {
+            return Ok(false);
+        };
+        match serde_json::from_slice::<Claim>(kv.value()) {
+            Ok(claim) if claim.node == self.name => {}
+            _ => return Ok(false),
+        }
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )])
+            .and_then([TxnOp::delete(key, None)]);
+        Ok(c.txn(txn).await.map_err(err)?.succeeded())
     }
 
     /// Waits until `pred` holds for the fleet, or `timeout` passes; returns whether it held.

@@ -5,7 +5,7 @@
 //! nodes|cordon|uncordon|drain`), which read and write etcd directly so that they fail at
 //! once, naming the endpoints, when etcd is unreachable.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -86,6 +86,9 @@ struct Inner {
     /// The member's core as of its last refresh (not behind the member's lock, which a
     /// publish to an unreachable etcd may hold for seconds).
     view: Mutex<Option<super::placement::Fleet>>,
+    /// Environments seen in this node's store: one placed here that leaves the store was
+    /// destroyed, and its placement is released.
+    seen: Mutex<BTreeSet<String>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -146,6 +149,7 @@ impl Membership {
                 member: tokio::sync::Mutex::new(None),
                 lost: Mutex::new(BTreeMap::new()),
                 view: Mutex::new(None),
+                seen: Mutex::new(BTreeSet::new()),
                 task: Mutex::new(None),
             }),
         };
@@ -162,22 +166,29 @@ impl Membership {
         self.inner.cfg.etcd.join(",")
     }
 
-    /// This node's record now: capacity from the admission limits, load from the store.
-    fn record(&self) -> NodeRecord {
-        let cap = self.inner.orch.capacity();
+    /// This node's record now (capacity from the admission limits, load from the store)
+    /// and the names of its environments not destroyed (`None`: the store did not answer).
+    fn local(&self) -> (NodeRecord, Option<BTreeSet<String>>) {
         let mut load = Load::default();
-        match self.inner.orch.list() {
+        let names = match self.inner.orch.list() {
             Ok(envs) => {
                 for e in envs.iter().filter(|e| e.state.is_live()) {
                     load.running += 1;
                     load.vcpus += u64::from(e.spec.vcpus);
                     load.memory_mib += u64::from(e.spec.memory_mib);
                 }
+                Some(envs.into_iter().map(|e| e.name).collect())
             }
             Err(e) => {
-                tracing::warn!(error = %crate::error_chain(&e), "fleet: cannot count environments")
+                tracing::warn!(error = %crate::error_chain(&e), "fleet: cannot count environments");
+                None
             }
-        }
+        };
+        (self.record_with(load), names)
+    }
+
+    fn record_with(&self, load: Load) -> NodeRecord {
+        let cap = self.inner.orch.capacity();
         NodeRecord {
             name: self.inner.name.clone(),
             address: self.inner.address.clone(),
@@ -209,7 +220,7 @@ impl Membership {
         let mut backoff = Duration::from_secs(1);
         let mut rejoin: Option<&'static str> = None;
         loop {
-            let record = self.record();
+            let (record, _) = self.local();
             let member = match Member::join(&self.inner.cfg, record.clone()).await {
                 Ok(m) => m,
                 Err(e) => {
@@ -252,7 +263,10 @@ impl Membership {
                     break;
                 }
                 self.note_losses(m);
-                let record = self.record();
+                let (record, names) = self.local();
+                if let Some(names) = names {
+                    self.release_destroyed(m, names).await;
+                }
                 if record != published {
                     match m.publish(&record).await {
                         Ok(()) => published = record,
@@ -263,6 +277,54 @@ impl Membership {
                 }
             }
         }
+    }
+
+    /// Releases the placements on this node of environments destroyed here: those this
+    /// member saw in the store and that are gone from it now. (An environment claimed here
+    /// but not created yet was never seen, so its claim stays.)
+    async fn release_destroyed(&self, m: &Member, names: BTreeSet<String>) {
+        let fleet = m.fleet();
+        let mine: Vec<String> = fleet
+            .placements()
+            .iter()
+            .filter(|(_, p)| p.node == self.inner.name)
+            .map(|(env, _)| env.clone())
+            .collect();
+        let gone: Vec<String> = {
+            let seen = self.inner.seen.lock().expect("seen lock");
+            mine.iter()
+                .filter(|env| seen.contains(*env) && !names.contains(*env))
+                .cloned()
+                .collect()
+        };
+        for env in gone {
+            match m.release(&env).await {
+                Ok(released) => {
+                    self.inner.seen.lock().expect("seen lock").remove(&env);
+                    if released {
+                        tracing::info!(
+                            env,
+                            "fleet: released the placement of a destroyed environment"
+                        );
+                        if let Err(e) = self.inner.orch.audit(
+                            "hostd",
+                            "fleet-release",
+                            &env,
+                            &format!("placement on node {} released", self.inner.name),
+                        ) {
+                            tracing::warn!(error = %crate::error_chain(&e), "fleet: cannot write the audit log");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(env, error = %crate::error_chain(&e), "fleet: cannot release a placement; retrying")
+                }
+            }
+        }
+        let mut seen = self.inner.seen.lock().expect("seen lock");
+        // Kept: what the store holds, and what is placed here and not released yet.
+        seen.retain(|env| names.contains(env) || mine.contains(env));
+        seen.extend(names);
     }
 
     /// Records the nodes the member saw go (and forgets those back), for `fleet nodes`.
