@@ -334,6 +334,7 @@
         g.resumed = v.getUint8(o + 19) === 1;
         resumeGraceMs = v.getUint32(o + 20, true);
         g.rights = v.getUint8(o + 18);
+        pasteButton.hidden = (g.rights & 6) !== 6; // input and clipboard
         g.width = v.getUint16(o + 24, true);
         g.height = v.getUint16(o + 26, true);
         g.state = "open";
@@ -700,6 +701,7 @@
   const isPaste = (e) =>
     ((e.ctrlKey || e.metaKey) && e.code === "KeyV") || (e.shiftKey && e.code === "Insert");
   function onKey(e, pressed) {
+    if (pasteBox.contains(e.target)) return; // typing into the paste box
     if (pressed && (e.isComposing || e.keyCode === 229)) return; // the IME's: its text comes at its end
     const code = GENOS_KEYMAP[e.code];
     if (code === undefined) return;
@@ -802,6 +804,9 @@
         g.overlayEdge = overlay.classList.contains("top") ? "top" : "bottom";
         if (g.cursor) overlayShownAt = `${g.cursor.x},${g.cursor.y}`;
         break;
+      case "paste":
+        pasteFromBrowser();
+        break;
       case "keyboard":
         resetOsk();
         osk.focus();
@@ -856,7 +861,7 @@
   }
   function pasteText(text) {
     if (!sendClipboard(text)) {
-      g.notices.push(`no key for ${JSON.stringify(text)} and the clipboard cannot take it`);
+      g.notices.push(`not sent: ${JSON.stringify(text.slice(0, 40))} (no clipboard right, or too long)`);
       return;
     }
     g.textPasted++;
@@ -953,6 +958,7 @@
     return true;
   }
   document.addEventListener("paste", (e) => {
+    if (pasteBox.contains(e.target)) return; // into the paste box's field
     const text = e.clipboardData ? e.clipboardData.getData("text/plain") : "";
     e.preventDefault();
     sendClipboard(text);
@@ -968,10 +974,50 @@
     if (text === clipboardShared) return;
     clipboardShared = text;
     g.clipboard = text;
-    if (navigator.clipboard && navigator.clipboard.writeText) {
-      navigator.clipboard.writeText(text).catch((e) => g.notices.push(`clipboard: ${e.message}`));
-    }
+    if (!navigator.clipboard || !navigator.clipboard.writeText) return showEnvironmentClipboard(true);
+    navigator.clipboard.writeText(text).then(() => showEnvironmentClipboard(false), (e) => {
+      g.notices.push(`clipboard: ${e.message}`);
+      showEnvironmentClipboard(true);
+    });
   }
+
+  // The overlay's Paste button: the browser's clipboard where the page may read it, pasted
+  // into the guest (Clipboard, then Ctrl+V); where it may not (permission denied, no API), a
+  // paste box: the person pastes the text there and sends it. The box also shows the
+  // environment's clipboard when the page could not put it on the browser's.
+  const pasteButton = overlay.querySelector("[data-action=paste]");
+  const pasteBox = document.getElementById("paste");
+  const pasteArea = document.getElementById("paste-text");
+  let environmentClipboardStuck = false; // the browser refused the environment's text
+  function showEnvironmentClipboard(stuck) {
+    environmentClipboardStuck = stuck;
+    document.getElementById("paste-from-box").hidden = !stuck;
+    document.getElementById("paste-from").value = stuck ? g.clipboard || "" : "";
+  }
+  function openPasteBox(why) {
+    g.pasteBox = why;
+    pasteArea.value = "";
+    showEnvironmentClipboard(environmentClipboardStuck);
+    pasteBox.hidden = false;
+    pasteArea.focus();
+  }
+  function pasteFromBrowser() {
+    if (!canClipboard()) return;
+    if (!navigator.clipboard || !navigator.clipboard.readText) return openPasteBox("no clipboard API");
+    navigator.clipboard.readText().then(
+      (text) => (text ? pasteText(text) : openPasteBox("the clipboard is empty")),
+      (e) => openPasteBox(e.message || String(e)),
+    );
+  }
+  pasteBox.addEventListener("click", (e) => {
+    const b = e.target.closest("button");
+    if (!b) return;
+    const text = pasteArea.value;
+    if (b.dataset.paste === "paste" && text) pasteText(text);
+    else if (b.dataset.paste === "send" && text) sendClipboard(text);
+    pasteBox.hidden = true;
+    canvas.focus();
+  });
   window.addEventListener("keydown", (e) => onKey(e, true));
   window.addEventListener("keyup", (e) => onKey(e, false));
   window.addEventListener("blur", releaseAll);

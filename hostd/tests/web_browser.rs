@@ -1785,3 +1785,156 @@ async fn ime_text_arrives_as_keys_and_characters_without_keys_through_the_clipbo
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_the_clipboard_is_denied_the_paste_box_sends_the_text_and_shows_the_environments() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        let got = Arc::new(Arrivals::default());
+        let rights = Rights::VIEW | Rights::INPUT | Rights::CLIPBOARD;
+        let link = hx.add_env("paste", got.clone(), rights);
+        let browser = Browser::start(&hx.spki).await;
+        let origin = format!("https://{}", hx.web.local_addr());
+        for name in ["clipboard-read", "clipboard-write"] {
+            browser
+                .cdp
+                .call(
+                    None,
+                    "Browser.setPermission",
+                    json!({"origin": origin, "permission": {"name": name}, "setting": "denied"}),
+                )
+                .await;
+        }
+        let page = browser.open_with(&link, phone(), true).await;
+        page.call(
+            "Emulation.setFocusEmulationEnabled",
+            json!({"enabled": true}),
+        )
+        .await;
+        page.wait_for(
+            "window.genos && window.genos.state",
+            30,
+            "session open",
+            |v| v == "open",
+        )
+        .await;
+        hx.server
+            .set_environment_clipboard("paste", "from the guest");
+        page.wait_for("window.genos.clipboard", 10, "the guest's clipboard", |v| {
+            v == "from the guest"
+        })
+        .await;
+
+        // Act: tap Paste; type into the box that opens (text inserted, then one key); tap
+        // "Send and paste".
+        tap(&page, "[data-action=paste]").await;
+        let why = page
+            .wait_for("window.genos.pasteBox", 10, "the paste box", |v| {
+                v.is_string()
+            })
+            .await;
+        let shown = page.eval("!document.getElementById('paste').hidden").await;
+        let focused = page.eval("document.activeElement.id").await;
+        let from_guest = page
+            .eval("document.getElementById('paste-from').value")
+            .await;
+        page.call("Input.insertText", json!({"text": "from the phon"}))
+            .await;
+        for kind in ["keyDown", "keyUp"] {
+            page.call(
+                "Input.dispatchKeyEvent",
+                json!({"type": kind, "code": "KeyE", "key": "e", "text": "e"}),
+            )
+            .await;
+        }
+        tap(&page, "[data-paste=paste]").await;
+        let arrived = got.at_least(5).await;
+        let closed = page.eval("document.getElementById('paste').hidden").await;
+
+        // Assert: the box opened because reading was refused, shows the environment's text
+        // (the browser refused it too), and sent what was typed in it, then Ctrl+V; the key
+        // typed into the box did not reach the guest.
+        assert_eq!((shown, focused), (json!(true), json!("paste-text")));
+        assert!(
+            why.as_str().unwrap().to_lowercase().contains("denied"),
+            "{why}"
+        );
+        assert_eq!(from_guest, json!("from the guest"));
+        assert_eq!(
+            arrived,
+            vec![
+                Got::Clipboard("from the phone".into()),
+                Got::Input(key(29, true)),
+                Got::Input(key(47, true)),
+                Got::Input(key(47, false)),
+                Got::Input(key(29, false)),
+            ]
+        );
+        assert_eq!(closed, json!(true));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_the_clipboard_is_permitted_the_paste_button_pastes_it_without_a_box() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        let got = Arc::new(Arrivals::default());
+        let rights = Rights::VIEW | Rights::INPUT | Rights::CLIPBOARD;
+        let link = hx.add_env("paste", got.clone(), rights);
+        let browser = Browser::start(&hx.spki).await;
+        browser
+            .cdp
+            .call(
+                None,
+                "Browser.grantPermissions",
+                json!({"origin": format!("https://{}", hx.web.local_addr()), "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]}),
+            )
+            .await;
+        let page = browser.open_with(&link, phone(), true).await;
+        page.call("Emulation.setFocusEmulationEnabled", json!({"enabled": true}))
+            .await;
+        page.wait_for("window.genos && window.genos.state", 30, "session open", |v| v == "open")
+            .await;
+        page.eval_promise("navigator.clipboard.writeText('from the browser')")
+            .await
+            .unwrap();
+
+        // Act: tap Paste.
+        tap(&page, "[data-action=paste]").await;
+        let arrived = got.at_least(5).await;
+
+        // Assert: the browser's clipboard went to the environment and Ctrl+V after it; no
+        // box.
+        let texts: Vec<_> = arrived
+            .iter()
+            .filter(|g| matches!(g, Got::Clipboard(_)))
+            .collect();
+        assert_eq!(
+            texts.last(),
+            Some(&&Got::Clipboard("from the browser".into()))
+        );
+        let n = arrived.len();
+        assert_eq!(
+            arrived[n - 4..],
+            [
+                Got::Input(key(29, true)),
+                Got::Input(key(47, true)),
+                Got::Input(key(47, false)),
+                Got::Input(key(29, false)),
+            ]
+        );
+        assert_eq!(page.eval("window.genos.pasteBox").await, Value::Null);
+        assert_eq!(
+            page.eval("document.getElementById('paste').hidden").await,
+            json!(true)
+        );
+    })
+    .await;
+}
