@@ -1172,13 +1172,15 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Drives one connection's [`Session`]: feeds it the connection's events and executes its
-/// actions until it ends, then parks it for resumption.
+/// Drives one connection's [`Session`] through a [`ViewerLoop`]: the control stream's bytes
+/// and the connection's path in, messages on the control stream and frames on streams of
+/// their own out, until the session ends; then parks it for resumption.
 async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot: SlotGuard) {
     let remote = conn.remote_address();
-    let mut session = Session::new(shared.session_config(), shared.clock, Instant::now());
+    let (ctl_tx, ctl_rx) = mpsc::channel::<ServerMessage>(64);
+    let mut lp = ViewerLoop::new(shared, remote, "viewer", ctl_tx.clone());
     let (send, mut recv) =
-        match tokio::time::timeout_at(sleep_deadline(session.poll_timeout()), conn.accept_bi())
+        match tokio::time::timeout_at(sleep_deadline(lp.session.poll_timeout()), conn.accept_bi())
             .await
         {
             Ok(Ok(s)) => s,
@@ -1186,147 +1188,47 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot
                 return debug!(%remote, error = %e, "connection ended before the control stream")
             }
             Err(_) => {
-                session.handle_timeout(Instant::now());
-                shared.count_hello_timeout(&session);
-                if let Some(Action::Close(r)) = session.poll_action() {
+                lp.session.handle_timeout(Instant::now());
+                lp.shared.count_hello_timeout(&lp.session);
+                if let Some(Action::Close(r)) = lp.session.poll_action() {
                     conn.close(VarInt::from_u32(r.code as u32), r.message.as_bytes());
                 }
                 return;
             }
         };
-    session.handle(Event::ControlOpened, Instant::now());
-    let (ctl_tx, ctl_rx) = mpsc::channel::<ServerMessage>(64);
+    lp.session.handle(Event::ControlOpened, Instant::now());
     let mut writer = tokio::spawn(write_control(send, ctl_rx));
-    // Set once the Welcome is queued: the pointer task sends nothing before it.
-    let (welcomed_tx, welcomed_rx) = watch::channel(false);
     let mut writer_done = false;
-    // Streams carrying frames older than this value are reset (newest wins after a keyframe).
-    let (cancel_tx, cancel_rx) = watch::channel(0u64);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
-    let mut joined: Option<Joined> = None;
-    let (mut frames, mut closed, mut revoked, mut clipboard) = (None, None, None, None);
-    let mut reported = Reported::default();
-    let mut closing = None;
-    loop {
-        while let Some(action) = session.poll_action() {
-            let now = Instant::now();
-            match action {
-                Action::Authorize(hello) => {
-                    let granted = authorize(&shared, &mut slot, &hello, now).map(|(grant, env)| {
-                        conn.set_receive_window(SESSION_RECEIVE_WINDOW.into());
-                        let viewer_id = shared.next_viewer.fetch_add(1, Ordering::Relaxed);
-                        info!(%remote, env = %env.id, viewer = viewer_id, "viewer admitted");
-                        env.viewers.fetch_add(1, Ordering::AcqRel);
-                        (frames, closed, revoked, clipboard) = subscribe(&shared, &env);
-                        joined = Some(Joined::new(env, viewer_id, &ctl_tx, &welcomed_rx));
-                        grant
-                    });
-                    session.handle(Event::Authorized(granted), now);
-                }
-                Action::Send(m) => {
-                    let welcome = matches!(m, ServerMessage::Welcome { .. });
-                    if ctl_tx.try_send(m).is_err() {
-                        debug!(%remote, "control queue full; message skipped");
-                    }
-                    if welcome {
-                        welcomed_tx.send_replace(true);
-                    }
-                }
-                Action::SendFrame(frame) => {
-                    tokio::spawn(send_frame(
-                        conn.clone(),
-                        frame,
-                        cancel_rx.clone(),
-                        done_tx.clone(),
-                    ));
-                }
-                Action::CancelFramesBefore(sequence) => {
-                    cancel_tx.send_replace(sequence);
-                }
-                Action::Close(r) => closing = Some(r),
-                Action::Record(record) => {
-                    if let Some(j) = &joined {
-                        shared.record(&j.env, j.viewer_id, remote, record);
-                    }
-                }
-                action => {
-                    if let Some(j) = &joined {
-                        if let Some((what, reason)) =
-                            execute_on_environment(&j.env, j.viewer_id, action)
-                        {
-                            session.handle(Event::Unavailable { what, reason }, now);
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(j) = &joined {
-            reported.sync(&j.env, session.stats());
-        }
-        if session.is_ended() {
-            break;
-        }
-        let timeout = session.poll_timeout();
+    let mut out = QuicOut {
+        conn: conn.clone(),
+        ctl_tx: ctl_tx.clone(),
+        cancel_rx: lp.cancel_rx(),
+        done_tx,
+        remote,
+    };
+    let path = || path_stats(&conn);
+    while lp.run_actions(&mut slot, &mut out) {
         tokio::select! {
             chunk = recv.read_chunk(64 * 1024, true) => match chunk {
-                Ok(Some(chunk)) => session.handle(Event::ControlData(&chunk.bytes), Instant::now()),
-                Ok(None) | Err(_) => session.handle(Event::ControlFinished, Instant::now()),
+                Ok(Some(chunk)) => lp.session.handle(Event::ControlData(&chunk.bytes), Instant::now()),
+                Ok(None) | Err(_) => lp.session.handle(Event::ControlFinished, Instant::now()),
             },
-            frame = next_frame(frames.as_mut()) => {
-                let now = Instant::now();
-                match frame {
-                    Ok(frame) => {
-                        session.handle(Event::Path(path_stats(&conn)), now);
-                        session.handle(Event::Frame(frame), now);
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        session.handle(Event::FramesLagged(n), now)
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        session.handle(Event::EnvironmentClosed, now)
-                    }
-                }
-            }
+            feed = lp.next_feed() => lp.on_feed(feed, path),
             Some(sequence) = done_rx.recv() => {
-                session.handle(Event::FrameDone(sequence), Instant::now());
-            }
-            _ = sleep_until(timeout) => {
-                let now = Instant::now();
-                session.handle(Event::Path(path_stats(&conn)), now);
-                session.handle_timeout(now);
-            }
-            _ = revocations_changed(revoked.as_mut()) => {
-                let list = shared.revocations.lock().expect("poisoned").clone();
-                session.handle(Event::Revocations(&list), Instant::now());
-            }
-            _ = env_closed(closed.as_mut()) => {
-                session.handle(Event::EnvironmentClosed, Instant::now());
-            }
-            shared_clipboard = clipboard_changed(clipboard.as_mut()) => {
-                let own = joined.as_ref().map(|j| j.viewer_id) == shared_clipboard.from_viewer;
-                if !own {
-                    session.handle(
-                        Event::EnvironmentClipboard(&shared_clipboard.text),
-                        Instant::now(),
-                    );
-                }
+                lp.session.handle(Event::FrameDone(sequence), Instant::now());
             }
             _ = &mut writer, if !writer_done => {
                 writer_done = true;
-                session.handle(Event::ConnectionLost, Instant::now());
+                lp.session.handle(Event::ConnectionLost, Instant::now());
             }
             e = conn.closed() => {
                 debug!(%remote, error = %e, "connection closed");
-                session.handle(Event::ConnectionLost, Instant::now());
+                lp.session.handle(Event::ConnectionLost, Instant::now());
             }
         }
     }
-    shared.count_hello_timeout(&session);
-    if let Some(j) = &joined {
-        j.cursor.abort();
-    }
-    if let Some(r) = closing {
-        warn!(%remote, code = ?r.code, reason = %r.message, "closing viewer");
+    if let Some(r) = lp.ending() {
         let error = ServerMessage::Error {
             code: r.code,
             message: r.message.clone(),
@@ -1336,7 +1238,8 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot
         let flushed = async {
             let _ = ctl_tx.send(error).await;
             drop(ctl_tx);
-            if let Some(j) = joined.as_mut() {
+            drop(out);
+            if let Some(j) = lp.joined.as_mut() {
                 let _ = (&mut j.cursor).await;
             }
             if writer_done {
@@ -1351,13 +1254,251 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot
         drop(send);
     }
     writer.abort();
-    if let (Some(j), Some(id)) = (joined, session.id()) {
-        j.env.viewers.fetch_sub(1, Ordering::AcqRel);
-        j.env.targets.lock().expect("poisoned").remove(&j.viewer_id);
-        park_session(&shared, id, j.env.clone(), session.held());
-        info!(viewer = j.viewer_id, env = %j.env.id, "viewer left");
-    }
+    lp.leave();
     drop(slot);
+}
+
+/// The QUIC side of a [`ViewerLoop`]: control messages on the control stream's bounded
+/// queue, each frame on a unidirectional stream of its own (reset when superseded).
+struct QuicOut {
+    conn: quinn::Connection,
+    ctl_tx: mpsc::Sender<ServerMessage>,
+    cancel_rx: watch::Receiver<u64>,
+    done_tx: mpsc::UnboundedSender<u64>,
+    remote: SocketAddr,
+}
+
+impl ViewerOut for QuicOut {
+    fn admitted(&mut self) {
+        self.conn.set_receive_window(SESSION_RECEIVE_WINDOW.into());
+    }
+
+    fn send(&mut self, m: ServerMessage) {
+        if self.ctl_tx.try_send(m).is_err() {
+            debug!(remote = %self.remote, "control queue full; message skipped");
+        }
+    }
+
+    fn send_frame(&mut self, frame: Arc<Frame>) {
+        tokio::spawn(send_frame(
+            self.conn.clone(),
+            frame,
+            self.cancel_rx.clone(),
+            self.done_tx.clone(),
+        ));
+    }
+}
+
+/// How one transport sends what a [`ViewerLoop`]'s session asks for.
+trait ViewerOut {
+    /// The viewer was admitted.
+    fn admitted(&mut self) {}
+    /// One control message, in order.
+    fn send(&mut self, m: ServerMessage);
+    /// One frame; the transport reports it done (sent or skipped) through its done channel.
+    fn send_frame(&mut self, frame: Arc<Frame>);
+}
+
+/// What a viewer's feeds delivered ([`ViewerLoop::next_feed`]).
+enum Feed {
+    Frame(Result<Arc<Frame>, broadcast::error::RecvError>),
+    Timeout,
+    Revoked,
+    EnvironmentClosed,
+    Clipboard(SharedClipboard),
+}
+
+/// One viewer's [`Session`] and what a joined viewer is subscribed to, shared by the QUIC
+/// and the message-transport drivers: admission, the session's actions on the environment,
+/// the feeds (frames, revocations, the environment closing, its clipboard, the session's
+/// timer) and leaving. The drivers add only their I/O ([`ViewerOut`], the client's bytes,
+/// the path).
+struct ViewerLoop {
+    shared: Arc<Shared>,
+    remote: SocketAddr,
+    /// What the log calls this kind of viewer.
+    kind: &'static str,
+    session: Session,
+    joined: Option<Joined>,
+    frames: Option<broadcast::Receiver<Arc<Frame>>>,
+    closed: Option<watch::Receiver<bool>>,
+    revoked: Option<watch::Receiver<u64>>,
+    clipboard: Option<watch::Receiver<Option<SharedClipboard>>>,
+    reported: Reported,
+    closing: Option<Refusal>,
+    /// The pointer task's queue (the transport forwards it in order with the rest); let go
+    /// when the session ends, so that the queue closes once the transport lets go too.
+    ctl_tx: Option<mpsc::Sender<ServerMessage>>,
+    /// Set once the Welcome is queued: the pointer task sends nothing before it.
+    welcomed: watch::Sender<bool>,
+    /// Frames older than this value are skipped or reset (newest wins after a keyframe).
+    cancel: watch::Sender<u64>,
+}
+
+impl ViewerLoop {
+    fn new(
+        shared: Arc<Shared>,
+        remote: SocketAddr,
+        kind: &'static str,
+        ctl_tx: mpsc::Sender<ServerMessage>,
+    ) -> Self {
+        let session = Session::new(shared.session_config(), shared.clock, Instant::now());
+        Self {
+            shared,
+            remote,
+            kind,
+            session,
+            joined: None,
+            frames: None,
+            closed: None,
+            revoked: None,
+            clipboard: None,
+            reported: Reported::default(),
+            closing: None,
+            ctl_tx: Some(ctl_tx),
+            welcomed: watch::channel(false).0,
+            cancel: watch::channel(0).0,
+        }
+    }
+
+    /// The newest-wins mark a transport's frame sender watches.
+    fn cancel_rx(&self) -> watch::Receiver<u64> {
+        self.cancel.subscribe()
+    }
+
+    /// Executes the session's actions; false once the session has ended.
+    fn run_actions(&mut self, slot: &mut SlotGuard, out: &mut impl ViewerOut) -> bool {
+        while let Some(action) = self.session.poll_action() {
+            let now = Instant::now();
+            match action {
+                Action::Authorize(hello) => {
+                    let granted = authorize(&self.shared, slot, &hello, now).map(|(grant, env)| {
+                        out.admitted();
+                        self.join(env);
+                        grant
+                    });
+                    self.session.handle(Event::Authorized(granted), now);
+                }
+                Action::Send(m) => {
+                    let welcome = matches!(m, ServerMessage::Welcome { .. });
+                    out.send(m);
+                    if welcome {
+                        self.welcomed.send_replace(true);
+                    }
+                }
+                Action::SendFrame(frame) => out.send_frame(frame),
+                Action::CancelFramesBefore(sequence) => {
+                    self.cancel.send_replace(sequence);
+                }
+                Action::Close(r) => self.closing = Some(r),
+                Action::Record(record) => {
+                    if let Some(j) = &self.joined {
+                        self.shared.record(&j.env, j.viewer_id, self.remote, record);
+                    }
+                }
+                action => {
+                    if let Some(j) = &self.joined {
+                        if let Some((what, reason)) =
+                            execute_on_environment(&j.env, j.viewer_id, action)
+                        {
+                            self.session
+                                .handle(Event::Unavailable { what, reason }, now);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(j) = &self.joined {
+            self.reported.sync(&j.env, self.session.stats());
+        }
+        !self.session.is_ended()
+    }
+
+    /// Takes a hold on `env` and subscribes to its feeds.
+    fn join(&mut self, env: Arc<Environment>) {
+        let ctl_tx = self
+            .ctl_tx
+            .clone()
+            .expect("a viewer joins before its session ends");
+        let viewer_id = self.shared.next_viewer.fetch_add(1, Ordering::Relaxed);
+        info!(remote = %self.remote, env = %env.id, viewer = viewer_id, "{} admitted", self.kind);
+        env.viewers.fetch_add(1, Ordering::AcqRel);
+        (self.frames, self.closed, self.revoked, self.clipboard) = subscribe(&self.shared, &env);
+        self.joined = Some(Joined::new(
+            env,
+            viewer_id,
+            &ctl_tx,
+            &self.welcomed.subscribe(),
+        ));
+    }
+
+    /// The next thing a feed delivers (frames and the rest only once joined).
+    async fn next_feed(&mut self) -> Feed {
+        let timeout = self.session.poll_timeout();
+        tokio::select! {
+            frame = next_frame(self.frames.as_mut()) => Feed::Frame(frame),
+            _ = sleep_until(timeout) => Feed::Timeout,
+            _ = revocations_changed(self.revoked.as_mut()) => Feed::Revoked,
+            _ = env_closed(self.closed.as_mut()) => Feed::EnvironmentClosed,
+            c = clipboard_changed(self.clipboard.as_mut()) => Feed::Clipboard(c),
+        }
+    }
+
+    /// Hands what a feed delivered to the session; `path` reads the transport's path now.
+    fn on_feed(&mut self, feed: Feed, path: impl Fn() -> PathStats) {
+        let now = Instant::now();
+        match feed {
+            Feed::Frame(Ok(frame)) => {
+                self.session.handle(Event::Path(path()), now);
+                self.session.handle(Event::Frame(frame), now);
+            }
+            Feed::Frame(Err(broadcast::error::RecvError::Lagged(n))) => {
+                self.session.handle(Event::FramesLagged(n), now)
+            }
+            Feed::Frame(Err(broadcast::error::RecvError::Closed)) | Feed::EnvironmentClosed => {
+                self.session.handle(Event::EnvironmentClosed, now)
+            }
+            Feed::Timeout => {
+                self.session.handle(Event::Path(path()), now);
+                self.session.handle_timeout(now);
+            }
+            Feed::Revoked => {
+                let list = self.shared.revocations.lock().expect("poisoned").clone();
+                self.session.handle(Event::Revocations(&list), now);
+            }
+            Feed::Clipboard(c) => {
+                if self.joined.as_ref().map(|j| j.viewer_id) != c.from_viewer {
+                    self.session
+                        .handle(Event::EnvironmentClipboard(&c.text), now);
+                }
+            }
+        }
+    }
+
+    /// The session has ended: stops the pointer task and returns why the viewer is closed,
+    /// if it is (the transport then sends the error and closes).
+    fn ending(&mut self) -> Option<Refusal> {
+        self.shared.count_hello_timeout(&self.session);
+        self.ctl_tx = None;
+        if let Some(j) = &self.joined {
+            j.cursor.abort();
+        }
+        let closing = self.closing.take();
+        if let Some(r) = &closing {
+            warn!(remote = %self.remote, code = ?r.code, reason = %r.message, "closing {}", self.kind);
+        }
+        closing
+    }
+
+    /// Gives up the hold on the environment and parks the session for resumption.
+    fn leave(self) {
+        if let (Some(j), Some(id)) = (self.joined, self.session.id()) {
+            j.env.viewers.fetch_sub(1, Ordering::AcqRel);
+            j.env.targets.lock().expect("poisoned").remove(&j.viewer_id);
+            park_session(&self.shared, id, j.env.clone(), self.session.held());
+            info!(viewer = j.viewer_id, env = %j.env.id, "{} left", self.kind);
+        }
+    }
 }
 
 /// Tokio's form of the session's next deadline (far away if it has none).
@@ -1679,7 +1820,8 @@ async fn write_messages<W>(
     }
 }
 
-/// [`serve_connection`] for a message transport: the same session, tables and actions.
+/// [`serve_connection`] for a message transport: the same [`ViewerLoop`], with the
+/// transport's messages in and one ordered writer out.
 async fn serve_messages<R, W, P>(
     shared: Arc<Shared>,
     mut slot: SlotGuard,
@@ -1693,155 +1835,64 @@ async fn serve_messages<R, W, P>(
     P: Fn() -> PathStats + Send,
 {
     use futures_util::StreamExt;
-    let mut session = Session::new(shared.session_config(), shared.clock, Instant::now());
-    // The transport is the control stream: it is open once the connection is.
-    session.handle(Event::ControlOpened, Instant::now());
-    let (cancel_tx, cancel_rx) = watch::channel(0u64);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
-    let (out_tx, out_rx) = mpsc::unbounded_channel::<Queued>();
-    let mut writer = tokio::spawn(write_messages(outgoing, out_rx, cancel_rx, done_tx));
-    let mut writer_done = false;
     // The cursor task writes into a bounded queue (a slow viewer skips to the newest
     // pointer), forwarded to the writer here.
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ServerMessage>(64);
-    // Set once the Welcome is queued: the pointer task sends nothing before it.
-    let (welcomed_tx, welcomed_rx) = watch::channel(false);
-    let mut joined: Option<Joined> = None;
-    let (mut frames, mut closed, mut revoked, mut clipboard) = (None, None, None, None);
-    let mut reported = Reported::default();
-    let mut closing = None;
-    loop {
-        while let Some(action) = session.poll_action() {
-            let now = Instant::now();
-            match action {
-                Action::Authorize(hello) => {
-                    let granted = authorize(&shared, &mut slot, &hello, now).map(|(grant, env)| {
-                        let viewer_id = shared.next_viewer.fetch_add(1, Ordering::Relaxed);
-                        info!(%remote, env = %env.id, viewer = viewer_id, "web viewer admitted");
-                        env.viewers.fetch_add(1, Ordering::AcqRel);
-                        (frames, closed, revoked, clipboard) = subscribe(&shared, &env);
-                        joined = Some(Joined::new(env, viewer_id, &ctl_tx, &welcomed_rx));
-                        grant
-                    });
-                    session.handle(Event::Authorized(granted), now);
-                }
-                Action::Send(m) => {
-                    let welcome = matches!(m, ServerMessage::Welcome { .. });
-                    let _ = out_tx.send(Queued::Control(m));
-                    if welcome {
-                        welcomed_tx.send_replace(true);
-                    }
-                }
-                Action::SendFrame(frame) => {
-                    let _ = out_tx.send(Queued::Frame(frame));
-                }
-                Action::CancelFramesBefore(sequence) => {
-                    cancel_tx.send_replace(sequence);
-                }
-                Action::Close(r) => closing = Some(r),
-                Action::Record(record) => {
-                    if let Some(j) = &joined {
-                        shared.record(&j.env, j.viewer_id, remote, record);
-                    }
-                }
-                action => {
-                    if let Some(j) = &joined {
-                        if let Some((what, reason)) =
-                            execute_on_environment(&j.env, j.viewer_id, action)
-                        {
-                            session.handle(Event::Unavailable { what, reason }, now);
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(j) = &joined {
-            reported.sync(&j.env, session.stats());
-        }
-        if session.is_ended() {
-            break;
-        }
-        let timeout = session.poll_timeout();
+    let mut lp = ViewerLoop::new(shared, remote, "web viewer", ctl_tx);
+    // The transport is the control stream: it is open once the connection is.
+    lp.session.handle(Event::ControlOpened, Instant::now());
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Queued>();
+    let mut writer = tokio::spawn(write_messages(outgoing, out_rx, lp.cancel_rx(), done_tx));
+    let mut writer_done = false;
+    let mut out = MessageOut(out_tx);
+    while lp.run_actions(&mut slot, &mut out) {
         tokio::select! {
             data = incoming.next() => match data {
-                Some(data) => session.handle(Event::ControlData(&data), Instant::now()),
-                None => session.handle(Event::ControlFinished, Instant::now()),
+                Some(data) => lp.session.handle(Event::ControlData(&data), Instant::now()),
+                None => lp.session.handle(Event::ControlFinished, Instant::now()),
             },
-            frame = next_frame(frames.as_mut()) => {
-                let now = Instant::now();
-                match frame {
-                    Ok(frame) => {
-                        session.handle(Event::Path(path()), now);
-                        session.handle(Event::Frame(frame), now);
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        session.handle(Event::FramesLagged(n), now)
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        session.handle(Event::EnvironmentClosed, now)
-                    }
-                }
-            }
+            feed = lp.next_feed() => lp.on_feed(feed, &path),
             Some(sequence) = done_rx.recv() => {
-                session.handle(Event::FrameDone(sequence), Instant::now());
+                lp.session.handle(Event::FrameDone(sequence), Instant::now());
             }
-            Some(m) = ctl_rx.recv() => {
-                let _ = out_tx.send(Queued::Control(m));
-            }
-            _ = sleep_until(timeout) => {
-                let now = Instant::now();
-                session.handle(Event::Path(path()), now);
-                session.handle_timeout(now);
-            }
-            _ = revocations_changed(revoked.as_mut()) => {
-                let list = shared.revocations.lock().expect("poisoned").clone();
-                session.handle(Event::Revocations(&list), Instant::now());
-            }
-            _ = env_closed(closed.as_mut()) => {
-                session.handle(Event::EnvironmentClosed, Instant::now());
-            }
-            shared_clipboard = clipboard_changed(clipboard.as_mut()) => {
-                let own = joined.as_ref().map(|j| j.viewer_id) == shared_clipboard.from_viewer;
-                if !own {
-                    session.handle(
-                        Event::EnvironmentClipboard(&shared_clipboard.text),
-                        Instant::now(),
-                    );
-                }
-            }
+            Some(m) = ctl_rx.recv() => out.send(m),
             _ = &mut writer, if !writer_done => {
                 writer_done = true;
-                session.handle(Event::ConnectionLost, Instant::now());
+                lp.session.handle(Event::ConnectionLost, Instant::now());
             }
         }
     }
-    shared.count_hello_timeout(&session);
-    if let Some(j) = &joined {
-        j.cursor.abort();
-    }
-    if let Some(r) = closing {
-        warn!(%remote, code = ?r.code, reason = %r.message, "closing web viewer");
+    if let Some(r) = lp.ending() {
         // The error goes last as a message, then the close repeats code and reason.
-        let _ = out_tx.send(Queued::Control(ServerMessage::Error {
+        out.send(ServerMessage::Error {
             code: r.code,
             message: r.message.clone(),
-        }));
-        let _ = out_tx.send(Queued::Close(r));
-        drop(out_tx);
+        });
+        let _ = out.0.send(Queued::Close(r));
+        drop(out);
         if !writer_done {
             let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, &mut writer).await;
         }
     } else {
-        drop(out_tx);
+        drop(out);
     }
     writer.abort();
-    if let (Some(j), Some(id)) = (joined, session.id()) {
-        j.env.viewers.fetch_sub(1, Ordering::AcqRel);
-        j.env.targets.lock().expect("poisoned").remove(&j.viewer_id);
-        park_session(&shared, id, j.env.clone(), session.held());
-        info!(viewer = j.viewer_id, env = %j.env.id, "web viewer left");
-    }
+    lp.leave();
     drop(slot);
+}
+
+/// A message transport's side of a [`ViewerLoop`]: everything in order through one writer.
+struct MessageOut(mpsc::UnboundedSender<Queued>);
+
+impl ViewerOut for MessageOut {
+    fn send(&mut self, m: ServerMessage) {
+        let _ = self.0.send(Queued::Control(m));
+    }
+
+    fn send_frame(&mut self, frame: Arc<Frame>) {
+        let _ = self.0.send(Queued::Frame(frame));
+    }
 }
 
 #[cfg(test)]
