@@ -1056,8 +1056,40 @@
   // two-finger tap right-clicks, two fingers dragged scroll.
   let trackpad = params.get("trackpad") === "1";
   g.trackpad = trackpad;
-  const pad = { fingers: new Map(), start: 0, moved: 0, maxFingers: 0, pointer: null, longPress: 0 };
-  const TAP_MS = 250, TAP_SLOP = 10, LONG_PRESS_MS = 500;
+  const pad = { fingers: new Map(), start: 0, moved: 0, maxFingers: 0, pointer: null, longPress: 0, two: null };
+  const TAP_MS = 250, TAP_SLOP = 10, LONG_PRESS_MS = 500, PINCH_SLOP = 16, SCROLL_SLOP = 8;
+  // The local view: the canvas zoomed by `scale` about its top-left corner and moved by
+  // (x, y) CSS pixels (a CSS transform; the guest is not told). Pointer and touch positions
+  // are mapped back through it (streamPoint), so a tap hits the guest pixel under the finger.
+  const view = (g.zoom = { scale: 1, x: 0, y: 0 });
+  const MAX_ZOOM = 8;
+  function setView(scale, x, y) {
+    const w = canvas.clientWidth;
+    const h = canvas.clientHeight;
+    view.scale = scale < 1.05 ? 1 : Math.min(scale, MAX_ZOOM);
+    // The zoomed canvas always covers the viewport.
+    view.x = Math.min(0, Math.max(x, w - view.scale * w));
+    view.y = Math.min(0, Math.max(y, h - view.scale * h));
+    canvas.style.transform = view.scale === 1 ? "" : `translate(${view.x}px, ${view.y}px) scale(${view.scale})`;
+    keepPointerVisible();
+  }
+  window.addEventListener("resize", () => setView(view.scale, view.x, view.y));
+  // While zoomed, the view follows the trackpad's pointer when it leaves it.
+  function followPointer(p) {
+    if (view.scale === 1) return;
+    const [px, py] = pageOfStream(p[0], p[1]);
+    const margin = 24;
+    const w = canvas.clientWidth;
+    const h = canvas.clientHeight;
+    const dx = px < margin ? margin - px : px > w - margin ? w - margin - px : 0;
+    const dy = py < margin ? margin - py : py > h - margin ? h - margin - py : 0;
+    if (dx || dy) setView(view.scale, view.x + dx, view.y + dy);
+  }
+  // Two fingers: their midpoint and distance, and the view when they came down.
+  function twoFingers() {
+    const [a, b] = [...pad.fingers.values()];
+    return { mx: (a[0] + b[0]) / 2, my: (a[1] + b[1]) / 2, d: Math.hypot(a[0] - b[0], a[1] - b[1]) };
+  }
   function padPointer() {
     if (!pad.pointer) pad.pointer = g.cursor ? [g.cursor.x, g.cursor.y] : [g.width >> 1, g.height >> 1];
     return pad.pointer;
@@ -1083,6 +1115,10 @@
       }
       pad.fingers.set(e.pointerId, [e.clientX, e.clientY]);
       pad.maxFingers = Math.max(pad.maxFingers, pad.fingers.size);
+      // A second finger starts a gesture that becomes a scroll or a pinch once it moved.
+      pad.two = pad.fingers.size === 2
+        ? { ...twoFingers(), kind: null, scale: view.scale, x: view.x, y: view.y, wx: 0, wy: 0 }
+        : null;
       canvas.setPointerCapture(e.pointerId);
       return;
     }
@@ -1094,19 +1130,39 @@
     if (phase === TOUCH_MOVE) {
       pad.moved += Math.abs(dx) + Math.abs(dy);
       if (pad.fingers.size === 1 && pad.maxFingers === 1) {
+        // The pointer moves with the finger over the picture as shown (zoomed or not).
         const p = padPointer();
-        p[0] = Math.min(Math.max(p[0] + dx * scale, 0), g.width - 1);
-        p[1] = Math.min(Math.max(p[1] + dy * scale, 0), g.height - 1);
+        p[0] = Math.min(Math.max(p[0] + (dx * scale) / view.scale, 0), g.width - 1);
+        p[1] = Math.min(Math.max(p[1] + (dy * scale) / view.scale, 0), g.height - 1);
         sendInput(moveMsg(Math.round(p[0]), Math.round(p[1])));
-      } else if (pad.fingers.size === 2) {
-        // Two fingers: content follows them (natural scrolling), 1 CSS px of their mean
-        // movement = 1.2/120 notch (each finger's move counts half).
-        const w = (n) => Math.max(-32768, Math.min(32767, Math.round((-n / 2) * 1.2)));
-        if (w(dx) || w(dy)) sendInput(wheelMsg(w(dx), w(dy)));
+        followPointer(p);
+      } else if (pad.fingers.size === 2 && pad.two) {
+        const t = pad.two;
+        const now2 = twoFingers();
+        if (!t.kind && Math.abs(now2.d - t.d) >= PINCH_SLOP) t.kind = "pinch";
+        else if (!t.kind && Math.hypot(now2.mx - t.mx, now2.my - t.my) >= SCROLL_SLOP) t.kind = "scroll";
+        if (t.kind === "pinch") {
+          // Pinch: zoom the view; the picture point under the fingers' first midpoint
+          // follows their midpoint (zoom and pan in one).
+          const scale2 = Math.min(Math.max((t.scale * now2.d) / Math.max(t.d, 1), 1), MAX_ZOOM);
+          const cx = (t.mx - t.x) / t.scale;
+          const cy = (t.my - t.y) / t.scale;
+          setView(scale2, now2.mx - scale2 * cx, now2.my - scale2 * cy);
+        } else if (t.kind === "scroll") {
+          // Scroll: content follows the fingers (natural scrolling), 1 CSS px of their
+          // midpoint's movement since they came down = 1.2/120 notch.
+          const clamp = (n) => Math.max(-32768, Math.min(32767, n));
+          const wx = Math.round(-(now2.mx - t.mx) * 1.2);
+          const wy = Math.round(-(now2.my - t.my) * 1.2);
+          if (wx !== t.wx || wy !== t.wy) sendInput(wheelMsg(clamp(wx - t.wx), clamp(wy - t.wy)));
+          t.wx = wx;
+          t.wy = wy;
+        }
       }
       return;
     }
     pad.fingers.delete(e.pointerId);
+    pad.two = null;
     if (pad.fingers.size > 0) return;
     clearTimeout(pad.longPress);
     const tap = now - pad.start < TAP_MS && pad.moved < TAP_SLOP;
