@@ -85,7 +85,7 @@ fn boot(
         &cache,
         &InitramfsOptions {
             busybox: DEFAULT_BUSYBOX.into(),
-            agent: Some(static_agent()),
+            agent: Some(testkit::static_agent()),
         },
     )
     .expect("initramfs with the agent")
@@ -127,19 +127,6 @@ fn scratch(name: &str) -> PathBuf {
 
 fn wait_for(path: &Path) {
     testkit::wait_for_path(path, Duration::from_secs(20));
-}
-
-fn static_agent() -> PathBuf {
-    if let Some(path) = std::env::var_os("GENOS_AGENT_STATIC") {
-        return path.into();
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-agent");
-    let out = Command::new(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/build-agent");
-    assert!(out.status.success(), "scripts/build-agent failed");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 struct Client {

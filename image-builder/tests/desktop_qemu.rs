@@ -144,25 +144,12 @@ fn prerequisites() -> Option<(PathBuf, PathBuf)> {
     Some((kernel.into(), initramfs.into()))
 }
 
-fn static_agent() -> PathBuf {
-    if let Some(path) = std::env::var_os("GENOS_AGENT_STATIC") {
-        return path.into();
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-agent");
-    let out = Command::new(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/build-agent");
-    assert!(out.status.success(), "scripts/build-agent failed");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
 /// Builds (or finds in the machine's cache) `spec`'s image with the static agent.
 fn image(spec: &Spec) -> PathBuf {
     let started = Instant::now();
     let cache = Cache::open(None).unwrap();
     let options = RootfsOptions {
-        agent: Some(static_agent()),
+        agent: Some(testkit::static_agent()),
         ..RootfsOptions::default()
     };
     let artifact = rootfs::build(&cache, spec, &options).expect("genos-image builds the rootfs");

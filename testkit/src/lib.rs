@@ -158,6 +158,21 @@ pub fn kvm_available(test: &str) -> bool {
     }
 }
 
+/// The static genos-agent for guests: `GENOS_AGENT_STATIC` when set, otherwise what
+/// `scripts/build-agent` builds (or finds built) and prints.
+pub fn static_agent() -> PathBuf {
+    if let Some(path) = std::env::var_os("GENOS_AGENT_STATIC") {
+        return path.into();
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-agent");
+    let out = std::process::Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run scripts/build-agent");
+    assert!(out.status.success(), "scripts/build-agent failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
 /// `dir`, emptied (whatever an earlier run left there is removed) and created.
 pub fn fresh_dir(dir: PathBuf) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
