@@ -429,7 +429,8 @@ pub fn check_stream(s: &StreamFacts) -> Finding {
                 "no public host name configured: viewers get URLs naming the listen address {}",
                 s.listen
             ),
-            "pass `genos doctor --public-host NAME` to check the name viewers use",
+            "set `[stream] public_host` in hostd.toml to the name viewers use (links name it), \
+             or pass `genos doctor --public-host NAME` to check a name",
         );
     };
     if s.listen.ip().is_loopback() {
@@ -847,9 +848,15 @@ pub fn gather(i: &DoctorInputs<'_>) -> HostFacts {
         stream: read_stream(
             i.config.stream.enabled,
             i.config.stream.listen,
-            i.public_host,
+            public_host(i),
         ),
     }
+}
+
+/// The host name viewers use: `--public-host` when given, else the configuration's
+/// `[stream] public_host` (what hostd puts in links).
+pub fn public_host<'a>(i: &DoctorInputs<'a>) -> Option<&'a str> {
+    i.public_host.or(i.config.stream.public_host.as_deref())
 }
 
 /// The findings as `genos doctor` prints them: one line each, the fix indented below.
@@ -1070,6 +1077,26 @@ mod tests {
         assert_eq!(off.verdict, Verdict::Warn);
         assert!(off.found.contains("NTP off") && off.fix.contains("set-ntp"));
         assert_eq!(check_time(&t(None, Some(false))).verdict, Verdict::Warn);
+    }
+
+    #[test]
+    fn the_public_host_is_the_flag_else_the_configured_one() {
+        let unset = Config::embedded();
+        let mut set = Config::embedded();
+        set.stream.public_host = Some("genos.example".into());
+        let inputs = |config, flag| DoctorInputs {
+            config,
+            state_dir: Path::new("/s"),
+            cache_dir: Path::new("/c"),
+            public_host: flag,
+        };
+
+        assert_eq!(public_host(&inputs(&unset, None)), None);
+        assert_eq!(public_host(&inputs(&set, None)), Some("genos.example"));
+        assert_eq!(
+            public_host(&inputs(&set, Some("other.example"))),
+            Some("other.example")
+        );
     }
 
     #[test]

@@ -147,7 +147,8 @@ enum Cmd {
         /// present, else ~/.cache/genos/images).
         #[arg(long)]
         image_cache: Option<PathBuf>,
-        /// The host name viewers connect to, to check the stream port against.
+        /// The host name viewers connect to, to check the stream port against (default: the
+        /// config's `[stream] public_host`).
         #[arg(long)]
         public_host: Option<String>,
     },
