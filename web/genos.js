@@ -66,6 +66,7 @@
 
   function showError(title, text, detail) {
     g.state = "error";
+    document.getElementById("overlay").hidden = true;
     document.getElementById("error-title").textContent = title;
     document.getElementById("error-text").textContent = text;
     document.getElementById("error-detail").textContent = detail || "";
@@ -92,9 +93,29 @@
     return;
   }
   if (typeof VideoDecoder === "undefined") {
+    g.error = { code: 0, name: "NoWebCodecs", message: "window.VideoDecoder is missing" };
     showError("This browser cannot decode video",
-      "It has no WebCodecs VideoDecoder. Use a current Chrome, Edge, Safari (16.4+) or Firefox (130+).");
+      "It has no WebCodecs VideoDecoder. Use a current Chrome, Edge, Safari (16.4+) or Firefox (130+).",
+      "NoWebCodecs: window.VideoDecoder is missing");
     return;
+  }
+
+  // --- reload: the session survives it -------------------------------------------------------
+  // The link (its fragment) survives a reload; so does this tab's sessionStorage, where the
+  // session's id (for this link: the token's last characters) and the keys held when the page
+  // went away are kept. The reloaded page resumes the session and releases those keys.
+  const SESSION_KEY = `genos-session:${envId}`;
+  const tokenTag = token.slice(-16);
+  let stored = null;
+  try {
+    stored = JSON.parse(sessionStorage.getItem(SESSION_KEY) || "null");
+  } catch (_) { /* no storage (private mode): a reload starts a new session */ }
+  if (!stored || stored.tag !== tokenTag || !/^[0-9a-f]{32}$/.test(stored.id || "")) stored = null;
+  function storeSession(held) {
+    try {
+      if (!g.sessionId) sessionStorage.removeItem(SESSION_KEY);
+      else sessionStorage.setItem(SESSION_KEY, JSON.stringify({ tag: tokenTag, id: g.sessionId, held: [...held] }));
+    } catch (_) { /* as above */ }
   }
 
   // --- encoding ------------------------------------------------------------------------------
@@ -112,7 +133,9 @@
   // WebSocket; `#...&transport=websocket|webtransport` forces one.
   let ws = null;
   let wtWriter = null;
-  let sessionId = null; // from Welcome: what a reconnect resumes
+  // From Welcome: what a reconnect resumes (or, before the first, what the page had before
+  // a reload).
+  let sessionId = stored && new Uint8Array(stored.id.match(/../g).map((h) => parseInt(h, 16)));
   let resumeGraceMs = 0;
   function send(buf) {
     if (wtWriter) wtWriter.write(new Uint8Array(buf)).catch(() => {});
@@ -344,9 +367,13 @@
         readHostClipboard();
         send(pingMsg()); // the clock offset for latency, at once
         holdWakeLock();
-        // Keys let go while the connection was down are released now.
+        // Keys let go while the connection was down (or held when the page was reloaded)
+        // are released now.
+        if (stored && g.resumed) for (const code of (stored.held || []).filter(Number.isInteger)) releaseOnReconnect.add(code);
+        stored = null;
         if (g.resumed) for (const code of releaseOnReconnect) sendInput(keyMsg(code, false));
         releaseOnReconnect.clear();
+        storeSession([]);
         break;
       }
       case 0x82: // Config: a new size comes with the next keyframe
@@ -451,8 +478,10 @@
   function connectWebSocket() {
     g.transport = "websocket";
     const me = (ws = new WebSocket(`wss://${location.host}/ws`));
+    let opened = false;
     ws.binaryType = "arraybuffer";
     ws.onopen = () => {
+      opened = true;
       send(hello(Math.min(canvas.width, 65535), Math.min(canvas.height, 65535)));
     };
     ws.onmessage = (ev) => {
@@ -465,6 +494,7 @@
     };
     ws.onclose = (ev) => {
       if (ws !== me) return;
+      if (!opened && g.state === "connecting") return cannotConnect(`WebSocket closed (${ev.code}) before it opened`);
       const code = ev.code >= CLOSE_CODE_BASE && ev.code < CLOSE_CODE_BASE + 1000 ? ev.code - CLOSE_CODE_BASE : 0;
       onClosed(code, ev.reason, `WebSocket (${ev.code})`);
     };
@@ -534,8 +564,13 @@
     }));
     await Promise.race([
       wt.ready,
-      new Promise((_, reject) => setTimeout(() => reject(new Error("WebTransport timed out")), 5000)),
-    ]);
+      new Promise((_, reject) => setTimeout(
+        () => reject(Object.assign(new Error("WebTransport timed out"), { genosKind: "timeout" })), 5000)),
+    ]).catch((e) => {
+      // The handshake itself failed (the browser refused the host, or nobody answered).
+      if (!e.genosKind && e.name === "WebTransportError") e.genosKind = "handshake";
+      throw e;
+    });
     const control = await wt.createBidirectionalStream();
     wtWriter = control.writable.getWriter();
     g.transport = "webtransport";
@@ -598,6 +633,30 @@
     if (wt) wt.close();
   };
 
+  // The first connection failed on every transport tried. A WebTransport handshake the browser
+  // refused (as it refuses a certificate whose hash is not the one the host announced), with no
+  // WebSocket to fall back on, is a certificate page; anything else, a host that cannot be
+  // reached. (Browsers do not say why a handshake failed: a certificate is the likely cause
+  // when the host answered HTTPS a moment ago.)
+  let wtFailure = null; // {kind: "handshake" | "timeout" | "unavailable", message}
+  function cannotConnect(why) {
+    if (g.state !== "connecting") return;
+    const wtWhy = wtFailure ? `WebTransport: ${wtFailure.message}; ` : "";
+    if (wtFailure && wtFailure.kind === "handshake") {
+      g.error = { code: 0, name: "CertificateMismatch", message: `${wtWhy}${why}` };
+      return showError("The host's certificate did not match",
+        "The browser refused the certificate the host presented for WebTransport: it is not the one the host " +
+        "announced for this page. Something between you and the host may be intercepting the connection, or the " +
+        "host's certificate changed just now. Reload the page; if this persists, tell the host's operator.",
+        `CertificateMismatch: ${wtWhy}${why}`);
+    }
+    g.error = { code: 0, name: "Unreachable", message: `${wtWhy}${why}` };
+    showError("The host cannot be reached",
+      "The page loaded, but the browser could not open a connection to the host's stream. " +
+      "Check the network (UDP and WebSocket traffic to this port) and reload the page.",
+      `Unreachable: ${wtWhy}${why}`);
+  }
+
   function connect(again) {
     fitCanvas();
     newDecoder();
@@ -609,9 +668,9 @@
       g.notices.push(`WebTransport: ${e.message}`);
       if (g.state === "reconnecting") return onClosed(0, e.message, "WebTransport"); // again
       if (g.state !== "connecting") return;
-      if (want === "webtransport") {
-        return showError("WebTransport failed", "The browser could not reach the host over WebTransport.", e.message);
-      }
+      const kind = e.genosKind || "unavailable";
+      wtFailure = { kind, message: e.message };
+      if (want === "webtransport") return cannotConnect("the link asks for WebTransport only");
       if (wt) try { wt.close(); } catch (_) { /* already closed */ }
       wt = null;
       wtWriter = null;
@@ -825,6 +884,8 @@
         break;
       case "disconnect":
         releaseAll();
+        g.sessionId = null;
+        storeSession([]); // left on purpose: a reload starts afresh
         showError("Disconnected", "You left the session. Reload the page to connect again.");
         if (ws) ws.close();
         if (wt) wt.close();
@@ -1021,6 +1082,8 @@
   window.addEventListener("keydown", (e) => onKey(e, true));
   window.addEventListener("keyup", (e) => onKey(e, false));
   window.addEventListener("blur", releaseAll);
+  // Going away (a reload, a closed tab): what the session holds is kept for the reload.
+  window.addEventListener("pagehide", () => { if (g.state === "open") storeSession(held); });
 
   // Stream pixel <-> page (CSS pixels), through the letterbox and the view's zoom (the
   // canvas's transform: its bounding box is where it is drawn).

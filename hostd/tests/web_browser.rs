@@ -2042,3 +2042,202 @@ async fn after_a_trackpad_pinch_a_tap_reaches_the_guest_pixel_under_the_finger()
     })
     .await;
 }
+
+impl Browser {
+    /// Opens `url` in a new page (these metrics, touch if `touch`) that runs `script` before
+    /// any of its own.
+    async fn open_patched(&self, url: &str, metrics: Value, touch: bool, script: &str) -> Page<'_> {
+        let page = self.open_with("about:blank", metrics, touch).await;
+        page.call("Page.enable", json!({})).await;
+        page.call(
+            "Page.addScriptToEvaluateOnNewDocument",
+            json!({ "source": script }),
+        )
+        .await;
+        page.call("Page.navigate", json!({ "url": url })).await;
+        page
+    }
+}
+
+fn small() -> Value {
+    json!({"width": 320, "height": 240, "deviceScaleFactor": 1, "mobile": false})
+}
+
+/// The page is told a WebTransport certificate hash that is not the host's (the browser then
+/// refuses the host's real certificate in the handshake).
+const WRONG_HASH: &str = r#"
+const realFetch = window.fetch.bind(window);
+window.fetch = (url, opts) => String(url).endsWith("/webtransport")
+  ? realFetch(url, opts).then((r) => r.json()).then((j) => new Response(JSON.stringify({ ...j, sha256: "ab".repeat(32) })))
+  : realFetch(url, opts);
+"#;
+
+/// The page's WebSocket asks for a path the host refuses (404), so it never opens.
+const NO_WEBSOCKET: &str = r#"
+const RealWebSocket = window.WebSocket;
+window.WebSocket = class extends RealWebSocket { constructor(url) { super(url + "-refused"); } };
+"#;
+
+/// The error page's title and the page's error name, once it shows.
+async fn shown_error(page: &Page<'_>) -> (String, String) {
+    let err = page
+        .wait_for(
+            "window.genos && window.genos.error",
+            30,
+            "error page",
+            |v| v.is_object(),
+        )
+        .await;
+    let title = page
+        .eval("document.getElementById('error').hidden ? '' : document.getElementById('error-title').textContent")
+        .await;
+    (
+        title.as_str().unwrap_or_default().to_owned(),
+        err["name"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_webtransport_certificate_without_a_websocket_shows_the_certificate_page() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let link = hx.link(&hx.token(Rights::VIEW));
+
+        // Act: a wrong hash and a WebSocket that cannot open; a wrong hash with WebTransport
+        // forced; a wrong hash alone.
+        let both = format!("{WRONG_HASH}{NO_WEBSOCKET}");
+        let no_fallback = browser.open_patched(&link, small(), false, &both).await;
+        let refused = shown_error(&no_fallback).await;
+        let forced_link = format!("{link}&transport=webtransport");
+        let forced = browser
+            .open_patched(&forced_link, small(), false, WRONG_HASH)
+            .await;
+        let refused_forced = shown_error(&forced).await;
+        let fallback = browser
+            .open_patched(&link, small(), false, WRONG_HASH)
+            .await;
+        fallback
+            .wait_for(
+                "window.genos && window.genos.framesDecoded",
+                30,
+                "frames",
+                |v| v.as_u64().unwrap_or(0) >= 1,
+            )
+            .await;
+
+        // Assert: the certificate page where nothing else connects; the WebSocket where it
+        // can.
+        let page = (
+            "The host's certificate did not match".to_owned(),
+            "CertificateMismatch".to_owned(),
+        );
+        assert_eq!(refused, page);
+        assert_eq!(refused_forced, page);
+        let detail = no_fallback
+            .eval("document.getElementById('error-detail').textContent")
+            .await;
+        assert!(
+            detail.as_str().unwrap().contains("WebSocket closed"),
+            "{detail}"
+        );
+        eprintln!("certificate page: {detail}");
+        assert_eq!(
+            fallback.eval("window.genos.transport").await,
+            json!("websocket")
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_without_webcodecs_shows_its_page_and_does_not_connect() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let link = hx.link(&hx.token(Rights::VIEW));
+
+        // Act: a browser that has no VideoDecoder opens the link.
+        let page = browser
+            .open_patched(&link, small(), false, "delete window.VideoDecoder;")
+            .await;
+        let shown = shown_error(&page).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // Assert.
+        assert_eq!(
+            shown,
+            (
+                "This browser cannot decode video".to_owned(),
+                "NoWebCodecs".to_owned()
+            )
+        );
+        assert_eq!(page.eval("typeof VideoDecoder").await, json!("undefined"));
+        assert_eq!(page.eval("window.genos.transport").await, Value::Null);
+        assert_eq!(page.eval("window.genos.state").await, json!("error"));
+    })
+    .await;
+}
+
+async fn a_reload_resumes_the_session(transport: &str) {
+    within(120, async {
+        let hx = host(Scene::Windows, 320, 240, 30.0).await;
+        let browser = Browser::start(&hx.spki).await;
+        let link = format!(
+            "{}&transport={transport}",
+            hx.link(&hx.token(Rights::VIEW | Rights::INPUT))
+        );
+        let page = browser.open(&link, 320, 240).await;
+        page.wait_for("window.genos && window.genos.framesDecoded", 30, "first frames", |v| {
+            v.as_u64().unwrap_or(0) >= 5
+        })
+        .await;
+        let first = page.eval("window.genos.sessionId").await;
+        let shift = json!({"type": "rawKeyDown", "code": "ShiftLeft", "key": "Shift"});
+        page.call("Input.dispatchKeyEvent", shift).await;
+        input_until(&hx.input, |e| !e.is_empty()).await;
+
+        // Act: reload the page.
+        page.call("Page.reload", json!({})).await;
+        let resumed = page
+            .wait_for(
+                "window.genos && window.genos.state === 'open' && window.genos.framesDecoded >= 10 && window.genos.resumed",
+                30,
+                "frames after the reload",
+                |v| v == &json!(true),
+            )
+            .await;
+        let events = input_until(&hx.input, |e| e.len() >= 2).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // Assert: the same session, over the same transport, frames decoded again; Shift,
+        // held when the page went away, released once by the reloaded page.
+        assert_eq!(resumed, json!(true));
+        assert_eq!(page.eval("window.genos.sessionId").await, first);
+        assert_eq!(page.eval("window.genos.transport").await, json!(transport));
+        assert_eq!(page.eval("location.hash.includes('token=')").await, json!(true));
+        assert_eq!(events, vec![key(42, true), key(42, false)]);
+        assert_eq!(hx.input.events(), events);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_resumes_the_session_over_webtransport() {
+    if browser_available() {
+        a_reload_resumes_the_session("webtransport").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_resumes_the_session_over_the_websocket() {
+    if browser_available() {
+        a_reload_resumes_the_session("websocket").await;
+    }
+}
