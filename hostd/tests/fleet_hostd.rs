@@ -149,6 +149,26 @@ fn wait_nodes(h: &Hostd, what: &str, limit: Duration, pred: impl Fn(&[Value]) ->
     }
 }
 
+/// Polls `h`'s audit log until an entry satisfies `pred` (entries written after the
+/// effect a test saw, e.g. the etcd delete of a release, may lag it by a moment).
+fn wait_audit(h: &Hostd, what: &str, pred: impl Fn(&Value) -> bool) {
+    let started = Instant::now();
+    loop {
+        let audit = json(&h.genos(&["--json", "audit", "list"]));
+        if audit["entries"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(&pred))
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no audit entry {what} within 5 s: {audit}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn two_hostds_share_a_fleet_cordon_lose_a_node_and_survive_an_etcd_outage() {
     let Some(binary) = find_etcd() else {
@@ -258,20 +278,12 @@ fn two_hostds_share_a_fleet_cordon_lose_a_node_and_survive_an_etcd_outage() {
         stderr(&o)
     );
     // The audit log of the node that was asked carries the node acted on.
-    let audit = json(&a.genos(&["--json", "audit", "list"]));
-    let entries = audit["entries"].as_array().unwrap();
-    assert!(
-        entries
-            .iter()
-            .any(|e| e["action"] == "fleet-cordon" && e["target"] == "b"),
-        "{audit}"
-    );
-    assert!(
-        entries
-            .iter()
-            .any(|e| e["action"] == "fleet-join" && e["target"] == "a"),
-        "{audit}"
-    );
+    wait_audit(&a, "fleet-cordon of b", |e| {
+        e["action"] == "fleet-cordon" && e["target"] == "b"
+    });
+    wait_audit(&a, "fleet-join of a", |e| {
+        e["action"] == "fleet-join" && e["target"] == "a"
+    });
 
     // Placements claimed on a count in every node's listing; destroying the environment on
     // a releases its placement, while a claim on a for an environment a never had stays.
@@ -315,15 +327,9 @@ fn two_hostds_share_a_fleet_cordon_lose_a_node_and_survive_an_etcd_outage() {
         etcd_has("/genos/fleet/placements/pending"),
         "an uncreated claim was released"
     );
-    let audit = json(&a.genos(&["--json", "audit", "list"]));
-    assert!(
-        audit["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["action"] == "fleet-release" && e["target"] == env.as_str()),
-        "{audit}"
-    );
+    wait_audit(&a, "fleet-release", |e| {
+        e["action"] == "fleet-release" && e["target"] == env.as_str()
+    });
 
     // Act: b's hostd dies without leaving. Assert: a sees it lost once its lease lapses.
     let killed = Instant::now();
@@ -404,16 +410,30 @@ fn two_hostds_share_a_fleet_cordon_lose_a_node_and_survive_an_etcd_outage() {
     wait_nodes(&a, "a's core live again", Duration::from_secs(10), |n| {
         node(n, "a").is_some_and(|v| v["state"] == "ready" && v["placeable"] == true)
     });
-    let audit = json(&a.genos(&["--json", "audit", "list"]));
-    assert!(
-        audit["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["action"] == "fleet-join"
-                && e["detail"].as_str().unwrap_or("").contains("re-joined")),
-        "{audit}"
-    );
+    wait_audit(&a, "re-joined", |e| {
+        e["action"] == "fleet-join" && e["detail"].as_str().unwrap_or("").contains("re-joined")
+    });
+
+    // Act: a's record is deleted by hand (its lease lives on). Assert: a puts it back under
+    // a new lease.
+    let before = lease_of_a().expect("a's record is back");
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([&url], None).await.unwrap();
+        c.delete("/genos/fleet/nodes/a", None).await.unwrap();
+    });
+    let deleted = Instant::now();
+    loop {
+        match lease_of_a() {
+            Some(l) if l != before => break,
+            _ => {}
+        }
+        assert!(
+            deleted.elapsed() < Duration::from_secs(10),
+            "a did not publish its record again after it was deleted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("a's deleted record back: {:?}", deleted.elapsed());
 
     // Act: a is told to stop. Assert: it left (revoked its lease) before it exited, sooner
     // than the lease could have lapsed (at least 2 of its 3 s after the last keep-alive).

@@ -16,7 +16,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::placement::{Decision, Fleet, LossPolicy, Needs, NodeRecord, PlaceError, Schedule};
+use super::placement::{
+    Decision, Fleet, LossPolicy, Needs, NodeRecord, NodeState, PlaceError, Schedule,
+};
 use crate::config::FleetConfig;
 
 /// Why joining or talking to the fleet failed.
@@ -275,11 +277,24 @@ impl Member {
     }
 
     /// Why this membership no longer holds, if it does not: its lease expired (this node
-    /// was cut off from etcd for longer than its TTL, and the fleet saw it go) or its watch
-    /// ended (its view of the fleet is frozen). Either way the node must join again.
+    /// was cut off from etcd for longer than its TTL, and the fleet saw it go), its own
+    /// record was deleted, or its watch ended (its view of the fleet is frozen). Either way
+    /// the node must join again.
     pub fn broken(&self) -> Option<&'static str> {
+        let gone = matches!(
+            self.fleet
+                .lock()
+                .expect("fleet lock")
+                .nodes()
+                .get(&self.name)
+                .map(|n| n.state),
+            Some(NodeState::Gone { .. })
+        );
         if self.expired.load(Ordering::SeqCst) {
             Some("this node's fleet lease expired")
+        } else if gone {
+            // Its lease was revoked, or the key deleted by hand (the lease may live on).
+            Some("this node's record vanished from etcd")
         } else if self.watcher.is_finished() {
             Some("the watch of the fleet in etcd ended")
         } else {
