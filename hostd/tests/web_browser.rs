@@ -1235,9 +1235,6 @@ async fn on_a_phone_the_overlay_shows_and_its_ctrl_and_keyboard_reach_the_guest(
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let shot = page
-            .call("Page.captureScreenshot", json!({"format": "png"}))
-            .await;
 
         // Assert.
         assert_eq!(shown, json!(true), "the overlay shows on a touch device");
@@ -1264,17 +1261,6 @@ async fn on_a_phone_the_overlay_shows_and_its_ctrl_and_keyboard_reach_the_guest(
             ],
             "Ctrl+C from the overlay, then H (shifted) and i from the on-screen keyboard"
         );
-        // The phone-sized page with its overlay, kept for docs/web-client.md.
-        let png = {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD
-                .decode(shot["data"].as_str().unwrap())
-                .unwrap()
-        };
-        let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-client-phone.png");
-        std::fs::write(&path, &png).unwrap();
-        assert!(png.starts_with(b"\x89PNG"), "a PNG");
-        eprintln!("phone screenshot: {}", path.display());
     })
     .await;
 }
@@ -1630,9 +1616,9 @@ async fn the_overlay_moves_to_the_other_edge_when_the_guest_pointer_is_under_it(
         assert!(f(&top_bar, 0) < 1.0 && f(&top_bar, 1) < 795.0, "{top_bar}");
         assert_eq!(back_bar, bottom_bar);
 
-        // Act: a viewport so low that the bar covers its middle at either edge, the pointer
+        // Act: a viewport so low (160 CSS px) that the bar covers its middle at either edge, the pointer
         // there; then the handle tapped.
-        let landscape = json!({"width": 390, "height": 180, "deviceScaleFactor": 3, "mobile": true});
+        let landscape = json!({"width": 390, "height": 160, "deviceScaleFactor": 3, "mobile": true});
         page.call("Emulation.setDeviceMetricsOverride", landscape).await;
         *at.lock().unwrap() = (120, 240);
         let middle = page
@@ -2240,4 +2226,66 @@ async fn a_reload_resumes_the_session_over_the_websocket() {
     if browser_available() {
         a_reload_resumes_the_session("websocket").await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_sized_page_with_the_overlay_open_is_saved_as_a_screenshot() {
+    if !browser_available() {
+        return;
+    }
+    within(120, async {
+        // A phone-shaped environment (the still desktop) on a 390 x 844 touch screen.
+        let hx = host(Scene::Still, 320, 240, 10.0).await;
+        let env = EnvRef::new("phone", 11);
+        let (src, _input) = source::synthetic(Scene::Still, 390, 600, 10.0);
+        hx.server.add_environment(&env, src, 10.0).unwrap();
+        let token = hx
+            .tokens
+            .issue(&env, Rights::VIEW | Rights::INPUT | Rights::CLIPBOARD, HOUR)
+            .unwrap();
+        let addr = hx.web.local_addr();
+        let link = web::web_url(&addr.ip().to_string(), addr.port(), &env.name, &token);
+        let browser = Browser::start(&hx.spki).await;
+        let metrics = json!({"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": true});
+        let page = browser.open_with(&link, metrics, true).await;
+        page.wait_for("window.genos && window.genos.framesDecoded", 30, "a frame", |v| {
+            v.as_u64().unwrap_or(0) >= 1
+        })
+        .await;
+
+        // Act: open the F-key row, latch Ctrl, and take the screenshot.
+        tap(&page, "[data-action=fkeys]").await;
+        tap(&page, "[data-mod=ControlLeft]").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let open = page
+            .eval("!document.getElementById('overlay').hidden && !document.getElementById('fkeys').hidden && window.genos.overlayEdge")
+            .await;
+        let shot = page
+            .call("Page.captureScreenshot", json!({"format": "png"}))
+            .await;
+        let png = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(shot["data"].as_str().unwrap())
+                .unwrap()
+        };
+        let artifact =
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-client-phone.png");
+        std::fs::write(&artifact, &png).unwrap();
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../docs/images/web-client-phone.png");
+        if std::env::var_os("GENOS_WRITE_DOCS_IMAGES").is_some_and(|v| v == "1") {
+            std::fs::create_dir_all(docs.parent().unwrap()).unwrap();
+            std::fs::write(&docs, &png).unwrap();
+            eprintln!("phone screenshot: {}", docs.display());
+        }
+        eprintln!("phone screenshot: {}", artifact.display());
+
+        // Assert: a 390 x 844 PNG of the page with its overlay and F-key row open.
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG");
+        let be32 = |b: &[u8]| u32::from_be_bytes(b.try_into().unwrap());
+        assert_eq!((be32(&png[16..20]), be32(&png[20..24])), (390, 844), "IHDR size");
+        assert_eq!(open, json!("bottom"), "the overlay shows at the bottom");
+    })
+    .await;
 }
