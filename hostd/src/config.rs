@@ -80,9 +80,11 @@ pub struct Config {
 pub struct FleetConfig {
     /// etcd client endpoints, e.g. `["http://10.0.0.1:2379"]`; empty: no fleet.
     pub etcd: Vec<String>,
-    /// This node's name in the fleet (unique); empty: the host name.
+    /// This node's name in the fleet (unique; letters, digits, `.`, `_`, `-`, at most 63);
+    /// empty: the host name.
     pub node: String,
-    /// Where viewers reach this node's stream server (`host:port`).
+    /// Where viewers reach this node's stream server (`host:port`); empty:
+    /// `<node>:<stream port>`.
     pub public_address: String,
     /// Seconds this node's lease lives without a keep-alive: how long until the fleet
     /// considers a silent node gone.

@@ -87,3 +87,27 @@ async fn joining_an_etcd_that_is_not_there_fails_within_the_timeout_naming_it() 
     );
     eprintln!("{msg} (after {:?})", started.elapsed());
 }
+
+#[test]
+fn the_node_name_is_the_configured_one_else_the_host_name_and_must_fit_a_key() {
+    use hostd::fleet::service::node_name;
+    let named = FleetConfig {
+        node: "rack1-03".into(),
+        ..FleetConfig::default()
+    };
+    assert_eq!(node_name(&named).unwrap(), "rack1-03");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    match node_name(&FleetConfig::default()) {
+        Ok(name) => assert_eq!(name, host.trim()),
+        // A host name that cannot be a key (or none) must be replaced by `node`.
+        Err(e) => assert!(e.to_string().contains("is not a node name"), "{e}"),
+    }
+    for bad in ["a/b", "a b", &"x".repeat(64)] {
+        let cfg = FleetConfig {
+            node: bad.to_string(),
+            ..FleetConfig::default()
+        };
+        let err = node_name(&cfg).unwrap_err().to_string();
+        assert!(err.contains("is not a node name"), "{bad}: {err}");
+    }
+}
