@@ -522,6 +522,7 @@ fn spawn_decoder(
             let mut next: Option<u64> = None;
             let mut gap_since: Option<Instant> = None;
             let mut last_key_request = Instant::now() - GAP_WAIT;
+            let mut window = crate::stats::ReportWindow::new(Instant::now());
             loop {
                 match rx.recv_timeout(Duration::from_millis(50)) {
                     Ok(r) => {
@@ -560,7 +561,17 @@ fn spawn_decoder(
                     let Some(r) = pending.remove(&n) else { break };
                     next = Some(n + 1);
                     gap_since = None;
-                    if !decode_one(&mut dec, decode, r, &events, &counters) {
+                    if !decode_one(&mut dec, decode, r, &events, &counters, &mut window) {
+                        return;
+                    }
+                }
+                let report = window.take_due(
+                    Instant::now(),
+                    counters.frames_decoded.load(Ordering::Relaxed),
+                    counters.frames_dropped.load(Ordering::Relaxed),
+                );
+                if let Some(report) = report {
+                    if ctl.send(ClientMessage::Stats(report)).is_err() {
                         return;
                     }
                 }
@@ -582,13 +593,15 @@ fn spawn_decoder(
     Ok(tx)
 }
 
-/// Decodes and delivers one frame; false when the session's consumer is gone.
+/// Decodes and delivers one frame (its timings go into `window`); false when the session's
+/// consumer is gone.
 fn decode_one(
     dec: &mut encoder::Decoder,
     decode: bool,
     r: Received,
     events: &mpsc::Sender<Event>,
     counters: &Counters,
+    window: &mut crate::stats::ReportWindow,
 ) -> bool {
     let started = Instant::now();
     let (width, height, bgrx) = if decode {
@@ -613,6 +626,7 @@ fn decode_one(
     let now_server = unix_now_us() as i64 + offset;
     let latency_us = (now_server - r.header.capture_time_us as i64).max(0) as u64;
     counters.frames_decoded.fetch_add(1, Ordering::Relaxed);
+    window.push(decode_time, Duration::from_micros(latency_us));
     let frame = Frame {
         sequence: r.header.sequence,
         keyframe: r.header.keyframe,

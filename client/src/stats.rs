@@ -1,4 +1,5 @@
-//! Per-session statistics as `genos-view --headless --json` prints them.
+//! Per-session statistics as `genos-view --headless --json` prints them, and the window the
+//! session reports to the server now and then (`ClientMessage::Stats`).
 
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,55 @@ pub fn percentile(v: &[u64], q: f64) -> u64 {
     s.sort_unstable();
     let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
     s[rank - 1]
+}
+
+/// How often a session tells the server what it decoded and how late.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The decode times and latencies since the last report to the server.
+#[derive(Debug)]
+pub struct ReportWindow {
+    since: Instant,
+    decode_us: Vec<u64>,
+    latency_us: Vec<u64>,
+}
+
+impl ReportWindow {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            since: now,
+            decode_us: Vec::new(),
+            latency_us: Vec::new(),
+        }
+    }
+
+    /// One decoded frame's decode time and capture-to-decoded latency.
+    pub fn push(&mut self, decode: Duration, latency: Duration) {
+        self.decode_us.push(decode.as_micros() as u64);
+        self.latency_us.push(latency.as_micros() as u64);
+    }
+
+    /// The report due at `now` ([`REPORT_INTERVAL`] after the last, with frames decoded
+    /// since), with the session's running totals; the window starts again.
+    pub fn take_due(
+        &mut self,
+        now: Instant,
+        frames_decoded: u64,
+        frames_dropped: u64,
+    ) -> Option<proto::stream::ClientStats> {
+        if now.duration_since(self.since) < REPORT_INTERVAL || self.decode_us.is_empty() {
+            return None;
+        }
+        let median = |v: &[u64]| u32::try_from(percentile(v, 0.5)).unwrap_or(u32::MAX);
+        let report = proto::stream::ClientStats {
+            frames_decoded,
+            frames_dropped,
+            decode_us_p50: median(&self.decode_us),
+            latency_us_p50: median(&self.latency_us),
+        };
+        *self = Self::new(now);
+        Some(report)
+    }
 }
 
 impl StatsCollector {
@@ -124,6 +174,35 @@ mod tests {
         assert_eq!(percentile(&v, 1.0), 100);
         assert_eq!(percentile(&[], 0.5), 0);
         assert_eq!(percentile(&[7], 0.99), 7);
+    }
+
+    #[test]
+    fn the_server_report_comes_every_interval_with_the_windows_medians() {
+        let t0 = Instant::now();
+        let mut w = ReportWindow::new(t0);
+        let ms = Duration::from_millis;
+        for (decode, latency) in [(3, 10), (5, 14), (4, 30)] {
+            w.push(ms(decode), ms(latency));
+        }
+
+        let early = w.take_due(t0 + ms(1_000), 3, 0);
+        let due = w.take_due(t0 + REPORT_INTERVAL, 3, 1);
+        let empty_window = w.take_due(t0 + 2 * REPORT_INTERVAL, 3, 1);
+
+        assert_eq!(early, None);
+        assert_eq!(
+            due,
+            Some(proto::stream::ClientStats {
+                frames_decoded: 3,
+                frames_dropped: 1,
+                decode_us_p50: 4_000,
+                latency_us_p50: 14_000,
+            })
+        );
+        assert_eq!(
+            empty_window, None,
+            "nothing decoded since: nothing to report"
+        );
     }
 
     #[test]

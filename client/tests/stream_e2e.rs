@@ -393,3 +393,38 @@ async fn viewer_joining_a_still_screen_gets_a_keyframe() {
     first.close().await;
     second.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewers_counters_and_its_reported_latency_are_kept_until_it_leaves() {
+    let hx = start(ServerConfig::default(), Scene::Windows, 320, 240, 30.0);
+    let mut s = Session::connect(&hx.url(&env(), Rights::VIEW), ConnectOptions::default())
+        .await
+        .unwrap();
+
+    // The first report is due 2 s after the session started decoding.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let viewer = loop {
+        next_frame(&mut s).await;
+        let viewers = hx.server.viewer_stats(ENV);
+        if let [v] = viewers.as_slice() {
+            if v.client.is_some() {
+                break *v;
+            }
+        }
+        assert!(Instant::now() < deadline, "no report: {viewers:?}");
+    };
+    drop(s);
+    let left = Instant::now() + Duration::from_secs(10);
+    while !hx.server.viewer_stats(ENV).is_empty() {
+        assert!(Instant::now() < left, "the viewer's series outlived it");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let client = viewer.client.unwrap();
+    assert_eq!(viewer.transport, "quic");
+    assert!(viewer.frames_sent >= client.frames_decoded, "{viewer:?}");
+    assert!(client.frames_decoded > 0, "{client:?}");
+    assert!(client.latency_us_p50 > 0, "{client:?}");
+    assert!(viewer.bitrate_target_bps > 0, "{viewer:?}");
+    assert!(!viewer.rtt.is_zero(), "{viewer:?}");
+}

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{OrchError, Orchestrator};
 use crate::store::{EnvRecord, EnvState};
-use crate::stream::server::EnvStats;
+use crate::stream::server::{EnvStats, ViewerStats};
 
 /// What the orchestrator did since it started, for [`Orchestrator::metrics_text`].
 #[derive(Default)]
@@ -119,6 +119,9 @@ impl Orchestrator {
         out.push_str(&env_series(&current, |name| {
             server.and_then(|s| s.env_stats(name))
         }));
+        out.push_str(&viewer_series(&current, |name| {
+            server.map_or_else(Vec::new, |s| s.viewer_stats(name))
+        }));
         Ok(out)
     }
 }
@@ -220,6 +223,101 @@ pub(crate) fn env_series(envs: &[EnvRecord], stats: impl Fn(&str) -> Option<EnvS
             help,
             streamed.iter().map(|(n, s)| (env(n), get(s))).collect(),
         );
+    }
+    out
+}
+
+/// A per-viewer family: name, type, help, and its value for a viewer (`None`: no sample,
+/// as for a viewer that has not reported its side yet).
+type ViewerFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ViewerStats) -> Option<f64>,
+);
+
+/// Per-viewer families, one series per viewer joined to an environment in `envs` now
+/// (labels `env`, `viewer`, the server's id of it, and `transport`): what the stream server
+/// counts for it, its path's round trip, and what the viewer reports of its side (decoded
+/// frames, decode time, capture-to-decoded latency, medians over its last report's
+/// window). A viewer's series go when it leaves. Each family's HELP and TYPE come even
+/// without viewers.
+pub(crate) fn viewer_series(
+    envs: &[EnvRecord],
+    viewers: impl Fn(&str) -> Vec<ViewerStats>,
+) -> String {
+    let joined: Vec<(&str, ViewerStats)> = envs
+        .iter()
+        .flat_map(|e| {
+            viewers(&e.name)
+                .into_iter()
+                .map(move |v| (e.name.as_str(), v))
+        })
+        .collect();
+    let families: [ViewerFamily; 8] = [
+        (
+            "genos_viewer_frames_sent_total",
+            "counter",
+            "Frames sent to each viewer.",
+            |v| Some(v.frames_sent as f64),
+        ),
+        (
+            "genos_viewer_frames_dropped_total",
+            "counter",
+            "Frames not sent to each viewer (in-flight cap, lag, waiting for a keyframe).",
+            |v| Some(v.frames_dropped as f64),
+        ),
+        (
+            "genos_viewer_input_events_total",
+            "counter",
+            "Input events each viewer delivered to its environment.",
+            |v| Some(v.input_events as f64),
+        ),
+        (
+            "genos_viewer_bitrate_target_bps",
+            "gauge",
+            "Each viewer's adaptive bitrate target.",
+            |v| Some(f64::from(v.bitrate_target_bps)),
+        ),
+        (
+            "genos_viewer_rtt_seconds",
+            "gauge",
+            "Smoothed round-trip time of each viewer's connection.",
+            |v| Some(v.rtt.as_secs_f64()),
+        ),
+        (
+            "genos_viewer_decoded_frames_total",
+            "counter",
+            "Frames each viewer reports decoded.",
+            |v| v.client.map(|c| c.frames_decoded as f64),
+        ),
+        (
+            "genos_viewer_decode_seconds",
+            "gauge",
+            "Median decode time each viewer reports.",
+            |v| v.client.map(|c| f64::from(c.decode_us_p50) / 1e6),
+        ),
+        (
+            "genos_viewer_latency_seconds",
+            "gauge",
+            "Median capture-to-decoded latency each viewer reports.",
+            |v| v.client.map(|c| f64::from(c.latency_us_p50) / 1e6),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, get) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (env, v) in &joined {
+            if let Some(value) = get(v) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{env=\"{}\",viewer=\"{}\",transport=\"{}\"}} {value}",
+                    label_value(env),
+                    v.viewer,
+                    v.transport
+                );
+            }
+        }
     }
     out
 }
@@ -414,12 +512,12 @@ mod tests {
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use super::{env_series, serve_metrics, ListenerLimits};
+    use super::{env_series, serve_metrics, viewer_series, ListenerLimits};
     use crate::composer::Outcome;
     use crate::config::Config;
     use crate::orchestrator::Orchestrator;
     use crate::store::EnvState;
-    use crate::stream::server::EnvStats;
+    use crate::stream::server::{EnvStats, ViewerStats};
 
     fn orchestrator() -> (tempfile::TempDir, Orchestrator) {
         let dir = tempfile::tempdir().unwrap();
@@ -484,6 +582,59 @@ mod tests {
         assert_eq!(text.matches("# HELP ").count(), 9);
         assert!(text.contains("# TYPE genos_environment_frames_dropped_total counter\n"));
         assert!(text.contains("# TYPE genos_environment_viewers gauge\n"));
+    }
+
+    #[test]
+    fn each_joined_viewer_has_its_series_and_reported_ones_their_side() {
+        let (_dir, o) = orchestrator();
+        add_env(&o, "dev", 2, 4096, EnvState::Ready);
+        let envs = o.store().envs(false).unwrap();
+        let viewer = |id, transport, client| ViewerStats {
+            viewer: id,
+            transport,
+            frames_sent: 600,
+            frames_dropped: 2,
+            input_events: 40,
+            bitrate_target_bps: 3_000_000,
+            rtt: std::time::Duration::from_micros(1_500),
+            client,
+        };
+        let reported = proto::stream::ClientStats {
+            frames_decoded: 590,
+            frames_dropped: 1,
+            decode_us_p50: 4_250,
+            latency_us_p50: 15_000,
+        };
+        let viewers = |name: &str| match name {
+            "dev" => vec![viewer(3, "quic", Some(reported)), viewer(9, "web", None)],
+            _ => vec![],
+        };
+
+        let text = viewer_series(&envs, viewers);
+
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        let quic = "{env=\"dev\",viewer=\"3\",transport=\"quic\"}";
+        let web = "{env=\"dev\",viewer=\"9\",transport=\"web\"}";
+        assert_eq!(
+            samples,
+            [
+                format!("genos_viewer_frames_sent_total{quic} 600"),
+                format!("genos_viewer_frames_sent_total{web} 600"),
+                format!("genos_viewer_frames_dropped_total{quic} 2"),
+                format!("genos_viewer_frames_dropped_total{web} 2"),
+                format!("genos_viewer_input_events_total{quic} 40"),
+                format!("genos_viewer_input_events_total{web} 40"),
+                format!("genos_viewer_bitrate_target_bps{quic} 3000000"),
+                format!("genos_viewer_bitrate_target_bps{web} 3000000"),
+                format!("genos_viewer_rtt_seconds{quic} 0.0015"),
+                format!("genos_viewer_rtt_seconds{web} 0.0015"),
+                format!("genos_viewer_decoded_frames_total{quic} 590"),
+                format!("genos_viewer_decode_seconds{quic} 0.00425"),
+                format!("genos_viewer_latency_seconds{quic} 0.015"),
+            ]
+        );
+        assert_eq!(text.matches("# HELP ").count(), 8);
+        assert!(text.contains("# TYPE genos_viewer_latency_seconds gauge\n"));
     }
 
     #[test]
@@ -584,7 +735,9 @@ mod tests {
 
         let (states, rest) = text.split_at(text.find("# HELP genos_vcpus").unwrap());
         let (rest, per_env) = rest.split_at(rest.find("# HELP genos_environment_state").unwrap());
+        let (per_env, per_viewer) = per_env.split_at(per_env.find("# HELP genos_viewer_").unwrap());
         assert_eq!(per_env, env_series(&[], |_| None));
+        assert_eq!(per_viewer, viewer_series(&[], |_| vec![]));
         assert_eq!(states.lines().count(), 2 + 7, "{states}");
         assert!(states.contains("genos_environments{state=\"ready\"} 0\n"));
         let want = [

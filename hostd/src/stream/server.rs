@@ -152,6 +152,26 @@ pub struct EnvStats {
     pub frames_dropped: u64,
 }
 
+/// One viewer's counters, for the metrics endpoint (one series per viewer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewerStats {
+    /// The server's id of this viewer (unique while hostd runs).
+    pub viewer: u64,
+    /// `quic` (genos-view) or `web` (the browser's WebTransport or WebSocket).
+    pub transport: &'static str,
+    pub frames_sent: u64,
+    /// Frames not sent to this viewer (in-flight cap, lag, waiting for a keyframe).
+    pub frames_dropped: u64,
+    pub input_events: u64,
+    /// This viewer's ABR target.
+    pub bitrate_target_bps: u32,
+    /// The transport's smoothed round-trip time.
+    pub rtt: Duration,
+    /// What the viewer last reported of its side (decoded frames, decode time, glass
+    /// latency); `None` until it reports.
+    pub client: Option<wire::ClientStats>,
+}
+
 /// The pointer as viewers see it; `image_serial` changes whenever the image does, so each
 /// viewer sends the image once per shape.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -239,6 +259,8 @@ struct Environment {
     viewers: AtomicUsize,
     /// Per-viewer ABR targets; the encoder runs at the smallest.
     targets: Mutex<HashMap<u64, u32>>,
+    /// Each joined viewer's counters, kept by its driver.
+    viewer_stats: Mutex<std::collections::BTreeMap<u64, ViewerStats>>,
     bitrate_bps: AtomicU32,
     config: Mutex<StreamConfig>,
     frames_encoded: AtomicU64,
@@ -575,6 +597,7 @@ impl StreamServer {
             stop: AtomicBool::new(false),
             viewers: AtomicUsize::new(0),
             targets: Mutex::new(HashMap::new()),
+            viewer_stats: Mutex::default(),
             bitrate_bps: AtomicU32::new(start),
             config: Mutex::new(StreamConfig {
                 width: width as u16,
@@ -633,6 +656,19 @@ impl StreamServer {
     pub fn env_stats(&self, env_id: &str) -> Option<EnvStats> {
         let envs = self.shared.envs.lock().expect("poisoned");
         envs.get(env_id).map(|e| e.stats())
+    }
+
+    /// The counters of each viewer joined to `env_id` now, by viewer id.
+    pub fn viewer_stats(&self, env_id: &str) -> Vec<ViewerStats> {
+        let envs = self.shared.envs.lock().expect("poisoned");
+        envs.get(env_id).map_or_else(Vec::new, |e| {
+            e.viewer_stats
+                .lock()
+                .expect("poisoned")
+                .values()
+                .copied()
+                .collect()
+        })
     }
 
     /// Connections currently holding a slot: handshaking, awaiting Hello, or in a session.
@@ -1178,7 +1214,7 @@ async fn sleep_until(at: Option<Instant>) {
 async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, mut slot: SlotGuard) {
     let remote = conn.remote_address();
     let (ctl_tx, ctl_rx) = mpsc::channel::<ServerMessage>(64);
-    let mut lp = ViewerLoop::new(shared, remote, "viewer", ctl_tx.clone());
+    let mut lp = ViewerLoop::new(shared, remote, ("viewer", "quic"), ctl_tx.clone());
     let (send, mut recv) =
         match tokio::time::timeout_at(sleep_deadline(lp.session.poll_timeout()), conn.accept_bi())
             .await
@@ -1318,6 +1354,8 @@ struct ViewerLoop {
     remote: SocketAddr,
     /// What the log calls this kind of viewer.
     kind: &'static str,
+    /// [`ViewerStats::transport`].
+    transport: &'static str,
     session: Session,
     joined: Option<Joined>,
     frames: Option<broadcast::Receiver<Arc<Frame>>>,
@@ -1339,7 +1377,7 @@ impl ViewerLoop {
     fn new(
         shared: Arc<Shared>,
         remote: SocketAddr,
-        kind: &'static str,
+        (kind, transport): (&'static str, &'static str),
         ctl_tx: mpsc::Sender<ServerMessage>,
     ) -> Self {
         let session = Session::new(shared.session_config(), shared.clock, Instant::now());
@@ -1347,6 +1385,7 @@ impl ViewerLoop {
             shared,
             remote,
             kind,
+            transport,
             session,
             joined: None,
             frames: None,
@@ -1409,7 +1448,23 @@ impl ViewerLoop {
             }
         }
         if let Some(j) = &self.joined {
-            self.reported.sync(&j.env, self.session.stats());
+            let stats = self.session.stats();
+            self.reported.sync(&j.env, stats);
+            let viewer = ViewerStats {
+                viewer: j.viewer_id,
+                transport: self.transport,
+                frames_sent: stats.frames_sent,
+                frames_dropped: stats.frames_dropped,
+                input_events: stats.input_events,
+                bitrate_target_bps: self.session.bitrate_target().unwrap_or(0),
+                rtt: self.session.path().rtt,
+                client: self.session.client_stats(),
+            };
+            j.env
+                .viewer_stats
+                .lock()
+                .expect("poisoned")
+                .insert(j.viewer_id, viewer);
         }
         !self.session.is_ended()
     }
@@ -1495,6 +1550,11 @@ impl ViewerLoop {
         if let (Some(j), Some(id)) = (self.joined, self.session.id()) {
             j.env.viewers.fetch_sub(1, Ordering::AcqRel);
             j.env.targets.lock().expect("poisoned").remove(&j.viewer_id);
+            j.env
+                .viewer_stats
+                .lock()
+                .expect("poisoned")
+                .remove(&j.viewer_id);
             park_session(&self.shared, id, j.env.clone(), self.session.held());
             info!(viewer = j.viewer_id, env = %j.env.id, "{} left", self.kind);
         }
@@ -1838,7 +1898,7 @@ async fn serve_messages<R, W, P>(
     // The cursor task writes into a bounded queue (a slow viewer skips to the newest
     // pointer), forwarded to the writer here.
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ServerMessage>(64);
-    let mut lp = ViewerLoop::new(shared, remote, "web viewer", ctl_tx);
+    let mut lp = ViewerLoop::new(shared, remote, ("web viewer", "web"), ctl_tx);
     // The transport is the control stream: it is open once the connection is.
     lp.session.handle(Event::ControlOpened, Instant::now());
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();

@@ -21,8 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::stream::{
-    self as wire, ClientMessage, Codec, ErrorCode, FrameHeader, InputEvent, MessageReader, Rights,
-    ServerMessage, ServerStats, StreamConfig, MAX_HELLO_LEN, MAX_MESSAGE_LEN,
+    self as wire, ClientMessage, ClientStats, Codec, ErrorCode, FrameHeader, InputEvent,
+    MessageReader, Rights, ServerMessage, ServerStats, StreamConfig, MAX_HELLO_LEN,
+    MAX_MESSAGE_LEN,
 };
 use tracing::{debug, info, warn};
 
@@ -377,6 +378,8 @@ struct Open {
     abr: Controller,
     next_tick: Instant,
     ticks: u64,
+    /// What the viewer last reported of its side (decoded frames, latency), if it has.
+    client: Option<ClientStats>,
 }
 
 /// One viewer's session. See the module documentation.
@@ -564,6 +567,16 @@ impl Session {
         self.stats
     }
 
+    /// What the viewer last reported of its side ([`ClientMessage::Stats`]), once open.
+    pub fn client_stats(&self) -> Option<ClientStats> {
+        self.open.as_ref().and_then(|o| o.client)
+    }
+
+    /// The path as last measured ([`Event::Path`]).
+    pub fn path(&self) -> PathStats {
+        self.path
+    }
+
     /// The current ABR target, once open.
     pub fn bitrate_target(&self) -> Option<u32> {
         self.open.as_ref().map(|o| o.abr.target_bps())
@@ -685,7 +698,7 @@ impl Session {
                         .push_back(Action::Send(denied("resize", "input")));
                 }
             }
-            ClientMessage::Stats(s) => debug!(env = %open.claims.env.name, ?s, "client stats"),
+            ClientMessage::Stats(s) => open.client = Some(s),
             ClientMessage::Hello { .. } => self.close(Refusal::new(
                 ErrorCode::ProtocolViolation,
                 "Hello sent twice",
@@ -772,6 +785,7 @@ impl Session {
             abr: Controller::new(self.cfg.bitrate),
             next_tick: now + abr::TICK,
             ticks: 0,
+            client: None,
         });
         self.phase = Phase::Open;
         self.reader.set_limit(MAX_MESSAGE_LEN);

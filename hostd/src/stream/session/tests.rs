@@ -1449,3 +1449,23 @@ fn clock_maps_instants_to_unix_time() {
         START_UNIX_S + 1
     );
 }
+
+#[test]
+fn the_viewers_newest_reported_stats_and_the_measured_path_are_kept() {
+    let mut p = watching(Rights::VIEW, HOUR, config(), Link::clean());
+    let report = |decoded| ClientStats {
+        frames_decoded: decoded,
+        frames_dropped: 1,
+        decode_us_p50: 4_000,
+        latency_us_p50: 12_000,
+    };
+    assert_eq!(p.session.client_stats(), None);
+
+    p.send(&ClientMessage::Stats(report(10)));
+    p.send(&ClientMessage::Stats(report(70)));
+    p.run_for(Duration::from_millis(500));
+
+    assert_eq!(p.session.client_stats(), Some(report(70)));
+    assert_eq!(p.session.path().rtt, p.path.rtt);
+    assert!(p.session.path().sent_packets > 0);
+}
