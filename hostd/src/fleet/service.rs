@@ -253,6 +253,8 @@ impl Membership {
                 let guard = self.inner.member.lock().await;
                 let Some(m) = guard.as_ref() else { return };
                 if let Some(why) = m.broken() {
+                    // Not placeable from a frozen view until joined again.
+                    *self.inner.view.lock().expect("view lock") = None;
                     tracing::warn!(
                         node = name,
                         endpoints,
