@@ -27,7 +27,8 @@ pub const VALIDITY: Duration = Duration::from_secs(13 * 24 * 3600);
 /// A certificate this old is replaced at the next handshake (pages learn the current hash
 /// from `/webtransport` when they connect, so links outlive rotations).
 pub const ROTATE_AFTER: Duration = Duration::from_secs(6 * 24 * 3600);
-/// How long a closing session waits for its last control message to be acknowledged.
+/// How long a closing session waits for its last control message to be acknowledged and read
+/// (the page then closes the session itself).
 const CLOSE_FLUSH: Duration = Duration::from_millis(500);
 /// Path of the WebTransport session's CONNECT request.
 pub const PATH: &str = "/wt";
@@ -233,9 +234,15 @@ pub async fn serve(
                 }
                 Outbound::Close(code, reason) => {
                     // The Error before this must reach the page first: the session's close
-                    // makes the browser drop what it has not read yet.
+                    // makes the browser drop what the page has not read yet, even data its
+                    // QUIC stack acknowledged. So wait for the acknowledgement and then for
+                    // the page, which closes the session itself once it read the Error.
                     let _ = w.control.finish();
-                    let _ = tokio::time::timeout(CLOSE_FLUSH, w.control.stopped()).await;
+                    let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+                        let _ = w.control.stopped().await;
+                        w.session.closed().await
+                    })
+                    .await;
                     w.session.close(code as u32, reason.as_bytes());
                 }
             }
