@@ -805,9 +805,9 @@
   document.addEventListener("visibilitychange", holdWakeLock);
 
   // --- the overlay bar on touch devices -------------------------------------------------------
-  // Keys a phone has not (Esc, Tab, arrows, F1-F12, Ctrl+Alt+Del), sticky modifiers (tap Ctrl, then a
-  // key: Ctrl+key), the on-screen keyboard, fullscreen and disconnect. It moves to the top when
-  // the guest's pointer is under it.
+  // Keys a phone has not (Esc, Tab, arrows, F1-F12, Ctrl+Alt+Del), sticky modifiers (tap Ctrl,
+  // then a key: Ctrl+key), the on-screen keyboard, Paste, fullscreen and disconnect. It keeps
+  // off the guest's pointer (keepPointerVisible).
   const MODIFIERS = new Set([K.ControlLeft, K.ControlRight, K.ShiftLeft, K.ShiftRight, K.AltLeft, K.AltRight,
     K.MetaLeft, K.MetaRight]);
   const latched = new Set();
@@ -1070,6 +1070,9 @@
       (e) => openPasteBox(e.message || String(e)),
     );
   }
+  pasteBox.addEventListener("keydown", (e) => {
+    if (e.key === "Escape") { pasteBox.hidden = true; canvas.focus(); }
+  });
   pasteBox.addEventListener("click", (e) => {
     const b = e.target.closest("button");
     if (!b) return;
