@@ -345,7 +345,31 @@ fn two_hostds_share_a_fleet_cordon_lose_a_node_and_survive_an_etcd_outage() {
         took >= Duration::from_millis(TTL_S * 1000 / 2),
         "b lost {took:?} after the kill, before its {TTL_S} s lease could lapse"
     );
-    let _ = killed;
+    eprintln!("b killed to lost on a: {:?}", killed.elapsed());
+    // The table says so too.
+    let table = stdout(&a.genos(&["fleet", "nodes"]));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("b ") && l.contains(" lost ")),
+        "{table}"
+    );
+
+    // Act: b's node comes back (a new hostd under the same name). Assert: ready again on a.
+    let b2 = Hostd::start(&config(&url, "b", "zone = \"b\""));
+    wait_nodes(
+        &a,
+        "b back after its restart",
+        Duration::from_secs(10),
+        |n| node(n, "b").is_some_and(|v| v["state"] == "ready" && v["lost_at"].is_null()),
+    );
+    drop(b2);
+    wait_nodes(
+        &a,
+        "b absent, not lost, after leaving",
+        Duration::from_secs(3),
+        |n| node(n, "b").is_none(),
+    );
 
     // Act: etcd stops. Assert: `genos fleet` fails at once naming the endpoint; the daemon
     // still answers for its own environments.

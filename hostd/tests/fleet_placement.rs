@@ -355,3 +355,21 @@ fn stored_schedules_read_back_and_an_unknown_value_never_admits_placements() {
     }
     assert_eq!(Schedule::parse(b"maintenance"), Schedule::Cordoned);
 }
+
+#[test]
+fn a_node_that_said_it_left_is_told_from_a_lost_one_until_it_returns() {
+    let mut f = fleet_of(&[node("a", 8, 8192), node("b", 8, 8192)]);
+    f.place("e1", needs(1, 256)).unwrap();
+    f.set_left("a", true);
+    // Its environments are handled as for any loss (nothing is started twice).
+    assert_eq!(
+        f.node_gone(s(5), "a"),
+        vec![Decision::Lost {
+            env: "e1".into(),
+            node: "a".into()
+        }]
+    );
+    assert!(f.has_left("a") && !f.has_left("b"));
+    f.node_seen(s(9), node("a", 8, 8192));
+    assert!(!f.has_left("a"), "a returned");
+}

@@ -107,6 +107,11 @@ pub fn node_key(prefix: &str, name: &str) -> String {
     format!("{prefix}nodes/{name}")
 }
 
+/// The key a node writes when it leaves on purpose (a shutdown, not a loss).
+pub fn left_key(prefix: &str, name: &str) -> String {
+    format!("{prefix}left/{name}")
+}
+
 /// The key of node `name`'s schedule (cordon, drain) under `prefix`.
 pub fn schedule_key(prefix: &str, name: &str) -> String {
     format!("{prefix}schedule/{name}")
@@ -116,6 +121,7 @@ pub fn schedule_key(prefix: &str, name: &str) -> String {
 #[derive(Clone)]
 struct Keys {
     nodes: String,
+    left: String,
     schedule: String,
     placements: String,
 }
@@ -124,6 +130,7 @@ impl Keys {
     fn new(prefix: &str) -> Keys {
         Keys {
             nodes: format!("{prefix}nodes/"),
+            left: format!("{prefix}left/"),
             schedule: format!("{prefix}schedule/"),
             placements: format!("{prefix}placements/"),
         }
@@ -149,6 +156,8 @@ impl Keys {
                 }
                 Err(e) => tracing::warn!(%key, error = %e, "ignoring a bad node record"),
             }
+        } else if let Some(name) = key.strip_prefix(&self.left) {
+            f.set_left(name, put);
         } else if let Some(name) = key.strip_prefix(&self.schedule) {
             let s = if put {
                 Schedule::parse(kv.value())
@@ -197,13 +206,16 @@ impl Member {
             })?
             .id();
         let value = serde_json::to_vec(&record).map_err(MemberError::Encode)?;
-        c.put(
-            node_key(&cfg.prefix, &name),
-            value,
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .map_err(|source| MemberError::Publish {
+        // The record, and the withdrawal of any "left" a clean shutdown wrote, at once.
+        let txn = Txn::new().and_then([
+            TxnOp::put(
+                node_key(&cfg.prefix, &name),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            TxnOp::delete(left_key(&cfg.prefix, &name), None),
+        ]);
+        c.txn(txn).await.map_err(|source| MemberError::Publish {
             node: name.clone(),
             endpoints: endpoints.clone(),
             source: Box::new(source),
@@ -481,6 +493,24 @@ impl Member {
     pub async fn leave(mut self) -> Result<(), MemberError> {
         self.stop_keepalive();
         self.watcher.abort();
+        // Say so first (`left/<name>`, in the same revision as the record's delete), so the
+        // others tell a shutdown from a loss.
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let txn = Txn::new().and_then([
+            TxnOp::put(left_key(&self.prefix, &self.name), since.to_string(), None),
+            TxnOp::delete(node_key(&self.prefix, &self.name), None),
+        ]);
+        self.client
+            .txn(txn)
+            .await
+            .map_err(|source| MemberError::Publish {
+                node: self.name.clone(),
+                endpoints: self.endpoints.clone(),
+                source: Box::new(source),
+            })?;
         self.client
             .lease_revoke(self.lease)
             .await

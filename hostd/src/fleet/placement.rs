@@ -191,6 +191,9 @@ pub struct Fleet {
     stale: Vec<(String, String)>,
     /// Operators' cordons and drains, by node (absent: ready).
     schedule: BTreeMap<String, Schedule>,
+    /// Nodes that said they were leaving before their record went (a clean shutdown, not
+    /// a loss); cleared when the node is seen again.
+    left: std::collections::BTreeSet<String>,
     policy: LossPolicy,
 }
 
@@ -201,8 +204,24 @@ impl Fleet {
             placements: BTreeMap::new(),
             stale: Vec::new(),
             schedule: BTreeMap::new(),
+            left: Default::default(),
             policy,
         }
+    }
+
+    /// `node` announced (or withdrew) that it is leaving: its record going next is a clean
+    /// shutdown rather than a lapsed lease. Its environments are handled as for a loss.
+    pub fn set_left(&mut self, node: &str, left: bool) {
+        if left {
+            self.left.insert(node.to_string());
+        } else {
+            self.left.remove(node);
+        }
+    }
+
+    /// Whether `node` left on purpose (and has not come back).
+    pub fn has_left(&self, node: &str) -> bool {
+        self.left.contains(node)
     }
 
     /// An operator cordoned, drained or uncordoned `node` (it need not be known yet).
@@ -250,6 +269,7 @@ impl Fleet {
     /// after being lost gets its environments back, except those placed elsewhere meanwhile.
     pub fn node_seen(&mut self, now: Duration, record: NodeRecord) -> Vec<Decision> {
         let name = record.name.clone();
+        self.left.remove(&name);
         let returned = matches!(
             self.nodes.get(&name).map(|n| n.state),
             Some(NodeState::Gone { .. })

@@ -337,6 +337,10 @@ impl Membership {
         let mut lost = self.inner.lost.lock().expect("lost lock");
         for (name, n) in fleet.nodes() {
             match n.state {
+                // A clean shutdown: gone from the listing, not lost.
+                NodeState::Gone { .. } if fleet.has_left(name) => {
+                    lost.remove(name);
+                }
                 NodeState::Gone { since } => {
                     lost.entry(name.clone()).or_insert_with(|| {
                         let ago = now.saturating_sub(since).as_secs();
