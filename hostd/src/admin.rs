@@ -566,6 +566,9 @@ async fn create(
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
     let Json(body) = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    if let Some(fleet) = &st.fleet {
+        fleet.check_local_create()?;
+    }
     match (body.get("text"), body.get("spec")) {
         (Some(Value::String(text)), None) => {
             match st.orch.create_from_text(text, &actor.0).await? {
@@ -899,6 +902,7 @@ impl From<crate::fleet::FleetError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             FleetError::NoNode { .. } => StatusCode::NOT_FOUND,
+            FleetError::NotTaking { .. } => StatusCode::CONFLICT,
         };
         ApiError(status, crate::error_chain(&e))
     }

@@ -256,6 +256,15 @@ fn two_hostds_share_a_fleet_cordon_lose_a_node_and_survive_an_etcd_outage() {
         Duration::from_secs(5),
         |n| node(n, "a").is_some_and(|v| v["state"] == "draining" && v["placeable"] == false),
     );
+    // A draining node refuses new environments, saying how to put it back.
+    let o = a.genos(&["create", "--text", "python headless, 1 core"]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("node a is draining: it takes no new environments")
+            && stderr(&o).contains("genos fleet uncordon a"),
+        "{}",
+        stderr(&o)
+    );
     for (h, n) in [(&b, "b"), (&a, "a")] {
         let o = h.genos(&["fleet", "uncordon", n]);
         assert!(o.status.success(), "{}", stderr(&o));

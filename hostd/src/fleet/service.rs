@@ -40,6 +40,13 @@ pub enum FleetError {
     Timeout { endpoints: String, secs: u64 },
     #[error("no live node {node} in the fleet (live: {live})")]
     NoNode { node: String, live: String },
+    #[error(
+        "node {node} is {schedule}: it takes no new environments (`genos fleet uncordon {node}` \
+         puts it back); placing on another node from here is not wired yet: run the request \
+         on a ready node (`genos fleet nodes`)",
+        schedule = schedule.as_str()
+    )]
+    NotTaking { node: String, schedule: Schedule },
 }
 
 /// One node as `genos fleet nodes` shows it.
@@ -160,6 +167,25 @@ impl Membership {
 
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// Refuses a create on this node while an operator has it cordoned or draining, as this
+    /// node's placement core saw it at its last refresh (before the first join: allowed).
+    pub fn check_local_create(&self) -> Result<(), FleetError> {
+        let schedule = self
+            .inner
+            .view
+            .lock()
+            .expect("view lock")
+            .as_ref()
+            .map_or(Schedule::Ready, |f| f.schedule(&self.inner.name));
+        match schedule {
+            Schedule::Ready => Ok(()),
+            schedule => Err(FleetError::NotTaking {
+                node: self.inner.name.clone(),
+                schedule,
+            }),
+        }
     }
 
     fn endpoints(&self) -> String {
