@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use hostd::fleet::{Decision, Fleet, LossPolicy, Needs, NodeRecord, PlaceError, PlacementState};
+use hostd::fleet::{
+    Decision, Fleet, Load, LossPolicy, Needs, NodeRecord, PlaceError, PlacementState,
+};
 
 fn node(name: &str, vcpus: u32, memory_mib: u64) -> NodeRecord {
     NodeRecord {
@@ -372,4 +374,27 @@ fn a_node_that_said_it_left_is_told_from_a_lost_one_until_it_returns() {
     assert!(f.has_left("a") && !f.has_left("b"));
     f.node_seen(s(9), node("a", 8, 8192));
     assert!(!f.has_left("a"), "a returned");
+}
+
+#[test]
+fn what_a_node_runs_outside_the_fleet_counts_with_its_placements() {
+    let mut busy = node("a", 4, 4096);
+    busy.load = Load {
+        running: 2,
+        vcpus: 3,
+        memory_mib: 2048,
+    };
+    let mut f = fleet_of(&[busy, node("b", 4, 4096)]);
+    f.insert_placement("placed", "a", needs(1, 512));
+
+    let committed = f.committed("a");
+    let small = f.place("small", needs(1, 256));
+    let big = f.place("big", needs(4, 1024));
+
+    assert_eq!(committed, (4, 2560), "3 local vCPUs and 1 placed");
+    assert_eq!(small.unwrap(), "b", "a is full: its own environments count");
+    assert!(
+        matches!(big, Err(PlaceError::NoRoom { .. })),
+        "{big:?}: b has 3 vCPUs left and a none"
+    );
 }

@@ -38,7 +38,9 @@ pub struct NodeRecord {
     pub load: Load,
 }
 
-/// A node's live environments and what they hold, as the node publishes it.
+/// A node's live environments that no fleet placement on it covers (created through its own
+/// admin socket), and what they hold, as the node publishes it. Placement counts a node's
+/// use as this plus its placements, so each environment is counted once.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Load {
     /// Environments not stopped, destroyed or failed.
@@ -255,12 +257,17 @@ impl Fleet {
             .collect()
     }
 
-    /// vCPUs and MiB committed on `node` by placed environments.
+    /// vCPUs and MiB committed on `node`: its placed environments and what it publishes it
+    /// runs besides them ([`Load`]).
     pub fn committed(&self, node: &str) -> (u64, u64) {
+        let local = self
+            .nodes
+            .get(node)
+            .map_or((0, 0), |n| (n.record.load.vcpus, n.record.load.memory_mib));
         self.placements
             .values()
             .filter(|p| p.node == node && p.state == PlacementState::Placed)
-            .fold((0, 0), |(c, m), p| {
+            .fold(local, |(c, m), p| {
                 (c + u64::from(p.needs.vcpus), m + p.needs.memory_mib)
             })
     }

@@ -192,13 +192,31 @@ impl Membership {
         self.inner.cfg.etcd.join(",")
     }
 
-    /// This node's record now (capacity from the admission limits, load from the store)
+    /// This node's record now (capacity from the admission limits; load: the store's live
+    /// environments that no placement on this node covers, which the fleet counts already)
     /// and the names of its environments not destroyed (`None`: the store did not answer).
     fn local(&self) -> (NodeRecord, Option<BTreeSet<String>>) {
+        let placed: BTreeSet<String> = self
+            .inner
+            .view
+            .lock()
+            .expect("view lock")
+            .as_ref()
+            .map(|f| {
+                f.placements()
+                    .iter()
+                    .filter(|(_, p)| p.node == self.inner.name)
+                    .map(|(env, _)| env.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut load = Load::default();
         let names = match self.inner.orch.list() {
             Ok(envs) => {
-                for e in envs.iter().filter(|e| e.state.is_live()) {
+                for e in envs
+                    .iter()
+                    .filter(|e| e.state.is_live() && !placed.contains(&e.name))
+                {
                     load.running += 1;
                     load.vcpus += u64::from(e.spec.vcpus);
                     load.memory_mib += u64::from(e.spec.memory_mib);
