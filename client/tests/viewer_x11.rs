@@ -254,12 +254,7 @@ fn resizes(m: ClientMessage) -> Option<(u16, u16)> {
 async fn drag_window(display: &str) {
     let display = display.to_owned();
     tokio::task::spawn_blocking(move || {
-        let ids = x11::xdotool(&display, &["search", "--sync", "--name", "^genos-view"]);
-        let id = ids
-            .lines()
-            .next()
-            .expect("genos-view has a window")
-            .to_owned();
+        let id = x11::window_named(&display, "^genos-view");
         let mut args = Vec::new();
         for (i, (w, h)) in [("900", "640"), ("850", "620"), ("801", "601")]
             .into_iter()

@@ -213,6 +213,35 @@ pub fn wait_for_clipboard(display: &str, expected: &str, secs: u64) -> Option<St
     last
 }
 
+/// The id of the first window whose name matches `pattern`, waiting up to 20 s for one.
+/// xdotool's search walks the window tree and exits on the BadWindow error of a window
+/// that went away under it (the toolkit's short-lived windows at start-up): it is asked
+/// again until the deadline.
+pub fn window_named(display: &str, pattern: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut cmd = Command::new("xdotool");
+        cmd.args(["search", "--name", pattern])
+            .env("DISPLAY", display);
+        let found = run(cmd, None, Duration::from_secs(5))
+            .map(|out| {
+                String::from_utf8_lossy(&out)
+                    .lines()
+                    .next()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        if let Some(id) = found {
+            return id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no window named {pattern:?} within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs xdotool with `args` on `display`; its stdout.
 pub fn xdotool(display: &str, args: &[&str]) -> String {
     let mut cmd = Command::new("xdotool");
