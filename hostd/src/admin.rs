@@ -462,22 +462,26 @@ impl IntoResponse for ApiError {
 
 impl From<OrchError> for ApiError {
     fn from(e: OrchError) -> Self {
-        let status = match &e {
-            OrchError::NotFound(_) => StatusCode::NOT_FOUND,
-            OrchError::WrongState { .. } | OrchError::Admission(_) => StatusCode::CONFLICT,
-            OrchError::Spec(_) | OrchError::Revoke(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            OrchError::Token(_) | OrchError::Store(_) | OrchError::Config(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-            // The agent said no (a refused path, an unknown user): the request's fault.
-            OrchError::Agent {
-                source: crate::agent::AgentError::Refused { .. },
-                ..
-            } => StatusCode::UNPROCESSABLE_ENTITY,
-            // The guest did not answer as it should.
-            OrchError::Agent { .. } => StatusCode::BAD_GATEWAY,
-        };
-        ApiError(status, crate::error_chain(&e))
+        ApiError(orch_status(&e), crate::error_chain(&e))
+    }
+}
+
+/// The HTTP status of an orchestrator error.
+fn orch_status(e: &OrchError) -> StatusCode {
+    match e {
+        OrchError::NotFound(_) => StatusCode::NOT_FOUND,
+        OrchError::WrongState { .. } | OrchError::Admission(_) => StatusCode::CONFLICT,
+        OrchError::Spec(_) | OrchError::Revoke(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        OrchError::Token(_) | OrchError::Store(_) | OrchError::Config(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        // The agent said no (a refused path, an unknown user): the request's fault.
+        OrchError::Agent {
+            source: crate::agent::AgentError::Refused { .. },
+            ..
+        } => StatusCode::UNPROCESSABLE_ENTITY,
+        // The guest did not answer as it should.
+        OrchError::Agent { .. } => StatusCode::BAD_GATEWAY,
     }
 }
 
@@ -567,7 +571,7 @@ async fn create(
 ) -> ApiResult {
     let Json(body) = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
     if let Some(fleet) = &st.fleet {
-        fleet.check_local_create()?;
+        return create_in_fleet(&st, fleet, &actor.0, &body).await;
     }
     match (body.get("text"), body.get("spec")) {
         (Some(Value::String(text)), None) => {
@@ -589,13 +593,72 @@ async fn create(
     }
 }
 
-async fn list(State(st): State<AppState>) -> ApiResult {
-    Ok(Json(json!({"envs": st.orch.list()?})).into_response())
+/// `POST /v1/envs` on a fleet member: composed here, placed where the fleet chooses.
+async fn create_in_fleet(
+    st: &AppState,
+    fleet: &crate::fleet::Membership,
+    actor: &str,
+    body: &Value,
+) -> ApiResult {
+    let spec = match (body.get("text"), body.get("spec")) {
+        (Some(Value::String(text)), None) => match st.orch.compose_text(text).await.outcome {
+            crate::composer::Outcome::Spec(spec) => {
+                let detail = crate::orchestrator::audit_text(text);
+                st.orch.audit(actor, "compose", &spec.name, &detail)?;
+                *spec
+            }
+            crate::composer::Outcome::Clarify(q) => {
+                return Ok(Json(json!({"clarify": q})).into_response())
+            }
+        },
+        (None, Some(spec)) => {
+            proto::spec::Spec::from_json(&spec.to_string()).map_err(OrchError::from)?
+        }
+        _ => {
+            return Err(bad_request(
+                "body must be {\"text\": \"...\"} or {\"spec\": {...}}",
+            ))
+        }
+    };
+    let env = match fleet.create(spec, actor).await? {
+        crate::fleet::Created::Here(env) => json!(env),
+        crate::fleet::Created::Elsewhere(e) => json!(e),
+    };
+    Ok((StatusCode::CREATED, Json(json!({"env": env}))).into_response())
 }
 
+/// `GET /v1/envs`: this node's environments; on a fleet member also `elsewhere`, those the
+/// fleet placed on other nodes as they report them (each with its `node` and `address`),
+/// or `elsewhere_unavailable` saying why they could not be read.
+async fn list(State(st): State<AppState>) -> ApiResult {
+    let envs = st.orch.list()?;
+    let Some(fleet) = &st.fleet else {
+        return Ok(Json(json!({"envs": envs})).into_response());
+    };
+    // This node's environments are listed whatever etcd does.
+    Ok(Json(match fleet.elsewhere().await {
+        Ok(elsewhere) => json!({"envs": envs, "elsewhere": elsewhere}),
+        Err(e) => json!({"envs": envs, "elsewhere_unavailable": crate::error_chain(&e)}),
+    })
+    .into_response())
+}
+
+/// `GET /v1/envs/NAME`: from this node's store, else (a fleet member) as the node the fleet
+/// placed it on reports it.
 async fn show(State(st): State<AppState>, UrlPath(name): UrlPath<String>) -> ApiResult {
-    let env = st.orch.show(&name)?;
-    Ok(Json(json!({"env": env, "progress": st.orch.progress(&name)})).into_response())
+    match st.orch.show(&name) {
+        Ok(env) => {
+            Ok(Json(json!({"env": env, "progress": st.orch.progress(&name)})).into_response())
+        }
+        Err(OrchError::NotFound(n)) => match &st.fleet {
+            Some(fleet) => match fleet.elsewhere_env(&name).await {
+                Some(e) => Ok(Json(json!({"env": e, "progress": null})).into_response()),
+                None => Err(OrchError::NotFound(n).into()),
+            },
+            None => Err(OrchError::NotFound(n).into()),
+        },
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn stop(
@@ -902,7 +965,15 @@ impl From<crate::fleet::FleetError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             FleetError::NoNode { .. } => StatusCode::NOT_FOUND,
-            FleetError::NotTaking { .. } => StatusCode::CONFLICT,
+            FleetError::NotJoined { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            FleetError::Place {
+                source: crate::fleet::MemberError::Place(_),
+                ..
+            }
+            | FleetError::Refused { .. } => StatusCode::CONFLICT,
+            FleetError::Place { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            FleetError::Local { source, .. } => orch_status(source),
+            FleetError::NotTaken { .. } => StatusCode::GATEWAY_TIMEOUT,
         };
         ApiError(status, crate::error_chain(&e))
     }

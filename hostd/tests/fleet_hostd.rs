@@ -256,12 +256,11 @@ fn two_hostds_share_a_fleet_cordon_lose_a_node_and_survive_an_etcd_outage() {
         Duration::from_secs(5),
         |n| node(n, "a").is_some_and(|v| v["state"] == "draining" && v["placeable"] == false),
     );
-    // A draining node refuses new environments, saying how to put it back.
+    // With b cordoned and a draining, nothing can be placed, and a create says so.
     let o = a.genos(&["create", "--text", "python headless, 1 core"]);
     assert!(!o.status.success(), "{}", stdout(&o));
     assert!(
-        stderr(&o).contains("node a is draining: it takes no new environments")
-            && stderr(&o).contains("genos fleet uncordon a"),
+        stderr(&o).contains("no node has room") && stderr(&o).contains("all cordoned or full"),
         "{}",
         stderr(&o)
     );
@@ -339,6 +338,75 @@ fn two_hostds_share_a_fleet_cordon_lose_a_node_and_survive_an_etcd_outage() {
     wait_audit(&a, "fleet-release", |e| {
         e["action"] == "fleet-release" && e["target"] == env.as_str()
     });
+
+    // Forwarding: with a cordoned, a create on a's socket is placed on b, which creates it
+    // and reports it; a lists and shows it with its node, b has it in its own store, and
+    // once b destroys it a lists it no more.
+    let o = a.genos(&["fleet", "cordon", "a"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    wait_nodes(
+        &a,
+        "a's core sees a cordoned",
+        Duration::from_secs(5),
+        |n| node(n, "a").is_some_and(|v| v["placeable"] == false),
+    );
+    let forwarded_at = Instant::now();
+    let o = a.genos(&["--json", "create", "--text", "python headless, 1 core"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let created = json(&o)["env"].clone();
+    eprintln!(
+        "fleet_hostd: a create on a was taken by b in {:.1} s",
+        forwarded_at.elapsed().as_secs_f64()
+    );
+    let far = created["name"].as_str().unwrap().to_string();
+    assert_eq!(created["node"], "b", "{created}");
+    let on_b = json(&b.genos(&["--json", "list"]));
+    assert!(
+        on_b["envs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == far.as_str()),
+        "{on_b}"
+    );
+    let on_a = json(&a.genos(&["--json", "list"]));
+    assert!(
+        on_a["elsewhere"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == far.as_str() && e["node"] == "b"),
+        "{on_a}"
+    );
+    let table = stdout(&a.genos(&["list"]));
+    assert!(
+        table.contains(&far) && table.contains("on node b ("),
+        "{table}"
+    );
+    let shown = json(&a.genos(&["--json", "show", &far]));
+    assert_eq!(shown["env"]["node"], "b", "{shown}");
+    wait_audit(&b, "fleet-take", |e| e["action"] == "fleet-take");
+    // b notes its environments once a second: let it see this one before it goes.
+    std::thread::sleep(Duration::from_secs(2));
+    let o = b.genos(&["destroy", &far]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let on_a = json(&a.genos(&["--json", "list"]));
+        let listed = on_a["elsewhere"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(|e| e["name"] == far.as_str()));
+        if !listed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b's destroyed {far} still listed on a: {on_a}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = a.genos(&["fleet", "uncordon", "a"]);
+    assert!(o.status.success(), "{}", stderr(&o));
 
     // Act: b's hostd dies without leaving. Assert: a sees it lost once its lease lapses.
     let killed = Instant::now();

@@ -377,7 +377,29 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             if json_out {
                 print_json(&v);
             } else {
-                print_table(v["envs"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+                let rows = |k: &str| v[k].as_array().cloned().unwrap_or_default();
+                // Environments the fleet placed on other nodes say where, in REASON.
+                let elsewhere = rows("elsewhere").into_iter().map(|mut e| {
+                    let on = format!(
+                        "on node {} ({})",
+                        e["node"].as_str().unwrap_or("?"),
+                        e["address"].as_str().unwrap_or("?")
+                    );
+                    e["reason"] = match e["reason"].as_str() {
+                        Some(r) => json!(format!("{on}: {r}")),
+                        None => json!(on),
+                    };
+                    e
+                });
+                print_table(
+                    &rows("envs")
+                        .into_iter()
+                        .chain(elsewhere)
+                        .collect::<Vec<_>>(),
+                );
+                if let Some(why) = v["elsewhere_unavailable"].as_str() {
+                    eprintln!("genos: other nodes' environments not listed: {why}");
+                }
             }
         }
         Cmd::Show { name } => {

@@ -66,6 +66,13 @@ pub enum MemberError {
         #[source]
         source: Box<etcd_client::Error>,
     },
+    #[error("cannot read or write environment {env} in etcd {endpoints}")]
+    Env {
+        env: String,
+        endpoints: String,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
     #[error("placement of {env} lost {attempts} races for the same nodes; try again")]
     Contended { env: String, attempts: u32 },
     #[error("cannot encode node record")]
@@ -97,6 +104,33 @@ pub struct Member {
 pub struct Claim {
     pub node: String,
     pub needs: Needs,
+    /// What to create, when another node asked for it (the chosen node creates it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<proto::spec::Spec>,
+    /// The node that asked, for the audit log.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub by: String,
+}
+
+/// An environment placed through the fleet, as the node that runs it reports it: the
+/// value of `<prefix>envs/<name>` (no lease: a lost node's environments stay listed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetEnv {
+    pub name: String,
+    pub node: String,
+    /// Where viewers reach the node's stream server (`host:port`).
+    pub address: String,
+    /// The node's store's state (`building`, `ready`, ...), or `failed` when the node
+    /// could not take it.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub spec: proto::spec::Spec,
+}
+
+/// The key of an environment's [`FleetEnv`].
+pub fn env_key(prefix: &str, name: &str) -> String {
+    format!("{prefix}envs/{name}")
 }
 
 /// How often a claim is retried after losing a race for its node.
@@ -379,6 +413,17 @@ impl Member {
     /// node since that read (`<prefix>commit/<node>`'s revision). A lost race re-reads and
     /// chooses again, so concurrent claims from any members never overcommit a node.
     pub async fn claim(&self, env: &str, needs: Needs) -> Result<String, MemberError> {
+        self.claim_with_spec(env, needs, None).await
+    }
+
+    /// [`Member::claim`], with the spec the chosen node is to create (when it is not this
+    /// node) in the claim.
+    pub async fn claim_with_spec(
+        &self,
+        env: &str,
+        needs: Needs,
+        spec: Option<&proto::spec::Spec>,
+    ) -> Result<String, MemberError> {
         let mut c = self.client.clone();
         let claim_err = |source| MemberError::Claim {
             env: env.to_string(),
@@ -407,6 +452,8 @@ impl Member {
             let value = serde_json::to_vec(&Claim {
                 node: node.clone(),
                 needs: needs.clone(),
+                spec: spec.filter(|_| node != self.name).cloned(),
+                by: self.name.clone(),
             })
             .map_err(MemberError::Encode)?;
             let commit_key = format!("{commits}{node}");
@@ -435,6 +482,82 @@ impl Member {
             env: env.to_string(),
             attempts: CLAIM_ATTEMPTS,
         })
+    }
+
+    /// The claim of `env` as etcd holds it.
+    pub async fn claimed(&self, env: &str) -> Result<Option<Claim>, MemberError> {
+        let key = format!("{}{env}", Keys::new(&self.prefix).placements);
+        let got = self
+            .client
+            .clone()
+            .get(key, None)
+            .await
+            .map_err(|e| self.env_err(env, e))?;
+        Ok(got
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
+    }
+
+    /// Writes what this node reports of an environment it runs.
+    pub async fn put_env(&self, e: &FleetEnv) -> Result<(), MemberError> {
+        let value = serde_json::to_vec(e).map_err(MemberError::Encode)?;
+        self.client
+            .clone()
+            .put(env_key(&self.prefix, &e.name), value, None)
+            .await
+            .map_err(|err| self.env_err(&e.name, err))?;
+        Ok(())
+    }
+
+    /// What the fleet reports of `name`, if it was placed through the fleet.
+    pub async fn env(&self, name: &str) -> Result<Option<FleetEnv>, MemberError> {
+        let got = self
+            .client
+            .clone()
+            .get(env_key(&self.prefix, name), None)
+            .await
+            .map_err(|e| self.env_err(name, e))?;
+        Ok(got
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
+    }
+
+    /// Every environment placed through the fleet, by name.
+    pub async fn envs(&self) -> Result<Vec<FleetEnv>, MemberError> {
+        let got = self
+            .client
+            .clone()
+            .get(
+                env_key(&self.prefix, ""),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(|e| self.env_err("*", e))?;
+        Ok(got
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect())
+    }
+
+    /// Forgets `name`'s report (destroyed, or a failure its requester has read).
+    pub async fn delete_env(&self, name: &str) -> Result<(), MemberError> {
+        self.client
+            .clone()
+            .delete(env_key(&self.prefix, name), None)
+            .await
+            .map_err(|e| self.env_err(name, e))?;
+        Ok(())
+    }
+
+    fn env_err(&self, env: &str, source: etcd_client::Error) -> MemberError {
+        MemberError::Env {
+            env: env.to_string(),
+            endpoints: self.endpoints.clone(),
+            source: Box::new(source),
+        }
     }
 
     /// Deletes `placements/<env>` if it places `env` on this node (a claim on another node is

@@ -8,9 +8,10 @@ pub mod member;
 pub mod placement;
 pub mod service;
 
+pub use member::FleetEnv;
 pub use member::{Claim, Member, MemberError};
 pub use placement::{
     Decision, Fleet, Load, LossPolicy, Needs, Node, NodeRecord, NodeState, PlaceError, Placement,
     PlacementState, Schedule,
 };
-pub use service::{FleetError, Membership, NodeView};
+pub use service::{Created, FleetError, Membership, NodeView};

@@ -12,10 +12,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 use serde::Serialize;
 
-use super::member::{node_key, schedule_key, Claim, Member};
+use super::member::{node_key, schedule_key, Claim, FleetEnv, Member, MemberError};
 use super::placement::{Load, NodeRecord, NodeState, Schedule};
 use crate::config::FleetConfig;
-use crate::orchestrator::Orchestrator;
+use crate::orchestrator::{OrchError, Orchestrator};
+use crate::store::EnvRecord;
 
 /// How long an operator's fleet request may wait for etcd.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -40,14 +41,46 @@ pub enum FleetError {
     Timeout { endpoints: String, secs: u64 },
     #[error("no live node {node} in the fleet (live: {live})")]
     NoNode { node: String, live: String },
-    #[error(
-        "node {node} is {schedule}: it takes no new environments (`genos fleet uncordon {node}` \
-         puts it back); placing on another node from here is not wired yet: run the request \
-         on a ready node (`genos fleet nodes`)",
-        schedule = schedule.as_str()
-    )]
-    NotTaking { node: String, schedule: Schedule },
+    #[error("this node has not joined the fleet yet (is etcd at {endpoints} up?): nothing can be placed")]
+    NotJoined { endpoints: String },
+    #[error("cannot place {env}")]
+    Place {
+        env: String,
+        #[source]
+        source: MemberError,
+    },
+    #[error("creating {env} here failed")]
+    Local {
+        env: String,
+        #[source]
+        source: OrchError,
+    },
+    #[error("node {node} could not take {env}: {reason}")]
+    Refused {
+        env: String,
+        node: String,
+        reason: String,
+    },
+    #[error("{env} was placed on node {node}, which has not taken it within {secs} s (is its hostd up? `genos fleet nodes`)")]
+    NotTaken {
+        env: String,
+        node: String,
+        secs: u64,
+    },
 }
+
+/// Where a create through the fleet went.
+#[derive(Debug)]
+pub enum Created {
+    /// This node: its store's record.
+    Here(EnvRecord),
+    /// Another node, which took it: what it reports.
+    Elsewhere(FleetEnv),
+}
+
+/// How long a requester waits for the chosen node to take an environment (it looks once
+/// per refresh, [`REFRESH`]).
+const TAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One node as `genos fleet nodes` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -96,6 +129,10 @@ struct Inner {
     /// Environments seen in this node's store: one placed here that leaves the store was
     /// destroyed, and its placement is released.
     seen: Mutex<BTreeSet<String>>,
+    /// Placements on this node already taken (created) or refused, so each is tried once.
+    taken: Mutex<BTreeSet<String>>,
+    /// What this node last reported of each environment placed on it (state, reason).
+    reported: Mutex<BTreeMap<String, (String, Option<String>)>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -157,6 +194,8 @@ impl Membership {
                 lost: Mutex::new(BTreeMap::new()),
                 view: Mutex::new(None),
                 seen: Mutex::new(BTreeSet::new()),
+                taken: Mutex::default(),
+                reported: Mutex::default(),
                 task: Mutex::new(None),
             }),
         };
@@ -169,22 +208,261 @@ impl Membership {
         &self.inner.name
     }
 
-    /// Refuses a create on this node while an operator has it cordoned or draining, as this
-    /// node's placement core saw it at its last refresh (before the first join: allowed).
-    pub fn check_local_create(&self) -> Result<(), FleetError> {
-        let schedule = self
-            .inner
-            .view
-            .lock()
-            .expect("view lock")
-            .as_ref()
-            .map_or(Schedule::Ready, |f| f.schedule(&self.inner.name));
-        match schedule {
-            Schedule::Ready => Ok(()),
-            schedule => Err(FleetError::NotTaking {
+    /// Creates `spec` where the fleet places it: claims a node for it in etcd (least loaded
+    /// by dominant share among the ready nodes with room, this one included; never a
+    /// cordoned or draining one); on this node it is created here, on another the claim
+    /// carries the spec, that node creates it at its next refresh and reports it under
+    /// `envs/<name>`, which this waits for. A name another placement holds gets a suffix,
+    /// as local names do.
+    pub async fn create(
+        &self,
+        mut spec: proto::spec::Spec,
+        actor: &str,
+    ) -> Result<Created, FleetError> {
+        let needs = super::placement::Needs {
+            vcpus: spec.vcpus,
+            memory_mib: u64::from(spec.memory_mib),
+            labels: BTreeMap::new(),
+        };
+        let base = spec.name.clone();
+        let node = {
+            let guard = self.inner.member.lock().await;
+            let Some(m) = guard.as_ref() else {
+                return Err(FleetError::NotJoined {
+                    endpoints: self.endpoints(),
+                });
+            };
+            let mut n = 1;
+            loop {
+                // A name this node's store holds (outside the fleet) is taken too.
+                let local = self.inner.orch.show(&spec.name).is_ok();
+                if !local {
+                    match m
+                        .claim_with_spec(&spec.name, needs.clone(), Some(&spec))
+                        .await
+                    {
+                        Ok(node) => break node,
+                        Err(MemberError::Place(super::placement::PlaceError::Exists(_))) => {}
+                        Err(source) => {
+                            return Err(FleetError::Place {
+                                env: spec.name.clone(),
+                                source,
+                            })
+                        }
+                    }
+                }
+                n += 1;
+                let suffix = format!("-{n}");
+                spec.name = format!("{}{suffix}", &base[..base.len().min(63 - suffix.len())]);
+            }
+        };
+        let name = spec.name.clone();
+        if node == self.inner.name {
+            return match self.inner.orch.create(spec, actor) {
+                Ok(record) => {
+                    self.inner.taken.lock().expect("taken lock").insert(name);
+                    Ok(Created::Here(record))
+                }
+                Err(source) => {
+                    self.release_claim(&name).await;
+                    Err(FleetError::Local { env: name, source })
+                }
+            };
+        }
+        self.audit("fleet-forward", &format!("{name} placed on node {node}"));
+        let deadline = tokio::time::Instant::now() + TAKE_TIMEOUT;
+        loop {
+            let reported = {
+                let guard = self.inner.member.lock().await;
+                match guard.as_ref() {
+                    Some(m) => m.env(&name).await.ok().flatten(),
+                    None => None,
+                }
+            };
+            match reported {
+                Some(e) if e.state == "failed" => {
+                    let guard = self.inner.member.lock().await;
+                    if let Some(m) = guard.as_ref() {
+                        let _ = m.delete_env(&name).await;
+                    }
+                    return Err(FleetError::Refused {
+                        env: name,
+                        node,
+                        reason: e.reason.unwrap_or_default(),
+                    });
+                }
+                Some(e) => return Ok(Created::Elsewhere(e)),
+                None if tokio::time::Instant::now() >= deadline => {
+                    return Err(FleetError::NotTaken {
+                        env: name,
+                        node,
+                        secs: TAKE_TIMEOUT.as_secs(),
+                    })
+                }
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Every environment placed through the fleet on other nodes, as they report them
+    /// (within [`OP_TIMEOUT`]: a listing never waits on an unreachable etcd for long).
+    pub async fn elsewhere(&self) -> Result<Vec<FleetEnv>, FleetError> {
+        let read = async {
+            let guard = self.inner.member.lock().await;
+            let Some(m) = guard.as_ref() else {
+                return Err(FleetError::NotJoined {
+                    endpoints: self.endpoints(),
+                });
+            };
+            m.envs().await.map_err(|source| FleetError::Place {
+                env: "*".into(),
+                source,
+            })
+        };
+        let envs =
+            tokio::time::timeout(OP_TIMEOUT, read)
+                .await
+                .map_err(|_| FleetError::Timeout {
+                    endpoints: self.endpoints(),
+                    secs: OP_TIMEOUT.as_secs(),
+                })??;
+        Ok(envs
+            .into_iter()
+            .filter(|e| e.node != self.inner.name)
+            .collect())
+    }
+
+    /// What another node reports of `name`, if the fleet placed it there (`None` also when
+    /// etcd does not answer within [`OP_TIMEOUT`]).
+    pub async fn elsewhere_env(&self, name: &str) -> Option<FleetEnv> {
+        let read = async {
+            let guard = self.inner.member.lock().await;
+            guard.as_ref()?.env(name).await.ok().flatten()
+        };
+        let e = tokio::time::timeout(OP_TIMEOUT, read)
+            .await
+            .ok()
+            .flatten()?;
+        (e.node != self.inner.name).then_some(e)
+    }
+
+    async fn release_claim(&self, env: &str) {
+        let guard = self.inner.member.lock().await;
+        if let Some(m) = guard.as_ref() {
+            if let Err(e) = m.release(env).await {
+                tracing::warn!(env, error = %crate::error_chain(&e), "fleet: cannot release a failed placement");
+            }
+        }
+    }
+
+    /// Creates the environments other nodes placed here (each once), and reports the state
+    /// of every environment placed here whenever it changed.
+    async fn take_placed(&self, m: &Member, names: &BTreeSet<String>) {
+        let fleet = m.fleet();
+        let mine: Vec<String> = fleet
+            .placements()
+            .iter()
+            .filter(|(_, p)| p.node == self.inner.name)
+            .map(|(env, _)| env.clone())
+            .collect();
+        for env in &mine {
+            let fresh = !names.contains(env)
+                && self
+                    .inner
+                    .taken
+                    .lock()
+                    .expect("taken lock")
+                    .insert(env.clone());
+            if !fresh {
+                continue;
+            }
+            let claim = match m.claimed(env).await {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.inner.taken.lock().expect("taken lock").remove(env);
+                    tracing::warn!(env, error = %crate::error_chain(&e), "fleet: cannot read a placement; retrying");
+                    continue;
+                }
+            };
+            // Claimed here by this node: created (or being created) through `create`.
+            let Some(spec) = claim.spec else { continue };
+            let failure = match self
+                .inner
+                .orch
+                .create(spec.clone(), &format!("fleet:{}", claim.by))
+            {
+                Ok(record) if record.name == *env => {
+                    self.audit(
+                        "fleet-take",
+                        &format!("{env} placed here by node {}", claim.by),
+                    );
+                    None
+                }
+                Ok(record) => {
+                    // The store renamed it: a local environment holds the name.
+                    let _ = self.inner.orch.destroy(&record.name, "hostd").await;
+                    Some(format!(
+                        "an environment named {env} exists on node {} outside the fleet",
+                        self.inner.name
+                    ))
+                }
+                Err(e) => Some(crate::error_chain(&e)),
+            };
+            if let Some(reason) = failure {
+                tracing::warn!(env, reason, "fleet: cannot take a placement");
+                let report = FleetEnv {
+                    name: env.clone(),
+                    node: self.inner.name.clone(),
+                    address: self.inner.address.clone(),
+                    state: "failed".into(),
+                    reason: Some(reason),
+                    spec,
+                };
+                if let Err(e) = m.put_env(&report).await {
+                    tracing::warn!(env, error = %crate::error_chain(&e), "fleet: cannot report a refused placement");
+                }
+                if let Err(e) = m.release(env).await {
+                    tracing::warn!(env, error = %crate::error_chain(&e), "fleet: cannot release a refused placement");
+                }
+            }
+        }
+        // Reports: the store's state of each environment placed here, when it changed.
+        let Ok(envs) = self.inner.orch.list() else {
+            return;
+        };
+        for e in envs.into_iter().filter(|e| mine.contains(&e.name)) {
+            let now = (e.state.as_str().to_string(), e.reason.clone());
+            if self
+                .inner
+                .reported
+                .lock()
+                .expect("reported lock")
+                .get(&e.name)
+                == Some(&now)
+            {
+                continue;
+            }
+            let report = FleetEnv {
+                name: e.name.clone(),
                 node: self.inner.name.clone(),
-                schedule,
-            }),
+                address: self.inner.address.clone(),
+                state: now.0.clone(),
+                reason: now.1.clone(),
+                spec: e.spec,
+            };
+            match m.put_env(&report).await {
+                Ok(()) => {
+                    self.inner
+                        .reported
+                        .lock()
+                        .expect("reported lock")
+                        .insert(e.name, now);
+                }
+                Err(err) => {
+                    tracing::warn!(env = e.name, error = %crate::error_chain(&err), "fleet: cannot report an environment's state")
+                }
+            }
         }
     }
 
@@ -309,6 +587,10 @@ impl Membership {
                     break;
                 }
                 self.note_losses(m);
+                let (_, names) = self.local();
+                if let Some(names) = &names {
+                    self.take_placed(m, names).await;
+                }
                 let (record, names) = self.local();
                 if let Some(names) = names {
                     self.release_destroyed(m, names).await;
@@ -344,6 +626,18 @@ impl Membership {
                 .collect()
         };
         for env in gone {
+            if self
+                .inner
+                .reported
+                .lock()
+                .expect("reported lock")
+                .remove(&env)
+                .is_some()
+            {
+                if let Err(e) = m.delete_env(&env).await {
+                    tracing::warn!(env, error = %crate::error_chain(&e), "fleet: cannot forget a destroyed environment's report");
+                }
+            }
             match m.release(&env).await {
                 Ok(released) => {
                     self.inner.seen.lock().expect("seen lock").remove(&env);
