@@ -467,7 +467,7 @@ impl From<OrchError> for ApiError {
 }
 
 /// The HTTP status of an orchestrator error.
-fn orch_status(e: &OrchError) -> StatusCode {
+pub(crate) fn orch_status(e: &OrchError) -> StatusCode {
     match e {
         OrchError::NotFound(_) => StatusCode::NOT_FOUND,
         OrchError::WrongState { .. } | OrchError::Admission(_) => StatusCode::CONFLICT,
@@ -666,7 +666,10 @@ async fn stop(
     axum::Extension(actor): axum::Extension<Actor>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult {
-    Ok(Json(json!({"env": st.orch.stop(&name, &actor.0).await?})).into_response())
+    match st.orch.stop(&name, &actor.0).await {
+        Err(OrchError::NotFound(n)) => relay_or(&st, "stop", &name, &actor.0, json!({}), n).await,
+        done => Ok(Json(json!({"env": done?})).into_response()),
+    }
 }
 
 async fn destroy(
@@ -674,7 +677,38 @@ async fn destroy(
     axum::Extension(actor): axum::Extension<Actor>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult {
-    Ok(Json(json!({"env": st.orch.destroy(&name, &actor.0).await?})).into_response())
+    match st.orch.destroy(&name, &actor.0).await {
+        Err(OrchError::NotFound(n)) => {
+            relay_or(&st, "destroy", &name, &actor.0, json!({}), n).await
+        }
+        done => Ok(Json(json!({"env": done?})).into_response()),
+    }
+}
+
+/// For an environment not in this node's store: on a fleet member whose fleet placed it on
+/// another node, `op` runs there ([`crate::fleet::Membership::relay`]) and its answer is
+/// this one; otherwise not found.
+async fn relay_or(
+    st: &AppState,
+    op: &str,
+    name: &str,
+    actor: &str,
+    args: Value,
+    not_found: String,
+) -> ApiResult {
+    let Some(fleet) = &st.fleet else {
+        return Err(OrchError::NotFound(not_found).into());
+    };
+    let Some(e) = fleet.elsewhere_env(name).await else {
+        return Err(OrchError::NotFound(not_found).into());
+    };
+    let (status, body) = fleet.relay(&e.node, op, name, actor, args).await?;
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if status.is_success() {
+        return Ok((status, Json(body)).into_response());
+    }
+    let why = body["error"].as_str().unwrap_or("failed").to_string();
+    Err(ApiError(status, format!("on node {}: {why}", e.node)))
 }
 
 #[derive(Deserialize, Default)]
@@ -697,7 +731,13 @@ async fn token(
         .unwrap_or(3600)
         .clamp(MIN_TTL.as_secs(), MAX_TTL.as_secs());
     let rights = body.rights.unwrap_or_else(|| "view,input,clipboard".into());
-    Ok(Json(st.orch.mint_token(&name, &actor.0, ttl, &rights)?).into_response())
+    match st.orch.mint_token(&name, &actor.0, ttl, &rights) {
+        Err(OrchError::NotFound(n)) => {
+            let args = json!({"ttl_s": ttl, "rights": rights});
+            relay_or(&st, "token", &name, &actor.0, args, n).await
+        }
+        minted => Ok(Json(minted?).into_response()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -973,7 +1013,10 @@ impl From<crate::fleet::FleetError> for ApiError {
             | FleetError::Refused { .. } => StatusCode::CONFLICT,
             FleetError::Place { .. } => StatusCode::SERVICE_UNAVAILABLE,
             FleetError::Local { source, .. } => orch_status(source),
-            FleetError::NotTaken { .. } => StatusCode::GATEWAY_TIMEOUT,
+            FleetError::NotTaken { .. } | FleetError::NotAnswered { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            FleetError::Relay { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, crate::error_chain(&e))
     }

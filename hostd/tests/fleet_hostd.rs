@@ -386,10 +386,34 @@ fn two_hostds_share_a_fleet_cordon_lose_a_node_and_survive_an_etcd_outage() {
     let shown = json(&a.genos(&["--json", "show", &far]));
     assert_eq!(shown["env"]["node"], "b", "{shown}");
     wait_audit(&b, "fleet-take", |e| e["action"] == "fleet-take");
+    // A token and the destroy asked on a run on b, which answers through etcd: b's own
+    // refusal (the environment failed: this test has no guest images) reaches a's caller
+    // naming the node, and the destroy succeeds.
+    let relayed_at = Instant::now();
+    let o = a.genos(&["token", &far]);
+    eprintln!(
+        "fleet_hostd: a token request relayed to b and answered in {:.1} s",
+        relayed_at.elapsed().as_secs_f64()
+    );
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains(&format!("on node b: cannot mint a token for {far}")),
+        "{}",
+        stderr(&o)
+    );
     // b notes its environments once a second: let it see this one before it goes.
     std::thread::sleep(Duration::from_secs(2));
-    let o = b.genos(&["destroy", &far]);
+    let o = a.genos(&["destroy", &far]);
     assert!(o.status.success(), "{}", stderr(&o));
+    let gone = json(&b.genos(&["--json", "list"]));
+    assert!(
+        !gone["envs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == far.as_str()),
+        "{gone}"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let on_a = json(&a.genos(&["--json", "list"]));

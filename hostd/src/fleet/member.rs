@@ -128,6 +128,34 @@ pub struct FleetEnv {
     pub spec: proto::spec::Spec,
 }
 
+/// A request one member relays to the node that runs an environment (`stop`, `destroy`,
+/// `token`): the value of `<prefix>relay/<node>/<id>`, under the requester's lease (a
+/// requester that is gone asks nothing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Relayed {
+    pub op: String,
+    pub env: String,
+    /// Who asked, on the requesting node, for the audit log.
+    pub actor: String,
+    /// The requesting node.
+    pub by: String,
+    /// The operation's arguments (a token's `ttl_s` and `rights`).
+    #[serde(default)]
+    pub args: serde_json::Value,
+}
+
+/// The answer to a [`Relayed`] request: `<prefix>answers/<id>`, under a lease of its own
+/// ([`ANSWER_TTL_S`]) so that an answer nobody reads goes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayAnswer {
+    /// The HTTP status the operation had on the node that ran it.
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+/// How long an unread relay answer stays in etcd.
+pub const ANSWER_TTL_S: i64 = 60;
+
 /// The key of an environment's [`FleetEnv`].
 pub fn env_key(prefix: &str, name: &str) -> String {
     format!("{prefix}envs/{name}")
@@ -549,6 +577,85 @@ impl Member {
             .delete(env_key(&self.prefix, name), None)
             .await
             .map_err(|e| self.env_err(name, e))?;
+        Ok(())
+    }
+
+    /// Asks `node` to run `req`, under this member's lease; returns the request's id.
+    pub async fn relay(&self, node: &str, req: &Relayed) -> Result<String, MemberError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{unix_ns}-{n}", self.name);
+        let value = serde_json::to_vec(req).map_err(MemberError::Encode)?;
+        self.client
+            .clone()
+            .put(
+                format!("{}relay/{node}/{id}", self.prefix),
+                value,
+                Some(PutOptions::new().with_lease(self.lease)),
+            )
+            .await
+            .map_err(|e| self.env_err(&req.env, e))?;
+        Ok(id)
+    }
+
+    /// The answer to relayed request `id`, once there (read and deleted).
+    pub async fn take_answer(&self, id: &str) -> Result<Option<RelayAnswer>, MemberError> {
+        let key = format!("{}answers/{id}", self.prefix);
+        let mut c = self.client.clone();
+        let got = c
+            .get(key.clone(), None)
+            .await
+            .map_err(|e| self.env_err(id, e))?;
+        let Some(kv) = got.kvs().first() else {
+            return Ok(None);
+        };
+        let answer = serde_json::from_slice(kv.value()).ok();
+        c.delete(key, None).await.map_err(|e| self.env_err(id, e))?;
+        Ok(answer)
+    }
+
+    /// The requests relayed to this node, with their ids (each is deleted once answered).
+    pub async fn relayed_here(&self) -> Result<Vec<(String, Relayed)>, MemberError> {
+        let dir = format!("{}relay/{}/", self.prefix, self.name);
+        let got = self
+            .client
+            .clone()
+            .get(dir.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.env_err("relay", e))?;
+        Ok(got
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let id = String::from_utf8_lossy(kv.key())
+                    .strip_prefix(&dir)?
+                    .to_string();
+                Some((id, serde_json::from_slice(kv.value()).ok()?))
+            })
+            .collect())
+    }
+
+    /// Answers relayed request `id` and removes the request, in one transaction.
+    pub async fn answer(&self, id: &str, answer: &RelayAnswer) -> Result<(), MemberError> {
+        let mut c = self.client.clone();
+        let lease = c
+            .lease_grant(ANSWER_TTL_S, None)
+            .await
+            .map_err(|e| self.env_err(id, e))?
+            .id();
+        let value = serde_json::to_vec(answer).map_err(MemberError::Encode)?;
+        let txn = Txn::new().and_then([
+            TxnOp::put(
+                format!("{}answers/{id}", self.prefix),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            TxnOp::delete(format!("{}relay/{}/{id}", self.prefix, self.name), None),
+        ]);
+        c.txn(txn).await.map_err(|e| self.env_err(id, e))?;
         Ok(())
     }
 

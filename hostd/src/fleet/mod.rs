@@ -8,7 +8,7 @@ pub mod member;
 pub mod placement;
 pub mod service;
 
-pub use member::FleetEnv;
+pub use member::{FleetEnv, RelayAnswer, Relayed};
 pub use member::{Claim, Member, MemberError};
 pub use placement::{
     Decision, Fleet, Load, LossPolicy, Needs, Node, NodeRecord, NodeState, PlaceError, Placement,

@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 use serde::Serialize;
 
-use super::member::{node_key, schedule_key, Claim, FleetEnv, Member, MemberError};
+use super::member::{
+    node_key, schedule_key, Claim, FleetEnv, Member, MemberError, RelayAnswer, Relayed,
+};
 use super::placement::{Load, NodeRecord, NodeState, Schedule};
 use crate::config::FleetConfig;
 use crate::orchestrator::{OrchError, Orchestrator};
@@ -67,7 +69,26 @@ pub enum FleetError {
         node: String,
         secs: u64,
     },
+    #[error("cannot relay {op} of {env} to node {node}")]
+    Relay {
+        op: String,
+        env: String,
+        node: String,
+        #[source]
+        source: MemberError,
+    },
+    #[error("node {node} has not answered {op} of {env} within {secs} s (is its hostd up? `genos fleet nodes`)")]
+    NotAnswered {
+        op: String,
+        env: String,
+        node: String,
+        secs: u64,
+    },
 }
+
+/// How long a relayed request waits for the node that runs the environment (it looks once
+/// per refresh, [`REFRESH`]).
+const RELAY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Where a create through the fleet went.
 #[derive(Debug)]
@@ -346,6 +367,117 @@ impl Membership {
         (e.node != self.inner.name).then_some(e)
     }
 
+    /// Runs `op` (`stop`, `destroy`, `token`) of `env` on `node`, which runs it: the request
+    /// goes through etcd, that node runs it at its next refresh and answers with the status
+    /// and body its own admin API would have given. (A token crosses etcd in the answer,
+    /// under a 60 s lease, read and deleted at once: etcd is the fleet's trusted store, as
+    /// Kubernetes keeps its secrets there; give it TLS, docs/fleet.md.)
+    pub async fn relay(
+        &self,
+        node: &str,
+        op: &str,
+        env: &str,
+        actor: &str,
+        args: serde_json::Value,
+    ) -> Result<(u16, serde_json::Value), FleetError> {
+        let failed = |source| FleetError::Relay {
+            op: op.into(),
+            env: env.into(),
+            node: node.into(),
+            source,
+        };
+        let req = Relayed {
+            op: op.into(),
+            env: env.into(),
+            actor: actor.into(),
+            by: self.inner.name.clone(),
+            args,
+        };
+        let id = {
+            let guard = self.inner.member.lock().await;
+            let Some(m) = guard.as_ref() else {
+                return Err(FleetError::NotJoined {
+                    endpoints: self.endpoints(),
+                });
+            };
+            m.relay(node, &req).await.map_err(failed)?
+        };
+        let deadline = tokio::time::Instant::now() + RELAY_TIMEOUT;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let answer = {
+                let guard = self.inner.member.lock().await;
+                match guard.as_ref() {
+                    Some(m) => m.take_answer(&id).await.map_err(failed)?,
+                    None => None,
+                }
+            };
+            if let Some(a) = answer {
+                return Ok((a.status, a.body));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(FleetError::NotAnswered {
+                    op: op.into(),
+                    env: env.into(),
+                    node: node.into(),
+                    secs: RELAY_TIMEOUT.as_secs(),
+                });
+            }
+        }
+    }
+
+    /// Runs the requests other members relayed here and answers each.
+    async fn serve_relayed(&self, m: &Member) {
+        let requests = match m.relayed_here().await {
+            Ok(r) => r,
+            Err(e) => {
+                return tracing::warn!(error = %crate::error_chain(&e), "fleet: cannot read relayed requests")
+            }
+        };
+        for (id, req) in requests {
+            let actor = format!("{}@{}", req.actor, req.by);
+            let orch = &self.inner.orch;
+            let done = match req.op.as_str() {
+                "stop" => orch
+                    .stop(&req.env, &actor)
+                    .await
+                    .map(|e| serde_json::json!({"env": e})),
+                "destroy" => orch
+                    .destroy(&req.env, &actor)
+                    .await
+                    .map(|e| serde_json::json!({"env": e})),
+                "token" => orch.mint_token(
+                    &req.env,
+                    &actor,
+                    req.args["ttl_s"].as_u64().unwrap_or(3600),
+                    req.args["rights"]
+                        .as_str()
+                        .unwrap_or("view,input,clipboard"),
+                ),
+                other => {
+                    let answer = RelayAnswer {
+                        status: 400,
+                        body: serde_json::json!({"error": format!("no relayed operation {other:?} (stop, destroy, token)")}),
+                    };
+                    if let Err(e) = m.answer(&id, &answer).await {
+                        tracing::warn!(id, error = %crate::error_chain(&e), "fleet: cannot answer a relayed request");
+                    }
+                    continue;
+                }
+            };
+            let answer = match done {
+                Ok(body) => RelayAnswer { status: 200, body },
+                Err(e) => RelayAnswer {
+                    status: crate::admin::orch_status(&e).as_u16(),
+                    body: serde_json::json!({"error": crate::error_chain(&e)}),
+                },
+            };
+            if let Err(e) = m.answer(&id, &answer).await {
+                tracing::warn!(id, error = %crate::error_chain(&e), "fleet: cannot answer a relayed request");
+            }
+        }
+    }
+
     async fn release_claim(&self, env: &str) {
         let guard = self.inner.member.lock().await;
         if let Some(m) = guard.as_ref() {
@@ -591,6 +723,7 @@ impl Membership {
                 if let Some(names) = &names {
                     self.take_placed(m, names).await;
                 }
+                self.serve_relayed(m).await;
                 let (record, names) = self.local();
                 if let Some(names) = names {
                     self.release_destroyed(m, names).await;
