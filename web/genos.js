@@ -57,6 +57,8 @@
     resumed: false,
     reconnects: 0,
     wakeLock: null,
+    clockOffsetUs: null, // the host's clock minus the page's (µs), from the best Ping round trip
+    reportsSent: 0, // Stats reports sent to the host
   });
 
   const canvas = document.getElementById("screen");
@@ -176,8 +178,11 @@
     message(0x13, 4, (v, o) => { v.setInt16(o, dx, true); v.setInt16(o + 2, dy, true); });
   const resizeMsg = (w, h) =>
     message(0x09, 4, (v, o) => { v.setUint16(o, w, true); v.setUint16(o + 2, h, true); });
+  // The page's wall clock in microseconds, finer than Date.now()'s milliseconds (Ping, Pong
+  // and the latency of each frame use it).
+  const nowUs = () => Math.round((performance.timeOrigin + performance.now()) * 1000);
   const pingMsg = () =>
-    message(0x0b, 8, (v, o) => { v.setBigUint64(o, BigInt(Date.now()) * 1000n, true); });
+    message(0x0b, 8, (v, o) => { v.setBigUint64(o, BigInt(nowUs()), true); });
 
   let lastKeyframeRequest = -Infinity;
   function requestKeyframe() {
@@ -265,16 +270,18 @@
         g.framesDecoded++;
         g.drawnSequence = sequenceOf.get(frame.timestamp);
         const submitted = submittedAt.get(frame.timestamp);
-        if (submitted !== undefined) statDecodeMs.push(performance.now() - submitted);
-        if (clockOffsetUs !== null) {
-          // Glass-to-glass: captured (server clock) to drawn (page clock, offset from Pong).
-          statLatencyMs.push((Date.now() * 1000 - clockOffsetUs - frame.timestamp) / 1000);
-        }
+        const decodeMs = submitted === undefined ? null : performance.now() - submitted;
         for (const t of submittedAt.keys()) if (t <= frame.timestamp) submittedAt.delete(t);
         for (const t of sequenceOf.keys()) if (t <= frame.timestamp) sequenceOf.delete(t);
         if (lastFrame) lastFrame.close();
         lastFrame = frame;
+        const drawStart = performance.now();
         draw(frame);
+        const drawMs = performance.now() - drawStart;
+        // Glass-to-glass: captured (server clock) to painted on the canvas (page clock,
+        // corrected by the offset from Pong), once the page knows the offset.
+        const latencyMs = clockOffsetUs === null ? null : (nowUs() - clockOffsetUs - frame.timestamp) / 1000;
+        recordFrame(decodeMs, latencyMs, drawMs, frame.timestamp);
       },
       error: (e) => {
         g.decodeErrors++;
@@ -679,8 +686,8 @@
   }
   setInterval(() => { if (g.state === "open") send(pingMsg()); }, 5000);
 
-  // --- statistics: once a second to the host (Stats) and, on demand, in an overlay ----------
-  // (`#...&stats=1` in the link, or genos.toggleStats()).
+  // --- statistics: every 2 s to the host (Stats), once a second in genos.stats and, on
+  // demand, in an overlay (`#...&stats=1` in the link, or genos.toggleStats()).
   let statBytes = 0;
   let statDecoded = 0;
   let statDecodeMs = [];
@@ -693,18 +700,96 @@
   function onPong(v, o) {
     const sentUs = Number(v.getBigUint64(o, true));
     const serverUs = Number(v.getBigUint64(o + 8, true));
-    const nowUs = Date.now() * 1000;
-    const rtt = nowUs - sentUs;
+    const now = nowUs();
+    const rtt = now - sentUs;
     if (rtt >= 0 && rtt <= bestRttUs) {
       bestRttUs = rtt;
-      clockOffsetUs = serverUs - (sentUs + nowUs) / 2;
+      clockOffsetUs = serverUs - (sentUs + now) / 2;
+      g.clockOffsetUs = clockOffsetUs;
     }
   }
+  // Each decoded frame's decode time and latency (null while unknown), for the overlay (1 s
+  // windows), the report to the host (2 s windows) and a recording, if one runs.
+  let reportDecodeMs = [];
+  let reportLatencyMs = [];
+  let recording = null;
+  function recordFrame(decodeMs, latencyMs, drawMs, captureUs) {
+    if (decodeMs !== null) { statDecodeMs.push(decodeMs); reportDecodeMs.push(decodeMs); }
+    if (latencyMs !== null) { statLatencyMs.push(latencyMs); reportLatencyMs.push(latencyMs); }
+    if (!recording) return;
+    const r = recording;
+    const now = performance.now();
+    if (r.skip > 0) {
+      r.skip--; // warm-up: not recorded
+      if (r.skip === 0) r.since = now;
+      return;
+    }
+    r.frames++;
+    if (r.firstMs === null) r.firstMs = now;
+    r.lastMs = now;
+    if (decodeMs !== null) r.decodeMs.push(decodeMs);
+    r.drawMs.push(drawMs);
+    if (latencyMs === null) return;
+    r.latencyMs.push(latencyMs);
+    // Capture to handed to the decoder: the host's encoding, the transport, the page's queue.
+    if (decodeMs !== null) r.transitMs.push(latencyMs - decodeMs - drawMs);
+    // When the page's next rendering update begins (the canvas goes to the compositor in it).
+    requestAnimationFrame(() => {
+      if (recording === r) r.nextFrameMs.push((nowUs() - clockOffsetUs - captureUs) / 1000);
+    });
+  }
+  // A recording of every decoded frame's decode time and latency, for benchmarks
+  // (hostd/examples/web_bench.rs). genos.startRecording(skip) starts it, the first `skip`
+  // frames decoded from then on not recorded (a warm-up); genos.recordingStatus() is
+  // {started, frames} (started: the warm-up is over); genos.stopRecording() ends it and
+  // returns {frames, seconds (since the warm-up ended), spanMs (first to last recorded frame),
+  // dropped, decodeErrors, and per frame decodeMs, drawMs (drawImage), latencyMs, transitMs
+  // (capture to handed to the decoder) and nextFrameMs (capture to the page's next animation
+  // frame after the paint)}.
+  g.startRecording = (skip = 0) => {
+    recording = {
+      skip, frames: 0, since: skip > 0 ? null : performance.now(), firstMs: null, lastMs: null,
+      dropped: g.framesDropped, decodeErrors: g.decodeErrors, decodeMs: [], drawMs: [], latencyMs: [], transitMs: [],
+      nextFrameMs: [],
+    };
+  };
+  g.recordingStatus = () => recording && { started: recording.since !== null, frames: recording.frames };
+  g.stopRecording = () => {
+    const r = recording;
+    recording = null;
+    if (!r) return null;
+    const { since, firstMs, lastMs, skip, ...rest } = r;
+    return {
+      ...rest,
+      seconds: since === null ? 0 : (performance.now() - since) / 1000,
+      spanMs: firstMs === null ? 0 : lastMs - firstMs,
+      dropped: g.framesDropped - r.dropped,
+      decodeErrors: g.decodeErrors - r.decodeErrors,
+    };
+  };
+
   const median = (a) => {
     if (!a.length) return null;
     const b = [...a].sort((x, y) => x - y);
     return b[Math.floor(b.length / 2)];
   };
+  // The report to the host (Stats, docs/protocol.md), every 2 s while the page decodes, as
+  // genos-view's: running totals and the medians over the last 2 s.
+  const us = (ms) => (ms === null ? 0 : Math.max(0, Math.min(0xffffffff, Math.round(ms * 1000))));
+  setInterval(() => {
+    const decode = median(reportDecodeMs);
+    const latency = median(reportLatencyMs);
+    reportDecodeMs = [];
+    reportLatencyMs = [];
+    if (g.state !== "open" || decode === null) return;
+    g.reportsSent++;
+    send(message(0x0a, 24, (v, o) => {
+      v.setBigUint64(o, BigInt(g.framesDecoded), true);
+      v.setBigUint64(o + 8, BigInt(g.framesDropped), true);
+      v.setUint32(o + 16, us(decode), true);
+      v.setUint32(o + 20, us(latency), true);
+    }));
+  }, 2000);
   setInterval(() => {
     if (g.state !== "open") return;
     const decode = median(statDecodeMs);
@@ -723,13 +808,6 @@
     statBytes = 0;
     statDecodeMs = [];
     statLatencyMs = [];
-    const us = (ms) => (ms === null ? 0 : Math.max(0, Math.min(0xffffffff, Math.round(ms * 1000))));
-    send(message(0x0a, 24, (v, o) => {
-      v.setBigUint64(o, BigInt(g.framesDecoded), true);
-      v.setBigUint64(o + 8, BigInt(g.framesDropped), true);
-      v.setUint32(o + 16, us(decode), true);
-      v.setUint32(o + 20, us(latency), true);
-    }));
     if (!statsEl.hidden) {
       const f = (x, d) => (x === null ? "–" : x.toFixed(d));
       statsEl.textContent = `${g.stats.fps} fps · ${g.stats.bitrateKbps} kbit/s · decode ${f(decode, 1)} ms · ` +
