@@ -1006,11 +1006,12 @@ impl From<crate::fleet::FleetError> for ApiError {
             }
             FleetError::NoNode { .. } => StatusCode::NOT_FOUND,
             FleetError::NotJoined { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            FleetError::Place {
-                source: crate::fleet::MemberError::Place(_),
-                ..
+            FleetError::Place { source, .. }
+                if matches!(**source, crate::fleet::MemberError::Place(_)) =>
+            {
+                StatusCode::CONFLICT
             }
-            | FleetError::Refused { .. } => StatusCode::CONFLICT,
+            FleetError::Refused { .. } => StatusCode::CONFLICT,
             FleetError::Place { .. } => StatusCode::SERVICE_UNAVAILABLE,
             FleetError::Local { source, .. } => orch_status(source),
             FleetError::NotTaken { .. } | FleetError::NotAnswered { .. } => {

@@ -49,13 +49,13 @@ pub enum FleetError {
     Place {
         env: String,
         #[source]
-        source: MemberError,
+        source: Box<MemberError>,
     },
     #[error("creating {env} here failed")]
     Local {
         env: String,
         #[source]
-        source: OrchError,
+        source: Box<OrchError>,
     },
     #[error("node {node} could not take {env}: {reason}")]
     Refused {
@@ -75,7 +75,7 @@ pub enum FleetError {
         env: String,
         node: String,
         #[source]
-        source: MemberError,
+        source: Box<MemberError>,
     },
     #[error("node {node} has not answered {op} of {env} within {secs} s (is its hostd up? `genos fleet nodes`)")]
     NotAnswered {
@@ -267,7 +267,7 @@ impl Membership {
                         Err(source) => {
                             return Err(FleetError::Place {
                                 env: spec.name.clone(),
-                                source,
+                                source: Box::new(source),
                             })
                         }
                     }
@@ -286,7 +286,10 @@ impl Membership {
                 }
                 Err(source) => {
                     self.release_claim(&name).await;
-                    Err(FleetError::Local { env: name, source })
+                    Err(FleetError::Local {
+                        env: name,
+                        source: Box::new(source),
+                    })
                 }
             };
         }
@@ -337,7 +340,7 @@ impl Membership {
             };
             m.envs().await.map_err(|source| FleetError::Place {
                 env: "*".into(),
-                source,
+                source: Box::new(source),
             })
         };
         let envs =
@@ -384,7 +387,7 @@ impl Membership {
             op: op.into(),
             env: env.into(),
             node: node.into(),
-            source,
+            source: Box::new(source),
         };
         let req = Relayed {
             op: op.into(),
