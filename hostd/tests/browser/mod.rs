@@ -24,8 +24,10 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
+/// How long the tokens of [`Host::token`] last.
 pub const HOUR: Duration = Duration::from_secs(3600);
 
+/// The Chromium on `PATH` (Debian's `chromium`), if any.
 pub fn chromium() -> Option<&'static str> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     ["chromium", "chromium-browser", "google-chrome"]
@@ -43,6 +45,8 @@ pub struct Host {
     pub spki: String,
 }
 
+/// A stream server on 127.0.0.1 with one environment, `web`, showing `scene` at `w` x `h` and
+/// `fps`, and the web server (page, WebSocket) on its port.
 pub async fn host(scene: Scene, w: u32, h: u32, fps: f32) -> Host {
     // RUST_LOG=hostd=debug shows the server's side of a failing test.
     let _ = tracing_subscriber::fmt()
