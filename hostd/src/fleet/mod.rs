@@ -8,8 +8,8 @@ pub mod member;
 pub mod placement;
 pub mod service;
 
-pub use member::{FleetEnv, RelayAnswer, Relayed};
 pub use member::{Claim, Member, MemberError};
+pub use member::{FleetEnv, RelayAnswer, Relayed};
 pub use placement::{
     Decision, Fleet, Load, LossPolicy, Needs, Node, NodeRecord, NodeState, PlaceError, Placement,
     PlacementState, Schedule,
