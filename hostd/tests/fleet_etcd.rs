@@ -3,11 +3,13 @@
 //! member that stops keeping its lease alive is seen leaving within the lease's TTL.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{find_etcd, free_port};
 use hostd::config::FleetConfig;
 use hostd::fleet::{Decision, Member, Needs, NodeRecord, NodeState};
 use testkit::{skip, Need};
@@ -27,25 +29,8 @@ impl Drop for Etcd {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn find_etcd() -> Option<String> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join("etcd"))
-        .find(|p| p.is_file())
-        .map(|p| p.display().to_string())
-}
-
 /// Starts a one-member etcd and waits until it serves clients.
-async fn start_etcd(binary: &str) -> Etcd {
+async fn start_etcd(binary: &Path) -> Etcd {
     let dir = tempfile::tempdir().unwrap();
     let (cp, pp) = (free_port(), free_port());
     let client_url = format!("http://127.0.0.1:{cp}");

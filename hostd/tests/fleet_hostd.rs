@@ -9,11 +9,10 @@ mod common;
 #[path = "common/daemon.rs"]
 mod daemon;
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{find_etcd, free_port};
 use daemon::{json, stderr, stdout, Hostd};
 use serde_json::Value;
 use testkit::{skip, Need};
@@ -85,22 +84,6 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn find_etcd() -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join("etcd"))
-        .find(|p| p.is_file())
 }
 
 fn config(etcd: &str, node: &str, labels: &str) -> String {

@@ -152,6 +152,9 @@ struct Inner {
     seen: Mutex<BTreeSet<String>>,
     /// Placements on this node already taken (created) or refused, so each is tried once.
     taken: Mutex<BTreeSet<String>>,
+    /// Set while a join is under way (its record may be in etcd before the member is held):
+    /// a shutdown waits for it, so that the record is withdrawn rather than left to lapse.
+    joining: std::sync::atomic::AtomicBool,
     /// What this node last reported of each environment placed on it (state, reason).
     reported: Mutex<BTreeMap<String, (String, Option<String>)>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -216,6 +219,7 @@ impl Membership {
                 view: Mutex::new(None),
                 seen: Mutex::new(BTreeSet::new()),
                 taken: Mutex::default(),
+                joining: Default::default(),
                 reported: Mutex::default(),
                 task: Mutex::new(None),
             }),
@@ -678,7 +682,16 @@ impl Membership {
         let mut rejoin: Option<&'static str> = None;
         loop {
             let (record, _) = self.local();
-            let member = match Member::join(&self.inner.cfg, record.clone()).await {
+            self.inner
+                .joining
+                .store(true, std::sync::atomic::Ordering::Release);
+            let joined = Member::join(&self.inner.cfg, record.clone()).await;
+            if joined.is_err() {
+                self.inner
+                    .joining
+                    .store(false, std::sync::atomic::Ordering::Release);
+            }
+            let member = match joined {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(
@@ -692,14 +705,23 @@ impl Membership {
                 }
             };
             backoff = Duration::from_secs(1);
-            self.note_losses(&member);
+            // Held at once, before anything slower (the audit log's write): a shutdown that
+            // comes now finds the member and leaves, instead of letting its lease lapse.
+            let old = {
+                let mut guard = self.inner.member.lock().await;
+                self.note_losses(&member);
+                let old = guard.replace(member);
+                self.inner
+                    .joining
+                    .store(false, std::sync::atomic::Ordering::Release);
+                old
+            };
             let detail = match rejoin {
                 Some(why) => format!("re-joined {endpoints} under a new lease ({why})"),
                 None => format!("joined {endpoints}"),
             };
             tracing::info!(node = name, endpoints, "{detail}");
             self.audit("fleet-join", &detail);
-            let old = self.inner.member.lock().await.replace(member);
             if let Some(old) = old {
                 // The new record already holds the key: revoking the old lease drops nothing.
                 old.abandon(OP_TIMEOUT).await;
@@ -830,6 +852,17 @@ impl Membership {
 
     /// Leaves the fleet (revokes the lease: the key goes at once) if etcd answers in time.
     pub async fn leave(&self) {
+        // A join under way finishes first (within OP_TIMEOUT), so that its record is
+        // withdrawn now instead of lapsing with its lease.
+        let deadline = tokio::time::Instant::now() + OP_TIMEOUT;
+        while self
+            .inner
+            .joining
+            .load(std::sync::atomic::Ordering::Acquire)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         if let Some(t) = self.inner.task.lock().expect("task lock").take() {
             t.abort();
         }

@@ -297,3 +297,21 @@ pub fn start_display_vmm(bin: &Path, kernel: &Path) -> DisplayVmm {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A TCP port on 127.0.0.1 free when asked (for a server the test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Debian's `etcd` server binary on PATH (`scripts/install-deps` installs `etcd-server`).
+pub fn find_etcd() -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join("etcd"))
+        .find(|p| p.is_file())
+}
