@@ -392,11 +392,7 @@ impl Member {
                 Some(PutOptions::new().with_lease(self.lease)),
             )
             .await
-            .map_err(|source| MemberError::Publish {
-                node: self.name.clone(),
-                endpoints: self.endpoints.clone(),
-                source: Box::new(source),
-            })?;
+            .map_err(|source| self.publish_err(source))?;
         Ok(())
     }
 
@@ -659,6 +655,14 @@ impl Member {
         Ok(())
     }
 
+    fn publish_err(&self, source: etcd_client::Error) -> MemberError {
+        MemberError::Publish {
+            node: self.name.clone(),
+            endpoints: self.endpoints.clone(),
+            source: Box::new(source),
+        }
+    }
+
     fn env_err(&self, env: &str, source: etcd_client::Error) -> MemberError {
         MemberError::Env {
             env: env.to_string(),
@@ -736,11 +740,7 @@ impl Member {
         self.client
             .txn(txn)
             .await
-            .map_err(|source| MemberError::Publish {
-                node: self.name.clone(),
-                endpoints: self.endpoints.clone(),
-                source: Box::new(source),
-            })?;
+            .map_err(|source| self.publish_err(source))?;
         self.client
             .lease_revoke(self.lease)
             .await

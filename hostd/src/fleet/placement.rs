@@ -257,6 +257,15 @@ impl Fleet {
             .collect()
     }
 
+    /// The environments placed on `node`, by name.
+    pub fn placed_on(&self, node: &str) -> Vec<String> {
+        self.placements
+            .iter()
+            .filter(|(_, p)| p.node == node)
+            .map(|(env, _)| env.clone())
+            .collect()
+    }
+
     /// vCPUs and MiB committed on `node`: its placed environments and what it publishes it
     /// runs besides them ([`Load`]).
     pub fn committed(&self, node: &str) -> (u64, u64) {

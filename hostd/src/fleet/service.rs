@@ -497,13 +497,7 @@ impl Membership {
     /// Creates the environments other nodes placed here (each once), and reports the state
     /// of every environment placed here whenever it changed.
     async fn take_placed(&self, m: &Member, names: &BTreeSet<String>) {
-        let fleet = m.fleet();
-        let mine: Vec<String> = fleet
-            .placements()
-            .iter()
-            .filter(|(_, p)| p.node == self.inner.name)
-            .map(|(env, _)| env.clone())
-            .collect();
+        let mine = m.fleet().placed_on(&self.inner.name);
         for env in &mine {
             let fresh = !names.contains(env)
                 && self
@@ -619,13 +613,7 @@ impl Membership {
             .lock()
             .expect("view lock")
             .as_ref()
-            .map(|f| {
-                f.placements()
-                    .iter()
-                    .filter(|(_, p)| p.node == self.inner.name)
-                    .map(|(env, _)| env.clone())
-                    .collect()
-            })
+            .map(|f| f.placed_on(&self.inner.name).into_iter().collect())
             .unwrap_or_default();
         let mut load = Load::default();
         let names = match self.inner.orch.list() {
@@ -769,13 +757,7 @@ impl Membership {
     /// member saw in the store and that are gone from it now. (An environment claimed here
     /// but not created yet was never seen, so its claim stays.)
     async fn release_destroyed(&self, m: &Member, names: BTreeSet<String>) {
-        let fleet = m.fleet();
-        let mine: Vec<String> = fleet
-            .placements()
-            .iter()
-            .filter(|(_, p)| p.node == self.inner.name)
-            .map(|(env, _)| env.clone())
-            .collect();
+        let mine = m.fleet().placed_on(&self.inner.name);
         let gone: Vec<String> = {
             let seen = self.inner.seen.lock().expect("seen lock");
             mine.iter()
