@@ -114,15 +114,7 @@ async fn view(url: &ConnectUrl, seconds: u64) -> Result<ViewResult, String> {
         .await
         .map_err(|e| e.to_string())?;
     // Warm-up: the first keyframe and a few frames.
-    let mut warm = 0;
-    while warm < 10 {
-        match s.next_event().await {
-            Some(Event::Frame(_)) => warm += 1,
-            Some(Event::Closed(r)) => return Err(r),
-            Some(_) => {}
-            None => return Err("session ended".into()),
-        }
-    }
+    s.skip_frames(10).await?;
     let mut stats = StatsCollector::default();
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs(seconds);

@@ -315,6 +315,21 @@ impl Session {
         self.events.recv().await
     }
 
+    /// Takes events until `frames` frames were decoded: a benchmark's warm-up (the join
+    /// keyframe and what queued behind it); the reason, if the session ends first.
+    pub async fn skip_frames(&mut self, frames: u64) -> Result<(), String> {
+        let mut seen = 0;
+        while seen < frames {
+            match self.next_event().await {
+                Some(Event::Frame(_)) => seen += 1,
+                Some(Event::Closed(r)) => return Err(r),
+                Some(_) => {}
+                None => return Err("session ended".into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Queues a control message (input, clipboard, resize, keyframe request).
     pub fn send(&self, msg: ClientMessage) {
         let _ = self.ctl_tx.send(msg);

@@ -133,15 +133,7 @@ async fn native(url: &ConnectUrl, seconds: u64) -> Result<Measured, String> {
     let mut s = Session::connect(url, ConnectOptions::default())
         .await
         .map_err(|e| e.to_string())?;
-    let mut warm = 0;
-    while warm < WARM_UP {
-        match s.next_event().await {
-            Some(Event::Frame(_)) => warm += 1,
-            Some(Event::Closed(r)) => return Err(r),
-            Some(_) => {}
-            None => return Err("session ended".into()),
-        }
-    }
+    s.skip_frames(WARM_UP).await?;
     let mut stats = StatsCollector::default();
     let mut latency_us = Vec::new();
     let mut decode_us = Vec::new();

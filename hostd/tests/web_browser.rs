@@ -209,21 +209,7 @@ async fn typed_keys_and_a_click_arrive_at_the_source_in_order() {
 async fn error_page(hx: &Host, link: &str) -> (String, String) {
     let browser = Browser::start(&hx.spki).await;
     let page = browser.open(link, 320, 240).await;
-    let err = page
-        .wait_for(
-            "window.genos && window.genos.error",
-            30,
-            "error page",
-            |v| v.is_object(),
-        )
-        .await;
-    let title = page
-        .eval("document.getElementById('error').hidden ? '' : document.getElementById('error-title').textContent")
-        .await;
-    (
-        title.as_str().unwrap_or_default().to_owned(),
-        err["name"].as_str().unwrap_or_default().to_owned(),
-    )
+    shown_error(&page).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
